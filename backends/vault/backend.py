@@ -1,0 +1,743 @@
+"""The software vault backend: every key type, held as enclaves, persisted as a snapshot.
+
+In memory each key is a *record*: its material sealed with XChaCha20-Poly1305
+under the record key, a subkey of the vault master key. The master key and the
+record key live in guarded memory. An operation opens one record into a guarded
+buffer, uses it, and wipes it. Locked memory stays bounded however many keys the
+vault holds.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import lz4.frame
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.hazmat.primitives.keywrap import (
+    InvalidUnwrap,
+    aes_key_unwrap_with_padding,
+    aes_key_wrap_with_padding,
+)
+
+from strongroom.backend import Backend, BackendContext, Capability, ConfigKey, NewKey
+from strongroom.errors import (
+    AuthenticationFailed,
+    BackendUnavailable,
+    IntegrityError,
+    InvalidArgument,
+    KeyNotFound,
+    SnapshotCorrupt,
+    SnapshotTampered,
+    StrongroomError,
+)
+from strongroom.memory import Guarded, memlock_status, scrub_bytes
+from strongroom.types import KeyInfo, KeyType, Operation, Usage
+
+from . import keyops, procedures, snapshot, sodium
+
+log = logging.getLogger("strongroom.vault")
+
+_REC_PERSONAL = b"srvault-records1"
+_PAYLOAD_PERSONAL = b"srvault-payload1"
+MIN_KDF_MEMORY_KIB = 8192
+PASSPHRASE = "passphrase"
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text, validate=True)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One key as the vault holds it: metadata in clear, material sealed."""
+
+    handle: str
+    name: str
+    namespace: str
+    type: KeyType
+    usage: tuple[str, ...]
+    exportable: bool
+    created: str
+    public: bytes | None
+    sealed: bytes
+
+    def aad(self) -> bytes:
+        return f"strongroom-record|{self.handle}|{self.type.value}".encode()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "h": self.handle,
+            "n": self.name,
+            "ns": self.namespace,
+            "t": self.type.value,
+            "u": list(self.usage),
+            "x": self.exportable,
+            "c": self.created,
+            "p": _b64(self.public) if self.public is not None else None,
+            "s": _b64(self.sealed),
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Record:
+        return cls(
+            handle=str(d["h"]),
+            name=str(d["n"]),
+            namespace=str(d["ns"]),
+            type=KeyType(d["t"]),
+            usage=tuple(str(u) for u in d["u"]),
+            exportable=bool(d["x"]),
+            created=str(d["c"]),
+            public=_unb64(d["p"]) if d.get("p") is not None else None,
+            sealed=_unb64(d["s"]),
+        )
+
+    def info(self) -> KeyInfo:
+        return KeyInfo(
+            name=self.name,
+            type=self.type,
+            backend="",
+            usage=frozenset(Usage(u) for u in self.usage),
+            exportable=self.exportable,
+            namespace=self.namespace,
+            created=datetime.fromisoformat(self.created),
+            handle=self.handle,
+        )
+
+
+class _Open:
+    """The state of an unlocked vault."""
+
+    def __init__(self, vault_id: str, generation: int, slots: list[dict[str, Any]],
+                 master: Guarded) -> None:
+        self.vault_id = vault_id
+        self.generation = generation
+        self.slots = slots
+        self.master = master
+        self.record_key = Guarded(32)
+        with master.read() as m, self.record_key.write() as r:
+            sodium.keyed_hash_into(m, _REC_PERSONAL, r)
+        self.records: dict[str, Record] = {}
+
+    @contextlib.contextmanager
+    def payload_key(self) -> Iterator[memoryview]:
+        with Guarded(32) as key:
+            with self.master.read() as m, key.write() as k:
+                sodium.keyed_hash_into(m, _PAYLOAD_PERSONAL, k)
+            with key.read() as k:
+                yield k
+
+    def close(self) -> None:
+        try:
+            self.record_key.close()
+        finally:
+            self.master.close()
+        self.records = {}
+
+
+class VaultBackend(Backend):
+    """Keys in guarded memory, saved in an encrypted snapshot. Always available."""
+
+    type_name = "vault"
+    config_keys: Mapping[str, ConfigKey] = {
+        "unlock": ConfigKey(list, "unlock methods tried in order: passphrase or backend names",
+                            [PASSPHRASE]),
+        "passphrase": ConfigKey((str, list), "where the passphrase comes from",
+                                ["env:STRONGROOM_PASSPHRASE", "prompt"], secret=True),
+        "path": ConfigKey(str, "the snapshot file (default: vault.snapshot in data_dir)"),
+        "create": ConfigKey(bool, "create the vault on first use when it does not exist", True),
+        "kdf_memory_kib": ConfigKey(int, "Argon2id memory for new passphrase slots, KiB", 65536),
+        "kdf_iterations": ConfigKey(int, "Argon2id passes for new passphrase slots", 3),
+    }
+
+    def __init__(self, context: BackendContext) -> None:
+        super().__init__(context)
+        s = context.settings
+        self.path = Path(s["path"]).expanduser() if s.get("path") else (
+            context.data_dir / "vault.snapshot"
+        )
+        self.methods: list[str] = [str(m) for m in s.get("unlock", [PASSPHRASE])]
+        self.create = bool(s.get("create", True))
+        self.kdf_memory_kib = int(s.get("kdf_memory_kib", 65536))
+        self.kdf_iterations = int(s.get("kdf_iterations", 3))
+        if self.kdf_memory_kib < MIN_KDF_MEMORY_KIB or self.kdf_iterations < 1:
+            raise InvalidArgument(
+                f"vault kdf_memory_kib must be at least {MIN_KDF_MEMORY_KIB} and "
+                "kdf_iterations at least 1"
+            )
+        self.passphrase = context.secret(PASSPHRASE, "Vault passphrase: ")
+        self._state: _Open | None = None
+        self._lock = threading.RLock()
+        self._publics: dict[str, PublicKeyTypes] = {}
+
+    # -- Backend: discovery ------------------------------------------------------------------
+    def availability(self) -> str | None:
+        return None
+
+    def capabilities(self) -> frozenset[Capability]:
+        return _CAPABILITIES
+
+    def status(self) -> dict[str, Any]:
+        return {"path": str(self.path), "unlocked": self._state is not None}
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def open(self) -> None:
+        with self._lock:
+            if self._state is not None:
+                return
+            if not self.path.exists():
+                if not self.create:
+                    raise BackendUnavailable(
+                        self.name, f"no vault at {self.path}; run `strongroom init` to create one"
+                    )
+                self.initialize()
+                return
+            self.unlock()
+
+    def close(self) -> None:
+        self.lock()
+
+    def _require(self) -> _Open:
+        state = self._state
+        if state is None:
+            self.open()
+            state = self._state
+            assert state is not None
+        return state
+
+    # -- VaultControl ------------------------------------------------------------------------
+    def initialize(self) -> None:
+        with self._lock, snapshot.locked(self.path):
+            if self.path.exists():
+                raise StrongroomError(f"a vault already exists at {self.path}")
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            passphrase = self.passphrase.get(confirm=True)
+            if not passphrase:
+                raise InvalidArgument("the vault passphrase must not be empty")
+            master = Guarded(32)
+            with master.write() as m:
+                sodium.random_into(m)
+            state = _Open(uuid.uuid4().hex, 0, [], master)
+            try:
+                state.slots.append(self._passphrase_slot(state, passphrase))
+                self._write(state, state.records, state.slots, 1)
+            except BaseException:
+                state.close()
+                raise
+            state.generation = 1
+            self._state = state
+            log.info("created a new vault at %s", self.path)
+
+    def lock(self) -> None:
+        with self._lock:
+            if self._state is not None:
+                self._state.close()
+                self._state = None
+            self._publics.clear()
+
+    def unlock(self, method: str | None = None) -> str:
+        with self._lock:
+            if self._state is not None and method is None:
+                return "already unlocked"
+            data = self._read_file()
+            snap = snapshot.decode(data, str(self.path))
+            master, used = self._unwrap_master(snap.header, method)
+            state = self._open_snapshot(snap, master)
+            if self._state is not None:
+                self._state.close()
+            self._state = state
+            return used
+
+    def vault_status(self) -> dict[str, Any]:
+        state = self._state
+        out: dict[str, Any] = {
+            "path": str(self.path),
+            "exists": self.path.exists(),
+            "unlocked": state is not None,
+            "unlock_methods": list(self.methods),
+        }
+        if state is not None:
+            out.update(
+                vault_id=state.vault_id,
+                generation=state.generation,
+                keys=len(state.records),
+                slots=[_public_slot(s) for s in state.slots],
+                guarded_memory=memlock_status().__dict__,
+            )
+        if self.path.exists():
+            out["snapshot_bytes"] = self.path.stat().st_size
+        return out
+
+    def enroll(self, method: str, options: Mapping[str, Any]) -> dict[str, Any]:
+        state = self._require()
+        if method == PASSPHRASE:
+            new = options.get("passphrase")
+            if not isinstance(new, str) or not new:
+                raise InvalidArgument("enrolling a passphrase needs a non-empty passphrase")
+            slot = self._passphrase_slot(state, new)
+        else:
+            sealer = self.context.sealer(method)
+            slot = {"id": uuid.uuid4().hex[:8], "method": method, "created": _now()}
+            with state.master.read() as m:
+                slot["params"] = sealer.seal(m, f"strongroom-vault:{state.vault_id}", options)
+        self._mutate(lambda records, slots: slots.append(slot))
+        return _public_slot(slot)
+
+    def unenroll(self, slot_id: str) -> None:
+        self._require()
+
+        def remove(records: dict[str, Record], slots: list[dict[str, Any]]) -> None:
+            keep = [s for s in slots if s["id"] != slot_id]
+            if len(keep) == len(slots):
+                raise InvalidArgument(f"the vault has no key slot {slot_id!r}")
+            if not keep:
+                raise InvalidArgument("refusing to remove the last way into the vault")
+            slots[:] = keep
+
+        self._mutate(remove)
+
+    def change_passphrase(self, new_passphrase: str) -> None:
+        state = self._require()
+        if not new_passphrase:
+            raise InvalidArgument("the vault passphrase must not be empty")
+        new_slot = self._passphrase_slot(state, new_passphrase)
+
+        def swap(records: dict[str, Record], slots: list[dict[str, Any]]) -> None:
+            slots[:] = [s for s in slots if s["method"] != PASSPHRASE] + [new_slot]
+
+        self._mutate(swap)
+
+    def backup(self, destination: Path) -> None:
+        self._require()
+        with self._lock, snapshot.locked(self.path):
+            data = self._read_file()
+            snapshot.decode(data, str(self.path))
+            destination = destination.expanduser()
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            snapshot.write_atomic(destination, data)
+
+    def restore(self, source: Path) -> list[KeyInfo]:
+        try:
+            data = source.expanduser().read_bytes()
+        except FileNotFoundError:
+            raise InvalidArgument(f"no backup file at {source}") from None
+        snap = snapshot.decode(data, str(source))
+        master, _ = self._unwrap_master(snap.header, None)
+        state = self._open_snapshot(snap, master)
+        with self._lock, snapshot.locked(self.path):
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                snapshot.remove_stale_temps(self.path)
+                snapshot.write_atomic(self.path, data)
+            except BaseException:
+                state.close()
+                raise
+            if self._state is not None:
+                self._state.close()
+            self._state = state
+            self._publics.clear()
+            return [replace(r.info(), backend=self.name) for r in state.records.values()]
+
+    def records(self) -> list[KeyInfo]:
+        """Every key the vault holds, with the metadata kept inside the snapshot."""
+        state = self._require()
+        return [replace(r.info(), backend=self.name) for r in state.records.values()]
+
+    # -- key slots -----------------------------------------------------------------------------
+    def _passphrase_slot(self, state: _Open, passphrase: str) -> dict[str, Any]:
+        slot: dict[str, Any] = {
+            "id": uuid.uuid4().hex[:8],
+            "method": PASSPHRASE,
+            "kdf": "argon2id13",
+            "ops": self.kdf_iterations,
+            "mem": self.kdf_memory_kib * 1024,
+            "salt": _b64(sodium.random_bytes(16)),
+            "created": _now(),
+        }
+        with self._kek(passphrase, slot) as kek, state.master.read() as m:
+            slot["wrapped"] = _b64(sodium.seal(kek, m, _slot_aad(state.vault_id, slot)))
+        return slot
+
+    @contextlib.contextmanager
+    def _kek(self, passphrase: str, slot: Mapping[str, Any]) -> Iterator[memoryview]:
+        secret = passphrase.encode("utf-8")
+        try:
+            with Guarded(32) as kek:
+                with kek.write() as k:
+                    sodium.argon2id_into(k, secret, _unb64(slot["salt"]), int(slot["ops"]),
+                                         int(slot["mem"]))
+                with kek.read() as k:
+                    yield k
+        finally:
+            scrub_bytes(secret)
+
+    def _unwrap_master(self, header: Mapping[str, Any], only: str | None) -> tuple[Guarded, str]:
+        vault_id = str(header.get("vault_id", ""))
+        slots = header.get("slots")
+        if not isinstance(slots, list) or not slots:
+            raise SnapshotTampered(f"{self.path} is damaged: it has no key slots")
+        methods = [only] if only else self.methods
+        failures: list[StrongroomError] = []
+        for method in methods:
+            mine = [s for s in slots if isinstance(s, dict) and s.get("method") == method]
+            if not mine:
+                continue
+            master = Guarded(32)
+            try:
+                if method == PASSPHRASE:
+                    self._unwrap_with_passphrase(vault_id, mine, master)
+                else:
+                    self._unwrap_with_sealer(method, mine, master)
+            except StrongroomError as e:
+                master.close()
+                failures.append(e)
+                if isinstance(e, AuthenticationFailed) and method == PASSPHRASE:
+                    raise  # never go on to try more after a wrong passphrase
+                continue
+            except BaseException:
+                master.close()
+                raise
+            return master, method
+        if failures:
+            raise failures[-1]
+        enrolled = sorted({str(s.get("method")) for s in slots if isinstance(s, dict)})
+        raise AuthenticationFailed(
+            f"the vault has no key slot for {', '.join(methods)}; enrolled: {', '.join(enrolled)}"
+        )
+
+    def _unwrap_with_passphrase(
+        self, vault_id: str, slots: list[dict[str, Any]], master: Guarded
+    ) -> None:
+        passphrase = self.passphrase.get()
+        for slot in slots:
+            try:
+                with self._kek(passphrase, slot) as kek, master.write() as m:
+                    sodium.open_into(kek, _unb64(str(slot["wrapped"])), _slot_aad(vault_id, slot),
+                                     m)
+                return
+            except IntegrityError:
+                continue
+            except (KeyError, ValueError, TypeError):
+                raise SnapshotTampered(f"{self.path} is damaged: a passphrase slot is malformed")
+        raise AuthenticationFailed("wrong vault passphrase")
+
+    def _unwrap_with_sealer(self, method: str, slots: list[dict[str, Any]], master: Guarded) -> None:
+        sealer = self.context.sealer(method)
+        last: StrongroomError | None = None
+        for slot in slots:
+            try:
+                with master.write() as m:
+                    sealer.unseal(slot["params"], m)
+                return
+            except StrongroomError as e:
+                last = e
+        assert last is not None
+        raise last
+
+    # -- snapshot I/O --------------------------------------------------------------------------
+    def _read_file(self) -> bytes:
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            raise BackendUnavailable(
+                self.name, f"no vault at {self.path}; run `strongroom init` to create one"
+            ) from None
+
+    def _open_snapshot(self, snap: snapshot.Snapshot, master: Guarded) -> _Open:
+        header = snap.header
+        try:
+            state = _Open(str(header["vault_id"]), int(header["generation"]),
+                          list(header["slots"]), master)
+        except (KeyError, ValueError, TypeError):
+            master.close()
+            raise SnapshotTampered(f"{self.path} is damaged: its header is incomplete") from None
+        try:
+            state.records = self._decrypt_records(state, snap)
+        except BaseException:
+            state.close()
+            raise
+        return state
+
+    def _decrypt_records(self, state: _Open, snap: snapshot.Snapshot) -> dict[str, Record]:
+        ct = snap.payload
+        plain = bytearray(max(sodium.opened_length(ct), 0))
+        with state.payload_key() as pk:
+            try:
+                sodium.open_into(pk, ct, snap.associated, memoryview(plain))
+            except IntegrityError:
+                raise SnapshotTampered(
+                    f"{self.path} failed authentication: the snapshot was modified"
+                ) from None
+        try:
+            doc = json.loads(lz4.frame.decompress(bytes(plain)))
+            return {r["h"]: Record.from_json(r) for r in doc["records"]}
+        except (ValueError, KeyError, TypeError, RuntimeError):
+            raise SnapshotTampered(f"{self.path} is damaged: its records cannot be read") from None
+
+    def _write(
+        self, state: _Open, records: Mapping[str, Record], slots: list[dict[str, Any]],
+        generation: int
+    ) -> None:
+        header = {
+            "vault_id": state.vault_id,
+            "generation": generation,
+            "slots": slots,
+            "payload": {"cipher": "xchacha20poly1305-ietf", "compression": "lz4-frame"},
+        }
+        doc = json.dumps({"records": [r.to_json() for r in records.values()]},
+                         separators=(",", ":")).encode()
+        compressed = lz4.frame.compress(doc)
+
+        def seal(associated: bytes) -> bytes:
+            with state.payload_key() as pk:
+                return sodium.seal(pk, compressed, associated)
+
+        snapshot.write_atomic(self.path, snapshot.encode(header, seal))
+
+    def _mutate(self, change: Callable[[dict[str, Record], list[dict[str, Any]]], Any]) -> Any:
+        """Apply `change` to the newest on-disk state and commit it atomically."""
+        with self._lock:
+            state = self._require()
+            with snapshot.locked(self.path):
+                snapshot.remove_stale_temps(self.path)
+                self._catch_up(state)
+                records = dict(state.records)
+                slots = [dict(s) for s in state.slots]
+                result = change(records, slots)
+                self._write(state, records, slots, state.generation + 1)
+                state.records, state.slots = records, slots
+                state.generation += 1
+                return result
+
+    def _catch_up(self, state: _Open) -> None:
+        """Reload when another process committed since we read the snapshot."""
+        on_disk = snapshot.read_generation(self.path)
+        if on_disk is None or on_disk == (state.vault_id, state.generation):
+            return
+        snap = snapshot.decode(self._read_file(), str(self.path))
+        if str(snap.header.get("vault_id")) != state.vault_id:
+            raise SnapshotCorrupt(
+                f"{self.path} was replaced by a different vault while this one was open; "
+                "lock and unlock again"
+            )
+        state.records = self._decrypt_records(state, snap)
+        state.slots = list(snap.header["slots"])
+        state.generation = snap.generation
+
+    # -- records -----------------------------------------------------------------------------
+    def _record(self, info: KeyInfo) -> Record:
+        state = self._require()
+        rec = state.records.get(info.handle)
+        if rec is None:
+            with self._lock, snapshot.locked(self.path):
+                self._catch_up(state)
+            rec = state.records.get(info.handle)
+            if rec is None:
+                raise KeyNotFound(info.name, info.namespace)
+        return rec
+
+    @contextlib.contextmanager
+    def _material(self, info: KeyInfo) -> Iterator[memoryview]:
+        rec = self._record(info)
+        state = self._require()
+        with Guarded(sodium.opened_length(rec.sealed)) as mat:
+            with state.record_key.read() as rk, mat.write() as out:
+                sodium.open_into(rk, rec.sealed, rec.aad(), out)
+            with mat.read() as view:
+                yield view
+
+    def _store(self, info: KeyInfo, material: Guarded, public: bytes | None) -> str:
+        state = self._require()
+        handle = os.urandom(16).hex()
+        with material:
+            with state.record_key.read() as rk, material.read() as m:
+                probe = Record(handle, info.name, info.namespace, info.type,
+                               tuple(sorted(u.value for u in info.usage)), info.exportable,
+                               (info.created or datetime.now(UTC)).isoformat(), public, b"")
+                rec = replace(probe, sealed=sodium.seal(rk, m, probe.aad()))
+        self._mutate(lambda records, slots: records.__setitem__(handle, rec))
+        return handle
+
+    # -- Backend: operations -------------------------------------------------------------------
+    def generate(self, new: NewKey) -> str:
+        """Vault: libsodium for 25519 and symmetric keys, OpenSSL for EC and RSA."""
+        if (new.info.type, Operation.GENERATE) not in _CAPABILITIES:
+            raise self.unsupported(Operation.GENERATE, new.info.type)
+        material, public = keyops.generate(new.info.type)
+        return self._store(new.info, material, public)
+
+    def import_key(self, new: NewKey, material: memoryview, fmt: str) -> str:
+        guarded, public = keyops.import_material(new.info.type, material, fmt)
+        return self._store(new.info, guarded, public)
+
+    def export_key(self, info: KeyInfo, fmt: str) -> bytes:
+        with self._material(info) as m:
+            return keyops.export(info.type, m, fmt)
+
+    def public_key(self, info: KeyInfo) -> PublicKeyTypes:
+        cached = self._publics.get(info.handle)
+        if cached is not None:
+            return cached
+        rec = self._record(info)
+        if rec.public is None:
+            raise InvalidArgument(f"key {info.name!r} is a {info.type.value} key and has no public key")
+        public = keyops.load_public(info.type, rec.public)
+        self._publics[info.handle] = public
+        return public
+
+    def sign(self, info: KeyInfo, data: bytes, algorithm: str | None) -> bytes:
+        """Vault: crypto_sign (Ed25519), OpenSSL ECDSA/RSA, HMAC-SHA256."""
+        if info.type not in keyops.SIGN_TYPES:
+            raise self.unsupported(Operation.SIGN, info.type)
+        with self._material(info) as m:
+            return keyops.sign(info.type, m, data, algorithm)
+
+    def verify_mac(self, info: KeyInfo, data: bytes, tag: bytes) -> bool:
+        if info.type is not KeyType.HMAC_SHA256:
+            raise self.unsupported(Operation.VERIFY, info.type)
+        with self._material(info) as m:
+            return keyops.verify_mac(m, data, tag)
+
+    def encrypt(self, info: KeyInfo, plaintext: bytes, aad: bytes, algorithm: str | None) -> bytes:
+        if info.type not in keyops.AEAD_TYPES:
+            raise self.unsupported(Operation.ENCRYPT, info.type)
+        _no_algorithm(algorithm)
+        with self._material(info) as m:
+            return keyops.encrypt(info.type, m, plaintext, aad)
+
+    def decrypt(self, info: KeyInfo, ciphertext: bytes, aad: bytes, algorithm: str | None) -> bytes:
+        if info.type not in keyops.AEAD_TYPES and not info.type.is_rsa:
+            raise self.unsupported(Operation.DECRYPT, info.type)
+        _no_algorithm(algorithm)
+        with self._material(info) as m:
+            return keyops.decrypt(info.type, m, ciphertext, aad)
+
+    def agree(
+        self, info: KeyInfo, peer: PublicKeyTypes, new: NewKey, salt: bytes, context: bytes
+    ) -> str:
+        if info.type not in keyops.AGREE_TYPES:
+            raise self.unsupported(Operation.AGREE, info.type)
+        with self._material(info) as m, keyops.shared_secret(info.type, m, peer) as shared:
+            with shared.read() as z:
+                material, public = keyops.hkdf_into_new(new.info.type, z, salt, context)
+        return self._store(new.info, material, public)
+
+    def derive(self, info: KeyInfo, new: NewKey, salt: bytes, context: bytes) -> str:
+        if info.type not in keyops.DERIVE_SOURCES:
+            raise self.unsupported(Operation.DERIVE, info.type)
+        with self._material(info) as m:
+            material, public = keyops.hkdf_into_new(new.info.type, m, salt, context)
+        return self._store(new.info, material, public)
+
+    def wrap(self, info: KeyInfo, target: KeyInfo) -> bytes:
+        """AES key wrap with padding (RFC 5649) of the target's raw or PKCS#8 form."""
+        if info.type is not KeyType.AES_256:
+            raise self.unsupported(Operation.WRAP, info.type)
+        with self._material(target) as t, keyops.wrap_form(target.type, t) as form:
+            with self._material(info) as w, form.read() as f:
+                plain = bytes(f)
+                try:
+                    return aes_key_wrap_with_padding(w, plain)
+                finally:
+                    scrub_bytes(plain)
+
+    def unwrap(self, info: KeyInfo, blob: bytes, new: NewKey) -> str:
+        if info.type is not KeyType.AES_256:
+            raise self.unsupported(Operation.UNWRAP, info.type)
+        with self._material(info) as w:
+            try:
+                plain = aes_key_unwrap_with_padding(w, blob)
+            except InvalidUnwrap:
+                raise IntegrityError("the wrapped key failed to unwrap: wrong key or damaged blob")
+        try:
+            material, public = keyops.unwrap_form(new.info.type, memoryview(plain))
+        finally:
+            scrub_bytes(plain)
+        return self._store(new.info, material, public)
+
+    def delete(self, info: KeyInfo) -> None:
+        self._publics.pop(info.handle, None)
+        self._mutate(lambda records, slots: records.pop(info.handle, None))
+
+    def random(self, n: int) -> bytes:
+        return sodium.random_bytes(n)
+
+    # -- SeedProcedures --------------------------------------------------------------------------
+    def bip39_generate(self, new: NewKey, words: int, passphrase: str) -> tuple[str, str]:
+        mnemonic = procedures.bip39_generate(words)
+        return self.bip39_recover(new, mnemonic, passphrase), mnemonic
+
+    def bip39_recover(self, new: NewKey, mnemonic: str, passphrase: str) -> str:
+        seed = Guarded(keyops.SEED_SIZE)
+        try:
+            with seed.write() as s:
+                procedures.bip39_to_seed(mnemonic, passphrase, s)
+        except BaseException:
+            seed.close()
+            raise
+        return self._store(new.info, seed, None)
+
+    def slip10_derive(self, seed: KeyInfo, path: str, new: NewKey) -> str:
+        curve = new.info.type.value
+        with Guarded(32) as key:
+            with self._material(seed) as s, key.write() as k:
+                procedures.slip10_derive(curve, s, path, k)
+            with key.read() as k:
+                material, public = keyops.from_raw(new.info.type, k)
+        return self._store(new.info, material, public)
+
+
+def _no_algorithm(algorithm: str | None) -> None:
+    if algorithm is not None:
+        raise InvalidArgument(f"the vault picks the cipher from the key type; got {algorithm!r}")
+
+
+def _slot_aad(vault_id: str, slot: Mapping[str, Any]) -> bytes:
+    fields = {k: v for k, v in slot.items() if k != "wrapped"}
+    return ("strongroom-slot|" + vault_id + "|" + json.dumps(fields, sort_keys=True)).encode()
+
+
+def _public_slot(slot: Mapping[str, Any]) -> dict[str, Any]:
+    out = {"id": slot.get("id"), "method": slot.get("method"), "created": slot.get("created")}
+    if slot.get("method") == PASSPHRASE:
+        out["kdf"] = f"argon2id t={slot.get('ops')} m={int(slot.get('mem', 0)) // 1024}KiB"
+    return out
+
+
+def _now() -> str:
+    return datetime.now(UTC).replace(microsecond=0).isoformat()
+
+
+def _capabilities() -> frozenset[Capability]:
+    caps: set[Capability] = set()
+    for t in KeyType:
+        if t is not KeyType.SEED:
+            caps.add((t, Operation.GENERATE))
+        caps.update({(t, Operation.IMPORT), (t, Operation.EXPORT), (t, Operation.DELETE)})
+    for t in keyops.SIGN_TYPES:
+        caps.update({(t, Operation.SIGN), (t, Operation.VERIFY)})
+    for t in keyops.AEAD_TYPES | {KeyType.RSA_2048, KeyType.RSA_3072, KeyType.RSA_4096}:
+        caps.update({(t, Operation.ENCRYPT), (t, Operation.DECRYPT)})
+    for t in keyops.AGREE_TYPES:
+        caps.add((t, Operation.AGREE))
+    for t in keyops.DERIVE_SOURCES | {KeyType.SEED}:
+        caps.add((t, Operation.DERIVE))
+    caps.update({(KeyType.AES_256, Operation.WRAP), (KeyType.AES_256, Operation.UNWRAP)})
+    return frozenset(caps)
+
+
+_CAPABILITIES = _capabilities()

@@ -1,0 +1,167 @@
+"""The vault snapshot file: format, integrity checks and atomic writes.
+
+Layout (all integers big-endian):
+
+    magic     8 bytes   b"SRVAULT\\x00"
+    version   u16       FORMAT_VERSION
+    hlen      u32       length of the header
+    header    hlen      UTF-8 JSON: vault id, generation, key slots, payload nonce
+    plen      u64       length of the payload ciphertext
+    payload   plen      XChaCha20-Poly1305(LZ4(records)); associated data = everything above
+    checksum  32 bytes  SHA-256 of everything above
+
+The checksum is not a security measure (anyone can recompute it); it tells a
+truncated or damaged file apart from a wrong passphrase. Authenticity comes from
+the AEAD, whose associated data binds the header, slots included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from strongroom.errors import (
+    SnapshotCorrupt,
+    SnapshotTampered,
+    SnapshotTruncated,
+    SnapshotVersionError,
+)
+
+MAGIC = b"SRVAULT\x00"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct(">8sHI")
+_PLEN = struct.Struct(">Q")
+CHECKSUM = 32
+MAX_HEADER = 1 << 20
+
+
+@dataclass
+class Snapshot:
+    """A parsed (still encrypted) snapshot."""
+
+    header: dict[str, Any]
+    associated: bytes
+    payload: bytes
+    raw_header: bytes = field(repr=False, default=b"")
+
+    @property
+    def generation(self) -> int:
+        return int(self.header.get("generation", 0))
+
+
+def encode(header: dict[str, Any], payload_ct_builder: Any) -> bytes:
+    """Serialise: `payload_ct_builder(associated_data)` returns the payload ciphertext."""
+    raw_header = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    associated = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(raw_header)) + raw_header
+    payload = payload_ct_builder(associated)
+    body = associated + _PLEN.pack(len(payload)) + payload
+    return body + hashlib.sha256(body).digest()
+
+
+def decode(data: bytes, source: str) -> Snapshot:
+    """Parse and check structure; each kind of damage gets its own error."""
+    if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
+        if MAGIC.startswith(data[: len(MAGIC)]) and data:
+            raise SnapshotTruncated(f"{source} is truncated: it ends inside the file header")
+        raise SnapshotCorrupt(f"{source} is not a Strongroom vault snapshot (bad magic)")
+    if len(data) < _PREFIX.size:
+        raise SnapshotTruncated(f"{source} is truncated: it ends inside the file header")
+    _, version, hlen = _PREFIX.unpack_from(data)
+    if version > FORMAT_VERSION:
+        raise SnapshotVersionError(
+            f"{source} uses snapshot format {version}, newer than this Strongroom reads "
+            f"({FORMAT_VERSION}); upgrade Strongroom to open it",
+            version,
+        )
+    if version != FORMAT_VERSION:
+        raise SnapshotVersionError(
+            f"{source} has unknown snapshot format version {version}", version
+        )
+    if hlen > MAX_HEADER:
+        raise SnapshotTampered(f"{source} is damaged: its header length is implausible")
+    end_header = _PREFIX.size + hlen
+    if len(data) < end_header + _PLEN.size:
+        raise SnapshotTruncated(f"{source} is truncated: it ends inside the header")
+    (plen,) = _PLEN.unpack_from(data, end_header)
+    end_payload = end_header + _PLEN.size + plen
+    if len(data) < end_payload + CHECKSUM:
+        raise SnapshotTruncated(
+            f"{source} is truncated: {len(data)} bytes of {end_payload + CHECKSUM}"
+        )
+    if len(data) > end_payload + CHECKSUM:
+        raise SnapshotTampered(f"{source} is damaged: it has data after its end")
+    if hashlib.sha256(data[:end_payload]).digest() != data[end_payload:]:
+        raise SnapshotTampered(f"{source} is damaged or was modified: its checksum does not match")
+    raw_header = data[_PREFIX.size : end_header]
+    try:
+        header = json.loads(raw_header)
+        if not isinstance(header, dict):
+            raise ValueError("header is not an object")
+    except ValueError:
+        raise SnapshotTampered(f"{source} is damaged: its header is not valid") from None
+    return Snapshot(header, data[:end_header], data[end_header + _PLEN.size : end_payload], raw_header)
+
+
+def read_generation(path: Path) -> tuple[str, int] | None:
+    """(vault id, generation) from the header alone, or None when the file is absent."""
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(_PREFIX.size)
+            if len(prefix) < _PREFIX.size or prefix[:8] != MAGIC:
+                return ("", -1)
+            _, _, hlen = _PREFIX.unpack(prefix)
+            header = json.loads(f.read(min(hlen, MAX_HEADER)))
+            return (str(header.get("vault_id", "")), int(header.get("generation", -1)))
+    except FileNotFoundError:
+        return None
+    except (ValueError, OSError):
+        return ("", -1)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a temp file in the same directory, fsync it, rename it over, fsync the directory."""
+    directory = path.parent
+    tmp = directory / f".{path.name}.tmp.{os.getpid()}.{os.urandom(4).hex()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Temp files left by a writer that died; only call while holding the vault lock."""
+    for tmp in path.parent.glob(f".{path.name}.tmp.*"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes that write this snapshot."""
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

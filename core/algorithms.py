@@ -1,0 +1,146 @@
+"""Signature and encryption schemes shared by every backend, so all agree on encodings.
+
+ECDSA signatures are DER; Ed25519 raw 64 bytes; RSA PKCS#1 v1.5 (default) or PSS
+with MGF1 and a salt as long as the digest; RSA encryption is OAEP with SHA-256.
+These are the encodings `openssl pkeyutl`/`openssl dgst` verify.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, x25519
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+
+from .errors import InvalidArgument
+from .types import KeyType
+
+RSA_SIGN_ALGORITHMS = ("pkcs1v15", "pss")
+CURVES: dict[KeyType, ec.EllipticCurve] = {
+    KeyType.ECDSA_P256: ec.SECP256R1(),
+    KeyType.ECDSA_P384: ec.SECP384R1(),
+    KeyType.SECP256K1: ec.SECP256K1(),
+}
+
+
+def digest_for(key_type: KeyType) -> hashes.HashAlgorithm:
+    """The hash a signature scheme uses for this key type."""
+    return hashes.SHA384() if key_type is KeyType.ECDSA_P384 else hashes.SHA256()
+
+
+def rsa_padding(algorithm: str | None) -> padding.AsymmetricPadding:
+    """PKCS#1 v1.5 unless `algorithm` is "pss"."""
+    algorithm = algorithm or "pkcs1v15"
+    if algorithm == "pkcs1v15":
+        return padding.PKCS1v15()
+    if algorithm == "pss":
+        return padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.DIGEST_LENGTH)
+    raise InvalidArgument(
+        f"unknown RSA signature algorithm {algorithm!r}; use one of {', '.join(RSA_SIGN_ALGORITHMS)}"
+    )
+
+
+def oaep() -> padding.OAEP:
+    return padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+
+
+def check_sign_algorithm(key_type: KeyType, algorithm: str | None) -> None:
+    """Only RSA keys take a signature algorithm; refuse it elsewhere rather than ignore it."""
+    if algorithm is None:
+        return
+    if key_type.is_rsa:
+        rsa_padding(algorithm)
+        return
+    raise InvalidArgument(f"{key_type.value} keys take no signature algorithm (got {algorithm!r})")
+
+
+def verify_signature(
+    key_type: KeyType, public: PublicKeyTypes, data: bytes, signature: bytes, algorithm: str | None
+) -> None:
+    """Return None or raise cryptography's InvalidSignature."""
+    check_sign_algorithm(key_type, algorithm)
+    if isinstance(public, ed25519.Ed25519PublicKey):
+        public.verify(signature, data)
+    elif isinstance(public, ec.EllipticCurvePublicKey):
+        public.verify(signature, data, ec.ECDSA(digest_for(key_type)))
+    elif isinstance(public, rsa.RSAPublicKey):
+        public.verify(signature, data, rsa_padding(algorithm), hashes.SHA256())
+    else:
+        raise InvalidArgument(f"{key_type.value} keys do not make signatures")
+
+
+def rsa_encrypt(public: PublicKeyTypes, plaintext: bytes) -> bytes:
+    """RSA-OAEP (SHA-256) to a public key."""
+    if not isinstance(public, rsa.RSAPublicKey):
+        raise InvalidArgument("RSA-OAEP needs an RSA public key")
+    return public.encrypt(plaintext, oaep())
+
+
+def public_key_matches(key_type: KeyType, public: Any) -> bool:
+    """True when a `cryptography` public key object is of `key_type`."""
+    if key_type is KeyType.ED25519:
+        return isinstance(public, ed25519.Ed25519PublicKey)
+    if key_type is KeyType.X25519:
+        return isinstance(public, x25519.X25519PublicKey)
+    if key_type in CURVES:
+        return isinstance(public, ec.EllipticCurvePublicKey) and isinstance(
+            public.curve, type(CURVES[key_type])
+        )
+    if key_type.is_rsa:
+        bits = int(key_type.value.split("-")[1])
+        return isinstance(public, rsa.RSAPublicKey) and public.key_size == bits
+    return False
+
+
+def encode_public(public: PublicKeyTypes, fmt: str) -> bytes:
+    """Serialise a public key as pem, der (SubjectPublicKeyInfo), raw or openssh."""
+    if fmt == "pem":
+        return public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    if fmt == "der":
+        return public.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    if fmt == "raw":
+        if isinstance(public, ed25519.Ed25519PublicKey | x25519.X25519PublicKey):
+            return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        if isinstance(public, ec.EllipticCurvePublicKey):
+            return public.public_bytes(
+                serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+            )
+        raise InvalidArgument("raw format is for Ed25519, X25519 and EC keys; use pem or der")
+    if fmt == "openssh":
+        if isinstance(public, x25519.X25519PublicKey) or (
+            isinstance(public, ec.EllipticCurvePublicKey) and isinstance(public.curve, ec.SECP256K1)
+        ):
+            raise InvalidArgument("OpenSSH has no format for this key type; use pem or der")
+        return public.public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+    raise InvalidArgument(f"unknown public key format {fmt!r}; use pem, der, raw or openssh")
+
+
+def load_peer_public(key_type: KeyType, data: bytes | PublicKeyTypes) -> PublicKeyTypes:
+    """A peer's public key for agreement: an object, PEM, DER, or raw bytes."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        public = data
+    else:
+        raw = bytes(data)
+        public_any: Any
+        if raw.startswith(b"-----BEGIN"):
+            public_any = serialization.load_pem_public_key(raw)
+        elif key_type is KeyType.X25519 and len(raw) == 32:
+            public_any = x25519.X25519PublicKey.from_public_bytes(raw)
+        elif key_type in CURVES and raw[:1] in (b"\x02", b"\x03", b"\x04"):
+            public_any = ec.EllipticCurvePublicKey.from_encoded_point(CURVES[key_type], raw)
+        else:
+            try:
+                public_any = serialization.load_der_public_key(raw)
+            except ValueError:
+                raise InvalidArgument("the peer public key is not PEM, DER or raw") from None
+        public = public_any
+    if not public_key_matches(key_type, public):
+        raise InvalidArgument(f"the peer public key is not a {key_type.value} key")
+    return public

@@ -1,0 +1,82 @@
+"""Audit events: who did what, with which key, and the result. Never a secret.
+
+Sinks: `file` appends JSON lines to `audit.jsonl` in the data dir (one `write` per
+event on an O_APPEND descriptor, so lines from several processes never interleave),
+`log` sends them to the `strongroom.audit` logger, `off` drops them.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+AuditEvent = dict[str, Any]
+logger = logging.getLogger("strongroom.audit")
+
+
+def default_actor() -> str:
+    """The OS user, host and process: who this process acts for."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # no passwd entry for this uid: still audit by number
+        user = f"uid:{os.getuid()}"
+    return f"{user}@{socket.gethostname()}[{os.getpid()}]"
+
+
+class Audit:
+    """Records one event per keystore operation."""
+
+    def __init__(self, mode: str, path: Path | None, actor: str | None = None) -> None:
+        self.mode = mode
+        self.actor = actor or default_actor()
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+        self.listeners: list[Callable[[AuditEvent], None]] = []
+        if mode == "file" and path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def record(
+        self,
+        operation: str,
+        key: str | None,
+        result: str,
+        backend: str | None = None,
+        **detail: Any,
+    ) -> None:
+        """Append one event. `detail` must hold only non-secret facts (types, sizes, names)."""
+        event: AuditEvent = {
+            "time": time.time(),
+            "actor": self.actor,
+            "op": operation,
+            "key": key,
+            "backend": backend,
+            "result": result,
+        }
+        if detail:
+            event.update(detail)
+        for listener in self.listeners:
+            listener(event)
+        if self.mode == "off":
+            return
+        if self.mode == "log":
+            logger.info("%s", json.dumps(event, sort_keys=True))
+            return
+        if self._fd is not None:
+            line = (json.dumps(event, sort_keys=True) + "\n").encode()
+            with self._lock:
+                os.write(self._fd, line)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None

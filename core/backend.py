@@ -1,0 +1,229 @@
+"""The backend protocol every key store implements, and the opt-in extensions.
+
+A backend is constructed from its config table and a `BackendContext`. It must
+import even when its library or device is missing; `availability()` then returns
+the reason, which the user sees in `strongroom backends`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+from .errors import UnsupportedOperation
+from .types import KeyInfo, KeyType, Operation
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+
+    from .secrets import SecretSource
+
+Capability = tuple[KeyType, Operation]
+
+
+@dataclass
+class BackendContext:
+    """What the keystore hands a backend when it builds it."""
+
+    name: str
+    data_dir: Path
+    settings: Mapping[str, Any]
+    secret: Callable[[str, str], SecretSource]
+    """secret(setting_name, prompt) → a SecretSource for a config secret reference."""
+    sealer: Callable[[str], Sealer]
+    """sealer(backend_name) → another configured backend that can seal (for vault key slots)."""
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """One key a backend accepts in its config table."""
+
+    kind: type | tuple[type, ...]
+    help: str
+    default: Any = None
+    secret: bool = False
+
+
+@dataclass(frozen=True)
+class NewKey:
+    """What the keystore asks a backend to create: the catalog row-to-be."""
+
+    info: KeyInfo
+
+
+class Backend(abc.ABC):
+    """A key store. Methods take the key's catalog entry; unsupported ones raise."""
+
+    type_name: ClassVar[str]
+    config_keys: ClassVar[Mapping[str, ConfigKey]] = {}
+
+    def __init__(self, context: BackendContext) -> None:
+        self.context = context
+        self.name = context.name
+
+    # -- discovery ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def availability(self) -> str | None:
+        """None when usable, else a reason the user can act on."""
+
+    @abc.abstractmethod
+    def capabilities(self) -> frozenset[Capability]:
+        """The (key type, operation) pairs this backend can do."""
+
+    def status(self) -> dict[str, Any]:
+        """Backend-specific facts for `strongroom backends` and `doctor` (no secrets)."""
+        return {}
+
+    def supports(self, key_type: KeyType, op: Operation) -> bool:
+        return (key_type, op) in self.capabilities()
+
+    def unsupported(self, op: Operation | str, key_type: KeyType | None, detail: str = "") -> (
+        UnsupportedOperation
+    ):
+        return UnsupportedOperation(self.name, str(op), key_type.value if key_type else None, detail)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def open(self) -> None:  # noqa: B027 - optional hook
+        """Connect, log in or unlock. Called on first use, not at construction."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release sessions, handles and secrets."""
+
+    # -- key operations (defaults refuse) -----------------------------------------------------
+    def generate(self, new: NewKey) -> str:
+        """Create a key and return its backend handle."""
+        raise self.unsupported(Operation.GENERATE, new.info.type)
+
+    def import_key(self, new: NewKey, material: memoryview, fmt: str) -> str:
+        """Store caller-supplied material (raw, der or pem) and return the handle."""
+        raise self.unsupported(Operation.IMPORT, new.info.type)
+
+    def export_key(self, info: KeyInfo, fmt: str) -> bytes:
+        """Return the key material of an exportable key."""
+        raise self.unsupported(Operation.EXPORT, info.type)
+
+    @abc.abstractmethod
+    def public_key(self, info: KeyInfo) -> PublicKeyTypes:
+        """The public half as a `cryptography` object."""
+
+    def sign(self, info: KeyInfo, data: bytes, algorithm: str | None) -> bytes:
+        raise self.unsupported(Operation.SIGN, info.type)
+
+    def verify_mac(self, info: KeyInfo, data: bytes, tag: bytes) -> bool:
+        """Symmetric verification (HMAC); asymmetric verify uses the public key."""
+        raise self.unsupported(Operation.VERIFY, info.type)
+
+    def encrypt(self, info: KeyInfo, plaintext: bytes, aad: bytes, algorithm: str | None) -> bytes:
+        raise self.unsupported(Operation.ENCRYPT, info.type)
+
+    def decrypt(self, info: KeyInfo, ciphertext: bytes, aad: bytes, algorithm: str | None) -> bytes:
+        raise self.unsupported(Operation.DECRYPT, info.type)
+
+    def agree(
+        self, info: KeyInfo, peer: PublicKeyTypes, new: NewKey, salt: bytes, context: bytes
+    ) -> str:
+        """ECDH/X25519 with a peer, HKDF-SHA256 into a new key of this backend."""
+        raise self.unsupported(Operation.AGREE, info.type)
+
+    def derive(self, info: KeyInfo, new: NewKey, salt: bytes, context: bytes) -> str:
+        """HKDF-SHA256 from this key into a new key of this backend."""
+        raise self.unsupported(Operation.DERIVE, info.type)
+
+    def wrap(self, info: KeyInfo, target: KeyInfo) -> bytes:
+        """Wrap an exportable key of this backend under this key."""
+        raise self.unsupported(Operation.WRAP, info.type)
+
+    def unwrap(self, info: KeyInfo, blob: bytes, new: NewKey) -> str:
+        """Unwrap a blob into a new key of this backend."""
+        raise self.unsupported(Operation.UNWRAP, info.type)
+
+    @abc.abstractmethod
+    def delete(self, info: KeyInfo) -> None:
+        """Destroy the key. Deleting a key that is already gone is not an error."""
+
+    def random(self, n: int) -> bytes:
+        raise self.unsupported("random", None)
+
+
+@runtime_checkable
+class Sealer(Protocol):
+    """Seals a secret to this hardware, so only it can unseal it (vault key slots)."""
+
+    def seal(self, secret: memoryview, label: str, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Return JSON-ready slot parameters that `unseal` can use later."""
+        ...
+
+    def unseal(self, params: Mapping[str, Any], out: memoryview) -> None:
+        """Write the sealed secret into `out`; AuthenticationFailed if refused."""
+        ...
+
+
+@runtime_checkable
+class Attester(Protocol):
+    """Proves that a key lives in this hardware."""
+
+    def attest(self, info: KeyInfo, nonce: bytes) -> dict[str, Any]:
+        """Return an attestation statement a relying party can verify."""
+        ...
+
+
+@runtime_checkable
+class SeedProcedures(Protocol):
+    """BIP39 and SLIP-0010 procedures that keep seeds inside the backend."""
+
+    def bip39_generate(self, new: NewKey, words: int, passphrase: str) -> tuple[str, str]:
+        """Store a new BIP39 seed; return (handle, mnemonic) — the mnemonic is shown once."""
+        ...
+
+    def bip39_recover(self, new: NewKey, mnemonic: str, passphrase: str) -> str:
+        """Store the seed of an existing mnemonic; return the handle."""
+        ...
+
+    def slip10_derive(self, seed: KeyInfo, path: str, new: NewKey) -> str:
+        """Derive an ed25519 or secp256k1 key from a seed key into a new key."""
+        ...
+
+
+@runtime_checkable
+class VaultControl(Protocol):
+    """The software vault's own commands: `strongroom vault ...`."""
+
+    def initialize(self) -> None:
+        """Create a new, empty vault; refuse if one exists."""
+        ...
+
+    def vault_status(self) -> dict[str, Any]:
+        """Path, lock state, key slots and counts (no secrets)."""
+        ...
+
+    def lock(self) -> None:
+        """Wipe the master key and every key from memory."""
+        ...
+
+    def unlock(self, method: str | None = None) -> str:
+        """Open the vault with `method` (or the configured ones); return the method that worked."""
+        ...
+
+    def enroll(self, method: str, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Add a key slot for `method`; return its public description."""
+        ...
+
+    def unenroll(self, slot_id: str) -> None:
+        """Remove a key slot; refuses to remove the last one."""
+        ...
+
+    def change_passphrase(self, new_passphrase: str) -> None:
+        """Re-wrap the master key under a new passphrase; the old one stops working."""
+        ...
+
+    def backup(self, destination: Path) -> None:
+        """Write a copy of the snapshot that the same unlock methods open."""
+        ...
+
+    def restore(self, source: Path) -> list[KeyInfo]:
+        """Replace the vault with a backup (after checking it opens); return its keys."""
+        ...

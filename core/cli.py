@@ -1,0 +1,610 @@
+"""The `strongroom` command line. Errors are one line on stderr; exit codes are documented
+in docs/cli.md: 0 ok, 1 signature invalid, 2 usage error, 3 key not found, 4 authentication
+failed, 5 unsupported operation, 6 backend unavailable, 7 device locked, 8 policy violation,
+9 snapshot or data corrupt, 10 key exists, 11 config error, 12 other error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO, NoReturn
+
+import click
+from cryptography.exceptions import InvalidSignature
+
+from . import __version__, algorithms, config as config_mod
+from .backend import VaultControl
+from .errors import InvalidArgument, StrongroomError
+from .keystore import Keystore, vault_restore
+from .memory import memlock_status
+from .secrets import SecretSource, validate_reference
+from .types import KeyInfo, KeyType, Usage
+
+EXIT_OK = 0
+EXIT_BAD_SIGNATURE = 1
+EXIT_USAGE = 2
+
+
+class State:
+    """Options shared by every command."""
+
+    def __init__(self, config: str | None, as_json: bool, debug: bool) -> None:
+        self.config = config
+        self.json = as_json
+        self.debug = debug
+        self._ks: Keystore | None = None
+
+    def keystore(self) -> Keystore:
+        if self._ks is None:
+            self._ks = Keystore(config_mod.load(self.config))
+        return self._ks
+
+    def close(self) -> None:
+        if self._ks is not None:
+            self._ks.close()
+            self._ks = None
+
+    def emit(self, data: Any, text: str | Callable[[], str] | None = None) -> None:
+        if self.json:
+            click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+        elif text is not None:
+            click.echo(text() if callable(text) else text)
+
+
+pass_state = click.make_pass_decorator(State)
+
+
+def fail(message: str, code: int) -> NoReturn:
+    click.echo(f"strongroom: {message}", err=True)
+    sys.exit(code)
+
+
+def read_input(path: str | None) -> bytes:
+    if path in (None, "-"):
+        return sys.stdin.buffer.read()
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise InvalidArgument(f"cannot read {path}: {e.strerror}") from None
+
+
+def write_output(path: str | None, data: bytes) -> None:
+    if path in (None, "-"):
+        out: BinaryIO = sys.stdout.buffer
+        out.write(data)
+        out.flush()
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> str:
+    """A plain aligned table."""
+    cells = [list(headers)] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def key_rows(keys: Sequence[KeyInfo]) -> list[list[str]]:
+    return [
+        [
+            k.name,
+            k.type.value,
+            k.backend,
+            ",".join(sorted(u.value for u in k.usage)),
+            "yes" if k.exportable else "no",
+            k.created.isoformat() if k.created else "",
+        ]
+        for k in keys
+    ]
+
+
+KEY_HEADERS = ["NAME", "TYPE", "BACKEND", "USAGE", "EXPORTABLE", "CREATED"]
+
+
+class StrongroomGroup(click.Group):
+    """Turns errors into one line and a distinct exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        debug = "--debug" in sys.argv[1:]
+        try:
+            return super().invoke(ctx)
+        except InvalidSignature:
+            fail("signature invalid", EXIT_BAD_SIGNATURE)
+        except StrongroomError as e:
+            if debug:
+                raise
+            fail(f"error: {e}", e.exit_code)
+        except (OSError, MemoryError) as e:
+            if debug:
+                raise
+            fail(f"error: {e}", 12)
+        finally:
+            state = ctx.find_object(State)
+            if state is not None:
+                state.close()
+
+
+@click.group(cls=StrongroomGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config", metavar="FILE", envvar="STRONGROOM_CONFIG",
+              help="Config file (default: $STRONGROOM_CONFIG, then the user config dir).")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@click.version_option(__version__, prog_name="strongroom")
+@click.pass_context
+def cli(ctx: click.Context, config: str | None, as_json: bool, debug: bool) -> None:
+    """Strongroom: one key API over TPM, PKCS#11, PIV, FIDO2 and a guarded software vault."""
+    ctx.obj = State(config, as_json, debug)
+
+
+# -- top level ---------------------------------------------------------------------------------
+@cli.command()
+@pass_state
+def init(state: State) -> None:
+    """Create the software vault (asks for a new passphrase)."""
+    ks = state.keystore()
+    vault = ks.vault
+    assert isinstance(vault, VaultControl)
+    vault.initialize()
+    status = vault.vault_status()
+    state.emit(status, f"created vault at {status['path']}")
+
+
+@cli.command()
+@pass_state
+def backends(state: State) -> None:
+    """List configured backends: status, reason and capabilities."""
+    statuses = state.keystore().backends()
+    data = [s.to_dict() for s in statuses]
+
+    def text() -> str:
+        rows = []
+        for s in statuses:
+            types = sorted({t.value for t, _ in s.capabilities})
+            rows.append([s.name, s.type, "available" if s.available else "unavailable",
+                         ", ".join(types) if s.available else (s.reason or "")])
+        return table(rows, ["NAME", "TYPE", "STATUS", "KEY TYPES / REASON"])
+
+    state.emit(data, text)
+
+
+@cli.command()
+@pass_state
+def doctor(state: State) -> None:
+    """Check the mlock limit, the native extension, core dumps and every backend."""
+    checks: list[dict[str, str]] = []
+
+    def check(name: str, ok: bool | None, detail: str) -> None:
+        checks.append({"check": name, "status": {True: "ok", False: "problem", None: "note"}[ok],
+                       "detail": detail})
+
+    try:
+        from . import _native  # noqa: F401 - presence is what is checked
+
+        check("native extension", True, "strongroom._native is built")
+    except ImportError as e:
+        check("native extension", False, f"not built ({e}); run pip install -e .")
+    mem = memlock_status()
+    limit = "unlimited" if mem.soft_limit is None else f"{mem.soft_limit // 1024} KiB"
+    check("mlock limit", True if mem.mlock_failures == 0 else False,
+          f"RLIMIT_MEMLOCK {limit}, {mem.locked_bytes} bytes locked, "
+          f"{mem.mlock_failures} mlock failures")
+    soft, _ = resource.getrlimit(resource.RLIMIT_CORE)
+    check("core dumps", soft == 0 or None, "off (RLIMIT_CORE 0)" if soft == 0 else
+          f"RLIMIT_CORE is {soft}; Strongroom turns core dumps off when it unlocks")
+    try:
+        cfg = config_mod.load(state.config)
+        check("config", True, cfg.path or "embedded default")
+        ks = state.keystore()
+        for s in ks.backends():
+            check(f"backend {s.name}", s.available, s.reason or f"{s.type}: available")
+    except StrongroomError as e:
+        check("config", False, str(e))
+    problems = [c for c in checks if c["status"] == "problem"]
+    state.emit(checks, lambda: table([[c["check"], c["status"], c["detail"]] for c in checks],
+                                     ["CHECK", "STATUS", "DETAIL"]))
+    if problems:
+        sys.exit(12)
+
+
+@cli.command("random")
+@click.argument("n", type=click.IntRange(1, 1 << 20))
+@click.option("--backend", help="Backend whose generator to use (default: the vault).")
+@click.option("--hex", "as_hex", is_flag=True, help="Print hex instead of raw bytes.")
+@pass_state
+def random_cmd(state: State, n: int, backend: str | None, as_hex: bool) -> None:
+    """Print N random bytes."""
+    data = state.keystore().random(n, backend)
+    if state.json:
+        state.emit({"hex": data.hex()})
+    elif as_hex:
+        click.echo(data.hex())
+    else:
+        write_output(None, data)
+
+
+# -- key ---------------------------------------------------------------------------------------
+@cli.group()
+def key() -> None:
+    """Generate, use and manage keys."""
+
+
+TYPE_CHOICE = click.Choice([t.value for t in KeyType if t is not KeyType.SEED])
+
+
+@key.command("generate")
+@click.argument("name")
+@click.option("--type", "key_type", required=True, type=TYPE_CHOICE, help="Key type.")
+@click.option("--backend", help="Backend to create it in (default: first in order that can).")
+@click.option("--usage", help="Comma-separated usages (default depends on the type).")
+@click.option("--exportable", is_flag=True, help="Allow the key to be exported or wrapped.")
+@pass_state
+def key_generate(state: State, name: str, key_type: str, backend: str | None, usage: str | None,
+                 exportable: bool) -> None:
+    """Create a key."""
+    info = state.keystore().generate(name, key_type, backend=backend, usage=usage,
+                                     exportable=exportable)
+    state.emit(info.to_dict(), f"generated {info.type.value} key {info.name!r} in {info.backend}")
+
+
+@key.command("list")
+@pass_state
+def key_list(state: State) -> None:
+    """List keys."""
+    keys = state.keystore().keys()
+    state.emit([k.to_dict() for k in keys], lambda: table(key_rows(keys), KEY_HEADERS))
+
+
+@key.command("show")
+@click.argument("name")
+@pass_state
+def key_show(state: State, name: str) -> None:
+    """Show a key's metadata and public key."""
+    ks = state.keystore()
+    info = ks.info(name)
+    data = info.to_dict()
+    if info.type.is_asymmetric and info.type is not KeyType.SEED:
+        data["public_key"] = algorithms.encode_public(ks.public_key(name), "pem").decode()
+
+    def text() -> str:
+        lines = [f"{k}: {v if not isinstance(v, list) else ', '.join(v)}"
+                 for k, v in data.items() if k not in ("public_key", "attributes")]
+        if "public_key" in data:
+            lines.append(str(data["public_key"]).rstrip())
+        return "\n".join(lines)
+
+    state.emit(data, text)
+
+
+@key.command("public")
+@click.argument("name")
+@click.option("--format", "fmt", type=click.Choice(["pem", "der", "raw", "openssh"]),
+              default="pem", show_default=True)
+@click.option("--out", "out", metavar="FILE", help="Write here instead of stdout.")
+@pass_state
+def key_public(state: State, name: str, fmt: str, out: str | None) -> None:
+    """Print a key's public key."""
+    data = algorithms.encode_public(state.keystore().public_key(name), fmt)
+    if fmt == "openssh":
+        data += b"\n"
+    write_output(out, data)
+
+
+@key.command("sign")
+@click.argument("name")
+@click.option("--in", "inp", metavar="FILE", help="Data to sign (default: stdin).")
+@click.option("--out", "out", metavar="FILE", help="Signature file (default: stdout).")
+@click.option("--algorithm", type=click.Choice(algorithms.RSA_SIGN_ALGORITHMS),
+              help="RSA only: pkcs1v15 (default) or pss.")
+@pass_state
+def key_sign(state: State, name: str, inp: str | None, out: str | None,
+             algorithm: str | None) -> None:
+    """Sign data (DER for ECDSA, raw for Ed25519, PKCS#1 v1.5 or PSS for RSA, HMAC tag)."""
+    write_output(out, state.keystore().sign(name, read_input(inp), algorithm))
+
+
+@key.command("verify")
+@click.argument("name")
+@click.option("--signature", "sig", metavar="FILE", required=True, help="The signature file.")
+@click.option("--in", "inp", metavar="FILE", help="Signed data (default: stdin).")
+@click.option("--algorithm", type=click.Choice(algorithms.RSA_SIGN_ALGORITHMS))
+@pass_state
+def key_verify(state: State, name: str, sig: str, inp: str | None, algorithm: str | None) -> None:
+    """Verify a signature: exit 0 if valid, 1 if not."""
+    state.keystore().verify(name, read_input(inp), read_input(sig), algorithm)
+    state.emit({"valid": True}, "signature valid")
+
+
+@key.command("encrypt")
+@click.argument("name")
+@click.option("--in", "inp", metavar="FILE", help="Plaintext (default: stdin).")
+@click.option("--out", "out", metavar="FILE", help="Ciphertext (default: stdout).")
+@click.option("--aad", default="", help="Associated data (text) bound to the ciphertext.")
+@pass_state
+def key_encrypt(state: State, name: str, inp: str | None, out: str | None, aad: str) -> None:
+    """Encrypt (AES-256-GCM, XChaCha20-Poly1305, or RSA-OAEP)."""
+    write_output(out, state.keystore().encrypt(name, read_input(inp), aad.encode()))
+
+
+@key.command("decrypt")
+@click.argument("name")
+@click.option("--in", "inp", metavar="FILE", help="Ciphertext (default: stdin).")
+@click.option("--out", "out", metavar="FILE", help="Plaintext (default: stdout).")
+@click.option("--aad", default="", help="The associated data given at encryption.")
+@pass_state
+def key_decrypt(state: State, name: str, inp: str | None, out: str | None, aad: str) -> None:
+    """Decrypt what `key encrypt` made."""
+    write_output(out, state.keystore().decrypt(name, read_input(inp), aad.encode()))
+
+
+@key.command("import")
+@click.argument("name")
+@click.option("--type", "key_type", required=True, type=click.Choice([t.value for t in KeyType]))
+@click.option("--in", "inp", metavar="FILE", help="Key material (default: stdin).")
+@click.option("--format", "fmt", type=click.Choice(["auto", "raw", "der", "pem"]), default="auto",
+              show_default=True)
+@click.option("--backend", help="Backend to import into.")
+@click.option("--usage", help="Comma-separated usages.")
+@click.option("--exportable", is_flag=True)
+@pass_state
+def key_import(state: State, name: str, key_type: str, inp: str | None, fmt: str,
+               backend: str | None, usage: str | None, exportable: bool) -> None:
+    """Import key material (PEM, DER or raw)."""
+    material = bytearray(read_input(inp))
+    try:
+        info = state.keystore().import_key(name, key_type, material, backend=backend, usage=usage,
+                                           exportable=exportable, format=fmt)
+    finally:
+        material[:] = bytes(len(material))
+    state.emit(info.to_dict(), f"imported {info.type.value} key {info.name!r} into {info.backend}")
+
+
+@key.command("export")
+@click.argument("name")
+@click.option("--format", "fmt", type=click.Choice(["pem", "der", "raw"]), default="pem",
+              show_default=True)
+@click.option("--out", "out", metavar="FILE", help="Write here (mode 600) instead of stdout.")
+@pass_state
+def key_export(state: State, name: str, fmt: str, out: str | None) -> None:
+    """Export an exportable key's private material."""
+    write_output(out, state.keystore().export_key(name, fmt))
+
+
+@key.command("delete")
+@click.argument("name")
+@pass_state
+def key_delete(state: State, name: str) -> None:
+    """Delete a key for good."""
+    state.keystore().delete(name)
+    state.emit({"deleted": name}, f"deleted {name!r}")
+
+
+@key.command("derive")
+@click.argument("name")
+@click.argument("new_name")
+@click.option("--type", "key_type", default="aes-256", show_default=True, type=TYPE_CHOICE)
+@click.option("--salt", default="", help="HKDF salt, hex.")
+@click.option("--info", "info", default="", help="HKDF info (context), text.")
+@click.option("--usage", help="Usages of the new key.")
+@click.option("--exportable", is_flag=True)
+@pass_state
+def key_derive(state: State, name: str, new_name: str, key_type: str, salt: str, info: str,
+               usage: str | None, exportable: bool) -> None:
+    """HKDF-SHA256 from a key into a new key; the secret stays in the backend."""
+    new = state.keystore().derive(name, new_name, key_type, usage, _hex(salt), info.encode(),
+                                  exportable)
+    state.emit(new.to_dict(), f"derived {new.type.value} key {new.name!r}")
+
+
+@key.command("agree")
+@click.argument("name")
+@click.argument("new_name")
+@click.option("--peer", metavar="FILE", required=True, help="Peer public key (PEM, DER or raw).")
+@click.option("--type", "key_type", default="aes-256", show_default=True, type=TYPE_CHOICE)
+@click.option("--salt", default="", help="HKDF salt, hex.")
+@click.option("--info", "info", default="", help="HKDF info (context), text.")
+@click.option("--usage", help="Usages of the new key.")
+@pass_state
+def key_agree(state: State, name: str, new_name: str, peer: str, key_type: str, salt: str,
+              info: str, usage: str | None) -> None:
+    """ECDH or X25519 with a peer, HKDF into a new key."""
+    new = state.keystore().agree(name, read_input(peer), new_name, key_type, usage, _hex(salt),
+                                 info.encode())
+    state.emit(new.to_dict(), f"agreed {new.type.value} key {new.name!r}")
+
+
+@key.command("wrap")
+@click.argument("wrapping_key")
+@click.argument("name")
+@click.option("--out", "out", metavar="FILE")
+@pass_state
+def key_wrap(state: State, wrapping_key: str, name: str, out: str | None) -> None:
+    """Wrap an exportable key under an AES key (RFC 5649)."""
+    write_output(out, state.keystore().wrap(wrapping_key, name))
+
+
+@key.command("unwrap")
+@click.argument("wrapping_key")
+@click.argument("new_name")
+@click.option("--type", "key_type", required=True, type=TYPE_CHOICE)
+@click.option("--in", "inp", metavar="FILE")
+@click.option("--usage")
+@click.option("--exportable", is_flag=True)
+@pass_state
+def key_unwrap(state: State, wrapping_key: str, new_name: str, key_type: str, inp: str | None,
+               usage: str | None, exportable: bool) -> None:
+    """Unwrap a wrapped key into a new key."""
+    new = state.keystore().unwrap(wrapping_key, read_input(inp), new_name, key_type, usage,
+                                  exportable)
+    state.emit(new.to_dict(), f"unwrapped {new.type.value} key {new.name!r}")
+
+
+@key.command("bip39-generate")
+@click.argument("name")
+@click.option("--words", type=click.Choice(["12", "15", "18", "21", "24"]), default="24")
+@click.option("--passphrase", "bip39_pass", default=None,
+              help="BIP39 passphrase as env:NAME or file:PATH (default: none).")
+@pass_state
+def key_bip39_generate(state: State, name: str, words: str, bip39_pass: str | None) -> None:
+    """Make a BIP39 seed inside the vault; print its mnemonic once, for the paper backup."""
+    info, mnemonic = state.keystore().bip39_generate(name, int(words), _passphrase(bip39_pass))
+    state.emit({"key": info.to_dict(), "mnemonic": mnemonic}, mnemonic)
+
+
+@key.command("bip39-recover")
+@click.argument("name")
+@click.option("--passphrase", "bip39_pass", default=None,
+              help="BIP39 passphrase as env:NAME or file:PATH (default: none).")
+@pass_state
+def key_bip39_recover(state: State, name: str, bip39_pass: str | None) -> None:
+    """Store the seed of a mnemonic read from stdin."""
+    mnemonic = sys.stdin.readline().strip()
+    info = state.keystore().bip39_recover(name, mnemonic, _passphrase(bip39_pass))
+    state.emit(info.to_dict(), f"recovered seed {info.name!r}")
+
+
+@key.command("slip10-derive")
+@click.argument("seed")
+@click.argument("path")
+@click.argument("new_name")
+@click.option("--type", "key_type", type=click.Choice(["ed25519", "secp256k1"]), default="ed25519")
+@click.option("--usage")
+@pass_state
+def key_slip10(state: State, seed: str, path: str, new_name: str, key_type: str,
+               usage: str | None) -> None:
+    """Derive a key at a SLIP-0010 path (e.g. m/44'/0'/0') from a seed key."""
+    new = state.keystore().slip10_derive(seed, path, new_name, key_type, usage)
+    state.emit(new.to_dict(), f"derived {new.type.value} key {new.name!r} at {path}")
+
+
+# -- vault -------------------------------------------------------------------------------------
+@cli.group()
+def vault() -> None:
+    """The software vault: status, lock, unlock, key slots, backup and restore."""
+
+
+def _vault(state: State) -> VaultControl:
+    v = state.keystore().vault
+    assert isinstance(v, VaultControl)
+    return v
+
+
+@vault.command("status")
+@pass_state
+def vault_status(state: State) -> None:
+    """Show where the vault is and whether it opens (does not unlock it)."""
+    status = _vault(state).vault_status()
+    state.emit(status, lambda: "\n".join(f"{k}: {v}" for k, v in status.items()))
+
+
+@vault.command("unlock")
+@click.option("--method", help="Unlock method to use (default: the configured ones, in order).")
+@pass_state
+def vault_unlock(state: State, method: str | None) -> None:
+    """Check that the vault opens. A CLI process holds it open only while it runs."""
+    used = _vault(state).unlock(method)
+    status = _vault(state).vault_status()
+    state.emit(status, f"vault unlocked with {used}: {status['keys']} keys")
+
+
+@vault.command("lock")
+@pass_state
+def vault_lock(state: State) -> None:
+    """Wipe the vault's keys from this process (each CLI run locks it when it ends)."""
+    _vault(state).lock()
+    state.emit({"unlocked": False}, "vault locked")
+
+
+@vault.command("enroll")
+@click.argument("method")
+@click.option("--passphrase", "new_pass", default="prompt", show_default=True,
+              help="For METHOD passphrase: the new passphrase as env:NAME, file:PATH or prompt.")
+@pass_state
+def vault_enroll(state: State, method: str, new_pass: str) -> None:
+    """Add a key slot: `passphrase`, or the name of a backend that can seal (tpm, hsm, ...)."""
+    options: dict[str, Any] = {}
+    v = _vault(state)
+    v.unlock()
+    if method == "passphrase":
+        options["passphrase"] = _secret(new_pass, "New passphrase: ").get(confirm=True)
+    slot = v.enroll(method, options)
+    state.emit(slot, f"enrolled {slot['method']} as key slot {slot['id']}")
+
+
+@vault.command("unenroll")
+@click.argument("slot_id")
+@pass_state
+def vault_unenroll(state: State, slot_id: str) -> None:
+    """Remove a key slot (never the last one)."""
+    v = _vault(state)
+    v.unlock()
+    v.unenroll(slot_id)
+    state.emit({"removed": slot_id}, f"removed key slot {slot_id}")
+
+
+@vault.command("passphrase")
+@click.option("--new", "new_pass", default="prompt", show_default=True,
+              help="The new passphrase as env:NAME, file:PATH or prompt.")
+@pass_state
+def vault_passphrase(state: State, new_pass: str) -> None:
+    """Change the vault passphrase; the old one stops working."""
+    v = _vault(state)
+    v.unlock()
+    v.change_passphrase(_secret(new_pass, "New passphrase: ").get(confirm=True))
+    state.emit({"changed": True}, "vault passphrase changed")
+
+
+@vault.command("backup")
+@click.argument("file", type=click.Path(dir_okay=False))
+@pass_state
+def vault_backup(state: State, file: str) -> None:
+    """Write a backup of the vault snapshot (it opens with the same unlock methods)."""
+    v = _vault(state)
+    v.backup(Path(file))
+    state.emit({"backup": file}, f"vault backed up to {file}")
+
+
+@vault.command("restore")
+@click.argument("file", type=click.Path(dir_okay=False))
+@pass_state
+def vault_restore_cmd(state: State, file: str) -> None:
+    """Replace the vault with a backup (checked first) and update the catalog."""
+    report = vault_restore(state.keystore(), file)
+    state.emit(report, f"restored {report['keys']} keys from {file}" + (
+        f"; name conflicts left alone: {', '.join(report['conflicts'])}" if report["conflicts"]
+        else ""))
+
+
+def _hex(text: str) -> bytes:
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise InvalidArgument("salt must be hex") from None
+
+
+def _secret(ref: str, prompt: str) -> SecretSource:
+    try:
+        validate_reference(ref)
+    except ValueError as e:
+        raise InvalidArgument(str(e)) from None
+    return SecretSource([ref], prompt)
+
+
+def _passphrase(ref: str | None) -> str:
+    return "" if ref is None else _secret(ref, "BIP39 passphrase: ").get()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point."""
+    cli.main(args=list(argv) if argv is not None else None, prog_name="strongroom",
+             standalone_mode=True)
+
+
+__all__ = ["Usage", "cli", "main"]

@@ -1,0 +1,184 @@
+"""Configuration: `$STRONGROOM_CONFIG`, else `strongroom.toml` in the user config dir.
+
+With no file at all the embedded default applies: one software vault in the user
+data dir. Every error names the file, the line and the key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from .errors import ConfigError
+
+APP = "strongroom"
+VAULT_TYPE = "vault"
+AUDIT_MODES = ("file", "log", "off")
+
+KEYSTORE_KEYS = {
+    "order": "backends to try, in order, when generate names none",
+    "data_dir": "where the catalog, the vault snapshot and the audit log live",
+    "namespace": "the namespace keys are created in (default: default)",
+    "audit": "file (audit.jsonl in data_dir), log (the strongroom.audit logger) or off",
+}
+
+DEFAULT_VAULT: dict[str, Any] = {
+    "type": VAULT_TYPE,
+    "unlock": ["passphrase"],
+    "passphrase": ["env:STRONGROOM_PASSPHRASE", "prompt"],
+}
+
+
+@dataclass
+class BackendConfig:
+    """One `[backends.NAME]` table."""
+
+    name: str
+    type: str
+    settings: dict[str, Any]
+
+
+@dataclass
+class Config:
+    """The parsed configuration, with enough of the source kept to name lines in errors."""
+
+    path: str | None
+    order: list[str]
+    data_dir: Path
+    namespace: str
+    audit: str
+    backends: dict[str, BackendConfig]
+    text: str = field(default="", repr=False)
+
+    def error(self, message: str, table: str | None = None, key: str | None = None) -> ConfigError:
+        """A ConfigError naming this file, and the line of `table.key` when it can be found."""
+        line = find_line(self.text, table, key) if self.text else None
+        dotted = ".".join(p for p in (table, key) if p) or None
+        return ConfigError(message, self.path or "<embedded default config>", line, dotted)
+
+
+def default_path() -> Path:
+    """Where the config file is looked for when $STRONGROOM_CONFIG is not set."""
+    return Path(platformdirs.user_config_dir(APP)) / "strongroom.toml"
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir(APP))
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load the config from `path`, $STRONGROOM_CONFIG, the user config dir, or the default."""
+    if path is None:
+        env = os.environ.get("STRONGROOM_CONFIG")
+        if env:
+            path = env
+        elif default_path().is_file():
+            path = default_path()
+    if path is None:
+        return parse({}, None, "")
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("config file not found", str(p)) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file: {e.strerror}", str(p)) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        line = _toml_error_line(str(e))
+        raise ConfigError(f"not valid TOML: {e}", str(p), line) from None
+    return parse(raw, str(p), text)
+
+
+def parse(raw: Mapping[str, Any], path: str | None, text: str) -> Config:
+    """Validate a decoded TOML document into a Config."""
+    cfg = Config(path, [], default_data_dir(), "default", "file", {}, text)
+    for top in raw:
+        if top not in ("keystore", "backends"):
+            raise cfg.error("unknown table; expected [keystore] or [backends.NAME]", top)
+    ks = raw.get("keystore", {})
+    if not isinstance(ks, dict):
+        raise cfg.error("must be a table", "keystore")
+    for key, value in ks.items():
+        if key not in KEYSTORE_KEYS:
+            raise cfg.error(f"unknown key; expected one of {', '.join(KEYSTORE_KEYS)}", "keystore", key)
+        if key == "order":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise cfg.error("must be a list of backend names", "keystore", key)
+            cfg.order = list(value)
+        elif key == "data_dir":
+            if not isinstance(value, str) or not value:
+                raise cfg.error("must be a path", "keystore", key)
+            cfg.data_dir = Path(value).expanduser()
+        elif key == "namespace":
+            if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+                raise cfg.error("must be 1-64 letters, digits, '.', '_' or '-'", "keystore", key)
+            cfg.namespace = value
+        elif key == "audit":
+            if value not in AUDIT_MODES:
+                raise cfg.error(f"must be one of {', '.join(AUDIT_MODES)}", "keystore", key)
+            cfg.audit = value
+    backends = raw.get("backends", {})
+    if not isinstance(backends, dict):
+        raise cfg.error("must be a table of [backends.NAME] tables", "backends")
+    for name, table in backends.items():
+        where = f"backends.{name}"
+        if not isinstance(table, dict):
+            raise cfg.error("must be a table", where)
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", name):
+            raise cfg.error("backend names are 1-32 letters, digits, '_' or '-'", where)
+        btype = table.get("type")
+        if not isinstance(btype, str):
+            raise cfg.error("every backend needs a type, e.g. type = \"vault\"", where, "type")
+        settings = {k: v for k, v in table.items() if k != "type"}
+        cfg.backends[name] = BackendConfig(name, btype, settings)
+    vaults = [b.name for b in cfg.backends.values() if b.type == VAULT_TYPE]
+    if not vaults:
+        cfg.backends[VAULT_TYPE] = BackendConfig(
+            VAULT_TYPE, VAULT_TYPE, {k: v for k, v in DEFAULT_VAULT.items() if k != "type"}
+        )
+        vaults = [VAULT_TYPE]
+    if len(vaults) > 1:
+        raise cfg.error("only one vault backend may be configured", f"backends.{vaults[1]}")
+    for name in cfg.order:
+        if name not in cfg.backends:
+            raise cfg.error(f"names backend {name!r}, which has no [backends.{name}] table",
+                            "keystore", "order")
+    if len(set(cfg.order)) != len(cfg.order):
+        raise cfg.error("names a backend twice", "keystore", "order")
+    vault = vaults[0]
+    if vault in cfg.order and cfg.order[-1] != vault:
+        raise cfg.error("the vault is the fallback and must come last", "keystore", "order")
+    if vault not in cfg.order:
+        cfg.order.append(vault)
+    return cfg
+
+
+def find_line(text: str, table: str | None, key: str | None) -> int | None:
+    """The 1-based line where `key` is set inside `[table]`, else the table's header line."""
+    current = ""
+    header_line = None
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        m = re.match(r"^\[\s*([^\[\]]+?)\s*\]", stripped)
+        if m:
+            current = m.group(1).replace('"', "").replace(" ", "")
+            if table and current == table:
+                header_line = number
+            continue
+        if key and current == (table or "") and re.match(rf"^{re.escape(key)}\s*=", stripped):
+            return number
+    return header_line
+
+
+def _toml_error_line(message: str) -> int | None:
+    m = re.search(r"line (\d+)", message)
+    return int(m.group(1)) if m else None

@@ -1,0 +1,148 @@
+"""Strongroom's exceptions: one root, one small class per failure a caller can act on.
+
+No message ever contains secret material: messages name keys, backends, files and
+operations, never key bytes, passphrases or PINs.
+"""
+
+from __future__ import annotations
+
+
+class StrongroomError(Exception):
+    """Root of every error Strongroom raises on purpose."""
+
+    exit_code = 12
+
+
+class KeyNotFound(StrongroomError, KeyError):
+    """No key of that name in this namespace."""
+
+    exit_code = 3
+
+    def __init__(self, name: str, namespace: str = "default") -> None:
+        self.name = name
+        self.namespace = namespace
+        where = "" if namespace == "default" else f" in namespace {namespace!r}"
+        super().__init__(f"no key named {name!r}{where}")
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class KeyExists(StrongroomError):
+    """A key of that name already exists in this namespace."""
+
+    exit_code = 10
+
+    def __init__(self, name: str, namespace: str = "default") -> None:
+        self.name = name
+        self.namespace = namespace
+        where = "" if namespace == "default" else f" in namespace {namespace!r}"
+        super().__init__(f"a key named {name!r} already exists{where}")
+
+
+class UnsupportedOperation(StrongroomError):
+    """The backend cannot do this operation with this key type."""
+
+    exit_code = 5
+
+    def __init__(self, backend: str, operation: str, key_type: str | None, detail: str = "") -> None:
+        self.backend = backend
+        self.operation = str(operation)
+        self.key_type = str(key_type) if key_type is not None else None
+        what = f"{self.operation} with {self.key_type}" if key_type else self.operation
+        msg = f"backend {backend!r} does not support {what}"
+        super().__init__(f"{msg}: {detail}" if detail else msg)
+
+
+class BackendUnavailable(StrongroomError):
+    """The backend's library, device or service cannot be used; the reason says what to do."""
+
+    exit_code = 6
+
+    def __init__(self, backend: str, reason: str) -> None:
+        self.backend = backend
+        self.reason = reason
+        super().__init__(f"backend {backend!r} is unavailable: {reason}")
+
+
+class AuthenticationFailed(StrongroomError):
+    """A passphrase, PIN or other secret was wrong. Never retried automatically."""
+
+    exit_code = 4
+
+    def __init__(self, message: str, retries_left: int | None = None) -> None:
+        self.retries_left = retries_left
+        if retries_left is not None:
+            message = f"{message} ({retries_left} tries left)"
+        super().__init__(message)
+
+
+class DeviceLocked(StrongroomError):
+    """The device or vault refuses all attempts until it is reset or unlocked."""
+
+    exit_code = 7
+
+
+class PolicyViolation(StrongroomError):
+    """The key's usage or a policy forbids this operation."""
+
+    exit_code = 8
+
+
+class SnapshotCorrupt(StrongroomError):
+    """A vault snapshot is damaged: truncated, tampered with, or of an unknown format."""
+
+    exit_code = 9
+
+
+class SnapshotTruncated(SnapshotCorrupt):
+    """The snapshot file ends early."""
+
+
+class SnapshotTampered(SnapshotCorrupt):
+    """The snapshot's contents fail their integrity check."""
+
+
+class SnapshotVersionError(SnapshotCorrupt):
+    """The snapshot's format version is not one this Strongroom reads."""
+
+    def __init__(self, message: str, version: int) -> None:
+        self.version = version
+        super().__init__(message)
+
+
+class InvalidArgument(StrongroomError, ValueError):
+    """A caller passed a value that cannot be right."""
+
+    exit_code = 2
+
+
+class ConfigError(StrongroomError):
+    """The configuration file is wrong; the message names the file, line and key."""
+
+    exit_code = 11
+
+    def __init__(
+        self, message: str, path: str | None = None, line: int | None = None, key: str | None = None
+    ) -> None:
+        self.path = path
+        self.line = line
+        self.key = key
+        where = path or "<config>"
+        if line is not None:
+            where = f"{where}:{line}"
+        if key:
+            where = f"{where}: {key}"
+        super().__init__(f"{where}: {message}")
+
+
+class GuardedMemoryError(StrongroomError):
+    """Guarded memory was damaged (a canary overwritten) or could not be set up."""
+
+    exit_code = 12
+
+
+class IntegrityError(StrongroomError):
+    """A ciphertext or wrapped key failed authentication: wrong key, or tampered data."""
+
+    exit_code = 9

@@ -1,0 +1,610 @@
+"""The Keystore: resolves names through the catalog, checks usage, routes, audits."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+
+from . import algorithms
+from .audit import Audit
+from .backend import (
+    Backend,
+    BackendContext,
+    Capability,
+    NewKey,
+    Sealer,
+    SeedProcedures,
+    VaultControl,
+)
+from .catalog import Catalog, now
+from .config import VAULT_TYPE, BackendConfig, Config
+from .errors import (
+    BackendUnavailable,
+    ConfigError,
+    InvalidArgument,
+    KeyExists,
+    PolicyViolation,
+    StrongroomError,
+    UnsupportedOperation,
+)
+from .secrets import Prompter, SecretSource, terminal_prompter, validate_reference
+from .types import KeyInfo, KeyType, Operation, Usage
+
+ENTRY_POINT_GROUP = "strongroom.backends"
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+/-]{0,127}")
+_IMPORT_FORMATS = ("auto", "raw", "der", "pem")
+
+
+def backend_classes() -> dict[str, type[Backend] | str]:
+    """Backend classes by type name, found through the entry-point group.
+
+    A class that fails to import maps to the reason instead, so one broken plugin
+    never stops the others.
+    """
+    found: dict[str, type[Backend] | str] = {}
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            cls = ep.load()
+        except Exception as e:  # a plugin's import error becomes its reason
+            found[ep.name] = f"the plugin {ep.value} failed to import: {type(e).__name__}: {e}"
+            continue
+        found[ep.name] = cls
+    return found
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """What `strongroom backends` shows for one configured backend."""
+
+    name: str
+    type: str
+    available: bool
+    reason: str | None
+    capabilities: frozenset[Capability]
+    details: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        ops: dict[str, list[str]] = {}
+        for key_type, op in sorted(self.capabilities):
+            ops.setdefault(key_type.value, []).append(op.value)
+        return {
+            "name": self.name,
+            "type": self.type,
+            "available": self.available,
+            "reason": self.reason,
+            "capabilities": ops,
+            "details": self.details,
+        }
+
+
+class Keystore:
+    """One key API over every configured backend. Use `strongroom.open()` to make one."""
+
+    def __init__(
+        self, config: Config, *, actor: str | None = None, prompter: Prompter | None = None
+    ) -> None:
+        self.config = config
+        self.namespace = config.namespace
+        self._prompter = prompter or terminal_prompter
+        self._lock = threading.RLock()
+        self._opened: set[str] = set()
+        self._closed = False
+        config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._backends: dict[str, Backend] = {}
+        self._unusable: dict[str, tuple[str, str]] = {}
+        classes = backend_classes()
+        for name, bcfg in config.backends.items():
+            cls = classes.get(bcfg.type)
+            if cls is None:
+                raise config.error(
+                    f"unknown backend type {bcfg.type!r}; installed types: "
+                    f"{', '.join(sorted(classes)) or 'none'}",
+                    f"backends.{name}",
+                    "type",
+                )
+            if isinstance(cls, str):
+                self._unusable[name] = (bcfg.type, cls)
+                continue
+            self._backends[name] = cls(self._context(bcfg, cls))
+        self.catalog = Catalog(config.data_dir / "catalog.sqlite")
+        self.audit = Audit(config.audit, config.data_dir / "audit.jsonl", actor)
+
+    # -- construction ------------------------------------------------------------------------
+    def _context(self, bcfg: BackendConfig, cls: type[Backend]) -> BackendContext:
+        table = f"backends.{bcfg.name}"
+        settings: dict[str, Any] = {}
+        for key, value in bcfg.settings.items():
+            spec = cls.config_keys.get(key)
+            if spec is None:
+                known = ", ".join(sorted(cls.config_keys)) or "none"
+                raise self.config.error(
+                    f"unknown key for a {bcfg.type} backend; known keys: {known}", table, key
+                )
+            if not isinstance(value, spec.kind):
+                raise self.config.error(f"has the wrong type; expected {_kind_name(spec.kind)}",
+                                        table, key)
+            if spec.secret:
+                for ref in value if isinstance(value, list) else [value]:
+                    try:
+                        validate_reference(str(ref))
+                    except ValueError as e:
+                        raise self.config.error(str(e), table, key) from None
+            settings[key] = value
+        for key, spec in cls.config_keys.items():
+            if key not in settings and spec.default is not None:
+                settings[key] = spec.default
+
+        def secret(setting: str, prompt: str) -> SecretSource:
+            value = settings.get(setting)
+            refs = value if isinstance(value, list) else ([value] if value else [])
+            return SecretSource([str(r) for r in refs], prompt, self._prompter)
+
+        def sealer(name: str) -> Sealer:
+            backend = self.backend(name)
+            if not isinstance(backend, Sealer):
+                raise UnsupportedOperation(name, "seal", None, "this backend cannot seal secrets")
+            self._ready(backend)
+            return backend
+
+        return BackendContext(bcfg.name, self.config.data_dir, settings, secret, sealer)
+
+    def __enter__(self) -> Keystore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every backend (the vault locks and wipes its keys) and the catalog."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            errors: list[BaseException] = []
+            for backend in self._backends.values():
+                try:
+                    backend.close()
+                except Exception as e:  # close the others regardless
+                    errors.append(e)
+            self.catalog.close()
+            self.audit.close()
+            if errors:
+                raise errors[0]
+
+    # -- backends ----------------------------------------------------------------------------
+    def backend(self, name: str) -> Backend:
+        """The configured backend called `name`."""
+        if name in self._backends:
+            return self._backends[name]
+        if name in self._unusable:
+            raise BackendUnavailable(name, self._unusable[name][1])
+        raise InvalidArgument(
+            f"no backend named {name!r} is configured; configured: {', '.join(self.config.order)}"
+        )
+
+    @property
+    def vault(self) -> Backend:
+        """The software vault backend (always configured)."""
+        for name, bcfg in self.config.backends.items():
+            if bcfg.type == VAULT_TYPE:
+                return self.backend(name)
+        raise BackendUnavailable(VAULT_TYPE, "no vault backend is configured")  # pragma: no cover
+
+    def backends(self) -> list[BackendStatus]:
+        """Status, reason and capabilities of every configured backend, in `order`."""
+        out = []
+        names = list(self.config.order) + [n for n in self.config.backends if n not in self.config.order]
+        for name in names:
+            if name in self._unusable:
+                btype, reason = self._unusable[name]
+                out.append(BackendStatus(name, btype, False, reason, frozenset(), {}))
+                continue
+            backend = self._backends[name]
+            reason = backend.availability()
+            caps = backend.capabilities() if reason is None else frozenset()
+            try:
+                details = backend.status()
+            except StrongroomError as e:
+                details = {"error": str(e)}
+            out.append(BackendStatus(name, backend.type_name, reason is None, reason, caps, details))
+        return out
+
+    def _ready(self, backend: Backend) -> Backend:
+        if backend.name in self._opened:
+            return backend
+        with self._lock:
+            if self._closed:
+                raise StrongroomError("the keystore is closed")
+            if backend.name not in self._opened:
+                reason = backend.availability()
+                if reason is not None:
+                    raise BackendUnavailable(backend.name, reason)
+                backend.open()
+                self._opened.add(backend.name)
+        return backend
+
+    # -- helpers -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _audited(self, op: str, key: str | None, **detail: Any) -> Iterator[dict[str, Any]]:
+        facts: dict[str, Any] = {}
+        try:
+            yield facts
+        except BaseException as e:
+            self.audit.record(op, key, type(e).__name__, facts.get("backend"), **detail)
+            raise
+        self.audit.record(op, key, "ok", facts.get("backend"), **detail)
+
+    def _key(
+        self, name: str, op: Operation | None, facts: dict[str, Any]
+    ) -> tuple[KeyInfo, Backend]:
+        info = self.catalog.get(self.namespace, name)
+        facts["backend"] = info.backend
+        needed = op.usage if op is not None else None
+        if op is not None and needed is not None and needed not in info.usage:
+            allowed = ", ".join(sorted(u.value for u in info.usage))
+            raise PolicyViolation(f"key {name!r} may not be used to {op.value}; its usages: {allowed}")
+        return info, self._ready(self.backend(info.backend))
+
+    def _new_info(
+        self,
+        name: str,
+        key_type: KeyType | str,
+        usage: Any,
+        exportable: bool,
+        backend: str,
+    ) -> KeyInfo:
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+            raise InvalidArgument(
+                "key names are 1-128 characters: letters, digits and . _ @ : + / -, "
+                "starting with a letter or digit"
+            )
+        ktype = KeyType.parse(key_type)
+        usages = Usage.parse_set(usage)
+        if usages is None:
+            usages = ktype.default_usage
+        if not usages:
+            raise InvalidArgument("a key needs at least one usage")
+        bad = usages - ktype.allowed_usage
+        if bad:
+            allowed = ", ".join(sorted(u.value for u in ktype.allowed_usage))
+            raise InvalidArgument(
+                f"{ktype.value} keys cannot have usage {', '.join(sorted(u.value for u in bad))}; "
+                f"allowed: {allowed}"
+            )
+        return KeyInfo(
+            name=name,
+            type=ktype,
+            backend=backend,
+            usage=usages,
+            exportable=bool(exportable),
+            namespace=self.namespace,
+            created=now(),
+        )
+
+    def _choose_backend(self, key_type: KeyType, op: Operation, backend: str | None) -> Backend:
+        if backend is not None:
+            b = self.backend(backend)
+            if not b.supports(key_type, op):
+                raise b.unsupported(op, key_type)
+            return self._ready(b)
+        for name in self.config.order:
+            if name in self._unusable:
+                continue
+            b = self._backends[name]
+            if b.availability() is None and b.supports(key_type, op):
+                return self._ready(b)
+        raise UnsupportedOperation(
+            ", ".join(self.config.order), op.value, key_type.value, "no configured backend can"
+        )
+
+    def _create(self, info: KeyInfo, backend: Backend, make: Any) -> KeyInfo:
+        """Backend key first, then the catalog row; undo the backend key if the row fails."""
+        if self.catalog.exists(info.namespace, info.name):
+            raise KeyExists(info.name, info.namespace)
+        handle = make(NewKey(info))
+        created = replace(info, handle=handle)
+        try:
+            self.catalog.add(created)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                backend.delete(created)
+            raise
+        return created
+
+    # -- the key API ---------------------------------------------------------------------------
+    def generate(
+        self,
+        name: str,
+        key_type: KeyType | str,
+        backend: str | None = None,
+        usage: Any = None,
+        exportable: bool = False,
+    ) -> KeyInfo:
+        """Create a key in `backend`, or the first backend in `order` that can."""
+        with self._audited("generate", name, type=str(key_type)) as facts:
+            ktype = KeyType.parse(key_type)
+            b = self._choose_backend(ktype, Operation.GENERATE, backend)
+            facts["backend"] = b.name
+            info = self._new_info(name, ktype, usage, exportable, b.name)
+            return self._create(info, b, b.generate)
+
+    def import_key(
+        self,
+        name: str,
+        key_type: KeyType | str,
+        material: bytes | bytearray | memoryview,
+        backend: str | None = None,
+        usage: Any = None,
+        exportable: bool = False,
+        format: str = "auto",
+    ) -> KeyInfo:
+        """Store existing key material (raw, DER or PEM). The caller should wipe its copy."""
+        with self._audited("import", name, type=str(key_type)) as facts:
+            if format not in _IMPORT_FORMATS:
+                raise InvalidArgument(f"unknown import format {format!r}; use {', '.join(_IMPORT_FORMATS)}")
+            if not isinstance(material, bytes | bytearray | memoryview):
+                raise InvalidArgument("key material must be bytes-like")
+            ktype = KeyType.parse(key_type)
+            b = self._choose_backend(ktype, Operation.IMPORT, backend)
+            facts["backend"] = b.name
+            info = self._new_info(name, ktype, usage, exportable, b.name)
+            view = memoryview(material).cast("B")
+            return self._create(info, b, lambda new: b.import_key(new, view, format))
+
+    def export_key(self, name: str, format: str = "pem") -> bytes:
+        """The private key material of an exportable key (pem, der or raw)."""
+        with self._audited("export", name, format=format) as facts:
+            info, b = self._key(name, Operation.EXPORT, facts)
+            if not info.exportable:
+                raise PolicyViolation(f"key {name!r} was not created exportable")
+            return b.export_key(info, format)
+
+    def info(self, name: str) -> KeyInfo:
+        """The catalog entry for `name`."""
+        return self.catalog.get(self.namespace, name)
+
+    def keys(self) -> list[KeyInfo]:
+        """Every key in this namespace."""
+        return self.catalog.list(self.namespace)
+
+    def public_key(self, name: str) -> PublicKeyTypes:
+        """The public key as a `cryptography` object."""
+        with self._audited("public_key", name) as facts:
+            info, b = self._key(name, None, facts)
+            if not info.type.is_asymmetric:
+                raise InvalidArgument(f"key {name!r} is a {info.type.value} key and has no public key")
+            return b.public_key(info)
+
+    def sign(self, name: str, data: bytes, algorithm: str | None = None) -> bytes:
+        """Sign (or, for an HMAC key, MAC) `data`."""
+        with self._audited("sign", name, size=len(data)) as facts:
+            info, b = self._key(name, Operation.SIGN, facts)
+            algorithms.check_sign_algorithm(info.type, algorithm)
+            return b.sign(info, bytes(data), algorithm)
+
+    def verify(self, name: str, data: bytes, signature: bytes, algorithm: str | None = None) -> None:
+        """Return None, or raise cryptography's InvalidSignature."""
+        with self._audited("verify", name, size=len(data)) as facts:
+            info, b = self._key(name, Operation.VERIFY, facts)
+            if info.type is KeyType.HMAC_SHA256:
+                if algorithm is not None:
+                    raise InvalidArgument("HMAC keys take no signature algorithm")
+                if not b.verify_mac(info, bytes(data), bytes(signature)):
+                    raise InvalidSignature()
+                return
+            algorithms.verify_signature(info.type, b.public_key(info), data, signature, algorithm)
+
+    def encrypt(self, name: str, plaintext: bytes, aad: bytes = b"", algorithm: str | None = None) -> bytes:
+        """AEAD-encrypt with a symmetric key, or RSA-OAEP to an RSA key's public half."""
+        with self._audited("encrypt", name, size=len(plaintext)) as facts:
+            info, b = self._key(name, Operation.ENCRYPT, facts)
+            if info.type.is_rsa:
+                if aad:
+                    raise InvalidArgument("RSA-OAEP takes no associated data")
+                return algorithms.rsa_encrypt(b.public_key(info), bytes(plaintext))
+            return b.encrypt(info, bytes(plaintext), bytes(aad), algorithm)
+
+    def decrypt(self, name: str, ciphertext: bytes, aad: bytes = b"", algorithm: str | None = None) -> bytes:
+        """Decrypt what `encrypt` made; IntegrityError if it was altered or the key is wrong."""
+        with self._audited("decrypt", name, size=len(ciphertext)) as facts:
+            info, b = self._key(name, Operation.DECRYPT, facts)
+            if info.type.is_rsa and aad:
+                raise InvalidArgument("RSA-OAEP takes no associated data")
+            return b.decrypt(info, bytes(ciphertext), bytes(aad), algorithm)
+
+    def agree(
+        self,
+        name: str,
+        peer: bytes | PublicKeyTypes,
+        new_name: str,
+        key_type: KeyType | str = KeyType.AES_256,
+        usage: Any = None,
+        salt: bytes = b"",
+        info: bytes = b"",
+        exportable: bool = False,
+    ) -> KeyInfo:
+        """ECDH/X25519 with `peer`, then HKDF-SHA256 into a new key; the secret stays inside."""
+        with self._audited("agree", name, new_key=new_name) as facts:
+            src, b = self._key(name, Operation.AGREE, facts)
+            public = algorithms.load_peer_public(src.type, peer)
+            new = self._new_info(new_name, key_type, usage, exportable, b.name)
+            return self._create(new, b, lambda n: b.agree(src, public, n, bytes(salt), bytes(info)))
+
+    def derive(
+        self,
+        name: str,
+        new_name: str,
+        key_type: KeyType | str = KeyType.AES_256,
+        usage: Any = None,
+        salt: bytes = b"",
+        info: bytes = b"",
+        exportable: bool = False,
+    ) -> KeyInfo:
+        """HKDF-SHA256 from a key into a new key of the same backend."""
+        with self._audited("derive", name, new_key=new_name) as facts:
+            src, b = self._key(name, Operation.DERIVE, facts)
+            new = self._new_info(new_name, key_type, usage, exportable, b.name)
+            return self._create(new, b, lambda n: b.derive(src, n, bytes(salt), bytes(info)))
+
+    def mac(self, name: str, data: bytes) -> bytes:
+        """HMAC-SHA256 of `data` with an HMAC key (the same as `sign` on such a key)."""
+        if self.info(name).type is not KeyType.HMAC_SHA256:
+            raise InvalidArgument(f"key {name!r} is not an HMAC key")
+        return self.sign(name, data)
+
+    def wrap(self, wrapping_key: str, name: str) -> bytes:
+        """Wrap the exportable key `name` under `wrapping_key` (AES key wrap with padding)."""
+        with self._audited("wrap", wrapping_key, target=name) as facts:
+            wk, b = self._key(wrapping_key, Operation.WRAP, facts)
+            target = self.catalog.get(self.namespace, name)
+            if not target.exportable:
+                raise PolicyViolation(f"key {name!r} was not created exportable and cannot be wrapped")
+            if target.backend != wk.backend:
+                raise UnsupportedOperation(
+                    wk.backend, "wrap", target.type.value, f"key {name!r} is in backend {target.backend!r}"
+                )
+            return b.wrap(wk, target)
+
+    def unwrap(
+        self,
+        wrapping_key: str,
+        blob: bytes,
+        new_name: str,
+        key_type: KeyType | str,
+        usage: Any = None,
+        exportable: bool = False,
+    ) -> KeyInfo:
+        """Unwrap a blob made by `wrap` (or RFC 5649 elsewhere) into a new key."""
+        with self._audited("unwrap", wrapping_key, new_key=new_name) as facts:
+            wk, b = self._key(wrapping_key, Operation.UNWRAP, facts)
+            new = self._new_info(new_name, key_type, usage, exportable, b.name)
+            return self._create(new, b, lambda n: b.unwrap(wk, bytes(blob), n))
+
+    def delete(self, name: str) -> None:
+        """Remove the catalog row, then destroy the backend key."""
+        with self._audited("delete", name) as facts:
+            info = self.catalog.get(self.namespace, name)
+            facts["backend"] = info.backend
+            b = self._ready(self.backend(info.backend))
+            self.catalog.remove(self.namespace, name)
+            b.delete(info)
+
+    def random(self, n: int, backend: str | None = None) -> bytes:
+        """`n` random bytes from a backend's generator (the vault's by default)."""
+        with self._audited("random", None, size=n) as facts:
+            if not isinstance(n, int) or n < 1 or n > 1 << 20:
+                raise InvalidArgument("random takes a byte count from 1 to 1048576")
+            b = self._ready(self.backend(backend) if backend else self.vault)
+            facts["backend"] = b.name
+            return b.random(n)
+
+    # -- procedures (BIP39, SLIP-0010) --------------------------------------------------------
+    def _seed_backend(self, backend: str | None) -> tuple[Backend, SeedProcedures]:
+        b = self._ready(self.backend(backend) if backend else self.vault)
+        if not isinstance(b, SeedProcedures):
+            raise UnsupportedOperation(b.name, "bip39", KeyType.SEED.value)
+        return b, b
+
+    def bip39_generate(
+        self, name: str, words: int = 24, passphrase: str = "", backend: str | None = None
+    ) -> tuple[KeyInfo, str]:
+        """Store a new BIP39 seed as key `name`; return it and the mnemonic, shown only this once."""
+        with self._audited("bip39_generate", name, words=words) as facts:
+            b, procs = self._seed_backend(backend)
+            info = self._new_info(name, KeyType.SEED, None, False, b.name)
+            facts["backend"] = b.name
+            words_out: list[str] = []
+
+            def make(new: NewKey) -> str:
+                handle, mnemonic = procs.bip39_generate(new, words, passphrase)
+                words_out.append(mnemonic)
+                return handle
+
+            created = self._create(info, b, make)
+            return created, words_out[0]
+
+    def bip39_recover(
+        self, name: str, mnemonic: str, passphrase: str = "", backend: str | None = None
+    ) -> KeyInfo:
+        """Store the seed of an existing BIP39 mnemonic as key `name`."""
+        with self._audited("bip39_recover", name) as facts:
+            b, procs = self._seed_backend(backend)
+            info = self._new_info(name, KeyType.SEED, None, False, b.name)
+            facts["backend"] = b.name
+            return self._create(info, b, lambda n: procs.bip39_recover(n, mnemonic, passphrase))
+
+    def slip10_derive(
+        self,
+        seed: str,
+        path: str,
+        new_name: str,
+        key_type: KeyType | str = KeyType.ED25519,
+        usage: Any = None,
+        exportable: bool = False,
+    ) -> KeyInfo:
+        """Derive an ed25519 or secp256k1 key at SLIP-0010 `path` from seed key `seed`."""
+        with self._audited("slip10_derive", seed, new_key=new_name, path=path) as facts:
+            src, b = self._key(seed, Operation.DERIVE, facts)
+            if src.type is not KeyType.SEED:
+                raise InvalidArgument(f"key {seed!r} is not a seed")
+            if not isinstance(b, SeedProcedures):
+                raise UnsupportedOperation(b.name, "slip10", src.type.value)
+            procs = b
+            new = self._new_info(new_name, key_type, usage, exportable, b.name)
+            if new.type not in (KeyType.ED25519, KeyType.SECP256K1):
+                raise InvalidArgument("SLIP-0010 derives ed25519 or secp256k1 keys")
+            return self._create(new, b, lambda n: procs.slip10_derive(src, path, n))
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {bool: "true or false", int: "an integer", str: "a string", list: "a list", float: "a number"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+
+
+def _vault_control(ks: Keystore) -> VaultControl:
+    v = ks.vault
+    if not isinstance(v, VaultControl):  # pragma: no cover - the built-in vault implements it
+        raise UnsupportedOperation(v.name, "vault", None)
+    return v
+
+
+def vault_restore(ks: Keystore, source: str | os.PathLike[str]) -> dict[str, Any]:
+    """Replace the vault with a backup and bring the catalog in line with it."""
+    vault = _vault_control(ks)
+    name = ks.vault.name
+    with ks._audited("vault_restore", None) as facts:
+        facts["backend"] = name
+        restored = vault.restore(Path(source))
+        ks._opened.add(name)
+        current = {i.handle: i for i in ks.catalog.list(None) if i.backend == name}
+        kept = {i.handle for i in restored}
+        removed, added, conflicts = [], [], []
+        for info in current.values():
+            if info.handle not in kept:
+                ks.catalog.remove(info.namespace, info.name)
+                removed.append(info.name)
+        for info in restored:
+            if info.handle in current:
+                continue
+            if ks.catalog.exists(info.namespace, info.name):
+                conflicts.append(info.name)
+                continue
+            ks.catalog.add(info)
+            added.append(info.name)
+        return {"keys": len(restored), "added": added, "removed": removed, "conflicts": conflicts}
+
+
+__all__ = ["BackendStatus", "ConfigError", "Keystore", "backend_classes", "vault_restore"]

@@ -1,0 +1,285 @@
+"""Guarded memory for secrets: the only Python module that talks to `strongroom._native`.
+
+A :class:`Guarded` holds key material outside the Python heap, in its own mapping with a
+guard page on each side, a random canary in front of the data, the pages locked in RAM
+(``mlock``), left out of core dumps (``MADV_DONTDUMP``) and zeroed in forked children
+(``MADV_WIPEONFORK``). Between operations the pages are not accessible at all, so a
+dangling view or a stray pointer crashes the process instead of reading the secret.
+
+Access is one operation at a time::
+
+    with Guarded.from_buffer(key_bytes) as key:
+        with key.read() as view:      # read-only memoryview, valid inside the block only
+            mac = hmac_sha256(view, message)
+
+Rules for callers:
+
+* Do not keep the view, a slice of it, or anything exported from it past the ``with``
+  block. Exiting the block releases the view and makes the memory inaccessible again; a
+  view that escaped makes the exit raise :class:`~strongroom.errors.GuardedMemoryError`
+  and touching it afterwards kills the process with SIGSEGV (by design: fail closed).
+* ``read()`` and ``write()`` nest and may run in several threads at once; the memory stays
+  accessible until the last of them exits, and stays writable while any ``write()`` runs.
+* :func:`scrub_bytes` zeroes a ``bytes`` object in place. Use it only on a ``bytes`` that
+  you alone hold (e.g. one a library just returned), never on literals or shared values.
+
+Nothing in this module ever logs or formats secret bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, suppress
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final, NoReturn, SupportsIndex
+
+from . import _native  # type: ignore[attr-defined, unused-ignore]  # mypy names this package "core"
+from .errors import GuardedMemoryError, InvalidArgument
+
+__all__ = [
+    "MAX_SIZE",
+    "Guarded",
+    "MemlockStatus",
+    "constant_time_equal",
+    "disable_core_dumps",
+    "memlock_status",
+    "page_size",
+    "scrub_bytes",
+    "wipe",
+]
+
+MAX_SIZE: Final = 64 * 1024 * 1024
+"""Largest guarded buffer, in bytes (the native layer refuses more)."""
+
+_NO_ACCESS: Final = 0
+_READ_ONLY: Final = 1
+_READ_WRITE: Final = 2
+
+_log = logging.getLogger("strongroom.memory")
+_UNLOCKED_WARNING: Final = (
+    "mlock failed: RLIMIT_MEMLOCK budget exhausted; secrets may be swapped. "
+    "See `strongroom doctor`."
+)
+_warned_unlocked = False
+_warn_lock = threading.Lock()
+
+
+def _warn_once_if_unlocked(mlocked: bool) -> None:
+    """Log one warning per process the first time a buffer could not be locked in RAM."""
+    global _warned_unlocked
+    if mlocked or _warned_unlocked:
+        return
+    with _warn_lock:
+        if _warned_unlocked:
+            return
+        _warned_unlocked = True
+    _log.warning(_UNLOCKED_WARNING)
+
+
+class Guarded:
+    """A secret buffer in guarded memory: guard pages, canary, mlock, no access between uses."""
+
+    __slots__ = ("__weakref__", "_buf", "_lock", "_readers", "_writers")
+
+    def __init__(self, size: int) -> None:
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise TypeError(f"size must be an int, not {type(size).__name__}")
+        if not 1 <= size <= MAX_SIZE:
+            raise InvalidArgument(f"guarded memory size must be 1..{MAX_SIZE} bytes, not {size}")
+        try:
+            self._buf = _native.GuardedBuffer(size)
+        except OSError as exc:
+            raise GuardedMemoryError(f"could not map guarded memory: {exc.strerror}") from exc
+        self._lock = threading.Lock()
+        self._readers = 0
+        self._writers = 0
+        _warn_once_if_unlocked(self.mlocked)
+
+    @classmethod
+    def from_buffer(cls, data: bytes | bytearray | memoryview) -> Guarded:
+        """Copy `data` into new guarded memory. The source is NOT wiped: that is the caller's."""
+        with memoryview(data) as src, src.cast("B") as flat:
+            if flat.nbytes == 0:
+                raise InvalidArgument("guarded memory needs at least one byte")
+            guarded = cls(flat.nbytes)
+            try:
+                with guarded.write() as dst:
+                    dst[:] = flat
+            except BaseException:
+                guarded.close()
+                raise
+        return guarded
+
+    @property
+    def size(self) -> int:
+        """Number of secret bytes."""
+        return int(self._buf.size)
+
+    @property
+    def mlocked(self) -> bool:
+        """True while the pages are locked in RAM (False after close or if mlock failed)."""
+        return bool(self._buf.mlocked)
+
+    @property
+    def closed(self) -> bool:
+        """True once the memory has been wiped and released."""
+        return bool(self._buf.closed)
+
+    @property
+    def address(self) -> int:
+        """Address of the first secret byte. For tests and diagnostics only."""
+        return int(self._buf.address)
+
+    def _set_mode_locked(self) -> None:
+        """Give the pages the access the running operations need. Caller holds `_lock`."""
+        want = _READ_WRITE if self._writers else _READ_ONLY if self._readers else _NO_ACCESS
+        if self._buf.closed or self._buf.mode == want:
+            return
+        try:
+            self._buf.protect(want)
+        except OSError as exc:
+            raise GuardedMemoryError(
+                f"could not change protection of guarded memory: {exc.strerror}"
+            ) from exc
+
+    def _leave_locked(self, write: bool) -> None:
+        if write:
+            self._writers -= 1
+        else:
+            self._readers -= 1
+        self._set_mode_locked()
+
+    @contextmanager
+    def _operation(self, write: bool) -> Iterator[memoryview]:
+        buf = self._buf
+        with self._lock:
+            if buf.closed:
+                raise GuardedMemoryError("guarded memory is closed")
+            if write:
+                self._writers += 1
+            else:
+                self._readers += 1
+            try:
+                self._set_mode_locked()
+                view = memoryview(buf)
+            except BaseException:
+                self._leave_locked(write)
+                raise
+        # Inside a write() the pages are writable, so a nested read() gets a read-only alias.
+        read_only = None if write or view.readonly else view.toreadonly()
+        try:
+            yield view if read_only is None else read_only
+        finally:
+            # release() refuses (BufferError) while something exported from the view is alive;
+            # either way the export count below tells whether anything escaped.
+            for v in (read_only, view):
+                if v is not None:
+                    with suppress(BufferError):
+                        v.release()
+            with self._lock:
+                self._leave_locked(write)
+                # Each running operation holds exactly one export of the buffer.
+                escaped = buf.exports > self._readers + self._writers
+            if escaped:
+                raise GuardedMemoryError("a view of guarded memory escaped its operation")
+
+    def read(self) -> AbstractContextManager[memoryview]:
+        """A read-only view for one operation; the memory is inaccessible again afterwards."""
+        return self._operation(write=False)
+
+    def write(self) -> AbstractContextManager[memoryview]:
+        """A read-write view for one operation; the memory is inaccessible again afterwards."""
+        return self._operation(write=True)
+
+    def close(self) -> None:
+        """Check the canary, wipe, unlock and unmap. Idempotent.
+
+        Raises GuardedMemoryError if the canary was damaged (after wiping) or if a read() or
+        write() is still running. If a view escaped, the pages are wiped and made inaccessible
+        now and unmapped when the last view is released.
+        """
+        with self._lock:
+            if self._readers or self._writers:
+                raise GuardedMemoryError("cannot close guarded memory during a read() or write()")
+            try:
+                self._buf.close()
+            except _native.CanaryError:
+                raise GuardedMemoryError(
+                    "guarded memory canary damaged: possible buffer overflow"
+                ) from None
+
+    def __enter__(self) -> Guarded:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Guarded size={self.size}>"
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
+        raise TypeError("guarded memory cannot be pickled or copied")
+
+
+@dataclass(frozen=True)
+class MemlockStatus:
+    """RLIMIT_MEMLOCK and what this process's guarded memory uses of it."""
+
+    soft_limit: int | None
+    """Soft limit in bytes; None means unlimited."""
+    hard_limit: int | None
+    """Hard limit in bytes; None means unlimited."""
+    locked_bytes: int
+    """Bytes currently locked by guarded memory in this process."""
+    mlock_failures: int
+    """How many guarded buffers could not be locked since the process started."""
+
+
+def memlock_status() -> MemlockStatus:
+    """How much memory may be locked, how much is, and how often locking failed."""
+    soft, hard = _native.memlock_limit()
+    return MemlockStatus(
+        soft_limit=None if soft < 0 else int(soft),
+        hard_limit=None if hard < 0 else int(hard),
+        locked_bytes=int(_native.locked_bytes()),
+        mlock_failures=int(_native.mlock_failures()),
+    )
+
+
+def wipe(buf: bytearray | memoryview) -> None:
+    """Zero a writable buffer in place (a write the compiler cannot drop)."""
+    _native.wipe(buf)
+
+
+def scrub_bytes(b: bytes | bytearray) -> None:
+    """Zero a bytes or bytearray in place, even though bytes are immutable.
+
+    Only for a ``bytes`` object you alone hold; lengths 0 and 1 are shared and left alone.
+    For a bytearray the whole allocation is zeroed, including capacity left by shrinking.
+    """
+    _native.scrub(b)
+
+
+def constant_time_equal(
+    a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryview
+) -> bool:
+    """Compare without revealing where the inputs differ (lengths are not secret)."""
+    return bool(_native.compare(a, b))
+
+
+def disable_core_dumps() -> None:
+    """Set RLIMIT_CORE to 0 and make the process non-dumpable. Raises OSError on failure."""
+    _native.disable_core_dumps()
+
+
+def page_size() -> int:
+    """The system page size in bytes."""
+    return int(_native.page_size())

@@ -1,0 +1,1 @@
+"""Test support shipped with Strongroom: the backend contract suite."""

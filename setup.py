@@ -1,0 +1,13 @@
+"""Builds the guarded-memory extension; everything else is in pyproject.toml."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "strongroom._native",
+            ["native/guarded.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-fstack-protector-strong"],
+        )
+    ]
+)
