@@ -1,11 +1,11 @@
 """Strongroom: one key API over TPM 2.0, PKCS#11, PIV, FIDO2 and a guarded software vault.
 
-    import strongroom
+import strongroom
 
-    with strongroom.open() as ks:
-        ks.generate("signer", "ed25519")
-        sig = ks.sign("signer", b"data")
-        ks.verify("signer", b"data", sig)
+with strongroom.open() as ks:
+    ks.generate("signer", "ed25519")
+    sig = ks.sign("signer", b"data")
+    ks.verify("signer", b"data", sig)
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from .types import KeyInfo, KeyType, Operation, Usage
 __version__ = "0.1.0"
 
 
-def open(  # noqa: A001 - the public name the contract promises
+def open(
     config: str | os.PathLike[str] | None = None,
     *,
     actor: str | None = None,

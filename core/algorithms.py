@@ -37,7 +37,8 @@ def rsa_padding(algorithm: str | None) -> padding.AsymmetricPadding:
     if algorithm == "pss":
         return padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.DIGEST_LENGTH)
     raise InvalidArgument(
-        f"unknown RSA signature algorithm {algorithm!r}; use one of {', '.join(RSA_SIGN_ALGORITHMS)}"
+        f"unknown RSA signature algorithm {algorithm!r}; "
+        f"use one of {', '.join(RSA_SIGN_ALGORITHMS)}"
     )
 
 

@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ class Audit:
     def __init__(self, mode: str, path: Path | None, actor: str | None = None) -> None:
         self.mode = mode
         self.actor = actor or default_actor()
+        self._actor_json = json.dumps(self.actor)
         self._fd: int | None = None
         self._lock = threading.Lock()
         self.listeners: list[Callable[[AuditEvent], None]] = []
@@ -53,30 +55,44 @@ class Audit:
         **detail: Any,
     ) -> None:
         """Append one event. `detail` must hold only non-secret facts (types, sizes, names)."""
-        event: AuditEvent = {
-            "time": time.time(),
-            "actor": self.actor,
-            "op": operation,
-            "key": key,
-            "backend": backend,
-            "result": result,
-        }
-        if detail:
-            event.update(detail)
-        for listener in self.listeners:
-            listener(event)
-        if self.mode == "off":
+        if self.listeners or self.mode == "log":
+            event: AuditEvent = {
+                "time": time.time(),
+                "actor": self.actor,
+                "op": operation,
+                "key": key,
+                "backend": backend,
+                "result": result,
+                **detail,
+            }
+            for listener in self.listeners:
+                listener(event)
+            if self.mode == "log":
+                logger.info("%s", json.dumps(event, sort_keys=True))
+        if self._fd is None:
             return
-        if self.mode == "log":
-            logger.info("%s", json.dumps(event, sort_keys=True))
-            return
-        if self._fd is not None:
-            line = (json.dumps(event, sort_keys=True) + "\n").encode()
-            with self._lock:
-                os.write(self._fd, line)
+        # Built by hand: this runs on every operation and json.dumps of a dict is slow.
+        line = (
+            f'{{"time":{time.time():.6f},"actor":{self._actor_json},"op":{_js(operation)},'
+            f'"key":{_js(key)},"backend":{_js(backend)},"result":{_js(result)}'
+        )
+        for name, value in detail.items():
+            encoded = str(value) if isinstance(value, int) else _js(str(value))
+            line += f',"{name}":{encoded}'
+        data = (line + "}\n").encode()
+        with self._lock:
+            if self._fd is not None:
+                os.write(self._fd, data)
 
     def close(self) -> None:
         with self._lock:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+
+
+def _js(value: str | None) -> str:
+    return "null" if value is None else _encode_str(value)
+
+
+_encode_str = encode_basestring_ascii

@@ -81,10 +81,12 @@ class Backend(abc.ABC):
     def supports(self, key_type: KeyType, op: Operation) -> bool:
         return (key_type, op) in self.capabilities()
 
-    def unsupported(self, op: Operation | str, key_type: KeyType | None, detail: str = "") -> (
-        UnsupportedOperation
-    ):
-        return UnsupportedOperation(self.name, str(op), key_type.value if key_type else None, detail)
+    def unsupported(
+        self, op: Operation | str, key_type: KeyType | None, detail: str = ""
+    ) -> UnsupportedOperation:
+        return UnsupportedOperation(
+            self.name, str(op), key_type.value if key_type else None, detail
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
     def open(self) -> None:  # noqa: B027 - optional hook

@@ -140,14 +140,18 @@ class Catalog:
 
     def remove(self, namespace: str, name: str) -> None:
         with self._lock:
-            cur = self._db.execute("DELETE FROM keys WHERE namespace=? AND name=?", (namespace, name))
+            cur = self._db.execute(
+                "DELETE FROM keys WHERE namespace=? AND name=?", (namespace, name)
+            )
             self._cache.pop((namespace, name), None)
             if cur.rowcount == 0:
                 raise KeyNotFound(name, namespace)
 
     def handles(self, backend: str) -> set[str]:
         with self._lock:
-            rows = self._db.execute("SELECT handle FROM keys WHERE backend=?", (backend,)).fetchall()
+            rows = self._db.execute(
+                "SELECT handle FROM keys WHERE backend=?", (backend,)
+            ).fetchall()
             return {r[0] for r in rows}
 
 

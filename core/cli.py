@@ -10,6 +10,7 @@ import json
 import os
 import resource
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, NoReturn
@@ -109,22 +110,26 @@ def key_rows(keys: Sequence[KeyInfo]) -> list[list[str]]:
 KEY_HEADERS = ["NAME", "TYPE", "BACKEND", "USAGE", "EXPORTABLE", "CREATED"]
 
 
+def _traceback_if_debug(ctx: click.Context) -> None:
+    """With --debug, print the traceback; the one-line error and its exit code still follow."""
+    state = ctx.find_object(State)
+    if state.debug if state is not None else "--debug" in sys.argv[1:]:
+        traceback.print_exc()
+
+
 class StrongroomGroup(click.Group):
     """Turns errors into one line and a distinct exit code."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        debug = "--debug" in sys.argv[1:]
         try:
             return super().invoke(ctx)
         except InvalidSignature:
             fail("signature invalid", EXIT_BAD_SIGNATURE)
         except StrongroomError as e:
-            if debug:
-                raise
+            _traceback_if_debug(ctx)
             fail(f"error: {e}", e.exit_code)
         except (OSError, MemoryError) as e:
-            if debug:
-                raise
+            _traceback_if_debug(ctx)
             fail(f"error: {e}", 12)
         finally:
             state = ctx.find_object(State)
@@ -601,10 +606,25 @@ def _passphrase(ref: str | None) -> str:
     return "" if ref is None else _secret(ref, "BIP39 passphrase: ").get()
 
 
+_NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console-script entry point."""
-    cli.main(args=list(argv) if argv is not None else None, prog_name="strongroom",
-             standalone_mode=True)
+    """Console-script entry point. Usage errors, too, are one line on stderr (exit 2)."""
+    try:
+        rv = cli.main(args=list(argv) if argv is not None else None, prog_name="strongroom",
+                      standalone_mode=False)
+    except _NO_ARGS_IS_HELP as e:  # bare `strongroom`: the help text, as click prints it
+        e.show()
+        sys.exit(e.exit_code)
+    except click.UsageError as e:
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        fail(f"usage: {e.format_message()}{hint}", EXIT_USAGE)
+    except click.ClickException as e:
+        fail(f"error: {e.format_message()}", e.exit_code)
+    except click.Abort:
+        fail("aborted", 12)
+    sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
 
 __all__ = ["Usage", "cli", "main"]

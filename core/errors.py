@@ -45,7 +45,9 @@ class UnsupportedOperation(StrongroomError):
 
     exit_code = 5
 
-    def __init__(self, backend: str, operation: str, key_type: str | None, detail: str = "") -> None:
+    def __init__(
+        self, backend: str, operation: str, key_type: str | None, detail: str = ""
+    ) -> None:
         self.backend = backend
         self.operation = str(operation)
         self.key_type = str(key_type) if key_type is not None else None

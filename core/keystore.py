@@ -6,7 +6,6 @@ import contextlib
 import os
 import re
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
@@ -131,8 +130,9 @@ class Keystore:
                     f"unknown key for a {bcfg.type} backend; known keys: {known}", table, key
                 )
             if not isinstance(value, spec.kind):
-                raise self.config.error(f"has the wrong type; expected {_kind_name(spec.kind)}",
-                                        table, key)
+                raise self.config.error(
+                    f"has the wrong type; expected {_kind_name(spec.kind)}", table, key
+                )
             if spec.secret:
                 for ref in value if isinstance(value, list) else [value]:
                     try:
@@ -203,7 +203,9 @@ class Keystore:
     def backends(self) -> list[BackendStatus]:
         """Status, reason and capabilities of every configured backend, in `order`."""
         out = []
-        names = list(self.config.order) + [n for n in self.config.backends if n not in self.config.order]
+        names = list(self.config.order) + [
+            n for n in self.config.backends if n not in self.config.order
+        ]
         for name in names:
             if name in self._unusable:
                 btype, reason = self._unusable[name]
@@ -216,7 +218,9 @@ class Keystore:
                 details = backend.status()
             except StrongroomError as e:
                 details = {"error": str(e)}
-            out.append(BackendStatus(name, backend.type_name, reason is None, reason, caps, details))
+            out.append(
+                BackendStatus(name, backend.type_name, reason is None, reason, caps, details)
+            )
         return out
 
     def _ready(self, backend: Backend) -> Backend:
@@ -234,15 +238,8 @@ class Keystore:
         return backend
 
     # -- helpers -------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _audited(self, op: str, key: str | None, **detail: Any) -> Iterator[dict[str, Any]]:
-        facts: dict[str, Any] = {}
-        try:
-            yield facts
-        except BaseException as e:
-            self.audit.record(op, key, type(e).__name__, facts.get("backend"), **detail)
-            raise
-        self.audit.record(op, key, "ok", facts.get("backend"), **detail)
+    def _audited(self, op: str, key: str | None, **detail: Any) -> _Audited:
+        return _Audited(self.audit, op, key, detail)
 
     def _key(
         self, name: str, op: Operation | None, facts: dict[str, Any]
@@ -252,7 +249,9 @@ class Keystore:
         needed = op.usage if op is not None else None
         if op is not None and needed is not None and needed not in info.usage:
             allowed = ", ".join(sorted(u.value for u in info.usage))
-            raise PolicyViolation(f"key {name!r} may not be used to {op.value}; its usages: {allowed}")
+            raise PolicyViolation(
+                f"key {name!r} may not be used to {op.value}; its usages: {allowed}"
+            )
         return info, self._ready(self.backend(info.backend))
 
     def _new_info(
@@ -351,7 +350,9 @@ class Keystore:
         """Store existing key material (raw, DER or PEM). The caller should wipe its copy."""
         with self._audited("import", name, type=str(key_type)) as facts:
             if format not in _IMPORT_FORMATS:
-                raise InvalidArgument(f"unknown import format {format!r}; use {', '.join(_IMPORT_FORMATS)}")
+                raise InvalidArgument(
+                    f"unknown import format {format!r}; use {', '.join(_IMPORT_FORMATS)}"
+                )
             if not isinstance(material, bytes | bytearray | memoryview):
                 raise InvalidArgument("key material must be bytes-like")
             ktype = KeyType.parse(key_type)
@@ -382,7 +383,9 @@ class Keystore:
         with self._audited("public_key", name) as facts:
             info, b = self._key(name, None, facts)
             if not info.type.is_asymmetric:
-                raise InvalidArgument(f"key {name!r} is a {info.type.value} key and has no public key")
+                raise InvalidArgument(
+                    f"key {name!r} is a {info.type.value} key and has no public key"
+                )
             return b.public_key(info)
 
     def sign(self, name: str, data: bytes, algorithm: str | None = None) -> bytes:
@@ -392,7 +395,9 @@ class Keystore:
             algorithms.check_sign_algorithm(info.type, algorithm)
             return b.sign(info, bytes(data), algorithm)
 
-    def verify(self, name: str, data: bytes, signature: bytes, algorithm: str | None = None) -> None:
+    def verify(
+        self, name: str, data: bytes, signature: bytes, algorithm: str | None = None
+    ) -> None:
         """Return None, or raise cryptography's InvalidSignature."""
         with self._audited("verify", name, size=len(data)) as facts:
             info, b = self._key(name, Operation.VERIFY, facts)
@@ -404,7 +409,9 @@ class Keystore:
                 return
             algorithms.verify_signature(info.type, b.public_key(info), data, signature, algorithm)
 
-    def encrypt(self, name: str, plaintext: bytes, aad: bytes = b"", algorithm: str | None = None) -> bytes:
+    def encrypt(
+        self, name: str, plaintext: bytes, aad: bytes = b"", algorithm: str | None = None
+    ) -> bytes:
         """AEAD-encrypt with a symmetric key, or RSA-OAEP to an RSA key's public half."""
         with self._audited("encrypt", name, size=len(plaintext)) as facts:
             info, b = self._key(name, Operation.ENCRYPT, facts)
@@ -414,7 +421,9 @@ class Keystore:
                 return algorithms.rsa_encrypt(b.public_key(info), bytes(plaintext))
             return b.encrypt(info, bytes(plaintext), bytes(aad), algorithm)
 
-    def decrypt(self, name: str, ciphertext: bytes, aad: bytes = b"", algorithm: str | None = None) -> bytes:
+    def decrypt(
+        self, name: str, ciphertext: bytes, aad: bytes = b"", algorithm: str | None = None
+    ) -> bytes:
         """Decrypt what `encrypt` made; IntegrityError if it was altered or the key is wrong."""
         with self._audited("decrypt", name, size=len(ciphertext)) as facts:
             info, b = self._key(name, Operation.DECRYPT, facts)
@@ -468,10 +477,15 @@ class Keystore:
             wk, b = self._key(wrapping_key, Operation.WRAP, facts)
             target = self.catalog.get(self.namespace, name)
             if not target.exportable:
-                raise PolicyViolation(f"key {name!r} was not created exportable and cannot be wrapped")
+                raise PolicyViolation(
+                    f"key {name!r} was not created exportable and cannot be wrapped"
+                )
             if target.backend != wk.backend:
                 raise UnsupportedOperation(
-                    wk.backend, "wrap", target.type.value, f"key {name!r} is in backend {target.backend!r}"
+                    wk.backend,
+                    "wrap",
+                    target.type.value,
+                    f"key {name!r} is in backend {target.backend!r}",
                 )
             return b.wrap(wk, target)
 
@@ -518,7 +532,7 @@ class Keystore:
     def bip39_generate(
         self, name: str, words: int = 24, passphrase: str = "", backend: str | None = None
     ) -> tuple[KeyInfo, str]:
-        """Store a new BIP39 seed as key `name`; return it and the mnemonic, shown only this once."""
+        """Store a new BIP39 seed as key `name`; return it and the mnemonic (shown only once)."""
         with self._audited("bip39_generate", name, words=words) as facts:
             b, procs = self._seed_backend(backend)
             info = self._new_info(name, KeyType.SEED, None, False, b.name)
@@ -568,10 +582,31 @@ class Keystore:
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    names = {bool: "true or false", int: "an integer", str: "a string", list: "a list", float: "a number"}
+    names = {
+        bool: "true or false",
+        int: "an integer",
+        str: "a string",
+        list: "a list",
+        float: "a number",
+    }
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
+class _Audited:
+    """Records one audit event when the operation ends, with its result (a class: hot path)."""
+
+    __slots__ = ("_audit", "_detail", "_facts", "_key", "_op")
+
+    def __init__(self, audit: Audit, op: str, key: str | None, detail: dict[str, Any]) -> None:
+        self._audit, self._op, self._key, self._detail = audit, op, key, detail
+        self._facts: dict[str, Any] = {}
+
+    def __enter__(self) -> dict[str, Any]:
+        return self._facts
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
+        result = "ok" if exc_type is None else exc_type.__name__
+        self._audit.record(self._op, self._key, result, self._facts.get("backend"), **self._detail)
 
 
 def _vault_control(ks: Keystore) -> VaultControl:

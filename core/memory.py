@@ -43,6 +43,7 @@ __all__ = [
     "MAX_SIZE",
     "Guarded",
     "MemlockStatus",
+    "ScratchPool",
     "constant_time_equal",
     "disable_core_dumps",
     "memlock_status",
@@ -152,8 +153,7 @@ class Guarded:
             self._readers -= 1
         self._set_mode_locked()
 
-    @contextmanager
-    def _operation(self, write: bool) -> Iterator[memoryview]:
+    def _enter(self, write: bool) -> tuple[memoryview, memoryview | None]:
         buf = self._buf
         with self._lock:
             if buf.closed:
@@ -170,29 +170,29 @@ class Guarded:
                 raise
         # Inside a write() the pages are writable, so a nested read() gets a read-only alias.
         read_only = None if write or view.readonly else view.toreadonly()
-        try:
-            yield view if read_only is None else read_only
-        finally:
-            # release() refuses (BufferError) while something exported from the view is alive;
-            # either way the export count below tells whether anything escaped.
-            for v in (read_only, view):
-                if v is not None:
-                    with suppress(BufferError):
-                        v.release()
-            with self._lock:
-                self._leave_locked(write)
-                # Each running operation holds exactly one export of the buffer.
-                escaped = buf.exports > self._readers + self._writers
-            if escaped:
-                raise GuardedMemoryError("a view of guarded memory escaped its operation")
+        return view, read_only
+
+    def _exit(self, write: bool, view: memoryview, read_only: memoryview | None) -> None:
+        # release() refuses (BufferError) while something exported from the view is alive;
+        # either way the export count below tells whether anything escaped.
+        for v in (read_only, view):
+            if v is not None:
+                with suppress(BufferError):
+                    v.release()
+        with self._lock:
+            self._leave_locked(write)
+            # Each running operation holds exactly one export of the buffer.
+            escaped = self._buf.exports > self._readers + self._writers
+        if escaped:
+            raise GuardedMemoryError("a view of guarded memory escaped its operation")
 
     def read(self) -> AbstractContextManager[memoryview]:
         """A read-only view for one operation; the memory is inaccessible again afterwards."""
-        return self._operation(write=False)
+        return _Access(self, False)
 
     def write(self) -> AbstractContextManager[memoryview]:
         """A read-write view for one operation; the memory is inaccessible again afterwards."""
-        return self._operation(write=True)
+        return _Access(self, True)
 
     def close(self) -> None:
         """Check the canary, wipe, unlock and unmap. Idempotent.
@@ -227,6 +227,96 @@ class Guarded:
 
     def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
         raise TypeError("guarded memory cannot be pickled or copied")
+
+
+class _Access:
+    """The context manager behind `Guarded.read()`/`write()` (a class: it is on the hot path)."""
+
+    __slots__ = ("_guarded", "_read_only", "_view", "_write")
+
+    def __init__(self, guarded: Guarded, write: bool) -> None:
+        self._guarded = guarded
+        self._write = write
+        self._view: memoryview | None = None
+        self._read_only: memoryview | None = None
+
+    def __enter__(self) -> memoryview:
+        self._view, self._read_only = self._guarded._enter(self._write)
+        return self._view if self._read_only is None else self._read_only
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        view, self._view = self._view, None
+        if view is not None:
+            self._guarded._exit(self._write, view, self._read_only)
+        self._read_only = None
+
+
+class ScratchPool:
+    """Reusable guarded buffers for one-operation plaintext.
+
+    Mapping, locking and unmapping a `Guarded` costs tens of microseconds; an operation
+    that needs a key for a few microseconds borrows a buffer from here instead. The bytes
+    handed out sit at the end of the buffer, against its trailing guard page, and are
+    wiped before the buffer goes back. Locked memory is bounded by `keep` buffers plus
+    however many operations run at once.
+    """
+
+    def __init__(self, capacity: int | None = None, keep: int = 4) -> None:
+        self.capacity = capacity or page_size() - 64
+        self._keep = keep
+        self._idle: list[Guarded] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @contextmanager
+    def borrow(self, size: int) -> Iterator[memoryview]:
+        """A writable view of `size` bytes for one operation; wiped afterwards."""
+        if size > self.capacity:
+            with Guarded(size) as own, own.write() as view:
+                try:
+                    yield view
+                finally:
+                    wipe(view)
+            return
+        with self._lock:
+            buf = self._idle.pop() if self._idle else None
+        if buf is None:
+            buf = Guarded(self.capacity)
+        try:
+            with buf.write() as view:
+                tail = view[self.capacity - size :]
+                try:
+                    yield tail
+                finally:
+                    wipe(tail)
+                    tail.release()
+        except BaseException:
+            buf.close()
+            raise
+        with self._lock:
+            if not self._closed and len(self._idle) < self._keep:
+                self._idle.append(buf)
+                return
+        buf.close()
+
+    def close(self) -> None:
+        """Close every idle buffer (checking its canary)."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        errors = []
+        for buf in idle:
+            try:
+                buf.close()
+            except GuardedMemoryError as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
 
 @dataclass(frozen=True)

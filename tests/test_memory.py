@@ -263,6 +263,16 @@ def test_concurrent_readers_keep_access_until_the_last_exits() -> None:
     g.close()
 
 
+def test_an_exception_inside_an_operation_still_revokes_access() -> None:
+    with Guarded.from_buffer(SECRET) as g:
+        with pytest.raises(KeyError, match="boom"):
+            with g.write():
+                raise KeyError("boom")
+        assert perms_at(g.address) == "---p"
+        with g.read() as view:
+            assert bytes(view) == SECRET
+
+
 def test_close_during_an_operation_is_refused() -> None:
     g = Guarded.from_buffer(SECRET)
     with g.read() as view:
@@ -389,6 +399,7 @@ def test_layout_data_at_the_end_with_at_least_16_canary_bytes(size: int) -> None
         assert g.address + size == hi  # the data ends where the trailing guard page starts
         assert 16 <= g.address - lo < 16 + PAGE
         assert lo % PAGE == 0
+        assert perms_at(g.address) == "---p"  # no access from the start
         assert perms_at(lo - 1) == "---p"  # leading guard page
         assert perms_at(hi) == "---p"  # trailing guard page
 

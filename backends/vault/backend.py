@@ -41,7 +41,7 @@ from strongroom.errors import (
     SnapshotTampered,
     StrongroomError,
 )
-from strongroom.memory import Guarded, memlock_status, scrub_bytes
+from strongroom.memory import Guarded, ScratchPool, memlock_status, scrub_bytes
 from strongroom.types import KeyInfo, KeyType, Operation, Usage
 
 from . import keyops, procedures, snapshot, sodium
@@ -51,7 +51,7 @@ log = logging.getLogger("strongroom.vault")
 _REC_PERSONAL = b"srvault-records1"
 _PAYLOAD_PERSONAL = b"srvault-payload1"
 MIN_KDF_MEMORY_KIB = 8192
-PASSPHRASE = "passphrase"
+PASSPHRASE = "passphrase"  # noqa: S105 - the method name, not a secret
 
 
 def _b64(data: bytes) -> str:
@@ -122,8 +122,9 @@ class Record:
 class _Open:
     """The state of an unlocked vault."""
 
-    def __init__(self, vault_id: str, generation: int, slots: list[dict[str, Any]],
-                 master: Guarded) -> None:
+    def __init__(
+        self, vault_id: str, generation: int, slots: list[dict[str, Any]], master: Guarded
+    ) -> None:
         self.vault_id = vault_id
         self.generation = generation
         self.slots = slots
@@ -154,10 +155,15 @@ class VaultBackend(Backend):
 
     type_name = "vault"
     config_keys: Mapping[str, ConfigKey] = {
-        "unlock": ConfigKey(list, "unlock methods tried in order: passphrase or backend names",
-                            [PASSPHRASE]),
-        "passphrase": ConfigKey((str, list), "where the passphrase comes from",
-                                ["env:STRONGROOM_PASSPHRASE", "prompt"], secret=True),
+        "unlock": ConfigKey(
+            list, "unlock methods tried in order: passphrase or backend names", [PASSPHRASE]
+        ),
+        "passphrase": ConfigKey(
+            (str, list),
+            "where the passphrase comes from",
+            ["env:STRONGROOM_PASSPHRASE", "prompt"],
+            secret=True,
+        ),
         "path": ConfigKey(str, "the snapshot file (default: vault.snapshot in data_dir)"),
         "create": ConfigKey(bool, "create the vault on first use when it does not exist", True),
         "kdf_memory_kib": ConfigKey(int, "Argon2id memory for new passphrase slots, KiB", 65536),
@@ -167,8 +173,8 @@ class VaultBackend(Backend):
     def __init__(self, context: BackendContext) -> None:
         super().__init__(context)
         s = context.settings
-        self.path = Path(s["path"]).expanduser() if s.get("path") else (
-            context.data_dir / "vault.snapshot"
+        self.path = (
+            Path(s["path"]).expanduser() if s.get("path") else (context.data_dir / "vault.snapshot")
         )
         self.methods: list[str] = [str(m) for m in s.get("unlock", [PASSPHRASE])]
         self.create = bool(s.get("create", True))
@@ -183,6 +189,7 @@ class VaultBackend(Backend):
         self._state: _Open | None = None
         self._lock = threading.RLock()
         self._publics: dict[str, PublicKeyTypes] = {}
+        self._scratch = ScratchPool()
 
     # -- Backend: discovery ------------------------------------------------------------------
     def availability(self) -> str | None:
@@ -248,6 +255,8 @@ class VaultBackend(Backend):
                 self._state.close()
                 self._state = None
             self._publics.clear()
+            self._scratch.close()
+            self._scratch = ScratchPool()
 
     def unlock(self, method: str | None = None) -> str:
         with self._lock:
@@ -378,8 +387,9 @@ class VaultBackend(Backend):
         try:
             with Guarded(32) as kek:
                 with kek.write() as k:
-                    sodium.argon2id_into(k, secret, _unb64(slot["salt"]), int(slot["ops"]),
-                                         int(slot["mem"]))
+                    sodium.argon2id_into(
+                        k, secret, _unb64(slot["salt"]), int(slot["ops"]), int(slot["mem"])
+                    )
                 with kek.read() as k:
                     yield k
         finally:
@@ -426,8 +436,9 @@ class VaultBackend(Backend):
         for slot in slots:
             try:
                 with self._kek(passphrase, slot) as kek, master.write() as m:
-                    sodium.open_into(kek, _unb64(str(slot["wrapped"])), _slot_aad(vault_id, slot),
-                                     m)
+                    sodium.open_into(
+                        kek, _unb64(str(slot["wrapped"])), _slot_aad(vault_id, slot), m
+                    )
                 return
             except IntegrityError:
                 continue
@@ -435,7 +446,9 @@ class VaultBackend(Backend):
                 raise SnapshotTampered(f"{self.path} is damaged: a passphrase slot is malformed")
         raise AuthenticationFailed("wrong vault passphrase")
 
-    def _unwrap_with_sealer(self, method: str, slots: list[dict[str, Any]], master: Guarded) -> None:
+    def _unwrap_with_sealer(
+        self, method: str, slots: list[dict[str, Any]], master: Guarded
+    ) -> None:
         sealer = self.context.sealer(method)
         last: StrongroomError | None = None
         for slot in slots:
@@ -460,8 +473,9 @@ class VaultBackend(Backend):
     def _open_snapshot(self, snap: snapshot.Snapshot, master: Guarded) -> _Open:
         header = snap.header
         try:
-            state = _Open(str(header["vault_id"]), int(header["generation"]),
-                          list(header["slots"]), master)
+            state = _Open(
+                str(header["vault_id"]), int(header["generation"]), list(header["slots"]), master
+            )
         except (KeyError, ValueError, TypeError):
             master.close()
             raise SnapshotTampered(f"{self.path} is damaged: its header is incomplete") from None
@@ -489,8 +503,11 @@ class VaultBackend(Backend):
             raise SnapshotTampered(f"{self.path} is damaged: its records cannot be read") from None
 
     def _write(
-        self, state: _Open, records: Mapping[str, Record], slots: list[dict[str, Any]],
-        generation: int
+        self,
+        state: _Open,
+        records: Mapping[str, Record],
+        slots: list[dict[str, Any]],
+        generation: int,
     ) -> None:
         header = {
             "vault_id": state.vault_id,
@@ -498,8 +515,9 @@ class VaultBackend(Backend):
             "slots": slots,
             "payload": {"cipher": "xchacha20poly1305-ietf", "compression": "lz4-frame"},
         }
-        doc = json.dumps({"records": [r.to_json() for r in records.values()]},
-                         separators=(",", ":")).encode()
+        doc = json.dumps(
+            {"records": [r.to_json() for r in records.values()]}, separators=(",", ":")
+        ).encode()
         compressed = lz4.frame.compress(doc)
 
         def seal(associated: bytes) -> bytes:
@@ -552,22 +570,30 @@ class VaultBackend(Backend):
 
     @contextlib.contextmanager
     def _material(self, info: KeyInfo) -> Iterator[memoryview]:
+        """The key's plaintext in borrowed guarded memory, for one operation."""
         rec = self._record(info)
         state = self._require()
-        with Guarded(sodium.opened_length(rec.sealed)) as mat:
-            with state.record_key.read() as rk, mat.write() as out:
+        with self._scratch.borrow(sodium.opened_length(rec.sealed)) as out:
+            with state.record_key.read() as rk:
                 sodium.open_into(rk, rec.sealed, rec.aad(), out)
-            with mat.read() as view:
-                yield view
+            yield out
 
     def _store(self, info: KeyInfo, material: Guarded, public: bytes | None) -> str:
         state = self._require()
         handle = os.urandom(16).hex()
         with material:
             with state.record_key.read() as rk, material.read() as m:
-                probe = Record(handle, info.name, info.namespace, info.type,
-                               tuple(sorted(u.value for u in info.usage)), info.exportable,
-                               (info.created or datetime.now(UTC)).isoformat(), public, b"")
+                probe = Record(
+                    handle,
+                    info.name,
+                    info.namespace,
+                    info.type,
+                    tuple(sorted(u.value for u in info.usage)),
+                    info.exportable,
+                    (info.created or datetime.now(UTC)).isoformat(),
+                    public,
+                    b"",
+                )
                 rec = replace(probe, sealed=sodium.seal(rk, m, probe.aad()))
         self._mutate(lambda records, slots: records.__setitem__(handle, rec))
         return handle
@@ -594,7 +620,9 @@ class VaultBackend(Backend):
             return cached
         rec = self._record(info)
         if rec.public is None:
-            raise InvalidArgument(f"key {info.name!r} is a {info.type.value} key and has no public key")
+            raise InvalidArgument(
+                f"key {info.name!r} is a {info.type.value} key and has no public key"
+            )
         public = keyops.load_public(info.type, rec.public)
         self._publics[info.handle] = public
         return public

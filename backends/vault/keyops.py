@@ -35,13 +35,16 @@ _PKCS8 = serialization.PrivateFormat.PKCS8
 _DER = serialization.Encoding.DER
 _NOENC = serialization.NoEncryption()
 
-SIGN_TYPES = frozenset(
-    {KeyType.ED25519, KeyType.HMAC_SHA256, *algorithms.CURVES, *_RSA_BITS}
-)
+SIGN_TYPES = frozenset({KeyType.ED25519, KeyType.HMAC_SHA256, *algorithms.CURVES, *_RSA_BITS})
 AEAD_TYPES = frozenset({KeyType.AES_256, KeyType.CHACHA20_POLY1305})
 DERIVABLE = frozenset(
-    {KeyType.AES_256, KeyType.HMAC_SHA256, KeyType.CHACHA20_POLY1305, KeyType.ED25519,
-     KeyType.X25519}
+    {
+        KeyType.AES_256,
+        KeyType.HMAC_SHA256,
+        KeyType.CHACHA20_POLY1305,
+        KeyType.ED25519,
+        KeyType.X25519,
+    }
 )
 DERIVE_SOURCES = frozenset({KeyType.AES_256, KeyType.HMAC_SHA256, KeyType.CHACHA20_POLY1305})
 AGREE_TYPES = frozenset({KeyType.X25519, *algorithms.CURVES})
@@ -173,9 +176,7 @@ def from_der(key_type: KeyType, der: memoryview) -> tuple[Guarded, bytes | None]
     try:
         key = serialization.load_der_private_key(der, None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise InvalidArgument(
-            "the key material is not an unencrypted DER private key"
-        ) from None
+        raise InvalidArgument("the key material is not an unencrypted DER private key") from None
     return _from_object(key_type, key)
 
 
@@ -183,9 +184,7 @@ def from_pem(key_type: KeyType, pem: memoryview) -> tuple[Guarded, bytes | None]
     try:
         key = serialization.load_pem_private_key(pem, None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise InvalidArgument(
-            "the key material is not an unencrypted PEM private key"
-        ) from None
+        raise InvalidArgument("the key material is not an unencrypted PEM private key") from None
     return _from_object(key_type, key)
 
 
@@ -297,20 +296,26 @@ def decrypt(key_type: KeyType, material: memoryview, ciphertext: bytes, aad: byt
         try:
             return AESGCM(material).decrypt(ciphertext[:GCM_NONCE], ciphertext[GCM_NONCE:], aad)
         except InvalidTag:
-            raise IntegrityError("ciphertext failed authentication: wrong key, AAD or data") from None
+            raise IntegrityError(
+                "ciphertext failed authentication: wrong key, AAD or data"
+            ) from None
     if key_type is KeyType.CHACHA20_POLY1305:
         out = bytearray(max(sodium.opened_length(ciphertext), 0))
         try:
             sodium.open_into(material, ciphertext, aad, memoryview(out))
         except IntegrityError:
-            raise IntegrityError("ciphertext failed authentication: wrong key, AAD or data") from None
+            raise IntegrityError(
+                "ciphertext failed authentication: wrong key, AAD or data"
+            ) from None
         return bytes(out)
     if key_type in _RSA_BITS:
         with _private(key_type, material) as key:
             try:
                 return bytes(key.decrypt(ciphertext, algorithms.oaep()))
             except ValueError:
-                raise IntegrityError("RSA-OAEP decryption failed: wrong key or damaged data") from None
+                raise IntegrityError(
+                    "RSA-OAEP decryption failed: wrong key or damaged data"
+                ) from None
     raise InvalidArgument(f"{key_type.value} keys do not decrypt in the vault")
 
 

@@ -69,7 +69,7 @@ def encode(header: dict[str, Any], payload_ct_builder: Any) -> bytes:
 def decode(data: bytes, source: str) -> Snapshot:
     """Parse and check structure; each kind of damage gets its own error."""
     if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
-        if MAGIC.startswith(data[: len(MAGIC)]) and data:
+        if len(data) < len(MAGIC) and MAGIC.startswith(data):  # an empty file included
             raise SnapshotTruncated(f"{source} is truncated: it ends inside the file header")
         raise SnapshotCorrupt(f"{source} is not a Strongroom vault snapshot (bad magic)")
     if len(data) < _PREFIX.size:

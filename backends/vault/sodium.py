@@ -45,8 +45,15 @@ def seal(key: memoryview, plaintext: Buffer, aad: bytes) -> bytes:
     out = bytearray(len(plaintext) + TAG)
     clen = ffi.new("unsigned long long *")
     rc = lib.crypto_aead_xchacha20poly1305_ietf_encrypt(
-        ffi.from_buffer(out), clen, _ptr(plaintext), len(plaintext), aad, len(aad),
-        ffi.NULL, nonce, _ptr(key),
+        ffi.from_buffer(out),
+        clen,
+        _ptr(plaintext),
+        len(plaintext),
+        aad,
+        len(aad),
+        ffi.NULL,
+        nonce,
+        _ptr(key),
     )
     if rc != 0:  # pragma: no cover - libsodium does not fail here
         raise RuntimeError("crypto_aead_xchacha20poly1305_ietf_encrypt failed")
@@ -86,7 +93,13 @@ def argon2id_into(out: memoryview, passphrase: bytes, salt: bytes, ops: int, mem
     if len(salt) != 16:
         raise InvalidArgument("the Argon2id salt must be 16 bytes")
     rc = lib.crypto_pwhash(
-        _wptr(out), len(out), passphrase, len(passphrase), salt, ops, mem,
+        _wptr(out),
+        len(out),
+        passphrase,
+        len(passphrase),
+        salt,
+        ops,
+        mem,
         lib.crypto_pwhash_alg_argon2id13(),
     )
     if rc != 0:

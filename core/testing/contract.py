@@ -1,0 +1,201 @@
+"""The backend contract: what every backend must do, checked through the Keystore."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, x25519
+
+from strongroom.errors import (
+    IntegrityError,
+    InvalidArgument,
+    KeyExists,
+    KeyNotFound,
+    PolicyViolation,
+    UnsupportedOperation,
+)
+from strongroom.keystore import Keystore
+from strongroom.types import KeyType, Operation, Usage
+
+_counter = itertools.count()
+
+
+def _name(prefix: str) -> str:
+    return f"{prefix}-{next(_counter)}"
+
+
+def _independent_verify(key_type: KeyType, public: Any, data: bytes, sig: bytes) -> None:
+    """Verify with `cryptography` directly, not through Strongroom's own helpers."""
+    if isinstance(public, ed25519.Ed25519PublicKey):
+        public.verify(sig, data)
+    elif isinstance(public, ec.EllipticCurvePublicKey):
+        digest = hashes.SHA384() if key_type is KeyType.ECDSA_P384 else hashes.SHA256()
+        public.verify(sig, data, ec.ECDSA(digest))
+    elif isinstance(public, rsa.RSAPublicKey):
+        public.verify(sig, data, padding.PKCS1v15(), hashes.SHA256())
+    else:  # pragma: no cover - contract misuse
+        raise AssertionError(f"no independent verifier for {key_type}")
+
+
+class BackendContract:
+    """Subclass and provide the `keystore` and `backend_name` fixtures."""
+
+    @pytest.fixture
+    def keystore(self) -> Keystore:  # pragma: no cover - must be overridden
+        raise NotImplementedError("provide a keystore fixture")
+
+    @pytest.fixture
+    def backend_name(self) -> str:  # pragma: no cover - must be overridden
+        raise NotImplementedError("provide a backend_name fixture")
+
+    # -- helpers -------------------------------------------------------------------------------
+    @staticmethod
+    def caps(ks: Keystore, backend: str) -> frozenset[tuple[KeyType, Operation]]:
+        return ks.backend(backend).capabilities()
+
+    def types_for(self, ks: Keystore, backend: str, *ops: Operation) -> list[KeyType]:
+        caps = self.caps(ks, backend)
+        return sorted(
+            (t for t in KeyType if all((t, op) in caps for op in ops)), key=lambda t: t.value
+        )
+
+    # -- the contract --------------------------------------------------------------------------
+    def test_available_with_capabilities(self, keystore: Keystore, backend_name: str) -> None:
+        status = {s.name: s for s in keystore.backends()}[backend_name]
+        assert status.available, status.reason
+        assert status.capabilities, "an available backend must be able to do something"
+
+    def test_generate_each_supported_type(self, keystore: Keystore, backend_name: str) -> None:
+        for key_type in self.types_for(keystore, backend_name, Operation.GENERATE):
+            name = _name(f"gen-{key_type.value}")
+            info = keystore.generate(name, key_type, backend=backend_name)
+            assert info.backend == backend_name
+            assert info.type is key_type
+            assert info.usage == key_type.default_usage
+            assert keystore.info(name) == info
+            if key_type.is_asymmetric:
+                from strongroom.algorithms import public_key_matches
+
+                assert public_key_matches(key_type, keystore.public_key(name))
+
+    def test_sign_and_verify(self, keystore: Keystore, backend_name: str) -> None:
+        for key_type in self.types_for(keystore, backend_name, Operation.GENERATE, Operation.SIGN):
+            name = _name(f"sig-{key_type.value}")
+            keystore.generate(name, key_type, backend=backend_name)
+            data = b"the contract suite signs this"
+            sig = keystore.sign(name, data)
+            keystore.verify(name, data, sig)
+            with pytest.raises(InvalidSignature):
+                keystore.verify(name, data + b"!", sig)
+            with pytest.raises(InvalidSignature):
+                keystore.verify(name, data, bytes([sig[0] ^ 1]) + sig[1:])
+            if key_type.is_asymmetric:
+                _independent_verify(key_type, keystore.public_key(name), data, sig)
+            if key_type.is_rsa:
+                pss = keystore.sign(name, data, algorithm="pss")
+                keystore.public_key(name).verify(  # type: ignore[union-attr,call-arg]
+                    pss,
+                    data,
+                    padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.DIGEST_LENGTH),
+                    hashes.SHA256(),
+                )
+
+    def test_encrypt_and_decrypt(self, keystore: Keystore, backend_name: str) -> None:
+        types = self.types_for(keystore, backend_name, Operation.GENERATE, Operation.DECRYPT)
+        for key_type in types:
+            name = _name(f"enc-{key_type.value}")
+            usage = {Usage.ENCRYPT, Usage.DECRYPT}
+            keystore.generate(name, key_type, backend=backend_name, usage=usage)
+            aad = b"" if key_type.is_rsa else b"header"
+            ct = keystore.encrypt(name, b"secret message", aad=aad)
+            assert b"secret message" not in ct
+            assert keystore.decrypt(name, ct, aad=aad) == b"secret message"
+            with pytest.raises(IntegrityError):
+                keystore.decrypt(name, ct[:-1] + bytes([ct[-1] ^ 1]), aad=aad)
+            if not key_type.is_rsa:
+                with pytest.raises(IntegrityError):
+                    keystore.decrypt(name, ct, aad=b"other header")
+
+    def test_usage_is_enforced(self, keystore: Keystore, backend_name: str) -> None:
+        signers = self.types_for(keystore, backend_name, Operation.GENERATE, Operation.SIGN)
+        if not signers:
+            pytest.skip("backend generates no signing keys")
+        name = _name("sign-only")
+        keystore.generate(name, signers[0], backend=backend_name, usage={Usage.SIGN})
+        with pytest.raises(PolicyViolation):
+            keystore.decrypt(name, b"\0" * 64)
+        with pytest.raises(PolicyViolation):
+            keystore.verify(name, b"x", b"\0" * 64)
+
+    def test_unsupported_type_is_refused_by_name(
+        self, keystore: Keystore, backend_name: str
+    ) -> None:
+        unsupported = [
+            t
+            for t in KeyType
+            if (t, Operation.GENERATE) not in self.caps(keystore, backend_name)
+            and t is not KeyType.SEED
+        ]
+        if not unsupported:
+            pytest.skip("backend generates every key type")
+        with pytest.raises(UnsupportedOperation) as err:
+            keystore.generate(_name("nope"), unsupported[0], backend=backend_name)
+        assert err.value.backend == backend_name
+        assert err.value.key_type == unsupported[0].value
+        assert backend_name in str(err.value) and unsupported[0].value in str(err.value)
+
+    def test_names_are_unique(self, keystore: Keystore, backend_name: str) -> None:
+        key_type = self.types_for(keystore, backend_name, Operation.GENERATE)[0]
+        name = _name("unique")
+        keystore.generate(name, key_type, backend=backend_name)
+        before = len(keystore.keys())
+        with pytest.raises(KeyExists):
+            keystore.generate(name, key_type, backend=backend_name)
+        assert len(keystore.keys()) == before
+
+    def test_delete(self, keystore: Keystore, backend_name: str) -> None:
+        key_type = self.types_for(keystore, backend_name, Operation.GENERATE)[0]
+        name = _name("doomed")
+        keystore.generate(name, key_type, backend=backend_name)
+        keystore.delete(name)
+        with pytest.raises(KeyNotFound):
+            keystore.info(name)
+        with pytest.raises(KeyNotFound):
+            keystore.delete(name)
+        assert name not in {k.name for k in keystore.keys()}
+
+    def test_bad_names_and_usages(self, keystore: Keystore, backend_name: str) -> None:
+        key_type = self.types_for(keystore, backend_name, Operation.GENERATE)[0]
+        with pytest.raises(InvalidArgument):
+            keystore.generate("", key_type, backend=backend_name)
+        with pytest.raises(InvalidArgument):
+            keystore.generate("../etc", key_type, backend=backend_name)
+        with pytest.raises(InvalidArgument):
+            keystore.generate(_name("u"), key_type, backend=backend_name, usage=["fly"])
+
+    def test_random(self, keystore: Keystore, backend_name: str) -> None:
+        try:
+            a = keystore.random(32, backend=backend_name)
+        except UnsupportedOperation:
+            pytest.skip("backend has no random generator")
+        b = keystore.random(32, backend=backend_name)
+        assert len(a) == len(b) == 32 and a != b
+
+    def test_agree(self, keystore: Keystore, backend_name: str) -> None:
+        for key_type in self.types_for(keystore, backend_name, Operation.GENERATE, Operation.AGREE):
+            name = _name(f"agree-{key_type.value}")
+            keystore.generate(name, key_type, backend=backend_name, usage={Usage.AGREE})
+            peer: Any
+            if key_type is KeyType.X25519:
+                peer = x25519.X25519PrivateKey.generate()
+            else:
+                from strongroom.algorithms import CURVES
+
+                peer = ec.generate_private_key(CURVES[key_type])
+            new = keystore.agree(name, peer.public_key(), _name("agreed"), KeyType.AES_256)
+            ct = keystore.encrypt(new.name, b"agreed")
+            assert keystore.decrypt(new.name, ct) == b"agreed"

@@ -1,0 +1,114 @@
+"""Shared fixtures.
+
+Vault fixtures (used by test_cli, test_snapshot, test_crash, test_config):
+
+- `vault_config(tmp_path, monkeypatch)`: a config TOML for a software vault in
+  tmp_path, with cheap Argon2id settings and the passphrase taken from
+  `$SR_TEST_VAULT_PASS` (set by the fixture). `$STRONGROOM_CONFIG` points at it.
+- `cli`: run the real `strongroom` console script in a subprocess.
+
+Both are plain functions too (`write_vault_config`, `run_cli`), for module-scoped setups.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+VAULT_PASS_ENV = "SR_TEST_VAULT_PASS"
+VAULT_PASSPHRASE = "correct horse battery staple 7f3a"
+STRONGROOM_BIN = Path(sys.executable).parent / "strongroom"
+
+
+def write_vault_config(
+    directory: Path,
+    *,
+    passphrase_ref: str = f"env:{VAULT_PASS_ENV}",
+    extra_vault: str = "",
+    name: str = "strongroom.toml",
+) -> Path:
+    """Write a vault-only config (data_dir = directory/data) and return its path."""
+    data_dir = directory / "data"
+    path = directory / name
+    path.write_text(
+        "[keystore]\n"
+        f'data_dir = "{data_dir}"\n'
+        "\n"
+        "[backends.vault]\n"
+        'type = "vault"\n'
+        f'passphrase = "{passphrase_ref}"\n'
+        "kdf_memory_kib = 8192\n"
+        "kdf_iterations = 1\n"
+        f"{extra_vault}",
+        encoding="utf-8",
+    )
+    return path
+
+
+def snapshot_path(config_path: Path) -> Path:
+    """Where the vault of a `write_vault_config` config keeps its snapshot."""
+    return config_path.parent / "data" / "vault.snapshot"
+
+
+@pytest.fixture
+def vault_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A cheap-KDF vault config in tmp_path; the passphrase env var and STRONGROOM_CONFIG set."""
+    path = write_vault_config(tmp_path)
+    monkeypatch.setenv(VAULT_PASS_ENV, VAULT_PASSPHRASE)
+    monkeypatch.setenv("STRONGROOM_CONFIG", str(path))
+    return path
+
+
+class CliResult(NamedTuple):
+    returncode: int
+    stdout: bytes
+    stderr: str
+
+
+def run_cli(
+    config: Path | None,
+    *args: str,
+    input: bytes = b"",
+    env: Mapping[str, str | None] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 60,
+) -> CliResult:
+    """Run `strongroom ARGS` with STRONGROOM_CONFIG=config; env entries of None are removed."""
+    full = dict(os.environ)
+    full.setdefault(VAULT_PASS_ENV, VAULT_PASSPHRASE)
+    if config is not None:
+        full["STRONGROOM_CONFIG"] = str(config)
+    for k, v in (env or {}).items():
+        if v is None:
+            full.pop(k, None)
+        else:
+            full[k] = v
+    proc = subprocess.run(
+        [str(STRONGROOM_BIN), *args],
+        input=input,
+        capture_output=True,
+        env=full,
+        cwd=cwd,
+        timeout=timeout,
+        check=False,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr.decode("utf-8", "replace"))
+
+
+CliRunner = Callable[..., CliResult]
+
+
+@pytest.fixture
+def cli(vault_config: Path) -> CliRunner:
+    """`cli("key", "list", input=b"...", env={...})` → (returncode, stdout bytes, stderr text)."""
+
+    def run(*args: str, **kwargs: object) -> CliResult:
+        return run_cli(vault_config, *args, **kwargs)  # type: ignore[arg-type]
+
+    return run
