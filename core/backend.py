@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
-from .errors import UnsupportedOperation
+from .errors import ConfigError, UnsupportedOperation
 from .types import KeyInfo, KeyType, Operation
 
 if TYPE_CHECKING:
@@ -35,6 +35,8 @@ class BackendContext:
     """secret(setting_name, prompt) → a SecretSource for a config secret reference."""
     sealer: Callable[[str], Sealer]
     """sealer(backend_name) → another configured backend that can seal (for vault key slots)."""
+    config_error: Callable[[str, str], ConfigError]
+    """config_error(message, key) → a ConfigError naming the file, line and this backend's key."""
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -60,6 +62,8 @@ class Backend(abc.ABC):
 
     type_name: ClassVar[str]
     config_keys: ClassVar[Mapping[str, ConfigKey]] = {}
+    random_needs_open: ClassVar[bool] = True
+    """False when `random` works without logging in or unlocking."""
 
     def __init__(self, context: BackendContext) -> None:
         self.context = context

@@ -22,7 +22,6 @@ from . import __version__, algorithms, config as config_mod
 from .backend import VaultControl
 from .errors import InvalidArgument, StrongroomError
 from .keystore import Keystore, vault_restore
-from .memory import memlock_status
 from .secrets import SecretSource, validate_reference
 from .types import KeyInfo, KeyType, Usage
 
@@ -81,6 +80,8 @@ def write_output(path: str | None, data: bytes) -> None:
         out.flush()
         return
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    if os.fstat(fd).st_mode & 0o077:  # an existing file keeps its mode; a key must not
+        os.fchmod(fd, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
 
@@ -191,16 +192,16 @@ def doctor(state: State) -> None:
                        "detail": detail})
 
     try:
-        from . import _native  # noqa: F401 - presence is what is checked
-
-        check("native extension", True, "strongroom._native is built")
+        from .memory import memlock_status  # needs the native extension
     except ImportError as e:
         check("native extension", False, f"not built ({e}); run pip install -e .")
-    mem = memlock_status()
-    limit = "unlimited" if mem.soft_limit is None else f"{mem.soft_limit // 1024} KiB"
-    check("mlock limit", True if mem.mlock_failures == 0 else False,
-          f"RLIMIT_MEMLOCK {limit}, {mem.locked_bytes} bytes locked, "
-          f"{mem.mlock_failures} mlock failures")
+    else:
+        check("native extension", True, "strongroom._native is built")
+        mem = memlock_status()
+        limit = "unlimited" if mem.soft_limit is None else f"{mem.soft_limit // 1024} KiB"
+        check("mlock limit", mem.mlock_failures == 0,
+              f"RLIMIT_MEMLOCK {limit}, {mem.locked_bytes} bytes locked, "
+              f"{mem.mlock_failures} mlock failures")
     soft, _ = resource.getrlimit(resource.RLIMIT_CORE)
     check("core dumps", soft == 0 or None, "off (RLIMIT_CORE 0)" if soft == 0 else
           f"RLIMIT_CORE is {soft}; Strongroom turns core dumps off when it unlocks")
@@ -619,9 +620,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except click.UsageError as e:
         hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
-        fail(f"usage: {e.format_message()}{hint}", EXIT_USAGE)
+        fail(f"usage: {' '.join(e.format_message().split())}{hint}", EXIT_USAGE)
     except click.ClickException as e:
-        fail(f"error: {e.format_message()}", e.exit_code)
+        fail(f"error: {' '.join(e.format_message().split())}", e.exit_code)
     except click.Abort:
         fail("aborted", 12)
     sys.exit(rv if isinstance(rv, int) else EXIT_OK)

@@ -103,7 +103,8 @@ def parse(raw: Mapping[str, Any], path: str | None, text: str) -> Config:
     cfg = Config(path, [], default_data_dir(), "default", "file", {}, text)
     for top in raw:
         if top not in ("keystore", "backends"):
-            raise cfg.error("unknown table; expected [keystore] or [backends.NAME]", top)
+            what = "table" if isinstance(raw[top], dict) else "key"
+            raise cfg.error(f"unknown {what}; expected [keystore] or [backends.NAME]", top)
     ks = raw.get("keystore", {})
     if not isinstance(ks, dict):
         raise cfg.error("must be a table", "keystore")
@@ -163,20 +164,34 @@ def parse(raw: Mapping[str, Any], path: str | None, text: str) -> Config:
 
 
 def find_line(text: str, table: str | None, key: str | None) -> int | None:
-    """The 1-based line where `key` is set inside `[table]`, else the table's header line."""
+    """The 1-based line that sets `table.key`; else the first line inside it (for an unknown
+    table `[a.b]` names `a`); else the `[table]` header line."""
+    target = ".".join(p for p in (table, key) if p)
+    if not target:
+        return None
     current = ""
-    header_line = None
+    inside = header = None
     for number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
-        m = re.match(r"^\[\s*([^\[\]]+?)\s*\]", stripped)
+        m = re.match(r"^\[\[?\s*([^\[\]]+?)\s*\]\]?", stripped)
         if m:
-            current = m.group(1).replace('"', "").replace(" ", "")
-            if table and current == table:
-                header_line = number
-            continue
-        if key and current == (table or "") and re.match(rf"^{re.escape(key)}\s*=", stripped):
+            current = path = _dotted(m.group(1))
+        else:
+            a = re.match(r"^([A-Za-z0-9_\-\"'. ]+?)\s*=", stripped)
+            if not a:
+                continue
+            path = ".".join(p for p in (current, _dotted(a.group(1))) if p)
+        if path == target:
             return number
-    return header_line
+        if inside is None and path.startswith(target + "."):
+            inside = number
+        if header is None and m and table and path == table:
+            header = number
+    return inside if inside is not None else header
+
+
+def _dotted(name: str) -> str:
+    return name.replace('"', "").replace("'", "").replace(" ", "")
 
 
 def _toml_error_line(message: str) -> int | None:

@@ -129,7 +129,10 @@ class Keystore:
                 raise self.config.error(
                     f"unknown key for a {bcfg.type} backend; known keys: {known}", table, key
                 )
-            if not isinstance(value, spec.kind):
+            kinds = spec.kind if isinstance(spec.kind, tuple) else (spec.kind,)
+            if not isinstance(value, spec.kind) or (
+                isinstance(value, bool) and bool not in kinds
+            ):
                 raise self.config.error(
                     f"has the wrong type; expected {_kind_name(spec.kind)}", table, key
                 )
@@ -156,7 +159,12 @@ class Keystore:
             self._ready(backend)
             return backend
 
-        return BackendContext(bcfg.name, self.config.data_dir, settings, secret, sealer)
+        def config_error(message: str, key: str) -> ConfigError:
+            return self.config.error(message, table, key)
+
+        return BackendContext(
+            bcfg.name, self.config.data_dir, settings, secret, sealer, config_error
+        )
 
     def __enter__(self) -> Keystore:
         return self
@@ -212,14 +220,14 @@ class Keystore:
                 out.append(BackendStatus(name, btype, False, reason, frozenset(), {}))
                 continue
             backend = self._backends[name]
-            reason = backend.availability()
-            caps = backend.capabilities() if reason is None else frozenset()
+            why = backend.availability()
+            caps: frozenset[Capability] = backend.capabilities() if why is None else frozenset()
             try:
                 details = backend.status()
             except StrongroomError as e:
                 details = {"error": str(e)}
             out.append(
-                BackendStatus(name, backend.type_name, reason is None, reason, caps, details)
+                BackendStatus(name, backend.type_name, why is None, why, caps, details)
             )
         return out
 
@@ -518,8 +526,12 @@ class Keystore:
         with self._audited("random", None, size=n) as facts:
             if not isinstance(n, int) or n < 1 or n > 1 << 20:
                 raise InvalidArgument("random takes a byte count from 1 to 1048576")
-            b = self._ready(self.backend(backend) if backend else self.vault)
+            b = self.backend(backend) if backend else self.vault
             facts["backend"] = b.name
+            if b.random_needs_open:
+                self._ready(b)
+            elif (reason := b.availability()) is not None:
+                raise BackendUnavailable(b.name, reason)
             return b.random(n)
 
     # -- procedures (BIP39, SLIP-0010) --------------------------------------------------------

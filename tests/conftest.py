@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import NamedTuple
@@ -24,6 +25,7 @@ import pytest
 VAULT_PASS_ENV = "SR_TEST_VAULT_PASS"
 VAULT_PASSPHRASE = "correct horse battery staple 7f3a"
 STRONGROOM_BIN = Path(sys.executable).parent / "strongroom"
+PYCACHE = Path(tempfile.gettempdir()) / f"strongroom-tests-pycache-{os.getuid()}"
 
 
 def write_vault_config(
@@ -82,6 +84,9 @@ def run_cli(
     """Run `strongroom ARGS` with STRONGROOM_CONFIG=config; env entries of None are removed."""
     full = dict(os.environ)
     full.setdefault(VAULT_PASS_ENV, VAULT_PASSPHRASE)
+    # Cache bytecode outside the repository: each run then skips recompiling core/ (~15%).
+    full.pop("PYTHONDONTWRITEBYTECODE", None)
+    full.setdefault("PYTHONPYCACHEPREFIX", str(PYCACHE))
     if config is not None:
         full["STRONGROOM_CONFIG"] = str(config)
     for k, v in (env or {}).items():

@@ -154,7 +154,8 @@ class VaultBackend(Backend):
     """Keys in guarded memory, saved in an encrypted snapshot. Always available."""
 
     type_name = "vault"
-    config_keys: Mapping[str, ConfigKey] = {
+    random_needs_open = False
+    config_keys = {
         "unlock": ConfigKey(
             list, "unlock methods tried in order: passphrase or backend names", [PASSPHRASE]
         ),
@@ -180,11 +181,12 @@ class VaultBackend(Backend):
         self.create = bool(s.get("create", True))
         self.kdf_memory_kib = int(s.get("kdf_memory_kib", 65536))
         self.kdf_iterations = int(s.get("kdf_iterations", 3))
-        if self.kdf_memory_kib < MIN_KDF_MEMORY_KIB or self.kdf_iterations < 1:
-            raise InvalidArgument(
-                f"vault kdf_memory_kib must be at least {MIN_KDF_MEMORY_KIB} and "
-                "kdf_iterations at least 1"
+        if self.kdf_memory_kib < MIN_KDF_MEMORY_KIB:
+            raise context.config_error(
+                f"must be at least {MIN_KDF_MEMORY_KIB} (KiB)", "kdf_memory_kib"
             )
+        if self.kdf_iterations < 1:
+            raise context.config_error("must be at least 1", "kdf_iterations")
         self.passphrase = context.secret(PASSPHRASE, "Vault passphrase: ")
         self._state: _Open | None = None
         self._lock = threading.RLock()

@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,7 @@ class Snapshot:
         return int(self.header.get("generation", 0))
 
 
-def encode(header: dict[str, Any], payload_ct_builder: Any) -> bytes:
+def encode(header: dict[str, Any], payload_ct_builder: Callable[[bytes], bytes]) -> bytes:
     """Serialise: `payload_ct_builder(associated_data)` returns the payload ciphertext."""
     raw_header = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     associated = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(raw_header)) + raw_header

@@ -97,7 +97,9 @@ class BackendContract:
                 _independent_verify(key_type, keystore.public_key(name), data, sig)
             if key_type.is_rsa:
                 pss = keystore.sign(name, data, algorithm="pss")
-                keystore.public_key(name).verify(  # type: ignore[union-attr,call-arg]
+                rsa_public = keystore.public_key(name)
+                assert isinstance(rsa_public, rsa.RSAPublicKey)
+                rsa_public.verify(
                     pss,
                     data,
                     padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.DIGEST_LENGTH),

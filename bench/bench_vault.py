@@ -1,0 +1,112 @@
+"""Vault benchmarks, run by hand (never in CI): `python bench/bench_vault.py`.
+
+1. Ed25519 signing through `Keystore.sign` against PyNaCl's `SigningKey.sign` on the same
+   key, in the same run, interleaved so machine noise hits both alike. Target: ≤ 3x.
+2. Commit (encode + encrypt + atomic write) and load (read + decrypt + parse) of a
+   snapshot holding 10,000 keys, KDF excluded. Target: under 2 s together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import nacl.signing
+
+import strongroom
+from strongroom.backends.vault import VaultBackend
+from strongroom.backends.vault import backend as vault_backend
+from strongroom.backends.vault import keyops, snapshot, sodium
+from strongroom.types import KeyType
+
+
+def make_keystore(tmp: Path) -> strongroom.Keystore:
+    cfg = tmp / "bench.toml"
+    cfg.write_text(
+        f'[keystore]\ndata_dir = "{tmp / "data"}"\naudit = "file"\n'
+        '[backends.vault]\ntype = "vault"\npassphrase = "env:BENCH_PASS"\n'
+        "kdf_memory_kib = 8192\nkdf_iterations = 1\n"
+    )
+    os.environ["BENCH_PASS"] = "benchmark passphrase"
+    return strongroom.open(cfg)
+
+
+def per_op(fn: object, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()  # type: ignore[operator]
+    return (time.perf_counter() - start) / n * 1e6
+
+
+def bench_sign(ks: strongroom.Keystore, rounds: int, n: int) -> dict[str, float]:
+    seed = bytearray(os.urandom(32))
+    raw = nacl.signing.SigningKey(bytes(seed))
+    ks.import_key("bench-ed25519", "ed25519", seed, format="raw")
+    message = os.urandom(64)
+    assert ks.sign("bench-ed25519", message) == raw.sign(message).signature
+    ours, theirs = [], []
+    for _ in range(rounds):
+        ours.append(per_op(lambda: ks.sign("bench-ed25519", message), n))
+        theirs.append(per_op(lambda: raw.sign(message), n))
+    a, b = statistics.median(ours), statistics.median(theirs)
+    return {"keystore_us": a, "pynacl_us": b, "ratio": a / b}
+
+
+def bench_snapshot(ks: strongroom.Keystore, keys: int) -> dict[str, float]:
+    vault = ks.vault
+    assert isinstance(vault, VaultBackend)
+    vault.open()
+    state = vault._state
+    assert state is not None
+    records = {}
+    with state.record_key.read() as rk:
+        for i in range(keys):
+            material, public = keyops.generate(KeyType.ED25519)
+            handle = os.urandom(16).hex()
+            with material, material.read() as m:
+                probe = vault_backend.Record(
+                    handle, f"key-{i}", "default", KeyType.ED25519, ("sign", "verify"),
+                    False, "2026-01-01T00:00:00+00:00", public, b"",
+                )
+                records[handle] = vault_backend.Record(
+                    **{**probe.__dict__, "sealed": sodium.seal(rk, m, probe.aad())}
+                )
+    start = time.perf_counter()
+    vault._write(state, records, state.slots, state.generation + 1)
+    commit = time.perf_counter() - start
+    state.generation += 1
+    size = vault.path.stat().st_size
+    start = time.perf_counter()
+    snap = snapshot.decode(vault.path.read_bytes(), str(vault.path))
+    loaded = vault._decrypt_records(state, snap)
+    load = time.perf_counter() - start
+    assert len(loaded) == keys
+    return {"keys": keys, "commit_s": commit, "load_s": load, "total_s": commit + load,
+            "bytes": size}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("-n", type=int, default=3000)
+    parser.add_argument("--keys", type=int, default=10_000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp, make_keystore(Path(tmp)) as ks:
+        s = bench_sign(ks, args.rounds, args.n)
+        print("| benchmark | Strongroom | raw library | ratio | target |")
+        print("|---|---|---|---|---|")
+        print(f"| Ed25519 sign, 64-byte message | {s['keystore_us']:.1f} µs | "
+              f"{s['pynacl_us']:.1f} µs (PyNaCl) | {s['ratio']:.2f}x | ≤ 3x |")
+        snap = bench_snapshot(ks, args.keys)
+        print(f"| snapshot commit, {snap['keys']:,} keys ({snap['bytes'] / 1e6:.1f} MB) | "
+              f"{snap['commit_s'] * 1000:.0f} ms | | | |")
+        print(f"| snapshot load, {snap['keys']:,} keys | {snap['load_s'] * 1000:.0f} ms | | | |")
+        print(f"| commit + load | {snap['total_s'] * 1000:.0f} ms | | | < 2000 ms |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Install what Strongroom needs on a Debian machine (bookworm or later), then make
+# .venv and the editable install (which builds the native extension in native/).
+#
+# Idempotent: it installs only what is missing, and skips the pip step when
+# pyproject.toml, setup.py and native/ have not changed since the last install
+# and the extension still imports. STRONGROOM_SETUP_FORCE=1 reinstalls anyway.
+# PYTHON=/path/to/python3 picks another interpreter for a new .venv.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+VENV=$ROOT/.venv
+PYTHON=${PYTHON:-python3}
+STAMP=$VENV/.strongroom-install-stamp
+export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+
+say() { printf '==> %s\n' "$*"; }
+die() { printf 'setup.sh: error: %s\n' "$*" >&2; exit 1; }
+
+# Run a noisy command with its output in a log; show the log only if it fails.
+quiet() {
+    local log status=0
+    log=$(mktemp)
+    "$@" >"$log" 2>&1 || status=$?
+    if [ "$status" -ne 0 ]; then
+        printf 'setup.sh: command failed (exit %s): %s\n' "$status" "$*" >&2
+        tail -n 40 "$log" >&2
+        rm -f "$log"
+        exit "$status"
+    fi
+    rm -f "$log"
+}
+
+installed() {  # installed PACKAGE: true when dpkg says "install ok installed"
+    # Captured, not piped into `grep -q`: grep quitting early would SIGPIPE dpkg, and under
+    # pipefail an installed package would then look missing.
+    local out
+    out=$(dpkg -s "$1" 2>/dev/null) || return 1
+    [[ $'\n'$out$'\n' == *$'\nStatus: install ok installed\n'* ]]
+}
+
+python_ok() {  # python_ok PY: true for Python 3.11 or newer
+    "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
+}
+
+has_headers() {  # has_headers PY: true when Python.h is where the build will look for it
+    "$1" -c 'import os, sys, sysconfig
+sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+        2>/dev/null
+}
+
+has_venv() {  # has_venv PY: true when `PY -m venv` can bootstrap pip (Debian splits ensurepip off)
+    "$1" -c 'import ensurepip, venv' 2>/dev/null
+}
+
+# -- 1. system packages ------------------------------------------------------------------------
+# gcc + libc6-dev build native/guarded.c; openssl verifies signatures in the tests and the
+# demo; util-linux gives setpriv (the memlock test runs as an unprivileged user).
+wanted=(gcc libc6-dev openssl util-linux)
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+    wanted+=(python3 python3-dev python3-venv)
+else
+    has_headers "$PYTHON" || wanted+=(python3-dev)
+    [ -x "$VENV/bin/python" ] || has_venv "$PYTHON" || wanted+=(python3-venv)
+fi
+
+if command -v dpkg >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    missing=()
+    for pkg in "${wanted[@]}"; do
+        installed "$pkg" || missing+=("$pkg")
+    done
+    if [ "${#missing[@]}" -gt 0 ]; then
+        if [ "$(id -u)" -eq 0 ]; then
+            SUDO=()
+        elif command -v sudo >/dev/null 2>&1; then
+            SUDO=(sudo DEBIAN_FRONTEND=noninteractive)
+        else
+            die "need to install ${missing[*]} but this is not root and sudo is missing"
+        fi
+        say "apt: installing ${missing[*]}"
+        quiet "${SUDO[@]}" apt-get update -q
+        quiet "${SUDO[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+    else
+        say "apt: system packages present (${wanted[*]})"
+    fi
+else
+    say "not a Debian system: skipping apt; make sure a C compiler, Python >= 3.11 with" \
+        "its headers and venv, openssl and setpriv are installed"
+fi
+
+# -- 2. Python -----------------------------------------------------------------------------------
+command -v "$PYTHON" >/dev/null 2>&1 || die "no $PYTHON found; install Python 3.11 or newer"
+if ! python_ok "$PYTHON"; then
+    version=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null \
+        || echo unknown)
+    die "Strongroom needs Python 3.11 or newer, but $(command -v "$PYTHON") is $version;" \
+        "install a newer one and run again with PYTHON=/path/to/python3.11"
+fi
+has_headers "$PYTHON" || die "$(command -v "$PYTHON") has no C headers (Python.h), which the" \
+    "native extension needs; on Debian install python3-dev, or use a Python built with headers"
+say "python: $("$PYTHON" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
+
+# -- 3. virtual environment ----------------------------------------------------------------------
+if [ ! -e "$VENV" ]; then
+    say "venv: creating .venv"
+    quiet "$PYTHON" -m venv "$VENV"
+    rm -f "$STAMP"
+elif [ ! -x "$VENV/bin/python" ] || ! python_ok "$VENV/bin/python"; then
+    die ".venv exists but its python is missing or older than 3.11; remove .venv and run again"
+else
+    say "venv: .venv exists"
+fi
+
+# -- 4. editable install + native build ------------------------------------------------------------
+fingerprint=$(cat pyproject.toml setup.py native/* | sha256sum | cut -d' ' -f1)
+if [ "${STRONGROOM_SETUP_FORCE:-0}" != 1 ] && [ -f "$STAMP" ] \
+    && [ "$(cat "$STAMP")" = "$fingerprint" ] \
+    && "$VENV/bin/python" -c 'import strongroom._native' 2>/dev/null; then
+    say "pip: strongroom is installed and up to date (STRONGROOM_SETUP_FORCE=1 reinstalls)"
+else
+    say "pip: upgrading pip"
+    quiet "$VENV/bin/python" -m pip install -q --upgrade pip
+    say "pip: installing strongroom in editable mode with [dev] extras (builds native/)"
+    quiet "$VENV/bin/python" -m pip install -q -e ".[dev]"
+    "$VENV/bin/python" -c 'import strongroom._native' \
+        || die "the editable install finished but strongroom._native does not import"
+    printf '%s\n' "$fingerprint" >"$STAMP"
+fi
+say "setup done: $("$VENV/bin/strongroom" --version)"

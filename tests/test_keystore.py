@@ -1,0 +1,207 @@
+"""Keystore routing, discovery, audit and usage rules (the vault is the real backend here)."""
+
+from __future__ import annotations
+
+import json
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+
+import strongroom
+from strongroom import keystore as keystore_mod
+from strongroom.backend import Backend, Capability, NewKey
+from strongroom.errors import (
+    BackendUnavailable,
+    ConfigError,
+    KeyNotFound,
+    PolicyViolation,
+    UnsupportedOperation,
+)
+from strongroom.types import KeyInfo, KeyType, Operation
+
+PASS = "keystore test passphrase"
+
+
+class P256Only(Backend):
+    """A routing double: holds P-256 keys in a dict. Only for testing the Keystore's routing."""
+
+    type_name = "p256only"
+    keys: dict[str, ec.EllipticCurvePrivateKey]
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        self.keys = {}
+
+    def availability(self) -> str | None:
+        return None
+
+    def capabilities(self) -> frozenset[Capability]:
+        return frozenset(
+            (KeyType.ECDSA_P256, op) for op in (Operation.GENERATE, Operation.SIGN, Operation.DELETE)
+        )
+
+    def generate(self, new: NewKey) -> str:
+        handle = f"h{len(self.keys)}"
+        self.keys[handle] = ec.generate_private_key(ec.SECP256R1())
+        return handle
+
+    def public_key(self, info: KeyInfo) -> PublicKeyTypes:
+        return self.keys[info.handle].public_key()
+
+    def sign(self, info: KeyInfo, data: bytes, algorithm: str | None) -> bytes:
+        from cryptography.hazmat.primitives import hashes
+
+        return self.keys[info.handle].sign(data, ec.ECDSA(hashes.SHA256()))
+
+    def delete(self, info: KeyInfo) -> None:
+        self.keys.pop(info.handle, None)
+
+
+class Missing(Backend):
+    """Stands for a backend whose native library is not installed."""
+
+    type_name = "missing"
+
+    def availability(self) -> str | None:
+        return "libexample.so not found at /nonexistent; install example-hsm"
+
+    def capabilities(self) -> frozenset[Capability]:
+        return frozenset({(KeyType.ED25519, Operation.GENERATE)})
+
+    def public_key(self, info: KeyInfo) -> PublicKeyTypes:  # pragma: no cover
+        raise AssertionError
+
+    def delete(self, info: KeyInfo) -> None:  # pragma: no cover
+        raise AssertionError
+
+
+def _fake_entry_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = metadata.entry_points(group=keystore_mod.ENTRY_POINT_GROUP)
+    fakes = [
+        metadata.EntryPoint("p256only", f"{__name__}:P256Only", keystore_mod.ENTRY_POINT_GROUP),
+        metadata.EntryPoint("missing", f"{__name__}:Missing", keystore_mod.ENTRY_POINT_GROUP),
+        metadata.EntryPoint("broken", "strongroom_no_such_module:X", keystore_mod.ENTRY_POINT_GROUP),
+    ]
+
+    def entry_points(group: str) -> list[metadata.EntryPoint]:
+        assert group == keystore_mod.ENTRY_POINT_GROUP
+        return [*real, *fakes]
+
+    monkeypatch.setattr(keystore_mod.metadata, "entry_points", entry_points)
+
+
+def _config(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "strongroom.toml"
+    path.write_text(
+        f'[keystore]\ndata_dir = "{tmp_path / "data"}"\n{body}\n'
+        "[backends.vault]\n"
+        'type = "vault"\npassphrase = "env:SR_KS_PASS"\nkdf_memory_kib = 8192\nkdf_iterations = 1\n'
+    )
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _passphrase(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SR_KS_PASS", PASS)
+
+
+def test_generate_follows_order_and_falls_back_to_vault(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_entry_points(monkeypatch)
+    cfg = _config(
+        tmp_path,
+        'order = ["missing", "fast", "vault"]\n[backends.fast]\ntype = "p256only"\n'
+        '[backends.missing]\ntype = "missing"\n',
+    )
+    with strongroom.open(cfg) as ks:
+        assert ks.generate("p", "ecdsa-p256").backend == "fast"
+        assert ks.generate("e", "ed25519").backend == "vault"  # missing is skipped: unavailable
+        sig = ks.sign("p", b"m")
+        ks.verify("p", b"m", sig)
+        with pytest.raises(UnsupportedOperation) as err:
+            ks.generate("x", "ed25519", backend="fast")
+        assert (err.value.backend, err.value.operation, err.value.key_type) == (
+            "fast",
+            "generate",
+            "ed25519",
+        )
+        with pytest.raises(BackendUnavailable) as unavailable:
+            ks.generate("y", "ed25519", backend="missing")
+        assert "install example-hsm" in str(unavailable.value)
+        statuses = {s.name: s for s in ks.backends()}
+        assert not statuses["missing"].available
+        assert statuses["missing"].reason and "libexample.so" in statuses["missing"].reason
+        assert statuses["fast"].available and statuses["vault"].available
+
+
+def test_plugin_that_fails_to_import_reports_a_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_entry_points(monkeypatch)
+    cfg = _config(tmp_path, '[backends.b]\ntype = "broken"\n')
+    with strongroom.open(cfg) as ks:
+        status = {s.name: s for s in ks.backends()}["b"]
+        assert not status.available
+        assert status.reason and "failed to import" in status.reason
+        with pytest.raises(BackendUnavailable):
+            ks.generate("k", "ed25519", backend="b")
+        assert ks.generate("k", "ed25519").backend == "vault"
+
+
+def test_unknown_backend_type_names_file_and_line(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, '[backends.hsm]\ntype = "no-such-type"\n')
+    with pytest.raises(ConfigError) as err:
+        strongroom.open(cfg)
+    assert err.value.path == str(cfg) and err.value.line == 4
+    assert "no-such-type" in str(err.value)
+
+
+def test_audit_records_every_operation_without_secrets(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, "")
+    secret = bytes(range(1, 33))
+    with strongroom.open(cfg, actor="alice") as ks:
+        ks.import_key("imported", "aes-256", bytearray(secret))
+        ct = ks.encrypt("imported", b"top secret plaintext")
+        ks.decrypt("imported", ct)
+        with pytest.raises(PolicyViolation):
+            ks.sign("imported", b"x")
+        with pytest.raises(KeyNotFound):
+            ks.sign("absent", b"x")
+        ks.delete("imported")
+    log = (tmp_path / "data" / "audit.jsonl").read_text()
+    events = [json.loads(line) for line in log.splitlines()]
+    ops = [(e["op"], e["key"], e["result"]) for e in events]
+    assert ("import", "imported", "ok") in ops
+    assert ("encrypt", "imported", "ok") in ops
+    assert ("decrypt", "imported", "ok") in ops
+    assert ("sign", "imported", "PolicyViolation") in ops
+    assert ("sign", "absent", "KeyNotFound") in ops
+    assert ("delete", "imported", "ok") in ops
+    assert all(e["actor"] == "alice" and e["time"] > 0 for e in events)
+    assert all(e["backend"] == "vault" for e in events if e["key"] == "imported")
+    for needle in (secret.hex(), "top secret", PASS):
+        assert needle not in log
+    assert secret not in log.encode()
+
+
+def test_usage_policy(tmp_path: Path) -> None:
+    with strongroom.open(_config(tmp_path, "")) as ks:
+        ks.generate("enc-only", "aes-256", usage="encrypt")
+        ct = ks.encrypt("enc-only", b"x")
+        with pytest.raises(PolicyViolation, match="decrypt"):
+            ks.decrypt("enc-only", ct)
+        ks.generate("sign-only", "ed25519", usage=["sign"])
+        with pytest.raises(PolicyViolation, match="verify"):
+            ks.verify("sign-only", b"x", ks.sign("sign-only", b"x"))
+
+
+def test_key_types_accept_members_and_strings(tmp_path: Path) -> None:
+    with strongroom.open(_config(tmp_path, "")) as ks:
+        a = ks.generate("a", KeyType.ED25519)
+        b = ks.generate("b", "ED25519")
+        assert a.type is b.type is KeyType.ED25519
