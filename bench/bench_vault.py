@@ -18,9 +18,8 @@ from pathlib import Path
 import nacl.signing
 
 import strongroom
-from strongroom.backends.vault import VaultBackend
+from strongroom.backends.vault import VaultBackend, keyops, snapshot, sodium
 from strongroom.backends.vault import backend as vault_backend
-from strongroom.backends.vault import keyops, snapshot, sodium
 from strongroom.types import KeyType
 
 
@@ -69,8 +68,15 @@ def bench_snapshot(ks: strongroom.Keystore, keys: int) -> dict[str, float]:
             handle = os.urandom(16).hex()
             with material, material.read() as m:
                 probe = vault_backend.Record(
-                    handle, f"key-{i}", "default", KeyType.ED25519, ("sign", "verify"),
-                    False, "2026-01-01T00:00:00+00:00", public, b"",
+                    handle,
+                    f"key-{i}",
+                    "default",
+                    KeyType.ED25519,
+                    ("sign", "verify"),
+                    False,
+                    "2026-01-01T00:00:00+00:00",
+                    public,
+                    b"",
                 )
                 records[handle] = vault_backend.Record(
                     **{**probe.__dict__, "sealed": sodium.seal(rk, m, probe.aad())}
@@ -85,8 +91,13 @@ def bench_snapshot(ks: strongroom.Keystore, keys: int) -> dict[str, float]:
     loaded = vault._decrypt_records(state, snap)
     load = time.perf_counter() - start
     assert len(loaded) == keys
-    return {"keys": keys, "commit_s": commit, "load_s": load, "total_s": commit + load,
-            "bytes": size}
+    return {
+        "keys": keys,
+        "commit_s": commit,
+        "load_s": load,
+        "total_s": commit + load,
+        "bytes": size,
+    }
 
 
 def main() -> None:
@@ -99,11 +110,15 @@ def main() -> None:
         s = bench_sign(ks, args.rounds, args.n)
         print("| benchmark | Strongroom | raw library | ratio | target |")
         print("|---|---|---|---|---|")
-        print(f"| Ed25519 sign, 64-byte message | {s['keystore_us']:.1f} µs | "
-              f"{s['pynacl_us']:.1f} µs (PyNaCl) | {s['ratio']:.2f}x | ≤ 3x |")
+        print(
+            f"| Ed25519 sign, 64-byte message | {s['keystore_us']:.1f} µs | "
+            f"{s['pynacl_us']:.1f} µs (PyNaCl) | {s['ratio']:.2f}x | ≤ 3x |"
+        )
         snap = bench_snapshot(ks, args.keys)
-        print(f"| snapshot commit, {snap['keys']:,} keys ({snap['bytes'] / 1e6:.1f} MB) | "
-              f"{snap['commit_s'] * 1000:.0f} ms | | | |")
+        print(
+            f"| snapshot commit, {snap['keys']:,} keys ({snap['bytes'] / 1e6:.1f} MB) | "
+            f"{snap['commit_s'] * 1000:.0f} ms | | | |"
+        )
         print(f"| snapshot load, {snap['keys']:,} keys | {snap['load_s'] * 1000:.0f} ms | | | |")
         print(f"| commit + load | {snap['total_s'] * 1000:.0f} ms | | | < 2000 ms |")
 

@@ -18,7 +18,8 @@ from typing import Any, BinaryIO, NoReturn
 import click
 from cryptography.exceptions import InvalidSignature
 
-from . import __version__, algorithms, config as config_mod
+from . import __version__, algorithms
+from . import config as config_mod
 from .backend import VaultControl
 from .errors import InvalidArgument, StrongroomError
 from .keystore import Keystore, vault_restore
@@ -90,7 +91,9 @@ def table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> str:
     """A plain aligned table."""
     cells = [list(headers)] + [[str(c) for c in r] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
     return "\n".join(lines)
 
 
@@ -139,8 +142,13 @@ class StrongroomGroup(click.Group):
 
 
 @click.group(cls=StrongroomGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config", metavar="FILE", envvar="STRONGROOM_CONFIG",
-              help="Config file (default: $STRONGROOM_CONFIG, then the user config dir).")
+@click.option(
+    "--config",
+    "config",
+    metavar="FILE",
+    envvar="STRONGROOM_CONFIG",
+    help="Config file (default: $STRONGROOM_CONFIG, then the user config dir).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @click.version_option(__version__, prog_name="strongroom")
@@ -174,8 +182,14 @@ def backends(state: State) -> None:
         rows = []
         for s in statuses:
             types = sorted({t.value for t, _ in s.capabilities})
-            rows.append([s.name, s.type, "available" if s.available else "unavailable",
-                         ", ".join(types) if s.available else (s.reason or "")])
+            rows.append(
+                [
+                    s.name,
+                    s.type,
+                    "available" if s.available else "unavailable",
+                    ", ".join(types) if s.available else (s.reason or ""),
+                ]
+            )
         return table(rows, ["NAME", "TYPE", "STATUS", "KEY TYPES / REASON"])
 
     state.emit(data, text)
@@ -188,8 +202,13 @@ def doctor(state: State) -> None:
     checks: list[dict[str, str]] = []
 
     def check(name: str, ok: bool | None, detail: str) -> None:
-        checks.append({"check": name, "status": {True: "ok", False: "problem", None: "note"}[ok],
-                       "detail": detail})
+        checks.append(
+            {
+                "check": name,
+                "status": {True: "ok", False: "problem", None: "note"}[ok],
+                "detail": detail,
+            }
+        )
 
     try:
         from .memory import memlock_status  # needs the native extension
@@ -199,12 +218,20 @@ def doctor(state: State) -> None:
         check("native extension", True, "strongroom._native is built")
         mem = memlock_status()
         limit = "unlimited" if mem.soft_limit is None else f"{mem.soft_limit // 1024} KiB"
-        check("mlock limit", mem.mlock_failures == 0,
-              f"RLIMIT_MEMLOCK {limit}, {mem.locked_bytes} bytes locked, "
-              f"{mem.mlock_failures} mlock failures")
+        check(
+            "mlock limit",
+            mem.mlock_failures == 0,
+            f"RLIMIT_MEMLOCK {limit}, {mem.locked_bytes} bytes locked, "
+            f"{mem.mlock_failures} mlock failures",
+        )
     soft, _ = resource.getrlimit(resource.RLIMIT_CORE)
-    check("core dumps", soft == 0 or None, "off (RLIMIT_CORE 0)" if soft == 0 else
-          f"RLIMIT_CORE is {soft}; Strongroom turns core dumps off when it unlocks")
+    check(
+        "core dumps",
+        soft == 0 or None,
+        "off (RLIMIT_CORE 0)"
+        if soft == 0
+        else f"RLIMIT_CORE is {soft}; Strongroom turns core dumps off when it unlocks",
+    )
     try:
         cfg = config_mod.load(state.config)
         check("config", True, cfg.path or "embedded default")
@@ -214,8 +241,12 @@ def doctor(state: State) -> None:
     except StrongroomError as e:
         check("config", False, str(e))
     problems = [c for c in checks if c["status"] == "problem"]
-    state.emit(checks, lambda: table([[c["check"], c["status"], c["detail"]] for c in checks],
-                                     ["CHECK", "STATUS", "DETAIL"]))
+    state.emit(
+        checks,
+        lambda: table(
+            [[c["check"], c["status"], c["detail"]] for c in checks], ["CHECK", "STATUS", "DETAIL"]
+        ),
+    )
     if problems:
         sys.exit(12)
 
@@ -252,11 +283,13 @@ TYPE_CHOICE = click.Choice([t.value for t in KeyType if t is not KeyType.SEED])
 @click.option("--usage", help="Comma-separated usages (default depends on the type).")
 @click.option("--exportable", is_flag=True, help="Allow the key to be exported or wrapped.")
 @pass_state
-def key_generate(state: State, name: str, key_type: str, backend: str | None, usage: str | None,
-                 exportable: bool) -> None:
+def key_generate(
+    state: State, name: str, key_type: str, backend: str | None, usage: str | None, exportable: bool
+) -> None:
     """Create a key."""
-    info = state.keystore().generate(name, key_type, backend=backend, usage=usage,
-                                     exportable=exportable)
+    info = state.keystore().generate(
+        name, key_type, backend=backend, usage=usage, exportable=exportable
+    )
     state.emit(info.to_dict(), f"generated {info.type.value} key {info.name!r} in {info.backend}")
 
 
@@ -280,8 +313,11 @@ def key_show(state: State, name: str) -> None:
         data["public_key"] = algorithms.encode_public(ks.public_key(name), "pem").decode()
 
     def text() -> str:
-        lines = [f"{k}: {v if not isinstance(v, list) else ', '.join(v)}"
-                 for k, v in data.items() if k not in ("public_key", "attributes")]
+        lines = [
+            f"{k}: {v if not isinstance(v, list) else ', '.join(v)}"
+            for k, v in data.items()
+            if k not in ("public_key", "attributes")
+        ]
         if "public_key" in data:
             lines.append(str(data["public_key"]).rstrip())
         return "\n".join(lines)
@@ -291,8 +327,13 @@ def key_show(state: State, name: str) -> None:
 
 @key.command("public")
 @click.argument("name")
-@click.option("--format", "fmt", type=click.Choice(["pem", "der", "raw", "openssh"]),
-              default="pem", show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["pem", "der", "raw", "openssh"]),
+    default="pem",
+    show_default=True,
+)
 @click.option("--out", "out", metavar="FILE", help="Write here instead of stdout.")
 @pass_state
 def key_public(state: State, name: str, fmt: str, out: str | None) -> None:
@@ -307,11 +348,15 @@ def key_public(state: State, name: str, fmt: str, out: str | None) -> None:
 @click.argument("name")
 @click.option("--in", "inp", metavar="FILE", help="Data to sign (default: stdin).")
 @click.option("--out", "out", metavar="FILE", help="Signature file (default: stdout).")
-@click.option("--algorithm", type=click.Choice(algorithms.RSA_SIGN_ALGORITHMS),
-              help="RSA only: pkcs1v15 (default) or pss.")
+@click.option(
+    "--algorithm",
+    type=click.Choice(algorithms.RSA_SIGN_ALGORITHMS),
+    help="RSA only: pkcs1v15 (default) or pss.",
+)
 @pass_state
-def key_sign(state: State, name: str, inp: str | None, out: str | None,
-             algorithm: str | None) -> None:
+def key_sign(
+    state: State, name: str, inp: str | None, out: str | None, algorithm: str | None
+) -> None:
     """Sign data (DER for ECDSA, raw for Ed25519, PKCS#1 v1.5 or PSS for RSA, HMAC tag)."""
     write_output(out, state.keystore().sign(name, read_input(inp), algorithm))
 
@@ -354,19 +399,39 @@ def key_decrypt(state: State, name: str, inp: str | None, out: str | None, aad: 
 @click.argument("name")
 @click.option("--type", "key_type", required=True, type=click.Choice([t.value for t in KeyType]))
 @click.option("--in", "inp", metavar="FILE", help="Key material (default: stdin).")
-@click.option("--format", "fmt", type=click.Choice(["auto", "raw", "der", "pem"]), default="auto",
-              show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["auto", "raw", "der", "pem"]),
+    default="auto",
+    show_default=True,
+)
 @click.option("--backend", help="Backend to import into.")
 @click.option("--usage", help="Comma-separated usages.")
 @click.option("--exportable", is_flag=True)
 @pass_state
-def key_import(state: State, name: str, key_type: str, inp: str | None, fmt: str,
-               backend: str | None, usage: str | None, exportable: bool) -> None:
+def key_import(
+    state: State,
+    name: str,
+    key_type: str,
+    inp: str | None,
+    fmt: str,
+    backend: str | None,
+    usage: str | None,
+    exportable: bool,
+) -> None:
     """Import key material (PEM, DER or raw)."""
     material = bytearray(read_input(inp))
     try:
-        info = state.keystore().import_key(name, key_type, material, backend=backend, usage=usage,
-                                           exportable=exportable, format=fmt)
+        info = state.keystore().import_key(
+            name,
+            key_type,
+            material,
+            backend=backend,
+            usage=usage,
+            exportable=exportable,
+            format=fmt,
+        )
     finally:
         material[:] = bytes(len(material))
     state.emit(info.to_dict(), f"imported {info.type.value} key {info.name!r} into {info.backend}")
@@ -374,8 +439,9 @@ def key_import(state: State, name: str, key_type: str, inp: str | None, fmt: str
 
 @key.command("export")
 @click.argument("name")
-@click.option("--format", "fmt", type=click.Choice(["pem", "der", "raw"]), default="pem",
-              show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["pem", "der", "raw"]), default="pem", show_default=True
+)
 @click.option("--out", "out", metavar="FILE", help="Write here (mode 600) instead of stdout.")
 @pass_state
 def key_export(state: State, name: str, fmt: str, out: str | None) -> None:
@@ -401,11 +467,20 @@ def key_delete(state: State, name: str) -> None:
 @click.option("--usage", help="Usages of the new key.")
 @click.option("--exportable", is_flag=True)
 @pass_state
-def key_derive(state: State, name: str, new_name: str, key_type: str, salt: str, info: str,
-               usage: str | None, exportable: bool) -> None:
+def key_derive(
+    state: State,
+    name: str,
+    new_name: str,
+    key_type: str,
+    salt: str,
+    info: str,
+    usage: str | None,
+    exportable: bool,
+) -> None:
     """HKDF-SHA256 from a key into a new key; the secret stays in the backend."""
-    new = state.keystore().derive(name, new_name, key_type, usage, _hex(salt), info.encode(),
-                                  exportable)
+    new = state.keystore().derive(
+        name, new_name, key_type, usage, _hex(salt), info.encode(), exportable
+    )
     state.emit(new.to_dict(), f"derived {new.type.value} key {new.name!r}")
 
 
@@ -418,11 +493,20 @@ def key_derive(state: State, name: str, new_name: str, key_type: str, salt: str,
 @click.option("--info", "info", default="", help="HKDF info (context), text.")
 @click.option("--usage", help="Usages of the new key.")
 @pass_state
-def key_agree(state: State, name: str, new_name: str, peer: str, key_type: str, salt: str,
-              info: str, usage: str | None) -> None:
+def key_agree(
+    state: State,
+    name: str,
+    new_name: str,
+    peer: str,
+    key_type: str,
+    salt: str,
+    info: str,
+    usage: str | None,
+) -> None:
     """ECDH or X25519 with a peer, HKDF into a new key."""
-    new = state.keystore().agree(name, read_input(peer), new_name, key_type, usage, _hex(salt),
-                                 info.encode())
+    new = state.keystore().agree(
+        name, read_input(peer), new_name, key_type, usage, _hex(salt), info.encode()
+    )
     state.emit(new.to_dict(), f"agreed {new.type.value} key {new.name!r}")
 
 
@@ -444,19 +528,31 @@ def key_wrap(state: State, wrapping_key: str, name: str, out: str | None) -> Non
 @click.option("--usage")
 @click.option("--exportable", is_flag=True)
 @pass_state
-def key_unwrap(state: State, wrapping_key: str, new_name: str, key_type: str, inp: str | None,
-               usage: str | None, exportable: bool) -> None:
+def key_unwrap(
+    state: State,
+    wrapping_key: str,
+    new_name: str,
+    key_type: str,
+    inp: str | None,
+    usage: str | None,
+    exportable: bool,
+) -> None:
     """Unwrap a wrapped key into a new key."""
-    new = state.keystore().unwrap(wrapping_key, read_input(inp), new_name, key_type, usage,
-                                  exportable)
+    new = state.keystore().unwrap(
+        wrapping_key, read_input(inp), new_name, key_type, usage, exportable
+    )
     state.emit(new.to_dict(), f"unwrapped {new.type.value} key {new.name!r}")
 
 
 @key.command("bip39-generate")
 @click.argument("name")
 @click.option("--words", type=click.Choice(["12", "15", "18", "21", "24"]), default="24")
-@click.option("--passphrase", "bip39_pass", default=None,
-              help="BIP39 passphrase as env:NAME or file:PATH (default: none).")
+@click.option(
+    "--passphrase",
+    "bip39_pass",
+    default=None,
+    help="BIP39 passphrase as env:NAME or file:PATH (default: none).",
+)
 @pass_state
 def key_bip39_generate(state: State, name: str, words: str, bip39_pass: str | None) -> None:
     """Make a BIP39 seed inside the vault; print its mnemonic once, for the paper backup."""
@@ -466,8 +562,12 @@ def key_bip39_generate(state: State, name: str, words: str, bip39_pass: str | No
 
 @key.command("bip39-recover")
 @click.argument("name")
-@click.option("--passphrase", "bip39_pass", default=None,
-              help="BIP39 passphrase as env:NAME or file:PATH (default: none).")
+@click.option(
+    "--passphrase",
+    "bip39_pass",
+    default=None,
+    help="BIP39 passphrase as env:NAME or file:PATH (default: none).",
+)
 @pass_state
 def key_bip39_recover(state: State, name: str, bip39_pass: str | None) -> None:
     """Store the seed of a mnemonic read from stdin."""
@@ -483,8 +583,9 @@ def key_bip39_recover(state: State, name: str, bip39_pass: str | None) -> None:
 @click.option("--type", "key_type", type=click.Choice(["ed25519", "secp256k1"]), default="ed25519")
 @click.option("--usage")
 @pass_state
-def key_slip10(state: State, seed: str, path: str, new_name: str, key_type: str,
-               usage: str | None) -> None:
+def key_slip10(
+    state: State, seed: str, path: str, new_name: str, key_type: str, usage: str | None
+) -> None:
     """Derive a key at a SLIP-0010 path (e.g. m/44'/0'/0') from a seed key."""
     new = state.keystore().slip10_derive(seed, path, new_name, key_type, usage)
     state.emit(new.to_dict(), f"derived {new.type.value} key {new.name!r} at {path}")
@@ -530,8 +631,13 @@ def vault_lock(state: State) -> None:
 
 @vault.command("enroll")
 @click.argument("method")
-@click.option("--passphrase", "new_pass", default="prompt", show_default=True,
-              help="For METHOD passphrase: the new passphrase as env:NAME, file:PATH or prompt.")
+@click.option(
+    "--passphrase",
+    "new_pass",
+    default="prompt",
+    show_default=True,
+    help="For METHOD passphrase: the new passphrase as env:NAME, file:PATH or prompt.",
+)
 @pass_state
 def vault_enroll(state: State, method: str, new_pass: str) -> None:
     """Add a key slot: `passphrase`, or the name of a backend that can seal (tpm, hsm, ...)."""
@@ -556,8 +662,13 @@ def vault_unenroll(state: State, slot_id: str) -> None:
 
 
 @vault.command("passphrase")
-@click.option("--new", "new_pass", default="prompt", show_default=True,
-              help="The new passphrase as env:NAME, file:PATH or prompt.")
+@click.option(
+    "--new",
+    "new_pass",
+    default="prompt",
+    show_default=True,
+    help="The new passphrase as env:NAME, file:PATH or prompt.",
+)
 @pass_state
 def vault_passphrase(state: State, new_pass: str) -> None:
     """Change the vault passphrase; the old one stops working."""
@@ -583,9 +694,15 @@ def vault_backup(state: State, file: str) -> None:
 def vault_restore_cmd(state: State, file: str) -> None:
     """Replace the vault with a backup (checked first) and update the catalog."""
     report = vault_restore(state.keystore(), file)
-    state.emit(report, f"restored {report['keys']} keys from {file}" + (
-        f"; name conflicts left alone: {', '.join(report['conflicts'])}" if report["conflicts"]
-        else ""))
+    state.emit(
+        report,
+        f"restored {report['keys']} keys from {file}"
+        + (
+            f"; name conflicts left alone: {', '.join(report['conflicts'])}"
+            if report["conflicts"]
+            else ""
+        ),
+    )
 
 
 def _hex(text: str) -> bytes:
@@ -613,8 +730,11 @@ _NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())  # cl
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point. Usage errors, too, are one line on stderr (exit 2)."""
     try:
-        rv = cli.main(args=list(argv) if argv is not None else None, prog_name="strongroom",
-                      standalone_mode=False)
+        rv = cli.main(
+            args=list(argv) if argv is not None else None,
+            prog_name="strongroom",
+            standalone_mode=False,
+        )
     except _NO_ARGS_IS_HELP as e:  # bare `strongroom`: the help text, as click prints it
         e.show()
         sys.exit(e.exit_code)

@@ -110,7 +110,9 @@ def parse(raw: Mapping[str, Any], path: str | None, text: str) -> Config:
         raise cfg.error("must be a table", "keystore")
     for key, value in ks.items():
         if key not in KEYSTORE_KEYS:
-            raise cfg.error(f"unknown key; expected one of {', '.join(KEYSTORE_KEYS)}", "keystore", key)
+            raise cfg.error(
+                f"unknown key; expected one of {', '.join(KEYSTORE_KEYS)}", "keystore", key
+            )
         if key == "order":
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise cfg.error("must be a list of backend names", "keystore", key)
@@ -138,7 +140,7 @@ def parse(raw: Mapping[str, Any], path: str | None, text: str) -> Config:
             raise cfg.error("backend names are 1-32 letters, digits, '_' or '-'", where)
         btype = table.get("type")
         if not isinstance(btype, str):
-            raise cfg.error("every backend needs a type, e.g. type = \"vault\"", where, "type")
+            raise cfg.error('every backend needs a type, e.g. type = "vault"', where, "type")
         settings = {k: v for k, v in table.items() if k != "type"}
         cfg.backends[name] = BackendConfig(name, btype, settings)
     vaults = [b.name for b in cfg.backends.values() if b.type == VAULT_TYPE]
@@ -151,8 +153,9 @@ def parse(raw: Mapping[str, Any], path: str | None, text: str) -> Config:
         raise cfg.error("only one vault backend may be configured", f"backends.{vaults[1]}")
     for name in cfg.order:
         if name not in cfg.backends:
-            raise cfg.error(f"names backend {name!r}, which has no [backends.{name}] table",
-                            "keystore", "order")
+            raise cfg.error(
+                f"names backend {name!r}, which has no [backends.{name}] table", "keystore", "order"
+            )
     if len(set(cfg.order)) != len(cfg.order):
         raise cfg.error("names a backend twice", "keystore", "order")
     vault = vaults[0]

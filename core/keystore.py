@@ -130,9 +130,7 @@ class Keystore:
                     f"unknown key for a {bcfg.type} backend; known keys: {known}", table, key
                 )
             kinds = spec.kind if isinstance(spec.kind, tuple) else (spec.kind,)
-            if not isinstance(value, spec.kind) or (
-                isinstance(value, bool) and bool not in kinds
-            ):
+            if not isinstance(value, spec.kind) or (isinstance(value, bool) and bool not in kinds):
                 raise self.config.error(
                     f"has the wrong type; expected {_kind_name(spec.kind)}", table, key
                 )
@@ -226,9 +224,7 @@ class Keystore:
                 details = backend.status()
             except StrongroomError as e:
                 details = {"error": str(e)}
-            out.append(
-                BackendStatus(name, backend.type_name, why is None, why, caps, details)
-            )
+            out.append(BackendStatus(name, backend.type_name, why is None, why, caps, details))
         return out
 
     def _ready(self, backend: Backend) -> Backend:

@@ -41,7 +41,8 @@ class P256Only(Backend):
 
     def capabilities(self) -> frozenset[Capability]:
         return frozenset(
-            (KeyType.ECDSA_P256, op) for op in (Operation.GENERATE, Operation.SIGN, Operation.DELETE)
+            (KeyType.ECDSA_P256, op)
+            for op in (Operation.GENERATE, Operation.SIGN, Operation.DELETE)
         )
 
     def generate(self, new: NewKey) -> str:
@@ -84,7 +85,9 @@ def _fake_entry_points(monkeypatch: pytest.MonkeyPatch) -> None:
     fakes = [
         metadata.EntryPoint("p256only", f"{__name__}:P256Only", keystore_mod.ENTRY_POINT_GROUP),
         metadata.EntryPoint("missing", f"{__name__}:Missing", keystore_mod.ENTRY_POINT_GROUP),
-        metadata.EntryPoint("broken", "strongroom_no_such_module:X", keystore_mod.ENTRY_POINT_GROUP),
+        metadata.EntryPoint(
+            "broken", "strongroom_no_such_module:X", keystore_mod.ENTRY_POINT_GROUP
+        ),
     ]
 
     def entry_points(group: str) -> list[metadata.EntryPoint]:

@@ -25,6 +25,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from strongroom import _native
 from strongroom import memory as memory_module
 from strongroom.errors import GuardedMemoryError, InvalidArgument

@@ -11,6 +11,7 @@ from typing import Any
 import nacl.signing
 import pytest
 from mnemonic import Mnemonic
+
 from strongroom.backends.vault import procedures
 from strongroom.backends.vault.procedures import (
     HARDENED,

@@ -20,6 +20,7 @@ import unicodedata
 import nacl.bindings
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
 from strongroom.errors import InvalidArgument
 from strongroom.memory import scrub_bytes, wipe
 

@@ -107,7 +107,9 @@ def decode(data: bytes, source: str) -> Snapshot:
             raise ValueError("header is not an object")
     except ValueError:
         raise SnapshotTampered(f"{source} is damaged: its header is not valid") from None
-    return Snapshot(header, data[:end_header], data[end_header + _PLEN.size : end_payload], raw_header)
+    return Snapshot(
+        header, data[:end_header], data[end_header + _PLEN.size : end_payload], raw_header
+    )
 
 
 def read_generation(path: Path) -> tuple[str, int] | None:
