@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, x25519
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
@@ -128,20 +129,22 @@ def load_peer_public(key_type: KeyType, data: bytes | PublicKeyTypes) -> PublicK
     if not isinstance(data, bytes | bytearray | memoryview):
         public = data
     else:
-        raw = bytes(data)
-        public_any: Any
-        if raw.startswith(b"-----BEGIN"):
-            public_any = serialization.load_pem_public_key(raw)
-        elif key_type is KeyType.X25519 and len(raw) == 32:
-            public_any = x25519.X25519PublicKey.from_public_bytes(raw)
-        elif key_type in CURVES and raw[:1] in (b"\x02", b"\x03", b"\x04"):
-            public_any = ec.EllipticCurvePublicKey.from_encoded_point(CURVES[key_type], raw)
-        else:
-            try:
-                public_any = serialization.load_der_public_key(raw)
-            except ValueError:
-                raise InvalidArgument("the peer public key is not PEM, DER or raw") from None
-        public = public_any
+        public = _parse_peer(key_type, bytes(data))
     if not public_key_matches(key_type, public):
         raise InvalidArgument(f"the peer public key is not a {key_type.value} key")
     return public
+
+
+def _parse_peer(key_type: KeyType, raw: bytes) -> PublicKeyTypes:
+    try:
+        if raw.startswith(b"-----BEGIN"):
+            return serialization.load_pem_public_key(raw)
+        if key_type is KeyType.X25519 and len(raw) == 32:
+            return x25519.X25519PublicKey.from_public_bytes(raw)
+        if key_type in CURVES and raw[:1] in (b"\x02", b"\x03", b"\x04"):
+            return ec.EllipticCurvePublicKey.from_encoded_point(CURVES[key_type], raw)
+        return serialization.load_der_public_key(raw)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise InvalidArgument(
+            f"the peer public key is not a valid PEM, DER or raw {key_type.value} key"
+        ) from None

@@ -6,6 +6,7 @@ It holds no secret. Writes are durable (synchronous=FULL) and the schema is vers
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 from datetime import UTC, datetime
@@ -45,6 +46,8 @@ class Catalog:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            os.close(fd)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")

@@ -27,6 +27,7 @@ KEYSTORE_KEYS = {
     "data_dir": "where the catalog, the vault snapshot and the audit log live",
     "namespace": "the namespace keys are created in (default: default)",
     "audit": "file (audit.jsonl in data_dir), log (the strongroom.audit logger) or off",
+    "core_dumps": "allow core dumps of this process (default false: turned off at open)",
 }
 
 DEFAULT_VAULT: dict[str, Any] = {
@@ -56,6 +57,7 @@ class Config:
     audit: str
     backends: dict[str, BackendConfig]
     text: str = field(default="", repr=False)
+    core_dumps: bool = False
 
     def error(self, message: str, table: str | None = None, key: str | None = None) -> ConfigError:
         """A ConfigError naming this file, and the line of `table.key` when it can be found."""
@@ -129,6 +131,10 @@ def parse(raw: Mapping[str, Any], path: str | None, text: str) -> Config:
             if value not in AUDIT_MODES:
                 raise cfg.error(f"must be one of {', '.join(AUDIT_MODES)}", "keystore", key)
             cfg.audit = value
+        elif key == "core_dumps":
+            if not isinstance(value, bool):
+                raise cfg.error("must be true or false", "keystore", key)
+            cfg.core_dumps = value
     backends = raw.get("backends", {})
     if not isinstance(backends, dict):
         raise cfg.error("must be a table of [backends.NAME] tables", "backends")

@@ -9,7 +9,7 @@ import threading
 from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
@@ -115,6 +115,8 @@ class Keystore:
                 self._unusable[name] = (bcfg.type, cls)
                 continue
             self._backends[name] = cls(self._context(bcfg, cls))
+        if not config.core_dumps:
+            _harden_process()
         self.catalog = Catalog(config.data_dir / "catalog.sqlite")
         self.audit = Audit(config.audit, config.data_dir / "audit.jsonl", actor)
 
@@ -509,13 +511,25 @@ class Keystore:
             return self._create(new, b, lambda n: b.unwrap(wk, bytes(blob), n))
 
     def delete(self, name: str) -> None:
-        """Remove the catalog row, then destroy the backend key."""
+        """Destroy the backend key, then remove the catalog row.
+
+        In this order a failure never leaves a key that the catalog calls deleted: at worst
+        a row whose key is gone, and deleting again finishes the job.
+        """
         with self._audited("delete", name) as facts:
             info = self.catalog.get(self.namespace, name)
             facts["backend"] = info.backend
             b = self._ready(self.backend(info.backend))
-            self.catalog.remove(self.namespace, name)
             b.delete(info)
+            self.catalog.remove(self.namespace, name)
+
+    def vault_control(self) -> VaultControl:
+        """The vault's own commands (init, unlock, enroll, backup, ...), audited."""
+        return cast(VaultControl, _AuditedVault(self, _vault_control(self), self.vault.name))
+
+    def audited(self, operation: str, key: str | None = None, **detail: Any) -> _Audited:
+        """Context manager that records one audit event for an operation done outside the API."""
+        return self._audited(operation, key, **detail)
 
     def random(self, n: int, backend: str | None = None) -> bytes:
         """`n` random bytes from a backend's generator (the vault's by default)."""
@@ -588,6 +602,16 @@ class Keystore:
             return self._create(new, b, lambda n: procs.slip10_derive(src, path, n))
 
 
+def _harden_process() -> None:
+    """No core dumps, and no same-user ptrace or /proc/PID/mem (issue: memory dumps)."""
+    try:
+        from .memory import disable_core_dumps
+    except ImportError:  # the native extension is missing; `strongroom doctor` says so
+        return
+    with contextlib.suppress(OSError):
+        disable_core_dumps()
+
+
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     names = {
@@ -615,6 +639,38 @@ class _Audited:
     def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
         result = "ok" if exc_type is None else exc_type.__name__
         self._audit.record(self._op, self._key, result, self._facts.get("backend"), **self._detail)
+
+
+class _AuditedVault:
+    """The vault's own commands, each recorded in the audit log (status is read-only)."""
+
+    _AUDITED = frozenset(
+        {
+            "initialize",
+            "lock",
+            "unlock",
+            "enroll",
+            "unenroll",
+            "change_passphrase",
+            "backup",
+            "restore",
+        }
+    )
+
+    def __init__(self, ks: Keystore, vault: VaultControl, name: str) -> None:
+        self._ks, self._vault, self._name = ks, vault, name
+
+    def __getattr__(self, attr: str) -> Any:
+        target = getattr(self._vault, attr)
+        if attr not in self._AUDITED:
+            return target
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._ks._audited(f"vault_{attr}", None) as facts:
+                facts["backend"] = self._name
+                return target(*args, **kwargs)
+
+        return call
 
 
 def _vault_control(ks: Keystore) -> VaultControl:

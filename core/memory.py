@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, NoReturn, SupportsIndex
 
-from . import _native  # type: ignore[attr-defined, unused-ignore]  # mypy names this package "core"
+from . import _native
 from .errors import GuardedMemoryError, InvalidArgument
 
 __all__ = [

@@ -97,10 +97,10 @@ _W, _U, _DR, _AG = Usage.WRAP, Usage.UNWRAP, Usage.DERIVE, Usage.AGREE
 
 _ALLOWED_USAGE: dict[KeyType, frozenset[Usage]] = {
     KeyType.ED25519: frozenset({_S, _V}),
-    KeyType.X25519: frozenset({_AG, _DR}),
-    KeyType.ECDSA_P256: frozenset({_S, _V, _AG, _DR}),
-    KeyType.ECDSA_P384: frozenset({_S, _V, _AG, _DR}),
-    KeyType.SECP256K1: frozenset({_S, _V, _AG, _DR}),
+    KeyType.X25519: frozenset({_AG}),
+    KeyType.ECDSA_P256: frozenset({_S, _V, _AG}),
+    KeyType.ECDSA_P384: frozenset({_S, _V, _AG}),
+    KeyType.SECP256K1: frozenset({_S, _V, _AG}),
     KeyType.RSA_2048: frozenset({_S, _V, _E, _D, _W, _U}),
     KeyType.RSA_3072: frozenset({_S, _V, _E, _D, _W, _U}),
     KeyType.RSA_4096: frozenset({_S, _V, _E, _D, _W, _U}),

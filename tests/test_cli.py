@@ -712,9 +712,10 @@ def test_exit_codes(shared: Vault, tmp_path: Path) -> None:
     )
     # 3: no such key
     assert_one_line_error(shared("key", "public", "nope"), NOT_FOUND, "nope")
-    # 5: the vault cannot HKDF from an ECDSA key even where the usage allows derive
-    assert_ok(shared("key", "generate", "ec-derive", "--type", "ecdsa-p256", "--usage", "derive"))
-    assert_one_line_error(shared("key", "derive", "ec-derive", "new"), UNSUPPORTED, "vault")
+    # 5: the vault cannot AES-key-wrap under an RSA key even where the usage allows wrap
+    assert_ok(shared("key", "generate", "rsa-kek", "--type", "rsa-2048", "--usage", "wrap"))
+    assert_ok(shared("key", "generate", "movable", "--type", "aes-256", "--exportable"))
+    assert_one_line_error(shared("key", "wrap", "rsa-kek", "movable"), UNSUPPORTED, "vault")
     # 0 with --help
     assert assert_ok(shared("key", "generate", "--help")).stdout.startswith(b"Usage:")
 

@@ -230,10 +230,10 @@ class VaultBackend(Backend):
 
     # -- VaultControl ------------------------------------------------------------------------
     def initialize(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         with self._lock, snapshot.locked(self.path):
             if self.path.exists():
                 raise StrongroomError(f"a vault already exists at {self.path}")
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             passphrase = self.passphrase.get(confirm=True)
             if not passphrase:
                 raise InvalidArgument("the vault passphrase must not be empty")

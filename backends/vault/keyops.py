@@ -46,7 +46,9 @@ DERIVABLE = frozenset(
         KeyType.X25519,
     }
 )
-DERIVE_SOURCES = frozenset({KeyType.AES_256, KeyType.HMAC_SHA256, KeyType.CHACHA20_POLY1305})
+DERIVE_SOURCES = frozenset(
+    {KeyType.AES_256, KeyType.HMAC_SHA256, KeyType.CHACHA20_POLY1305, KeyType.SEED}
+)
 AGREE_TYPES = frozenset({KeyType.X25519, *algorithms.CURVES})
 
 
@@ -204,7 +206,7 @@ def _from_object(key_type: KeyType, key: PrivateKeyTypes) -> tuple[Guarded, byte
 def import_material(key_type: KeyType, data: memoryview, fmt: str) -> tuple[Guarded, bytes | None]:
     """Parse caller material in `fmt` (auto, raw, der, pem)."""
     if fmt == "auto":
-        if bytes(data[:10]) == b"-----BEGIN":
+        if _starts_with(data, b"-----BEGIN"):
             fmt = "pem"
         elif key_type.is_asymmetric and len(data) > 48 and data[0] == 0x30:
             fmt = "der"
@@ -350,6 +352,11 @@ def hkdf_into_new(
             with out.read() as o:
                 return from_raw(key_type, o)
     return out, None
+
+
+def _starts_with(data: memoryview, prefix: bytes) -> bool:
+    """Compare without slicing the caller's key material into a new bytes object."""
+    return len(data) >= len(prefix) and all(data[i] == prefix[i] for i in range(len(prefix)))
 
 
 def _expect_len(key_type: KeyType, raw: memoryview, size: int) -> None:

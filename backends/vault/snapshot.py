@@ -5,9 +5,10 @@ Layout (all integers big-endian):
     magic     8 bytes   b"SRVAULT\\x00"
     version   u16       FORMAT_VERSION
     hlen      u32       length of the header
-    header    hlen      UTF-8 JSON: vault id, generation, key slots, payload nonce
+    header    hlen      UTF-8 JSON: vault id, generation, key slots, payload cipher
     plen      u64       length of the payload ciphertext
-    payload   plen      XChaCha20-Poly1305(LZ4(records)); associated data = everything above
+    payload   plen      nonce(24) ‖ XChaCha20-Poly1305(LZ4(records)); associated data =
+                        everything above plen
     checksum  32 bytes  SHA-256 of everything above
 
 The checksum is not a security measure (anyone can recompute it); it tells a
