@@ -62,7 +62,7 @@ def bench_snapshot(ks: strongroom.Keystore, keys: int) -> dict[str, float]:
     state = vault._state
     assert state is not None
     records = {}
-    with state.record_key.read() as rk:
+    with state.pool.borrow(1) as (rk, _):
         for i in range(keys):
             material, public = keyops.generate(KeyType.ED25519)
             handle = os.urandom(16).hex()

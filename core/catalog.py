@@ -6,6 +6,7 @@ It holds no secret. Writes are durable (synchronous=FULL) and the schema is vers
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import sqlite3
 import threading
@@ -57,7 +58,8 @@ class Catalog:
             raise CatalogError(f"cannot open the catalog {path}: {e}") from None
         self._lock = threading.RLock()
         self._cache: dict[tuple[str, str], KeyInfo] = {}
-        self._cache_version = -1
+        self._stamp = _ChangeStamp(path.with_name(path.name + ".stamp"))
+        self._cache_stamp = self._stamp.read()
 
     def _migrate(self) -> None:
         with self._db:
@@ -79,13 +81,19 @@ class Catalog:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self._stamp.close()
 
     def _fresh(self) -> None:
-        # data_version changes whenever another connection commits: drop the cache then.
-        version = self._db.execute("PRAGMA data_version").fetchone()[0]
-        if version != self._cache_version:
+        # Every writer stamps the shared change stamp after it commits: drop the cache then.
+        stamp = self._stamp.read()
+        if stamp != self._cache_stamp:
             self._cache.clear()
-            self._cache_version = version
+            self._cache_stamp = stamp
+
+    def _changed(self) -> None:
+        self._stamp.bump()
+        self._cache.clear()
+        self._cache_stamp = self._stamp.read()
 
     def get(self, namespace: str, name: str) -> KeyInfo:
         with self._lock:
@@ -139,14 +147,14 @@ class Catalog:
                 )
             except sqlite3.IntegrityError:
                 raise KeyExists(info.name, info.namespace) from None
-            self._cache.pop((info.namespace, info.name), None)
+            self._changed()
 
     def remove(self, namespace: str, name: str) -> None:
         with self._lock:
             cur = self._db.execute(
                 "DELETE FROM keys WHERE namespace=? AND name=?", (namespace, name)
             )
-            self._cache.pop((namespace, name), None)
+            self._changed()
             if cur.rowcount == 0:
                 raise KeyNotFound(name, namespace)
 
@@ -156,6 +164,34 @@ class Catalog:
                 "SELECT handle FROM keys WHERE backend=?", (backend,)
             ).fetchall()
             return {r[0] for r in rows}
+
+
+class _ChangeStamp:
+    """Eight shared bytes that every catalog writer sets to a fresh random value.
+
+    Readers cache catalog rows and compare the stamp (a memory read, no system call) on
+    each lookup, so a key deleted or created by another process is seen at once. The
+    stamp lives in a file mapped MAP_SHARED beside the catalog. A random value rather
+    than a counter needs no lock: two writers can never leave it unchanged.
+    """
+
+    def __init__(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(fd).st_size < 8:
+                os.ftruncate(fd, 8)
+            self._map = mmap.mmap(fd, 8, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+
+    def read(self) -> bytes:
+        return self._map[:8]
+
+    def bump(self) -> None:
+        self._map[:8] = os.urandom(8)
+
+    def close(self) -> None:
+        self._map.close()
 
 
 def now() -> datetime:

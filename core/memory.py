@@ -30,11 +30,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, suppress
+import time
+import weakref
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, NoReturn, SupportsIndex
+
+from nacl._sodium import ffi as _sodium_ffi
+from nacl._sodium import lib as _sodium_lib
 
 from . import _native
 from .errors import GuardedMemoryError, InvalidArgument
@@ -43,7 +47,8 @@ __all__ = [
     "MAX_SIZE",
     "Guarded",
     "MemlockStatus",
-    "ScratchPool",
+    "Coffer",
+    "KeyedPool",
     "constant_time_equal",
     "disable_core_dumps",
     "memlock_status",
@@ -256,67 +261,295 @@ class _Access:
         self._read_only = None
 
 
-class ScratchPool:
-    """Reusable guarded buffers for one-operation plaintext.
+KEY_SIZE: Final = 32
+REKEY_INTERVAL: Final = 1.0
+"""Seconds between background re-randomisations of every coffer's shards."""
 
-    Mapping, locking and unmapping a `Guarded` costs tens of microseconds; an operation
-    that needs a key for a few microseconds borrows a buffer from here instead. The bytes
-    handed out sit at the end of the buffer, against its trailing guard page, and are
-    wiped before the buffer goes back. Locked memory is bounded by `keep` buffers plus
-    however many operations run at once.
+
+def _hash_into(out: memoryview, data: memoryview) -> None:
+    """BLAKE2b-256 of `data` into `out`, both in guarded memory (libsodium, no copies)."""
+    _sodium_lib.crypto_generichash_blake2b_salt_personal(
+        _sodium_ffi.from_buffer(out, require_writable=True), len(out),
+        _sodium_ffi.from_buffer(data), len(data), _sodium_ffi.NULL, 0,
+        _sodium_ffi.NULL, _sodium_ffi.NULL,
+    )  # fmt: skip
+
+
+def _random_into(out: memoryview) -> None:
+    _sodium_lib.randombytes(_sodium_ffi.from_buffer(out, require_writable=True), len(out))
+
+
+# A shard block: left ‖ right ‖ scratch for H(right). key = left XOR BLAKE2b(right).
+_SHARDS: Final = 3 * KEY_SIZE
+
+
+def _split(block: memoryview, key: memoryview) -> None:
+    """Store `key` as fresh shards in block[0:96]."""
+    left, right, tmp = block[0:32], block[32:64], block[64:96]
+    _random_into(right)
+    _hash_into(tmp, right)
+    _native.xor_into(left, key, tmp)
+    _native.wipe(tmp)
+
+
+def _join(block: memoryview, out: memoryview) -> None:
+    """Write the key held in block[0:96] into `out`, then re-randomise the shards."""
+    left, tmp = block[0:32], block[64:96]
+    _hash_into(tmp, block[32:64])
+    _native.xor_into(out, left, tmp)
+    _split(block, out)
+
+
+def _join_in_place(block: memoryview, key: memoryview) -> None:
+    """`_join` for a block whose key slot is block[96:128]: one pointer, fewer crossings."""
+    p = _sodium_ffi.from_buffer(block, require_writable=True)
+    left, tmp = block[0:32], block[64:96]
+    hash_ = _sodium_lib.crypto_generichash_blake2b_salt_personal
+    null = _sodium_ffi.NULL
+    hash_(p + 64, KEY_SIZE, p + 32, KEY_SIZE, null, 0, null, null)  # tmp = H(right)
+    _native.xor_into(key, left, tmp)  # key = left ^ H(right)
+    _sodium_lib.randombytes(p + 32, KEY_SIZE)  # a new right shard
+    hash_(p + 64, KEY_SIZE, p + 32, KEY_SIZE, null, 0, null, null)
+    _native.xor_into(left, key, tmp)  # left = key ^ H(new right)
+    _native.wipe(tmp)
+    left.release()
+    tmp.release()
+    del p
+
+
+class Coffer:
+    """A 32-byte key held Boojum-style: two shards in guarded memory, key = left XOR H(right).
+
+    Neither shard alone says anything about the key. Both are re-randomised on every use
+    and every `REKEY_INTERVAL` seconds, so a memory image taken at one moment and another
+    taken later never combine. The key itself exists only inside the caller's guarded
+    buffer, for one operation.
     """
 
-    def __init__(self, capacity: int | None = None, keep: int = 4) -> None:
-        self.capacity = capacity or page_size() - 64
+    def __init__(self, key: bytes | bytearray | memoryview) -> None:
+        with memoryview(key) as view:
+            if view.nbytes != KEY_SIZE:
+                raise InvalidArgument(f"a coffer holds a {KEY_SIZE}-byte key")
+            self._block = Guarded(_SHARDS + KEY_SIZE)
+            self._lock = threading.Lock()
+            with self._block.write() as block:
+                _split(block, view.cast("B"))
+        _rekeyer.register(self)
+
+    @classmethod
+    def random(cls) -> Coffer:
+        """A coffer holding a new random key."""
+        with Guarded(KEY_SIZE) as fresh:
+            with fresh.write() as key:
+                _random_into(key)
+            with fresh.read() as key:
+                return cls(key)
+
+    def open_into(self, out: memoryview) -> None:
+        """Write the key into `out` (guarded memory, please) and re-randomise the shards."""
+        with self._lock, self._block.write() as block:
+            _join(block, out)
+
+    def rekey(self) -> None:
+        """Re-randomise the shards without handing the key out."""
+        with self._lock:
+            if self._block.closed:
+                return
+            with self._block.write() as block:
+                key = block[_SHARDS:]
+                try:
+                    _join(block, key)
+                finally:
+                    _native.wipe(key)
+                    key.release()
+
+    @property
+    def closed(self) -> bool:
+        return self._block.closed
+
+    def close(self) -> None:
+        with self._lock:
+            self._block.close()
+
+    def __enter__(self) -> Coffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Coffer {'closed' if self.closed else 'open'}>"
+
+
+class KeyedPool:
+    """Guarded scratch pages for one-operation plaintext, each carrying shards of one key.
+
+    Mapping and locking a page costs tens of microseconds, so operations borrow a page
+    from here. Each page holds its own Boojum shards of the pool's key (say, the vault's
+    record key) beside a scratch area, so one change of protection gives an operation
+    both the key and room for the plaintext it decrypts. Everything handed out is wiped
+    before the page goes back. Locked memory is bounded by `keep` pages plus however many
+    operations run at once, however many keys there are.
+    """
+
+    _KEY_AT: Final = _SHARDS
+    _SCRATCH_AT: Final = _SHARDS + KEY_SIZE
+
+    def __init__(self, source: Coffer, keep: int = 4) -> None:
+        self._source = source
+        self.capacity = page_size() - 64 - self._SCRATCH_AT
         self._keep = keep
         self._idle: list[Guarded] = []
         self._lock = threading.Lock()
         self._closed = False
+        _rekeyer.register(self)
 
-    @contextmanager
-    def borrow(self, size: int) -> Iterator[memoryview]:
-        """A writable view of `size` bytes for one operation; wiped afterwards."""
-        if size > self.capacity:
-            with Guarded(size) as own, own.write() as view:
-                try:
-                    yield view
-                finally:
-                    wipe(view)
-            return
-        with self._lock:
-            buf = self._idle.pop() if self._idle else None
-        if buf is None:
-            buf = Guarded(self.capacity)
+    def _new_page(self, scratch: int) -> Guarded:
+        page = Guarded(self._SCRATCH_AT + scratch)
         try:
-            with buf.write() as view:
-                tail = view[self.capacity - size :]
+            with page.write() as block:
+                key = block[self._KEY_AT : self._SCRATCH_AT]
                 try:
-                    yield tail
+                    self._source.open_into(key)
+                    _split(block, key)
                 finally:
-                    wipe(tail)
-                    tail.release()
+                    _native.wipe(key)
+                    key.release()
         except BaseException:
-            buf.close()
+            page.close()
             raise
+        return page
+
+    def borrow(self, size: int) -> _Borrowed:
+        """`with pool.borrow(n) as (key, scratch):` the key and n writable bytes, wiped after."""
+        if self._closed:
+            raise GuardedMemoryError("the key pool is closed")
+        if size > self.capacity:
+            return _Borrowed(self, self._new_page(size), size, own=True)
+        with self._lock:
+            page = self._idle.pop() if self._idle else None
+        return _Borrowed(self, page or self._new_page(self.capacity), size, own=False)
+
+    def _give_back(self, page: Guarded) -> None:
         with self._lock:
             if not self._closed and len(self._idle) < self._keep:
-                self._idle.append(buf)
+                self._idle.append(page)
                 return
-        buf.close()
+        page.close()
+
+    def rekey(self) -> None:
+        """Re-randomise the shards of every idle page."""
+        with self._lock:
+            pages, self._idle = self._idle, []
+        for page in pages:
+            if page.closed:
+                continue
+            with page.write() as block:
+                key = block[self._KEY_AT : self._SCRATCH_AT]
+                try:
+                    _join(block, key)
+                finally:
+                    _native.wipe(key)
+                    key.release()
+            self._give_back(page)
 
     def close(self) -> None:
-        """Close every idle buffer (checking its canary)."""
+        """Close every idle page (checking its canary); pages out on loan close on return."""
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
         errors = []
-        for buf in idle:
+        for page in idle:
             try:
-                buf.close()
+                page.close()
             except GuardedMemoryError as e:
                 errors.append(e)
         if errors:
             raise errors[0]
+
+
+class _Borrowed:
+    """One loan from a KeyedPool (a class, not a generator: it is on every operation's path).
+
+    A page on loan belongs to one borrower only, so this drives the native buffer directly
+    instead of going through Guarded's shared reader/writer bookkeeping.
+    """
+
+    __slots__ = ("_block", "_key", "_own", "_page", "_pool", "_scratch", "_size")
+
+    def __init__(self, pool: KeyedPool, page: Guarded, size: int, own: bool) -> None:
+        self._pool, self._page, self._size, self._own = pool, page, size, own
+        self._block: memoryview | None = None
+        self._key: memoryview | None = None
+        self._scratch: memoryview | None = None
+
+    def __enter__(self) -> tuple[memoryview, memoryview]:
+        buf = self._page._buf
+        buf.protect(_READ_WRITE)
+        try:
+            block = memoryview(buf)
+            self._block = block
+            key = block[KeyedPool._KEY_AT : KeyedPool._SCRATCH_AT]
+            self._key = key
+            _join_in_place(block, key)
+            self._scratch = block[len(block) - self._size :]
+        except BaseException:
+            self.__exit__()
+            raise
+        return key, self._scratch
+
+    def __exit__(self, *exc: object) -> None:
+        buf = self._page._buf
+        views = (self._key, self._scratch)
+        self._key = self._scratch = None
+        try:
+            for view in views:
+                if view is not None:
+                    _native.wipe(view)
+                    view.release()
+            if self._block is not None:
+                self._block.release()
+                self._block = None
+        finally:
+            buf.protect(_NO_ACCESS)
+        if buf.exports:
+            self._page.close()
+            raise GuardedMemoryError("a view of guarded memory escaped its operation")
+        if self._own:
+            self._page.close()
+        else:
+            self._pool._give_back(self._page)
+
+
+class _Rekeyer:
+    """One daemon thread that re-randomises every live coffer and pool now and then."""
+
+    def __init__(self) -> None:
+        self._targets: weakref.WeakSet[Coffer | KeyedPool] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def register(self, target: Coffer | KeyedPool) -> None:
+        with self._lock:
+            self._targets.add(target)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="strongroom-rekey", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(REKEY_INTERVAL)
+            with self._lock:
+                targets = list(self._targets)
+            for target in targets:
+                with suppress(GuardedMemoryError):
+                    target.rekey()
+            del targets
+
+
+_rekeyer = _Rekeyer()
 
 
 @dataclass(frozen=True)

@@ -208,3 +208,17 @@ def test_key_types_accept_members_and_strings(tmp_path: Path) -> None:
         a = ks.generate("a", KeyType.ED25519)
         b = ks.generate("b", "ED25519")
         assert a.type is b.type is KeyType.ED25519
+
+
+def test_a_second_keystore_sees_creations_and_deletions_at_once(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, "")
+    with strongroom.open(cfg) as a, strongroom.open(cfg) as b:
+        a.generate("shared", "ed25519")
+        sig = b.sign("shared", b"m")  # b had no row cached; the vault reloads the record
+        a.verify("shared", b"m", sig)
+        b.info("shared")  # now cached in b
+        a.delete("shared")
+        with pytest.raises(KeyNotFound):
+            b.sign("shared", b"m")
+        with pytest.raises(KeyNotFound):
+            b.info("shared")

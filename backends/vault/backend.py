@@ -41,7 +41,7 @@ from strongroom.errors import (
     SnapshotTampered,
     StrongroomError,
 )
-from strongroom.memory import Guarded, ScratchPool, memlock_status, scrub_bytes
+from strongroom.memory import Coffer, Guarded, KeyedPool, memlock_status, scrub_bytes
 from strongroom.types import KeyInfo, KeyType, Operation, Usage
 
 from . import keyops, procedures, snapshot, sodium
@@ -120,33 +120,55 @@ class Record:
 
 
 class _Open:
-    """The state of an unlocked vault."""
+    """The state of an unlocked vault: master key and record key in coffers, records sealed."""
 
     def __init__(
         self, vault_id: str, generation: int, slots: list[dict[str, Any]], master: Guarded
     ) -> None:
+        """Takes ownership of `master` (closes it once its key is in a coffer)."""
         self.vault_id = vault_id
         self.generation = generation
         self.slots = slots
-        self.master = master
-        self.record_key = Guarded(32)
-        with master.read() as m, self.record_key.write() as r:
-            sodium.keyed_hash_into(m, _REC_PERSONAL, r)
+        with master, master.read() as m:
+            self.master = Coffer(m)
+        try:
+            with self.subkey(_REC_PERSONAL) as r:
+                self.record_key = Coffer(r)
+        except BaseException:
+            self.master.close()
+            raise
+        self.pool = KeyedPool(self.record_key)
         self.records: dict[str, Record] = {}
 
     @contextlib.contextmanager
-    def payload_key(self) -> Iterator[memoryview]:
+    def master_key(self) -> Iterator[memoryview]:
+        """The master key, in guarded memory for the length of the block."""
         with Guarded(32) as key:
-            with self.master.read() as m, key.write() as k:
-                sodium.keyed_hash_into(m, _PAYLOAD_PERSONAL, k)
+            with key.write() as k:
+                self.master.open_into(k)
             with key.read() as k:
                 yield k
 
+    @contextlib.contextmanager
+    def subkey(self, personal: bytes) -> Iterator[memoryview]:
+        """A key derived from the master key (keyed BLAKE2b), for the length of the block."""
+        with Guarded(32) as key:
+            with self.master_key() as m, key.write() as k:
+                sodium.keyed_hash_into(m, personal, k)
+            with key.read() as k:
+                yield k
+
+    def payload_key(self) -> contextlib.AbstractContextManager[memoryview]:
+        return self.subkey(_PAYLOAD_PERSONAL)
+
     def close(self) -> None:
         try:
-            self.record_key.close()
+            self.pool.close()
         finally:
-            self.master.close()
+            try:
+                self.record_key.close()
+            finally:
+                self.master.close()
         self.records = {}
 
 
@@ -191,7 +213,6 @@ class VaultBackend(Backend):
         self._state: _Open | None = None
         self._lock = threading.RLock()
         self._publics: dict[str, PublicKeyTypes] = {}
-        self._scratch = ScratchPool()
 
     # -- Backend: discovery ------------------------------------------------------------------
     def availability(self) -> str | None:
@@ -257,8 +278,6 @@ class VaultBackend(Backend):
                 self._state.close()
                 self._state = None
             self._publics.clear()
-            self._scratch.close()
-            self._scratch = ScratchPool()
 
     def unlock(self, method: str | None = None) -> str:
         with self._lock:
@@ -303,7 +322,7 @@ class VaultBackend(Backend):
         else:
             sealer = self.context.sealer(method)
             slot = {"id": uuid.uuid4().hex[:8], "method": method, "created": _now()}
-            with state.master.read() as m:
+            with state.master_key() as m:
                 slot["params"] = sealer.seal(m, f"strongroom-vault:{state.vault_id}", options)
         self._mutate(lambda records, slots: slots.append(slot))
         return _public_slot(slot)
@@ -379,7 +398,7 @@ class VaultBackend(Backend):
             "salt": _b64(sodium.random_bytes(16)),
             "created": _now(),
         }
-        with self._kek(passphrase, slot) as kek, state.master.read() as m:
+        with self._kek(passphrase, slot) as kek, state.master_key() as m:
             slot["wrapped"] = _b64(sodium.seal(kek, m, _slot_aad(state.vault_id, slot)))
         return slot
 
@@ -570,21 +589,17 @@ class VaultBackend(Backend):
                 raise KeyNotFound(info.name, info.namespace)
         return rec
 
-    @contextlib.contextmanager
-    def _material(self, info: KeyInfo) -> Iterator[memoryview]:
-        """The key's plaintext in borrowed guarded memory, for one operation."""
+    def _material(self, info: KeyInfo) -> _Material:
+        """`with self._material(info) as m:` the key's plaintext, for one operation."""
         rec = self._record(info)
         state = self._require()
-        with self._scratch.borrow(sodium.opened_length(rec.sealed)) as out:
-            with state.record_key.read() as rk:
-                sodium.open_into(rk, rec.sealed, rec.aad(), out)
-            yield out
+        return _Material(state.pool.borrow(sodium.opened_length(rec.sealed)), rec)
 
     def _store(self, info: KeyInfo, material: Guarded, public: bytes | None) -> str:
         state = self._require()
         handle = os.urandom(16).hex()
         with material:
-            with state.record_key.read() as rk, material.read() as m:
+            with state.pool.borrow(1) as (rk, _), material.read() as m:
                 probe = Record(
                     handle,
                     info.name,
@@ -729,6 +744,29 @@ class VaultBackend(Backend):
             with key.read() as k:
                 material, public = keyops.from_raw(new.info.type, k)
         return self._store(new.info, material, public)
+
+
+class _Material:
+    """Opens one record into borrowed guarded memory (a class: it is on every operation)."""
+
+    __slots__ = ("_loan", "_record")
+
+    def __init__(
+        self, loan: contextlib.AbstractContextManager[tuple[memoryview, memoryview]], record: Record
+    ) -> None:
+        self._loan, self._record = loan, record
+
+    def __enter__(self) -> memoryview:
+        record_key, out = self._loan.__enter__()
+        try:
+            sodium.open_into(record_key, self._record.sealed, self._record.aad(), out)
+        except BaseException:
+            self._loan.__exit__(None, None, None)
+            raise
+        return out
+
+    def __exit__(self, *exc: object) -> None:
+        self._loan.__exit__(None, None, None)
 
 
 def _no_algorithm(algorithm: str | None) -> None:
