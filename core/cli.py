@@ -249,13 +249,23 @@ def doctor(state: State) -> None:
             f"RLIMIT_MEMLOCK {limit}, {mem.locked_bytes} bytes locked, "
             f"{mem.mlock_failures} mlock failures",
         )
+        if mem.secretmem_enabled:
+            check("memfd_secret", True, "guarded pages leave the kernel's direct map")
+        else:
+            check(
+                "memfd_secret",
+                None,
+                "not available on this kernel"
+                if not mem.secretmem_available
+                else "turned off (STRONGROOM_NO_SECRETMEM)",
+            )
     soft, _ = resource.getrlimit(resource.RLIMIT_CORE)
     check(
         "core dumps",
         soft == 0 or None,
         "off (RLIMIT_CORE 0)"
         if soft == 0
-        else f"RLIMIT_CORE is {soft}; Strongroom turns core dumps off when it unlocks",
+        else f"RLIMIT_CORE is {soft}; Strongroom turns core dumps off when it opens",
     )
     try:
         cfg = config_mod.load(state.config)

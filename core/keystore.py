@@ -115,8 +115,7 @@ class Keystore:
                 self._unusable[name] = (bcfg.type, cls)
                 continue
             self._backends[name] = cls(self._context(bcfg, cls))
-        if not config.core_dumps:
-            _harden_process()
+        _harden_process(config.core_dumps)
         self.catalog = Catalog(config.data_dir / "catalog.sqlite")
         self.audit = Audit(config.audit, config.data_dir / "audit.jsonl", actor)
 
@@ -602,14 +601,16 @@ class Keystore:
             return self._create(new, b, lambda n: procs.slip10_derive(src, path, n))
 
 
-def _harden_process() -> None:
-    """No core dumps, and no same-user ptrace or /proc/PID/mem (issue: memory dumps)."""
+def _harden_process(core_dumps: bool) -> None:
+    """Purge guarded memory on SIGTERM/SIGINT/exit; unless allowed, no core dumps or ptrace."""
     try:
-        from .memory import disable_core_dumps
+        from .memory import disable_core_dumps, install_purge_handlers
     except ImportError:  # the native extension is missing; `strongroom doctor` says so
         return
-    with contextlib.suppress(OSError):
-        disable_core_dumps()
+    install_purge_handlers()
+    if not core_dumps:
+        with contextlib.suppress(OSError):
+            disable_core_dumps()
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:

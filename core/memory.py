@@ -28,10 +28,14 @@ Nothing in this module ever logs or formats secret bytes.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+import signal
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass
 from types import TracebackType
@@ -47,6 +51,10 @@ __all__ = [
     "MAX_SIZE",
     "Guarded",
     "MemlockStatus",
+    "add_purge_hook",
+    "install_purge_handlers",
+    "purge",
+    "use_secretmem",
     "Coffer",
     "KeyedPool",
     "constant_time_equal",
@@ -102,6 +110,7 @@ class Guarded:
         self._lock = threading.Lock()
         self._readers = 0
         self._writers = 0
+        _live.add(self)
         _warn_once_if_unlocked(self.mlocked)
 
     @classmethod
@@ -128,6 +137,11 @@ class Guarded:
     def mlocked(self) -> bool:
         """True while the pages are locked in RAM (False after close or if mlock failed)."""
         return bool(self._buf.mlocked)
+
+    @property
+    def secret(self) -> bool:
+        """True while the pages are memfd_secret: out of the direct map, unreadable via /proc."""
+        return bool(self._buf.secret)
 
     @property
     def closed(self) -> bool:
@@ -485,7 +499,10 @@ class _Borrowed:
 
     def __enter__(self) -> tuple[memoryview, memoryview]:
         buf = self._page._buf
-        buf.protect(_READ_WRITE)
+        try:
+            buf.protect(_READ_WRITE)
+        except (OSError, ValueError) as exc:
+            raise GuardedMemoryError(f"could not open guarded memory: {exc}") from exc
         try:
             block = memoryview(buf)
             self._block = block
@@ -561,9 +578,15 @@ class MemlockStatus:
     hard_limit: int | None
     """Hard limit in bytes; None means unlimited."""
     locked_bytes: int
-    """Bytes currently locked by guarded memory in this process."""
+    """Bytes currently locked by guarded memory in this process (mlock + memfd_secret)."""
     mlock_failures: int
     """How many guarded buffers could not be locked since the process started."""
+    secret_bytes: int = 0
+    """Of `locked_bytes`, those in memfd_secret pages (outside the kernel's direct map)."""
+    secretmem_available: bool = False
+    """Whether this kernel offers memfd_secret."""
+    secretmem_enabled: bool = False
+    """Whether guarded buffers use it (off with STRONGROOM_NO_SECRETMEM=1)."""
 
 
 def memlock_status() -> MemlockStatus:
@@ -574,7 +597,78 @@ def memlock_status() -> MemlockStatus:
         hard_limit=None if hard < 0 else int(hard),
         locked_bytes=int(_native.locked_bytes()),
         mlock_failures=int(_native.mlock_failures()),
+        secret_bytes=int(_native.secret_bytes()),
+        secretmem_available=bool(_native.secretmem_available()),
+        secretmem_enabled=bool(_native.secretmem_enabled()),
     )
+
+
+def use_secretmem(enabled: bool) -> None:
+    """Turn memfd_secret on or off for guarded buffers made from now on."""
+    _native.set_secretmem(enabled)
+
+
+# -- purge ---------------------------------------------------------------------------------------
+_live: weakref.WeakSet[Guarded] = weakref.WeakSet()
+_purge_hooks: list[Callable[[int], None]] = []
+_handlers_installed = False
+
+
+def add_purge_hook(hook: Callable[[int], None]) -> None:
+    """Call `hook(count)` after every purge, with the number of buffers it closed."""
+    _purge_hooks.append(hook)
+
+
+def purge() -> int:
+    """Wipe and unmap every guarded buffer not in use right now; return how many.
+
+    Coffers and key pools are guarded buffers, so after a purge the keys they held are
+    gone from this process: anything that needs them raises GuardedMemoryError. Buffers
+    in use by a running operation are left to that operation, which closes them as it
+    unwinds.
+    """
+    closed = 0
+    for guarded in list(_live):
+        if guarded.closed or guarded._readers or guarded._writers:
+            continue
+        with suppress(GuardedMemoryError, OSError):
+            guarded.close()
+            closed += 1
+    for hook in list(_purge_hooks):
+        with suppress(Exception):
+            hook(closed)
+    return closed
+
+
+def install_purge_handlers() -> None:
+    """Purge on SIGTERM, SIGINT and at exit, where the application has not taken them.
+
+    SIGTERM: purge, then die of SIGTERM as before. SIGINT: purge, then raise
+    KeyboardInterrupt as before. A handler the application installed is left alone.
+    Only the main thread can install signal handlers; elsewhere only the exit hook is set.
+    """
+    global _handlers_installed
+    if _handlers_installed:
+        return
+    _handlers_installed = True
+    atexit.register(purge)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    purge()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    purge()
+    raise KeyboardInterrupt
 
 
 def wipe(buf: bytearray | memoryview) -> None:
