@@ -100,6 +100,31 @@ def bench_snapshot(ks: strongroom.Keystore, keys: int) -> dict[str, float]:
     }
 
 
+def bench_locked(tmp: Path, keys: int) -> dict[str, float]:
+    """Locked memory of an unlocked vault in use, empty and with `keys` keys."""
+    from strongroom.memory import memlock_status
+
+    cfg_dir = tmp / "locked"
+    cfg_dir.mkdir()
+    ks = make_keystore(cfg_dir)
+    vault = ks.vault
+    assert isinstance(vault, VaultBackend)
+    vault.open()
+    ks.generate("first", "aes-256")
+    ks.decrypt("first", ks.encrypt("first", b"x"))
+    empty = memlock_status().locked_bytes
+    bench_snapshot(ks, keys)  # adds `keys` records
+    ks.close()
+    ks = make_keystore(cfg_dir)
+    vault = ks.vault
+    assert isinstance(vault, VaultBackend)
+    for info in vault.records()[:1000]:
+        vault.sign(info, b"x", None)
+    full = memlock_status().locked_bytes
+    ks.close()
+    return {"empty": empty, "full": full, "per_1000": (full - empty) / keys * 1000}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=7)
@@ -121,6 +146,12 @@ def main() -> None:
         )
         print(f"| snapshot load, {snap['keys']:,} keys | {snap['load_s'] * 1000:.0f} ms | | | |")
         print(f"| commit + load | {snap['total_s'] * 1000:.0f} ms | | | < 2000 ms |")
+        locked = bench_locked(Path(tmp), args.keys)
+        print(
+            f"| locked memory, vault unlocked and in use, 1 key | {locked['empty']:.0f} B | | | |"
+        )
+        print(f"| locked memory, {args.keys:,} keys | {locked['full']:.0f} B | | | |")
+        print(f"| locked memory per 1,000 keys | {locked['per_1000']:.0f} B | | | bounded |")
 
 
 if __name__ == "__main__":

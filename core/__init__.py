@@ -13,7 +13,17 @@ from __future__ import annotations
 import os
 
 from . import config as _config
-from .backend import Attester, Backend, BackendContext, ConfigKey, NewKey, Sealer, SeedProcedures
+from .backend import (
+    Attester,
+    Backend,
+    BackendContext,
+    ConfigKey,
+    ExistingKey,
+    NewKey,
+    PresencePrompt,
+    Sealer,
+    SeedProcedures,
+)
 from .errors import (
     AuthenticationFailed,
     BackendUnavailable,
@@ -25,6 +35,7 @@ from .errors import (
     KeyExists,
     KeyNotFound,
     PolicyViolation,
+    PresenceTimeout,
     SnapshotCorrupt,
     SnapshotTampered,
     SnapshotTruncated,
@@ -44,9 +55,14 @@ def open(
     *,
     actor: str | None = None,
     prompter: Prompter | None = None,
+    presence: PresencePrompt | None = None,
 ) -> Keystore:
-    """Open the keystore described by `config`, $STRONGROOM_CONFIG, or the embedded default."""
-    return Keystore(_config.load(config), actor=actor, prompter=prompter)
+    """Open the keystore described by `config`, $STRONGROOM_CONFIG, or the embedded default.
+
+    `prompter` asks for secrets configured as `prompt`; `presence(message)` is called when a
+    device waits for the user, e.g. "touch your security key".
+    """
+    return Keystore(_config.load(config), actor=actor, prompter=prompter, presence=presence)
 
 
 __all__ = [
@@ -59,6 +75,7 @@ __all__ = [
     "ConfigError",
     "ConfigKey",
     "DeviceLocked",
+    "ExistingKey",
     "GuardedMemoryError",
     "IntegrityError",
     "InvalidArgument",
@@ -70,6 +87,8 @@ __all__ = [
     "NewKey",
     "Operation",
     "PolicyViolation",
+    "PresencePrompt",
+    "PresenceTimeout",
     "Prompter",
     "Sealer",
     "SeedProcedures",

@@ -81,8 +81,12 @@ def rsa_encrypt(public: PublicKeyTypes, plaintext: bytes) -> bytes:
 
 def public_key_matches(key_type: KeyType, public: Any) -> bool:
     """True when a `cryptography` public key object is of `key_type`."""
-    if key_type is KeyType.ED25519:
+    if key_type in (KeyType.ED25519, KeyType.FIDO_EDDSA):
         return isinstance(public, ed25519.Ed25519PublicKey)
+    if key_type is KeyType.FIDO_ES256:
+        return isinstance(public, ec.EllipticCurvePublicKey) and isinstance(
+            public.curve, ec.SECP256R1
+        )
     if key_type is KeyType.X25519:
         return isinstance(public, x25519.X25519PublicKey)
     if key_type in CURVES:

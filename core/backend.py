@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from .errors import ConfigError, UnsupportedOperation
-from .types import KeyInfo, KeyType, Operation
+from .types import KeyInfo, KeyType, Operation, Usage
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
@@ -22,6 +22,12 @@ if TYPE_CHECKING:
     from .secrets import SecretSource
 
 Capability = tuple[KeyType, Operation]
+PresencePrompt = Callable[[str], None]
+"""presence(message) tells the person to act on a device now, e.g. "touch your security key"."""
+
+
+def no_presence_prompt(message: str) -> None:
+    """The default for library use: say nothing (the CLI prints the message)."""
 
 
 @dataclass
@@ -38,6 +44,8 @@ class BackendContext:
     config_error: Callable[[str, str], ConfigError]
     """config_error(message, key) → a ConfigError naming the file, line and this backend's key."""
     options: dict[str, Any] = field(default_factory=dict)
+    presence: PresencePrompt = no_presence_prompt
+    """Called when the device waits for a touch (or similar), so the user can be told."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,18 @@ class NewKey:
     """What the keystore asks a backend to create: the catalog row-to-be."""
 
     info: KeyInfo
+
+
+@dataclass(frozen=True)
+class ExistingKey:
+    """A key found in a backend that Strongroom did not create (`key adopt`)."""
+
+    handle: str
+    type: KeyType
+    usage: frozenset[Usage]
+    """What the backend lets the key do; the catalog row may narrow it, never widen it."""
+    exportable: bool = False
+    attributes: Mapping[str, str] = field(default_factory=dict)
 
 
 class Backend(abc.ABC):
@@ -108,6 +128,11 @@ class Backend(abc.ABC):
         """Store caller-supplied material (raw, der or pem) and return the handle."""
         raise self.unsupported(Operation.IMPORT, new.info.type)
 
+    def adopt(self, ref: Mapping[str, str]) -> ExistingKey:
+        """Find a key that already exists in the backend (`ref` is backend-specific, e.g.
+        label or id) so the keystore can register it without copying it."""
+        raise self.unsupported("adopt", None)
+
     def export_key(self, info: KeyInfo, fmt: str) -> bytes:
         """Return the key material of an exportable key."""
         raise self.unsupported(Operation.EXPORT, info.type)
@@ -121,6 +146,11 @@ class Backend(abc.ABC):
 
     def verify_mac(self, info: KeyInfo, data: bytes, tag: bytes) -> bool:
         """Symmetric verification (HMAC); asymmetric verify uses the public key."""
+        raise self.unsupported(Operation.VERIFY, info.type)
+
+    def verify_assertion(self, info: KeyInfo, data: bytes, assertion: bytes) -> None:
+        """Check a FIDO assertion structure that `sign` made over `data` (a `KeyType.is_fido`
+        key); return None or raise cryptography's InvalidSignature."""
         raise self.unsupported(Operation.VERIFY, info.type)
 
     def encrypt(self, info: KeyInfo, plaintext: bytes, aad: bytes, algorithm: str | None) -> bytes:
@@ -174,6 +204,24 @@ class Attester(Protocol):
 
     def attest(self, info: KeyInfo, nonce: bytes) -> dict[str, Any]:
         """Return an attestation statement a relying party can verify."""
+        ...
+
+
+@runtime_checkable
+class AttestationVerifier(Protocol):
+    """Checks an Attester's statements with no device at hand (a static method on the class).
+
+    `strongroom attest verify` finds the class by the statement's `backend_type`.
+    """
+
+    @staticmethod
+    def verify_attestation(
+        statement: Mapping[str, Any],
+        nonce: bytes | None,
+        trusted_signer: PublicKeyTypes | None,
+        expected_public: PublicKeyTypes | None,
+    ) -> dict[str, Any]:
+        """Return what the statement proves, or raise AttestationInvalid saying why not."""
         ...
 
 

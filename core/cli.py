@@ -17,11 +17,12 @@ from typing import Any, BinaryIO, NoReturn
 
 import click
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from . import __version__, algorithms
 from . import config as config_mod
 from .backend import VaultControl
-from .errors import InvalidArgument, StrongroomError
+from .errors import AttestationInvalid, InvalidArgument, StrongroomError
 from .keystore import Keystore, vault_restore
 from .secrets import SecretSource, validate_reference
 from .types import KeyInfo, KeyType, Usage
@@ -42,7 +43,7 @@ class State:
 
     def keystore(self) -> Keystore:
         if self._ks is None:
-            self._ks = Keystore(config_mod.load(self.config))
+            self._ks = Keystore(config_mod.load(self.config), presence=tell_user)
         return self._ks
 
     def close(self) -> None:
@@ -58,6 +59,11 @@ class State:
 
 
 pass_state = click.make_pass_decorator(State)
+
+
+def tell_user(message: str) -> None:
+    """Presence prompts from backends ("touch your security key") go to stderr at once."""
+    click.echo(message, err=True)
 
 
 def fail(message: str, code: int) -> NoReturn:
@@ -249,7 +255,7 @@ def doctor(state: State) -> None:
             f"RLIMIT_MEMLOCK {limit}, {mem.locked_bytes} bytes locked, "
             f"{mem.mlock_failures} mlock failures",
         )
-        if mem.secretmem_enabled:
+        if mem.secretmem_enabled and mem.secretmem_available:
             check("memfd_secret", True, "guarded pages leave the kernel's direct map")
         else:
             check(
@@ -259,18 +265,15 @@ def doctor(state: State) -> None:
                 if not mem.secretmem_available
                 else "turned off (STRONGROOM_NO_SECRETMEM)",
             )
-    soft, _ = resource.getrlimit(resource.RLIMIT_CORE)
-    check(
-        "core dumps",
-        soft == 0 or None,
-        "off (RLIMIT_CORE 0)"
-        if soft == 0
-        else f"RLIMIT_CORE is {soft}; Strongroom turns core dumps off when it opens",
-    )
     try:
         cfg = config_mod.load(state.config)
         check("config", True, cfg.path or "embedded default")
-        ks = state.keystore()
+        ks = state.keystore()  # opening the keystore applies the core-dump setting
+        soft, _ = resource.getrlimit(resource.RLIMIT_CORE)
+        if cfg.core_dumps:
+            check("core dumps", None, f"allowed by config (core_dumps = true), RLIMIT_CORE {soft}")
+        else:
+            check("core dumps", soft == 0, f"off (RLIMIT_CORE {soft}, not dumpable)")
         for s in ks.backends():
             check(f"backend {s.name}", s.available, s.reason or f"{s.type}: available")
     except StrongroomError as e:
@@ -346,6 +349,12 @@ def key_show(state: State, name: str) -> None:
     data = info.to_dict()
     if info.type.is_asymmetric and info.type is not KeyType.SEED:
         data["public_key"] = algorithms.encode_public(ks.public_key(name), "pem").decode()
+    if info.type.is_fido:
+        data["signatures"] = (
+            "FIDO assertions: CBOR of authenticator data, client data JSON and a signature over "
+            "authenticatorData + SHA-256(clientDataJSON), not a raw signature over the data "
+            "(see docs/fido.md)"
+        )
 
     def text() -> str:
         lines = [
@@ -392,7 +401,8 @@ def key_public(state: State, name: str, fmt: str, out: str | None) -> None:
 def key_sign(
     state: State, name: str, inp: str | None, out: str | None, algorithm: str | None
 ) -> None:
-    """Sign data (DER for ECDSA, raw for Ed25519, PKCS#1 v1.5 or PSS for RSA, HMAC tag)."""
+    """Sign data (DER for ECDSA, raw for Ed25519, PKCS#1 v1.5 or PSS for RSA, HMAC tag,
+    a FIDO assertion structure for fido-* keys)."""
     write_output(out, state.keystore().sign(name, read_input(inp), algorithm))
 
 
@@ -486,6 +496,42 @@ def key_import(
 def key_export(state: State, name: str, fmt: str, out: str | None) -> None:
     """Export an exportable key's private material."""
     write_output(out, state.keystore().export_key(name, fmt))
+
+
+@key.command("adopt")
+@click.argument("name")
+@click.option("--backend", required=True, help="The backend that holds the key.")
+@click.option("--label", help="Find the key by its label (PKCS#11 CKA_LABEL).")
+@click.option("--id", "key_id", metavar="HEX", help="Find the key by its id (PKCS#11 CKA_ID).")
+@click.option("--type", "key_type", type=TYPE_CHOICE, help="Expected key type (checked).")
+@click.option("--usage", help="Comma-separated usages (default: what the key allows).")
+@pass_state
+def key_adopt(
+    state: State,
+    name: str,
+    backend: str,
+    label: str | None,
+    key_id: str | None,
+    key_type: str | None,
+    usage: str | None,
+) -> None:
+    """Register a key that already exists in a backend, without copying it."""
+    if label is None and key_id is None:
+        raise click.UsageError("give --label, --id or both")
+    ref = {k: v for k, v in (("label", label), ("id", key_id)) if v is not None}
+    info = state.keystore().adopt(name, backend, ref, key_type, usage)
+    state.emit(info.to_dict(), f"adopted {info.type.value} key {info.name!r} in {info.backend}")
+
+
+@key.command("attest")
+@click.argument("name")
+@click.option("--nonce", metavar="HEX", help="The relying party's nonce (default: random).")
+@click.option("--out", "out", metavar="FILE", help="Write the statement here (default: stdout).")
+@pass_state
+def key_attest(state: State, name: str, nonce: str | None, out: str | None) -> None:
+    """Prove that a key lives in its hardware: a JSON statement for `attest verify`."""
+    statement = state.keystore().attest(name, None if nonce is None else _hex(nonce, "nonce"))
+    write_output(out, (json.dumps(statement, indent=2, sort_keys=True) + "\n").encode())
 
 
 @key.command("delete")
@@ -630,6 +676,57 @@ def key_slip10(
     state.emit(new.to_dict(), f"derived {new.type.value} key {new.name!r} at {path}")
 
 
+# -- attest ------------------------------------------------------------------------------------
+@cli.group()
+def attest() -> None:
+    """Check key attestation statements (made by `key attest`); needs no config or device."""
+
+
+@attest.command("verify")
+@click.option("--in", "inp", metavar="FILE", help="The statement (default: stdin).")
+@click.option("--nonce", metavar="HEX", help="The nonce you asked for; checked when given.")
+@click.option("--ak", metavar="FILE", help="PEM public key of the attestation key you trust.")
+@click.option("--public", metavar="FILE", help="PEM public key the attested key must have.")
+@pass_state
+def attest_verify(
+    state: State, inp: str | None, nonce: str | None, ak: str | None, public: str | None
+) -> None:
+    """Verify a statement: exit 0 if it proves what it claims, 1 if not."""
+    from .keystore import verify_attestation
+
+    try:
+        statement = json.loads(read_input(inp))
+    except (ValueError, UnicodeDecodeError):
+        raise AttestationInvalid("the statement is not JSON") from None
+    facts = verify_attestation(
+        statement,
+        None if nonce is None else _hex(nonce, "nonce"),
+        None if ak is None else _pem_public(ak),
+        None if public is None else _pem_public(public),
+    )
+
+    def text() -> str:
+        lines = [
+            f"attestation valid: key {facts.get('key')!r} ({facts.get('key_type')}) "
+            "cannot leave the TPM that certified it",
+            f"attestation key: {facts.get('attestation_key')}"
+            + ("" if facts.get("attestation_key_trusted") else " (NOT checked: give --ak)"),
+            "nonce: " + ("matches" if facts.get("nonce_checked") else "NOT checked: give --nonce"),
+        ]
+        return "\n".join(lines)
+
+    state.emit(facts, text)
+
+
+def _pem_public(path: str) -> PublicKeyTypes:
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        return load_pem_public_key(read_input(path))
+    except (ValueError, TypeError):
+        raise InvalidArgument(f"{path} is not a PEM public key") from None
+
+
 # -- vault -------------------------------------------------------------------------------------
 @cli.group()
 def vault() -> None:
@@ -675,10 +772,39 @@ def vault_lock(state: State) -> None:
     show_default=True,
     help="For METHOD passphrase: the new passphrase as env:NAME, file:PATH or prompt.",
 )
+@click.option(
+    "--pcrs",
+    metavar="LIST",
+    help="For a sealing backend that can: bind the slot to these PCRs, e.g. 7,11.",
+)
+@click.option(
+    "--pin", is_flag=True, help="For a sealing backend that can: also require its PIN to unseal."
+)
+@click.option(
+    "--no-touch",
+    "no_touch",
+    is_flag=True,
+    help="For a FIDO2 security key: unseal without a touch (user presence not required).",
+)
 @pass_state
-def vault_enroll(state: State, method: str, new_pass: str) -> None:
-    """Add a key slot: `passphrase`, or the name of a backend that can seal (tpm, hsm, ...)."""
+def vault_enroll(
+    state: State, method: str, new_pass: str, pcrs: str | None, pin: bool, no_touch: bool
+) -> None:
+    """Add a key slot: `passphrase`, or the name of a backend that can seal (tpm, fido, ...)."""
     options: dict[str, Any] = {}
+    if no_touch:
+        options["touch"] = False
+    if pcrs is not None:
+        try:
+            options["pcrs"] = [int(p) for p in pcrs.replace(" ", "").split(",") if p]
+        except ValueError:
+            raise click.UsageError("--pcrs takes PCR numbers separated by commas, e.g. 7,11")
+    if pin:
+        options["pin"] = True
+    if method == "passphrase" and options:
+        raise click.UsageError(
+            "--pcrs, --pin and --no-touch are for sealing backends, not passphrase"
+        )
     v = _vault(state)
     v.unlock()
     if method == "passphrase":
@@ -742,11 +868,11 @@ def vault_restore_cmd(state: State, file: str) -> None:
     )
 
 
-def _hex(text: str) -> bytes:
+def _hex(text: str, what: str = "salt") -> bytes:
     try:
         return bytes.fromhex(text)
     except ValueError:
-        raise InvalidArgument("salt must be hex") from None
+        raise InvalidArgument(f"{what} must be hex") from None
 
 
 def _secret(ref: str, prompt: str) -> SecretSource:

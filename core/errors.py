@@ -79,6 +79,10 @@ class AuthenticationFailed(StrongroomError):
         super().__init__(message)
 
 
+class PresenceTimeout(AuthenticationFailed):
+    """Nobody touched the security key (or card) within the time allowed."""
+
+
 class DeviceLocked(StrongroomError):
     """The device or vault refuses all attempts until it is reset or unlocked."""
 
@@ -111,6 +115,12 @@ class SnapshotVersionError(SnapshotCorrupt):
     def __init__(self, message: str, version: int) -> None:
         self.version = version
         super().__init__(message)
+
+
+class AttestationInvalid(StrongroomError):
+    """An attestation statement does not prove what it claims; the message says which check."""
+
+    exit_code = 1
 
 
 class InvalidArgument(StrongroomError, ValueError):

@@ -17,17 +17,23 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from . import algorithms
 from .audit import Audit
 from .backend import (
+    AttestationVerifier,
+    Attester,
     Backend,
     BackendContext,
     Capability,
+    ExistingKey,
     NewKey,
+    PresencePrompt,
     Sealer,
     SeedProcedures,
     VaultControl,
+    no_presence_prompt,
 )
 from .catalog import Catalog, now
 from .config import VAULT_TYPE, BackendConfig, Config
 from .errors import (
+    AttestationInvalid,
     BackendUnavailable,
     ConfigError,
     InvalidArgument,
@@ -40,6 +46,8 @@ from .secrets import Prompter, SecretSource, terminal_prompter, validate_referen
 from .types import KeyInfo, KeyType, Operation, Usage
 
 ENTRY_POINT_GROUP = "strongroom.backends"
+ADOPTED = "adopted"
+"""Catalog attribute of keys registered with `adopt`: delete forgets them, never destroys."""
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+/-]{0,127}")
 _IMPORT_FORMATS = ("auto", "raw", "der", "pem")
 
@@ -90,11 +98,17 @@ class Keystore:
     """One key API over every configured backend. Use `strongroom.open()` to make one."""
 
     def __init__(
-        self, config: Config, *, actor: str | None = None, prompter: Prompter | None = None
+        self,
+        config: Config,
+        *,
+        actor: str | None = None,
+        prompter: Prompter | None = None,
+        presence: PresencePrompt | None = None,
     ) -> None:
         self.config = config
         self.namespace = config.namespace
         self._prompter = prompter or terminal_prompter
+        self._presence = presence or no_presence_prompt
         self._lock = threading.RLock()
         self._opened: set[str] = set()
         self._closed = False
@@ -162,7 +176,13 @@ class Keystore:
             return self.config.error(message, table, key)
 
         return BackendContext(
-            bcfg.name, self.config.data_dir, settings, secret, sealer, config_error
+            bcfg.name,
+            self.config.data_dir,
+            settings,
+            secret,
+            sealer,
+            config_error,
+            presence=self._presence,
         )
 
     def __enter__(self) -> Keystore:
@@ -367,6 +387,48 @@ class Keystore:
             view = memoryview(material).cast("B")
             return self._create(info, b, lambda new: b.import_key(new, view, format))
 
+    def adopt(
+        self,
+        name: str,
+        backend: str,
+        ref: dict[str, str],
+        key_type: KeyType | str | None = None,
+        usage: Any = None,
+    ) -> KeyInfo:
+        """Register a key that already exists in `backend`, found by `ref`, without copying it.
+
+        The backend reports the key's type and what it may do; `key_type`, if given, must
+        match, and `usage` may only narrow it. Deleting the key later removes the catalog
+        row and leaves the backend's key alone.
+        """
+        with self._audited("adopt", name, ref=sorted(ref)) as facts:
+            facts["backend"] = backend
+            b = self._ready(self.backend(backend))
+            if self.catalog.exists(self.namespace, name):
+                raise KeyExists(name, self.namespace)
+            found: ExistingKey = b.adopt(dict(ref))
+            if key_type is not None and KeyType.parse(key_type) is not found.type:
+                raise InvalidArgument(
+                    f"the key in {backend!r} is a {found.type.value} key, not {key_type}"
+                )
+            wanted = Usage.parse_set(usage)
+            if wanted is not None and not wanted <= found.usage:
+                extra = ", ".join(sorted(u.value for u in wanted - found.usage))
+                raise PolicyViolation(f"the key in {backend!r} does not allow usage {extra}")
+            for other in self.catalog.list(None):
+                if other.backend == b.name and other.handle == found.handle:
+                    raise InvalidArgument(
+                        f"that key is already registered as {other.name!r}"
+                        f" in namespace {other.namespace!r}"
+                    )
+            usages = found.usage & found.type.allowed_usage if wanted is None else wanted
+            info = self._new_info(name, found.type, usages, found.exportable, b.name)
+            info = replace(
+                info, handle=found.handle, attributes={**found.attributes, ADOPTED: "true"}
+            )
+            self.catalog.add(info)
+            return info
+
     def export_key(self, name: str, format: str = "pem") -> bytes:
         """The private key material of an exportable key (pem, der or raw)."""
         with self._audited("export", name, format=format) as facts:
@@ -393,6 +455,23 @@ class Keystore:
                 )
             return b.public_key(info)
 
+    def attest(self, name: str, nonce: bytes | None = None) -> dict[str, Any]:
+        """A statement from the key's backend that the key lives in its hardware.
+
+        `nonce` (1-64 bytes, random when None) comes from the relying party; the statement
+        carries `backend_type`, which `verify_attestation` uses to find the verifier.
+        """
+        with self._audited("attest", name) as facts:
+            info, b = self._key(name, None, facts)
+            if not isinstance(b, Attester):
+                raise UnsupportedOperation(
+                    b.name, "attest", info.type.value, "this backend cannot attest its keys"
+                )
+            nonce = os.urandom(32) if nonce is None else bytes(nonce)
+            if not 1 <= len(nonce) <= 64:
+                raise InvalidArgument("an attestation nonce is 1 to 64 bytes")
+            return {**b.attest(info, nonce), "backend_type": b.type_name}
+
     def sign(self, name: str, data: bytes, algorithm: str | None = None) -> bytes:
         """Sign (or, for an HMAC key, MAC) `data`."""
         with self._audited("sign", name, size=len(data)) as facts:
@@ -411,6 +490,11 @@ class Keystore:
                     raise InvalidArgument("HMAC keys take no signature algorithm")
                 if not b.verify_mac(info, bytes(data), bytes(signature)):
                     raise InvalidSignature()
+                return
+            if info.type.is_fido:  # an assertion structure, which only its backend parses
+                if algorithm is not None:
+                    raise InvalidArgument("FIDO credentials take no signature algorithm")
+                b.verify_assertion(info, bytes(data), bytes(signature))
                 return
             algorithms.verify_signature(info.type, b.public_key(info), data, signature, algorithm)
 
@@ -513,13 +597,15 @@ class Keystore:
         """Destroy the backend key, then remove the catalog row.
 
         In this order a failure never leaves a key that the catalog calls deleted: at worst
-        a row whose key is gone, and deleting again finishes the job.
+        a row whose key is gone, and deleting again finishes the job. A key registered with
+        `adopt` is only removed from the catalog; the backend keeps it.
         """
         with self._audited("delete", name) as facts:
             info = self.catalog.get(self.namespace, name)
             facts["backend"] = info.backend
             b = self._ready(self.backend(info.backend))
-            b.delete(info)
+            if info.attributes.get(ADOPTED) != "true":  # an adopted key is only forgotten
+                b.delete(info)
             self.catalog.remove(self.namespace, name)
 
     def vault_control(self) -> VaultControl:
@@ -599,6 +685,28 @@ class Keystore:
             if new.type not in (KeyType.ED25519, KeyType.SECP256K1):
                 raise InvalidArgument("SLIP-0010 derives ed25519 or secp256k1 keys")
             return self._create(new, b, lambda n: procs.slip10_derive(src, path, n))
+
+
+def verify_attestation(
+    statement: dict[str, Any],
+    nonce: bytes | None = None,
+    trusted_signer: PublicKeyTypes | None = None,
+    expected_public: PublicKeyTypes | None = None,
+) -> dict[str, Any]:
+    """Check a statement made by `Keystore.attest`, with the verifier of its backend type.
+
+    Needs no config and no device. Returns what the statement proves; raises
+    AttestationInvalid when a check fails.
+    """
+    if not isinstance(statement, dict):
+        raise AttestationInvalid("an attestation statement is a JSON object")
+    btype = statement.get("backend_type")
+    cls = backend_classes().get(str(btype))
+    if isinstance(cls, str):
+        raise BackendUnavailable(str(btype), cls)
+    if cls is None or not isinstance(cls, AttestationVerifier):
+        raise AttestationInvalid(f"no installed backend verifies statements of type {btype!r}")
+    return cls.verify_attestation(statement, nonce, trusted_signer, expected_public)
 
 
 def _harden_process(core_dumps: bool) -> None:
@@ -707,4 +815,11 @@ def vault_restore(ks: Keystore, source: str | os.PathLike[str]) -> dict[str, Any
         return {"keys": len(restored), "added": added, "removed": removed, "conflicts": conflicts}
 
 
-__all__ = ["BackendStatus", "ConfigError", "Keystore", "backend_classes", "vault_restore"]
+__all__ = [
+    "BackendStatus",
+    "ConfigError",
+    "Keystore",
+    "backend_classes",
+    "vault_restore",
+    "verify_attestation",
+]

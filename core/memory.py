@@ -191,7 +191,9 @@ class Guarded:
         read_only = None if write or view.readonly else view.toreadonly()
         return view, read_only
 
-    def _exit(self, write: bool, view: memoryview, read_only: memoryview | None) -> None:
+    def _exit(
+        self, write: bool, view: memoryview, read_only: memoryview | None, raising: bool = True
+    ) -> None:
         # release() refuses (BufferError) while something exported from the view is alive;
         # either way the export count below tells whether anything escaped.
         for v in (read_only, view):
@@ -202,7 +204,7 @@ class Guarded:
             self._leave_locked(write)
             # Each running operation holds exactly one export of the buffer.
             escaped = self._buf.exports > self._readers + self._writers
-        if escaped:
+        if escaped and raising:  # never mask the exception already unwinding the operation
             raise GuardedMemoryError("a view of guarded memory escaped its operation")
 
     def read(self) -> AbstractContextManager[memoryview]:
@@ -271,7 +273,7 @@ class _Access:
     ) -> None:
         view, self._view = self._view, None
         if view is not None:
-            self._guarded._exit(self._write, view, self._read_only)
+            self._guarded._exit(self._write, view, self._read_only, raising=exc_type is None)
         self._read_only = None
 
 
@@ -300,17 +302,25 @@ _SHARDS: Final = 3 * KEY_SIZE
 def _split(block: memoryview, key: memoryview) -> None:
     """Store `key` as fresh shards in block[0:96]."""
     left, right, tmp = block[0:32], block[32:64], block[64:96]
-    _random_into(right)
-    _hash_into(tmp, right)
-    _native.xor_into(left, key, tmp)
-    _native.wipe(tmp)
+    try:
+        _random_into(right)
+        _hash_into(tmp, right)
+        _native.xor_into(left, key, tmp)
+        _native.wipe(tmp)
+    finally:  # even when a signal's exception unwinds through here: no view may linger
+        for view in (left, right, tmp):
+            view.release()
 
 
 def _join(block: memoryview, out: memoryview) -> None:
     """Write the key held in block[0:96] into `out`, then re-randomise the shards."""
-    left, tmp = block[0:32], block[64:96]
-    _hash_into(tmp, block[32:64])
-    _native.xor_into(out, left, tmp)
+    left, right, tmp = block[0:32], block[32:64], block[64:96]
+    try:
+        _hash_into(tmp, right)
+        _native.xor_into(out, left, tmp)
+    finally:
+        for view in (left, right, tmp):
+            view.release()
     _split(block, out)
 
 
@@ -318,17 +328,19 @@ def _join_in_place(block: memoryview, key: memoryview) -> None:
     """`_join` for a block whose key slot is block[96:128]: one pointer, fewer crossings."""
     p = _sodium_ffi.from_buffer(block, require_writable=True)
     left, tmp = block[0:32], block[64:96]
-    hash_ = _sodium_lib.crypto_generichash_blake2b_salt_personal
-    null = _sodium_ffi.NULL
-    hash_(p + 64, KEY_SIZE, p + 32, KEY_SIZE, null, 0, null, null)  # tmp = H(right)
-    _native.xor_into(key, left, tmp)  # key = left ^ H(right)
-    _sodium_lib.randombytes(p + 32, KEY_SIZE)  # a new right shard
-    hash_(p + 64, KEY_SIZE, p + 32, KEY_SIZE, null, 0, null, null)
-    _native.xor_into(left, key, tmp)  # left = key ^ H(new right)
-    _native.wipe(tmp)
-    left.release()
-    tmp.release()
-    del p
+    try:
+        hash_ = _sodium_lib.crypto_generichash_blake2b_salt_personal
+        null = _sodium_ffi.NULL
+        hash_(p + 64, KEY_SIZE, p + 32, KEY_SIZE, null, 0, null, null)  # tmp = H(right)
+        _native.xor_into(key, left, tmp)  # key = left ^ H(right)
+        _sodium_lib.randombytes(p + 32, KEY_SIZE)  # a new right shard
+        hash_(p + 64, KEY_SIZE, p + 32, KEY_SIZE, null, 0, null, null)
+        _native.xor_into(left, key, tmp)  # left = key ^ H(new right)
+        _native.wipe(tmp)
+    finally:  # a signal's exception must not leave the pointer or a view behind
+        left.release()
+        tmp.release()
+        _sodium_ffi.release(p)
 
 
 class Coffer:
@@ -498,10 +510,15 @@ class _Borrowed:
         self._scratch: memoryview | None = None
 
     def __enter__(self) -> tuple[memoryview, memoryview]:
-        buf = self._page._buf
+        page = self._page
+        buf = page._buf
+        with page._lock:  # counted as a writer, so purge() leaves a page in use alone
+            page._writers += 1
         try:
             buf.protect(_READ_WRITE)
         except (OSError, ValueError) as exc:
+            with page._lock:
+                page._writers -= 1
             raise GuardedMemoryError(f"could not open guarded memory: {exc}") from exc
         try:
             block = memoryview(buf)
@@ -510,12 +527,12 @@ class _Borrowed:
             self._key = key
             _join_in_place(block, key)
             self._scratch = block[len(block) - self._size :]
-        except BaseException:
-            self.__exit__()
+        except BaseException as e:
+            self.__exit__(type(e))
             raise
         return key, self._scratch
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None = None, *exc: object) -> None:
         buf = self._page._buf
         views = (self._key, self._scratch)
         self._key = self._scratch = None
@@ -523,15 +540,22 @@ class _Borrowed:
             for view in views:
                 if view is not None:
                     _native.wipe(view)
-                    view.release()
+                    with suppress(BufferError):
+                        view.release()
             if self._block is not None:
-                self._block.release()
+                with suppress(BufferError):
+                    self._block.release()
                 self._block = None
         finally:
             buf.protect(_NO_ACCESS)
+            with self._page._lock:
+                self._page._writers -= 1
         if buf.exports:
+            # Something still refers to the page: wipe it now, unmap it when that goes.
             self._page.close()
-            raise GuardedMemoryError("a view of guarded memory escaped its operation")
+            if exc_type is None:  # never mask the exception already unwinding the operation
+                raise GuardedMemoryError("a view of guarded memory escaped its operation")
+            return
         if self._own:
             self._page.close()
         else:

@@ -7,6 +7,7 @@ A reference is resolved only when the secret is needed. The value is a Python
 from __future__ import annotations
 
 import getpass
+import hmac
 import os
 import stat
 import sys
@@ -28,7 +29,7 @@ def terminal_prompter(prompt: str, confirm: bool) -> str:
             "set it with env: or file: in the config"
         )
     value = getpass.getpass(prompt)
-    if confirm and getpass.getpass("again: ") != value:
+    if confirm and not hmac.compare_digest(getpass.getpass("again: ").encode(), value.encode()):
         raise AuthenticationFailed("the two entries differ")
     return value
 

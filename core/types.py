@@ -25,6 +25,8 @@ class KeyType(enum.StrEnum):
     HMAC_SHA256 = "hmac-sha256"
     CHACHA20_POLY1305 = "chacha20-poly1305"
     SEED = "seed"
+    FIDO_ES256 = "fido-es256"
+    FIDO_EDDSA = "fido-eddsa"
 
     @classmethod
     def parse(cls, value: KeyType | str) -> KeyType:
@@ -48,6 +50,12 @@ class KeyType(enum.StrEnum):
     @property
     def is_ecdsa(self) -> bool:
         return self in (KeyType.ECDSA_P256, KeyType.ECDSA_P384, KeyType.SECP256K1)
+
+    @property
+    def is_fido(self) -> bool:
+        """A FIDO2 credential: it lives only in an authenticator, and `sign` returns a WebAuthn
+        assertion structure (docs/fido.md), not a raw signature over the data."""
+        return self in (KeyType.FIDO_ES256, KeyType.FIDO_EDDSA)
 
     @property
     def default_usage(self) -> frozenset[Usage]:
@@ -108,6 +116,8 @@ _ALLOWED_USAGE: dict[KeyType, frozenset[Usage]] = {
     KeyType.HMAC_SHA256: frozenset({_S, _V, _DR}),
     KeyType.CHACHA20_POLY1305: frozenset({_E, _D, _DR}),
     KeyType.SEED: frozenset({_DR}),
+    KeyType.FIDO_ES256: frozenset({_S, _V, _DR}),  # derive: hmac-secret
+    KeyType.FIDO_EDDSA: frozenset({_S, _V, _DR}),
 }
 
 _DEFAULT_USAGE: dict[KeyType, frozenset[Usage]] = {
@@ -123,6 +133,8 @@ _DEFAULT_USAGE: dict[KeyType, frozenset[Usage]] = {
     KeyType.HMAC_SHA256: frozenset({_S, _V}),
     KeyType.CHACHA20_POLY1305: frozenset({_E, _D}),
     KeyType.SEED: frozenset({_DR}),
+    KeyType.FIDO_ES256: frozenset({_S, _V}),
+    KeyType.FIDO_EDDSA: frozenset({_S, _V}),
 }
 
 

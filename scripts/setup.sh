@@ -58,6 +58,11 @@ has_venv() {  # has_venv PY: true when `PY -m venv` can bootstrap pip (Debian sp
 # gcc + libc6-dev build native/guarded.c; openssl verifies signatures in the tests and the
 # demo; util-linux gives setpriv (the memlock test runs as an unprivileged user).
 wanted=(gcc libc6-dev openssl util-linux)
+# The emulators and tools the backend tests run against (see EMULATORS.md in shared/):
+# SoftHSM2 + OpenSC's pkcs11-tool; swtpm + tpm2-tools, and the TSS headers tpm2-pytss builds on.
+wanted+=(softhsm2 opensc swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config)
+# pcscd + vpcd (a virtual reader) for the FIDO-over-PC/SC tests; swig builds pyscard.
+wanted+=(pcscd libpcsclite-dev vsmartcard-vpcd swig)
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
     wanted+=(python3 python3-dev python3-venv)
 else
@@ -113,6 +118,9 @@ else
 fi
 
 # -- 4. editable install + native build ------------------------------------------------------------
+# A strongroom.egg-info left in the checkout by `setup.py build_ext --inplace` would shadow
+# the installed metadata (entry points!) for anything run from the repository root.
+rm -rf "$ROOT/strongroom.egg-info"
 fingerprint=$(cat pyproject.toml setup.py native/* | sha256sum | cut -d' ' -f1)
 if [ "${STRONGROOM_SETUP_FORCE:-0}" != 1 ] && [ -f "$STAMP" ] \
     && [ "$(cat "$STAMP")" = "$fingerprint" ] \
@@ -121,8 +129,8 @@ if [ "${STRONGROOM_SETUP_FORCE:-0}" != 1 ] && [ -f "$STAMP" ] \
 else
     say "pip: upgrading pip"
     quiet "$VENV/bin/python" -m pip install -q --upgrade pip
-    say "pip: installing strongroom in editable mode with [dev] extras (builds native/)"
-    quiet "$VENV/bin/python" -m pip install -q -e ".[dev]"
+    say "pip: installing strongroom in editable mode with [dev,pkcs11,tpm,fido] extras (builds native/)"
+    quiet "$VENV/bin/python" -m pip install -q -e ".[dev,pkcs11,tpm,fido]"
     "$VENV/bin/python" -c 'import strongroom._native' \
         || die "the editable install finished but strongroom._native does not import"
     printf '%s\n' "$fingerprint" >"$STAMP"

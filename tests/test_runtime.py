@@ -154,8 +154,12 @@ def test_sigterm_wipes_the_coffers_before_exit(tmp_path: Path) -> None:
     assert child.stdout is not None
     assert child.stdout.readline() == b"ready\n"
     child.send_signal(signal.SIGTERM)
-    out = child.stdout.read().decode()
-    assert child.wait(timeout=30) == -signal.SIGTERM  # still dies of SIGTERM
+    try:
+        raw, _ = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == -signal.SIGTERM  # still dies of SIGTERM
+    out = raw.decode()
     lines = out.splitlines()
     assert lines.count("coffer True True") == 2, out  # closed, and unmapped: gone
     assert lines[-1].startswith("purged ") and int(lines[-1].split()[1]) >= 3
@@ -256,3 +260,56 @@ def _run_unprivileged(tmp_path: Path) -> None:
     assert result["soft"] == 8 << 20
     assert result["failures"] == 0  # the budget was never exhausted
     assert 0 < result["locked"] < 1 << 20
+
+
+SIGINT_CHILD = textwrap.dedent(
+    """
+    import signal, sys, threading
+    import strongroom
+    from strongroom.errors import GuardedMemoryError
+
+    # A shell without job control starts background jobs with SIGINT ignored, and Python
+    # keeps an inherited SIG_IGN: restore the interactive default this test is about.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    ks = strongroom.open(sys.argv[1])
+    ks.generate("k", "ed25519")
+    stop = False
+
+    def worker():
+        while not stop:
+            try:
+                ks.sign("k", b"busy")
+            except GuardedMemoryError:
+                return  # purged under us: a clean error, never a crash
+
+    t = threading.Thread(target=worker)
+    t.start()
+    print("ready", flush=True)
+    try:
+        while True:
+            ks.sign("k", b"busy")
+    except KeyboardInterrupt:
+        stop = True
+        t.join()
+        print("interrupted", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("attempt", range(6))
+def test_sigint_during_operations_purges_without_crashing(tmp_path: Path, attempt: int) -> None:
+    cfg = _vault_config(tmp_path)
+    env = dict(os.environ, RUNTIME_PASS="p")
+    child = subprocess.Popen(
+        [sys.executable, "-c", SIGINT_CHILD, str(cfg)], stdout=subprocess.PIPE, env=env
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline() == b"ready\n"
+    time.sleep(0.02 + attempt * 0.05)
+    child.send_signal(signal.SIGINT)
+    try:
+        out, _ = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 0, out
+    assert b"interrupted" in out

@@ -760,13 +760,15 @@ class _Material:
         record_key, out = self._loan.__enter__()
         try:
             sodium.open_into(record_key, self._record.sealed, self._record.aad(), out)
-        except BaseException:
-            self._loan.__exit__(None, None, None)
+        except BaseException as e:
+            self._loan.__exit__(type(e), e, e.__traceback__)
             raise
         return out
 
-    def __exit__(self, *exc: object) -> None:
-        self._loan.__exit__(None, None, None)
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        self._loan.__exit__(exc_type, exc, tb)  # type: ignore[arg-type]
 
 
 def _no_algorithm(algorithm: str | None) -> None:
@@ -793,6 +795,8 @@ def _now() -> str:
 def _capabilities() -> frozenset[Capability]:
     caps: set[Capability] = set()
     for t in KeyType:
+        if t.is_fido:  # FIDO credentials exist only inside an authenticator
+            continue
         if t is not KeyType.SEED:
             caps.add((t, Operation.GENERATE))
         caps.update({(t, Operation.IMPORT), (t, Operation.EXPORT), (t, Operation.DELETE)})

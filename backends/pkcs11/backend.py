@@ -1,0 +1,1304 @@
+"""Keys in a PKCS#11 token: SoftHSM2 in CI; YubiHSM, Luna, CloudHSM or nShield in production.
+
+New keys are token objects, sensitive, with a random CKA_ID and the key name as
+CKA_LABEL; they are extractable only when created exportable. Signing hashes on the host
+and signs the digest (CKM_ECDSA, CKM_RSA_PKCS, CKM_RSA_PKCS_PSS), so one mechanism per
+key type is enough and tokens without CKM_ECDSA_SHA256 (SoftHSM2) work. docs/pkcs11.md
+describes the configuration, attributes, mechanisms and the vault key-slot format.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from strongroom import algorithms
+from strongroom.backend import Backend, BackendContext, Capability, ConfigKey, ExistingKey, NewKey
+from strongroom.errors import (
+    AuthenticationFailed,
+    BackendUnavailable,
+    IntegrityError,
+    InvalidArgument,
+    KeyNotFound,
+    StrongroomError,
+    UnsupportedOperation,
+)
+from strongroom.memory import scrub_bytes, wipe
+from strongroom.types import KeyInfo, KeyType, Operation, Usage
+
+from . import keys
+from .errors import translate
+from .token import (
+    IMPORT_ERROR,
+    Module,
+    PooledSession,
+    SessionPool,
+    find_token,
+    is_broken_session,
+    load_module,
+    login,
+    logout,
+    missing_module_reason,
+    pin_tag,
+    token_labels,
+    with_public_session,
+)
+
+if IMPORT_ERROR is None:
+    from pkcs11 import (
+        KDF,
+        MGF,
+        Attribute,
+        GCMParams,
+        Mechanism,
+        ObjectClass,
+        PKCS11Error,
+    )
+    from pkcs11 import KeyType as P11KeyType
+    from pkcs11 import exceptions as p11
+    from pkcs11.constants import DEFAULT
+
+T = TypeVar("T")
+
+DEFAULT_MAX_SESSIONS = 4
+SEAL_FORMAT = "pkcs11-aes-gcm/v1"
+_ID_PREFIX = "id:"
+_LABEL_PREFIX = "label:"
+_EC_TYPES = (KeyType.ECDSA_P256, KeyType.ECDSA_P384)
+_RSA_TYPES = (KeyType.RSA_2048, KeyType.RSA_3072, KeyType.RSA_4096)
+_SECRET_TYPES = (KeyType.AES_256, KeyType.HMAC_SHA256)
+
+# (key type, operation) → the mechanisms the token must offer for it. Verification and
+# RSA encryption run on the host with the public key, so they need none.
+_REQUIREMENTS: dict[Capability, tuple[str, ...]] = {}
+for _t in _EC_TYPES:
+    _REQUIREMENTS.update(
+        {
+            (_t, Operation.GENERATE): ("EC_KEY_PAIR_GEN",),
+            (_t, Operation.SIGN): ("ECDSA",),
+            (_t, Operation.VERIFY): ("ECDSA",),
+            (_t, Operation.AGREE): ("ECDH1_DERIVE",),
+            (_t, Operation.DELETE): (),
+        }
+    )
+_REQUIREMENTS.update(
+    {
+        (KeyType.ED25519, Operation.GENERATE): ("EC_EDWARDS_KEY_PAIR_GEN",),
+        (KeyType.ED25519, Operation.SIGN): ("EDDSA",),
+        (KeyType.ED25519, Operation.VERIFY): ("EDDSA",),
+        (KeyType.ED25519, Operation.DELETE): (),
+    }
+)
+for _t in _RSA_TYPES:
+    _REQUIREMENTS.update(
+        {
+            (_t, Operation.GENERATE): ("RSA_PKCS_KEY_PAIR_GEN",),
+            (_t, Operation.SIGN): ("RSA_PKCS",),
+            (_t, Operation.VERIFY): ("RSA_PKCS",),
+            (_t, Operation.ENCRYPT): ("RSA_PKCS_OAEP",),
+            (_t, Operation.DECRYPT): ("RSA_PKCS_OAEP",),
+            (_t, Operation.DELETE): (),
+        }
+    )
+_REQUIREMENTS.update(
+    {
+        (KeyType.AES_256, Operation.GENERATE): ("AES_KEY_GEN",),
+        (KeyType.AES_256, Operation.IMPORT): (),
+        (KeyType.AES_256, Operation.ENCRYPT): ("AES_GCM",),
+        (KeyType.AES_256, Operation.DECRYPT): ("AES_GCM",),
+        (KeyType.AES_256, Operation.WRAP): ("AES_KEY_WRAP_PAD",),
+        (KeyType.AES_256, Operation.UNWRAP): ("AES_KEY_WRAP_PAD",),
+        (KeyType.AES_256, Operation.DELETE): (),
+        (KeyType.HMAC_SHA256, Operation.GENERATE): ("GENERIC_SECRET_KEY_GEN",),
+        (KeyType.HMAC_SHA256, Operation.IMPORT): (),
+        (KeyType.HMAC_SHA256, Operation.SIGN): ("SHA256_HMAC",),
+        (KeyType.HMAC_SHA256, Operation.VERIFY): ("SHA256_HMAC",),
+        (KeyType.HMAC_SHA256, Operation.DELETE): (),
+    }
+)
+_STATIC_CAPABILITIES = frozenset(_REQUIREMENTS)
+
+
+_OAEP: Any = None  # (SHA-256, MGF1-SHA-256, no label) once python-pkcs11 is known present
+if IMPORT_ERROR is None:
+    _OAEP = (Mechanism.SHA256, MGF.SHA256, None)
+
+
+def _mechanism_value(name: str) -> int:
+    return int(getattr(Mechanism, name))
+
+
+class Pkcs11Backend(Backend):
+    """Keys in a PKCS#11 token, found by label, with one login shared by a session pool."""
+
+    type_name = "pkcs11"
+    random_needs_open = False
+    config_keys = {
+        "module": ConfigKey(
+            str, "path of the PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so"
+        ),
+        "token": ConfigKey(str, "label of the token (tokens are found by label, never by slot)"),
+        "pin": ConfigKey(
+            (str, list),
+            "the user PIN: env:NAME, file:PATH or prompt",
+            ["env:STRONGROOM_HSM_PIN", "prompt"],
+            secret=True,
+        ),
+        "max_sessions": ConfigKey(
+            int, "most sessions open at once (one per concurrent operation)", DEFAULT_MAX_SESSIONS
+        ),
+    }
+
+    def __init__(self, context: BackendContext) -> None:
+        super().__init__(context)
+        s = context.settings
+        module = s.get("module")
+        if not module:
+            raise context.config_error(
+                "is required: the path of the PKCS#11 module (.so) of your HSM", "module"
+            )
+        token = s.get("token")
+        if not token:
+            raise context.config_error("is required: the label of the token", "token")
+        self.module_path = str(Path(str(module)).expanduser())
+        self.token_label = str(token)
+        self.max_sessions = int(s.get("max_sessions", DEFAULT_MAX_SESSIONS))
+        if not 1 <= self.max_sessions <= 256:
+            raise context.config_error("must be from 1 to 256", "max_sessions")
+        self.pin = context.secret("pin", f"PIN for token {self.token_label!r}: ")
+        self._lock = threading.RLock()
+        self._module: Module | None = None
+        self._token: Any = None
+        self._pool: SessionPool | None = None
+        self._mechanisms: frozenset[int] | None = None
+        self._capabilities: frozenset[Capability] | None = None
+        self._oaep_ok: bool | None = None
+        self._publics: dict[str, PublicKeyTypes] = {}
+        self._refused: set[bytes] = set()
+
+    def __repr__(self) -> str:
+        return (
+            f"<Pkcs11Backend {self.name!r} module={self.module_path!r} "
+            f"token={self.token_label!r} open={self._pool is not None}>"
+        )
+
+    # -- discovery -----------------------------------------------------------------------------
+    def availability(self) -> str | None:
+        """PKCS#11: C_Initialize (once), C_GetSlotList and C_GetTokenInfo: is the token there?"""
+        if self._pool is not None:
+            return None
+        try:
+            self._connect()
+        except BackendUnavailable as e:
+            return e.reason
+        return None
+
+    def _connect(self) -> tuple[Module, Any]:
+        """Load the module and find the token; BackendUnavailable with a reason if not."""
+        if IMPORT_ERROR is not None:
+            raise BackendUnavailable(
+                self.name,
+                f"python-pkcs11 is not installed ({IMPORT_ERROR}); "
+                "pip install 'strongroom[pkcs11]'",
+            )
+        if not os.path.isfile(self.module_path):
+            raise BackendUnavailable(self.name, missing_module_reason(self.module_path))
+        try:
+            module = load_module(self.module_path)
+        except (OSError, PKCS11Error) as e:
+            raise BackendUnavailable(
+                self.name, f"cannot load {self.module_path} as a PKCS#11 module: {e}"
+            ) from e
+        try:
+            token = find_token(module, self.token_label)
+        except BackendUnavailable as e:
+            raise BackendUnavailable(self.name, e.reason) from None
+        except PKCS11Error as e:
+            raise BackendUnavailable(
+                self.name, f"{self.module_path} failed to list its tokens: {type(e).__name__}"
+            ) from e
+        if token is None:
+            present = ", ".join(repr(label) for label in token_labels(module)) or "none"
+            raise BackendUnavailable(
+                self.name,
+                f"no token labelled {self.token_label!r} in {self.module_path} "
+                f"(tokens present: {present}); initialise one (for SoftHSM2: softhsm2-util "
+                f"--init-token --free --label {self.token_label}) or correct `token`",
+            )
+        with self._lock:
+            self._module = module
+            if self._pool is None:
+                self._token = token
+        return module, token
+
+    def capabilities(self) -> frozenset[Capability]:
+        """PKCS#11: C_GetMechanismList (once): what this token can do, by mechanism."""
+        caps = self._capabilities
+        if caps is not None:
+            return caps
+        mechanisms = self._mechanism_set()
+        if mechanisms is None:  # not reachable now: claim what we could do; open() will say why not
+            return _STATIC_CAPABILITIES
+        found = {
+            cap
+            for cap, needs in _REQUIREMENTS.items()
+            if all(_mechanism_value(n) in mechanisms for n in needs)
+        }
+        if (KeyType.RSA_2048, Operation.DECRYPT) in found and not self._oaep_sha256():
+            found -= {(t, op) for t in _RSA_TYPES for op in (Operation.ENCRYPT, Operation.DECRYPT)}
+        caps = frozenset(found)
+        self._capabilities = caps
+        return caps
+
+    def _oaep_sha256(self) -> bool:
+        """Does CKM_RSA_PKCS_OAEP take SHA-256 here? SoftHSM2 takes only SHA-1.
+
+        PKCS#11: C_GenerateKeyPair (a throwaway 1024-bit session key pair, no login needed)
+        and C_Encrypt with CKM_RSA_PKCS_OAEP(SHA-256, MGF1-SHA-256); once per backend.
+        """
+        if self._oaep_ok is not None:
+            return self._oaep_ok
+        try:
+            module, token = self._connect()
+        except BackendUnavailable:
+            return True  # not cached: asked again once the token is back
+
+        def probe(session: Any) -> bool:
+            public, private = session.generate_keypair(
+                P11KeyType.RSA,
+                1024,
+                store=False,
+                capabilities=0,
+                public_template={Attribute.ENCRYPT: True, Attribute.PRIVATE: False},
+                private_template={Attribute.DECRYPT: True, Attribute.PRIVATE: False},
+            )
+            try:
+                public.encrypt(b"probe", mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_OAEP)
+            except (p11.ArgumentsBad, p11.MechanismParamInvalid):
+                return False
+            finally:
+                public.destroy()
+                private.destroy()
+            return True
+
+        try:
+            ok = bool(with_public_session(module, token, probe))
+        except PKCS11Error:  # the token would not make the probe key: find out at decrypt
+            ok = True
+        self._oaep_ok = ok
+        return ok
+
+    def _mechanism_set(self) -> frozenset[int] | None:
+        """PKCS#11: C_GetMechanismList, once."""
+        if self._mechanisms is not None:
+            return self._mechanisms
+        try:
+            _, token = self._connect()
+            found = frozenset(int(m) for m in token.slot.get_mechanisms())
+        except (BackendUnavailable, PKCS11Error):
+            return None
+        self._mechanisms = found
+        return found
+
+    def _serial(self) -> str:
+        return bytes(self._token.serial).decode("ascii", "replace").strip()
+
+    def _has(self, mechanism: str) -> bool:
+        mechanisms = self._mechanism_set()
+        return mechanisms is None or _mechanism_value(mechanism) in mechanisms
+
+    def status(self) -> dict[str, Any]:
+        """From C_GetTokenInfo (already read): serial, manufacturer, model; and the pool."""
+        out: dict[str, Any] = {"module": self.module_path, "token": self.token_label}
+        token, module, pool = self._token, self._module, self._pool
+        if token is not None:
+            out.update(
+                serial=self._serial(),
+                manufacturer=str(token.manufacturer_id),
+                model=str(token.model),
+            )
+        if module is not None:
+            out["concurrent_calls"] = module.concurrent
+        out["logged_in"] = pool is not None
+        if pool is not None:
+            out["sessions"] = pool.stats()
+        return out
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def open(self) -> None:
+        """PKCS#11: C_OpenSession + C_Login(CKU_USER) once per process and token.
+
+        A refused PIN is remembered (as a keyed hash) and never sent to the token again by
+        this backend: fix the PIN and reopen the keystore.
+        """
+        with self._lock:
+            if self._pool is not None:
+                return
+            module, token = self._connect()
+            pin = bytearray(self.pin.get().encode("utf-8"))
+            try:
+                tag = pin_tag(pin)
+                if tag in self._refused:
+                    raise AuthenticationFailed(
+                        f"token {self.token_label!r} already refused this PIN; it is not tried "
+                        "again: correct the PIN and reopen the keystore"
+                    )
+                try:
+                    login(self.name, module, token, self.token_label, pin, tag)
+                except AuthenticationFailed:
+                    self._refused.add(tag)
+                    raise
+            finally:
+                wipe(pin)
+            self._pool = SessionPool(module, token, self.max_sessions)
+            self._mechanism_set()
+
+    def close(self) -> None:
+        """PKCS#11: C_CloseSession for the pool, then C_Logout when no other user remains."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+            self._publics.clear()
+            if pool is None:
+                return
+            try:
+                pool.close()
+            finally:
+                if self._module is not None:
+                    logout(self._module, self._token)
+
+    def _require_pool(self) -> SessionPool:
+        pool = self._pool
+        if pool is None:
+            self.open()
+            pool = self._pool
+            assert pool is not None
+        return pool
+
+    # -- object lookup -------------------------------------------------------------------------
+    def _template(self, handle: str) -> dict[Any, Any]:
+        if handle.startswith(_ID_PREFIX):
+            return {Attribute.ID: bytes.fromhex(handle[len(_ID_PREFIX) :])}
+        if handle.startswith(_LABEL_PREFIX):
+            return {Attribute.LABEL: handle[len(_LABEL_PREFIX) :]}
+        raise StrongroomError(f"backend {self.name!r} cannot read the key handle {handle!r}")
+
+    def _find(self, session: Any, info: KeyInfo, klass: Any) -> Any:
+        """PKCS#11: C_FindObjectsInit/C_FindObjects/C_FindObjectsFinal."""
+        template = self._template(info.handle)
+        template[Attribute.CLASS] = klass
+        found = list(session.get_objects(template))
+        if not found:
+            raise KeyNotFound(info.name, info.namespace)
+        if len(found) > 1:
+            raise StrongroomError(
+                f"{len(found)} objects on token {self.token_label!r} match key {info.name!r}"
+            )
+        return found[0]
+
+    def _object(self, pooled: PooledSession, info: KeyInfo, klass: Any) -> Any:
+        key = (info.handle, klass)
+        obj = pooled.objects.get(key)
+        if obj is None:
+            obj = self._find(pooled.session, info, klass)
+            pooled.objects[key] = obj
+        return obj
+
+    def _with_key(self, info: KeyInfo, klass: Any, operation: str, action: Callable[[Any], T]) -> T:
+        """Run `action(key object)` in a pooled session; re-find the object once if stale.
+
+        The hot path: one pooled session, one dict lookup for the cached key object.
+        """
+        pool = self._pool or self._require_pool()
+        pooled = pool.take()
+        broken = False
+        try:
+            obj = pooled.objects.get((info.handle, klass))
+            if obj is None:
+                obj = self._object(pooled, info, klass)
+            try:
+                return action(obj)
+            except (p11.ObjectHandleInvalid, p11.KeyHandleInvalid):
+                pooled.objects.pop((info.handle, klass), None)
+                return action(self._object(pooled, info, klass))
+        except PKCS11Error as e:
+            broken = is_broken_session(e)
+            raise self._error(e, operation, info.type) from e
+        finally:
+            pool.give_back(pooled, broken)
+
+    def _with_session(
+        self, operation: str, key_type: KeyType | None, action: Callable[[PooledSession], T]
+    ) -> T:
+        pool = self._pool or self._require_pool()
+        try:
+            with pool.loan() as pooled:
+                return action(pooled)
+        except PKCS11Error as e:
+            raise self._error(e, operation, key_type) from e
+
+    def _error(self, e: Exception, operation: str, key_type: KeyType | None) -> StrongroomError:
+        return translate(
+            e, self.name, operation, key_type.value if key_type else None, self.token_label
+        )
+
+    def _need(self, mechanism: str, operation: str, key_type: KeyType) -> None:
+        if not self._has(mechanism):
+            raise self.unsupported(
+                operation, key_type, f"token {self.token_label!r} has no CKM_{mechanism}"
+            )
+
+    # -- templates -----------------------------------------------------------------------------
+    def _new_id(self) -> bytes:
+        return os.urandom(16)
+
+    @staticmethod
+    def _private_flags(info: KeyInfo) -> dict[Any, Any]:
+        usage = info.usage
+        return {
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: info.exportable,
+            Attribute.SIGN: Usage.SIGN in usage,
+            Attribute.DECRYPT: Usage.DECRYPT in usage,
+            Attribute.UNWRAP: Usage.UNWRAP in usage,
+            Attribute.DERIVE: Usage.AGREE in usage,
+        }
+
+    @staticmethod
+    def _public_flags(info: KeyInfo) -> dict[Any, Any]:
+        usage = info.usage
+        return {
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: False,
+            Attribute.VERIFY: Usage.VERIFY in usage or Usage.SIGN in usage,
+            Attribute.ENCRYPT: Usage.ENCRYPT in usage,
+            Attribute.WRAP: Usage.WRAP in usage,
+        }
+
+    @staticmethod
+    def _secret_flags(info: KeyInfo) -> dict[Any, Any]:
+        usage = info.usage
+        return {
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: info.exportable,
+            Attribute.ENCRYPT: Usage.ENCRYPT in usage,
+            Attribute.DECRYPT: Usage.DECRYPT in usage,
+            Attribute.WRAP: Usage.WRAP in usage,
+            Attribute.UNWRAP: Usage.UNWRAP in usage,
+            Attribute.SIGN: Usage.SIGN in usage,
+            Attribute.VERIFY: Usage.VERIFY in usage,
+            Attribute.DERIVE: False,
+        }
+
+    # -- key creation --------------------------------------------------------------------------
+    def generate(self, new: NewKey) -> str:
+        """PKCS#11: C_GenerateKeyPair (CKM_EC_KEY_PAIR_GEN, CKM_EC_EDWARDS_KEY_PAIR_GEN,
+        CKM_RSA_PKCS_KEY_PAIR_GEN) or C_GenerateKey (CKM_AES_KEY_GEN, CKM_GENERIC_SECRET_KEY_GEN).
+        """
+        info = new.info
+        t = info.type
+        if (t, Operation.GENERATE) not in self.capabilities():
+            raise self.unsupported(Operation.GENERATE, t, self._missing(t, Operation.GENERATE))
+        key_id = self._new_id()
+        label = info.name
+
+        def make(pooled: PooledSession) -> None:
+            session = pooled.session
+            if t in _SECRET_TYPES:
+                key_type = P11KeyType.AES if t is KeyType.AES_256 else P11KeyType.GENERIC_SECRET
+                session.generate_key(
+                    key_type,
+                    keys.SYMMETRIC_SIZE * 8,
+                    id=key_id,
+                    label=label,
+                    store=True,
+                    capabilities=0,
+                    template=self._secret_flags(info),
+                )
+                return
+            public = self._public_flags(info)
+            private = self._private_flags(info)
+            if t in _EC_TYPES:
+                public[Attribute.EC_PARAMS] = keys.EC_PARAMS[t]
+                session.generate_keypair(
+                    P11KeyType.EC,
+                    id=key_id,
+                    label=label,
+                    store=True,
+                    capabilities=0,
+                    mechanism=Mechanism.EC_KEY_PAIR_GEN,
+                    public_template=public,
+                    private_template=private,
+                )
+            elif t is KeyType.ED25519:
+                public[Attribute.EC_PARAMS] = keys.ED25519_PARAMS
+                session.generate_keypair(
+                    P11KeyType.EC_EDWARDS,
+                    id=key_id,
+                    label=label,
+                    store=True,
+                    capabilities=0,
+                    public_template=public,
+                    private_template=private,
+                )
+            else:
+                session.generate_keypair(
+                    P11KeyType.RSA,
+                    keys.RSA_BITS[t],
+                    id=key_id,
+                    label=label,
+                    store=True,
+                    capabilities=0,
+                    public_template=public,
+                    private_template=private,
+                )
+
+        self._with_session("generate", t, make)
+        return _ID_PREFIX + key_id.hex()
+
+    def unsupported(
+        self, op: Operation | str, key_type: KeyType | None, detail: str = ""
+    ) -> UnsupportedOperation:
+        """As Backend.unsupported, naming the mechanisms the token lacks when that is why."""
+        if not detail and key_type is not None and isinstance(op, Operation):
+            if (key_type, op) in _REQUIREMENTS:
+                detail = self._missing(key_type, op)
+        return super().unsupported(op, key_type, detail)
+
+    def _no_oaep(self) -> str:
+        if not self._has("RSA_PKCS_OAEP"):
+            return f"token {self.token_label!r} has no CKM_RSA_PKCS_OAEP"
+        return (
+            f"token {self.token_label!r} takes CKM_RSA_PKCS_OAEP only with SHA-1, and "
+            "Strongroom's RSA encryption is OAEP with SHA-256"
+        )
+
+    def _missing(self, key_type: KeyType, op: Operation) -> str:
+        needs = _REQUIREMENTS.get((key_type, op))
+        if needs is None:
+            return "the pkcs11 backend does not offer it"
+        names = ", ".join(f"CKM_{n}" for n in needs if not self._has(n))
+        if names:
+            return f"token {self.token_label!r} lacks {names}"
+        if key_type in _RSA_TYPES and op in (Operation.ENCRYPT, Operation.DECRYPT):
+            return self._no_oaep()
+        return ""
+
+    def import_key(self, new: NewKey, material: memoryview, fmt: str) -> str:
+        """PKCS#11: C_CreateObject (CKO_SECRET_KEY with CKA_VALUE), for aes-256 and hmac-sha256.
+
+        Other types move in through `unwrap`, so their private half never passes the host
+        unencrypted.
+        """
+        t = new.info.type
+        if t not in _SECRET_TYPES:
+            raise self.unsupported(
+                Operation.IMPORT,
+                t,
+                "import aes-256 or hmac-sha256 raw; move other keys in with unwrap",
+            )
+        if fmt not in ("auto", "raw"):
+            raise InvalidArgument(f"{t.value} keys are imported raw, not {fmt}")
+        if len(material) != keys.SYMMETRIC_SIZE:
+            raise InvalidArgument(f"a {t.value} key is {keys.SYMMETRIC_SIZE} bytes")
+        value = bytes(material)
+        try:
+            return self._create_secret(new, value, "import")
+        finally:
+            scrub_bytes(value)
+
+    def _create_secret(self, new: NewKey, value: bytes, operation: str) -> str:
+        """PKCS#11: C_CreateObject of a secret key holding `value`."""
+        info = new.info
+        key_id = self._new_id()
+        template = self._secret_flags(info)
+        template.update(
+            {
+                Attribute.CLASS: ObjectClass.SECRET_KEY,
+                Attribute.KEY_TYPE: P11KeyType.AES
+                if info.type is KeyType.AES_256
+                else P11KeyType.GENERIC_SECRET,
+                Attribute.ID: key_id,
+                Attribute.LABEL: info.name,
+                Attribute.VALUE: value,
+            }
+        )
+        self._with_session(operation, info.type, lambda p: p.session.create_object(template))
+        return _ID_PREFIX + key_id.hex()
+
+    # -- public keys ---------------------------------------------------------------------------
+    def public_key(self, info: KeyInfo) -> PublicKeyTypes:
+        """PKCS#11: C_FindObjects + C_GetAttributeValue (CKA_EC_POINT, or CKA_MODULUS and
+        CKA_PUBLIC_EXPONENT) of the public key object; cached."""
+        cached = self._publics.get(info.handle)
+        if cached is not None:
+            return cached
+        if not info.type.is_asymmetric:
+            raise InvalidArgument(
+                f"key {info.name!r} is a {info.type.value} key and has no public key"
+            )
+        public = self._with_session(
+            "public_key", info.type, lambda p: self._read_public(p.session, info)
+        )
+        self._publics[info.handle] = public
+        return public
+
+    def _read_public(self, session: Any, info: KeyInfo) -> PublicKeyTypes:
+        t = info.type
+        template = self._template(info.handle)
+        template[Attribute.CLASS] = ObjectClass.PUBLIC_KEY
+        found = list(session.get_objects(template))
+        source = found[0] if len(found) == 1 else None
+        if source is None:  # RSA private keys carry the public numbers too
+            source = self._find(session, info, ObjectClass.PRIVATE_KEY)
+        if t in _RSA_TYPES:
+            public: PublicKeyTypes = keys.rsa_public(
+                source[Attribute.MODULUS], source[Attribute.PUBLIC_EXPONENT]
+            )
+        else:
+            try:
+                point = source[Attribute.EC_POINT]
+            except (p11.AttributeTypeInvalid, p11.AttributeSensitive):
+                raise UnsupportedOperation(
+                    self.name,
+                    "public_key",
+                    t.value,
+                    f"token {self.token_label!r} holds no public key object for {info.name!r}",
+                ) from None
+            public = (
+                keys.ed25519_public(point) if t is KeyType.ED25519 else keys.ec_public(t, point)
+            )
+        if not algorithms.public_key_matches(t, public):
+            raise StrongroomError(f"the token's key {info.name!r} is not a {t.value} key")
+        return public
+
+    # -- signatures ----------------------------------------------------------------------------
+    def sign(self, info: KeyInfo, data: bytes, algorithm: str | None) -> bytes:
+        """PKCS#11: C_SignInit/C_Sign with CKM_ECDSA over a host SHA-256/384 digest (DER out),
+        CKM_EDDSA, CKM_RSA_PKCS over a SHA-256 DigestInfo, CKM_RSA_PKCS_PSS (SHA-256,
+        MGF1-SHA-256, salt 32) over a SHA-256 digest, or CKM_SHA256_HMAC."""
+        t = info.type
+        if t is KeyType.ECDSA_P256 or t is KeyType.ECDSA_P384:
+            digest = (hashlib.sha256 if t is KeyType.ECDSA_P256 else hashlib.sha384)(data).digest()
+            raw = self._with_key(
+                info,
+                ObjectClass.PRIVATE_KEY,
+                "sign",
+                lambda key: key.sign(digest, mechanism=Mechanism.ECDSA),
+            )
+            return keys.ecdsa_der(raw)
+        if t is KeyType.ED25519:
+            return self._with_key(
+                info,
+                ObjectClass.PRIVATE_KEY,
+                "sign",
+                lambda key: bytes(key.sign(data, mechanism=Mechanism.EDDSA)),
+            )
+        if t in _RSA_TYPES:
+            if algorithm == "pss":
+                self._need("RSA_PKCS_PSS", "sign", t)
+                digest = hashlib.sha256(data).digest()
+                param = (Mechanism.SHA256, MGF.SHA256, 32)
+                return self._with_key(
+                    info,
+                    ObjectClass.PRIVATE_KEY,
+                    "sign",
+                    lambda key: bytes(
+                        key.sign(digest, mechanism=Mechanism.RSA_PKCS_PSS, mechanism_param=param)
+                    ),
+                )
+            algorithms.rsa_padding(algorithm)
+            block = keys.SHA256_DIGEST_INFO + hashlib.sha256(data).digest()
+            return self._with_key(
+                info,
+                ObjectClass.PRIVATE_KEY,
+                "sign",
+                lambda key: bytes(key.sign(block, mechanism=Mechanism.RSA_PKCS)),
+            )
+        if t is KeyType.HMAC_SHA256:
+            return self._with_key(
+                info,
+                ObjectClass.SECRET_KEY,
+                "sign",
+                lambda key: bytes(key.sign(data, mechanism=Mechanism.SHA256_HMAC)),
+            )
+        raise self.unsupported(Operation.SIGN, t)
+
+    def verify_mac(self, info: KeyInfo, data: bytes, tag: bytes) -> bool:
+        """PKCS#11: C_VerifyInit/C_Verify with CKM_SHA256_HMAC."""
+        if info.type is not KeyType.HMAC_SHA256:
+            raise self.unsupported(Operation.VERIFY, info.type)
+        return self._with_key(
+            info,
+            ObjectClass.SECRET_KEY,
+            "verify",
+            lambda key: bool(key.verify(data, tag, mechanism=Mechanism.SHA256_HMAC)),
+        )
+
+    # -- encryption ----------------------------------------------------------------------------
+    def encrypt(self, info: KeyInfo, plaintext: bytes, aad: bytes, algorithm: str | None) -> bytes:
+        """PKCS#11: C_EncryptInit/C_Encrypt with CKM_AES_GCM (random 96-bit nonce from the host,
+        128-bit tag); the result is nonce ‖ ciphertext ‖ tag."""
+        if info.type is not KeyType.AES_256:
+            raise self.unsupported(Operation.ENCRYPT, info.type)
+        _no_algorithm(algorithm)
+        nonce = os.urandom(keys.GCM_NONCE)
+        params = GCMParams(nonce, aad or None)
+        ct = self._with_key(
+            info,
+            ObjectClass.SECRET_KEY,
+            "encrypt",
+            lambda key: bytes(
+                key.encrypt(plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=params)
+            ),
+        )
+        return nonce + ct
+
+    def decrypt(self, info: KeyInfo, ciphertext: bytes, aad: bytes, algorithm: str | None) -> bytes:
+        """PKCS#11: C_DecryptInit/C_Decrypt with CKM_AES_GCM, or CKM_RSA_PKCS_OAEP (SHA-256,
+        MGF1-SHA-256, no label). A failed tag or padding is an IntegrityError."""
+        _no_algorithm(algorithm)
+        t = info.type
+        if t is KeyType.AES_256:
+            if len(ciphertext) < keys.GCM_NONCE + keys.GCM_TAG:
+                raise IntegrityError("ciphertext is too short to be AES-GCM output")
+            params = GCMParams(ciphertext[: keys.GCM_NONCE], aad or None)
+            body = ciphertext[keys.GCM_NONCE :]
+            return self._with_key(
+                info,
+                ObjectClass.SECRET_KEY,
+                "decrypt",
+                lambda key: bytes(
+                    key.decrypt(body, mechanism=Mechanism.AES_GCM, mechanism_param=params)
+                ),
+            )
+        if t in _RSA_TYPES:
+            if (t, Operation.DECRYPT) not in self.capabilities():
+                raise self.unsupported(Operation.DECRYPT, t, self._no_oaep())
+            try:
+                return self._with_key(
+                    info,
+                    ObjectClass.PRIVATE_KEY,
+                    "decrypt",
+                    lambda key: bytes(
+                        key.decrypt(
+                            ciphertext, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_OAEP
+                        )
+                    ),
+                )
+            except InvalidArgument:  # CKR_ARGUMENTS_BAD: the token refused the OAEP parameters
+                raise self.unsupported(Operation.DECRYPT, t, self._no_oaep()) from None
+        raise self.unsupported(Operation.DECRYPT, t)
+
+    # -- agreement -----------------------------------------------------------------------------
+    def agree(
+        self, info: KeyInfo, peer: PublicKeyTypes, new: NewKey, salt: bytes, context: bytes
+    ) -> str:
+        """PKCS#11: C_DeriveKey with CKM_ECDH1_DERIVE (CKD_NULL) into a session object read once
+        with C_GetAttributeValue and destroyed (C_DestroyObject); HKDF-SHA256 on the host; then
+        C_CreateObject for the new key.
+
+        SoftHSM2 has no HKDF mechanism, so the shared secret and the derived key pass through
+        host memory for a moment (docs/pkcs11.md). The result equals HKDF-SHA256 over the ECDH
+        secret, as every Strongroom backend computes it.
+        """
+        t = info.type
+        if t not in _EC_TYPES:
+            raise self.unsupported(Operation.AGREE, t)
+        if new.info.type not in _SECRET_TYPES:
+            raise self.unsupported(
+                Operation.AGREE, new.info.type, "agreement here makes aes-256 or hmac-sha256 keys"
+            )
+        self._need("ECDH1_DERIVE", "agree", t)
+        if not isinstance(peer, ec.EllipticCurvePublicKey):
+            raise InvalidArgument("ECDH needs an EC peer public key")
+        shared = self._ecdh(info, keys.uncompressed_point(peer))
+        try:
+            okm = HKDF(hashes.SHA256(), keys.SYMMETRIC_SIZE, salt or None, context).derive(shared)
+        finally:
+            scrub_bytes(shared)
+        try:
+            return self._create_secret(new, okm, "agree")
+        finally:
+            scrub_bytes(okm)
+
+    def _ecdh(self, info: KeyInfo, point: bytes) -> bytes:
+        size = keys.COORDINATE_SIZE[info.type]
+
+        def derive(key: Any) -> bytes:
+            shared = key.derive_key(
+                P11KeyType.GENERIC_SECRET,
+                size * 8,
+                store=False,
+                capabilities=0,
+                mechanism=Mechanism.ECDH1_DERIVE,
+                mechanism_param=(KDF.NULL, None, point),
+                template={Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True},
+            )
+            try:
+                return bytes(shared[Attribute.VALUE])
+            finally:
+                shared.destroy()
+
+        return self._with_key(info, ObjectClass.PRIVATE_KEY, "agree", derive)
+
+    # -- wrap and unwrap -------------------------------------------------------------------------
+    def wrap(self, info: KeyInfo, target: KeyInfo) -> bytes:
+        """PKCS#11: C_WrapKey with CKM_AES_KEY_WRAP_PAD (RFC 5649): the raw value of a secret
+        key, PKCS#8 of an EC or RSA key (the forms the vault wraps, so blobs move both ways)."""
+        if info.type is not KeyType.AES_256:
+            raise self.unsupported(Operation.WRAP, info.type)
+        self._need("AES_KEY_WRAP_PAD", "wrap", info.type)
+        if target.type not in (*_SECRET_TYPES, *_EC_TYPES, *_RSA_TYPES):
+            raise self.unsupported(Operation.WRAP, target.type, _ED25519_WRAP)
+        klass = ObjectClass.SECRET_KEY if target.type in _SECRET_TYPES else ObjectClass.PRIVATE_KEY
+
+        def run(pooled: PooledSession) -> bytes:
+            kek = self._object(pooled, info, ObjectClass.SECRET_KEY)
+            key = self._object(pooled, target, klass)
+            return bytes(kek.wrap_key(key, mechanism=Mechanism.AES_KEY_WRAP_PAD))
+
+        return self._with_session("wrap", target.type, run)
+
+    def unwrap(self, info: KeyInfo, blob: bytes, new: NewKey) -> str:
+        """PKCS#11: C_UnwrapKey with CKM_AES_KEY_WRAP_PAD into a token object, then
+        C_CreateObject for its public key object (public numbers from the private object for
+        RSA; for EC, ECDH with the base point gives x(Q) and one C_Sign picks y).
+
+        Moves an exportable key in from the vault (or anything that wraps with RFC 5649): the
+        private half is decrypted only inside the token.
+        """
+        if info.type is not KeyType.AES_256:
+            raise self.unsupported(Operation.UNWRAP, info.type)
+        self._need("AES_KEY_WRAP_PAD", "unwrap", info.type)
+        t = new.info.type
+        if t not in (*_SECRET_TYPES, *_EC_TYPES, *_RSA_TYPES):
+            raise self.unsupported(Operation.UNWRAP, t, _ED25519_WRAP)
+        key_id = self._new_id()
+        target = KeyInfo(
+            name=new.info.name,
+            type=t,
+            backend=self.name,
+            usage=new.info.usage,
+            exportable=new.info.exportable,
+            namespace=new.info.namespace,
+            handle=_ID_PREFIX + key_id.hex(),
+        )
+
+        def run(pooled: PooledSession) -> None:
+            kek = self._object(pooled, info, ObjectClass.SECRET_KEY)
+            made: list[Any] = []
+            try:
+                self._unwrap_into(pooled.session, kek, blob, target, key_id, made)
+            except BaseException:
+                for obj in made:
+                    try:
+                        obj.destroy()
+                    except PKCS11Error:
+                        continue
+                raise
+
+        self._with_session("unwrap", t, run)
+        return target.handle
+
+    def _unwrap_into(
+        self, session: Any, kek: Any, blob: bytes, target: KeyInfo, key_id: bytes, made: list[Any]
+    ) -> None:
+        t = target.type
+        common = {"id": key_id, "label": target.name, "store": True, "capabilities": 0}
+        if t in _SECRET_TYPES:
+            # RFC 5649 output is the plaintext padded to 8 bytes, plus 8: 40 for a 32-byte key.
+            # (SoftHSM2 leaves CKA_VALUE_LEN of an unwrapped key at 0, so check it here.)
+            if len(blob) != keys.SYMMETRIC_SIZE + 8:
+                raise InvalidArgument(f"the wrapped key is not a {t.value} key")
+            key = kek.unwrap_key(
+                ObjectClass.SECRET_KEY,
+                P11KeyType.AES if t is KeyType.AES_256 else P11KeyType.GENERIC_SECRET,
+                blob,
+                mechanism=Mechanism.AES_KEY_WRAP_PAD,
+                template=self._secret_flags(target),
+                **common,
+            )
+            made.append(key)
+            if int(key[Attribute.VALUE_LEN]) not in (0, keys.SYMMETRIC_SIZE):
+                raise InvalidArgument(f"the wrapped key is not a {t.value} key")
+            return
+        private = self._private_flags(target)
+        # Attributes a private key cannot have (python-pkcs11 would add them as false).
+        private.update(
+            {Attribute.ENCRYPT: DEFAULT, Attribute.WRAP: DEFAULT, Attribute.VERIFY: DEFAULT}
+        )
+        if t in _EC_TYPES:
+            # Needed once, to find the public key: ECDH with G, and one signature.
+            private.update({Attribute.SIGN: True, Attribute.DERIVE: True})
+        key = kek.unwrap_key(
+            ObjectClass.PRIVATE_KEY,
+            P11KeyType.EC if t in _EC_TYPES else P11KeyType.RSA,
+            blob,
+            mechanism=Mechanism.AES_KEY_WRAP_PAD,
+            template=private,
+            **common,
+        )
+        made.append(key)
+        public_template = self._public_flags(target)
+        public_template.update(
+            {
+                Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+                Attribute.ID: key_id,
+                Attribute.LABEL: target.name,
+            }
+        )
+        if t in _RSA_TYPES:
+            public_template.update(
+                {
+                    Attribute.KEY_TYPE: P11KeyType.RSA,
+                    Attribute.MODULUS: key[Attribute.MODULUS],
+                    Attribute.PUBLIC_EXPONENT: key[Attribute.PUBLIC_EXPONENT],
+                }
+            )
+            public: PublicKeyTypes = keys.rsa_public(
+                public_template[Attribute.MODULUS], public_template[Attribute.PUBLIC_EXPONENT]
+            )
+        else:
+            if bytes(key[Attribute.EC_PARAMS]) != keys.EC_PARAMS[t]:
+                raise InvalidArgument(f"the wrapped key is not a {t.value} key")
+            public = self._ec_public_of(key, t)
+            for attribute, usage in ((Attribute.SIGN, Usage.SIGN), (Attribute.DERIVE, Usage.AGREE)):
+                if usage not in target.usage:
+                    key[attribute] = False
+            public_template.update(
+                {
+                    Attribute.KEY_TYPE: P11KeyType.EC,
+                    Attribute.EC_PARAMS: keys.EC_PARAMS[t],
+                    Attribute.EC_POINT: keys.ec_point_attribute(public),
+                }
+            )
+        if not algorithms.public_key_matches(t, public):
+            raise InvalidArgument(f"the wrapped key is not a {t.value} key")
+        made.append(session.create_object(public_template))
+        self._publics[target.handle] = public
+
+    def _ec_public_of(self, key: Any, t: KeyType) -> ec.EllipticCurvePublicKey:
+        """The public point of an EC private key object that has no CKA_EC_POINT.
+
+        PKCS#11: C_DeriveKey(CKM_ECDH1_DERIVE) with the base point G gives x(d·G), the
+        public key's x-coordinate; C_Sign(CKM_ECDSA) then tells y from -y.
+        """
+        size = keys.COORDINATE_SIZE[t]
+        shared = key.derive_key(
+            P11KeyType.GENERIC_SECRET,
+            size * 8,
+            store=False,
+            capabilities=0,
+            mechanism=Mechanism.ECDH1_DERIVE,
+            mechanism_param=(KDF.NULL, None, keys.generator(t)),
+            template={Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True},
+        )
+        try:
+            x = bytes(shared[Attribute.VALUE])  # public, not secret: x(Q)
+        finally:
+            shared.destroy()
+        probe = os.urandom(size)
+        signature = keys.ecdsa_der(key.sign(probe, mechanism=Mechanism.ECDSA))
+        chosen = hashes.SHA256() if t is KeyType.ECDSA_P256 else hashes.SHA384()
+        for candidate in keys.ec_public_candidates(t, x):
+            try:
+                candidate.verify(signature, probe, ec.ECDSA(Prehashed(chosen)))
+            except InvalidSignature:
+                continue
+            return candidate
+        raise StrongroomError("could not recover the public key of the unwrapped EC key")
+
+    # -- adopt, delete, random -----------------------------------------------------------------
+    def adopt(self, ref: Mapping[str, str]) -> ExistingKey:
+        """PKCS#11: C_FindObjects by CKA_LABEL and/or CKA_ID, then C_GetAttributeValue for the
+        key type and its CKA_SIGN/CKA_DECRYPT/... flags. Nothing is copied or changed."""
+        unknown = set(ref) - {"label", "id"}
+        if unknown or not ref:
+            raise InvalidArgument("a pkcs11 key is found by label, id, or both")
+        template: dict[Any, Any] = {}
+        if "label" in ref:
+            template[Attribute.LABEL] = ref["label"]
+        if "id" in ref:
+            try:
+                template[Attribute.ID] = bytes.fromhex(ref["id"])
+            except ValueError:
+                raise InvalidArgument("--id must be hex, e.g. 01 or a1b2c3") from None
+        what = " and ".join(f"{k} {v!r}" for k, v in sorted(ref.items()))
+        return self._with_session("adopt", None, lambda p: self._inspect(p.session, template, what))
+
+    def _inspect(self, session: Any, template: dict[Any, Any], what: str) -> ExistingKey:
+        found = []
+        for klass in (ObjectClass.PRIVATE_KEY, ObjectClass.SECRET_KEY):
+            found += list(session.get_objects({**template, Attribute.CLASS: klass}))
+        if not found:
+            raise InvalidArgument(
+                f"token {self.token_label!r} has no private or secret key with {what}"
+            )
+        if len(found) > 1:
+            raise InvalidArgument(
+                f"{len(found)} keys on token {self.token_label!r} match {what}; give --id too"
+            )
+        obj = found[0]
+        attrs = obj.get_attributes(
+            [
+                Attribute.CLASS,
+                Attribute.KEY_TYPE,
+                Attribute.ID,
+                Attribute.LABEL,
+                Attribute.EXTRACTABLE,
+                Attribute.SIGN,
+                Attribute.DECRYPT,
+                Attribute.DERIVE,
+                Attribute.UNWRAP,
+            ]
+        )
+        key_type = self._type_of(obj, attrs)
+        key_id = bytes(attrs.get(Attribute.ID) or b"")
+        label = str(attrs.get(Attribute.LABEL) or "")
+        klass = attrs.get(Attribute.CLASS)
+        if key_id:
+            same = list(session.get_objects({Attribute.ID: key_id, Attribute.CLASS: klass}))
+            if len(same) != 1:
+                raise InvalidArgument(
+                    f"{len(same)} keys on token {self.token_label!r} share id {key_id.hex()}; "
+                    "give them unique ids first"
+                )
+            handle = _ID_PREFIX + key_id.hex()
+        elif label:
+            handle = _LABEL_PREFIX + label
+        else:
+            raise InvalidArgument("the key has neither an id nor a label to find it by")
+        usage = self._usage_of(obj, key_type, attrs)
+        info = KeyInfo(
+            name=label or key_id.hex(), type=key_type, backend=self.name, usage=usage, handle=handle
+        )
+        if key_type.is_asymmetric:
+            self._publics[handle] = self._read_public(session, info)
+        attributes = {"token": self.token_label}
+        if key_id:
+            attributes["id"] = key_id.hex()
+        if label:
+            attributes["label"] = label
+        return ExistingKey(
+            handle, key_type, usage, bool(attrs.get(Attribute.EXTRACTABLE)), attributes
+        )
+
+    def _type_of(self, obj: Any, attrs: dict[Any, Any]) -> KeyType:
+        kt = attrs.get(Attribute.KEY_TYPE)
+        found: KeyType | None = None
+        if kt == P11KeyType.EC:
+            found = keys.ec_type_of(bytes(obj[Attribute.EC_PARAMS]))
+        elif kt == P11KeyType.EC_EDWARDS:
+            found = (
+                KeyType.ED25519 if keys.is_ed25519_params(bytes(obj[Attribute.EC_PARAMS])) else None
+            )
+        elif kt == P11KeyType.RSA:
+            found = keys.rsa_type_of(len(bytes(obj[Attribute.MODULUS]).lstrip(b"\0")) * 8)
+        elif kt == P11KeyType.AES:
+            found = KeyType.AES_256 if int(obj[Attribute.VALUE_LEN]) == 32 else None
+        elif kt in (P11KeyType.GENERIC_SECRET, P11KeyType.SHA256_HMAC):
+            found = KeyType.HMAC_SHA256 if int(obj[Attribute.VALUE_LEN]) >= 32 else None
+        if found is None:
+            raise UnsupportedOperation(
+                self.name, "adopt", None, f"Strongroom has no key type for this token key ({kt!r})"
+            )
+        return found
+
+    @staticmethod
+    def _usage_of(obj: Any, key_type: KeyType, attrs: dict[Any, Any]) -> frozenset[Usage]:
+        usage: set[Usage] = set()
+        if attrs.get(Attribute.SIGN):
+            usage |= {Usage.SIGN, Usage.VERIFY}
+        if attrs.get(Attribute.DECRYPT):
+            usage |= {Usage.DECRYPT, Usage.ENCRYPT} if key_type.is_asymmetric else {Usage.DECRYPT}
+        if attrs.get(Attribute.DERIVE) and key_type in _EC_TYPES:
+            usage.add(Usage.AGREE)
+        if attrs.get(Attribute.UNWRAP):
+            usage.add(Usage.UNWRAP)
+        if not key_type.is_asymmetric:
+            extra = obj.get_attributes([Attribute.ENCRYPT, Attribute.WRAP, Attribute.VERIFY])
+            if extra.get(Attribute.ENCRYPT):
+                usage.add(Usage.ENCRYPT)
+            if extra.get(Attribute.WRAP):
+                usage.add(Usage.WRAP)
+            if extra.get(Attribute.VERIFY):
+                usage.add(Usage.VERIFY)
+        return frozenset(usage & key_type.allowed_usage)
+
+    def delete(self, info: KeyInfo) -> None:
+        """PKCS#11: C_FindObjects + C_DestroyObject for each of the key's objects (private,
+        public or secret). A key already gone is not an error."""
+
+        def run(pooled: PooledSession) -> None:
+            template = self._template(info.handle)
+            for klass in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY, ObjectClass.SECRET_KEY):
+                for obj in list(pooled.session.get_objects({**template, Attribute.CLASS: klass})):
+                    obj.destroy()
+
+        try:
+            self._with_session("delete", info.type, run)
+        finally:
+            self._publics.pop(info.handle, None)
+            pool = self._pool
+            if pool is not None:
+                pool.forget(info.handle)
+
+    def random(self, n: int) -> bytes:
+        """PKCS#11: C_GenerateRandom (no login needed)."""
+        pool = self._pool
+        if pool is not None:
+            return self._with_session(
+                "random", None, lambda p: bytes(p.session.generate_random(n * 8))
+            )
+        module, token = self._connect()
+        try:
+            return bytes(with_public_session(module, token, lambda s: s.generate_random(n * 8)))
+        except PKCS11Error as e:
+            raise self._error(e, "random", None) from e
+
+    # -- Sealer: vault key slots -----------------------------------------------------------------
+    def seal(self, secret: memoryview, label: str, options: Mapping[str, Any]) -> dict[str, Any]:
+        """PKCS#11: C_GenerateKey (CKM_AES_KEY_GEN: a token AES-256 key, sensitive, never
+        extractable, encrypt/decrypt only), then C_Encrypt with CKM_AES_GCM under it.
+
+        The slot records the token, the key's CKA_ID, the nonce and the ciphertext; the
+        associated data binds it to `label` (the vault's id).
+        """
+        if options:
+            raise InvalidArgument(f"the pkcs11 key slot takes no options (got {sorted(options)})")
+        self._need("AES_KEY_GEN", "seal", KeyType.AES_256)
+        self._need("AES_GCM", "seal", KeyType.AES_256)
+        key_id = self._new_id()
+        nonce = os.urandom(keys.GCM_NONCE)
+        serial = self._serial()
+        aad = _seal_aad(label, serial, key_id.hex())
+        plain = bytes(secret)
+
+        def run(pooled: PooledSession) -> bytes:
+            key = pooled.session.generate_key(
+                P11KeyType.AES,
+                256,
+                id=key_id,
+                label=f"strongroom-seal/{label}",
+                store=True,
+                capabilities=0,
+                template={
+                    Attribute.TOKEN: True,
+                    Attribute.PRIVATE: True,
+                    Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: False,
+                    Attribute.ENCRYPT: True,
+                    Attribute.DECRYPT: True,
+                    Attribute.WRAP: False,
+                    Attribute.UNWRAP: False,
+                    Attribute.SIGN: False,
+                    Attribute.VERIFY: False,
+                    Attribute.DERIVE: False,
+                },
+            )
+            try:
+                return bytes(
+                    key.encrypt(
+                        plain, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, aad)
+                    )
+                )
+            except BaseException:
+                key.destroy()
+                raise
+
+        try:
+            ct = self._with_session("seal", KeyType.AES_256, run)
+        finally:
+            scrub_bytes(plain)
+        return {
+            "format": SEAL_FORMAT,
+            "label": label,
+            "token": self.token_label,
+            "token_serial": serial,
+            "key_id": key_id.hex(),
+            "nonce": base64.b64encode(nonce).decode(),
+            "ciphertext": base64.b64encode(ct).decode(),
+        }
+
+    def unseal(self, params: Mapping[str, Any], out: memoryview) -> None:
+        """PKCS#11: C_FindObjects (the slot's CKA_ID) and C_Decrypt with CKM_AES_GCM."""
+        try:
+            if params.get("format") != SEAL_FORMAT:
+                raise ValueError("format")
+            key_id = bytes.fromhex(str(params["key_id"]))
+            nonce = base64.b64decode(str(params["nonce"]), validate=True)
+            ct = base64.b64decode(str(params["ciphertext"]), validate=True)
+            serial = str(params["token_serial"])
+            aad = _seal_aad(str(params["label"]), serial, key_id.hex())
+        except (KeyError, ValueError, TypeError):
+            raise IntegrityError("the pkcs11 vault key slot is malformed") from None
+        self._require_pool()
+        mine = self._serial()
+        if serial != mine:
+            raise AuthenticationFailed(
+                f"this vault key slot was sealed by token serial {serial}, "
+                f"but backend {self.name!r} is token serial {mine}"
+            )
+        slot_key = KeyInfo(
+            name=f"vault key slot {key_id.hex()}",
+            type=KeyType.AES_256,
+            backend=self.name,
+            usage=frozenset({Usage.DECRYPT}),
+            handle=_ID_PREFIX + key_id.hex(),
+        )
+        try:
+            plain = self._with_key(
+                slot_key,
+                ObjectClass.SECRET_KEY,
+                "unseal",
+                lambda key: bytes(
+                    key.decrypt(
+                        ct, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, aad)
+                    )
+                ),
+            )
+        except KeyNotFound:
+            raise AuthenticationFailed(
+                f"token {self.token_label!r} no longer holds the key of this vault key slot "
+                f"(CKA_ID {key_id.hex()})"
+            ) from None
+        try:
+            if len(plain) != len(out):
+                raise IntegrityError("the pkcs11 vault key slot holds a secret of the wrong size")
+            out[:] = plain
+        finally:
+            scrub_bytes(plain)
+
+
+_ED25519_WRAP = (
+    "AES key wrap moves aes-256, hmac-sha256, EC and RSA keys; Ed25519 keys cannot be unwrapped "
+    "into a PKCS#11 token from the vault's raw-seed form"
+)
+
+
+def _seal_aad(label: str, serial: str, key_id: str) -> bytes:
+    """What the slot's AES-GCM tag also covers: the format, the vault label, the token, the key."""
+    return f"strongroom-seal|{SEAL_FORMAT}|{label}|{serial}|{key_id}".encode()
+
+
+def _no_algorithm(algorithm: str | None) -> None:
+    if algorithm is not None:
+        raise InvalidArgument(
+            f"the pkcs11 backend picks the cipher from the key type; got {algorithm!r}"
+        )

@@ -1,0 +1,707 @@
+"""The TPM 2.0 backend: keys that live in this machine's TPM, through tpm2-pytss (ESAPI).
+
+Keys are children of the storage root key (SRK); their public and private blobs are
+kept in the catalog handle (`blob.py`), so they survive TPM restarts and resets.
+ECDSA, RSA (PKCS#1 v1.5, PSS, OAEP), ECDH, HMAC and AES-256 (CFB + HMAC) run in the
+TPM; hashing is done on the host. The backend also seals the vault master key to the
+TPM (`Sealer`, optionally bound to PCRs and a PIN) and attests its keys with
+TPM2_Certify (`Attester`). See docs/tpm.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import fnmatch
+import hashlib
+import hmac
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from strongroom.backend import Backend, BackendContext, Capability, ConfigKey, NewKey
+from strongroom.errors import (
+    AuthenticationFailed,
+    BackendUnavailable,
+    DeviceLocked,
+    IntegrityError,
+    InvalidArgument,
+    StrongroomError,
+    UnsupportedOperation,
+)
+from strongroom.memory import scrub_bytes
+from strongroom.types import KeyInfo, KeyType, Operation, Usage
+
+from . import attestation, structures
+from .blob import KeyBlob
+
+try:
+    from . import device
+except (ImportError, OSError) as _e:  # tpm2-pytss, or the TSS libraries under it, missing
+    device = None  # type: ignore[assignment]
+    _MISSING: str | None = (
+        f"tpm2-pytss cannot be imported ({type(_e).__name__}: {_e}); install it with "
+        "`pip install 'strongroom[tpm]'`, which builds against the TSS "
+        "(Debian: apt-get install libtss2-dev pkg-config gcc)"
+    )
+else:
+    _MISSING = None
+
+DEFAULT_TCTI = "device:/dev/tpmrm0"
+MAX_PIN_BYTES = 32  # a TPM auth value is at most the name hash's size (SHA-256)
+SEALED_FORMAT = "tpm2-sealed"
+_AEAD_LABEL = b"strongroom-tpm-aes256-cfb-hmac-sha256-v1"
+_IV = 16
+_TAG = 32
+_RSA_BITS = {KeyType.RSA_2048: 2048, KeyType.RSA_3072: 3072, KeyType.RSA_4096: 4096}
+_SEAL_OPTIONS = frozenset({"pcrs", "pin"})
+
+
+@dataclass(frozen=True)
+class _Key:
+    """A catalog handle decoded once: its blob, first public area, public key and LRU refs."""
+
+    blob: KeyBlob
+    area: structures.PublicArea
+    public: PublicKeyTypes | None
+    refs: tuple[Any, ...]  # device.KeyRef per part, without the PIN
+
+
+class TpmBackend(Backend):
+    """Keys in a TPM 2.0 (real, or swtpm for tests), reached through a TCTI."""
+
+    type_name = "tpm"
+    config_keys = {
+        "tcti": ConfigKey(
+            str,
+            "how to reach the TPM: device:/dev/tpmrm0, tabrmd, or swtpm:host=H,port=P",
+            DEFAULT_TCTI,
+        ),
+        "persistent_handle": ConfigKey(
+            (int, str),
+            "keep the storage root key at this persistent handle, e.g. 0x81000001 "
+            "(an existing key there is reused, never re-created)",
+        ),
+        "pin": ConfigKey(
+            (str, list), "where key PINs come from: env:NAME, file:PATH or prompt", secret=True
+        ),
+        "pin_keys": ConfigKey(
+            list, "name patterns (e.g. 'signer', 'prod-*') of keys created with the PIN", []
+        ),
+        "max_loaded_keys": ConfigKey(
+            int, "keys kept loaded in TPM transient slots (default: the TPM's slots minus one)"
+        ),
+    }
+
+    def __init__(self, context: BackendContext) -> None:
+        super().__init__(context)
+        s = context.settings
+        self.tcti = str(s.get("tcti") or DEFAULT_TCTI)
+        if ":" not in self.tcti and self.tcti not in ("tabrmd", "device", "mssim", "swtpm"):
+            raise context.config_error(
+                "must be a TCTI like device:/dev/tpmrm0, tabrmd or swtpm:host=H,port=P", "tcti"
+            )
+        self.persistent_handle = _parse_handle(s.get("persistent_handle"), context)
+        self.pin_patterns = [str(p) for p in s.get("pin_keys", [])]
+        max_loaded = s.get("max_loaded_keys")
+        if max_loaded is not None and int(max_loaded) < 1:
+            raise context.config_error("must be at least 1", "max_loaded_keys")
+        self.pin_source = context.secret("pin", f"PIN for the TPM keys of backend {self.name!r}: ")
+        self._pin: str | None = None
+        self._device = (
+            device.TpmDevice(self.tcti, self.persistent_handle, max_loaded) if device else None
+        )
+        self._keys: dict[str, _Key] = {}
+        self._caps: frozenset[Capability] | None = None
+        self._schemes: dict[tuple[KeyType, str | None], tuple[Any, Any]] = {}
+
+    def __repr__(self) -> str:
+        return f"TpmBackend(name={self.name!r}, tcti={self.tcti!r})"
+
+    # -- discovery -------------------------------------------------------------------------------
+    def availability(self) -> str | None:
+        if _MISSING is not None:
+            return _MISSING
+        try:
+            self._connect()
+        except BackendUnavailable as e:
+            return e.reason
+        return None
+
+    def capabilities(self) -> frozenset[Capability]:
+        """From TPM2_GetCapability (curves, algorithms, commands) and TPM2_TestParms."""
+        if self._caps is None:
+            dev = self._connect()
+            assert dev.facts is not None
+            self._caps = _capabilities(dev.facts)
+        return self._caps
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"tcti": self.tcti}
+        dev = self._device
+        if dev is None or not dev.is_open or dev.facts is None:
+            return out
+        f = dev.facts
+        out.update(
+            manufacturer=f.manufacturer,
+            firmware=f.firmware,
+            storage_key=dev.srk_source,
+            storage_key_name=dev.srk_name.hex(),
+            transient_slots=dev.slots,
+            max_loaded_keys=dev.max_loaded,
+            loaded_keys=dev.loaded_count,
+            rsa_sizes=list(f.rsa_bits),
+        )
+        with contextlib.suppress(Exception):
+            out["dictionary_attack"] = dev.lockout().to_dict()
+        return out
+
+    def _connect(self) -> device.TpmDevice:
+        """Esys_Initialize on the TCTI, TPM2_GetCapability, and the SRK; BackendUnavailable
+        with a reason the user can act on when that fails."""
+        if _MISSING is not None or self._device is None:
+            raise BackendUnavailable(self.name, _MISSING or "tpm2-pytss is missing")
+        dev = self._device
+        if dev.is_open:
+            return dev
+        kind, _, conf = self.tcti.partition(":")
+        if kind == "device":
+            path = conf or "/dev/tpmrm0"
+            if not os.path.exists(path):
+                raise BackendUnavailable(
+                    self.name,
+                    f"no TPM device at {path}: this machine has no TPM 2.0, or its driver is "
+                    "not loaded; set tcti (for tests: swtpm, see swtpm/start.sh)",
+                )
+            if not os.access(path, os.R_OK | os.W_OK):
+                raise BackendUnavailable(
+                    self.name,
+                    f"no permission to use {path}; add this user to the group that owns it "
+                    "(usually tss)",
+                )
+        try:
+            dev.open()
+        except device.StorageKeyProblem as e:
+            raise BackendUnavailable(self.name, str(e)) from None
+        except device.TSS2_Exception as e:
+            if device.is_tcti_error(e):
+                raise BackendUnavailable(
+                    self.name,
+                    f"cannot reach the TPM through TCTI {self.tcti!r} ({e}); is the TPM, "
+                    "tpm2-abrmd or swtpm running and reachable?",
+                ) from None
+            if device.error_code(e) in (device.TPM2_RC.AUTH_FAIL, device.TPM2_RC.BAD_AUTH):
+                raise BackendUnavailable(
+                    self.name,
+                    "the TPM's owner hierarchy has an auth value, so Strongroom cannot create "
+                    "or persist its storage key; provision one at persistent_handle with "
+                    "tpm2_createprimary/tpm2_evictcontrol, or clear the owner auth",
+                ) from None
+            raise BackendUnavailable(self.name, f"the TPM refused to start up: {e}") from None
+        return dev
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def open(self) -> None:
+        """Connect; the SRK is checked or created (TPM2_CreatePrimary, TPM2_EvictControl)."""
+        self._connect()
+
+    def close(self) -> None:
+        """TPM2_FlushContext of every loaded key and session; Esys_Finalize."""
+        if self._device is not None:
+            self._device.close()
+        self._keys.clear()
+        self._pin = None
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _dev(self) -> device.TpmDevice:
+        dev = self._device
+        if dev is None or not dev.is_open:
+            return self._connect()
+        return dev
+
+    def _key(self, info: KeyInfo) -> _Key:
+        key = self._keys.get(info.handle)
+        if key is None:
+            blob = KeyBlob.decode(info.handle)
+            try:
+                area = structures.parse_public_2b(blob.parts[0][0])
+                public = area.public_key() if info.type.is_asymmetric else None
+            except structures.StructureError as e:
+                raise IntegrityError(f"key {info.name!r} has a damaged TPM public blob: {e}")
+            prefix = hashlib.sha256(info.handle.encode()).hexdigest()[:24]
+            refs = tuple(
+                device.KeyRef(f"{prefix}#{i}", pub, priv)
+                for i, (pub, priv) in enumerate(blob.parts)
+            )
+            key = _Key(blob, area, public, refs)
+            self._keys[info.handle] = key
+        return key
+
+    def _ref(self, key: _Key, part: int = 0) -> Any:
+        ref = key.refs[part]
+        return replace(ref, auth=self._auth()) if key.blob.pin else ref
+
+    def _auth(self) -> bytes:
+        """The PIN as the keys' auth value, resolved once (a wrong one is forgotten)."""
+        if self._pin is None:
+            self._pin = self.pin_source.get()
+        return _pin_bytes(self._pin)
+
+    def _new_auth(self, wanted: bool) -> bytes | None:
+        """The PIN for a new object, or None; asked for with confirmation when prompting."""
+        if not wanted:
+            return None
+        if self._pin is None:
+            self._pin = self.pin_source.get(confirm=True)
+        return _pin_bytes(self._pin)
+
+    def _wants_pin(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.pin_patterns)
+
+    @contextlib.contextmanager
+    def _errors(self, command: str, subject: str) -> Iterator[None]:
+        """Turn TSS2 errors of `command` on `subject` (e.g. "key 'x'") into Strongroom's."""
+        try:
+            yield
+        except device.TSS2_Exception as e:
+            raise self._translate(e, command, subject) from e
+
+    def _translate(self, e: Any, command: str, subject: str) -> StrongroomError:
+        code = device.error_code(e)
+        rc = device.TPM2_RC
+        dev = self._device
+        assert dev is not None
+        if device.is_tcti_error(e):
+            dev.lost()
+            return BackendUnavailable(
+                self.name, f"lost the connection to the TPM ({self.tcti}) during {command}: {e}"
+            )
+        if code in (rc.AUTH_FAIL, rc.BAD_AUTH):
+            self._pin = None  # ask again next time; never retried here
+            lock = self._lockout()
+            where = (
+                f"; the TPM's dictionary-attack counter is {lock.failures} of "
+                f"{lock.max_failures}, and it forgets one failure every {lock.interval} s"
+                if lock
+                else ""
+            )
+            return AuthenticationFailed(
+                f"wrong PIN for {subject}: the TPM refused {command}{where}",
+                retries_left=lock.tries_left if lock else None,
+            )
+        if code == rc.LOCKOUT:
+            lock = self._lockout()
+            detail = (
+                f" after {lock.failures} failed authorisations (of {lock.max_failures} "
+                f"allowed); it forgets one failure every {lock.interval} s"
+                if lock
+                else ""
+            )
+            return DeviceLocked(
+                f"the TPM is in dictionary-attack lockout and refused {command} for {subject}"
+                f"{detail}, or its lockout authority can reset it "
+                "(tpm2_dictionarylockout --clear-lockout); Strongroom never retries a PIN"
+            )
+        if code == rc.INTEGRITY:
+            return IntegrityError(
+                f"the TPM rejected {subject} in {command}: its blob is damaged, or was made "
+                "under another storage key (another TPM, or before a TPM2_Clear)"
+            )
+        if code in (rc.OBJECT_MEMORY, rc.SESSION_MEMORY):
+            return StrongroomError(
+                f"the TPM has no free slot for {command} on {subject}: other programs hold "
+                "its transient objects or sessions; use a resource manager (tpmrm0, tabrmd)"
+            )
+        return StrongroomError(f"{command} failed for {subject}: {e} (TPM rc 0x{int(e.rc):x})")
+
+    def _lockout(self) -> Any:
+        """The DA state for an error message; None if even that cannot be read."""
+        try:
+            return self._dev().lockout()
+        except Exception:
+            return None
+
+    def _scheme(self, key_type: KeyType, algorithm: str | None) -> tuple[Any, Any]:
+        """(hashlib constructor, TPMT_SIG_SCHEME) for a signature, built once per kind."""
+        found = self._schemes.get((key_type, algorithm))
+        if found is None:
+            hash_name = "sha384" if key_type is KeyType.ECDSA_P384 else "sha256"
+            if key_type.is_ecdsa:
+                kind = "ecdsa"
+            else:
+                kind = "rsapss" if algorithm == "pss" else "rsassa"
+            hasher = hashlib.sha384 if hash_name == "sha384" else hashlib.sha256
+            found = (hasher, device.sign_scheme(kind, hash_name))
+            self._schemes[(key_type, algorithm)] = found
+        return found
+
+    def _check(self, op: Operation, key_type: KeyType) -> None:
+        if (key_type, op) not in self.capabilities():
+            raise self.unsupported(op, key_type)
+
+    # -- key operations ----------------------------------------------------------------------------
+    def generate(self, new: NewKey) -> str:
+        """TPM2_Create under the SRK: the TPM generates the key (ECC, RSA, HMAC, or AES + HMAC)."""
+        info = new.info
+        self._check(Operation.GENERATE, info.type)
+        if info.exportable:
+            raise self.unsupported(
+                Operation.GENERATE,
+                info.type,
+                "TPM keys never leave the TPM; create exportable keys in the vault",
+            )
+        auth = self._new_auth(self._wants_pin(info.name))
+        pin = auth is not None
+        usage = info.usage
+        t = info.type
+        dev = self._dev()
+        with self._errors("TPM2_Create", f"new key {info.name!r}"):
+            if t.is_ecdsa:
+                agree = Usage.AGREE in usage
+                sign = Usage.SIGN in usage or not agree
+                curve = device.CURVE_P384 if t is KeyType.ECDSA_P384 else device.CURVE_P256
+                parts = [dev.create(device.ecc_template(curve, sign, agree, pin), auth, None)]
+            elif t.is_rsa:
+                decrypt = bool(usage & {Usage.DECRYPT, Usage.UNWRAP})
+                sign = Usage.SIGN in usage or not decrypt
+                template = device.rsa_template(_RSA_BITS[t], sign, decrypt, pin)
+                parts = [dev.create(template, auth, None)]
+            elif t is KeyType.HMAC_SHA256:
+                parts = [dev.create(device.hmac_template(pin, True), auth, None)]
+            elif t is KeyType.AES_256:
+                parts = [
+                    dev.create(device.aes_template(pin, True), auth, None),
+                    dev.create(device.hmac_template(pin, True), auth, None),
+                ]
+            else:  # pragma: no cover - capabilities exclude it
+                raise self.unsupported(Operation.GENERATE, t)
+        return KeyBlob(pin, tuple(parts)).encode()
+
+    def public_key(self, info: KeyInfo) -> PublicKeyTypes:
+        """From the public blob in the catalog (no TPM command)."""
+        public = self._key(info).public
+        if public is None:
+            raise InvalidArgument(f"key {info.name!r} is a {info.type.value} key")
+        return public
+
+    def sign(self, info: KeyInfo, data: bytes, algorithm: str | None) -> bytes:
+        """TPM2_Sign (ECDSA → DER, RSASSA or RSAPSS) of a host-made digest; TPM2_HMAC for HMAC."""
+        if info.type is KeyType.HMAC_SHA256:
+            if algorithm is not None:
+                raise InvalidArgument("HMAC keys take no signature algorithm")
+            return self._hmac(info, data)
+        if not (info.type.is_ecdsa or info.type.is_rsa):
+            raise self.unsupported(Operation.SIGN, info.type)
+        key = self._key(info)
+        hasher, scheme = self._scheme(info.type, algorithm)
+        digest = hasher(data).digest()
+        try:
+            raw = self._dev().sign(self._ref(key), digest, scheme)
+        except device.TSS2_Exception as e:
+            raise self._translate(e, "TPM2_Sign", f"key {info.name!r}") from e
+        return structures.parse_signature(raw).value
+
+    def _hmac(self, info: KeyInfo, data: bytes, part: int = 0) -> bytes:
+        key = self._key(info)
+        with self._errors("TPM2_HMAC", f"key {info.name!r}"):
+            return self._dev().hmac(self._ref(key, part), data)
+
+    def verify_mac(self, info: KeyInfo, data: bytes, tag: bytes) -> bool:
+        """TPM2_HMAC, compared on the host in constant time."""
+        if info.type is not KeyType.HMAC_SHA256:
+            raise self.unsupported(Operation.VERIFY, info.type)
+        return hmac.compare_digest(self._hmac(info, data), tag)
+
+    def encrypt(self, info: KeyInfo, plaintext: bytes, aad: bytes, algorithm: str | None) -> bytes:
+        """AES-256: TPM2_EncryptDecrypt2 (CFB, random IV), then TPM2_HMAC over aad, IV and
+        ciphertext. Output: IV(16) ‖ ciphertext ‖ tag(32). (RSA is done by the keystore.)"""
+        if info.type is not KeyType.AES_256:
+            raise self.unsupported(Operation.ENCRYPT, info.type)
+        _no_algorithm(algorithm)
+        key = self._key(info)
+        iv = os.urandom(_IV)
+        subject = f"key {info.name!r}"
+        dev = self._dev()
+        with dev.lock:
+            with self._errors("TPM2_EncryptDecrypt2", subject):
+                ciphertext = dev.encrypt_decrypt(self._ref(key, 0), iv, plaintext, False)
+            with self._errors("TPM2_HMAC", subject):
+                tag = dev.hmac(self._ref(key, 1), _mac_input(aad, iv, ciphertext))
+        return iv + ciphertext + tag
+
+    def decrypt(self, info: KeyInfo, ciphertext: bytes, aad: bytes, algorithm: str | None) -> bytes:
+        """RSA: TPM2_RSA_Decrypt (OAEP, SHA-256). AES-256: TPM2_HMAC check, then
+        TPM2_EncryptDecrypt2. IntegrityError for a wrong key or damaged ciphertext."""
+        _no_algorithm(algorithm)
+        key = self._key(info)
+        subject = f"key {info.name!r}"
+        if info.type.is_rsa:
+            if len(ciphertext) != _RSA_BITS[info.type] // 8:
+                raise IntegrityError("RSA-OAEP ciphertext has the wrong length for this key")
+            try:
+                return self._dev().rsa_decrypt(self._ref(key), ciphertext)
+            except device.TSS2_Exception as e:
+                rc = device.TPM2_RC
+                if device.error_code(e) in (rc.VALUE, rc.FAILURE, rc.SIZE, rc.SCHEME):
+                    raise IntegrityError(
+                        "RSA-OAEP decryption failed: wrong key or damaged ciphertext"
+                    ) from None
+                raise self._translate(e, "TPM2_RSA_Decrypt", subject) from e
+        if info.type is not KeyType.AES_256:
+            raise self.unsupported(Operation.DECRYPT, info.type)
+        if len(ciphertext) < _IV + _TAG:
+            raise IntegrityError("the ciphertext is too short to be one of this key's")
+        iv, body, tag = ciphertext[:_IV], ciphertext[_IV:-_TAG], ciphertext[-_TAG:]
+        dev = self._dev()
+        with dev.lock:
+            with self._errors("TPM2_HMAC", subject):
+                expected = dev.hmac(self._ref(key, 1), _mac_input(aad, iv, body))
+            if not hmac.compare_digest(expected, tag):
+                raise IntegrityError(
+                    "the ciphertext failed authentication: wrong key, wrong associated data, "
+                    "or damaged ciphertext"
+                )
+            with self._errors("TPM2_EncryptDecrypt2", subject):
+                return dev.encrypt_decrypt(self._ref(key, 0), iv, body, True)
+
+    def agree(
+        self, info: KeyInfo, peer: PublicKeyTypes, new: NewKey, salt: bytes, context: bytes
+    ) -> str:
+        """TPM2_ECDH_ZGen with the peer's point; HKDF-SHA256 on the host; TPM2_Create imports
+        the output as a new TPM key (aes-256: 64 bytes, AES then HMAC key; hmac-sha256: 32)."""
+        self._check(Operation.AGREE, info.type)
+        target = new.info.type
+        if (
+            target not in (KeyType.AES_256, KeyType.HMAC_SHA256)
+            or (
+                target,
+                Operation.GENERATE,
+            )
+            not in self.capabilities()
+        ):
+            raise UnsupportedOperation(
+                self.name,
+                "agree",
+                target.value,
+                "the TPM holds an agreed secret only as an aes-256 or hmac-sha256 key; "
+                "agree with a vault key for other types",
+            )
+        if new.info.exportable:
+            raise self.unsupported(Operation.AGREE, target, "TPM keys cannot be exportable")
+        if not isinstance(peer, ec.EllipticCurvePublicKey):
+            raise InvalidArgument("ECDH needs an EC peer public key")
+        size = (peer.curve.key_size + 7) // 8
+        numbers = peer.public_numbers()
+        key = self._key(info)
+        dev = self._dev()
+        with self._errors("TPM2_ECDH_ZGen", f"key {info.name!r}"):
+            shared = dev.ecdh_zgen(
+                self._ref(key), numbers.x.to_bytes(size, "big"), numbers.y.to_bytes(size, "big")
+            )
+        length = 64 if target is KeyType.AES_256 else 32
+        okm = bytearray(length)
+        try:
+            HKDF(hashes.SHA256(), length, salt or None, context).derive_into(shared, okm)
+            auth = self._new_auth(self._wants_pin(new.info.name))
+            pin = auth is not None
+            with self._errors("TPM2_Create", f"new key {new.info.name!r}"):
+                if target is KeyType.AES_256:
+                    with memoryview(okm) as view:
+                        parts = [
+                            dev.create(device.aes_template(pin, False), auth, view[:32]),
+                            dev.create(device.hmac_template(pin, False), auth, view[32:]),
+                        ]
+                else:
+                    parts = [dev.create(device.hmac_template(pin, False), auth, okm)]
+        finally:
+            scrub_bytes(shared)
+            scrub_bytes(okm)
+        return KeyBlob(pin, tuple(parts)).encode()
+
+    def delete(self, info: KeyInfo) -> None:
+        """TPM2_FlushContext if loaded. The blob exists only in the catalog, which drops it."""
+        key = self._keys.pop(info.handle, None)
+        dev = self._device
+        if key is not None and dev is not None and dev.is_open:
+            for ref in key.refs:
+                dev.unload(ref.cache_id)
+
+    def random(self, n: int) -> bytes:
+        """TPM2_GetRandom."""
+        with self._errors("TPM2_GetRandom", "random bytes"):
+            return self._dev().random(n)
+
+    # -- Sealer ----------------------------------------------------------------------------------
+    def seal(self, secret: memoryview, label: str, options: Mapping[str, Any]) -> dict[str, Any]:
+        """TPM2_Create of a sealed data object under the SRK. With PCRs its policy is
+        TPM2_PolicyPCR(sha256: PCRs) [+ TPM2_PolicyAuthValue for the PIN], from a trial
+        session; without, its auth value is the PIN (or empty)."""
+        unknown = set(options) - _SEAL_OPTIONS
+        if unknown:
+            raise InvalidArgument(
+                f"the TPM does not understand sealing options {', '.join(sorted(unknown))}; "
+                "it takes pcrs and pin"
+            )
+        pcrs = _parse_pcrs(options.get("pcrs") or [])
+        pin = bool(options.get("pin", False))
+        auth = self._new_auth(pin)
+        dev = self._dev()
+        with self._errors("TPM2_Create", "the sealed vault key"):
+            policy = dev.policy_digest(pcrs, pin) if pcrs else b""
+            values = dev.pcr_values(pcrs) if pcrs else {}
+            public, private = dev.create(device.sealed_template(policy, pin), auth, secret)
+        return {
+            "format": SEALED_FORMAT,
+            "version": 1,
+            "label": label,
+            "public": base64.b64encode(public).decode(),
+            "private": base64.b64encode(private).decode(),
+            "pcr_bank": "sha256",
+            "pcrs": pcrs,
+            "pcr_values": {str(p): v.hex() for p, v in sorted(values.items())},
+            "pin": pin,
+            "storage_key": dev.srk_name.hex(),
+        }
+
+    def unseal(self, params: Mapping[str, Any], out: memoryview) -> None:
+        """TPM2_Load, TPM2_PolicyPCR [+ TPM2_PolicyAuthValue], TPM2_Unseal, into `out`."""
+        try:
+            if params.get("format") != SEALED_FORMAT or params.get("version") != 1:
+                raise ValueError("format")
+            public = base64.b64decode(str(params["public"]), validate=True)
+            private = base64.b64decode(str(params["private"]), validate=True)
+            pcrs = _parse_pcrs(params.get("pcrs") or [])
+            pin = bool(params.get("pin", False))
+        except (KeyError, ValueError, TypeError, binascii.Error, InvalidArgument):
+            raise IntegrityError("the TPM key slot of the vault is malformed") from None
+        auth = self._auth() if pin else None
+        dev = self._dev()
+        try:
+            dev.unseal_into(public, private, pcrs, auth, out)
+        except ValueError as e:  # the sealed secret has another size than expected
+            raise IntegrityError(f"the TPM key slot of the vault does not fit: {e}") from None
+        except device.TSS2_Exception as e:
+            rc = device.TPM2_RC
+            if device.error_code(e) in (rc.POLICY_FAIL, rc.PCR_CHANGED) and pcrs:
+                raise AuthenticationFailed(self._pcr_refusal(pcrs, params)) from None
+            raise self._translate(e, "TPM2_Unseal", "the sealed vault key") from e
+
+    def _pcr_refusal(self, pcrs: list[int], params: Mapping[str, Any]) -> str:
+        enrolled = params.get("pcr_values") or {}
+        try:
+            now = self._dev().pcr_values(pcrs)
+            changed = [p for p in pcrs if enrolled.get(str(p)) != now.get(p, b"").hex()]
+        except Exception:
+            changed = []
+        names = ", ".join(str(p) for p in (changed or pcrs))
+        what = (
+            f"PCR {names} (sha256) changed since the slot was enrolled"
+            if changed
+            else f"the PCR policy over PCR {names} (sha256) is not met"
+        )
+        return (
+            f"the TPM refuses to unseal the vault key: {what}, so this is not the boot state "
+            "it was sealed to; open the vault with another enrolled method (e.g. passphrase), "
+            "then re-enroll the TPM if the change is expected"
+        )
+
+    # -- Attester --------------------------------------------------------------------------------
+    def attest(self, info: KeyInfo, nonce: bytes) -> dict[str, Any]:
+        """TPM2_CreatePrimary of the attestation key (endorsement hierarchy) and TPM2_Certify of
+        the key with the nonce as qualifying data."""
+        key = self._key(info)
+        with self._errors("TPM2_Certify", f"key {info.name!r}"):
+            attest, signature, ak_area = self._dev().certify(self._ref(key), nonce)
+        return attestation.make_statement(
+            info.name, info.type.value, nonce, attest, signature, key.area.raw, ak_area
+        )
+
+    @staticmethod
+    def verify_attestation(
+        statement: Mapping[str, Any],
+        nonce: bytes | None,
+        trusted_signer: PublicKeyTypes | None,
+        expected_public: PublicKeyTypes | None,
+    ) -> dict[str, Any]:
+        """Check a TPM2_Certify statement in software (no TPM needed)."""
+        return attestation.verify_statement(statement, nonce, trusted_signer, expected_public)
+
+
+def _capabilities(f: Any) -> frozenset[Capability]:
+    caps: set[Capability] = set()
+
+    def add(key_type: KeyType, *ops: Operation) -> None:
+        caps.update((key_type, op) for op in (Operation.GENERATE, Operation.DELETE, *ops))
+
+    hmac_ok = f.has_alg("KEYEDHASH") and f.has_alg("HMAC") and f.has_command("HMAC")
+    # Agreement makes a new TPM key, so it needs a type the TPM can hold it as (HMAC at least).
+    ecdh = f.has_alg("ECDH") and f.has_command("ECDH_ZGen") and hmac_ok
+    if f.has_alg("ECC") and f.has_alg("ECDSA"):
+        for key_type, curve in ((KeyType.ECDSA_P256, 0x0003), (KeyType.ECDSA_P384, 0x0004)):
+            if curve in f.curves:
+                add(key_type, Operation.SIGN, Operation.VERIFY)
+                if ecdh:
+                    caps.add((key_type, Operation.AGREE))
+    rsa_sign = f.has_alg("RSASSA") and f.has_alg("RSAPSS")
+    if rsa_sign:
+        for bits in f.rsa_bits:
+            key_type = KeyType(f"rsa-{bits}")
+            add(key_type, Operation.SIGN, Operation.VERIFY)
+            if f.has_alg("OAEP") and f.has_command("RSA_Decrypt"):
+                caps.update({(key_type, Operation.ENCRYPT), (key_type, Operation.DECRYPT)})
+    if hmac_ok:
+        add(KeyType.HMAC_SHA256, Operation.SIGN, Operation.VERIFY)
+    if hmac_ok and f.aes256 and f.has_alg("CFB") and f.has_command("EncryptDecrypt2"):
+        add(KeyType.AES_256, Operation.ENCRYPT, Operation.DECRYPT)
+    return frozenset(caps)
+
+
+def _parse_handle(value: Any, context: BackendContext) -> int | None:
+    if value is None:
+        return None
+    try:
+        handle = value if isinstance(value, int) else int(str(value), 0)
+    except ValueError:
+        raise context.config_error("must be a handle like 0x81000001", "persistent_handle")
+    if not 0x81000000 <= handle <= 0x817FFFFF:
+        raise context.config_error(
+            "must be an owner persistent handle, 0x81000000 to 0x817FFFFF", "persistent_handle"
+        )
+    return handle
+
+
+def _parse_pcrs(value: Any) -> list[int]:
+    if not isinstance(value, list | tuple) or not all(
+        isinstance(p, int) and not isinstance(p, bool) for p in value
+    ):
+        raise InvalidArgument("PCRs are a list of numbers, e.g. [7, 11]")
+    bad = [p for p in value if not 0 <= p <= 23]
+    if bad:
+        raise InvalidArgument(f"PCR numbers go from 0 to 23, not {bad[0]}")
+    return sorted(set(value))
+
+
+def _pin_bytes(pin: str) -> bytes:
+    raw = pin.encode("utf-8")
+    if not raw:
+        raise AuthenticationFailed("the TPM PIN is empty")
+    if len(raw) > MAX_PIN_BYTES:
+        raise InvalidArgument(f"a TPM PIN is at most {MAX_PIN_BYTES} bytes (UTF-8)")
+    return raw
+
+
+def _mac_input(aad: bytes, iv: bytes, ciphertext: bytes) -> bytes:
+    return _AEAD_LABEL + struct.pack(">Q", len(aad)) + aad + iv + ciphertext
+
+
+def _no_algorithm(algorithm: str | None) -> None:
+    if algorithm is not None:
+        raise InvalidArgument(f"the TPM picks the scheme from the key type; got {algorithm!r}")
