@@ -8,7 +8,6 @@ from __future__ import annotations
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from strongroom import algorithms
 from strongroom.errors import InvalidArgument, StrongroomError
@@ -129,9 +128,19 @@ def ecdsa_der(raw: bytes) -> bytes:
     if len(raw) % 2 or not raw:
         raise StrongroomError(f"the token returned a {len(raw)}-byte ECDSA signature")
     half = len(raw) // 2
-    return encode_dss_signature(
-        int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big")
-    )
+    r, s = _der_integer(raw[:half]), _der_integer(raw[half:])
+    body = r + s
+    if len(body) < 0x80:
+        return b"\x30" + bytes((len(body),)) + body
+    return b"\x30\x81" + bytes((len(body),)) + body  # P-384/P-521 sizes stay under 256
+
+
+def _der_integer(value: bytes) -> bytes:
+    """A big-endian unsigned integer as a DER INTEGER (minimal, non-negative)."""
+    value = value.lstrip(b"\x00") or b"\x00"
+    if value[0] & 0x80:
+        value = b"\x00" + value
+    return b"\x02" + bytes((len(value),)) + value
 
 
 def public_matches(public: PublicKeyTypes, other: PublicKeyTypes) -> bool:
