@@ -1,7 +1,8 @@
 """The `strongroom` command line. Errors are one line on stderr; exit codes are documented
 in docs/cli.md: 0 ok, 1 signature invalid, 2 usage error, 3 key not found, 4 authentication
 failed, 5 unsupported operation, 6 backend unavailable, 7 device locked, 8 policy violation,
-9 snapshot or data corrupt, 10 key exists, 11 config error, 12 other error.
+9 snapshot or data corrupt, 10 key exists, 11 config error, 12 other error. Exit 1 also
+means an attestation statement failed to verify.
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ class StrongroomGroup(click.Group):
 @click.version_option(__version__, prog_name="strongroom")
 @click.pass_context
 def cli(ctx: click.Context, config: str | None, as_json: bool, debug: bool) -> None:
-    """Strongroom: one key API over TPM, PKCS#11, PIV, FIDO2 and a guarded software vault."""
+    """Strongroom: one key API over TPM, PKCS#11, FIDO2 and a guarded software vault."""
     ctx.obj = State(config, as_json, debug)
 
 
@@ -636,7 +637,7 @@ def key_unwrap(
     "--passphrase",
     "bip39_pass",
     default=None,
-    help="BIP39 passphrase as env:NAME or file:PATH (default: none).",
+    help="BIP39 passphrase as env:NAME, file:PATH or prompt (default: none).",
 )
 @pass_state
 def key_bip39_generate(state: State, name: str, words: str, bip39_pass: str | None) -> None:
@@ -651,7 +652,7 @@ def key_bip39_generate(state: State, name: str, words: str, bip39_pass: str | No
     "--passphrase",
     "bip39_pass",
     default=None,
-    help="BIP39 passphrase as env:NAME or file:PATH (default: none).",
+    help="BIP39 passphrase as env:NAME, file:PATH or prompt (default: none).",
 )
 @pass_state
 def key_bip39_recover(state: State, name: str, bip39_pass: str | None) -> None:
