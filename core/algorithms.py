@@ -43,8 +43,24 @@ def rsa_padding(algorithm: str | None) -> padding.AsymmetricPadding:
     )
 
 
-def oaep() -> padding.OAEP:
-    return padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+RSA_ENCRYPT_ALGORITHMS = ("oaep-sha256", "oaep-sha1")
+
+
+def check_rsa_encrypt_algorithm(algorithm: str | None) -> str:
+    """RSA-OAEP with SHA-256 (the default) or, for tokens that only have it, SHA-1."""
+    algorithm = algorithm or "oaep-sha256"
+    if algorithm not in RSA_ENCRYPT_ALGORITHMS:
+        raise InvalidArgument(
+            f"unknown RSA encryption algorithm {algorithm!r}; "
+            f"use one of {', '.join(RSA_ENCRYPT_ALGORITHMS)}"
+        )
+    return algorithm
+
+
+def oaep(algorithm: str | None = None) -> padding.OAEP:
+    """OAEP with MGF1 and no label, hashing with SHA-256 unless `algorithm` is oaep-sha1."""
+    digest = hashes.SHA1 if check_rsa_encrypt_algorithm(algorithm) == "oaep-sha1" else hashes.SHA256
+    return padding.OAEP(mgf=padding.MGF1(digest()), algorithm=digest(), label=None)
 
 
 def check_sign_algorithm(key_type: KeyType, algorithm: str | None) -> None:
@@ -72,11 +88,11 @@ def verify_signature(
         raise InvalidArgument(f"{key_type.value} keys do not make signatures")
 
 
-def rsa_encrypt(public: PublicKeyTypes, plaintext: bytes) -> bytes:
-    """RSA-OAEP (SHA-256) to a public key."""
+def rsa_encrypt(public: PublicKeyTypes, plaintext: bytes, algorithm: str | None = None) -> bytes:
+    """RSA-OAEP (SHA-256 unless `algorithm` is oaep-sha1) to a public key."""
     if not isinstance(public, rsa.RSAPublicKey):
         raise InvalidArgument("RSA-OAEP needs an RSA public key")
-    return public.encrypt(plaintext, oaep())
+    return public.encrypt(plaintext, oaep(algorithm))
 
 
 def public_key_matches(key_type: KeyType, public: Any) -> bool:

@@ -424,10 +424,17 @@ def key_verify(state: State, name: str, sig: str, inp: str | None, algorithm: st
 @click.option("--in", "inp", metavar="FILE", help="Plaintext (default: stdin).")
 @click.option("--out", "out", metavar="FILE", help="Ciphertext (default: stdout).")
 @click.option("--aad", default="", help="Associated data (text) bound to the ciphertext.")
+@click.option(
+    "--algorithm",
+    type=click.Choice(algorithms.RSA_ENCRYPT_ALGORITHMS),
+    help="RSA only: oaep-sha256 (default) or oaep-sha1 (for tokens that have only that).",
+)
 @pass_state
-def key_encrypt(state: State, name: str, inp: str | None, out: str | None, aad: str) -> None:
+def key_encrypt(
+    state: State, name: str, inp: str | None, out: str | None, aad: str, algorithm: str | None
+) -> None:
     """Encrypt (AES-256-GCM, XChaCha20-Poly1305, or RSA-OAEP)."""
-    write_output(out, state.keystore().encrypt(name, read_input(inp), aad.encode()))
+    write_output(out, state.keystore().encrypt(name, read_input(inp), aad.encode(), algorithm))
 
 
 @key.command("decrypt")
@@ -435,10 +442,17 @@ def key_encrypt(state: State, name: str, inp: str | None, out: str | None, aad: 
 @click.option("--in", "inp", metavar="FILE", help="Ciphertext (default: stdin).")
 @click.option("--out", "out", metavar="FILE", help="Plaintext (default: stdout).")
 @click.option("--aad", default="", help="The associated data given at encryption.")
+@click.option(
+    "--algorithm",
+    type=click.Choice(algorithms.RSA_ENCRYPT_ALGORITHMS),
+    help="RSA only: the OAEP hash used at encryption (default oaep-sha256).",
+)
 @pass_state
-def key_decrypt(state: State, name: str, inp: str | None, out: str | None, aad: str) -> None:
+def key_decrypt(
+    state: State, name: str, inp: str | None, out: str | None, aad: str, algorithm: str | None
+) -> None:
     """Decrypt what `key encrypt` made."""
-    write_output(out, state.keystore().decrypt(name, read_input(inp), aad.encode()))
+    write_output(out, state.keystore().decrypt(name, read_input(inp), aad.encode(), algorithm))
 
 
 @key.command("import")

@@ -507,7 +507,7 @@ class Keystore:
             if info.type.is_rsa:
                 if aad:
                     raise InvalidArgument("RSA-OAEP takes no associated data")
-                return algorithms.rsa_encrypt(b.public_key(info), bytes(plaintext))
+                return algorithms.rsa_encrypt(b.public_key(info), bytes(plaintext), algorithm)
             return b.encrypt(info, bytes(plaintext), bytes(aad), algorithm)
 
     def decrypt(

@@ -312,20 +312,12 @@ def _split(block: memoryview, key: memoryview) -> None:
             view.release()
 
 
-def _join(block: memoryview, out: memoryview) -> None:
-    """Write the key held in block[0:96] into `out`, then re-randomise the shards."""
-    left, right, tmp = block[0:32], block[32:64], block[64:96]
-    try:
-        _hash_into(tmp, right)
-        _native.xor_into(out, left, tmp)
-    finally:
-        for view in (left, right, tmp):
-            view.release()
-    _split(block, out)
+def _join(block: memoryview, key: memoryview) -> None:
+    """Write the key held in block[0:96] into `key`, then re-randomise the shards.
 
-
-def _join_in_place(block: memoryview, key: memoryview) -> None:
-    """`_join` for a block whose key slot is block[96:128]: one pointer, fewer crossings."""
+    One cffi pointer into the block serves both hashes and the new random shard: this runs
+    on every vault operation, and each crossing into cffi costs time.
+    """
     p = _sodium_ffi.from_buffer(block, require_writable=True)
     left, tmp = block[0:32], block[64:96]
     try:
@@ -525,7 +517,7 @@ class _Borrowed:
             self._block = block
             key = block[KeyedPool._KEY_AT : KeyedPool._SCRATCH_AT]
             self._key = key
-            _join_in_place(block, key)
+            _join(block, key)
             self._scratch = block[len(block) - self._size :]
         except BaseException as e:
             self.__exit__(type(e))

@@ -334,6 +334,18 @@ def test_rsa_oaep_needs_sha256_which_softhsm_lacks(ks: Keystore) -> None:
         "rsa-2048",
     )
     assert "CKM_RSA_PKCS_OAEP only with SHA-1" in str(err.value)
+    assert "oaep-sha1" in str(err.value)  # and says what does work
+
+
+def test_rsa_oaep_sha1_decrypts_on_the_token(ks: Keystore) -> None:
+    # PKCS#11: C_Decrypt with CKM_RSA_PKCS_OAEP(SHA-1, MGF1-SHA-1) inside SoftHSM2.
+    ks.generate("oaep1", "rsa-2048", backend="hsm", usage="encrypt,decrypt")
+    ct = ks.encrypt("oaep1", b"to the token", algorithm="oaep-sha1")
+    assert ks.decrypt("oaep1", ct, algorithm="oaep-sha1") == b"to the token"
+    with pytest.raises(IntegrityError):
+        ks.decrypt("oaep1", ct[:-1] + bytes([ct[-1] ^ 1]), algorithm="oaep-sha1")
+    with pytest.raises(InvalidArgument):
+        ks.decrypt("oaep1", ct, algorithm="oaep-md5")
 
 
 def test_hmac(ks: Keystore) -> None:

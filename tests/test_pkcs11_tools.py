@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, CliResult
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from pkcs11_support import (
     PIN_ENV,
@@ -333,3 +334,22 @@ def test_missing_module_through_the_cli(tmp_path: Path, softhsm: SoftHsm) -> Non
     )
     table = assert_ok(cli(cfg, softhsm, "backends")).stdout.decode()
     assert "unavailable" in table and "install softhsm2" in table
+
+
+def test_openssl_encrypts_and_the_token_decrypts_rsa_oaep(ks: Keystore, tmp_path: Path) -> None:
+    # openssl's OAEP default is SHA-1 with MGF1-SHA-1: what SoftHSM2's CKM_RSA_PKCS_OAEP takes.
+    ks.generate("oaep-tool", "rsa-2048", backend="hsm", usage="encrypt,decrypt")
+    pem = tmp_path / "oaep.pem"
+    pem.write_bytes(
+        ks.public_key("oaep-tool").public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    (tmp_path / "plain").write_bytes(b"sealed by openssl")
+    r = openssl(
+        "pkeyutl", "-encrypt", "-pubin", "-inkey", "oaep.pem", "-in", "plain", "-out", "ct",
+        "-pkeyopt", "rsa_padding_mode:oaep", cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    ct = (tmp_path / "ct").read_bytes()
+    assert ks.decrypt("oaep-tool", ct, algorithm="oaep-sha1") == b"sealed by openssl"

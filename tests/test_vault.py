@@ -274,3 +274,22 @@ def test_public_key_objects(ks: Keystore) -> None:
     ks.generate("s", "aes-256")
     with pytest.raises(InvalidArgument):
         ks.public_key("s")
+
+
+def test_rsa_oaep_sha1_and_sha256(ks: Keystore) -> None:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    ks.generate("rsa-enc", "rsa-2048", usage="encrypt,decrypt")
+    public = ks.public_key("rsa-enc")
+    for algorithm, digest in (("oaep-sha1", hashes.SHA1), ("oaep-sha256", hashes.SHA256)):
+        ct = public.encrypt(  # type: ignore[union-attr]
+            b"interop", padding.OAEP(padding.MGF1(digest()), digest(), None)
+        )
+        assert ks.decrypt("rsa-enc", ct, algorithm=algorithm) == b"interop"
+    default = ks.encrypt("rsa-enc", b"x")
+    assert ks.decrypt("rsa-enc", default) == b"x"
+    with pytest.raises(IntegrityError):
+        ks.decrypt("rsa-enc", default, algorithm="oaep-sha1")  # hashes must match
+    with pytest.raises(InvalidArgument):
+        ks.encrypt("rsa-enc", b"x", algorithm="pkcs1v15")

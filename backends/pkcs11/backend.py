@@ -132,8 +132,10 @@ _STATIC_CAPABILITIES = frozenset(_REQUIREMENTS)
 
 
 _OAEP: Any = None  # (SHA-256, MGF1-SHA-256, no label) once python-pkcs11 is known present
+_OAEP_SHA1: Any = None  # for tokens such as SoftHSM2 whose OAEP takes SHA-1 only
 if IMPORT_ERROR is None:
     _OAEP = (Mechanism.SHA256, MGF.SHA256, None)
+    _OAEP_SHA1 = (Mechanism.SHA_1, MGF.SHA1, None)
 
 
 def _mechanism_value(name: str) -> int:
@@ -584,8 +586,8 @@ class Pkcs11Backend(Backend):
         if not self._has("RSA_PKCS_OAEP"):
             return f"token {self.token_label!r} has no CKM_RSA_PKCS_OAEP"
         return (
-            f"token {self.token_label!r} takes CKM_RSA_PKCS_OAEP only with SHA-1, and "
-            "Strongroom's RSA encryption is OAEP with SHA-256"
+            f"token {self.token_label!r} takes CKM_RSA_PKCS_OAEP only with SHA-1; "
+            "encrypt and decrypt with algorithm oaep-sha1 (CLI: --algorithm oaep-sha1)"
         )
 
     def _missing(self, key_type: KeyType, op: Operation) -> str:
@@ -770,10 +772,12 @@ class Pkcs11Backend(Backend):
         return nonce + ct
 
     def decrypt(self, info: KeyInfo, ciphertext: bytes, aad: bytes, algorithm: str | None) -> bytes:
-        """PKCS#11: C_DecryptInit/C_Decrypt with CKM_AES_GCM, or CKM_RSA_PKCS_OAEP (SHA-256,
-        MGF1-SHA-256, no label). A failed tag or padding is an IntegrityError."""
-        _no_algorithm(algorithm)
+        """PKCS#11: C_DecryptInit/C_Decrypt with CKM_AES_GCM, or CKM_RSA_PKCS_OAEP (SHA-256 and
+        MGF1-SHA-256, or SHA-1 and MGF1-SHA-1 with algorithm="oaep-sha1"; no label). A failed
+        tag or padding is an IntegrityError."""
         t = info.type
+        if t not in _RSA_TYPES:
+            _no_algorithm(algorithm)
         if t is KeyType.AES_256:
             if len(ciphertext) < keys.GCM_NONCE + keys.GCM_TAG:
                 raise IntegrityError("ciphertext is too short to be AES-GCM output")
@@ -788,8 +792,12 @@ class Pkcs11Backend(Backend):
                 ),
             )
         if t in _RSA_TYPES:
-            if (t, Operation.DECRYPT) not in self.capabilities():
+            sha1 = algorithms.check_rsa_encrypt_algorithm(algorithm) == "oaep-sha1"
+            if sha1 and not self._has("RSA_PKCS_OAEP"):
                 raise self.unsupported(Operation.DECRYPT, t, self._no_oaep())
+            if not sha1 and (t, Operation.DECRYPT) not in self.capabilities():
+                raise self.unsupported(Operation.DECRYPT, t, self._no_oaep())
+            params = _OAEP_SHA1 if sha1 else _OAEP
             try:
                 return self._with_key(
                     info,
@@ -797,7 +805,7 @@ class Pkcs11Backend(Backend):
                     "decrypt",
                     lambda key: bytes(
                         key.decrypt(
-                            ciphertext, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_OAEP
+                            ciphertext, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=params
                         )
                     ),
                 )

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from strongroom import algorithms
 from strongroom.backend import Backend, BackendContext, Capability, ConfigKey, NewKey
 from strongroom.errors import (
     AuthenticationFailed,
@@ -440,7 +441,12 @@ class TpmBackend(Backend):
     def decrypt(self, info: KeyInfo, ciphertext: bytes, aad: bytes, algorithm: str | None) -> bytes:
         """RSA: TPM2_RSA_Decrypt (OAEP, SHA-256). AES-256: TPM2_HMAC check, then
         TPM2_EncryptDecrypt2. IntegrityError for a wrong key or damaged ciphertext."""
-        _no_algorithm(algorithm)
+        if not info.type.is_rsa:
+            _no_algorithm(algorithm)
+        elif algorithms.check_rsa_encrypt_algorithm(algorithm) != "oaep-sha256":
+            raise self.unsupported(
+                Operation.DECRYPT, info.type, "TPM RSA keys decrypt OAEP with SHA-256 only"
+            )
         key = self._key(info)
         subject = f"key {info.name!r}"
         if info.type.is_rsa:

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.keywrap import (
     aes_key_wrap_with_padding,
 )
 
+from strongroom import algorithms
 from strongroom.backend import Backend, BackendContext, Capability, ConfigKey, NewKey
 from strongroom.errors import (
     AuthenticationFailed,
@@ -667,9 +668,12 @@ class VaultBackend(Backend):
     def decrypt(self, info: KeyInfo, ciphertext: bytes, aad: bytes, algorithm: str | None) -> bytes:
         if info.type not in keyops.AEAD_TYPES and not info.type.is_rsa:
             raise self.unsupported(Operation.DECRYPT, info.type)
-        _no_algorithm(algorithm)
+        if info.type.is_rsa:
+            algorithms.check_rsa_encrypt_algorithm(algorithm)
+        else:
+            _no_algorithm(algorithm)
         with self._material(info) as m:
-            return keyops.decrypt(info.type, m, ciphertext, aad)
+            return keyops.decrypt(info.type, m, ciphertext, aad, algorithm)
 
     def agree(
         self, info: KeyInfo, peer: PublicKeyTypes, new: NewKey, salt: bytes, context: bytes

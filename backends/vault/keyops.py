@@ -291,7 +291,14 @@ def encrypt(key_type: KeyType, material: memoryview, plaintext: bytes, aad: byte
     raise InvalidArgument(f"{key_type.value} keys do not encrypt in the vault")
 
 
-def decrypt(key_type: KeyType, material: memoryview, ciphertext: bytes, aad: bytes) -> bytes:
+def decrypt(
+    key_type: KeyType,
+    material: memoryview,
+    ciphertext: bytes,
+    aad: bytes,
+    algorithm: str | None = None,
+) -> bytes:
+    """AEAD decrypt, or RSA-OAEP (`algorithm`: oaep-sha256, the default, or oaep-sha1)."""
     if key_type is KeyType.AES_256:
         if len(ciphertext) < GCM_NONCE + 16:
             raise IntegrityError("ciphertext is too short to be AES-GCM output")
@@ -313,7 +320,7 @@ def decrypt(key_type: KeyType, material: memoryview, ciphertext: bytes, aad: byt
     if key_type in _RSA_BITS:
         with _private(key_type, material) as key:
             try:
-                return bytes(key.decrypt(ciphertext, algorithms.oaep()))
+                return bytes(key.decrypt(ciphertext, algorithms.oaep(algorithm)))
             except ValueError:
                 raise IntegrityError(
                     "RSA-OAEP decryption failed: wrong key or damaged data"
