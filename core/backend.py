@@ -43,7 +43,6 @@ class BackendContext:
     """sealer(backend_name) → another configured backend that can seal (for vault key slots)."""
     config_error: Callable[[str, str], ConfigError]
     """config_error(message, key) → a ConfigError naming the file, line and this backend's key."""
-    options: dict[str, Any] = field(default_factory=dict)
     presence: PresencePrompt = no_presence_prompt
     """Called when the device waits for a touch (or similar), so the user can be told."""
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, CliResult, run_cli
+
+import strongroom
+from strongroom.keystore import Keystore
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -152,3 +155,17 @@ def list_objects(hsm: SoftHsm) -> list[dict[str, str]]:
             key, _, value = line.strip().partition(":")
             objects[-1][key.strip()] = value.strip()
     return objects
+
+
+# The keystore the PKCS#11 test modules share: a config for the session's token, opened.
+@pytest.fixture
+def config(tmp_path: Path, softhsm: SoftHsm, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv(PIN_ENV, softhsm.pin)
+    monkeypatch.setenv(VAULT_PASS_ENV, VAULT_PASSPHRASE)
+    return write_config(tmp_path, softhsm)
+
+
+@pytest.fixture
+def ks(config: Path) -> Iterator[Keystore]:
+    with strongroom.open(config) as keystore:
+        yield keystore

@@ -20,7 +20,6 @@ import mmap
 import os
 import pickle
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from nobody_support import run_as_nobody, skip_unless_root_with_setpriv, unprivileged_tree
 
 from strongroom import _native
 from strongroom import memory as memory_module
@@ -717,8 +717,6 @@ def test_unlocked_warning_is_logged_once(
 
 # ---- an unprivileged process under an 8 MiB RLIMIT_MEMLOCK -------------------------------
 
-NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-
 MEMLOCK_CHILD = """\
 import json, logging, resource
 resource.setrlimit(resource.RLIMIT_MEMLOCK, (8 << 20, 8 << 20))
@@ -746,69 +744,19 @@ print(json.dumps({"unlocked": unlocked, "secret": secret, "failures": during.mlo
 """
 
 
-def _unprivileged_tree(root: Path) -> Path:
-    """A world-readable copy of what the child imports: /root (the venv's home) is 0700."""
-    pkg = root / "strongroom"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    core = Path(memory_module.__file__).parent
-    for name in ("memory.py", "errors.py"):
-        shutil.copy(core / name, pkg / name)
-    shutil.copy(_native.__file__, pkg / Path(_native.__file__).name)
-    for p in (root, pkg, *pkg.iterdir()):
-        p.chmod(0o755)
-    return root
-
-
-def _interpreters() -> list[str]:
-    major, minor = sys.version_info[:2]
-    # The system interpreter first: a venv whose base Python lives under /root only starts for
-    # uid 65534 by accident (setpriv execs with its capabilities still held).
-    found = [
-        f"/usr/bin/python{major}.{minor}",
-        f"/usr/local/bin/python{major}.{minor}",
-        sys.executable,
-    ]
-    return [p for p in dict.fromkeys(found) if os.path.exists(p)]
-
-
 def test_unprivileged_memlock_exhaustion_degrades_gracefully() -> None:
     # The anonymous path (mlock failing past the limit); tests/test_native_secretmem.py has
     # the memfd_secret path under the same limit.
-    if os.geteuid() != 0:
-        pytest.skip("needs root to switch to uid 65534")
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is not installed")
+    skip_unless_root_with_setpriv()
     with tempfile.TemporaryDirectory(prefix="strongroom-memlock-") as tmp:
-        tree = _unprivileged_tree(Path(tmp))
+        tree = unprivileged_tree(Path(tmp), ("memory.py", "errors.py"))
         env = {
             "PATH": "/usr/bin:/bin",
             "PYTHONPATH": str(tree),
             "PYTHONDONTWRITEBYTECODE": "1",
             NO_SECRETMEM_ENV: "1",
         }
-        probe = "import strongroom.memory"
-        python = next(
-            (
-                p
-                for p in _interpreters()
-                if subprocess.run(
-                    [*NOBODY, p, "-s", "-c", probe], env=env, cwd=tmp, capture_output=True
-                ).returncode
-                == 0
-            ),
-            None,
-        )
-        if python is None:
-            pytest.skip(f"no Python {sys.version_info[:2]} that uid 65534 can run")
-        proc = subprocess.run(
-            [*NOBODY, python, "-s", "-c", CHILD_PRELUDE + MEMLOCK_CHILD],
-            env=env,
-            cwd=tmp,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        proc = run_as_nobody(tmp, env, "import strongroom.memory", CHILD_PRELUDE + MEMLOCK_CHILD)
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     result = json.loads(proc.stdout)
     assert result["soft"] == 8 << 20

@@ -14,7 +14,6 @@ import errno
 import json
 import mmap
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from nobody_support import run_as_nobody, skip_unless_root_with_setpriv, unprivileged_tree
 
 from strongroom import _native
 
@@ -338,7 +338,6 @@ def test_environment_variable_turns_secretmem_off(value: str, enabled: bool) -> 
 
 # ---- the memlock budget, as an unprivileged user ------------------------------------------
 
-NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 LIMIT = 8 << 20
 
 BUDGET_CHILD = f"""\
@@ -394,29 +393,6 @@ print(json.dumps({{"secret": secret, "mlocked": mlocked, "during": during, "afte
 """
 
 
-def _unprivileged_tree(root: Path) -> Path:
-    """A world-readable copy of the native module: /root (the venv's home) is 0700."""
-    pkg = root / "strongroom"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    shutil.copy(_native.__file__, pkg / Path(_native.__file__).name)
-    for p in (root, pkg, *pkg.iterdir()):
-        p.chmod(0o755)
-    return root
-
-
-def _interpreters() -> list[str]:
-    major, minor = sys.version_info[:2]
-    # The system interpreter first: a venv whose base Python lives under /root only starts for
-    # uid 65534 by accident (setpriv execs with its capabilities still held).
-    found = [
-        f"/usr/bin/python{major}.{minor}",
-        f"/usr/local/bin/python{major}.{minor}",
-        sys.executable,
-    ]
-    return [p for p in dict.fromkeys(found) if os.path.exists(p)]
-
-
 def _prefix_length(flags: list[bool]) -> int:
     """How many leading entries are True; asserts that all the others are False."""
     n = flags.index(False) if False in flags else len(flags)
@@ -426,35 +402,11 @@ def _prefix_length(flags: list[bool]) -> int:
 
 @needs_secretmem
 def test_unprivileged_budget_falls_back_instead_of_crashing() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to switch to uid 65534")
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is not installed")
+    skip_unless_root_with_setpriv()
     with tempfile.TemporaryDirectory(prefix="strongroom-secretmem-") as tmp:
-        tree = _unprivileged_tree(Path(tmp))
+        tree = unprivileged_tree(Path(tmp))
         env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1"}
-        probe = "import strongroom._native"
-        python = next(
-            (
-                p
-                for p in _interpreters()
-                if subprocess.run(
-                    [*NOBODY, p, "-s", "-c", probe], env=env, cwd=tmp, capture_output=True
-                ).returncode
-                == 0
-            ),
-            None,
-        )
-        if python is None:
-            pytest.skip(f"no Python {sys.version_info[:2]} that uid 65534 can run")
-        proc = subprocess.run(
-            [*NOBODY, python, "-s", "-c", CHILD_PRELUDE + BUDGET_CHILD],
-            env=env,
-            cwd=tmp,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        proc = run_as_nobody(tmp, env, "import strongroom._native", CHILD_PRELUDE + BUDGET_CHILD)
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])  # SIGBUS would be -7
     result = json.loads(proc.stdout)
     budget_pages = LIMIT // PAGE

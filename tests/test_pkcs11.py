@@ -11,7 +11,6 @@ import logging
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pkcs11 import Attribute, ObjectClass
 from pkcs11 import exceptions as p11
-from pkcs11_support import PIN_ENV, SoftHsm, pkcs11_tool, softhsm, write_config
+from pkcs11_support import PIN_ENV, SoftHsm, config, ks, pkcs11_tool, softhsm, write_config
 
 import strongroom
 from strongroom.backends.pkcs11 import Pkcs11Backend
@@ -47,22 +46,9 @@ from strongroom.errors import (
 from strongroom.keystore import Keystore
 from strongroom.testing import BackendContract
 
-__all__ = ["softhsm"]  # the session fixture, imported so pytest finds it
+__all__ = ["config", "ks", "softhsm"]  # fixtures, imported so pytest finds them
 
 DATA = b"signed by a key that never leaves the token"
-
-
-@pytest.fixture
-def config(tmp_path: Path, softhsm: SoftHsm, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv(PIN_ENV, softhsm.pin)
-    monkeypatch.setenv(VAULT_PASS_ENV, VAULT_PASSPHRASE)
-    return write_config(tmp_path, softhsm)
-
-
-@pytest.fixture
-def ks(config: Path) -> Iterator[Keystore]:
-    with strongroom.open(config) as keystore:
-        yield keystore
 
 
 def hsm_of(ks: Keystore) -> Pkcs11Backend:

@@ -9,17 +9,18 @@ import hashlib
 import json
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, CliResult
+from conftest import VAULT_PASS_ENV, CliResult
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from pkcs11_support import (
     PIN_ENV,
     SoftHsm,
     cli,
+    config,
+    ks,
     list_objects,
     pkcs11_tool,
     softhsm,
@@ -29,7 +30,7 @@ from pkcs11_support import (
 import strongroom
 from strongroom.keystore import Keystore
 
-__all__ = ["softhsm"]
+__all__ = ["config", "ks", "softhsm"]
 
 pytestmark = pytest.mark.skipif(
     shutil.which("pkcs11-tool") is None or shutil.which("openssl") is None,
@@ -37,19 +38,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 DATA = b"verified by tools that Strongroom did not write\n"
-
-
-@pytest.fixture
-def config(tmp_path: Path, softhsm: SoftHsm, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv(PIN_ENV, softhsm.pin)
-    monkeypatch.setenv(VAULT_PASS_ENV, VAULT_PASSPHRASE)
-    return write_config(tmp_path, softhsm)
-
-
-@pytest.fixture
-def ks(config: Path) -> Iterator[Keystore]:
-    with strongroom.open(config) as keystore:
-        yield keystore
 
 
 def openssl(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from nobody_support import NOBODY, skip_unless_root_with_setpriv
 
 import strongroom
 from strongroom import memory
@@ -230,10 +230,7 @@ def test_20000_keys_under_an_8_mib_memlock_limit_unprivileged() -> None:
 
 
 def _run_unprivileged(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to switch to uid 65534")
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is not installed")
+    skip_unless_root_with_setpriv()
     python = f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}"
     if not os.path.exists(python):
         pytest.skip(f"{python} is needed: the venv's base interpreter is not readable by uid 65534")
@@ -242,14 +239,14 @@ def _run_unprivileged(tmp_path: Path) -> None:
     for path in (tmp_path, cfg):
         os.chown(path, 65534, 65534)
     probe = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-S", "-s", "-c",
+        [*NOBODY, python, "-S", "-s", "-c",
          f"import site; site.addsitedir({site_packages!r}); import strongroom"],
         capture_output=True,
     )  # fmt: skip
     if probe.returncode != 0:
         pytest.skip(f"uid 65534 cannot import this checkout: {probe.stderr[-300:]!r}")
     proc = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-S", "-s", "-c",
+        [*NOBODY, python, "-S", "-s", "-c",
          UNPRIVILEGED_CHILD, site_packages, str(TESTS), str(cfg)],
         env={"PATH": "/usr/bin:/bin", "RUNTIME_PASS": "p", "HOME": str(tmp_path)},
         capture_output=True, text=True, timeout=300,

@@ -32,8 +32,7 @@ from tpm_support import (
     WRONG_PIN,
     Swtpm,
     _free_port_pair,
-    release_swtpm,
-    shared_swtpm,
+    swtpm,
     write_config,
 )
 
@@ -55,14 +54,7 @@ from strongroom.keystore import Keystore, verify_attestation
 from strongroom.testing import BackendContract
 from strongroom.types import KeyType, Operation, Usage
 
-
-@pytest.fixture(scope="session")
-def swtpm() -> Iterator[Swtpm]:
-    tpm = shared_swtpm()
-    try:
-        yield tpm
-    finally:
-        release_swtpm()
+__all__ = ["swtpm"]  # the session fixture, imported so pytest finds it
 
 
 @pytest.fixture(autouse=True)

@@ -20,8 +20,7 @@ from tpm_support import (
     VAULT_PASS,
     VAULT_PASS_ENV,
     Swtpm,
-    release_swtpm,
-    shared_swtpm,
+    swtpm,
     write_config,
 )
 
@@ -31,13 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 ENV = {PIN_ENV: TEST_PIN, VAULT_PASS_ENV: VAULT_PASS}
 
 
-@pytest.fixture(scope="session")
-def swtpm() -> Iterator[Swtpm]:
-    tpm = shared_swtpm()
-    try:
-        yield tpm
-    finally:
-        release_swtpm()
+__all__ = ["swtpm"]  # the session fixture, imported so pytest finds it
 
 
 @pytest.fixture(autouse=True)

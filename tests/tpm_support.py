@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 os.environ.setdefault("TSS2_LOG", "all+none")
 
 SRK_HANDLE = 0x81000001
@@ -236,3 +238,13 @@ def write_config(
         encoding="utf-8",
     )
     return path
+
+
+@pytest.fixture(scope="session")
+def swtpm() -> Iterator[Swtpm]:
+    """The session's swtpm, for every TPM test module (each imports this fixture)."""
+    tpm = shared_swtpm()
+    try:
+        yield tpm
+    finally:
+        release_swtpm()
