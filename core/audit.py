@@ -15,12 +15,17 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import Any
 
 AuditEvent = dict[str, Any]
 logger = logging.getLogger("strongroom.audit")
+
+current_principal: ContextVar[str | None] = ContextVar("strongroom_principal", default=None)
+"""Who the current operation is done for, when that is not this process's user: a server
+sets it per request (a tenant's identity), and the event records it as `actor`."""
 
 
 def default_actor() -> str:
@@ -55,10 +60,11 @@ class Audit:
         **detail: Any,
     ) -> None:
         """Append one event. `detail` must hold only non-secret facts (types, sizes, names)."""
+        principal = current_principal.get()
         if self.listeners or self.mode == "log":
             event: AuditEvent = {
                 "time": time.time(),
-                "actor": self.actor,
+                "actor": self.actor if principal is None else principal,
                 "op": operation,
                 "key": key,
                 "backend": backend,
@@ -72,8 +78,9 @@ class Audit:
         if self._fd is None:
             return
         # Built by hand: this runs on every operation and json.dumps of a dict is slow.
+        actor = self._actor_json if principal is None else _js(principal)
         line = (
-            f'{{"time":{time.time():.6f},"actor":{self._actor_json},"op":{_js(operation)},'
+            f'{{"time":{time.time():.6f},"actor":{actor},"op":{_js(operation)},'
             f'"key":{_js(key)},"backend":{_js(backend)},"result":{_js(result)}'
         )
         for name, value in detail.items():

@@ -222,3 +222,19 @@ def test_a_second_keystore_sees_creations_and_deletions_at_once(tmp_path: Path) 
             b.sign("shared", b"m")
         with pytest.raises(KeyNotFound):
             b.info("shared")
+
+
+def test_audit_actor_is_the_current_principal_when_one_is_set(tmp_path: Path) -> None:
+    from strongroom.audit import current_principal
+
+    with strongroom.open(_config(tmp_path, ""), actor="process-user") as ks:
+        ks.generate("k", "ed25519")
+        token = current_principal.set("tenant-a:token-1")
+        try:
+            ks.sign("k", b"x")
+        finally:
+            current_principal.reset(token)
+        ks.sign("k", b"y")
+    events = [json.loads(x) for x in (tmp_path / "data" / "audit.jsonl").read_text().splitlines()]
+    signs = [e["actor"] for e in events if e["op"] == "sign"]
+    assert signs == ["tenant-a:token-1", "process-user"]
