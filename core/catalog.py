@@ -96,6 +96,13 @@ class Catalog:
         self._cache_stamp = self._stamp.read()
 
     def get(self, namespace: str, name: str) -> KeyInfo:
+        # The hot path takes no lock: a cached row is good while the shared stamp is the one
+        # the cache was filled under (both reads are atomic; a writer changes the stamp after
+        # its commit, so a reader at worst sees the state from just before that commit).
+        if self._stamp.read() == self._cache_stamp:
+            info = self._cache.get((namespace, name))
+            if info is not None:
+                return info
         with self._lock:
             self._fresh()
             info = self._cache.get((namespace, name))

@@ -43,7 +43,7 @@ from .errors import (
     UnsupportedOperation,
 )
 from .secrets import Prompter, SecretSource, terminal_prompter, validate_reference
-from .types import KeyInfo, KeyType, Operation, Usage
+from .types import OPERATION_USAGE, KeyInfo, KeyType, Operation, Usage
 
 ENTRY_POINT_GROUP = "strongroom.backends"
 ADOPTED = "adopted"
@@ -271,12 +271,16 @@ class Keystore:
     ) -> tuple[KeyInfo, Backend]:
         info = self.catalog.get(self.namespace, name)
         facts["backend"] = info.backend
-        needed = op.usage if op is not None else None
-        if op is not None and needed is not None and needed not in info.usage:
-            allowed = ", ".join(sorted(u.value for u in info.usage))
-            raise PolicyViolation(
-                f"key {name!r} may not be used to {op.value}; its usages: {allowed}"
-            )
+        if op is not None:
+            needed = OPERATION_USAGE.get(op)
+            if needed is not None and needed not in info.usage:
+                allowed = ", ".join(sorted(u.value for u in info.usage))
+                raise PolicyViolation(
+                    f"key {name!r} may not be used to {op.value}; its usages: {allowed}"
+                )
+        b = self._backends.get(info.backend)
+        if b is not None and b.name in self._opened:
+            return info, b  # the hot path: a configured backend that is open already
         return info, self._ready(self.backend(info.backend))
 
     def _new_info(

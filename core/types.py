@@ -158,10 +158,10 @@ class Operation(enum.StrEnum):
     @property
     def usage(self) -> Usage | None:
         """The usage a key needs for this operation, if any."""
-        return _OP_USAGE.get(self)
+        return OPERATION_USAGE.get(self)
 
 
-_OP_USAGE = {
+OPERATION_USAGE = {
     Operation.SIGN: Usage.SIGN,
     Operation.VERIFY: Usage.VERIFY,
     Operation.ENCRYPT: Usage.ENCRYPT,
