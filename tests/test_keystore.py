@@ -238,3 +238,19 @@ def test_audit_actor_is_the_current_principal_when_one_is_set(tmp_path: Path) ->
     events = [json.loads(x) for x in (tmp_path / "data" / "audit.jsonl").read_text().splitlines()]
     signs = [e["actor"] for e in events if e["op"] == "sign"]
     assert signs == ["tenant-a:token-1", "process-user"]
+
+
+def test_cached_key_lookups_see_other_writers_at_once(tmp_path: Path) -> None:
+    """The catalog cache answers without a lock, but a write by another Keystore on the
+    same data dir (another process, in real use) is seen on the very next call."""
+    cfg = _config(tmp_path, "")
+    with strongroom.open(cfg) as a, strongroom.open(cfg) as b:
+        a.generate("k", "ed25519")
+        for _ in range(3):
+            a.sign("k", b"warm the cache")
+        b.delete("k")
+        with pytest.raises(KeyNotFound):
+            a.sign("k", b"after delete")
+        b.generate("k", "ecdsa-p256")
+        assert a.info("k").type.value == "ecdsa-p256"
+        a.verify("k", b"m", b.sign("k", b"m"))
