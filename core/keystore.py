@@ -763,6 +763,9 @@ class _AuditedVault:
             "change_passphrase",
             "backup",
             "restore",
+            "enroll_threshold",
+            "recovery_shares",
+            "recover",
         }
     )
 
