@@ -488,6 +488,9 @@ class VaultBackend(Backend):
 
     def recover(self, mnemonics: list[str], passphrase: str = "") -> str:
         """Open the vault with enough SLIP-39 recovery shares; return the recovery slot id."""
+        given = [m for m in mnemonics if m.strip()]
+        if not given:
+            raise InvalidArgument("no recovery shares were given")
         with self._lock:
             snap = snapshot.decode(self._read_file(), str(self.path))
             header = snap.header
@@ -502,9 +505,6 @@ class VaultBackend(Backend):
                     "this vault has no recovery shares; they are made with "
                     "`strongroom vault recovery-shares` while it is unlocked"
                 )
-            given = [m for m in mnemonics if m.strip()]
-            if not given:
-                raise InvalidArgument("no recovery shares were given")
             ident = threshold.mnemonic_identifier(given[0])
             slot = next((s for s in slots if s.get("identifier") == ident), None)
             if slot is None:
