@@ -929,6 +929,17 @@ def _enroll_threshold(
     v.unlock()
     slot = v.enroll_threshold(policy, exclusive=exclusive)
     state.emit(slot, f"enrolled threshold key slot {slot['id']}: {slot['policy']}")
+    alone = [
+        f"{s['id']} ({s['method']})"
+        for s in v.vault_status().get("slots", [])
+        if s.get("method") not in ("threshold", "recovery")
+    ]
+    if alone and not state.json:
+        click.echo(
+            f"note: key slots {', '.join(alone)} still open the vault on their own; "
+            "remove them with `strongroom vault unenroll ID` (or enroll with --exclusive)",
+            err=True,
+        )
 
 
 @vault.command("unenroll")

@@ -266,6 +266,11 @@ def test_threshold_slot_is_bound_to_its_vault(
     rewrite([changed])
     with strongroom.open(configs[1]) as ks, pytest.raises(SnapshotTampered, match="modified"):
         ks.vault_control().unlock()
+    broken = json.loads(json.dumps(slot_b))
+    del broken["groups"][0]["members"][0]["index"]
+    rewrite([broken])
+    with strongroom.open(configs[1]) as ks, pytest.raises(SnapshotTampered, match="malformed"):
+        ks.vault_control().unlock()
     rewrite([slot_b])
     with strongroom.open(configs[1]) as ks:
         assert ks.vault_control().unlock() == "threshold (alice, bob)"

@@ -230,6 +230,14 @@ def test_cli_usage_errors_are_one_line(tmp_path: Path) -> None:
         "no recovery shares",
     )
     assert snapshot.read_bytes() == before
+    # without --exclusive the old passphrase slot still opens the vault alone: it says so
+    r = ok(
+        run_cli(
+            config, "vault", "enroll", "--threshold", "1", "passphrase:dave",
+            "--passphrase", "env:D", env={"D": "pd"},
+        )
+    )  # fmt: skip
+    assert "(passphrase) still open the vault on their own" in r.stderr
     # a passphrase-only threshold slot, with named members and passphrases from the env
     r = ok(
         run_cli(

@@ -725,6 +725,9 @@ class VaultBackend(Backend):
             wrapped = _unb64(str(slot["wrapped"]))
             if not groups or not 1 <= group_threshold <= len(groups):
                 raise ValueError("groups")
+            for _, members in groups:
+                for member in members:
+                    int(member["group"]), int(member["index"]), str(member["method"])
         except (KeyError, ValueError, TypeError):
             raise SnapshotTampered(f"{self.path} is damaged: a threshold key slot is malformed")
         policy = str(slot.get("policy", ""))
