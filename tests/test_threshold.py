@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from fido_authenticator import Presence, SoftAuthenticator, SoftCtapDevice
-from pkcs11_support import SoftHsm, softhsm
+from pkcs11_support import SoftHsm, list_objects, softhsm
 from tpm_support import PIN_ENV as TPM_PIN_ENV
 from tpm_support import TEST_PIN, Swtpm, _free_port_pair, swtpm
 
@@ -155,6 +155,12 @@ def test_two_of_three_opens_with_any_two(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     config, public = two_of_three
+    # OpenSC's pkcs11-tool sees the HSM's share key: a secret key labelled for this slot
+    slot = header(config)["slots"][0]  # type: ignore[index]
+    vault_id = header(config)["vault_id"]
+    label = f"strongroom-seal/strongroom-vault:{vault_id}:{slot['id']}:hsm"
+    found = [o for o in list_objects(softhsm) if o.get("label") == label]
+    assert len(found) == 1 and found[0]["kind"].startswith("Secret Key Object"), found
     # passphrase + TPM: the HSM is not even asked
     ks, used = open_vault(config)
     with ks:

@@ -183,6 +183,12 @@ pin = "env:SR_THR_HSM_PIN"
     )  # fmt: skip
     assert v.returncode == 0 and "Signature Verified Successfully" in v.stdout, v.stderr
 
+    # the audit log records the commands, never a share
+    audit = (tmp_path / "data" / "audit.jsonl").read_text()
+    assert '"vault_recovery_shares"' in audit and '"vault_recover"' in audit
+    assert not any(" ".join(m.split()[4:8]) in audit for m in printed)
+    assert VAULT_PASS not in audit and NEW_PASS not in audit and SHARE_PASS not in audit
+
     # the dead threshold slot can go; the last way in (the new passphrase) cannot
     r = ok(cli("--json", "vault", "unlock", SR_THR_VP=NEW_PASS))
     slots = {s["method"]: s["id"] for s in json.loads(r.stdout)["slots"]}
