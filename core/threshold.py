@@ -195,8 +195,10 @@ def split(policy: Policy, secret: bytes) -> tuple[dict[str, Any], list[MemberSha
 
 def combine(
     params: Mapping[str, Any], thresholds: Sequence[int], shares: Iterable[MemberShare]
-) -> bytes:
-    """The secret from enough shares (IntegrityError if they do not fit together).
+) -> bytearray:
+    """The secret from enough shares (IntegrityError if they do not fit together), as a new
+    bytearray the caller wipes. With thresholds of 1 the library hands back a share's own
+    `bytes` object, so the result must be a copy: the caller scrubs the shares too.
 
     `thresholds` are the member thresholds of the groups, by group index.
     """
@@ -222,7 +224,7 @@ def combine(
         ems = _recover_ems(chosen)
     except (KeyError, ValueError, TypeError, IndexError, MnemonicError) as e:
         raise IntegrityError(f"the threshold shares do not fit together: {e}") from None
-    return bytes(ems.ciphertext)
+    return bytearray(ems.ciphertext)
 
 
 # -- mnemonic shares for offline custody --------------------------------------------------------

@@ -282,6 +282,35 @@ def test_threshold_slot_is_bound_to_its_vault(
         assert ks.vault_control().unlock() == "threshold (alice, bob)"
 
 
+def test_one_of_two_opens_with_either(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Threshold 1 everywhere: SLIP-39 passes the share itself through as the secret."""
+    from conftest import write_vault_config
+
+    monkeypatch.setenv("SR_TEST_VAULT_PASS", PASS)
+    cfg = write_vault_config(tmp_path)
+    with strongroom.open(cfg) as ks:
+        ks.vault_control().initialize()
+        ks.generate("k", "ed25519")
+        ks.vault_control().enroll_threshold(
+            Policy.of(
+                1,
+                [
+                    Member("passphrase", "alice", {"passphrase": "pa"}),
+                    Member("passphrase", "bob", {"passphrase": "pb"}),
+                ],
+            ),
+            exclusive=True,
+        )
+    for env, used in (({ALICE_ENV: "pa"}, "alice"), ({"STRONGROOM_PASSPHRASE_BOB": "pb"}, "bob")):
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            ks, how = open_vault(cfg)
+            with ks:
+                assert how == f"threshold ({used})"
+                ks.sign("k", DATA)
+
+
 def test_enrollment_is_atomic_when_a_method_fails(
     config: Path, softhsm: SoftHsm, monkeypatch: pytest.MonkeyPatch
 ) -> None:
