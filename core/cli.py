@@ -785,7 +785,7 @@ def vault_lock(state: State) -> None:
     "threshold_k",
     type=int,
     metavar="K",
-    help="Split the master key: any K of the METHODs open the vault (with --group: K groups).",
+    help="A threshold slot: any K of the METHODs together open the vault (with --group: K groups).",
 )
 @click.option(
     "--group",
@@ -804,6 +804,7 @@ def vault_lock(state: State) -> None:
     "--passphrase",
     "new_pass",
     multiple=True,
+    metavar="REF",
     help="For passphrase methods: the new passphrase as env:NAME, file:PATH or prompt "
     "(repeat it for several passphrase members, in order; default prompt).",
 )

@@ -453,6 +453,16 @@ def test_recovery_shares_open_the_vault_and_replace_the_old_set(
             vault.recover(new[1:4], "other pass")
         assert vault.recover([new[4], new[0], new[2]], "share pass") == slots[0]["id"]
         public.verify(ks.sign("k", DATA), DATA)  # type: ignore[union-attr]
+        # groups of shares (Python API): 2 of 3 family members AND the 1 lawyer
+        family, lawyer = vault.recovery_shares(0, 0, groups=[(2, 3), (1, 1)], group_threshold=2)
+        assert len(family) == 3 and len(lawyer) == 1
+        (slot,) = [s for s in vault.vault_status()["slots"] if s["method"] == "recovery"]
+        assert slot["policy"] == "recovery shares: 2 of 2 groups"
+        vault.lock()
+        with pytest.raises(InvalidArgument, match="Insufficient number of mnemonic groups"):
+            vault.recover(family[:2])
+        assert vault.recover([family[2], lawyer[0], family[0]]) == slot["id"]
+        ks.sign("k", DATA)
 
 
 def test_a_format_1_snapshot_still_opens_and_is_upgraded_only_when_needed(
