@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
     from .secrets import SecretSource
+    from .threshold import Policy
 
 Capability = tuple[KeyType, Operation]
 PresencePrompt = Callable[[str], None]
@@ -279,4 +280,24 @@ class VaultControl(Protocol):
 
     def restore(self, source: Path) -> list[KeyInfo]:
         """Replace the vault with a backup (after checking it opens); return its keys."""
+        ...
+
+    def enroll_threshold(self, policy: Policy, exclusive: bool = False) -> dict[str, Any]:
+        """Add a key slot that opens only when `policy` is met (k of n methods, or groups);
+        with `exclusive`, remove every other slot but recovery shares in the same commit."""
+        ...
+
+    def recovery_shares(
+        self,
+        threshold_k: int,
+        shares: int,
+        passphrase: str = "",
+        groups: list[tuple[int, int]] | None = None,
+        group_threshold: int = 1,
+    ) -> list[list[str]]:
+        """Replace the recovery key slot; return its new SLIP-39 mnemonics, one list per group."""
+        ...
+
+    def recover(self, mnemonics: list[str], passphrase: str = "") -> str:
+        """Open the vault with SLIP-39 recovery shares; return the recovery slot's id."""
         ...

@@ -779,13 +779,34 @@ def vault_lock(state: State) -> None:
 
 
 @vault.command("enroll")
-@click.argument("method")
+@click.argument("methods", nargs=-1, metavar="METHOD [METHOD ...]")
+@click.option(
+    "--threshold",
+    "threshold_k",
+    type=int,
+    metavar="K",
+    help="A threshold slot: any K of the METHODs together open the vault (with --group: K groups).",
+)
+@click.option(
+    "--group",
+    "groups",
+    multiple=True,
+    metavar="K:METHOD,...",
+    help="A group of a threshold slot: K of its methods make the group, e.g. 2:tpm,hsm,fido "
+    "(repeat it; --threshold then counts groups, default all).",
+)
+@click.option(
+    "--exclusive",
+    is_flag=True,
+    help="Threshold: remove every other key slot (but recovery shares) in the same commit.",
+)
 @click.option(
     "--passphrase",
     "new_pass",
-    default="prompt",
-    show_default=True,
-    help="For METHOD passphrase: the new passphrase as env:NAME, file:PATH or prompt.",
+    multiple=True,
+    metavar="REF",
+    help="For passphrase methods: the new passphrase as env:NAME, file:PATH or prompt "
+    "(repeat it for several passphrase members, in order; default prompt).",
 )
 @click.option(
     "--pcrs",
@@ -803,9 +824,22 @@ def vault_lock(state: State) -> None:
 )
 @pass_state
 def vault_enroll(
-    state: State, method: str, new_pass: str, pcrs: str | None, pin: bool, no_touch: bool
+    state: State,
+    methods: tuple[str, ...],
+    threshold_k: int | None,
+    groups: tuple[str, ...],
+    exclusive: bool,
+    new_pass: tuple[str, ...],
+    pcrs: str | None,
+    pin: bool,
+    no_touch: bool,
 ) -> None:
-    """Add a key slot: `passphrase`, or the name of a backend that can seal (tpm, fido, ...)."""
+    """Add a key slot: `passphrase`, or the name of a backend that can seal (tpm, fido, ...).
+
+    With --threshold K (and/or --group), the slot opens only when K of the methods succeed,
+    e.g. `vault enroll --threshold 2 tpm hsm passphrase`. Name several methods of one kind
+    METHOD:NAME (passphrase:alice passphrase:bob); see docs/threshold.md.
+    """
     options: dict[str, Any] = {}
     if no_touch:
         options["touch"] = False
@@ -816,6 +850,18 @@ def vault_enroll(
             raise click.UsageError("--pcrs takes PCR numbers separated by commas, e.g. 7,11")
     if pin:
         options["pin"] = True
+    if threshold_k is not None or groups:
+        _enroll_threshold(state, methods, threshold_k, groups, exclusive, new_pass, options)
+        return
+    if exclusive:
+        raise click.UsageError("--exclusive is for threshold slots (--threshold or --group)")
+    if len(methods) != 1:
+        raise click.UsageError(
+            "give one METHOD, or --threshold K with several (e.g. --threshold 2 tpm hsm passphrase)"
+        )
+    (method,) = methods
+    if len(new_pass) > 1:
+        raise click.UsageError("--passphrase is given once for one passphrase slot")
     if method == "passphrase" and options:
         raise click.UsageError(
             "--pcrs, --pin and --no-touch are for sealing backends, not passphrase"
@@ -823,9 +869,78 @@ def vault_enroll(
     v = _vault(state)
     v.unlock()
     if method == "passphrase":
-        options["passphrase"] = _secret(new_pass, "New passphrase: ").get(confirm=True)
+        ref = new_pass[0] if new_pass else "prompt"
+        options["passphrase"] = _secret(ref, "New passphrase: ").get(confirm=True)
     slot = v.enroll(method, options)
     state.emit(slot, f"enrolled {slot['method']} as key slot {slot['id']}")
+
+
+def _enroll_threshold(
+    state: State,
+    methods: tuple[str, ...],
+    threshold_k: int | None,
+    group_specs: tuple[str, ...],
+    exclusive: bool,
+    new_pass: tuple[str, ...],
+    options: dict[str, Any],
+) -> None:
+    from .threshold import Group, Member, Policy, parse_group, parse_member
+
+    if group_specs:
+        groups = [parse_group(g) for g in group_specs]
+        groups += [Group(1, (parse_member(m),)) for m in methods]  # bare methods: required
+        k = len(groups) if threshold_k is None else threshold_k
+    else:
+        if not methods:
+            raise click.UsageError("--threshold K needs the METHODs to split over")
+        assert threshold_k is not None
+        groups = [Group(threshold_k, tuple(parse_member(m) for m in methods))]
+        k = 1
+    Policy(k, tuple(groups)).validated()  # before any prompt
+    ks = state.keystore()
+    passphrases = list(new_pass)
+    used_options: set[str] = set()
+    members_out: list[Group] = []
+    for g in groups:
+        built: list[Member] = []
+        for m in g.members:
+            opts: dict[str, Any] = {}
+            if m.method == "passphrase":
+                ref = passphrases.pop(0) if passphrases else "prompt"
+                opts["passphrase"] = _secret(ref, f"New passphrase for {m.name}: ").get(
+                    confirm=True
+                )
+            else:
+                kind = ks.backend(m.method).type_name
+                wanted = {"tpm": {"pcrs", "pin"}, "fido": {"touch", "pin"}}.get(kind, set())
+                opts = {o: v for o, v in options.items() if o in wanted}
+                used_options |= set(opts)
+            built.append(Member(m.method, m.label, opts))
+        members_out.append(Group(g.threshold, tuple(built)))
+    if passphrases:
+        raise click.UsageError("more --passphrase values than passphrase methods")
+    unused = set(options) - used_options
+    if unused:
+        names = {"pcrs": "--pcrs", "pin": "--pin", "touch": "--no-touch"}
+        raise click.UsageError(
+            f"{', '.join(sorted(names[o] for o in unused))}: no method of the slot takes it"
+        )
+    policy = Policy(k, tuple(members_out)).validated()
+    v = _vault(state)
+    v.unlock()
+    slot = v.enroll_threshold(policy, exclusive=exclusive)
+    state.emit(slot, f"enrolled threshold key slot {slot['id']}: {slot['policy']}")
+    alone = [
+        f"{s['id']} ({s['method']})"
+        for s in v.vault_status().get("slots", [])
+        if s.get("method") not in ("threshold", "recovery")
+    ]
+    if alone and not state.json:
+        click.echo(
+            f"note: key slots {', '.join(alone)} still open the vault on their own; "
+            "remove them with `strongroom vault unenroll ID` (or enroll with --exclusive)",
+            err=True,
+        )
 
 
 @vault.command("unenroll")
@@ -854,6 +969,139 @@ def vault_passphrase(state: State, new_pass: str) -> None:
     v.unlock()
     v.change_passphrase(_secret(new_pass, "New passphrase: ").get(confirm=True))
     state.emit({"changed": True}, "vault passphrase changed")
+
+
+@vault.command("recovery-shares")
+@click.option("--threshold", "threshold_k", type=int, required=True, metavar="K")
+@click.option("--shares", type=int, required=True, metavar="N")
+@click.option(
+    "--passphrase",
+    "share_pass",
+    default=None,
+    help="A SLIP-39 passphrase on the shares, as env:NAME, file:PATH or prompt (default: "
+    "none); it is needed again to recover.",
+)
+@click.option(
+    "--out-dir",
+    type=click.Path(file_okay=False),
+    help="Also write each share to DIR/share-I-of-N.txt (mode 600).",
+)
+@pass_state
+def vault_recovery_shares(
+    state: State, threshold_k: int, shares: int, share_pass: str | None, out_dir: str | None
+) -> None:
+    """Print N SLIP-39 mnemonic shares, any K of which open the vault (`vault recover`).
+
+    They replace any earlier set, whose shares stop working. Print them once, write them
+    down and keep them apart.
+    """
+    from .threshold import check_recovery_shape
+
+    check_recovery_shape([(threshold_k, shares)])  # before any prompt
+    passphrase = (
+        "" if share_pass is None else _secret(share_pass, "Share passphrase: ").get(confirm=True)
+    )
+    v = _vault(state)
+    v.unlock()
+    groups = v.recovery_shares(threshold_k, shares, passphrase)
+    mnemonics = [m for g in groups for m in g]
+    if out_dir is not None:
+        directory = Path(out_dir)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for i, m in enumerate(mnemonics, 1):
+            write_output(str(directory / f"share-{i}-of-{len(mnemonics)}.txt"), (m + "\n").encode())
+    state.emit(
+        {"threshold": threshold_k, "shares": mnemonics, "passphrase": bool(passphrase)},
+        lambda: "\n".join(mnemonics),
+    )
+    if not state.json:
+        click.echo(
+            f"{len(mnemonics)} recovery shares; any {threshold_k} open the vault with "
+            "`strongroom vault recover`. Keep them apart and offline.",
+            err=True,
+        )
+
+
+@vault.command("recover")
+@click.option(
+    "--share-file",
+    "share_files",
+    multiple=True,
+    metavar="FILE",
+    help="A file of mnemonic shares, one per line (repeatable; - is stdin). Default: stdin, "
+    "or a prompt per share on a terminal.",
+)
+@click.option(
+    "--passphrase",
+    "share_pass",
+    default=None,
+    help="The shares' SLIP-39 passphrase, as env:NAME, file:PATH or prompt (default: none).",
+)
+@click.option(
+    "--new-passphrase",
+    "new_pass",
+    default="prompt",
+    show_default=True,
+    help="The new vault passphrase to enroll once open (replaces the passphrase slot).",
+)
+@click.option(
+    "--check-only", is_flag=True, help="Only check that the shares open the vault; change nothing."
+)
+@pass_state
+def vault_recover(
+    state: State,
+    share_files: tuple[str, ...],
+    share_pass: str | None,
+    new_pass: str,
+    check_only: bool,
+) -> None:
+    """Open the vault with K recovery shares when the other methods are gone, and enroll a new
+    passphrase. Then remove the dead key slots with `vault unenroll`."""
+    mnemonics = _read_mnemonics(share_files)
+    passphrase = "" if share_pass is None else _secret(share_pass, "Share passphrase: ").get()
+    v = _vault(state)
+    slot_id = v.recover(mnemonics, passphrase)
+    result: dict[str, Any] = {"recovered": True, "recovery_slot": slot_id}
+    if not check_only:
+        v.change_passphrase(_secret(new_pass, "New vault passphrase: ").get(confirm=True))
+        result["new_passphrase"] = True
+    status = v.vault_status()
+    result["slots"] = status.get("slots", [])
+
+    def text() -> str:
+        lines = [f"vault opened with recovery shares (key slot {slot_id}): {status['keys']} keys"]
+        if not check_only:
+            lines.append("new vault passphrase enrolled (it replaces any passphrase slot)")
+        lines.append("key slots now (remove dead ones with `strongroom vault unenroll ID`):")
+        lines += [
+            f"  {s['id']}  {s['method']}" + (f"  {s['policy']}" if s.get("policy") else "")
+            for s in result["slots"]
+        ]
+        return "\n".join(lines)
+
+    state.emit(result, text)
+
+
+def _read_mnemonics(files: tuple[str, ...]) -> list[str]:
+    """Mnemonics from files (one per line, # comments), stdin, or prompts on a terminal."""
+    if not files and sys.stdin.isatty():
+        out: list[str] = []
+        click.echo("Type the recovery shares, one per line; an empty line ends.", err=True)
+        while True:
+            line = click.prompt(
+                f"Share {len(out) + 1}", default="", show_default=False, err=True, hide_input=True
+            )
+            if not line.strip():
+                return out
+            out.append(line)
+    lines: list[str] = []
+    for f in files or ("-",):
+        try:
+            text = read_input(f).decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidArgument(f"{f} is not a text file of mnemonic shares") from None
+        lines += [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    return lines
 
 
 @vault.command("backup")

@@ -158,3 +158,19 @@ class IntegrityError(StrongroomError):
     """A ciphertext or wrapped key failed authentication: wrong key, or tampered data."""
 
     exit_code = 9
+
+
+class ThresholdNotMet(AuthenticationFailed):
+    """Too few of a threshold key slot's methods succeeded to open the vault.
+
+    `failed` maps each method (member name) that was tried and failed to the reason,
+    `opened` lists those that succeeded, and `needed` is how many more must succeed.
+    """
+
+    def __init__(
+        self, message: str, failed: dict[str, str], opened: list[str], needed: int
+    ) -> None:
+        self.failed = dict(failed)
+        self.opened = list(opened)
+        self.needed = needed
+        super().__init__(message)

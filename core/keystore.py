@@ -767,6 +767,9 @@ class _AuditedVault:
             "change_passphrase",
             "backup",
             "restore",
+            "enroll_threshold",
+            "recovery_shares",
+            "recover",
         }
     )
 

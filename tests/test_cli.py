@@ -590,7 +590,7 @@ def test_vault_enroll_second_passphrase_and_unenroll(fresh: Vault) -> None:
     # the last slot cannot go; nothing changes
     before = fresh.snapshot.read_bytes()
     r = fresh("vault", "unenroll", second, env=second_env)
-    assert_one_line_error(r, USAGE, "last")
+    assert_one_line_error(r, POLICY, "last")
     assert fresh.snapshot.read_bytes() == before
     assert_one_line_error(fresh("vault", "unenroll", "nosuchslot", env=second_env), USAGE)
     assert slot_ids(fresh, second_env) == [second]

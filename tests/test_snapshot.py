@@ -218,7 +218,7 @@ def test_bad_magic(vault_copy: Path, vault_config: Path) -> None:
         assert str(vault_copy) in str(e)
 
 
-@pytest.mark.parametrize("version", [2, 0, 0xFFFF])
+@pytest.mark.parametrize("version", [3, 0, 0xFFFF])
 def test_unknown_versions(vault_copy: Path, vault_config: Path, version: int) -> None:
     good = vault_copy.read_bytes()
     bad = bytearray(good)

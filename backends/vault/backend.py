@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.keywrap import (
     aes_key_wrap_with_padding,
 )
 
-from strongroom import algorithms
+from strongroom import algorithms, threshold
 from strongroom.backend import Backend, BackendContext, Capability, ConfigKey, NewKey
 from strongroom.errors import (
     AuthenticationFailed,
@@ -38,11 +38,14 @@ from strongroom.errors import (
     IntegrityError,
     InvalidArgument,
     KeyNotFound,
+    PolicyViolation,
     SnapshotCorrupt,
     SnapshotTampered,
     StrongroomError,
+    ThresholdNotMet,
 )
 from strongroom.memory import Coffer, Guarded, KeyedPool, memlock_status, scrub_bytes
+from strongroom.secrets import SecretSource, validate_reference
 from strongroom.types import KeyInfo, KeyType, Operation, Usage
 
 from . import keyops, procedures, snapshot, sodium
@@ -53,6 +56,10 @@ _REC_PERSONAL = b"srvault-records1"
 _PAYLOAD_PERSONAL = b"srvault-payload1"
 MIN_KDF_MEMORY_KIB = 8192
 PASSPHRASE = "passphrase"  # noqa: S105 - the method name, not a secret
+THRESHOLD = "threshold"
+RECOVERY = "recovery"
+_NEW_KINDS = frozenset({THRESHOLD, RECOVERY})
+"""Slot methods that need snapshot format 2."""
 
 
 def _b64(data: bytes) -> str:
@@ -192,6 +199,12 @@ class VaultBackend(Backend):
         "create": ConfigKey(bool, "create the vault on first use when it does not exist", True),
         "kdf_memory_kib": ConfigKey(int, "Argon2id memory for new passphrase slots, KiB", 65536),
         "kdf_iterations": ConfigKey(int, "Argon2id passes for new passphrase slots", 3),
+        "member_passphrases": ConfigKey(
+            dict,
+            "threshold slots: where each named passphrase member's passphrase comes from "
+            "(a table of NAME = env:VAR, file:PATH or prompt; default "
+            "env:STRONGROOM_PASSPHRASE_<NAME>, then prompt)",
+        ),
     }
 
     def __init__(self, context: BackendContext) -> None:
@@ -211,6 +224,15 @@ class VaultBackend(Backend):
         if self.kdf_iterations < 1:
             raise context.config_error("must be at least 1", "kdf_iterations")
         self.passphrase = context.secret(PASSPHRASE, "Vault passphrase: ")
+        self.member_passphrases: dict[str, list[str]] = {}
+        for member, refs in dict(s.get("member_passphrases") or {}).items():
+            ref_list = [str(r) for r in (refs if isinstance(refs, list) else [refs])]
+            for ref in ref_list:
+                try:
+                    validate_reference(ref)
+                except ValueError as e:
+                    raise context.config_error(str(e), f"member_passphrases.{member}") from None
+            self.member_passphrases[str(member)] = ref_list
         self._state: _Open | None = None
         self._lock = threading.RLock()
         self._publics: dict[str, PublicKeyTypes] = {}
@@ -328,6 +350,198 @@ class VaultBackend(Backend):
         self._mutate(lambda records, slots: slots.append(slot))
         return _public_slot(slot)
 
+    def enroll_threshold(self, policy: threshold.Policy, exclusive: bool = False) -> dict[str, Any]:
+        """Add a threshold key slot: a random slot key, split over `policy` with SLIP-39, each
+        member's share sealed by its method; the slot key wraps the master key.
+
+        Every share is sealed before anything is written, so a method that fails part-way
+        leaves the snapshot as it was. With `exclusive`, every other key slot except
+        recovery shares is removed in the same commit, so only the policy opens the vault.
+        """
+        state = self._require()
+        policy.validated()
+        for m in policy.members():
+            if m.method in _NEW_KINDS:
+                raise InvalidArgument(f"{m.method!r} cannot be a member of a threshold slot")
+            if m.method == PASSPHRASE:
+                extra = set(m.options) - {"passphrase"}
+                pw = m.options.get("passphrase")
+                if extra or not isinstance(pw, str) or not pw:
+                    raise InvalidArgument(
+                        f"passphrase member {m.name!r} needs a non-empty passphrase "
+                        "(and takes no other option)"
+                    )
+        slot_id = uuid.uuid4().hex[:8]
+        slot: dict[str, Any] = {
+            "id": slot_id,
+            "method": THRESHOLD,
+            "created": _now(),
+            "policy": policy.describe(),
+        }
+        with Guarded(threshold.SECRET_BYTES) as slot_key:
+            with slot_key.write() as k:
+                sodium.random_into(k)
+            with slot_key.read() as k:
+                key_bytes = bytes(k)
+            shares: list[threshold.MemberShare] = []
+            try:
+                slot["sharing"], shares = threshold.split(policy, key_bytes)
+                members = iter(zip(policy.members(), shares, strict=True))
+                slot["groups"] = [
+                    {
+                        "threshold": g.threshold,
+                        "members": [
+                            self._seal_share(state, slot_id, *next(members)) for _ in g.members
+                        ],
+                    }
+                    for g in policy.groups
+                ]
+            finally:
+                for share in shares:
+                    scrub_bytes(share.value)
+                scrub_bytes(key_bytes)
+            with slot_key.read() as k, state.master_key() as mk:
+                slot["wrapped"] = _b64(sodium.seal(k, mk, _slot_aad(state.vault_id, slot)))
+
+        def add(records: dict[str, Record], slots: list[dict[str, Any]]) -> None:
+            if exclusive:
+                slots[:] = [s for s in slots if s.get("method") == RECOVERY]
+            slots.append(slot)
+
+        self._mutate(add)
+        return _public_slot(slot)
+
+    def _seal_share(
+        self, state: _Open, slot_id: str, member: threshold.Member, share: threshold.MemberShare
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": member.name,
+            "method": member.method,
+            "group": share.group,
+            "index": share.index,
+        }
+        with Guarded(len(share.value)) as g:
+            with g.write() as w:
+                w[:] = share.value
+            if member.method == PASSPHRASE:
+                out.update(
+                    kdf="argon2id13",
+                    ops=self.kdf_iterations,
+                    mem=self.kdf_memory_kib * 1024,
+                    salt=_b64(sodium.random_bytes(16)),
+                )
+                aad = _share_aad(state.vault_id, slot_id, out)
+                with self._kek(str(member.options["passphrase"]), out) as kek, g.read() as v:
+                    out["sealed"] = _b64(sodium.seal(kek, v, aad))
+            else:
+                sealer = self.context.sealer(member.method)
+                label = f"strongroom-vault:{state.vault_id}:{slot_id}:{member.name}"
+                with g.read() as v:
+                    out["params"] = sealer.seal(v, label, dict(member.options))
+        return out
+
+    def recovery_shares(
+        self,
+        threshold_k: int,
+        shares: int,
+        passphrase: str = "",
+        groups: list[tuple[int, int]] | None = None,
+        group_threshold: int = 1,
+    ) -> list[list[str]]:
+        """Make a new set of SLIP-39 recovery shares and a `recovery` key slot they open.
+
+        The shares encode a fresh random recovery key (not the master key), which wraps the
+        master key in the slot; a new set replaces the old one, whose shares stop working.
+        Returns the mnemonics, one list per group.
+        """
+        state = self._require()
+        with Guarded(threshold.SECRET_BYTES) as rk:
+            with rk.write() as k:
+                sodium.random_into(k)
+            with rk.read() as k:
+                secret = bytes(k)
+            try:
+                mnemonics = threshold.recovery_mnemonics(
+                    secret, threshold_k, shares, passphrase, groups, group_threshold
+                )
+            finally:
+                scrub_bytes(secret)
+            shape = [list(g) for g in groups] if groups else [[threshold_k, shares]]
+            slot: dict[str, Any] = {
+                "id": uuid.uuid4().hex[:8],
+                "method": RECOVERY,
+                "created": _now(),
+                "scheme": "slip39",
+                "identifier": threshold.mnemonic_identifier(mnemonics[0][0]),
+                "group_threshold": group_threshold,
+                "groups": shape,
+                "passphrase": bool(passphrase),
+            }
+            with rk.read() as k, state.master_key() as m:
+                slot["wrapped"] = _b64(sodium.seal(k, m, _slot_aad(state.vault_id, slot)))
+
+        def replace_set(records: dict[str, Record], slots: list[dict[str, Any]]) -> None:
+            slots[:] = [s for s in slots if s.get("method") != RECOVERY] + [slot]
+
+        self._mutate(replace_set)
+        return mnemonics
+
+    def recover(self, mnemonics: list[str], passphrase: str = "") -> str:
+        """Open the vault with enough SLIP-39 recovery shares; return the recovery slot id."""
+        given = [m for m in mnemonics if m.strip()]
+        if not given:
+            raise InvalidArgument("no recovery shares were given")
+        with self._lock:
+            snap = snapshot.decode(self._read_file(), str(self.path))
+            header = snap.header
+            vault_id = str(header.get("vault_id", ""))
+            slots = [
+                s
+                for s in header.get("slots") or []
+                if isinstance(s, dict) and s.get("method") == RECOVERY
+            ]
+            if not slots:
+                raise AuthenticationFailed(
+                    "this vault has no recovery shares; they are made with "
+                    "`strongroom vault recovery-shares` while it is unlocked"
+                )
+            ident = threshold.mnemonic_identifier(given[0])
+            slot = next((s for s in slots if s.get("identifier") == ident), None)
+            if slot is None:
+                raise AuthenticationFailed(
+                    f"these recovery shares (set {ident}) do not belong to this vault's recovery "
+                    f"set ({', '.join(str(s.get('identifier')) for s in slots)}): they were "
+                    "made for another vault, or replaced by a newer set"
+                )
+            secret = threshold.recover_secret(given, passphrase)
+            master = Guarded(32)
+            try:
+                with master.write() as m:
+                    sodium.open_into(
+                        memoryview(secret),
+                        _unb64(str(slot["wrapped"])),
+                        _slot_aad(vault_id, slot),
+                        m,
+                    )
+            except IntegrityError:
+                master.close()
+                hint = (
+                    "wrong recovery passphrase"
+                    if slot.get("passphrase")
+                    else "the slot was modified, or a passphrase was given that the set has not"
+                )
+                raise AuthenticationFailed(f"the recovery shares do not open this vault: {hint}")
+            except (KeyError, ValueError, TypeError):
+                master.close()
+                raise SnapshotTampered(f"{self.path} is damaged: a recovery key slot is malformed")
+            finally:
+                scrub_bytes(secret)
+            state = self._open_snapshot(snap, master)
+            if self._state is not None:
+                self._state.close()
+            self._state = state
+            return str(slot["id"])
+
     def unenroll(self, slot_id: str) -> None:
         self._require()
 
@@ -335,8 +549,14 @@ class VaultBackend(Backend):
             keep = [s for s in slots if s["id"] != slot_id]
             if len(keep) == len(slots):
                 raise InvalidArgument(f"the vault has no key slot {slot_id!r}")
-            if not keep:
-                raise InvalidArgument("refusing to remove the last way into the vault")
+            if not any(s.get("method") != RECOVERY for s in keep):
+                gone = next(s for s in slots if s["id"] == slot_id)
+                raise PolicyViolation(
+                    f"refusing to remove the last way into the vault: key slot {slot_id} "
+                    f"({_slot_summary(gone)}) is the only one left"
+                    + (" besides recovery shares" if keep else "")
+                    + "; enroll another method first"
+                )
             slots[:] = keep
 
         self._mutate(remove)
@@ -423,6 +643,13 @@ class VaultBackend(Backend):
         if not isinstance(slots, list) or not slots:
             raise SnapshotTampered(f"{self.path} is damaged: it has no key slots")
         methods = [only] if only else self.methods
+        if only == RECOVERY:
+            raise InvalidArgument(
+                "recovery shares open the vault with `strongroom vault recover`, not unlock"
+            )
+        thresholds = [s for s in slots if isinstance(s, dict) and s.get("method") == THRESHOLD]
+        if only is None and thresholds and THRESHOLD not in methods:
+            methods = [*methods, THRESHOLD]  # a threshold slot is tried after the single ones
         failures: list[StrongroomError] = []
         for method in methods:
             mine = [s for s in slots if isinstance(s, dict) and s.get("method") == method]
@@ -432,6 +659,8 @@ class VaultBackend(Backend):
             try:
                 if method == PASSPHRASE:
                     self._unwrap_with_passphrase(vault_id, mine, master)
+                elif method == THRESHOLD:
+                    method = self._unwrap_with_threshold(vault_id, mine, master)
                 else:
                     self._unwrap_with_sealer(method, mine, master)
             except StrongroomError as e:
@@ -467,6 +696,158 @@ class VaultBackend(Backend):
             except (KeyError, ValueError, TypeError):
                 raise SnapshotTampered(f"{self.path} is damaged: a passphrase slot is malformed")
         raise AuthenticationFailed("wrong vault passphrase")
+
+    def _unwrap_with_threshold(
+        self, vault_id: str, slots: list[dict[str, Any]], master: Guarded
+    ) -> str:
+        """Try each threshold slot; return "threshold (names that opened)"."""
+        last: StrongroomError | None = None
+        for slot in slots:
+            try:
+                opened = self._open_threshold_slot(vault_id, slot, master)
+                return f"{THRESHOLD} ({', '.join(opened)})"
+            except StrongroomError as e:
+                last = e
+        assert last is not None
+        raise last
+
+    def _open_threshold_slot(
+        self, vault_id: str, slot: Mapping[str, Any], master: Guarded
+    ) -> list[str]:
+        """Unseal members' shares until the policy is met, combine, unwrap the master key."""
+        try:
+            slot_id = str(slot["id"])
+            sharing = dict(slot["sharing"])
+            groups = [
+                (int(g["threshold"]), [dict(m) for m in g["members"]]) for g in slot["groups"]
+            ]
+            group_threshold = int(sharing["group_threshold"])
+            wrapped = _unb64(str(slot["wrapped"]))
+            if not groups or not 1 <= group_threshold <= len(groups):
+                raise ValueError("groups")
+            for _, members in groups:
+                for member in members:
+                    int(member["group"]), int(member["index"]), str(member["method"])
+        except (KeyError, ValueError, TypeError):
+            raise SnapshotTampered(f"{self.path} is damaged: a threshold key slot is malformed")
+        policy = str(slot.get("policy", ""))
+        failed: dict[str, str] = {}
+        opened: list[str] = []
+        shares: list[threshold.MemberShare] = []
+        got = [0] * len(groups)
+        complete = 0
+        try:
+            for gi, (k, members) in enumerate(groups):
+                for mi, member in enumerate(members):
+                    left = len(members) - mi
+                    if got[gi] >= k or got[gi] + left < k:
+                        break  # done, or this group can no longer reach its threshold
+                    name = str(member.get("name") or member.get("method"))
+                    try:
+                        value = self._unseal_share(vault_id, slot_id, member)
+                    except StrongroomError as e:
+                        failed[name] = str(e)
+                        continue
+                    shares.append(
+                        threshold.MemberShare(int(member["group"]), int(member["index"]), value)
+                    )
+                    opened.append(name)
+                    got[gi] += 1
+                if got[gi] >= k:
+                    complete += 1
+                if complete >= group_threshold:
+                    break
+                if complete + (len(groups) - gi - 1) < group_threshold:
+                    break  # too few groups left to reach the group threshold
+            if complete < group_threshold:
+                raise self._threshold_not_met(
+                    slot_id, policy, groups, group_threshold, got, failed, opened
+                )
+            secret = threshold.combine(sharing, [k for k, _ in groups], shares)
+        finally:
+            for share in shares:
+                scrub_bytes(share.value)
+        try:
+            with master.write() as m:
+                sodium.open_into(memoryview(secret), wrapped, _slot_aad(vault_id, slot), m)
+        except IntegrityError:
+            raise SnapshotTampered(
+                f"{self.path} is damaged: threshold key slot {slot_id} does not open with its "
+                "own shares (it was modified)"
+            ) from None
+        finally:
+            scrub_bytes(secret)
+        return opened
+
+    def _threshold_not_met(
+        self,
+        slot_id: str,
+        policy: str,
+        groups: list[tuple[int, list[dict[str, Any]]]],
+        group_threshold: int,
+        got: list[int],
+        failed: dict[str, str],
+        opened: list[str],
+    ) -> ThresholdNotMet:
+        missing = sorted(max(k - g, 0) for (k, _), g in zip(groups, got, strict=True))
+        complete = sum(1 for m in missing if m == 0)
+        needed = sum([m for m in missing if m > 0][: max(group_threshold - complete, 0)])
+        tried = set(failed) | set(opened)
+        untried = [
+            str(m.get("name") or m.get("method"))
+            for _, members in groups
+            for m in members
+            if str(m.get("name") or m.get("method")) not in tried
+        ]
+        parts = [
+            f"the vault did not open: key slot {slot_id} needs {policy or 'a threshold'}",
+            f"{len(opened)} succeeded, {needed} more needed",
+        ]
+        if failed:
+            parts.append(
+                "failed: " + "; ".join(f"{name} ({reason})" for name, reason in failed.items())
+            )
+        if opened:
+            parts.append("opened: " + ", ".join(opened))
+        if untried:
+            parts.append("not tried: " + ", ".join(untried))
+        return ThresholdNotMet(" - ".join(parts), failed, opened, needed)
+
+    def _unseal_share(self, vault_id: str, slot_id: str, member: Mapping[str, Any]) -> bytes:
+        """One member's share (bytes: the SLIP-39 library takes nothing else)."""
+        method = str(member.get("method"))
+        with Guarded(threshold.SECRET_BYTES) as out:
+            if method == PASSPHRASE:
+                name = str(member.get("name") or method)
+                source = self._member_passphrase(name)
+                try:
+                    sealed = _unb64(str(member["sealed"]))
+                    with self._kek(source.get(), member) as kek, out.write() as o:
+                        sodium.open_into(kek, sealed, _share_aad(vault_id, slot_id, member), o)
+                except IntegrityError:
+                    raise AuthenticationFailed("wrong passphrase") from None
+                except (KeyError, ValueError, TypeError):
+                    raise IntegrityError("its share in the key slot is malformed") from None
+            else:
+                sealer = self.context.sealer(method)
+                params = member.get("params")
+                if not isinstance(params, Mapping):
+                    raise IntegrityError("its share in the key slot is malformed")
+                with out.write() as o:
+                    sealer.unseal(params, o)
+            with out.read() as o:
+                return bytes(o)
+
+    def _member_passphrase(self, name: str) -> SecretSource:
+        """The vault's own passphrase source for the member called `passphrase`; else the
+        member's entry in member_passphrases, or env:STRONGROOM_PASSPHRASE_<NAME>, prompt."""
+        if name == PASSPHRASE:
+            return self.passphrase
+        refs = self.member_passphrases.get(name)
+        if refs is None:
+            env = "STRONGROOM_PASSPHRASE_" + "".join(c if c.isalnum() else "_" for c in name)
+            refs = [f"env:{env.upper()}", "prompt"]
+        return SecretSource(refs, f"Passphrase of {name}: ", self.passphrase.prompter)
 
     def _unwrap_with_sealer(
         self, method: str, slots: list[dict[str, Any]], master: Guarded
@@ -546,7 +927,8 @@ class VaultBackend(Backend):
             with state.payload_key() as pk:
                 return sodium.seal(pk, compressed, associated)
 
-        snapshot.write_atomic(self.path, snapshot.encode(header, seal))
+        version = 2 if any(s.get("method") in _NEW_KINDS for s in slots) else 1
+        snapshot.write_atomic(self.path, snapshot.encode(header, seal, version))
 
     def _mutate(self, change: Callable[[dict[str, Record], list[dict[str, Any]]], Any]) -> Any:
         """Apply `change` to the newest on-disk state and commit it atomically."""
@@ -789,7 +1171,40 @@ def _public_slot(slot: Mapping[str, Any]) -> dict[str, Any]:
     out = {"id": slot.get("id"), "method": slot.get("method"), "created": slot.get("created")}
     if slot.get("method") == PASSPHRASE:
         out["kdf"] = f"argon2id t={slot.get('ops')} m={int(slot.get('mem', 0)) // 1024}KiB"
+    if slot.get("method") == THRESHOLD:
+        out["policy"] = slot.get("policy")
+        out["groups"] = [
+            {
+                "threshold": g.get("threshold"),
+                "members": [
+                    {"name": m.get("name"), "method": m.get("method")} for m in g.get("members", [])
+                ],
+            }
+            for g in slot.get("groups", [])
+        ]
+    if slot.get("method") == RECOVERY:
+        out["policy"] = _slot_summary(slot)
+        out["identifier"] = slot.get("identifier")
+        out["passphrase"] = bool(slot.get("passphrase"))
     return out
+
+
+def _slot_summary(slot: Mapping[str, Any]) -> str:
+    method = str(slot.get("method"))
+    if method == THRESHOLD:
+        return f"threshold: {slot.get('policy')}"
+    if method == RECOVERY:
+        shape = slot.get("groups") or []
+        if len(shape) == 1:
+            k, n = shape[0]
+            return f"recovery shares: {k} of {n}"
+        return f"recovery shares: {slot.get('group_threshold')} of {len(shape)} groups"
+    return method
+
+
+def _share_aad(vault_id: str, slot_id: str, member: Mapping[str, Any]) -> bytes:
+    fields = {k: v for k, v in member.items() if k != "sealed"}
+    return (f"strongroom-share|{vault_id}|{slot_id}|" + json.dumps(fields, sort_keys=True)).encode()
 
 
 def _now() -> str:

@@ -3,7 +3,7 @@
 Layout (all integers big-endian):
 
     magic     8 bytes   b"SRVAULT\\x00"
-    version   u16       FORMAT_VERSION
+    version   u16       1, or 2 when the header holds threshold or recovery key slots
     hlen      u32       length of the header
     header    hlen      UTF-8 JSON: vault id, generation, key slots, payload cipher
     plen      u64       length of the payload ciphertext
@@ -37,7 +37,10 @@ from strongroom.errors import (
 )
 
 MAGIC = b"SRVAULT\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest format this code reads and writes. Version 2 adds threshold and recovery key
+slots; a snapshot without them is still written as version 1, so older Strongrooms open it."""
+READABLE_VERSIONS = (1, 2)
 _PREFIX = struct.Struct(">8sHI")
 _PLEN = struct.Struct(">Q")
 CHECKSUM = 32
@@ -58,10 +61,16 @@ class Snapshot:
         return int(self.header.get("generation", 0))
 
 
-def encode(header: dict[str, Any], payload_ct_builder: Callable[[bytes], bytes]) -> bytes:
+def encode(
+    header: dict[str, Any],
+    payload_ct_builder: Callable[[bytes], bytes],
+    version: int = FORMAT_VERSION,
+) -> bytes:
     """Serialise: `payload_ct_builder(associated_data)` returns the payload ciphertext."""
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"cannot write snapshot format {version}")
     raw_header = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    associated = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(raw_header)) + raw_header
+    associated = _PREFIX.pack(MAGIC, version, len(raw_header)) + raw_header
     payload = payload_ct_builder(associated)
     body = associated + _PLEN.pack(len(payload)) + payload
     return body + hashlib.sha256(body).digest()
@@ -82,7 +91,7 @@ def decode(data: bytes, source: str) -> Snapshot:
             f"({FORMAT_VERSION}); upgrade Strongroom to open it",
             version,
         )
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise SnapshotVersionError(
             f"{source} has unknown snapshot format version {version}", version
         )
