@@ -1,0 +1,364 @@
+"""The PIV backend through the real PC/SC stack: pyscard → pcscd → vpcd → the PIV emulator.
+
+tests/piv_card.py is the card; tests/pcsc_support.py starts pcscd with vpcd readers itself.
+Every test gets a fresh card in the same reader slot.
+"""
+
+from __future__ import annotations
+
+import gc
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pcsc_support
+import pytest
+from conftest import run_cli
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from piv_card import ALG_AES192, DEFAULT_PIN, PivCard
+from piv_support import (
+    PIV_MGMT_ENV,
+    PIV_PIN_ENV,
+    PIV_VAULT_PASS,
+    PIV_VAULT_PASS_ENV,
+    PivReader,
+    write_piv_config,
+)
+
+import strongroom
+from strongroom.errors import (
+    AuthenticationFailed,
+    BackendUnavailable,
+    DeviceLocked,
+    UnsupportedOperation,
+)
+from strongroom.keystore import Keystore
+from strongroom.testing import BackendContract
+
+_missing = pcsc_support.pcsc_available()
+pytestmark = pytest.mark.skipif(_missing is not None, reason=_missing or "")
+
+
+@pytest.fixture(scope="module")
+def piv_reader(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PivReader]:
+    workdir = tmp_path_factory.mktemp("pcscd")
+    with pcsc_support.ensure_pcscd(workdir) as service:
+        reader = PivReader(service, PivCard())
+        reader.insert()
+        try:
+            yield reader
+        finally:
+            reader.remove()
+            gc.collect()  # drop pyscard connections while pcscd still runs
+
+
+@pytest.fixture
+def reader(piv_reader: PivReader) -> Iterator[PivReader]:
+    """The reader with a fresh card in it (inserted again if a test pulled it out)."""
+    piv_reader.card = PivCard()
+    piv_reader.insert()
+    yield piv_reader
+    piv_reader.check()
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(PIV_VAULT_PASS_ENV, PIV_VAULT_PASS)
+    monkeypatch.setenv(PIV_PIN_ENV, DEFAULT_PIN)
+
+
+def piv_config(tmp_path: Path, reader: PivReader, piv_extra: str = "") -> Path:
+    return write_piv_config(tmp_path / "ks", reader.name, piv_extra=piv_extra)
+
+
+@pytest.fixture
+def ks(tmp_path: Path, reader: PivReader, env: None) -> Iterator[Keystore]:
+    with strongroom.open(piv_config(tmp_path, reader)) as keystore:
+        yield keystore
+
+
+class TestPivContract(BackendContract):
+    @pytest.fixture
+    def keystore(self, ks: Keystore) -> Keystore:
+        return ks
+
+    @pytest.fixture
+    def backend_name(self) -> str:
+        return "piv"
+
+
+# -- keys, slots and certificates -------------------------------------------------------------
+def test_slots_certificates_and_openssl(ks: Keystore, reader: PivReader, tmp_path: Path) -> None:
+    ks.generate("ec", "ecdsa-p256", backend="piv")
+    ks.generate("ec384", "ecdsa-p384", backend="piv")
+    ks.generate("rsa", "rsa-2048", backend="piv")
+    ks.generate("kex", "ecdsa-p256", backend="piv", usage="agree")
+    assert [ks.info(n).handle for n in ("ec", "ec384", "rsa", "kex")] == ["9a", "9c", "82", "9d"]
+    assert set(reader.card.state.keys) == {0x9A, 0x9C, 0x82, 0x9D}
+    backend = ks.backend("piv")
+    for name in ("ec", "ec384", "rsa"):
+        cert = backend.certificate(ks.info(name))  # type: ignore[attr-defined]
+        assert cert.subject.rfc4514_string() == f"O=Strongroom,CN={name}"
+        cert.verify_directly_issued_by(cert)  # signed by the card's own key
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        assert usage.digital_signature
+        data = f"openssl checks {name}".encode()
+        sig = ks.sign(name, data)
+        (tmp_path / "data").write_bytes(data)
+        (tmp_path / "sig").write_bytes(sig)
+        (tmp_path / "pub.pem").write_bytes(
+            ks.public_key(name).public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+        (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        digest = "-sha384" if name == "ec384" else "-sha256"
+        out = subprocess.run(
+            [
+                "openssl",
+                "dgst",
+                digest,
+                "-verify",
+                str(tmp_path / "pub.pem"),
+                "-signature",
+                str(tmp_path / "sig"),
+                str(tmp_path / "data"),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert out.returncode == 0 and "Verified OK" in out.stdout, out.stderr
+        out = subprocess.run(
+            [
+                "openssl",
+                "verify",
+                "-check_ss_sig",
+                "-partial_chain",
+                "-CAfile",
+                str(tmp_path / "cert.pem"),
+                str(tmp_path / "cert.pem"),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+    kex = backend.certificate(ks.info("kex"))  # type: ignore[attr-defined]
+    assert kex.extensions.get_extension_for_class(x509.KeyUsage).value.key_agreement
+    # RSA-PSS, padded on the host, verified by cryptography
+    pss = ks.sign("rsa", b"pss")
+    public = ks.public_key("rsa")
+    assert isinstance(public, rsa.RSAPublicKey)
+    public.verify(pss, b"pss", padding.PKCS1v15(), hashes.SHA256())
+    pss = ks.sign("rsa", b"pss", algorithm="pss")
+    public.verify(pss, b"pss", padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256())
+
+
+def test_delete_destroys_the_key_and_frees_the_slot(ks: Keystore, reader: PivReader) -> None:
+    ks.generate("a", "ecdsa-p256", backend="piv")
+    old = reader.card.state.keys[0x9A]
+    assert 0x5FC105 in reader.card.state.objects
+    ks.delete("a")
+    assert 0x5FC105 not in reader.card.state.objects
+    assert reader.card.state.keys[0x9A] is not old  # overwritten: the old private key is gone
+    ks.generate("b", "ecdsa-p256", backend="piv")
+    assert ks.info("b").handle == "9a"
+
+
+def test_wrong_card_is_refused(tmp_path: Path, reader: PivReader, env: None) -> None:
+    config = piv_config(tmp_path, reader)
+    with strongroom.open(config) as ks:
+        ks.generate("mine", "ecdsa-p256", backend="piv")
+    reader.remove()
+    reader.insert(PivCard())
+    with strongroom.open(config) as ks:
+        ks.generate("stranger", "ecdsa-p256", backend="piv", usage="sign")
+        ks.catalog.remove("default", "stranger")
+        with pytest.raises(BackendUnavailable, match="'stranger', not key 'mine'"):
+            ks.sign("mine", b"x")
+        with pytest.raises(Exception, match="nothing was deleted"):
+            ks.delete("mine")
+    assert 0x9A in reader.card.state.keys and 0x5FC105 in reader.card.state.objects
+
+
+def test_slots_setting_and_full_card(tmp_path: Path, reader: PivReader, env: None) -> None:
+    config = piv_config(tmp_path, reader, 'slots = ["9e", "95"]')
+    with strongroom.open(config) as ks:
+        assert ks.generate("one", "ecdsa-p256", backend="piv").handle == "95"
+        assert ks.generate("two", "ecdsa-p256", backend="piv").handle == "9e"
+        with pytest.raises(UnsupportedOperation, match="already holds a key"):
+            ks.generate("three", "ecdsa-p256", backend="piv")
+        assert ks.sign("two", b"9e needs no PIN")
+
+
+def test_aes192_management_key_from_config(
+    tmp_path: Path, reader: PivReader, env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = bytes(range(1, 25))
+    reader.remove()
+    reader.insert(PivCard(mgmt_alg=ALG_AES192, mgmt_key=key))
+    monkeypatch.setenv(PIV_MGMT_ENV, key.hex())
+    good = piv_config(tmp_path / "a", reader, f'management_key = "env:{PIV_MGMT_ENV}"')
+    with strongroom.open(good) as ks:
+        ks.generate("k", "ecdsa-p256", backend="piv")  # 3DES refused (6A86), then AES-192
+    monkeypatch.setenv(PIV_MGMT_ENV, "00" * 24)
+    bad = piv_config(tmp_path / "b", reader, f'management_key = "env:{PIV_MGMT_ENV}"')
+    with strongroom.open(bad) as ks:
+        with pytest.raises(AuthenticationFailed, match="management key"):
+            ks.generate("k2", "ecdsa-p256", backend="piv")
+
+
+# -- PIN ----------------------------------------------------------------------------------------
+def _verifies(card: PivCard) -> int:
+    return sum(1 for a in card.apdus if a[1] == 0x20 and len(a) > 5)
+
+
+def test_pin_counter_and_blocking(
+    tmp_path: Path, reader: PivReader, env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = piv_config(tmp_path, reader)
+    with strongroom.open(config) as ks:
+        ks.generate("k", "ecdsa-p256", backend="piv")
+        assert ks.backend("piv").pin_tries_left() is None  # type: ignore[attr-defined]
+    with strongroom.open(config) as ks:
+        assert ks.backend("piv").pin_tries_left() == 3  # type: ignore[attr-defined]
+    for wrong, left in (("111111", 2), ("222222", 1)):
+        monkeypatch.setenv(PIV_PIN_ENV, wrong)
+        with strongroom.open(config) as ks:
+            before = _verifies(reader.card)
+            with pytest.raises(AuthenticationFailed) as err:
+                ks.sign("k", b"x")
+            assert err.value.retries_left == left and f"{left} tries left" in str(err.value)
+            # never sent again by itself, however often the caller asks
+            with pytest.raises(AuthenticationFailed, match="already refused"):
+                ks.sign("k", b"x")
+            assert _verifies(reader.card) == before + 1
+            assert reader.card.pin_tries == left
+            assert ks.backend("piv").pin_tries_left() == left  # type: ignore[attr-defined]
+    monkeypatch.setenv(PIV_PIN_ENV, "333333")
+    with strongroom.open(config) as ks:
+        with pytest.raises(DeviceLocked, match="blocked"):
+            ks.sign("k", b"x")
+    monkeypatch.setenv(PIV_PIN_ENV, DEFAULT_PIN)
+    with strongroom.open(config) as ks:
+        with pytest.raises(DeviceLocked, match="PUK"):
+            ks.sign("k", b"x")
+        assert ks.backend("piv").pin_tries_left() == 0  # type: ignore[attr-defined]
+        status = {s.name: s for s in ks.backends()}["piv"]
+        assert status.details["pin"] == "blocked"
+
+
+def test_pin_always_slot_and_reset_by_another_program(ks: Keystore, reader: PivReader) -> None:
+    ks.generate("a", "ecdsa-p256", backend="piv")
+    ks.generate("c", "ecdsa-p256", backend="piv")
+    assert ks.info("c").handle == "9c"
+    for _ in range(2):  # 9C: VERIFY before every signature
+        ks.verify("c", b"m", ks.sign("c", b"m"))
+    ks.verify("a", b"m", ks.sign("a", b"m"))
+    before = _verifies(reader.card)
+    ks.verify("a", b"m", ks.sign("a", b"m"))
+    assert _verifies(reader.card) == before  # 9A: once per session
+    from smartcard import scard
+
+    rc, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+    rc, handle, _ = scard.SCardConnect(
+        ctx, reader.name, scard.SCARD_SHARE_SHARED, scard.SCARD_PROTOCOL_T1
+    )
+    assert rc == scard.SCARD_S_SUCCESS
+    scard.SCardDisconnect(handle, scard.SCARD_RESET_CARD)
+    scard.SCardReleaseContext(ctx)
+    ks.verify("a", b"m", ks.sign("a", b"m"))  # reconnected, PIN given again
+
+
+# -- card removal ------------------------------------------------------------------------------
+def test_card_removed_and_reinserted(ks: Keystore, reader: PivReader) -> None:
+    ks.generate("k", "ecdsa-p256", backend="piv")
+    ks.sign("k", b"before")
+    card = reader.card
+    reader.remove()
+    with pytest.raises(BackendUnavailable, match="insert the card"):
+        ks.sign("k", b"while out")
+    with pytest.raises(BackendUnavailable):
+        ks.public_key("k")
+    reader.insert(card)
+    ks.verify("k", b"after", ks.sign("k", b"after"))
+
+
+def test_no_reader_or_card_is_unavailable(tmp_path: Path, reader: PivReader, env: None) -> None:
+    config = write_piv_config(tmp_path / "x", "No Such Reader")
+    with strongroom.open(config) as ks:
+        status = {s.name: s for s in ks.backends()}["piv"]
+        assert not status.available and "No Such Reader" in (status.reason or "")
+        with pytest.raises(BackendUnavailable, match="no reader name contains"):
+            ks.generate("k", "ecdsa-p256", backend="piv")
+    reader.remove()
+    with strongroom.open(piv_config(tmp_path, reader)) as ks:
+        with pytest.raises(BackendUnavailable, match="no PIV card"):
+            ks.generate("k", "ecdsa-p256", backend="piv")
+
+
+# -- the vault sealed to the card --------------------------------------------------------------
+def test_vault_enroll_piv_and_open_with_card_and_pin(
+    tmp_path: Path, reader: PivReader, env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = piv_config(tmp_path, reader)
+    with strongroom.open(config) as ks:
+        ks.generate("secret", "ed25519", backend="vault")
+        slot = ks.vault_control().enroll("piv", {"pin": True})
+        assert slot["method"] == "piv"
+    assert 0x9D in reader.card.state.keys  # made for the vault, with its certificate
+    with strongroom.open(config) as ks:
+        assert ks.vault_control().unlock("piv") == "piv"
+        assert ks.info("secret").type.value == "ed25519"
+        assert ks.sign("secret", b"x")
+        # a Strongroom key never lands in the vault's 9D slot
+        assert ks.generate("kex", "ecdsa-p256", backend="piv", usage="agree").handle == "82"
+    monkeypatch.setenv(PIV_PIN_ENV, "999999")
+    with strongroom.open(config) as ks:
+        with pytest.raises(AuthenticationFailed, match="2 tries left"):
+            ks.vault_control().unlock("piv")
+    monkeypatch.setenv(PIV_PIN_ENV, DEFAULT_PIN)
+    card = reader.card
+    reader.remove()
+    reader.insert(PivCard())
+    with strongroom.open(config) as ks:
+        with pytest.raises(AuthenticationFailed, match="not the card"):
+            ks.vault_control().unlock("piv")
+    reader.remove()
+    reader.insert(card)
+    with strongroom.open(config) as ks:
+        assert ks.vault_control().unlock("piv") == "piv"
+
+
+def test_cli_generate_sign_and_vault(tmp_path: Path, reader: PivReader) -> None:
+    config = piv_config(tmp_path, reader)
+    env = {PIV_VAULT_PASS_ENV: PIV_VAULT_PASS, PIV_PIN_ENV: DEFAULT_PIN}
+
+    def cli(*args: str) -> bytes:
+        result = run_cli(config, *args, env=env)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    cli("init")
+    cli("vault", "enroll", "piv", "--pin")
+    cli("vault", "unlock", "--method", "piv")
+    cli("key", "generate", "signer", "--type", "ecdsa-p384", "--backend", "piv")
+    data = tmp_path / "data"
+    data.write_bytes(b"signed by the card")
+    sig = tmp_path / "sig"
+    cli("key", "sign", "signer", "--in", str(data), "--out", str(sig))
+    cli("key", "verify", "signer", "--signature", str(sig), "--in", str(data))
+    public = serialization.load_pem_public_key(cli("key", "public", "signer"))
+    assert isinstance(public, ec.EllipticCurvePublicKey) and public.curve.key_size == 384
+    bad = run_cli(config, "key", "generate", "x", "--type", "ed25519", "--backend", "piv", env=env)
+    assert bad.returncode == UnsupportedOperation.exit_code
+    assert "piv" in bad.stderr and "Traceback" not in bad.stderr
+    wrong = run_cli(
+        config, "key", "sign", "signer", "--in", str(data), env={**env, PIV_PIN_ENV: "000000"}
+    )
+    assert wrong.returncode == AuthenticationFailed.exit_code
+    assert "2 tries left" in wrong.stderr and "Traceback" not in wrong.stderr
+    assert DEFAULT_PIN not in wrong.stderr and "000000" not in wrong.stderr
