@@ -7,6 +7,7 @@ Every test gets a fresh card in the same reader slot.
 from __future__ import annotations
 
 import gc
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from piv_card import ALG_AES192, DEFAULT_PIN, PivCard
 from piv_support import (
+    OPENSC_MODULE,
     PIV_MGMT_ENV,
     PIV_PIN_ENV,
     PIV_VAULT_PASS,
@@ -362,3 +364,112 @@ def test_cli_generate_sign_and_vault(tmp_path: Path, reader: PivReader) -> None:
     assert wrong.returncode == AuthenticationFailed.exit_code
     assert "2 tries left" in wrong.stderr and "Traceback" not in wrong.stderr
     assert DEFAULT_PIN not in wrong.stderr and "000000" not in wrong.stderr
+
+
+# -- OpenSC's PIV driver sees what Strongroom made ---------------------------------------------
+@pytest.mark.skipif(not OPENSC_MODULE.exists(), reason=f"{OPENSC_MODULE} is missing (opensc)")
+def test_opensc_lists_and_signs_with_strongroom_keys(
+    ks: Keystore, reader: PivReader, tmp_path: Path
+) -> None:
+    ks.generate("ec", "ecdsa-p256", backend="piv")  # 9A: PKCS#11 id 01
+    ks.generate("rsa", "rsa-2048", backend="piv")  # 9C: id 02, context-specific login
+    ks.generate("kex", "ecdsa-p384", backend="piv", usage="agree")  # 9D: id 03
+    conf = tmp_path / "opensc.conf"
+    conf.write_text(
+        "app default {\n  card_drivers = PIV-II;\n"
+        "  framework pkcs15 { use_file_caching = no; }\n}\n"
+    )
+    env = {**os.environ, "OPENSC_CONF": str(conf)}
+
+    def tool(*args: str) -> str:
+        out = subprocess.run(
+            ["pkcs11-tool", "--module", str(OPENSC_MODULE), *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout
+
+    listing = tool("--list-objects", "--login", "--pin", DEFAULT_PIN)
+    objects: list[str] = []
+    for line in listing.splitlines():
+        if line and not line[0].isspace():
+            objects.append(line)
+        elif objects:
+            objects[-1] += "\n" + line
+    for key_id, name, kind in (("01", "ec", "EC"), ("02", "rsa", "RSA"), ("03", "kex", "EC")):
+        ident = f"ID:         {key_id}"
+        assert any(
+            o.startswith("Certificate Object") and ident in o and f"CN={name}, O=Strongroom" in o
+            for o in objects
+        ), listing
+        assert any(o.startswith(f"Private Key Object; {kind}") and ident in o for o in objects), (
+            listing
+        )
+    assert sum(o.startswith("Private Key Object") for o in objects) == 3, listing
+    data = tmp_path / "data"
+    data.write_bytes(b"signed by OpenSC through the PIV driver")
+    sig = tmp_path / "sig"
+    tool(
+        "--sign",
+        "--id",
+        "01",
+        "-m",
+        "ECDSA-SHA256",
+        "--signature-format",
+        "openssl",
+        "-i",
+        str(data),
+        "-o",
+        str(sig),
+        "--login",
+        "--pin",
+        DEFAULT_PIN,
+    )
+    ks.verify("ec", data.read_bytes(), sig.read_bytes())
+    tool(
+        "--sign",
+        "--id",
+        "02",
+        "-m",
+        "SHA256-RSA-PKCS",
+        "-i",
+        str(data),
+        "-o",
+        str(sig),
+        "--login",
+        "--pin",
+        DEFAULT_PIN,
+    )
+    ks.verify("rsa", data.read_bytes(), sig.read_bytes())
+    # ECDH with the 9D key through OpenSC agrees with the peer's side of the exchange
+    peer = ec.generate_private_key(ec.SECP384R1())
+    peer_der = tmp_path / "peer.der"
+    peer_der.write_bytes(
+        peer.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    secret = tmp_path / "secret"
+    tool(
+        "--derive",
+        "--id",
+        "03",
+        "-m",
+        "ECDH1-DERIVE",
+        "--input-file",
+        str(peer_der),
+        "--output-file",
+        str(secret),
+        "--login",
+        "--pin",
+        DEFAULT_PIN,
+    )
+    card_public = ks.public_key("kex")
+    assert isinstance(card_public, ec.EllipticCurvePublicKey)
+    assert secret.read_bytes() == peer.exchange(ec.ECDH(), card_public)
+    # Strongroom carries on after OpenSC used (and perhaps reset) the card
+    ks.verify("ec", b"after", ks.sign("ec", b"after"))
