@@ -180,7 +180,8 @@ class PivBackend(Backend):
         self._rejected: set[bytes] = set()
         self._fingerprint_key = os.urandom(32)
         self._certs: dict[int, x509.Certificate | None] = {}
-        self._checked: dict[int, str] = {}
+        self._checked_keys: dict[str, tuple[str, int, x509.Certificate]] = {}
+        """handle → (key name, slot, certificate) of keys checked on the connected card."""
         self._unavailable: tuple[float, str] | None = None
 
     # -- discovery -------------------------------------------------------------------------------
@@ -249,7 +250,7 @@ class PivBackend(Backend):
     def _forget_session(self) -> None:
         self._pin_ok = False
         self._certs.clear()
-        self._checked.clear()
+        self._checked_keys.clear()
 
     def _session(self) -> PcscCard:
         card = self._card
@@ -451,10 +452,11 @@ class PivBackend(Backend):
 
     def _key_cert(self, card: PcscCard, info: KeyInfo) -> tuple[int, x509.Certificate]:
         """The slot and certificate of a catalog key, checked to be that key on this card."""
+        known = self._checked_keys.get(info.handle)
+        if known is not None and known[0] == info.name:
+            return known[1], known[2]
         slot = parse_slot(info.handle)
         cert = self._cert(card, slot)
-        if self._checked.get(slot) == info.name and cert is not None:
-            return slot, cert
         where = f"slot {_slot_name(slot)} of the PIV card in {card.reader!r}"
         if cert is None:
             raise BackendUnavailable(
@@ -469,7 +471,7 @@ class PivBackend(Backend):
             )
         if not sr_algorithms.public_key_matches(info.type, cert.public_key()):
             raise BackendUnavailable(self.name, f"{where} holds no {info.type.value} key")
-        self._checked[slot] = info.name
+        self._checked_keys[info.handle] = (info.name, slot, cert)
         return slot, cert
 
     def _write_cert(
@@ -533,7 +535,7 @@ class PivBackend(Backend):
     ) -> x509.Certificate:
         self._mgmt_auth(card)
         self._certs.pop(slot, None)
-        self._checked.pop(slot, None)
+        self._checked_keys.pop(_slot_name(slot), None)
         template = card.generate(slot, KEY_ALGS[key_type])
         public = _public_from_template(key_type, template)
         return self._write_cert(card, slot, key_type, public, name, usage)
@@ -628,7 +630,7 @@ class PivBackend(Backend):
             card.generate(slot, ALG_P256)  # the old private key is gone
             card.put_data(SLOT_OBJECTS[slot], b"")
             self._certs[slot] = None
-            self._checked.pop(slot, None)
+            self._checked_keys.pop(_slot_name(slot), None)
 
         self._run(op)
 

@@ -47,8 +47,10 @@ class StatusError(Exception):
 
 def tlv(tag: int, value: bytes) -> bytes:
     """BER-TLV with a 1-3 byte tag and a definite length."""
-    tag_bytes = tag.to_bytes((tag.bit_length() + 7) // 8 or 1, "big")
     n = len(value)
+    if tag < 0x100 and n < 0x80:
+        return bytes((tag, n)) + value
+    tag_bytes = tag.to_bytes((tag.bit_length() + 7) // 8 or 1, "big")
     if n < 0x80:
         length = bytes([n])
     elif n < 0x100:
@@ -92,6 +94,10 @@ def parse_tlv(data: bytes) -> list[tuple[int, bytes]]:
 
 
 def find_tag(data: bytes, tag: int) -> bytes:
+    """The value of the first TLV with `tag` in a run of TLVs; ValueError if absent."""
+    if len(data) >= 2 and data[0] == tag and data[1] < 0x80 and tag < 0x100:
+        if len(data) >= 2 + data[1]:  # the common case: a one-byte tag first, short length
+            return data[2 : 2 + data[1]]
     for t, v in parse_tlv(data):
         if t == tag:
             return v
