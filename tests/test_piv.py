@@ -34,6 +34,7 @@ from strongroom.errors import (
     AuthenticationFailed,
     BackendUnavailable,
     DeviceLocked,
+    InvalidArgument,
     UnsupportedOperation,
 )
 from strongroom.keystore import Keystore
@@ -473,3 +474,16 @@ def test_opensc_lists_and_signs_with_strongroom_keys(
     assert secret.read_bytes() == peer.exchange(ec.ECDH(), card_public)
     # Strongroom carries on after OpenSC used (and perhaps reset) the card
     ks.verify("ec", b"after", ks.sign("ec", b"after"))
+
+
+def test_adopt_a_key_already_on_the_card(ks: Keystore, reader: PivReader) -> None:
+    ks.generate("made", "ecdsa-p384", backend="piv")
+    ks.catalog.remove("default", "made")  # as if another tool had made it
+    info = ks.adopt("found", "piv", {"id": "9a"})
+    assert info.type.value == "ecdsa-p384" and info.handle == "9a"
+    ks.verify("found", b"x", ks.sign("found", b"x"))
+    ks.delete("found")  # only forgotten
+    assert 0x9A in reader.card.state.keys and 0x5FC105 in reader.card.state.objects
+    assert ks.adopt("again", "piv", {"label": "made"}).handle == "9a"
+    with pytest.raises(InvalidArgument, match="no PIV slot"):
+        ks.adopt("none", "piv", {"id": "9e"})
