@@ -487,3 +487,26 @@ def test_adopt_a_key_already_on_the_card(ks: Keystore, reader: PivReader) -> Non
     assert ks.adopt("again", "piv", {"label": "made"}).handle == "9a"
     with pytest.raises(InvalidArgument, match="no PIV slot"):
         ks.adopt("none", "piv", {"id": "9e"})
+
+
+def test_threads_take_turns_on_the_card(ks: Keystore) -> None:
+    import threading
+
+    ks.generate("shared", "ecdsa-p256", backend="piv")
+    ks.generate("always", "ecdsa-p256", backend="piv")  # 9C: VERIFY + sign must stay paired
+    errors: list[BaseException] = []
+
+    def work(name: str) -> None:
+        try:
+            for i in range(15):
+                data = f"{name} {i}".encode()
+                ks.verify(name, data, ks.sign(name, data))
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in ("shared", "always") * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
