@@ -169,6 +169,17 @@ def test_delete_destroys_the_key_and_frees_the_slot(ks: Keystore, reader: PivRea
     assert reader.card.state.keys[0x9A] is not old  # overwritten: the old private key is gone
     ks.generate("b", "ecdsa-p256", backend="piv")
     assert ks.info("b").handle == "9a"
+    # retired slots: the Key History object counts them (tag C1), so middleware looks there
+    history = 0x5FC10C
+    names = ("c", "d", "e")
+    for name in names:
+        ks.generate(name, "ecdsa-p256", backend="piv")
+    assert [ks.info(n).handle for n in names] == ["9c", "82", "83"]
+    assert reader.card.state.objects[history].startswith(bytes.fromhex("5308C10102C20100"))
+    ks.delete("d")  # a gap: the count still reaches 83
+    assert reader.card.state.objects[history].startswith(bytes.fromhex("5308C10102"))
+    ks.delete("e")
+    assert reader.card.state.objects[history].startswith(bytes.fromhex("5308C10100"))
 
 
 def test_wrong_card_is_refused(tmp_path: Path, reader: PivReader, env: None) -> None:
@@ -375,6 +386,7 @@ def test_opensc_lists_and_signs_with_strongroom_keys(
     ks.generate("ec", "ecdsa-p256", backend="piv")  # 9A: PKCS#11 id 01
     ks.generate("rsa", "rsa-2048", backend="piv")  # 9C: id 02, context-specific login
     ks.generate("kex", "ecdsa-p384", backend="piv", usage="agree")  # 9D: id 03
+    ks.generate("old", "ecdsa-p256", backend="piv")  # 82, in the Key History: id 05
     conf = tmp_path / "opensc.conf"
     conf.write_text(
         "app default {\n  card_drivers = PIV-II;\n"
@@ -401,7 +413,8 @@ def test_opensc_lists_and_signs_with_strongroom_keys(
             objects.append(line)
         elif objects:
             objects[-1] += "\n" + line
-    for key_id, name, kind in (("01", "ec", "EC"), ("02", "rsa", "RSA"), ("03", "kex", "EC")):
+    keys = (("01", "ec", "EC"), ("02", "rsa", "RSA"), ("03", "kex", "EC"), ("05", "old", "EC"))
+    for key_id, name, kind in keys:
         ident = f"ID:         {key_id}"
         assert any(
             o.startswith("Certificate Object") and ident in o and f"CN={name}, O=Strongroom" in o
@@ -410,7 +423,7 @@ def test_opensc_lists_and_signs_with_strongroom_keys(
         assert any(o.startswith(f"Private Key Object; {kind}") and ident in o for o in objects), (
             listing
         )
-    assert sum(o.startswith("Private Key Object") for o in objects) == 3, listing
+    assert sum(o.startswith("Private Key Object") for o in objects) == 4, listing
     data = tmp_path / "data"
     data.write_bytes(b"signed by OpenSC through the PIV driver")
     sig = tmp_path / "sig"
@@ -446,6 +459,23 @@ def test_opensc_lists_and_signs_with_strongroom_keys(
         DEFAULT_PIN,
     )
     ks.verify("rsa", data.read_bytes(), sig.read_bytes())
+    tool(
+        "--sign",
+        "--id",
+        "05",
+        "-m",
+        "ECDSA-SHA256",
+        "--signature-format",
+        "openssl",
+        "-i",
+        str(data),
+        "-o",
+        str(sig),
+        "--login",
+        "--pin",
+        DEFAULT_PIN,
+    )
+    ks.verify("old", data.read_bytes(), sig.read_bytes())
     # ECDH with the 9D key through OpenSC agrees with the peer's side of the exchange
     peer = ec.generate_private_key(ec.SECP384R1())
     peer_der = tmp_path / "peer.der"

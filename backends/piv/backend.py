@@ -82,6 +82,7 @@ SIGN_ORDER = (0x9A, 0x9C, *RETIRED_SLOTS, 0x9E)
 AGREE_ORDER = (0x9D, *RETIRED_SLOTS)
 """Where a new key with usage agree goes (9D is the key-management slot)."""
 SEALER_SLOT = 0x9D
+KEY_HISTORY_OBJECT = 0x5FC10C
 PIN_ALWAYS = frozenset({0x9C})
 PIN_NEVER = frozenset({0x9E})
 
@@ -538,7 +539,29 @@ class PivBackend(Backend):
         self._checked_keys.pop(_slot_name(slot), None)
         template = card.generate(slot, KEY_ALGS[key_type])
         public = _public_from_template(key_type, template)
-        return self._write_cert(card, slot, key_type, public, name, usage)
+        cert = self._write_cert(card, slot, key_type, public, name, usage)
+        if slot in RETIRED_SLOTS:
+            self._update_key_history(card)
+        return cert
+
+    def _update_key_history(self, card: PcscCard) -> None:
+        """Keep the Key History object's count of retired keys with on-card certificates
+        (tag C1) up to date, so that OpenSC and other PIV middleware look at those slots.
+        SP 800-73-4 numbers them from 82 up, so the count reaches the last used retired slot.
+        The off-card count (C2) and URL (F3) of an existing object are kept as they are."""
+        used = [i for i, slot in enumerate(RETIRED_SLOTS) if self._cert(card, slot) is not None]
+        on_card = used[-1] + 1 if used else 0
+        current = card.get_data(KEY_HISTORY_OBJECT) or b""
+        try:
+            fields = dict(_tlvs(current))
+        except ValueError:
+            fields = {}
+        if fields.get(0xC1) == bytes([on_card]) or (not current and on_card == 0):
+            return
+        body = tlv(0xC1, bytes([on_card])) + tlv(0xC2, fields.get(0xC2, b"\x00"))
+        if 0xF3 in fields:
+            body += tlv(0xF3, fields[0xF3])
+        card.put_data(KEY_HISTORY_OBJECT, body + tlv(0xFE, b""))
 
     # -- key operations --------------------------------------------------------------------------
     def _check(self, key_type: KeyType, op: Operation) -> int:
@@ -631,6 +654,8 @@ class PivBackend(Backend):
             card.put_data(SLOT_OBJECTS[slot], b"")
             self._certs[slot] = None
             self._checked_keys.pop(_slot_name(slot), None)
+            if slot in RETIRED_SLOTS:
+                self._update_key_history(card)
 
         self._run(op)
 
