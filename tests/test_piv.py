@@ -34,6 +34,7 @@ from strongroom.errors import (
     AuthenticationFailed,
     BackendUnavailable,
     DeviceLocked,
+    IntegrityError,
     InvalidArgument,
     UnsupportedOperation,
 )
@@ -540,3 +541,29 @@ def test_threads_take_turns_on_the_card(ks: Keystore) -> None:
     for t in threads:
         t.join(60)
     assert not errors, errors
+
+
+def test_rsa_oaep_decryption_of_what_openssl_encrypted(ks: Keystore, tmp_path: Path) -> None:
+    info = ks.generate("box", "rsa-2048", backend="piv", usage="encrypt,decrypt")
+    assert info.handle == "9d"  # the key-management slot
+    cert = ks.backend("piv").certificate(info)  # type: ignore[attr-defined]
+    assert cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_encipherment
+    (tmp_path / "pub.pem").write_bytes(
+        ks.public_key("box").public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    (tmp_path / "msg").write_bytes(b"for the card only")
+    for md, algorithm in (("sha256", None), ("sha1", "oaep-sha1")):
+        out = subprocess.run(
+            ["openssl", "pkeyutl", "-encrypt", "-pubin", "-inkey", str(tmp_path / "pub.pem"),
+             "-pkeyopt", "rsa_padding_mode:oaep", "-pkeyopt", f"rsa_oaep_md:{md}",
+             "-pkeyopt", f"rsa_mgf1_md:{md}", "-in", str(tmp_path / "msg")],
+            capture_output=True, check=True,
+        )  # fmt: skip
+        assert ks.decrypt("box", out.stdout, algorithm=algorithm) == b"for the card only"
+    ct = ks.encrypt("box", b"x")
+    with pytest.raises(IntegrityError):
+        ks.decrypt("box", ct, algorithm="oaep-sha1")  # the wrong hash does not decode
+    with pytest.raises(IntegrityError):
+        ks.decrypt("box", ct[:-1])

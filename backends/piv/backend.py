@@ -80,7 +80,7 @@ SLOT_OBJECTS: dict[int, int] = {
 SIGN_ORDER = (0x9A, 0x9C, *RETIRED_SLOTS, 0x9E)
 """Where a new signing key goes: the first slot without a certificate, in this order."""
 AGREE_ORDER = (0x9D, *RETIRED_SLOTS)
-"""Where a new key with usage agree goes (9D is the key-management slot)."""
+"""Where a new key with usage agree or decrypt goes (9D is the key-management slot)."""
 SEALER_SLOT = 0x9D
 KEY_HISTORY_OBJECT = 0x5FC10C
 PIN_ALWAYS = frozenset({0x9C})
@@ -120,9 +120,12 @@ def parse_slot(value: str) -> int:
 
 
 _CAPABILITIES: frozenset[Capability] = frozenset(
-    (t, op)
-    for t in KEY_ALGS
-    for op in (Operation.GENERATE, Operation.SIGN, Operation.VERIFY, Operation.DELETE)
+    {
+        (t, op)
+        for t in KEY_ALGS
+        for op in (Operation.GENERATE, Operation.SIGN, Operation.VERIFY, Operation.DELETE)
+    }
+    | {(KeyType.RSA_2048, Operation.ENCRYPT), (KeyType.RSA_2048, Operation.DECRYPT)}
 )
 
 
@@ -482,7 +485,7 @@ class PivBackend(Backend):
         key_type: KeyType,
         public: PublicKeyTypes,
         name: str,
-        usage: str,
+        usage: frozenset[str],
     ) -> x509.Certificate:
         alg = KEY_ALGS[key_type]
 
@@ -532,7 +535,7 @@ class PivBackend(Backend):
         return _tag(answer, 0x82)
 
     def _generate_in(
-        self, card: PcscCard, slot: int, key_type: KeyType, name: str, usage: str
+        self, card: PcscCard, slot: int, key_type: KeyType, name: str, usage: frozenset[str]
     ) -> x509.Certificate:
         self._mgmt_auth(card)
         self._certs.pop(slot, None)
@@ -577,15 +580,22 @@ class PivBackend(Backend):
         first free slot, then a self-signed certificate (signed by the card) in its object."""
         info = new.info
         self._check(info.type, Operation.GENERATE)
-        agree = Usage.AGREE in info.usage
+        agree = bool({Usage.AGREE, Usage.DECRYPT} & info.usage)
+        cert_usage = frozenset(
+            word
+            for word, wanted in (
+                ("sign", Usage.SIGN),
+                ("agree", Usage.AGREE),
+                ("decrypt", Usage.DECRYPT),
+            )
+            if wanted in info.usage
+        )
         order = [s for s in (AGREE_ORDER if agree else SIGN_ORDER) if s in self.slots]
 
         def make(card: PcscCard) -> str:
             for slot in order:
                 if self._cert(card, slot) is None:
-                    self._generate_in(
-                        card, slot, info.type, info.name, "agree" if agree else "sign"
-                    )
+                    self._generate_in(card, slot, info.type, info.name, cert_usage)
                     return _slot_name(slot)
             raise UnsupportedOperation(
                 self.name,
@@ -634,6 +644,40 @@ class PivBackend(Backend):
             return self._private_op(card, slot, alg, block)
 
         return self._run(op)
+
+    def decrypt(self, info: KeyInfo, ciphertext: bytes, aad: bytes, algorithm: str | None) -> bytes:
+        """RSA-OAEP (SHA-256, or SHA-1 with oaep-sha1): the raw RSA operation on the card,
+        OAEP decoding on the host. Anything that does not decode is IntegrityError."""
+        if info.type is not KeyType.RSA_2048:
+            raise self.unsupported(Operation.DECRYPT, info.type)
+        if aad:
+            raise InvalidArgument("RSA-OAEP takes no associated data")
+        hash_name = (
+            "sha1"
+            if sr_algorithms.check_rsa_encrypt_algorithm(algorithm) == "oaep-sha1"
+            else "sha256"
+        )
+
+        def op(card: PcscCard) -> bytes | None:
+            slot, cert = self._key_cert(card, info)
+            public = cert.public_key()
+            assert isinstance(public, rsa.RSAPublicKey)
+            k = public.key_size // 8
+            if (
+                len(ciphertext) != k
+                or int.from_bytes(ciphertext, "big") >= public.public_numbers().n
+            ):
+                return None
+            return encoding.oaep_decode(
+                self._private_op(card, slot, ALG_RSA2048, ciphertext), hash_name
+            )
+
+        plaintext = self._run(op)
+        if plaintext is None:
+            raise IntegrityError(
+                "the ciphertext does not decrypt under this key: wrong key, or altered ciphertext"
+            )
+        return plaintext
 
     def delete(self, info: KeyInfo) -> None:
         """Overwrite the slot's private key with a fresh one (a PIV card has no delete), then
@@ -698,7 +742,9 @@ class PivBackend(Backend):
                     "the PIV card holds no key in slot 9d; this is not the card the vault slot "
                     "was sealed to"
                 )
-            cert = self._generate_in(card, SEALER_SLOT, KeyType.ECDSA_P256, VAULT_KEY_NAME, "agree")
+            cert = self._generate_in(
+                card, SEALER_SLOT, KeyType.ECDSA_P256, VAULT_KEY_NAME, frozenset({"agree"})
+            )
         public = cert.public_key()
         if not isinstance(public, ec.EllipticCurvePublicKey):
             raise self.unsupported(

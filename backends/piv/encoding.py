@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import hmac
 import os
 from collections.abc import Callable
 
@@ -34,11 +35,11 @@ def pkcs1v15_block(digest: bytes, size: int, sha384: bool = False) -> bytes:
     return b"\x00\x01" + b"\xff" * (size - len(t) - 3) + b"\x00" + t
 
 
-def _mgf1(seed: bytes, length: int) -> bytes:
+def _mgf1(seed: bytes, length: int, hash_name: str = "sha256") -> bytes:
     out = b""
     counter = 0
     while len(out) < length:
-        out += hashlib.sha256(seed + counter.to_bytes(4, "big")).digest()
+        out += hashlib.new(hash_name, seed + counter.to_bytes(4, "big")).digest()
         counter += 1
     return out[:length]
 
@@ -58,6 +59,34 @@ def pss_block(digest: bytes, modulus_bits: int) -> bytes:
     masked = bytes([masked[0] & (0xFF >> (8 * em_len - em_bits))]) + masked[1:]
     em = masked + h + b"\xbc"
     return em.rjust((modulus_bits + 7) // 8, b"\x00")
+
+
+def oaep_decode(em: bytes, hash_name: str) -> bytes | None:
+    """EME-OAEP decoding (RFC 8017 7.1.2, empty label, MGF1 with the same hash) of the
+    card's raw RSA output; None when it is not a valid encoding. Every check runs before
+    the one answer, so the failure does not say which check failed."""
+    h_len = hashlib.new(hash_name).digest_size
+    k = len(em)
+    if k < 2 * h_len + 2:
+        return None
+    masked_seed, masked_db = em[1 : 1 + h_len], em[1 + h_len :]
+    seed = bytes(
+        a ^ b for a, b in zip(masked_seed, _mgf1(masked_db, h_len, hash_name), strict=True)
+    )
+    db = bytes(a ^ b for a, b in zip(masked_db, _mgf1(seed, k - h_len - 1, hash_name), strict=True))
+    good = em[0] == 0
+    good &= hmac.compare_digest(db[:h_len], hashlib.new(hash_name, b"").digest())
+    rest = db[h_len:]
+    index = -1
+    bad_padding = False
+    for i, byte in enumerate(rest):
+        if index < 0:
+            if byte == 1:
+                index = i
+            elif byte != 0:
+                bad_padding = True
+    good &= index >= 0 and not bad_padding
+    return rest[index + 1 :] if good else None
 
 
 def _der_length(n: int) -> bytes:
@@ -110,12 +139,13 @@ def _dummy_signer(public: PublicKeyTypes) -> object:
 def self_signed_certificate(
     public: PublicKeyTypes,
     common_name: str,
-    key_usage: str,
+    key_usage: frozenset[str],
     sign_tbs: Callable[[bytes, hashes.HashAlgorithm], bytes],
 ) -> x509.Certificate:
     """A self-signed X.509 certificate for a card key; `sign_tbs(tbs, hash)` asks the card.
 
-    key_usage is "sign" (digitalSignature, nonRepudiation) or "agree" (keyAgreement).
+    key_usage holds "sign" (digitalSignature), "agree" (keyAgreement) and/or "decrypt"
+    (keyEncipherment); empty means "sign".
     """
     digest: hashes.HashAlgorithm = (
         hashes.SHA384()
@@ -129,7 +159,9 @@ def self_signed_certificate(
         ]
     )
     now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
-    agree = key_usage == "agree"
+    agree = "agree" in key_usage
+    decrypt = "decrypt" in key_usage
+    sign = "sign" in key_usage or not (agree or decrypt)
     builder = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -141,9 +173,9 @@ def self_signed_certificate(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=not agree,
+                digital_signature=sign,
                 content_commitment=False,
-                key_encipherment=False,
+                key_encipherment=decrypt,
                 data_encipherment=False,
                 key_agreement=agree,
                 key_cert_sign=False,
@@ -164,4 +196,4 @@ def self_signed_certificate(
     return x509.load_der_x509_certificate(der)
 
 
-__all__ = ["pkcs1v15_block", "pss_block", "self_signed_certificate"]
+__all__ = ["oaep_decode", "pkcs1v15_block", "pss_block", "self_signed_certificate"]
