@@ -84,6 +84,8 @@ DATA_OBJECTS = frozenset(
     }
 )
 DISCOVERY_TAG = 0x7E
+PIN_PROTECTED_OBJECTS = frozenset({0x5FC103, 0x5FC108, 0x5FC109, 0x5FC121})
+"""Fingerprints, facial image, printed information, iris: readable after VERIFY only."""
 _PIN_ALWAYS, _PIN_NEVER = frozenset({0x9C}), frozenset({0x9E})
 _MAX_TRIES = 3
 _CURVES: dict[int, ec.EllipticCurve] = {ALG_P256: ec.SECP256R1(), ALG_P384: ec.SECP384R1()}
@@ -533,6 +535,8 @@ class PivCard:
             return _tlv(0x7E, _tlv(0x4F, PIV_AID) + policy)
         if tag not in DATA_OBJECTS:
             raise ApduError(0x6A82)
+        if tag in PIN_PROTECTED_OBJECTS and not self.pin_verified:
+            raise ApduError(0x6982)
         value = self.state.objects.get(tag)
         if value is None:
             raise ApduError(0x6A82)

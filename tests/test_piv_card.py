@@ -180,6 +180,10 @@ def test_generate_sign_ecdh_and_status_words() -> None:
     assert send(card, "00CB3FFF055C035FC10A00")[1] == 0x6A82  # absent object
     assert send(card, "00CB3FFF055C035FFFFF00")[1] == 0x6A82  # unknown object
     assert send(card, "00CB3FFE055C035FC10200")[1] == 0x6A86
+    card.reset()
+    assert send(card, "00CB3FFF055C035FC10900")[1] == 0x6982  # printed information: PIN
+    send(card, apdu(0, 0x20, 0, 0x80, pad(DEFAULT_PIN)))
+    assert send(card, "00CB3FFF055C035FC10900")[1] == 0x6A82  # allowed now, but absent
 
 
 def test_chaining_get_response_and_le() -> None:

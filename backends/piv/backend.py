@@ -137,7 +137,12 @@ class PivBackend(Backend):
         "reader": ConfigKey(
             str, "auto (the first reader with a PIV card) or part of a name", "auto"
         ),
-        "pin": ConfigKey((str, list), "the card's PIN: env:NAME, file:PATH or prompt", secret=True),
+        "pin": ConfigKey(
+            (str, list),
+            "the card's PIN: env:NAME, file:PATH or prompt",
+            ["env:STRONGROOM_PIV_PIN", "prompt"],
+            secret=True,
+        ),
         "management_key": ConfigKey(
             (str, list),
             "the management key in hex, as env:NAME, file:PATH or prompt (default: the "
