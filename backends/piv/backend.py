@@ -283,6 +283,15 @@ class PivBackend(Backend):
         self._unavailable = None
         return card
 
+    def _run_held(self, fn: Callable[[PcscCard], T]) -> T:
+        """`_run` with the card held (a PC/SC transaction) for the whole of `fn`."""
+
+        def held(card: PcscCard) -> T:
+            with card.transaction():
+                return fn(card)
+
+        return self._run(held)
+
     def _run(self, fn: Callable[[PcscCard], T]) -> T:
         """Run `fn` on the card under the lock; map PC/SC failures to Strongroom errors.
 
@@ -522,15 +531,19 @@ class PivBackend(Backend):
         self, card: PcscCard, slot: int, alg: int, data: bytes, tag: int = 0x81
     ) -> bytes:
         """GENERAL AUTHENTICATE with the slot's key: sign a hash / raw RSA (81) or ECDH (85)."""
-        if slot in PIN_ALWAYS or (slot not in PIN_NEVER and not self._pin_ok):
-            self._verify_pin(card)
         template = tlv(0x82, b"") + tlv(tag, data)
-        answer, sw = card.general_authenticate(alg, slot, template)
+        if slot in PIN_ALWAYS or (slot not in PIN_NEVER and not self._pin_ok):
+            with card.transaction():  # VERIFY and the operation it allows, back to back
+                self._verify_pin(card)
+                answer, sw = card.general_authenticate(alg, slot, template)
+        else:
+            answer, sw = card.general_authenticate(alg, slot, template)
         if sw == SW_SECURITY and slot not in PIN_NEVER and slot not in PIN_ALWAYS:
             # The card forgot the PIN (another program reset or used it): give it once more.
             self._pin_ok = False
-            self._verify_pin(card)
-            answer, sw = card.general_authenticate(alg, slot, template)
+            with card.transaction():
+                self._verify_pin(card)
+                answer, sw = card.general_authenticate(alg, slot, template)
         if slot in PIN_ALWAYS:
             self._pin_ok = False  # the card spent the verification on this one operation
         if sw == SW_REF_NOT_FOUND:
@@ -610,7 +623,7 @@ class PivBackend(Backend):
                 f"({', '.join(_slot_name(s) for s in order)}); delete one first",
             )
 
-        return self._run(make)
+        return self._run_held(make)
 
     def public_key(self, info: KeyInfo) -> PublicKeyTypes:
         """From the certificate in the slot's object (GET DATA; cached per connection)."""
@@ -706,7 +719,7 @@ class PivBackend(Backend):
             if slot in RETIRED_SLOTS:
                 self._update_key_history(card)
 
-        self._run(op)
+        self._run_held(op)
 
     def adopt(self, ref: Mapping[str, str]) -> ExistingKey:
         """A key already on the card: `id` is its slot (9a, ...), `label` its certificate's CN."""
@@ -771,7 +784,7 @@ class PivBackend(Backend):
         def find(card: PcscCard) -> tuple[ec.EllipticCurvePublicKey, bytes | None]:
             return self._sealer_public(card, create=True), card.chuid_guid()
 
-        card_public, guid = self._run(find)
+        card_public, guid = self._run_held(find)
         ephemeral = ec.generate_private_key(card_public.curve)
         shared = ephemeral.exchange(ec.ECDH(), card_public)
         point = ephemeral.public_key().public_bytes(

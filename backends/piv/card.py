@@ -8,8 +8,10 @@ GET RESPONSE). Nothing here knows about catalog keys; the backend does.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 PIV_AID = bytes.fromhex("A000000308")
 INS_VERIFY, INS_CHANGE_REFERENCE, INS_RESET_RETRY = 0x20, 0x24, 0x2C
@@ -126,6 +128,7 @@ class PcscCard:
         self._context: Any = None
         self._handle: Any = None
         self._protocol: Any = None
+        self._transactions = 0
 
     # -- connection -----------------------------------------------------------------------------
     def connect(self) -> None:
@@ -201,6 +204,32 @@ class PcscCard:
     def connected(self) -> bool:
         return self._handle is not None
 
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Hold the card for a sequence of APDUs (SCardBeginTransaction), so that no other
+        program's commands come between, e.g., VERIFY and the signature it allows, or the
+        two steps of management-key authentication. Nested use holds it once."""
+        sc = self._scard
+        if self._transactions:
+            self._transactions += 1
+            try:
+                yield
+            finally:
+                self._transactions -= 1
+            return
+        if self._handle is None:
+            raise CardGone("not connected to the card")
+        rc = sc.SCardBeginTransaction(self._handle)
+        if rc != sc.SCARD_S_SUCCESS:
+            self._fail(rc)
+        self._transactions = 1
+        try:
+            yield
+        finally:
+            self._transactions = 0
+            if self._handle is not None:
+                sc.SCardEndTransaction(self._handle, sc.SCARD_LEAVE_CARD)
+
     def _message(self, rc: int) -> str:
         try:
             return str(self._scard.SCardGetErrorMessage(rc)).strip().rstrip(".")
@@ -214,19 +243,23 @@ class PcscCard:
             raise CardGone("not connected to the card")
         rc, response = sc.SCardTransmit(self._handle, self._protocol, list(apdu))
         if rc != sc.SCARD_S_SUCCESS:
-            if rc == sc.SCARD_W_RESET_CARD:
-                raise CardReset("the card was reset by another program")
-            self._disconnect()
-            if rc in (sc.SCARD_W_REMOVED_CARD, sc.SCARD_E_NO_SMARTCARD):
-                raise CardGone(f"the card was removed from {self.reader!r}")
-            if rc in (sc.SCARD_E_READER_UNAVAILABLE, sc.SCARD_E_UNKNOWN_READER):
-                raise CardGone(f"the reader {self.reader!r} went away")
-            if rc == sc.SCARD_E_NO_SERVICE:
-                raise CardGone("pcscd stopped")
-            raise CardGone(f"talking to the card in {self.reader!r} failed ({self._message(rc)})")
+            self._fail(rc)
         if len(response) < 2:
             raise CardGone(f"the card in {self.reader!r} sent a malformed answer")
         return bytes(response[:-2]), (response[-2] << 8) | response[-1]
+
+    def _fail(self, rc: int) -> NoReturn:
+        sc = self._scard
+        if rc == sc.SCARD_W_RESET_CARD:
+            raise CardReset("the card was reset by another program")
+        self._disconnect()
+        if rc in (sc.SCARD_W_REMOVED_CARD, sc.SCARD_E_NO_SMARTCARD):
+            raise CardGone(f"the card was removed from {self.reader!r}")
+        if rc in (sc.SCARD_E_READER_UNAVAILABLE, sc.SCARD_E_UNKNOWN_READER):
+            raise CardGone(f"the reader {self.reader!r} went away")
+        if rc == sc.SCARD_E_NO_SERVICE:
+            raise CardGone("pcscd stopped")
+        raise CardGone(f"talking to the card in {self.reader!r} failed ({self._message(rc)})")
 
     def exchange(
         self, cla: int, ins: int, p1: int, p2: int, data: bytes = b"", le: bool = True
