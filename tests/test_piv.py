@@ -567,3 +567,31 @@ def test_rsa_oaep_decryption_of_what_openssl_encrypted(ks: Keystore, tmp_path: P
         ks.decrypt("box", ct, algorithm="oaep-sha1")  # the wrong hash does not decode
     with pytest.raises(IntegrityError):
         ks.decrypt("box", ct[:-1])
+
+
+# -- config and installation ---------------------------------------------------------------------
+def test_bad_settings_are_config_errors(tmp_path: Path, env: None) -> None:
+    from strongroom.errors import ConfigError
+
+    for extra, key in (
+        ('slots = ["9a", "9b"]', "slots"),
+        ('management_key_type = "des"', "management_key_type"),
+        ('management_key = "0102"', "management_key"),
+    ):
+        config = write_piv_config(tmp_path / key, "any reader", piv_extra=extra)
+        with pytest.raises(ConfigError, match=key):
+            strongroom.open(config)
+
+
+def test_without_pyscard_the_backend_says_what_to_install(
+    tmp_path: Path, env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "smartcard", None)  # import smartcard → ImportError
+    with strongroom.open(write_piv_config(tmp_path, "any reader")) as ks:
+        status = {s.name: s for s in ks.backends()}["piv"]
+        assert not status.available
+        assert "pip install 'strongroom[piv]'" in (status.reason or "")
+        with pytest.raises(BackendUnavailable, match="pyscard"):
+            ks.generate("k", "ecdsa-p256", backend="piv")
