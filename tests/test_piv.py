@@ -595,3 +595,24 @@ def test_without_pyscard_the_backend_says_what_to_install(
         assert "pip install 'strongroom[piv]'" in (status.reason or "")
         with pytest.raises(BackendUnavailable, match="pyscard"):
             ks.generate("k", "ecdsa-p256", backend="piv")
+
+
+def test_ecdh_on_the_card_matches_the_peer(ks: Keystore) -> None:
+    from strongroom.errors import PolicyViolation
+
+    backend = ks.backend("piv")
+    for key_type, curve in (("ecdsa-p256", ec.SECP256R1()), ("ecdsa-p384", ec.SECP384R1())):
+        info = ks.generate(f"kex-{key_type}", key_type, backend="piv", usage="agree")
+        peer = ec.generate_private_key(curve)
+        card_public = ks.public_key(info.name)
+        assert isinstance(card_public, ec.EllipticCurvePublicKey)
+        shared = backend.ecdh(info, peer.public_key())  # type: ignore[attr-defined]
+        assert shared == peer.exchange(ec.ECDH(), card_public)
+    assert [ks.info(f"kex-{t}").handle for t in ("ecdsa-p256", "ecdsa-p384")] == ["9d", "82"]
+    signer = ks.generate("signer", "ecdsa-p256", backend="piv")
+    with pytest.raises(PolicyViolation):
+        backend.ecdh(signer, ec.generate_private_key(ec.SECP256R1()).public_key())  # type: ignore[attr-defined]
+    with pytest.raises(InvalidArgument):  # a P-384 peer for a P-256 key
+        backend.ecdh(  # type: ignore[attr-defined]
+            ks.info("kex-ecdsa-p256"), ec.generate_private_key(ec.SECP384R1()).public_key()
+        )

@@ -46,6 +46,7 @@ from strongroom.errors import (
     DeviceLocked,
     IntegrityError,
     InvalidArgument,
+    PolicyViolation,
     StrongroomError,
     UnsupportedOperation,
 )
@@ -660,6 +661,28 @@ class PivBackend(Backend):
             else:
                 block = d
             return self._private_op(card, slot, alg, block)
+
+        return self._run(op)
+
+    def ecdh(self, info: KeyInfo, peer: PublicKeyTypes) -> bytes:
+        """The raw ECDH shared secret of an EC key (usage agree) with `peer`, computed on the
+        card (GENERAL AUTHENTICATE `85`). For Python callers that need the card's ECDH
+        itself: `Keystore.agree` cannot use it, since a card stores no derived key. The
+        caller owns (and should wipe) the returned secret; nothing records it in the audit
+        log."""
+        if info.type not in (KeyType.ECDSA_P256, KeyType.ECDSA_P384):
+            raise self.unsupported(Operation.AGREE, info.type)
+        if Usage.AGREE not in info.usage:
+            raise PolicyViolation(f"key {info.name!r} may not be used to agree")
+        public = sr_algorithms.load_peer_public(info.type, peer)
+        assert isinstance(public, ec.EllipticCurvePublicKey)
+        point = public.public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+        )
+
+        def op(card: PcscCard) -> bytes:
+            slot, _ = self._key_cert(card, info)
+            return self._private_op(card, slot, KEY_ALGS[info.type], point, tag=0x85)
 
         return self._run(op)
 
