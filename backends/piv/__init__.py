@@ -1,0 +1,5 @@
+"""PIV smart cards over PC/SC (see docs/piv.md)."""
+
+from .backend import PivBackend
+
+__all__ = ["PivBackend"]
