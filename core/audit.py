@@ -1,24 +1,54 @@
 """Audit events: who did what, with which key, and the result. Never a secret.
 
-Sinks: `file` appends JSON lines to `audit.jsonl` in the data dir (one `write` per
-event on an O_APPEND descriptor, so lines from several processes never interleave),
-`log` sends them to the `strongroom.audit` logger, `off` drops them.
+Sinks: `file` appends hash-chained JSON lines to `audit.jsonl` in the data dir (format
+and checks in `strongroom.auditlog`, docs/audit.md), `log` sends events to the
+`strongroom.audit` logger, `off` drops them.
+
+Writing a `file` record: take the process's lock and an exclusive `flock` on the log,
+compare the file's size with the size after this process's last record (equal: the
+cached tail seq and hash are current; else read the tail from the file), write the
+record with one `write(2)` on an O_APPEND descriptor, release. A failed or short write
+is cut back off (`ftruncate` to the old size) and raises AuditUnavailable, which the
+Keystore lets through instead of the operation's result.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import getpass
+import hashlib
+import hmac
 import json
 import logging
 import os
 import socket
 import threading
 import time
+from base64 import b64encode
 from collections.abc import Callable
 from contextvars import ContextVar
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import Any
+
+from .auditlog import (
+    CHECKPOINT_OP,
+    GENESIS,
+    INPUT_PREFIX,
+    CheckpointSignature,
+    KeystoreSigner,
+    Problem,
+    VerifyReport,
+    checkpoint_message,
+    find_tail,
+    input_hmac,
+    key_path_for,
+    load_key,
+    read_records,
+    verify_log,
+)
+from .errors import AuditUnavailable
 
 AuditEvent = dict[str, Any]
 logger = logging.getLogger("strongroom.audit")
@@ -26,6 +56,8 @@ logger = logging.getLogger("strongroom.audit")
 current_principal: ContextVar[str | None] = ContextVar("strongroom_principal", default=None)
 """Who the current operation is done for, when that is not this process's user: a server
 sets it per request (a tenant's identity), and the event records it as `actor`."""
+
+DEFAULT_CHECKPOINT_EVERY = 1000
 
 
 def default_actor() -> str:
@@ -40,16 +72,47 @@ def default_actor() -> str:
 class Audit:
     """Records one event per keystore operation."""
 
-    def __init__(self, mode: str, path: Path | None, actor: str | None = None) -> None:
+    def __init__(
+        self,
+        mode: str,
+        path: Path | None,
+        actor: str | None = None,
+        *,
+        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+    ) -> None:
         self.mode = mode
+        self.path = path
         self.actor = actor or default_actor()
         self._actor_json = json.dumps(self.actor)
         self._fd: int | None = None
         self._lock = threading.Lock()
         self.listeners: list[Callable[[AuditEvent], None]] = []
+        self.signer: KeystoreSigner | None = None
+        """Signs checkpoints; the Keystore sets it. None: no checkpoints are written."""
+        self.checkpoint_every = checkpoint_every
+        self._key: bytes | None = None
+        # The chain's tail as this process last saw it: valid while the file's size is
+        # still `_size` (no other process appended since).
+        self._seq = 0
+        self._hash = GENESIS
+        self._size = -1
+        self._newline = b""
+        self._since_checkpoint = 0
+        self._checkpointing = False
+        if mode in ("file", "log") and path is not None:
+            self._key = load_key(key_path_for(path), create=True)
         if mode == "file" and path is not None:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as e:
+                raise AuditUnavailable(f"cannot open the audit log {path}: {e.strerror}") from None
+
+    def hmac(self, data: bytes | bytearray | memoryview) -> str:
+        """How `data` appears in this log: `hmac-sha256:<hex>` under the log's secret key."""
+        if self._key is None:
+            raise AuditUnavailable("this audit sink keeps no HMAC key (audit = off)")
+        return input_hmac(self._key, data)
 
     def record(
         self,
@@ -57,10 +120,15 @@ class Audit:
         key: str | None,
         result: str,
         backend: str | None = None,
+        payload: bytes | bytearray | memoryview | None = None,
         **detail: Any,
     ) -> None:
-        """Append one event. `detail` must hold only non-secret facts (types, sizes, names)."""
+        """Append one event. `payload` (the operation's input) is recorded only as a salted
+        HMAC; `detail` must hold only non-secret facts (types, sizes, names)."""
         principal = current_principal.get()
+        mac = None
+        if payload is not None and self._key is not None:
+            mac = hmac.digest(self._key, payload, "sha256").hex()
         if self.listeners or self.mode == "log":
             event: AuditEvent = {
                 "time": time.time(),
@@ -71,25 +139,120 @@ class Audit:
                 "result": result,
                 **detail,
             }
+            if mac is not None:
+                event["input"] = INPUT_PREFIX + mac
             for listener in self.listeners:
                 listener(event)
             if self.mode == "log":
                 logger.info("%s", json.dumps(event, sort_keys=True))
-        if self._fd is None:
+        if self.mode != "file":
             return
         # Built by hand: this runs on every operation and json.dumps of a dict is slow.
         actor = self._actor_json if principal is None else _js(principal)
-        line = (
-            f'{{"time":{time.time():.6f},"actor":{actor},"op":{_js(operation)},'
+        body = (
+            f'"time":{time.time():.6f},"actor":{actor},"op":{_js(operation)},'
             f'"key":{_js(key)},"backend":{_js(backend)},"result":{_js(result)}'
         )
+        if mac is not None:
+            body += f',"input":"{INPUT_PREFIX}{mac}"'
         for name, value in detail.items():
             encoded = str(value) if isinstance(value, int) else _js(str(value))
-            line += f',"{name}":{encoded}'
-        data = (line + "}\n").encode()
+            body += f',"{name}":{encoded}'
+        self._append(body)
+        if (
+            self.checkpoint_every
+            and self._since_checkpoint >= self.checkpoint_every
+            and self.signer is not None
+            and not self._checkpointing
+        ):
+            self._auto_checkpoint()
+
+    # -- the chain -----------------------------------------------------------------------------
+    def _append(self, body: str, checkpoint: bool = False) -> dict[str, Any] | None:
+        """Write one record under the file lock; the chain fields are filled in here."""
         with self._lock:
-            if self._fd is not None:
-                os.write(self._fd, data)
+            fd = self._fd
+            if fd is None:
+                raise AuditUnavailable(f"the audit log {self.path} is closed")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as e:
+                raise AuditUnavailable(
+                    f"cannot lock the audit log {self.path}: {e.strerror}"
+                ) from e
+            try:
+                size = os.lseek(fd, 0, os.SEEK_END)
+                if size != self._size:
+                    self._seq, self._hash, ends_nl = find_tail(
+                        lambda n, off: os.pread(fd, n, off), size
+                    )
+                    self._newline = b"" if ends_nl else b"\n"
+                seq = self._seq + 1
+                signed: dict[str, Any] | None = None
+                if checkpoint:
+                    assert self.signer is not None
+                    cp = self.signer.sign(checkpoint_message(self._seq, self._hash))
+                    body = _checkpoint_body(cp, self._seq, self.actor)
+                    signed = {"seq": seq, "covers": self._seq, "chain": self._hash}
+                line = f'{{"seq":{seq},{body},"prev":"{self._hash}"}}'.encode()
+                data = self._newline + line + b"\n"
+                try:
+                    written = os.write(fd, data)
+                except OSError as e:
+                    self._cut_back(fd, size)
+                    raise AuditUnavailable(
+                        f"cannot write the audit log {self.path}: {e.strerror}"
+                    ) from e
+                if written != len(data):
+                    self._cut_back(fd, size)
+                    raise AuditUnavailable(
+                        f"cannot write the audit log {self.path}: short write "
+                        f"({written} of {len(data)} bytes; disk full or file size limit)"
+                    )
+                self._seq, self._hash = seq, hashlib.sha256(line).hexdigest()
+                self._size, self._newline = size + written, b""
+                self._since_checkpoint = 0 if checkpoint else self._since_checkpoint + 1
+                return signed
+            finally:
+                with contextlib.suppress(OSError):
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _cut_back(self, fd: int, size: int) -> None:
+        """Remove a partly written record (we hold the lock: nothing else was appended)."""
+        self._size = -1
+        try:
+            os.ftruncate(fd, size)
+        except OSError:  # the next writer (or verify) treats the stub as a torn line
+            pass
+
+    def checkpoint(self, force: bool = True, create: bool = True) -> dict[str, Any] | None:
+        """Append a checkpoint signed by the signing key; return seq, covers and chain hash.
+
+        With `force` the signing key's backend is opened when needed; otherwise nothing is
+        written unless it is open already. With `create` the signing key is made if it does
+        not exist yet; otherwise nothing is written then. None when nothing was written.
+        """
+        if self.mode != "file" or self.signer is None:
+            return None
+        if not self.signer.ready(force):
+            return None
+        self._checkpointing = True
+        try:
+            if self.signer.info(create=False) is None:  # made outside the file lock, audited
+                if not create:
+                    return None
+                info = self.signer.info(create=True)
+                self.record("generate", f"{info.namespace}/{info.name}", "ok", info.backend)
+            return self._append("", checkpoint=True)
+        finally:
+            self._checkpointing = False
+
+    def _auto_checkpoint(self) -> None:
+        try:
+            self.checkpoint(force=False)
+        except Exception as e:  # the operation's record is written; a later one retries
+            self._since_checkpoint = 0
+            logger.warning("audit checkpoint failed: %s: %s", type(e).__name__, e)
 
     def close(self) -> None:
         with self._lock:
@@ -97,9 +260,34 @@ class Audit:
                 os.close(self._fd)
                 self._fd = None
 
+    @property
+    def pending(self) -> int:
+        """Records this process wrote since its last checkpoint."""
+        return self._since_checkpoint
+
+
+def _checkpoint_body(cp: CheckpointSignature, covers: int, actor: str) -> str:
+    return (
+        f'"time":{time.time():.6f},"actor":{json.dumps(actor)},"op":"{CHECKPOINT_OP}",'
+        f'"key":{_js(cp.key)},"backend":{_js(cp.backend)},"result":"ok",'
+        f'"covers":{covers},"alg":{_js(cp.alg)},"signer":"{cp.signer}",'
+        f'"sig":"{b64encode(cp.sig).decode()}"'
+    )
+
 
 def _js(value: str | None) -> str:
     return "null" if value is None else _encode_str(value)
 
 
 _encode_str = encode_basestring_ascii
+
+__all__ = [
+    "Audit",
+    "AuditEvent",
+    "Problem",
+    "VerifyReport",
+    "current_principal",
+    "default_actor",
+    "read_records",
+    "verify_log",
+]

@@ -158,3 +158,10 @@ class IntegrityError(StrongroomError):
     """A ciphertext or wrapped key failed authentication: wrong key, or tampered data."""
 
     exit_code = 9
+
+
+class AuditUnavailable(StrongroomError):
+    """The audit record of an operation could not be written, so the operation is refused:
+    its result (a signature, a plaintext) is not returned."""
+
+    exit_code = 13
