@@ -283,7 +283,6 @@ def verify_log(
     prev_hash = GENESIS
     prev_line = 0
     hash_before_prev = GENESIS  # hash of the good record before the last good one
-    prev_seq_of_prev = 0
     pending: list[int] = []  # unparseable lines since the last good record
     started = False
     since_checkpoint = 0
@@ -330,7 +329,7 @@ def verify_log(
                 if seq == expect_seq - 1 and prev == hash_before_prev:
                     return bad(
                         prev_line,
-                        prev_seq_of_prev,
+                        expect_seq - 1,
                         "record inserted: the next record chains to the one before it",
                     )
                 return bad(number, seq, f"out of order: seq {seq} where {expect_seq} was expected")
@@ -361,7 +360,7 @@ def verify_log(
         else:
             since_checkpoint += 1
         hashes[seq] = h
-        hash_before_prev, prev_seq_of_prev = prev_hash, expect_seq - 1
+        hash_before_prev = prev_hash
         prev_hash, prev_line = h, number
         report.records += 1
         report.first_seq = report.first_seq or seq
