@@ -14,11 +14,9 @@ Keystore lets through instead of the operation's result.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import getpass
 import hashlib
-import hmac
 import json
 import logging
 import os
@@ -36,6 +34,7 @@ from .auditlog import (
     CHECKPOINT_OP,
     GENESIS,
     INPUT_PREFIX,
+    SHRANK_OP,
     CheckpointSignature,
     KeystoreSigner,
     Problem,
@@ -91,6 +90,7 @@ class Audit:
         """Signs checkpoints; the Keystore sets it. None: no checkpoints are written."""
         self.checkpoint_every = checkpoint_every
         self._key: bytes | None = None
+        self._mac: _Hmac | None = None
         # The chain's tail as this process last saw it: valid while the file's size is
         # still `_size` (no other process appended since).
         self._seq = 0
@@ -101,6 +101,7 @@ class Audit:
         self._checkpointing = False
         if mode in ("file", "log") and path is not None:
             self._key = load_key(key_path_for(path), create=True)
+            self._mac = _Hmac(self._key)
         if mode == "file" and path is not None:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             try:
@@ -127,8 +128,8 @@ class Audit:
         HMAC; `detail` must hold only non-secret facts (types, sizes, names)."""
         principal = current_principal.get()
         mac = None
-        if payload is not None and self._key is not None:
-            mac = hmac.digest(self._key, payload, "sha256").hex()
+        if payload is not None and self._mac is not None:
+            mac = self._mac.hex(payload)
         if self.listeners or self.mode == "log":
             event: AuditEvent = {
                 "time": time.time(),
@@ -148,17 +149,41 @@ class Audit:
         if self.mode != "file":
             return
         # Built by hand: this runs on every operation and json.dumps of a dict is slow.
-        actor = self._actor_json if principal is None else _js(principal)
+        actor = self._actor_json if principal is None else _encode_str(principal)
         body = (
-            f'"time":{time.time():.6f},"actor":{actor},"op":{_js(operation)},'
-            f'"key":{_js(key)},"backend":{_js(backend)},"result":{_js(result)}'
+            f'"time":{_time():.6f},"actor":{actor},"op":{_encode_str(operation)},'
+            f'"key":{"null" if key is None else _encode_str(key)},'
+            f'"backend":{"null" if backend is None else _encode_str(backend)},'
+            f'"result":{_encode_str(result)}'
         )
         if mac is not None:
             body += f',"input":"{INPUT_PREFIX}{mac}"'
         for name, value in detail.items():
-            encoded = str(value) if isinstance(value, int) else _js(str(value))
+            encoded = str(value) if isinstance(value, int) else _encode_str(str(value))
             body += f',"{name}":{encoded}'
-        self._append(body)
+        # The common case inline (this process wrote the tail); anything else in _append.
+        with self._lock:
+            fd = self._fd
+            if fd is not None and not self._newline:
+                try:
+                    _flock(fd, _LOCK_EX)
+                except OSError as e:
+                    raise AuditUnavailable(
+                        f"cannot lock the audit log {self.path}: {e.strerror}"
+                    ) from e
+                try:
+                    size = _lseek(fd, 0, _SEEK_END)
+                    if size == self._size:
+                        self._write(fd, size, body)
+                        self._since_checkpoint += 1
+                        body = ""
+                finally:
+                    try:
+                        _flock(fd, _LOCK_UN)
+                    except OSError:  # closing the descriptor releases it anyway
+                        pass
+        if body:
+            self._append(body)
         if (
             self.checkpoint_every
             and self._since_checkpoint >= self.checkpoint_every
@@ -183,39 +208,59 @@ class Audit:
             try:
                 size = os.lseek(fd, 0, os.SEEK_END)
                 if size != self._size:
+                    known_seq, known_size = self._seq, self._size
                     self._seq, self._hash, ends_nl = find_tail(
                         lambda n, off: os.pread(fd, n, off), size
                     )
                     self._newline = b"" if ends_nl else b"\n"
-                seq = self._seq + 1
+                    if size < known_size or self._seq < known_seq:
+                        # Cut or rewritten under a running writer: say so, in the chain.
+                        size = self._write(
+                            fd,
+                            size,
+                            f'"time":{time.time():.6f},"actor":{self._actor_json},'
+                            f'"op":"{SHRANK_OP}","key":null,"backend":null,'
+                            f'"result":"detected","expected_seq":{known_seq},'
+                            f'"found_seq":{self._seq},"expected_bytes":{known_size},'
+                            f'"found_bytes":{size}',
+                        )
                 signed: dict[str, Any] | None = None
                 if checkpoint:
                     assert self.signer is not None
                     cp = self.signer.sign(checkpoint_message(self._seq, self._hash))
                     body = _checkpoint_body(cp, self._seq, self.actor)
-                    signed = {"seq": seq, "covers": self._seq, "chain": self._hash}
-                line = f'{{"seq":{seq},{body},"prev":"{self._hash}"}}'.encode()
-                data = self._newline + line + b"\n"
-                try:
-                    written = os.write(fd, data)
-                except OSError as e:
-                    self._cut_back(fd, size)
-                    raise AuditUnavailable(
-                        f"cannot write the audit log {self.path}: {e.strerror}"
-                    ) from e
-                if written != len(data):
-                    self._cut_back(fd, size)
-                    raise AuditUnavailable(
-                        f"cannot write the audit log {self.path}: short write "
-                        f"({written} of {len(data)} bytes; disk full or file size limit)"
-                    )
-                self._seq, self._hash = seq, hashlib.sha256(line).hexdigest()
-                self._size, self._newline = size + written, b""
+                    signed = {"seq": self._seq + 1, "covers": self._seq, "chain": self._hash}
+                self._write(fd, size, body)
                 self._since_checkpoint = 0 if checkpoint else self._since_checkpoint + 1
                 return signed
             finally:
-                with contextlib.suppress(OSError):
+                try:
                     fcntl.flock(fd, fcntl.LOCK_UN)
+                except OSError:  # closing the descriptor releases it anyway
+                    pass
+
+    def _write(self, fd: int, size: int, body: str) -> int:
+        """Append the record `body` after the tail (lock held); return the new file size."""
+        seq = self._seq + 1
+        line = f'{{"seq":{seq},{body},"prev":"{self._hash}"}}'.encode()
+        data = self._newline + line + b"\n"
+        try:
+            written = os.write(fd, data)
+        except OSError as e:
+            self._cut_back(fd, size)
+            raise AuditUnavailable(f"cannot write the audit log {self.path}: {e.strerror}") from e
+        if written != len(data):
+            self._cut_back(fd, size)
+            raise AuditUnavailable(
+                f"cannot write the audit log {self.path}: short write "
+                f"({written} of {len(data)} bytes; disk full or file size limit)"
+            )
+        h = _SHA256.copy()
+        h.update(line)
+        self._seq, self._hash = seq, h.hexdigest()
+        self._size = size + written
+        self._newline = b""
+        return self._size
 
     def _cut_back(self, fd: int, size: int) -> None:
         """Remove a partly written record (we hold the lock: nothing else was appended)."""
@@ -264,6 +309,35 @@ class Audit:
     def pending(self) -> int:
         """Records this process wrote since its last checkpoint."""
         return self._since_checkpoint
+
+
+_flock, _lseek, _time = fcntl.flock, os.lseek, time.time
+_LOCK_EX, _LOCK_UN, _SEEK_END = fcntl.LOCK_EX, fcntl.LOCK_UN, os.SEEK_END
+_SHA256 = hashlib.sha256()
+"""Copied per record: cheaper than a new hash object (about 0.4 us less)."""
+
+
+class _Hmac:
+    """HMAC-SHA256 (RFC 2104) with the padded-key hash states made once: per input, two
+    copies and updates instead of a fresh HMAC object (about 3 us less per record)."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes) -> None:
+        block = key.ljust(64, b"\0") if len(key) <= 64 else hashlib.sha256(key).digest()
+        block = block.ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+
+    def hex(self, data: bytes | bytearray | memoryview) -> str:
+        inner = self._inner.copy()
+        inner.update(data)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.hexdigest()
+
+    def __repr__(self) -> str:
+        return "<_Hmac (key hidden)>"
 
 
 def _checkpoint_body(cp: CheckpointSignature, covers: int, actor: str) -> str:

@@ -34,6 +34,8 @@ if TYPE_CHECKING:  # pragma: no cover
 GENESIS = "0" * 64
 """`prev` of the first record."""
 CHECKPOINT_OP = "checkpoint"
+SHRANK_OP = "audit_log_shrank"
+"""Written by a writer that finds the log shorter than it left it (records were cut)."""
 AUDIT_NAMESPACE = "_audit"
 """The reserved catalog namespace of the checkpoint signing key: no Keystore opened on a
 user namespace can reach it, so nobody can make it sign anything but checkpoints."""
@@ -348,6 +350,13 @@ def verify_log(
             )
         pending = []
         h = line_hash(line)
+        if rec.get("op") == SHRANK_OP:
+            return bad(
+                number,
+                seq,
+                f"a writer found the log cut back: it expected seq {rec.get('expected_seq')}"
+                f" and found seq {rec.get('found_seq')} (records removed)",
+            )
         if rec.get("op") == CHECKPOINT_OP:
             report.checkpoints += 1
             problem = _check_checkpoint(rec, public_key, want_fp)

@@ -252,6 +252,25 @@ def test_a_torn_write_is_reported_and_the_chain_continues_past_it(cfg: Path) -> 
     assert any("cut short" in w for w in report.warnings)
 
 
+def test_a_writer_that_finds_its_log_cut_records_it_in_the_chain(cfg: Path) -> None:
+    with strongroom.open(cfg) as ks:
+        ks.generate("k", "ed25519")
+        for i in range(3):
+            ks.sign("k", b"%d" % i)
+        log = log_of(cfg)
+        raw = lines(log)
+        rewrite(log, raw[:-2])  # someone removes the last two records under the writer
+        ks.sign("k", b"after")
+    records = read_records(log, limit=100)
+    note = records[-2]
+    assert note["op"] == "audit_log_shrank" and note["seq"] == 4
+    assert (note["expected_seq"], note["found_seq"]) == (5, 3)
+    report = verify_log(log)
+    assert not report.ok and report.first_bad is not None
+    assert (report.first_bad.line, report.first_bad.seq) == (4, 4)
+    assert "cut back" in report.first_bad.reason
+
+
 # -- inputs as HMACs -------------------------------------------------------------------------------
 def test_inputs_are_recorded_only_as_hmacs_that_an_auditor_can_match(
     cfg: Path, tmp_path: Path
