@@ -1,8 +1,9 @@
 """The `strongroom` command line. Errors are one line on stderr; exit codes are documented
 in docs/cli.md: 0 ok, 1 signature invalid, 2 usage error, 3 key not found, 4 authentication
 failed, 5 unsupported operation, 6 backend unavailable, 7 device locked, 8 policy violation,
-9 snapshot or data corrupt, 10 key exists, 11 config error, 12 other error. Exit 1 also
-means an attestation statement failed to verify.
+9 snapshot or data corrupt (a tampered audit log too), 10 key exists, 11 config error,
+12 other error, 13 the audit record could not be written (the operation was refused).
+Exit 1 also means an attestation statement failed to verify.
 """
 
 from __future__ import annotations

@@ -134,12 +134,16 @@ class Keystore:
             self._backends[name] = cls(self._context(bcfg, cls))
         _harden_process(config.core_dumps)
         self.catalog = Catalog(config.data_dir / "catalog.sqlite")
-        self.audit = Audit(
-            config.audit,
-            config.data_dir / "audit.jsonl",
-            actor,
-            checkpoint_every=config.audit_checkpoint_every,
-        )
+        try:
+            self.audit = Audit(
+                config.audit,
+                config.data_dir / "audit.jsonl",
+                actor,
+                checkpoint_every=config.audit_checkpoint_every,
+            )
+        except BaseException:  # no log, no keystore: nothing may run unrecorded
+            self.catalog.close()
+            raise
         if config.audit == "file":
             self.audit.signer = KeystoreSigner(
                 self, config.audit_signing_key, config.audit_signing_backend
