@@ -23,6 +23,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from base64 import b64encode
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -108,6 +109,21 @@ class Audit:
                 self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             except OSError as e:
                 raise AuditUnavailable(f"cannot open the audit log {path}: {e.strerror}") from None
+            _OPEN.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: a descriptor of its own (a `flock` is held per open file, so a
+        shared one would not keep parent and child apart), a fresh lock, no cached tail."""
+        self._lock = threading.Lock()
+        self._size = -1
+        self._since_checkpoint = 0
+        if self._fd is not None and self.path is not None:
+            old, self._fd = self._fd, None
+            try:
+                os.close(old)
+                self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+            except OSError:  # every record then fails: AuditUnavailable, no silent loss
+                self._fd = None
 
     def hmac(self, data: bytes | bytearray | memoryview) -> str:
         """How `data` appears in this log: `hmac-sha256:<hex>` under the log's secret key."""
@@ -310,6 +326,16 @@ class Audit:
         """Records this process wrote since its last checkpoint."""
         return self._since_checkpoint
 
+
+_OPEN: weakref.WeakSet[Audit] = weakref.WeakSet()
+
+
+def _reopen_after_fork() -> None:
+    for audit in list(_OPEN):
+        audit._after_fork()
+
+
+os.register_at_fork(after_in_child=_reopen_after_fork)
 
 _flock, _lseek, _time = fcntl.flock, os.lseek, time.time
 _LOCK_EX, _LOCK_UN, _SEEK_END = fcntl.LOCK_EX, fcntl.LOCK_UN, os.SEEK_END

@@ -428,6 +428,32 @@ def test_two_processes_appending_keep_one_valid_chain(cfg: Path) -> None:
     assert report.unsigned_tail == 0  # both closed with a checkpoint
 
 
+def test_a_forked_child_and_its_parent_keep_one_chain(tmp_path: Path) -> None:
+    from strongroom.audit import Audit
+
+    log = tmp_path / "audit.jsonl"
+    audit = Audit("file", log, "parent")
+    audit.record("start", None, "ok")
+    n = 400
+    pid = os.fork()
+    if pid == 0:  # the child: its own descriptor, so the flock keeps it apart from the parent
+        code = 0
+        try:
+            for _ in range(n):
+                audit.record("sign", "k", "ok", "vault", b"child")
+        except BaseException:
+            code = 1
+        os._exit(code)
+    for _ in range(n):
+        audit.record("sign", "k", "ok", "vault", b"parent")
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    audit.close()
+    report = verify_log(log)
+    assert report.ok, report.first_bad
+    assert report.records == 2 * n + 1
+
+
 def test_periodic_checkpoints_every_n_records(cfg: Path) -> None:
     with_keystore_line(cfg, "audit_checkpoint_every = 5")
     with strongroom.open(cfg) as ks:
