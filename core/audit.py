@@ -99,6 +99,8 @@ class Audit:
         self._size = -1
         self._newline = b""
         self._since_checkpoint = 0
+        # The record count at which to try the next automatic checkpoint (never when 0).
+        self._checkpoint_due = checkpoint_every or 1 << 62
         self._checkpointing = False
         if mode in ("file", "log") and path is not None:
             self._key = load_key(key_path_for(path), create=True)
@@ -117,6 +119,7 @@ class Audit:
         self._lock = threading.Lock()
         self._size = -1
         self._since_checkpoint = 0
+        self._checkpoint_due = self.checkpoint_every or 1 << 62
         if self._fd is not None and self.path is not None:
             old, self._fd = self._fd, None
             try:
@@ -200,12 +203,7 @@ class Audit:
                         pass
         if body:
             self._append(body)
-        if (
-            self.checkpoint_every
-            and self._since_checkpoint >= self.checkpoint_every
-            and self.signer is not None
-            and not self._checkpointing
-        ):
+        if self._since_checkpoint >= self._checkpoint_due and not self._checkpointing:
             self._auto_checkpoint()
 
     # -- the chain -----------------------------------------------------------------------------
@@ -247,7 +245,11 @@ class Audit:
                     body = _checkpoint_body(cp, self._seq, self.actor)
                     signed = {"seq": self._seq + 1, "covers": self._seq, "chain": self._hash}
                 self._write(fd, size, body)
-                self._since_checkpoint = 0 if checkpoint else self._since_checkpoint + 1
+                if checkpoint:
+                    self._since_checkpoint = 0
+                    self._checkpoint_due = self.checkpoint_every or 1 << 62
+                else:
+                    self._since_checkpoint += 1
                 return signed
             finally:
                 try:
@@ -309,11 +311,14 @@ class Audit:
             self._checkpointing = False
 
     def _auto_checkpoint(self) -> None:
+        done = None
         try:
-            self.checkpoint(force=False)
+            done = self.checkpoint(force=False)
         except Exception as e:  # the operation's record is written; a later one retries
-            self._since_checkpoint = 0
             logger.warning("audit checkpoint failed: %s: %s", type(e).__name__, e)
+        # Not now (backend not open, no signer, a failure): try again N records later.
+        step = self.checkpoint_every or 1 << 62
+        self._checkpoint_due = step if done is not None else self._since_checkpoint + step
 
     def close(self) -> None:
         with self._lock:
