@@ -44,6 +44,7 @@ from .auditlog import (
     find_tail,
     input_hmac,
     key_path_for,
+    last_seq,
     load_key,
     read_records,
     verify_log,
@@ -393,6 +394,7 @@ __all__ = [
     "VerifyReport",
     "current_principal",
     "default_actor",
+    "last_seq",
     "read_records",
     "verify_log",
 ]

@@ -466,6 +466,8 @@ def read_records(
     except OSError as e:
         raise InvalidArgument(f"cannot read the audit log {p}: {e.strerror}") from None
     with f:
+        if since_seq > 0:
+            f.seek(_offset_before(f, since_seq))
         for line in f:
             if b'"seq":' not in line:
                 continue
@@ -476,6 +478,45 @@ def read_records(
             if len(out) >= limit:
                 break
     return out
+
+
+def _offset_before(f: Any, seq: int) -> int:
+    """A line start at or before the first record with seq > `seq`, found by bisection on
+    byte offsets (seq grows along the file), so paging through a large log stays cheap.
+    In a log whose order was tampered with this may start late; verify_log finds that."""
+    lo, hi = 0, f.seek(0, os.SEEK_END)
+    while hi - lo > 65536:
+        mid = (lo + hi) // 2
+        f.seek(mid)
+        f.readline()  # to the next line start
+        start = f.tell()
+        rec = None
+        while rec is None and f.tell() < hi:
+            line = f.readline()
+            rec = parse_record(line.rstrip(b"\n"))
+        if rec is None or rec["seq"] > seq:
+            hi = mid
+        else:
+            lo = start
+    return lo
+
+
+def last_seq(path: str | os.PathLike[str]) -> int:
+    """The seq of the last record in the log (0 for an empty or missing log); reads only
+    its tail. With `read_records(path, last_seq(path) - n)` a reader gets the newest n."""
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return 0
+    except OSError as e:
+        raise InvalidArgument(f"cannot read the audit log {p}: {e.strerror}") from None
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        seq, _, _ = find_tail(lambda n, off: os.pread(fd, n, off), size)
+        return seq
+    finally:
+        os.close(fd)
 
 
 # -- checkpoint signing through a Keystore -------------------------------------------------------

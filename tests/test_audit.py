@@ -271,6 +271,28 @@ def test_a_writer_that_finds_its_log_cut_records_it_in_the_chain(cfg: Path) -> N
     assert "cut back" in report.first_bad.reason
 
 
+def test_paging_through_a_large_log_by_seq(tmp_path: Path) -> None:
+    from strongroom.audit import Audit, last_seq
+
+    log = tmp_path / "audit.jsonl"
+    assert last_seq(log) == 0 and read_records(log) == []
+    audit = Audit("file", log, "pager")
+    n = 3000  # about 600 KB: read_records bisects to the page instead of reading it all
+    for i in range(n):
+        audit.record("sign", f"key-{i}", "ok", "vault", b"%d" % i, size=i)
+    audit.close()
+    assert last_seq(log) == n
+    for since in (0, 1, 1234, 2999, n - 10):
+        page = read_records(log, since_seq=since, limit=7)
+        assert [r["seq"] for r in page] == list(range(since + 1, min(since + 8, n + 1)))
+        assert all(r["key"] == f"key-{r['seq'] - 1}" for r in page)
+    assert read_records(log, since_seq=n) == []
+    newest = read_records(log, since_seq=last_seq(log) - 3, limit=100)
+    assert [r["seq"] for r in newest] == [n - 2, n - 1, n]
+    with pytest.raises(strongroom.errors.InvalidArgument):
+        read_records(log, limit=0)
+
+
 # -- inputs as HMACs -------------------------------------------------------------------------------
 def test_inputs_are_recorded_only_as_hmacs_that_an_auditor_can_match(
     cfg: Path, tmp_path: Path
