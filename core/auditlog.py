@@ -267,7 +267,7 @@ def verify_log(
     report = VerifyReport(str(p))
     want_fp = fingerprint(public_key) if public_key is not None else None
     report.signer = want_fp
-    hashes: dict[int, str] = {}  # seq -> hash of good records
+    hashes: dict[int, tuple[str, int]] = {}  # seq -> (hash, line) of good records
     seqs_in_file: set[int] = set()
     parsed: list[tuple[int, bytes, bool, dict[str, Any] | None]] = []
     for number, line, terminated in _lines(data):
@@ -368,7 +368,7 @@ def verify_log(
             since_checkpoint = 0
         else:
             since_checkpoint += 1
-        hashes[seq] = h
+        hashes[seq] = (h, number)
         hash_before_prev = prev_hash
         prev_hash, prev_line = h, number
         report.records += 1
@@ -404,8 +404,8 @@ def verify_log(
                 aseq,
                 f"the anchor record seq {aseq} is no longer in the log (its tail was cut)",
             )
-        if hashes[aseq] != ahash.lower():
-            return bad(0, aseq, f"record seq {aseq} no longer has the anchored hash")
+        if hashes[aseq][0] != ahash.lower():
+            return bad(hashes[aseq][1], aseq, f"record seq {aseq} no longer has the anchored hash")
     return report
 
 

@@ -232,6 +232,13 @@ def test_an_anchor_catches_a_cut_tail(made: tuple[Path, ed25519.Ed25519PublicKey
     anchored = verify_log(log, public, anchor)
     assert not anchored.ok and anchored.first_bad is not None
     assert "no longer in the log" in anchored.first_bad.reason
+    # the whole log rewritten and re-chained after an edit: the anchor's hash differs
+    edited = [x.replace(b'"result":"ok"', b'"result":"Nope"', 1) for x in raw]
+    rewrite(log, rechain(edited))
+    changed = verify_log(log, None, anchor)
+    assert not changed.ok and changed.first_bad is not None
+    assert (changed.first_bad.line, changed.first_bad.seq) == (13, 13)
+    assert "anchored hash" in changed.first_bad.reason
 
 
 def test_a_torn_write_is_reported_and_the_chain_continues_past_it(cfg: Path) -> None:
