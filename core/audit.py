@@ -179,8 +179,7 @@ class Audit:
         if mac is not None:
             body += f',"input":"{INPUT_PREFIX}{mac}"'
         for name, value in detail.items():
-            encoded = str(value) if isinstance(value, int) else _encode_str(str(value))
-            body += f',"{name}":{encoded}'
+            body += f",{_encode_str(name)}:{_encode_value(value)}"
         # The common case inline (this process wrote the tail); anything else in _append.
         with self._lock:
             fd = self._fd
@@ -379,6 +378,19 @@ def _checkpoint_body(cp: CheckpointSignature, covers: int, actor: str) -> str:
         f'"covers":{covers},"alg":{_js(cp.alg)},"signer":"{cp.signer}",'
         f'"sig":"{b64encode(cp.sig).decode()}"'
     )
+
+
+def _encode_value(value: Any) -> str:
+    """A detail value as JSON: integers, booleans and null as such, anything else a string."""
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if value is None:
+        return "null"
+    if type(value) is int:
+        return str(value)
+    return _encode_str(str(value))
 
 
 def _js(value: str | None) -> str:

@@ -548,8 +548,18 @@ class KeystoreSigner:
         return ks.backend(self._backend_name) if self._backend_name else ks.vault
 
     def ready(self, force: bool) -> bool:
-        """Whether a checkpoint can be signed now without opening (unlocking) a backend."""
-        return force or self._backend().name in self._ks._opened
+        """Whether a checkpoint can be signed now without opening (unlocking) a backend: it
+        must be open in this keystore and not locked since (`vault lock` wipes the vault but
+        its next use would unlock it again, which a checkpoint must not do)."""
+        if force:
+            return True
+        b = self._backend()
+        if b.name not in self._ks._opened:
+            return False
+        try:
+            return bool(b.status().get("unlocked", True))
+        except Exception:  # a backend that cannot say: do not touch it now
+            return False
 
     def info(self, create: bool) -> Any:
         from dataclasses import replace

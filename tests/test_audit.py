@@ -494,6 +494,30 @@ def test_periodic_checkpoints_every_n_records(cfg: Path) -> None:
     assert report.ok and report.checkpoints >= 3 and report.checkpoints_verified >= 3
 
 
+def test_automatic_checkpoints_never_unlock_a_locked_vault(cfg: Path) -> None:
+    with_keystore_line(cfg, "audit_checkpoint_every = 3")
+    with strongroom.open(cfg) as ks:
+        ks.generate("k", "ed25519")
+        ks.audit_checkpoint()
+        ks.vault_control().lock()
+        for i in range(10):  # records from operations that do not need the vault
+            ks.audit.record("app_event", None, "ok", None, None, n=i)
+        assert ks.vault.status()["unlocked"] is False
+    records = read_records(log_of(cfg), limit=100)
+    assert [r["op"] for r in records].count("checkpoint") == 1  # only the explicit one
+    assert verify_log(log_of(cfg)).ok
+
+
+def test_detail_values_are_json(cfg: Path) -> None:
+    with strongroom.open(cfg) as ks:
+        ks.audit.record("app_event", None, "ok", None, None, yes=True, no=False, n=7, x=None)
+        ks.audit.record("app_event", None, "ok", None, None, f=1.5, s='quote " and \\')
+    first, second = read_records(log_of(cfg), limit=10)
+    assert (first["yes"], first["no"], first["n"], first["x"]) == (True, False, 7, None)
+    assert (second["f"], second["s"]) == ("1.5", 'quote " and \\')
+    assert verify_log(log_of(cfg)).ok
+
+
 def test_the_checkpoint_key_cannot_be_reached_from_a_user_namespace(cfg: Path) -> None:
     with strongroom.open(cfg) as ks:
         ks.audit_checkpoint()
