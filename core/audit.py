@@ -35,6 +35,7 @@ from .auditlog import (
     CHECKPOINT_OP,
     GENESIS,
     INPUT_PREFIX,
+    KEY_CREATED_OP,
     SHRANK_OP,
     CheckpointSignature,
     KeystoreSigner,
@@ -45,7 +46,7 @@ from .auditlog import (
     input_hmac,
     key_path_for,
     last_seq,
-    load_key,
+    open_key,
     read_records,
     verify_log,
 )
@@ -103,8 +104,9 @@ class Audit:
         # The record count at which to try the next automatic checkpoint (never when 0).
         self._checkpoint_due = checkpoint_every or 1 << 62
         self._checkpointing = False
+        made_key = False
         if mode in ("file", "log") and path is not None:
-            self._key = load_key(key_path_for(path), create=True)
+            self._key, made_key = open_key(key_path_for(path), create=True)
             self._mac = _Hmac(self._key)
         if mode == "file" and path is not None:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -113,6 +115,10 @@ class Audit:
             except OSError as e:
                 raise AuditUnavailable(f"cannot open the audit log {path}: {e.strerror}") from None
             _OPEN.add(self)
+            if made_key and os.lseek(self._fd, 0, os.SEEK_END) > 0:
+                # The key of a log that has records was lost: say so in the chain, since
+                # the inputs recorded before this point can no longer be matched.
+                self.record(KEY_CREATED_OP, key_path_for(path).name, "ok")
 
     def _after_fork(self) -> None:
         """In a forked child: a descriptor of its own (a `flock` is held per open file, so a

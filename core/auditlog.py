@@ -34,6 +34,8 @@ if TYPE_CHECKING:  # pragma: no cover
 GENESIS = "0" * 64
 """`prev` of the first record."""
 CHECKPOINT_OP = "checkpoint"
+KEY_CREATED_OP = "audit_key_created"
+"""Written when a writer has to make the HMAC key of a log that already has records."""
 SHRANK_OP = "audit_log_shrank"
 """Written by a writer that finds the log shorter than it left it (records were cut)."""
 AUDIT_NAMESPACE = "_audit"
@@ -70,38 +72,44 @@ def key_path_for(log: Path) -> Path:
 
 
 def load_key(path: Path, create: bool) -> bytes:
-    """The log's secret HMAC key (32 random bytes, mode 600); made on first use if `create`.
+    """The log's secret HMAC key (32 random bytes, mode 600); made on first use if `create`."""
+    return open_key(path, create)[0]
 
-    Creation is race-free between processes: the key is written to a temp file and linked
-    into place, so a second process that loses the race reads the winner's key.
-    """
+
+def open_key(path: Path, create: bool) -> tuple[bytes, bool]:
+    """(key, made now). Creation is race-free between processes and threads: the key is
+    written to a temp file of a random name and linked into place, so whoever loses the
+    race reads the winner's key."""
     try:
-        return _read_key(path)
+        return _read_key(path), False
     except FileNotFoundError:
         if not create:
             raise InvalidArgument(f"no audit HMAC key at {path}") from None
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(6).hex()}.tmp")
+    made = False
     try:
-        os.write(fd, os.urandom(KEY_BYTES))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        pass  # another process made it first: use theirs
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, os.urandom(KEY_BYTES))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+            made = True
+        except FileExistsError:
+            pass  # another process made it first: use theirs
+        finally:
+            os.unlink(tmp)
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
     except OSError as e:
         raise AuditUnavailable(f"cannot create the audit HMAC key {path}: {e.strerror}") from None
-    finally:
-        os.unlink(tmp)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    return _read_key(path)
+    return _read_key(path), made
 
 
 def _read_key(path: Path) -> bytes:
@@ -356,6 +364,11 @@ def verify_log(
                 seq,
                 f"a writer found the log cut back: it expected seq {rec.get('expected_seq')}"
                 f" and found seq {rec.get('found_seq')} (records removed)",
+            )
+        if rec.get("op") == KEY_CREATED_OP:
+            report.warnings.append(
+                f"line {number} (seq {seq}): a new HMAC key was made for this log; inputs "
+                "recorded before it were HMACed under a key that is gone or was replaced"
             )
         if rec.get("op") == CHECKPOINT_OP:
             report.checkpoints += 1

@@ -352,6 +352,44 @@ def test_inputs_are_recorded_only_as_hmacs_that_an_auditor_can_match(
     assert other.stdout.decode().strip() != expected
 
 
+def test_a_lost_hmac_key_is_replaced_and_the_change_is_in_the_chain(cfg: Path) -> None:
+    with strongroom.open(cfg) as ks:
+        ks.generate("k", "ed25519")
+        old = ks.audit.hmac(b"m")
+    key_file = log_of(cfg).with_name("audit.key")
+    key_file.unlink()
+    with strongroom.open(cfg) as ks:
+        ks.sign("k", b"m")
+        assert ks.audit.hmac(b"m") != old
+    records = read_records(log_of(cfg), limit=10)
+    assert [r["op"] for r in records] == ["generate", "generate", "audit_key_created", "sign"]
+    report = verify_log(log_of(cfg))
+    assert report.ok and any("new HMAC key" in w for w in report.warnings)
+    # a damaged key refuses instead of being replaced silently
+    key_file.write_bytes(b"short")
+    with pytest.raises(AuditUnavailable, match="damaged"):
+        strongroom.open(cfg)
+
+
+def test_a_log_from_before_chaining_keeps_its_lines_and_the_chain_starts_after(
+    cfg: Path,
+) -> None:
+    log = log_of(cfg)
+    log.parent.mkdir(parents=True)
+    old = b'{"time":1.0,"actor":"a","op":"sign","key":"k","backend":"vault","result":"ok"}\n'
+    log.write_bytes(old * 2)
+    with strongroom.open(cfg) as ks:
+        ks.generate("k", "ed25519")
+    report = verify_log(log)
+    assert report.ok and report.legacy == 2 and report.first_seq == 1
+    assert lines(log)[:2] == [old, old]
+    raw = lines(log)
+    del raw[2]  # the chain's first record: the log now starts at seq 2
+    rewrite(log, raw)
+    cut = verify_log(log)
+    assert not cut.ok and cut.first_bad is not None and cut.first_bad.line == 3
+
+
 # -- refusal --------------------------------------------------------------------------------------
 def test_no_result_when_the_log_cannot_be_written(cfg: Path) -> None:
     with strongroom.open(cfg) as ks:
