@@ -118,7 +118,11 @@ class Audit:
             if made_key and os.lseek(self._fd, 0, os.SEEK_END) > 0:
                 # The key of a log that has records was lost: say so in the chain, since
                 # the inputs recorded before this point can no longer be matched.
-                self.record(KEY_CREATED_OP, key_path_for(path).name, "ok")
+                try:
+                    self.record(KEY_CREATED_OP, key_path_for(path).name, "ok")
+                except BaseException:
+                    self.close()
+                    raise
 
     def _after_fork(self) -> None:
         """In a forked child: a descriptor of its own (a `flock` is held per open file, so a
