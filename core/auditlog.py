@@ -352,6 +352,8 @@ def verify_log(
             )
             return bad(number, expect_seq, f"{gone} (deleted)")
         for torn in pending:
+            if not _is_stub(parsed[torn - 1][1], seq):
+                return bad(torn, None, "this line is not a valid record (inserted)")
             report.torn.append(torn)
             report.warnings.append(
                 f"line {torn} is a record whose write was cut short; the chain continues past it"
@@ -397,7 +399,7 @@ def verify_log(
     for torn in pending:
         last_line = parsed[-1][0] if parsed else 0
         unterminated = torn == last_line and not parsed[-1][2]
-        if not unterminated:
+        if not unterminated or not _is_stub(parsed[torn - 1][1], expect_seq):
             return bad(torn, None, "this line is not a valid record (altered or appended)")
         report.torn.append(torn)
         report.warnings.append(f"line {torn} (the last) is incomplete: its write was cut short")
@@ -420,6 +422,13 @@ def verify_log(
         if hashes[aseq][0] != ahash.lower():
             return bad(hashes[aseq][1], aseq, f"record seq {aseq} no longer has the anchored hash")
     return report
+
+
+def _is_stub(line: bytes, seq: int) -> bool:
+    """Whether `line` can be the start of record `seq` cut short by a crash: what a writer
+    leaves when its `write` stops early (the next writer then starts on a new line)."""
+    start = b'{"seq":%d,' % seq
+    return bool(line) and (line.startswith(start) or start.startswith(line))
 
 
 def _next_record(

@@ -138,6 +138,8 @@ def test_chain_hashes_and_checkpoint_signature_check_out_with_openssl(
         ("insert-copy", 5, 4, "copy of line 4"),
         ("insert-forged", 5, 5, "inserted"),
         ("garbage", 5, None, "not a valid record"),
+        ("junk-line", 5, None, "not a valid record (inserted)"),
+        ("junk-tail", 14, None, "not a valid record"),
         ("cut-head", 1, 3, "starts at seq 3"),
     ],
 )
@@ -164,6 +166,10 @@ def test_each_tampering_is_detected_and_the_first_bad_record_named(
         raw.insert(4, json.dumps(forged, separators=(",", ":")).encode() + b"\n")
     elif change == "garbage":
         raw[4] = b'{"seq": oops\n'
+    elif change == "junk-line":  # a line between two records that still chain: not a stub
+        raw.insert(4, b"hello\n")
+    elif change == "junk-tail":  # an unterminated last line that no writer would leave
+        raw.append(b'{"seq":99,')
     elif change == "cut-head":
         del raw[:2]
     rewrite(log, raw)
