@@ -630,4 +630,5 @@ class KeystoreSigner:
         if self._fp is None:
             self._fp = fingerprint(b.public_key(info))
         sig = b.sign(info, message, None)
-        return CheckpointSignature(info.name, b.name, info.type.value, self._fp, bytes(sig))
+        name = f"{info.namespace}/{info.name}"
+        return CheckpointSignature(name, b.name, info.type.value, self._fp, bytes(sig))
