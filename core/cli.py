@@ -1,8 +1,9 @@
 """The `strongroom` command line. Errors are one line on stderr; exit codes are documented
 in docs/cli.md: 0 ok, 1 signature invalid, 2 usage error, 3 key not found, 4 authentication
 failed, 5 unsupported operation, 6 backend unavailable, 7 device locked, 8 policy violation,
-9 snapshot or data corrupt, 10 key exists, 11 config error, 12 other error. Exit 1 also
-means an attestation statement failed to verify.
+9 snapshot or data corrupt (a tampered audit log too), 10 key exists, 11 config error,
+12 other error, 13 the audit record could not be written (the operation was refused).
+Exit 1 also means an attestation statement failed to verify.
 """
 
 from __future__ import annotations
@@ -1129,6 +1130,137 @@ def vault_restore_cmd(state: State, file: str) -> None:
             else ""
         ),
     )
+
+
+# -- audit -----------------------------------------------------------------------------------
+@cli.group()
+def audit() -> None:
+    """The tamper-evident audit log: verify, list, hash an input, checkpoint."""
+
+
+def _audit_path(state: State, file: str | None) -> Path:
+    if file is not None:
+        return Path(file)
+    return config_mod.load(state.config).data_dir / "audit.jsonl"
+
+
+def _load_public(path: str) -> PublicKeyTypes:
+    from cryptography.hazmat.primitives import serialization
+
+    data = read_input(path)
+    try:
+        if b"-----BEGIN" in data:
+            return serialization.load_pem_public_key(data)
+        return serialization.load_der_public_key(data)
+    except (ValueError, TypeError):
+        raise InvalidArgument(f"{path} is not a PEM or DER public key") from None
+
+
+def _anchor(text: str | None) -> tuple[int, str] | None:
+    if text is None:
+        return None
+    seq, _, digest = text.partition(":")
+    if not seq.isdigit() or len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+        raise InvalidArgument("--anchor is SEQ:HASH (a record number and its 64-hex-digit hash)")
+    return int(seq), digest
+
+
+@audit.command("verify")
+@click.option("--file", "file", metavar="FILE", help="The log (default: audit.jsonl in data_dir).")
+@click.option(
+    "--public-key",
+    "public",
+    metavar="FILE",
+    help="Checkpoint key (PEM or DER), e.g. from `audit public-key`; default: the keystore's.",
+)
+@click.option(
+    "--anchor", metavar="SEQ:HASH", help="A record noted earlier that must still be there."
+)
+@pass_state
+def audit_verify(state: State, file: str | None, public: str | None, anchor: str | None) -> None:
+    """Check the hash chain and checkpoint signatures; exit 9 naming the first bad record."""
+    from .auditlog import verify_log
+
+    path = _audit_path(state, file)
+    expected = _anchor(anchor)
+    key = _load_public(public) if public else state.keystore().audit_public_key()
+    report = verify_log(path, key, expected)
+    for warning in report.warnings:
+        if not state.json:
+            click.echo(f"strongroom: warning: {warning}", err=True)
+    if not report.ok:
+        state.emit(report.to_dict())
+        report.raise_if_tampered()
+
+    def text() -> str:
+        signed = (
+            f"{report.checkpoints} checkpoint(s), {report.checkpoints_verified} verified"
+            if key is not None
+            else f"{report.checkpoints} checkpoint(s), signatures not checked (no key yet)"
+        )
+        return (
+            f"audit log OK: {report.records} records"
+            + (f" (seq {report.first_seq}-{report.last_seq})" if report.records else "")
+            + f", {signed}; last record {report.last_seq}:{report.last_hash}"
+        )
+
+    state.emit(report.to_dict(), text)
+
+
+@audit.command("list")
+@click.option("--file", "file", metavar="FILE", help="The log (default: audit.jsonl in data_dir).")
+@click.option("--since", "since", type=click.IntRange(0), default=0, help="Only records after seq.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
+@pass_state
+def audit_list(state: State, file: str | None, since: int, limit: int) -> None:
+    """Print records (JSON lines), oldest first; this does not verify them."""
+    from .auditlog import read_records
+
+    records = read_records(_audit_path(state, file), since, limit)
+    state.emit(records, lambda: "\n".join(json.dumps(r, sort_keys=True) for r in records))
+
+
+@audit.command("hash")
+@click.option("--in", "inp", metavar="FILE", help="The input to look for (default: stdin).")
+@click.option("--file", "file", metavar="FILE", help="The log whose HMAC key to use.")
+@pass_state
+def audit_hash(state: State, inp: str | None, file: str | None) -> None:
+    """The HMAC of an input as this log records it (`input` field), to find it in the log."""
+    from .auditlog import input_hmac, key_path_for, load_key
+
+    mac = input_hmac(
+        load_key(key_path_for(_audit_path(state, file)), create=False), read_input(inp)
+    )
+    state.emit({"input": mac}, mac)
+
+
+@audit.command("checkpoint")
+@pass_state
+def audit_checkpoint(state: State) -> None:
+    """Append a checkpoint signed by the audit key now (made on first use)."""
+    done = state.keystore().audit_checkpoint()
+    if done is None:
+        raise InvalidArgument('checkpoints need audit = "file" in the config')
+    state.emit(done, f"checkpoint seq {done['seq']} signs records 1-{done['covers']}")
+
+
+@audit.command("public-key")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["pem", "der", "raw", "openssh"]),
+    default="pem",
+    show_default=True,
+)
+@click.option("--out", "out", metavar="FILE", help="Write here instead of stdout.")
+@pass_state
+def audit_public_key(state: State, fmt: str, out: str | None) -> None:
+    """The checkpoint signing key's public key, to keep apart from the log for verify."""
+    public = state.keystore().audit_public_key()
+    if public is None:
+        raise InvalidArgument("no audit checkpoint key yet; run `strongroom audit checkpoint`")
+    data = algorithms.encode_public(public, fmt)
+    write_output(out, data + (b"\n" if fmt == "openssh" else b""))
 
 
 def _hex(text: str, what: str = "salt") -> bytes:

@@ -28,7 +28,12 @@ KEYSTORE_KEYS = {
     "namespace": "the namespace keys are created in (default: default)",
     "audit": "file (audit.jsonl in data_dir), log (the strongroom.audit logger) or off",
     "core_dumps": "allow core dumps of this process (default false: turned off at open)",
+    "audit_signing_key": "name of the key (namespace _audit) that signs audit checkpoints",
+    "audit_signing_backend": "backend that holds the checkpoint signing key (default: vault)",
+    "audit_checkpoint_every": "sign a checkpoint after this many records per process (0: never)",
 }
+RESERVED_NAMESPACE_PREFIX = "_"
+"""Namespaces starting with `_` are Strongroom's own (`_audit` holds the checkpoint key)."""
 
 DEFAULT_VAULT: dict[str, Any] = {
     "type": VAULT_TYPE,
@@ -58,6 +63,9 @@ class Config:
     backends: dict[str, BackendConfig]
     text: str = field(default="", repr=False)
     core_dumps: bool = False
+    audit_signing_key: str = "checkpoints"
+    audit_signing_backend: str | None = None
+    audit_checkpoint_every: int = 1000
 
     def error(self, message: str, table: str | None = None, key: str | None = None) -> ConfigError:
         """A ConfigError naming this file, and the line of `table.key` when it can be found."""
@@ -126,6 +134,8 @@ def parse(raw: Mapping[str, Any], path: str | None, text: str) -> Config:
         elif key == "namespace":
             if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
                 raise cfg.error("must be 1-64 letters, digits, '.', '_' or '-'", "keystore", key)
+            if value.startswith(RESERVED_NAMESPACE_PREFIX):
+                raise cfg.error("namespaces starting with '_' are reserved", "keystore", key)
             cfg.namespace = value
         elif key == "audit":
             if value not in AUDIT_MODES:
@@ -135,6 +145,22 @@ def parse(raw: Mapping[str, Any], path: str | None, text: str) -> Config:
             if not isinstance(value, bool):
                 raise cfg.error("must be true or false", "keystore", key)
             cfg.core_dumps = value
+        elif key == "audit_signing_key":
+            if not isinstance(value, str) or not re.fullmatch(
+                r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value
+            ):
+                raise cfg.error(
+                    "must be a key name (letters, digits, '.', '_', '-')", "keystore", key
+                )
+            cfg.audit_signing_key = value
+        elif key == "audit_signing_backend":
+            if not isinstance(value, str) or not value:
+                raise cfg.error("must be the name of a configured backend", "keystore", key)
+            cfg.audit_signing_backend = value
+        elif key == "audit_checkpoint_every":
+            if type(value) is not int or not 0 <= value <= 10_000_000:
+                raise cfg.error("must be an integer from 0 to 10000000", "keystore", key)
+            cfg.audit_checkpoint_every = value
     backends = raw.get("backends", {})
     if not isinstance(backends, dict):
         raise cfg.error("must be a table of [backends.NAME] tables", "backends")
@@ -162,6 +188,13 @@ def parse(raw: Mapping[str, Any], path: str | None, text: str) -> Config:
             raise cfg.error(
                 f"names backend {name!r}, which has no [backends.{name}] table", "keystore", "order"
             )
+    if cfg.audit_signing_backend is not None and cfg.audit_signing_backend not in cfg.backends:
+        raise cfg.error(
+            f"names backend {cfg.audit_signing_backend!r}, which has no "
+            f"[backends.{cfg.audit_signing_backend}] table",
+            "keystore",
+            "audit_signing_backend",
+        )
     if len(set(cfg.order)) != len(cfg.order):
         raise cfg.error("names a backend twice", "keystore", "order")
     vault = vaults[0]

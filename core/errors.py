@@ -174,3 +174,10 @@ class ThresholdNotMet(AuthenticationFailed):
         self.opened = list(opened)
         self.needed = needed
         super().__init__(message)
+
+
+class AuditUnavailable(StrongroomError):
+    """The audit record of an operation could not be written, so the operation is refused:
+    its result (a signature, a plaintext) is not returned."""
+
+    exit_code = 13

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import threading
@@ -16,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from . import algorithms
 from .audit import Audit
+from .auditlog import KeystoreSigner
 from .backend import (
     AttestationVerifier,
     Attester,
@@ -50,6 +52,7 @@ ADOPTED = "adopted"
 """Catalog attribute of keys registered with `adopt`: delete forgets them, never destroys."""
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+/-]{0,127}")
 _IMPORT_FORMATS = ("auto", "raw", "der", "pem")
+logger = logging.getLogger("strongroom")
 
 
 def backend_classes() -> dict[str, type[Backend] | str]:
@@ -131,7 +134,20 @@ class Keystore:
             self._backends[name] = cls(self._context(bcfg, cls))
         _harden_process(config.core_dumps)
         self.catalog = Catalog(config.data_dir / "catalog.sqlite")
-        self.audit = Audit(config.audit, config.data_dir / "audit.jsonl", actor)
+        try:
+            self.audit = Audit(
+                config.audit,
+                config.data_dir / "audit.jsonl",
+                actor,
+                checkpoint_every=config.audit_checkpoint_every,
+            )
+        except BaseException:  # no log, no keystore: nothing may run unrecorded
+            self.catalog.close()
+            raise
+        if config.audit == "file":
+            self.audit.signer = KeystoreSigner(
+                self, config.audit_signing_key, config.audit_signing_backend
+            )
 
     # -- construction ------------------------------------------------------------------------
     def _context(self, bcfg: BackendConfig, cls: type[Backend]) -> BackendContext:
@@ -198,6 +214,11 @@ class Keystore:
                 return
             self._closed = True
             errors: list[BaseException] = []
+            if self.audit.pending:  # sign the tail while the signing key's backend is open
+                try:
+                    self.audit.checkpoint(force=False, create=False)
+                except Exception as e:  # the records are written; only the signature is missing
+                    logger.warning("audit checkpoint at close failed: %s: %s", type(e).__name__, e)
             for backend in self._backends.values():
                 try:
                     backend.close()
@@ -263,8 +284,8 @@ class Keystore:
         return backend
 
     # -- helpers -------------------------------------------------------------------------------
-    def _audited(self, op: str, key: str | None, **detail: Any) -> _Audited:
-        return _Audited(self.audit, op, key, detail)
+    def _audited(self, op: str, key: str | None, payload: Any = None, **detail: Any) -> _Audited:
+        return _Audited(self.audit, op, key, detail, payload)
 
     def _key(
         self, name: str, op: Operation | None, facts: dict[str, Any]
@@ -478,7 +499,7 @@ class Keystore:
 
     def sign(self, name: str, data: bytes, algorithm: str | None = None) -> bytes:
         """Sign (or, for an HMAC key, MAC) `data`."""
-        with self._audited("sign", name, size=len(data)) as facts:
+        with self._audited("sign", name, data, size=len(data)) as facts:
             info, b = self._key(name, Operation.SIGN, facts)
             algorithms.check_sign_algorithm(info.type, algorithm)
             return b.sign(info, bytes(data), algorithm)
@@ -487,7 +508,7 @@ class Keystore:
         self, name: str, data: bytes, signature: bytes, algorithm: str | None = None
     ) -> None:
         """Return None, or raise cryptography's InvalidSignature."""
-        with self._audited("verify", name, size=len(data)) as facts:
+        with self._audited("verify", name, data, size=len(data)) as facts:
             info, b = self._key(name, Operation.VERIFY, facts)
             if info.type is KeyType.HMAC_SHA256:
                 if algorithm is not None:
@@ -506,7 +527,7 @@ class Keystore:
         self, name: str, plaintext: bytes, aad: bytes = b"", algorithm: str | None = None
     ) -> bytes:
         """AEAD-encrypt with a symmetric key, or RSA-OAEP to an RSA key's public half."""
-        with self._audited("encrypt", name, size=len(plaintext)) as facts:
+        with self._audited("encrypt", name, plaintext, size=len(plaintext)) as facts:
             info, b = self._key(name, Operation.ENCRYPT, facts)
             if info.type.is_rsa:
                 if aad:
@@ -518,7 +539,7 @@ class Keystore:
         self, name: str, ciphertext: bytes, aad: bytes = b"", algorithm: str | None = None
     ) -> bytes:
         """Decrypt what `encrypt` made; IntegrityError if it was altered or the key is wrong."""
-        with self._audited("decrypt", name, size=len(ciphertext)) as facts:
+        with self._audited("decrypt", name, ciphertext, size=len(ciphertext)) as facts:
             info, b = self._key(name, Operation.DECRYPT, facts)
             if info.type.is_rsa and aad:
                 raise InvalidArgument("RSA-OAEP takes no associated data")
@@ -619,6 +640,23 @@ class Keystore:
     def audited(self, operation: str, key: str | None = None, **detail: Any) -> _Audited:
         """Context manager that records one audit event for an operation done outside the API."""
         return self._audited(operation, key, **detail)
+
+    def audit_checkpoint(self) -> dict[str, Any] | None:
+        """Append a signed checkpoint to the audit log now (opening the signing key's backend,
+        and making the key on first use); None when the audit sink is not `file`."""
+        with self._lock:
+            if self._closed:
+                raise StrongroomError("the keystore is closed")
+        return self.audit.checkpoint(force=True)
+
+    def audit_public_key(self, create: bool = False) -> PublicKeyTypes | None:
+        """The public key that signs this keystore's audit checkpoints (None if not made yet)."""
+        signer = self.audit.signer
+        if signer is None:
+            signer = KeystoreSigner(
+                self, self.config.audit_signing_key, self.config.audit_signing_backend
+            )
+        return signer.public_key(create)
 
     def random(self, n: int, backend: str | None = None) -> bytes:
         """`n` random bytes from a backend's generator (the vault's by default)."""
@@ -737,21 +775,49 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
+_WRITE_AHEAD = frozenset(
+    {
+        "generate",
+        "import",
+        "adopt",
+        "agree",
+        "derive",
+        "unwrap",
+        "delete",
+        "bip39_generate",
+        "bip39_recover",
+        "slip10_derive",
+    }
+)
+"""Operations that change state: a `started` record is written before they act, so an
+unwritable log refuses them before a key is made or destroyed."""
+
+
 class _Audited:
-    """Records one audit event when the operation ends, with its result (a class: hot path)."""
+    """Records one audit event when the operation ends, with its result (a class: hot path).
 
-    __slots__ = ("_audit", "_detail", "_facts", "_key", "_op")
+    If the record cannot be written, AuditUnavailable replaces the operation's result.
+    """
 
-    def __init__(self, audit: Audit, op: str, key: str | None, detail: dict[str, Any]) -> None:
+    __slots__ = ("_audit", "_detail", "_facts", "_key", "_op", "_payload")
+
+    def __init__(
+        self, audit: Audit, op: str, key: str | None, detail: dict[str, Any], payload: Any = None
+    ) -> None:
         self._audit, self._op, self._key, self._detail = audit, op, key, detail
+        self._payload = payload
         self._facts: dict[str, Any] = {}
 
     def __enter__(self) -> dict[str, Any]:
+        if self._op in _WRITE_AHEAD or self._op.startswith("vault_"):
+            self._audit.record(self._op, self._key, "started", None, None, **self._detail)
         return self._facts
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
         result = "ok" if exc_type is None else exc_type.__name__
-        self._audit.record(self._op, self._key, result, self._facts.get("backend"), **self._detail)
+        self._audit.record(
+            self._op, self._key, result, self._facts.get("backend"), self._payload, **self._detail
+        )
 
 
 class _AuditedVault:
