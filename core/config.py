@@ -11,12 +11,14 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import platformdirs
 
-from .errors import ConfigError
+from .errors import ConfigError, InvalidArgument
+from .lifecycle import parse_duration
 
 APP = "strongroom"
 VAULT_TYPE = "vault"
@@ -28,6 +30,7 @@ KEYSTORE_KEYS = {
     "namespace": "the namespace keys are created in (default: default)",
     "audit": "file (audit.jsonl in data_dir), log (the strongroom.audit logger) or off",
     "core_dumps": "allow core dumps of this process (default false: turned off at open)",
+    "deletion_wait": "how long `key delete` waits before it destroys a key, e.g. 7d (default 0)",
 }
 
 DEFAULT_VAULT: dict[str, Any] = {
@@ -58,6 +61,7 @@ class Config:
     backends: dict[str, BackendConfig]
     text: str = field(default="", repr=False)
     core_dumps: bool = False
+    deletion_wait: timedelta = timedelta(0)
 
     def error(self, message: str, table: str | None = None, key: str | None = None) -> ConfigError:
         """A ConfigError naming this file, and the line of `table.key` when it can be found."""
@@ -135,6 +139,13 @@ def parse(raw: Mapping[str, Any], path: str | None, text: str) -> Config:
             if not isinstance(value, bool):
                 raise cfg.error("must be true or false", "keystore", key)
             cfg.core_dumps = value
+        elif key == "deletion_wait":
+            if isinstance(value, bool) or not isinstance(value, str | int):
+                raise cfg.error("must be a waiting period such as 7d, 12h or 0", "keystore", key)
+            try:
+                cfg.deletion_wait = parse_duration(value)
+            except InvalidArgument as e:
+                raise cfg.error(str(e), "keystore", key) from None
     backends = raw.get("backends", {})
     if not isinstance(backends, dict):
         raise cfg.error("must be a table of [backends.NAME] tables", "backends")
