@@ -493,10 +493,10 @@ class Keystore:
         """Every key in this namespace."""
         return self.catalog.list(self.namespace)
 
-    def public_key(self, name: str) -> PublicKeyTypes:
-        """The public key as a `cryptography` object."""
+    def public_key(self, name: str, version: int | None = None) -> PublicKeyTypes:
+        """The public key as a `cryptography` object (of `version`, default the primary)."""
         with self._audited("public_key", name) as facts:
-            info, b = self._key(name, None, facts)
+            info, b = self._key(name, None, facts, version)
             if not info.type.is_asymmetric:
                 raise InvalidArgument(
                     f"key {name!r} is a {info.type.value} key and has no public key"
