@@ -786,19 +786,21 @@ def key_rewrap(
 
     ks = state.keystore()
     with _open_in(inp) as src:
-        lead = src.peek(len(envelope.MAGIC))[: len(envelope.MAGIC)]
+        lead = b""
+        while len(lead) < len(envelope.MAGIC) and (
+            piece := src.read(len(envelope.MAGIC) - len(lead))
+        ):
+            lead += piece
         if lead == envelope.MAGIC:
             if aad:
                 raise click.UsageError("--aad is for `key encrypt` ciphertexts, not envelopes")
             with _open_out(out) as dst:
-                header = envelope.rewrap_stream(ks, src, dst.stream, algorithm=algorithm)
-                if header.key != name:
-                    raise InvalidArgument(
-                        f"the envelope is encrypted to key {header.key!r}, not {name!r}"
-                    )
+                envelope.rewrap_stream(
+                    ks, _Prepended(lead, src), dst.stream, algorithm=algorithm, key=name
+                )
                 dst.commit()
             return
-        data = src.read()
+        data = lead + src.read()
     write_output(out, ks.rewrap(name, data, aad.encode(), algorithm))
 
 
@@ -975,6 +977,22 @@ class _Output:
             with contextlib.suppress(OSError):
                 os.unlink(self._tmp)
             self._tmp = None
+
+
+class _Prepended:
+    """A reader that gives `lead` first, then the rest of `src`."""
+
+    def __init__(self, lead: bytes, src: BinaryIO) -> None:
+        self._lead, self._src = lead, src
+
+    def read(self, n: int = -1) -> bytes:
+        if self._lead:
+            if n < 0:
+                out, self._lead = self._lead + self._src.read(), b""
+                return out
+            out, self._lead = self._lead[:n], self._lead[n:]
+            return out
+        return self._src.read(n)
 
 
 @contextlib.contextmanager

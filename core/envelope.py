@@ -372,11 +372,19 @@ def _chunk_failure(
 
 
 def rewrap_stream(
-    ks: Keystore, src: BinaryIO, dst: BinaryIO, *, algorithm: str | None = None
+    ks: Keystore,
+    src: Any,
+    dst: BinaryIO,
+    *,
+    algorithm: str | None = None,
+    key: str | None = None,
 ) -> EnvelopeHeader:
     """Wrap an envelope's data key under the newest version of its key; copy the chunks as
-    they are (they are not decrypted). The header MAC is checked, then made anew."""
+    they are (they are not decrypted). The header MAC is checked, then made anew. With
+    `key`, an envelope made for another key is refused before anything is unwrapped."""
     header, raw, mac = read_header(src)
+    if key is not None and header.key != key:
+        raise InvalidArgument(f"the envelope is encrypted to key {header.key!r}, not {key!r}")
     data_key = _unwrap(ks, header)
     mac_key, _ = _derive(data_key, header.salt)
     if not hmac.compare_digest(_mac(mac_key, raw), mac):

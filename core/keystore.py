@@ -1120,8 +1120,9 @@ def vault_restore(ks: Keystore, source: str | os.PathLike[str]) -> dict[str, Any
             if info.handle not in kept:
                 ks.catalog.remove(info.namespace, info.name)
                 removed.append(info.name)
+        versions = ks.catalog.handles(name)  # older versions of rotated keys, too
         for info in restored:
-            if info.handle in current:
+            if info.handle in current or info.handle in versions:
                 continue
             if ks.catalog.exists(info.namespace, info.name):
                 conflicts.append(info.name)

@@ -259,6 +259,56 @@ def test_cli_encrypt_decrypt_files_and_streams(config: Path, tmp_path: Path) -> 
     assert ok("decrypt", input=moved) == data
     r = run_cli(config, "encrypt", "--key", "nope", input=b"x")
     assert r.returncode == 3 and "no key named 'nope'" in r.stderr
+    ok("key", "generate", "other", "--type", "aes-256")
+    r = run_cli(config, "key", "rewrap", "other", input=blob)
+    assert r.returncode == 2 and "encrypted to key 'kek', not 'other'" in r.stderr
+
+
+def test_cli_progress_bar_only_on_a_terminal(config: Path, tmp_path: Path) -> None:
+    import pty
+
+    from conftest import PYCACHE, STRONGROOM_BIN
+
+    assert run_cli(config, "key", "generate", "kek", "--type", "aes-256").returncode == 0
+    big = tmp_path / "big"
+    with big.open("wb") as f:
+        f.truncate(9 << 20)  # 9 MiB: above the 8 MiB threshold
+    env = {
+        **os.environ,
+        "STRONGROOM_CONFIG": str(config),
+        VAULT_PASS_ENV: VAULT_PASSPHRASE,
+        "PYTHONPYCACHEPREFIX": str(PYCACHE),
+    }
+    args = [str(STRONGROOM_BIN), "encrypt", "--key", "kek", "--in", str(big)]
+    main, side = pty.openpty()
+    try:
+        p = subprocess.run(
+            [*args, "--out", str(tmp_path / "big.sre")],
+            stderr=side,
+            stdout=subprocess.DEVNULL,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+        os.close(side)
+        seen = b""
+        while True:
+            try:
+                piece = os.read(main, 65536)
+            except OSError:
+                break
+            if not piece:
+                break
+            seen += piece
+    finally:
+        os.close(main)
+    assert p.returncode == 0
+    assert b"encrypting" in seen and b"100%" in seen
+    # stderr not a terminal: no bar
+    r = run_cli(config, *args[1:], "--out", str(tmp_path / "big2.sre"))
+    assert r.returncode == 0 and r.stderr == ""
+    r = run_cli(config, "decrypt", "--in", str(tmp_path / "big.sre"), "--out", str(tmp_path / "b"))
+    assert r.returncode == 0 and (tmp_path / "b").read_bytes() == bytes(9 << 20)
 
 
 # -- memory stays flat for a 1 GiB stream ---------------------------------------------------------

@@ -373,3 +373,18 @@ def test_cli_rotation_and_lifecycle(config: Path) -> None:
     assert "deleted" in ok("key", "delete", "s").stdout.decode()
     fails(run("key", "show", "s"), NOT_FOUND, "no key named 's'")
     fails(run("key", "decrypt", "k", input=b"SRK\x02\x00\x00\x00\x01xxxx"), CORRUPT, "format 2")
+
+
+def test_vault_backup_and_restore_keep_every_version(ks: Keystore, tmp_path: Path) -> None:
+    from strongroom.keystore import vault_restore
+
+    ks.generate("k", "aes-256")
+    ct1 = ks.encrypt("k", b"one", envelope=True)
+    ks.rotate("k")
+    ct2 = ks.encrypt("k", b"two", envelope=True)
+    backup = tmp_path / "backup.snap"
+    ks.vault_control().backup(backup)
+    report = vault_restore(ks, backup)
+    assert report == {"keys": 2, "added": [], "removed": [], "conflicts": []}
+    assert ks.decrypt("k", ct1, envelope=True) == b"one"
+    assert ks.decrypt("k", ct2, envelope=True) == b"two"
