@@ -294,7 +294,7 @@ class Keystore:
         """A disabled key, or one scheduled for deletion, does no work; a due one is destroyed."""
         if info.delete_after is not None:
             if info.delete_after <= now():
-                self._destroy(info)
+                self._destroy_due(info)
                 raise KeyNotFound(info.name, info.namespace)
             raise KeyDisabled(
                 f"key {info.name!r} is scheduled for deletion at {info.delete_after.isoformat()}; "
@@ -847,7 +847,7 @@ class Keystore:
             if info.delete_after is None:
                 raise InvalidArgument(f"key {name!r} is not scheduled for deletion")
             if info.delete_after <= now():
-                self._destroy(info)
+                self._destroy_due(info)
                 raise KeyNotFound(name, self.namespace)
             return self.catalog.set_state(self.namespace, name, delete_after=None)
 
@@ -855,11 +855,15 @@ class Keystore:
         """Carry out every scheduled deletion that is due (all namespaces); return those keys."""
         done = []
         for info in self.catalog.due_for_deletion(now()):
-            with self._audited("delete", info.name, scheduled=True) as facts:
-                facts["backend"] = info.backend
-                self._destroy(info)
+            self._destroy_due(info)
             done.append(info)
         return done
+
+    def _destroy_due(self, info: KeyInfo) -> None:
+        """Carry out a scheduled deletion that is due, as its own audit event."""
+        with self._audited("delete", info.name, scheduled=True) as facts:
+            facts["backend"] = info.backend
+            self._destroy(info)
 
     def rewrap(
         self, name: str, ciphertext: bytes, aad: bytes = b"", algorithm: str | None = None

@@ -230,6 +230,11 @@ def test_scheduled_deletion_can_be_cancelled_and_is_carried_out_when_due(
     with pytest.raises(KeyNotFound):
         ks.encrypt("lazy", b"x")
     assert "lazy" not in {k.name for k in ks.keys()}
+    events = [json.loads(x) for x in (ks.config.data_dir / "audit.jsonl").read_text().splitlines()]
+    carried = {
+        (e["key"], e["result"]) for e in events if e["op"] == "delete" and e.get("scheduled")
+    }
+    assert carried == {("doomed", "ok"), ("lazy", "ok")}
 
 
 def test_configured_wait_and_zero_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
