@@ -383,10 +383,16 @@ def key_show(state: State, name: str) -> None:
     show_default=True,
 )
 @click.option("--out", "out", metavar="FILE", help="Write here instead of stdout.")
+@click.option(
+    "--version",
+    "version",
+    type=click.IntRange(1),
+    help="The public key of this key version (default: the newest).",
+)
 @pass_state
-def key_public(state: State, name: str, fmt: str, out: str | None) -> None:
+def key_public(state: State, name: str, fmt: str, out: str | None, version: int | None) -> None:
     """Print a key's public key."""
-    data = algorithms.encode_public(state.keystore().public_key(name), fmt)
+    data = algorithms.encode_public(state.keystore().public_key(name, version), fmt)
     if fmt == "openssh":
         data += b"\n"
     write_output(out, data)

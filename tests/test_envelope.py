@@ -386,3 +386,46 @@ def test_one_gib_stream_with_flat_memory(config: Path) -> None:
     before, after = (int(x) for x in p.stdout.split())
     growth_kib = after - before
     assert growth_kib < 16 * 1024, f"peak RSS grew by {growth_kib} KiB over a 1 GiB stream"
+
+
+def test_format_matches_docs_envelope_md(ks: Keystore) -> None:
+    """Decode an envelope following docs/envelope.md alone, with `cryptography` only: an
+    exportable vault AES key as the KEK, so its material (and the data key) can be read."""
+    import base64
+    import hashlib
+    import hmac
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    ks.generate("open-kek", "aes-256", exportable=True)
+    data = os.urandom(5000)
+    blob = seal(ks, data, key="open-kek", chunk=2048)
+    kek = ks.export_key("open-kek", "raw")
+    assert blob[:6] == b"SRENV\x00" and blob[6] == 1
+    (length,) = struct.unpack(">I", blob[7:11])
+    header = json.loads(blob[11 : 11 + length])
+    mac = blob[11 + length : 43 + length]
+    wrapped = base64.b64decode(header["wrapped_key"])
+    assert wrapped[:4] == b"SRK\x01" and struct.unpack(">I", wrapped[4:8])[0] == 1
+    body = wrapped[8:]  # the vault's AES-GCM output: nonce(12) | ciphertext | tag
+    data_key = AESGCM(kek).decrypt(body[:12], body[12:], b"strongroom-envelope/1 data key")
+    okm = HKDF(
+        hashes.SHA256(),
+        64,
+        base64.b64decode(header["salt"]),
+        b"strongroom-envelope/1 header-mac+payload",
+    ).derive(data_key)
+    assert hmac.compare_digest(
+        hmac.new(okm[:32], blob[: 11 + length], hashlib.sha256).digest(), mac
+    )
+    prefix = base64.b64decode(header["nonce_prefix"])
+    step = header["chunk_size"] + 16
+    payload = blob[43 + length :]
+    pieces = [payload[i : i + step] for i in range(0, len(payload), step)]
+    out = b"".join(
+        AESGCM(okm[32:]).decrypt(prefix + struct.pack(">IB", i, i == len(pieces) - 1), piece, None)
+        for i, piece in enumerate(pieces)
+    )
+    assert out == data

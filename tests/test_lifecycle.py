@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -378,6 +379,36 @@ def test_cli_rotation_and_lifecycle(config: Path) -> None:
     assert "deleted" in ok("key", "delete", "s").stdout.decode()
     fails(run("key", "show", "s"), NOT_FOUND, "no key named 's'")
     fails(run("key", "decrypt", "k", input=b"SRK\x02\x00\x00\x00\x01xxxx"), CORRUPT, "format 2")
+
+
+def test_openssl_verifies_an_old_version_signature(config: Path) -> None:
+    d = config.parent
+    for args in (
+        ("key", "generate", "ec", "--type", "ecdsa-p256"),
+        ("key", "sign", "ec", "--envelope", "--in", str(config), "--out", str(d / "sig.sr")),
+        ("key", "rotate", "ec"),
+        ("key", "public", "ec", "--version", "1", "--out", str(d / "v1.pem")),
+        ("key", "public", "ec", "--out", str(d / "v2.pem")),
+    ):
+        r = run_cli(config, *args)
+        assert r.returncode == 0, r.stderr
+    enveloped = (d / "sig.sr").read_bytes()
+    version, bare = lifecycle.unpack(lifecycle.SIGNATURE_MAGIC, enveloped, "signature")
+    assert version == 1
+    (d / "sig.der").write_bytes(bare)
+
+    def openssl_verify(pub: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["openssl", "dgst", "-sha256", "-verify", pub, "-signature", "sig.der", str(config)],
+            cwd=d,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        )
+
+    assert openssl_verify("v1.pem").returncode == 0
+    assert openssl_verify("v2.pem").returncode != 0  # the new version's key does not match
 
 
 def test_vault_backup_and_restore_keep_every_version(ks: Keystore, tmp_path: Path) -> None:
