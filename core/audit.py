@@ -84,10 +84,7 @@ class Audit:
             f'"key":{_js(key)},"backend":{_js(backend)},"result":{_js(result)}'
         )
         for name, value in detail.items():
-            if isinstance(value, bool):  # before int: bool is an int, and str(True) is not JSON
-                encoded = "true" if value else "false"
-            else:
-                encoded = str(value) if isinstance(value, int) else _js(str(value))
+            encoded = str(value) if isinstance(value, int) else _js(str(value))
             line += f',"{name}":{encoded}'
         data = (line + "}\n").encode()
         with self._lock:

@@ -861,7 +861,7 @@ class Keystore:
 
     def _destroy_due(self, info: KeyInfo) -> None:
         """Carry out a scheduled deletion that is due, as its own audit event."""
-        with self._audited("delete", info.name, scheduled=True) as facts:
+        with self._audited("delete", info.name, scheduled="yes") as facts:
             facts["backend"] = info.backend
             self._destroy(info)
 
