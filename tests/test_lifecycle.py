@@ -424,3 +424,30 @@ def test_vault_backup_and_restore_keep_every_version(ks: Keystore, tmp_path: Pat
     assert report == {"keys": 2, "added": [], "removed": [], "conflicts": []}
     assert ks.decrypt("k", ct1, envelope=True) == b"one"
     assert ks.decrypt("k", ct2, envelope=True) == b"two"
+
+
+@pytest.mark.parametrize("curve", ["ecdsa-p256", "ecdsa-p384", "secp256k1"])
+def test_raw_ec_import_stores_the_standard_pkcs8(ks: Keystore, curve: str) -> None:
+    """The vault writes a raw EC import's PKCS#8 itself, in guarded memory (so no freed
+    library buffer keeps the key, see test_memory_scan.py); it must be what OpenSSL makes."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    curves = {
+        "ecdsa-p256": ec.SECP256R1(),
+        "ecdsa-p384": ec.SECP384R1(),
+        "secp256k1": ec.SECP256K1(),
+    }
+    key = ec.generate_private_key(curves[curve])
+    size = (key.curve.key_size + 7) // 8
+    scalar = bytearray(key.private_numbers().private_value.to_bytes(size, "big"))
+    ks.import_key("ec", curve, scalar, format="raw", exportable=True)
+    want = key.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    assert ks.export_key("ec", "der") == want
+    assert ks.public_key("ec") == key.public_key()
+    with pytest.raises(InvalidArgument):
+        ks.import_key("bad", curve, bytes(size), format="raw")  # zero is not a valid scalar
