@@ -451,3 +451,19 @@ def test_raw_ec_import_stores_the_standard_pkcs8(ks: Keystore, curve: str) -> No
     assert ks.public_key("ec") == key.public_key()
     with pytest.raises(InvalidArgument):
         ks.import_key("bad", curve, bytes(size), format="raw")  # zero is not a valid scalar
+
+
+def test_two_rotations_racing_cannot_both_win(config: Path) -> None:
+    """Two keystores (as two processes would) read version 1; the catalog lets only one
+    record version 2 (`Keystore.rotate` then destroys the loser's new backend key)."""
+    from strongroom.catalog import KeyVersion, now
+    from strongroom.errors import KeyExists
+
+    with strongroom.open(config) as a, strongroom.open(config) as b:
+        a.generate("k", "aes-256")
+        assert b.info("k").version == 1
+        a.catalog.add_version("default", "k", KeyVersion(2, "vault", now(), "h-a", {}))
+        with pytest.raises(KeyExists):
+            b.catalog.add_version("default", "k", KeyVersion(2, "vault", now(), "h-b", {}))
+        assert [(v.version, v.handle) for v in b.versions("k")][-1] == (2, "h-a")
+        assert b.info("k").handle == "h-a"  # b sees a's write at once (the change stamp)

@@ -13,7 +13,7 @@ from tpm_support import PIN_ENV, TEST_PIN, VAULT_PASS, VAULT_PASS_ENV, Swtpm, sw
 
 import strongroom
 from strongroom import envelope
-from strongroom.errors import DataTruncated, VersionRetired
+from strongroom.errors import DataTruncated, UnsupportedOperation, VersionRetired
 from strongroom.keystore import Keystore
 from strongroom.types import KeyType, Operation
 
@@ -51,6 +51,11 @@ def test_rotation_round_trips_in_the_tpm(ks: Keystore) -> None:
     assert ks.decrypt("t-aes", ks.rewrap("t-aes", ct1, b"a"), b"a", envelope=True) == b"first"
     ks.delete("t-aes")
     ks.delete("t-ec")
+    # a backend that cannot hold the type: a clear error, and the key is unchanged
+    ks.generate("t-ed", "ed25519")
+    with pytest.raises(UnsupportedOperation, match="'tpm'"):
+        ks.rotate("t-ed", backend="tpm")
+    assert [(v.version, v.backend) for v in ks.versions("t-ed")] == [(1, "vault")]
 
 
 def test_tpm_rsa_key_as_envelope_kek_across_a_rotation(ks: Keystore) -> None:
