@@ -467,3 +467,21 @@ def test_two_rotations_racing_cannot_both_win(config: Path) -> None:
             b.catalog.add_version("default", "k", KeyVersion(2, "vault", now(), "h-b", {}))
         assert [(v.version, v.handle) for v in b.versions("k")][-1] == (2, "h-a")
         assert b.info("k").handle == "h-a"  # b sees a's write at once (the change stamp)
+
+
+def test_rotate_destroys_its_new_backend_key_when_the_catalog_refuses(
+    ks: Keystore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from strongroom.errors import KeyExists
+
+    ks.generate("k", "aes-256")
+    before = vault_handles(ks)
+
+    def refuse(*args: object) -> None:  # stands in for a rotation that won the race
+        raise KeyExists("k version 2")
+
+    monkeypatch.setattr(ks.catalog, "add_version", refuse)
+    with pytest.raises(KeyExists):
+        ks.rotate("k")
+    assert vault_handles(ks) == before  # the new version's vault key is gone again
+    assert ks.info("k").version == 1
