@@ -346,6 +346,8 @@ def test_cli_rotation_and_lifecycle(config: Path) -> None:
     ok("key", "generate", "k", "--type", "aes-256")
     ok("key", "generate", "s", "--type", "ed25519")
     ct1 = ok("key", "encrypt", "k", input=b"first").stdout
+    bare1 = ok("key", "encrypt", "k", "--raw", input=b"bare").stdout
+    assert bare1[:3] != b"SRK"
     sig1 = config.parent / "sig1"
     ok("key", "sign", "s", "--envelope", "--out", str(sig1), input=b"msg")
     assert sig1.read_bytes()[:4] == lifecycle.SIGNATURE_MAGIC
@@ -353,6 +355,8 @@ def test_cli_rotation_and_lifecycle(config: Path) -> None:
     assert rotated["version"] == 2
     ok("key", "rotate", "s")
     assert ok("key", "decrypt", "k", input=ct1).stdout == b"first"
+    assert ok("key", "decrypt", "k", "--raw", "--version", "1", input=bare1).stdout == b"bare"
+    fails(run("key", "decrypt", "k", "--raw", input=bare1), CORRUPT, "failed authentication")
     ok("key", "verify", "s", "--envelope", "--signature", str(sig1), input=b"msg")
     versions = json.loads(ok("--json", "key", "versions", "k").stdout)
     assert [(v["version"], v["primary"]) for v in versions] == [(1, False), (2, True)]
