@@ -5,19 +5,23 @@ It holds no secret. Writes are durable (synchronous=FULL) and the schema is vers
 
 from __future__ import annotations
 
+import builtins
 import json
 import mmap
 import os
 import sqlite3
 import threading
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from .errors import KeyExists, KeyNotFound, StrongroomError
 from .types import KeyInfo, KeyType, Usage
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
+# Schema 1: one row per key. A fresh catalog is created as schema 1 and then migrated, so
+# the upgrade path of an existing catalog is the one every new catalog takes too.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS keys (
@@ -34,6 +38,44 @@ CREATE TABLE IF NOT EXISTS keys (
     PRIMARY KEY (namespace, name)
 );
 """
+
+
+# Schema 2 (docs/lifecycle.md): key versions and lifecycle state. `keys` keeps one row per key,
+# describing its primary (newest) version, so readers of schema 1 columns see what they did;
+# `key_versions` holds every version, the primary included.
+_MIGRATE_1_TO_2 = (
+    "ALTER TABLE keys ADD COLUMN min_decryption_version INTEGER NOT NULL DEFAULT 1",
+    "ALTER TABLE keys ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE keys ADD COLUMN delete_after TEXT",
+    """CREATE TABLE key_versions (
+        namespace TEXT NOT NULL,
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        backend TEXT NOT NULL,
+        handle TEXT NOT NULL,
+        created TEXT NOT NULL,
+        attributes TEXT NOT NULL,
+        PRIMARY KEY (namespace, name, version)
+    )""",
+    "INSERT INTO key_versions SELECT namespace, name, version, backend, handle, created, "
+    "attributes FROM keys",
+)
+
+_COLUMNS = (
+    "namespace, name, backend, handle, type, usage, exportable, version, created, attributes, "
+    "min_decryption_version, disabled, delete_after"
+)
+
+
+@dataclass(frozen=True)
+class KeyVersion:
+    """One version of a key: where it lives. The primary version is the newest."""
+
+    version: int
+    backend: str
+    created: datetime
+    handle: str = field(default="", repr=False)
+    attributes: dict[str, str] = field(default_factory=dict, compare=False)
 
 
 class CatalogError(StrongroomError):
@@ -69,14 +111,25 @@ class Catalog:
                     self._db.execute(stmt)
             row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:
-                self._db.execute(
-                    "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-                )
-            elif int(row[0]) > SCHEMA_VERSION:
+                self._db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+                found = 1
+            else:
+                found = int(row[0])
+            if found > SCHEMA_VERSION:
                 raise CatalogError(
                     f"the catalog {self.path} has schema version {row[0]}, newer than this "
                     f"Strongroom understands ({SCHEMA_VERSION}); upgrade Strongroom"
                 )
+            if found == 1:  # in the same transaction: all of it happens, or none
+                for stmt in _MIGRATE_1_TO_2:
+                    self._db.execute(stmt)
+                self._db.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            return int(row[0])
 
     def close(self) -> None:
         with self._lock:
@@ -108,7 +161,8 @@ class Catalog:
             info = self._cache.get((namespace, name))
             if info is None:
                 row = self._db.execute(
-                    "SELECT * FROM keys WHERE namespace=? AND name=?", (namespace, name)
+                    f"SELECT {_COLUMNS} FROM keys WHERE namespace=? AND name=?",  # noqa: S608
+                    (namespace, name),
                 ).fetchone()
                 if row is None:
                     raise KeyNotFound(name, namespace)
@@ -126,51 +180,197 @@ class Catalog:
     def list(self, namespace: str | None = None) -> list[KeyInfo]:
         with self._lock:
             if namespace is None:
-                rows = self._db.execute("SELECT * FROM keys ORDER BY namespace, name").fetchall()
+                rows = self._db.execute(
+                    f"SELECT {_COLUMNS} FROM keys ORDER BY namespace, name"  # noqa: S608 - constant
+                ).fetchall()
             else:
                 rows = self._db.execute(
-                    "SELECT * FROM keys WHERE namespace=? ORDER BY name", (namespace,)
+                    f"SELECT {_COLUMNS} FROM keys WHERE namespace=? ORDER BY name",  # noqa: S608
+                    (namespace,),
                 ).fetchall()
             return [_row_to_info(r) for r in rows]
 
     def add(self, info: KeyInfo) -> None:
         """Insert a row; KeyExists if the name is taken."""
+        created = (info.created or now()).isoformat()
+        attributes = json.dumps(info.attributes, sort_keys=True)
         with self._lock:
             try:
-                self._db.execute(
-                    "INSERT INTO keys VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        info.namespace,
-                        info.name,
-                        info.backend,
-                        info.handle,
-                        info.type.value,
-                        ",".join(sorted(u.value for u in info.usage)),
-                        int(info.exportable),
-                        info.version,
-                        (info.created or now()).isoformat(),
-                        json.dumps(info.attributes, sort_keys=True),
-                    ),
-                )
+                with self._db:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    self._db.execute(
+                        "INSERT INTO keys (namespace, name, backend, handle, type, usage, "
+                        "exportable, version, created, attributes) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        (
+                            info.namespace,
+                            info.name,
+                            info.backend,
+                            info.handle,
+                            info.type.value,
+                            ",".join(sorted(u.value for u in info.usage)),
+                            int(info.exportable),
+                            info.version,
+                            created,
+                            attributes,
+                        ),
+                    )
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO key_versions VALUES (?,?,?,?,?,?,?)",
+                        (
+                            info.namespace,
+                            info.name,
+                            info.version,
+                            info.backend,
+                            info.handle,
+                            created,
+                            attributes,
+                        ),
+                    )
             except sqlite3.IntegrityError:
                 raise KeyExists(info.name, info.namespace) from None
             self._changed()
 
     def remove(self, namespace: str, name: str) -> None:
+        """Remove a key's row and the rows of all its versions."""
         with self._lock:
-            cur = self._db.execute(
-                "DELETE FROM keys WHERE namespace=? AND name=?", (namespace, name)
-            )
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                cur = self._db.execute(
+                    "DELETE FROM keys WHERE namespace=? AND name=?", (namespace, name)
+                )
+                self._db.execute(
+                    "DELETE FROM key_versions WHERE namespace=? AND name=?", (namespace, name)
+                )
             self._changed()
             if cur.rowcount == 0:
                 raise KeyNotFound(name, namespace)
 
     def handles(self, backend: str) -> set[str]:
+        """Handles of every key version in `backend` (older versions included)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT handle FROM keys WHERE backend=?", (backend,)
+                "SELECT handle FROM key_versions WHERE backend=? UNION "
+                "SELECT handle FROM keys WHERE backend=?",
+                (backend, backend),
             ).fetchall()
             return {r[0] for r in rows}
+
+    # -- versions and lifecycle state (schema 2) -----------------------------------------------
+    def versions(self, namespace: str, name: str) -> builtins.list[KeyVersion]:
+        """Every stored version of a key, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT version, backend, created, handle, attributes FROM key_versions "
+                "WHERE namespace=? AND name=? ORDER BY version",
+                (namespace, name),
+            ).fetchall()
+            if not rows:
+                self.get(namespace, name)  # KeyNotFound if there is no such key
+            return [
+                KeyVersion(
+                    int(v),
+                    str(b),
+                    datetime.fromisoformat(str(c)),
+                    str(h),
+                    json.loads(str(a)),
+                )
+                for v, b, c, h, a in rows
+            ]
+
+    def add_version(self, namespace: str, name: str, new: KeyVersion) -> None:
+        """Record a new version and make it primary, in one transaction.
+
+        Refuses (KeyExists) unless `new.version` is one more than the current primary, so two
+        rotations racing each other cannot both win.
+        """
+        attributes = json.dumps(new.attributes, sort_keys=True)
+        with self._lock:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                cur = self._db.execute(
+                    "UPDATE keys SET backend=?, handle=?, version=?, created=?, attributes=? "
+                    "WHERE namespace=? AND name=? AND version=?",
+                    (
+                        new.backend,
+                        new.handle,
+                        new.version,
+                        new.created.isoformat(),
+                        attributes,
+                        namespace,
+                        name,
+                        new.version - 1,
+                    ),
+                )
+                if cur.rowcount != 1:
+                    raise KeyExists(f"{name} version {new.version}", namespace)
+                self._db.execute(
+                    "INSERT INTO key_versions VALUES (?,?,?,?,?,?,?)",
+                    (
+                        namespace,
+                        name,
+                        new.version,
+                        new.backend,
+                        new.handle,
+                        new.created.isoformat(),
+                        attributes,
+                    ),
+                )
+            self._changed()
+
+    def remove_version(self, namespace: str, name: str, version: int) -> None:
+        """Forget one older version (never the primary)."""
+        with self._lock:
+            self._db.execute(
+                "DELETE FROM key_versions WHERE namespace=? AND name=? AND version=? AND "
+                "version < (SELECT version FROM keys WHERE namespace=? AND name=?)",
+                (namespace, name, version, namespace, name),
+            )
+            self._changed()
+
+    def set_state(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        min_decryption_version: int | None = None,
+        disabled: bool | None = None,
+        delete_after: datetime | bool | None = False,
+    ) -> KeyInfo:
+        """Change a key's lifecycle state; `delete_after=None` cancels a scheduled deletion
+        (the default, False, leaves it alone). Returns the updated entry."""
+        sets: list[str] = []
+        args: list[object] = []
+        if min_decryption_version is not None:
+            sets.append("min_decryption_version=?")
+            args.append(int(min_decryption_version))
+        if disabled is not None:
+            sets.append("disabled=?")
+            args.append(int(disabled))
+        if delete_after is None or isinstance(delete_after, datetime):
+            sets.append("delete_after=?")
+            args.append(None if delete_after is None else delete_after.isoformat())
+        with self._lock:
+            if sets:
+                cur = self._db.execute(
+                    f"UPDATE keys SET {', '.join(sets)} WHERE namespace=? AND name=?",  # noqa: S608
+                    (*args, namespace, name),
+                )
+                self._changed()
+                if cur.rowcount == 0:
+                    raise KeyNotFound(name, namespace)
+            return self.get(namespace, name)
+
+    def due_for_deletion(self, when: datetime) -> builtins.list[KeyInfo]:
+        """Keys (any namespace) whose scheduled deletion time is at or before `when`."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM keys WHERE delete_after IS NOT NULL"  # noqa: S608 - constant
+            ).fetchall()
+            return [
+                i
+                for i in (_row_to_info(r) for r in rows)
+                if i.delete_after is not None and i.delete_after <= when
+            ]
 
 
 class _ChangeStamp:
@@ -206,7 +406,8 @@ def now() -> datetime:
 
 
 def _row_to_info(row: tuple[object, ...]) -> KeyInfo:
-    ns, name, backend, handle, ktype, usage, exportable, version, created, attrs = row
+    ns, name, backend, handle, ktype, usage, exportable, version, created, attrs = row[:10]
+    min_dec, disabled, delete_after = row[10:13]
     return KeyInfo(
         name=str(name),
         type=KeyType(str(ktype)),
@@ -218,4 +419,7 @@ def _row_to_info(row: tuple[object, ...]) -> KeyInfo:
         created=datetime.fromisoformat(str(created)),
         handle=str(handle),
         attributes=json.loads(str(attrs)),
+        min_decryption_version=int(str(min_dec)),
+        disabled=bool(disabled),
+        delete_after=None if delete_after is None else datetime.fromisoformat(str(delete_after)),
     )

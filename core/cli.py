@@ -8,14 +8,17 @@ Exit 1 also means an attestation statement failed to verify.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import resource
+import stat
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, NoReturn
+from typing import Any, BinaryIO, NoReturn, cast
 
 import click
 from cryptography.exceptions import InvalidSignature
@@ -381,10 +384,16 @@ def key_show(state: State, name: str) -> None:
     show_default=True,
 )
 @click.option("--out", "out", metavar="FILE", help="Write here instead of stdout.")
+@click.option(
+    "--version",
+    "version",
+    type=click.IntRange(1),
+    help="The public key of this key version (default: the newest).",
+)
 @pass_state
-def key_public(state: State, name: str, fmt: str, out: str | None) -> None:
+def key_public(state: State, name: str, fmt: str, out: str | None, version: int | None) -> None:
     """Print a key's public key."""
-    data = algorithms.encode_public(state.keystore().public_key(name), fmt)
+    data = algorithms.encode_public(state.keystore().public_key(name, version), fmt)
     if fmt == "openssh":
         data += b"\n"
     write_output(out, data)
@@ -399,13 +408,23 @@ def key_public(state: State, name: str, fmt: str, out: str | None) -> None:
     type=click.Choice(algorithms.RSA_SIGN_ALGORITHMS),
     help="RSA only: pkcs1v15 (default) or pss.",
 )
+@click.option(
+    "--envelope",
+    is_flag=True,
+    help="Prefix the signature with the key version (docs/lifecycle.md), for `verify --envelope`.",
+)
 @pass_state
 def key_sign(
-    state: State, name: str, inp: str | None, out: str | None, algorithm: str | None
+    state: State,
+    name: str,
+    inp: str | None,
+    out: str | None,
+    algorithm: str | None,
+    envelope: bool,
 ) -> None:
     """Sign data (DER for ECDSA, raw for Ed25519, PKCS#1 v1.5 or PSS for RSA, HMAC tag,
     a FIDO assertion structure for fido-* keys)."""
-    write_output(out, state.keystore().sign(name, read_input(inp), algorithm))
+    write_output(out, state.keystore().sign(name, read_input(inp), algorithm, envelope=envelope))
 
 
 @key.command("verify")
@@ -413,10 +432,33 @@ def key_sign(
 @click.option("--signature", "sig", metavar="FILE", required=True, help="The signature file.")
 @click.option("--in", "inp", metavar="FILE", help="Signed data (default: stdin).")
 @click.option("--algorithm", type=click.Choice(algorithms.RSA_SIGN_ALGORITHMS))
+@click.option(
+    "--envelope",
+    is_flag=True,
+    help="The signature came from `sign --envelope` (names its version).",
+)
+@click.option(
+    "--version",
+    "version",
+    type=click.IntRange(1),
+    help="For a bare signature: the key version that made it (default: the newest).",
+)
 @pass_state
-def key_verify(state: State, name: str, sig: str, inp: str | None, algorithm: str | None) -> None:
+def key_verify(
+    state: State,
+    name: str,
+    sig: str,
+    inp: str | None,
+    algorithm: str | None,
+    envelope: bool,
+    version: int | None,
+) -> None:
     """Verify a signature: exit 0 if valid, 1 if not."""
-    state.keystore().verify(name, read_input(inp), read_input(sig), algorithm)
+    if envelope and version is not None:
+        raise click.UsageError("--version is for bare signatures; an envelope names its version")
+    state.keystore().verify(
+        name, read_input(inp), read_input(sig), algorithm, version=version, envelope=envelope
+    )
     state.emit({"valid": True}, "signature valid")
 
 
@@ -430,12 +472,26 @@ def key_verify(state: State, name: str, sig: str, inp: str | None, algorithm: st
     type=click.Choice(algorithms.RSA_ENCRYPT_ALGORITHMS),
     help="RSA only: oaep-sha256 (default) or oaep-sha1 (for tokens that have only that).",
 )
+@click.option(
+    "--raw",
+    is_flag=True,
+    help="Write the bare ciphertext, without the key-version prefix (docs/lifecycle.md).",
+)
 @pass_state
 def key_encrypt(
-    state: State, name: str, inp: str | None, out: str | None, aad: str, algorithm: str | None
+    state: State,
+    name: str,
+    inp: str | None,
+    out: str | None,
+    aad: str,
+    algorithm: str | None,
+    raw: bool,
 ) -> None:
-    """Encrypt (AES-256-GCM, XChaCha20-Poly1305, or RSA-OAEP)."""
-    write_output(out, state.keystore().encrypt(name, read_input(inp), aad.encode(), algorithm))
+    """Encrypt (AES-256-GCM, XChaCha20-Poly1305, or RSA-OAEP) with the newest key version;
+    the output names that version unless --raw."""
+    ks = state.keystore()
+    ct = ks.encrypt(name, read_input(inp), aad.encode(), algorithm, envelope=not raw)
+    write_output(out, ct)
 
 
 @key.command("decrypt")
@@ -448,12 +504,39 @@ def key_encrypt(
     type=click.Choice(algorithms.RSA_ENCRYPT_ALGORITHMS),
     help="RSA only: the OAEP hash used at encryption (default oaep-sha256).",
 )
+@click.option(
+    "--raw",
+    is_flag=True,
+    help="The input is a bare ciphertext (no key-version prefix), e.g. from openssl.",
+)
+@click.option(
+    "--version",
+    "version",
+    type=click.IntRange(1),
+    help="For a bare ciphertext: the key version that made it (default: the newest).",
+)
 @pass_state
 def key_decrypt(
-    state: State, name: str, inp: str | None, out: str | None, aad: str, algorithm: str | None
+    state: State,
+    name: str,
+    inp: str | None,
+    out: str | None,
+    aad: str,
+    algorithm: str | None,
+    raw: bool,
+    version: int | None,
 ) -> None:
-    """Decrypt what `key encrypt` made."""
-    write_output(out, state.keystore().decrypt(name, read_input(inp), aad.encode(), algorithm))
+    """Decrypt what `key encrypt` made, with the key version it names. Input without the
+    version prefix is taken as a bare ciphertext (as with --raw)."""
+    from . import lifecycle
+
+    data = read_input(inp)
+    envelope = not raw and lifecycle.is_versioned(lifecycle.CIPHERTEXT_MAGIC, data)
+    if envelope and version is not None:
+        raise click.UsageError("--version is for bare ciphertexts; this one names its version")
+    ks = state.keystore()
+    plain = ks.decrypt(name, data, aad.encode(), algorithm, version=version, envelope=envelope)
+    write_output(out, plain)
 
 
 @key.command("import")
@@ -552,11 +635,180 @@ def key_attest(state: State, name: str, nonce: str | None, out: str | None) -> N
 
 @key.command("delete")
 @click.argument("name")
+@click.option("--now", "at_once", is_flag=True, help="Destroy the key at once, with no wait.")
+@click.option(
+    "--after",
+    metavar="WAIT",
+    help="Waiting period before destruction, e.g. 30d or 12h (default: keystore.deletion_wait).",
+)
+@click.option("--cancel", is_flag=True, help="Cancel a scheduled deletion.")
 @pass_state
-def key_delete(state: State, name: str) -> None:
-    """Delete a key for good."""
-    state.keystore().delete(name)
-    state.emit({"deleted": name}, f"deleted {name!r}")
+def key_delete(state: State, name: str, at_once: bool, after: str | None, cancel: bool) -> None:
+    """Delete a key: after the waiting period (keystore.deletion_wait, default none), or --now.
+
+    A scheduled key does no work; `key delete --cancel NAME` brings it back until it is due.
+    """
+    from .lifecycle import parse_duration
+
+    if sum((at_once, after is not None, cancel)) > 1:
+        raise click.UsageError("give only one of --now, --after and --cancel")
+    ks = state.keystore()
+    if cancel:
+        info = ks.cancel_deletion(name)
+        state.emit(info.to_dict(), f"deletion of {name!r} cancelled")
+        return
+    if at_once:
+        ks.delete(name)
+        state.emit({"deleted": name}, f"deleted {name!r}")
+        return
+    scheduled = ks.schedule_deletion(name, None if after is None else parse_duration(after))
+    if scheduled is None or scheduled.delete_after is None:
+        state.emit({"deleted": name}, f"deleted {name!r}")
+        return
+    when = scheduled.delete_after.isoformat()
+    state.emit(
+        {"scheduled": name, "delete_after": when},
+        f"key {name!r} will be deleted at {when}; cancel with `key delete --cancel {name}`",
+    )
+
+
+@key.command("purge")
+@pass_state
+def key_purge(state: State) -> None:
+    """Carry out every scheduled deletion that is due (run it from cron or a timer)."""
+    done = state.keystore().purge_due()
+    state.emit(
+        {"deleted": [i.name for i in done]},
+        "\n".join(f"deleted {i.name!r}" for i in done) or "no deletion is due",
+    )
+
+
+@key.command("rotate")
+@click.argument("name")
+@click.option("--backend", help="Backend for the new version (default: the current version's).")
+@pass_state
+def key_rotate(state: State, name: str, backend: str | None) -> None:
+    """Make a new version of a key; it becomes primary, older ones still decrypt and verify."""
+    info = state.keystore().rotate(name, backend)
+    state.emit(
+        info.to_dict(), f"rotated {name!r}: version {info.version} in {info.backend} is primary"
+    )
+
+
+@key.command("versions")
+@click.argument("name")
+@pass_state
+def key_versions(state: State, name: str) -> None:
+    """List a key's versions (the last is primary) and which still decrypt."""
+    ks = state.keystore()
+    info = ks.info(name)
+    rows = [
+        {
+            "version": v.version,
+            "backend": v.backend,
+            "created": v.created.isoformat(),
+            "primary": v.version == info.version,
+            "decrypts": v.version >= info.min_decryption_version,
+        }
+        for v in ks.versions(name)
+    ]
+    state.emit(
+        rows,
+        lambda: table(
+            [
+                [
+                    str(r["version"]),
+                    str(r["backend"]),
+                    str(r["created"]),
+                    "primary" if r["primary"] else ("active" if r["decrypts"] else "retired"),
+                ]
+                for r in rows
+            ],
+            ["VERSION", "BACKEND", "CREATED", "STATE"],
+        ),
+    )
+
+
+@key.command("config")
+@click.argument("name")
+@click.option(
+    "--min-decryption-version",
+    "min_dec",
+    type=click.IntRange(1),
+    required=True,
+    help="Versions below this no longer decrypt or verify.",
+)
+@pass_state
+def key_config(state: State, name: str, min_dec: int) -> None:
+    """Change a key's settings: min_decryption_version (as in Vault's transit)."""
+    info = state.keystore().set_min_decryption_version(name, min_dec)
+    state.emit(info.to_dict(), f"key {name!r}: min_decryption_version {min_dec}")
+
+
+@key.command("trim")
+@click.argument("name")
+@pass_state
+def key_trim(state: State, name: str) -> None:
+    """Destroy the versions below min_decryption_version for good."""
+    gone = state.keystore().trim(name)
+    state.emit(
+        {"trimmed": gone},
+        f"destroyed versions {', '.join(map(str, gone))} of {name!r}"
+        if gone
+        else "no version to trim",
+    )
+
+
+@key.command("disable")
+@click.argument("name")
+@pass_state
+def key_disable(state: State, name: str) -> None:
+    """Refuse every use of a key until `key enable`."""
+    info = state.keystore().disable(name)
+    state.emit(info.to_dict(), f"key {name!r} disabled")
+
+
+@key.command("enable")
+@click.argument("name")
+@pass_state
+def key_enable(state: State, name: str) -> None:
+    """Allow a disabled key again."""
+    info = state.keystore().enable(name)
+    state.emit(info.to_dict(), f"key {name!r} enabled")
+
+
+@key.command("rewrap")
+@click.argument("name")
+@click.option("--in", "inp", metavar="FILE", help="Ciphertext or envelope (default: stdin).")
+@click.option("--out", "out", metavar="FILE", help="Where to write (default: stdout).")
+@click.option("--aad", default="", help="The associated data given at encryption.")
+@click.option("--algorithm", type=click.Choice(algorithms.RSA_ENCRYPT_ALGORITHMS))
+@pass_state
+def key_rewrap(
+    state: State, name: str, inp: str | None, out: str | None, aad: str, algorithm: str | None
+) -> None:
+    """Move a ciphertext from `key encrypt`, or a `strongroom encrypt` envelope, to the newest
+    version of its key. An envelope's data stays as it is: only its data key is rewrapped."""
+    from . import envelope
+
+    ks = state.keystore()
+    with _open_in(inp) as src:
+        lead = b""
+        while len(lead) < len(envelope.MAGIC) and (
+            piece := src.read(len(envelope.MAGIC) - len(lead))
+        ):
+            lead += piece
+        if lead == envelope.MAGIC:
+            if aad:
+                raise click.UsageError("--aad is for `key encrypt` ciphertexts, not envelopes")
+            with _open_out(out) as dst:
+                envelope.rewrap_stream(
+                    ks, _Prepended(lead, src), dst.stream, algorithm=algorithm, key=name
+                )
+                dst.commit()
+            return
+        data = lead + src.read()
+    write_output(out, ks.rewrap(name, data, aad.encode(), algorithm))
 
 
 @key.command("derive")
@@ -690,6 +942,155 @@ def key_slip10(
     """Derive a key at a SLIP-0010 path (e.g. m/44'/0'/0') from a seed key."""
     new = state.keystore().slip10_derive(seed, path, new_name, key_type, usage)
     state.emit(new.to_dict(), f"derived {new.type.value} key {new.name!r} at {path}")
+
+
+# -- envelope encryption -----------------------------------------------------------------------
+PROGRESS_MIN = 8 * 1024 * 1024
+"""Inputs at least this large get a progress bar (when stderr is a terminal)."""
+
+
+class _Output:
+    """A file written beside its destination and renamed into place only on success, so a
+    failure never leaves partial plaintext and never clobbers an existing file. stdout is
+    written as it comes."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self._tmp: str | None = None
+        if path in (None, "-"):
+            self.stream: BinaryIO = sys.stdout.buffer
+            return
+        target = Path(str(path))
+        directory = target.parent if str(target.parent) else Path(".")
+        import tempfile
+
+        try:
+            fd, self._tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=directory)
+        except OSError as e:
+            raise InvalidArgument(f"cannot write {path}: {e.strerror}") from None
+        self.stream = os.fdopen(fd, "wb", buffering=1 << 20)
+
+    def commit(self) -> None:
+        self.stream.flush()
+        if self._tmp is not None:
+            os.fsync(self.stream.fileno())
+            self.stream.close()
+            os.replace(self._tmp, str(self.path))
+            self._tmp = None
+
+    def abort(self) -> None:
+        if self._tmp is not None:
+            self.stream.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self._tmp)
+            self._tmp = None
+
+
+class _Prepended:
+    """A reader that gives `lead` first, then the rest of `src`."""
+
+    def __init__(self, lead: bytes, src: BinaryIO) -> None:
+        self._lead, self._src = lead, src
+
+    def read(self, n: int = -1) -> bytes:
+        if self._lead:
+            if n < 0:
+                out, self._lead = self._lead + self._src.read(), b""
+                return out
+            out, self._lead = self._lead[:n], self._lead[n:]
+            return out
+        return self._src.read(n)
+
+
+@contextlib.contextmanager
+def _open_out(path: str | None) -> Iterator[_Output]:
+    out = _Output(path)
+    try:
+        yield out
+    finally:
+        out.abort()
+
+
+@contextlib.contextmanager
+def _open_in(path: str | None) -> Iterator[io.BufferedReader]:
+    if path in (None, "-"):
+        yield cast(io.BufferedReader, sys.stdin.buffer)
+        return
+    try:
+        f = cast(io.BufferedReader, open(str(path), "rb", buffering=1 << 20))
+    except OSError as e:
+        raise InvalidArgument(f"cannot read {path}: {e.strerror}") from None
+    with f:
+        yield f
+
+
+@contextlib.contextmanager
+def _progress(src: BinaryIO, label: str) -> Iterator[Callable[[int], None] | None]:
+    """A progress bar on stderr for a large regular file, only when stderr is a terminal."""
+    size = 0
+    with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+        st = os.fstat(src.fileno())
+        if stat.S_ISREG(st.st_mode):
+            size = st.st_size
+    if size < PROGRESS_MIN or not sys.stderr.isatty():
+        yield None
+        return
+    with click.progressbar(length=size, label=label, file=sys.stderr) as bar:
+        yield bar.update
+
+
+@cli.command("encrypt")
+@click.option("--key", "name", required=True, help="The key that wraps the data key (the KEK).")
+@click.option("--in", "inp", metavar="FILE", help="Data to encrypt (default: stdin).")
+@click.option("--out", "out", metavar="FILE", help="Where the envelope goes (default: stdout).")
+@click.option(
+    "--algorithm",
+    type=click.Choice(algorithms.RSA_ENCRYPT_ALGORITHMS),
+    help="RSA KEKs only: oaep-sha256 (default) or oaep-sha1.",
+)
+@click.option(
+    "--chunk-size",
+    type=click.IntRange(1024, 16 * 1024 * 1024),
+    default=65536,
+    show_default=True,
+    help="Plaintext bytes per authenticated chunk.",
+)
+@pass_state
+def encrypt_cmd(
+    state: State,
+    name: str,
+    inp: str | None,
+    out: str | None,
+    algorithm: str | None,
+    chunk_size: int,
+) -> None:
+    """Envelope-encrypt a file or stream of any size: a fresh data key wrapped by --key, the
+    data in authenticated AES-256-GCM chunks (docs/envelope.md)."""
+    ks = state.keystore()
+    with _open_in(inp) as src, _open_out(out) as dst, _progress(src, "encrypting") as bar:
+        header = ks.encrypt_stream(
+            name, src, dst.stream, algorithm=algorithm, chunk_size=chunk_size, progress=bar
+        )
+        dst.commit()
+    if state.json and out not in (None, "-"):
+        state.emit(header)
+
+
+@cli.command("decrypt")
+@click.option("--in", "inp", metavar="FILE", help="The envelope (default: stdin).")
+@click.option("--out", "out", metavar="FILE", help="Where the plaintext goes (default: stdout).")
+@pass_state
+def decrypt_cmd(state: State, inp: str | None, out: str | None) -> None:
+    """Decrypt an envelope from `strongroom encrypt`; its header names the key and version.
+
+    With --out, the file appears only if every chunk authenticates. On stdout, chunks are
+    written as they authenticate, and a failure exits non-zero after them."""
+    ks = state.keystore()
+    with _open_in(inp) as src, _open_out(out) as dst, _progress(src, "decrypting") as bar:
+        header = ks.decrypt_stream(src, dst.stream, progress=bar)
+        dst.commit()
+    if state.json and out not in (None, "-"):
+        state.emit(header)
 
 
 # -- attest ------------------------------------------------------------------------------------

@@ -11,12 +11,14 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import platformdirs
 
-from .errors import ConfigError
+from .errors import ConfigError, InvalidArgument
+from .lifecycle import parse_duration
 
 APP = "strongroom"
 VAULT_TYPE = "vault"
@@ -31,6 +33,7 @@ KEYSTORE_KEYS = {
     "audit_signing_key": "name of the key (namespace _audit) that signs audit checkpoints",
     "audit_signing_backend": "backend that holds the checkpoint signing key (default: vault)",
     "audit_checkpoint_every": "sign a checkpoint after this many records per process (0: never)",
+    "deletion_wait": "how long `key delete` waits before it destroys a key, e.g. 7d (default 0)",
 }
 RESERVED_NAMESPACE_PREFIX = "_"
 """Namespaces starting with `_` are Strongroom's own (`_audit` holds the checkpoint key)."""
@@ -66,6 +69,8 @@ class Config:
     audit_signing_key: str = "checkpoints"
     audit_signing_backend: str | None = None
     audit_checkpoint_every: int = 1000
+
+    deletion_wait: timedelta = timedelta(0)
 
     def error(self, message: str, table: str | None = None, key: str | None = None) -> ConfigError:
         """A ConfigError naming this file, and the line of `table.key` when it can be found."""
@@ -161,6 +166,14 @@ def parse(raw: Mapping[str, Any], path: str | None, text: str) -> Config:
             if type(value) is not int or not 0 <= value <= 10_000_000:
                 raise cfg.error("must be an integer from 0 to 10000000", "keystore", key)
             cfg.audit_checkpoint_every = value
+
+        elif key == "deletion_wait":
+            if isinstance(value, bool) or not isinstance(value, str | int):
+                raise cfg.error("must be a waiting period such as 7d, 12h or 0", "keystore", key)
+            try:
+                cfg.deletion_wait = parse_duration(value)
+            except InvalidArgument as e:
+                raise cfg.error(str(e), "keystore", key) from None
     backends = raw.get("backends", {})
     if not isinstance(backends, dict):
         raise cfg.error("must be a table of [backends.NAME] tables", "backends")

@@ -181,3 +181,20 @@ class AuditUnavailable(StrongroomError):
     its result (a signature, a plaintext) is not returned."""
 
     exit_code = 13
+
+
+# -- key lifecycle and envelope encryption (docs/lifecycle.md, docs/envelope.md) --------------
+class KeyDisabled(PolicyViolation):
+    """The key is disabled (`key enable` turns it back on), or scheduled for deletion."""
+
+
+class VersionRetired(PolicyViolation):
+    """The data names a key version below the key's min_decryption_version, or one that is gone."""
+
+
+class DataFormatError(IntegrityError):
+    """Versioned or enveloped data is not in a format (or format version) this Strongroom reads."""
+
+
+class DataTruncated(IntegrityError):
+    """An encrypted stream ends before its final chunk: it was cut short."""

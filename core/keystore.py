@@ -7,15 +7,17 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from importlib import metadata
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
-from . import algorithms
+from . import algorithms, lifecycle
 from .audit import Audit
 from .auditlog import KeystoreSigner
 from .backend import (
@@ -32,17 +34,20 @@ from .backend import (
     VaultControl,
     no_presence_prompt,
 )
-from .catalog import Catalog, now
+from .catalog import Catalog, KeyVersion, now
 from .config import VAULT_TYPE, BackendConfig, Config
 from .errors import (
     AttestationInvalid,
     BackendUnavailable,
     ConfigError,
     InvalidArgument,
+    KeyDisabled,
     KeyExists,
+    KeyNotFound,
     PolicyViolation,
     StrongroomError,
     UnsupportedOperation,
+    VersionRetired,
 )
 from .secrets import Prompter, SecretSource, terminal_prompter, validate_reference
 from .types import OPERATION_USAGE, KeyInfo, KeyType, Operation, Usage
@@ -288,21 +293,64 @@ class Keystore:
         return _Audited(self.audit, op, key, detail, payload)
 
     def _key(
-        self, name: str, op: Operation | None, facts: dict[str, Any]
+        self, name: str, op: Operation | None, facts: dict[str, Any], version: int | None = None
     ) -> tuple[KeyInfo, Backend]:
         info = self.catalog.get(self.namespace, name)
         facts["backend"] = info.backend
         if op is not None:
+            if info.disabled or info.delete_after is not None:
+                self._refuse_state(info)
             needed = OPERATION_USAGE.get(op)
             if needed is not None and needed not in info.usage:
                 allowed = ", ".join(sorted(u.value for u in info.usage))
                 raise PolicyViolation(
                     f"key {name!r} may not be used to {op.value}; its usages: {allowed}"
                 )
+        if version is not None and version != info.version:
+            info = self._version_info(info, version)
+            facts["backend"] = info.backend
+            facts["version"] = version
         b = self._backends.get(info.backend)
         if b is not None and b.name in self._opened:
             return info, b  # the hot path: a configured backend that is open already
         return info, self._ready(self.backend(info.backend))
+
+    def _refuse_state(self, info: KeyInfo) -> None:
+        """A disabled key, or one scheduled for deletion, does no work; a due one is destroyed."""
+        if info.delete_after is not None:
+            if info.delete_after <= now():
+                self._destroy_due(info)
+                raise KeyNotFound(info.name, info.namespace)
+            raise KeyDisabled(
+                f"key {info.name!r} is scheduled for deletion at {info.delete_after.isoformat()}; "
+                "cancel with `key delete --cancel`"
+            )
+        raise KeyDisabled(f"key {info.name!r} is disabled; `key enable` turns it back on")
+
+    def _version_info(self, info: KeyInfo, version: int) -> KeyInfo:
+        """The catalog entry of an older version of a key (for decrypt and verify)."""
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise InvalidArgument("a key version is a whole number from 1")
+        if version > info.version:
+            raise VersionRetired(
+                f"key {info.name!r} has no version {version}; its newest is {info.version}"
+            )
+        if version < info.min_decryption_version:
+            raise VersionRetired(
+                f"version {version} of key {info.name!r} is retired: its min_decryption_version "
+                f"is {info.min_decryption_version}"
+            )
+        for v in self.catalog.versions(info.namespace, info.name):
+            if v.version == version:
+                return replace(
+                    info,
+                    backend=v.backend,
+                    handle=v.handle,
+                    version=v.version,
+                    created=v.created,
+                    attributes=v.attributes,
+                )
+        raise VersionRetired(f"version {version} of key {info.name!r} has been deleted")
 
     def _new_info(
         self,
@@ -470,10 +518,10 @@ class Keystore:
         """Every key in this namespace."""
         return self.catalog.list(self.namespace)
 
-    def public_key(self, name: str) -> PublicKeyTypes:
-        """The public key as a `cryptography` object."""
+    def public_key(self, name: str, version: int | None = None) -> PublicKeyTypes:
+        """The public key as a `cryptography` object (of `version`, default the primary)."""
         with self._audited("public_key", name) as facts:
-            info, b = self._key(name, None, facts)
+            info, b = self._key(name, None, facts, version)
             if not info.type.is_asymmetric:
                 raise InvalidArgument(
                     f"key {name!r} is a {info.type.value} key and has no public key"
@@ -497,19 +545,43 @@ class Keystore:
                 raise InvalidArgument("an attestation nonce is 1 to 64 bytes")
             return {**b.attest(info, nonce), "backend_type": b.type_name}
 
-    def sign(self, name: str, data: bytes, algorithm: str | None = None) -> bytes:
-        """Sign (or, for an HMAC key, MAC) `data`."""
+    def sign(
+        self, name: str, data: bytes, algorithm: str | None = None, *, envelope: bool = False
+    ) -> bytes:
+        """Sign (or, for an HMAC key, MAC) `data` with the primary version.
+
+        With `envelope=True` the signature carries the key version (docs/lifecycle.md), so
+        `verify(..., envelope=True)` checks it with that version after a rotation.
+        """
         with self._audited("sign", name, data, size=len(data)) as facts:
             info, b = self._key(name, Operation.SIGN, facts)
             algorithms.check_sign_algorithm(info.type, algorithm)
-            return b.sign(info, bytes(data), algorithm)
+            sig = b.sign(info, bytes(data), algorithm)
+            if envelope:
+                return lifecycle.pack(lifecycle.SIGNATURE_MAGIC, info.version, sig)
+            return sig
 
     def verify(
-        self, name: str, data: bytes, signature: bytes, algorithm: str | None = None
+        self,
+        name: str,
+        data: bytes,
+        signature: bytes,
+        algorithm: str | None = None,
+        *,
+        version: int | None = None,
+        envelope: bool = False,
     ) -> None:
-        """Return None, or raise cryptography's InvalidSignature."""
+        """Return None, or raise cryptography's InvalidSignature.
+
+        A bare signature is checked with `version` (default: the primary version); an
+        enveloped one (`envelope=True`) with the version it names.
+        """
         with self._audited("verify", name, data, size=len(data)) as facts:
-            info, b = self._key(name, Operation.VERIFY, facts)
+            if envelope:
+                version, signature = lifecycle.unpack(
+                    lifecycle.SIGNATURE_MAGIC, signature, "signature"
+                )
+            info, b = self._key(name, Operation.VERIFY, facts, version)
             if info.type is KeyType.HMAC_SHA256:
                 if algorithm is not None:
                     raise InvalidArgument("HMAC keys take no signature algorithm")
@@ -524,23 +596,53 @@ class Keystore:
             algorithms.verify_signature(info.type, b.public_key(info), data, signature, algorithm)
 
     def encrypt(
-        self, name: str, plaintext: bytes, aad: bytes = b"", algorithm: str | None = None
+        self,
+        name: str,
+        plaintext: bytes,
+        aad: bytes = b"",
+        algorithm: str | None = None,
+        *,
+        envelope: bool = False,
     ) -> bytes:
-        """AEAD-encrypt with a symmetric key, or RSA-OAEP to an RSA key's public half."""
+        """AEAD-encrypt with a symmetric key, or RSA-OAEP to an RSA key's public half.
+
+        Uses the primary version. With `envelope=True` the result carries that version
+        (docs/lifecycle.md), so it still decrypts after the key is rotated.
+        """
         with self._audited("encrypt", name, plaintext, size=len(plaintext)) as facts:
             info, b = self._key(name, Operation.ENCRYPT, facts)
             if info.type.is_rsa:
                 if aad:
                     raise InvalidArgument("RSA-OAEP takes no associated data")
-                return algorithms.rsa_encrypt(b.public_key(info), bytes(plaintext), algorithm)
-            return b.encrypt(info, bytes(plaintext), bytes(aad), algorithm)
+                ct = algorithms.rsa_encrypt(b.public_key(info), bytes(plaintext), algorithm)
+            else:
+                ct = b.encrypt(info, bytes(plaintext), bytes(aad), algorithm)
+            if envelope:
+                return lifecycle.pack(lifecycle.CIPHERTEXT_MAGIC, info.version, ct)
+            return ct
 
     def decrypt(
-        self, name: str, ciphertext: bytes, aad: bytes = b"", algorithm: str | None = None
+        self,
+        name: str,
+        ciphertext: bytes,
+        aad: bytes = b"",
+        algorithm: str | None = None,
+        *,
+        version: int | None = None,
+        envelope: bool = False,
     ) -> bytes:
-        """Decrypt what `encrypt` made; IntegrityError if it was altered or the key is wrong."""
+        """Decrypt what `encrypt` made; IntegrityError if it was altered or the key is wrong.
+
+        A bare ciphertext is decrypted with `version` (default: the primary version); an
+        enveloped one (`envelope=True`) with the version it names. Versions below the key's
+        min_decryption_version raise VersionRetired.
+        """
         with self._audited("decrypt", name, ciphertext, size=len(ciphertext)) as facts:
-            info, b = self._key(name, Operation.DECRYPT, facts)
+            if envelope:
+                version, ciphertext = lifecycle.unpack(
+                    lifecycle.CIPHERTEXT_MAGIC, ciphertext, "ciphertext"
+                )
+            info, b = self._key(name, Operation.DECRYPT, facts, version)
             if info.type.is_rsa and aad:
                 raise InvalidArgument("RSA-OAEP takes no associated data")
             return b.decrypt(info, bytes(ciphertext), bytes(aad), algorithm)
@@ -619,19 +721,237 @@ class Keystore:
             return self._create(new, b, lambda n: b.unwrap(wk, bytes(blob), n))
 
     def delete(self, name: str) -> None:
-        """Destroy the backend key, then remove the catalog row.
+        """Destroy the backend key (every version of it) now, then remove the catalog rows.
 
         In this order a failure never leaves a key that the catalog calls deleted: at worst
         a row whose key is gone, and deleting again finishes the job. A key registered with
-        `adopt` is only removed from the catalog; the backend keeps it.
+        `adopt` is only removed from the catalog; the backend keeps it. For a deletion after
+        a waiting period, see `schedule_deletion`.
         """
         with self._audited("delete", name) as facts:
             info = self.catalog.get(self.namespace, name)
             facts["backend"] = info.backend
-            b = self._ready(self.backend(info.backend))
-            if info.attributes.get(ADOPTED) != "true":  # an adopted key is only forgotten
-                b.delete(info)
-            self.catalog.remove(self.namespace, name)
+            self._destroy(info)
+
+    def _destroy(self, info: KeyInfo) -> None:
+        """Destroy every version's backend key (adopted ones are only forgotten), then rows."""
+        versions = self.catalog.versions(info.namespace, info.name)
+        if not versions:  # pragma: no cover - a schema 2 catalog has a row per version
+            versions = [KeyVersion(info.version, info.backend, now(), info.handle, info.attributes)]
+        for v in versions:
+            if v.attributes.get(ADOPTED) == "true":
+                continue
+            b = self._ready(self.backend(v.backend))
+            b.delete(replace(info, backend=v.backend, handle=v.handle, version=v.version))
+        self.catalog.remove(info.namespace, info.name)
+
+    # -- versions and lifecycle (docs/lifecycle.md) --------------------------------------------
+    def rotate(self, name: str, backend: str | None = None) -> KeyInfo:
+        """Make a new version of a key (in `backend`, else the primary's) and make it primary.
+
+        Older versions keep decrypting and verifying until min_decryption_version passes them.
+        The new version has the key's type, usage and exportable flag. Backend key first,
+        then the catalog; the new backend key is destroyed if the catalog refuses it.
+        """
+        with self._audited("rotate", name) as facts:
+            info = self.catalog.get(self.namespace, name)
+            if info.disabled or info.delete_after is not None:
+                self._refuse_state(info)
+            b = self._choose_backend(info.type, Operation.GENERATE, backend or info.backend)
+            facts["backend"] = b.name
+            new_version = info.version + 1
+            if new_version > lifecycle.MAX_VERSION:
+                raise InvalidArgument(f"key {name!r} has run out of versions")
+            new = replace(
+                info,
+                backend=b.name,
+                handle="",
+                version=new_version,
+                created=now(),
+                attributes={},
+            )
+            handle = b.generate(NewKey(new))
+            try:
+                self.catalog.add_version(
+                    info.namespace,
+                    name,
+                    KeyVersion(new_version, b.name, new.created or now(), handle, {}),
+                )
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    b.delete(replace(new, handle=handle))
+                raise
+            facts["version"] = new_version
+            return self.catalog.get(self.namespace, name)
+
+    def versions(self, name: str) -> list[KeyVersion]:
+        """Every version of a key that still exists, oldest first; the last is primary."""
+        return self.catalog.versions(self.namespace, name)
+
+    def set_min_decryption_version(self, name: str, version: int) -> KeyInfo:
+        """Retire versions below `version`: they no longer decrypt or verify (reversible, as
+        in Vault's transit, until `trim` destroys them)."""
+        with self._audited("key_config", name, min_decryption_version=version) as facts:
+            info = self.catalog.get(self.namespace, name)
+            facts["backend"] = info.backend
+            if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+                raise InvalidArgument("min_decryption_version is a whole number from 1")
+            if version > info.version:
+                raise InvalidArgument(
+                    f"min_decryption_version {version} is above the newest version of key "
+                    f"{name!r} ({info.version})"
+                )
+            oldest = self.catalog.versions(self.namespace, name)[0].version
+            if version < oldest:
+                raise InvalidArgument(
+                    f"versions below {oldest} of key {name!r} were trimmed and cannot come back"
+                )
+            return self.catalog.set_state(self.namespace, name, min_decryption_version=version)
+
+    def trim(self, name: str) -> list[int]:
+        """Destroy the backend keys of versions below min_decryption_version, for good.
+
+        Returns the versions destroyed. Data made with them can never be decrypted again.
+        """
+        with self._audited("trim", name) as facts:
+            info = self.catalog.get(self.namespace, name)
+            facts["backend"] = info.backend
+            gone = []
+            for v in self.catalog.versions(self.namespace, name):
+                if v.version >= info.min_decryption_version:
+                    break
+                if v.attributes.get(ADOPTED) != "true":
+                    b = self._ready(self.backend(v.backend))
+                    b.delete(replace(info, backend=v.backend, handle=v.handle, version=v.version))
+                self.catalog.remove_version(self.namespace, name, v.version)
+                gone.append(v.version)
+            facts["versions"] = gone
+            return gone
+
+    def disable(self, name: str) -> KeyInfo:
+        """Refuse every operation with the key until `enable`; nothing is destroyed."""
+        with self._audited("disable", name) as facts:
+            facts["backend"] = self.catalog.get(self.namespace, name).backend
+            return self.catalog.set_state(self.namespace, name, disabled=True)
+
+    def enable(self, name: str) -> KeyInfo:
+        """Undo `disable`."""
+        with self._audited("enable", name) as facts:
+            facts["backend"] = self.catalog.get(self.namespace, name).backend
+            return self.catalog.set_state(self.namespace, name, disabled=False)
+
+    def schedule_deletion(self, name: str, wait: timedelta | None = None) -> KeyInfo | None:
+        """Schedule the key's destruction after `wait` (default: the config's deletion_wait).
+
+        Until then the key does no work and `cancel_deletion` brings it back. Once due, the
+        deletion is carried out by `purge_due` (`strongroom key purge`) or by the next
+        attempt to use the key. A zero wait destroys the key at once, as `delete` does, and
+        returns None.
+        """
+        wait = self.config.deletion_wait if wait is None else wait
+        if not isinstance(wait, timedelta) or wait < timedelta(0):
+            raise InvalidArgument("a waiting period is a timedelta of zero or more")
+        if not wait:
+            self.delete(name)
+            return None
+        with self._audited("schedule_deletion", name, wait_seconds=int(wait.total_seconds())) as f:
+            info = self.catalog.get(self.namespace, name)
+            f["backend"] = info.backend
+            if info.delete_after is not None:
+                raise InvalidArgument(
+                    f"key {name!r} is already scheduled for deletion at "
+                    f"{info.delete_after.isoformat()}"
+                )
+            return self.catalog.set_state(self.namespace, name, delete_after=now() + wait)
+
+    def cancel_deletion(self, name: str) -> KeyInfo:
+        """Cancel a scheduled deletion; the key works again (unless it is disabled)."""
+        with self._audited("cancel_deletion", name) as facts:
+            info = self.catalog.get(self.namespace, name)
+            facts["backend"] = info.backend
+            if info.delete_after is None:
+                raise InvalidArgument(f"key {name!r} is not scheduled for deletion")
+            if info.delete_after <= now():
+                self._destroy_due(info)
+                raise KeyNotFound(name, self.namespace)
+            return self.catalog.set_state(self.namespace, name, delete_after=None)
+
+    def purge_due(self) -> list[KeyInfo]:
+        """Carry out every scheduled deletion that is due (all namespaces); return those keys."""
+        done = []
+        for info in self.catalog.due_for_deletion(now()):
+            self._destroy_due(info)
+            done.append(info)
+        return done
+
+    def _destroy_due(self, info: KeyInfo) -> None:
+        """Carry out a scheduled deletion that is due, as its own audit event."""
+        with self._audited("delete", info.name, scheduled="yes") as facts:
+            facts["backend"] = info.backend
+            self._destroy(info)
+
+    def rewrap(
+        self, name: str, ciphertext: bytes, aad: bytes = b"", algorithm: str | None = None
+    ) -> bytes:
+        """Re-encrypt an enveloped ciphertext under the key's primary version.
+
+        The plaintext passes through this process's memory (a Python bytes object, as every
+        `decrypt` result does) and is never returned; see docs/lifecycle.md.
+        """
+        with self._audited("rewrap", name, size=len(ciphertext)) as facts:
+            version, body = lifecycle.unpack(lifecycle.CIPHERTEXT_MAGIC, ciphertext, "ciphertext")
+            facts["from_version"] = version
+            old, ob = self._key(name, Operation.DECRYPT, facts, version)
+            if old.type.is_rsa and aad:
+                raise InvalidArgument("RSA-OAEP takes no associated data")
+            plain = ob.decrypt(old, bytes(body), bytes(aad), algorithm)
+            info, b = self._key(name, Operation.ENCRYPT, facts)
+            facts["backend"] = info.backend
+            if info.type.is_rsa:
+                ct = algorithms.rsa_encrypt(b.public_key(info), plain, algorithm)
+            else:
+                ct = b.encrypt(info, plain, bytes(aad), algorithm)
+            del plain
+            return lifecycle.pack(lifecycle.CIPHERTEXT_MAGIC, info.version, ct)
+
+    # -- envelope encryption (docs/envelope.md) ------------------------------------------------
+    def encrypt_stream(
+        self,
+        name: str,
+        src: BinaryIO,
+        dst: BinaryIO,
+        *,
+        algorithm: str | None = None,
+        chunk_size: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[str, Any]:
+        """Envelope-encrypt the stream `src` into `dst`: a fresh data key wrapped by key `name`,
+        the data in AES-256-GCM STREAM chunks. Returns the header (no secrets)."""
+        from . import envelope
+
+        with self._audited("envelope_encrypt", name) as facts:
+            facts["backend"] = self.catalog.get(self.namespace, name).backend
+            header = envelope.encrypt_stream(
+                self,
+                name,
+                src,
+                dst,
+                algorithm=algorithm,
+                chunk_size=chunk_size or envelope.DEFAULT_CHUNK,
+                progress=progress,
+            )
+            return header.to_dict()
+
+    def decrypt_stream(
+        self, src: BinaryIO, dst: BinaryIO, *, progress: Callable[[int], None] | None = None
+    ) -> dict[str, Any]:
+        """Decrypt what `encrypt_stream` made; the header names the key and its version."""
+        from . import envelope
+
+        with self._audited("envelope_decrypt", None) as facts:
+            header = envelope.decrypt_stream(self, src, dst, progress=progress)
+            facts["backend"] = self.catalog.get(self.namespace, header.key).backend
+            return header.to_dict()
 
     def vault_control(self) -> VaultControl:
         """The vault's own commands (init, unlock, enroll, backup, ...), audited."""
@@ -877,8 +1197,9 @@ def vault_restore(ks: Keystore, source: str | os.PathLike[str]) -> dict[str, Any
             if info.handle not in kept:
                 ks.catalog.remove(info.namespace, info.name)
                 removed.append(info.name)
+        versions = ks.catalog.handles(name)  # older versions of rotated keys, too
         for info in restored:
-            if info.handle in current:
+            if info.handle in current or info.handle in versions:
                 continue
             if ks.catalog.exists(info.namespace, info.name):
                 conflicts.append(info.name)

@@ -187,6 +187,11 @@ class KeyInfo:
     created: datetime | None = None
     handle: str = field(default="", repr=False)
     attributes: dict[str, str] = field(default_factory=dict, compare=False)
+    min_decryption_version: int = 1
+    """Versions older than this no longer decrypt or verify (docs/lifecycle.md)."""
+    disabled: bool = False
+    delete_after: datetime | None = None
+    """When a scheduled deletion is due; None when none is scheduled."""
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready view, as the CLI's --json prints it."""
@@ -200,4 +205,7 @@ class KeyInfo:
             "version": self.version,
             "created": self.created.isoformat() if self.created else None,
             "attributes": dict(self.attributes),
+            "min_decryption_version": self.min_decryption_version,
+            "disabled": self.disabled,
+            "delete_after": self.delete_after.isoformat() if self.delete_after else None,
         }

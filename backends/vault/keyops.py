@@ -148,7 +148,17 @@ def from_raw(key_type: KeyType, raw: memoryview) -> tuple[Guarded, bytes | None]
                 d[: len(prefix)] = prefix
                 d[len(prefix) :] = raw
             with der.read() as d:
-                return from_der(key_type, d)
+                try:
+                    key = serialization.load_der_private_key(d, None)
+                except (ValueError, TypeError, UnsupportedAlgorithm):
+                    raise InvalidArgument(
+                        f"the key material is not a {key_type.value} key"
+                    ) from None
+                public = key.public_key()
+                del key
+        if not algorithms.public_key_matches(key_type, public):
+            raise InvalidArgument(f"the key material is not a {key_type.value} key")
+        return _ec_pkcs8(key_type, raw, public), public_bytes_of(key_type, public)
     if key_type in (KeyType.AES_256, KeyType.HMAC_SHA256, KeyType.CHACHA20_POLY1305):
         _expect_len(key_type, raw, SYMMETRIC_SIZE)
         return Guarded.from_buffer(raw), None
@@ -171,6 +181,50 @@ _EC_PKCS8_PREFIX = {
         "303e020100301006072a8648ce3d020106052b8104000a042730250201010420"
     ),
 }
+
+
+_EC_CURVE_OID = {
+    KeyType.ECDSA_P256: bytes.fromhex("06082a8648ce3d030107"),
+    KeyType.ECDSA_P384: bytes.fromhex("06052b81040022"),
+    KeyType.SECP256K1: bytes.fromhex("06052b8104000a"),
+}
+_EC_PUBLIC_KEY_OID = bytes.fromhex("06072a8648ce3d0201")
+
+
+def _der_len(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    if n < 0x100:
+        return bytes([0x81, n])
+    return bytes([0x82, n >> 8, n & 0xFF])
+
+
+def _ec_pkcs8(key_type: KeyType, scalar: memoryview, public: PublicKeyTypes) -> Guarded:
+    """The PKCS#8 that `private_bytes(DER, PKCS8)` makes for an EC key (RFC 5208 around an
+    RFC 5915 ECPrivateKey with its public key), written straight into guarded memory.
+
+    `private_bytes` would leave the key in a freed heap buffer of the library (a Rust Vec
+    that is not zeroed), which tests/test_memory_scan.py can find; and storing the key
+    without its public point would make every later load compute it from the scalar,
+    leaving the scalar on the stack.
+    """
+    point = algorithms.encode_public(public, "raw")  # uncompressed: 04 || x || y
+    bits = b"\x03" + _der_len(len(point) + 1) + b"\x00" + point
+    tagged = b"\xa1" + _der_len(len(bits)) + bits
+    head = b"\x02\x01\x01\x04" + _der_len(len(scalar))
+    inner_len = len(head) + len(scalar) + len(tagged)
+    inner_head = b"\x30" + _der_len(inner_len)
+    octet_head = b"\x04" + _der_len(len(inner_head) + inner_len)
+    alg = _EC_PUBLIC_KEY_OID + _EC_CURVE_OID[key_type]
+    alg = b"\x30" + _der_len(len(alg)) + alg
+    body_len = 3 + len(alg) + len(octet_head) + len(inner_head) + inner_len
+    lead = b"\x30" + _der_len(body_len) + b"\x02\x01\x00" + alg + octet_head + inner_head + head
+    g = Guarded(len(lead) + len(scalar) + len(tagged))
+    with g.write() as out:
+        out[: len(lead)] = lead
+        out[len(lead) : len(lead) + len(scalar)] = scalar
+        out[len(lead) + len(scalar) :] = tagged
+    return g
 
 
 def from_der(key_type: KeyType, der: memoryview) -> tuple[Guarded, bytes | None]:

@@ -1,0 +1,105 @@
+"""Key versions and envelope encryption with SoftHSM2 behind python-pkcs11: rotation in the
+token, rotation from the vault into the token, deletion of every version (checked with
+OpenSC's pkcs11-tool), and the token's AES and RSA keys as envelope KEKs."""
+
+from __future__ import annotations
+
+import io
+import os
+from datetime import timedelta
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from pkcs11_support import SoftHsm, config, ks, list_objects, softhsm
+
+from strongroom import envelope, lifecycle
+from strongroom.errors import IntegrityError, VersionRetired
+from strongroom.keystore import Keystore
+
+__all__ = ["config", "ks", "softhsm"]  # fixtures, imported so pytest finds them
+
+
+def labelled(hsm: SoftHsm, label: str) -> int:
+    return sum(1 for o in list_objects(hsm) if o.get("label") == label)
+
+
+def test_rotation_in_the_token(ks: Keystore, softhsm: SoftHsm) -> None:
+    ks.generate("lc-aes", "aes-256", backend="hsm")
+    ks.generate("lc-ec", "ecdsa-p256", backend="hsm")
+    ct1 = ks.encrypt("lc-aes", b"v1 data", b"aad", envelope=True)
+    sig1 = ks.sign("lc-ec", b"msg", envelope=True)
+    pub1 = ks.public_key("lc-ec")
+    assert ks.rotate("lc-aes").version == 2
+    assert ks.rotate("lc-ec").backend == "hsm"
+    assert labelled(softhsm, "lc-aes") == 2  # both versions are token objects
+    ct2 = ks.encrypt("lc-aes", b"v2 data", b"aad", envelope=True)
+    assert ks.decrypt("lc-aes", ct1, b"aad", envelope=True) == b"v1 data"
+    assert ks.decrypt("lc-aes", ct2, b"aad", envelope=True) == b"v2 data"
+    ks.verify("lc-ec", b"msg", sig1, envelope=True)
+    # the old version's public key still checks its bare signature, outside Strongroom too
+    assert ks.public_key("lc-ec", version=1) == pub1 != ks.public_key("lc-ec")
+    _, bare = lifecycle.unpack(lifecycle.SIGNATURE_MAGIC, sig1, "signature")
+    assert isinstance(pub1, ec.EllipticCurvePublicKey)
+    pub1.verify(bare, b"msg", ec.ECDSA(hashes.SHA256()))
+    moved = ks.rewrap("lc-aes", ct1, b"aad")
+    ks.set_min_decryption_version("lc-aes", 2)
+    with pytest.raises(VersionRetired):
+        ks.decrypt("lc-aes", ct1, b"aad", envelope=True)
+    assert ks.decrypt("lc-aes", moved, b"aad", envelope=True) == b"v1 data"
+    assert ks.trim("lc-aes") == [1]
+    assert labelled(softhsm, "lc-aes") == 1  # version 1 left the token
+    ks.delete("lc-aes")
+    ks.delete("lc-ec")
+    assert labelled(softhsm, "lc-aes") == 0 and labelled(softhsm, "lc-ec") == 0
+
+
+def test_rotation_from_the_vault_into_the_token(ks: Keystore, softhsm: SoftHsm) -> None:
+    first = ks.generate("lc-move", "aes-256", backend="vault")
+    ct1 = ks.encrypt("lc-move", b"soft", envelope=True)
+    info = ks.rotate("lc-move", backend="hsm")
+    assert (first.backend, info.backend, info.version) == ("vault", "hsm", 2)
+    assert [(v.version, v.backend) for v in ks.versions("lc-move")] == [(1, "vault"), (2, "hsm")]
+    ct2 = ks.encrypt("lc-move", b"hard", envelope=True)
+    assert ks.decrypt("lc-move", ct1, envelope=True) == b"soft"
+    assert ks.decrypt("lc-move", ct2, envelope=True) == b"hard"
+    with pytest.raises(IntegrityError):  # the token's key cannot open the vault's ciphertext
+        ks.decrypt("lc-move", ct1[lifecycle.HEADER_SIZE :])
+    ks.schedule_deletion("lc-move", timedelta(seconds=1))
+    assert labelled(softhsm, "lc-move") == 1
+    import time
+
+    time.sleep(1.1)
+    assert [i.name for i in ks.purge_due()] == ["lc-move"]
+    assert labelled(softhsm, "lc-move") == 0
+
+
+@pytest.mark.parametrize(
+    ("key_type", "usage", "algorithm"),
+    [("aes-256", None, None), ("rsa-2048", "encrypt,decrypt", "oaep-sha1")],
+)
+def test_token_keys_as_envelope_keks(
+    ks: Keystore, key_type: str, usage: str | None, algorithm: str | None
+) -> None:
+    name = f"lc-kek-{key_type}"
+    ks.generate(name, key_type, backend="hsm", usage=usage)
+    data = os.urandom(200_000)
+    blob = io.BytesIO()
+    header = ks.encrypt_stream(name, io.BytesIO(data), blob, algorithm=algorithm)
+    assert header["kek"] == {
+        "algorithm": algorithm,
+        "key": name,
+        "namespace": "default",
+        "type": key_type,
+        "version": 1,
+    }
+    out = io.BytesIO()
+    ks.decrypt_stream(io.BytesIO(blob.getvalue()), out)
+    assert out.getvalue() == data
+    bad = bytearray(blob.getvalue())
+    bad[-1] ^= 1
+    with pytest.raises(IntegrityError):
+        ks.decrypt_stream(io.BytesIO(bytes(bad)), io.BytesIO())
+    hdr, _, _ = envelope.read_header(io.BytesIO(blob.getvalue()))
+    assert data[:64] not in hdr.wrapped_key
+    ks.delete(name)
