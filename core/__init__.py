@@ -11,6 +11,7 @@ with strongroom.open() as ks:
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from . import config as _config
 from .backend import (
@@ -44,6 +45,9 @@ from .errors import (
     UnsupportedOperation,
 )
 from .keystore import BackendStatus, Keystore
+
+if TYPE_CHECKING:
+    from .client import RemoteKeystore
 from .secrets import Prompter
 from .types import KeyInfo, KeyType, Operation, Usage
 
@@ -65,6 +69,16 @@ def open(
     return Keystore(_config.load(config), actor=actor, prompter=prompter, presence=presence)
 
 
+def connect(url: str | None = None, **options: object) -> RemoteKeystore:
+    """Connect to a running `strongroom serve`: the same key API, over the wire.
+
+    `url` is unix:PATH or https://HOST:PORT (default: `[server] url` in the config, else the
+    service's socket in the data dir); see `strongroom.client.connect` for the options."""
+    from .client import connect as _connect
+
+    return _connect(url, **options)  # type: ignore[arg-type]
+
+
 __all__ = [
     "Attester",
     "AuthenticationFailed",
@@ -74,6 +88,7 @@ __all__ = [
     "BackendUnavailable",
     "ConfigError",
     "ConfigKey",
+    "connect",
     "DeviceLocked",
     "ExistingKey",
     "GuardedMemoryError",

@@ -40,16 +40,38 @@ EXIT_USAGE = 2
 class State:
     """Options shared by every command."""
 
-    def __init__(self, config: str | None, as_json: bool, debug: bool) -> None:
+    def __init__(
+        self, config: str | None, as_json: bool, debug: bool, server: str | None = None
+    ) -> None:
         self.config = config
         self.json = as_json
         self.debug = debug
+        self.server = server
         self._ks: Keystore | None = None
 
+    def remote(self) -> bool:
+        """Whether commands go to a running service: --server, else `[server] url`."""
+        if self.server is None:
+            url = config_mod.load(self.config).server.url
+            self.server = url or ""
+        return bool(self.server)
+
     def keystore(self) -> Keystore:
+        """The in-process keystore; with a service configured, a client of the service (the
+        same key API: what the service does not offer fails with a one-line error)."""
         if self._ks is None:
-            self._ks = Keystore(config_mod.load(self.config), presence=tell_user)
+            if self.remote():
+                from .client import connect
+
+                self._ks = cast(Keystore, connect(self.server, config=self.config))
+            else:
+                self._ks = Keystore(config_mod.load(self.config), presence=tell_user)
         return self._ks
+
+    def local_keystore(self) -> Keystore:
+        """The in-process keystore, even when a service is configured (`serve` itself)."""
+        self.server = ""
+        return self.keystore()
 
     def close(self) -> None:
         if self._ks is not None:
@@ -189,11 +211,20 @@ class StrongroomGroup(click.Group):
 )
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@click.option(
+    "--server",
+    metavar="URL",
+    envvar="STRONGROOM_SERVER",
+    help="Use a running `strongroom serve` (unix:PATH or https://HOST:PORT); default: "
+    "[server] url in the config, else in-process. The token: $STRONGROOM_TOKEN or [server] token.",
+)
 @click.version_option(__version__, prog_name="strongroom")
 @click.pass_context
-def cli(ctx: click.Context, config: str | None, as_json: bool, debug: bool) -> None:
+def cli(
+    ctx: click.Context, config: str | None, as_json: bool, debug: bool, server: str | None
+) -> None:
     """Strongroom: one key API over TPM, PKCS#11, FIDO2 and a guarded software vault."""
-    ctx.obj = State(config, as_json, debug)
+    ctx.obj = State(config, as_json, debug, server)
 
 
 # -- top level ---------------------------------------------------------------------------------
@@ -1681,6 +1712,251 @@ def _secret(ref: str, prompt: str) -> SecretSource:
 
 def _passphrase(ref: str | None) -> str:
     return "" if ref is None else _secret(ref, "BIP39 passphrase: ").get()
+
+
+# -- the custody service -----------------------------------------------------------------------
+@cli.command()
+@click.option("--socket", "socket_path", metavar="PATH", help="Unix socket (overrides the config).")
+@click.option("--listen", metavar="HOST:PORT", help="TCP with TLS (overrides the config).")
+@pass_state
+def serve(state: State, socket_path: str | None, listen: str | None) -> None:
+    """Run the key custody service until SIGTERM or SIGINT (docs/server.md).
+
+    Listens on the Unix socket (default: serve.sock in the data dir, mode 0600) and, when
+    configured, on TCP with TLS. At shutdown in-flight requests finish, then the vault is
+    locked and guarded memory purged."""
+    from .server import serve as run
+
+    cfg = config_mod.load(state.config)
+    settings = cfg.server
+    if listen is not None:
+        settings.listen = config_mod.parse_listen(listen)
+    if socket_path is not None:
+        settings.socket = Path(socket_path)
+    if settings.socket is None:
+        settings.socket = cfg.data_dir / "serve.sock"
+    state.server = ""
+
+    def ready(where: list[str]) -> None:
+        click.echo(f"strongroom: serving on {', '.join(where)}", err=True)
+
+    run(cfg, settings, ready=ready)
+
+
+def _tenants(state: State) -> Any:
+    """The tenants store: local (file access to the data dir is admin), or the service's."""
+    if state.remote():
+        return state.keystore()
+    from .tenants import TenantStore
+
+    cfg = config_mod.load(state.config)
+    cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return TenantStore(cfg.data_dir / "tenants.sqlite")
+
+
+@contextlib.contextmanager
+def _tenant_store(state: State) -> Iterator[Any]:
+    store = _tenants(state)
+    try:
+        yield store
+    finally:
+        if not state.remote():
+            store.close()
+
+
+@cli.group()
+def tenant() -> None:
+    """Tenants of the custody service and their API tokens (admin)."""
+
+
+@tenant.command("create")
+@click.argument("name")
+@pass_state
+def tenant_create(state: State, name: str) -> None:
+    """Create a tenant: a namespace of keys of its own."""
+    with _tenant_store(state) as store:
+        store.create_tenant(name)
+    state.emit({"tenant": name}, f"created tenant {name!r}")
+
+
+@tenant.command("list")
+@pass_state
+def tenant_list(state: State) -> None:
+    """List tenants and how many live identities each has."""
+    with _tenant_store(state) as store:
+        rows = store.tenants()
+    state.emit(
+        rows,
+        lambda: table(
+            [[r["name"], str(r.get("identities", ""))] for r in rows], ["TENANT", "IDENTITIES"]
+        ),
+    )
+
+
+@tenant.group("token")
+def tenant_token() -> None:
+    """API tokens: issue (shown once) and revoke."""
+
+
+@tenant_token.command("issue")
+@click.argument("names", nargs=-1, required=True, metavar="TENANT IDENTITY")
+@click.option("--admin", is_flag=True, help="A service admin (give IDENTITY only, no tenant).")
+@click.option(
+    "--grant",
+    "grant",
+    metavar="PERMS",
+    help="Also grant these permissions (e.g. sign,verify,read) on --keys.",
+)
+@click.option("--keys", default="*", show_default=True, help="Key-name pattern for --grant.")
+@pass_state
+def tenant_token_issue(
+    state: State, names: tuple[str, ...], admin: bool, grant: str | None, keys: str
+) -> None:
+    """Issue an API token for a new identity; print it once (only its hash is kept)."""
+    from .tenants import parse_permissions
+
+    if admin:
+        if len(names) != 1:
+            raise click.UsageError("with --admin give only the identity's name")
+        if grant:
+            raise click.UsageError("an admin holds no key permissions; --grant is for tenants")
+        tenant_name, ident = None, names[0]
+    else:
+        if len(names) != 2:
+            raise click.UsageError("give TENANT and IDENTITY (or --admin IDENTITY)")
+        tenant_name, ident = names
+    perms = parse_permissions(grant) if grant else None
+    with _tenant_store(state) as store:
+        if state.remote():
+            if admin:
+                raise click.UsageError("admin tokens are issued on the service host, not remotely")
+            token = store.issue_token(tenant_name, ident)
+            if perms:
+                store.grant(tenant_name, ident, keys, [p.value for p in perms])
+        else:
+            token = store.issue_token(tenant_name, ident, admin=admin)
+            if perms and tenant_name is not None:
+                store.grant(tenant_name, ident, keys, perms)
+    state.emit(
+        {"tenant": tenant_name, "identity": ident, "token": token},
+        f"{token}\n(shown once: store it now; `tenant token revoke` disables it)",
+    )
+
+
+@tenant_token.command("revoke")
+@click.argument("names", nargs=-1, required=True, metavar="TENANT IDENTITY")
+@click.option("--admin", is_flag=True, help="Revoke a service admin (give IDENTITY only).")
+@pass_state
+def tenant_token_revoke(state: State, names: tuple[str, ...], admin: bool) -> None:
+    """Revoke an identity's token (or certificate) at once."""
+    if admin:
+        if len(names) != 1:
+            raise click.UsageError("with --admin give only the identity's name")
+        tenant_name, ident = None, names[0]
+    else:
+        if len(names) != 2:
+            raise click.UsageError("give TENANT and IDENTITY (or --admin IDENTITY)")
+        tenant_name, ident = names
+    with _tenant_store(state) as store:
+        if state.remote():
+            if tenant_name is None:
+                raise click.UsageError("admin identities are revoked on the service host")
+            store.revoke_identity(tenant_name, ident)
+        else:
+            store.revoke(tenant_name, ident)
+    state.emit({"revoked": ident}, f"revoked {ident!r}")
+
+
+@tenant.command("cert")
+@click.argument("tenant_name", metavar="TENANT")
+@click.argument("ident", metavar="IDENTITY")
+@click.option("--cert", "cert", required=True, metavar="FILE", help="The client certificate (PEM).")
+@pass_state
+def tenant_cert(state: State, tenant_name: str, ident: str, cert: str) -> None:
+    """Enroll a client certificate (mutual TLS) as an identity of TENANT (pinned by hash)."""
+    import ssl
+
+    pem = read_input(cert).decode("ascii", "replace")
+    try:
+        der = ssl.PEM_cert_to_DER_cert(pem)
+    except ValueError:
+        raise InvalidArgument(f"{cert} is not a PEM certificate") from None
+    if state.remote():
+        raise click.UsageError("certificates are enrolled on the service host")
+    with _tenant_store(state) as store:
+        store.add_certificate(tenant_name, ident, der)
+    state.emit({"tenant": tenant_name, "identity": ident}, f"enrolled {ident!r} in {tenant_name!r}")
+
+
+@cli.group()
+def policy() -> None:
+    """Who may do what to which keys, per tenant (deny by default)."""
+
+
+PERMS_HELP = (
+    "Comma-separated: read, sign, verify, encrypt, decrypt, agree, generate, delete, export, "
+    "random, or all."
+)
+
+
+@policy.command("grant")
+@click.argument("tenant_name", metavar="TENANT")
+@click.argument("ident", metavar="IDENTITY")
+@click.option("--keys", required=True, help="Key-name pattern (shell wildcards), e.g. 'app-*'.")
+@click.option("--permissions", "perms", required=True, help=PERMS_HELP)
+@pass_state
+def policy_grant(state: State, tenant_name: str, ident: str, keys: str, perms: str) -> None:
+    """Let IDENTITY (or '*', every identity of the tenant) do PERMISSIONS on matching keys."""
+    from .tenants import parse_permissions
+
+    parsed = parse_permissions(perms)
+    with _tenant_store(state) as store:
+        if state.remote():
+            store.grant(tenant_name, ident, keys, [p.value for p in parsed])
+        else:
+            store.grant(tenant_name, ident, keys, parsed)
+    state.emit(
+        {"tenant": tenant_name, "identity": ident, "keys": keys, "permissions": sorted(parsed)},
+        f"granted {', '.join(sorted(parsed))} on {keys!r} to {ident!r} in {tenant_name!r}",
+    )
+
+
+@policy.command("revoke")
+@click.argument("tenant_name", metavar="TENANT")
+@click.argument("ident", metavar="IDENTITY")
+@click.option("--keys", required=True, help="The key-name pattern of the grant.")
+@click.option("--permissions", "perms", help=PERMS_HELP + " Default: all of the grant.")
+@pass_state
+def policy_revoke(state: State, tenant_name: str, ident: str, keys: str, perms: str | None) -> None:
+    """Take back permissions granted on a key pattern."""
+    from .tenants import parse_permissions
+
+    parsed = parse_permissions(perms) if perms else None
+    with _tenant_store(state) as store:
+        if state.remote():
+            store.revoke_policy(
+                tenant_name, ident, keys, None if parsed is None else [p.value for p in parsed]
+            )
+        else:
+            store.revoke_policy(tenant_name, ident, keys, parsed)
+    state.emit({"revoked": True}, f"revoked on {keys!r} from {ident!r} in {tenant_name!r}")
+
+
+@policy.command("list")
+@click.option("--tenant", "tenant_name", help="Only this tenant's policies.")
+@pass_state
+def policy_list(state: State, tenant_name: str | None) -> None:
+    """List policies."""
+    with _tenant_store(state) as store:
+        found = store.policies(tenant_name)
+    rows = [p if isinstance(p, dict) else p.to_dict() for p in found]
+    state.emit(
+        rows,
+        lambda: table(
+            [[r["tenant"], r["identity"], r["keys"], ",".join(r["permissions"])] for r in rows],
+            ["TENANT", "IDENTITY", "KEYS", "PERMISSIONS"],
+        ),
+    )
 
 
 _NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2

@@ -35,6 +35,26 @@ KEYSTORE_KEYS = {
     "audit_checkpoint_every": "sign a checkpoint after this many records per process (0: never)",
     "deletion_wait": "how long `key delete` waits before it destroys a key, e.g. 7d (default 0)",
 }
+SERVER_KEYS = {
+    "socket": "Unix socket path the service listens on (default: serve.sock in data_dir)",
+    "socket_mode": 'permissions of the socket, e.g. "0600" (default) or "0660" with a group',
+    "socket_group": "group that owns the socket (with socket_mode 0660)",
+    "listen": 'host:port for TCP with TLS, e.g. "127.0.0.1:8443" (default: none)',
+    "tls_cert": "PEM certificate chain the service presents on TCP",
+    "tls_key": "PEM private key of tls_cert (file mode 600)",
+    "tls_client_ca": "PEM CA that client certificates must chain to (mutual TLS)",
+    "client_cert_required": "refuse TLS clients without a certificate (default false)",
+    "max_request_bytes": "largest request body accepted (default 1048576)",
+    "rate_limit": "requests per second per identity (default 10000; 0: no limit)",
+    "rate_burst": "requests an identity may make at once above the rate (default 20000)",
+    "shutdown_timeout": "seconds in-flight requests get to finish at shutdown (default 30)",
+    "url": "where clients (the CLI, strongroom.connect) reach the service: unix:PATH or "
+    "https://HOST:PORT",
+    "token": "the client's API token: env:NAME or file:PATH",
+    "ca": "PEM CA the client trusts for https (default: the system's)",
+    "client_cert": "PEM client certificate for mutual TLS",
+    "client_key": "PEM key of client_cert",
+}
 RESERVED_NAMESPACE_PREFIX = "_"
 """Namespaces starting with `_` are Strongroom's own (`_audit` holds the checkpoint key)."""
 
@@ -55,6 +75,29 @@ class BackendConfig:
 
 
 @dataclass
+class ServerConfig:
+    """The `[server]` table: where `strongroom serve` listens and how clients reach it."""
+
+    socket: Path | None = None
+    socket_mode: int = 0o600
+    socket_group: str | None = None
+    listen: tuple[str, int] | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    client_cert_required: bool = False
+    max_request_bytes: int = 1 << 20
+    rate_limit: float = 10_000.0
+    rate_burst: int = 20_000
+    shutdown_timeout: float = 30.0
+    url: str | None = None
+    token: str | None = None
+    ca: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+
+@dataclass
 class Config:
     """The parsed configuration, with enough of the source kept to name lines in errors."""
 
@@ -71,6 +114,7 @@ class Config:
     audit_checkpoint_every: int = 1000
 
     deletion_wait: timedelta = timedelta(0)
+    server: ServerConfig = field(default_factory=ServerConfig)
 
     def error(self, message: str, table: str | None = None, key: str | None = None) -> ConfigError:
         """A ConfigError naming this file, and the line of `table.key` when it can be found."""
@@ -117,9 +161,12 @@ def parse(raw: Mapping[str, Any], path: str | None, text: str) -> Config:
     """Validate a decoded TOML document into a Config."""
     cfg = Config(path, [], default_data_dir(), "default", "file", {}, text)
     for top in raw:
-        if top not in ("keystore", "backends"):
+        if top not in ("keystore", "backends", "server"):
             what = "table" if isinstance(raw[top], dict) else "key"
-            raise cfg.error(f"unknown {what}; expected [keystore] or [backends.NAME]", top)
+            raise cfg.error(
+                f"unknown {what}; expected [keystore], [server] or [backends.NAME]", top
+            )
+    _parse_server(cfg, raw.get("server", {}))
     ks = raw.get("keystore", {})
     if not isinstance(ks, dict):
         raise cfg.error("must be a table", "keystore")
@@ -216,6 +263,104 @@ def parse(raw: Mapping[str, Any], path: str | None, text: str) -> Config:
     if vault not in cfg.order:
         cfg.order.append(vault)
     return cfg
+
+
+def _parse_server(cfg: Config, table: Any) -> None:
+    """Validate the `[server]` table into cfg.server."""
+    if not isinstance(table, dict):
+        raise cfg.error("must be a table", "server")
+    out = cfg.server
+
+    def path(key: str, value: Any) -> Path:
+        if not isinstance(value, str) or not value:
+            raise cfg.error("must be a path", "server", key)
+        return Path(value).expanduser()
+
+    def number(key: str, value: Any, lo: float, hi: float, integer: bool = True) -> Any:
+        ok = type(value) is int or (not integer and type(value) is float)
+        if not ok or not lo <= value <= hi:
+            kind = "an integer" if integer else "a number"
+            raise cfg.error(f"must be {kind} from {lo:g} to {hi:g}", "server", key)
+        return value
+
+    for key, value in table.items():
+        if key not in SERVER_KEYS:
+            raise cfg.error(f"unknown key; expected one of {', '.join(SERVER_KEYS)}", "server", key)
+        if key in (
+            "socket",
+            "tls_cert",
+            "tls_key",
+            "tls_client_ca",
+            "ca",
+            "client_cert",
+            "client_key",
+        ):
+            setattr(out, key, path(key, value))
+        elif key == "socket_mode":
+            if not isinstance(value, str) or not re.fullmatch(r"0?[0-7]{3}", value):
+                raise cfg.error('must be an octal mode string such as "0600"', "server", key)
+            mode = int(value, 8)
+            if mode & 0o007:
+                raise cfg.error("must not let other users connect (no o+rwx)", "server", key)
+            out.socket_mode = mode
+        elif key == "socket_group":
+            if not isinstance(value, str) or not value:
+                raise cfg.error("must be a group name", "server", key)
+            out.socket_group = value
+        elif key == "listen":
+            try:
+                out.listen = parse_listen(value)
+            except InvalidArgument as e:
+                raise cfg.error(str(e), "server", key) from None
+        elif key == "client_cert_required":
+            if not isinstance(value, bool):
+                raise cfg.error("must be true or false", "server", key)
+            out.client_cert_required = value
+        elif key == "max_request_bytes":
+            out.max_request_bytes = number(key, value, 1024, 1 << 30)
+        elif key == "rate_limit":
+            out.rate_limit = float(number(key, value, 0, 1e7, integer=False))
+        elif key == "rate_burst":
+            out.rate_burst = number(key, value, 1, 10_000_000)
+        elif key == "shutdown_timeout":
+            out.shutdown_timeout = float(number(key, value, 0, 3600, integer=False))
+        elif key == "url":
+            if not isinstance(value, str) or not (
+                value.startswith("unix:") or value.startswith("https://")
+            ):
+                raise cfg.error("must be unix:PATH or https://HOST:PORT", "server", key)
+            out.url = value
+        elif key == "token":
+            if not isinstance(value, str) or not (
+                value.startswith("env:") or value.startswith("file:")
+            ):
+                raise cfg.error(
+                    "an API token is given as env:NAME or file:PATH, never inline", "server", key
+                )
+            out.token = value
+    if out.client_cert_required and out.tls_client_ca is None:
+        raise cfg.error("needs tls_client_ca", "server", "client_cert_required")
+    if (out.tls_cert is None) != (out.tls_key is None):
+        raise cfg.error("tls_cert and tls_key go together", "server", "tls_cert")
+    if out.listen is not None and out.tls_cert is None:
+        raise cfg.error("TCP is served only with TLS: set tls_cert and tls_key", "server", "listen")
+
+
+def parse_listen(value: object) -> tuple[str, int]:
+    """`HOST:PORT` (or `[v6]:PORT`) → (host, port)."""
+    m = re.fullmatch(r"\[?([^\[\]]+?)\]?:([0-9]{1,5})", value) if isinstance(value, str) else None
+    if m is None or not 0 <= int(m.group(2)) <= 65535:
+        raise InvalidArgument('a listen address is "HOST:PORT", e.g. "127.0.0.1:8443"')
+    return m.group(1), int(m.group(2))
+
+
+def check_namespace(value: object) -> str:
+    """A tenant's namespace: 1-64 letters, digits, '.', '_' or '-', not starting with '_'."""
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+        raise InvalidArgument("a namespace is 1-64 letters, digits, '.', '_' or '-'")
+    if value.startswith(RESERVED_NAMESPACE_PREFIX):
+        raise InvalidArgument("namespaces starting with '_' are reserved")
+    return value
 
 
 def find_line(text: str, table: str | None, key: str | None) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import re
@@ -35,7 +36,7 @@ from .backend import (
     no_presence_prompt,
 )
 from .catalog import Catalog, KeyVersion, now
-from .config import VAULT_TYPE, BackendConfig, Config
+from .config import VAULT_TYPE, BackendConfig, Config, check_namespace
 from .errors import (
     AttestationInvalid,
     BackendUnavailable,
@@ -120,6 +121,8 @@ class Keystore:
         self._lock = threading.RLock()
         self._opened: set[str] = set()
         self._closed = False
+        self._audit_prefix = ""
+        self._is_view = False
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._backends: dict[str, Backend] = {}
         self._unusable: dict[str, tuple[str, str]] = {}
@@ -214,6 +217,8 @@ class Keystore:
 
     def close(self) -> None:
         """Close every backend (the vault locks and wipes its keys) and the catalog."""
+        if self._is_view:
+            return
         with self._lock:
             if self._closed:
                 return
@@ -290,7 +295,22 @@ class Keystore:
 
     # -- helpers -------------------------------------------------------------------------------
     def _audited(self, op: str, key: str | None, payload: Any = None, **detail: Any) -> _Audited:
+        if self._audit_prefix and key is not None:
+            key = self._audit_prefix + key
         return _Audited(self.audit, op, key, detail, payload)
+
+    def in_namespace(self, namespace: str) -> Keystore:
+        """This keystore as seen from `namespace`: the same backends, catalog and audit log,
+        keys looked up and created in `namespace`, audited as `namespace/name`.
+
+        The view shares everything with this keystore; closing it does nothing (close this
+        one). The custody service gives each tenant one."""
+        check_namespace(namespace)
+        view = copy.copy(self)
+        view.namespace = namespace
+        view._audit_prefix = "" if namespace == self.config.namespace else namespace + "/"
+        view._is_view = True
+        return view
 
     def _key(
         self, name: str, op: Operation | None, facts: dict[str, Any], version: int | None = None

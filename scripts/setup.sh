@@ -129,8 +129,8 @@ if [ "${STRONGROOM_SETUP_FORCE:-0}" != 1 ] && [ -f "$STAMP" ] \
 else
     say "pip: upgrading pip"
     quiet "$VENV/bin/python" -m pip install -q --upgrade pip
-    say "pip: installing strongroom in editable mode with [dev,pkcs11,tpm,fido,piv] extras (builds native/)"
-    quiet "$VENV/bin/python" -m pip install -q -e ".[dev,pkcs11,tpm,fido,piv]"
+    say "pip: installing strongroom in editable mode with [dev,pkcs11,tpm,fido,piv,server] extras (builds native/)"
+    quiet "$VENV/bin/python" -m pip install -q -e ".[dev,pkcs11,tpm,fido,piv,server]"
     "$VENV/bin/python" -c 'import strongroom._native' \
         || die "the editable install finished but strongroom._native does not import"
     printf '%s\n' "$fingerprint" >"$STAMP"

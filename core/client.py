@@ -1,0 +1,503 @@
+"""`strongroom.connect()`: the key API of `strongroom.open()`, over the wire to `strongroom serve`.
+
+The transport is httpx: a Unix socket (`unix:/run/strongroom/serve.sock`) or HTTPS
+(`https://host:8443`, with the service's CA and optionally a client certificate). Errors
+come back as the same `strongroom.errors` classes the in-process keystore raises.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import ssl
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+
+from . import errors
+from .errors import (
+    AuthenticationFailed,
+    BackendUnavailable,
+    InvalidArgument,
+    KeyExists,
+    KeyNotFound,
+    StrongroomError,
+)
+from .keystore import BackendStatus
+from .tenants import NotPermitted
+from .types import KeyInfo, KeyType, Operation, Usage
+
+TOKEN_ENV = "STRONGROOM_TOKEN"  # noqa: S105 - the variable name, not a token
+
+
+class VaultLocked(errors.DeviceLocked):
+    """The service's vault was locked by an admin (HTTP 423)."""
+
+
+class RateLimited(StrongroomError):
+    """Too many requests from this identity (HTTP 429)."""
+
+
+class RequestTooLarge(InvalidArgument):
+    """The request is over the service's max_request_bytes (HTTP 413)."""
+
+
+_LOCAL = {
+    "NotPermitted": NotPermitted,
+    "VaultLocked": VaultLocked,
+    "RateLimited": RateLimited,
+    "RequestTooLarge": RequestTooLarge,
+}
+
+
+def _error(status: int, payload: Any, name: str | None) -> StrongroomError:
+    """The exception for an error answer: the service's own class where we have it."""
+    err = payload.get("error", {}) if isinstance(payload, dict) else {}
+    if not isinstance(err, dict):
+        err = {}
+    kind = str(err.get("type", ""))
+    message = str(err.get("message", f"the service answered HTTP {status}"))
+    e: StrongroomError
+    if kind == "KeyNotFound":
+        e = KeyNotFound(name or "?")
+    elif kind == "KeyExists":
+        e = KeyExists(name or "?")
+    elif kind == "AuthenticationFailed":
+        retries = err.get("retries_left")
+        return AuthenticationFailed(message, retries if isinstance(retries, int) else None)
+    elif kind == "BackendUnavailable":
+        e = BackendUnavailable(str(err.get("backend", "service")), message)
+    elif kind == "UnsupportedOperation":
+        key_type = err.get("key_type")
+        e = errors.UnsupportedOperation(
+            str(err.get("backend", "service")),
+            str(err.get("operation", "?")),
+            key_type if isinstance(key_type, str) else None,
+        )
+    else:
+        cls = _LOCAL.get(kind) or getattr(errors, kind, None)
+        if not (isinstance(cls, type) and issubclass(cls, StrongroomError)):
+            if status >= 500:
+                return StrongroomError(f"the service failed (HTTP {status}): {message}")
+            return StrongroomError(message)
+        try:
+            return cls(message)
+        except TypeError:
+            e = StrongroomError()
+    e.args = (message,)  # the service's words; the attributes above are for code
+    return e
+
+
+def _b64(data: bytes | bytearray | memoryview) -> str:
+    return base64.b64encode(bytes(data)).decode()
+
+
+def _unb64(value: str) -> bytes:
+    return base64.b64decode(value)
+
+
+def _key_info(d: dict[str, Any]) -> KeyInfo:
+    return KeyInfo(
+        name=d["name"],
+        type=KeyType(d["type"]),
+        backend=d["backend"],
+        usage=frozenset(Usage(u) for u in d["usage"]),
+        exportable=bool(d.get("exportable", False)),
+        namespace=d.get("namespace", "default"),
+        version=int(d.get("version", 1)),
+        created=datetime.fromisoformat(d["created"]) if d.get("created") else None,
+        min_decryption_version=int(d.get("min_decryption_version") or 1),
+        disabled=bool(d.get("disabled", False)),
+        delete_after=datetime.fromisoformat(d["delete_after"]) if d.get("delete_after") else None,
+    )
+
+
+def _usage(usage: Any) -> list[str] | None:
+    if usage is None:
+        return None
+    if isinstance(usage, str):
+        return [u.strip() for u in usage.split(",") if u.strip()]
+    if isinstance(usage, Usage):
+        return [usage.value]
+    return [u.value if isinstance(u, Usage) else str(u) for u in usage]
+
+
+class RemoteBackend:
+    """What the service says of one of its backends (name and capabilities)."""
+
+    def __init__(self, status: BackendStatus) -> None:
+        self.name = status.name
+        self.type_name = status.type
+        self._status = status
+
+    def capabilities(self) -> frozenset[tuple[KeyType, Operation]]:
+        return self._status.capabilities
+
+
+class RemoteKeystore:
+    """The `Keystore` API, each call one request to the service. Thread-safe."""
+
+    def __init__(self, client: Any, url: str) -> None:
+        self._client = client
+        self.url = url
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _call(
+        self, method: str, path: str, body: Any = None, name: str | None = None, **params: Any
+    ) -> Any:
+        import httpx
+
+        try:
+            r = self._client.request(
+                method,
+                path,
+                json=body,
+                params={k: v for k, v in params.items() if v is not None} or None,
+            )
+        except httpx.TransportError as e:
+            raise BackendUnavailable(
+                "service", f"cannot reach the Strongroom service at {self.url}: {e}"
+            ) from None
+        try:
+            payload = r.json()
+        except ValueError:
+            payload = None
+        if r.status_code >= 400:
+            raise _error(r.status_code, payload, name)
+        return payload
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> RemoteKeystore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the key API ---------------------------------------------------------------------------
+    def whoami(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/v1/whoami"))
+
+    def backends(self) -> list[BackendStatus]:
+        out = []
+        for d in self._call("GET", "/v1/backends")["backends"]:
+            caps = frozenset(
+                (KeyType(t), Operation(op)) for t, ops in d["capabilities"].items() for op in ops
+            )
+            out.append(
+                BackendStatus(
+                    d["name"], d["type"], d["available"], d["reason"], caps, d.get("details", {})
+                )
+            )
+        return out
+
+    def backend(self, name: str) -> RemoteBackend:
+        for status in self.backends():
+            if status.name == name:
+                return RemoteBackend(status)
+        raise InvalidArgument(f"the service has no backend named {name!r}")
+
+    def generate(
+        self,
+        name: str,
+        key_type: KeyType | str,
+        backend: str | None = None,
+        usage: Any = None,
+        exportable: bool = False,
+    ) -> KeyInfo:
+        body = {
+            "name": name,
+            "type": KeyType.parse(key_type).value,
+            "backend": backend,
+            "usage": _usage(usage),
+            "exportable": exportable,
+        }
+        return _key_info(
+            self._call(
+                "POST", "/v1/keys", {k: v for k, v in body.items() if v is not None}, name=name
+            )
+        )
+
+    def info(self, name: str) -> KeyInfo:
+        return _key_info(self._call("GET", f"/v1/keys/{_segment(name)}", name=name))
+
+    def keys(self) -> list[KeyInfo]:
+        return [_key_info(d) for d in self._call("GET", "/v1/keys")["keys"]]
+
+    def delete(self, name: str) -> None:
+        self._call("DELETE", f"/v1/keys/{_segment(name)}", name=name)
+
+    def public_key(self, name: str, version: int | None = None) -> PublicKeyTypes:
+        if version is not None:
+            raise InvalidArgument("the service serves the newest version's public key only")
+        der = _unb64(
+            self._call("GET", f"/v1/keys/{_segment(name)}/public", name=name, format="der")["der"]
+        )
+        return serialization.load_der_public_key(der)
+
+    def sign(
+        self, name: str, data: bytes, algorithm: str | None = None, *, envelope: bool = False
+    ) -> bytes:
+        body: dict[str, Any] = {"data": _b64(data)}
+        if algorithm is not None:
+            body["algorithm"] = algorithm
+        if envelope:
+            body["envelope"] = True
+        return _unb64(
+            self._call("POST", f"/v1/keys/{_segment(name)}/sign", body, name=name)["signature"]
+        )
+
+    def verify(
+        self,
+        name: str,
+        data: bytes,
+        signature: bytes,
+        algorithm: str | None = None,
+        *,
+        version: int | None = None,
+        envelope: bool = False,
+    ) -> None:
+        """None, or raise cryptography's InvalidSignature, as `Keystore.verify` does."""
+        body: dict[str, Any] = {"data": _b64(data), "signature": _b64(signature)}
+        if version is not None:
+            body["version"] = version
+        if algorithm is not None:
+            body["algorithm"] = algorithm
+        if envelope:
+            body["envelope"] = True
+        if not self._call("POST", f"/v1/keys/{_segment(name)}/verify", body, name=name)["valid"]:
+            raise InvalidSignature()
+
+    def encrypt(
+        self,
+        name: str,
+        plaintext: bytes,
+        aad: bytes = b"",
+        algorithm: str | None = None,
+        *,
+        envelope: bool = False,
+    ) -> bytes:
+        body: dict[str, Any] = {"plaintext": _b64(plaintext), "aad": _b64(aad)}
+        if algorithm is not None:
+            body["algorithm"] = algorithm
+        if envelope:
+            body["envelope"] = True
+        return _unb64(
+            self._call("POST", f"/v1/keys/{_segment(name)}/encrypt", body, name=name)["ciphertext"]
+        )
+
+    def decrypt(
+        self,
+        name: str,
+        ciphertext: bytes,
+        aad: bytes = b"",
+        algorithm: str | None = None,
+        *,
+        version: int | None = None,
+        envelope: bool = False,
+    ) -> bytes:
+        body: dict[str, Any] = {"ciphertext": _b64(ciphertext), "aad": _b64(aad)}
+        if version is not None:
+            body["version"] = version
+        if algorithm is not None:
+            body["algorithm"] = algorithm
+        if envelope:
+            body["envelope"] = True
+        return _unb64(
+            self._call("POST", f"/v1/keys/{_segment(name)}/decrypt", body, name=name)["plaintext"]
+        )
+
+    def agree(
+        self,
+        name: str,
+        peer: bytes | PublicKeyTypes,
+        new_name: str,
+        key_type: KeyType | str = KeyType.AES_256,
+        usage: Any = None,
+    ) -> KeyInfo:
+        if isinstance(peer, bytes | bytearray):
+            raise InvalidArgument("pass the peer's public key as a cryptography object")
+        pem = peer.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode()
+        body: dict[str, Any] = {
+            "peer": pem,
+            "new_name": new_name,
+            "type": KeyType.parse(key_type).value,
+        }
+        if usage is not None:
+            body["usage"] = _usage(usage)
+        return _key_info(self._call("POST", f"/v1/keys/{_segment(name)}/agree", body, name=name))
+
+    def export_key(self, name: str, format: str = "pem") -> bytes:
+        if format != "pem":
+            raise InvalidArgument("the service exports PEM only")
+        return str(
+            self._call("POST", f"/v1/keys/{_segment(name)}/export", {}, name=name)["pem"]
+        ).encode()
+
+    def random(self, n: int, backend: str | None = None) -> bytes:
+        body: dict[str, Any] = {"n": n}
+        if backend is not None:
+            body["backend"] = backend
+        return _unb64(self._call("POST", "/v1/random", body)["data"])
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        raise errors.UnsupportedOperation(
+            "service",
+            attr.replace("_", " "),
+            None,
+            "not offered through the service; run it on the service host without --server",
+        )
+
+    def vault_control(self) -> RemoteVault:
+        return RemoteVault(self)
+
+    # -- the service's own commands (admin) ----------------------------------------------------
+    def vault_status(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/v1/vault"))
+
+    def vault_lock(self) -> None:
+        self._call("POST", "/v1/vault/lock", {})
+
+    def vault_unlock(self, method: str | None = None) -> str:
+        body = {} if method is None else {"method": method}
+        return str(self._call("POST", "/v1/vault/unlock", body)["method"])
+
+    def audit_verify(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/v1/audit/verify"))
+
+    def audit_records(self, since: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/audit/records", since=since, limit=limit)["records"])
+
+    def create_tenant(self, name: str) -> None:
+        self._call("POST", "/v1/tenants", {"name": name})
+
+    def tenants(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/tenants")["tenants"])
+
+    def issue_token(self, tenant: str, name: str) -> str:
+        return str(
+            self._call("POST", f"/v1/tenants/{_segment(tenant)}/tokens", {"name": name})["token"]
+        )
+
+    def revoke_identity(self, tenant: str, name: str) -> None:
+        self._call("DELETE", f"/v1/tenants/{_segment(tenant)}/identities/{_segment(name)}")
+
+    def grant(self, tenant: str, identity: str, keys: str, permissions: Iterable[str]) -> None:
+        body = {
+            "tenant": tenant,
+            "identity": identity,
+            "keys": keys,
+            "permissions": list(permissions),
+        }
+        self._call("POST", "/v1/policies", body)
+
+    def revoke_policy(
+        self, tenant: str, identity: str, keys: str, permissions: Iterable[str] | None = None
+    ) -> None:
+        body: dict[str, Any] = {"tenant": tenant, "identity": identity, "keys": keys}
+        if permissions is not None:
+            body["permissions"] = list(permissions)
+        self._call("DELETE", "/v1/policies", body)
+
+    def policies(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/policies", tenant=tenant)["policies"])
+
+
+class RemoteVault:
+    """`vault status|lock|unlock` on the service's vault (admin only)."""
+
+    def __init__(self, remote: RemoteKeystore) -> None:
+        self._remote = remote
+
+    def vault_status(self) -> dict[str, Any]:
+        return self._remote.vault_status()
+
+    def lock(self) -> None:
+        self._remote.vault_lock()
+
+    def unlock(self, method: str | None = None) -> str:
+        return self._remote.vault_unlock(method)
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        raise errors.UnsupportedOperation(
+            "service",
+            f"vault {attr.replace('_', ' ')}",
+            None,
+            "not offered through the service; run it on the service host without --server",
+        )
+
+
+def _segment(value: str) -> str:
+    from urllib.parse import quote
+
+    if not value:
+        raise InvalidArgument("a name must not be empty")
+    return quote(value, safe="")
+
+
+def connect(
+    url: str | None = None,
+    *,
+    token: str | None = None,
+    config: str | os.PathLike[str] | None = None,
+    ca: str | os.PathLike[str] | None = None,
+    client_cert: str | os.PathLike[str] | None = None,
+    client_key: str | os.PathLike[str] | None = None,
+    timeout: float = 60.0,
+) -> RemoteKeystore:
+    """Connect to a running `strongroom serve`.
+
+    `url` is `unix:PATH` or `https://HOST:PORT`; by default `[server] url` from the config,
+    else the service's default socket in the data dir. `token` defaults to `[server] token`
+    (env:/file:), else $STRONGROOM_TOKEN. With a client certificate no token is needed.
+    """
+    try:
+        import httpx
+    except ImportError:
+        raise BackendUnavailable(
+            "service", "strongroom.connect needs httpx: pip install 'strongroom[server]'"
+        ) from None
+    from . import config as _config
+    from .secrets import SecretSource
+
+    cfg = _config.load(config)
+    server = cfg.server
+    url = url or server.url or f"unix:{server.socket or cfg.data_dir / 'serve.sock'}"
+    if token is None and server.token is not None:
+        token = SecretSource([server.token], "API token").get()
+    if token is None:
+        token = os.environ.get(TOKEN_ENV) or None
+    ca = ca if ca is not None else server.ca
+    client_cert = client_cert if client_cert is not None else server.client_cert
+    client_key = client_key if client_key is not None else server.client_key
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    if url.startswith("unix:"):
+        path = url[len("unix:") :]
+        if path.startswith("//"):
+            path = path[2:]
+        transport = httpx.HTTPTransport(uds=path)
+        client = httpx.Client(
+            transport=transport, base_url="http://strongroom", headers=headers, timeout=timeout
+        )
+    elif url.startswith("https://"):
+        ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
+        if client_cert is not None:
+            ctx.load_cert_chain(str(client_cert), str(client_key) if client_key else None)
+        client = httpx.Client(base_url=url, verify=ctx, headers=headers, timeout=timeout)
+    else:
+        raise InvalidArgument("the service URL is unix:PATH or https://HOST:PORT")
+    return RemoteKeystore(client, url)
+
+
+__all__ = ["NotPermitted", "RateLimited", "RemoteKeystore", "VaultLocked", "connect"]

@@ -1,0 +1,1330 @@
+"""The key custody service: `strongroom serve`, an ASGI app served by uvicorn.
+
+One process holds the unlocked keystore; applications and people reach it over a Unix
+socket (mode 0600, or 0660 for a group) or over TCP with TLS (mutual TLS optional).
+Each request carries an identity (an API token, or a client certificate), which maps to
+a tenant; a tenant is a namespace of keys, and policies say what each identity may do
+(docs/server.md). Every operation goes through `Keystore`, so every use is in the audit
+log with the caller as its actor.
+
+The app is plain ASGI with a small route table: the hot path (sign) is a few dict
+look-ups, a JSON parse and the keystore call. Work that may block on hardware (a TPM, a
+card, a touch) runs in a worker thread; work on vault keys runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import os
+import re
+import socket
+import ssl
+import stat
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+
+from .audit import current_principal
+from .config import Config, ServerConfig
+from .errors import (
+    AuditUnavailable,
+    AuthenticationFailed,
+    BackendUnavailable,
+    DeviceLocked,
+    IntegrityError,
+    InvalidArgument,
+    KeyExists,
+    KeyNotFound,
+    PolicyViolation,
+    StrongroomError,
+    UnsupportedOperation,
+)
+from .keystore import Keystore
+from .tenants import Identity, NotPermitted, Permission, TenantNotFound, TenantStore
+from .types import KeyInfo
+
+log = logging.getLogger("strongroom.server")
+
+API_VERSION = "1"
+TOKEN_HEADER = b"authorization"
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class HttpError(Exception):
+    """An error answered with `status` and a JSON body; never a traceback."""
+
+    def __init__(self, status: int, kind: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.message, self.extra = status, kind, message, extra
+
+
+_STATUS_OF: list[tuple[type[BaseException], int]] = [
+    (KeyNotFound, 404),
+    (TenantNotFound, 404),
+    (KeyExists, 409),
+    (NotPermitted, 403),
+    (PolicyViolation, 403),
+    (DeviceLocked, 423),
+    (AuthenticationFailed, 401),
+    (IntegrityError, 400),
+    (InvalidArgument, 400),
+    (UnsupportedOperation, 422),
+    (BackendUnavailable, 503),
+    (AuditUnavailable, 503),
+]
+
+NOT_FOUND = "no such key"
+"""The one answer for a key that is absent, another tenant's, or not the caller's at all."""
+
+
+def _status_of(e: BaseException) -> int:
+    for kind, status in _STATUS_OF:
+        if isinstance(e, kind):
+            return status
+    return 500
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(value: Any, field_name: str) -> bytes:
+    if not isinstance(value, str):
+        raise HttpError(400, "InvalidArgument", f"{field_name} must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise HttpError(400, "InvalidArgument", f"{field_name} is not valid base64") from None
+
+
+def _opt_str(body: dict[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise HttpError(400, "InvalidArgument", f"{name} must be a string")
+    return value
+
+
+def _key_json(info: KeyInfo) -> dict[str, Any]:
+    d = info.to_dict()
+    d.pop("attributes", None)  # backend handles and blobs are the service's business
+    return d
+
+
+class RateLimiter:
+    """A token bucket per identity: `rate` requests a second, bursts of `burst`."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self._buckets: dict[str, list[float]] = {}
+
+    def allow(self, who: str) -> bool:
+        if self.rate <= 0:
+            return True
+        now = time.monotonic()
+        bucket = self._buckets.get(who)
+        if bucket is None:
+            if len(self._buckets) > 100_000:
+                self._buckets.clear()
+            bucket = self._buckets[who] = [float(self.burst), now]
+        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+        bucket[1] = now
+        if tokens < 1:
+            bucket[0] = tokens
+            return False
+        bucket[0] = tokens - 1
+        return True
+
+
+Handler = Callable[["Request"], Awaitable[Any]]
+
+
+@dataclass
+class Route:
+    method: str
+    pattern: re.Pattern[str]
+    handler: Handler
+    auth: bool = True
+
+
+@dataclass
+class Request:
+    scope: Scope
+    params: dict[str, str]
+    query: dict[str, str]
+    body: Any
+    identity: Identity | None
+
+
+class App:
+    """The ASGI application. `keystore` stays open for the app's life; `close()` locks it."""
+
+    def __init__(
+        self, keystore: Keystore, tenants: TenantStore, settings: ServerConfig | None = None
+    ) -> None:
+        self.ks = keystore
+        self.tenants = tenants
+        self.settings = settings or ServerConfig()
+        self.limiter = RateLimiter(self.settings.rate_limit, self.settings.rate_burst)
+        self.vault_sealed = False  # `vault lock` through the service: stays locked until unlock
+        self._views: dict[str, Keystore] = {}
+        self._vault_name = keystore.vault.name
+        self._lock = threading.Lock()
+        self._inflight = 0
+        self.routes = self._routes()
+        self.openapi = openapi_document()
+        self._openapi_body = json.dumps(self.openapi).encode()
+
+    # -- ASGI ----------------------------------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if kind != "http":
+            return
+        self._inflight += 1
+        try:
+            status, payload = await self._handle(scope, receive)
+        finally:
+            self._inflight -= 1
+        if isinstance(payload, bytes):
+            body = payload
+        else:
+            body = json.dumps(payload, separators=(",", ":")).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"cache-control", b"no-store"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                self.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def close(self) -> None:
+        """Lock the vault and close the keystore (wipes guarded memory)."""
+        try:
+            self.ks.close()
+        finally:
+            self.tenants.close()
+
+    async def _handle(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
+        try:
+            path: str = scope["path"]
+            method: str = scope["method"]
+            route, params = self._match(method, path)
+            identity = None
+            if route.auth:
+                identity = self._authenticate(scope)
+                if not self.limiter.allow(identity.id):
+                    raise HttpError(429, "RateLimited", "too many requests; slow down")
+            body = await self._read_body(scope, receive, method)
+            query = _parse_query(scope.get("query_string", b""))
+            request = Request(scope, params, query, body, identity)
+            token = current_principal.set(identity.principal if identity else None)
+            try:
+                result = await route.handler(request)
+            finally:
+                current_principal.reset(token)
+            return (200, result) if not isinstance(result, tuple) else result
+        except HttpError as e:
+            return e.status, {"error": {"type": e.kind, "message": e.message, **e.extra}}
+        except InvalidSignature:
+            return 200, {"valid": False}
+        except StrongroomError as e:
+            status = _status_of(e)
+            if status == 500:
+                log.error("request failed: %s: %s", type(e).__name__, e)
+                return 500, {"error": {"type": "InternalError", "message": "internal error"}}
+            extra: dict[str, Any] = {}
+            retries = getattr(e, "retries_left", None)
+            if isinstance(retries, int):
+                extra["retries_left"] = retries
+            if isinstance(e, UnsupportedOperation):
+                extra.update(backend=e.backend, operation=e.operation, key_type=e.key_type)
+            elif isinstance(e, BackendUnavailable):
+                extra["backend"] = e.backend
+            message = NOT_FOUND if isinstance(e, KeyNotFound) else str(e)
+            return status, {"error": {"type": type(e).__name__, "message": message, **extra}}
+        except Exception as e:  # a bug: say nothing of it to the caller, log its kind only
+            log.exception("request failed: %s", type(e).__name__)
+            return 500, {"error": {"type": "InternalError", "message": "internal error"}}
+
+    def _match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        allowed = False
+        for route in self.routes:
+            m = route.pattern.fullmatch(path)
+            if m is None:
+                continue
+            if route.method == method:
+                return route, m.groupdict()
+            allowed = True
+        if allowed:
+            raise HttpError(405, "MethodNotAllowed", f"{method} is not allowed on {path}")
+        raise HttpError(404, "NotFound", "no such endpoint")
+
+    def _authenticate(self, scope: Scope) -> Identity:
+        token = None
+        for name, value in scope["headers"]:
+            if name == TOKEN_HEADER:
+                scheme, _, rest = value.decode("latin-1").partition(" ")
+                if scheme.lower() != "bearer" or not rest.strip():
+                    raise HttpError(401, "AuthenticationFailed", "use Authorization: Bearer TOKEN")
+                token = rest.strip()
+                break
+        try:
+            if token is not None:
+                return self.tenants.authenticate_token(token)
+            der = _client_certificate(scope)
+            if der is not None:
+                return self.tenants.authenticate_certificate(der)
+        except AuthenticationFailed as e:
+            raise HttpError(401, "AuthenticationFailed", str(e)) from None
+        raise HttpError(
+            401, "AuthenticationFailed", "no credentials: send an API token or a client certificate"
+        )
+
+    async def _read_body(self, scope: Scope, receive: Receive, method: str) -> Any:
+        limit = self.settings.max_request_bytes
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    raise HttpError(400, "InvalidArgument", "bad Content-Length") from None
+                if declared > limit:
+                    raise HttpError(
+                        413, "RequestTooLarge", f"requests are limited to {limit} bytes"
+                    )
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise HttpError(400, "InvalidArgument", "the client went away")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise HttpError(413, "RequestTooLarge", f"requests are limited to {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        raw = b"".join(chunks)
+        if method in ("GET", "DELETE", "HEAD") or not raw.strip():
+            return {}
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise HttpError(400, "InvalidArgument", "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise HttpError(400, "InvalidArgument", "the body must be a JSON object")
+        return body
+
+    # -- authorisation -------------------------------------------------------------------------
+    def _view(self, identity: Identity) -> Keystore:
+        """The keystore as the identity's tenant sees it: its namespace only."""
+        tenant = identity.tenant
+        if tenant is None:
+            raise HttpError(403, "NotPermitted", "a service admin holds no keys; use a tenant")
+        view = self._views.get(tenant)
+        if view is None:
+            with self._lock:
+                view = self._views.get(tenant) or self.ks.in_namespace(tenant)
+                self._views[tenant] = view
+        return view
+
+    def _check_key(self, identity: Identity, name: str, permission: Permission) -> Keystore:
+        """The tenant's keystore if `identity` may `permission` the key `name`.
+
+        Decided from the name alone, never from whether the key exists: a name the identity
+        has no permission on at all gets the same 404 as an absent key."""
+        view = self._view(identity)
+        granted = self.tenants.permissions_on(identity, name)
+        if permission not in granted:
+            if not granted:
+                raise HttpError(404, "KeyNotFound", NOT_FOUND)
+            raise HttpError(
+                403, "NotPermitted", f"this identity may not {permission.value} this key"
+            )
+        return view
+
+    def _admin(self, identity: Identity | None) -> None:
+        if identity is None or not identity.admin:
+            raise HttpError(403, "NotPermitted", "this needs the admin role")
+
+    def _check_vault(self, view: Keystore, name: str) -> None:
+        if self.vault_sealed:
+            try:
+                backend = view.info(name).backend
+            except KeyNotFound:
+                raise HttpError(404, "KeyNotFound", NOT_FOUND) from None
+            if backend == self._vault_name:
+                raise HttpError(423, "VaultLocked", "the vault is locked; an admin unlocks it")
+
+    async def _run(self, view: Keystore, name: str | None, fn: Callable[[], Any]) -> Any:
+        """Run a keystore call: inline for vault keys (fast), in a thread for hardware."""
+        if name is not None:
+            try:
+                backend = view.info(name).backend
+            except KeyNotFound:
+                raise HttpError(404, "KeyNotFound", NOT_FOUND) from None
+            if backend == self._vault_name:
+                if self.vault_sealed:
+                    raise HttpError(423, "VaultLocked", "the vault is locked; an admin unlocks it")
+                return fn()
+        return await asyncio.to_thread(fn)
+
+    # -- routes --------------------------------------------------------------------------------
+    def _routes(self) -> list[Route]:
+        name = r"(?P<name>[^/]{1,128})"
+        tenant = r"(?P<tenant>[^/]{1,64})"
+        r = [
+            ("GET", "/v1/health", self.health, False),
+            ("GET", "/openapi.json", self.get_openapi, False),
+            ("GET", "/v1/whoami", self.whoami, True),
+            ("GET", "/v1/backends", self.list_backends, True),
+            ("GET", "/v1/keys", self.list_keys, True),
+            ("POST", "/v1/keys", self.generate, True),
+            ("GET", f"/v1/keys/{name}", self.show_key, True),
+            ("DELETE", f"/v1/keys/{name}", self.delete_key, True),
+            ("GET", f"/v1/keys/{name}/public", self.public_key, True),
+            ("POST", f"/v1/keys/{name}/sign", self.sign, True),
+            ("POST", f"/v1/keys/{name}/verify", self.verify, True),
+            ("POST", f"/v1/keys/{name}/encrypt", self.encrypt, True),
+            ("POST", f"/v1/keys/{name}/decrypt", self.decrypt, True),
+            ("POST", f"/v1/keys/{name}/agree", self.agree, True),
+            ("POST", f"/v1/keys/{name}/export", self.export, True),
+            ("POST", "/v1/random", self.random, True),
+            ("GET", "/v1/vault", self.vault_status, True),
+            ("POST", "/v1/vault/lock", self.vault_lock, True),
+            ("POST", "/v1/vault/unlock", self.vault_unlock, True),
+            ("GET", "/v1/audit/records", self.audit_records, True),
+            ("GET", "/v1/audit/verify", self.audit_verify, True),
+            ("POST", "/v1/audit/checkpoint", self.audit_checkpoint, True),
+            ("GET", "/v1/tenants", self.list_tenants, True),
+            ("POST", "/v1/tenants", self.create_tenant, True),
+            ("POST", f"/v1/tenants/{tenant}/tokens", self.issue_token, True),
+            ("DELETE", f"/v1/tenants/{tenant}/identities/{name}", self.revoke_identity, True),
+            ("GET", "/v1/policies", self.list_policies, True),
+            ("POST", "/v1/policies", self.grant, True),
+            ("DELETE", "/v1/policies", self.revoke_policy, True),
+        ]
+        return [Route(m, re.compile(p), h, a) for m, p, h, a in r]
+
+    async def health(self, req: Request) -> Any:
+        return {"status": "ok", "api": API_VERSION}
+
+    async def get_openapi(self, req: Request) -> Any:
+        return 200, self._openapi_body
+
+    async def whoami(self, req: Request) -> Any:
+        ident = req.identity
+        assert ident is not None
+        return {"id": ident.id, "tenant": ident.tenant, "name": ident.name, "admin": ident.admin}
+
+    async def list_backends(self, req: Request) -> Any:
+        statuses = await asyncio.to_thread(self.ks.backends)
+        return {"backends": [s.to_dict() for s in statuses]}
+
+    async def list_keys(self, req: Request) -> Any:
+        assert req.identity is not None
+        view = self._view(req.identity)
+        keys = [
+            _key_json(k)
+            for k in view.keys()
+            if Permission.READ in self.tenants.permissions_on(req.identity, k.name)
+        ]
+        return {"keys": keys}
+
+    async def generate(self, req: Request) -> Any:
+        assert req.identity is not None
+        body = req.body
+        name = body.get("name")
+        if not isinstance(name, str) or not name:
+            raise HttpError(400, "InvalidArgument", "name is required")
+        key_type = body.get("type")
+        if not isinstance(key_type, str):
+            raise HttpError(400, "InvalidArgument", "type is required")
+        backend = _opt_str(body, "backend")
+        usage = body.get("usage")
+        if usage is not None and not (
+            isinstance(usage, list) and all(isinstance(u, str) for u in usage)
+        ):
+            raise HttpError(400, "InvalidArgument", "usage must be a list of strings")
+        exportable = body.get("exportable", False)
+        if not isinstance(exportable, bool):
+            raise HttpError(400, "InvalidArgument", "exportable must be true or false")
+        view = self._check_key(req.identity, name, Permission.GENERATE)
+        if exportable and Permission.EXPORT not in self.tenants.permissions_on(req.identity, name):
+            raise HttpError(403, "NotPermitted", "making an exportable key needs export")
+        if self.vault_sealed:
+            raise HttpError(423, "VaultLocked", "the vault is locked; an admin unlocks it")
+        info = await asyncio.to_thread(
+            view.generate, name, key_type, backend=backend, usage=usage, exportable=exportable
+        )
+        return 201, _key_json(info)
+
+    async def show_key(self, req: Request) -> Any:
+        assert req.identity is not None
+        name = req.params["name"]
+        view = self._check_key(req.identity, name, Permission.READ)
+        try:
+            return _key_json(view.info(name))
+        except KeyNotFound:
+            raise HttpError(404, "KeyNotFound", NOT_FOUND) from None
+
+    async def delete_key(self, req: Request) -> Any:
+        assert req.identity is not None
+        name = req.params["name"]
+        view = self._check_key(req.identity, name, Permission.DELETE)
+        self._check_vault(view, name)
+        await asyncio.to_thread(view.delete, name)
+        return {"deleted": name}
+
+    async def public_key(self, req: Request) -> Any:
+        assert req.identity is not None
+        name = req.params["name"]
+        view = self._check_key(req.identity, name, Permission.READ)
+        fmt = req.query.get("format", "pem")
+        if fmt not in ("pem", "der"):
+            raise HttpError(400, "InvalidArgument", "format is pem or der")
+        public = await self._run(view, name, lambda: view.public_key(name))
+        if fmt == "pem":
+            pem = public.public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            return {"pem": pem.decode()}
+        der = public.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return {"der": _b64(der)}
+
+    async def sign(self, req: Request) -> Any:
+        assert req.identity is not None
+        name = req.params["name"]
+        view = self._check_key(req.identity, name, Permission.SIGN)
+        data = _unb64(req.body.get("data"), "data")
+        algorithm = _opt_str(req.body, "algorithm")
+        envelope = _flag(req.body, "envelope")
+        sig = await self._run(
+            view, name, lambda: view.sign(name, data, algorithm, envelope=envelope)
+        )
+        return {"signature": _b64(sig)}
+
+    async def verify(self, req: Request) -> Any:
+        assert req.identity is not None
+        name = req.params["name"]
+        view = self._check_key(req.identity, name, Permission.VERIFY)
+        data = _unb64(req.body.get("data"), "data")
+        sig = _unb64(req.body.get("signature"), "signature")
+        algorithm = _opt_str(req.body, "algorithm")
+        envelope = _flag(req.body, "envelope")
+        version = _version(req.body)
+        await self._run(
+            view,
+            name,
+            lambda: view.verify(name, data, sig, algorithm, version=version, envelope=envelope),
+        )
+        return {"valid": True}
+
+    async def encrypt(self, req: Request) -> Any:
+        assert req.identity is not None
+        name = req.params["name"]
+        view = self._check_key(req.identity, name, Permission.ENCRYPT)
+        pt = _unb64(req.body.get("plaintext"), "plaintext")
+        aad = _unb64(req.body.get("aad", ""), "aad")
+        algorithm = _opt_str(req.body, "algorithm")
+        envelope = _flag(req.body, "envelope")
+        ct = await self._run(
+            view, name, lambda: view.encrypt(name, pt, aad, algorithm, envelope=envelope)
+        )
+        return {"ciphertext": _b64(ct)}
+
+    async def decrypt(self, req: Request) -> Any:
+        assert req.identity is not None
+        name = req.params["name"]
+        view = self._check_key(req.identity, name, Permission.DECRYPT)
+        ct = _unb64(req.body.get("ciphertext"), "ciphertext")
+        aad = _unb64(req.body.get("aad", ""), "aad")
+        algorithm = _opt_str(req.body, "algorithm")
+        envelope = _flag(req.body, "envelope")
+        version = _version(req.body)
+        pt = await self._run(
+            view,
+            name,
+            lambda: view.decrypt(name, ct, aad, algorithm, version=version, envelope=envelope),
+        )
+        return {"plaintext": _b64(pt)}
+
+    async def agree(self, req: Request) -> Any:
+        assert req.identity is not None
+        name = req.params["name"]
+        view = self._check_key(req.identity, name, Permission.AGREE)
+        new_name = req.body.get("new_name")
+        if not isinstance(new_name, str) or not new_name:
+            raise HttpError(400, "InvalidArgument", "new_name is required")
+        self._check_key(req.identity, new_name, Permission.GENERATE)
+        peer = req.body.get("peer")
+        if not isinstance(peer, str):
+            raise HttpError(400, "InvalidArgument", "peer must be a PEM public key")
+        key_type = req.body.get("type", "aes-256")
+        if not isinstance(key_type, str):
+            raise HttpError(400, "InvalidArgument", "type must be a string")
+        try:
+            public = serialization.load_pem_public_key(peer.encode())
+        except (ValueError, TypeError, UnicodeError):
+            raise HttpError(400, "InvalidArgument", "peer is not a PEM public key") from None
+        usage = req.body.get("usage")
+        self._check_vault(view, name)
+        info = await asyncio.to_thread(
+            view.agree,
+            name,
+            public,
+            new_name,
+            key_type,
+            usage,
+        )
+        return 201, _key_json(info)
+
+    async def export(self, req: Request) -> Any:
+        assert req.identity is not None
+        name = req.params["name"]
+        view = self._check_key(req.identity, name, Permission.EXPORT)
+        self._check_vault(view, name)
+        pem = await asyncio.to_thread(view.export_key, name, "pem")
+        return {"pem": pem.decode()}
+
+    async def random(self, req: Request) -> Any:
+        ident = req.identity
+        assert ident is not None
+        if not self.tenants.may(ident, Permission.RANDOM):
+            raise HttpError(403, "NotPermitted", "this identity may not ask for random bytes")
+        n = req.body.get("n")
+        if type(n) is not int or not 1 <= n <= 65536:
+            raise HttpError(400, "InvalidArgument", "n must be an integer from 1 to 65536")
+        backend = _opt_str(req.body, "backend")
+        if backend is not None and backend not in {s.name for s in self.ks.backends()}:
+            raise HttpError(400, "InvalidArgument", "no backend by that name")
+        data = await asyncio.to_thread(self._view(ident).random, n, backend)
+        return {"data": _b64(data)}
+
+    # -- vault ---------------------------------------------------------------------------------
+    async def vault_status(self, req: Request) -> Any:
+        self._admin(req.identity)
+        status = self.ks.vault_control().vault_status()
+        return {**_jsonable(status), "sealed_by_service": self.vault_sealed}
+
+    async def vault_lock(self, req: Request) -> Any:
+        self._admin(req.identity)
+        self.vault_sealed = True
+        await asyncio.to_thread(self.ks.vault_control().lock)
+        return {"locked": True}
+
+    async def vault_unlock(self, req: Request) -> Any:
+        self._admin(req.identity)
+        method = _opt_str(req.body, "method")
+        used = await asyncio.to_thread(self.ks.vault_control().unlock, method)
+        self.vault_sealed = False
+        return {"locked": False, "method": used}
+
+    # -- audit ---------------------------------------------------------------------------------
+    async def audit_records(self, req: Request) -> Any:
+        from .auditlog import read_records
+
+        self._admin(req.identity)
+        since = _int_query(req.query, "since", 0, 0, 1 << 62)
+        limit = _int_query(req.query, "limit", 100, 1, 10_000)
+        path = self.ks.config.data_dir / "audit.jsonl"
+        records = await asyncio.to_thread(read_records, path, since, limit)
+        return {"records": records}
+
+    async def audit_verify(self, req: Request) -> Any:
+        from .auditlog import verify_log
+
+        self._admin(req.identity)
+        path = self.ks.config.data_dir / "audit.jsonl"
+        public = await asyncio.to_thread(self.ks.audit_public_key)
+        report = await asyncio.to_thread(verify_log, path, public)
+        return report.to_dict()
+
+    async def audit_checkpoint(self, req: Request) -> Any:
+        self._admin(req.identity)
+        record = await asyncio.to_thread(self.ks.audit_checkpoint)
+        return {"checkpoint": record}
+
+    # -- tenants and policies ------------------------------------------------------------------
+    async def list_tenants(self, req: Request) -> Any:
+        self._admin(req.identity)
+        return {"tenants": self.tenants.tenants()}
+
+    async def create_tenant(self, req: Request) -> Any:
+        self._admin(req.identity)
+        name = req.body.get("name")
+        if not isinstance(name, str):
+            raise HttpError(400, "InvalidArgument", "name is required")
+        await asyncio.to_thread(self.tenants.create_tenant, name)
+        return 201, {"name": name}
+
+    async def issue_token(self, req: Request) -> Any:
+        self._admin(req.identity)
+        name = req.body.get("name")
+        if not isinstance(name, str):
+            raise HttpError(400, "InvalidArgument", "name is required")
+        tenant = req.params["tenant"]
+        token = await asyncio.to_thread(self.tenants.issue_token, tenant, name)
+        return 201, {"tenant": tenant, "name": name, "token": token}
+
+    async def revoke_identity(self, req: Request) -> Any:
+        self._admin(req.identity)
+        await asyncio.to_thread(self.tenants.revoke, req.params["tenant"], req.params["name"])
+        return {"revoked": req.params["name"]}
+
+    async def list_policies(self, req: Request) -> Any:
+        self._admin(req.identity)
+        tenant = req.query.get("tenant")
+        return {"policies": [p.to_dict() for p in self.tenants.policies(tenant)]}
+
+    async def grant(self, req: Request) -> Any:
+        from .tenants import parse_permissions
+
+        self._admin(req.identity)
+        tenant, identity, keys, perms = _policy_body(req.body)
+        if perms is None:
+            raise HttpError(400, "InvalidArgument", "permissions are required")
+        policy = await asyncio.to_thread(
+            self.tenants.grant, tenant, identity, keys, parse_permissions(perms)
+        )
+        return policy.to_dict()
+
+    async def revoke_policy(self, req: Request) -> Any:
+        from .tenants import parse_permissions
+
+        self._admin(req.identity)
+        tenant, identity, keys, perms = _policy_body(req.body)
+        parsed = None if perms is None else parse_permissions(perms)
+        await asyncio.to_thread(self.tenants.revoke_policy, tenant, identity, keys, parsed)
+        return {"revoked": True}
+
+
+def _policy_body(body: dict[str, Any]) -> tuple[str, str, str, list[str] | None]:
+    tenant, identity, keys = body.get("tenant"), body.get("identity"), body.get("keys")
+    perms = body.get("permissions")
+    if not all(isinstance(v, str) for v in (tenant, identity, keys)):
+        raise HttpError(400, "InvalidArgument", "tenant, identity and keys are required strings")
+    if perms is not None and not (
+        isinstance(perms, list) and all(isinstance(p, str) for p in perms)
+    ):
+        raise HttpError(400, "InvalidArgument", "permissions must be a list of strings")
+    return tenant, identity, keys, perms  # type: ignore[return-value]
+
+
+def _version(body: dict[str, Any]) -> int | None:
+    value = body.get("version")
+    if value is not None and (type(value) is not int or not 1 <= value <= 1 << 31):
+        raise HttpError(400, "InvalidArgument", "version must be a positive integer")
+    return value
+
+
+def _flag(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise HttpError(400, "InvalidArgument", f"{name} must be true or false")
+    return value
+
+
+def _int_query(query: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    if not re.fullmatch(r"[0-9]{1,19}", raw) or not lo <= int(raw) <= hi:
+        raise HttpError(400, "InvalidArgument", f"{name} must be an integer from {lo} to {hi}")
+    return int(raw)
+
+
+def _parse_query(raw: bytes) -> dict[str, str]:
+    from urllib.parse import parse_qsl
+
+    if not raw:
+        return {}
+    try:
+        return dict(parse_qsl(raw.decode("utf-8"), keep_blank_values=True))
+    except (UnicodeDecodeError, ValueError):
+        raise HttpError(400, "InvalidArgument", "the query string is not valid") from None
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _client_certificate(scope: Scope) -> bytes | None:
+    """The client certificate's DER, from the ASGI TLS extension (see TlsHttpProtocol)."""
+    tls = scope.get("extensions", {}).get("tls")
+    if not tls:
+        return None
+    chain = tls.get("client_cert_chain") or []
+    if not chain:
+        return None
+    return ssl.PEM_cert_to_DER_cert(chain[0])
+
+
+# -- OpenAPI -----------------------------------------------------------------------------------
+def openapi_document() -> dict[str, Any]:
+    """The API as OpenAPI 3.0 (served at /openapi.json; docs/server.md)."""
+    b64 = {"type": "string", "format": "byte"}
+    error = {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["type", "message"],
+                "properties": {
+                    "type": {"type": "string"},
+                    "message": {"type": "string"},
+                    "retries_left": {"type": "integer"},
+                },
+            }
+        },
+    }
+    key = {
+        "type": "object",
+        "required": ["name", "namespace", "type", "backend", "usage", "version"],
+        "properties": {
+            "name": {"type": "string"},
+            "namespace": {"type": "string"},
+            "type": {"type": "string"},
+            "backend": {"type": "string"},
+            "usage": {"type": "array", "items": {"type": "string"}},
+            "exportable": {"type": "boolean"},
+            "version": {"type": "integer"},
+            "created": {"type": "string", "nullable": True},
+            "min_decryption_version": {"type": "integer", "nullable": True},
+            "disabled": {"type": "boolean"},
+            "delete_after": {"type": "string", "nullable": True},
+        },
+    }
+    anyobj = {"type": "object", "additionalProperties": True}
+    name_param = {
+        "name": "name",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "minLength": 1, "maxLength": 128},
+    }
+    tenant_param = {
+        "name": "tenant",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "minLength": 1, "maxLength": 64},
+    }
+
+    def op(
+        summary: str,
+        response: dict[str, Any],
+        *,
+        body: dict[str, Any] | None = None,
+        params: list[dict[str, Any]] | None = None,
+        status: str = "200",
+        auth: bool = True,
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "summary": summary,
+            "responses": {
+                status: {
+                    "description": "success",
+                    "content": {"application/json": {"schema": response}},
+                },
+                "default": {
+                    "description": "an error",
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
+                    },
+                },
+            },
+        }
+        if body is not None:
+            out["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": body}},
+            }
+        if params:
+            out["parameters"] = params
+        if not auth:
+            out["security"] = []
+        return out
+
+    def obj(required: list[str], **props: Any) -> dict[str, Any]:
+        return {"type": "object", "required": required, "properties": props}
+
+    keyref = {"$ref": "#/components/schemas/Key"}
+    data_op = obj(["data"], data=b64, algorithm={"type": "string"}, envelope={"type": "boolean"})
+    paths: dict[str, Any] = {
+        "/v1/health": {
+            "get": op("liveness", obj(["status"], status={"type": "string"}), auth=False)
+        },
+        "/openapi.json": {"get": op("this document", anyobj, auth=False)},
+        "/v1/whoami": {"get": op("the caller's identity", anyobj)},
+        "/v1/backends": {"get": op("configured backends", anyobj)},
+        "/v1/keys": {
+            "get": op("the caller's keys", obj(["keys"], keys={"type": "array", "items": keyref})),
+            "post": op(
+                "generate a key",
+                keyref,
+                status="201",
+                body=obj(
+                    ["name", "type"],
+                    name={"type": "string"},
+                    type={"type": "string"},
+                    backend={"type": "string"},
+                    usage={"type": "array", "items": {"type": "string"}},
+                    exportable={"type": "boolean"},
+                ),
+            ),
+        },
+        "/v1/keys/{name}": {
+            "get": op("show a key", keyref, params=[name_param]),
+            "delete": op(
+                "delete a key", obj(["deleted"], deleted={"type": "string"}), params=[name_param]
+            ),
+        },
+        "/v1/keys/{name}/public": {
+            "get": op(
+                "the public key",
+                obj([], pem={"type": "string"}, der=b64),
+                params=[
+                    name_param,
+                    {
+                        "name": "format",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string", "enum": ["pem", "der"]},
+                    },
+                ],
+            )
+        },
+        "/v1/keys/{name}/sign": {
+            "post": op("sign", obj(["signature"], signature=b64), body=data_op, params=[name_param])
+        },
+        "/v1/keys/{name}/verify": {
+            "post": op(
+                "verify a signature",
+                obj(["valid"], valid={"type": "boolean"}),
+                body=obj(
+                    ["data", "signature"],
+                    data=b64,
+                    signature=b64,
+                    algorithm={"type": "string"},
+                    envelope={"type": "boolean"},
+                    version={"type": "integer", "minimum": 1},
+                ),
+                params=[name_param],
+            )
+        },
+        "/v1/keys/{name}/encrypt": {
+            "post": op(
+                "encrypt",
+                obj(["ciphertext"], ciphertext=b64),
+                body=obj(
+                    ["plaintext"],
+                    plaintext=b64,
+                    aad=b64,
+                    algorithm={"type": "string"},
+                    envelope={"type": "boolean"},
+                ),
+                params=[name_param],
+            )
+        },
+        "/v1/keys/{name}/decrypt": {
+            "post": op(
+                "decrypt",
+                obj(["plaintext"], plaintext=b64),
+                body=obj(
+                    ["ciphertext"],
+                    ciphertext=b64,
+                    aad=b64,
+                    algorithm={"type": "string"},
+                    envelope={"type": "boolean"},
+                    version={"type": "integer", "minimum": 1},
+                ),
+                params=[name_param],
+            )
+        },
+        "/v1/keys/{name}/agree": {
+            "post": op(
+                "ECDH/X25519 into a new key",
+                keyref,
+                status="201",
+                body=obj(
+                    ["new_name", "peer"],
+                    new_name={"type": "string"},
+                    peer={"type": "string"},
+                    type={"type": "string"},
+                    usage={"type": "array", "items": {"type": "string"}},
+                ),
+                params=[name_param],
+            )
+        },
+        "/v1/keys/{name}/export": {
+            "post": op(
+                "export an exportable key",
+                obj(["pem"], pem={"type": "string"}),
+                params=[name_param],
+            )
+        },
+        "/v1/random": {
+            "post": op(
+                "random bytes",
+                obj(["data"], data=b64),
+                body=obj(
+                    ["n"],
+                    n={"type": "integer", "minimum": 1, "maximum": 65536},
+                    backend={"type": "string"},
+                ),
+            )
+        },
+        "/v1/vault": {"get": op("vault status (admin)", anyobj)},
+        "/v1/vault/lock": {"post": op("lock the vault (admin)", anyobj)},
+        "/v1/vault/unlock": {
+            "post": op(
+                "unlock the vault (admin)",
+                anyobj,
+                body=obj([], method={"type": "string"}),
+            )
+        },
+        "/v1/audit/records": {
+            "get": op(
+                "audit records (admin)",
+                obj(["records"], records={"type": "array", "items": anyobj}),
+                params=[
+                    {
+                        "name": "since",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 0},
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 10000},
+                    },
+                ],
+            )
+        },
+        "/v1/audit/verify": {"get": op("verify the audit log (admin)", anyobj)},
+        "/v1/audit/checkpoint": {"post": op("sign a checkpoint now (admin)", anyobj)},
+        "/v1/tenants": {
+            "get": op(
+                "tenants (admin)", obj(["tenants"], tenants={"type": "array", "items": anyobj})
+            ),
+            "post": op(
+                "create a tenant (admin)",
+                obj(["name"], name={"type": "string"}),
+                status="201",
+                body=obj(["name"], name={"type": "string"}),
+            ),
+        },
+        "/v1/tenants/{tenant}/tokens": {
+            "post": op(
+                "issue an API token (admin); shown once",
+                obj(
+                    ["token"],
+                    tenant={"type": "string"},
+                    name={"type": "string"},
+                    token={"type": "string"},
+                ),
+                status="201",
+                body=obj(["name"], name={"type": "string"}),
+                params=[tenant_param],
+            )
+        },
+        "/v1/tenants/{tenant}/identities/{name}": {
+            "delete": op(
+                "revoke an identity (admin)",
+                obj(["revoked"], revoked={"type": "string"}),
+                params=[tenant_param, name_param],
+            )
+        },
+        "/v1/policies": {
+            "get": op(
+                "policies (admin)",
+                obj(["policies"], policies={"type": "array", "items": anyobj}),
+                params=[
+                    {
+                        "name": "tenant",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                    }
+                ],
+            ),
+            "post": op("grant permissions (admin)", anyobj, body=_policy_schema(True)),
+            "delete": op("take permissions back (admin)", anyobj, body=_policy_schema(False)),
+        },
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "Strongroom key custody service",
+            "version": API_VERSION,
+            "description": "One key API over hardware key stores; see docs/server.md.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": {"Error": error, "Key": key},
+            "securitySchemes": {"token": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"token": []}],
+    }
+
+
+def _policy_schema(perms_required: bool) -> dict[str, Any]:
+    required = ["tenant", "identity", "keys"] + (["permissions"] if perms_required else [])
+    return {
+        "type": "object",
+        "required": required,
+        "properties": {
+            "tenant": {"type": "string"},
+            "identity": {"type": "string"},
+            "keys": {"type": "string"},
+            "permissions": {"type": "array", "items": {"type": "string"}},
+        },
+    }
+
+
+# -- serving -----------------------------------------------------------------------------------
+def _tls_protocol_class() -> type:
+    """uvicorn's HTTP protocol with the ASGI TLS extension added to each request's scope.
+
+    uvicorn (0.55) does not yet fill `scope["extensions"]["tls"]`; this subclass adds the
+    spec's `client_cert_chain` (the verified leaf, PEM) so that mutual TLS can name the
+    caller. The certificate was verified by the TLS handshake against `tls_client_ca`.
+    """
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    except ImportError:  # pragma: no cover - httptools missing
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base  # type: ignore[assignment]
+
+    class TlsHttpProtocol(Base):
+        _tls_ext: dict[str, Any] | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                der = ssl_object.getpeercert(binary_form=True)
+                chain = [ssl.DER_cert_to_PEM_cert(der)] if der else []
+                self._tls_ext = {
+                    "server_cert": None,
+                    "client_cert_chain": chain,
+                    "client_cert_name": None,
+                    "client_cert_error": None,
+                    "tls_version": None,
+                    "cipher_suite": None,
+                }
+
+        def on_message_begin(self) -> None:  # httptools
+            super().on_message_begin()
+            if self._tls_ext is not None:
+                self.scope["extensions"] = cast(Any, {"tls": self._tls_ext})
+
+    return TlsHttpProtocol
+
+
+def bind_unix_socket(path: Path, mode: int, group: str | None) -> socket.socket:
+    """Bind the service's Unix socket with `mode` set before anyone can connect."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise InvalidArgument(f"{path} exists and is not a socket; not replacing it")
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            os.unlink(path)  # a stale socket from a service that died
+        else:
+            raise InvalidArgument(f"a service is already listening on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o777)  # nobody can connect in the window before chmod
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    if group is not None:
+        import grp
+
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            sock.close()
+            raise InvalidArgument(f"no group named {group!r}") from None
+        os.chown(path, -1, gid)
+    os.chmod(path, mode)
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def tls_context(settings: ServerConfig) -> ssl.SSLContext:
+    """The server's TLS context: TLS 1.2+, client certificates checked against the CA."""
+    assert settings.tls_cert is not None and settings.tls_key is not None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+        if settings.tls_client_ca is not None:
+            ctx.load_verify_locations(settings.tls_client_ca)
+            ctx.verify_mode = (
+                ssl.CERT_REQUIRED if settings.client_cert_required else ssl.CERT_OPTIONAL
+            )
+    except (OSError, ssl.SSLError) as e:
+        raise InvalidArgument(f"cannot load the TLS certificate or key: {e}") from None
+    return ctx
+
+
+def serve(
+    config: Config,
+    settings: ServerConfig,
+    *,
+    ready: Callable[[list[str]], None] | None = None,
+) -> None:
+    """Run the service until SIGTERM or SIGINT; then finish in-flight requests, lock the vault
+    and purge guarded memory."""
+    if not _has("uvicorn"):
+        raise BackendUnavailable(
+            "server", "the service needs uvicorn: pip install 'strongroom[server]'"
+        )
+    if settings.socket is None and settings.listen is None:
+        raise InvalidArgument("nothing to listen on: set [server] socket or listen")
+    if settings.listen is not None and (settings.tls_cert is None or settings.tls_key is None):
+        raise InvalidArgument("TCP needs TLS: set [server] tls_cert and tls_key")
+    ks = Keystore(config, actor="strongroom-serve")
+    tenants = TenantStore(config.data_dir / "tenants.sqlite")
+    app = App(ks, tenants, settings)
+    asyncio.run(_serve(app, settings, ready))
+
+
+async def _serve(
+    app: App, settings: ServerConfig, ready: Callable[[list[str]], None] | None
+) -> None:
+    import uvicorn
+
+    servers: list[Any] = []
+    where: list[str] = []
+    common: dict[str, Any] = {
+        "lifespan": "off",
+        "log_level": "warning",
+        "access_log": False,
+        "timeout_graceful_shutdown": settings.shutdown_timeout,
+        "server_header": False,
+        "date_header": False,
+        "limit_concurrency": 4096,
+    }
+    loop_name = "uvloop" if _has("uvloop") else "asyncio"
+    http = "httptools" if _has("httptools") else "h11"
+    sockets: list[tuple[Any, socket.socket]] = []
+    try:
+        if settings.socket is not None:
+            sock = bind_unix_socket(settings.socket, settings.socket_mode, settings.socket_group)
+            cfg = uvicorn.Config(app, loop=loop_name, http=http, **common)
+            sockets.append((uvicorn.Server(cfg), sock))
+            where.append(f"unix:{settings.socket}")
+        if settings.listen is not None:
+            host, port = settings.listen
+            ctx = tls_context(settings)
+            tcp = socket.create_server((host, port), reuse_port=False, backlog=1024)
+            tcp.setblocking(False)
+            real_port = tcp.getsockname()[1]
+            cfg = uvicorn.Config(
+                app,
+                loop=loop_name,
+                http=_tls_protocol_class(),
+                ssl_context_factory=lambda _config, _default: ctx,
+                **common,
+            )
+            sockets.append((uvicorn.Server(cfg), tcp))
+            where.append(f"https://{host}:{real_port}")
+        servers.extend(server for server, _ in sockets)
+        stop = asyncio.Event()
+
+        def on_signal() -> None:
+            stop.set()
+
+        import signal
+
+        loop = asyncio.get_running_loop()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, on_signal)
+        tasks = [asyncio.create_task(_run_server(server, sock)) for server, sock in sockets]
+        while not all(s.started for s in servers):
+            if any(t.done() for t in tasks):
+                for t in tasks:
+                    if t.done() and t.exception():
+                        raise t.exception()  # type: ignore[misc]
+            await asyncio.sleep(0.01)
+        if ready is not None:
+            ready(where)
+        log.warning("strongroom service listening on %s", ", ".join(where))
+        await stop.wait()
+        for server in servers:
+            server.should_exit = True
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        for _, sock in sockets:
+            sock.close()
+        if settings.socket is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(settings.socket)
+        app.close()
+
+
+async def _run_server(server: Any, sock: socket.socket) -> None:
+    """uvicorn's Server.serve on our own socket, without its own signal handling."""
+    config = server.config
+    if not config.loaded:
+        config.load()
+    server.lifespan = config.lifespan_class(config)
+    await server.startup(sockets=[sock])
+    if server.should_exit:
+        return
+    await server.main_loop()
+    await server.shutdown(sockets=[sock])
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+__all__ = ["App", "HttpError", "bind_unix_socket", "openapi_document", "serve"]
