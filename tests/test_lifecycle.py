@@ -377,13 +377,23 @@ def test_cli_rotation_and_lifecycle(config: Path) -> None:
     out = ok("key", "delete", "k", "--after", "7d").stdout.decode()
     assert "will be deleted at" in out
     fails(run("key", "encrypt", "k", input=b"x"), POLICY, "scheduled for deletion")
-    assert "nothing" not in ok("key", "purge").stdout.decode()
+    # not due for 7 days: purge deletes nothing and says so; the key is still there
+    assert ok("key", "purge").stdout.decode() == "no deletion is due\n"
+    assert json.loads(ok("--json", "key", "purge").stdout) == {"deleted": []}
+    ok("key", "show", "k")
     ok("key", "delete", "--cancel", "k")
     ok("key", "encrypt", "k", input=b"x")
     fails(run("key", "delete", "k", "--now", "--cancel"), USAGE, "only one of")
     fails(run("key", "delete", "k", "--after", "soon"), USAGE, "bad waiting period")
     assert "deleted" in ok("key", "delete", "s").stdout.decode()
     fails(run("key", "show", "s"), NOT_FOUND, "no key named 's'")
+    # a deletion that is due: purge carries it out and names the key
+    ok("key", "generate", "gone", "--type", "aes-256")
+    ok("key", "delete", "gone", "--after", "1s")
+    time.sleep(1.1)
+    assert ok("key", "purge").stdout.decode() == "deleted 'gone'\n"
+    fails(run("key", "show", "gone"), NOT_FOUND, "no key named 'gone'")
+    assert ok("key", "purge").stdout.decode() == "no deletion is due\n"
     fails(run("key", "decrypt", "k", input=b"SRK\x02\x00\x00\x00\x01xxxx"), CORRUPT, "format 2")
 
 

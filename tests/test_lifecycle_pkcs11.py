@@ -5,13 +5,16 @@ OpenSC's pkcs11-tool), and the token's AES and RSA keys as envelope KEKs."""
 from __future__ import annotations
 
 import io
+import json
 import os
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
+from conftest import CliResult
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from pkcs11_support import SoftHsm, config, ks, list_objects, softhsm
+from pkcs11_support import SoftHsm, cli, config, ks, list_objects, softhsm
 
 from strongroom import envelope, lifecycle
 from strongroom.errors import IntegrityError, VersionRetired
@@ -103,3 +106,36 @@ def test_token_keys_as_envelope_keks(
     hdr, _, _ = envelope.read_header(io.BytesIO(blob.getvalue()))
     assert data[:64] not in hdr.wrapped_key
     ks.delete(name)
+
+
+def test_cli_rotate_from_the_vault_into_the_token(config: Path, softhsm: SoftHsm) -> None:
+    """`key rotate --backend hsm` through the real CLI: version 2 is a token object, and
+    the vault's version 1 still decrypts what it encrypted."""
+
+    def ok(*args: str, input: bytes = b"") -> CliResult:
+        r = cli(config, softhsm, *args, input=input)
+        assert r.returncode == 0, r.stderr
+        return r
+
+    ok("key", "generate", "lc-cli-move", "--type", "aes-256", "--backend", "vault")
+    ct1 = ok("key", "encrypt", "lc-cli-move", input=b"soft").stdout
+    assert labelled(softhsm, "lc-cli-move") == 0
+    out = ok("key", "rotate", "lc-cli-move", "--backend", "hsm").stdout.decode()
+    assert out == "rotated 'lc-cli-move': version 2 in hsm is primary\n"
+    assert labelled(softhsm, "lc-cli-move") == 1  # the new version is a token object
+    versions = json.loads(ok("--json", "key", "versions", "lc-cli-move").stdout)
+    assert [(v["version"], v["backend"], v["primary"]) for v in versions] == [
+        (1, "vault", False),
+        (2, "hsm", True),
+    ]
+    ct2 = ok("key", "encrypt", "lc-cli-move", input=b"hard").stdout
+    assert lifecycle.unpack(lifecycle.CIPHERTEXT_MAGIC, ct2, "ciphertext")[0] == 2
+    assert ok("key", "decrypt", "lc-cli-move", input=ct1).stdout == b"soft"
+    assert ok("key", "decrypt", "lc-cli-move", input=ct2).stdout == b"hard"
+    # a backend that does not exist: one line, and no third version
+    bad = cli(config, softhsm, "key", "rotate", "lc-cli-move", "--backend", "nosuch")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad
+    assert "nosuch" in bad.stderr and "Traceback" not in bad.stderr
+    assert len(json.loads(ok("--json", "key", "versions", "lc-cli-move").stdout)) == 2
+    ok("key", "delete", "lc-cli-move")
+    assert labelled(softhsm, "lc-cli-move") == 0

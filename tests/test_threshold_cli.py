@@ -59,13 +59,13 @@ def tpm(tmp_path: Path) -> Swtpm:
     t.stop()
 
 
-def test_lose_every_device_and_recover_with_printed_shares(tmp_path: Path, tpm: Swtpm) -> None:
-    conf = own_token(tmp_path / "hsm")
-    config = tmp_path / "strongroom.toml"
+def write_config(directory: Path, tpm: Swtpm) -> Path:
+    """The vault (passphrase from $SR_THR_VP), this test's swtpm, and its own token."""
+    config = directory / "strongroom.toml"
     config.write_text(
         f"""
 [keystore]
-data_dir = "{tmp_path / "data"}"
+data_dir = "{directory / "data"}"
 order = ["vault"]
 
 [backends.vault]
@@ -86,6 +86,12 @@ pin = "env:SR_THR_HSM_PIN"
 """,
         encoding="utf-8",
     )
+    return config
+
+
+def test_lose_every_device_and_recover_with_printed_shares(tmp_path: Path, tpm: Swtpm) -> None:
+    conf = own_token(tmp_path / "hsm")
+    config = write_config(tmp_path, tpm)
     env: dict[str, str | None] = {
         "SOFTHSM2_CONF": str(conf),
         "SR_THR_HSM_PIN": HSM_PIN,
@@ -266,3 +272,56 @@ def test_cli_usage_errors_are_one_line(tmp_path: Path) -> None:
         "bob (",
         "1 more needed",
     )
+
+
+def test_grouped_policy_enrolls_and_opens(tmp_path: Path, tpm: Swtpm) -> None:
+    """`--group` twice: the TPM AND any 2 of (alice, the HSM, bob), through the CLI."""
+    conf = own_token(tmp_path / "hsm")
+    config = write_config(tmp_path, tpm)
+    env: dict[str, str | None] = {
+        "SOFTHSM2_CONF": str(conf),
+        "SR_THR_HSM_PIN": HSM_PIN,
+        "SR_THR_VP": VAULT_PASS,
+        "A": "alice pass",
+        "B": "bob pass",
+    }
+
+    def cli(*args: str, input: bytes = b"", **extra: str | None) -> CliResult:
+        return run_cli(config, *args, input=input, env={**env, **extra})
+
+    ok(cli("init"))
+    ok(cli("key", "generate", "k", "--type", "ed25519"))
+    r = ok(
+        cli(
+            "vault", "enroll", "--group", "1:tpm",
+            "--group", "2:passphrase:alice,hsm,passphrase:bob",
+            "--passphrase", "env:A", "--passphrase", "env:B", "--exclusive",
+        )
+    )  # fmt: skip
+    assert "[tpm] AND [2 of (alice, hsm, bob)]" in r.stdout.decode()
+    # the TPM, alice and the HSM (bob is away; the old vault passphrase no longer opens it)
+    alice = {"STRONGROOM_PASSPHRASE_ALICE": "alice pass"}
+    slots = json.loads(ok(cli("--json", "vault", "unlock", **alice)).stdout)["slots"]
+    assert [(s["method"], s["policy"]) for s in slots] == [
+        ("threshold", "[tpm] AND [2 of (alice, hsm, bob)]")
+    ]
+    r = ok(cli("vault", "unlock", **alice))
+    assert "threshold (tpm, alice, hsm)" in r.stdout.decode()
+    (tmp_path / "sig").write_bytes(ok(cli("key", "sign", "k", input=DATA, **alice)).stdout)
+    ok(cli("key", "verify", "k", "--signature", str(tmp_path / "sig"), input=DATA, **alice))
+    # the TPM and alice and bob: the HSM's PIN is wrong, still 2 of the officers
+    r = ok(
+        cli(
+            "vault", "unlock", SR_THR_HSM_PIN="wrong-pin-9999",
+            STRONGROOM_PASSPHRASE_BOB="bob pass", **alice,
+        )
+    )  # fmt: skip
+    assert "threshold (tpm, alice, bob)" in r.stdout.decode()
+    # one officer is not a quorum, whatever else works
+    one_line_error(cli("vault", "unlock", SR_THR_HSM_PIN="wrong-pin-9999", **alice), AUTH, "hsm (")
+    # every officer, but no TPM: refused, and the TPM group is named
+    tpm.stop()
+    line = one_line_error(
+        cli("vault", "unlock", STRONGROOM_PASSPHRASE_BOB="bob pass", **alice), AUTH, "tpm ("
+    )
+    assert "alice pass" not in line and "bob pass" not in line and HSM_PIN not in line
