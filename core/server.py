@@ -237,7 +237,10 @@ class App:
 
     async def _handle(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
         try:
-            path: str = scope["path"]
+            raw = scope.get("raw_path")
+            # Match on the path as sent, then decode each parameter: an encoded "/" stays
+            # inside its segment (a key name), never a way to another route.
+            path: str = raw.decode("latin-1").partition("?")[0] if raw else scope["path"]
             method: str = scope["method"]
             route, params = self._match(method, path)
             identity = None
@@ -284,7 +287,10 @@ class App:
             if m is None:
                 continue
             if route.method == method:
-                return route, m.groupdict()
+                try:
+                    return route, {k: _unquote(v) for k, v in m.groupdict().items()}
+                except UnicodeDecodeError:
+                    raise HttpError(400, "InvalidArgument", "the path is not valid UTF-8") from None
             allowed = True
         if allowed:
             raise HttpError(405, "MethodNotAllowed", f"{method} is not allowed on {path}")
@@ -777,6 +783,12 @@ def _parse_query(raw: bytes) -> dict[str, str]:
         return dict(parse_qsl(raw.decode("utf-8"), keep_blank_values=True))
     except (UnicodeDecodeError, ValueError):
         raise HttpError(400, "InvalidArgument", "the query string is not valid") from None
+
+
+def _unquote(value: str) -> str:
+    from urllib.parse import unquote
+
+    return unquote(value, errors="strict")
 
 
 def _jsonable(value: Any) -> Any:

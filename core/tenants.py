@@ -68,7 +68,9 @@ class NotPermitted(PolicyViolation):
 
 
 class TenantNotFound(StrongroomError):
-    """No tenant, identity or token by that name."""
+    """No tenant, identity or policy by that name."""
+
+    exit_code = 3
 
 
 def parse_permissions(value: str | Iterable[str]) -> frozenset[Permission]:

@@ -1,0 +1,688 @@
+"""The key custody service (`strongroom serve`), tested through its real stack: uvicorn in
+its own process, httpx clients (`strongroom.connect`) on the Unix socket and on TLS over
+loopback, and the `strongroom` CLI with --server.
+
+The backend contract runs through `connect()` on both transports. Tenant isolation is
+attempted as a hostile tenant would; policy denials, the audit trail, limits and malformed
+requests, mutual TLS, a 2-process load test and graceful shutdown follow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import multiprocessing
+import os
+import ssl
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import STRONGROOM_BIN, VAULT_PASS_ENV, VAULT_PASSPHRASE, write_vault_config
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from server_support import (
+    Pki,
+    Service,
+    Tenancy,
+    init_service_data,
+    make_pki,
+    service_env,
+    start_service,
+    wait_gone,
+    write_service_config,
+)
+
+import strongroom
+from strongroom.auditlog import verify_log
+from strongroom.client import RemoteKeystore, VaultLocked
+from strongroom.errors import (
+    AuthenticationFailed,
+    BackendUnavailable,
+    InvalidArgument,
+    KeyNotFound,
+    PolicyViolation,
+    UnsupportedOperation,
+)
+from strongroom.keystore import Keystore
+from strongroom.server import App
+from strongroom.tenants import NotPermitted, Permission, TenantStore
+from strongroom.testing import BackendContract
+
+DATA = b"custody service test data"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Pki, Tenancy]]:
+    directory = tmp_path_factory.mktemp("serve")
+    pki = make_pki(directory / "pki")
+    config = write_service_config(directory, pki)
+    tenancy = init_service_data(config, pki)
+    service = start_service(config)
+    try:
+        yield service, pki, tenancy
+    finally:
+        code = service.stop()
+        assert code == 0, "".join(service.stderr_lines)
+
+
+@pytest.fixture(scope="module")
+def service(env: tuple[Service, Pki, Tenancy]) -> Service:
+    return env[0]
+
+
+@pytest.fixture(scope="module")
+def pki(env: tuple[Service, Pki, Tenancy]) -> Pki:
+    return env[1]
+
+
+@pytest.fixture(scope="module")
+def tokens(env: tuple[Service, Pki, Tenancy]) -> Tenancy:
+    return env[2]
+
+
+def remote(service: Service, token: str | None) -> RemoteKeystore:
+    return strongroom.connect(service.unix, token=token)
+
+
+# -- the contract, on both transports -----------------------------------------------------------
+class TestContractOverUnixSocket(BackendContract):
+    @pytest.fixture
+    def keystore(self, service: Service, tokens: Tenancy) -> Iterator[Any]:
+        with remote(service, tokens.acme_app) as ks:
+            yield ks
+
+    @pytest.fixture
+    def backend_name(self) -> str:
+        return "vault"
+
+
+class TestContractOverTls(BackendContract):
+    @pytest.fixture
+    def keystore(self, service: Service, pki: Pki, tokens: Tenancy) -> Iterator[Any]:
+        with strongroom.connect(service.https, token=tokens.globex_app, ca=pki.ca) as ks:
+            yield ks
+
+    @pytest.fixture
+    def backend_name(self) -> str:
+        return "vault"
+
+
+def test_socket_is_private_and_tcp_is_tls_only(service: Service, pki: Pki) -> None:
+    assert stat.S_IMODE(os.stat(service.socket).st_mode) == 0o600
+    assert service.https.startswith("https://127.0.0.1:")
+    plain = service.https.replace("https://", "http://")
+    with pytest.raises(httpx.HTTPError):  # no plaintext HTTP on the TLS port
+        httpx.get(plain + "/v1/health", timeout=5)
+    ctx = ssl.create_default_context(cafile=str(pki.ca))
+    r = httpx.get(service.https + "/v1/health", verify=ctx, timeout=5)
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+# -- mutual TLS ---------------------------------------------------------------------------------
+def test_client_certificate_identifies_the_caller(service: Service, pki: Pki) -> None:
+    with strongroom.connect(
+        service.https, ca=pki.ca, client_cert=pki.client_cert, client_key=pki.client_key
+    ) as ks:
+        who = ks.whoami()
+        assert (who["tenant"], who["name"]) == ("acme", "cert-app")
+        ks.generate("mtls-key", "ecdsa-p256")
+        ks.verify("mtls-key", DATA, ks.sign("mtls-key", DATA))
+    # signed by the CA but never enrolled: no identity
+    with (
+        strongroom.connect(
+            service.https, ca=pki.ca, client_cert=pki.stranger_cert, client_key=pki.stranger_key
+        ) as ks,
+        pytest.raises(AuthenticationFailed, match="not enrolled"),
+    ):
+        ks.whoami()
+    # not signed by the CA: the handshake itself fails
+    with (
+        strongroom.connect(
+            service.https, ca=pki.ca, client_cert=pki.rogue_cert, client_key=pki.rogue_key
+        ) as ks,
+        pytest.raises(BackendUnavailable),
+    ):
+        ks.whoami()
+
+
+# -- tenants ------------------------------------------------------------------------------------
+def raw_client(service: Service, token: str) -> httpx.Client:
+    return httpx.Client(
+        transport=httpx.HTTPTransport(uds=str(service.socket)),
+        base_url="http://strongroom",
+        headers={"authorization": f"Bearer {token}"},
+        timeout=30,
+    )
+
+
+def test_tenants_cannot_use_list_or_detect_each_others_keys(
+    service: Service, tokens: Tenancy
+) -> None:
+    with remote(service, tokens.acme_app) as acme, remote(service, tokens.globex_app) as globex:
+        acme.generate("acme-secret", "ed25519")
+        acme_sig = acme.sign("acme-secret", DATA)
+        assert "acme-secret" not in {k.name for k in globex.keys()}
+        for attempt in (
+            lambda: globex.info("acme-secret"),
+            lambda: globex.sign("acme-secret", DATA),
+            lambda: globex.verify("acme-secret", DATA, acme_sig),
+            lambda: globex.public_key("acme-secret"),
+            lambda: globex.delete("acme-secret"),
+            lambda: globex.encrypt("acme-secret", DATA),
+        ):
+            with pytest.raises(KeyNotFound):
+                attempt()
+        # a name of its own does not collide with acme's, and is a different key
+        globex.generate("acme-secret", "ed25519")
+        own = globex.public_key("acme-secret").public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        theirs = acme.public_key("acme-secret").public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        assert own != theirs
+        globex.delete("acme-secret")
+        acme.verify("acme-secret", DATA, acme_sig)  # untouched
+
+    # probing by hand: every answer for "theirs" is byte-identical to "absent"
+    with raw_client(service, tokens.globex_app) as c:
+
+        def probe(name: str, op: str = "sign") -> tuple[int, bytes]:
+            r = c.post(f"/v1/keys/{name}/{op}", json={"data": base64.b64encode(DATA).decode()})
+            return r.status_code, r.content
+
+        absent = probe("never-existed")
+        assert absent[0] == 404
+        for name in (
+            "acme-secret",
+            "acme%2Facme-secret",
+            "..%2Facme%2Facme-secret",
+            "%2E%2E%2Facme%2Facme-secret",
+        ):
+            assert probe(name) == absent, name
+        assert c.get("/v1/keys/acme-secret").content == c.get("/v1/keys/never-existed").content
+        # a namespace in the body is not a way in
+        r = c.post("/v1/keys", json={"name": "ns-try", "type": "ed25519", "namespace": "acme"})
+        assert r.status_code == 201 and r.json()["namespace"] == "globex"
+
+
+def test_policies_deny_by_default(service: Service, tokens: Tenancy) -> None:
+    with remote(service, tokens.acme_app) as app, remote(service, tokens.acme_signer) as signer:
+        app.generate("signing-1", "ecdsa-p256")
+        app.generate("other-key", "ed25519")
+        app.generate("signing-aes", "aes-256")
+        sig = signer.sign("signing-1", DATA)
+        signer.verify("signing-1", DATA, sig)
+        assert {k.name for k in signer.keys()} <= {
+            n for n in (k.name for k in app.keys()) if n.startswith("signing-")
+        }
+        assert "other-key" not in {k.name for k in signer.keys()}
+        ct = app.encrypt("signing-aes", DATA)
+        with pytest.raises(NotPermitted, match="may not decrypt"):
+            signer.decrypt("signing-aes", ct)
+        with pytest.raises(NotPermitted, match="may not generate"):
+            signer.generate("signing-new", "ed25519")
+        with pytest.raises(NotPermitted, match="may not delete"):
+            signer.delete("signing-1")
+        with pytest.raises(NotPermitted):
+            signer.random(16)
+        # no permission at all on the name: the same answer as an absent key
+        with pytest.raises(KeyNotFound):
+            signer.sign("other-key", DATA)
+        with pytest.raises(KeyNotFound):
+            signer.info("other-key")
+        for admin_call in (signer.tenants, signer.vault_status, signer.audit_verify):
+            with pytest.raises(NotPermitted, match="admin"):
+                admin_call()
+        assert isinstance(NotPermitted("x"), PolicyViolation)
+    with remote(service, tokens.admin) as admin, pytest.raises(NotPermitted, match="no keys"):
+        admin.sign("signing-1", DATA)
+
+
+def test_tokens_bad_missing_and_revoked(service: Service, tokens: Tenancy) -> None:
+    for token in (None, "srt_0123456789abcdef_nope", "not-a-token", tokens.acme_app + "x"):
+        with remote(service, token) as ks, pytest.raises(AuthenticationFailed):
+            ks.keys()
+    with remote(service, tokens.admin) as admin:
+        admin.create_tenant("shortlived")
+        token = admin.issue_token("shortlived", "temp")
+        admin.grant("shortlived", "temp", "*", ["generate", "read"])
+        with remote(service, token) as temp:
+            temp.generate("t", "ed25519")
+            admin.revoke_identity("shortlived", "temp")
+            with pytest.raises(AuthenticationFailed):
+                temp.keys()
+        assert "shortlived" in {t["name"] for t in admin.tenants()}
+
+
+def test_admin_locks_and_unlocks_the_vault(service: Service, tokens: Tenancy) -> None:
+    with remote(service, tokens.admin) as admin, remote(service, tokens.acme_app) as app:
+        app.generate("lock-test", "ed25519")
+        admin.vault_lock()
+        try:
+            assert admin.vault_status()["sealed_by_service"] is True
+            with pytest.raises(VaultLocked):
+                app.sign("lock-test", DATA)
+        finally:
+            assert admin.vault_unlock() != ""
+        app.verify("lock-test", DATA, app.sign("lock-test", DATA))
+
+
+# -- audit --------------------------------------------------------------------------------------
+def audit_path(service: Service) -> Path:
+    return service.config.parent / "data" / "audit.jsonl"
+
+
+def test_every_use_is_audited_with_the_caller_and_tamper_is_detected(
+    service: Service, tokens: Tenancy, tmp_path: Path
+) -> None:
+    with remote(service, tokens.acme_app) as app:
+        app.generate("audited", "ed25519")
+        app.sign("audited", b"secret input that must not be in the log")
+    with remote(service, tokens.admin) as admin:
+        records = admin.audit_records(limit=10_000)
+        report = admin.audit_verify()
+    signs = [r for r in records if r.get("op") == "sign" and r.get("key") == "acme/audited"]
+    assert signs and signs[-1]["actor"] == "acme:app" and signs[-1]["result"] == "ok"
+    assert str(signs[-1]["input"]).startswith("hmac-sha256:")
+    assert report["ok"] is True and report["records"] >= len(records)
+    text = audit_path(service).read_bytes()
+    assert b"secret input" not in text and base64.b64encode(b"secret input") not in text
+
+    # an edited, a deleted and a reordered record, each named by `strongroom audit verify`
+    lines = text.splitlines(keepends=True)
+    idx = next(i for i, line in enumerate(lines) if b'"acme/audited"' in line)
+    edited = lines.copy()
+    edited[idx] = edited[idx].replace(b'"acme:app"', b'"acme:eve"')
+    deleted = lines[:idx] + lines[idx + 1 :]
+    swapped = lines.copy()
+    swapped[idx], swapped[idx + 1] = swapped[idx + 1], swapped[idx]
+    for label, content in (("edited", edited), ("deleted", deleted), ("swapped", swapped)):
+        copy = tmp_path / f"{label}.jsonl"
+        copy.write_bytes(b"".join(content))
+        assert not verify_log(copy).ok, label
+        r = subprocess.run(
+            [
+                str(STRONGROOM_BIN),
+                "--config",
+                str(service.config),
+                "audit",
+                "verify",
+                "--file",
+                str(copy),
+            ],
+            capture_output=True,
+            text=True,
+            env=service_env(),
+            timeout=60,
+        )
+        assert r.returncode == 9, (label, r.stderr)
+        assert f"line {idx + 1}" in r.stderr or f"line {idx + 1}" in r.stdout, (label, r.stderr)
+
+
+# -- in-process: limits, malformed requests, an audit log that cannot be written ----------------
+def asgi_call(
+    app: App,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    token: str | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    query: bytes = b"",
+) -> tuple[int, Any]:
+    """One request through the ASGI interface, as uvicorn makes it."""
+    sent: list[dict[str, Any]] = []
+    hdrs = list(headers or [])
+    if token is not None:
+        hdrs.append((b"authorization", b"Bearer " + token.encode()))
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "query_string": query,
+        "headers": hdrs,
+    }
+    delivered = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if delivered:
+            await asyncio.sleep(3600)
+        delivered = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    status = sent[0]["status"]
+    return status, json.loads(sent[1]["body"])
+
+
+@pytest.fixture
+def inprocess(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[App, str]]:
+    monkeypatch.setenv(VAULT_PASS_ENV, VAULT_PASSPHRASE)
+    config = write_vault_config(tmp_path)
+    cfg = strongroom.config.load(config)
+    cfg.server.rate_limit = 50.0
+    cfg.server.rate_burst = 5
+    cfg.server.max_request_bytes = 4096
+    ks = Keystore(cfg)
+    ks.vault_control().initialize()
+    store = TenantStore(cfg.data_dir / "tenants.sqlite")
+    store.create_tenant("acme")
+    token = store.issue_token("acme", "app")
+    store.grant("acme", "app", "*", [Permission.SIGN, Permission.GENERATE, Permission.READ])
+    app = App(ks, store, cfg.server)
+    try:
+        yield app, token
+    finally:
+        app.close()
+
+
+def test_malformed_requests_get_a_clear_4xx(inprocess: tuple[App, str]) -> None:
+    app, token = inprocess
+    app.limiter.rate = 0  # this test is about the bodies
+    body = json.dumps({"name": "k", "type": "ed25519"}).encode()
+    assert asgi_call(app, "POST", "/v1/keys", body, token)[0] == 201
+    cases = [
+        ("POST", "/v1/keys/k/sign", b"{not json", 400, "not valid JSON"),
+        ("POST", "/v1/keys/k/sign", b"[1, 2]", 400, "JSON object"),
+        ("POST", "/v1/keys/k/sign", b'{"data": 5}', 400, "base64"),
+        ("POST", "/v1/keys/k/sign", b'{"data": "%%%"}', 400, "base64"),
+        ("POST", "/v1/keys/k/sign", b'{"data": "", "algorithm": 7}', 400, "string"),
+        ("POST", "/v1/keys/k/sign", b'{"data": "", "envelope": "yes"}', 400, "true or false"),
+        ("POST", "/v1/keys", b'{"name": "x", "type": "quantum"}', 400, "unknown key type"),
+        ("POST", "/v1/keys", b'{"name": "x"}', 400, "type is required"),
+        ("POST", "/v1/keys", b'{"name": "x", "type": "ed25519", "usage": "sign"}', 400, "list"),
+        ("POST", "/v1/random", b'{"n": -1}', 403, "random"),
+        ("PUT", "/v1/keys/k", b"", 405, "not allowed"),
+        ("GET", "/v1/nothing-here", b"", 404, "no such endpoint"),
+        ("POST", "/v1/keys/k/sign", b"[" * 100_000, 413, "limited"),
+        ("POST", "/v1/keys/k/sign", b"[" * 4000, 400, "not valid JSON"),
+    ]
+    for method, path, raw, status, words in cases:
+        got, payload = asgi_call(app, method, path, raw, token)
+        assert got == status, (method, path, raw[:40], payload)
+        assert words in payload["error"]["message"], payload
+        assert "Traceback" not in json.dumps(payload)
+    got, payload = asgi_call(
+        app, "POST", "/v1/keys/k/sign", b"{}", token, headers=[(b"content-length", b"999999")]
+    )
+    assert got == 413
+    got, payload = asgi_call(app, "GET", "/v1/keys/k/public", token=token, query=b"format=xml")
+    assert got == 400
+
+
+def test_rate_limit_is_per_identity(inprocess: tuple[App, str]) -> None:
+    app, token = inprocess
+    statuses = [asgi_call(app, "GET", "/v1/keys", token=token)[0] for _ in range(12)]
+    assert statuses[:5] == [200] * 5 and 429 in statuses[5:]
+    store: TenantStore = app.tenants
+    other = store.issue_token("acme", "other")
+    store.grant("acme", "other", "*", [Permission.READ])
+    assert asgi_call(app, "GET", "/v1/keys", token=other)[0] == 200  # its own bucket
+    time.sleep(0.2)  # 50/s refills
+    assert asgi_call(app, "GET", "/v1/keys", token=token)[0] == 200
+
+
+def test_an_unwritable_audit_log_refuses_the_operation(inprocess: tuple[App, str]) -> None:
+    app, token = inprocess
+    app.limiter.rate = 0
+    body = json.dumps({"name": "k", "type": "ed25519"}).encode()
+    assert asgi_call(app, "POST", "/v1/keys", body, token)[0] == 201
+    app.ks.audit.close()  # the log is gone: nothing may run unrecorded
+    status, payload = asgi_call(
+        app, "POST", "/v1/keys/k/sign", json.dumps({"data": "aGk="}).encode(), token
+    )
+    assert status == 503 and payload["error"]["type"] == "AuditUnavailable"
+    assert "signature" not in payload
+
+
+# -- the CLI through the service ----------------------------------------------------------------
+def run(
+    args: list[str], token: str | None, *, config: Path | None = None, data: bytes = b""
+) -> subprocess.CompletedProcess[bytes]:
+    env = service_env()
+    if token is not None:
+        env["STRONGROOM_TOKEN"] = token
+    cmd = [str(STRONGROOM_BIN)] + (["--config", str(config)] if config else []) + args
+    return subprocess.run(cmd, input=data, capture_output=True, env=env, timeout=120)
+
+
+def test_cli_uses_the_service(service: Service, tokens: Tenancy, tmp_path: Path) -> None:
+    server = ["--server", service.unix]
+    r = run([*server, "key", "generate", "cli-key", "--type", "ecdsa-p256"], tokens.acme_app)
+    assert r.returncode == 0, r.stderr
+    sig = run([*server, "key", "sign", "cli-key"], tokens.acme_app, data=DATA)
+    assert sig.returncode == 0, sig.stderr
+    (tmp_path / "sig").write_bytes(sig.stdout)
+    (tmp_path / "data").write_bytes(DATA)
+    pub = run([*server, "key", "public", "cli-key"], tokens.acme_app)
+    (tmp_path / "pub.pem").write_bytes(pub.stdout)
+    check = subprocess.run(
+        [
+            "openssl",
+            "dgst",
+            "-sha256",
+            "-verify",
+            str(tmp_path / "pub.pem"),
+            "-signature",
+            str(tmp_path / "sig"),
+            str(tmp_path / "data"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode == 0 and "Verified OK" in check.stdout
+    ok = run(
+        [*server, "key", "verify", "cli-key", "--signature", str(tmp_path / "sig")],
+        tokens.acme_app,
+        data=DATA,
+    )
+    assert ok.returncode == 0, ok.stderr
+    bad = run(
+        [*server, "key", "verify", "cli-key", "--signature", str(tmp_path / "sig")],
+        tokens.acme_app,
+        data=DATA + b"!",
+    )
+    assert bad.returncode == 1
+    listed = run([*server, "--json", "key", "list"], tokens.acme_app)
+    names = {k["name"] for k in json.loads(listed.stdout)}
+    assert "cli-key" in names and all(k["namespace"] == "acme" for k in json.loads(listed.stdout))
+    # errors: one line each, with the documented exit codes
+    denied = run([*server, "key", "generate", "signing-x", "--type", "ed25519"], tokens.acme_signer)
+    assert denied.returncode == 8 and denied.stderr.count(b"\n") == 1, denied.stderr
+    missing = run([*server, "key", "sign", "nope"], tokens.acme_app, data=DATA)
+    assert missing.returncode == 3 and missing.stderr.count(b"\n") == 1
+    unauth = run([*server, "key", "list"], "srt_0000000000000000_bad")
+    assert unauth.returncode == 4 and unauth.stderr.count(b"\n") == 1
+    elsewhere = run([*server, "key", "rotate", "cli-key"], tokens.acme_app)
+    assert elsewhere.returncode == 5 and b"not offered through the service" in elsewhere.stderr
+    status = run([*server, "--json", "vault", "status"], tokens.admin)
+    assert status.returncode == 0 and json.loads(status.stdout)["unlocked"] is True
+    gone = run(["--server", f"unix:{tmp_path}/none.sock", "key", "list"], tokens.acme_app)
+    assert gone.returncode == 6 and b"cannot reach" in gone.stderr
+
+
+def test_tenant_and_policy_commands_on_the_host(tmp_path: Path) -> None:
+    config = write_vault_config(tmp_path)
+    r = run(["tenant", "create", "acme"], None, config=config)
+    assert r.returncode == 0, r.stderr
+    again = run(["tenant", "create", "acme"], None, config=config)
+    assert again.returncode == 10 and again.stderr.count(b"\n") == 1
+    assert run(["tenant", "create", "_x"], None, config=config).returncode == 2
+    issued = run(
+        [
+            "--json",
+            "tenant",
+            "token",
+            "issue",
+            "acme",
+            "app",
+            "--grant",
+            "sign,read",
+            "--keys",
+            "app-*",
+        ],
+        None,
+        config=config,
+    )
+    assert issued.returncode == 0, issued.stderr
+    token = json.loads(issued.stdout)["token"]
+    assert token.startswith("srt_")
+    db = (tmp_path / "data" / "tenants.sqlite").read_bytes()
+    assert token.encode() not in db and token.split("_", 2)[2].encode() not in db
+    policies = json.loads(run(["--json", "policy", "list"], None, config=config).stdout)
+    assert policies == [
+        {"tenant": "acme", "identity": "app", "keys": "app-*", "permissions": ["read", "sign"]}
+    ]
+    assert (
+        run(
+            ["policy", "grant", "acme", "app", "--keys", "x", "--permissions", "fly"],
+            None,
+            config=config,
+        ).returncode
+        == 2
+    )
+    tenants = json.loads(run(["--json", "tenant", "list"], None, config=config).stdout)
+    assert tenants[0]["name"] == "acme" and tenants[0]["identities"] == 1
+    assert run(["tenant", "token", "revoke", "acme", "app"], None, config=config).returncode == 0
+    assert run(["tenant", "token", "revoke", "acme", "app"], None, config=config).returncode == 3
+    admin = run(["--json", "tenant", "token", "issue", "--admin", "root"], None, config=config)
+    assert admin.returncode == 0 and json.loads(admin.stdout)["tenant"] is None
+
+
+# -- schemathesis against the service's own OpenAPI document ------------------------------------
+def test_schemathesis_finds_no_server_errors_or_schema_violations(
+    service: Service, pki: Pki, tokens: Tenancy, tmp_path: Path
+) -> None:
+    r = subprocess.run(
+        [
+            str(STRONGROOM_BIN.parent / "schemathesis"),
+            "run",
+            f"{service.https}/openapi.json",
+            "--header",
+            f"Authorization: Bearer {tokens.acme_app}",
+            "--tls-verify",
+            str(pki.ca),
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,"
+            "response_schema_conformance,response_headers_conformance,ignored_auth",
+            "--max-examples",
+            "25",
+            "--phases",
+            "examples,coverage,fuzzing",
+            "--seed",
+            "1",
+            "--generation-database",
+            "none",
+            "--no-color",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "SCHEMATHESIS_HOOKS": ""},
+    )
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+
+
+# -- load: 2 client processes, 20 s of signing --------------------------------------------------
+def _sign_loop(url: str, token: str, seconds: float, out: Any) -> None:
+    ok = errors = 0
+    with strongroom.connect(url, token=token) as ks:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                sig = ks.sign("load-key", DATA)
+                ok += len(sig) == 64
+            except Exception:
+                errors += 1
+    out.put((ok, errors))
+
+
+def test_two_client_processes_sign_for_20_seconds_and_the_audit_log_is_complete(
+    service: Service, tokens: Tenancy
+) -> None:
+    with remote(service, tokens.acme_app) as app:
+        app.generate("load-key", "ed25519")
+    with remote(service, tokens.admin) as admin:
+        before = admin.audit_records(limit=1)  # noqa: F841 - warms the path
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    procs = [
+        ctx.Process(target=_sign_loop, args=(service.unix, tokens.acme_app, 20.0, q))
+        for _ in range(2)
+    ]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    total = sum(ok for ok, _ in results)
+    assert all(errors == 0 for _, errors in results), results
+    assert total > 200, results
+    signed = sum(
+        1
+        for line in audit_path(service).read_bytes().splitlines()
+        if b'"op":"sign"' in line and b'"key":"acme/load-key"' in line and b'"result":"ok"' in line
+    )
+    assert signed == total
+    assert verify_log(audit_path(service)).ok
+
+
+# -- graceful shutdown ---------------------------------------------------------------------------
+def test_sigterm_finishes_in_flight_requests_then_locks_and_removes_the_socket(
+    tmp_path: Path,
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    config = write_service_config(tmp_path, pki)
+    tenancy = init_service_data(config, pki)
+    service = start_service(config)
+    result: dict[str, Any] = {}
+
+    def slow() -> None:
+        with remote(service, tenancy.acme_app) as ks:
+            try:
+                result["info"] = ks.generate("big", "rsa-4096")
+            except Exception as e:  # pragma: no cover - reported by the assert below
+                result["error"] = e
+
+    worker = threading.Thread(target=slow)
+    worker.start()
+    time.sleep(0.3)  # the request is in flight (an RSA-4096 key takes longer than this)
+    code = service.stop()
+    worker.join(60)
+    assert code == 0, "".join(service.stderr_lines)
+    assert "info" in result, result
+    assert wait_gone(service.socket)
+    with pytest.raises(BackendUnavailable):
+        remote(service, tenancy.acme_app).keys()
+    os.environ[VAULT_PASS_ENV] = VAULT_PASSPHRASE
+    with strongroom.open(config) as ks:  # the key made during shutdown is there
+        assert ks.in_namespace("acme").info("big").type.value == "rsa-4096"
+
+
+def test_service_config_errors_name_the_key(tmp_path: Path) -> None:
+    bad = write_vault_config(tmp_path)
+    with bad.open("a") as f:
+        f.write('\n[server]\nlisten = "127.0.0.1:8443"\n')
+    r = run(["serve"], None, config=bad)
+    assert r.returncode == 11 and b"server.listen" in r.stderr and r.stderr.count(b"\n") == 1
+    with pytest.raises(InvalidArgument):
+        strongroom.config.parse_listen("nohost")
+    with pytest.raises(UnsupportedOperation):
+        RemoteKeystore(httpx.Client(), "unix:/x").rotate("k")  # type: ignore[attr-defined]
+
+
+_ = ec
