@@ -1754,6 +1754,13 @@ def _tenants(state: State) -> Any:
     return TenantStore(cfg.data_dir / "tenants.sqlite")
 
 
+def _audit_change(state: State, operation: str, **detail: Any) -> Any:
+    """Record a tenant or policy change in the audit log (the service records its own)."""
+    if state.remote():
+        return contextlib.nullcontext()
+    return state.local_keystore().audited(operation, None, **detail)
+
+
 @contextlib.contextmanager
 def _tenant_store(state: State) -> Iterator[Any]:
     store = _tenants(state)
@@ -1774,7 +1781,7 @@ def tenant() -> None:
 @pass_state
 def tenant_create(state: State, name: str) -> None:
     """Create a tenant: a namespace of keys of its own."""
-    with _tenant_store(state) as store:
+    with _tenant_store(state) as store, _audit_change(state, "tenant_create", tenant=name):
         store.create_tenant(name)
     state.emit({"tenant": name}, f"created tenant {name!r}")
 
@@ -1826,7 +1833,10 @@ def tenant_token_issue(
             raise click.UsageError("give TENANT and IDENTITY (or --admin IDENTITY)")
         tenant_name, ident = names
     perms = parse_permissions(grant) if grant else None
-    with _tenant_store(state) as store:
+    with (
+        _tenant_store(state) as store,
+        _audit_change(state, "token_issue", tenant=tenant_name, identity=ident, admin=admin),
+    ):
         if state.remote():
             if admin:
                 raise click.UsageError("admin tokens are issued on the service host, not remotely")
@@ -1857,7 +1867,10 @@ def tenant_token_revoke(state: State, names: tuple[str, ...], admin: bool) -> No
         if len(names) != 2:
             raise click.UsageError("give TENANT and IDENTITY (or --admin IDENTITY)")
         tenant_name, ident = names
-    with _tenant_store(state) as store:
+    with (
+        _tenant_store(state) as store,
+        _audit_change(state, "token_revoke", tenant=tenant_name, identity=ident),
+    ):
         if state.remote():
             if tenant_name is None:
                 raise click.UsageError("admin identities are revoked on the service host")
@@ -1883,7 +1896,10 @@ def tenant_cert(state: State, tenant_name: str, ident: str, cert: str) -> None:
         raise InvalidArgument(f"{cert} is not a PEM certificate") from None
     if state.remote():
         raise click.UsageError("certificates are enrolled on the service host")
-    with _tenant_store(state) as store:
+    with (
+        _tenant_store(state) as store,
+        _audit_change(state, "token_issue", tenant=tenant_name, identity=ident, certificate=True),
+    ):
         store.add_certificate(tenant_name, ident, der)
     state.emit({"tenant": tenant_name, "identity": ident}, f"enrolled {ident!r} in {tenant_name!r}")
 
@@ -1910,7 +1926,17 @@ def policy_grant(state: State, tenant_name: str, ident: str, keys: str, perms: s
     from .tenants import parse_permissions
 
     parsed = parse_permissions(perms)
-    with _tenant_store(state) as store:
+    with (
+        _tenant_store(state) as store,
+        _audit_change(
+            state,
+            "policy_grant",
+            tenant=tenant_name,
+            identity=ident,
+            keys=keys,
+            permissions=",".join(sorted(parsed)),
+        ),
+    ):
         if state.remote():
             store.grant(tenant_name, ident, keys, [p.value for p in parsed])
         else:
@@ -1932,7 +1958,17 @@ def policy_revoke(state: State, tenant_name: str, ident: str, keys: str, perms: 
     from .tenants import parse_permissions
 
     parsed = parse_permissions(perms) if perms else None
-    with _tenant_store(state) as store:
+    with (
+        _tenant_store(state) as store,
+        _audit_change(
+            state,
+            "policy_revoke",
+            tenant=tenant_name,
+            identity=ident,
+            keys=keys,
+            permissions="all" if parsed is None else ",".join(sorted(parsed)),
+        ),
+    ):
         if state.remote():
             store.revoke_policy(
                 tenant_name, ident, keys, None if parsed is None else [p.value for p in parsed]

@@ -11,7 +11,7 @@ import base64
 import os
 import ssl
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -28,7 +28,7 @@ from .errors import (
     StrongroomError,
 )
 from .keystore import BackendStatus
-from .tenants import NotPermitted
+from .tenants import NotPermitted, TenantNotFound
 from .types import KeyInfo, KeyType, Operation, Usage
 
 TOKEN_ENV = "STRONGROOM_TOKEN"  # noqa: S105 - the variable name, not a token
@@ -48,6 +48,7 @@ class RequestTooLarge(InvalidArgument):
 
 _LOCAL = {
     "NotPermitted": NotPermitted,
+    "TenantNotFound": TenantNotFound,
     "VaultLocked": VaultLocked,
     "RateLimited": RateLimited,
     "RequestTooLarge": RequestTooLarge,
@@ -230,7 +231,19 @@ class RemoteKeystore:
         return [_key_info(d) for d in self._call("GET", "/v1/keys")["keys"]]
 
     def delete(self, name: str) -> None:
-        self._call("DELETE", f"/v1/keys/{_segment(name)}", name=name)
+        """Destroy the key at once, as `Keystore.delete` does."""
+        self._call("DELETE", f"/v1/keys/{_segment(name)}", name=name, now="true")
+
+    def schedule_deletion(self, name: str, wait: timedelta | None = None) -> KeyInfo | None:
+        """Delete after `wait` (default: the service's deletion_wait); None if done at once."""
+        after = None if wait is None else str(int(wait.total_seconds()))
+        r = self._call("DELETE", f"/v1/keys/{_segment(name)}", name=name, after=after)
+        return None if "scheduled" not in r else self.info(name)
+
+    def cancel_deletion(self, name: str) -> KeyInfo:
+        return _key_info(
+            self._call("POST", f"/v1/keys/{_segment(name)}/cancel-deletion", {}, name=name)
+        )
 
     def public_key(self, name: str, version: int | None = None) -> PublicKeyTypes:
         if version is not None:
@@ -319,16 +332,23 @@ class RemoteKeystore:
         new_name: str,
         key_type: KeyType | str = KeyType.AES_256,
         usage: Any = None,
+        salt: bytes = b"",
+        info: bytes = b"",
     ) -> KeyInfo:
+        """ECDH/X25519 with `peer` (a public key object, or PEM, DER or raw bytes)."""
         if isinstance(peer, bytes | bytearray):
-            raise InvalidArgument("pass the peer's public key as a cryptography object")
-        pem = peer.public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        ).decode()
+            raw = bytes(peer)
+            wire = raw.decode() if raw.lstrip().startswith(b"-----BEGIN") else _b64(raw)
+        else:
+            wire = peer.public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ).decode()
         body: dict[str, Any] = {
-            "peer": pem,
+            "peer": wire,
             "new_name": new_name,
             "type": KeyType.parse(key_type).value,
+            "salt": _b64(salt),
+            "info": _b64(info),
         }
         if usage is not None:
             body["usage"] = _usage(usage)

@@ -1127,6 +1127,11 @@ _WRITE_AHEAD = frozenset(
         "bip39_generate",
         "bip39_recover",
         "slip10_derive",
+        "tenant_create",
+        "token_issue",
+        "token_revoke",
+        "policy_grant",
+        "policy_revoke",
     }
 )
 """Operations that change state: a `started` record is written before they act, so an

@@ -51,12 +51,13 @@ from .errors import (
     UnsupportedOperation,
 )
 from .keystore import Keystore
+from .openapi import API_VERSION, openapi_document
 from .tenants import Identity, NotPermitted, Permission, TenantNotFound, TenantStore
-from .types import KeyInfo
+from .types import KeyInfo, KeyType
 
 log = logging.getLogger("strongroom.server")
 
-API_VERSION = "1"
+
 TOKEN_HEADER = b"authorization"
 
 Scope = dict[str, Any]
@@ -67,9 +68,12 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 class HttpError(Exception):
     """An error answered with `status` and a JSON body; never a traceback."""
 
-    def __init__(self, status: int, kind: str, message: str, **extra: Any) -> None:
+    def __init__(
+        self, status: int, kind: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
-        self.status, self.kind, self.message, self.extra = status, kind, message, extra
+        self.status, self.kind, self.message = status, kind, message
+        self.headers = headers or {}
 
 
 _STATUS_OF: list[tuple[type[BaseException], int]] = [
@@ -86,6 +90,11 @@ _STATUS_OF: list[tuple[type[BaseException], int]] = [
     (BackendUnavailable, 503),
     (AuditUnavailable, 503),
 ]
+
+_AUDITED_REFUSALS = frozenset({401, 403, 404, 413, 423, 429})
+"""Refusals written to the audit log (a 404 only once a route matched: a key or policy)."""
+
+_GENERATABLE = [t.value for t in KeyType if t is not KeyType.SEED]
 
 NOT_FOUND = "no such key"
 """The one answer for a key that is absent, another tenant's, or not the caller's at all."""
@@ -185,7 +194,19 @@ class App:
         self._lock = threading.Lock()
         self._inflight = 0
         self.routes = self._routes()
-        self.openapi = openapi_document()
+        # Fast dispatch: exact paths by (method, path); key operations by (method, verb).
+        self._exact: dict[tuple[str, str], Route] = {}
+        self._key_ops: dict[tuple[str, str], Route] = {}
+        for route in self.routes:
+            pattern = route.pattern.pattern
+            if "(?P<" not in pattern:
+                self._exact[(route.method, pattern)] = route
+            elif pattern.startswith("/v1/keys/(?P<name>[^/]{1,512})"):
+                verb = pattern[len("/v1/keys/(?P<name>[^/]{1,512})") :].lstrip("/")
+                self._key_ops[(route.method, verb)] = route
+        self.openapi = openapi_document(
+            backends=list(keystore.config.order), key_types=_GENERATABLE
+        )
         self._openapi_body = json.dumps(self.openapi).encode()
 
     # -- ASGI ----------------------------------------------------------------------------------
@@ -198,7 +219,7 @@ class App:
             return
         self._inflight += 1
         try:
-            status, payload = await self._handle(scope, receive)
+            status, payload, extra_headers = await self._handle(scope, receive)
         finally:
             self._inflight -= 1
         if isinstance(payload, bytes):
@@ -213,6 +234,7 @@ class App:
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
                     (b"cache-control", b"no-store"),
+                    *extra_headers,
                 ],
             }
         )
@@ -235,7 +257,9 @@ class App:
         finally:
             self.tenants.close()
 
-    async def _handle(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
+    async def _handle(
+        self, scope: Scope, receive: Receive
+    ) -> tuple[int, Any, list[tuple[bytes, bytes]]]:
         try:
             raw = scope.get("raw_path")
             # Match on the path as sent, then decode each parameter: an encoded "/" stays
@@ -246,6 +270,7 @@ class App:
             identity = None
             if route.auth:
                 identity = self._authenticate(scope)
+                scope["strongroom.identity"] = identity
                 if not self.limiter.allow(identity.id):
                     raise HttpError(429, "RateLimited", "too many requests; slow down")
             body = await self._read_body(scope, receive, method)
@@ -256,16 +281,20 @@ class App:
                 result = await route.handler(request)
             finally:
                 current_principal.reset(token)
-            return (200, result) if not isinstance(result, tuple) else result
+            status, payload = (200, result) if not isinstance(result, tuple) else result
+            return status, payload, []
         except HttpError as e:
-            return e.status, {"error": {"type": e.kind, "message": e.message, **e.extra}}
+            if e.status in _AUDITED_REFUSALS and (e.status != 404 or "route" in locals()):
+                self._audit_refusal(scope, e, locals().get("route"), locals().get("params"))
+            headers = [(k.encode(), v.encode()) for k, v in e.headers.items()]
+            return e.status, {"error": {"type": e.kind, "message": e.message}}, headers
         except InvalidSignature:
-            return 200, {"valid": False}
+            return 200, {"valid": False}, []
         except StrongroomError as e:
             status = _status_of(e)
             if status == 500:
                 log.error("request failed: %s: %s", type(e).__name__, e)
-                return 500, {"error": {"type": "InternalError", "message": "internal error"}}
+                return 500, {"error": {"type": "InternalError", "message": "internal error"}}, []
             extra: dict[str, Any] = {}
             retries = getattr(e, "retries_left", None)
             if isinstance(retries, int):
@@ -275,13 +304,52 @@ class App:
             elif isinstance(e, BackendUnavailable):
                 extra["backend"] = e.backend
             message = NOT_FOUND if isinstance(e, KeyNotFound) else str(e)
-            return status, {"error": {"type": type(e).__name__, "message": message, **extra}}
+            return status, {"error": {"type": type(e).__name__, "message": message, **extra}}, []
         except Exception as e:  # a bug: say nothing of it to the caller, log its kind only
             log.exception("request failed: %s", type(e).__name__)
-            return 500, {"error": {"type": "InternalError", "message": "internal error"}}
+            return 500, {"error": {"type": "InternalError", "message": "internal error"}}, []
+
+    def _audit_refusal(
+        self, scope: Scope, e: HttpError, route: Route | None, params: dict[str, str] | None
+    ) -> None:
+        """A refused request is a security event: record who asked for what, and why not."""
+        identity: Identity | None = scope.get("strongroom.identity")
+        op = route.handler.__name__ if route is not None else "request"
+        key = (params or {}).get("name")
+        if key is not None and identity is not None and identity.tenant is not None:
+            key = f"{identity.tenant}/{key}"
+        client = scope.get("client")
+        token = current_principal.set(
+            identity.principal if identity is not None else "unauthenticated"
+        )
+        try:
+            self.ks.audit.record(
+                op,
+                key,
+                e.kind,
+                None,
+                None,
+                status=e.status,
+                client="unix" if not client else f"{client[0]}",
+            )
+        except AuditUnavailable as failure:  # the request is refused anyway
+            log.warning("could not record a refused request: %s", failure)
+        finally:
+            current_principal.reset(token)
 
     def _match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
-        allowed = False
+        route = self._exact.get((method, path))
+        if route is not None:
+            return route, {}
+        if path.startswith("/v1/keys/"):
+            name, _, verb = path[9:].partition("/")
+            route = self._key_ops.get((method, verb))
+            if route is not None and 0 < len(name) <= 512 and "/" not in verb:
+                try:
+                    return route, {"name": _unquote(name)}
+                except UnicodeDecodeError:
+                    raise HttpError(400, "InvalidArgument", "the path is not valid UTF-8") from None
+        allowed: list[str] = []
         for route in self.routes:
             m = route.pattern.fullmatch(path)
             if m is None:
@@ -291,9 +359,14 @@ class App:
                     return route, {k: _unquote(v) for k, v in m.groupdict().items()}
                 except UnicodeDecodeError:
                     raise HttpError(400, "InvalidArgument", "the path is not valid UTF-8") from None
-            allowed = True
+            allowed.append(route.method)
         if allowed:
-            raise HttpError(405, "MethodNotAllowed", f"{method} is not allowed on {path}")
+            raise HttpError(
+                405,
+                "MethodNotAllowed",
+                f"{method} is not allowed here; allowed: {', '.join(allowed)}",
+                headers={"allow": ", ".join(allowed)},
+            )
         raise HttpError(404, "NotFound", "no such endpoint")
 
     def _authenticate(self, scope: Scope) -> Identity:
@@ -343,7 +416,7 @@ class App:
             if not message.get("more_body", False):
                 break
         raw = b"".join(chunks)
-        if method in ("GET", "DELETE", "HEAD") or not raw.strip():
+        if method in ("GET", "HEAD") or not raw.strip():
             return {}
         try:
             body = json.loads(raw)
@@ -409,8 +482,8 @@ class App:
 
     # -- routes --------------------------------------------------------------------------------
     def _routes(self) -> list[Route]:
-        name = r"(?P<name>[^/]{1,128})"
-        tenant = r"(?P<tenant>[^/]{1,64})"
+        name = r"(?P<name>[^/]{1,512})"
+        tenant = r"(?P<tenant>[^/]{1,256})"
         r = [
             ("GET", "/v1/health", self.health, False),
             ("GET", "/openapi.json", self.get_openapi, False),
@@ -427,6 +500,7 @@ class App:
             ("POST", f"/v1/keys/{name}/decrypt", self.decrypt, True),
             ("POST", f"/v1/keys/{name}/agree", self.agree, True),
             ("POST", f"/v1/keys/{name}/export", self.export, True),
+            ("POST", f"/v1/keys/{name}/cancel-deletion", self.cancel_deletion, True),
             ("POST", "/v1/random", self.random, True),
             ("GET", "/v1/vault", self.vault_status, True),
             ("POST", "/v1/vault/lock", self.vault_lock, True),
@@ -507,12 +581,34 @@ class App:
             raise HttpError(404, "KeyNotFound", NOT_FOUND) from None
 
     async def delete_key(self, req: Request) -> Any:
+        """Delete after the keystore's deletion_wait (or `?after=SECONDS`), or `?now=true`."""
+        from datetime import timedelta
+
         assert req.identity is not None
         name = req.params["name"]
         view = self._check_key(req.identity, name, Permission.DELETE)
         self._check_vault(view, name)
-        await asyncio.to_thread(view.delete, name)
-        return {"deleted": name}
+        now_flag = req.query.get("now", "false")
+        if now_flag not in ("true", "false"):
+            raise HttpError(400, "InvalidArgument", "now is true or false")
+        if now_flag == "true":
+            await asyncio.to_thread(view.delete, name)
+            return {"deleted": name}
+        after = req.query.get("after")
+        wait = None
+        if after is not None:
+            wait = timedelta(seconds=_int_query(req.query, "after", 0, 0, 10 * 365 * 86400))
+        scheduled = await asyncio.to_thread(view.schedule_deletion, name, wait)
+        if scheduled is None or scheduled.delete_after is None:
+            return {"deleted": name}
+        return {"scheduled": name, "delete_after": scheduled.delete_after.isoformat()}
+
+    async def cancel_deletion(self, req: Request) -> Any:
+        assert req.identity is not None
+        name = req.params["name"]
+        view = self._check_key(req.identity, name, Permission.DELETE)
+        info = await asyncio.to_thread(view.cancel_deletion, name)
+        return _key_json(info)
 
     async def public_key(self, req: Request) -> Any:
         assert req.identity is not None
@@ -599,23 +695,28 @@ class App:
         self._check_key(req.identity, new_name, Permission.GENERATE)
         peer = req.body.get("peer")
         if not isinstance(peer, str):
-            raise HttpError(400, "InvalidArgument", "peer must be a PEM public key")
+            raise HttpError(400, "InvalidArgument", "peer must be a PEM public key or base64")
+        public: Any
+        if peer.lstrip().startswith("-----BEGIN"):
+            try:
+                public = serialization.load_pem_public_key(peer.encode())
+            except (ValueError, TypeError, UnicodeError):
+                raise HttpError(400, "InvalidArgument", "peer is not a PEM public key") from None
+        else:
+            public = _unb64(peer, "peer")  # raw or DER; the keystore reads it for the key type
         key_type = req.body.get("type", "aes-256")
         if not isinstance(key_type, str):
             raise HttpError(400, "InvalidArgument", "type must be a string")
-        try:
-            public = serialization.load_pem_public_key(peer.encode())
-        except (ValueError, TypeError, UnicodeError):
-            raise HttpError(400, "InvalidArgument", "peer is not a PEM public key") from None
         usage = req.body.get("usage")
+        if usage is not None and not (
+            isinstance(usage, list) and all(isinstance(u, str) for u in usage)
+        ):
+            raise HttpError(400, "InvalidArgument", "usage must be a list of strings")
+        salt = _unb64(req.body.get("salt", ""), "salt")
+        info_bytes = _unb64(req.body.get("info", ""), "info")
         self._check_vault(view, name)
         info = await asyncio.to_thread(
-            view.agree,
-            name,
-            public,
-            new_name,
-            key_type,
-            usage,
+            view.agree, name, public, new_name, key_type, usage, salt, info_bytes
         )
         return 201, _key_json(info)
 
@@ -695,7 +796,8 @@ class App:
         name = req.body.get("name")
         if not isinstance(name, str):
             raise HttpError(400, "InvalidArgument", "name is required")
-        await asyncio.to_thread(self.tenants.create_tenant, name)
+        with self.ks.audited("tenant_create", None, tenant=name):
+            await asyncio.to_thread(self.tenants.create_tenant, name)
         return 201, {"name": name}
 
     async def issue_token(self, req: Request) -> Any:
@@ -704,12 +806,15 @@ class App:
         if not isinstance(name, str):
             raise HttpError(400, "InvalidArgument", "name is required")
         tenant = req.params["tenant"]
-        token = await asyncio.to_thread(self.tenants.issue_token, tenant, name)
+        with self.ks.audited("token_issue", None, tenant=tenant, identity=name):
+            token = await asyncio.to_thread(self.tenants.issue_token, tenant, name)
         return 201, {"tenant": tenant, "name": name, "token": token}
 
     async def revoke_identity(self, req: Request) -> Any:
         self._admin(req.identity)
-        await asyncio.to_thread(self.tenants.revoke, req.params["tenant"], req.params["name"])
+        tenant, name = req.params["tenant"], req.params["name"]
+        with self.ks.audited("token_revoke", None, tenant=tenant, identity=name):
+            await asyncio.to_thread(self.tenants.revoke, tenant, name)
         return {"revoked": req.params["name"]}
 
     async def list_policies(self, req: Request) -> Any:
@@ -724,9 +829,16 @@ class App:
         tenant, identity, keys, perms = _policy_body(req.body)
         if perms is None:
             raise HttpError(400, "InvalidArgument", "permissions are required")
-        policy = await asyncio.to_thread(
-            self.tenants.grant, tenant, identity, keys, parse_permissions(perms)
-        )
+        parsed = parse_permissions(perms)
+        with self.ks.audited(
+            "policy_grant",
+            None,
+            tenant=tenant,
+            identity=identity,
+            keys=keys,
+            permissions=",".join(sorted(parsed)),
+        ):
+            policy = await asyncio.to_thread(self.tenants.grant, tenant, identity, keys, parsed)
         return policy.to_dict()
 
     async def revoke_policy(self, req: Request) -> Any:
@@ -735,7 +847,15 @@ class App:
         self._admin(req.identity)
         tenant, identity, keys, perms = _policy_body(req.body)
         parsed = None if perms is None else parse_permissions(perms)
-        await asyncio.to_thread(self.tenants.revoke_policy, tenant, identity, keys, parsed)
+        with self.ks.audited(
+            "policy_revoke",
+            None,
+            tenant=tenant,
+            identity=identity,
+            keys=keys,
+            permissions="all" if parsed is None else ",".join(sorted(parsed)),
+        ):
+            await asyncio.to_thread(self.tenants.revoke_policy, tenant, identity, keys, parsed)
         return {"revoked": True}
 
 
@@ -804,330 +924,6 @@ def _client_certificate(scope: Scope) -> bytes | None:
     if not chain:
         return None
     return ssl.PEM_cert_to_DER_cert(chain[0])
-
-
-# -- OpenAPI -----------------------------------------------------------------------------------
-def openapi_document() -> dict[str, Any]:
-    """The API as OpenAPI 3.0 (served at /openapi.json; docs/server.md)."""
-    b64 = {"type": "string", "format": "byte"}
-    error = {
-        "type": "object",
-        "required": ["error"],
-        "properties": {
-            "error": {
-                "type": "object",
-                "required": ["type", "message"],
-                "properties": {
-                    "type": {"type": "string"},
-                    "message": {"type": "string"},
-                    "retries_left": {"type": "integer"},
-                },
-            }
-        },
-    }
-    key = {
-        "type": "object",
-        "required": ["name", "namespace", "type", "backend", "usage", "version"],
-        "properties": {
-            "name": {"type": "string"},
-            "namespace": {"type": "string"},
-            "type": {"type": "string"},
-            "backend": {"type": "string"},
-            "usage": {"type": "array", "items": {"type": "string"}},
-            "exportable": {"type": "boolean"},
-            "version": {"type": "integer"},
-            "created": {"type": "string", "nullable": True},
-            "min_decryption_version": {"type": "integer", "nullable": True},
-            "disabled": {"type": "boolean"},
-            "delete_after": {"type": "string", "nullable": True},
-        },
-    }
-    anyobj = {"type": "object", "additionalProperties": True}
-    name_param = {
-        "name": "name",
-        "in": "path",
-        "required": True,
-        "schema": {"type": "string", "minLength": 1, "maxLength": 128},
-    }
-    tenant_param = {
-        "name": "tenant",
-        "in": "path",
-        "required": True,
-        "schema": {"type": "string", "minLength": 1, "maxLength": 64},
-    }
-
-    def op(
-        summary: str,
-        response: dict[str, Any],
-        *,
-        body: dict[str, Any] | None = None,
-        params: list[dict[str, Any]] | None = None,
-        status: str = "200",
-        auth: bool = True,
-    ) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "summary": summary,
-            "responses": {
-                status: {
-                    "description": "success",
-                    "content": {"application/json": {"schema": response}},
-                },
-                "default": {
-                    "description": "an error",
-                    "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
-                    },
-                },
-            },
-        }
-        if body is not None:
-            out["requestBody"] = {
-                "required": True,
-                "content": {"application/json": {"schema": body}},
-            }
-        if params:
-            out["parameters"] = params
-        if not auth:
-            out["security"] = []
-        return out
-
-    def obj(required: list[str], **props: Any) -> dict[str, Any]:
-        return {"type": "object", "required": required, "properties": props}
-
-    keyref = {"$ref": "#/components/schemas/Key"}
-    data_op = obj(["data"], data=b64, algorithm={"type": "string"}, envelope={"type": "boolean"})
-    paths: dict[str, Any] = {
-        "/v1/health": {
-            "get": op("liveness", obj(["status"], status={"type": "string"}), auth=False)
-        },
-        "/openapi.json": {"get": op("this document", anyobj, auth=False)},
-        "/v1/whoami": {"get": op("the caller's identity", anyobj)},
-        "/v1/backends": {"get": op("configured backends", anyobj)},
-        "/v1/keys": {
-            "get": op("the caller's keys", obj(["keys"], keys={"type": "array", "items": keyref})),
-            "post": op(
-                "generate a key",
-                keyref,
-                status="201",
-                body=obj(
-                    ["name", "type"],
-                    name={"type": "string"},
-                    type={"type": "string"},
-                    backend={"type": "string"},
-                    usage={"type": "array", "items": {"type": "string"}},
-                    exportable={"type": "boolean"},
-                ),
-            ),
-        },
-        "/v1/keys/{name}": {
-            "get": op("show a key", keyref, params=[name_param]),
-            "delete": op(
-                "delete a key", obj(["deleted"], deleted={"type": "string"}), params=[name_param]
-            ),
-        },
-        "/v1/keys/{name}/public": {
-            "get": op(
-                "the public key",
-                obj([], pem={"type": "string"}, der=b64),
-                params=[
-                    name_param,
-                    {
-                        "name": "format",
-                        "in": "query",
-                        "required": False,
-                        "schema": {"type": "string", "enum": ["pem", "der"]},
-                    },
-                ],
-            )
-        },
-        "/v1/keys/{name}/sign": {
-            "post": op("sign", obj(["signature"], signature=b64), body=data_op, params=[name_param])
-        },
-        "/v1/keys/{name}/verify": {
-            "post": op(
-                "verify a signature",
-                obj(["valid"], valid={"type": "boolean"}),
-                body=obj(
-                    ["data", "signature"],
-                    data=b64,
-                    signature=b64,
-                    algorithm={"type": "string"},
-                    envelope={"type": "boolean"},
-                    version={"type": "integer", "minimum": 1},
-                ),
-                params=[name_param],
-            )
-        },
-        "/v1/keys/{name}/encrypt": {
-            "post": op(
-                "encrypt",
-                obj(["ciphertext"], ciphertext=b64),
-                body=obj(
-                    ["plaintext"],
-                    plaintext=b64,
-                    aad=b64,
-                    algorithm={"type": "string"},
-                    envelope={"type": "boolean"},
-                ),
-                params=[name_param],
-            )
-        },
-        "/v1/keys/{name}/decrypt": {
-            "post": op(
-                "decrypt",
-                obj(["plaintext"], plaintext=b64),
-                body=obj(
-                    ["ciphertext"],
-                    ciphertext=b64,
-                    aad=b64,
-                    algorithm={"type": "string"},
-                    envelope={"type": "boolean"},
-                    version={"type": "integer", "minimum": 1},
-                ),
-                params=[name_param],
-            )
-        },
-        "/v1/keys/{name}/agree": {
-            "post": op(
-                "ECDH/X25519 into a new key",
-                keyref,
-                status="201",
-                body=obj(
-                    ["new_name", "peer"],
-                    new_name={"type": "string"},
-                    peer={"type": "string"},
-                    type={"type": "string"},
-                    usage={"type": "array", "items": {"type": "string"}},
-                ),
-                params=[name_param],
-            )
-        },
-        "/v1/keys/{name}/export": {
-            "post": op(
-                "export an exportable key",
-                obj(["pem"], pem={"type": "string"}),
-                params=[name_param],
-            )
-        },
-        "/v1/random": {
-            "post": op(
-                "random bytes",
-                obj(["data"], data=b64),
-                body=obj(
-                    ["n"],
-                    n={"type": "integer", "minimum": 1, "maximum": 65536},
-                    backend={"type": "string"},
-                ),
-            )
-        },
-        "/v1/vault": {"get": op("vault status (admin)", anyobj)},
-        "/v1/vault/lock": {"post": op("lock the vault (admin)", anyobj)},
-        "/v1/vault/unlock": {
-            "post": op(
-                "unlock the vault (admin)",
-                anyobj,
-                body=obj([], method={"type": "string"}),
-            )
-        },
-        "/v1/audit/records": {
-            "get": op(
-                "audit records (admin)",
-                obj(["records"], records={"type": "array", "items": anyobj}),
-                params=[
-                    {
-                        "name": "since",
-                        "in": "query",
-                        "required": False,
-                        "schema": {"type": "integer", "minimum": 0},
-                    },
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "required": False,
-                        "schema": {"type": "integer", "minimum": 1, "maximum": 10000},
-                    },
-                ],
-            )
-        },
-        "/v1/audit/verify": {"get": op("verify the audit log (admin)", anyobj)},
-        "/v1/audit/checkpoint": {"post": op("sign a checkpoint now (admin)", anyobj)},
-        "/v1/tenants": {
-            "get": op(
-                "tenants (admin)", obj(["tenants"], tenants={"type": "array", "items": anyobj})
-            ),
-            "post": op(
-                "create a tenant (admin)",
-                obj(["name"], name={"type": "string"}),
-                status="201",
-                body=obj(["name"], name={"type": "string"}),
-            ),
-        },
-        "/v1/tenants/{tenant}/tokens": {
-            "post": op(
-                "issue an API token (admin); shown once",
-                obj(
-                    ["token"],
-                    tenant={"type": "string"},
-                    name={"type": "string"},
-                    token={"type": "string"},
-                ),
-                status="201",
-                body=obj(["name"], name={"type": "string"}),
-                params=[tenant_param],
-            )
-        },
-        "/v1/tenants/{tenant}/identities/{name}": {
-            "delete": op(
-                "revoke an identity (admin)",
-                obj(["revoked"], revoked={"type": "string"}),
-                params=[tenant_param, name_param],
-            )
-        },
-        "/v1/policies": {
-            "get": op(
-                "policies (admin)",
-                obj(["policies"], policies={"type": "array", "items": anyobj}),
-                params=[
-                    {
-                        "name": "tenant",
-                        "in": "query",
-                        "required": False,
-                        "schema": {"type": "string"},
-                    }
-                ],
-            ),
-            "post": op("grant permissions (admin)", anyobj, body=_policy_schema(True)),
-            "delete": op("take permissions back (admin)", anyobj, body=_policy_schema(False)),
-        },
-    }
-    return {
-        "openapi": "3.0.3",
-        "info": {
-            "title": "Strongroom key custody service",
-            "version": API_VERSION,
-            "description": "One key API over hardware key stores; see docs/server.md.",
-        },
-        "paths": paths,
-        "components": {
-            "schemas": {"Error": error, "Key": key},
-            "securitySchemes": {"token": {"type": "http", "scheme": "bearer"}},
-        },
-        "security": [{"token": []}],
-    }
-
-
-def _policy_schema(perms_required: bool) -> dict[str, Any]:
-    required = ["tenant", "identity", "keys"] + (["permissions"] if perms_required else [])
-    return {
-        "type": "object",
-        "required": required,
-        "properties": {
-            "tenant": {"type": "string"},
-            "identity": {"type": "string"},
-            "keys": {"type": "string"},
-            "permissions": {"type": "array", "items": {"type": "string"}},
-        },
-    }
 
 
 # -- serving -----------------------------------------------------------------------------------
@@ -1242,7 +1038,13 @@ def serve(
     ks = Keystore(config, actor="strongroom-serve")
     tenants = TenantStore(config.data_dir / "tenants.sqlite")
     app = App(ks, tenants, settings)
-    asyncio.run(_serve(app, settings, ready))
+    loop_factory = None
+    if _has("uvloop"):
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(_serve(app, settings, ready))
 
 
 async def _serve(
@@ -1339,4 +1141,4 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-__all__ = ["App", "HttpError", "bind_unix_socket", "openapi_document", "serve"]
+__all__ = ["App", "HttpError", "bind_unix_socket", "serve"]

@@ -348,6 +348,7 @@ class TenantStore:
 
     def authenticate_certificate(self, der: bytes) -> Identity:
         with self._lock:
+            self._fresh()
             row = self._db.execute(
                 "SELECT id, tenant, name, admin FROM identities "
                 "WHERE cert_sha256=? AND revoked IS NULL",
@@ -423,9 +424,10 @@ class TenantStore:
         ]
 
     def _policies_for(self, identity: Identity) -> list[Policy]:
+        """The identity's policies, cached: `authenticate_token` at the start of each request
+        has checked the cache against the database already (one query per request)."""
         assert identity.tenant is not None
         with self._lock:
-            self._fresh()
             found = self._policies.get((identity.tenant, identity.name))
             if found is None:
                 rows = self._db.execute(
