@@ -394,7 +394,12 @@ class RemoteKeystore:
     def audit_verify(self) -> dict[str, Any]:
         return dict(self._call("GET", "/v1/audit/verify"))
 
-    def audit_records(self, since: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+    def audit_records(
+        self, since: int = 0, limit: int = 100, last: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Records after seq `since` (oldest first), or with `last`, the newest `last`."""
+        if last is not None:
+            return list(self._call("GET", "/v1/audit/records", last=last)["records"])
         return list(self._call("GET", "/v1/audit/records", since=since, limit=limit)["records"])
 
     def create_tenant(self, name: str) -> None:

@@ -298,6 +298,12 @@ def openapi_document(
                         "required": False,
                         "schema": {"type": "integer", "minimum": 1, "maximum": 10000},
                     },
+                    {
+                        "name": "last",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 10000},
+                    },
                 ],
             )
         },

@@ -763,12 +763,19 @@ class App:
 
     # -- audit ---------------------------------------------------------------------------------
     async def audit_records(self, req: Request) -> Any:
-        from .auditlog import read_records
+        from .auditlog import last_seq, read_records
 
         self._admin(req.identity)
-        since = _int_query(req.query, "since", 0, 0, 1 << 62)
-        limit = _int_query(req.query, "limit", 100, 1, 10_000)
         path = self.ks.config.data_dir / "audit.jsonl"
+        limit = _int_query(req.query, "limit", 100, 1, 10_000)
+        if "last" in req.query:  # the newest N records
+            if "since" in req.query:
+                raise HttpError(400, "InvalidArgument", "give since or last, not both")
+            last = _int_query(req.query, "last", 100, 1, 10_000)
+            newest = await asyncio.to_thread(last_seq, path)
+            since, limit = max(0, newest - last), last
+        else:
+            since = _int_query(req.query, "since", 0, 0, 1 << 62)
         records = await asyncio.to_thread(read_records, path, since, limit)
         return {"records": records}
 
