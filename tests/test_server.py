@@ -761,7 +761,12 @@ def test_sigterm_finishes_in_flight_requests_then_locks_and_removes_the_socket(
 
     worker = threading.Thread(target=slow)
     worker.start()
-    time.sleep(0.3)  # the request is in flight (an RSA-4096 key takes longer than this)
+    # SIGTERM once the keystore has begun (its write-ahead audit record is there): the
+    # request is in flight, and an RSA-4096 key takes a while to make
+    started = b'"op":"generate","key":"acme/big","backend":null,"result":"started"'
+    deadline = time.monotonic() + 30
+    while started not in audit_path(service).read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.005)
     code = service.stop()
     worker.join(60)
     assert code == 0, "".join(service.stderr_lines)
