@@ -45,6 +45,11 @@ def rsa_padding(algorithm: str | None) -> padding.AsymmetricPadding:
 
 RSA_ENCRYPT_ALGORITHMS = ("oaep-sha256", "oaep-sha1")
 
+AES_KEY_WRAP = "aes-kwp"
+"""AES key wrap with padding (RFC 5649) of a short secret, such as an envelope's data key,
+under an AES key with the `wrap` usage: `encrypt(..., algorithm="aes-kwp")`. A backend that
+has it does it inside its hardware (PKCS#11: C_WrapKey with CKM_AES_KEY_WRAP_PAD)."""
+
 
 def check_rsa_encrypt_algorithm(algorithm: str | None) -> str:
     """RSA-OAEP with SHA-256 (the default) or, for tokens that only have it, SHA-1."""

@@ -500,8 +500,9 @@ def key_verify(
 @click.option("--aad", default="", help="Associated data (text) bound to the ciphertext.")
 @click.option(
     "--algorithm",
-    type=click.Choice(algorithms.RSA_ENCRYPT_ALGORITHMS),
-    help="RSA only: oaep-sha256 (default) or oaep-sha1 (for tokens that have only that).",
+    type=click.Choice([*algorithms.RSA_ENCRYPT_ALGORITHMS, algorithms.AES_KEY_WRAP]),
+    help="RSA: oaep-sha256 (default) or oaep-sha1 (for tokens that have only that); "
+    "aes-kwp: RFC 5649 key wrap of a short secret by a PKCS#11 AES key with the wrap usage.",
 )
 @click.option(
     "--raw",
@@ -532,8 +533,9 @@ def key_encrypt(
 @click.option("--aad", default="", help="The associated data given at encryption.")
 @click.option(
     "--algorithm",
-    type=click.Choice(algorithms.RSA_ENCRYPT_ALGORITHMS),
-    help="RSA only: the OAEP hash used at encryption (default oaep-sha256).",
+    type=click.Choice([*algorithms.RSA_ENCRYPT_ALGORITHMS, algorithms.AES_KEY_WRAP]),
+    help="RSA: the OAEP hash used at encryption (default oaep-sha256); aes-kwp for a "
+    "secret wrapped with `encrypt --algorithm aes-kwp`.",
 )
 @click.option(
     "--raw",
@@ -1076,8 +1078,10 @@ def _progress(src: BinaryIO, label: str) -> Iterator[Callable[[int], None] | Non
 @click.option("--out", "out", metavar="FILE", help="Where the envelope goes (default: stdout).")
 @click.option(
     "--algorithm",
-    type=click.Choice(algorithms.RSA_ENCRYPT_ALGORITHMS),
-    help="RSA KEKs only: oaep-sha256 (default) or oaep-sha1.",
+    type=click.Choice([*algorithms.RSA_ENCRYPT_ALGORITHMS, algorithms.AES_KEY_WRAP]),
+    help="How the data key is wrapped: RSA KEKs oaep-sha256 (default) or oaep-sha1; "
+    "aes-kwp (RFC 5649 in the token; the default for an AES key that may wrap but not "
+    "encrypt).",
 )
 @click.option(
     "--chunk-size",

@@ -208,11 +208,37 @@ def _chunk_size(chunk_size: int) -> int:
     return chunk_size
 
 
+def kek_algorithm(ks: Keystore, name: str, algorithm: str | None) -> str | None:
+    """How the data key is wrapped: `algorithm` if given; else AES key wrap (RFC 5649) for an
+    AES key that may wrap but not encrypt (an HSM's key-wrapping key); else the key's own
+    default (AEAD for symmetric keys, OAEP-SHA-256 for RSA)."""
+    from .algorithms import AES_KEY_WRAP
+    from .types import KeyType, Usage
+
+    if algorithm is not None:
+        return algorithm
+    info = ks.info(name)
+    if (
+        info.type is KeyType.AES_256
+        and Usage.ENCRYPT not in info.usage
+        and Usage.WRAP in info.usage
+    ):
+        return AES_KEY_WRAP
+    return None
+
+
+def _wrap_aad(key_type: str, algorithm: str | None) -> bytes:
+    from .algorithms import AES_KEY_WRAP
+
+    # OAEP and RFC 5649 take no associated data; the header MAC binds the rest
+    return b"" if key_type.startswith("rsa-") or algorithm == AES_KEY_WRAP else WRAP_AAD
+
+
 def _wrap(ks: Keystore, name: str, data_key: bytes, algorithm: str | None) -> tuple[int, bytes]:
     from . import lifecycle
 
     info = ks.info(name)
-    aad = b"" if info.type.is_rsa else WRAP_AAD
+    aad = _wrap_aad(info.type.value, algorithm)
     blob = ks.encrypt(name, data_key, aad, algorithm, envelope=True)
     version, _ = lifecycle.unpack(lifecycle.CIPHERTEXT_MAGIC, blob, "ciphertext")
     return version, blob
@@ -224,7 +250,6 @@ def _unwrap(ks: Keystore, header: EnvelopeHeader) -> bytes:
             f"the envelope's key is in namespace {header.namespace!r}, this keystore uses "
             f"{ks.namespace!r}"
         )
-    rsa = header.key_type.startswith("rsa-")
     from . import lifecycle
 
     version, _ = lifecycle.unpack(lifecycle.CIPHERTEXT_MAGIC, header.wrapped_key, "ciphertext")
@@ -233,7 +258,7 @@ def _unwrap(ks: Keystore, header: EnvelopeHeader) -> bytes:
     data_key = ks.decrypt(
         header.key,
         header.wrapped_key,
-        b"" if rsa else WRAP_AAD,
+        _wrap_aad(header.key_type, header.algorithm),
         header.algorithm,
         envelope=True,
     )
@@ -255,6 +280,7 @@ def encrypt_stream(
     """Encrypt `src` to `dst` under a fresh data key wrapped by key `name`."""
     chunk_size = _chunk_size(chunk_size)
     info = ks.info(name)
+    algorithm = kek_algorithm(ks, name, algorithm)
     data_key = os.urandom(DATA_KEY)
     version, wrapped = _wrap(ks, name, data_key, algorithm)
     header = EnvelopeHeader(
@@ -389,14 +415,15 @@ def rewrap_stream(
     mac_key, _ = _derive(data_key, header.salt)
     if not hmac.compare_digest(_mac(mac_key, raw), mac):
         raise IntegrityError("the envelope header failed authentication: it was altered")
-    version, wrapped = _wrap(ks, header.key, data_key, algorithm or header.algorithm)
+    algorithm = kek_algorithm(ks, header.key, algorithm or header.algorithm)
+    version, wrapped = _wrap(ks, header.key, data_key, algorithm)
     del data_key
     new = EnvelopeHeader(
         key=header.key,
         namespace=header.namespace,
         version=version,
         key_type=header.key_type,
-        algorithm=algorithm or header.algorithm,
+        algorithm=algorithm,
         aead=header.aead,
         chunk_size=header.chunk_size,
         salt=header.salt,

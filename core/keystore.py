@@ -630,13 +630,19 @@ class Keystore:
         (docs/lifecycle.md), so it still decrypts after the key is rotated.
         """
         with self._audited("encrypt", name, plaintext, size=len(plaintext)) as facts:
-            info, b = self._key(name, Operation.ENCRYPT, facts)
-            if info.type.is_rsa:
+            if algorithm == algorithms.AES_KEY_WRAP:  # a key wrap: needs the `wrap` usage
+                info, b = self._key(name, Operation.WRAP, facts)
                 if aad:
-                    raise InvalidArgument("RSA-OAEP takes no associated data")
-                ct = algorithms.rsa_encrypt(b.public_key(info), bytes(plaintext), algorithm)
+                    raise InvalidArgument("AES key wrap takes no associated data")
+                ct = b.encrypt(info, bytes(plaintext), b"", algorithm)
             else:
-                ct = b.encrypt(info, bytes(plaintext), bytes(aad), algorithm)
+                info, b = self._key(name, Operation.ENCRYPT, facts)
+                if info.type.is_rsa:
+                    if aad:
+                        raise InvalidArgument("RSA-OAEP takes no associated data")
+                    ct = algorithms.rsa_encrypt(b.public_key(info), bytes(plaintext), algorithm)
+                else:
+                    ct = b.encrypt(info, bytes(plaintext), bytes(aad), algorithm)
             if envelope:
                 return lifecycle.pack(lifecycle.CIPHERTEXT_MAGIC, info.version, ct)
             return ct
@@ -662,7 +668,12 @@ class Keystore:
                 version, ciphertext = lifecycle.unpack(
                     lifecycle.CIPHERTEXT_MAGIC, ciphertext, "ciphertext"
                 )
-            info, b = self._key(name, Operation.DECRYPT, facts, version)
+            if algorithm == algorithms.AES_KEY_WRAP:  # an unwrap: needs the `unwrap` usage
+                info, b = self._key(name, Operation.UNWRAP, facts, version)
+                if aad:
+                    raise InvalidArgument("AES key wrap takes no associated data")
+            else:
+                info, b = self._key(name, Operation.DECRYPT, facts, version)
             if info.type.is_rsa and aad:
                 raise InvalidArgument("RSA-OAEP takes no associated data")
             return b.decrypt(info, bytes(ciphertext), bytes(aad), algorithm)

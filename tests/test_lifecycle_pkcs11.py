@@ -17,7 +17,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pkcs11_support import SoftHsm, cli, config, ks, list_objects, softhsm
 
 from strongroom import envelope, lifecycle
-from strongroom.errors import IntegrityError, VersionRetired
+from strongroom.errors import (
+    IntegrityError,
+    InvalidArgument,
+    PolicyViolation,
+    UnsupportedOperation,
+    VersionRetired,
+)
 from strongroom.keystore import Keystore
 
 __all__ = ["config", "ks", "softhsm"]  # fixtures, imported so pytest finds them
@@ -106,6 +112,53 @@ def test_token_keys_as_envelope_keks(
     hdr, _, _ = envelope.read_header(io.BytesIO(blob.getvalue()))
     assert data[:64] not in hdr.wrapped_key
     ks.delete(name)
+
+
+def test_a_wrap_only_token_key_wraps_envelope_data_keys_with_rfc_5649(
+    ks: Keystore, softhsm: SoftHsm
+) -> None:
+    """An HSM key-wrapping key (usage wrap,unwrap: it cannot encrypt) as an envelope KEK: the
+    data key is wrapped inside the token by C_WrapKey with CKM_AES_KEY_WRAP_PAD, and comes
+    back through C_UnwrapKey; no session object is left behind."""
+    from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap_with_padding
+
+    ks.generate("lc-kwk", "aes-256", backend="hsm", usage="wrap,unwrap")
+    before = len(list_objects(softhsm))
+    data = os.urandom(300_000)
+    blob = io.BytesIO()
+    header = ks.encrypt_stream("lc-kwk", io.BytesIO(data), blob)
+    assert header["kek"]["algorithm"] == "aes-kwp"
+    out = io.BytesIO()
+    ks.decrypt_stream(io.BytesIO(blob.getvalue()), out)
+    assert out.getvalue() == data
+    hdr, _, _ = envelope.read_header(io.BytesIO(blob.getvalue()))
+    wrapped = lifecycle.unpack(lifecycle.CIPHERTEXT_MAGIC, hdr.wrapped_key, "ciphertext")[1]
+    assert len(wrapped) == 40  # RFC 5649 of a 32-byte data key: 8 bytes longer
+    with pytest.raises(InvalidUnwrap):  # not any other key's wrap
+        aes_key_unwrap_with_padding(os.urandom(32), wrapped)
+    # a damaged wrapped key is refused by the token's unwrap
+    damaged = bytearray(hdr.wrapped_key)
+    damaged[-1] ^= 1
+    with pytest.raises(IntegrityError):
+        ks.decrypt("lc-kwk", bytes(damaged), algorithm="aes-kwp", envelope=True)
+    # the data key and the plaintext never sit on the token
+    assert len(list_objects(softhsm)) == before
+    # the key still cannot encrypt, and an explicit aes-kwp needs the wrap usage
+    with pytest.raises(PolicyViolation):
+        ks.encrypt("lc-kwk", b"x")
+    ks.generate("lc-enc-only", "aes-256", backend="hsm", usage="encrypt,decrypt")
+    with pytest.raises(PolicyViolation):
+        ks.encrypt("lc-enc-only", os.urandom(32), algorithm="aes-kwp")
+    ct = ks.encrypt("lc-kwk", b"\x01" * 32, algorithm="aes-kwp")
+    assert ks.decrypt("lc-kwk", ct, algorithm="aes-kwp") == b"\x01" * 32
+    with pytest.raises(InvalidArgument, match="no associated data"):
+        ks.encrypt("lc-kwk", b"\x01" * 32, aad=b"a", algorithm="aes-kwp")
+    # a vault key does not take aes-kwp: it says so by name
+    ks.generate("lc-vault-aes", "aes-256", backend="vault", usage="wrap,unwrap,encrypt,decrypt")
+    with pytest.raises(UnsupportedOperation, match="vault"):
+        ks.encrypt("lc-vault-aes", os.urandom(32), algorithm="aes-kwp")
+    for name in ("lc-kwk", "lc-enc-only", "lc-vault-aes"):
+        ks.delete(name)
 
 
 def test_cli_rotate_from_the_vault_into_the_token(config: Path, softhsm: SoftHsm) -> None:

@@ -758,6 +758,8 @@ class Pkcs11Backend(Backend):
         128-bit tag); the result is nonce ‖ ciphertext ‖ tag."""
         if info.type is not KeyType.AES_256:
             raise self.unsupported(Operation.ENCRYPT, info.type)
+        if algorithm == algorithms.AES_KEY_WRAP:
+            return self._wrap_secret(info, plaintext)
         _no_algorithm(algorithm)
         nonce = os.urandom(keys.GCM_NONCE)
         params = GCMParams(nonce, aad or None)
@@ -776,6 +778,8 @@ class Pkcs11Backend(Backend):
         MGF1-SHA-256, or SHA-1 and MGF1-SHA-1 with algorithm="oaep-sha1"; no label). A failed
         tag or padding is an IntegrityError."""
         t = info.type
+        if t is KeyType.AES_256 and algorithm == algorithms.AES_KEY_WRAP:
+            return self._unwrap_secret(info, ciphertext)
         if t not in _RSA_TYPES:
             _no_algorithm(algorithm)
         if t is KeyType.AES_256:
@@ -866,6 +870,63 @@ class Pkcs11Backend(Backend):
         return self._with_key(info, ObjectClass.PRIVATE_KEY, "agree", derive)
 
     # -- wrap and unwrap -------------------------------------------------------------------------
+    def _wrap_secret(self, info: KeyInfo, secret: bytes) -> bytes:
+        """PKCS#11: C_CreateObject (a session secret key holding `secret`), C_WrapKey with
+        CKM_AES_KEY_WRAP_PAD (RFC 5649) under the token key, C_DestroyObject.
+
+        The envelope's `aes-kwp` data-key wrap (SoftHSM2, like many tokens, offers key wrap
+        only through C_WrapKey, not C_Encrypt)."""
+        self._need("AES_KEY_WRAP_PAD", "wrap", info.type)
+        if not 1 <= len(secret) <= 512:
+            raise InvalidArgument("AES key wrap takes a secret of 1 to 512 bytes")
+
+        def run(kek: Any) -> bytes:
+            obj = kek.session.create_object(
+                {
+                    Attribute.CLASS: ObjectClass.SECRET_KEY,
+                    Attribute.KEY_TYPE: P11KeyType.GENERIC_SECRET,
+                    Attribute.TOKEN: False,
+                    Attribute.PRIVATE: True,
+                    Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: True,
+                    Attribute.VALUE: secret,
+                }
+            )
+            try:
+                return bytes(kek.wrap_key(obj, mechanism=Mechanism.AES_KEY_WRAP_PAD))
+            finally:
+                obj.destroy()
+
+        return self._with_key(info, ObjectClass.SECRET_KEY, "wrap", run)
+
+    def _unwrap_secret(self, info: KeyInfo, blob: bytes) -> bytes:
+        """PKCS#11: C_UnwrapKey with CKM_AES_KEY_WRAP_PAD into a session object that may be
+        read, C_GetAttributeValue of its CKA_VALUE, C_DestroyObject. A blob that does not
+        unwrap (another key, damage) is an IntegrityError."""
+        self._need("AES_KEY_WRAP_PAD", "unwrap", info.type)
+        if len(blob) < 16 or len(blob) % 8:
+            raise IntegrityError("the wrapped key is not RFC 5649 output (length)")
+
+        def run(kek: Any) -> bytes:
+            obj = kek.unwrap_key(
+                ObjectClass.SECRET_KEY,
+                P11KeyType.GENERIC_SECRET,
+                blob,
+                mechanism=Mechanism.AES_KEY_WRAP_PAD,
+                store=False,
+                template={
+                    Attribute.SENSITIVE: False,
+                    Attribute.EXTRACTABLE: True,
+                    Attribute.PRIVATE: True,
+                },
+            )
+            try:
+                return bytes(obj[Attribute.VALUE])
+            finally:
+                obj.destroy()
+
+        return self._with_key(info, ObjectClass.SECRET_KEY, "unwrap", run)
+
     def wrap(self, info: KeyInfo, target: KeyInfo) -> bytes:
         """PKCS#11: C_WrapKey with CKM_AES_KEY_WRAP_PAD (RFC 5649): the raw value of a secret
         key, PKCS#8 of an EC or RSA key (the forms the vault wraps, so blobs move both ways)."""

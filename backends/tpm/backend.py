@@ -426,6 +426,8 @@ class TpmBackend(Backend):
         ciphertext. Output: IV(16) ‖ ciphertext ‖ tag(32). (RSA is done by the keystore.)"""
         if info.type is not KeyType.AES_256:
             raise self.unsupported(Operation.ENCRYPT, info.type)
+        if algorithm == algorithms.AES_KEY_WRAP:
+            raise self.unsupported(Operation.WRAP, info.type, _NO_KEY_WRAP)
         _no_algorithm(algorithm)
         key = self._key(info)
         iv = os.urandom(_IV)
@@ -441,6 +443,8 @@ class TpmBackend(Backend):
     def decrypt(self, info: KeyInfo, ciphertext: bytes, aad: bytes, algorithm: str | None) -> bytes:
         """RSA: TPM2_RSA_Decrypt (OAEP, SHA-256). AES-256: TPM2_HMAC check, then
         TPM2_EncryptDecrypt2. IntegrityError for a wrong key or damaged ciphertext."""
+        if algorithm == algorithms.AES_KEY_WRAP and not info.type.is_rsa:
+            raise self.unsupported(Operation.UNWRAP, info.type, _NO_KEY_WRAP)
         if not info.type.is_rsa:
             _no_algorithm(algorithm)
         elif algorithms.check_rsa_encrypt_algorithm(algorithm) != "oaep-sha256":
@@ -711,3 +715,6 @@ def _mac_input(aad: bytes, iv: bytes, ciphertext: bytes) -> bytes:
 def _no_algorithm(algorithm: str | None) -> None:
     if algorithm is not None:
         raise InvalidArgument(f"the TPM picks the scheme from the key type; got {algorithm!r}")
+
+
+_NO_KEY_WRAP = "a TPM has no AES key wrap (RFC 5649); aes-kwp is for PKCS#11 key-wrapping keys"

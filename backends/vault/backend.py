@@ -1043,6 +1043,8 @@ class VaultBackend(Backend):
     def encrypt(self, info: KeyInfo, plaintext: bytes, aad: bytes, algorithm: str | None) -> bytes:
         if info.type not in keyops.AEAD_TYPES:
             raise self.unsupported(Operation.ENCRYPT, info.type)
+        if algorithm == algorithms.AES_KEY_WRAP:
+            raise self.unsupported(Operation.WRAP, info.type, _NO_DATA_KEY_WRAP)
         _no_algorithm(algorithm)
         with self._material(info) as m:
             return keyops.encrypt(info.type, m, plaintext, aad)
@@ -1052,6 +1054,8 @@ class VaultBackend(Backend):
             raise self.unsupported(Operation.DECRYPT, info.type)
         if info.type.is_rsa:
             algorithms.check_rsa_encrypt_algorithm(algorithm)
+        elif algorithm == algorithms.AES_KEY_WRAP:
+            raise self.unsupported(Operation.UNWRAP, info.type, _NO_DATA_KEY_WRAP)
         else:
             _no_algorithm(algorithm)
         with self._material(info) as m:
@@ -1232,3 +1236,8 @@ def _capabilities() -> frozenset[Capability]:
 
 
 _CAPABILITIES = _capabilities()
+
+
+_NO_DATA_KEY_WRAP = (
+    "the vault wraps data keys with its AEAD (the default); aes-kwp is for HSM key-wrapping keys"
+)
