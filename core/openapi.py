@@ -21,7 +21,11 @@ def openapi_document(
     keyname = {"type": "string", "pattern": NAME_PATTERN}
     ident = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"}
     sign_alg = {"type": "string", "enum": ["pkcs1v15", "pss", None], "nullable": True}
-    enc_alg = {"type": "string", "enum": ["oaep-sha256", "oaep-sha1", "aes-kwp", None], "nullable": True}
+    enc_alg = {
+        "type": "string",
+        "enum": ["oaep-sha256", "oaep-sha1", "aes-kwp", None],
+        "nullable": True,
+    }
     usage = {
         "type": "array",
         "nullable": True,
