@@ -45,8 +45,10 @@ SERVER_KEYS = {
     "tls_client_ca": "PEM CA that client certificates must chain to (mutual TLS)",
     "client_cert_required": "refuse TLS clients without a certificate (default false)",
     "max_request_bytes": "largest request body accepted (default 1048576)",
-    "rate_limit": "requests per second per identity (default 10000; 0: no limit)",
-    "rate_burst": "requests an identity may make at once above the rate (default 20000)",
+    "rate_limit": "requests per second per identity (default 1000; 0: no limit)",
+    "rate_burst": "requests an identity may make at once above the rate (default 2000)",
+    "audit_checkpoint_seconds": "sign an audit checkpoint this often when records are "
+    "pending (default 60; 0: only every audit_checkpoint_every records and at shutdown)",
     "shutdown_timeout": "seconds in-flight requests get to finish at shutdown (default 30)",
     "url": "where clients (the CLI, strongroom.connect) reach the service: unix:PATH or "
     "https://HOST:PORT",
@@ -87,9 +89,10 @@ class ServerConfig:
     tls_client_ca: Path | None = None
     client_cert_required: bool = False
     max_request_bytes: int = 1 << 20
-    rate_limit: float = 10_000.0
-    rate_burst: int = 20_000
+    rate_limit: float = 1_000.0
+    rate_burst: int = 2_000
     shutdown_timeout: float = 30.0
+    audit_checkpoint_seconds: float = 60.0
     url: str | None = None
     token: str | None = None
     ca: Path | None = None
@@ -324,6 +327,8 @@ def _parse_server(cfg: Config, table: Any) -> None:
             out.rate_burst = number(key, value, 1, 10_000_000)
         elif key == "shutdown_timeout":
             out.shutdown_timeout = float(number(key, value, 0, 3600, integer=False))
+        elif key == "audit_checkpoint_seconds":
+            out.audit_checkpoint_seconds = float(number(key, value, 0, 86400, integer=False))
         elif key == "url":
             if not isinstance(value, str) or not (
                 value.startswith("unix:") or value.startswith("https://")

@@ -193,6 +193,7 @@ class App:
         self._vault_name = keystore.vault.name
         self._lock = threading.Lock()
         self._inflight = 0
+        self._refusals: dict[tuple[str, str, str], list[float]] = {}
         self.routes = self._routes()
         # Fast dispatch: exact paths by (method, path); key operations by (method, verb).
         self._exact: dict[tuple[str, str], Route] = {}
@@ -272,7 +273,12 @@ class App:
                 identity = self._authenticate(scope)
                 scope["strongroom.identity"] = identity
                 if not self.limiter.allow(identity.id):
-                    raise HttpError(429, "RateLimited", "too many requests; slow down")
+                    raise HttpError(
+                        429,
+                        "RateLimited",
+                        "too many requests; slow down",
+                        headers={"retry-after": "1"},
+                    )
             body = await self._read_body(scope, receive, method)
             query = _parse_query(scope.get("query_string", b""))
             request = Request(scope, params, query, body, identity)
@@ -304,6 +310,15 @@ class App:
             elif isinstance(e, BackendUnavailable):
                 extra["backend"] = e.backend
             message = NOT_FOUND if isinstance(e, KeyNotFound) else str(e)
+            who: Identity | None = scope.get("strongroom.identity")
+            if status == 503 and not (who is not None and who.admin):
+                # the detail names server paths and devices: the operator's, in the log
+                log.warning("refused with 503: %s: %s", type(e).__name__, e)
+                message = (
+                    "the audit log cannot be written: the operation was refused"
+                    if isinstance(e, AuditUnavailable)
+                    else "a backend the operation needs is unavailable; see the service log"
+                )
             return status, {"error": {"type": type(e).__name__, "message": message, **extra}}, []
         except Exception as e:  # a bug: say nothing of it to the caller, log its kind only
             log.exception("request failed: %s", type(e).__name__)
@@ -319,19 +334,26 @@ class App:
         if key is not None and identity is not None and identity.tenant is not None:
             key = f"{identity.tenant}/{key}"
         client = scope.get("client")
-        token = current_principal.set(
-            identity.principal if identity is not None else "unauthenticated"
-        )
+        peer = "unix" if not client else f"{client[0]}"
+        actor = identity.principal if identity is not None else "unauthenticated"
+        extra: dict[str, Any] = {}
+        if e.status in (401, 429):
+            # These can come as a flood (anyone can send a bad token): one record per actor,
+            # kind and peer a second, counting the ones it stands for.
+            now = time.monotonic()
+            slot = (actor, e.kind, peer)
+            window = self._refusals.get(slot)
+            if window is not None and now - window[0] < 1.0:
+                window[1] += 1
+                return
+            if len(self._refusals) > 10_000:
+                self._refusals.clear()
+            self._refusals[slot] = [now, 0]
+            if window is not None and window[1]:
+                extra["suppressed"] = window[1]  # like this one, since the last record
+        token = current_principal.set(actor)
         try:
-            self.ks.audit.record(
-                op,
-                key,
-                e.kind,
-                None,
-                None,
-                status=e.status,
-                client="unix" if not client else f"{client[0]}",
-            )
+            self.ks.audit.record(op, key, e.kind, None, None, status=e.status, client=peer, **extra)
         except AuditUnavailable as failure:  # the request is refused anyway
             log.warning("could not record a refused request: %s", failure)
         finally:
@@ -373,15 +395,22 @@ class App:
         token = None
         for name, value in scope["headers"]:
             if name == TOKEN_HEADER:
+                if token is not None:  # which one would count is a proxy's guess: neither
+                    raise HttpError(400, "InvalidArgument", "send one Authorization header")
                 scheme, _, rest = value.decode("latin-1").partition(" ")
                 if scheme.lower() != "bearer" or not rest.strip():
                     raise HttpError(401, "AuthenticationFailed", "use Authorization: Bearer TOKEN")
                 token = rest.strip()
-                break
+        der = _client_certificate(scope)
         try:
             if token is not None:
+                if der is not None and self.tenants.certificate_enrolled(der):
+                    raise HttpError(
+                        400,
+                        "InvalidArgument",
+                        "send one credential: an API token or an enrolled client certificate",
+                    )
                 return self.tenants.authenticate_token(token)
-            der = _client_certificate(scope)
             if der is not None:
                 return self.tenants.authenticate_certificate(der)
         except AuthenticationFailed as e:
@@ -531,16 +560,24 @@ class App:
 
     async def list_backends(self, req: Request) -> Any:
         statuses = await asyncio.to_thread(self.ks.backends)
-        return {"backends": [s.to_dict() for s in statuses]}
+        out = [s.to_dict() for s in statuses]
+        if req.identity is None or not req.identity.admin:
+            for d in out:  # paths, serials and lock states are the operator's business
+                d["details"] = {}
+                if d["reason"] is not None:
+                    d["reason"] = "unavailable"
+        return {"backends": out}
 
     async def list_keys(self, req: Request) -> Any:
         assert req.identity is not None
         view = self._view(req.identity)
-        keys = [
-            _key_json(k)
-            for k in view.keys()
-            if Permission.READ in self.tenants.permissions_on(req.identity, k.name)
-        ]
+        with view.audited("list", None) as facts:
+            keys = [
+                _key_json(k)
+                for k in view.keys()
+                if Permission.READ in self.tenants.permissions_on(req.identity, k.name)
+            ]
+            facts["backend"] = None
         return {"keys": keys}
 
     async def generate(self, req: Request) -> Any:
@@ -576,9 +613,12 @@ class App:
         name = req.params["name"]
         view = self._check_key(req.identity, name, Permission.READ)
         try:
-            return _key_json(view.info(name))
+            with view.audited("info", name) as facts:
+                info = view.info(name)
+                facts["backend"] = info.backend
         except KeyNotFound:
             raise HttpError(404, "KeyNotFound", NOT_FOUND) from None
+        return _key_json(info)
 
     async def delete_key(self, req: Request) -> Any:
         """Delete after the keystore's deletion_wait (or `?after=SECONDS`), or `?now=true`."""
@@ -934,20 +974,36 @@ def _client_certificate(scope: Scope) -> bytes | None:
 
 
 # -- serving -----------------------------------------------------------------------------------
-def _tls_protocol_class() -> type:
-    """uvicorn's HTTP protocol with the ASGI TLS extension added to each request's scope.
+MAX_HEAD_BYTES = 16 * 1024
+"""The request line and headers together: larger is refused with 431 before it is buffered."""
 
-    uvicorn (0.55) does not yet fill `scope["extensions"]["tls"]`; this subclass adds the
-    spec's `client_cert_chain` (the verified leaf, PEM) so that mutual TLS can name the
-    caller. The certificate was verified by the TLS handshake against `tls_client_ca`.
+
+def _protocol_class() -> type:
+    """uvicorn's httptools protocol with two additions of ours.
+
+    - A cap on the request line and headers (MAX_HEAD_BYTES): uvicorn's httptools protocol
+      has none, and a caller could make it buffer hundreds of megabytes before any check of
+      ours runs. Larger heads get 431 and the connection is closed.
+    - The ASGI TLS extension: uvicorn (0.55) does not fill `scope["extensions"]["tls"]`;
+      we add the spec's `client_cert_chain` (the verified leaf, PEM) so that mutual TLS can
+      name the caller. The certificate was verified by the handshake against tls_client_ca.
     """
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
-    except ImportError:  # pragma: no cover - httptools missing
-        from uvicorn.protocols.http.h11_impl import H11Protocol as Base  # type: ignore[assignment]
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    class TlsHttpProtocol(Base):
+    refusal = json.dumps(
+        {"error": {"type": "RequestTooLarge", "message": "the request headers are too large"}}
+    ).encode()
+    response = (
+        b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+        b"content-type: application/json\r\n"
+        b"content-length: " + str(len(refusal)).encode() + b"\r\n"
+        b"connection: close\r\n\r\n" + refusal
+    )
+
+    class StrongroomHttpProtocol(HttpToolsProtocol):
         _tls_ext: dict[str, Any] | None = None
+        _in_head = True
+        _head_bytes = 0
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -964,12 +1020,29 @@ def _tls_protocol_class() -> type:
                     "cipher_suite": None,
                 }
 
-        def on_message_begin(self) -> None:  # httptools
+        def data_received(self, data: bytes) -> None:
+            if self._in_head:
+                self._head_bytes += len(data)
+            super().data_received(data)
+            if self._in_head and self._head_bytes > MAX_HEAD_BYTES:
+                self._in_head = False
+                self.transport.write(response)
+                self.transport.close()
+
+        def on_message_begin(self) -> None:
             super().on_message_begin()
             if self._tls_ext is not None:
                 self.scope["extensions"] = cast(Any, {"tls": self._tls_ext})
 
-    return TlsHttpProtocol
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._in_head, self._head_bytes = True, 0
+
+    return StrongroomHttpProtocol
 
 
 def bind_unix_socket(path: Path, mode: int, group: str | None) -> socket.socket:
@@ -1034,9 +1107,9 @@ def serve(
 ) -> None:
     """Run the service until SIGTERM or SIGINT; then finish in-flight requests, lock the vault
     and purge guarded memory."""
-    if not _has("uvicorn"):
+    if not (_has("uvicorn") and _has("httptools")):
         raise BackendUnavailable(
-            "server", "the service needs uvicorn: pip install 'strongroom[server]'"
+            "server", "the service needs uvicorn and httptools: pip install 'strongroom[server]'"
         )
     if settings.socket is None and settings.listen is None:
         raise InvalidArgument("nothing to listen on: set [server] socket or listen")
@@ -1071,12 +1144,11 @@ async def _serve(
         "limit_concurrency": 4096,
     }
     loop_name = "uvloop" if _has("uvloop") else "asyncio"
-    http = "httptools" if _has("httptools") else "h11"
     sockets: list[tuple[Any, socket.socket]] = []
     try:
         if settings.socket is not None:
             sock = bind_unix_socket(settings.socket, settings.socket_mode, settings.socket_group)
-            cfg = uvicorn.Config(app, loop=loop_name, http=http, **common)
+            cfg = uvicorn.Config(app, loop=loop_name, http=_protocol_class(), **common)
             sockets.append((uvicorn.Server(cfg), sock))
             where.append(f"unix:{settings.socket}")
         if settings.listen is not None:
@@ -1088,7 +1160,7 @@ async def _serve(
             cfg = uvicorn.Config(
                 app,
                 loop=loop_name,
-                http=_tls_protocol_class(),
+                http=_protocol_class(),
                 ssl_context_factory=lambda _config, _default: ctx,
                 **common,
             )
@@ -1113,12 +1185,16 @@ async def _serve(
                     if t.done() and t.exception():
                         raise t.exception()  # type: ignore[misc]
             await asyncio.sleep(0.01)
+        if settings.audit_checkpoint_seconds > 0:
+            tasks.append(asyncio.create_task(_checkpoints(app, settings.audit_checkpoint_seconds)))
         if ready is not None:
             ready(where)
         log.warning("strongroom service listening on %s", ", ".join(where))
         await stop.wait()
         for server in servers:
             server.should_exit = True
+        for task in tasks[len(servers) :]:  # the checkpoint timer
+            task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     finally:
         for _, sock in sockets:
@@ -1127,6 +1203,18 @@ async def _serve(
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(settings.socket)
         app.close()
+
+
+async def _checkpoints(app: App, every: float) -> None:
+    """Sign a checkpoint every `every` seconds while records are pending, so that a cut at
+    the log's end loses at most that much unsigned tail (docs/audit.md)."""
+    while True:
+        await asyncio.sleep(every)
+        if app.ks.audit.pending:
+            try:
+                await asyncio.to_thread(app.ks.audit_checkpoint)
+            except StrongroomError as e:  # the records stand; the next round tries again
+                log.warning("periodic audit checkpoint failed: %s: %s", type(e).__name__, e)
 
 
 async def _run_server(server: Any, sock: socket.socket) -> None:

@@ -346,6 +346,15 @@ class TenantStore:
             raise bad
         return cached[0]
 
+    def certificate_enrolled(self, der: bytes) -> bool:
+        with self._lock:
+            return bool(
+                self._db.execute(
+                    "SELECT 1 FROM identities WHERE cert_sha256=? AND revoked IS NULL",
+                    (cert_fingerprint(der),),
+                ).fetchone()
+            )
+
     def authenticate_certificate(self, der: bytes) -> Identity:
         with self._lock:
             self._fresh()

@@ -445,6 +445,68 @@ def test_an_unwritable_audit_log_refuses_the_operation(inprocess: tuple[App, str
     )
     assert status == 503 and payload["error"]["type"] == "AuditUnavailable"
     assert "signature" not in payload
+    assert "/" not in payload["error"]["message"]  # no server path for a tenant
+
+
+def test_tenants_see_no_server_details_and_reads_are_audited(
+    service: Service, tokens: Tenancy
+) -> None:
+    with remote(service, tokens.acme_app) as app:
+        assert all(not b.details for b in app.backends())
+        app.generate("read-audited", "ed25519")
+        app.info("read-audited")
+        app.keys()
+    with remote(service, tokens.admin) as admin:
+        assert any(b.details for b in admin.backends())
+        records = admin.audit_records(last=50)
+    assert any(r["op"] == "info" and r["key"] == "acme/read-audited" for r in records)
+    assert any(r["op"] == "list" and r["actor"] == "acme:app" for r in records)
+
+
+def test_hostile_requests_get_4xx_not_500(service: Service, tokens: Tenancy) -> None:
+    import socket as socketlib
+
+    # headers too large: refused with 431 before they are buffered
+    with socketlib.socket(socketlib.AF_UNIX) as s:
+        s.connect(str(service.socket))
+        s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 100_000)
+        s.settimeout(10)
+        head = s.recv(4096)
+    assert head.startswith(b"HTTP/1.1 431"), head[:80]
+    # two Authorization headers: neither counts
+    with raw_client(service, tokens.acme_app) as c:
+        r = c.get(
+            "/v1/keys",
+            headers=[
+                ("authorization", f"Bearer {tokens.globex_app}"),
+                ("authorization", f"Bearer {tokens.acme_app}"),
+            ],
+        )
+        assert r.status_code == 400 and "one Authorization" in r.json()["error"]["message"]
+        # a low-order X25519 peer is a bad argument, not a server error
+        c.post("/v1/keys", json={"name": "x-peer", "type": "x25519", "usage": ["agree"]})
+        r = c.post(
+            "/v1/keys/x-peer/agree",
+            json={"new_name": "x-out", "peer": base64.b64encode(bytes(32)).decode()},
+        )
+        assert r.status_code == 400 and "low-order" in r.json()["error"]["message"], r.text
+        assert c.request("HEAD", "/v1/health").status_code == 405
+
+
+def test_a_flood_of_bad_tokens_is_one_audit_record_a_second(service: Service) -> None:
+    with raw_client(service, "srt_0123456789abcdef_flood") as c:
+        for _ in range(40):
+            assert c.get("/v1/whoami").status_code == 401
+        time.sleep(1.05)
+        assert c.get("/v1/whoami").status_code == 401
+    tail = audit_path(service).read_bytes().splitlines()[-200:]
+    flood = [
+        json.loads(line)
+        for line in tail
+        if b'"op":"whoami"' in line and b'"actor":"unauthenticated"' in line
+    ]
+    assert 2 <= len(flood) <= 4, flood
+    assert flood[-1]["suppressed"] >= 36
 
 
 # -- the CLI through the service ----------------------------------------------------------------
@@ -747,10 +809,19 @@ def test_sigterm_finishes_in_flight_requests_then_locks_and_removes_the_socket(
     tmp_path: Path,
 ) -> None:
     pki = make_pki(tmp_path / "pki")
-    config = write_service_config(tmp_path, pki)
+    config = write_service_config(tmp_path, pki, "audit_checkpoint_seconds = 0.2\n")
     tenancy = init_service_data(config, pki)
     service = start_service(config)
     result: dict[str, Any] = {}
+    # the checkpoint timer signs the tail while the service runs
+    with remote(service, tenancy.acme_app) as ks:
+        ks.generate("timer", "ed25519")
+        ks.sign("timer", DATA)
+    deadline = time.monotonic() + 20
+    while verify_log(audit_path(service)).unsigned_tail and time.monotonic() < deadline:
+        time.sleep(0.05)
+    report = verify_log(audit_path(service))
+    assert report.checkpoints >= 1 and report.unsigned_tail == 0
 
     def slow() -> None:
         with remote(service, tenancy.acme_app) as ks:

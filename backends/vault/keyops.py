@@ -387,12 +387,12 @@ def shared_secret(key_type: KeyType, material: memoryview, peer: PublicKeyTypes)
     if key_type is KeyType.X25519:
         assert isinstance(peer, x25519.X25519PublicKey)
         out = Guarded(32)
-        with out.write() as o:
-            try:
+        try:
+            with out.write() as o:
                 sodium.x25519_into(material, peer.public_bytes_raw(), o)
-            except InvalidArgument:
-                out.close()
-                raise
+        except BaseException:  # e.g. a low-order peer point: wipe and unmap, then report it
+            out.close()
+            raise
         return out
     with _private(key_type, material) as key:
         return _guarded_copy(key.exchange(ec.ECDH(), peer))
