@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from . import errors
+from .catalog import KeyVersion
 from .errors import (
     AuthenticationFailed,
     BackendUnavailable,
@@ -223,6 +224,79 @@ class RemoteKeystore:
                 "POST", "/v1/keys", {k: v for k, v in body.items() if v is not None}, name=name
             )
         )
+
+    def import_key(
+        self,
+        name: str,
+        key_type: KeyType | str,
+        material: bytes | bytearray | memoryview,
+        backend: str | None = None,
+        usage: Any = None,
+        exportable: bool = False,
+        format: str = "auto",
+    ) -> KeyInfo:
+        """Store existing key material (raw, DER or PEM) in the service's backend. The material
+        crosses the connection (TLS or the Unix socket); wiping your copy is up to you."""
+        body: dict[str, Any] = {
+            "name": name,
+            "type": KeyType.parse(key_type).value,
+            "material": _b64(material),
+            "format": format,
+            "exportable": exportable,
+        }
+        if backend is not None:
+            body["backend"] = backend
+        if usage is not None:
+            body["usage"] = _usage(usage)
+        return _key_info(self._call("POST", "/v1/keys", body, name=name))
+
+    def mac(self, name: str, data: bytes) -> bytes:
+        body = {"data": _b64(data)}
+        return _unb64(self._call("POST", f"/v1/keys/{_segment(name)}/mac", body, name=name)["mac"])
+
+    def derive(
+        self,
+        name: str,
+        new_name: str,
+        key_type: KeyType | str = KeyType.AES_256,
+        usage: Any = None,
+        salt: bytes = b"",
+        info: bytes = b"",
+        exportable: bool = False,
+    ) -> KeyInfo:
+        if exportable:
+            raise InvalidArgument("the service does not derive exportable keys")
+        body: dict[str, Any] = {
+            "new_name": new_name,
+            "type": KeyType.parse(key_type).value,
+            "salt": _b64(salt),
+            "info": _b64(info),
+        }
+        if usage is not None:
+            body["usage"] = _usage(usage)
+        return _key_info(self._call("POST", f"/v1/keys/{_segment(name)}/derive", body, name=name))
+
+    def rotate(self, name: str, backend: str | None = None) -> KeyInfo:
+        body = {} if backend is None else {"backend": backend}
+        return _key_info(self._call("POST", f"/v1/keys/{_segment(name)}/rotate", body, name=name))
+
+    def versions(self, name: str) -> list[KeyVersion]:
+        """The key's versions, oldest first (without backend handles)."""
+        found = self._call("GET", f"/v1/keys/{_segment(name)}/versions", name=name)["versions"]
+        return [
+            KeyVersion(int(v["version"]), str(v["backend"]), datetime.fromisoformat(v["created"]))
+            for v in found
+        ]
+
+    def disable(self, name: str) -> KeyInfo:
+        return _key_info(self._call("POST", f"/v1/keys/{_segment(name)}/disable", {}, name=name))
+
+    def enable(self, name: str) -> KeyInfo:
+        return _key_info(self._call("POST", f"/v1/keys/{_segment(name)}/enable", {}, name=name))
+
+    def set_min_decryption_version(self, name: str, version: int) -> KeyInfo:
+        body = {"min_decryption_version": version}
+        return _key_info(self._call("POST", f"/v1/keys/{_segment(name)}/config", body, name=name))
 
     def info(self, name: str) -> KeyInfo:
         return _key_info(self._call("GET", f"/v1/keys/{_segment(name)}", name=name))

@@ -146,6 +146,8 @@ def openapi_document(
                     backend=backend,
                     usage=usage,
                     exportable={"type": "boolean"},
+                    material=b64,
+                    format={"type": "string", "enum": ["auto", "raw", "der", "pem"]},
                 ),
             ),
         },
@@ -175,6 +177,58 @@ def openapi_document(
                     },
                 ],
             ),
+        },
+        "/v1/keys/{name}/mac": {
+            "post": op(
+                "HMAC-SHA256 with an HMAC key",
+                obj(["mac"], mac=b64),
+                body=obj(["data"], data=b64),
+                params=[name_param],
+            )
+        },
+        "/v1/keys/{name}/derive": {
+            "post": op(
+                "HKDF-SHA256 from a key into a new key",
+                keyref,
+                status="201",
+                body=obj(
+                    ["new_name"],
+                    new_name=keyname,
+                    type=keytype,
+                    usage=usage,
+                    salt=b64,
+                    info=b64,
+                ),
+                params=[name_param],
+            )
+        },
+        "/v1/keys/{name}/rotate": {
+            "post": op(
+                "a new primary version",
+                keyref,
+                body={"type": "object", "properties": {"backend": backend}},
+                params=[name_param],
+            )
+        },
+        "/v1/keys/{name}/versions": {
+            "get": op(
+                "the key's versions",
+                obj(["versions"], versions={"type": "array", "items": anyobj}),
+                params=[name_param],
+            )
+        },
+        "/v1/keys/{name}/disable": {"post": op("disable a key", keyref, params=[name_param])},
+        "/v1/keys/{name}/enable": {"post": op("enable a key", keyref, params=[name_param])},
+        "/v1/keys/{name}/config": {
+            "post": op(
+                "set min_decryption_version",
+                keyref,
+                body=obj(
+                    ["min_decryption_version"],
+                    min_decryption_version={"type": "integer", "minimum": 1},
+                ),
+                params=[name_param],
+            )
         },
         "/v1/keys/{name}/cancel-deletion": {
             "post": op("cancel a scheduled deletion", keyref, params=[name_param])

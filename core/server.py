@@ -51,6 +51,7 @@ from .errors import (
     UnsupportedOperation,
 )
 from .keystore import Keystore
+from .memory import wipe
 from .openapi import API_VERSION, openapi_document
 from .tenants import Identity, NotPermitted, Permission, TenantNotFound, TenantStore
 from .types import KeyInfo, KeyType
@@ -530,6 +531,13 @@ class App:
             ("POST", f"/v1/keys/{name}/agree", self.agree, True),
             ("POST", f"/v1/keys/{name}/export", self.export, True),
             ("POST", f"/v1/keys/{name}/cancel-deletion", self.cancel_deletion, True),
+            ("POST", f"/v1/keys/{name}/mac", self.mac, True),
+            ("POST", f"/v1/keys/{name}/derive", self.derive, True),
+            ("POST", f"/v1/keys/{name}/rotate", self.rotate, True),
+            ("GET", f"/v1/keys/{name}/versions", self.versions, True),
+            ("POST", f"/v1/keys/{name}/disable", self.disable, True),
+            ("POST", f"/v1/keys/{name}/enable", self.enable, True),
+            ("POST", f"/v1/keys/{name}/config", self.key_config, True),
             ("POST", "/v1/random", self.random, True),
             ("GET", "/v1/vault", self.vault_status, True),
             ("POST", "/v1/vault/lock", self.vault_lock, True),
@@ -603,10 +611,100 @@ class App:
             raise HttpError(403, "NotPermitted", "making an exportable key needs export")
         if self.vault_sealed:
             raise HttpError(423, "VaultLocked", "the vault is locked; an admin unlocks it")
+        if "material" in body:  # an import: the material goes straight into the backend
+            material = bytearray(_unb64(body.get("material"), "material"))
+            fmt = body.get("format", "auto")
+            if not isinstance(fmt, str):
+                raise HttpError(400, "InvalidArgument", "format must be a string")
+            try:
+                info = await asyncio.to_thread(
+                    view.import_key, name, key_type, material, backend, usage, exportable, fmt
+                )
+            finally:
+                wipe(material)
+            return 201, _key_json(info)
         info = await asyncio.to_thread(
             view.generate, name, key_type, backend=backend, usage=usage, exportable=exportable
         )
         return 201, _key_json(info)
+
+    async def mac(self, req: Request) -> Any:
+        assert req.identity is not None
+        name = req.params["name"]
+        view = self._check_key(req.identity, name, Permission.SIGN)
+        data = _unb64(req.body.get("data"), "data")
+        tag = await self._run(view, name, lambda: view.mac(name, data))
+        return {"mac": _b64(tag)}
+
+    async def derive(self, req: Request) -> Any:
+        assert req.identity is not None
+        name = req.params["name"]
+        view = self._check_key(req.identity, name, Permission.DERIVE)
+        new_name = req.body.get("new_name")
+        if not isinstance(new_name, str) or not new_name:
+            raise HttpError(400, "InvalidArgument", "new_name is required")
+        self._check_key(req.identity, new_name, Permission.GENERATE)
+        key_type = req.body.get("type", "aes-256")
+        if not isinstance(key_type, str):
+            raise HttpError(400, "InvalidArgument", "type must be a string")
+        usage = req.body.get("usage")
+        if usage is not None and not (
+            isinstance(usage, list) and all(isinstance(u, str) for u in usage)
+        ):
+            raise HttpError(400, "InvalidArgument", "usage must be a list of strings")
+        salt = _unb64(req.body.get("salt", ""), "salt")
+        info_bytes = _unb64(req.body.get("info", ""), "info")
+        self._check_vault(view, name)
+        info = await asyncio.to_thread(
+            view.derive, name, new_name, key_type, usage, salt, info_bytes
+        )
+        return 201, _key_json(info)
+
+    async def rotate(self, req: Request) -> Any:
+        assert req.identity is not None
+        name = req.params["name"]
+        view = self._check_key(req.identity, name, Permission.MANAGE)
+        backend = _opt_str(req.body, "backend")
+        self._check_vault(view, name)
+        return _key_json(await asyncio.to_thread(view.rotate, name, backend))
+
+    async def versions(self, req: Request) -> Any:
+        assert req.identity is not None
+        name = req.params["name"]
+        view = self._check_key(req.identity, name, Permission.READ)
+        try:
+            found = view.versions(name)
+        except KeyNotFound:
+            raise HttpError(404, "KeyNotFound", NOT_FOUND) from None
+        return {
+            "versions": [
+                {"version": v.version, "backend": v.backend, "created": v.created.isoformat()}
+                for v in found
+            ]
+        }
+
+    async def disable(self, req: Request) -> Any:
+        assert req.identity is not None
+        name = req.params["name"]
+        view = self._check_key(req.identity, name, Permission.MANAGE)
+        return _key_json(await asyncio.to_thread(view.disable, name))
+
+    async def enable(self, req: Request) -> Any:
+        assert req.identity is not None
+        name = req.params["name"]
+        view = self._check_key(req.identity, name, Permission.MANAGE)
+        return _key_json(await asyncio.to_thread(view.enable, name))
+
+    async def key_config(self, req: Request) -> Any:
+        assert req.identity is not None
+        name = req.params["name"]
+        view = self._check_key(req.identity, name, Permission.MANAGE)
+        version = req.body.get("min_decryption_version")
+        if type(version) is not int or version < 1:
+            raise HttpError(
+                400, "InvalidArgument", "min_decryption_version must be a positive integer"
+            )
+        return _key_json(await asyncio.to_thread(view.set_min_decryption_version, name, version))
 
     async def show_key(self, req: Request) -> Any:
         assert req.identity is not None

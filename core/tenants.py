@@ -44,8 +44,9 @@ _PATTERN = re.compile(r"[A-Za-z0-9_.*?\[\]!-]{1,128}")
 
 
 class Permission(StrEnum):
-    """What a policy grants. `read` covers list, show and public key; `admin` is the
-    service's own management (tenants, tokens, policies, vault, audit)."""
+    """What a policy grants. `read` covers list, show, public key and versions; `generate`
+    covers import; `manage` covers rotate, disable, enable and min_decryption_version;
+    `admin` is the service's own management (tenants, tokens, policies, vault, audit)."""
 
     READ = "read"
     SIGN = "sign"
@@ -53,7 +54,9 @@ class Permission(StrEnum):
     ENCRYPT = "encrypt"
     DECRYPT = "decrypt"
     AGREE = "agree"
+    DERIVE = "derive"
     GENERATE = "generate"
+    MANAGE = "manage"
     DELETE = "delete"
     EXPORT = "export"
     RANDOM = "random"

@@ -567,7 +567,7 @@ def test_cli_uses_the_service(service: Service, tokens: Tenancy, tmp_path: Path)
     assert missing.returncode == 3 and missing.stderr.count(b"\n") == 1
     unauth = run([*server, "key", "list"], "srt_0000000000000000_bad")
     assert unauth.returncode == 4 and unauth.stderr.count(b"\n") == 1
-    elsewhere = run([*server, "key", "rotate", "cli-key"], tokens.acme_app)
+    elsewhere = run([*server, "key", "attest", "cli-key"], tokens.acme_app)
     assert elsewhere.returncode == 5 and b"not offered through the service" in elsewhere.stderr
     status = run([*server, "--json", "vault", "status"], tokens.admin)
     assert status.returncode == 0 and json.loads(status.stdout)["unlocked"] is True
@@ -859,7 +859,54 @@ def test_service_config_errors_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument):
         strongroom.config.parse_listen("nohost")
     with pytest.raises(UnsupportedOperation):
-        RemoteKeystore(httpx.Client(), "unix:/x").rotate("k")  # type: ignore[attr-defined]
+        RemoteKeystore(httpx.Client(), "unix:/x").attest("k")  # type: ignore[attr-defined]
 
 
 _ = ec
+
+
+def test_lifecycle_import_derive_and_mac_over_the_wire(
+    service: Service, tokens: Tenancy, tmp_path: Path
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    private = ed25519.Ed25519PrivateKey.generate()
+    raw = private.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    with remote(service, tokens.acme_app) as app:
+        info = app.import_key("imported", "ed25519", bytearray(raw))
+        assert info.namespace == "acme" and info.type.value == "ed25519"
+        private.public_key().verify(app.sign("imported", DATA), DATA)
+        app.generate("wire-hmac", "hmac-sha256")
+        tag = app.mac("wire-hmac", DATA)
+        app.verify("wire-hmac", DATA, tag)
+        app.generate("wire-root", "aes-256", usage="derive")
+        derived = app.derive("wire-root", "wire-child", "aes-256", usage="encrypt,decrypt")
+        assert derived.usage == {strongroom.Usage.ENCRYPT, strongroom.Usage.DECRYPT}
+        app.generate("wire-aes", "aes-256")
+        ct1 = app.encrypt("wire-aes", DATA, envelope=True)
+        assert app.rotate("wire-aes").version == 2
+        assert [v.version for v in app.versions("wire-aes")] == [1, 2]
+        assert app.decrypt("wire-aes", ct1, envelope=True) == DATA
+        app.set_min_decryption_version("wire-aes", 2)
+        with pytest.raises(PolicyViolation):
+            app.decrypt("wire-aes", ct1, envelope=True)
+        app.disable("wire-aes")
+        with pytest.raises(PolicyViolation, match="disabled"):
+            app.encrypt("wire-aes", DATA)
+        app.enable("wire-aes")
+        app.encrypt("wire-aes", DATA)
+    # the signer may neither import nor manage
+    with remote(service, tokens.acme_signer) as signer:
+        with pytest.raises(NotPermitted):
+            signer.import_key("signing-imported", "ed25519", bytearray(raw))
+        with pytest.raises(NotPermitted, match="manage"):
+            signer.rotate("signing-1")
+    # the key material never lands in the audit log or the service's output
+    assert raw.hex().encode() not in audit_path(service).read_bytes()
+    server = ["--server", service.unix]
+    r = run([*server, "key", "rotate", "wire-hmac"], tokens.acme_app)
+    assert r.returncode == 0, r.stderr
+    r = run([*server, "--json", "key", "versions", "wire-hmac"], tokens.acme_app)
+    assert r.returncode == 0, r.stderr
