@@ -673,7 +673,9 @@ class App:
         name = req.params["name"]
         view = self._check_key(req.identity, name, Permission.READ)
         try:
-            found = view.versions(name)
+            with view.audited("versions", name) as facts:
+                found = view.versions(name)
+                facts["backend"] = found[-1].backend if found else None
         except KeyNotFound:
             raise HttpError(404, "KeyNotFound", NOT_FOUND) from None
         return {

@@ -461,6 +461,11 @@ def test_tenants_see_no_server_details_and_reads_are_audited(
         records = admin.audit_records(last=50)
     assert any(r["op"] == "info" and r["key"] == "acme/read-audited" for r in records)
     assert any(r["op"] == "list" and r["actor"] == "acme:app" for r in records)
+    with remote(service, tokens.acme_app) as app:
+        app.versions("read-audited")
+    with remote(service, tokens.admin) as admin:
+        records = admin.audit_records(last=20)
+    assert any(r["op"] == "versions" and r["key"] == "acme/read-audited" for r in records)
 
 
 def test_hostile_requests_get_4xx_not_500(service: Service, tokens: Tenancy) -> None:
