@@ -331,10 +331,7 @@ class RemoteKeystore:
         self, name: str, data: bytes, algorithm: str | None = None, *, envelope: bool = False
     ) -> bytes:
         body: dict[str, Any] = {"data": _b64(data)}
-        if algorithm is not None:
-            body["algorithm"] = algorithm
-        if envelope:
-            body["envelope"] = True
+        _options(body, algorithm, envelope)
         return _unb64(
             self._call("POST", f"/v1/keys/{_segment(name)}/sign", body, name=name)["signature"]
         )
@@ -351,12 +348,7 @@ class RemoteKeystore:
     ) -> None:
         """None, or raise cryptography's InvalidSignature, as `Keystore.verify` does."""
         body: dict[str, Any] = {"data": _b64(data), "signature": _b64(signature)}
-        if version is not None:
-            body["version"] = version
-        if algorithm is not None:
-            body["algorithm"] = algorithm
-        if envelope:
-            body["envelope"] = True
+        _options(body, algorithm, envelope, version)
         if not self._call("POST", f"/v1/keys/{_segment(name)}/verify", body, name=name)["valid"]:
             raise InvalidSignature()
 
@@ -370,10 +362,7 @@ class RemoteKeystore:
         envelope: bool = False,
     ) -> bytes:
         body: dict[str, Any] = {"plaintext": _b64(plaintext), "aad": _b64(aad)}
-        if algorithm is not None:
-            body["algorithm"] = algorithm
-        if envelope:
-            body["envelope"] = True
+        _options(body, algorithm, envelope)
         return _unb64(
             self._call("POST", f"/v1/keys/{_segment(name)}/encrypt", body, name=name)["ciphertext"]
         )
@@ -389,12 +378,7 @@ class RemoteKeystore:
         envelope: bool = False,
     ) -> bytes:
         body: dict[str, Any] = {"ciphertext": _b64(ciphertext), "aad": _b64(aad)}
-        if version is not None:
-            body["version"] = version
-        if algorithm is not None:
-            body["algorithm"] = algorithm
-        if envelope:
-            body["envelope"] = True
+        _options(body, algorithm, envelope, version)
         return _unb64(
             self._call("POST", f"/v1/keys/{_segment(name)}/decrypt", body, name=name)["plaintext"]
         )
@@ -535,6 +519,18 @@ class RemoteVault:
             None,
             "not offered through the service; run it on the service host without --server",
         )
+
+
+def _options(
+    body: dict[str, Any], algorithm: str | None, envelope: bool, version: int | None = None
+) -> None:
+    """Add the optional fields of a sign, verify, encrypt or decrypt request."""
+    if algorithm is not None:
+        body["algorithm"] = algorithm
+    if envelope:
+        body["envelope"] = True
+    if version is not None:
+        body["version"] = version
 
 
 def _segment(value: str) -> str:

@@ -598,11 +598,7 @@ class App:
         if not isinstance(key_type, str):
             raise HttpError(400, "InvalidArgument", "type is required")
         backend = _opt_str(body, "backend")
-        usage = body.get("usage")
-        if usage is not None and not (
-            isinstance(usage, list) and all(isinstance(u, str) for u in usage)
-        ):
-            raise HttpError(400, "InvalidArgument", "usage must be a list of strings")
+        usage = _usage_list(body)
         exportable = body.get("exportable", False)
         if not isinstance(exportable, bool):
             raise HttpError(400, "InvalidArgument", "exportable must be true or false")
@@ -628,6 +624,22 @@ class App:
         )
         return 201, _key_json(info)
 
+    def _new_key_args(self, req: Request) -> tuple[str, str, list[str] | None, bytes, bytes]:
+        """`new_name` (which the caller must be allowed to generate), `type`, `usage`, and
+        the HKDF `salt` and `info` of an agree or derive request."""
+        assert req.identity is not None
+        new_name = req.body.get("new_name")
+        if not isinstance(new_name, str) or not new_name:
+            raise HttpError(400, "InvalidArgument", "new_name is required")
+        self._check_key(req.identity, new_name, Permission.GENERATE)
+        key_type = req.body.get("type", "aes-256")
+        if not isinstance(key_type, str):
+            raise HttpError(400, "InvalidArgument", "type must be a string")
+        usage = _usage_list(req.body)
+        salt = _unb64(req.body.get("salt", ""), "salt")
+        info = _unb64(req.body.get("info", ""), "info")
+        return new_name, key_type, usage, salt, info
+
     async def mac(self, req: Request) -> Any:
         assert req.identity is not None
         name = req.params["name"]
@@ -640,20 +652,7 @@ class App:
         assert req.identity is not None
         name = req.params["name"]
         view = self._check_key(req.identity, name, Permission.DERIVE)
-        new_name = req.body.get("new_name")
-        if not isinstance(new_name, str) or not new_name:
-            raise HttpError(400, "InvalidArgument", "new_name is required")
-        self._check_key(req.identity, new_name, Permission.GENERATE)
-        key_type = req.body.get("type", "aes-256")
-        if not isinstance(key_type, str):
-            raise HttpError(400, "InvalidArgument", "type must be a string")
-        usage = req.body.get("usage")
-        if usage is not None and not (
-            isinstance(usage, list) and all(isinstance(u, str) for u in usage)
-        ):
-            raise HttpError(400, "InvalidArgument", "usage must be a list of strings")
-        salt = _unb64(req.body.get("salt", ""), "salt")
-        info_bytes = _unb64(req.body.get("info", ""), "info")
+        new_name, key_type, usage, salt, info_bytes = self._new_key_args(req)
         self._check_vault(view, name)
         info = await asyncio.to_thread(
             view.derive, name, new_name, key_type, usage, salt, info_bytes
@@ -829,10 +828,7 @@ class App:
         assert req.identity is not None
         name = req.params["name"]
         view = self._check_key(req.identity, name, Permission.AGREE)
-        new_name = req.body.get("new_name")
-        if not isinstance(new_name, str) or not new_name:
-            raise HttpError(400, "InvalidArgument", "new_name is required")
-        self._check_key(req.identity, new_name, Permission.GENERATE)
+        new_name, key_type, usage, salt, info_bytes = self._new_key_args(req)
         peer = req.body.get("peer")
         if not isinstance(peer, str):
             raise HttpError(400, "InvalidArgument", "peer must be a PEM public key or base64")
@@ -844,16 +840,6 @@ class App:
                 raise HttpError(400, "InvalidArgument", "peer is not a PEM public key") from None
         else:
             public = _unb64(peer, "peer")  # raw or DER; the keystore reads it for the key type
-        key_type = req.body.get("type", "aes-256")
-        if not isinstance(key_type, str):
-            raise HttpError(400, "InvalidArgument", "type must be a string")
-        usage = req.body.get("usage")
-        if usage is not None and not (
-            isinstance(usage, list) and all(isinstance(u, str) for u in usage)
-        ):
-            raise HttpError(400, "InvalidArgument", "usage must be a list of strings")
-        salt = _unb64(req.body.get("salt", ""), "salt")
-        info_bytes = _unb64(req.body.get("info", ""), "info")
         self._check_vault(view, name)
         info = await asyncio.to_thread(
             view.agree, name, public, new_name, key_type, usage, salt, info_bytes
@@ -1023,6 +1009,15 @@ def _version(body: dict[str, Any]) -> int | None:
     if value is not None and (type(value) is not int or not 1 <= value <= 1 << 31):
         raise HttpError(400, "InvalidArgument", "version must be a positive integer")
     return value
+
+
+def _usage_list(body: dict[str, Any]) -> list[str] | None:
+    usage = body.get("usage")
+    if usage is not None and not (
+        isinstance(usage, list) and all(isinstance(u, str) for u in usage)
+    ):
+        raise HttpError(400, "InvalidArgument", "usage must be a list of strings")
+    return usage
 
 
 def _flag(body: dict[str, Any], name: str) -> bool:
