@@ -1809,6 +1809,17 @@ def tenant_token() -> None:
     """API tokens: issue (shown once) and revoke."""
 
 
+def _identity_args(names: tuple[str, ...], admin: bool) -> tuple[str | None, str]:
+    """TENANT IDENTITY, or with --admin the admin's IDENTITY alone."""
+    if admin:
+        if len(names) != 1:
+            raise click.UsageError("with --admin give only the identity's name")
+        return None, names[0]
+    if len(names) != 2:
+        raise click.UsageError("give TENANT and IDENTITY (or --admin IDENTITY)")
+    return names[0], names[1]
+
+
 @tenant_token.command("issue")
 @click.argument("names", nargs=-1, required=True, metavar="TENANT IDENTITY")
 @click.option("--admin", is_flag=True, help="A service admin (give IDENTITY only, no tenant).")
@@ -1826,16 +1837,9 @@ def tenant_token_issue(
     """Issue an API token for a new identity; print it once (only its hash is kept)."""
     from .tenants import parse_permissions
 
-    if admin:
-        if len(names) != 1:
-            raise click.UsageError("with --admin give only the identity's name")
-        if grant:
-            raise click.UsageError("an admin holds no key permissions; --grant is for tenants")
-        tenant_name, ident = None, names[0]
-    else:
-        if len(names) != 2:
-            raise click.UsageError("give TENANT and IDENTITY (or --admin IDENTITY)")
-        tenant_name, ident = names
+    if admin and grant:
+        raise click.UsageError("an admin holds no key permissions; --grant is for tenants")
+    tenant_name, ident = _identity_args(names, admin)
     perms = parse_permissions(grant) if grant else None
     with (
         _tenant_store(state) as store,
@@ -1863,14 +1867,7 @@ def tenant_token_issue(
 @pass_state
 def tenant_token_revoke(state: State, names: tuple[str, ...], admin: bool) -> None:
     """Revoke an identity's token (or certificate) at once."""
-    if admin:
-        if len(names) != 1:
-            raise click.UsageError("with --admin give only the identity's name")
-        tenant_name, ident = None, names[0]
-    else:
-        if len(names) != 2:
-            raise click.UsageError("give TENANT and IDENTITY (or --admin IDENTITY)")
-        tenant_name, ident = names
+    tenant_name, ident = _identity_args(names, admin)
     with (
         _tenant_store(state) as store,
         _audit_change(state, "token_revoke", tenant=tenant_name, identity=ident),
