@@ -473,11 +473,12 @@ class App:
         """The tenant's keystore if `identity` may `permission` the key `name`.
 
         Decided from the name alone, never from whether the key exists: a name the identity
-        has no permission on at all gets the same 404 as an absent key."""
+        has no permission on at all gets the same 404 as an absent key (except to make a
+        key, where "no such key" would make no sense: a 403, which says as little)."""
         view = self._view(identity)
         granted = self.tenants.permissions_on(identity, name)
         if permission not in granted:
-            if not granted:
+            if not granted and permission is not Permission.GENERATE:
                 raise HttpError(404, "KeyNotFound", NOT_FOUND)
             raise HttpError(
                 403, "NotPermitted", f"this identity may not {permission.value} this key"
@@ -1284,7 +1285,7 @@ async def _serve(
             tasks.append(asyncio.create_task(_checkpoints(app, settings.audit_checkpoint_seconds)))
         if ready is not None:
             ready(where)
-        log.warning("strongroom service listening on %s", ", ".join(where))
+        log.info("strongroom service listening on %s", ", ".join(where))
         await stop.wait()
         for server in servers:
             server.should_exit = True

@@ -230,6 +230,8 @@ def test_policies_deny_by_default(service: Service, tokens: Tenancy) -> None:
             signer.decrypt("signing-aes", ct)
         with pytest.raises(NotPermitted, match="may not generate"):
             signer.generate("signing-new", "ed25519")
+        with pytest.raises(NotPermitted, match="may not generate"):  # not "no such key"
+            signer.generate("elsewhere", "ed25519")
         with pytest.raises(NotPermitted, match="may not delete"):
             signer.delete("signing-1")
         with pytest.raises(NotPermitted):
