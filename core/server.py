@@ -255,6 +255,7 @@ class App:
     def close(self) -> None:
         """Lock the vault and close the keystore (wipes guarded memory)."""
         try:
+            self.flush_refusals()
             self.ks.close()
         finally:
             self.tenants.close()
@@ -348,7 +349,7 @@ class App:
                 window[1] += 1
                 return
             if len(self._refusals) > 10_000:
-                self._refusals.clear()
+                self.flush_refusals()
             self._refusals[slot] = [now, 0]
             if window is not None and window[1]:
                 extra["suppressed"] = window[1]  # like this one, since the last record
@@ -359,6 +360,23 @@ class App:
             log.warning("could not record a refused request: %s", failure)
         finally:
             current_principal.reset(token)
+
+    def flush_refusals(self) -> None:
+        """Write the counts of refusals not yet in the log (at shutdown; when the table is
+        full), one `refused_since` record per actor, kind and peer, and forget them."""
+        pending = [(slot, w[1]) for slot, w in self._refusals.items() if w[1]]
+        self._refusals.clear()
+        for (actor, kind, peer), count in pending:
+            token = current_principal.set(actor)
+            try:
+                self.ks.audit.record(
+                    "refused_since", None, kind, None, None, client=peer, suppressed=count
+                )
+            except AuditUnavailable as failure:
+                log.warning("could not record refused requests: %s", failure)
+                return
+            finally:
+                current_principal.reset(token)
 
     def _match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
         route = self._exact.get((method, path))

@@ -516,6 +516,23 @@ def test_a_flood_of_bad_tokens_is_one_audit_record_a_second(service: Service) ->
     assert flood[-1]["suppressed"] >= 36
 
 
+def test_refusal_counts_still_pending_are_written_at_shutdown(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    config = write_service_config(tmp_path, pki)
+    init_service_data(config, pki)
+    service = start_service(config)
+    with raw_client(service, "srt_0123456789abcdef_late") as c:
+        for _ in range(5):
+            assert c.get("/v1/whoami").status_code == 401
+    assert service.stop() == 0
+    records = [json.loads(line) for line in audit_path(service).read_bytes().splitlines()]
+    late = [r for r in records if r["op"] == "refused_since"]
+    assert [(r["actor"], r["result"], r["suppressed"]) for r in late] == [
+        ("unauthenticated", "AuthenticationFailed", 4)
+    ]
+    assert verify_log(audit_path(service)).ok
+
+
 # -- the CLI through the service ----------------------------------------------------------------
 def run(
     args: list[str], token: str | None, *, config: Path | None = None, data: bytes = b""
