@@ -86,6 +86,7 @@ class Audit:
         self.path = path
         self.actor = actor or default_actor()
         self._actor_json = json.dumps(self.actor)
+        self._fixed: dict[tuple[str | None, str, str | None, str | None, str], str] = {}
         self._fd: int | None = None
         self._lock = threading.Lock()
         self.listeners: list[Callable[[AuditEvent], None]] = []
@@ -178,18 +179,19 @@ class Audit:
                 logger.info("%s", json.dumps(event, sort_keys=True))
         if self.mode != "file":
             return
-        # Built by hand: this runs on every operation and json.dumps of a dict is slow.
-        actor = self._actor_json if principal is None else _encode_str(principal)
-        body = (
-            f'"time":{_time():.6f},"actor":{actor},"op":{_encode_str(operation)},'
-            f'"key":{"null" if key is None else _encode_str(key)},'
-            f'"backend":{"null" if backend is None else _encode_str(backend)},'
-            f'"result":{_encode_str(result)}'
-        )
+        # Built by hand: this runs on every operation and json.dumps of a dict is slow. The
+        # fields after the time repeat from call to call, so their JSON is cached.
+        fixed = self._fixed.get((principal, operation, key, backend, result))
+        if fixed is None:
+            fixed = self._fixed_json(principal, operation, key, backend, result)
+        body = f'"time":{_time():.6f},{fixed}'
         if mac is not None:
             body += f',"input":"{INPUT_PREFIX}{mac}"'
         for name, value in detail.items():
-            body += f",{_encode_str(name)}:{_encode_value(value)}"
+            if type(value) is int and name in _PLAIN_NAMES:
+                body += f',"{name}":{value}'
+            else:
+                body += f",{_encode_str(name)}:{_encode_value(value)}"
         # The common case inline (this process wrote the tail); anything else in _append.
         with self._lock:
             fd = self._fd
@@ -215,6 +217,27 @@ class Audit:
             self._append(body)
         if self._since_checkpoint >= self._checkpoint_due and not self._checkpointing:
             self._auto_checkpoint()
+
+    def _fixed_json(
+        self,
+        principal: str | None,
+        operation: str,
+        key: str | None,
+        backend: str | None,
+        result: str,
+    ) -> str:
+        """The record's fields after the time, as JSON; remembered (up to 4096 of them)."""
+        actor = self._actor_json if principal is None else _encode_str(principal)
+        fixed = (
+            f'"actor":{actor},"op":{_encode_str(operation)},'
+            f'"key":{"null" if key is None else _encode_str(key)},'
+            f'"backend":{"null" if backend is None else _encode_str(backend)},'
+            f'"result":{_encode_str(result)}'
+        )
+        if len(self._fixed) >= 4096:
+            self._fixed.clear()
+        self._fixed[(principal, operation, key, backend, result)] = fixed
+        return fixed
 
     # -- the chain -----------------------------------------------------------------------------
     def _append(self, body: str, checkpoint: bool = False) -> dict[str, Any] | None:
@@ -401,6 +424,10 @@ def _encode_value(value: Any) -> str:
     if type(value) is int:
         return str(value)
     return _encode_str(str(value))
+
+
+_PLAIN_NAMES = frozenset({"size", "version", "status", "suppressed", "wait_seconds"})
+"""Detail names written as they are (ASCII identifiers: no JSON escaping needed)."""
 
 
 def _js(value: str | None) -> str:

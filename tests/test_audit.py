@@ -643,3 +643,49 @@ def test_cli_verify_list_checkpoint_and_one_line_errors(cfg: Path, tmp_path: Pat
         r = run_cli(cfg, *args)
         assert r.returncode == code, (args, r)
         assert r.stderr.count("\n") == 1 and words in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cached_fields_and_plain_integer_details_encode_as_json_does(tmp_path: Path) -> None:
+    """The hot path caches the JSON of the fixed fields and writes some integer details by
+    hand; what it writes must parse to exactly what was recorded, whatever the values."""
+    from strongroom.audit import Audit, current_principal
+
+    log = tmp_path / "audit.jsonl"
+    audit = Audit("file", log, 'ops "team" \u00e9')
+    cases: list[dict[str, object]] = [
+        {"size": 64, "version": 2, "status": 403, "suppressed": 0, "wait_seconds": 10},
+        {"size": True, "version": None, "status": 'x"y', "wait_seconds": -3},
+        {"size": 2**70, "other": 5, "suppressed": 12},
+    ]
+    try:
+        for principal in (None, "acme:app", 'we"ird\n'):
+            token = current_principal.set(principal)
+            try:
+                for detail in cases:
+                    for key in (None, "k", 'a"b\\c'):
+                        audit.record("sign", key, "ok", "vault", b"in", **detail)  # type: ignore[arg-type]
+            finally:
+                current_principal.reset(token)
+    finally:
+        audit.close()
+    records = [json.loads(line) for line in log.read_bytes().splitlines()]
+    assert len(records) == 3 * len(cases) * 3
+    i = 0
+    for principal in (None, "acme:app", 'we"ird\n'):
+        for detail in cases:
+            for key in (None, "k", 'a"b\\c'):
+                r = records[i]
+                i += 1
+                assert r["actor"] == (principal or 'ops "team" \u00e9')
+                assert (r["op"], r["key"], r["backend"], r["result"]) == (
+                    "sign",
+                    key,
+                    "vault",
+                    "ok",
+                )
+                for name, value in detail.items():
+                    expected = (
+                        value if value is None or isinstance(value, bool | int) else str(value)
+                    )
+                    assert r[name] == expected, (name, value, r)
+    assert verify_log(log).ok
