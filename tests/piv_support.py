@@ -8,9 +8,12 @@ pcscd sees as a real card removal and insertion.
 from __future__ import annotations
 
 import contextlib
+import gc
+from collections.abc import Iterator
 from pathlib import Path
 
 import pcsc_support
+import pytest
 from piv_card import PivCard
 
 PIV_PIN_ENV = "SR_TEST_PIV_PIN"
@@ -88,6 +91,29 @@ def _wait_until_absent(reader_name: str, timeout: float = 10.0) -> None:
         raise TimeoutError(f"pcscd still sees a card in {reader_name!r}")
     finally:
         scard.SCardReleaseContext(ctx)
+
+
+# -- fixtures shared by the PIV test modules (import them so pytest finds them) ---------------
+@pytest.fixture(scope="module")
+def piv_reader(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PivReader]:
+    workdir = tmp_path_factory.mktemp("pcscd")
+    with pcsc_support.ensure_pcscd(workdir) as service:
+        reader = PivReader(service, PivCard())
+        reader.insert()
+        try:
+            yield reader
+        finally:
+            reader.remove()
+            gc.collect()  # drop pyscard connections while pcscd still runs
+
+
+@pytest.fixture
+def reader(piv_reader: PivReader) -> Iterator[PivReader]:
+    """The reader with a fresh card in it (inserted again if a test pulled it out)."""
+    piv_reader.card = PivCard()
+    piv_reader.insert()
+    yield piv_reader
+    piv_reader.check()
 
 
 def write_piv_config(

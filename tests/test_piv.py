@@ -6,7 +6,6 @@ Every test gets a fresh card in the same reader slot.
 
 from __future__ import annotations
 
-import gc
 import os
 import subprocess
 from collections.abc import Iterator
@@ -26,6 +25,8 @@ from piv_support import (
     PIV_VAULT_PASS,
     PIV_VAULT_PASS_ENV,
     PivReader,
+    piv_reader,
+    reader,
     write_piv_config,
 )
 
@@ -41,30 +42,10 @@ from strongroom.errors import (
 from strongroom.keystore import Keystore
 from strongroom.testing import BackendContract
 
+__all__ = ["piv_reader", "reader"]  # fixtures, imported so pytest finds them
+
 _missing = pcsc_support.pcsc_available()
 pytestmark = pytest.mark.skipif(_missing is not None, reason=_missing or "")
-
-
-@pytest.fixture(scope="module")
-def piv_reader(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PivReader]:
-    workdir = tmp_path_factory.mktemp("pcscd")
-    with pcsc_support.ensure_pcscd(workdir) as service:
-        reader = PivReader(service, PivCard())
-        reader.insert()
-        try:
-            yield reader
-        finally:
-            reader.remove()
-            gc.collect()  # drop pyscard connections while pcscd still runs
-
-
-@pytest.fixture
-def reader(piv_reader: PivReader) -> Iterator[PivReader]:
-    """The reader with a fresh card in it (inserted again if a test pulled it out)."""
-    piv_reader.card = PivCard()
-    piv_reader.insert()
-    yield piv_reader
-    piv_reader.check()
 
 
 @pytest.fixture

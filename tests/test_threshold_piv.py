@@ -8,8 +8,6 @@ reader, another card in its place.
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Iterator
 from pathlib import Path
 
 import pcsc_support
@@ -20,6 +18,8 @@ from piv_support import (
     PIV_VAULT_PASS,
     PIV_VAULT_PASS_ENV,
     PivReader,
+    piv_reader,
+    reader,
     write_piv_config,
 )
 from pkcs11_support import PIN_ENV as HSM_PIN_ENV
@@ -31,35 +31,13 @@ from strongroom.errors import AuthenticationFailed, ThresholdNotMet
 from strongroom.keystore import Keystore
 from strongroom.threshold import Member, Policy
 
-__all__ = ["softhsm"]  # session fixture, imported so pytest finds it
+__all__ = ["piv_reader", "reader", "softhsm"]  # fixtures, imported so pytest finds them
 
 _missing = pcsc_support.pcsc_available()
 pytestmark = pytest.mark.skipif(_missing is not None, reason=_missing or "")
 
 DATA = b"opened with a smart card in the quorum"
 WRONG_PIN = "918273"
-
-
-@pytest.fixture(scope="module")
-def piv_reader(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PivReader]:
-    workdir = tmp_path_factory.mktemp("pcscd")
-    with pcsc_support.ensure_pcscd(workdir) as service:
-        reader = PivReader(service, PivCard())
-        reader.insert()
-        try:
-            yield reader
-        finally:
-            reader.remove()
-            gc.collect()  # drop pyscard connections while pcscd still runs
-
-
-@pytest.fixture
-def reader(piv_reader: PivReader) -> Iterator[PivReader]:
-    """The reader with a fresh card in it (inserted again if a test pulled it out)."""
-    piv_reader.card = PivCard()
-    piv_reader.insert()
-    yield piv_reader
-    piv_reader.check()
 
 
 @pytest.fixture
