@@ -263,6 +263,8 @@ class App:
     async def _handle(
         self, scope: Scope, receive: Receive
     ) -> tuple[int, Any, list[tuple[bytes, bytes]]]:
+        route: Route | None = None
+        params: dict[str, str] | None = None
         try:
             raw = scope.get("raw_path")
             # Match on the path as sent, then decode each parameter: an encoded "/" stays
@@ -292,8 +294,8 @@ class App:
             status, payload = (200, result) if not isinstance(result, tuple) else result
             return status, payload, []
         except HttpError as e:
-            if e.status in _AUDITED_REFUSALS and (e.status != 404 or "route" in locals()):
-                self._audit_refusal(scope, e, locals().get("route"), locals().get("params"))
+            if e.status in _AUDITED_REFUSALS and (e.status != 404 or route is not None):
+                self._audit_refusal(scope, e, route, params)
             headers = [(k.encode(), v.encode()) for k, v in e.headers.items()]
             return e.status, {"error": {"type": e.kind, "message": e.message}}, headers
         except InvalidSignature:
