@@ -1,4 +1,5 @@
-# Type stub for the C extension built from native/guarded.c. Only strongroom.memory imports it.
+# Type stub for the C extension built from native/guarded.c and native/auditline.c:
+# strongroom.memory and strongroom.audit import it.
 
 from typing_extensions import Buffer
 
@@ -50,3 +51,14 @@ def disable_core_dumps() -> None: ...
 def scrub(obj: bytes | bytearray) -> None: ...
 def wipe(buffer: bytearray | memoryview) -> None: ...
 def compare(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryview) -> bool: ...
+def audit_append(
+    fd: int,
+    expected_size: int,
+    seq: int,
+    head: str,
+    key: bytes,
+    payload: Buffer | None,
+    tail: str,
+    prev: str,
+    /,
+) -> tuple[int, str] | None: ...

@@ -10,6 +10,11 @@ cached tail seq and hash are current; else read the tail from the file), write t
 record with one `write(2)` on an O_APPEND descriptor, release. A failed or short write
 is cut back off (`ftruncate` to the old size) and raises AuditUnavailable, which the
 Keystore lets through instead of the operation's result.
+
+The common case (this process wrote the tail) is one call into the native extension,
+`_native.audit_append` (native/auditline.c): the same flock, size check, write and
+cut-back, with the input's HMAC, the line and its chain hash made in C. Everything else
+(another writer appended, a torn tail, a checkpoint) is the Python path, `_append`.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import Any
 
+from . import _native
 from .auditlog import (
     CHECKPOINT_OP,
     GENESIS,
@@ -159,9 +165,13 @@ class Audit:
         HMAC; `detail` must hold only non-secret facts (types, sizes, names)."""
         principal = current_principal.get()
         mac = None
-        if payload is not None and self._mac is not None:
-            mac = self._mac.hex(payload)
+        if payload is not None and type(payload) is not bytes:
+            view = memoryview(payload)
+            if not view.contiguous:  # e.g. a strided memoryview: hash what it shows
+                payload = view.tobytes()
         if self.listeners or self.mode == "log":
+            if payload is not None and self._mac is not None:
+                mac = self._mac.hex(payload)
             event: AuditEvent = {
                 "time": time.time(),
                 "actor": self.actor if principal is None else principal,
@@ -184,37 +194,46 @@ class Audit:
         fixed = self._fixed.get((principal, operation, key, backend, result))
         if fixed is None:
             fixed = self._fixed_json(principal, operation, key, backend, result)
-        body = f'"time":{_time():.6f},{fixed}'
-        if mac is not None:
-            body += f',"input":"{INPUT_PREFIX}{mac}"'
+        tail = ""
         for name, value in detail.items():
             if type(value) is int and name in _PLAIN_NAMES:
-                body += f',"{name}":{value}'
+                tail += f',"{name}":{value}'
             else:
-                body += f",{_encode_str(name)}:{_encode_value(value)}"
-        # The common case inline (this process wrote the tail); anything else in _append.
+                tail += f",{_encode_str(name)}:{_encode_value(value)}"
+        # The common case in one native call (this process wrote the tail): flock, check the
+        # file's size, HMAC the input, write the line, hash it, unlock (native/auditline.c).
+        # Anything else (another writer appended, a torn tail) goes through _append.
+        done = None
         with self._lock:
             fd = self._fd
-            if fd is not None and not self._newline:
+            if fd is not None and not self._newline and self._key is not None:
                 try:
-                    _flock(fd, _LOCK_EX)
+                    done = _audit_append(
+                        fd,
+                        self._size,
+                        self._seq + 1,
+                        fixed,
+                        self._key,
+                        payload,
+                        tail,
+                        self._hash,
+                    )
                 except OSError as e:
+                    self._size = -1  # the next record re-reads the tail
                     raise AuditUnavailable(
-                        f"cannot lock the audit log {self.path}: {e.strerror}"
+                        f"cannot write the audit log {self.path}: {e.strerror or e}"
                     ) from e
-                try:
-                    size = _lseek(fd, 0, _SEEK_END)
-                    if size == self._size:
-                        self._write(fd, size, body)
-                        self._since_checkpoint += 1
-                        body = ""
-                finally:
-                    try:
-                        _flock(fd, _LOCK_UN)
-                    except OSError:  # closing the descriptor releases it anyway
-                        pass
-        if body:
-            self._append(body)
+                if done is not None:
+                    self._seq += 1
+                    self._size, self._hash = done
+                    self._since_checkpoint += 1
+        if done is None:
+            if mac is None and payload is not None and self._mac is not None:
+                mac = self._mac.hex(payload)
+            body = f'"time":{_time():.6f},{fixed}'
+            if mac is not None:
+                body += f',"input":"{INPUT_PREFIX}{mac}"'
+            self._append(body + tail)
         if self._since_checkpoint >= self._checkpoint_due and not self._checkpointing:
             self._auto_checkpoint()
 
@@ -375,8 +394,8 @@ def _reopen_after_fork() -> None:
 
 os.register_at_fork(after_in_child=_reopen_after_fork)
 
-_flock, _lseek, _time = fcntl.flock, os.lseek, time.time
-_LOCK_EX, _LOCK_UN, _SEEK_END = fcntl.LOCK_EX, fcntl.LOCK_UN, os.SEEK_END
+_time = time.time
+_audit_append = _native.audit_append
 _SHA256 = hashlib.sha256()
 """Copied per record: cheaper than a new hash object (about 0.4 us less)."""
 

@@ -48,6 +48,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "auditline.h"
+
 #ifndef SYS_memfd_secret
 #define SYS_memfd_secret 447 /* same number on every architecture that has it; ENOSYS elsewhere */
 #endif
@@ -617,6 +619,9 @@ static PyObject *m_compare(PyObject *m, PyObject *args)
 }
 
 static PyMethodDef module_methods[] = {
+    {"audit_append", m_audit_append, METH_VARARGS,
+     "audit_append(fd, expected_size, seq, head, key, payload, tail, prev) -> "
+     "(new_size, hash) | None: one audit record under flock (native/auditline.c)"},
     {"page_size", m_page_size, METH_NOARGS, "page_size() -> int"},
     {"memlock_limit", m_memlock_limit, METH_NOARGS,
      "memlock_limit() -> (soft, hard) RLIMIT_MEMLOCK in bytes, -1 = unlimited"},

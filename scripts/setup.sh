@@ -55,9 +55,9 @@ has_venv() {  # has_venv PY: true when `PY -m venv` can bootstrap pip (Debian sp
 }
 
 # -- 1. system packages ------------------------------------------------------------------------
-# gcc + libc6-dev build native/guarded.c; openssl verifies signatures in the tests and the
+# gcc + libc6-dev build native/ (libssl-dev: SHA-256 for the audit log's append); openssl verifies signatures in the tests and the
 # demo; util-linux gives setpriv (the memlock test runs as an unprivileged user).
-wanted=(gcc libc6-dev openssl util-linux)
+wanted=(gcc libc6-dev openssl util-linux libssl-dev)
 # The emulators and tools the backend tests run against (see EMULATORS.md in shared/):
 # SoftHSM2 + OpenSC's pkcs11-tool; swtpm + tpm2-tools, and the TSS headers tpm2-pytss builds on.
 wanted+=(softhsm2 opensc swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config)

@@ -689,3 +689,63 @@ def test_cached_fields_and_plain_integer_details_encode_as_json_does(tmp_path: P
                     )
                     assert r[name] == expected, (name, value, r)
     assert verify_log(log).ok
+
+
+@pytest.mark.parametrize("key_len", [0, 1, 32, 64, 65, 100])
+@pytest.mark.parametrize("payload_len", [0, 1, 55, 64, 1000, 300_000])
+def test_native_append_matches_the_python_reference(
+    tmp_path: Path, key_len: int, payload_len: int
+) -> None:
+    """native/auditline.c writes the line the Python path would: the same layout, the
+    input as HMAC-SHA256 (checked against hmac.digest), the chain hash of the line."""
+    import hashlib
+    import hmac as hmac_mod
+    import re
+
+    from strongroom import _native
+
+    path = tmp_path / "log"
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        key, payload = os.urandom(key_len), os.urandom(payload_len)
+        fixed, tail, prev = '"actor":"a","op":"sign","key":"k"', ',"size":5', GENESIS
+        assert _native.audit_append(fd, 1, 1, fixed, key, payload, tail, prev) is None  # size
+        assert path.read_bytes() == b""
+        size, digest = _native.audit_append(fd, 0, 1, fixed, key, payload, tail, prev)
+        line = path.read_bytes()
+        assert size == len(line) and line.endswith(b"\n")
+        record = line[:-1]
+        assert digest == hashlib.sha256(record).hexdigest() == line_hash(record)
+        mac = hmac_mod.digest(key, payload, "sha256").hex()
+        m = re.fullmatch(
+            rb'\{"seq":1,"time":(\d+\.\d{6}),"actor":"a","op":"sign","key":"k",'
+            rb'"input":"hmac-sha256:([0-9a-f]{64})","size":5,"prev":"([0-9a-f]{64})"\}',
+            record,
+        )
+        assert m is not None, record
+        assert m.group(2).decode() == mac and m.group(3).decode() == prev
+        assert abs(float(m.group(1)) - __import__("time").time()) < 60
+        # without a payload there is no input field; the next record chains to this one
+        size2, _ = _native.audit_append(fd, size, 2, fixed, key, None, "", digest)
+        second = path.read_bytes()[size:]
+        assert b'"input"' not in second and second.endswith(f'"prev":"{digest}"}}\n'.encode())
+        assert size2 == size + len(second)
+    finally:
+        os.close(fd)
+
+
+def test_a_payload_that_is_not_one_buffer_is_recorded_as_its_bytes(tmp_path: Path) -> None:
+    from strongroom.audit import Audit
+    from strongroom.auditlog import input_hmac, key_path_for, load_key
+
+    log = tmp_path / "audit.jsonl"
+    audit = Audit("file", log, "me")
+    data = bytearray(range(64))
+    strided = memoryview(data)[::2]  # not contiguous: no C function takes it as it is
+    audit.record("sign", "k", "ok", "vault", strided, size=32)
+    audit.record("sign", "k", "ok", "vault", bytes(strided), size=32)
+    audit.close()
+    first, second = (json.loads(line) for line in log.read_bytes().splitlines())
+    key = load_key(key_path_for(log), create=False)
+    assert first["input"] == second["input"] == input_hmac(key, bytes(strided))
+    assert verify_log(log).ok
