@@ -167,7 +167,7 @@ class Audit:
         mac = None
         if payload is not None and type(payload) is not bytes:
             view = memoryview(payload)
-            if not view.contiguous:  # e.g. a strided memoryview: hash what it shows
+            if not view.c_contiguous:  # a strided or Fortran-ordered view: hash its bytes
                 payload = view.tobytes()
         if self.listeners or self.mode == "log":
             if payload is not None and self._mac is not None:

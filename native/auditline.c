@@ -13,14 +13,14 @@
  *   write(line + "\n"); a failed or short write is cut back off (ftruncate to size);
  *   hash = SHA-256(line) in hex; unlock; return (size + written, hash)
  *
- * NOW is the wall clock when the lock is held, in seconds with six decimals, as Python's
- * f"{time.time():.6f}" writes it; HEAD and TAIL are JSON made by the caller (the fixed
- * fields, the details);
- * HMAC is HMAC-SHA256 (RFC 2104) of the payload under the log's key.  SHA-256 comes from
- * OpenSSL's libcrypto.  The GIL is held except while waiting for another process's lock
- * and while hashing a large payload (see below).  The line is built in
- * memory this function owns; nothing secret is in it (the payload appears only as its
- * HMAC), so it is freed without wiping.  The HMAC key's padded copies are wiped.
+ * NOW is the wall clock when the lock is held, in seconds with six decimals (the layout
+ * of Python's f"{time.time():.6f}", written from integers: no locale).  HEAD and TAIL are
+ * JSON made by the caller (the fixed fields, the details).  HMAC is HMAC-SHA256 (RFC 2104)
+ * of the payload under the log's key.  SHA-256 comes from OpenSSL's libcrypto.  The GIL
+ * is held except while waiting for another process's lock and while hashing a large
+ * payload (see below).  The line is built in memory this function owns; nothing secret
+ * is in it (the payload appears only as its HMAC), so it is freed without wiping.  The
+ * HMAC key's padded copies are wiped.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -124,7 +124,9 @@ PyObject *m_audit_append(PyObject *m, PyObject *args)
 
     size_t cap = 64 + (size_t)head_n + sizeof INPUT_OPEN + 2 * DIGEST + 2 + (size_t)tail_n +
                  sizeof PREV_OPEN + (size_t)prev_n + 4;
-    static __thread EVP_MD_CTX *ctx = NULL; /* one per thread: used without the GIL */
+    /* One digest context for every call made with the GIL held (the GIL keeps them apart);
+       the large-input HMAC, run without the GIL, makes and frees its own. */
+    static EVP_MD_CTX *ctx = NULL;
     if (ctx == NULL && (ctx = EVP_MD_CTX_new()) == NULL) {
         PyErr_NoMemory();
         goto release;
@@ -148,9 +150,14 @@ PyObject *m_audit_append(PyObject *m, PyObject *args)
        forth around every record. It is released where the wait can be long: for the
        HMAC of a large input, and while another process holds the log's lock. */
     if (has_payload && payload.len > (1 << 16)) {
-        int bad;
+        int bad = 1;
         Py_BEGIN_ALLOW_THREADS
-        bad = hmac_sha256(ctx, key.buf, (size_t)key.len, payload.buf, (size_t)payload.len, digest);
+        EVP_MD_CTX *own = EVP_MD_CTX_new();
+        if (own != NULL) {
+            bad = hmac_sha256(own, key.buf, (size_t)key.len, payload.buf, (size_t)payload.len,
+                              digest);
+            EVP_MD_CTX_free(own);
+        }
         Py_END_ALLOW_THREADS
         if (bad)
             state = 2;
@@ -167,16 +174,25 @@ PyObject *m_audit_append(PyObject *m, PyObject *args)
                 err = errno;
                 break;
             }
+            /* Another process holds the lock: wait without the GIL. A signal interrupts
+               the wait, and its Python handler runs (Ctrl-C, SIGTERM, an alarm); if the
+               handler raises, nothing was written and the exception goes to the caller. */
             int rc, e = 0;
             Py_BEGIN_ALLOW_THREADS
-            do {
-                rc = flock(fd, LOCK_EX);
-            } while (rc != 0 && errno == EINTR);
+            rc = flock(fd, LOCK_EX);
             if (rc != 0)
                 e = errno;
             Py_END_ALLOW_THREADS
-            err = e;
-            break;
+            if (rc == 0)
+                break;
+            if (e != EINTR) {
+                err = e;
+                break;
+            }
+            if (PyErr_CheckSignals() != 0) {
+                PyMem_RawFree(line);
+                goto release;
+            }
         }
     }
     if (state == 0 && !err) {
@@ -186,10 +202,18 @@ PyObject *m_audit_append(PyObject *m, PyObject *args)
         } else if ((size = (long long)end) != expected) {
             state = 1;
         } else {
+            /* The time in integers: printf's %f would take its decimal point from the
+               locale, and a "1796284613,897574" is not JSON. */
             struct timespec now;
             clock_gettime(CLOCK_REALTIME, &now);
-            int lead = snprintf(line, 64, "{\"seq\":%lld,\"time\":%.6f,", seq,
-                                (double)now.tv_sec + (double)now.tv_nsec * 1e-9);
+            long long secs = (long long)now.tv_sec;
+            long micros = (now.tv_nsec + 500) / 1000;
+            if (micros >= 1000000) {
+                secs += 1;
+                micros -= 1000000;
+            }
+            int lead = snprintf(line, 64, "{\"seq\":%lld,\"time\":%lld.%06ld,", seq, secs,
+                                micros);
             if (lead < 0 || lead >= 64) { /* a clock or seq beyond any sane value */
                 state = 2;
                 flock(fd, LOCK_UN);

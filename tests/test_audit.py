@@ -749,3 +749,74 @@ def test_a_payload_that_is_not_one_buffer_is_recorded_as_its_bytes(tmp_path: Pat
     key = load_key(key_path_for(log), create=False)
     assert first["input"] == second["input"] == input_hmac(key, bytes(strided))
     assert verify_log(log).ok
+
+
+def test_a_signal_interrupts_the_wait_for_another_writers_lock(tmp_path: Path) -> None:
+    """While another open file holds the log's flock, the native append waits without the
+    GIL; a signal's Python handler still runs at once, and nothing is written."""
+    import fcntl
+    import signal
+    import time
+
+    from strongroom.audit import Audit
+
+    class Alarm(Exception):
+        pass
+
+    def on_alarm(signum: int, frame: object) -> None:
+        raise Alarm()
+
+    log = tmp_path / "audit.jsonl"
+    audit = Audit("file", log, "me")
+    audit.record("sign", "k", "ok", "vault", b"first", size=5)
+    before = log.read_bytes()
+    other = os.open(log, os.O_RDWR)
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        start = time.monotonic()
+        with pytest.raises(Alarm):
+            audit.record("sign", "k", "ok", "vault", b"second", size=6)
+        assert time.monotonic() - start < 2.0
+        assert log.read_bytes() == before
+        fcntl.flock(other, fcntl.LOCK_UN)
+        audit.record("sign", "k", "ok", "vault", b"third", size=5)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        os.close(other)
+        audit.close()
+    assert verify_log(log).ok and verify_log(log).records == 2
+
+
+def test_the_record_time_does_not_follow_the_locale(tmp_path: Path) -> None:
+    """printf's %f takes its decimal point from LC_NUMERIC; the native append must not.
+    The test compiles a German locale (decimal comma) with localedef into tmp_path."""
+    import shutil
+
+    locales = tmp_path / "locales"
+    locales.mkdir()
+    made = shutil.which("localedef") and subprocess.run(
+        ["localedef", "-i", "de_DE", "-f", "UTF-8", str(locales / "de_DE.UTF-8")],
+        capture_output=True,
+    )
+    if not made or made.returncode != 0:
+        pytest.skip("localedef cannot make de_DE.UTF-8 here")
+    script = textwrap.dedent(
+        """
+        import locale, pathlib, sys
+        locale.setlocale(locale.LC_ALL, "de_DE.UTF-8")
+        assert locale.localeconv()["decimal_point"] == ","
+        from strongroom.audit import Audit
+        a = Audit("file", pathlib.Path(sys.argv[1]), "me")
+        a.record("sign", "k", "ok", "vault", b"x", size=1)
+        a.close()
+        """
+    )
+    log = tmp_path / "audit.jsonl"
+    env = {**os.environ, "LOCPATH": str(locales)}
+    subprocess.run([sys.executable, "-c", script, str(log)], check=True, env=env)
+    record = json.loads(log.read_bytes().splitlines()[0])
+    assert isinstance(record["time"], float)
+    assert verify_log(log).ok
