@@ -187,11 +187,10 @@ def parse(raw: Mapping[str, Any], path: str | None, text: str) -> Config:
                 raise cfg.error("must be a path", "keystore", key)
             cfg.data_dir = Path(value).expanduser()
         elif key == "namespace":
-            if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
-                raise cfg.error("must be 1-64 letters, digits, '.', '_' or '-'", "keystore", key)
-            if value.startswith(RESERVED_NAMESPACE_PREFIX):
-                raise cfg.error("namespaces starting with '_' are reserved", "keystore", key)
-            cfg.namespace = value
+            try:
+                cfg.namespace = check_namespace(value)
+            except InvalidArgument as e:
+                raise cfg.error(str(e), "keystore", key) from None
         elif key == "audit":
             if value not in AUDIT_MODES:
                 raise cfg.error(f"must be one of {', '.join(AUDIT_MODES)}", "keystore", key)

@@ -40,6 +40,7 @@ from .errors import DataFormatError, DataTruncated, IntegrityError, InvalidArgum
 
 if TYPE_CHECKING:
     from .keystore import Keystore
+    from .types import KeyInfo
 
 MAGIC = b"SRENV\x00"
 FORMAT_VERSION = 1
@@ -208,7 +209,7 @@ def _chunk_size(chunk_size: int) -> int:
     return chunk_size
 
 
-def kek_algorithm(ks: Keystore, name: str, algorithm: str | None) -> str | None:
+def kek_algorithm(info: KeyInfo, algorithm: str | None) -> str | None:
     """How the data key is wrapped: `algorithm` if given; else AES key wrap (RFC 5649) for an
     AES key that may wrap but not encrypt (an HSM's key-wrapping key); else the key's own
     default (AEAD for symmetric keys, OAEP-SHA-256 for RSA)."""
@@ -217,7 +218,6 @@ def kek_algorithm(ks: Keystore, name: str, algorithm: str | None) -> str | None:
 
     if algorithm is not None:
         return algorithm
-    info = ks.info(name)
     if (
         info.type is KeyType.AES_256
         and Usage.ENCRYPT not in info.usage
@@ -234,12 +234,11 @@ def _wrap_aad(key_type: str, algorithm: str | None) -> bytes:
     return b"" if key_type.startswith("rsa-") or algorithm == AES_KEY_WRAP else WRAP_AAD
 
 
-def _wrap(ks: Keystore, name: str, data_key: bytes, algorithm: str | None) -> tuple[int, bytes]:
+def _wrap(ks: Keystore, info: KeyInfo, data_key: bytes, algorithm: str | None) -> tuple[int, bytes]:
     from . import lifecycle
 
-    info = ks.info(name)
     aad = _wrap_aad(info.type.value, algorithm)
-    blob = ks.encrypt(name, data_key, aad, algorithm, envelope=True)
+    blob = ks.encrypt(info.name, data_key, aad, algorithm, envelope=True)
     version, _ = lifecycle.unpack(lifecycle.CIPHERTEXT_MAGIC, blob, "ciphertext")
     return version, blob
 
@@ -280,9 +279,9 @@ def encrypt_stream(
     """Encrypt `src` to `dst` under a fresh data key wrapped by key `name`."""
     chunk_size = _chunk_size(chunk_size)
     info = ks.info(name)
-    algorithm = kek_algorithm(ks, name, algorithm)
+    algorithm = kek_algorithm(info, algorithm)
     data_key = os.urandom(DATA_KEY)
-    version, wrapped = _wrap(ks, name, data_key, algorithm)
+    version, wrapped = _wrap(ks, info, data_key, algorithm)
     header = EnvelopeHeader(
         key=name,
         namespace=ks.namespace,
@@ -415,8 +414,9 @@ def rewrap_stream(
     mac_key, _ = _derive(data_key, header.salt)
     if not hmac.compare_digest(_mac(mac_key, raw), mac):
         raise IntegrityError("the envelope header failed authentication: it was altered")
-    algorithm = kek_algorithm(ks, header.key, algorithm or header.algorithm)
-    version, wrapped = _wrap(ks, header.key, data_key, algorithm)
+    info = ks.info(header.key)
+    algorithm = kek_algorithm(info, algorithm or header.algorithm)
+    version, wrapped = _wrap(ks, info, data_key, algorithm)
     del data_key
     new = EnvelopeHeader(
         key=header.key,

@@ -295,9 +295,11 @@ class Keystore:
 
     # -- helpers -------------------------------------------------------------------------------
     def _audited(self, op: str, key: str | None, payload: Any = None, **detail: Any) -> _Audited:
-        if self._audit_prefix and key is not None:
-            key = self._audit_prefix + key
-        return _Audited(self.audit, op, key, detail, payload)
+        return _Audited(self.audit, op, self._audit_key(key), detail, payload)
+
+    def _audit_key(self, key: str | None) -> str | None:
+        """How a key is named in the audit log: `namespace/name` in a namespace view."""
+        return self._audit_prefix + key if self._audit_prefix and key is not None else key
 
     def in_namespace(self, namespace: str) -> Keystore:
         """This keystore as seen from `namespace`: the same backends, catalog and audit log,
@@ -575,7 +577,7 @@ class Keystore:
         """
         # The busiest operation: audited inline rather than through _Audited (same record).
         facts: dict[str, Any] = {}
-        key = self._audit_prefix + name if self._audit_prefix else name
+        key = self._audit_key(name)
         try:
             info, b = self._key(name, Operation.SIGN, facts)
             algorithms.check_sign_algorithm(info.type, algorithm)

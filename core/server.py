@@ -505,30 +505,37 @@ class App:
             )
         return view
 
+    def _key_request(self, req: Request, permission: Permission) -> tuple[Keystore, str]:
+        """The tenant's keystore and the key name of a /v1/keys/{name}/... request, once
+        `permission` on that name is checked (see `_check_key`)."""
+        assert req.identity is not None
+        name = req.params["name"]
+        return self._check_key(req.identity, name, permission), name
+
     def _admin(self, identity: Identity | None) -> None:
         if identity is None or not identity.admin:
             raise HttpError(403, "NotPermitted", "this needs the admin role")
 
+    def _in_vault(self, view: Keystore, name: str) -> bool:
+        """Whether the key lives in the vault; a 423 if so while an admin keeps it sealed."""
+        try:
+            backend = view.info(name).backend
+        except KeyNotFound:
+            raise HttpError(404, "KeyNotFound", NOT_FOUND) from None
+        if backend != self._vault_name:
+            return False
+        if self.vault_sealed:
+            raise HttpError(423, "VaultLocked", "the vault is locked; an admin unlocks it")
+        return True
+
     def _check_vault(self, view: Keystore, name: str) -> None:
         if self.vault_sealed:
-            try:
-                backend = view.info(name).backend
-            except KeyNotFound:
-                raise HttpError(404, "KeyNotFound", NOT_FOUND) from None
-            if backend == self._vault_name:
-                raise HttpError(423, "VaultLocked", "the vault is locked; an admin unlocks it")
+            self._in_vault(view, name)
 
-    async def _run(self, view: Keystore, name: str | None, fn: Callable[[], Any]) -> Any:
+    async def _run(self, view: Keystore, name: str, fn: Callable[[], Any]) -> Any:
         """Run a keystore call: inline for vault keys (fast), in a thread for hardware."""
-        if name is not None:
-            try:
-                backend = view.info(name).backend
-            except KeyNotFound:
-                raise HttpError(404, "KeyNotFound", NOT_FOUND) from None
-            if backend == self._vault_name:
-                if self.vault_sealed:
-                    raise HttpError(423, "VaultLocked", "the vault is locked; an admin unlocks it")
-                return fn()
+        if self._in_vault(view, name):
+            return fn()
         return await asyncio.to_thread(fn)
 
     # -- routes --------------------------------------------------------------------------------
@@ -662,17 +669,13 @@ class App:
         return new_name, key_type, usage, salt, info
 
     async def mac(self, req: Request) -> Any:
-        assert req.identity is not None
-        name = req.params["name"]
-        view = self._check_key(req.identity, name, Permission.SIGN)
+        view, name = self._key_request(req, Permission.SIGN)
         data = _unb64(req.body.get("data"), "data")
         tag = await self._run(view, name, lambda: view.mac(name, data))
         return {"mac": _b64(tag)}
 
     async def derive(self, req: Request) -> Any:
-        assert req.identity is not None
-        name = req.params["name"]
-        view = self._check_key(req.identity, name, Permission.DERIVE)
+        view, name = self._key_request(req, Permission.DERIVE)
         new_name, key_type, usage, salt, info_bytes = self._new_key_args(req)
         self._check_vault(view, name)
         info = await asyncio.to_thread(
@@ -681,17 +684,13 @@ class App:
         return 201, _key_json(info)
 
     async def rotate(self, req: Request) -> Any:
-        assert req.identity is not None
-        name = req.params["name"]
-        view = self._check_key(req.identity, name, Permission.MANAGE)
+        view, name = self._key_request(req, Permission.MANAGE)
         backend = _opt_str(req.body, "backend")
         self._check_vault(view, name)
         return _key_json(await asyncio.to_thread(view.rotate, name, backend))
 
     async def versions(self, req: Request) -> Any:
-        assert req.identity is not None
-        name = req.params["name"]
-        view = self._check_key(req.identity, name, Permission.READ)
+        view, name = self._key_request(req, Permission.READ)
         try:
             with view.audited("versions", name) as facts:
                 found = view.versions(name)
@@ -706,21 +705,15 @@ class App:
         }
 
     async def disable(self, req: Request) -> Any:
-        assert req.identity is not None
-        name = req.params["name"]
-        view = self._check_key(req.identity, name, Permission.MANAGE)
+        view, name = self._key_request(req, Permission.MANAGE)
         return _key_json(await asyncio.to_thread(view.disable, name))
 
     async def enable(self, req: Request) -> Any:
-        assert req.identity is not None
-        name = req.params["name"]
-        view = self._check_key(req.identity, name, Permission.MANAGE)
+        view, name = self._key_request(req, Permission.MANAGE)
         return _key_json(await asyncio.to_thread(view.enable, name))
 
     async def key_config(self, req: Request) -> Any:
-        assert req.identity is not None
-        name = req.params["name"]
-        view = self._check_key(req.identity, name, Permission.MANAGE)
+        view, name = self._key_request(req, Permission.MANAGE)
         version = req.body.get("min_decryption_version")
         if type(version) is not int or version < 1:
             raise HttpError(
@@ -729,9 +722,7 @@ class App:
         return _key_json(await asyncio.to_thread(view.set_min_decryption_version, name, version))
 
     async def show_key(self, req: Request) -> Any:
-        assert req.identity is not None
-        name = req.params["name"]
-        view = self._check_key(req.identity, name, Permission.READ)
+        view, name = self._key_request(req, Permission.READ)
         try:
             with view.audited("info", name) as facts:
                 info = view.info(name)
@@ -744,9 +735,7 @@ class App:
         """Delete after the keystore's deletion_wait (or `?after=SECONDS`), or `?now=true`."""
         from datetime import timedelta
 
-        assert req.identity is not None
-        name = req.params["name"]
-        view = self._check_key(req.identity, name, Permission.DELETE)
+        view, name = self._key_request(req, Permission.DELETE)
         self._check_vault(view, name)
         now_flag = req.query.get("now", "false")
         if now_flag not in ("true", "false"):
@@ -764,16 +753,12 @@ class App:
         return {"scheduled": name, "delete_after": scheduled.delete_after.isoformat()}
 
     async def cancel_deletion(self, req: Request) -> Any:
-        assert req.identity is not None
-        name = req.params["name"]
-        view = self._check_key(req.identity, name, Permission.DELETE)
+        view, name = self._key_request(req, Permission.DELETE)
         info = await asyncio.to_thread(view.cancel_deletion, name)
         return _key_json(info)
 
     async def public_key(self, req: Request) -> Any:
-        assert req.identity is not None
-        name = req.params["name"]
-        view = self._check_key(req.identity, name, Permission.READ)
+        view, name = self._key_request(req, Permission.READ)
         fmt = req.query.get("format", "pem")
         if fmt not in ("pem", "der"):
             raise HttpError(400, "InvalidArgument", "format is pem or der")
@@ -789,9 +774,7 @@ class App:
         return {"der": _b64(der)}
 
     async def sign(self, req: Request) -> Any:
-        assert req.identity is not None
-        name = req.params["name"]
-        view = self._check_key(req.identity, name, Permission.SIGN)
+        view, name = self._key_request(req, Permission.SIGN)
         data = _unb64(req.body.get("data"), "data")
         algorithm = _opt_str(req.body, "algorithm")
         envelope = _flag(req.body, "envelope")
@@ -801,9 +784,7 @@ class App:
         return {"signature": _b64(sig)}
 
     async def verify(self, req: Request) -> Any:
-        assert req.identity is not None
-        name = req.params["name"]
-        view = self._check_key(req.identity, name, Permission.VERIFY)
+        view, name = self._key_request(req, Permission.VERIFY)
         data = _unb64(req.body.get("data"), "data")
         sig = _unb64(req.body.get("signature"), "signature")
         algorithm = _opt_str(req.body, "algorithm")
@@ -817,9 +798,7 @@ class App:
         return {"valid": True}
 
     async def encrypt(self, req: Request) -> Any:
-        assert req.identity is not None
-        name = req.params["name"]
-        view = self._check_key(req.identity, name, Permission.ENCRYPT)
+        view, name = self._key_request(req, Permission.ENCRYPT)
         pt = _unb64(req.body.get("plaintext"), "plaintext")
         aad = _unb64(req.body.get("aad", ""), "aad")
         algorithm = _opt_str(req.body, "algorithm")
@@ -830,9 +809,7 @@ class App:
         return {"ciphertext": _b64(ct)}
 
     async def decrypt(self, req: Request) -> Any:
-        assert req.identity is not None
-        name = req.params["name"]
-        view = self._check_key(req.identity, name, Permission.DECRYPT)
+        view, name = self._key_request(req, Permission.DECRYPT)
         ct = _unb64(req.body.get("ciphertext"), "ciphertext")
         aad = _unb64(req.body.get("aad", ""), "aad")
         algorithm = _opt_str(req.body, "algorithm")
@@ -846,9 +823,7 @@ class App:
         return {"plaintext": _b64(pt)}
 
     async def agree(self, req: Request) -> Any:
-        assert req.identity is not None
-        name = req.params["name"]
-        view = self._check_key(req.identity, name, Permission.AGREE)
+        view, name = self._key_request(req, Permission.AGREE)
         new_name, key_type, usage, salt, info_bytes = self._new_key_args(req)
         peer = req.body.get("peer")
         if not isinstance(peer, str):
@@ -868,9 +843,7 @@ class App:
         return 201, _key_json(info)
 
     async def export(self, req: Request) -> Any:
-        assert req.identity is not None
-        name = req.params["name"]
-        view = self._check_key(req.identity, name, Permission.EXPORT)
+        view, name = self._key_request(req, Permission.EXPORT)
         self._check_vault(view, name)
         pem = await asyncio.to_thread(view.export_key, name, "pem")
         return {"pem": pem.decode()}
@@ -884,7 +857,7 @@ class App:
         if type(n) is not int or not 1 <= n <= 65536:
             raise HttpError(400, "InvalidArgument", "n must be an integer from 1 to 65536")
         backend = _opt_str(req.body, "backend")
-        if backend is not None and backend not in {s.name for s in self.ks.backends()}:
+        if backend is not None and backend not in self.ks.config.backends:
             raise HttpError(400, "InvalidArgument", "no backend by that name")
         data = await asyncio.to_thread(self._view(ident).random, n, backend)
         return {"data": _b64(data)}

@@ -473,11 +473,9 @@ class TenantStore:
         """Whether `identity` holds `permission` on any key name (for key-less operations)."""
         if permission is Permission.ADMIN:
             return identity.admin
-        return (
-            any(permission in p.permissions for p in self._policies_for(identity))
-            if (identity.tenant is not None)
-            else False
-        )
+        if identity.tenant is None:
+            return False
+        return any(permission in p.permissions for p in self._policies_for(identity))
 
 
 __all__ = [
