@@ -117,3 +117,55 @@ def cli(vault_config: Path) -> CliRunner:
         return run_cli(vault_config, *args, **kwargs)  # type: ignore[arg-type]
 
     return run
+
+
+# -- openssl, the tool nobody here wrote, checking our signatures -----------------------------
+def openssl(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["openssl", *args], cwd=cwd, capture_output=True, text=True, check=False, timeout=30
+    )
+
+
+def openssl_verify(
+    kind: str, cwd: Path, pub: str, sig: str, data: str
+) -> subprocess.CompletedProcess[str]:
+    if kind == "ed25519":
+        return openssl(
+            "pkeyutl",
+            "-verify",
+            "-pubin",
+            "-inkey",
+            pub,
+            "-rawin",
+            "-in",
+            data,
+            "-sigfile",
+            sig,
+            cwd=cwd,
+        )
+    if kind == "pss":
+        return openssl(
+            "dgst",
+            "-sha256",
+            "-verify",
+            pub,
+            "-sigopt",
+            "rsa_padding_mode:pss",
+            "-sigopt",
+            "rsa_pss_saltlen:digest",
+            "-signature",
+            sig,
+            data,
+            cwd=cwd,
+        )
+    return openssl("dgst", kind, "-verify", pub, "-signature", sig, data, cwd=cwd)
+
+
+def assert_openssl_verified(p: subprocess.CompletedProcess[str]) -> None:
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "Verified OK" in p.stdout or "Signature Verified Successfully" in p.stdout, p.stdout
+
+
+def assert_openssl_rejected(p: subprocess.CompletedProcess[str]) -> None:
+    assert p.returncode != 0, p.stdout
+    assert "Verified OK" not in p.stdout and "Verified Successfully" not in p.stdout

@@ -17,6 +17,10 @@ from conftest import (
     VAULT_PASS_ENV,
     VAULT_PASSPHRASE,
     CliResult,
+    assert_openssl_rejected,
+    assert_openssl_verified,
+    openssl,
+    openssl_verify,
     run_cli,
     snapshot_path,
     write_vault_config,
@@ -49,12 +53,6 @@ def assert_one_line_error(r: CliResult, code: int, *contains: str) -> str:
     for text in contains:
         assert text in lines[0], r.stderr
     return lines[0]
-
-
-def openssl(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["openssl", *args], cwd=cwd, capture_output=True, text=True, check=False, timeout=30
-    )
 
 
 def flip(data: bytes, index: int) -> bytes:
@@ -115,51 +113,6 @@ SIGN_CASES = [
     ("rsa-2048", None, "-sha256"),
     ("rsa-2048", "pss", "pss"),
 ]
-
-
-def openssl_verify(
-    kind: str, cwd: Path, pub: str, sig: str, data: str
-) -> subprocess.CompletedProcess[str]:
-    if kind == "ed25519":
-        return openssl(
-            "pkeyutl",
-            "-verify",
-            "-pubin",
-            "-inkey",
-            pub,
-            "-rawin",
-            "-in",
-            data,
-            "-sigfile",
-            sig,
-            cwd=cwd,
-        )
-    if kind == "pss":
-        return openssl(
-            "dgst",
-            "-sha256",
-            "-verify",
-            pub,
-            "-sigopt",
-            "rsa_padding_mode:pss",
-            "-sigopt",
-            "rsa_pss_saltlen:digest",
-            "-signature",
-            sig,
-            data,
-            cwd=cwd,
-        )
-    return openssl("dgst", kind, "-verify", pub, "-signature", sig, data, cwd=cwd)
-
-
-def assert_openssl_verified(p: subprocess.CompletedProcess[str]) -> None:
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert "Verified OK" in p.stdout or "Signature Verified Successfully" in p.stdout, p.stdout
-
-
-def assert_openssl_rejected(p: subprocess.CompletedProcess[str]) -> None:
-    assert p.returncode != 0, p.stdout
-    assert "Verified OK" not in p.stdout and "Verified Successfully" not in p.stdout
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,13 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import STRONGROOM_BIN, VAULT_PASS_ENV, VAULT_PASSPHRASE, write_vault_config
+from conftest import (
+    STRONGROOM_BIN,
+    VAULT_PASS_ENV,
+    VAULT_PASSPHRASE,
+    openssl_verify,
+    write_vault_config,
+)
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from server_support import (
@@ -554,20 +560,7 @@ def test_cli_uses_the_service(service: Service, tokens: Tenancy, tmp_path: Path)
     (tmp_path / "data").write_bytes(DATA)
     pub = run([*server, "key", "public", "cli-key"], tokens.acme_app)
     (tmp_path / "pub.pem").write_bytes(pub.stdout)
-    check = subprocess.run(
-        [
-            "openssl",
-            "dgst",
-            "-sha256",
-            "-verify",
-            str(tmp_path / "pub.pem"),
-            "-signature",
-            str(tmp_path / "sig"),
-            str(tmp_path / "data"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    check = openssl_verify("-sha256", tmp_path, "pub.pem", "sig", "data")
     assert check.returncode == 0 and "Verified OK" in check.stdout
     ok = run(
         [*server, "key", "verify", "cli-key", "--signature", str(tmp_path / "sig")],
