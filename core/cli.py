@@ -223,7 +223,7 @@ class StrongroomGroup(click.Group):
 def cli(
     ctx: click.Context, config: str | None, as_json: bool, debug: bool, server: str | None
 ) -> None:
-    """Strongroom: one key API over TPM, PKCS#11, FIDO2 and a guarded software vault."""
+    """Strongroom: one key API over TPM, PKCS#11, PIV, FIDO2 and a guarded software vault."""
     ctx.obj = State(config, as_json, debug, server)
 
 

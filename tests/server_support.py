@@ -220,12 +220,13 @@ def wait_gone(path: Path, timeout: float = 10) -> bool:
 
 @dataclass
 class Tenancy:
-    """Tokens made in the tenants store before the service starts."""
+    """Tokens made in the tenants store before the service starts (kept out of the repr,
+    which pytest prints in failure reports)."""
 
-    admin: str
-    acme_app: str  # every key permission in acme
-    acme_signer: str  # sign, verify, read on 'signing-*' only
-    globex_app: str  # every key permission in globex
+    admin: str = field(repr=False)
+    acme_app: str = field(repr=False)  # every key permission in acme
+    acme_signer: str = field(repr=False)  # sign, verify, read on 'signing-*' only
+    globex_app: str = field(repr=False)  # every key permission in globex
 
 
 def init_service_data(config: Path, pki: Pki) -> Tenancy:
