@@ -289,8 +289,16 @@ class Keystore:
                 reason = backend.availability()
                 if reason is not None:
                     raise BackendUnavailable(backend.name, reason)
+                vault = backend if isinstance(backend, VaultControl) else None
+                was_unlocked = vault is not None and _unlocked(vault)
                 backend.open()
                 self._opened.add(backend.name)
+                if vault is not None and not was_unlocked and (failed := _failed_slots(vault)):
+                    # an unlock on first use has no record of its own; one whose hardware
+                    # slot failed gets one, so the failure is in the log
+                    self.audit.record(
+                        "vault_unlock", None, "ok", backend.name, None, failed_slots=failed
+                    )
         return backend
 
     # -- helpers -------------------------------------------------------------------------------
@@ -410,20 +418,64 @@ class Keystore:
             created=now(),
         )
 
-    def _choose_backend(self, key_type: KeyType, op: Operation, backend: str | None) -> Backend:
+    def _choose_backend(
+        self, key_type: KeyType, op: Operation, backend: str | None, key: str | None = None
+    ) -> Backend:
+        """The named backend, or the first in `order` that can do `op` with `key_type`.
+
+        A backend that cannot hold the type is passed over (Ed25519 on a TPM goes to the
+        vault; the result names where the key went). One that is unavailable is never passed
+        over silently: it stops the search with BackendUnavailable, unless its config marks it
+        `optional`, when it is skipped with a warning and an audit record.
+        """
         if backend is not None:
             b = self.backend(backend)
             if not b.supports(key_type, op):
                 raise b.unsupported(op, key_type)
             return self._ready(b)
         for name in self.config.order:
-            if name in self._unusable:
-                continue
-            b = self._backends[name]
-            if b.availability() is None and b.supports(key_type, op):
-                return self._ready(b)
+            found = self._backends.get(name)
+            reason = self._unusable[name][1] if found is None else found.availability()
+            if found is not None and reason is None:
+                if not found.supports(key_type, op):
+                    continue  # the type goes to a store that can hold it: not a downgrade
+                try:
+                    return self._ready(found)
+                except BackendUnavailable as e:  # found at open (the token, the SRK, ...)
+                    reason = e.reason
+            assert reason is not None  # every path that gets here has one
+            if not self.config.backends[name].optional:
+                raise BackendUnavailable(
+                    name,
+                    f"{reason} (no later backend in `order` is tried instead: name one "
+                    f"explicitly, or set optional = true in [backends.{name}])",
+                )
+            self._skip_optional(name, reason, op, key_type, key)
         raise UnsupportedOperation(
             ", ".join(self.config.order), op.value, key_type.value, "no configured backend can"
+        )
+
+    def _skip_optional(
+        self, name: str, reason: str, op: Operation, key_type: KeyType, key: str | None
+    ) -> None:
+        """Say that an optional backend was passed over: a warning and an audit record."""
+        logger.warning(
+            "warning: optional backend %r is unavailable and was skipped for %s %s key %r: %s",
+            name,
+            op.value,
+            key_type.value,
+            key,
+            reason,
+        )
+        self.audit.record(
+            "backend_skipped",
+            self._audit_key(key),
+            "skipped",
+            name,
+            None,
+            during=op.value,
+            type=key_type.value,
+            reason=reason,
         )
 
     def _create(self, info: KeyInfo, backend: Backend, make: Any) -> KeyInfo:
@@ -452,7 +504,7 @@ class Keystore:
         """Create a key in `backend`, or the first backend in `order` that can."""
         with self._audited("generate", name, type=str(key_type)) as facts:
             ktype = KeyType.parse(key_type)
-            b = self._choose_backend(ktype, Operation.GENERATE, backend)
+            b = self._choose_backend(ktype, Operation.GENERATE, backend, name)
             facts["backend"] = b.name
             info = self._new_info(name, ktype, usage, exportable, b.name)
             return self._create(info, b, b.generate)
@@ -476,7 +528,7 @@ class Keystore:
             if not isinstance(material, bytes | bytearray | memoryview):
                 raise InvalidArgument("key material must be bytes-like")
             ktype = KeyType.parse(key_type)
-            b = self._choose_backend(ktype, Operation.IMPORT, backend)
+            b = self._choose_backend(ktype, Operation.IMPORT, backend, name)
             facts["backend"] = b.name
             info = self._new_info(name, ktype, usage, exportable, b.name)
             view = memoryview(material).cast("B")
@@ -1175,6 +1227,10 @@ class _Audited:
         self._payload = payload
         self._facts: dict[str, Any] = {}
 
+    def add_detail(self, **detail: Any) -> None:
+        """Facts learned during the operation, for its result record (never secrets)."""
+        self._detail = {**self._detail, **detail}
+
     def __enter__(self) -> dict[str, Any]:
         if self._op in _WRITE_AHEAD or self._op.startswith("vault_"):
             self._audit.record(self._op, self._key, "started", None, None, **self._detail)
@@ -1215,11 +1271,32 @@ class _AuditedVault:
             return target
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            with self._ks._audited(f"vault_{attr}", None) as facts:
+            audited = self._ks._audited(f"vault_{attr}", None)
+            with audited as facts:
                 facts["backend"] = self._name
-                return target(*args, **kwargs)
+                was_unlocked = attr == "unlock" and _unlocked(self._vault)
+                result = target(*args, **kwargs)
+                if attr in ("unlock", "restore") and not was_unlocked:
+                    failed = _failed_slots(self._vault)
+                    if failed:  # a hardware slot failed before another method opened it
+                        audited.add_detail(failed_slots=failed)
+                return result
 
         return call
+
+
+def _unlocked(vault: VaultControl) -> bool:
+    return bool(vault.vault_status().get("unlocked"))
+
+
+def _failed_slots(vault: VaultControl) -> str:
+    """The key slots that failed in the vault's last unlock, as one line for the audit log:
+    `METHOD (slot ID): ERROR: REASON`, separated by `; `; empty when none failed."""
+    return "; ".join(
+        f"{f.get('method')} (slot {', '.join(f.get('slots') or [])}): "
+        f"{f.get('error')}: {f.get('reason')}"
+        for f in vault.vault_status().get("unlock_failures") or []
+    )
 
 
 def _vault_control(ks: Keystore) -> VaultControl:
