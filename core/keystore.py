@@ -478,6 +478,46 @@ class Keystore:
             reason=reason,
         )
 
+    def _rsa_encrypt_attributes(self, b: Backend, info: KeyInfo) -> dict[str, str]:
+        """The OAEP variant an RSA key that may encrypt or decrypt will use, for its catalog
+        attributes; refuse the key if its backend can decrypt with none.
+
+        Chosen once, when the key is made, so encrypt and decrypt agree however the token is
+        probed later: SoftHSM2 decrypts OAEP with SHA-1 only, and a ciphertext made with
+        SHA-256 to such a key could never be decrypted.
+        """
+        if not info.type.is_rsa or not info.usage & {Usage.ENCRYPT, Usage.DECRYPT}:
+            return {}
+        variants = algorithms.rsa_decrypt_algorithms(b)
+        if not variants or not b.supports(info.type, Operation.DECRYPT):
+            why = str(b.unsupported(Operation.DECRYPT, info.type))
+            raise UnsupportedOperation(
+                b.name,
+                "generate",
+                info.type.value,
+                f"a key with the encrypt or decrypt usage must be one it can decrypt with ({why})",
+            )
+        return {algorithms.RSA_ENCRYPT_ATTRIBUTE: variants[0]}
+
+    @staticmethod
+    def _rsa_encrypt_algorithm(b: Backend, info: KeyInfo, algorithm: str | None) -> str:
+        """The OAEP variant to encrypt to `info` with: `algorithm`, else the key's own; refused
+        (UnsupportedOperation) when its backend could not decrypt the result."""
+        chosen = algorithms.check_rsa_encrypt_algorithm(
+            algorithm or info.attributes.get(algorithms.RSA_ENCRYPT_ATTRIBUTE)
+        )
+        variants = algorithms.rsa_decrypt_algorithms(b)
+        if chosen not in variants:
+            raise UnsupportedOperation(
+                b.name,
+                "encrypt",
+                info.type.value,
+                f"it could not decrypt RSA-OAEP {chosen}: it decrypts only "
+                f"{', '.join(variants) or 'none'}; use --algorithm (algorithm=) "
+                f"{variants[0] if variants else 'with a key in another backend'}",
+            )
+        return chosen
+
     def _create(self, info: KeyInfo, backend: Backend, make: Any) -> KeyInfo:
         """Backend key first, then the catalog row; undo the backend key if the row fails."""
         if self.catalog.exists(info.namespace, info.name):
@@ -507,6 +547,7 @@ class Keystore:
             b = self._choose_backend(ktype, Operation.GENERATE, backend, name)
             facts["backend"] = b.name
             info = self._new_info(name, ktype, usage, exportable, b.name)
+            info = replace(info, attributes=self._rsa_encrypt_attributes(b, info))
             return self._create(info, b, b.generate)
 
     def import_key(
@@ -531,6 +572,7 @@ class Keystore:
             b = self._choose_backend(ktype, Operation.IMPORT, backend, name)
             facts["backend"] = b.name
             info = self._new_info(name, ktype, usage, exportable, b.name)
+            info = replace(info, attributes=self._rsa_encrypt_attributes(b, info))
             view = memoryview(material).cast("B")
             return self._create(info, b, lambda new: b.import_key(new, view, format))
 
@@ -571,7 +613,13 @@ class Keystore:
             usages = found.usage & found.type.allowed_usage if wanted is None else wanted
             info = self._new_info(name, found.type, usages, found.exportable, b.name)
             info = replace(
-                info, handle=found.handle, attributes={**found.attributes, ADOPTED: "true"}
+                info,
+                handle=found.handle,
+                attributes={
+                    **found.attributes,
+                    **self._rsa_encrypt_attributes(b, info),
+                    ADOPTED: "true",
+                },
             )
             self.catalog.add(info)
             return info
@@ -703,7 +751,8 @@ class Keystore:
                 if info.type.is_rsa:
                     if aad:
                         raise InvalidArgument("RSA-OAEP takes no associated data")
-                    ct = algorithms.rsa_encrypt(b.public_key(info), bytes(plaintext), algorithm)
+                    oaep = self._rsa_encrypt_algorithm(b, info, algorithm)
+                    ct = algorithms.rsa_encrypt(b.public_key(info), bytes(plaintext), oaep)
                 else:
                     ct = b.encrypt(info, bytes(plaintext), bytes(aad), algorithm)
             if envelope:
@@ -737,8 +786,10 @@ class Keystore:
                     raise InvalidArgument("AES key wrap takes no associated data")
             else:
                 info, b = self._key(name, Operation.DECRYPT, facts, version)
-            if info.type.is_rsa and aad:
-                raise InvalidArgument("RSA-OAEP takes no associated data")
+            if info.type.is_rsa:
+                if aad:
+                    raise InvalidArgument("RSA-OAEP takes no associated data")
+                algorithm = algorithm or info.attributes.get(algorithms.RSA_ENCRYPT_ATTRIBUTE)
             return b.decrypt(info, bytes(ciphertext), bytes(aad), algorithm)
 
     def agree(
@@ -864,12 +915,13 @@ class Keystore:
                 created=now(),
                 attributes={},
             )
+            attributes = self._rsa_encrypt_attributes(b, new)
             handle = b.generate(NewKey(new))
             try:
                 self.catalog.add_version(
                     info.namespace,
                     name,
-                    KeyVersion(new_version, b.name, new.created or now(), handle, {}),
+                    KeyVersion(new_version, b.name, new.created or now(), handle, attributes),
                 )
             except BaseException:
                 with contextlib.suppress(Exception):
@@ -996,13 +1048,17 @@ class Keystore:
             version, body = lifecycle.unpack(lifecycle.CIPHERTEXT_MAGIC, ciphertext, "ciphertext")
             facts["from_version"] = version
             old, ob = self._key(name, Operation.DECRYPT, facts, version)
-            if old.type.is_rsa and aad:
-                raise InvalidArgument("RSA-OAEP takes no associated data")
-            plain = ob.decrypt(old, bytes(body), bytes(aad), algorithm)
+            old_algorithm = algorithm
+            if old.type.is_rsa:
+                if aad:
+                    raise InvalidArgument("RSA-OAEP takes no associated data")
+                old_algorithm = algorithm or old.attributes.get(algorithms.RSA_ENCRYPT_ATTRIBUTE)
+            plain = ob.decrypt(old, bytes(body), bytes(aad), old_algorithm)
             info, b = self._key(name, Operation.ENCRYPT, facts)
             facts["backend"] = info.backend
-            if info.type.is_rsa:
-                ct = algorithms.rsa_encrypt(b.public_key(info), plain, algorithm)
+            if info.type.is_rsa:  # the new version's own variant: its backend may differ
+                oaep = self._rsa_encrypt_algorithm(b, info, algorithm)
+                ct = algorithms.rsa_encrypt(b.public_key(info), plain, oaep)
             else:
                 ct = b.encrypt(info, plain, bytes(aad), algorithm)
             del plain
