@@ -1,13 +1,14 @@
 """Signature and encryption schemes shared by every backend, so all agree on encodings.
 
 ECDSA signatures are DER; Ed25519 raw 64 bytes; RSA PKCS#1 v1.5 (default) or PSS
-with MGF1 and a salt as long as the digest; RSA encryption is OAEP with SHA-256.
+with MGF1 and a salt as long as the digest; RSA encryption is OAEP with SHA-256, or with
+SHA-1 for a key whose backend decrypts only that (RSA_ENCRYPT_ATTRIBUTE records which).
 These are the encodings `openssl pkeyutl`/`openssl dgst` verify.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -49,6 +50,38 @@ AES_KEY_WRAP = "aes-kwp"
 """AES key wrap with padding (RFC 5649) of a short secret, such as an envelope's data key,
 under an AES key with the `wrap` usage: `encrypt(..., algorithm="aes-kwp")`. A backend that
 has it does it inside its hardware (PKCS#11: C_WrapKey with CKM_AES_KEY_WRAP_PAD)."""
+
+KEK_ALGORITHMS = (*RSA_ENCRYPT_ALGORITHMS, AES_KEY_WRAP)
+"""What `strongroom encrypt --algorithm` (the envelope's data-key wrap) takes; the CLI's
+choices and help, docs/cli.md and docs/envelope.md all say this list."""
+KEK_ALGORITHMS_HELP = (
+    "How the data key is wrapped. An RSA KEK: oaep-sha256 or oaep-sha1 (default: the one "
+    "recorded with the key, which its backend can decrypt). An AES KEK: aes-kwp (RFC 5649 "
+    "in the token; the default for an AES key that may wrap but not encrypt). Other KEKs "
+    "take none."
+)
+
+RSA_ENCRYPT_ATTRIBUTE = "rsa_encrypt"
+"""Catalog attribute of an RSA key (version) with the encrypt or decrypt usage: the OAEP
+variant its backend decrypts, chosen when the key is made and used whenever `encrypt`,
+`decrypt` or an envelope is given no algorithm. Keys made before it existed mean
+oaep-sha256."""
+
+
+@runtime_checkable
+class RsaDecryptVariants(Protocol):
+    """A backend whose RSA keys decrypt only some of RSA_ENCRYPT_ALGORITHMS."""
+
+    def rsa_encrypt_algorithms(self) -> tuple[str, ...]:
+        """The RSA_ENCRYPT_ALGORITHMS this backend's RSA keys decrypt, preferred first."""
+        ...
+
+
+def rsa_decrypt_algorithms(backend: object) -> tuple[str, ...]:
+    """The OAEP variants `backend` decrypts, preferred first: all of them unless it says."""
+    if isinstance(backend, RsaDecryptVariants):
+        return backend.rsa_encrypt_algorithms()
+    return RSA_ENCRYPT_ALGORITHMS
 
 
 def check_rsa_encrypt_algorithm(algorithm: str | None) -> str:

@@ -1078,10 +1078,8 @@ def _progress(src: BinaryIO, label: str) -> Iterator[Callable[[int], None] | Non
 @click.option("--out", "out", metavar="FILE", help="Where the envelope goes (default: stdout).")
 @click.option(
     "--algorithm",
-    type=click.Choice([*algorithms.RSA_ENCRYPT_ALGORITHMS, algorithms.AES_KEY_WRAP]),
-    help="How the data key is wrapped: RSA KEKs oaep-sha256 (default) or oaep-sha1; "
-    "aes-kwp (RFC 5649 in the token; the default for an AES key that may wrap but not "
-    "encrypt).",
+    type=click.Choice(algorithms.KEK_ALGORITHMS),
+    help=algorithms.KEK_ALGORITHMS_HELP,
 )
 @click.option(
     "--chunk-size",

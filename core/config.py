@@ -74,6 +74,9 @@ class BackendConfig:
     name: str
     type: str
     settings: dict[str, Any]
+    optional: bool = False
+    """`optional = true`: when it is unavailable, `generate` and `import` without a named
+    backend skip it (with a warning and an audit record) instead of failing."""
 
 
 @dataclass
@@ -235,8 +238,15 @@ def parse(raw: Mapping[str, Any], path: str | None, text: str) -> Config:
         btype = table.get("type")
         if not isinstance(btype, str):
             raise cfg.error('every backend needs a type, e.g. type = "vault"', where, "type")
-        settings = {k: v for k, v in table.items() if k != "type"}
-        cfg.backends[name] = BackendConfig(name, btype, settings)
+        optional = table.get("optional", False)
+        if not isinstance(optional, bool):
+            raise cfg.error("must be true or false", where, "optional")
+        if optional and btype == VAULT_TYPE:
+            raise cfg.error(
+                "the vault is the last resort and cannot be optional", where, "optional"
+            )
+        settings = {k: v for k, v in table.items() if k not in ("type", "optional")}
+        cfg.backends[name] = BackendConfig(name, btype, settings, optional)
     vaults = [b.name for b in cfg.backends.values() if b.type == VAULT_TYPE]
     if not vaults:
         cfg.backends[VAULT_TYPE] = BackendConfig(

@@ -211,13 +211,16 @@ def _chunk_size(chunk_size: int) -> int:
 
 def kek_algorithm(info: KeyInfo, algorithm: str | None) -> str | None:
     """How the data key is wrapped: `algorithm` if given; else AES key wrap (RFC 5649) for an
-    AES key that may wrap but not encrypt (an HSM's key-wrapping key); else the key's own
-    default (AEAD for symmetric keys, OAEP-SHA-256 for RSA)."""
-    from .algorithms import AES_KEY_WRAP
+    AES key that may wrap but not encrypt (an HSM's key-wrapping key); else, for an RSA key,
+    the OAEP variant recorded with it (the one its backend decrypts: oaep-sha1 on SoftHSM2),
+    written into the header so decryption uses the same; else the key's own AEAD (None)."""
+    from .algorithms import AES_KEY_WRAP, RSA_ENCRYPT_ATTRIBUTE
     from .types import KeyType, Usage
 
     if algorithm is not None:
         return algorithm
+    if info.type.is_rsa:
+        return info.attributes.get(RSA_ENCRYPT_ATTRIBUTE)
     if (
         info.type is KeyType.AES_256
         and Usage.ENCRYPT not in info.usage

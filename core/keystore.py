@@ -289,8 +289,16 @@ class Keystore:
                 reason = backend.availability()
                 if reason is not None:
                     raise BackendUnavailable(backend.name, reason)
+                vault = backend if isinstance(backend, VaultControl) else None
+                was_unlocked = vault is not None and _unlocked(vault)
                 backend.open()
                 self._opened.add(backend.name)
+                if vault is not None and not was_unlocked and (failed := _failed_slots(vault)):
+                    # an unlock on first use has no record of its own; one whose hardware
+                    # slot failed gets one, so the failure is in the log
+                    self.audit.record(
+                        "vault_unlock", None, "ok", backend.name, None, failed_slots=failed
+                    )
         return backend
 
     # -- helpers -------------------------------------------------------------------------------
@@ -410,21 +418,105 @@ class Keystore:
             created=now(),
         )
 
-    def _choose_backend(self, key_type: KeyType, op: Operation, backend: str | None) -> Backend:
+    def _choose_backend(
+        self, key_type: KeyType, op: Operation, backend: str | None, key: str | None = None
+    ) -> Backend:
+        """The named backend, or the first in `order` that can do `op` with `key_type`.
+
+        A backend that cannot hold the type is passed over (Ed25519 on a TPM goes to the
+        vault; the result names where the key went). One that is unavailable is never passed
+        over silently: it stops the search with BackendUnavailable, unless its config marks it
+        `optional`, when it is skipped with a warning and an audit record.
+        """
         if backend is not None:
             b = self.backend(backend)
             if not b.supports(key_type, op):
                 raise b.unsupported(op, key_type)
             return self._ready(b)
         for name in self.config.order:
-            if name in self._unusable:
-                continue
-            b = self._backends[name]
-            if b.availability() is None and b.supports(key_type, op):
-                return self._ready(b)
+            found = self._backends.get(name)
+            reason = self._unusable[name][1] if found is None else found.availability()
+            if found is not None and reason is None:
+                if not found.supports(key_type, op):
+                    continue  # the type goes to a store that can hold it: not a downgrade
+                try:
+                    return self._ready(found)
+                except BackendUnavailable as e:  # found at open (the token, the SRK, ...)
+                    reason = e.reason
+            assert reason is not None  # every path that gets here has one
+            if not self.config.backends[name].optional:
+                raise BackendUnavailable(
+                    name,
+                    f"{reason} (no later backend in `order` is tried instead: name one "
+                    f"explicitly, or set optional = true in [backends.{name}])",
+                )
+            self._skip_optional(name, reason, op, key_type, key)
         raise UnsupportedOperation(
             ", ".join(self.config.order), op.value, key_type.value, "no configured backend can"
         )
+
+    def _skip_optional(
+        self, name: str, reason: str, op: Operation, key_type: KeyType, key: str | None
+    ) -> None:
+        """Say that an optional backend was passed over: a warning and an audit record."""
+        logger.warning(
+            "warning: optional backend %r is unavailable and was skipped for %s %s key %r: %s",
+            name,
+            op.value,
+            key_type.value,
+            key,
+            reason,
+        )
+        self.audit.record(
+            "backend_skipped",
+            self._audit_key(key),
+            "skipped",
+            name,
+            None,
+            during=op.value,
+            type=key_type.value,
+            reason=reason,
+        )
+
+    def _rsa_encrypt_attributes(self, b: Backend, info: KeyInfo) -> dict[str, str]:
+        """The OAEP variant an RSA key that may encrypt or decrypt will use, for its catalog
+        attributes; refuse the key if its backend can decrypt with none.
+
+        Chosen once, when the key is made, so encrypt and decrypt agree however the token is
+        probed later: SoftHSM2 decrypts OAEP with SHA-1 only, and a ciphertext made with
+        SHA-256 to such a key could never be decrypted.
+        """
+        if not info.type.is_rsa or not info.usage & {Usage.ENCRYPT, Usage.DECRYPT}:
+            return {}
+        variants = algorithms.rsa_decrypt_algorithms(b)
+        if not variants or not b.supports(info.type, Operation.DECRYPT):
+            why = str(b.unsupported(Operation.DECRYPT, info.type))
+            raise UnsupportedOperation(
+                b.name,
+                "generate",
+                info.type.value,
+                f"a key with the encrypt or decrypt usage must be one it can decrypt with ({why})",
+            )
+        return {algorithms.RSA_ENCRYPT_ATTRIBUTE: variants[0]}
+
+    @staticmethod
+    def _rsa_encrypt_algorithm(b: Backend, info: KeyInfo, algorithm: str | None) -> str:
+        """The OAEP variant to encrypt to `info` with: `algorithm`, else the key's own; refused
+        (UnsupportedOperation) when its backend could not decrypt the result."""
+        chosen = algorithms.check_rsa_encrypt_algorithm(
+            algorithm or info.attributes.get(algorithms.RSA_ENCRYPT_ATTRIBUTE)
+        )
+        variants = algorithms.rsa_decrypt_algorithms(b)
+        if chosen not in variants:
+            raise UnsupportedOperation(
+                b.name,
+                "encrypt",
+                info.type.value,
+                f"it could not decrypt RSA-OAEP {chosen}: it decrypts only "
+                f"{', '.join(variants) or 'none'}; use --algorithm (algorithm=) "
+                f"{variants[0] if variants else 'with a key in another backend'}",
+            )
+        return chosen
 
     def _create(self, info: KeyInfo, backend: Backend, make: Any) -> KeyInfo:
         """Backend key first, then the catalog row; undo the backend key if the row fails."""
@@ -452,9 +544,10 @@ class Keystore:
         """Create a key in `backend`, or the first backend in `order` that can."""
         with self._audited("generate", name, type=str(key_type)) as facts:
             ktype = KeyType.parse(key_type)
-            b = self._choose_backend(ktype, Operation.GENERATE, backend)
+            b = self._choose_backend(ktype, Operation.GENERATE, backend, name)
             facts["backend"] = b.name
             info = self._new_info(name, ktype, usage, exportable, b.name)
+            info = replace(info, attributes=self._rsa_encrypt_attributes(b, info))
             return self._create(info, b, b.generate)
 
     def import_key(
@@ -476,9 +569,10 @@ class Keystore:
             if not isinstance(material, bytes | bytearray | memoryview):
                 raise InvalidArgument("key material must be bytes-like")
             ktype = KeyType.parse(key_type)
-            b = self._choose_backend(ktype, Operation.IMPORT, backend)
+            b = self._choose_backend(ktype, Operation.IMPORT, backend, name)
             facts["backend"] = b.name
             info = self._new_info(name, ktype, usage, exportable, b.name)
+            info = replace(info, attributes=self._rsa_encrypt_attributes(b, info))
             view = memoryview(material).cast("B")
             return self._create(info, b, lambda new: b.import_key(new, view, format))
 
@@ -519,7 +613,13 @@ class Keystore:
             usages = found.usage & found.type.allowed_usage if wanted is None else wanted
             info = self._new_info(name, found.type, usages, found.exportable, b.name)
             info = replace(
-                info, handle=found.handle, attributes={**found.attributes, ADOPTED: "true"}
+                info,
+                handle=found.handle,
+                attributes={
+                    **found.attributes,
+                    **self._rsa_encrypt_attributes(b, info),
+                    ADOPTED: "true",
+                },
             )
             self.catalog.add(info)
             return info
@@ -651,7 +751,8 @@ class Keystore:
                 if info.type.is_rsa:
                     if aad:
                         raise InvalidArgument("RSA-OAEP takes no associated data")
-                    ct = algorithms.rsa_encrypt(b.public_key(info), bytes(plaintext), algorithm)
+                    oaep = self._rsa_encrypt_algorithm(b, info, algorithm)
+                    ct = algorithms.rsa_encrypt(b.public_key(info), bytes(plaintext), oaep)
                 else:
                     ct = b.encrypt(info, bytes(plaintext), bytes(aad), algorithm)
             if envelope:
@@ -685,8 +786,10 @@ class Keystore:
                     raise InvalidArgument("AES key wrap takes no associated data")
             else:
                 info, b = self._key(name, Operation.DECRYPT, facts, version)
-            if info.type.is_rsa and aad:
-                raise InvalidArgument("RSA-OAEP takes no associated data")
+            if info.type.is_rsa:
+                if aad:
+                    raise InvalidArgument("RSA-OAEP takes no associated data")
+                algorithm = algorithm or info.attributes.get(algorithms.RSA_ENCRYPT_ATTRIBUTE)
             return b.decrypt(info, bytes(ciphertext), bytes(aad), algorithm)
 
     def agree(
@@ -812,12 +915,13 @@ class Keystore:
                 created=now(),
                 attributes={},
             )
+            attributes = self._rsa_encrypt_attributes(b, new)
             handle = b.generate(NewKey(new))
             try:
                 self.catalog.add_version(
                     info.namespace,
                     name,
-                    KeyVersion(new_version, b.name, new.created or now(), handle, {}),
+                    KeyVersion(new_version, b.name, new.created or now(), handle, attributes),
                 )
             except BaseException:
                 with contextlib.suppress(Exception):
@@ -944,13 +1048,17 @@ class Keystore:
             version, body = lifecycle.unpack(lifecycle.CIPHERTEXT_MAGIC, ciphertext, "ciphertext")
             facts["from_version"] = version
             old, ob = self._key(name, Operation.DECRYPT, facts, version)
-            if old.type.is_rsa and aad:
-                raise InvalidArgument("RSA-OAEP takes no associated data")
-            plain = ob.decrypt(old, bytes(body), bytes(aad), algorithm)
+            old_algorithm = algorithm
+            if old.type.is_rsa:
+                if aad:
+                    raise InvalidArgument("RSA-OAEP takes no associated data")
+                old_algorithm = algorithm or old.attributes.get(algorithms.RSA_ENCRYPT_ATTRIBUTE)
+            plain = ob.decrypt(old, bytes(body), bytes(aad), old_algorithm)
             info, b = self._key(name, Operation.ENCRYPT, facts)
             facts["backend"] = info.backend
-            if info.type.is_rsa:
-                ct = algorithms.rsa_encrypt(b.public_key(info), plain, algorithm)
+            if info.type.is_rsa:  # the new version's own variant: its backend may differ
+                oaep = self._rsa_encrypt_algorithm(b, info, algorithm)
+                ct = algorithms.rsa_encrypt(b.public_key(info), plain, oaep)
             else:
                 ct = b.encrypt(info, plain, bytes(aad), algorithm)
             del plain
@@ -1175,6 +1283,10 @@ class _Audited:
         self._payload = payload
         self._facts: dict[str, Any] = {}
 
+    def add_detail(self, **detail: Any) -> None:
+        """Facts learned during the operation, for its result record (never secrets)."""
+        self._detail = {**self._detail, **detail}
+
     def __enter__(self) -> dict[str, Any]:
         if self._op in _WRITE_AHEAD or self._op.startswith("vault_"):
             self._audit.record(self._op, self._key, "started", None, None, **self._detail)
@@ -1215,11 +1327,32 @@ class _AuditedVault:
             return target
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            with self._ks._audited(f"vault_{attr}", None) as facts:
+            audited = self._ks._audited(f"vault_{attr}", None)
+            with audited as facts:
                 facts["backend"] = self._name
-                return target(*args, **kwargs)
+                was_unlocked = attr == "unlock" and _unlocked(self._vault)
+                result = target(*args, **kwargs)
+                if attr in ("unlock", "restore") and not was_unlocked:
+                    failed = _failed_slots(self._vault)
+                    if failed:  # a hardware slot failed before another method opened it
+                        audited.add_detail(failed_slots=failed)
+                return result
 
         return call
+
+
+def _unlocked(vault: VaultControl) -> bool:
+    return bool(vault.vault_status().get("unlocked"))
+
+
+def _failed_slots(vault: VaultControl) -> str:
+    """The key slots that failed in the vault's last unlock, as one line for the audit log:
+    `METHOD (slot ID): ERROR: REASON`, separated by `; `; empty when none failed."""
+    return "; ".join(
+        f"{f.get('method')} (slot {', '.join(f.get('slots') or [])}): "
+        f"{f.get('error')}: {f.get('reason')}"
+        for f in vault.vault_status().get("unlock_failures") or []
+    )
 
 
 def _vault_control(ks: Keystore) -> VaultControl:

@@ -116,7 +116,9 @@ def test_missing_module_is_unavailable_with_a_reason(
         )
         with pytest.raises(BackendUnavailable, match="install softhsm2"):
             ks.generate("k", "ecdsa-p256", backend="hsm")
-        assert ks.generate("falls-back", "ecdsa-p256").backend == "vault"
+        # not passed over for the vault in silence (issue 13; this used to expect the vault)
+        with pytest.raises(BackendUnavailable, match="install softhsm2"):
+            ks.generate("falls-back", "ecdsa-p256")
 
 
 def test_other_unusable_modules_and_tokens(
@@ -304,23 +306,32 @@ def test_tampered_gcm_is_an_integrity_error(ks: Keystore) -> None:
     assert ks.decrypt("gcm", ct, aad=b"hdr") == b"attack at dawn"
 
 
-def test_rsa_oaep_needs_sha256_which_softhsm_lacks(ks: Keystore) -> None:
-    # SoftHSM2 takes CKM_RSA_PKCS_OAEP only with SHA-1; Strongroom's RSA encryption is
-    # OAEP-SHA-256. The probe finds that out, so RSA decrypt is not offered, and asking for
-    # it names the backend, the operation, the key type and the reason.
-    caps = ks.backend("hsm").capabilities()
-    assert ("rsa-2048", "sign") in caps and ("rsa-2048", "decrypt") not in caps
-    ks.generate("oaep", "rsa-2048", backend="hsm", usage="encrypt,decrypt")
+def test_rsa_oaep_on_softhsm_uses_the_sha1_it_decrypts(ks: Keystore) -> None:
+    # SoftHSM2 takes CKM_RSA_PKCS_OAEP only with SHA-1. The probe finds that out; an RSA key
+    # that may encrypt records oaep-sha1 and uses it by default, so what is encrypted to it
+    # decrypts. (Issue 13: this test used to expect encrypt to succeed with SHA-256 and
+    # every decrypt to fail.) Asking for SHA-256 is refused at encrypt time.
+    backend = ks.backend("hsm")
+    caps = backend.capabilities()
+    assert ("rsa-2048", "encrypt") in caps and ("rsa-2048", "decrypt") in caps
+    assert backend.rsa_encrypt_algorithms() == ("oaep-sha1",)  # type: ignore[attr-defined]
+    info = ks.generate("oaep", "rsa-2048", backend="hsm", usage="encrypt,decrypt")
+    assert info.attributes["rsa_encrypt"] == "oaep-sha1"
     ct = ks.encrypt("oaep", b"to the token")  # with the public key, on the host
+    assert ks.decrypt("oaep", ct) == b"to the token"  # on the token
     with pytest.raises(UnsupportedOperation) as err:
-        ks.decrypt("oaep", ct)
+        ks.encrypt("oaep", b"to the token", algorithm="oaep-sha256")
     assert (err.value.backend, err.value.operation, err.value.key_type) == (
         "hsm",
-        "decrypt",
+        "encrypt",
         "rsa-2048",
     )
+    assert "decrypts only oaep-sha1" in str(err.value)
+    with pytest.raises(UnsupportedOperation) as err:  # and a SHA-256 ciphertext from elsewhere
+        ks.decrypt("oaep", ct, algorithm="oaep-sha256")
     assert "CKM_RSA_PKCS_OAEP only with SHA-1" in str(err.value)
     assert "oaep-sha1" in str(err.value)  # and says what does work
+    ks.delete("oaep")
 
 
 def test_rsa_oaep_sha1_decrypts_on_the_token(ks: Keystore) -> None:

@@ -186,7 +186,7 @@ class Pkcs11Backend(Backend):
         self._pool: SessionPool | None = None
         self._mechanisms: frozenset[int] | None = None
         self._capabilities: frozenset[Capability] | None = None
-        self._oaep_ok: bool | None = None
+        self._oaep_variants: tuple[str, ...] | None = None
         self._publics: dict[str, PublicKeyTypes] = {}
         self._refused: set[bytes] = set()
 
@@ -258,26 +258,30 @@ class Pkcs11Backend(Backend):
             for cap, needs in _REQUIREMENTS.items()
             if all(_mechanism_value(n) in mechanisms for n in needs)
         }
-        if (KeyType.RSA_2048, Operation.DECRYPT) in found and not self._oaep_sha256():
+        if (KeyType.RSA_2048, Operation.DECRYPT) in found and not self.rsa_encrypt_algorithms():
             found -= {(t, op) for t in _RSA_TYPES for op in (Operation.ENCRYPT, Operation.DECRYPT)}
         caps = frozenset(found)
         self._capabilities = caps
         return caps
 
-    def _oaep_sha256(self) -> bool:
-        """Does CKM_RSA_PKCS_OAEP take SHA-256 here? SoftHSM2 takes only SHA-1.
+    def rsa_encrypt_algorithms(self) -> tuple[str, ...]:
+        """Which OAEP variants this token decrypts: SoftHSM2 takes SHA-1 only.
 
-        PKCS#11: C_GenerateKeyPair (a throwaway 1024-bit session key pair, no login needed)
-        and C_Encrypt with CKM_RSA_PKCS_OAEP(SHA-256, MGF1-SHA-256); once per backend.
+        PKCS#11: C_GenerateKeyPair (a throwaway 1024-bit session key pair, no login needed),
+        then per variant C_Encrypt and C_Decrypt with CKM_RSA_PKCS_OAEP (SHA-256 and
+        MGF1-SHA-256, SHA-1 and MGF1-SHA-1; no label), once per backend. The keystore records
+        the first with each RSA key that may encrypt, so encrypt and decrypt agree.
         """
-        if self._oaep_ok is not None:
-            return self._oaep_ok
+        if self._oaep_variants is not None:
+            return self._oaep_variants
+        if not self._has("RSA_PKCS_OAEP"):
+            return ()
         try:
             module, token = self._connect()
         except BackendUnavailable:
-            return True  # not cached: asked again once the token is back
+            return algorithms.RSA_ENCRYPT_ALGORITHMS  # not cached: asked again once it is back
 
-        def probe(session: Any) -> bool:
+        def probe(session: Any) -> tuple[str, ...]:
             public, private = session.generate_keypair(
                 P11KeyType.RSA,
                 1024,
@@ -286,21 +290,31 @@ class Pkcs11Backend(Backend):
                 public_template={Attribute.ENCRYPT: True, Attribute.PRIVATE: False},
                 private_template={Attribute.DECRYPT: True, Attribute.PRIVATE: False},
             )
+            works = []
             try:
-                public.encrypt(b"probe", mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_OAEP)
-            except (p11.ArgumentsBad, p11.MechanismParamInvalid):
-                return False
+                for name, params in (("oaep-sha256", _OAEP), ("oaep-sha1", _OAEP_SHA1)):
+                    try:
+                        ct = public.encrypt(
+                            b"probe", mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=params
+                        )
+                        pt = private.decrypt(
+                            ct, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=params
+                        )
+                    except (p11.ArgumentsBad, p11.MechanismParamInvalid, p11.MechanismInvalid):
+                        continue
+                    if bytes(pt) == b"probe":
+                        works.append(name)
             finally:
                 public.destroy()
                 private.destroy()
-            return True
+            return tuple(works)
 
         try:
-            ok = bool(with_public_session(module, token, probe))
-        except PKCS11Error:  # the token would not make the probe key: find out at decrypt
-            ok = True
-        self._oaep_ok = ok
-        return ok
+            found = tuple(with_public_session(module, token, probe))
+        except PKCS11Error:  # the token would not make the probe key: assume the standard one
+            found = ("oaep-sha256",)
+        self._oaep_variants = found
+        return found
 
     def _mechanism_set(self) -> frozenset[int] | None:
         """PKCS#11: C_GetMechanismList, once."""
@@ -585,10 +599,18 @@ class Pkcs11Backend(Backend):
     def _no_oaep(self) -> str:
         if not self._has("RSA_PKCS_OAEP"):
             return f"token {self.token_label!r} has no CKM_RSA_PKCS_OAEP"
-        return (
-            f"token {self.token_label!r} takes CKM_RSA_PKCS_OAEP only with SHA-1; "
-            "encrypt and decrypt with algorithm oaep-sha1 (CLI: --algorithm oaep-sha1)"
-        )
+        variants = self.rsa_encrypt_algorithms()
+        if not variants:
+            return (
+                f"token {self.token_label!r} decrypts CKM_RSA_PKCS_OAEP with neither "
+                "SHA-256 nor SHA-1"
+            )
+        if variants == ("oaep-sha1",):
+            return (
+                f"token {self.token_label!r} takes CKM_RSA_PKCS_OAEP only with SHA-1; "
+                "encrypt and decrypt with algorithm oaep-sha1 (CLI: --algorithm oaep-sha1)"
+            )
+        return f"token {self.token_label!r} decrypts RSA-OAEP only as {', '.join(variants)}"
 
     def _missing(self, key_type: KeyType, op: Operation) -> str:
         needs = _REQUIREMENTS.get((key_type, op))
@@ -796,12 +818,10 @@ class Pkcs11Backend(Backend):
                 ),
             )
         if t in _RSA_TYPES:
-            sha1 = algorithms.check_rsa_encrypt_algorithm(algorithm) == "oaep-sha1"
-            if sha1 and not self._has("RSA_PKCS_OAEP"):
+            variant = algorithms.check_rsa_encrypt_algorithm(algorithm)
+            if variant not in self.rsa_encrypt_algorithms():
                 raise self.unsupported(Operation.DECRYPT, t, self._no_oaep())
-            if not sha1 and (t, Operation.DECRYPT) not in self.capabilities():
-                raise self.unsupported(Operation.DECRYPT, t, self._no_oaep())
-            params = _OAEP_SHA1 if sha1 else _OAEP
+            params = _OAEP_SHA1 if variant == "oaep-sha1" else _OAEP
             try:
                 return self._with_key(
                     info,

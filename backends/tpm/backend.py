@@ -440,6 +440,11 @@ class TpmBackend(Backend):
                 tag = dev.hmac(self._ref(key, 1), _mac_input(aad, iv, ciphertext))
         return iv + ciphertext + tag
 
+    def rsa_encrypt_algorithms(self) -> tuple[str, ...]:
+        """TPM2_RSA_Decrypt is called with OAEP and SHA-256 only, so the keystore refuses to
+        encrypt to a TPM RSA key with oaep-sha1 (the result could not be decrypted)."""
+        return ("oaep-sha256",)
+
     def decrypt(self, info: KeyInfo, ciphertext: bytes, aad: bytes, algorithm: str | None) -> bytes:
         """RSA: TPM2_RSA_Decrypt (OAEP, SHA-256). AES-256: TPM2_HMAC check, then
         TPM2_EncryptDecrypt2. IntegrityError for a wrong key or damaged ciphertext."""

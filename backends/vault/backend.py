@@ -234,6 +234,7 @@ class VaultBackend(Backend):
                     raise context.config_error(str(e), f"member_passphrases.{member}") from None
             self.member_passphrases[str(member)] = ref_list
         self._state: _Open | None = None
+        self._unlock_failures: list[dict[str, Any]] = []
         self._lock = threading.RLock()
         self._publics: dict[str, PublicKeyTypes] = {}
 
@@ -300,6 +301,7 @@ class VaultBackend(Backend):
             if self._state is not None:
                 self._state.close()
                 self._state = None
+            self._unlock_failures = []
             self._publics.clear()
 
     def unlock(self, method: str | None = None) -> str:
@@ -330,6 +332,7 @@ class VaultBackend(Backend):
                 keys=len(state.records),
                 slots=[_public_slot(s) for s in state.slots],
                 guarded_memory=memlock_status().__dict__,
+                unlock_failures=[dict(f) for f in self._unlock_failures],
             )
         if self.path.exists():
             out["snapshot_bytes"] = self.path.stat().st_size
@@ -540,6 +543,7 @@ class VaultBackend(Backend):
             if self._state is not None:
                 self._state.close()
             self._state = state
+            self._unlock_failures = []
             return str(slot["id"])
 
     def unenroll(self, slot_id: str) -> None:
@@ -651,6 +655,7 @@ class VaultBackend(Backend):
         if only is None and thresholds and THRESHOLD not in methods:
             methods = [*methods, THRESHOLD]  # a threshold slot is tried after the single ones
         failures: list[StrongroomError] = []
+        failed: list[dict[str, Any]] = []
         for method in methods:
             mine = [s for s in slots if isinstance(s, dict) and s.get("method") == method]
             if not mine:
@@ -668,10 +673,19 @@ class VaultBackend(Backend):
                 failures.append(e)
                 if isinstance(e, AuthenticationFailed) and method == PASSPHRASE:
                     raise  # never go on to try more after a wrong passphrase
+                failed.append(
+                    {
+                        "method": method,
+                        "slots": [str(s.get("id")) for s in mine],
+                        "error": type(e).__name__,
+                        "reason": str(e),
+                    }
+                )
                 continue
             except BaseException:
                 master.close()
                 raise
+            self._report_failed_slots(failed, method)
             return master, method
         if failures:
             raise failures[-1]
@@ -679,6 +693,23 @@ class VaultBackend(Backend):
         raise AuthenticationFailed(
             f"the vault has no key slot for {', '.join(methods)}; enrolled: {', '.join(enrolled)}"
         )
+
+    def _report_failed_slots(self, failed: list[dict[str, Any]], opened_by: str) -> None:
+        """Remember, and warn about, the key slots that failed before `opened_by` worked.
+
+        A TPM whose PCRs changed or an HSM that is gone must not go unnoticed just because a
+        passphrase opened the vault anyway. `vault_status()["unlock_failures"]` keeps the
+        list of the last unlock, for the audit record of that unlock.
+        """
+        self._unlock_failures = failed
+        for f in failed:
+            log.warning(
+                "warning: vault key slot %s (%s) failed: %s; the vault was opened with %s",
+                ", ".join(f["slots"]),
+                f["method"],
+                f["reason"],
+                opened_by,
+            )
 
     def _unwrap_with_passphrase(
         self, vault_id: str, slots: list[dict[str, Any]], master: Guarded
