@@ -511,7 +511,7 @@ class PivBackend(Backend):
             if key_type is KeyType.RSA_2048:
                 block = encoding.pkcs1v15_block(d, 256, isinstance(digest, hashes.SHA384))
             else:
-                block = digest
+                block = d
             return self._private_op(card, slot, alg, block)
 
         cert = encoding.self_signed_certificate(public, name, usage, sign_tbs)
@@ -638,7 +638,6 @@ class PivBackend(Backend):
     def sign(self, info: KeyInfo, data: bytes, algorithm: str | None) -> bytes:
         """Hash on the host (SHA-256; SHA-384 for P-384), pad on the host for RSA, then
         GENERAL AUTHENTICATE; ECDSA comes back DER-encoded from the card."""
-        self._check(info.type, Operation.SIGN)
         digest = hashlib.sha384(data) if info.type is KeyType.ECDSA_P384 else hashlib.sha256(data)
         return self.sign_digest(info, digest.digest(), algorithm)
 
