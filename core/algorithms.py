@@ -14,6 +14,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, x25519
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from .errors import InvalidArgument
 from .types import KeyType
@@ -29,6 +30,33 @@ CURVES: dict[KeyType, ec.EllipticCurve] = {
 def digest_for(key_type: KeyType) -> hashes.HashAlgorithm:
     """The hash a signature scheme uses for this key type."""
     return hashes.SHA384() if key_type is KeyType.ECDSA_P384 else hashes.SHA256()
+
+
+def hash_name(key_type: KeyType) -> str:
+    """The `hashlib` name of `digest_for(key_type)`: sha256, or sha384 for P-384."""
+    return "sha384" if key_type is KeyType.ECDSA_P384 else "sha256"
+
+
+def signs_digests(key_type: KeyType) -> bool:
+    """Whether the key type's signature is over a digest of the message (ECDSA and RSA), so
+    that a caller may hash the message itself and sign only the digest (`prehashed`)."""
+    return key_type.is_ecdsa or key_type.is_rsa
+
+
+def check_prehashed(key_type: KeyType, digest: bytes | bytearray | memoryview) -> None:
+    """Refuse a prehashed signature for a type that signs whole messages, or a digest of the
+    wrong length (SHA-256: 32 bytes; SHA-384 for P-384: 48)."""
+    if not signs_digests(key_type):
+        raise InvalidArgument(
+            f"{key_type.value} keys sign the whole message, not a digest; "
+            "only ECDSA and RSA keys take prehashed input"
+        )
+    size = digest_for(key_type).digest_size
+    if len(digest) != size:
+        raise InvalidArgument(
+            f"a prehashed {key_type.value} signature takes a {size}-byte "
+            f"{hash_name(key_type).upper()} digest, not {len(digest)} bytes"
+        )
 
 
 def rsa_padding(algorithm: str | None) -> padding.AsymmetricPadding:
@@ -112,16 +140,26 @@ def check_sign_algorithm(key_type: KeyType, algorithm: str | None) -> None:
 
 
 def verify_signature(
-    key_type: KeyType, public: PublicKeyTypes, data: bytes, signature: bytes, algorithm: str | None
+    key_type: KeyType,
+    public: PublicKeyTypes,
+    data: bytes,
+    signature: bytes,
+    algorithm: str | None,
+    *,
+    prehashed: bool = False,
 ) -> None:
-    """Return None or raise cryptography's InvalidSignature."""
+    """Return None or raise cryptography's InvalidSignature. With `prehashed`, `data` is the
+    message's digest (`check_prehashed`)."""
     check_sign_algorithm(key_type, algorithm)
+    if prehashed:
+        check_prehashed(key_type, data)
+    hashed: Any = Prehashed(digest_for(key_type)) if prehashed else digest_for(key_type)
     if isinstance(public, ed25519.Ed25519PublicKey):
         public.verify(signature, data)
     elif isinstance(public, ec.EllipticCurvePublicKey):
-        public.verify(signature, data, ec.ECDSA(digest_for(key_type)))
+        public.verify(signature, data, ec.ECDSA(hashed))
     elif isinstance(public, rsa.RSAPublicKey):
-        public.verify(signature, data, rsa_padding(algorithm), hashes.SHA256())
+        public.verify(signature, data, rsa_padding(algorithm), hashed)
     else:
         raise InvalidArgument(f"{key_type.value} keys do not make signatures")
 

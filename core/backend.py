@@ -144,6 +144,11 @@ class Backend(abc.ABC):
     def sign(self, info: KeyInfo, data: bytes, algorithm: str | None) -> bytes:
         raise self.unsupported(Operation.SIGN, info.type)
 
+    def sign_digest(self, info: KeyInfo, digest: bytes, algorithm: str | None) -> bytes:
+        """Sign a digest the caller made (`algorithms.check_prehashed` has checked its length):
+        the same signature `sign` makes over the message, for ECDSA and RSA keys."""
+        raise self.unsupported(Operation.SIGN, info.type)
+
     def verify_mac(self, info: KeyInfo, data: bytes, tag: bytes) -> bool:
         """Symmetric verification (HMAC); asymmetric verify uses the public key."""
         raise self.unsupported(Operation.VERIFY, info.type)

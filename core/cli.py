@@ -9,6 +9,7 @@ Exit 1 also means an attestation statement failed to verify.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -105,6 +106,57 @@ def read_input(path: str | None) -> bytes:
         return Path(path).read_bytes()
     except OSError as e:
         raise InvalidArgument(f"cannot read {path}: {e.strerror}") from None
+
+
+STREAM_MIN = 256 * 1024
+"""An ECDSA or RSA signature over more input than this is made from a digest hashed here in
+a stream (`prehashed`): the same signature, without holding the input in memory or sending
+it to the service."""
+
+
+def signature_input(ks: Keystore, name: str, path: str | None, digest: bool) -> tuple[bytes, bool]:
+    """What `key sign`/`key verify` pass on: the input, or its digest; and whether it is one.
+
+    With `digest` the input already is the digest. Otherwise a short input is passed whole;
+    a longer one is hashed in a stream when the key signs digests (ECDSA, RSA), and read
+    whole for Ed25519, HMAC and FIDO keys, which sign the message itself.
+    """
+    if digest:
+        return read_input(path), True
+    stdin = path in (None, "-")
+    try:
+        f = sys.stdin.buffer if stdin else open(str(path), "rb")
+    except OSError as e:
+        raise InvalidArgument(f"cannot read {path}: {e.strerror}") from None
+    try:
+        head = f.read(STREAM_MIN + 1)
+        if len(head) <= STREAM_MIN:
+            return head, False
+        try:
+            key_type = ks.info(name).type
+        except StrongroomError:  # e.g. a service identity allowed to sign but not to read
+            return _whole(f, head), False
+        if not algorithms.signs_digests(key_type):
+            return _whole(f, head), False
+        hasher = hashlib.new(algorithms.hash_name(key_type), head)
+        del head
+        while chunk := f.read(1 << 20):
+            hasher.update(chunk)
+        return hasher.digest(), True
+    except OSError as e:
+        raise InvalidArgument(f"cannot read {path}: {e.strerror}") from None
+    finally:
+        if not stdin:
+            f.close()
+
+
+def _whole(f: BinaryIO, head: bytes) -> bytes:
+    """The whole input, of which `head` was read already, in one buffer: read again from the
+    start where the input can seek, rather than joined (which needs twice the memory)."""
+    if f.seekable():
+        f.seek(-len(head), io.SEEK_CUR)
+        return f.read()
+    return b"".join([head, *iter(lambda: f.read(1 << 20), b"")])
 
 
 MAX_KEY_INPUT = 64 * 1024
@@ -444,6 +496,12 @@ def key_public(state: State, name: str, fmt: str, out: str | None, version: int 
     is_flag=True,
     help="Prefix the signature with the key version (docs/lifecycle.md), for `verify --envelope`.",
 )
+@click.option(
+    "--digest",
+    is_flag=True,
+    help="The input is the message's SHA-256 digest (SHA-384 for P-384), raw bytes; "
+    "ECDSA and RSA keys only.",
+)
 @pass_state
 def key_sign(
     state: State,
@@ -452,10 +510,14 @@ def key_sign(
     out: str | None,
     algorithm: str | None,
     envelope: bool,
+    digest: bool,
 ) -> None:
     """Sign data (DER for ECDSA, raw for Ed25519, PKCS#1 v1.5 or PSS for RSA, HMAC tag,
-    a FIDO assertion structure for fido-* keys)."""
-    write_output(out, state.keystore().sign(name, read_input(inp), algorithm, envelope=envelope))
+    a FIDO assertion structure for fido-* keys). ECDSA and RSA hash a large input here, in a
+    stream, and sign its digest."""
+    ks = state.keystore()
+    data, prehashed = signature_input(ks, name, inp, digest)
+    write_output(out, ks.sign(name, data, algorithm, envelope=envelope, prehashed=prehashed))
 
 
 @key.command("verify")
@@ -474,6 +536,12 @@ def key_sign(
     type=click.IntRange(1),
     help="For a bare signature: the key version that made it (default: the newest).",
 )
+@click.option(
+    "--digest",
+    is_flag=True,
+    help="The input is the message's SHA-256 digest (SHA-384 for P-384), raw bytes; "
+    "ECDSA and RSA keys only.",
+)
 @pass_state
 def key_verify(
     state: State,
@@ -483,12 +551,16 @@ def key_verify(
     algorithm: str | None,
     envelope: bool,
     version: int | None,
+    digest: bool,
 ) -> None:
     """Verify a signature: exit 0 if valid, 1 if not."""
     if envelope and version is not None:
         raise click.UsageError("--version is for bare signatures; an envelope names its version")
-    state.keystore().verify(
-        name, read_input(inp), read_input(sig), algorithm, version=version, envelope=envelope
+    ks = state.keystore()
+    signature = read_input(sig)
+    data, prehashed = signature_input(ks, name, inp, digest)
+    ks.verify(
+        name, data, signature, algorithm, version=version, envelope=envelope, prehashed=prehashed
     )
     state.emit({"valid": True}, "signature valid")
 

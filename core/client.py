@@ -328,10 +328,16 @@ class RemoteKeystore:
         return serialization.load_der_public_key(der)
 
     def sign(
-        self, name: str, data: bytes, algorithm: str | None = None, *, envelope: bool = False
+        self,
+        name: str,
+        data: bytes,
+        algorithm: str | None = None,
+        *,
+        envelope: bool = False,
+        prehashed: bool = False,
     ) -> bytes:
         body: dict[str, Any] = {"data": _b64(data)}
-        _options(body, algorithm, envelope)
+        _options(body, algorithm, envelope, prehashed=prehashed)
         return _unb64(
             self._call("POST", f"/v1/keys/{_segment(name)}/sign", body, name=name)["signature"]
         )
@@ -345,10 +351,11 @@ class RemoteKeystore:
         *,
         version: int | None = None,
         envelope: bool = False,
+        prehashed: bool = False,
     ) -> None:
         """None, or raise cryptography's InvalidSignature, as `Keystore.verify` does."""
         body: dict[str, Any] = {"data": _b64(data), "signature": _b64(signature)}
-        _options(body, algorithm, envelope, version)
+        _options(body, algorithm, envelope, version, prehashed=prehashed)
         if not self._call("POST", f"/v1/keys/{_segment(name)}/verify", body, name=name)["valid"]:
             raise InvalidSignature()
 
@@ -522,13 +529,20 @@ class RemoteVault:
 
 
 def _options(
-    body: dict[str, Any], algorithm: str | None, envelope: bool, version: int | None = None
+    body: dict[str, Any],
+    algorithm: str | None,
+    envelope: bool,
+    version: int | None = None,
+    *,
+    prehashed: bool = False,
 ) -> None:
     """Add the optional fields of a sign, verify, encrypt or decrypt request."""
     if algorithm is not None:
         body["algorithm"] = algorithm
     if envelope:
         body["envelope"] = True
+    if prehashed:
+        body["prehashed"] = True
     if version is not None:
         body["version"] = version
 

@@ -125,7 +125,13 @@ def openapi_document(
         return {"type": "object", "required": required, "properties": props}
 
     keyref = {"$ref": "#/components/schemas/Key"}
-    data_op = obj(["data"], data=b64, algorithm=sign_alg, envelope={"type": "boolean"})
+    data_op = obj(
+        ["data"],
+        data=b64,
+        algorithm=sign_alg,
+        envelope={"type": "boolean"},
+        prehashed={"type": "boolean"},
+    )
     paths: dict[str, Any] = {
         "/v1/health": {
             "get": op("liveness", obj(["status"], status={"type": "string"}), auth=False)
@@ -261,6 +267,7 @@ def openapi_document(
                     signature=b64,
                     algorithm=sign_alg,
                     envelope={"type": "boolean"},
+                    prehashed={"type": "boolean"},
                     version={"type": "integer", "minimum": 1, "nullable": True},
                 ),
                 params=[name_param],

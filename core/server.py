@@ -778,8 +778,11 @@ class App:
         data = _unb64(req.body.get("data"), "data")
         algorithm = _opt_str(req.body, "algorithm")
         envelope = _flag(req.body, "envelope")
+        prehashed = _flag(req.body, "prehashed")
         sig = await self._run(
-            view, name, lambda: view.sign(name, data, algorithm, envelope=envelope)
+            view,
+            name,
+            lambda: view.sign(name, data, algorithm, envelope=envelope, prehashed=prehashed),
         )
         return {"signature": _b64(sig)}
 
@@ -789,11 +792,14 @@ class App:
         sig = _unb64(req.body.get("signature"), "signature")
         algorithm = _opt_str(req.body, "algorithm")
         envelope = _flag(req.body, "envelope")
+        prehashed = _flag(req.body, "prehashed")
         version = _version(req.body)
         await self._run(
             view,
             name,
-            lambda: view.verify(name, data, sig, algorithm, version=version, envelope=envelope),
+            lambda: view.verify(
+                name, data, sig, algorithm, version=version, envelope=envelope, prehashed=prehashed
+            ),
         )
         return {"valid": True}
 

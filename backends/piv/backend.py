@@ -638,9 +638,13 @@ class PivBackend(Backend):
     def sign(self, info: KeyInfo, data: bytes, algorithm: str | None) -> bytes:
         """Hash on the host (SHA-256; SHA-384 for P-384), pad on the host for RSA, then
         GENERAL AUTHENTICATE; ECDSA comes back DER-encoded from the card."""
-        alg = self._check(info.type, Operation.SIGN)
         digest = hashlib.sha384(data) if info.type is KeyType.ECDSA_P384 else hashlib.sha256(data)
-        d = digest.digest()
+        return self.sign_digest(info, digest.digest(), algorithm)
+
+    def sign_digest(self, info: KeyInfo, digest: bytes, algorithm: str | None) -> bytes:
+        """GENERAL AUTHENTICATE over the caller's SHA-256 (SHA-384 for P-384) digest, padded
+        on the host for RSA."""
+        alg = self._check(info.type, Operation.SIGN)
         if info.type is KeyType.RSA_2048:
             algorithm = algorithm or "pkcs1v15"
             if algorithm not in sr_algorithms.RSA_SIGN_ALGORITHMS:
@@ -654,12 +658,12 @@ class PivBackend(Backend):
                 public = cert.public_key()
                 assert isinstance(public, rsa.RSAPublicKey)
                 block = (
-                    encoding.pss_block(d, public.key_size)
+                    encoding.pss_block(digest, public.key_size)
                     if algorithm == "pss"
-                    else encoding.pkcs1v15_block(d, public.key_size // 8)
+                    else encoding.pkcs1v15_block(digest, public.key_size // 8)
                 )
             else:
-                block = d
+                block = digest
             return self._private_op(card, slot, alg, block)
 
         return self._run(op)

@@ -713,19 +713,12 @@ class Pkcs11Backend(Backend):
 
     # -- signatures ----------------------------------------------------------------------------
     def sign(self, info: KeyInfo, data: bytes, algorithm: str | None) -> bytes:
-        """PKCS#11: C_SignInit/C_Sign with CKM_ECDSA over a host SHA-256/384 digest (DER out),
-        CKM_EDDSA, CKM_RSA_PKCS over a SHA-256 DigestInfo, CKM_RSA_PKCS_PSS (SHA-256,
-        MGF1-SHA-256, salt 32) over a SHA-256 digest, or CKM_SHA256_HMAC."""
+        """PKCS#11: C_SignInit/C_Sign with CKM_EDDSA or CKM_SHA256_HMAC over the data; ECDSA
+        and RSA hash on the host and go through `sign_digest`."""
         t = info.type
-        if t is KeyType.ECDSA_P256 or t is KeyType.ECDSA_P384:
-            digest = (hashlib.sha256 if t is KeyType.ECDSA_P256 else hashlib.sha384)(data).digest()
-            raw = self._with_key(
-                info,
-                ObjectClass.PRIVATE_KEY,
-                "sign",
-                lambda key: key.sign(digest, mechanism=Mechanism.ECDSA),
-            )
-            return keys.ecdsa_der(raw)
+        if t is KeyType.ECDSA_P256 or t is KeyType.ECDSA_P384 or t in _RSA_TYPES:
+            hasher = hashlib.sha384 if t is KeyType.ECDSA_P384 else hashlib.sha256
+            return self.sign_digest(info, hasher(data).digest(), algorithm)
         if t is KeyType.ED25519:
             return self._with_key(
                 info,
@@ -733,10 +726,31 @@ class Pkcs11Backend(Backend):
                 "sign",
                 lambda key: bytes(key.sign(data, mechanism=Mechanism.EDDSA)),
             )
+        if t is KeyType.HMAC_SHA256:
+            return self._with_key(
+                info,
+                ObjectClass.SECRET_KEY,
+                "sign",
+                lambda key: bytes(key.sign(data, mechanism=Mechanism.SHA256_HMAC)),
+            )
+        raise self.unsupported(Operation.SIGN, t)
+
+    def sign_digest(self, info: KeyInfo, digest: bytes, algorithm: str | None) -> bytes:
+        """PKCS#11: C_SignInit/C_Sign with CKM_ECDSA over a SHA-256/384 digest (DER out),
+        CKM_RSA_PKCS over a SHA-256 DigestInfo, or CKM_RSA_PKCS_PSS (SHA-256, MGF1-SHA-256,
+        salt 32) over a SHA-256 digest."""
+        t = info.type
+        if t is KeyType.ECDSA_P256 or t is KeyType.ECDSA_P384:
+            raw = self._with_key(
+                info,
+                ObjectClass.PRIVATE_KEY,
+                "sign",
+                lambda key: key.sign(digest, mechanism=Mechanism.ECDSA),
+            )
+            return keys.ecdsa_der(raw)
         if t in _RSA_TYPES:
             if algorithm == "pss":
                 self._need("RSA_PKCS_PSS", "sign", t)
-                digest = hashlib.sha256(data).digest()
                 param = (Mechanism.SHA256, MGF.SHA256, 32)
                 return self._with_key(
                     info,
@@ -747,19 +761,12 @@ class Pkcs11Backend(Backend):
                     ),
                 )
             algorithms.rsa_padding(algorithm)
-            block = keys.SHA256_DIGEST_INFO + hashlib.sha256(data).digest()
+            block = keys.SHA256_DIGEST_INFO + digest
             return self._with_key(
                 info,
                 ObjectClass.PRIVATE_KEY,
                 "sign",
                 lambda key: bytes(key.sign(block, mechanism=Mechanism.RSA_PKCS)),
-            )
-        if t is KeyType.HMAC_SHA256:
-            return self._with_key(
-                info,
-                ObjectClass.SECRET_KEY,
-                "sign",
-                lambda key: bytes(key.sign(data, mechanism=Mechanism.SHA256_HMAC)),
             )
         raise self.unsupported(Operation.SIGN, t)
 

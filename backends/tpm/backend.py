@@ -401,9 +401,15 @@ class TpmBackend(Backend):
             return self._hmac(info, data)
         if not (info.type.is_ecdsa or info.type.is_rsa):
             raise self.unsupported(Operation.SIGN, info.type)
+        hasher, _ = self._scheme(info.type, algorithm)
+        return self.sign_digest(info, hasher(data).digest(), algorithm)
+
+    def sign_digest(self, info: KeyInfo, digest: bytes, algorithm: str | None) -> bytes:
+        """TPM2_Sign (ECDSA → DER, RSASSA or RSAPSS) of the caller's digest."""
+        if not (info.type.is_ecdsa or info.type.is_rsa):
+            raise self.unsupported(Operation.SIGN, info.type)
         key = self._key(info)
-        hasher, scheme = self._scheme(info.type, algorithm)
-        digest = hasher(data).digest()
+        _, scheme = self._scheme(info.type, algorithm)
         try:
             raw = self._dev().sign(self._ref(key), digest, scheme)
         except device.TSS2_Exception as e:

@@ -1065,6 +1065,13 @@ class VaultBackend(Backend):
         with self._material(info) as m:
             return keyops.sign(info.type, m, data, algorithm)
 
+    def sign_digest(self, info: KeyInfo, digest: bytes, algorithm: str | None) -> bytes:
+        """Vault: OpenSSL ECDSA/RSA over the caller's digest."""
+        if not (info.type.is_ecdsa or info.type.is_rsa):
+            raise self.unsupported(Operation.SIGN, info.type)
+        with self._material(info) as m:
+            return keyops.sign_digest(info.type, m, digest, algorithm)
+
     def verify_mac(self, info: KeyInfo, data: bytes, tag: bytes) -> bool:
         if info.type is not KeyType.HMAC_SHA256:
             raise self.unsupported(Operation.VERIFY, info.type)

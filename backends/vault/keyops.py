@@ -17,6 +17,7 @@ from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, hmac, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -323,6 +324,17 @@ def sign(key_type: KeyType, material: memoryview, data: bytes, algorithm: str | 
         if key_type in algorithms.CURVES:
             return bytes(key.sign(data, ec.ECDSA(algorithms.digest_for(key_type))))
         return bytes(key.sign(data, algorithms.rsa_padding(algorithm), hashes.SHA256()))
+
+
+def sign_digest(
+    key_type: KeyType, material: memoryview, digest: bytes, algorithm: str | None
+) -> bytes:
+    """ECDSA or RSA over a digest of the message (`algorithms.digest_for`)."""
+    hashed = Prehashed(algorithms.digest_for(key_type))
+    with _private(key_type, material) as key:
+        if key_type in algorithms.CURVES:
+            return bytes(key.sign(digest, ec.ECDSA(hashed)))
+        return bytes(key.sign(digest, algorithms.rsa_padding(algorithm), hashed))
 
 
 def hmac_sha256(material: memoryview, data: bytes) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from typing import Any
 
@@ -10,6 +11,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, x25519
 
+from strongroom import algorithms
 from strongroom.errors import (
     IntegrityError,
     InvalidArgument,
@@ -110,6 +112,31 @@ class BackendContract:
                     padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.DIGEST_LENGTH),
                     hashes.SHA256(),
                 )
+            self.check_prehashed(keystore, name, key_type, data, sig)
+
+    def check_prehashed(
+        self, keystore: Keystore, name: str, key_type: KeyType, data: bytes, sig: bytes
+    ) -> None:
+        """ECDSA and RSA sign a digest made by the caller into the signature the whole message
+        gets; other types refuse a digest rather than sign it as a message."""
+        if not algorithms.signs_digests(key_type):
+            with pytest.raises(InvalidArgument):
+                keystore.sign(name, bytes(32), prehashed=True)
+            with pytest.raises(InvalidArgument):
+                keystore.verify(name, bytes(32), sig, prehashed=True)
+            return
+        digest = hashlib.new(algorithms.hash_name(key_type), data).digest()
+        from_digest = keystore.sign(name, digest, prehashed=True)
+        self.independent_verify(key_type, keystore.public_key(name), data, from_digest)
+        keystore.verify(name, digest, sig, prehashed=True)
+        keystore.verify(name, data, from_digest)
+        with pytest.raises(InvalidSignature):
+            keystore.verify(name, bytes([digest[0] ^ 1]) + digest[1:], sig, prehashed=True)
+        with pytest.raises(InvalidArgument):  # a digest of the wrong length is no digest
+            keystore.sign(name, digest[:-1], prehashed=True)
+        if key_type.is_rsa:
+            pss = keystore.sign(name, digest, algorithm="pss", prehashed=True)
+            keystore.verify(name, data, pss, algorithm="pss")
 
     def test_encrypt_and_decrypt(self, keystore: Keystore, backend_name: str) -> None:
         types = self.types_for(keystore, backend_name, Operation.GENERATE, Operation.DECRYPT)
