@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
+from . import strictjson
 from .errors import AuditUnavailable, IntegrityError, InvalidArgument, StrongroomError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -139,7 +139,7 @@ def input_hmac(key: bytes, data: bytes | bytearray | memoryview) -> str:
 def parse_record(line: bytes) -> dict[str, Any] | None:
     """The record on `line`, or None when the line is not a chained record."""
     try:
-        obj = json.loads(line)
+        obj = strictjson.loads(line)
     except ValueError:
         return None
     if (
@@ -300,7 +300,7 @@ def verify_log(
         if rec is None:
             if not started:
                 try:
-                    legacy = json.loads(line)
+                    legacy = strictjson.loads(line)
                 except ValueError:
                     legacy = None
                 if isinstance(legacy, dict) and "seq" not in legacy:

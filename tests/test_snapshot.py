@@ -8,11 +8,21 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import struct
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
-from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, snapshot_path, write_vault_config
+from conftest import (
+    STRONGROOM_BIN,
+    VAULT_PASS_ENV,
+    VAULT_PASSPHRASE,
+    run_cli,
+    snapshot_path,
+    write_vault_config,
+)
 
 import strongroom
 from strongroom import (
@@ -28,6 +38,7 @@ DATA = b"snapshot test data"
 KEYS = {"ed": "ed25519", "aes": "aes-256", "p256": "ecdsa-p256"}
 PREFIX = struct.Struct(">8sHI")  # magic, version, header length
 PLEN = struct.Struct(">Q")
+CORRUPT_EXIT = 9
 
 
 def vault_records(ks: strongroom.Keystore) -> list[strongroom.KeyInfo]:
@@ -397,3 +408,111 @@ def test_restore_brings_keys_back(vault_copy: Path, vault_config: Path, tmp_path
         pub.verify(ks.sign("ed", DATA), DATA)  # type: ignore[union-attr,call-arg]
     records, catalog = names_on_disk(vault_config)
     assert records == catalog == set(KEYS)
+
+
+# -- hostile headers: every number bounded before use, found by an adversarial run --------------
+HOSTILE_SLOT_FIELDS = [
+    {"ops": 10**9},  # hours of Argon2id
+    {"ops": 17},
+    {"ops": 0},
+    {"mem": 1 << 60},  # OverflowError / MemoryError
+    {"mem": 5 << 30},
+    {"mem": 1024},
+    {"ops": float("inf")},  # written as Infinity: OverflowError in int()
+    {"mem": float("nan")},
+    {"ops": "3"},
+    {"ops": True},
+    {"ops": 3.0},
+    {"kdf": "argon2i13"},
+    {"salt": None},
+]
+
+
+@pytest.mark.parametrize("fields", HOSTILE_SLOT_FIELDS, ids=[str(f) for f in HOSTILE_SLOT_FIELDS])
+def test_a_key_slot_asking_for_a_hostile_kdf_is_tampering(
+    vault_copy: Path, vault_config: Path, fields: dict[str, object]
+) -> None:
+    good = vault_copy.read_bytes()
+    header = Layout(good).header
+    slot = dict(header["slots"][0], **fields)
+    bad = with_header(good, dict(header, slots=[slot]))
+    assert_refused(vault_copy, vault_config, bad, SnapshotTampered, "is damaged")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[" * 100_000 + b"]" * 100_000,  # RecursionError
+        b'{"vault_id":"x","generation":Infinity,"slots":[]}',
+        b'{"vault_id":"x","generation":-1,"slots":[]}',
+        b'{"vault_id":7,"generation":1,"slots":[]}',
+        b'{"vault_id":"x","generation":1,"slots":{}}',
+        b'{"vault_id":"x","generation":1,"slots":[1]}',
+        b'{"vault_id":"x","generation":1,"slots":[{"method":null}]}',
+        b"\xff\xfe",
+    ],
+    ids=["deep", "infinity", "negative", "id", "slots", "slot", "method", "utf8"],
+)
+def test_a_malformed_header_is_tampering(vault_copy: Path, vault_config: Path, raw: bytes) -> None:
+    good = vault_copy.read_bytes()
+    assert_refused(
+        vault_copy, vault_config, with_header(good, raw), SnapshotTampered, "header is not valid"
+    )
+
+
+def test_restoring_a_backup_with_a_hostile_kdf_is_refused(
+    vault_copy: Path, vault_config: Path, tmp_path: Path
+) -> None:
+    good = vault_copy.read_bytes()
+    header = Layout(good).header
+    slot = dict(header["slots"][0], ops=10**9, mem=1 << 60)
+    backup = tmp_path / "backup.snap"
+    backup.write_bytes(with_header(good, dict(header, slots=[slot])))
+    r = run_cli(vault_config, "vault", "restore", str(backup))
+    assert r.returncode == CORRUPT_EXIT, r.stderr
+    assert r.stderr.count("\n") == 1 and "is damaged" in r.stderr, r.stderr
+    assert vault_copy.read_bytes() == good
+    open_and_use(vault_config)
+
+
+def test_unlock_stays_interruptible_during_a_costly_kdf(
+    vault_copy: Path, vault_config: Path
+) -> None:
+    """The most a slot may ask for (16 passes over 4 GiB) takes minutes: SIGTERM must still
+    end the process at once, not when Argon2id is done (Python runs signal handlers only
+    between bytecodes of the main thread, so the derivation runs in a worker thread)."""
+    good = vault_copy.read_bytes()
+    header = Layout(good).header
+    slot = dict(header["slots"][0], ops=16, mem=4 << 30)
+    vault_copy.write_bytes(with_header(good, dict(header, slots=[slot])))
+    env = dict(os.environ, STRONGROOM_CONFIG=str(vault_config))
+    env[VAULT_PASS_ENV] = VAULT_PASSPHRASE
+    child = subprocess.Popen(
+        [str(STRONGROOM_BIN), "key", "sign", "ed"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        status = Path(f"/proc/{child.pid}/status")
+        for _ in range(600):  # until Argon2id has touched 256 MiB (at most a minute)
+            rss = next(
+                (
+                    int(x.split()[1])
+                    for x in status.read_text().splitlines()
+                    if x.startswith("VmRSS")
+                ),
+                0,
+            )
+            if rss > 256 * 1024 or child.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert child.poll() is None, "the derivation ended before it could be interrupted"
+        child.send_signal(signal.SIGTERM)
+        # A margin of seconds against a derivation of minutes: only an ignored signal fails.
+        assert child.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        child.kill()
+        child.wait()
+    assert vault_copy.read_bytes() != good  # the tampered file is left as it was

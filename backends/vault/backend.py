@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.keywrap import (
     aes_key_wrap_with_padding,
 )
 
-from strongroom import algorithms, threshold
+from strongroom import algorithms, strictjson, threshold
 from strongroom.backend import Backend, BackendContext, Capability, ConfigKey, NewKey
 from strongroom.errors import (
     AuthenticationFailed,
@@ -55,6 +55,11 @@ log = logging.getLogger("strongroom.vault")
 _REC_PERSONAL = b"srvault-records1"
 _PAYLOAD_PERSONAL = b"srvault-payload1"
 MIN_KDF_MEMORY_KIB = 8192
+# The most Argon2id may cost: a snapshot header is read before anything authenticates it, so
+# a tampered key slot must not be able to ask for hours of work or more memory than a machine
+# has. libsodium's own "sensitive" preset is 4 passes over 1 GiB.
+MAX_KDF_MEMORY_KIB = 4 * 1024 * 1024
+MAX_KDF_ITERATIONS = 16
 PASSPHRASE = "passphrase"  # noqa: S105 - the method name, not a secret
 THRESHOLD = "threshold"
 RECOVERY = "recovery"
@@ -217,12 +222,13 @@ class VaultBackend(Backend):
         self.create = bool(s.get("create", True))
         self.kdf_memory_kib = int(s.get("kdf_memory_kib", 65536))
         self.kdf_iterations = int(s.get("kdf_iterations", 3))
-        if self.kdf_memory_kib < MIN_KDF_MEMORY_KIB:
+        if not MIN_KDF_MEMORY_KIB <= self.kdf_memory_kib <= MAX_KDF_MEMORY_KIB:
             raise context.config_error(
-                f"must be at least {MIN_KDF_MEMORY_KIB} (KiB)", "kdf_memory_kib"
+                f"must be from {MIN_KDF_MEMORY_KIB} to {MAX_KDF_MEMORY_KIB} (KiB)",
+                "kdf_memory_kib",
             )
-        if self.kdf_iterations < 1:
-            raise context.config_error("must be at least 1", "kdf_iterations")
+        if not 1 <= self.kdf_iterations <= MAX_KDF_ITERATIONS:
+            raise context.config_error(f"must be from 1 to {MAX_KDF_ITERATIONS}", "kdf_iterations")
         self.passphrase = context.secret(PASSPHRASE, "Vault passphrase: ")
         self.member_passphrases: dict[str, list[str]] = {}
         for member, refs in dict(s.get("member_passphrases") or {}).items():
@@ -631,11 +637,15 @@ class VaultBackend(Backend):
     def _kek(self, passphrase: str, slot: Mapping[str, Any]) -> Iterator[memoryview]:
         secret = passphrase.encode("utf-8")
         try:
+            if slot.get("kdf") != "argon2id13":
+                raise ValueError("unknown KDF")
+            ops = strictjson.integer(slot["ops"], 1, MAX_KDF_ITERATIONS)
+            mem = strictjson.integer(
+                slot["mem"], MIN_KDF_MEMORY_KIB * 1024, MAX_KDF_MEMORY_KIB * 1024
+            )
             with Guarded(32) as kek:
                 with kek.write() as k:
-                    sodium.argon2id_into(
-                        k, secret, _unb64(slot["salt"]), int(slot["ops"]), int(slot["mem"])
-                    )
+                    sodium.argon2id_into(k, secret, _unb64(slot["salt"]), ops, mem)
                 with kek.read() as k:
                     yield k
         finally:

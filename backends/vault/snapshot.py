@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from strongroom import strictjson
 from strongroom.errors import (
     SnapshotCorrupt,
     SnapshotTampered,
@@ -112,14 +113,35 @@ def decode(data: bytes, source: str) -> Snapshot:
         raise SnapshotTampered(f"{source} is damaged or was modified: its checksum does not match")
     raw_header = data[_PREFIX.size : end_header]
     try:
-        header = json.loads(raw_header)
-        if not isinstance(header, dict):
-            raise ValueError("header is not an object")
+        header = check_header(strictjson.loads(raw_header))
     except ValueError:
         raise SnapshotTampered(f"{source} is damaged: its header is not valid") from None
     return Snapshot(
         header, data[:end_header], data[end_header + _PLEN.size : end_payload], raw_header
     )
+
+
+MAX_GENERATION = (1 << 63) - 1
+MAX_SLOTS = 1024
+
+
+def check_header(header: Any) -> dict[str, Any]:
+    """The header when the fields every reader relies on have their types and sane bounds;
+    else ValueError. It is read before anything authenticates it (the AEAD needs the master
+    key, which the slots give), so nothing in it may be trusted to be well formed; each key
+    slot's own fields are checked by the method that opens it."""
+    if not isinstance(header, dict):
+        raise ValueError("the header is not an object")
+    if not isinstance(header.get("vault_id"), str):
+        raise ValueError("vault_id")
+    strictjson.integer(header.get("generation", 0), 0, MAX_GENERATION)
+    slots = header.get("slots")
+    if not isinstance(slots, list) or len(slots) > MAX_SLOTS:
+        raise ValueError("slots")
+    for slot in slots:
+        if not isinstance(slot, dict) or not isinstance(slot.get("method"), str):
+            raise ValueError("slot")
+    return header
 
 
 def read_generation(path: Path) -> tuple[str, int] | None:
@@ -130,8 +152,8 @@ def read_generation(path: Path) -> tuple[str, int] | None:
             if len(prefix) < _PREFIX.size or prefix[:8] != MAGIC:
                 return ("", -1)
             _, _, hlen = _PREFIX.unpack(prefix)
-            header = json.loads(f.read(min(hlen, MAX_HEADER)))
-            return (str(header.get("vault_id", "")), int(header.get("generation", -1)))
+            header = check_header(strictjson.loads(f.read(min(hlen, MAX_HEADER))))
+            return (header["vault_id"], header.get("generation", -1))
     except FileNotFoundError:
         return None
     except (ValueError, OSError):

@@ -7,9 +7,12 @@ in guarded buffers. This is the only vault module that touches `ffi`/`lib`.
 
 from __future__ import annotations
 
+import threading
+
 from nacl._sodium import ffi, lib
 
-from strongroom.errors import IntegrityError, InvalidArgument
+from strongroom.errors import IntegrityError, InvalidArgument, StrongroomError
+from strongroom.memory import Guarded
 
 Buffer = bytes | bytearray | memoryview
 
@@ -89,21 +92,55 @@ def keyed_hash_into(key: memoryview, personal: bytes, out: memoryview) -> None:
 
 
 def argon2id_into(out: memoryview, passphrase: bytes, salt: bytes, ops: int, mem: int) -> None:
-    """Argon2id (libsodium crypto_pwhash) straight into guarded memory."""
+    """Argon2id (libsodium crypto_pwhash) into guarded memory.
+
+    It runs in a worker thread (cffi releases the GIL) while this thread waits: Python runs
+    signal handlers only in the main thread between bytecodes, so a long derivation called
+    directly would hold off SIGTERM and Ctrl-C until it ended. The worker writes into a
+    guarded buffer of its own, so that when the wait is interrupted it can finish into memory
+    that is still mapped and close it itself.
+    """
     if len(salt) != 16:
         raise InvalidArgument("the Argon2id salt must be 16 bytes")
-    rc = lib.crypto_pwhash(
-        _wptr(out),
-        len(out),
-        passphrase,
-        len(passphrase),
-        salt,
-        ops,
-        mem,
-        lib.crypto_pwhash_alg_argon2id13(),
-    )
-    if rc != 0:
-        raise MemoryError("Argon2id could not allocate its memory")
+    scratch = Guarded(len(out))
+    lock = threading.Lock()
+    state: dict[str, int | bool | None] = {"rc": None, "abandoned": False}
+
+    def derive() -> None:
+        with scratch.write() as target:
+            rc = lib.crypto_pwhash(
+                _wptr(target),
+                len(target),
+                passphrase,
+                len(passphrase),
+                salt,
+                ops,
+                mem,
+                lib.crypto_pwhash_alg_argon2id13(),
+            )
+        with lock:
+            state["rc"] = rc
+            if state["abandoned"]:
+                scratch.close()
+
+    worker = threading.Thread(target=derive, name="strongroom-argon2id", daemon=True)
+    worker.start()
+    try:
+        worker.join()
+    except BaseException:  # a signal handler raised (Ctrl-C): leave the buffer to the worker
+        with lock:
+            if state["rc"] is None:
+                state["abandoned"] = True
+            else:
+                scratch.close()
+        raise
+    try:
+        if state["rc"] != 0:
+            raise StrongroomError(f"Argon2id could not allocate {mem >> 20} MiB of memory")
+        with scratch.read() as derived:
+            out[:] = derived
+    finally:
+        scratch.close()
 
 
 def ed25519_keypair_from_seed(seed: memoryview, sk_out: memoryview) -> bytes:
