@@ -389,10 +389,27 @@ static BIGNUM *secure_bn(span s)
     return bn;
 }
 
+/* One group per curve, built once under the GIL: building it is most of a P-256 sign's
+   fixed cost, and an EC_GROUP is read-only once built (EC_KEY_set_group copies it). */
+static EC_GROUP *curve_groups[3];
+
+static int curve_groups_init(void)
+{
+    for (size_t i = 0; i < N_CURVES; i++)
+        if (curve_groups[i] == NULL &&
+            (curve_groups[i] = EC_GROUP_new_by_curve_name(CURVES[i].nid)) == NULL)
+            return 0;
+    return 1;
+}
+
 /* An EC_KEY with only the private scalar (signing and ECDH need no public point). */
 static EC_KEY *ec_key_of(const curve_info *c, span d)
 {
-    EC_KEY *key = EC_KEY_new_by_curve_name(c->nid);
+    EC_KEY *key = EC_KEY_new();
+    if (key != NULL && EC_KEY_set_group(key, curve_groups[c - CURVES]) != 1) {
+        EC_KEY_free(key);
+        key = NULL;
+    }
     BIGNUM *bn = secure_bn(d);
     int ok = key != NULL && bn != NULL && EC_KEY_set_private_key(key, bn) == 1;
     BN_clear_free(bn); /* EC_KEY_set_private_key keeps a BN_dup, which stays secure */
@@ -560,6 +577,10 @@ static PyObject *ec_sign_impl(PyObject *args)
         goto done;
     }
     secure_heap_init();
+    if (!curve_groups_init()) {
+        ossl_failed("load an EC group");
+        goto done;
+    }
     if (!ec_parts(c, span_of(&material), &d, &point)) {
         bad_key(c->name);
         goto done;
@@ -603,6 +624,10 @@ static PyObject *ec_ecdh_impl(PyObject *args)
         goto done;
     }
     secure_heap_init();
+    if (!curve_groups_init()) {
+        ossl_failed("load an EC group");
+        goto done;
+    }
     if (!ec_parts(c, span_of(&material), &d, &point)) {
         bad_key(c->name);
         goto done;
