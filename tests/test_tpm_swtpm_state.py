@@ -21,7 +21,7 @@ from conftest import CliResult, assert_openssl_verified, openssl_verify, run_cli
 from tpm_support import PIN_ENV, TEST_PIN, VAULT_PASS, VAULT_PASS_ENV, _free_port_pair, write_config
 
 import strongroom
-from strongroom.errors import ConfigError
+from strongroom.errors import BackendUnavailable, ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {PIN_ENV: TEST_PIN, VAULT_PASS_ENV: VAULT_PASS}
@@ -189,3 +189,28 @@ def test_swtpm_state_config_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPat
             reason = {s.name: s for s in ks.backends()}["tpm"].reason
         assert reason is not None and why in reason, reason
         assert f"swtpm/start.sh --state {directory}" in reason, reason
+
+
+def test_open_keystore_follows_a_restart_on_another_port(
+    tmp_path: Path, state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The port is read again when the backend reconnects, not only when it is made: an open
+    keystore loses the TPM once when swtpm restarts elsewhere, then finds it there."""
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    port = running_port(state, start(state))
+    with strongroom.open(state_config(tmp_path, state)) as ks:
+        ks.generate("long-lived", "ecdsa-p256", backend="tpm")
+        ks.sign("long-lived", b"before")
+        stop(state)
+        with socket.socket() as squatter:  # only while swtpm starts, to move it elsewhere
+            squatter.bind(("127.0.0.1", port))
+            squatter.listen()
+            moved = running_port(state, start(state))
+        assert moved != port
+        # The old port now refuses (a listener there that never answers would hang the TSS).
+        with pytest.raises(BackendUnavailable, match="lost the connection"):
+            ks.sign("long-lived", b"during")
+        signature = ks.sign("long-lived", b"after")
+        ks.verify("long-lived", b"after", signature)
+        assert ks.backend("tpm").status()["tcti"] == f"swtpm:host=127.0.0.1,port={moved}"
