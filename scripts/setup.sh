@@ -2,17 +2,35 @@
 # Install what Strongroom needs on a Debian machine (bookworm or later), then make
 # .venv and the editable install (which builds the native extension in native/).
 #
+# .venv gets exactly the versions of requirements/lock.txt, hash-checked (refresh the
+# lock with scripts/lock.sh): packages it lacks are installed, other versions replaced,
+# packages the lock does not name removed. See docs/decisions.md, "Locked installs".
+#
 # Idempotent: it installs only what is missing, and skips the pip step when
-# pyproject.toml, setup.py and native/ have not changed since the last install
-# and the extension still imports. STRONGROOM_SETUP_FORCE=1 reinstalls anyway.
+# pyproject.toml, setup.py, native/ and requirements/ have not changed since the last
+# install, .venv still matches the lock and the extension still imports.
+# STRONGROOM_SETUP_FORCE=1 reinstalls anyway.
 # PYTHON=/path/to/python3 picks another interpreter for a new .venv.
+#
+# --latest: instead, .venv-latest with the newest releases of everything (the lock ignored,
+# upgraded on every run), for `bash scripts/test.sh --latest`.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
-VENV=$ROOT/.venv
+LATEST=0
+case "${1:-}" in
+    "") ;;
+    --latest) LATEST=1 ;;
+    *) printf 'usage: bash scripts/setup.sh [--latest]\n' >&2; exit 2 ;;
+esac
+if [ "$LATEST" = 1 ]; then VENV=$ROOT/.venv-latest; else VENV=$ROOT/.venv; fi
+VENV_NAME=${VENV#"$ROOT/"}
 PYTHON=${PYTHON:-python3}
 STAMP=$VENV/.strongroom-install-stamp
+EXTRAS=dev,pkcs11,tpm,fido,piv,server
+LOCK=requirements/lock.txt
+BUILD_LOCK=requirements/build.txt
 export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 
 say() { printf '==> %s\n' "$*"; }
@@ -108,31 +126,64 @@ say "python: $("$PYTHON" -c 'import sys; print(sys.executable, sys.version.split
 
 # -- 3. virtual environment ----------------------------------------------------------------------
 if [ ! -e "$VENV" ]; then
-    say "venv: creating .venv"
+    say "venv: creating $VENV_NAME"
     quiet "$PYTHON" -m venv "$VENV"
     rm -f "$STAMP"
 elif [ ! -x "$VENV/bin/python" ] || ! python_ok "$VENV/bin/python"; then
-    die ".venv exists but its python is missing or older than 3.11; remove .venv and run again"
+    die "$VENV_NAME exists but its python is missing or older than 3.11; remove $VENV_NAME" \
+        "and run again"
 else
-    say "venv: .venv exists"
+    say "venv: $VENV_NAME exists"
 fi
 
-# -- 4. editable install + native build ------------------------------------------------------------
+# -- 4. Python packages, the editable install and the native build -------------------------------
 # A strongroom.egg-info left in the checkout by `setup.py build_ext --inplace` would shadow
 # the installed metadata (entry points!) for anything run from the repository root.
 rm -rf "$ROOT/strongroom.egg-info"
-fingerprint=$(cat pyproject.toml setup.py native/* | sha256sum | cut -d' ' -f1)
+PIP=("$VENV/bin/python" -m pip)
+
+native_imports() { "$VENV/bin/python" -c 'import strongroom._native' 2>/dev/null; }
+
+if [ "$LATEST" = 1 ]; then
+    # The newest release of every dependency (and of the build tools, in pip's isolated
+    # build environments), whatever the lock says: what a user installing today gets.
+    say "pip: upgrading pip, then strongroom[$EXTRAS] and every dependency to the newest release"
+    quiet "${PIP[@]}" install -q --upgrade pip
+    quiet "${PIP[@]}" install -q --upgrade --upgrade-strategy eager -e ".[$EXTRAS]"
+    native_imports || die "the editable install finished but strongroom._native does not import"
+    say "setup done ($VENV_NAME, newest releases): $("$VENV/bin/strongroom" --version)"
+    exit 0
+fi
+
+[ -f "$LOCK" ] && [ -f "$BUILD_LOCK" ] || die "$LOCK or $BUILD_LOCK is missing"
+# Runs in .venv: is every package there exactly what the lock says, and nothing else?
+in_sync() { "$VENV/bin/python" scripts/lockcheck.py check "$LOCK" 2>/dev/null; }
+fingerprint=$(cat pyproject.toml setup.py native/* "$LOCK" "$BUILD_LOCK" | sha256sum | cut -d' ' -f1)
 if [ "${STRONGROOM_SETUP_FORCE:-0}" != 1 ] && [ -f "$STAMP" ] \
-    && [ "$(cat "$STAMP")" = "$fingerprint" ] \
-    && "$VENV/bin/python" -c 'import strongroom._native' 2>/dev/null; then
-    say "pip: strongroom is installed and up to date (STRONGROOM_SETUP_FORCE=1 reinstalls)"
+    && [ "$(cat "$STAMP")" = "$fingerprint" ] && in_sync && native_imports; then
+    say "pip: .venv matches $LOCK and strongroom is installed (STRONGROOM_SETUP_FORCE=1 reinstalls)"
 else
-    say "pip: upgrading pip"
-    quiet "$VENV/bin/python" -m pip install -q --upgrade pip
-    say "pip: installing strongroom in editable mode with [dev,pkcs11,tpm,fido,piv,server] extras (builds native/)"
-    quiet "$VENV/bin/python" -m pip install -q -e ".[dev,pkcs11,tpm,fido,piv,server]"
-    "$VENV/bin/python" -c 'import strongroom._native' \
-        || die "the editable install finished but strongroom._native does not import"
+    rm -f "$STAMP"
+    # 1. The build tools (pip itself among them), hash-checked, so that 2. and 3. can build
+    #    without pip's isolated build environments, which would fetch unpinned setuptools.
+    say "pip: installing the build tools of $BUILD_LOCK (hash-checked)"
+    quiet "${PIP[@]}" install -q --require-hashes -r "$BUILD_LOCK"
+    # 2. Every dependency at its locked version, hash-checked; a different installed version
+    #    is replaced. tpm2-pytss and pyscard come as sdists and build here.
+    say "pip: installing $LOCK (hash-checked; tpm2-pytss and pyscard build from source)"
+    quiet "${PIP[@]}" install -q --require-hashes --no-build-isolation -r "$LOCK"
+    # ...and whatever the lock does not name goes (pip-sync semantics).
+    mapfile -t extra < <("$VENV/bin/python" scripts/lockcheck.py extras "$LOCK")
+    if [ "${#extra[@]}" -gt 0 ]; then
+        say "pip: removing packages the lock does not name: ${extra[*]}"
+        quiet "${PIP[@]}" uninstall -q -y "${extra[@]}"
+    fi
+    # 3. Our own package, editable, with nothing else: it builds native/.
+    say "pip: installing strongroom in editable mode (builds native/)"
+    quiet "${PIP[@]}" install -q --no-deps --no-build-isolation -e .
+    "$VENV/bin/python" scripts/lockcheck.py check "$LOCK" \
+        || die ".venv does not match $LOCK after the install (see above)"
+    native_imports || die "the editable install finished but strongroom._native does not import"
     printf '%s\n' "$fingerprint" >"$STAMP"
 fi
 say "setup done: $("$VENV/bin/strongroom" --version)"

@@ -1,13 +1,29 @@
 #!/usr/bin/env bash
 # The whole test suite: ruff (lint and format), mypy (strict) and pytest.
-# Installs what it needs first (scripts/setup.sh). Every check runs even when an earlier
-# one fails; the exit status is non-zero if any failed. Extra arguments go to pytest,
+# Installs what it needs first (scripts/setup.sh): .venv with the locked versions of
+# requirements/lock.txt. Every check runs even when an earlier one fails; the exit status
+# is non-zero if any failed. Extra arguments go to pytest,
 # e.g. `bash scripts/test.sh -k snapshot -x`.
+#
+# `bash scripts/test.sh --latest [pytest arguments]` runs the same checks in .venv-latest
+# with the newest release of every dependency instead (upgraded on every run), so that a
+# new cryptography, OpenSSL build or pytest breaks our run before it breaks a user's.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash scripts/setup.sh
-export PATH=$PWD/.venv/bin:$PATH
+if [ "${1:-}" = --latest ]; then
+    shift
+    bash scripts/setup.sh --latest
+    export PATH=$PWD/.venv-latest/bin:$PATH
+    # Its own mypy cache: the two venvs may have different mypy versions.
+    export MYPY_CACHE_DIR=$PWD/.venv-latest/mypy_cache
+    MODE="newest releases (.venv-latest), not the lock"
+else
+    bash scripts/setup.sh
+    export PATH=$PWD/.venv/bin:$PATH
+    MODE="locked versions (.venv, requirements/lock.txt)"
+fi
+echo "test.sh: $MODE"
 
 step() { printf '\n==> %s\n' "$*"; }
 results=()
@@ -59,7 +75,7 @@ if [ "$status" -eq 5 ]; then
 fi
 record "pytest" "$status"
 
-step "summary"
+step "summary: $MODE"
 printf '  %s\n' "${results[@]}"
 if [ "$failed" -ne 0 ]; then
     echo "test.sh: FAILED" >&2

@@ -8,15 +8,21 @@ Vault fixtures (used by test_cli, test_snapshot, test_crash, test_config):
 - `cli`: run the real `strongroom` console script in a subprocess.
 
 Both are plain functions too (`write_vault_config`, `run_cli`), for module-scoped setups.
+
+The suite is hermetic: importing this file removes every `STRONGROOM_*` variable of the
+developer's shell and points the user config and data dirs at a throwaway directory (see
+`scrub_user_environment`; tests/test_environment.py proves it).
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,6 +32,36 @@ VAULT_PASS_ENV = "SR_TEST_VAULT_PASS"
 VAULT_PASSPHRASE = "correct horse battery staple 7f3a"
 STRONGROOM_BIN = Path(sys.executable).parent / "strongroom"
 PYCACHE = Path(tempfile.gettempdir()) / f"strongroom-tests-pycache-{os.getuid()}"
+
+# -- a hermetic environment ---------------------------------------------------------------------
+USER_ENV_PREFIX = "STRONGROOM_"
+XDG_DIRS = ("XDG_CONFIG_HOME", "XDG_DATA_HOME")
+
+
+def scrub_user_environment(environ: MutableMapping[str, str], home: Path) -> list[str]:
+    """Remove every STRONGROOM_* variable from `environ`; point the XDG dirs under `home`.
+
+    A developer's STRONGROOM_CONFIG, STRONGROOM_SERVER or STRONGROOM_TOKEN would otherwise
+    send the CLI and the client to their own vault or service, and STRONGROOM_NO_SECRETMEM
+    would change the memory backing under the tests. Without STRONGROOM_CONFIG the code falls
+    back to the user config and data dirs (platformdirs: XDG_CONFIG_HOME, XDG_DATA_HOME), so
+    those point into `home` too: no test reads or writes the developer's real keystore.
+    Returns the names removed (names only: their values may be secrets).
+    """
+    removed = sorted(name for name in environ if name.startswith(USER_ENV_PREFIX))
+    for name in removed:
+        del environ[name]
+    for name in XDG_DIRS:
+        environ[name] = str(home / name.lower())
+    return removed
+
+
+# At import time: pytest imports this file before any test module, so before strongroom's
+# native module reads STRONGROOM_NO_SECRETMEM and before any helper copies os.environ for a
+# subprocess. Tests that need one of the variables set it themselves (monkeypatch or env=).
+TEST_HOME = Path(tempfile.mkdtemp(prefix="strongroom-tests-home-"))
+atexit.register(shutil.rmtree, TEST_HOME, ignore_errors=True)
+SCRUBBED_NAMES = scrub_user_environment(os.environ, TEST_HOME)
 
 
 def write_vault_config(

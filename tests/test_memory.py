@@ -60,6 +60,8 @@ disable_core_dumps()
 def expect_backing(g):
     want = _native.secretmem_available() and os.environ.get("STRONGROOM_NO_SECRETMEM") != "1"
     assert g._buf.secret == want, ("backing", g._buf.secret, want)
+def damage(address):  # the same as damage_byte() below, for the child
+    ctypes.memset(address, ctypes.string_at(address, 1)[0] ^ 0xFF, 1)
 """
 
 SECRETMEM = _native.secretmem_available()
@@ -186,6 +188,16 @@ def peek_guarded(g: Guarded, address: int, n: int) -> bytes:
         return ctypes.string_at(address, n)
     finally:
         assert _libc.mprotect(start, length, 0) == 0, ctypes.get_errno()
+
+
+def damage_byte(address: int) -> None:
+    """Give the (accessible) byte at `address` a value it did not have.
+
+    The canary is random per process, so writing a fixed value (say 0x41) leaves it intact
+    whenever that byte of the canary already is 0x41: one process in 256, and the canary
+    tests then failed as if flaky. Flipping every bit always changes the byte.
+    """
+    ctypes.memset(address, ctypes.string_at(address, 1)[0] ^ 0xFF, 1)
 
 
 def has_cap_ipc_lock() -> bool:
@@ -476,7 +488,7 @@ def test_damaged_canary_is_reported_on_close(where: str, backing: str) -> None:
     inner_start = inner_start_of(g.address)
     target = g.address - 1 if where == "just-before-data" else inner_start
     with g.write():
-        ctypes.memset(target, 0x41, 1)
+        damage_byte(target)
     with pytest.raises(GuardedMemoryError, match="canary damaged: possible buffer overflow"):
         g.close()
     assert g.closed
@@ -515,7 +527,7 @@ def test_damaged_canary_at_garbage_collection_warns_on_stderr(backing: str) -> N
         g = Guarded.from_buffer(b"do-not-print-me")
         expect_backing(g)
         with g.write():
-            ctypes.memset(g.address - 1, 0x41, 1)
+            damage(g.address - 1)
         del g
         gc.collect()
         print("survived", flush=True)

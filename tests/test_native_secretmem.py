@@ -157,7 +157,8 @@ def test_guard_pages_still_fault(side: str) -> None:
         assert inner_start is not None and inner_start < b.address
         b.protect(2)
         ctypes.memset(b.address, 0x41, 100)  # the data
-        ctypes.memset(inner_start, 0x41, 1)  # the canary slack (the canary is now damaged)
+        # The first canary byte, flipped (a fixed value would match the random canary 1 in 256).
+        ctypes.memset(inner_start, ctypes.string_at(inner_start, 1)[0] ^ 0xFF, 1)
         print("about-to-fault", flush=True)
         if {side!r} == "before":
             ctypes.string_at(inner_start - 1, 1)
@@ -195,7 +196,9 @@ def test_canary_detects_damage(where: str) -> None:
     assert found is not None
     target = b.address - 1 if where == "just-before-data" else found[0]
     b.protect(2)
-    ctypes.memset(target, 0x41, 1)
+    # Flipped, not set to a fixed value: the canary is random, and a fixed value would leave
+    # it intact in one process out of 256.
+    ctypes.memset(target, ctypes.string_at(target, 1)[0] ^ 0xFF, 1)
     b.protect(0)
     with pytest.raises(_native.CanaryError):
         b.close()

@@ -432,13 +432,17 @@ def test_malformed_requests_get_a_clear_4xx(inprocess: tuple[App, str]) -> None:
 
 def test_rate_limit_is_per_identity(inprocess: tuple[App, str]) -> None:
     app, token = inprocess
+    # One request per 1000 s: however slow the machine, the bucket cannot refill during the
+    # burst (at 50/s a loaded machine taking 20 ms a call refilled it and never said 429).
+    app.limiter.rate = 0.001
     statuses = [asgi_call(app, "GET", "/v1/keys", token=token)[0] for _ in range(12)]
-    assert statuses[:5] == [200] * 5 and 429 in statuses[5:]
+    assert statuses == [200] * 5 + [429] * 7
     store: TenantStore = app.tenants
     other = store.issue_token("acme", "other")
     store.grant("acme", "other", "*", [Permission.READ])
     assert asgi_call(app, "GET", "/v1/keys", token=other)[0] == 200  # its own bucket
-    time.sleep(0.2)  # 50/s refills
+    app.limiter.rate = 50.0
+    time.sleep(0.2)  # at least 0.2 s at 50/s: the bucket is full again
     assert asgi_call(app, "GET", "/v1/keys", token=token)[0] == 200
 
 
@@ -507,19 +511,28 @@ def test_hostile_requests_get_4xx_not_500(service: Service, tokens: Tenancy) -> 
 
 
 def test_a_flood_of_bad_tokens_is_one_audit_record_a_second(service: Service) -> None:
+    # Checked against the time the flood took, not against an assumed speed: on a loaded
+    # machine 40 requests may take several seconds, and then rightly leave several records.
+    time.sleep(1.05)  # a refusal window left open by an earlier test has closed
+    skip = len(audit_path(service).read_bytes().splitlines())
     with raw_client(service, "srt_0123456789abcdef_flood") as c:
+        start = time.monotonic()
         for _ in range(40):
             assert c.get("/v1/whoami").status_code == 401
+        took = time.monotonic() - start
         time.sleep(1.05)
         assert c.get("/v1/whoami").status_code == 401
-    tail = audit_path(service).read_bytes().splitlines()[-200:]
     flood = [
         json.loads(line)
-        for line in tail
+        for line in audit_path(service).read_bytes().splitlines()[skip:]
         if b'"op":"whoami"' in line and b'"actor":"unauthenticated"' in line
     ]
-    assert 2 <= len(flood) <= 4, flood
-    assert flood[-1]["suppressed"] >= 36
+    # The 40 left at most one record for each second they took (windows start >= 1 s apart),
+    # the request after the pause one more, whose `suppressed` counts the rest of the last
+    # window: every refusal is one record or counted in the next one. (The first record's
+    # `suppressed`, if any, counts refusals from before this test.)
+    assert 2 <= len(flood) <= int(took) + 2, (took, flood)
+    assert len(flood) + sum(r.get("suppressed", 0) for r in flood[1:]) == 41, flood
 
 
 def test_refusal_counts_still_pending_are_written_at_shutdown(tmp_path: Path) -> None:
@@ -701,12 +714,15 @@ def test_schemathesis_finds_no_server_errors_or_schema_violations(tmp_path: Path
     assert verify_log(audit_path(service)).ok
 
 
-# -- load: 2 client processes, 20 s of signing --------------------------------------------------
-def _sign_loop(url: str, token: str, seconds: float, out: Any) -> None:
+# -- load: 2 client processes signing at once -----------------------------------------------------
+# A count, not a duration: a duration with a minimum count measured the machine's load.
+SIGNATURES_PER_PROCESS = 500
+
+
+def _sign_loop(url: str, token: str, count: int, out: Any) -> None:
     ok = errors = 0
     with strongroom.connect(url, token=token) as ks:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
+        for _ in range(count):
             try:
                 sig = ks.sign("load-key", DATA)
                 ok += len(sig) == 64
@@ -715,7 +731,7 @@ def _sign_loop(url: str, token: str, seconds: float, out: Any) -> None:
     out.put((ok, errors))
 
 
-def test_two_client_processes_sign_for_20_seconds_and_the_audit_log_is_complete(
+def test_two_client_processes_sign_at_once_and_the_audit_log_is_complete(
     service: Service, tokens: Tenancy
 ) -> None:
     with remote(service, tokens.acme_app) as app:
@@ -725,7 +741,9 @@ def test_two_client_processes_sign_for_20_seconds_and_the_audit_log_is_complete(
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
     procs = [
-        ctx.Process(target=_sign_loop, args=(service.unix, tokens.acme_app, 20.0, q))
+        ctx.Process(
+            target=_sign_loop, args=(service.unix, tokens.acme_app, SIGNATURES_PER_PROCESS, q)
+        )
         for _ in range(2)
     ]
     for p in procs:
@@ -735,8 +753,7 @@ def test_two_client_processes_sign_for_20_seconds_and_the_audit_log_is_complete(
         p.join(30)
         assert p.exitcode == 0
     total = sum(ok for ok, _ in results)
-    assert all(errors == 0 for _, errors in results), results
-    assert total > 200, results
+    assert results == [(SIGNATURES_PER_PROCESS, 0)] * 2
     signed = sum(
         1
         for line in audit_path(service).read_bytes().splitlines()

@@ -83,7 +83,9 @@ class Swtpm:
                 stderr=log,
             )  # fmt: skip
             log.close()
-            deadline = time.monotonic() + 5
+            # Returns as soon as swtpm listens; the bound only stops a hang, so it is far
+            # beyond a start on a loaded machine (each retry would start from scratch).
+            deadline = time.monotonic() + 30
             while time.monotonic() < deadline and proc.poll() is None:
                 with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
                     self.proc, self.port = proc, port
