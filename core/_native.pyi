@@ -1,5 +1,5 @@
-# Type stub for the C extension built from native/guarded.c and native/auditline.c:
-# strongroom.memory and strongroom.audit import it.
+# Type stub for the C extension built from native/guarded.c, native/auditline.c and
+# native/keyops.c: strongroom.memory, strongroom.audit and backends/vault/keyops.py import it.
 
 from typing_extensions import Buffer
 
@@ -62,3 +62,31 @@ def audit_append(
     prev: str,
     /,
 ) -> tuple[int, str] | None: ...
+
+# native/keyops.c: the vault's EC/RSA keys on the system libcrypto. `curve` indexes
+# (P-256, P-384, secp256k1). Secret outputs go into `out` (a writable guarded view);
+# malformed keys raise ValueError, whose message never quotes key bytes.
+def keyops_secure_heap() -> int:
+    """CRYPTO_secure_malloc_init's result: 1 locked, 2 not locked, 0 no secure heap."""
+
+def ec_pkcs8_size(curve: int, /) -> int: ...
+def ec_import(curve: int, data: Buffer, raw: bool, out: Buffer, /) -> bytes:
+    """Raw scalar or PKCS#8/SEC1 DER, checked, as PKCS#8 into `out`; the public point."""
+
+def ec_generate(curve: int, out: Buffer, /) -> bytes: ...
+def ec_sign(curve: int, material: Buffer, digest: Buffer, /) -> bytes:
+    """ECDSA over `digest`: the DER signature."""
+
+def ec_ecdh(curve: int, material: Buffer, peer_point: Buffer, out: Buffer, /) -> None: ...
+def ec_scalar(curve: int, material: Buffer, /) -> bytes: ...
+def rsa_import(data: Buffer, out: Buffer, /) -> tuple[int, bytes, bytes]:
+    """PKCS#8/PKCS#1 DER, checked, as PKCS#8 into `out`: (length, n, e)."""
+
+def rsa_generate(bits: int, out: Buffer, /) -> tuple[int, bytes, bytes]: ...
+def rsa_sign(material: Buffer, digest: Buffer, pss: bool, /) -> bytes: ...
+def rsa_decrypt(material: Buffer, ciphertext: Buffer, sha1: bool, /) -> bytes:
+    """RSA-OAEP with MGF1 on SHA-256 (or SHA-1); ValueError if it fails."""
+
+def pkcs8_25519(data: Buffer, x25519: bool, out: Buffer, /) -> None: ...
+def pem_to_der(pem: Buffer, out: Buffer, /) -> int: ...
+def der_to_pem(der: Buffer, label: str, /) -> bytes: ...

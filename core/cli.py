@@ -8,6 +8,7 @@ Exit 1 also means an attestation statement failed to verify.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import io
@@ -28,9 +29,15 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from . import __version__, algorithms
 from . import config as config_mod
 from .backend import VaultControl
-from .errors import AttestationInvalid, InvalidArgument, StrongroomError
+from .errors import AttestationInvalid, AuthenticationFailed, InvalidArgument, StrongroomError
 from .keystore import Keystore, vault_restore
-from .secrets import SecretSource, validate_reference
+from .secrets import (
+    NEW_PASSPHRASE_MIN_LENGTH,
+    SecretSource,
+    check_new_passphrase,
+    new_passphrase_policy,
+    validate_reference,
+)
 from .types import KeyInfo, KeyType, Usage
 
 EXIT_OK = 0
@@ -48,6 +55,8 @@ class State:
         self.json = as_json
         self.debug = debug
         self.server = server
+        self.sends_no_credentials = False
+        """Set for a client of the service that has no token and no client certificate."""
         self._ks: Keystore | None = None
 
     def remote(self) -> bool:
@@ -62,8 +71,14 @@ class State:
         same key API: what the service does not offer fails with a one-line error)."""
         if self._ks is None:
             if self.remote():
-                from .client import connect
+                from .client import TOKEN_ENV, connect
 
+                settings = config_mod.load(self.config).server
+                self.sends_no_credentials = (
+                    settings.token is None
+                    and not os.environ.get(TOKEN_ENV)
+                    and settings.client_cert is None
+                )
                 self._ks = cast(Keystore, connect(self.server, config=self.config))
             else:
                 self._ks = Keystore(config_mod.load(self.config), presence=tell_user)
@@ -181,6 +196,54 @@ def read_secret_into(path: str | None, buf: bytearray) -> int:
     return size
 
 
+def _binary_refused(what: str) -> click.UsageError:
+    return click.UsageError(
+        f"not writing {what} to the terminal: it is binary; give --out FILE, "
+        "or --out - to write it to the terminal anyway",
+        click.get_current_context(silent=True),
+    )
+
+
+def refuse_binary_on_terminal(out: str | None, what: str) -> None:
+    """Binary output goes to a terminal only when asked for with `--out -`: it would garble
+    the terminal, and a secret would sit in its scrollback. Checked before any work."""
+    if out is None and sys.stdout.isatty():
+        raise _binary_refused(what)
+
+
+def _printable(text: str) -> bool:
+    return all(c.isprintable() or c in "\t\n\r" for c in text)
+
+
+def is_text(data: bytes) -> bool:
+    """UTF-8 without control characters (escape sequences included): safe on a terminal."""
+    try:
+        return _printable(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        return False
+
+
+class _TerminalText:
+    """stdout at a terminal for decrypted data as it streams: text passes, and the first
+    chunk that is not text is refused before it is written."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        try:
+            text = self._decoder.decode(bytes(data))
+        except UnicodeDecodeError:
+            raise _binary_refused("the decrypted data") from None
+        if not _printable(text):
+            raise _binary_refused("the decrypted data")
+        return self._stream.write(data)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
 def write_output(path: str | None, data: bytes) -> None:
     if path in (None, "-"):
         out: BinaryIO = sys.stdout.buffer
@@ -228,8 +291,70 @@ def _traceback_if_debug(ctx: click.Context) -> None:
         traceback.print_exc()
 
 
+CONFIG_HELP = "Config file (default: $STRONGROOM_CONFIG, then the user config dir)."
+JSON_HELP = "Print machine-readable JSON."
+DEBUG_HELP = "Show tracebacks on errors."
+SERVER_HELP = (
+    "Use a running `strongroom serve` (unix:PATH or https://HOST:PORT); default: "
+    "[server] url in the config, else in-process. The token: $STRONGROOM_TOKEN or [server] token."
+)
+_GLOBAL_ATTRIBUTES = {"config": "config", "as_json": "json", "debug": "debug", "server": "server"}
+
+
+def _store_global(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """A global option given after the command: it overrides the one given before."""
+    if value is None or value is False or param.name is None:
+        return
+    state = ctx.find_object(State)
+    if state is not None:
+        setattr(state, _GLOBAL_ATTRIBUTES[param.name], value)
+
+
+def _global_options() -> list[click.Parameter]:
+    """The top-level options, accepted again after any command or group (`key list --json`).
+    No envvar here: the environment is read once, by the top level."""
+    common: dict[str, Any] = {"expose_value": False, "callback": _store_global}
+    return [
+        click.Option(["--config", "config"], metavar="FILE", help=CONFIG_HELP, **common),
+        click.Option(["--json", "as_json"], is_flag=True, help=JSON_HELP, **common),
+        click.Option(["--debug", "debug"], is_flag=True, help=DEBUG_HELP, **common),
+        click.Option(["--server", "server"], metavar="URL", help=SERVER_HELP, **common),
+    ]
+
+
+class StrongroomCommand(click.Command):
+    """A command that also takes the global options."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.extend(_global_options())
+
+
+class StrongroomSubGroup(click.Group):
+    """A command group (`key`, `vault`, ...) whose commands take the global options too."""
+
+    command_class = StrongroomCommand
+    group_class = type  # nested groups are of this class as well
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.extend(_global_options())
+
+
+def _error_line(e: StrongroomError, state: State | None) -> str:
+    if isinstance(e, AuthenticationFailed) and state is not None and state.sends_no_credentials:
+        return (
+            f"error: {e}; the CLI sent no API token: set $STRONGROOM_TOKEN "
+            "(or [server] token in the config)"
+        )
+    return f"error: {e}"
+
+
 class StrongroomGroup(click.Group):
     """Turns errors into one line and a distinct exit code."""
+
+    command_class = StrongroomCommand
+    group_class = StrongroomSubGroup
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -238,7 +363,7 @@ class StrongroomGroup(click.Group):
             fail("signature invalid", EXIT_BAD_SIGNATURE)
         except StrongroomError as e:
             _traceback_if_debug(ctx)
-            fail(f"error: {e}", e.exit_code)
+            fail(_error_line(e, ctx.find_object(State)), e.exit_code)
         except (OSError, MemoryError) as e:
             _traceback_if_debug(ctx)
             fail(f"error: {e}", 12)
@@ -254,33 +379,47 @@ class StrongroomGroup(click.Group):
 
 
 @click.group(cls=StrongroomGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--config",
-    "config",
-    metavar="FILE",
-    envvar="STRONGROOM_CONFIG",
-    help="Config file (default: $STRONGROOM_CONFIG, then the user config dir).",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
-@click.option(
-    "--server",
-    metavar="URL",
-    envvar="STRONGROOM_SERVER",
-    help="Use a running `strongroom serve` (unix:PATH or https://HOST:PORT); default: "
-    "[server] url in the config, else in-process. The token: $STRONGROOM_TOKEN or [server] token.",
-)
+@click.option("--config", "config", metavar="FILE", envvar="STRONGROOM_CONFIG", help=CONFIG_HELP)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@click.option("--debug", is_flag=True, help=DEBUG_HELP)
+@click.option("--server", metavar="URL", envvar="STRONGROOM_SERVER", help=SERVER_HELP)
 @click.version_option(__version__, prog_name="strongroom")
 @click.pass_context
 def cli(
     ctx: click.Context, config: str | None, as_json: bool, debug: bool, server: str | None
 ) -> None:
-    """Strongroom: one key API over TPM, PKCS#11, PIV, FIDO2 and a guarded software vault."""
+    """Strongroom: one key API over TPM, PKCS#11, PIV, FIDO2 and a guarded software vault.
+
+    The global options (--config, --json, --debug, --server) may also follow the command:
+    `strongroom key list --json`.
+    """
     ctx.obj = State(config, as_json, debug, server)
+    # A vault created on first use by any command gets the same minimum as `init`.
+    ctx.with_resource(
+        new_passphrase_policy(
+            "use a longer one, or create the vault with `strongroom init --allow-weak`"
+        )
+    )
+
+
+def _allow_weak(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    ctx.with_resource(
+        new_passphrase_policy(None if value else "use a longer one, or give --allow-weak")
+    )
+
+
+allow_weak_option = click.option(
+    "--allow-weak",
+    is_flag=True,
+    expose_value=False,
+    callback=_allow_weak,
+    help=f"Accept a new passphrase shorter than {NEW_PASSPHRASE_MIN_LENGTH} characters.",
+)
 
 
 # -- top level ---------------------------------------------------------------------------------
 @cli.command()
+@allow_weak_option
 @pass_state
 def init(state: State) -> None:
     """Create the software vault (asks for a new passphrase)."""
@@ -314,10 +453,31 @@ def backends(state: State) -> None:
     state.emit(data, text)
 
 
+def _core_limit(limit: int) -> str:
+    return "unlimited" if limit == resource.RLIM_INFINITY else str(limit)
+
+
+def _dumpable() -> bool | None:
+    """prctl(PR_GET_DUMPABLE), or None where it cannot be asked (not Linux)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        value = int(libc.prctl(3, 0, 0, 0, 0))  # 3: PR_GET_DUMPABLE
+    except (OSError, AttributeError):
+        return None
+    return None if value < 0 else value != 0
+
+
 @cli.command()
 @pass_state
 def doctor(state: State) -> None:
-    """Check the mlock limit, the native extension, core dumps and every backend."""
+    """Check the native extension, the mlock limit, memfd_secret, the config, core dumps
+    and every backend."""
+    # Opening the keystore turns core dumps off: note what the process started with first.
+    core_at_start = resource.getrlimit(resource.RLIMIT_CORE)[0]
+    dumpable_at_start = _dumpable()
     checks: list[dict[str, str]] = []
 
     def check(name: str, ok: bool | None, detail: str) -> None:
@@ -357,11 +517,29 @@ def doctor(state: State) -> None:
         cfg = config_mod.load(state.config)
         check("config", True, cfg.path or "embedded default")
         ks = state.keystore()  # opening the keystore applies the core-dump setting
-        soft, _ = resource.getrlimit(resource.RLIMIT_CORE)
-        if cfg.core_dumps:
-            check("core dumps", None, f"allowed by config (core_dumps = true), RLIMIT_CORE {soft}")
+        core_now = resource.getrlimit(resource.RLIMIT_CORE)[0]
+        dumpable_now = _dumpable()
+        started = (
+            f"started with RLIMIT_CORE {_core_limit(core_at_start)}"
+            + ({True: ", dumpable", False: ", not dumpable", None: ""}[dumpable_at_start])
+        )
+        if not isinstance(ks, Keystore):
+            check("core dumps", None, f"{started}; keys are used in the service, not here")
+        elif cfg.core_dumps:
+            check("core dumps", None, f"{started}; left so: core_dumps = true in the config")
         else:
-            check("core dumps", soft == 0, f"off (RLIMIT_CORE {soft}, not dumpable)")
+            off = core_now == 0 and dumpable_now is not True
+            now = (
+                f"RLIMIT_CORE {_core_limit(core_now)}"
+                + ({True: ", dumpable", False: ", not dumpable", None: ""}[dumpable_now])
+            )
+            check(
+                "core dumps",
+                off,
+                f"{started}; Strongroom set {now}"
+                if off
+                else f"{started}; Strongroom could not turn them off: {now}",
+            )
         for s in ks.backends():
             check(f"backend {s.name}", s.available, s.reason or f"{s.type}: available")
     except StrongroomError as e:
@@ -381,16 +559,22 @@ def doctor(state: State) -> None:
 @click.argument("n", type=click.IntRange(1, 1 << 20))
 @click.option("--backend", help="Backend whose generator to use (default: the vault).")
 @click.option("--hex", "as_hex", is_flag=True, help="Print hex instead of raw bytes.")
+@click.option(
+    "--out", "out", metavar="FILE", help="Write the raw bytes here (- for stdout; default stdout)."
+)
 @pass_state
-def random_cmd(state: State, n: int, backend: str | None, as_hex: bool) -> None:
+def random_cmd(state: State, n: int, backend: str | None, as_hex: bool, out: str | None) -> None:
     """Print N random bytes."""
+    raw = not state.json and not as_hex
+    if raw:
+        refuse_binary_on_terminal(out, "random bytes")
     data = state.keystore().random(n, backend)
-    if state.json:
+    if raw:
+        write_output(out, data)
+    elif state.json:
         state.emit({"hex": data.hex()})
-    elif as_hex:
-        click.echo(data.hex())
     else:
-        write_output(None, data)
+        click.echo(data.hex())
 
 
 # -- key ---------------------------------------------------------------------------------------
@@ -399,7 +583,9 @@ def key() -> None:
     """Generate, use and manage keys."""
 
 
-TYPE_CHOICE = click.Choice([t.value for t in KeyType if t is not KeyType.SEED])
+TYPE_CHOICE = click.Choice(
+    [t.value for t in KeyType if t is not KeyType.SEED], case_sensitive=False
+)
 
 
 @key.command("generate")
@@ -476,6 +662,8 @@ def key_show(state: State, name: str) -> None:
 @pass_state
 def key_public(state: State, name: str, fmt: str, out: str | None, version: int | None) -> None:
     """Print a key's public key."""
+    if fmt in ("der", "raw"):
+        refuse_binary_on_terminal(out, f"a {fmt} public key")
     data = algorithms.encode_public(state.keystore().public_key(name, version), fmt)
     if fmt == "openssh":
         data += b"\n"
@@ -515,6 +703,7 @@ def key_sign(
     """Sign data (DER for ECDSA, raw for Ed25519, PKCS#1 v1.5 or PSS for RSA, HMAC tag,
     a FIDO assertion structure for fido-* keys). ECDSA and RSA hash a large input here, in a
     stream, and sign its digest."""
+    refuse_binary_on_terminal(out, "a signature")
     ks = state.keystore()
     data, prehashed = signature_input(ks, name, inp, digest)
     write_output(out, ks.sign(name, data, algorithm, envelope=envelope, prehashed=prehashed))
@@ -593,6 +782,7 @@ def key_encrypt(
 ) -> None:
     """Encrypt (AES-256-GCM, XChaCha20-Poly1305, or RSA-OAEP) with the newest key version;
     the output names that version unless --raw."""
+    refuse_binary_on_terminal(out, "a ciphertext")
     ks = state.keystore()
     ct = ks.encrypt(name, read_input(inp), aad.encode(), algorithm, envelope=not raw)
     write_output(out, ct)
@@ -641,12 +831,19 @@ def key_decrypt(
         raise click.UsageError("--version is for bare ciphertexts; this one names its version")
     ks = state.keystore()
     plain = ks.decrypt(name, data, aad.encode(), algorithm, version=version, envelope=envelope)
+    if out is None and sys.stdout.isatty() and not is_text(plain):
+        raise _binary_refused("the decrypted data")
     write_output(out, plain)
 
 
 @key.command("import")
 @click.argument("name")
-@click.option("--type", "key_type", required=True, type=click.Choice([t.value for t in KeyType]))
+@click.option(
+    "--type",
+    "key_type",
+    required=True,
+    type=click.Choice([t.value for t in KeyType], case_sensitive=False),
+)
 @click.option("--in", "inp", metavar="FILE", help="Key material (default: stdin).")
 @click.option(
     "--format",
@@ -699,6 +896,8 @@ def key_import(
 @pass_state
 def key_export(state: State, name: str, fmt: str, out: str | None) -> None:
     """Export an exportable key's private material."""
+    if fmt != "pem":
+        refuse_binary_on_terminal(out, f"a {fmt} private key")
     write_output(out, state.keystore().export_key(name, fmt))
 
 
@@ -896,6 +1095,7 @@ def key_rewrap(
     version of its key. An envelope's data stays as it is: only its data key is rewrapped."""
     from . import envelope
 
+    refuse_binary_on_terminal(out, "a ciphertext")
     ks = state.keystore()
     with _open_in(inp) as src:
         lead = b""
@@ -975,6 +1175,7 @@ def key_agree(
 @pass_state
 def key_wrap(state: State, wrapping_key: str, name: str, out: str | None) -> None:
     """Wrap an exportable key under an AES key (RFC 5649)."""
+    refuse_binary_on_terminal(out, "a wrapped key")
     write_output(out, state.keystore().wrap(wrapping_key, name))
 
 
@@ -1038,7 +1239,12 @@ def key_bip39_recover(state: State, name: str, bip39_pass: str | None) -> None:
 @click.argument("seed")
 @click.argument("path")
 @click.argument("new_name")
-@click.option("--type", "key_type", type=click.Choice(["ed25519", "secp256k1"]), default="ed25519")
+@click.option(
+    "--type",
+    "key_type",
+    type=click.Choice(["ed25519", "secp256k1"], case_sensitive=False),
+    default="ed25519",
+)
 @click.option("--usage")
 @pass_state
 def key_slip10(
@@ -1171,6 +1377,7 @@ def encrypt_cmd(
 ) -> None:
     """Envelope-encrypt a file or stream of any size: a fresh data key wrapped by --key, the
     data in authenticated AES-256-GCM chunks (docs/envelope.md)."""
+    refuse_binary_on_terminal(out, "an envelope")
     ks = state.keystore()
     with _open_in(inp) as src, _open_out(out) as dst, _progress(src, "encrypting") as bar:
         header = ks.encrypt_stream(
@@ -1192,7 +1399,10 @@ def decrypt_cmd(state: State, inp: str | None, out: str | None) -> None:
     written as they authenticate, and a failure exits non-zero after them."""
     ks = state.keystore()
     with _open_in(inp) as src, _open_out(out) as dst, _progress(src, "decrypting") as bar:
-        header = ks.decrypt_stream(src, dst.stream, progress=bar)
+        sink = dst.stream
+        if out is None and sys.stdout.isatty():
+            sink = cast(BinaryIO, _TerminalText(sink))
+        header = ks.decrypt_stream(src, sink, progress=bar)
         dst.commit()
     if state.json and out not in (None, "-"):
         state.emit(header)
@@ -1329,6 +1539,7 @@ def vault_lock(state: State) -> None:
     is_flag=True,
     help="For a FIDO2 security key: unseal without a touch (user presence not required).",
 )
+@allow_weak_option
 @pass_state
 def vault_enroll(
     state: State,
@@ -1377,7 +1588,7 @@ def vault_enroll(
     v.unlock()
     if method == "passphrase":
         ref = new_pass[0] if new_pass else "prompt"
-        options["passphrase"] = _secret(ref, "New passphrase: ").get(confirm=True)
+        options["passphrase"] = _new_passphrase(ref, "New passphrase: ")
     slot = v.enroll(method, options)
     state.emit(slot, f"enrolled {slot['method']} as key slot {slot['id']}")
 
@@ -1414,9 +1625,7 @@ def _enroll_threshold(
             opts: dict[str, Any] = {}
             if m.method == "passphrase":
                 ref = passphrases.pop(0) if passphrases else "prompt"
-                opts["passphrase"] = _secret(ref, f"New passphrase for {m.name}: ").get(
-                    confirm=True
-                )
+                opts["passphrase"] = _new_passphrase(ref, f"New passphrase for {m.name}: ")
             else:
                 kind = ks.backend(m.method).type_name
                 wanted = {"tpm": {"pcrs", "pin"}, "fido": {"touch", "pin"}}.get(kind, set())
@@ -1469,12 +1678,13 @@ def vault_unenroll(state: State, slot_id: str) -> None:
     show_default=True,
     help="The new passphrase as env:NAME, file:PATH or prompt.",
 )
+@allow_weak_option
 @pass_state
 def vault_passphrase(state: State, new_pass: str) -> None:
     """Change the vault passphrase; the old one stops working."""
     v = _vault(state)
     v.unlock()
-    v.change_passphrase(_secret(new_pass, "New passphrase: ").get(confirm=True))
+    v.change_passphrase(_new_passphrase(new_pass, "New passphrase: ", "--new"))
     state.emit({"changed": True}, "vault passphrase changed")
 
 
@@ -1493,6 +1703,7 @@ def vault_passphrase(state: State, new_pass: str) -> None:
     type=click.Path(file_okay=False),
     help="Also write each share to DIR/share-I-of-N.txt (mode 600).",
 )
+@allow_weak_option
 @pass_state
 def vault_recovery_shares(
     state: State, threshold_k: int, shares: int, share_pass: str | None, out_dir: str | None
@@ -1505,9 +1716,7 @@ def vault_recovery_shares(
     from .threshold import check_recovery_shape
 
     check_recovery_shape([(threshold_k, shares)])  # before any prompt
-    passphrase = (
-        "" if share_pass is None else _secret(share_pass, "Share passphrase: ").get(confirm=True)
-    )
+    passphrase = "" if share_pass is None else _new_passphrase(share_pass, "Share passphrase: ")
     v = _vault(state)
     v.unlock()
     groups = v.recovery_shares(threshold_k, shares, passphrase)
@@ -1554,6 +1763,7 @@ def vault_recovery_shares(
 @click.option(
     "--check-only", is_flag=True, help="Only check that the shares open the vault; change nothing."
 )
+@allow_weak_option
 @pass_state
 def vault_recover(
     state: State,
@@ -1570,7 +1780,7 @@ def vault_recover(
     slot_id = v.recover(mnemonics, passphrase)
     result: dict[str, Any] = {"recovered": True, "recovery_slot": slot_id}
     if not check_only:
-        v.change_passphrase(_secret(new_pass, "New vault passphrase: ").get(confirm=True))
+        v.change_passphrase(_new_passphrase(new_pass, "New vault passphrase: ", "--new-passphrase"))
         result["new_passphrase"] = True
     status = v.vault_status()
     result["slots"] = status.get("slots", [])
@@ -1762,6 +1972,8 @@ def audit_checkpoint(state: State) -> None:
 @pass_state
 def audit_public_key(state: State, fmt: str, out: str | None) -> None:
     """The checkpoint signing key's public key, to keep apart from the log for verify."""
+    if fmt in ("der", "raw"):
+        refuse_binary_on_terminal(out, f"a {fmt} public key")
     public = state.keystore().audit_public_key()
     if public is None:
         raise InvalidArgument("no audit checkpoint key yet; run `strongroom audit checkpoint`")
@@ -1776,12 +1988,20 @@ def _hex(text: str, what: str = "salt") -> bytes:
         raise InvalidArgument(f"{what} must be hex") from None
 
 
-def _secret(ref: str, prompt: str) -> SecretSource:
+def _secret(ref: str, prompt: str, option: str = "--passphrase") -> SecretSource:
+    """The secret an option names; without a terminal, the hint is that option's env: form."""
     try:
         validate_reference(ref)
     except ValueError as e:
         raise InvalidArgument(str(e)) from None
-    return SecretSource([ref], prompt)
+    return SecretSource([ref], prompt, hint=f"give {option} env:NAME or {option} file:PATH")
+
+
+def _new_passphrase(ref: str, prompt: str, option: str = "--passphrase") -> str:
+    """A new passphrase (asked twice at a prompt), held to the minimum length."""
+    value = _secret(ref, prompt, option).get(confirm=True)
+    check_new_passphrase(value)
+    return value
 
 
 def _passphrase(ref: str | None) -> str:

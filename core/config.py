@@ -150,11 +150,20 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         return parse({}, None, "")
     p = Path(path).expanduser()
     try:
-        text = p.read_text(encoding="utf-8")
+        data = p.read_bytes()
     except FileNotFoundError:
         raise ConfigError("config file not found", str(p)) from None
     except OSError as e:
         raise ConfigError(f"cannot read config file: {e.strerror}", str(p)) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # TOML is UTF-8 by definition; name the line so a Latin-1 editor's save is easy to find
+        raise ConfigError(
+            f"not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); TOML files are UTF-8",
+            str(p),
+            data.count(b"\n", 0, e.start) + 1,
+        ) from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

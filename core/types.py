@@ -10,6 +10,11 @@ from datetime import datetime
 from .errors import InvalidArgument
 
 
+def _normalize(value: object) -> str:
+    """`ED25519`, `Ecdsa-P256`, `ECDSA_P256` (the Python member name) → the canonical value."""
+    return str(value).strip().lower().replace("_", "-")
+
+
 class KeyType(enum.StrEnum):
     """Every key type Strongroom knows; a backend supports a subset."""
 
@@ -34,7 +39,7 @@ class KeyType(enum.StrEnum):
         if isinstance(value, KeyType):
             return value
         try:
-            return cls(str(value).lower())
+            return cls(_normalize(value))
         except ValueError:
             known = ", ".join(t.value for t in cls)
             raise InvalidArgument(f"unknown key type {value!r}; known types: {known}") from None
@@ -93,7 +98,7 @@ class Usage(enum.StrEnum):
         out = set()
         for v in values:
             try:
-                out.add(v if isinstance(v, Usage) else cls(str(v).lower()))
+                out.add(v if isinstance(v, Usage) else cls(_normalize(v)))
             except ValueError:
                 known = ", ".join(u.value for u in cls)
                 raise InvalidArgument(f"unknown usage {v!r}; known usages: {known}") from None

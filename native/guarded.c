@@ -49,6 +49,7 @@
 #include <unistd.h>
 
 #include "auditline.h"
+#include "keyops.h"
 
 #ifndef SYS_memfd_secret
 #define SYS_memfd_secret 447 /* same number on every architecture that has it; ENOSYS elsewhere */
@@ -679,7 +680,8 @@ PyMODINIT_FUNC PyInit__native(void)
                                             "A guarded buffer's canary was overwritten.",
                                             PyExc_RuntimeError, NULL);
     if (CanaryError == NULL || PyModule_AddObjectRef(m, "CanaryError", CanaryError) < 0 ||
-        PyModule_AddObjectRef(m, "GuardedBuffer", (PyObject *)&GuardedBufferType) < 0) {
+        PyModule_AddObjectRef(m, "GuardedBuffer", (PyObject *)&GuardedBufferType) < 0 ||
+        keyops_add_methods(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

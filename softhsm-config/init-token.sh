@@ -9,7 +9,8 @@
 #
 #   eval "$(softhsm-config/init-token.sh /tmp/hsm)"
 #
-# sets it for the calling shell. The PINs come from the environment:
+# sets it for the calling shell (or put `env = { SOFTHSM2_CONF = "DIR/softhsm2.conf" }` in
+# the pkcs11 backend's config table; see docs/pkcs11.md). The PINs come from the environment:
 #   SOFTHSM_SO_PIN  security officer PIN (test default: 12345678)
 #   SOFTHSM_PIN     user PIN             (test default: 1234)
 # The defaults are for throwaway test tokens only. Find the token by its label, not its
@@ -60,4 +61,6 @@ out=$(softhsm2-util --init-token --free --label "$label" --so-pin "$so_pin" --pi
 }
 slot=$(printf '%s\n' "$out" | sed -n 's/.*reassigned to slot \([0-9]*\).*/\1/p')
 echo "$0: token '$label' initialised in $dir/tokens (slot ${slot:-?})" >&2
+echo "$0: instead of exporting SOFTHSM2_CONF, a Strongroom config can carry it:" \
+    "env = { SOFTHSM2_CONF = \"$SOFTHSM2_CONF\" } in its [backends.NAME] table" >&2
 printf 'export SOFTHSM2_CONF=%q\n' "$SOFTHSM2_CONF"

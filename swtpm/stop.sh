@@ -7,7 +7,8 @@
 # dictionary-attack failure: with `tpm2_shutdown -c` (tpm2-tools) when it is installed,
 # else as the raw 12-byte command over the TPM port. Then sends SIGTERM, waits up to
 # 5 s, and uses SIGKILL only if swtpm is still there. Stopping one that is not running
-# is not an error.
+# is not an error. STATEDIR/swtpm.port stays: the next start.sh on STATEDIR reuses the
+# port when it is free, and a `swtpm_state` config reads it to find the TPM.
 set -euo pipefail
 
 if [ $# -ne 1 ] || [ -z "$1" ]; then echo "usage: $0 STATEDIR" >&2; exit 2; fi
@@ -69,4 +70,4 @@ if ours; then
 else
     echo "$0: swtpm pid $pid from $state is not running" >&2
 fi
-rm -f "$state/swtpm.pid" "$state/swtpm.port" "$state/tcti"
+rm -f "$state/swtpm.pid" "$state/tcti"

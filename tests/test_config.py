@@ -415,6 +415,7 @@ def test_prompt_without_a_terminal_is_refused(
 ) -> None:
     cfg = write_vault_config(tmp_path, passphrase_ref="prompt")
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    monkeypatch.setattr("strongroom.secrets.TTY", str(tmp_path / "no-tty"))  # prompts use /dev/tty
     with pytest.raises(AuthenticationFailed) as info, strongroom.open(cfg) as ks:
         ks.generate("k", "ed25519")
     assert "no terminal" in str(info.value)

@@ -246,7 +246,7 @@ def test_cli_usage_errors_are_one_line(tmp_path: Path) -> None:
     r = ok(
         run_cli(
             config, "vault", "enroll", "--threshold", "1", "passphrase:dave",
-            "--passphrase", "env:D", env={"D": "pd"},
+            "--passphrase", "env:D", "--allow-weak", env={"D": "pd"},
         )
     )  # fmt: skip
     assert "(passphrase) still open the vault on their own" in r.stderr
@@ -256,7 +256,7 @@ def test_cli_usage_errors_are_one_line(tmp_path: Path) -> None:
             config,
             "vault", "enroll", "--group", "2:passphrase:alice,passphrase:bob,passphrase:carol",
             "--passphrase", "env:A", "--passphrase", "env:B", "--passphrase", "env:C",
-            "--exclusive",
+            "--exclusive", "--allow-weak",
             env={"A": "pa", "B": "pb", "C": "pc"},
         )
     )  # fmt: skip
@@ -295,7 +295,7 @@ def test_grouped_policy_enrolls_and_opens(tmp_path: Path, tpm: Swtpm) -> None:
         cli(
             "vault", "enroll", "--group", "1:tpm",
             "--group", "2:passphrase:alice,hsm,passphrase:bob",
-            "--passphrase", "env:A", "--passphrase", "env:B", "--exclusive",
+            "--passphrase", "env:A", "--passphrase", "env:B", "--exclusive", "--allow-weak",
         )
     )  # fmt: skip
     assert "[tpm] AND [2 of (alice, hsm, bob)]" in r.stdout.decode()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -51,6 +52,7 @@ from .token import (
     login,
     logout,
     missing_module_reason,
+    module_environment,
     pin_tag,
     token_labels,
     with_public_session,
@@ -73,6 +75,7 @@ if IMPORT_ERROR is None:
 T = TypeVar("T")
 
 DEFAULT_MAX_SESSIONS = 4
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # the portable shape of a variable name
 SEAL_FORMAT = "pkcs11-aes-gcm/v1"
 _ID_PREFIX = "id:"
 _LABEL_PREFIX = "label:"
@@ -161,6 +164,14 @@ class Pkcs11Backend(Backend):
         "max_sessions": ConfigKey(
             int, "most sessions open at once (one per concurrent operation)", DEFAULT_MAX_SESSIONS
         ),
+        "env": ConfigKey(
+            dict,
+            "environment variables for the module, set before it is loaded, e.g. "
+            '{ SOFTHSM2_CONF = "/path/softhsm2.conf" }',
+        ),
+        "env_override": ConfigKey(
+            bool, "true: env's values replace ones exported in the environment", False
+        ),
     }
 
     def __init__(self, context: BackendContext) -> None:
@@ -179,6 +190,9 @@ class Pkcs11Backend(Backend):
         self.max_sessions = int(s.get("max_sessions", DEFAULT_MAX_SESSIONS))
         if not 1 <= self.max_sessions <= 256:
             raise context.config_error("must be from 1 to 256", "max_sessions")
+        self.env = _module_env(s.get("env"), context)
+        self.env_override = bool(s.get("env_override", False))
+        self._env_kept: tuple[str, ...] = ()
         self.pin = context.secret("pin", f"PIN for token {self.token_label!r}: ")
         self._lock = threading.RLock()
         self._module: Module | None = None
@@ -217,11 +231,15 @@ class Pkcs11Backend(Backend):
             )
         if not os.path.isfile(self.module_path):
             raise BackendUnavailable(self.name, missing_module_reason(self.module_path))
+        env, self._env_kept = module_environment(self.env, self.env_override)
         try:
-            module = load_module(self.module_path)
+            module = load_module(self.module_path, env)
+        except BackendUnavailable as e:
+            raise BackendUnavailable(self.name, e.reason) from None
         except (OSError, PKCS11Error) as e:
             raise BackendUnavailable(
-                self.name, f"cannot load {self.module_path} as a PKCS#11 module: {e}"
+                self.name,
+                f"cannot load {self.module_path} as a PKCS#11 module: {e}{self._env_note()}",
             ) from e
         try:
             token = find_token(module, self.token_label)
@@ -237,13 +255,24 @@ class Pkcs11Backend(Backend):
                 self.name,
                 f"no token labelled {self.token_label!r} in {self.module_path} "
                 f"(tokens present: {present}); initialise one (for SoftHSM2: softhsm2-util "
-                f"--init-token --free --label {self.token_label}) or correct `token`",
+                f"--init-token --free --label {self.token_label}) or correct `token`"
+                f"{self._env_note()}",
             )
         with self._lock:
             self._module = module
             if self._pool is None:
                 self._token = token
         return module, token
+
+    def _env_note(self) -> str:
+        """Why the module may see other settings than the config's `env`, for a message."""
+        if not self._env_kept:
+            return ""
+        names = ", ".join(self._env_kept)
+        return (
+            f"; note: {names} exported in the environment was used instead of the value in "
+            "`env` (unset it, or set env_override = true)"
+        )
 
     def capabilities(self) -> frozenset[Capability]:
         """PKCS#11: C_GetMechanismList (once): what this token can do, by mechanism."""
@@ -347,6 +376,11 @@ class Pkcs11Backend(Backend):
             )
         if module is not None:
             out["concurrent_calls"] = module.concurrent
+        if self.env:
+            # Where each variable's value came from; never the values (they may be secrets).
+            out["env"] = {
+                name: "environment" if name in self._env_kept else "config" for name in self.env
+            }
         out["logged_in"] = pool is not None
         if pool is not None:
             out["sessions"] = pool.stats()
@@ -1386,6 +1420,24 @@ _ED25519_WRAP = (
     "AES key wrap moves aes-256, hmac-sha256, EC and RSA keys; Ed25519 keys cannot be unwrapped "
     "into a PKCS#11 token from the vault's raw-seed form"
 )
+
+
+def _module_env(value: Any, context: BackendContext) -> dict[str, str]:
+    """The `env` table, checked: variable names to string values."""
+    if value is None:
+        return {}
+    env: dict[str, str] = {}
+    for name, item in value.items():
+        if not _ENV_NAME.fullmatch(name):
+            raise context.config_error(
+                f"{name!r} is not an environment variable name (letters, digits and _)", "env"
+            )
+        if not isinstance(item, str):
+            raise context.config_error(f"{name} must be a string, as every value in env", "env")
+        if "\0" in item:
+            raise context.config_error(f"{name} must not contain a NUL character", "env")
+        env[name] = item
+    return env
 
 
 def _seal_aad(label: str, serial: str, key_id: str) -> bytes:

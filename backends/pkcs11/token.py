@@ -13,8 +13,8 @@ import hashlib
 import hmac
 import os
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from strongroom.errors import (
@@ -79,6 +79,9 @@ class Module:
     """True when we initialised it with CKF_OS_LOCKING_OK, so threads may call it at once."""
     serial: threading.RLock | None
     """Held around every call when the module was initialised by someone else without locking."""
+    environment: Mapping[str, str] = field(default_factory=dict, repr=False)
+    """The process environment when it was loaded, which is what its C_Initialize read.
+    Kept out of the repr: the environment may hold secrets."""
 
 
 _MODULES: dict[str, Module] = {}
@@ -101,13 +104,61 @@ def _lib_class() -> type:
     return OsLockingLib
 
 
-def load_module(path: str) -> Module:
-    """Load `path` once per process. OSError or PKCS11Error if it is not a usable module."""
+# Variables Strongroom put into os.environ from a backend's `env`, so that a later backend
+# can tell them from values the user exported.
+_ENV_FROM_CONFIG: dict[str, str] = {}
+
+
+def module_environment(
+    env: Mapping[str, str], override: bool
+) -> tuple[dict[str, str], tuple[str, ...]]:
+    """The values of a backend's `env` to have in force when its module loads, and the names
+    whose value exported by the user is kept instead of the config's (unless `override`).
+
+    Empty counts as not exported, and so does a value that an earlier backend's `env` set.
+    """
+    wanted: dict[str, str] = {}
+    kept: list[str] = []
+    for name, value in env.items():
+        current = os.environ.get(name)
+        exported = bool(current) and _ENV_FROM_CONFIG.get(name) != current
+        if exported and not override and current != value:
+            assert current is not None
+            wanted[name] = current
+            kept.append(name)
+        else:
+            wanted[name] = value
+    return wanted, tuple(kept)
+
+
+def load_module(path: str, env: Mapping[str, str] | None = None) -> Module:
+    """Load `path` once per process, with `env` (from `module_environment`) set in os.environ
+    first: a module reads its environment in C_Initialize (SoftHSM2: SOFTHSM2_CONF) and
+    perhaps later, so the values stay set for the life of the process.
+
+    OSError or PKCS11Error if it is not a usable module; BackendUnavailable if it was loaded
+    already with other values of `env`, which it would never see.
+    """
     real = os.path.realpath(path)
+    env = env or {}
     with _MODULES_LOCK:
         module = _MODULES.get(real)
         if module is not None:
+            differ = sorted(n for n, v in env.items() if module.environment.get(n) != v)
+            if differ:
+                # Names only: the values may be secrets.
+                raise BackendUnavailable(
+                    "pkcs11",
+                    f"{path} is already loaded in this process with another value of "
+                    f"{', '.join(differ)}, and a module reads its environment once, when "
+                    "it is initialised; give every backend that uses this module the same "
+                    "`env`, or use a separate process",
+                )
             return module
+        for name, value in env.items():
+            if os.environ.get(name) != value:
+                os.environ[name] = value
+                _ENV_FROM_CONFIG[name] = value
         api = Cryptoki(real)
         loaded: dict[str, Any] = getattr(pkcs11, "_loaded", {})
         lib = loaded.get(path) or loaded.get(real)
@@ -123,7 +174,14 @@ def load_module(path: str) -> Module:
             # failing with CKR_CRYPTOKI_ALREADY_INITIALIZED.
             loaded.setdefault(real, lib)
             loaded.setdefault(path, lib)
-        module = Module(real, lib, api, concurrent, None if concurrent else threading.RLock())
+        module = Module(
+            real,
+            lib,
+            api,
+            concurrent,
+            None if concurrent else threading.RLock(),
+            dict(os.environ),
+        )
         _MODULES[real] = module
         return module
 

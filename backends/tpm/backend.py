@@ -20,6 +20,7 @@ import os
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes
@@ -57,6 +58,8 @@ else:
     _MISSING = None
 
 DEFAULT_TCTI = "device:/dev/tpmrm0"
+SWTPM_PORT_FILE = "swtpm.port"  # written by swtpm/start.sh into its state directory
+SWTPM_PID_FILE = "swtpm.pid"  # there while that swtpm runs; stop.sh removes it
 MAX_PIN_BYTES = 32  # a TPM auth value is at most the name hash's size (SHA-256)
 SEALED_FORMAT = "tpm2-sealed"
 _AEAD_LABEL = b"strongroom-tpm-aes256-cfb-hmac-sha256-v1"
@@ -81,10 +84,15 @@ class TpmBackend(Backend):
 
     type_name = "tpm"
     config_keys = {
+        # No default here: __init__ must see whether tcti was given, to refuse it together
+        # with swtpm_state; DEFAULT_TCTI applies when neither is.
         "tcti": ConfigKey(
+            str, "how to reach the TPM: device:/dev/tpmrm0 (default), tabrmd or swtpm:host=H,port=P"
+        ),
+        "swtpm_state": ConfigKey(
             str,
-            "how to reach the TPM: device:/dev/tpmrm0, tabrmd, or swtpm:host=H,port=P",
-            DEFAULT_TCTI,
+            "an swtpm state directory run by swtpm/start.sh; the TPM is reached on the port "
+            "recorded there, read at every connect (instead of tcti)",
         ),
         "persistent_handle": ConfigKey(
             (int, str),
@@ -105,11 +113,27 @@ class TpmBackend(Backend):
     def __init__(self, context: BackendContext) -> None:
         super().__init__(context)
         s = context.settings
-        self.tcti = str(s.get("tcti") or DEFAULT_TCTI)
-        if ":" not in self.tcti and self.tcti not in ("tabrmd", "device", "mssim", "swtpm"):
-            raise context.config_error(
-                "must be a TCTI like device:/dev/tpmrm0, tabrmd or swtpm:host=H,port=P", "tcti"
-            )
+        state = s.get("swtpm_state")
+        self.swtpm_state: Path | None = None
+        if state is not None:
+            if s.get("tcti") is not None:
+                raise context.config_error(
+                    "cannot be combined with tcti: give tcti for a fixed TCTI, or swtpm_state "
+                    "for an swtpm started by swtpm/start.sh",
+                    "swtpm_state",
+                )
+            if not str(state).strip():
+                raise context.config_error("must name a directory", "swtpm_state")
+            self.swtpm_state = Path(str(state)).expanduser().absolute()
+            # Until the first connect reads the port, messages name the state directory.
+            self.tcti = f"swtpm (state {self.swtpm_state})"
+        else:
+            self.tcti = str(s.get("tcti") or DEFAULT_TCTI)
+            if ":" not in self.tcti and self.tcti not in ("tabrmd", "device", "mssim", "swtpm"):
+                raise context.config_error(
+                    "must be a TCTI like device:/dev/tpmrm0, tabrmd or swtpm:host=H,port=P",
+                    "tcti",
+                )
         self.persistent_handle = _parse_handle(s.get("persistent_handle"), context)
         self.pin_patterns = [str(p) for p in s.get("pin_keys", [])]
         max_loaded = s.get("max_loaded_keys")
@@ -147,6 +171,8 @@ class TpmBackend(Backend):
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"tcti": self.tcti}
+        if self.swtpm_state is not None:
+            out["swtpm_state"] = str(self.swtpm_state)
         dev = self._device
         if dev is None or not dev.is_open or dev.facts is None:
             return out
@@ -173,6 +199,10 @@ class TpmBackend(Backend):
         dev = self._device
         if dev.is_open:
             return dev
+        if self.swtpm_state is not None:
+            # Read at every connect (and reconnect), so a restarted swtpm is found on
+            # whatever port start.sh gave it this time.
+            self.tcti = dev.tcti = _swtpm_tcti(self.name, self.swtpm_state)
         kind, _, conf = self.tcti.partition(":")
         if kind == "device":
             path = conf or "/dev/tpmrm0"
@@ -194,6 +224,13 @@ class TpmBackend(Backend):
             raise BackendUnavailable(self.name, str(e)) from None
         except device.TSS2_Exception as e:
             if device.is_tcti_error(e):
+                state = self.swtpm_state
+                if state is not None and not (state / SWTPM_PID_FILE).exists():
+                    raise BackendUnavailable(
+                        self.name,
+                        f"swtpm is not running for {state} (it last listened on "
+                        f"{self.tcti!r}); start it with swtpm/start.sh --state {state}",
+                    ) from None
                 raise BackendUnavailable(
                     self.name,
                     f"cannot reach the TPM through TCTI {self.tcti!r} ({e}); is the TPM, "
@@ -683,6 +720,28 @@ def _capabilities(f: Any) -> frozenset[Capability]:
     if hmac_ok and f.aes256 and f.has_alg("CFB") and f.has_command("EncryptDecrypt2"):
         add(KeyType.AES_256, Operation.ENCRYPT, Operation.DECRYPT)
     return frozenset(caps)
+
+
+def _swtpm_tcti(backend: str, state: Path) -> str:
+    """The TCTI of the swtpm that swtpm/start.sh runs on `state`: loopback (start.sh binds
+    nothing else) and the port it recorded in STATE/swtpm.port."""
+    start = f"start swtpm with swtpm/start.sh --state {state}"
+    if not state.is_dir():
+        raise BackendUnavailable(backend, f"no swtpm state directory at {state}; {start}")
+    recorded = state / SWTPM_PORT_FILE
+    try:
+        text = recorded.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        raise BackendUnavailable(
+            backend, f"{state} has no recorded swtpm port ({SWTPM_PORT_FILE}); {start}"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BackendUnavailable(backend, f"cannot read {recorded}: {e}") from None
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 65535):
+        raise BackendUnavailable(
+            backend, f"{recorded} does not hold a port number; restart swtpm: {start}"
+        )
+    return f"swtpm:host=127.0.0.1,port={int(text)}"
 
 
 def _parse_handle(value: Any, context: BackendContext) -> int | None:

@@ -45,7 +45,7 @@ from strongroom.errors import (
     ThresholdNotMet,
 )
 from strongroom.memory import Coffer, Guarded, KeyedPool, memlock_status, scrub_bytes
-from strongroom.secrets import SecretSource, validate_reference
+from strongroom.secrets import SecretSource, check_new_passphrase, validate_reference
 from strongroom.types import KeyInfo, KeyType, Operation, Usage
 
 from . import keyops, procedures, snapshot, sodium
@@ -288,6 +288,7 @@ class VaultBackend(Backend):
             passphrase = self.passphrase.get(confirm=True)
             if not passphrase:
                 raise InvalidArgument("the vault passphrase must not be empty")
+            check_new_passphrase(passphrase)  # the CLI's minimum length, unless --allow-weak
             master = Guarded(32)
             with master.write() as m:
                 sodium.random_into(m)
@@ -724,19 +725,23 @@ class VaultBackend(Backend):
     def _unwrap_with_passphrase(
         self, vault_id: str, slots: list[dict[str, Any]], master: Guarded
     ) -> None:
-        passphrase = self.passphrase.get()
-        for slot in slots:
-            try:
-                with self._kek(passphrase, slot) as kek, master.write() as m:
-                    sodium.open_into(
-                        kek, _unb64(str(slot["wrapped"])), _slot_aad(vault_id, slot), m
-                    )
-                return
-            except IntegrityError:
-                continue
-            except (KeyError, ValueError, TypeError):
-                raise SnapshotTampered(f"{self.path} is damaged: a passphrase slot is malformed")
-        raise AuthenticationFailed("wrong vault passphrase")
+        def open_with(passphrase: str) -> None:
+            for slot in slots:
+                try:
+                    with self._kek(passphrase, slot) as kek, master.write() as m:
+                        sodium.open_into(
+                            kek, _unb64(str(slot["wrapped"])), _slot_aad(vault_id, slot), m
+                        )
+                    return
+                except IntegrityError:
+                    continue
+                except (KeyError, ValueError, TypeError):
+                    raise SnapshotTampered(
+                        f"{self.path} is damaged: a passphrase slot is malformed"
+                    ) from None
+            raise AuthenticationFailed("wrong vault passphrase")
+
+        self.passphrase.verify(open_with)  # typed at the prompt: three tries
 
     def _unwrap_with_threshold(
         self, vault_id: str, slots: list[dict[str, Any]], master: Guarded

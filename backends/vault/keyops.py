@@ -2,28 +2,29 @@
 
 Material is kept as: Ed25519 the 64-byte libsodium secret key (seed ‖ public);
 X25519 the 32-byte scalar; EC and RSA PKCS#8 DER; symmetric keys and seeds raw.
-Every function receives material as a view into guarded memory. Where a library
-only returns `bytes`, the copy is scrubbed right after use (docs/threat-model.md
-lists each such place).
+Every function receives material as a view into guarded memory. EC and RSA keys never
+pass through `cryptography`: native/keyops.c parses, generates and uses them on the
+system libcrypto, reading the guarded page in place and writing secret results into
+guarded pages (docs/decisions.md, "Vault EC/RSA keys in native code"). Where a library
+only returns `bytes`, the copy is scrubbed right after use (docs/threat-model.md lists
+each such place).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from typing import Any
+import hashlib
+from collections.abc import Callable
 
-from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, hmac, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from strongroom import algorithms
+from strongroom import _native, algorithms
 from strongroom.errors import IntegrityError, InvalidArgument
-from strongroom.memory import Guarded, constant_time_equal, scrub_bytes
+from strongroom.memory import Guarded, constant_time_equal
 from strongroom.types import KeyType
 
 from . import sodium
@@ -32,9 +33,14 @@ SYMMETRIC_SIZE = 32
 SEED_SIZE = 64
 GCM_NONCE = 12
 _RSA_BITS = {KeyType.RSA_2048: 2048, KeyType.RSA_3072: 3072, KeyType.RSA_4096: 4096}
-_PKCS8 = serialization.PrivateFormat.PKCS8
-_DER = serialization.Encoding.DER
-_NOENC = serialization.NoEncryption()
+# Index into native/keyops.c's curve table.
+_CURVE_INDEX = {KeyType.ECDSA_P256: 0, KeyType.ECDSA_P384: 1, KeyType.SECP256K1: 2}
+_EC_SIZE = {KeyType.ECDSA_P256: 32, KeyType.ECDSA_P384: 48, KeyType.SECP256K1: 32}
+# RFC 8410 PKCS#8 of a 25519 key: this header, then the 32-byte private key.
+_PKCS8_25519_PREFIX = {
+    KeyType.ED25519: bytes.fromhex("302e020100300506032b657004220420"),
+    KeyType.X25519: bytes.fromhex("302e020100300506032b656e04220420"),
+}
 
 SIGN_TYPES = frozenset({KeyType.ED25519, KeyType.HMAC_SHA256, *algorithms.CURVES, *_RSA_BITS})
 AEAD_TYPES = frozenset({KeyType.AES_256, KeyType.CHACHA20_POLY1305})
@@ -51,18 +57,6 @@ DERIVE_SOURCES = frozenset(
     {KeyType.AES_256, KeyType.HMAC_SHA256, KeyType.CHACHA20_POLY1305, KeyType.SEED}
 )
 AGREE_TYPES = frozenset({KeyType.X25519, *algorithms.CURVES})
-
-
-def _guarded_copy(data: bytes) -> Guarded:
-    """Move library-returned bytes into guarded memory and scrub the bytes."""
-    try:
-        return Guarded.from_buffer(data)
-    finally:
-        scrub_bytes(data)
-
-
-def _pkcs8_of(key: PrivateKeyTypes) -> Guarded:
-    return _guarded_copy(key.private_bytes(_DER, _PKCS8, _NOENC))
 
 
 def public_bytes_of(key_type: KeyType, public: PublicKeyTypes) -> bytes:
@@ -85,16 +79,6 @@ def load_public(key_type: KeyType, data: bytes) -> PublicKeyTypes:
     return serialization.load_der_public_key(data)
 
 
-@contextlib.contextmanager
-def _private(key_type: KeyType, material: memoryview) -> Iterator[Any]:
-    """An OpenSSL key object loaded straight from guarded memory (no Python copy)."""
-    key = serialization.load_der_private_key(material, None)
-    try:
-        yield key
-    finally:
-        del key
-
-
 def generate(key_type: KeyType) -> tuple[Guarded, bytes | None]:
     """New material for `key_type`, and its public form (None for symmetric keys)."""
     if key_type is KeyType.ED25519:
@@ -109,11 +93,20 @@ def generate(key_type: KeyType) -> tuple[Guarded, bytes | None]:
             pub = sodium.x25519_public(s)
         return g, pub
     if key_type in algorithms.CURVES:
-        ec_key = ec.generate_private_key(algorithms.CURVES[key_type])
-        return _pkcs8_of(ec_key), public_bytes_of(key_type, ec_key.public_key())
+        curve = _CURVE_INDEX[key_type]
+        g = Guarded(_native.ec_pkcs8_size(curve))
+        try:
+            with g.write() as out:
+                point = _native.ec_generate(curve, out)
+        except BaseException:
+            g.close()
+            raise
+        return g, point
     if key_type in _RSA_BITS:
-        rsa_key = rsa.generate_private_key(65537, _RSA_BITS[key_type])
-        return _pkcs8_of(rsa_key), public_bytes_of(key_type, rsa_key.public_key())
+        bits = _RSA_BITS[key_type]
+        return _rsa_material(
+            key_type, lambda out: _native.rsa_generate(bits, out), bits * 5 // 8 + 256
+        )
     if key_type in (KeyType.AES_256, KeyType.HMAC_SHA256, KeyType.CHACHA20_POLY1305):
         g = Guarded(SYMMETRIC_SIZE)
         with g.write() as s:
@@ -141,25 +134,8 @@ def from_raw(key_type: KeyType, raw: memoryview) -> tuple[Guarded, bytes | None]
         with g.read() as s:
             return g, sodium.x25519_public(s)
     if key_type in algorithms.CURVES:
-        size = 48 if key_type is KeyType.ECDSA_P384 else 32
-        _expect_len(key_type, raw, size)
-        prefix = _EC_PKCS8_PREFIX[key_type]
-        with Guarded(len(prefix) + size) as der:
-            with der.write() as d:
-                d[: len(prefix)] = prefix
-                d[len(prefix) :] = raw
-            with der.read() as d:
-                try:
-                    key = serialization.load_der_private_key(d, None)
-                except (ValueError, TypeError, UnsupportedAlgorithm):
-                    raise InvalidArgument(
-                        f"the key material is not a {key_type.value} key"
-                    ) from None
-                public = key.public_key()
-                del key
-        if not algorithms.public_key_matches(key_type, public):
-            raise InvalidArgument(f"the key material is not a {key_type.value} key")
-        return _ec_pkcs8(key_type, raw, public), public_bytes_of(key_type, public)
+        _expect_len(key_type, raw, _EC_SIZE[key_type])
+        return _ec_material(key_type, raw, raw=True)
     if key_type in (KeyType.AES_256, KeyType.HMAC_SHA256, KeyType.CHACHA20_POLY1305):
         _expect_len(key_type, raw, SYMMETRIC_SIZE)
         return Guarded.from_buffer(raw), None
@@ -170,92 +146,81 @@ def from_raw(key_type: KeyType, raw: memoryview) -> tuple[Guarded, bytes | None]
     raise InvalidArgument(f"{key_type.value} keys cannot be imported raw; use pem or der")
 
 
-# PKCS#8 headers for an EC private key given only its scalar (RFC 5915 inside RFC 5208).
-_EC_PKCS8_PREFIX = {
-    KeyType.ECDSA_P256: bytes.fromhex(
-        "3041020100301306072a8648ce3d020106082a8648ce3d030107042730250201010420"
-    ),
-    KeyType.ECDSA_P384: bytes.fromhex(
-        "304e020100301006072a8648ce3d020106052b81040022043730350201010430"
-    ),
-    KeyType.SECP256K1: bytes.fromhex(
-        "303e020100301006072a8648ce3d020106052b8104000a042730250201010420"
-    ),
-}
+def _ec_material(key_type: KeyType, data: memoryview, raw: bool) -> tuple[Guarded, bytes]:
+    """Checked EC material as the PKCS#8 the vault stores, and its public point.
 
-
-_EC_CURVE_OID = {
-    KeyType.ECDSA_P256: bytes.fromhex("06082a8648ce3d030107"),
-    KeyType.ECDSA_P384: bytes.fromhex("06052b81040022"),
-    KeyType.SECP256K1: bytes.fromhex("06052b8104000a"),
-}
-_EC_PUBLIC_KEY_OID = bytes.fromhex("06072a8648ce3d0201")
-
-
-def _der_len(n: int) -> bytes:
-    if n < 0x80:
-        return bytes([n])
-    if n < 0x100:
-        return bytes([0x81, n])
-    return bytes([0x82, n >> 8, n & 0xFF])
-
-
-def _ec_pkcs8(key_type: KeyType, scalar: memoryview, public: PublicKeyTypes) -> Guarded:
-    """The PKCS#8 that `private_bytes(DER, PKCS8)` makes for an EC key (RFC 5208 around an
-    RFC 5915 ECPrivateKey with its public key), written straight into guarded memory.
-
-    `private_bytes` would leave the key in a freed heap buffer of the library (a Rust Vec
-    that is not zeroed), which tests/test_memory_scan.py can find; and storing the key
-    without its public point would make every later load compute it from the scalar,
-    leaving the scalar on the stack.
+    A raw scalar or PKCS#8/SEC1 DER goes to native code, which checks 1 <= d < n and any
+    embedded public point, and writes PKCS#8 with the public point (the layout
+    `private_bytes(DER, PKCS8)` makes) straight into guarded memory.
     """
-    point = algorithms.encode_public(public, "raw")  # uncompressed: 04 || x || y
-    bits = b"\x03" + _der_len(len(point) + 1) + b"\x00" + point
-    tagged = b"\xa1" + _der_len(len(bits)) + bits
-    head = b"\x02\x01\x01\x04" + _der_len(len(scalar))
-    inner_len = len(head) + len(scalar) + len(tagged)
-    inner_head = b"\x30" + _der_len(inner_len)
-    octet_head = b"\x04" + _der_len(len(inner_head) + inner_len)
-    alg = _EC_PUBLIC_KEY_OID + _EC_CURVE_OID[key_type]
-    alg = b"\x30" + _der_len(len(alg)) + alg
-    body_len = 3 + len(alg) + len(octet_head) + len(inner_head) + inner_len
-    lead = b"\x30" + _der_len(body_len) + b"\x02\x01\x00" + alg + octet_head + inner_head + head
-    g = Guarded(len(lead) + len(scalar) + len(tagged))
-    with g.write() as out:
-        out[: len(lead)] = lead
-        out[len(lead) : len(lead) + len(scalar)] = scalar
-        out[len(lead) + len(scalar) :] = tagged
-    return g
+    curve = _CURVE_INDEX[key_type]
+    g = Guarded(_native.ec_pkcs8_size(curve))
+    try:
+        with g.write() as out:
+            point = _native.ec_import(curve, data, raw, out)
+    except ValueError:
+        g.close()
+        raise InvalidArgument(f"the key material is not a {key_type.value} key") from None
+    except BaseException:
+        g.close()
+        raise
+    return g, point
+
+
+def _rsa_material(
+    key_type: KeyType, make: Callable[[memoryview], tuple[int, bytes, bytes]], scratch_size: int
+) -> tuple[Guarded, bytes]:
+    """RSA material from `make` (native generate or import into a scratch guarded page),
+    moved into a guarded buffer of its exact PKCS#8 length; and the public key's DER."""
+    with Guarded(scratch_size) as scratch:
+        with scratch.write() as out:
+            try:
+                length, n, e = make(out)
+            except ValueError:
+                raise InvalidArgument(f"the key material is not a {key_type.value} key") from None
+            if int.from_bytes(n, "big").bit_length() != _RSA_BITS[key_type]:
+                raise InvalidArgument(f"the key material is not a {key_type.value} key")
+            with out[:length] as der:
+                material = Guarded.from_buffer(der)
+    public = rsa.RSAPublicNumbers(int.from_bytes(e, "big"), int.from_bytes(n, "big"))
+    return material, public_bytes_of(key_type, public.public_key())
 
 
 def from_der(key_type: KeyType, der: memoryview) -> tuple[Guarded, bytes | None]:
-    """Material from a DER private key (PKCS#8, or PKCS#1/SEC1 which OpenSSL also reads)."""
-    try:
-        key = serialization.load_der_private_key(der, None)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise InvalidArgument("the key material is not an unencrypted DER private key") from None
-    return _from_object(key_type, key)
+    """Material from a DER private key: PKCS#8, or PKCS#1 (RSA) or SEC1 (EC), unencrypted.
+
+    Parsed by native/keyops.c's strict DER reader, never by a general decoder.
+    """
+    if key_type in algorithms.CURVES:
+        return _ec_material(key_type, der, raw=False)
+    if key_type in _RSA_BITS:
+        return _rsa_material(key_type, lambda out: _native.rsa_import(der, out), len(der) + 64)
+    if key_type in _PKCS8_25519_PREFIX:
+        with Guarded(32) as key:
+            with key.write() as k:
+                try:
+                    _native.pkcs8_25519(der, key_type is KeyType.X25519, k)
+                except ValueError:
+                    raise InvalidArgument(
+                        f"the key material is not a {key_type.value} key"
+                    ) from None
+            with key.read() as k:
+                return from_raw(key_type, k)
+    raise InvalidArgument(f"{key_type.value} keys are imported raw")
 
 
 def from_pem(key_type: KeyType, pem: memoryview) -> tuple[Guarded, bytes | None]:
-    try:
-        key = serialization.load_pem_private_key(pem, None)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise InvalidArgument("the key material is not an unencrypted PEM private key") from None
-    return _from_object(key_type, key)
-
-
-def _from_object(key_type: KeyType, key: PrivateKeyTypes) -> tuple[Guarded, bytes | None]:
-    public = key.public_key()
-    if not algorithms.public_key_matches(key_type, public):
-        raise InvalidArgument(f"the key material is not a {key_type.value} key")
-    if isinstance(key, ed25519.Ed25519PrivateKey | x25519.X25519PrivateKey):
-        raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, _NOENC)
-        try:
-            return from_raw(key_type, memoryview(raw))
-        finally:
-            scrub_bytes(raw)
-    return _pkcs8_of(key), public_bytes_of(key_type, public)
+    """Material from an unencrypted PEM private key, decoded into guarded memory."""
+    with Guarded(max(len(pem), 1)) as der:
+        with der.write() as d:
+            try:
+                length = _native.pem_to_der(pem, d)
+            except ValueError:
+                raise InvalidArgument(
+                    "the key material is not an unencrypted PEM private key"
+                ) from None
+        with der.read() as d, d[:length] as body:
+            return from_der(key_type, body)
 
 
 def import_material(key_type: KeyType, data: memoryview, fmt: str) -> tuple[Guarded, bytes | None]:
@@ -275,31 +240,32 @@ def import_material(key_type: KeyType, data: memoryview, fmt: str) -> tuple[Guar
 
 
 def export(key_type: KeyType, material: memoryview, fmt: str) -> bytes:
-    """Material as pem/der (PKCS#8) or raw. The result is ordinary `bytes`: the caller's now."""
+    """Material as pem/der (PKCS#8) or raw. The result is ordinary `bytes`: the caller's now.
+
+    Each form is made in one step into that result (native code for PEM and the EC
+    scalar), so no other copy of the key is left behind.
+    """
     if fmt == "raw":
         if key_type is KeyType.ED25519:
             return bytes(material[:32])
         if key_type is KeyType.X25519 or not key_type.is_asymmetric:
             return bytes(material)
         if key_type in algorithms.CURVES:
-            with _private(key_type, material) as key:
-                size = (key.curve.key_size + 7) // 8
-                return int(key.private_numbers().private_value).to_bytes(size, "big")
+            return _native.ec_scalar(_CURVE_INDEX[key_type], material)
         raise InvalidArgument("RSA keys export as pem or der")
     if fmt not in ("pem", "der"):
         raise InvalidArgument(f"unknown export format {fmt!r}; use pem, der or raw")
     if not key_type.is_asymmetric:
         raise InvalidArgument(f"{key_type.value} keys export raw")
-    enc = serialization.Encoding.PEM if fmt == "pem" else _DER
-    if key_type is KeyType.ED25519:
-        obj: Any = ed25519.Ed25519PrivateKey.from_private_bytes(material[:32])
-    elif key_type is KeyType.X25519:
-        obj = x25519.X25519PrivateKey.from_private_bytes(material)
-    elif fmt == "der":
-        return bytes(material)
-    else:
-        obj = serialization.load_der_private_key(material, None)
-    return bytes(obj.private_bytes(enc, _PKCS8, _NOENC))
+    if key_type in _PKCS8_25519_PREFIX:
+        prefix = _PKCS8_25519_PREFIX[key_type]
+        with Guarded(len(prefix) + 32) as der:
+            with der.write() as d:
+                d[: len(prefix)] = prefix
+                d[len(prefix) :] = material[:32]
+            with der.read() as d:
+                return bytes(d) if fmt == "der" else _native.der_to_pem(d, "PRIVATE KEY")
+    return bytes(material) if fmt == "der" else _native.der_to_pem(material, "PRIVATE KEY")
 
 
 def wrap_form(key_type: KeyType, material: memoryview) -> Guarded:
@@ -316,25 +282,31 @@ def unwrap_form(key_type: KeyType, data: memoryview) -> tuple[Guarded, bytes | N
 
 
 def sign(key_type: KeyType, material: memoryview, data: bytes, algorithm: str | None) -> bytes:
+    """Ed25519 and HMAC over `data`; ECDSA and RSA over its digest (see `sign_digest`)."""
     if key_type is KeyType.ED25519:
         return sodium.ed25519_sign(material, data)
     if key_type is KeyType.HMAC_SHA256:
         return hmac_sha256(material, data)
-    with _private(key_type, material) as key:
-        if key_type in algorithms.CURVES:
-            return bytes(key.sign(data, ec.ECDSA(algorithms.digest_for(key_type))))
-        return bytes(key.sign(data, algorithms.rsa_padding(algorithm), hashes.SHA256()))
+    name = "sha384" if key_type is KeyType.ECDSA_P384 else "sha256"
+    return sign_digest(key_type, material, hashlib.new(name, data).digest(), algorithm)
 
 
 def sign_digest(
     key_type: KeyType, material: memoryview, digest: bytes, algorithm: str | None
 ) -> bytes:
-    """ECDSA or RSA over a digest of the message (`algorithms.digest_for`)."""
-    hashed = Prehashed(algorithms.digest_for(key_type))
-    with _private(key_type, material) as key:
-        if key_type in algorithms.CURVES:
-            return bytes(key.sign(digest, ec.ECDSA(hashed)))
-        return bytes(key.sign(digest, algorithms.rsa_padding(algorithm), hashed))
+    """ECDSA (DER signature) or RSA (pkcs1v15 or pss) over a precomputed digest: SHA-384
+    for P-384, SHA-256 otherwise. The message is not secret, so it is hashed in Python."""
+    expected = 48 if key_type is KeyType.ECDSA_P384 else 32
+    if key_type not in _CURVE_INDEX and key_type not in _RSA_BITS:
+        raise InvalidArgument(f"{key_type.value} keys do not sign a digest")
+    if len(digest) != expected:
+        raise InvalidArgument(f"a {key_type.value} digest is {expected} bytes, not {len(digest)}")
+    if key_type in _CURVE_INDEX:
+        return _native.ec_sign(_CURVE_INDEX[key_type], material, digest)
+    name = algorithm or "pkcs1v15"
+    if name not in algorithms.RSA_SIGN_ALGORITHMS:
+        algorithms.rsa_padding(name)  # raises the standard InvalidArgument
+    return _native.rsa_sign(material, digest, name == "pss")
 
 
 def hmac_sha256(material: memoryview, data: bytes) -> bytes:
@@ -384,13 +356,11 @@ def decrypt(
             ) from None
         return bytes(out)
     if key_type in _RSA_BITS:
-        with _private(key_type, material) as key:
-            try:
-                return bytes(key.decrypt(ciphertext, algorithms.oaep(algorithm)))
-            except ValueError:
-                raise IntegrityError(
-                    "RSA-OAEP decryption failed: wrong key or damaged data"
-                ) from None
+        sha1 = algorithms.check_rsa_encrypt_algorithm(algorithm) == "oaep-sha1"
+        try:
+            return _native.rsa_decrypt(material, ciphertext, sha1)
+        except ValueError:
+            raise IntegrityError("RSA-OAEP decryption failed: wrong key or damaged data") from None
     raise InvalidArgument(f"{key_type.value} keys do not decrypt in the vault")
 
 
@@ -406,8 +376,20 @@ def shared_secret(key_type: KeyType, material: memoryview, peer: PublicKeyTypes)
             out.close()
             raise
         return out
-    with _private(key_type, material) as key:
-        return _guarded_copy(key.exchange(ec.ECDH(), peer))
+    if not isinstance(peer, ec.EllipticCurvePublicKey):
+        raise InvalidArgument(f"the peer key is not a {key_type.value} public key")
+    point = algorithms.encode_public(peer, "raw")
+    out = Guarded(_EC_SIZE[key_type])
+    try:
+        with out.write() as o:
+            _native.ec_ecdh(_CURVE_INDEX[key_type], material, point, o)
+    except ValueError:
+        out.close()
+        raise InvalidArgument(f"the peer key is not a {key_type.value} public key") from None
+    except BaseException:
+        out.close()
+        raise
+    return out
 
 
 def hkdf_into_new(
