@@ -468,7 +468,7 @@ def test_recovery_shares_open_the_vault_and_replace_the_old_set(
         (slot,) = [s for s in vault.vault_status()["slots"] if s["method"] == "recovery"]
         assert slot["policy"] == "recovery shares: 2 of 2 groups"
         vault.lock()
-        with pytest.raises(InvalidArgument, match=r"too few recovery shares: 2 complete group\(s\) needed, 1 given"):
+        with pytest.raises(InvalidArgument, match=r"2 complete group\(s\) needed, 1 given"):
             vault.recover(family[:2])
         assert vault.recover([family[2], lawyer[0], family[0]]) == slot["id"]
         ks.sign("k", DATA)
