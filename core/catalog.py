@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import builtins
 import json
-import mmap
 import os
 import sqlite3
 import threading
@@ -376,29 +375,38 @@ class Catalog:
 class _ChangeStamp:
     """Eight shared bytes that every catalog writer sets to a fresh random value.
 
-    Readers cache catalog rows and compare the stamp (a memory read, no system call) on
-    each lookup, so a key deleted or created by another process is seen at once. The
-    stamp lives in a file mapped MAP_SHARED beside the catalog. A random value rather
-    than a counter needs no lock: two writers can never leave it unchanged.
+    Readers cache catalog rows and compare the stamp on each lookup, so a key deleted or
+    created by another process is seen at once. The stamp lives in a file beside the
+    catalog. A random value rather than a counter needs no lock: two writers can never leave
+    it unchanged.
+
+    It is read with pread, not through a shared mapping: a mapped file that another process
+    truncates kills every process touching the mapping with SIGBUS, the service included.
+    A stamp cut short reads as changed and is grown back to its eight bytes.
     """
 
     def __init__(self, path: Path) -> None:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            if os.fstat(fd).st_size < 8:
-                os.ftruncate(fd, 8)
-            self._map = mmap.mmap(fd, 8, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            os.close(fd)
+            if os.fstat(self._fd).st_size < 8:
+                os.ftruncate(self._fd, 8)
+        except BaseException:
+            os.close(self._fd)
+            raise
 
     def read(self) -> bytes:
-        return self._map[:8]
+        stamp = os.pread(self._fd, 8, 0)
+        if len(stamp) < 8:  # truncated behind our back: restore the size, report a change
+            os.ftruncate(self._fd, 8)
+        return stamp
 
     def bump(self) -> None:
-        self._map[:8] = os.urandom(8)
+        os.pwrite(self._fd, os.urandom(8), 0)
 
     def close(self) -> None:
-        self._map.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def now() -> datetime:

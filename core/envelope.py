@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from . import strictjson
 from .errors import DataFormatError, DataTruncated, IntegrityError, InvalidArgument
 
 if TYPE_CHECKING:
@@ -166,7 +167,7 @@ def read_header(src: BinaryIO) -> tuple[EnvelopeHeader, bytes, bytes]:
     if len(body) < length or len(mac) < MAC_SIZE:
         raise DataTruncated("the envelope ends inside its header")
     try:
-        doc = json.loads(body)
+        doc = strictjson.loads(body)
         kek = doc["kek"]
         header = EnvelopeHeader(
             key=str(kek["key"]),

@@ -1073,6 +1073,10 @@ MAX_HEAD_BYTES = 16 * 1024
 """The request line and headers together: larger is refused with 431 before it is buffered."""
 
 
+class _HeadTooLarge(Exception):
+    """Raised in the HTTP parser's callbacks to stop parsing a head over MAX_HEAD_BYTES."""
+
+
 def _protocol_class() -> type:
     """uvicorn's httptools protocol with two additions of ours.
 
@@ -1099,6 +1103,7 @@ def _protocol_class() -> type:
         _tls_ext: dict[str, Any] | None = None
         _in_head = True
         _head_bytes = 0
+        _head_parts = 0
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -1116,15 +1121,44 @@ def _protocol_class() -> type:
                 }
 
         def data_received(self, data: bytes) -> None:
+            # Two counts: the raw bytes of a head that arrives over several reads (so that
+            # httptools never buffers more than the cap), and in the parser's callbacks the
+            # head's parts, which also catches a whole oversized head (or several pipelined
+            # ones) arriving in a single read.
             if self._in_head:
                 self._head_bytes += len(data)
             super().data_received(data)
             if self._in_head and self._head_bytes > MAX_HEAD_BYTES:
-                self._in_head = False
-                self.transport.write(response)
-                self.transport.close()
+                self._refuse_head()
+
+        def _refuse_head(self) -> None:
+            self._in_head = False
+            self.transport.write(response)
+            self.transport.close()
+
+        def _count_head(self, size: int) -> None:
+            self._head_parts += size
+            if self._head_parts > MAX_HEAD_BYTES:
+                # httptools turns this into a parse error, which uvicorn answers through
+                # send_400_response: that is where the 431 goes out instead
+                raise _HeadTooLarge
+
+        def send_400_response(self, msg: str) -> None:
+            if self._head_parts > MAX_HEAD_BYTES:
+                self._refuse_head()
+            else:
+                super().send_400_response(msg)
+
+        def on_url(self, url: bytes) -> None:
+            self._count_head(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count_head(len(name) + len(value) + 4)  # ": " and CRLF
+            super().on_header(name, value)
 
         def on_message_begin(self) -> None:
+            self._head_parts = 0
             super().on_message_begin()
             if self._tls_ext is not None:
                 self.scope["extensions"] = cast(Any, {"tls": self._tls_ext})

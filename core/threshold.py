@@ -28,6 +28,7 @@ from shamir_mnemonic import combine_mnemonics as _combine_mnemonics
 from shamir_mnemonic import generate_mnemonics as _generate_mnemonics
 from shamir_mnemonic import recover_ems as _recover_ems
 from shamir_mnemonic.shamir import ShareGroup
+from shamir_mnemonic.wordlist import WORD_INDEX_MAP as _SLIP39_WORDS
 
 from .errors import IntegrityError, InvalidArgument
 
@@ -278,26 +279,68 @@ def check_recovery_shape(shape: Sequence[tuple[int, int]], group_threshold: int 
             )
 
 
+def _parse_share(mnemonic: str, which: str) -> Share:
+    """One SLIP-39 share. Errors say which share and which word position, never a word:
+    shamir_mnemonic's own messages quote the words (a mistyped one included), and a share's
+    words are its secret."""
+    words = mnemonic.split()
+    for position, word in enumerate(words, 1):
+        if word not in _SLIP39_WORDS:
+            raise InvalidArgument(f"{which}: word {position} is not in the SLIP-39 word list")
+    try:
+        return Share.from_mnemonic(mnemonic)
+    except (MnemonicError, ValueError):
+        raise InvalidArgument(
+            f"{which} is not a valid SLIP-39 share ({len(words)} words): its checksum or "
+            "length is wrong, so a word is probably mistyped or missing"
+        ) from None
+
+
+def _check_set(shares: Sequence[Share]) -> None:
+    """Name what keeps valid shares from recovering: another set, or too few of them."""
+    first = shares[0]
+    for number, share in enumerate(shares[1:], 2):
+        if (share.identifier, share.group_threshold, share.group_count) != (
+            first.identifier,
+            first.group_threshold,
+            first.group_count,
+        ):
+            raise InvalidArgument(f"share {number} belongs to another set of shares than share 1")
+    groups: dict[int, set[int]] = {}
+    needed: dict[int, int] = {}
+    for share in shares:
+        groups.setdefault(share.group_index, set()).add(share.index)
+        needed[share.group_index] = share.member_threshold
+    complete = [g for g, members in groups.items() if len(members) >= needed[g]]
+    if len(complete) < first.group_threshold:
+        counts = ", ".join(
+            f"group {g + 1}: {len(members)} of {needed[g]}" for g, members in sorted(groups.items())
+        )
+        raise InvalidArgument(
+            f"too few recovery shares: {first.group_threshold} complete group(s) needed, "
+            f"{len(complete)} given ({counts})"
+        )
+
+
 def recover_secret(mnemonics: Sequence[str], passphrase: str = "") -> bytes:
     """The secret from SLIP-39 mnemonics; InvalidArgument naming the problem if they are not a
     valid, sufficient set. A wrong passphrase gives a different secret (SLIP-39 by design)."""
     cleaned = [" ".join(m.lower().split()) for m in mnemonics if m.strip()]
     if not cleaned:
         raise InvalidArgument("no recovery shares were given")
+    _check_set([_parse_share(m, f"share {i}") for i, m in enumerate(cleaned, 1)])
     try:
         return bytes(_combine_mnemonics(cleaned, _slip39_passphrase(passphrase)))
-    except MnemonicError as e:
-        raise InvalidArgument(f"the recovery shares are not a valid set: {e}") from None
-    except ValueError as e:  # e.g. a word not in the SLIP-39 word list
-        raise InvalidArgument(f"the recovery shares are not valid SLIP-39 mnemonics: {e}") from None
+    except (MnemonicError, ValueError):  # what _check_set cannot see, e.g. duplicate indices
+        raise InvalidArgument(
+            "the recovery shares are not a valid set (a share given twice, or shares of "
+            "different sets)"
+        ) from None
 
 
 def mnemonic_identifier(mnemonic: str) -> int:
     """The SLIP-39 identifier of a mnemonic share (which set it belongs to)."""
-    try:
-        return int(Share.from_mnemonic(" ".join(mnemonic.lower().split())).identifier)
-    except (MnemonicError, ValueError) as e:
-        raise InvalidArgument(f"not a valid SLIP-39 mnemonic share: {e}") from None
+    return int(_parse_share(" ".join(mnemonic.lower().split()), "the share").identifier)
 
 
 __all__ = [

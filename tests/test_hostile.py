@@ -7,6 +7,9 @@ and leave the keystore usable: never an untyped exception, a crash or a hang.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -60,3 +63,34 @@ def test_a_deeply_nested_audit_line_is_named_and_does_not_stop_the_keystore(cfg:
     r = run_cli(cfg, "--json", "audit", "verify")
     assert r.returncode == CORRUPT
     assert json.loads(r.stdout)["first_bad"]["line"] == bad_line
+
+
+def test_a_truncated_change_stamp_does_not_kill_the_process(cfg: Path) -> None:
+    """Found: truncating catalog.sqlite.stamp killed every process that had the catalog open
+    (SIGBUS through a shared mapping), the service included."""
+    child = textwrap.dedent(
+        """
+        import os, sys
+        import strongroom
+        stamp = sys.argv[2]
+        with strongroom.open(sys.argv[1]) as ks:
+            ks.generate("k", "ed25519")
+            for size in (0, 3, 0):
+                os.truncate(stamp, size)
+                ks.verify("k", b"m", ks.sign("k", b"m"))
+                ks.generate(f"k{size}-{len(ks.keys())}", "ed25519")  # writers bump it again
+                assert len(ks.keys()) >= 2
+        print("survived")
+        """
+    )
+    stamp = cfg.parent / "data" / "catalog.sqlite.stamp"
+    r = subprocess.run(
+        [sys.executable, "-c", child, str(cfg), str(stamp)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert r.stdout.strip() == "survived"
+    assert stamp.stat().st_size == 8

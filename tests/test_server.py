@@ -490,6 +490,22 @@ def test_hostile_requests_get_4xx_not_500(service: Service, tokens: Tenancy) -> 
         s.settimeout(10)
         head = s.recv(4096)
     assert head.startswith(b"HTTP/1.1 431"), head[:80]
+    # found: a whole oversized head that arrived in one read got 200 (119 KB heads); a big
+    # header, many small ones, or a long URL, each complete and sent at once
+    heads = [
+        b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 119_000 + b"\r\n\r\n",
+        b"GET /v1/health HTTP/1.1\r\nHost: x\r\n"
+        + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 40) for i in range(2000))
+        + b"\r\n",
+        b"GET /v1/health?" + b"q" * 40_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    ]
+    for request in heads:
+        with socketlib.socket(socketlib.AF_UNIX) as s:
+            s.connect(str(service.socket))
+            s.sendall(request)
+            s.settimeout(10)
+            head = s.recv(4096)
+        assert head.startswith(b"HTTP/1.1 431"), head[:80]
     # two Authorization headers: neither counts
     with raw_client(service, tokens.acme_app) as c:
         r = c.get(

@@ -157,7 +157,7 @@ def test_lose_every_device_and_recover_with_printed_shares(tmp_path: Path, tpm: 
     one_line_error(
         cli("vault", "recover", "--share-file", str(files[0]), "--passphrase", "env:SR_THR_SHARES"),
         USAGE,
-        "Wrong number of mnemonics",
+        "too few recovery shares",
     )
     one_line_error(
         cli("vault", "recover", "--share-file", str(files[0]), "--share-file", str(files[2])),

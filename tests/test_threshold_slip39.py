@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -77,11 +78,11 @@ def test_recovery_mnemonics_round_trip_with_any_k() -> None:
         assert recover_secret([shares[i] for i in picked], "pass phrase") == secret
     # messy typing is accepted: case and spaces
     assert recover_secret([shares[0].upper(), "  " + shares[1], shares[2]], "pass phrase") == secret
-    with pytest.raises(InvalidArgument, match="Wrong number of mnemonics"):
+    with pytest.raises(InvalidArgument, match=r"too few recovery shares.*group 1: 2 of 3"):
         recover_secret(shares[:2], "pass phrase")
     bad = shares[0].split()
     bad[10] = "academic" if bad[10] != "academic" else "acid"
-    with pytest.raises(InvalidArgument, match="checksum"):
+    with pytest.raises(InvalidArgument, match=r"share 1 is not a valid SLIP-39 share.*checksum"):
         recover_secret([" ".join(bad), *shares[1:3]], "pass phrase")
     with pytest.raises(InvalidArgument, match="printable ASCII"):
         recovery_mnemonics(secret, 2, 3, "pässphrase")
@@ -146,3 +147,39 @@ def test_policy_parsing_and_validation() -> None:
         Policy.of(1, [f"passphrase:p{i}" for i in range(17)])
     with pytest.raises(InvalidArgument, match="letters"):
         Policy.of(1, ["passphrase:bad name"])
+
+
+def test_recovery_errors_name_the_share_and_position_never_a_word() -> None:
+    """Found: errors quoted share words, a mistyped one included (the words are the secret)."""
+    secret = os.urandom(32)
+    (shares,) = recovery_mnemonics(secret, 2, 3)
+    (other,) = recovery_mnemonics(os.urandom(32), 2, 3)
+    typo = shares[1].split()
+    typo[6] = typo[6][:-1] + ("x" if typo[6][-1] != "x" else "y")  # not in the word list
+    swapped = shares[1].split()
+    swapped[3], swapped[4] = swapped[4], swapped[3]
+    cases = [
+        ([shares[0], " ".join(typo)], r"share 2: word 7 is not in the SLIP-39 word list"),
+        ([shares[0], " ".join(swapped)], r"share 2 is not a valid SLIP-39 share"),
+        ([shares[0], " ".join(shares[1].split()[:-1])], r"share 2 is not a valid"),
+        ([shares[0], other[1]], r"share 2 belongs to another set"),
+        ([shares[2]], r"too few recovery shares"),
+        ([shares[0], shares[0]], r"too few recovery shares|a share given twice"),
+    ]
+    # Any run of three words of a share, or the mistyped word. Not single words: SLIP-39's
+    # list has ordinary English ("group", "method"), which a message may use on its own.
+    runs = {
+        " ".join(ws[i : i + 3])
+        for m in (*shares, *other)
+        for ws in [m.split()]
+        for i in range(len(ws) - 2)
+    }
+    for given, why in cases:
+        with pytest.raises(InvalidArgument, match=why) as err:
+            recover_secret(given)
+        message = " ".join(str(err.value).lower().split())
+        assert not [r for r in runs if r in message], "the message quotes a share"
+        assert not re.search(rf"\b{re.escape(typo[6])}\b", message)
+    with pytest.raises(InvalidArgument, match="word 7") as err:
+        mnemonic_identifier(" ".join(typo))
+    assert typo[6] not in str(err.value)

@@ -150,8 +150,13 @@ def verify_statement(
         ak = ak_area.public_key()
         asymmetric = key_area.type in (st.ALG_ECC, st.ALG_RSA)
         key_public = key_area.public_key() if asymmetric else None
+        # Names hash the public areas with their own nameAlg, which the statement chooses.
+        ak_qualified_name = st.qualified_name_of_primary(st.RH_ENDORSEMENT, ak_area)
+        key_name = key_area.name
     except st.StructureError as e:
         raise AttestationInvalid(f"the statement is malformed: {e}") from None
+    except (ValueError, TypeError, OverflowError):  # e.g. a point not on its curve
+        raise AttestationInvalid("the statement is malformed: a public area is not a key") from None
 
     needed = st.RESTRICTED | st.SIGN_ENCRYPT | st.FIXED_TPM
     if ak_area.attributes & needed != needed:
@@ -166,21 +171,21 @@ def verify_statement(
         )
     _verify_signature(ak, signature, _bytes(statement, "certify_info"))
 
-    if info.qualified_signer != st.qualified_name_of_primary(st.RH_ENDORSEMENT, ak_area):
+    if info.qualified_signer != ak_qualified_name:
         raise AttestationInvalid(
             "the TPMS_ATTEST names a different signer than the attestation key"
         )
     claimed = _field(statement, "nonce")
     if not isinstance(claimed, str) or not hmac.compare_digest(
-        claimed.lower(), info.extra_data.hex()
+        claimed.lower().encode("utf-8", "replace"), info.extra_data.hex().encode()
     ):
         raise AttestationInvalid("the statement's nonce is not the one the TPM certified")
     if nonce is not None and not hmac.compare_digest(bytes(nonce), info.extra_data):
         raise AttestationInvalid("the TPM certified a different nonce than the one expected")
-    if info.name != key_area.name:
+    if info.name != key_name:
         raise AttestationInvalid(
             "the certified Name does not match the key's public area "
-            f"(certified {info.name.hex()}, public area {key_area.name.hex()})"
+            f"(certified {info.name.hex()}, public area {key_name.hex()})"
         )
     if not (key_area.has(st.FIXED_TPM) and key_area.has(st.FIXED_PARENT)):
         raise AttestationInvalid(
@@ -196,7 +201,7 @@ def verify_statement(
         "key": key.get("name"),
         "key_type": key.get("type"),
         "key_public_key": None if key_public is None else _spki_pem(key_public),
-        "tpm_name": key_area.name.hex(),
+        "tpm_name": key_name.hex(),
         "key_attributes": key_area.attribute_names(),
         "generated_in_tpm": key_area.has(st.SENSITIVE_DATA_ORIGIN),
         "attestation_key": fingerprint(ak),

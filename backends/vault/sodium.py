@@ -7,6 +7,7 @@ in guarded buffers. This is the only vault module that touches `ffi`/`lib`.
 
 from __future__ import annotations
 
+import signal
 import threading
 
 from nacl._sodium import ffi, lib
@@ -91,6 +92,19 @@ def keyed_hash_into(key: memoryview, personal: bytes, out: memoryview) -> None:
         raise RuntimeError("crypto_generichash_blake2b_salt_personal failed")
 
 
+_ASYNC_SIGNALS = signal.valid_signals() - {
+    signal.SIGSEGV,
+    signal.SIGBUS,
+    signal.SIGFPE,
+    signal.SIGILL,
+    signal.SIGTRAP,
+    signal.SIGSYS,
+    signal.SIGABRT,
+}
+"""Signals a worker thread blocks so that they reach the main thread: all but the faults the
+thread's own instructions raise."""
+
+
 def argon2id_into(out: memoryview, passphrase: bytes, salt: bytes, ops: int, mem: int) -> None:
     """Argon2id (libsodium crypto_pwhash) into guarded memory.
 
@@ -107,6 +121,10 @@ def argon2id_into(out: memoryview, passphrase: bytes, salt: bytes, ops: int, mem
     state: dict[str, int | bool | None] = {"rc": None, "abandoned": False}
 
     def derive() -> None:
+        # A process-directed signal goes to any thread that does not block it. Delivered
+        # here, it would interrupt nothing: the main thread would sleep on in join() until
+        # the derivation ended. Blocked here, the kernel must deliver it to the main thread.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
         with scratch.write() as target:
             rc = lib.crypto_pwhash(
                 _wptr(target),
