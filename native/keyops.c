@@ -428,6 +428,26 @@ static span span_of(const Py_buffer *b)
     return s;
 }
 
+/* The curve of a stored key, its scalar and point found in `material` (PKCS#8 in guarded
+   memory), with the secure heap and the curve groups ready; NULL with a Python error set
+   when any of that fails. */
+static const curve_info *ec_stored_key(int index, const Py_buffer *material, span *d, span *point)
+{
+    const curve_info *c = curve_arg(index);
+    if (c == NULL)
+        return NULL;
+    secure_heap_init();
+    if (!curve_groups_init()) {
+        ossl_failed("load an EC group");
+        return NULL;
+    }
+    if (!ec_parts(c, span_of(material), d, point)) {
+        bad_key(c->name);
+        return NULL;
+    }
+    return c;
+}
+
 /* -- EC entry points ------------------------------------------------------------------ */
 
 static PyObject *ec_pkcs8_size_impl(PyObject *args)
@@ -569,22 +589,13 @@ static PyObject *ec_sign_impl(PyObject *args)
     span d, point;
     if (!PyArg_ParseTuple(args, "iy*y*:ec_sign", &index, &material, &digest))
         return NULL;
-    const curve_info *c = curve_arg(index);
-    if (c == NULL)
-        goto done;
     if (digest.len < 20 || digest.len > 64) {
         PyErr_SetString(PyExc_ValueError, "an ECDSA digest is 20 to 64 bytes");
         goto done;
     }
-    secure_heap_init();
-    if (!curve_groups_init()) {
-        ossl_failed("load an EC group");
+    const curve_info *c = ec_stored_key(index, &material, &d, &point);
+    if (c == NULL)
         goto done;
-    }
-    if (!ec_parts(c, span_of(&material), &d, &point)) {
-        bad_key(c->name);
-        goto done;
-    }
     Py_BEGIN_ALLOW_THREADS
     key = ec_key_of(c, d);
     if (key != NULL)
@@ -616,20 +627,11 @@ static PyObject *ec_ecdh_impl(PyObject *args)
     span d, point;
     if (!PyArg_ParseTuple(args, "iy*y*w*:ec_ecdh", &index, &material, &peer, &out))
         return NULL;
-    const curve_info *c = curve_arg(index);
+    const curve_info *c = ec_stored_key(index, &material, &d, &point);
     if (c == NULL)
         goto done;
     if ((size_t)out.len != c->size) {
         PyErr_SetString(PyExc_ValueError, "output buffer has the wrong size");
-        goto done;
-    }
-    secure_heap_init();
-    if (!curve_groups_init()) {
-        ossl_failed("load an EC group");
-        goto done;
-    }
-    if (!ec_parts(c, span_of(&material), &d, &point)) {
-        bad_key(c->name);
         goto done;
     }
     key = ec_key_of(c, d);
