@@ -94,3 +94,38 @@ def test_a_truncated_change_stamp_does_not_kill_the_process(cfg: Path) -> None:
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     assert r.stdout.strip() == "survived"
     assert stamp.stat().st_size == 8
+
+
+def test_processes_racing_on_first_use_all_get_the_one_vault(cfg: Path) -> None:
+    """Found: processes starting together on a new data_dir with `create = true` failed
+    with "a vault already exists" (12 of 60)."""
+    child = textwrap.dedent(
+        """
+        import os, sys
+        import strongroom
+        go = sys.argv[2]
+        while not os.path.exists(go):  # start together
+            pass
+        with strongroom.open(sys.argv[1]) as ks:
+            ks.generate(f"k{os.getpid()}", "ed25519")
+            print(ks.vault_control().vault_status()["vault_id"], os.getpid())
+        """
+    )
+    go = cfg.parent / "go"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", child, str(cfg), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(8)
+    ]
+    go.touch()
+    results = [p.communicate(timeout=120) for p in procs]
+    failures = [err[-600:] for p, (_, err) in zip(procs, results, strict=True) if p.returncode]
+    assert not failures, failures
+    lines = [out.split() for out, _ in results]
+    assert len({vault_id for vault_id, _ in lines}) == 1, "every process opened the same vault"
+    with strongroom.open(cfg) as ks:
+        assert {k.name for k in ks.keys()} == {f"k{pid}" for _, pid in lines}
