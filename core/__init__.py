@@ -41,6 +41,7 @@ from .errors import (
     SnapshotTampered,
     SnapshotTruncated,
     SnapshotVersionError,
+    StorageError,
     StrongroomError,
     UnsupportedOperation,
 )
@@ -111,6 +112,7 @@ __all__ = [
     "SnapshotTampered",
     "SnapshotTruncated",
     "SnapshotVersionError",
+    "StorageError",
     "StrongroomError",
     "UnsupportedOperation",
     "Usage",

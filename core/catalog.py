@@ -6,15 +6,17 @@ It holds no secret. Writes are durable (synchronous=FULL) and the schema is vers
 from __future__ import annotations
 
 import builtins
+import contextlib
 import json
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .errors import KeyExists, KeyNotFound, StrongroomError
+from .errors import KeyExists, KeyNotFound, StorageError, StrongroomError
 from .types import KeyInfo, KeyType, Usage
 
 SCHEMA_VERSION = 2
@@ -86,21 +88,36 @@ class Catalog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with self._storage("open"):
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                os.close(fd)
+                self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.execute("PRAGMA busy_timeout=10000")
+                self._migrate()
+            except sqlite3.OperationalError:
+                raise
+            except sqlite3.DatabaseError as e:
+                raise CatalogError(f"cannot open the catalog {path}: {e}") from None
+            self._lock = threading.RLock()
+            self._cache: dict[tuple[str, str], KeyInfo] = {}
+            self._stamp = _ChangeStamp(path.with_name(path.name + ".stamp"))
+            self._cache_stamp = self._stamp.read()
+
+    @contextlib.contextmanager
+    def _storage(self, doing: str) -> Iterator[None]:
+        """A full or read-only disk (or the like) as a StorageError naming the catalog."""
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            os.close(fd)
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA busy_timeout=10000")
-            self._migrate()
-        except sqlite3.DatabaseError as e:
-            raise CatalogError(f"cannot open the catalog {path}: {e}") from None
-        self._lock = threading.RLock()
-        self._cache: dict[tuple[str, str], KeyInfo] = {}
-        self._stamp = _ChangeStamp(path.with_name(path.name + ".stamp"))
-        self._cache_stamp = self._stamp.read()
+            yield
+        except sqlite3.OperationalError as e:
+            raise StorageError(f"cannot {doing} the catalog {self.path}: {e}") from None
+        except OSError as e:
+            raise StorageError(
+                f"cannot {doing} the catalog {self.path}: {e.strerror or e}"
+            ) from None
 
     def _migrate(self) -> None:
         with self._db:
@@ -193,7 +210,7 @@ class Catalog:
         """Insert a row; KeyExists if the name is taken."""
         created = (info.created or now()).isoformat()
         attributes = json.dumps(info.attributes, sort_keys=True)
-        with self._lock:
+        with self._lock, self._storage("write"):
             try:
                 with self._db:
                     self._db.execute("BEGIN IMMEDIATE")
@@ -231,7 +248,7 @@ class Catalog:
 
     def remove(self, namespace: str, name: str) -> None:
         """Remove a key's row and the rows of all its versions."""
-        with self._lock:
+        with self._lock, self._storage("write"):
             with self._db:
                 self._db.execute("BEGIN IMMEDIATE")
                 cur = self._db.execute(
@@ -283,7 +300,7 @@ class Catalog:
         rotations racing each other cannot both win.
         """
         attributes = json.dumps(new.attributes, sort_keys=True)
-        with self._lock:
+        with self._lock, self._storage("write"):
             with self._db:
                 self._db.execute("BEGIN IMMEDIATE")
                 cur = self._db.execute(
@@ -318,7 +335,7 @@ class Catalog:
 
     def remove_version(self, namespace: str, name: str, version: int) -> None:
         """Forget one older version (never the primary)."""
-        with self._lock:
+        with self._lock, self._storage("write"):
             self._db.execute(
                 "DELETE FROM key_versions WHERE namespace=? AND name=? AND version=? AND "
                 "version < (SELECT version FROM keys WHERE namespace=? AND name=?)",
@@ -348,7 +365,7 @@ class Catalog:
         if delete_after is None or isinstance(delete_after, datetime):
             sets.append("delete_after=?")
             args.append(None if delete_after is None else delete_after.isoformat())
-        with self._lock:
+        with self._lock, self._storage("write"):
             if sets:
                 cur = self._db.execute(
                     f"UPDATE keys SET {', '.join(sets)} WHERE namespace=? AND name=?",  # noqa: S608

@@ -176,6 +176,15 @@ class ThresholdNotMet(AuthenticationFailed):
         super().__init__(message)
 
 
+class StorageError(StrongroomError):
+    """The data directory (or another file Strongroom writes) cannot be written or read: the
+    disk is full, the file system read-only, a quota or file size limit reached, or the
+    permissions wrong. The message names the path and the cause. Nothing was reported done
+    that was not saved."""
+
+    exit_code = 14
+
+
 class AuditUnavailable(StrongroomError):
     """The audit record of an operation could not be written, so the operation is refused:
     its result (a signature, a plaintext) is not returned."""

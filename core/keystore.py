@@ -46,6 +46,7 @@ from .errors import (
     KeyExists,
     KeyNotFound,
     PolicyViolation,
+    StorageError,
     StrongroomError,
     UnsupportedOperation,
     VersionRetired,
@@ -123,7 +124,12 @@ class Keystore:
         self._closed = False
         self._audit_prefix = ""
         self._is_view = False
-        config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise StorageError(
+                f"cannot make the data directory {config.data_dir}: {e.strerror or e}"
+            ) from None
         self._backends: dict[str, Backend] = {}
         self._unusable: dict[str, tuple[str, str]] = {}
         classes = backend_classes()

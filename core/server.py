@@ -47,6 +47,7 @@ from .errors import (
     KeyExists,
     KeyNotFound,
     PolicyViolation,
+    StorageError,
     StrongroomError,
     UnsupportedOperation,
 )
@@ -90,6 +91,7 @@ _STATUS_OF: list[tuple[type[BaseException], int]] = [
     (UnsupportedOperation, 422),
     (BackendUnavailable, 503),
     (AuditUnavailable, 503),
+    (StorageError, 503),
 ]
 
 _AUDITED_REFUSALS = frozenset({401, 403, 404, 413, 423, 429})
@@ -318,11 +320,12 @@ class App:
             if status == 503 and not (who is not None and who.admin):
                 # the detail names server paths and devices: the operator's, in the log
                 log.warning("refused with 503: %s: %s", type(e).__name__, e)
-                message = (
-                    "the audit log cannot be written: the operation was refused"
-                    if isinstance(e, AuditUnavailable)
-                    else "a backend the operation needs is unavailable; see the service log"
-                )
+                if isinstance(e, AuditUnavailable):
+                    message = "the audit log cannot be written: the operation was refused"
+                elif isinstance(e, StorageError):
+                    message = "the service cannot save its state: the operation was refused"
+                else:
+                    message = "a backend the operation needs is unavailable; see the service log"
             return status, {"error": {"type": type(e).__name__, "message": message, **extra}}, []
         except Exception as e:  # a bug: say nothing of it to the caller, log its kind only
             log.exception("request failed: %s", type(e).__name__)

@@ -7,13 +7,21 @@ and leave the keystore usable: never an untyped exception, a crash or a hang.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, run_cli, write_vault_config
+from conftest import (
+    STRONGROOM_BIN,
+    VAULT_PASS_ENV,
+    VAULT_PASSPHRASE,
+    run_cli,
+    write_vault_config,
+)
 
 import strongroom
 from strongroom import strictjson
@@ -21,6 +29,7 @@ from strongroom.audit import verify_log
 from strongroom.errors import IntegrityError
 
 CORRUPT = 9
+STORAGE = 14
 DEEP = b"[" * 200_000 + b"]" * 200_000
 
 
@@ -94,3 +103,115 @@ def test_a_truncated_change_stamp_does_not_kill_the_process(cfg: Path) -> None:
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     assert r.stdout.strip() == "survived"
     assert stamp.stat().st_size == 8
+
+
+def test_processes_racing_on_first_use_all_get_the_one_vault(cfg: Path) -> None:
+    """Found: processes starting together on a new data_dir with `create = true` failed
+    with "a vault already exists" (12 of 60)."""
+    child = textwrap.dedent(
+        """
+        import os, sys
+        import strongroom
+        go = sys.argv[2]
+        while not os.path.exists(go):  # start together
+            pass
+        with strongroom.open(sys.argv[1]) as ks:
+            ks.generate(f"k{os.getpid()}", "ed25519")
+            print(ks.vault_control().vault_status()["vault_id"], os.getpid())
+        """
+    )
+    go = cfg.parent / "go"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", child, str(cfg), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(8)
+    ]
+    go.touch()
+    results = [p.communicate(timeout=120) for p in procs]
+    failures = [err[-600:] for p, (_, err) in zip(procs, results, strict=True) if p.returncode]
+    assert not failures, failures
+    lines = [out.split() for out, _ in results]
+    assert len({vault_id for vault_id, _ in lines}) == 1, "every process opened the same vault"
+    with strongroom.open(cfg) as ks:
+        assert {k.name for k in ks.keys()} == {f"k{pid}" for _, pid in lines}
+
+
+STORAGE_CHILD = """
+import json, os, subprocess, sys
+mnt, cli = sys.argv[1], sys.argv[2]
+def run(*args):
+    r = subprocess.run([cli, *args], capture_output=True, text=True)
+    return {"rc": r.returncode, "err": r.stderr}
+def mount(*opts):
+    subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(opts), "tmpfs", mnt], check=True)
+mount("size=512k")
+out = {"init": run("init"), "made": []}
+st = os.statvfs(mnt)  # fill the disk but for a few records' room
+with open(os.path.join(mnt, "filler"), "wb") as f:
+    f.write(bytes(max(0, st.f_bavail * st.f_frsize - 64 * 1024)))
+for i in range(100):
+    r = run("key", "generate", f"k{i}", "--type", "ed25519")
+    if r["rc"]:
+        out["full"] = r
+        break
+    out["made"].append(f"k{i}")
+subprocess.run(["mount", "-o", "remount,size=16m", mnt], check=True)
+out["after"] = [run("key", "sign", k, "--out", os.devnull) for k in out["made"]]
+out["list"] = subprocess.run([cli, "--json", "key", "list"], capture_output=True, text=True).stdout
+subprocess.run(["mount", "-o", "remount,ro", mnt], check=True)
+out["readonly"] = run("key", "generate", "ro", "--type", "ed25519")
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root")
+def test_a_full_or_read_only_data_dir_is_a_typed_error_naming_the_path(tmp_path: Path) -> None:
+    """Found: a full, read-only or size-limited data_dir gave a bare OSError. Each is now a
+    StorageError (exit 14) naming the path and the cause, and no key is acknowledged that
+    was not saved. The data_dir is a small tmpfs in a mount namespace of the test's own."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cfg = tmp_path / "strongroom.toml"
+    cfg.write_text(
+        f'[keystore]\ndata_dir = "{mnt / "data"}"\n'
+        f'[backends.vault]\ntype = "vault"\npassphrase = "env:{VAULT_PASS_ENV}"\n'
+        "kdf_memory_kib = 8192\nkdf_iterations = 1\n"
+    )
+    env = dict(os.environ, STRONGROOM_CONFIG=str(cfg), **{VAULT_PASS_ENV: VAULT_PASSPHRASE})
+    r = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            sys.executable,
+            "-c",
+            STORAGE_CHILD,
+            str(mnt),
+            str(STRONGROOM_BIN),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert out["init"]["rc"] == 0, out["init"]
+    full = out["full"]
+    assert full["rc"] == STORAGE, full
+    assert full["err"].count("\n") == 1 and str(mnt / "data") in full["err"], full
+    # the snapshot's write or SQLite's (whichever needs room first) names the cause
+    causes = ("No space left on device", "database or disk is full", "disk I/O error")
+    assert any(c in full["err"] for c in causes), full
+    assert out["made"], "some keys fit before the disk filled"
+    assert all(a["rc"] == 0 for a in out["after"]), out["after"]
+    assert sorted(k["name"] for k in json.loads(out["list"])) == sorted(out["made"])
+    ro = out["readonly"]
+    assert ro["rc"] == STORAGE and "Read-only file system" in ro["err"], ro
+    assert str(mnt / "data") in ro["err"] and ro["err"].count("\n") == 1, ro

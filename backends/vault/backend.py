@@ -264,8 +264,8 @@ class VaultBackend(Backend):
                     raise BackendUnavailable(
                         self.name, f"no vault at {self.path}; run `strongroom init` to create one"
                     )
-                self.initialize()
-                return
+                if self._create(first_use=True):
+                    return
             self.unlock()
 
     def close(self) -> None:
@@ -281,9 +281,17 @@ class VaultBackend(Backend):
 
     # -- VaultControl ------------------------------------------------------------------------
     def initialize(self) -> None:
+        self._create(first_use=False)
+
+    def _create(self, first_use: bool) -> bool:
+        """Make a new vault; True when this call made it. On first use (`create = true`)
+        another process may have made it since `open` looked: then False, and the caller
+        opens that one instead of failing with "already exists"."""
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         with self._lock, snapshot.locked(self.path):
             if self.path.exists():
+                if first_use:
+                    return False
                 raise StrongroomError(f"a vault already exists at {self.path}")
             passphrase = self.passphrase.get(confirm=True)
             if not passphrase:
@@ -302,6 +310,7 @@ class VaultBackend(Backend):
             state.generation = 1
             self._state = state
             log.info("created a new vault at %s", self.path)
+            return True
 
     def lock(self) -> None:
         with self._lock:

@@ -35,6 +35,7 @@ from strongroom.errors import (
     SnapshotTampered,
     SnapshotTruncated,
     SnapshotVersionError,
+    StorageError,
 )
 
 MAGIC = b"SRVAULT\x00"
@@ -161,25 +162,32 @@ def read_generation(path: Path) -> tuple[str, int] | None:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write a temp file in the same directory, fsync it, rename it over, fsync the directory."""
+    """Write a temp file in the same directory, fsync it, rename it over, fsync the directory.
+
+    A full disk, a read-only file system or the like is a StorageError naming the path; the
+    old file is then untouched and the temp file removed.
+    """
     directory = path.parent
     tmp = directory / f".{path.name}.tmp.{os.getpid()}.{os.urandom(4).hex()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        raise StorageError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def remove_stale_temps(path: Path) -> None:
