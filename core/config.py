@@ -169,6 +169,8 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     except tomllib.TOMLDecodeError as e:
         line = _toml_error_line(str(e))
         raise ConfigError(f"not valid TOML: {e}", str(p), line) from None
+    except RecursionError:  # tomllib recurses on nested arrays and inline tables
+        raise ConfigError("not valid TOML: arrays or tables nested too deeply", str(p)) from None
     return parse(raw, str(p), text)
 
 

@@ -5,7 +5,7 @@ Seeds are real samples: a snapshot and an envelope made here, an audit log made 
 TPM attestation statement from swtpm (tests/vectors/tpm-attestation.json). Hypothesis then
 flips, cuts, splices and replaces. CI runs a short budget; a long run is
 
-    STRONGROOM_FUZZ_EXAMPLES=200000 .venv/bin/pytest tests/test_fuzz.py -p no:cacheprovider
+    SR_FUZZ_EXAMPLES=200000 .venv/bin/pytest tests/test_fuzz.py -p no:cacheprovider
 
 (docs/threat-model.md records the last long run).
 """
@@ -32,7 +32,7 @@ from strongroom.backends.vault import snapshot
 from strongroom.errors import StrongroomError
 from strongroom.keystore import verify_attestation
 
-EXAMPLES = int(os.environ.get("STRONGROOM_FUZZ_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("SR_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -233,3 +233,54 @@ def test_attestation_statement(data: st.DataObject) -> None:
 def test_the_attestation_seed_verifies() -> None:
     """The seed is a real statement: without this the fuzzing above would test little."""
     assert verify_attestation(ATTESTATION, b"fuzz seed nonce")["valid"]
+
+
+# -- config ---------------------------------------------------------------------------------
+CONFIG_SEED = b"""[keystore]
+order = ["tpm", "hsm", "vault"]
+data_dir = "/tmp/strongroom-fuzz-never-made"
+audit = "file"
+deletion_wait = "7d"
+
+[server]
+socket = "/tmp/sr.sock"
+listen = "127.0.0.1:8443"
+rate_limit = 100
+
+[backends.vault]
+type = "vault"
+unlock = ["tpm", "passphrase"]
+passphrase = "env:STRONGROOM_PASSPHRASE"
+kdf_memory_kib = 65536
+
+[backends.hsm]
+type = "pkcs11"
+module = "/usr/lib/softhsm/libsofthsm2.so"
+token = "strongroom"
+pin = "env:STRONGROOM_HSM_PIN"
+optional = true
+env = { SOFTHSM2_CONF = "/tmp/softhsm2.conf" }
+
+[backends.tpm]
+type = "tpm"
+tcti = "swtpm:host=127.0.0.1,port=2321"
+"""
+TOML_JUNK = st.sampled_from(
+    [b"a = [" * 5000, b"x = {" * 3000, b"\x00", b"\xff", b'"\\ud800"', b"[[x]]\n" * 3, b"= 1"]
+)
+
+
+@FUZZ
+@given(data=st.data())
+def test_config(data: st.DataObject, tmp_path_factory: Any) -> None:
+    from strongroom import config
+
+    if data.draw(st.booleans()):
+        text = data.draw(mutated(CONFIG_SEED))
+    else:
+        lines = CONFIG_SEED.splitlines(keepends=True)
+        i = data.draw(st.integers(0, len(lines)))
+        text = b"".join([*lines[:i], data.draw(TOML_JUNK) + b"\n", *lines[i:]])
+    path = tmp_path_factory.mktemp("cfg") / "strongroom.toml"
+    path.write_bytes(text)
+    _only_typed(lambda: config.load(path))
