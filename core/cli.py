@@ -26,7 +26,7 @@ import click
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
-from . import __version__, algorithms
+from . import __version__, algorithms, strictjson
 from . import config as config_mod
 from .backend import VaultControl
 from .errors import AttestationInvalid, AuthenticationFailed, InvalidArgument, StrongroomError
@@ -1427,8 +1427,8 @@ def attest_verify(
     from .keystore import verify_attestation
 
     try:
-        statement = json.loads(read_input(inp))
-    except (ValueError, UnicodeDecodeError):
+        statement = strictjson.loads(read_input(inp))
+    except ValueError:
         raise AttestationInvalid("the statement is not JSON") from None
     facts = verify_attestation(
         statement,

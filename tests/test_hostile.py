@@ -215,3 +215,24 @@ def test_a_full_or_read_only_data_dir_is_a_typed_error_naming_the_path(tmp_path:
     ro = out["readonly"]
     assert ro["rc"] == STORAGE and "Read-only file system" in ro["err"], ro
     assert str(mnt / "data") in ro["err"] and ro["err"].count("\n") == 1, ro
+
+
+def test_attest_verify_fails_closed_with_exit_1_on_any_statement(tmp_path: Path) -> None:
+    """Found: malformed statements failed closed but as internal errors (exit 12)."""
+    vector = json.loads((Path(__file__).parent / "vectors" / "tpm-attestation.json").read_text())
+    broken_area = dict(vector, attestation_key=dict(vector["attestation_key"], public_area="AAAA"))
+    for name, body in {
+        "deep": DEEP,
+        "nan": b'{"format": NaN}',
+        "list": b"[1, 2]",
+        "area": json.dumps(broken_area).encode(),
+        "nonce": json.dumps(dict(vector, nonce="\u00e9")).encode(),
+    }.items():
+        (tmp_path / name).write_bytes(body)
+        r = run_cli(None, "attest", "verify", "--in", str(tmp_path / name))
+        assert r.returncode == 1, (name, r.stderr)
+        assert r.stderr.count("\n") == 1 and "internal error" not in r.stderr, (name, r.stderr)
+    (tmp_path / "good").write_text(json.dumps(vector))
+    r = run_cli(None, "attest", "verify", "--in", str(tmp_path / "good"), "--nonce",
+                b"fuzz seed nonce".hex())  # fmt: skip
+    assert r.returncode == 0, r.stderr
