@@ -47,6 +47,13 @@ SERVER_KEYS = {
     "max_request_bytes": "largest request body accepted (default 1048576)",
     "rate_limit": "requests per second per identity (default 1000; 0: no limit)",
     "rate_burst": "requests an identity may make at once above the rate (default 2000)",
+    "head_timeout": "seconds a connection has to send a request's line and headers (default 10)",
+    "body_timeout": "seconds a request has to send its body once its head is in (default 30)",
+    "keepalive_timeout": "seconds an idle connection is kept between requests (default 5)",
+    "max_connections": "open connections at most, all peers together (default: the file "
+    "descriptor limit, raised to its hard maximum, less 128)",
+    "max_connections_per_peer": "open connections at most from one peer: an IP address over "
+    "TCP, a user id on the Unix socket (default 256)",
     "audit_checkpoint_seconds": "sign an audit checkpoint this often when records are "
     "pending (default 60; 0: only every audit_checkpoint_every records and at shutdown)",
     "shutdown_timeout": "seconds in-flight requests get to finish at shutdown (default 30)",
@@ -96,6 +103,11 @@ class ServerConfig:
     rate_burst: int = 2_000
     shutdown_timeout: float = 30.0
     audit_checkpoint_seconds: float = 60.0
+    head_timeout: float = 10.0
+    body_timeout: float = 30.0
+    keepalive_timeout: float = 5.0
+    max_connections: int | None = None
+    max_connections_per_peer: int = 256
     url: str | None = None
     token: str | None = None
     ca: Path | None = None
@@ -347,6 +359,16 @@ def _parse_server(cfg: Config, table: Any) -> None:
             out.rate_burst = number(key, value, 1, 10_000_000)
         elif key == "shutdown_timeout":
             out.shutdown_timeout = float(number(key, value, 0, 3600, integer=False))
+        elif key == "head_timeout":
+            out.head_timeout = float(number(key, value, 0.1, 600, integer=False))
+        elif key == "body_timeout":
+            out.body_timeout = float(number(key, value, 0.1, 3600, integer=False))
+        elif key == "keepalive_timeout":
+            out.keepalive_timeout = float(number(key, value, 0.1, 3600, integer=False))
+        elif key == "max_connections":
+            out.max_connections = number(key, value, 1, 10_000_000)
+        elif key == "max_connections_per_peer":
+            out.max_connections_per_peer = number(key, value, 1, 10_000_000)
         elif key == "audit_checkpoint_seconds":
             out.audit_checkpoint_seconds = float(number(key, value, 0, 86400, integer=False))
         elif key == "url":

@@ -25,6 +25,7 @@ import re
 import socket
 import ssl
 import stat
+import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -1080,36 +1081,101 @@ class _HeadTooLarge(Exception):
     """Raised in the HTTP parser's callbacks to stop parsing a head over MAX_HEAD_BYTES."""
 
 
-def _protocol_class() -> type:
-    """uvicorn's httptools protocol with two additions of ours.
+class _ConnectionLimits:
+    """Open connections, counted in total and per peer, against the service's caps."""
+
+    def __init__(self, total: int, per_peer: int) -> None:
+        self.total, self.per_peer = total, per_peer
+        self.open = 0
+        self.by_peer: dict[object, int] = {}
+
+    def admit(self, peer: object) -> bool:
+        if self.open >= self.total or self.by_peer.get(peer, 0) >= self.per_peer:
+            return False
+        self.open += 1
+        self.by_peer[peer] = self.by_peer.get(peer, 0) + 1
+        return True
+
+    def release(self, peer: object) -> None:
+        self.open -= 1
+        left = self.by_peer[peer] - 1
+        if left:
+            self.by_peer[peer] = left
+        else:
+            del self.by_peer[peer]
+
+
+def _peer_of(transport: Any) -> object:
+    """Who a connection is from: its IP address over TCP; its user id on the Unix socket
+    (SO_PEERCRED), since any number of processes of one user are one peer there."""
+    name = transport.get_extra_info("peername")
+    if isinstance(name, tuple) and name:
+        return ("ip", name[0])
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family == socket.AF_UNIX:
+        with contextlib.suppress(OSError):
+            cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            return ("uid", struct.unpack("3i", cred)[1])
+    return ("unknown", None)
+
+
+def _plain_response(status: str, kind: str, message: str) -> bytes:
+    body = json.dumps({"error": {"type": kind, "message": message}}).encode()
+    return (
+        f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode() + body
+
+
+def _protocol_class(settings: ServerConfig, limits: _ConnectionLimits) -> type:
+    """uvicorn's httptools protocol with additions of ours.
 
     - A cap on the request line and headers (MAX_HEAD_BYTES): uvicorn's httptools protocol
       has none, and a caller could make it buffer hundreds of megabytes before any check of
       ours runs. Larger heads get 431 and the connection is closed.
+    - Deadlines, so that a client that sends slowly or not at all cannot hold a connection:
+      `head_timeout` for a request's line and headers (from the connection, or from the
+      request's first byte), then `body_timeout` for its body; a connection past either gets
+      408 and is closed. Idle connections between requests close after uvicorn's keep-alive
+      timeout (`keepalive_timeout`).
+    - Caps on open connections, in total and per peer (`_ConnectionLimits`): a connection
+      over either gets 503 at once and is closed.
     - The ASGI TLS extension: uvicorn (0.55) does not fill `scope["extensions"]["tls"]`;
       we add the spec's `client_cert_chain` (the verified leaf, PEM) so that mutual TLS can
       name the caller. The certificate was verified by the handshake against tls_client_ca.
     """
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    refusal = json.dumps(
-        {"error": {"type": "RequestTooLarge", "message": "the request headers are too large"}}
-    ).encode()
-    response = (
-        b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-        b"content-type: application/json\r\n"
-        b"content-length: " + str(len(refusal)).encode() + b"\r\n"
-        b"connection: close\r\n\r\n" + refusal
+    response = _plain_response(
+        "431 Request Header Fields Too Large",
+        "RequestTooLarge",
+        "the request headers are too large",
     )
+    too_slow = _plain_response(
+        "408 Request Timeout", "RequestTimeout", "the request was not sent in time"
+    )
+    too_many = _plain_response(
+        "503 Service Unavailable", "TooManyConnections", "too many open connections"
+    )
+    head_timeout, body_timeout = settings.head_timeout, settings.body_timeout
 
     class StrongroomHttpProtocol(HttpToolsProtocol):
         _tls_ext: dict[str, Any] | None = None
         _in_head = True
         _head_bytes = 0
         _head_parts = 0
+        _peer: object = None
+        _deadline: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: Any) -> None:
+            peer = _peer_of(transport)
+            if not limits.admit(peer):  # uvicorn never learns of it
+                transport.write(too_many)
+                transport.close()
+                return
+            self._peer = peer
             super().connection_made(transport)
+            self._arm(head_timeout)
             ssl_object = transport.get_extra_info("ssl_object")
             if ssl_object is not None:
                 der = ssl_object.getpeercert(binary_form=True)
@@ -1162,17 +1228,49 @@ def _protocol_class() -> type:
 
         def on_message_begin(self) -> None:
             self._head_parts = 0
+            self._arm(head_timeout)
             super().on_message_begin()
             if self._tls_ext is not None:
                 self.scope["extensions"] = cast(Any, {"tls": self._tls_ext})
 
         def on_headers_complete(self) -> None:
             self._in_head = False
+            self._arm(body_timeout)
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:
+            self._disarm()
             super().on_message_complete()
             self._in_head, self._head_bytes = True, 0
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            if self._peer is None:  # refused in connection_made
+                return
+            limits.release(self._peer)
+            self._peer = None
+            super().connection_lost(exc)
+
+        def _arm(self, seconds: float) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(seconds, self._expired, seconds)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expired(self, seconds: float) -> None:
+            self._deadline = None
+            if self.transport.is_closing():
+                return
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                self._arm(seconds)  # we are busy answering (reads paused): not their delay
+                return
+            if cycle is None or not cycle.response_started:  # else it has had its answer
+                self.transport.write(too_slow)
+            self.transport.close()
 
     return StrongroomHttpProtocol
 
@@ -1259,6 +1357,24 @@ def serve(
         runner.run(_serve(app, settings, ready))
 
 
+FD_RESERVE = 128
+"""File descriptors kept back from connections: the keystore's own files, devices, logs."""
+
+
+def _connection_budget() -> int:
+    """The default total cap: raise the soft RLIMIT_NOFILE to the hard one where allowed,
+    and leave FD_RESERVE descriptors for everything else, so that accept() never runs out."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if want > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+    return max(16, soft - FD_RESERVE)
+
+
 async def _serve(
     app: App, settings: ServerConfig, ready: Callable[[list[str]], None] | None
 ) -> None:
@@ -1266,21 +1382,26 @@ async def _serve(
 
     servers: list[Any] = []
     where: list[str] = []
+    limits = _ConnectionLimits(
+        settings.max_connections or _connection_budget(), settings.max_connections_per_peer
+    )
+    protocol = _protocol_class(settings, limits)  # one class: the caps span both listeners
     common: dict[str, Any] = {
         "lifespan": "off",
         "log_level": "warning",
         "access_log": False,
         "timeout_graceful_shutdown": settings.shutdown_timeout,
+        "timeout_keep_alive": settings.keepalive_timeout,
         "server_header": False,
         "date_header": False,
-        "limit_concurrency": 4096,
+        "limit_concurrency": limits.total + 1024,  # ours refuses first, with a clearer answer
     }
     loop_name = "uvloop" if _has("uvloop") else "asyncio"
     sockets: list[tuple[Any, socket.socket]] = []
     try:
         if settings.socket is not None:
             sock = bind_unix_socket(settings.socket, settings.socket_mode, settings.socket_group)
-            cfg = uvicorn.Config(app, loop=loop_name, http=_protocol_class(), **common)
+            cfg = uvicorn.Config(app, loop=loop_name, http=protocol, **common)
             sockets.append((uvicorn.Server(cfg), sock))
             where.append(f"unix:{settings.socket}")
         if settings.listen is not None:
@@ -1292,7 +1413,7 @@ async def _serve(
             cfg = uvicorn.Config(
                 app,
                 loop=loop_name,
-                http=_protocol_class(),
+                http=protocol,
                 ssl_context_factory=lambda _config, _default: ctx,
                 **common,
             )
