@@ -917,12 +917,27 @@ done:
     return result;
 }
 
+/* The RSA key stored in `material` (PKCS#8 in guarded memory), its private integers in
+   secure BIGNUMs, with the secure heap ready; NULL with a Python error set otherwise. */
+static RSA *rsa_stored_key(const Py_buffer *material)
+{
+    rsa_parts parts;
+    secure_heap_init();
+    if (!rsa_parts_of(span_of(material), &parts)) {
+        bad_key("RSA private key");
+        return NULL;
+    }
+    RSA *rsa = rsa_of(&parts);
+    if (rsa == NULL)
+        ossl_failed("load an RSA key");
+    return rsa;
+}
+
 static PyObject *rsa_sign_impl(PyObject *args)
 {
     Py_buffer material, digest;
     int pss, ok = 0;
     PyObject *result = NULL;
-    rsa_parts parts;
     RSA *rsa = NULL;
     unsigned char *em = NULL;
     if (!PyArg_ParseTuple(args, "y*y*p:rsa_sign", &material, &digest, &pss))
@@ -931,16 +946,9 @@ static PyObject *rsa_sign_impl(PyObject *args)
         PyErr_SetString(PyExc_ValueError, "RSA signatures here take a SHA-256 digest");
         goto done;
     }
-    secure_heap_init();
-    if (!rsa_parts_of(span_of(&material), &parts)) {
-        bad_key("RSA private key");
+    rsa = rsa_stored_key(&material);
+    if (rsa == NULL)
         goto done;
-    }
-    rsa = rsa_of(&parts);
-    if (rsa == NULL) {
-        ossl_failed("load an RSA key");
-        goto done;
-    }
     int size = RSA_size(rsa);
     result = PyBytes_FromStringAndSize(NULL, size);
     em = OPENSSL_malloc((size_t)size);
@@ -980,22 +988,14 @@ static PyObject *rsa_decrypt_impl(PyObject *args)
     Py_buffer material, ciphertext;
     int sha1, n = -1;
     PyObject *result = NULL;
-    rsa_parts parts;
     RSA *rsa = NULL;
     unsigned char *em = NULL, *plain = NULL;
     size_t size = 0;
     if (!PyArg_ParseTuple(args, "y*y*p:rsa_decrypt", &material, &ciphertext, &sha1))
         return NULL;
-    secure_heap_init();
-    if (!rsa_parts_of(span_of(&material), &parts)) {
-        bad_key("RSA private key");
+    rsa = rsa_stored_key(&material);
+    if (rsa == NULL)
         goto done;
-    }
-    rsa = rsa_of(&parts);
-    if (rsa == NULL) {
-        ossl_failed("load an RSA key");
-        goto done;
-    }
     size = (size_t)RSA_size(rsa);
     em = OPENSSL_malloc(size);
     plain = OPENSSL_malloc(size);
