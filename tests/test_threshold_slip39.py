@@ -155,9 +155,12 @@ def test_recovery_errors_name_the_share_and_position_never_a_word() -> None:
     (shares,) = recovery_mnemonics(secret, 2, 3)
     (other,) = recovery_mnemonics(os.urandom(32), 2, 3)
     typo = shares[1].split()
-    typo[6] = typo[6][:-1] + ("x" if typo[6][-1] != "x" else "y")  # not in the word list
+    typo[6] += "zz"  # no SLIP-39 word is longer than eight letters or ends so
     swapped = shares[1].split()
-    swapped[3], swapped[4] = swapped[4], swapped[3]
+    # two neighbours that differ (the header words are often equal: swapping those changes
+    # nothing, and the share stays valid, about one set in a hundred)
+    i = next(i for i in range(4, len(swapped) - 1) if swapped[i] != swapped[i + 1])
+    swapped[i], swapped[i + 1] = swapped[i + 1], swapped[i]
     cases = [
         ([shares[0], " ".join(typo)], r"share 2: word 7 is not in the SLIP-39 word list"),
         ([shares[0], " ".join(swapped)], r"share 2 is not a valid SLIP-39 share"),
