@@ -144,7 +144,11 @@ def argon2id_into(out: memoryview, passphrase: bytes, salt: bytes, ops: int, mem
     worker = threading.Thread(target=derive, name="strongroom-argon2id", daemon=True)
     worker.start()
     try:
-        worker.join()
+        while worker.is_alive():
+            # In slices: a signal that another thread of the process received (one that does
+            # not block it) wakes no one, and its Python handler waits for this thread to run
+            # bytecode again.
+            worker.join(0.1)
     except BaseException:  # a signal handler raised (Ctrl-C): leave the buffer to the worker
         with lock:
             if state["rc"] is None:
