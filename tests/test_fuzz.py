@@ -13,10 +13,12 @@ flips, cuts, splices and replaces. CI runs a short budget; a long run is
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import io
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,17 +112,24 @@ def test_strict_json_raises_only_value_error(data: bytes) -> None:
         pass
 
 
-# -- the vault snapshot --------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def snapshot_seed(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    root = tmp_path_factory.mktemp("fuzz-snapshot")
+@contextlib.contextmanager
+def seed_keystore(factory: pytest.TempPathFactory, name: str) -> Iterator[tuple[Any, Path]]:
+    """A fresh vault keystore in its own temp dir, for making a real sample to mutate."""
+    root = factory.mktemp(name)
     cfg = write_vault_config(root)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(VAULT_PASS_ENV, VAULT_PASSPHRASE)
         with strongroom.open(cfg) as ks:
-            ks.generate("ed", "ed25519")
-            ks.generate("aes", "aes-256")
-    return (root / "data" / "vault.snapshot").read_bytes()
+            yield ks, root / "data"
+
+
+# -- the vault snapshot --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def snapshot_seed(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    with seed_keystore(tmp_path_factory, "fuzz-snapshot") as (ks, data):
+        ks.generate("ed", "ed25519")
+        ks.generate("aes", "aes-256")
+    return (data / "vault.snapshot").read_bytes()
 
 
 @FUZZ
@@ -147,14 +156,10 @@ def test_snapshot_header(snapshot_seed: bytes, header: bytes) -> None:
 # -- envelopes -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def envelope_seed(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    root = tmp_path_factory.mktemp("fuzz-envelope")
-    cfg = write_vault_config(root)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(VAULT_PASS_ENV, VAULT_PASSPHRASE)
-        with strongroom.open(cfg) as ks:
-            ks.generate("kek", "aes-256")
-            out = io.BytesIO()
-            envelope.encrypt_stream(ks, "kek", io.BytesIO(b"fuzzed envelope " * 64), out)
+    with seed_keystore(tmp_path_factory, "fuzz-envelope") as (ks, _):
+        ks.generate("kek", "aes-256")
+        out = io.BytesIO()
+        envelope.encrypt_stream(ks, "kek", io.BytesIO(b"fuzzed envelope " * 64), out)
     return out.getvalue()
 
 
@@ -175,16 +180,12 @@ def test_envelope_header_json(doc: bytes) -> None:
 # -- the audit log ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def audit_seed(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    root = tmp_path_factory.mktemp("fuzz-audit")
-    cfg = write_vault_config(root)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(VAULT_PASS_ENV, VAULT_PASSPHRASE)
-        with strongroom.open(cfg) as ks:
-            ks.generate("k", "ed25519")
-            ks.sign("k", b"a")
-            ks.audit_checkpoint()
-            ks.sign("k", b"b")
-    return (root / "data" / "audit.jsonl").read_bytes()
+    with seed_keystore(tmp_path_factory, "fuzz-audit") as (ks, data):
+        ks.generate("k", "ed25519")
+        ks.sign("k", b"a")
+        ks.audit_checkpoint()
+        ks.sign("k", b"b")
+    return (data / "audit.jsonl").read_bytes()
 
 
 @FUZZ
