@@ -8,7 +8,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from importlib import metadata
@@ -62,14 +62,20 @@ _IMPORT_FORMATS = ("auto", "raw", "der", "pem")
 logger = logging.getLogger("strongroom")
 
 
-def backend_classes() -> dict[str, type[Backend] | str]:
+def backend_classes(types: Iterable[str] | None = None) -> dict[str, type[Backend] | str]:
     """Backend classes by type name, found through the entry-point group.
 
+    With `types`, only those entry points are imported (names not installed are left out),
+    so a keystore loads the backends its config names and not every installed one: a
+    vault-only command does not pay for importing python-pkcs11 or tpm2-pytss.
     A class that fails to import maps to the reason instead, so one broken plugin
     never stops the others.
     """
+    wanted = None if types is None else set(types)
     found: dict[str, type[Backend] | str] = {}
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if wanted is not None and ep.name not in wanted:
+            continue
         try:
             cls = ep.load()
         except Exception as e:  # a plugin's import error becomes its reason
@@ -77,6 +83,11 @@ def backend_classes() -> dict[str, type[Backend] | str]:
             continue
         found[ep.name] = cls
     return found
+
+
+def backend_type_names() -> list[str]:
+    """The installed backend type names, without importing any backend."""
+    return sorted({ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)})
 
 
 @dataclass(frozen=True)
@@ -132,13 +143,13 @@ class Keystore:
             ) from None
         self._backends: dict[str, Backend] = {}
         self._unusable: dict[str, tuple[str, str]] = {}
-        classes = backend_classes()
+        classes = backend_classes(b.type for b in config.backends.values())
         for name, bcfg in config.backends.items():
             cls = classes.get(bcfg.type)
             if cls is None:
                 raise config.error(
                     f"unknown backend type {bcfg.type!r}; installed types: "
-                    f"{', '.join(sorted(classes)) or 'none'}",
+                    f"{', '.join(backend_type_names()) or 'none'}",
                     f"backends.{name}",
                     "type",
                 )
@@ -1241,7 +1252,7 @@ def verify_attestation(
     if not isinstance(statement, dict):
         raise AttestationInvalid("an attestation statement is a JSON object")
     btype = statement.get("backend_type")
-    cls = backend_classes().get(str(btype))
+    cls = backend_classes([str(btype)]).get(str(btype))
     if isinstance(cls, str):
         raise BackendUnavailable(str(btype), cls)
     if cls is None or not isinstance(cls, AttestationVerifier):
