@@ -762,7 +762,8 @@ def key_verify(
 @click.option(
     "--algorithm",
     type=click.Choice([*algorithms.RSA_ENCRYPT_ALGORITHMS, algorithms.AES_KEY_WRAP]),
-    help="RSA: oaep-sha256 (default) or oaep-sha1 (for tokens that have only that); "
+    help="RSA: oaep-sha256 or oaep-sha1 (default: the one the key records at generation, "
+    "oaep-sha1 on tokens that decrypt only that, such as SoftHSM2); "
     "aes-kwp: RFC 5649 key wrap of a short secret by a PKCS#11 AES key with the wrap usage.",
 )
 @click.option(
@@ -796,7 +797,8 @@ def key_encrypt(
 @click.option(
     "--algorithm",
     type=click.Choice([*algorithms.RSA_ENCRYPT_ALGORITHMS, algorithms.AES_KEY_WRAP]),
-    help="RSA: the OAEP hash used at encryption (default oaep-sha256); aes-kwp for a "
+    help="RSA: the OAEP hash used at encryption (default: the one the key records); aes-kwp "
+    "for a "
     "secret wrapped with `encrypt --algorithm aes-kwp`.",
 )
 @click.option(
