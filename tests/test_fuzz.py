@@ -285,3 +285,180 @@ def test_config(data: st.DataObject, tmp_path_factory: Any) -> None:
     path = tmp_path_factory.mktemp("cfg") / "strongroom.toml"
     path.write_bytes(text)
     _only_typed(lambda: config.load(path))
+
+
+# -- key import: raw, DER (PKCS#8, PKCS#1, SEC1) and PEM, every type ------------------------------
+def _import_seeds() -> list[tuple[str, str, bytes]]:
+    """(key type, format, material) made by cryptography: every form the vault takes."""
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
+
+    pkcs8 = (ser.Encoding.DER, ser.PrivateFormat.PKCS8, ser.NoEncryption())
+    pem8 = (ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption())
+    trad = (ser.Encoding.DER, ser.PrivateFormat.TraditionalOpenSSL, ser.NoEncryption())
+    raw = (ser.Encoding.Raw, ser.PrivateFormat.Raw, ser.NoEncryption())
+    seeds: list[tuple[str, str, bytes]] = []
+    for name, key in (
+        ("ed25519", ed25519.Ed25519PrivateKey.generate()),
+        ("x25519", x25519.X25519PrivateKey.generate()),
+    ):
+        seeds += [(name, "raw", key.private_bytes(*raw)), (name, "der", key.private_bytes(*pkcs8))]
+        seeds.append((name, "pem", key.private_bytes(*pem8)))
+    for name, curve in (
+        ("ecdsa-p256", ec.SECP256R1()),
+        ("ecdsa-p384", ec.SECP384R1()),
+        ("secp256k1", ec.SECP256K1()),
+    ):
+        eckey = ec.generate_private_key(curve)
+        size = (curve.key_size + 7) // 8
+        seeds.append((name, "raw", eckey.private_numbers().private_value.to_bytes(size, "big")))
+        seeds += [
+            (name, "der", eckey.private_bytes(*pkcs8)),
+            (name, "der", eckey.private_bytes(*trad)),
+        ]
+        seeds.append((name, "pem", eckey.private_bytes(*pem8)))
+    rsakey = rsa.generate_private_key(65537, 2048)
+    seeds += [
+        ("rsa-2048", "der", rsakey.private_bytes(*pkcs8)),
+        ("rsa-2048", "der", rsakey.private_bytes(*trad)),
+        ("rsa-2048", "pem", rsakey.private_bytes(*pem8)),
+    ]
+    for name in ("aes-256", "hmac-sha256", "chacha20-poly1305", "seed"):
+        seeds.append((name, "raw", bytes(range(32))))
+    return seeds
+
+
+IMPORT_SEEDS = _import_seeds()
+
+
+@FUZZ
+@given(data=st.data())
+def test_key_import(data: st.DataObject) -> None:
+    """The vault's own DER/PEM reader (native/keyops.c) and the raw checks: a mutated key
+    is either a key of that type or InvalidArgument, under any declared format."""
+    from strongroom.backends.vault import keyops
+    from strongroom.errors import InvalidArgument
+    from strongroom.types import KeyType
+
+    key_type, fmt, seed = data.draw(st.sampled_from(IMPORT_SEEDS))
+    material = data.draw(st.one_of(mutated(seed), st.binary(max_size=80)))
+    declared = data.draw(st.sampled_from([fmt, "auto", "raw", "der", "pem"]))
+    try:
+        guarded, _public = keyops.import_material(KeyType(key_type), memoryview(material), declared)
+    except InvalidArgument:
+        return
+    guarded.close()
+
+
+def test_every_import_seed_imports() -> None:
+    """The positive control: unmutated, each seed is a key the vault takes."""
+    from strongroom.backends.vault import keyops
+    from strongroom.types import KeyType
+
+    for key_type, fmt, seed in IMPORT_SEEDS:
+        for declared in (fmt, "auto"):
+            guarded, _public = keyops.import_material(KeyType(key_type), memoryview(seed), declared)
+            guarded.close()
+
+
+# -- the service's JSON bodies, over every operation of its OpenAPI document ----------------------
+@pytest.fixture(scope="module")
+def service_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str]]:
+    """An in-process service (the ASGI app uvicorn runs) with one key of each usage and a
+    tenant token that may do every key operation."""
+    import strongroom.config
+    from strongroom.keystore import Keystore
+    from strongroom.server import App
+    from strongroom.tenants import Permission, TenantStore
+
+    root = tmp_path_factory.mktemp("fuzz-service")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(VAULT_PASS_ENV, VAULT_PASSPHRASE)
+        cfg = strongroom.config.load(write_vault_config(root))
+        cfg.server.max_request_bytes = 64 * 1024
+        ks = Keystore(cfg)
+        ks.vault_control().initialize()
+        store = TenantStore(cfg.data_dir / "tenants.sqlite")
+        store.create_tenant("acme")
+        token = store.issue_token("acme", "app")
+        store.grant("acme", "app", "*", [p for p in Permission if p is not Permission.ADMIN])
+        app = App(ks, store, cfg.server)
+        app.limiter.rate = 0  # the bodies are the subject here, not the rate limit
+        try:
+            yield app, token
+        finally:
+            app.close()
+
+
+SERVICE_KEYS = {"ed": "ed25519", "aes": "aes-256", "p256": "ecdsa-p256", "x": "x25519"}
+
+
+def _asgi(app: Any, method: str, path: str, body: bytes, token: str) -> tuple[int, bytes]:
+    import asyncio
+
+    sent: list[dict[str, Any]] = []
+    path, _, query = path.partition("?")
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query.encode(),
+        "headers": [(b"authorization", b"Bearer " + token.encode())],
+    }
+    asyncio.run(app(scope, receive, send))
+    return sent[0]["status"], sent[1]["body"]
+
+
+def _operations(app: Any) -> list[tuple[str, str, list[str]]]:
+    """(method, path template, request body field names) for every documented operation."""
+    ops = []
+    for path, item in app.openapi["paths"].items():
+        for method, op in item.items():
+            if method not in ("get", "post", "put", "delete", "patch"):
+                continue
+            body = op.get("requestBody", {}).get("content", {}).get("application/json", {})
+            schema = body.get("schema", {})
+            if "$ref" in schema:
+                ref = schema["$ref"].rsplit("/", 1)[-1]
+                schema = app.openapi.get("components", {}).get("schemas", {}).get(ref, {})
+            ops.append((method.upper(), path, sorted(schema.get("properties", {}))))
+    return ops
+
+
+B64_VALUES = st.binary(max_size=48).map(lambda b: base64.b64encode(b).decode())
+
+
+@FUZZ
+@given(data=st.data())
+def test_service_json_bodies(service_app: tuple[Any, str], data: st.DataObject) -> None:
+    """Every operation gets an answer with a status below 500 and a JSON body; an error names
+    its type. A 500 is how the service answers an exception it did not expect (a bug)."""
+    app, token = service_app
+    if not any(k.name == "ed" for k in app.ks.keys()):
+        for name, key_type in SERVICE_KEYS.items():
+            app.ks.generate(name, key_type)
+    method, template, fields = data.draw(st.sampled_from(_operations(app)))
+    name = data.draw(st.sampled_from([*SERVICE_KEYS, "absent", "a%2Fb", "..", "x" * 300]))
+    path = template.replace("{name}", name)
+    for param in ("{tenant}", "{app}", "{policy}", "{id}"):
+        path = path.replace(param, data.draw(st.sampled_from(["acme", "other", "%00"])))
+    if data.draw(st.booleans()):
+        path += "?" + data.draw(st.sampled_from(["format=pem", "format=xml", "limit=-1", "x=%zz"]))
+    value = st.one_of(JSON_VALUES, B64_VALUES, st.sampled_from(list(SERVICE_KEYS.values())))
+    doc = data.draw(st.dictionaries(st.sampled_from(fields or ["data"]), value, max_size=6))
+    raw = json.dumps(doc).encode()
+    if data.draw(st.integers(0, 3)) == 0:
+        raw = data.draw(mutated(raw))
+    status, body = _asgi(app, method, path, raw, token)
+    assert status < 500 or status == 503, (method, path, raw[:200], body[:300])
+    answer = json.loads(body)
+    if status >= 400:
+        assert set(answer["error"]) >= {"type", "message"}, answer

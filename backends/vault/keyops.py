@@ -223,12 +223,22 @@ def from_pem(key_type: KeyType, pem: memoryview) -> tuple[Guarded, bytes | None]
             return from_der(key_type, body)
 
 
+def _raw_size(key_type: KeyType) -> int | None:
+    """The length of `key_type`'s raw material; None where there is no raw form (RSA)."""
+    if key_type in _EC_SIZE:
+        return _EC_SIZE[key_type]
+    return None if key_type in _RSA_BITS else 32
+
+
 def import_material(key_type: KeyType, data: memoryview, fmt: str) -> tuple[Guarded, bytes | None]:
     """Parse caller material in `fmt` (auto, raw, der, pem)."""
     if fmt == "auto":
+        # Raw material has one length per type; anything else starting with a DER SEQUENCE
+        # is DER. (A length test alone took a 48-byte Ed25519/X25519 PKCS#8 for raw, and a
+        # P-384 raw scalar is 48 bytes too and may begin with 0x30.)
         if _starts_with(data, b"-----BEGIN"):
             fmt = "pem"
-        elif key_type.is_asymmetric and len(data) > 48 and data[0] == 0x30:
+        elif key_type.is_asymmetric and len(data) != _raw_size(key_type) and data[:1] == b"\x30":
             fmt = "der"
         else:
             fmt = "raw"
