@@ -1135,8 +1135,16 @@ class Keystore:
         """The vault's own commands (init, unlock, enroll, backup, ...), audited."""
         return cast(VaultControl, _AuditedVault(self, _vault_control(self), self.vault.name))
 
-    def audited(self, operation: str, key: str | None = None, **detail: Any) -> _Audited:
-        """Context manager that records one audit event for an operation done outside the API."""
+    def audited(
+        self, operation: str, key: str | None = None, *, write_ahead: bool = False, **detail: Any
+    ) -> _Audited:
+        """Context manager that records one audit event for an operation done outside the API.
+
+        With `write_ahead` (an operation that changes state, e.g. the service's tenant and
+        policy changes) a `started` record is written before it acts, so an unwritable log
+        refuses it before anything changed."""
+        if write_ahead:
+            return _AuditedAhead(self.audit, operation, self._audit_key(key), detail)
         return self._audited(operation, key, **detail)
 
     def audit_checkpoint(self) -> dict[str, Any] | None:
@@ -1285,15 +1293,11 @@ _WRITE_AHEAD = frozenset(
         "bip39_generate",
         "bip39_recover",
         "slip10_derive",
-        "tenant_create",
-        "token_issue",
-        "token_revoke",
-        "policy_grant",
-        "policy_revoke",
     }
 )
-"""Operations that change state: a `started` record is written before they act, so an
-unwritable log refuses them before a key is made or destroyed."""
+"""The keystore's operations that change state: a `started` record is written before they
+act, so an unwritable log refuses them before a key is made or destroyed. (So are the
+vault's commands, `vault_*`.) Callers of `Keystore.audited` say so with `write_ahead`."""
 
 
 class _Audited:
@@ -1325,6 +1329,17 @@ class _Audited:
         self._audit.record(
             self._op, self._key, result, self._facts.get("backend"), self._payload, **self._detail
         )
+
+
+class _AuditedAhead(_Audited):
+    """An `_Audited` that always writes its `started` record (`Keystore.audited(write_ahead=
+    True)`); a class of its own so that the per-operation path of `_Audited` is unchanged."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> dict[str, Any]:
+        self._audit.record(self._op, self._key, "started", None, None, **self._detail)
+        return self._facts
 
 
 class _AuditedVault:
