@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import strongroom
-from strongroom.backends.vault import VaultBackend, keyops, snapshot, sodium
+from strongroom import sodium
+from strongroom.backends.vault import VaultBackend, keyops, snapshot
 from strongroom.backends.vault import backend as vault_backend
 from strongroom.types import KeyType
 

@@ -44,7 +44,7 @@ from .auditlog import (
     KEY_CREATED_OP,
     SHRANK_OP,
     CheckpointSignature,
-    KeystoreSigner,
+    CheckpointSigner,
     Problem,
     VerifyReport,
     checkpoint_message,
@@ -96,8 +96,9 @@ class Audit:
         self._fd: int | None = None
         self._lock = threading.Lock()
         self.listeners: list[Callable[[AuditEvent], None]] = []
-        self.signer: KeystoreSigner | None = None
-        """Signs checkpoints; the Keystore sets it. None: no checkpoints are written."""
+        self.signer: CheckpointSigner | None = None
+        """Signs checkpoints; the Keystore sets its own (`CheckpointSigner`) once it has
+        made this writer. None: no checkpoints are written."""
         self.checkpoint_every = checkpoint_every
         self._key: bytes | None = None
         self._mac: _Hmac | None = None
@@ -357,6 +358,7 @@ class Audit:
                 if not create:
                     return None
                 info = self.signer.info(create=True)
+                assert info is not None  # create=True makes it or raises
                 self.record("generate", f"{info.namespace}/{info.name}", "ok", info.backend)
             return self._append("", checkpoint=True)
         finally:

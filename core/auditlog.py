@@ -7,7 +7,9 @@ that is the whole chain up to it, with a keystore key kept in the reserved names
 `_audit`. Inputs (the data given to sign, verify, encrypt, decrypt) appear only as
 `hmac-sha256:<hex>` under a secret per-log key that is not in the log.
 
-This module reads and checks logs; `strongroom.audit.Audit` writes them.
+This module reads and checks logs; `strongroom.audit.Audit` writes them. It also states
+what a checkpoint signer must do (`CheckpointSigner`): the Keystore implements it and hands
+it to the writer, so neither audit module imports the keystore.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -27,9 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from . import strictjson
 from .errors import AuditUnavailable, IntegrityError, InvalidArgument, StrongroomError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .keystore import Keystore
+from .types import KeyInfo, KeyType
 
 GENESIS = "0" * 64
 """`prev` of the first record."""
@@ -452,7 +452,6 @@ def _check_checkpoint(
     if rec.get("signer") != want_fp:
         return f"checkpoint signed by another key (fingerprint {str(rec.get('signer'))[:16]}...)"
     from . import algorithms
-    from .types import KeyType
 
     try:
         algorithms.verify_signature(
@@ -541,7 +540,7 @@ def last_seq(path: str | os.PathLike[str]) -> int:
         os.close(fd)
 
 
-# -- checkpoint signing through a Keystore -------------------------------------------------------
+# -- checkpoint signing -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class CheckpointSignature:
     key: str
@@ -551,84 +550,26 @@ class CheckpointSignature:
     sig: bytes
 
 
-class KeystoreSigner:
-    """Signs checkpoints with the key `name` in namespace `_audit`, made on first use.
+class CheckpointSigner(Protocol):
+    """Signs the writer's checkpoints with a key of the reserved namespace `_audit`.
 
-    The key is generated in `backend` (default: the vault) as ed25519, or ecdsa-p256 when
-    that backend cannot make ed25519. Used only when its backend is already open, unless
-    forced (an explicit checkpoint), so a checkpoint never prompts for a passphrase.
+    The Keystore implements it (`strongroom.keystore._KeystoreSigner`) and hands it to
+    `Audit`: the writer calls back into the keystore only through these four methods.
     """
 
-    def __init__(self, ks: Keystore, name: str, backend: str | None) -> None:
-        self._ks = ks
-        self.name = name
-        self._backend_name = backend
-        self._fp: str | None = None
-
-    def _backend(self) -> Any:
-        ks = self._ks
-        return ks.backend(self._backend_name) if self._backend_name else ks.vault
-
     def ready(self, force: bool) -> bool:
-        """Whether a checkpoint can be signed now without opening (unlocking) a backend: it
-        must be open in this keystore and not locked since (`vault lock` wipes the vault but
-        its next use would unlock it again, which a checkpoint must not do)."""
-        if force:
-            return True
-        b = self._backend()
-        if b.name not in self._ks._opened:
-            return False
-        try:
-            return bool(b.status().get("unlocked", True))
-        except Exception:  # a backend that cannot say: do not touch it now
-            return False
+        """Whether a checkpoint can be signed now; with `force`, always (it may then open,
+        that is unlock, the signing key's backend). Without it, never prompts."""
+        ...
 
-    def info(self, create: bool) -> Any:
-        from dataclasses import replace
-
-        from .catalog import now
-        from .errors import KeyExists, KeyNotFound
-        from .types import KeyInfo, KeyType, Operation, Usage
-
-        ks = self._ks
-        try:
-            return ks.catalog.get(AUDIT_NAMESPACE, self.name)
-        except KeyNotFound:
-            if not create:
-                return None
-        b = ks._ready(self._backend())
-        ktype = KeyType.ED25519
-        if not b.supports(ktype, Operation.GENERATE):
-            ktype = KeyType.ECDSA_P256
-        info = KeyInfo(
-            name=self.name,
-            type=ktype,
-            backend=b.name,
-            usage=frozenset({Usage.SIGN, Usage.VERIFY}),
-            exportable=False,
-            namespace=AUDIT_NAMESPACE,
-            created=now(),
-        )
-        try:
-            made = ks._create(info, b, b.generate)
-        except KeyExists:
-            return ks.catalog.get(AUDIT_NAMESPACE, self.name)
-        return replace(made)
+    def info(self, create: bool) -> KeyInfo | None:
+        """The signing key; made now when missing and `create`, else None when missing."""
+        ...
 
     def public_key(self, create: bool = False) -> PublicKeyTypes | None:
-        info = self.info(create)
-        if info is None:
-            return None
-        b = self._ks._ready(self._ks.backend(info.backend))
-        public: PublicKeyTypes = b.public_key(info)
-        return public
+        """The signing key's public key (None when it does not exist and not `create`)."""
+        ...
 
     def sign(self, message: bytes) -> CheckpointSignature:
-        ks = self._ks
-        info = self.info(True)
-        b = ks._ready(ks.backend(info.backend))
-        if self._fp is None:
-            self._fp = fingerprint(b.public_key(info))
-        sig = b.sign(info, message, None)
-        name = f"{info.namespace}/{info.name}"
-        return CheckpointSignature(name, b.name, info.type.value, self._fp, bytes(sig))
+        """Sign `message` (a `checkpoint_message`), making the key on first use."""
+        ...

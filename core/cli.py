@@ -2054,7 +2054,7 @@ def _audit_change(state: State, operation: str, **detail: Any) -> Any:
     """Record a tenant or policy change in the audit log (the service records its own)."""
     if state.remote():
         return contextlib.nullcontext()
-    return state.local_keystore().audited(operation, None, **detail)
+    return state.local_keystore().audited(operation, None, write_ahead=True, **detail)
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from . import algorithms, lifecycle
 from .audit import Audit
-from .auditlog import KeystoreSigner
+from .auditlog import AUDIT_NAMESPACE, CheckpointSignature, CheckpointSigner, fingerprint
 from .backend import (
     AttestationVerifier,
     Attester,
@@ -170,7 +170,7 @@ class Keystore:
             self.catalog.close()
             raise
         if config.audit == "file":
-            self.audit.signer = KeystoreSigner(
+            self.audit.signer = _KeystoreSigner(
                 self, config.audit_signing_key, config.audit_signing_backend
             )
 
@@ -1146,8 +1146,16 @@ class Keystore:
         """The vault's own commands (init, unlock, enroll, backup, ...), audited."""
         return cast(VaultControl, _AuditedVault(self, _vault_control(self), self.vault.name))
 
-    def audited(self, operation: str, key: str | None = None, **detail: Any) -> _Audited:
-        """Context manager that records one audit event for an operation done outside the API."""
+    def audited(
+        self, operation: str, key: str | None = None, *, write_ahead: bool = False, **detail: Any
+    ) -> _Audited:
+        """Context manager that records one audit event for an operation done outside the API.
+
+        With `write_ahead` (an operation that changes state, e.g. the service's tenant and
+        policy changes) a `started` record is written before it acts, so an unwritable log
+        refuses it before anything changed."""
+        if write_ahead:
+            return _AuditedAhead(self.audit, operation, self._audit_key(key), detail)
         return self._audited(operation, key, **detail)
 
     def audit_checkpoint(self) -> dict[str, Any] | None:
@@ -1160,9 +1168,9 @@ class Keystore:
 
     def audit_public_key(self, create: bool = False) -> PublicKeyTypes | None:
         """The public key that signs this keystore's audit checkpoints (None if not made yet)."""
-        signer = self.audit.signer
+        signer: CheckpointSigner | None = self.audit.signer
         if signer is None:
-            signer = KeystoreSigner(
+            signer = _KeystoreSigner(
                 self, self.config.audit_signing_key, self.config.audit_signing_backend
             )
         return signer.public_key(create)
@@ -1296,15 +1304,11 @@ _WRITE_AHEAD = frozenset(
         "bip39_generate",
         "bip39_recover",
         "slip10_derive",
-        "tenant_create",
-        "token_issue",
-        "token_revoke",
-        "policy_grant",
-        "policy_revoke",
     }
 )
-"""Operations that change state: a `started` record is written before they act, so an
-unwritable log refuses them before a key is made or destroyed."""
+"""The keystore's operations that change state: a `started` record is written before they
+act, so an unwritable log refuses them before a key is made or destroyed. (So are the
+vault's commands, `vault_*`.) Callers of `Keystore.audited` say so with `write_ahead`."""
 
 
 class _Audited:
@@ -1336,6 +1340,17 @@ class _Audited:
         self._audit.record(
             self._op, self._key, result, self._facts.get("backend"), self._payload, **self._detail
         )
+
+
+class _AuditedAhead(_Audited):
+    """An `_Audited` that always writes its `started` record (`Keystore.audited(write_ahead=
+    True)`); a class of its own so that the per-operation path of `_Audited` is unchanged."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> dict[str, Any]:
+        self._audit.record(self._op, self._key, "started", None, None, **self._detail)
+        return self._facts
 
 
 class _AuditedVault:
@@ -1399,6 +1414,87 @@ def _vault_control(ks: Keystore) -> VaultControl:
     if not isinstance(v, VaultControl):  # pragma: no cover - the built-in vault implements it
         raise UnsupportedOperation(v.name, "vault", None)
     return v
+
+
+class _KeystoreSigner:
+    """Signs audit checkpoints (`auditlog.CheckpointSigner`) with the key `name` in namespace
+    `_audit`, made on first use.
+
+    The key is generated in `backend` (default: the vault) as ed25519, or ecdsa-p256 when
+    that backend cannot make ed25519. Used only when its backend is already open, unless
+    forced (an explicit checkpoint), so a checkpoint never prompts for a passphrase. It
+    lives here, not in the audit modules, because it works through the keystore's private
+    `_ready`, `_create` and `_opened`.
+    """
+
+    def __init__(self, ks: Keystore, name: str, backend: str | None) -> None:
+        self._ks = ks
+        self.name = name
+        self._backend_name = backend
+        self._fp: str | None = None
+
+    def _backend(self) -> Backend:
+        ks = self._ks
+        return ks.backend(self._backend_name) if self._backend_name else ks.vault
+
+    def ready(self, force: bool) -> bool:
+        """Whether a checkpoint can be signed now without opening (unlocking) a backend: it
+        must be open in this keystore and not locked since (`vault lock` wipes the vault but
+        its next use would unlock it again, which a checkpoint must not do)."""
+        if force:
+            return True
+        b = self._backend()
+        if b.name not in self._ks._opened:
+            return False
+        try:
+            return bool(b.status().get("unlocked", True))
+        except Exception:  # a backend that cannot say: do not touch it now
+            return False
+
+    def info(self, create: bool) -> KeyInfo | None:
+        ks = self._ks
+        try:
+            return ks.catalog.get(AUDIT_NAMESPACE, self.name)
+        except KeyNotFound:
+            if not create:
+                return None
+        b = ks._ready(self._backend())
+        ktype = KeyType.ED25519
+        if not b.supports(ktype, Operation.GENERATE):
+            ktype = KeyType.ECDSA_P256
+        info = KeyInfo(
+            name=self.name,
+            type=ktype,
+            backend=b.name,
+            usage=frozenset({Usage.SIGN, Usage.VERIFY}),
+            exportable=False,
+            namespace=AUDIT_NAMESPACE,
+            created=now(),
+        )
+        try:
+            made = ks._create(info, b, b.generate)
+        except KeyExists:
+            return ks.catalog.get(AUDIT_NAMESPACE, self.name)
+        return replace(made)
+
+    def public_key(self, create: bool = False) -> PublicKeyTypes | None:
+        info = self.info(create)
+        if info is None:
+            return None
+        b = self._ks._ready(self._ks.backend(info.backend))
+        public: PublicKeyTypes = b.public_key(info)
+        return public
+
+    def sign(self, message: bytes) -> CheckpointSignature:
+        ks = self._ks
+        info = self.info(True)
+        assert info is not None  # made on first use
+        b = ks._ready(ks.backend(info.backend))
+        if self._fp is None:
+            self._fp = fingerprint(b.public_key(info))
+        sig = b.sign(info, message, None)
+        name = f"{info.namespace}/{info.name}"
+        return CheckpointSignature(name, b.name, info.type.value, self._fp, bytes(sig))
 
 
 def vault_restore(ks: Keystore, source: str | os.PathLike[str]) -> dict[str, Any]:

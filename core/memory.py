@@ -1,4 +1,6 @@
-"""Guarded memory for secrets: the only Python module that talks to `strongroom._native`.
+"""Guarded memory for secrets: the only Python module that calls `strongroom._native`'s
+guarded-memory functions (its other callers: audit.py's record writer and the vault's key
+operations, OpenSSL on guarded memory; tests/test_layers.py checks that list).
 
 A :class:`Guarded` holds key material outside the Python heap, in its own mapping with a
 guard page on each side, a random canary in front of the data, the pages locked in RAM

@@ -933,7 +933,7 @@ class App:
         name = req.body.get("name")
         if not isinstance(name, str):
             raise HttpError(400, "InvalidArgument", "name is required")
-        with self.ks.audited("tenant_create", None, tenant=name):
+        with self.ks.audited("tenant_create", None, write_ahead=True, tenant=name):
             await asyncio.to_thread(self.tenants.create_tenant, name)
         return 201, {"name": name}
 
@@ -943,14 +943,14 @@ class App:
         if not isinstance(name, str):
             raise HttpError(400, "InvalidArgument", "name is required")
         tenant = req.params["tenant"]
-        with self.ks.audited("token_issue", None, tenant=tenant, identity=name):
+        with self.ks.audited("token_issue", None, write_ahead=True, tenant=tenant, identity=name):
             token = await asyncio.to_thread(self.tenants.issue_token, tenant, name)
         return 201, {"tenant": tenant, "name": name, "token": token}
 
     async def revoke_identity(self, req: Request) -> Any:
         self._admin(req.identity)
         tenant, name = req.params["tenant"], req.params["name"]
-        with self.ks.audited("token_revoke", None, tenant=tenant, identity=name):
+        with self.ks.audited("token_revoke", None, write_ahead=True, tenant=tenant, identity=name):
             await asyncio.to_thread(self.tenants.revoke, tenant, name)
         return {"revoked": req.params["name"]}
 
@@ -970,6 +970,7 @@ class App:
         with self.ks.audited(
             "policy_grant",
             None,
+            write_ahead=True,
             tenant=tenant,
             identity=identity,
             keys=keys,
@@ -987,6 +988,7 @@ class App:
         with self.ks.audited(
             "policy_revoke",
             None,
+            write_ahead=True,
             tenant=tenant,
             identity=identity,
             keys=keys,

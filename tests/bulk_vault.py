@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 
-from strongroom.backends.vault import VaultBackend, sodium
+from strongroom import sodium
+from strongroom.backends.vault import VaultBackend
 from strongroom.backends.vault import backend as vault_backend
 from strongroom.types import KeyType
 

@@ -826,3 +826,24 @@ def test_the_record_time_does_not_follow_the_locale(tmp_path: Path) -> None:
     record = json.loads(log.read_bytes().splitlines()[0])
     assert isinstance(record["time"], float)
     assert verify_log(log).ok
+
+
+def test_audited_writes_a_started_record_first_only_when_asked_to(cfg: Path) -> None:
+    """`Keystore.audited(write_ahead=True)` records `started` before the operation acts (so an
+    unwritable log refuses it first); without it only the result is recorded. The keystore's
+    own list of write-ahead operations does not name the callers' operations."""
+    with strongroom.open(cfg) as ks:
+        with ks.audited("tenant_create", None, write_ahead=True, tenant="t1"):
+            pass
+        with ks.audited("tenant_create", None, tenant="t2"):
+            pass
+        with pytest.raises(KeyNotFound), ks.audited("app_change", "k", write_ahead=True):
+            raise KeyNotFound("k")
+    records = [(r["op"], r.get("tenant"), r["key"], r["result"]) for r in read_records(log_of(cfg))]
+    assert records[-5:] == [
+        ("tenant_create", "t1", None, "started"),
+        ("tenant_create", "t1", None, "ok"),
+        ("tenant_create", "t2", None, "ok"),
+        ("app_change", None, "k", "started"),
+        ("app_change", None, "k", "KeyNotFound"),
+    ]

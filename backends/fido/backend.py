@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from strongroom import sodium
 from strongroom.backend import Backend, BackendContext, Capability, ConfigKey, NewKey
 from strongroom.errors import (
     AuthenticationFailed,
@@ -610,8 +611,6 @@ class FidoBackend(Backend):
                 "kdf": "hkdf-sha256",
                 "aead": "xchacha20poly1305-ietf",
             }
-        from strongroom.backends.vault import sodium
-
         with self._slot_key(params, "enrolling the vault slot") as kek:
             params["wrapped"] = b64u(sodium.seal(kek, secret, _slot_aad(params)))
         return params
@@ -619,8 +618,6 @@ class FidoBackend(Backend):
     def unseal(self, params: Mapping[str, Any], out: memoryview) -> None:
         """Check that this key holds the slot's credential (no PIN, no touch), then the PIN
         if the slot needs it, a touch, hmac-secret, HKDF, and unwrap into `out`."""
-        from strongroom.backends.vault import sodium
-
         try:
             if params.get("kind") != SLOT_KIND or params.get("version") != 1:
                 raise ValueError("not a FIDO2 slot")

@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 
 from strongroom import algorithms as sr_algorithms
+from strongroom import sodium
 from strongroom.backend import Backend, BackendContext, Capability, ConfigKey, ExistingKey, NewKey
 from strongroom.errors import (
     AuthenticationFailed,
@@ -830,8 +831,6 @@ class PivBackend(Backend):
             "kdf": "hkdf-sha256",
             "aead": "xchacha20poly1305-ietf",
         }
-        from strongroom.backends.vault import sodium
-
         kek = self._kek(shared, params)
         try:
             with memoryview(kek) as view:
@@ -871,8 +870,6 @@ class PivBackend(Backend):
             return self._private_op(card, slot, alg, point, tag=0x85)
 
         shared = self._run(agree)
-        from strongroom.backends.vault import sodium
-
         kek = self._kek(shared, params)
         try:
             with memoryview(kek) as view:

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.keywrap import (
     aes_key_wrap_with_padding,
 )
 
-from strongroom import algorithms, strictjson, threshold
+from strongroom import algorithms, sodium, strictjson, threshold
 from strongroom.backend import Backend, BackendContext, Capability, ConfigKey, NewKey
 from strongroom.errors import (
     AuthenticationFailed,
@@ -48,7 +48,7 @@ from strongroom.memory import Coffer, Guarded, KeyedPool, memlock_status, scrub_
 from strongroom.secrets import SecretSource, check_new_passphrase, validate_reference
 from strongroom.types import KeyInfo, KeyType, Operation, Usage
 
-from . import keyops, procedures, snapshot, sodium
+from . import keyops, procedures, snapshot
 
 log = logging.getLogger("strongroom.vault")
 

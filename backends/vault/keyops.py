@@ -22,12 +22,10 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from strongroom import _native, algorithms
+from strongroom import _native, algorithms, sodium
 from strongroom.errors import IntegrityError, InvalidArgument
 from strongroom.memory import Guarded, constant_time_equal
 from strongroom.types import KeyType
-
-from . import sodium
 
 SYMMETRIC_SIZE = 32
 SEED_SIZE = 64

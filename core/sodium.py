@@ -2,7 +2,10 @@
 
 PyNaCl's public functions take and return `bytes`, which would leave copies of
 secrets in Python memory. Its cffi `lib` takes pointers, so key material can stay
-in guarded buffers. This is the only vault module that touches `ffi`/`lib`.
+in guarded buffers. Backends use libsodium only through this module (the vault for its
+keys and snapshot, the FIDO2 and PIV key slots to wrap the vault's master key); besides
+it, only `strongroom.memory` (its own BLAKE2b and random fill) touches `ffi`/`lib`. It
+sits in core, in the runtime layer next to `memory`, so that no backend imports another.
 """
 
 from __future__ import annotations
@@ -12,8 +15,8 @@ import threading
 
 from nacl._sodium import ffi, lib
 
-from strongroom.errors import IntegrityError, InvalidArgument, StrongroomError
-from strongroom.memory import Guarded
+from .errors import IntegrityError, InvalidArgument, StrongroomError
+from .memory import Guarded
 
 Buffer = bytes | bytearray | memoryview
 

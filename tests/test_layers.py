@@ -1,0 +1,389 @@
+"""Import layers of core/ and backends/, checked on the source (docs/decisions.md, "Import
+layers are a test").
+
+An `ast` walk over every module of the package sees every import: at module level, inside a
+function (a lazy import), under `if TYPE_CHECKING`, relative or absolute, and
+`importlib.import_module("literal")`. A hidden edge is still an edge: lazy and type-only
+imports are how import circles hid before. Import names follow pyproject.toml's
+package-dir: `strongroom` is core/, `strongroom.backends` is backends/.
+
+The rules (ARCHITECTURE.md, "Dependency rules after"):
+
+- no import cycle among strongroom modules;
+- imports point down the layers (`may_import`): the contract (R1) imports only itself, the
+  runtime (R2) itself and errors, the engine (R3) those two (the keystore also the rest of
+  the engine and envelope), envelope (R4) the contract, client.py the contract; nothing
+  imports the CLI;
+- a backend (R6) imports only the contract and runtime layers and its own package: never
+  the engine (config, catalog, audit, keystore, ...), a face (server, client, cli), or
+  another backend;
+- each native library is imported by the modules `NATIVE_IMPORTERS` names, and no other.
+
+`KNOWN_VIOLATIONS` lists the edges that still break a rule, each with why; the test fails
+when one of them is gone, so the list only shrinks.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIRS = (("strongroom.backends", ROOT / "backends"), ("strongroom", ROOT / "core"))
+"""pyproject.toml's [tool.setuptools.package-dir], the more specific folder first."""
+
+CONTRACT = frozenset(
+    {
+        "strongroom.errors",
+        "strongroom.types",
+        "strongroom.backend",
+        "strongroom.algorithms",
+        "strongroom.lifecycle",
+        "strongroom.secrets",
+        "strongroom.threshold",
+        "strongroom.strictjson",
+        "strongroom.api",  # KeyAPI (ARCHITECTURE.md, step 1), being added
+    }
+)
+"""R1: what a backend is written against. strictjson (strict JSON parsing, no imports of
+ours) is a helper of this layer; the vault's snapshot and catalog records use it."""
+RUNTIME = frozenset({"strongroom.memory", "strongroom.sodium", "strongroom._native"})
+"""R2: guarded memory and the libsodium calls on it."""
+ENGINE = frozenset(
+    {
+        "strongroom.config",
+        "strongroom.catalog",
+        "strongroom.audit",
+        "strongroom.auditlog",
+        "strongroom.keystore",
+    }
+)
+"""R3. The faces (server, client, cli, tenants, openapi, the package's `__init__`, the
+shipped contract suite) are every other core module."""
+CLI = "strongroom.cli"
+
+NATIVE_IMPORTERS: Mapping[str, frozenset[str]] = {
+    # One adapter module per library: the rule holds.
+    "tpm2_pytss": frozenset({"strongroom.backends.tpm.device"}),
+    # Not yet one module: these sets may only shrink (ARCHITECTURE.md, "Device adapters
+    # with a stated boundary"). availability() probes (`import fido2`, `import smartcard`)
+    # count too.
+    "pkcs11": frozenset(
+        {
+            "strongroom.backends.pkcs11.backend",
+            "strongroom.backends.pkcs11.errors",
+            "strongroom.backends.pkcs11.token",
+        }
+    ),
+    "fido2": frozenset(
+        {
+            "strongroom.backends.fido.assertion",
+            "strongroom.backends.fido.backend",
+            "strongroom.backends.fido.devices",
+            "strongroom.backends.fido.session",
+        }
+    ),
+    "smartcard": frozenset(
+        {
+            "strongroom.backends.piv.backend",
+            "strongroom.backends.piv.card",
+            "strongroom.backends.fido.devices",  # CTAP over PC/SC lists the readers
+        }
+    ),
+    # libsodium: memory.py's own BLAKE2b and random fill, sodium.py for everything else,
+    # and the vault's BIP-39/SLIP-10 procedures (PyNaCl's bindings, on bytes).
+    "nacl": frozenset(
+        {"strongroom.memory", "strongroom.sodium", "strongroom.backends.vault.procedures"}
+    ),
+    # Our C extension: memory.py (guarded memory), audit.py (one call per record, the hot
+    # path) and the vault's key operations.
+    "strongroom._native": frozenset(
+        {"strongroom.memory", "strongroom.audit", "strongroom.backends.vault.keyops"}
+    ),
+}
+
+KNOWN_VIOLATIONS = frozenset(
+    {
+        # envelope <-> keystore (Circle 2): Keystore.encrypt_stream imports envelope, and
+        # envelope is typed against Keystore. It goes when envelope is typed against KeyAPI
+        # (core/api.py), ARCHITECTURE.md "Order of work" step 2.
+        ("strongroom.envelope", "strongroom.keystore"),
+        # The client imports the server side: Keystore (for its type and the backend
+        # status), TenantStore's Permission, KeyVersion from the catalog, and the config.
+        # They go with KeyAPI, service/wire.py and KeyVersion in types.py (steps 1 and 4).
+        ("strongroom.client", "strongroom.keystore"),
+        ("strongroom.client", "strongroom.tenants"),
+        ("strongroom.client", "strongroom.catalog"),
+        ("strongroom.client", "strongroom.config"),
+    }
+)
+"""(importer, imported) edges that still break a rule; each must still exist."""
+
+
+@dataclass(frozen=True)
+class Import:
+    importer: str
+    imported: str
+    line: int
+
+
+def module_name(path: Path) -> str | None:
+    for package, folder in PACKAGE_DIRS:
+        if path.is_relative_to(folder):
+            parts = list(path.relative_to(folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            return ".".join([package, *parts])
+    return None
+
+
+def package_modules() -> dict[str, Path]:
+    """Every module of the package by import name; an extension counts by its stub."""
+    found: dict[str, Path] = {}
+    for _, folder in PACKAGE_DIRS:
+        for path in sorted([*folder.rglob("*.py"), *folder.rglob("*.pyi")]):
+            name = module_name(path)
+            if name is not None and "__pycache__" not in path.parts:
+                found.setdefault(name, path)
+    return found
+
+
+def imports_of(name: str, source: str, is_package: bool, modules: Iterable[str]) -> list[Import]:
+    """Every import in `source` (module `name`) as the strongroom module or the top-level
+    external package it names. Importing a submodule also runs its parent packages'
+    `__init__`; like import-linter, that implicit edge is not counted."""
+    known = set(modules)
+    here = name if is_package else name.rpartition(".")[0]
+    found: list[Import] = []
+
+    def add(target: str, line: int) -> None:
+        if target.startswith("strongroom.") or target == "strongroom":
+            while target not in known and "." in target:
+                target = target.rpartition(".")[0]  # an attribute of a module
+        else:
+            target = target.partition(".")[0]
+        if target != name:
+            found.append(Import(name, target, line))
+
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                add(alias.name, node.lineno)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = here.split(".")
+                parts = parts[: len(parts) - (node.level - 1)]
+                base = ".".join([*parts, *([node.module] if node.module else [])])
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                add(sub if sub in known else base, node.lineno)
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            add(node.args[0].value, node.lineno)
+    return found
+
+
+def all_imports() -> list[Import]:
+    modules = package_modules()
+    found: list[Import] = []
+    for name, path in modules.items():
+        if path.suffix == ".py":
+            found += imports_of(name, path.read_text(), path.name == "__init__.py", modules)
+    return found
+
+
+def graph_of(imports: Iterable[Import]) -> dict[str, set[str]]:
+    """Edges between strongroom modules."""
+    graph: dict[str, set[str]] = {}
+    for i in imports:
+        if i.imported.startswith("strongroom"):
+            graph.setdefault(i.importer, set()).add(i.imported)
+    return graph
+
+
+def find_cycle(graph: Mapping[str, Iterable[str]]) -> list[str] | None:
+    """One import cycle as a path (first module repeated at the end), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (cycle := visit(nxt)) is not None:
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)) is not None:
+            return cycle
+    return None
+
+
+def may_import(importer: str, imported: str) -> bool:
+    """Whether the layers let `importer` import the strongroom module `imported`."""
+    if imported == CLI:
+        return False
+    if importer.startswith("strongroom.backends."):
+        own = ".".join(importer.split(".")[:3])
+        return imported == own or imported.startswith(own + ".") or imported in CONTRACT | RUNTIME
+    if importer in CONTRACT:
+        return imported in CONTRACT
+    if importer in RUNTIME:
+        return imported in RUNTIME or imported == "strongroom.errors"
+    if importer == "strongroom.keystore":
+        return imported in CONTRACT | RUNTIME | ENGINE | {"strongroom.envelope"}
+    if importer == "strongroom.audit":  # the writer and its log format: audit/ to be
+        return imported in CONTRACT | RUNTIME | {"strongroom.auditlog"}
+    if importer in ENGINE:
+        return imported in CONTRACT | RUNTIME
+    if importer in ("strongroom.envelope", "strongroom.client"):
+        return imported in CONTRACT
+    return True  # a face: anything below it
+
+
+def layer_violations(imports: Iterable[Import]) -> list[Import]:
+    return [
+        i
+        for i in imports
+        if i.imported.startswith("strongroom")
+        and not may_import(i.importer, i.imported)
+        and (i.importer, i.imported) not in KNOWN_VIOLATIONS
+    ]
+
+
+def native_importers(imports: Iterable[Import]) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {lib: set() for lib in NATIVE_IMPORTERS}
+    for i in imports:
+        if i.imported in found:
+            found[i.imported].add(i.importer)
+    return found
+
+
+def where(i: Import) -> str:
+    return f"{i.importer} imports {i.imported} (line {i.line})"
+
+
+# -- the rules, on the real tree -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def imports() -> list[Import]:
+    found = all_imports()
+    assert len({i.importer for i in found}) > 40, "the walk found too few modules"
+    return found
+
+
+def test_the_known_violations_still_exist(imports: list[Import]) -> None:
+    edges = {(i.importer, i.imported) for i in imports}
+    gone = KNOWN_VIOLATIONS - edges
+    assert not gone, f"fixed, remove from KNOWN_VIOLATIONS: {sorted(gone)}"
+
+
+def test_no_import_cycle(imports: list[Import]) -> None:
+    graph = graph_of(i for i in imports if (i.importer, i.imported) not in KNOWN_VIOLATIONS)
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_imports_point_down_and_backends_use_only_the_contract_and_runtime(
+    imports: list[Import],
+) -> None:
+    bad = layer_violations(imports)
+    assert not bad, "\n".join(map(where, bad))
+
+
+def test_each_native_library_is_imported_where_stated(imports: list[Import]) -> None:
+    found = native_importers(imports)
+    wrong = {
+        lib: sorted(found[lib] ^ expected)
+        for lib, expected in NATIVE_IMPORTERS.items()
+        if found[lib] != expected
+    }
+    assert not wrong, f"importers differ from NATIVE_IMPORTERS (symmetric difference): {wrong}"
+
+
+# -- the checks themselves can fail --------------------------------------------------------------
+SYNTHETIC = {
+    "strongroom.backends.demo.backend": (
+        "from typing import TYPE_CHECKING\n"
+        "from strongroom.errors import InvalidArgument\n"
+        "from . import helpers\n"
+        "if TYPE_CHECKING:\n"
+        "    from strongroom.keystore import Keystore\n"
+        "def f():\n"
+        "    from ..vault import sodium\n"
+        "    import importlib\n"
+        "    importlib.import_module('tpm2_pytss.constants')\n"
+    ),
+    "strongroom.backends.demo.helpers": "from strongroom import memory, sodium\n",
+    "strongroom.a": "from . import b\n",
+    "strongroom.b": "def f():\n    from .c import x\n",
+    "strongroom.c": (
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import strongroom.a\n"
+    ),
+    "strongroom.errors": "",
+    "strongroom.memory": "from .keystore import Keystore\n",
+    "strongroom.sodium": "",
+    "strongroom.keystore": "",
+    "strongroom.envelope": "import strongroom.keystore\n",
+    "strongroom.server": "from .cli import main\nfrom . import keystore\n",
+    "strongroom.backends.vault.sodium": "",
+    "strongroom.cli": "",
+}
+
+
+def synthetic_imports() -> list[Import]:
+    found: list[Import] = []
+    for name, source in SYNTHETIC.items():
+        found += imports_of(name, source, False, SYNTHETIC)
+    return found
+
+
+def test_the_walk_sees_lazy_type_only_relative_and_importlib_imports() -> None:
+    edges = {(i.importer, i.imported) for i in synthetic_imports()}
+    demo = "strongroom.backends.demo.backend"
+    assert {
+        (demo, "strongroom.errors"),
+        (demo, "strongroom.backends.demo.helpers"),
+        (demo, "strongroom.keystore"),
+        (demo, "strongroom.backends.vault.sodium"),
+        (demo, "tpm2_pytss"),
+        ("strongroom.backends.demo.helpers", "strongroom.memory"),
+        ("strongroom.b", "strongroom.c"),
+        ("strongroom.c", "strongroom.a"),
+    } <= edges
+
+
+def test_a_synthetic_cycle_is_caught_with_its_path() -> None:
+    graph = graph_of(synthetic_imports())
+    assert find_cycle(graph) == ["strongroom.a", "strongroom.b", "strongroom.c", "strongroom.a"]
+    del graph["strongroom.c"]
+    assert find_cycle(graph) is None
+
+
+def test_synthetic_forbidden_edges_are_caught() -> None:
+    bad = {(i.importer, i.imported) for i in layer_violations(synthetic_imports())}
+    assert bad == {
+        ("strongroom.backends.demo.backend", "strongroom.keystore"),  # the engine
+        ("strongroom.backends.demo.backend", "strongroom.backends.vault.sodium"),  # a backend
+        ("strongroom.memory", "strongroom.keystore"),  # runtime pointing up
+        ("strongroom.server", "strongroom.cli"),  # nothing imports the CLI
+        # ("strongroom.envelope", "strongroom.keystore") is a known violation: not listed
+    }
+    assert not may_import("strongroom.envelope", "strongroom.keystore")
+    found = native_importers(synthetic_imports())
+    assert found["tpm2_pytss"] == {"strongroom.backends.demo.backend"}
