@@ -236,7 +236,9 @@ def import_material(key_type: KeyType, data: memoryview, fmt: str) -> tuple[Guar
         # P-384 raw scalar is 48 bytes too and may begin with 0x30.)
         if _starts_with(data, b"-----BEGIN"):
             fmt = "pem"
-        elif key_type.is_asymmetric and len(data) != _raw_size(key_type) and data[:1] == b"\x30":
+        elif (
+            key_type.is_asymmetric and len(data) not in (0, _raw_size(key_type)) and data[0] == 0x30
+        ):
             fmt = "der"
         else:
             fmt = "raw"
