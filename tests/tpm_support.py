@@ -63,12 +63,14 @@ class Swtpm:
     def tcti(self) -> str:
         return f"swtpm:host=127.0.0.1,port={self.port}"
 
-    def start(self) -> None:
+    def start(self, same_port: bool = False) -> None:
+        """Start on the state directory: on a new free port pair, or with `same_port` on the
+        one used before (a TPM that comes back where its users' config points)."""
         if shutil.which("swtpm") is None:
             raise RuntimeError("swtpm is not installed (apt-get install swtpm swtpm-tools)")
         self.state.mkdir(parents=True, exist_ok=True)
         for _ in range(5):
-            port = _free_port_pair()
+            port = self.port if same_port and self.port else _free_port_pair()
             log = open(self.state / "swtpm.log", "ab")
             proc = subprocess.Popen(
                 [
@@ -118,6 +120,24 @@ class Swtpm:
         """Stop and start again on the same state: a TPM reset (and a new port)."""
         self.stop()
         self.start()
+
+    def kill(self) -> None:
+        """SIGKILL: the TPM vanishes mid-whatever, with no orderly shutdown."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+
+    def reset(self) -> None:
+        """A TPM reset without stopping swtpm: _TPM_Init on the control channel (as a power
+        cycle would), then `tpm2_startup -c`. Every loaded object and session is gone."""
+        env = self.tools_env()
+        subprocess.run(
+            ["swtpm_ioctl", "--tcp", f"127.0.0.1:{self.port + 1}", "-i"],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(["tpm2_startup", "-c"], check=True, capture_output=True, env=env)
 
     @contextlib.contextmanager
     def esapi(self) -> Iterator[Any]:

@@ -50,6 +50,7 @@ from tpm2_pytss.constants import (
     TPMA_OBJECT,
     TPMA_PERMANENT,
     TPMA_SESSION,
+    TSS2_RC,
 )
 from tpm2_pytss.types import (
     TPM2B_AUTH,
@@ -350,11 +351,54 @@ class StorageKeyProblem(Exception):
 
 
 def is_tcti_error(e: TSS2_Exception) -> bool:
-    return (int(e.rc) & 0x00FF0000) == TCTI_LAYER
+    """The TPM could not be reached, or the link broke mid-command; the ESAPI context's
+    state is unknown after it (an ESAPI call cut off by a dead link leaves the context
+    waiting for a response, and every later call on it fails with BAD_SEQUENCE)."""
+    return (int(e.rc) & 0x00FF0000) == TCTI_LAYER or int(e.rc) in _BROKEN_CONTEXT
+
+
+_BROKEN_CONTEXT = frozenset(
+    {
+        TSS2_RC.ESYS_RC_BAD_SEQUENCE,
+        TSS2_RC.ESYS_RC_IO_ERROR,
+        TSS2_RC.ESYS_RC_MALFORMED_RESPONSE,
+        TSS2_RC.ESYS_RC_INSUFFICIENT_RESPONSE,
+    }
+)
+
+
+class _DeviceLock:
+    """The device's re-entrant lock. Leaving it with an error that broke the connection
+    forgets the ESAPI context before another thread can take the lock: otherwise that
+    thread ran its command on the dead context and got an untyped BAD_SEQUENCE."""
+
+    def __init__(self, device: TpmDevice) -> None:
+        self._lock = threading.RLock()
+        self._device = device
+
+    def __enter__(self) -> _DeviceLock:
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, kind: object, error: BaseException | None, tb: object) -> None:
+        try:
+            if isinstance(error, TSS2_Exception) and is_tcti_error(error):
+                self._device._forget()
+        finally:
+            self._lock.release()
 
 
 def error_code(e: TSS2_Exception) -> int:
     return int(e.error)
+
+
+_STALE = frozenset(range(TPM2_RC.REFERENCE_H0, TPM2_RC.REFERENCE_S0 + 7)) | {TPM2_RC.HANDLE}
+
+
+def forgot_our_objects(e: TSS2_Exception) -> bool:
+    """The TPM no longer knows a handle we hold, or was never started after a power cycle:
+    what a TPM reset (_TPM_Init, TPM2_Startup(CLEAR)) does to a long-lived client."""
+    return not is_tcti_error(e) and (error_code(e) in _STALE or error_code(e) == TPM2_RC.INITIALIZE)
 
 
 # -- the device --------------------------------------------------------------------------------
@@ -365,7 +409,7 @@ class TpmDevice:
         self.tcti = tcti
         self.persistent_handle = persistent_handle
         self._max_loaded_setting = max_loaded
-        self.lock = threading.RLock()
+        self.lock = _DeviceLock(self)
         self._esys: ESAPI | None = None
         self.facts: Facts | None = None
         self.srk_name = b""
@@ -780,14 +824,53 @@ class TpmDevice:
         """
         with self.lock:
             keep = {*keep, ref.cache_id}
-            tr = self.loaded(ref, keep)
-            esys = self.esys()
-            s1, s2 = self._sessions(tr, ref, encrypt, decrypt, keep)
             try:
-                return command(esys, tr, s1, s2)
-            finally:
-                if ref.auth is not None:
-                    esys.tr_set_auth(tr, None)
+                return self._run_once(ref, command, encrypt, decrypt, keep)
+            except TSS2_Exception as e:
+                if not forgot_our_objects(e):
+                    raise
+            # The TPM was reset under us: every loaded key and the session are gone (the
+            # command failed on its handles, before doing anything). Start again, once.
+            self.after_reset()
+            return self._run_once(ref, command, encrypt, decrypt, keep)
+
+    def _run_once(
+        self,
+        ref: KeyRef,
+        command: Callable[[ESAPI, ESYS_TR, ESYS_TR, ESYS_TR], T],
+        encrypt: bool,
+        decrypt: bool,
+        keep: Collection[str],
+    ) -> T:
+        tr = self.loaded(ref, keep)
+        esys = self.esys()
+        s1, s2 = self._sessions(tr, ref, encrypt, decrypt, keep)
+        try:
+            return command(esys, tr, s1, s2)
+        finally:
+            if ref.auth is not None:
+                esys.tr_set_auth(tr, None)
+
+    def after_reset(self) -> None:
+        """Drop the handles a TPM reset invalidated: the loaded keys and the session (their
+        ESAPI records only; the TPM holds nothing to flush). Start the TPM if nobody has
+        since its power cycle. The persistent SRK survives a reset; a transient one is
+        derived again on its next use (its saved context no longer loads)."""
+        with self.lock:
+            esys = self._esys
+            if esys is None:
+                return
+            for tr in [*self._lru.values(), *([self._session] if self._session else [])]:
+                with contextlib.suppress(TSS2_Exception):
+                    esys.tr_close(tr)
+            self._lru.clear()
+            self._session = None
+            self._temporaries = 0
+            try:
+                esys.startup(TPM2_SU.CLEAR)
+            except TSS2_Exception as e:
+                if error_code(e) != TPM2_RC.INITIALIZE:  # INITIALIZE: already started
+                    raise
 
     # -- key operations --------------------------------------------------------------------------
     def create(
@@ -836,7 +919,12 @@ class TpmDevice:
                 # (under the lock): building a new one costs more than the rest together.
                 self._lru.move_to_end(ref.cache_id)
                 self._digest.buffer = digest
-                return bytes(esys.sign(tr, self._digest, scheme, _NULL_TICKET).marshal())
+                try:
+                    return bytes(esys.sign(tr, self._digest, scheme, _NULL_TICKET).marshal())
+                except TSS2_Exception as e:
+                    if not forgot_our_objects(e):
+                        raise
+                    self.after_reset()  # then load again, below
 
             def command(esys: ESAPI, tr: ESYS_TR, s1: ESYS_TR, s2: ESYS_TR) -> bytes:
                 signature = esys.sign(tr, TPM2B_DIGEST(digest), scheme, _NULL_TICKET, s1, s2)
