@@ -9,7 +9,7 @@ import os
 import re
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import timedelta
 from importlib import metadata
 from pathlib import Path
@@ -19,6 +19,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from . import algorithms, lifecycle
+from .api import BackendStatus
 from .audit import Audit
 from .auditlog import KeystoreSigner
 from .backend import (
@@ -77,31 +78,6 @@ def backend_classes() -> dict[str, type[Backend] | str]:
             continue
         found[ep.name] = cls
     return found
-
-
-@dataclass(frozen=True)
-class BackendStatus:
-    """What `strongroom backends` shows for one configured backend."""
-
-    name: str
-    type: str
-    available: bool
-    reason: str | None
-    capabilities: frozenset[Capability]
-    details: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        ops: dict[str, list[str]] = {}
-        for key_type, op in sorted(self.capabilities):
-            ops.setdefault(key_type.value, []).append(op.value)
-        return {
-            "name": self.name,
-            "type": self.type,
-            "available": self.available,
-            "reason": self.reason,
-            "capabilities": ops,
-            "details": self.details,
-        }
 
 
 class Keystore:
