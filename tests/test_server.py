@@ -47,6 +47,7 @@ from server_support import (
 )
 
 import strongroom
+from strongroom.api import KeyAPI
 from strongroom.auditlog import verify_log
 from strongroom.client import RemoteKeystore, VaultLocked
 from strongroom.errors import (
@@ -104,7 +105,7 @@ def remote(service: Service, token: str | None) -> RemoteKeystore:
 # -- the contract, on both transports -----------------------------------------------------------
 class TestContractOverUnixSocket(BackendContract):
     @pytest.fixture
-    def keystore(self, service: Service, tokens: Tenancy) -> Iterator[Any]:
+    def keystore(self, service: Service, tokens: Tenancy) -> Iterator[KeyAPI]:
         with remote(service, tokens.acme_app) as ks:
             yield ks
 
@@ -115,7 +116,7 @@ class TestContractOverUnixSocket(BackendContract):
 
 class TestContractOverTls(BackendContract):
     @pytest.fixture
-    def keystore(self, service: Service, pki: Pki, tokens: Tenancy) -> Iterator[Any]:
+    def keystore(self, service: Service, pki: Pki, tokens: Tenancy) -> Iterator[KeyAPI]:
         with strongroom.connect(service.https, token=tokens.globex_app, ca=pki.ca) as ks:
             yield ks
 
