@@ -257,6 +257,8 @@ def test_policies_deny_by_default(service: Service, tokens: Tenancy) -> None:
         assert isinstance(NotPermitted("x"), PolicyViolation)
     with remote(service, tokens.admin) as admin, pytest.raises(NotPermitted, match="no keys"):
         admin.sign("signing-1", DATA)
+    with remote(service, tokens.admin) as admin, pytest.raises(NotPermitted, match="no keys"):
+        admin.namespace  # the property asks the service who the caller is
 
 
 def test_tokens_bad_missing_and_revoked(service: Service, tokens: Tenancy) -> None:

@@ -94,7 +94,7 @@ class BackendContract:
         for key_type in self.types_for(keystore, backend_name, Operation.GENERATE):
             name = _name(f"gen-{key_type.value}")
             info = keystore.generate(name, key_type, backend=backend_name)
-            assert info.backend == backend_name
+            assert info.backend == backend_name and info.namespace == keystore.namespace
             assert info.type is key_type
             assert info.usage == key_type.default_usage
             assert keystore.info(name) == info
