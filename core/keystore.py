@@ -586,12 +586,16 @@ class Keystore:
             if wanted is not None and not wanted <= found.usage:
                 extra = ", ".join(sorted(u.value for u in wanted - found.usage))
                 raise PolicyViolation(f"the key in {backend!r} does not allow usage {extra}")
+            # Registered already, under any name, namespace or version (an older version's
+            # handle counts: adopting it would hand a rotated-out key to a second owner).
+            # Only a registration in the caller's own namespace is named.
             for other in self.catalog.list(None):
                 if other.backend == b.name and other.handle == found.handle:
-                    raise InvalidArgument(
-                        f"that key is already registered as {other.name!r}"
-                        f" in namespace {other.namespace!r}"
-                    )
+                    if other.namespace == self.namespace:
+                        raise InvalidArgument(f"that key is already registered as {other.name!r}")
+                    break
+            if found.handle in self.catalog.handles(b.name):
+                raise InvalidArgument("that key is already registered (in another namespace)")
             usages = found.usage & found.type.allowed_usage if wanted is None else wanted
             info = self._new_info(name, found.type, usages, found.exportable, b.name)
             info = replace(

@@ -932,8 +932,10 @@ class App:
         return {"statement": _jsonable(statement)}
 
     async def adopt(self, req: Request) -> Any:
-        """Register a key that already exists in a backend under this name: `generate` on the
-        name, as for import (and the admin's vault seal stops it, as it stops generate)."""
+        """Register a key that already exists in a backend under this name: the `adopt`
+        permission on the name, which `all` does not imply (in shared hardware, adopting
+        claims a key nobody gave this tenant); the admin's vault seal stops it, as it stops
+        generate."""
         assert req.identity is not None
         name = req.params["name"]
         backend = req.body.get("backend")
@@ -948,7 +950,7 @@ class App:
             raise HttpError(400, "InvalidArgument", "ref must be an object of strings")
         key_type = _opt_str(req.body, "type")
         usage = _usage_list(req.body)
-        view = self._check_key(req.identity, name, Permission.GENERATE)
+        view = self._check_key(req.identity, name, Permission.ADOPT)
         if self.vault_sealed:
             raise HttpError(423, "VaultLocked", "the vault is locked; an admin unlocks it")
         info = await asyncio.to_thread(view.adopt, name, backend, ref, key_type, usage)

@@ -26,7 +26,16 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pkcs11 import Attribute, ObjectClass
 from pkcs11 import exceptions as p11
-from pkcs11_support import PIN_ENV, SoftHsm, config, ks, pkcs11_tool, softhsm, write_config
+from pkcs11_support import (
+    PIN_ENV,
+    SoftHsm,
+    config,
+    ks,
+    list_objects,
+    pkcs11_tool,
+    softhsm,
+    write_config,
+)
 from server_support import Service, Tenancy, init_service_data, make_pki, start_service
 
 import strongroom
@@ -131,6 +140,42 @@ class TestPkcs11ContractOverTheService(TestPkcs11Contract):
         service, tenancy = hsm_service
         with strongroom.connect(service.unix, token=tenancy.acme_app) as remote:
             yield remote
+
+
+def test_adopt_cannot_claim_another_tenants_key_or_name_it(
+    hsm_service: tuple[Service, Tenancy], softhsm: SoftHsm
+) -> None:
+    """In a token the service shares, a key one tenant adopted (or an older version of a
+    rotated key) is refused to every other tenant, and the refusal names neither the key nor
+    its tenant."""
+    service, tenancy = hsm_service
+    label = f"made-outside-{next(_outside)}"
+    made = pkcs11_tool(softhsm, "--keypairgen", "--key-type", "EC:prime256v1", "--label", label)
+    assert made.returncode == 0, made.stderr
+    with (
+        strongroom.connect(service.unix, token=tenancy.acme_app) as acme,
+        strongroom.connect(service.unix, token=tenancy.globex_app) as globex,
+    ):
+        acme.adopt("acme-secret-name", "hsm", {"label": label})
+        with pytest.raises(InvalidArgument) as err:
+            globex.adopt("mine-now", "hsm", {"label": label})
+        assert "another namespace" in str(err.value)
+        assert "acme" not in str(err.value)
+        # an older version: rotated out of acme's key, still acme's
+        acme.generate("acme-rotated", "ecdsa-p256", backend="hsm")
+        acme.rotate("acme-rotated")
+        ids = {
+            o["ID"]
+            for o in list_objects(softhsm)
+            if o.get("label") == "acme-rotated" and "Private Key" in o["kind"]
+        }
+        assert len(ids) == 2, "both versions are on the token"
+        for key_id in ids:
+            with pytest.raises(InvalidArgument) as err:
+                globex.adopt("old-one", "hsm", {"id": key_id})
+            assert "another namespace" in str(err.value) and "acme" not in str(err.value)
+        assert "mine-now" not in {k.name for k in globex.keys()}
+        assert "old-one" not in {k.name for k in globex.keys()}
 
 
 # -- key attributes ------------------------------------------------------------------------------

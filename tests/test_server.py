@@ -63,7 +63,7 @@ from strongroom.errors import (
 )
 from strongroom.keystore import Keystore
 from strongroom.server import App
-from strongroom.tenants import NotPermitted, Permission, TenantStore
+from strongroom.tenants import NotPermitted, Permission, TenantStore, parse_permissions
 from strongroom.testing import BackendContract
 
 DATA = b"custody service test data"
@@ -1070,18 +1070,22 @@ def test_attest_over_the_wire(service: Service, tokens: Tenancy) -> None:
 
 
 def test_adopt_over_the_wire(service: Service, tokens: Tenancy) -> None:
-    """Adopting through the service needs `generate` on the name, as import does; the
-    service's vault cannot adopt, so success is the contract's (tests/test_pkcs11.py, over
-    a service on SoftHSM2)."""
+    """Adopting through the service needs `adopt` on the name, which `all` does not grant;
+    the service's vault cannot adopt, so success is the contract's (tests/test_pkcs11.py,
+    over a service on SoftHSM2)."""
     with remote(service, tokens.acme_app) as app, remote(service, tokens.acme_signer) as signer:
         with pytest.raises(UnsupportedOperation) as err:
             app.adopt("wire-adopted", "vault", {"label": "x"})
         assert (err.value.backend, err.value.operation) == ("vault", "adopt")
         with pytest.raises(InvalidArgument, match="no backend named"):
             app.adopt("wire-adopted", "nowhere", {"label": "x"})
-        with pytest.raises(NotPermitted, match="may not generate"):
+        with pytest.raises(NotPermitted, match="may not adopt"):
             signer.adopt("signing-adopted", "vault", {"label": "x"})
         assert "wire-adopted" not in {k.name for k in app.keys()}
+    # `all` is every key permission but adopt: granted by name only
+    assert Permission.ADOPT not in parse_permissions("all")
+    assert Permission.GENERATE in parse_permissions("all")
+    assert parse_permissions("adopt,read") == {Permission.ADOPT, Permission.READ}
     with httpx.Client(
         transport=httpx.HTTPTransport(uds=str(service.socket)),
         base_url="http://s",
