@@ -14,6 +14,7 @@ import os
 from typing import TYPE_CHECKING
 
 from . import config as _config
+from .api import BackendStatus, KeyAPI
 from .backend import (
     Attester,
     Backend,
@@ -45,7 +46,7 @@ from .errors import (
     StrongroomError,
     UnsupportedOperation,
 )
-from .keystore import BackendStatus, Keystore
+from .keystore import Keystore
 
 if TYPE_CHECKING:
     from .client import RemoteKeystore
@@ -98,6 +99,7 @@ __all__ = [
     "KeyExists",
     "KeyInfo",
     "KeyNotFound",
+    "KeyAPI",
     "KeyType",
     "Keystore",
     "NewKey",

@@ -20,7 +20,7 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, NoReturn, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, Protocol, cast
 
 import click
 from cryptography.exceptions import InvalidSignature
@@ -28,8 +28,15 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from . import __version__, algorithms, strictjson
 from . import config as config_mod
+from .api import KeyAPI
 from .backend import VaultControl
-from .errors import AttestationInvalid, AuthenticationFailed, InvalidArgument, StrongroomError
+from .errors import (
+    AttestationInvalid,
+    AuthenticationFailed,
+    InvalidArgument,
+    StrongroomError,
+    UnsupportedOperation,
+)
 from .keystore import Keystore, vault_restore
 from .secrets import (
     NEW_PASSPHRASE_MIN_LENGTH,
@@ -39,6 +46,14 @@ from .secrets import (
     validate_reference,
 )
 from .types import KeyInfo, KeyType, Usage
+
+if TYPE_CHECKING:
+    from .client import RemoteKeystore
+
+    def _both_serve_the_key_api(local: Keystore, remote: RemoteKeystore) -> list[KeyAPI]:
+        """Never called: mypy checks here that both faces satisfy `KeyAPI`."""
+        return [local, remote]
+
 
 EXIT_OK = 0
 EXIT_BAD_SIGNATURE = 1
@@ -57,7 +72,9 @@ class State:
         self.server = server
         self.sends_no_credentials = False
         """Set for a client of the service that has no token and no client certificate."""
-        self._ks: Keystore | None = None
+        self._ks: KeyAPI | None = None
+        self._local: Keystore | None = None
+        self._remote: RemoteKeystore | None = None
 
     def remote(self) -> bool:
         """Whether commands go to a running service: --server, else `[server] url`."""
@@ -66,33 +83,56 @@ class State:
             self.server = url or ""
         return bool(self.server)
 
-    def keystore(self) -> Keystore:
-        """The in-process keystore; with a service configured, a client of the service (the
-        same key API: what the service does not offer fails with a one-line error)."""
+    def keystore(self) -> KeyAPI:
+        """The key API: the in-process keystore, or with a service configured, a client of
+        the service (`strongroom.connect`)."""
         if self._ks is None:
-            if self.remote():
-                from .client import TOKEN_ENV, connect
-
-                settings = config_mod.load(self.config).server
-                self.sends_no_credentials = (
-                    settings.token is None
-                    and not os.environ.get(TOKEN_ENV)
-                    and settings.client_cert is None
-                )
-                self._ks = cast(Keystore, connect(self.server, config=self.config))
-            else:
-                self._ks = Keystore(config_mod.load(self.config), presence=tell_user)
+            self._ks = self.service() if self.remote() else self._open_local()
         return self._ks
+
+    def service(self) -> RemoteKeystore:
+        """The client of the configured service (for the key API and the admin commands)."""
+        if self._remote is None:
+            from .client import TOKEN_ENV, connect
+
+            settings = config_mod.load(self.config).server
+            self.sends_no_credentials = (
+                settings.token is None
+                and not os.environ.get(TOKEN_ENV)
+                and settings.client_cert is None
+            )
+            self._remote = connect(self.server, config=self.config)
+            self._ks = self._remote
+        return self._remote
+
+    def local(self, command: str) -> Keystore:
+        """The in-process keystore, for a command outside the key API (vault, audit, seed
+        procedures, envelopes, trim, purge). With a service configured, such a command is
+        refused here, in one place, rather than run against the wrong keystore."""
+        if self.remote():
+            raise UnsupportedOperation(
+                "service",
+                command,
+                None,
+                "not offered through the service; run it on the service host without --server",
+            )
+        return self._open_local()
+
+    def _open_local(self) -> Keystore:
+        if self._local is None:
+            self._local = Keystore(config_mod.load(self.config), presence=tell_user)
+            self._ks = self._local
+        return self._local
 
     def local_keystore(self) -> Keystore:
         """The in-process keystore, even when a service is configured (`serve` itself)."""
         self.server = ""
-        return self.keystore()
+        return self._open_local()
 
     def close(self) -> None:
         if self._ks is not None:
             self._ks.close()
-            self._ks = None
+        self._ks = self._local = self._remote = None
 
     def emit(self, data: Any, text: str | Callable[[], str] | None = None) -> None:
         if self.json:
@@ -129,7 +169,7 @@ a stream (`prehashed`): the same signature, without holding the input in memory 
 it to the service."""
 
 
-def signature_input(ks: Keystore, name: str, path: str | None, digest: bool) -> tuple[bytes, bool]:
+def signature_input(ks: KeyAPI, name: str, path: str | None, digest: bool) -> tuple[bytes, bool]:
     """What `key sign`/`key verify` pass on: the input, or its digest; and whether it is one.
 
     With `digest` the input already is the digest. Otherwise a short input is passed whole;
@@ -423,7 +463,7 @@ allow_weak_option = click.option(
 @pass_state
 def init(state: State) -> None:
     """Create the software vault (asks for a new passphrase)."""
-    vault = _vault(state)
+    vault = _vault(state, "init")
     vault.initialize()
     status = vault.vault_status()
     state.emit(status, f"created vault at {status['path']}")
@@ -982,7 +1022,7 @@ def key_delete(state: State, name: str, at_once: bool, after: str | None, cancel
 @pass_state
 def key_purge(state: State) -> None:
     """Carry out every scheduled deletion that is due (run it from cron or a timer)."""
-    done = state.keystore().purge_due()
+    done = state.local("key purge").purge_due()
     state.emit(
         {"deleted": [i.name for i in done]},
         "\n".join(f"deleted {i.name!r}" for i in done) or "no deletion is due",
@@ -1056,7 +1096,7 @@ def key_config(state: State, name: str, min_dec: int) -> None:
 @pass_state
 def key_trim(state: State, name: str) -> None:
     """Destroy the versions below min_decryption_version for good."""
-    gone = state.keystore().trim(name)
+    gone = state.local("key trim").trim(name)
     state.emit(
         {"trimmed": gone},
         f"destroyed versions {', '.join(map(str, gone))} of {name!r}"
@@ -1110,7 +1150,11 @@ def key_rewrap(
                 raise click.UsageError("--aad is for `key encrypt` ciphertexts, not envelopes")
             with _open_out(out) as dst:
                 envelope.rewrap_stream(
-                    ks, _Prepended(lead, src), dst.stream, algorithm=algorithm, key=name
+                    state.local("key rewrap of an envelope"),
+                    _Prepended(lead, src),
+                    dst.stream,
+                    algorithm=algorithm,
+                    key=name,
                 )
                 dst.commit()
             return
@@ -1217,7 +1261,9 @@ def key_unwrap(
 @pass_state
 def key_bip39_generate(state: State, name: str, words: str, bip39_pass: str | None) -> None:
     """Make a BIP39 seed inside the vault; print its mnemonic once, for the paper backup."""
-    info, mnemonic = state.keystore().bip39_generate(name, int(words), _passphrase(bip39_pass))
+    info, mnemonic = state.local("key bip39-generate").bip39_generate(
+        name, int(words), _passphrase(bip39_pass)
+    )
     state.emit({"key": info.to_dict(), "mnemonic": mnemonic}, mnemonic)
 
 
@@ -1233,7 +1279,7 @@ def key_bip39_generate(state: State, name: str, words: str, bip39_pass: str | No
 def key_bip39_recover(state: State, name: str, bip39_pass: str | None) -> None:
     """Store the seed of a mnemonic read from stdin."""
     mnemonic = sys.stdin.readline().strip()
-    info = state.keystore().bip39_recover(name, mnemonic, _passphrase(bip39_pass))
+    info = state.local("key bip39-recover").bip39_recover(name, mnemonic, _passphrase(bip39_pass))
     state.emit(info.to_dict(), f"recovered seed {info.name!r}")
 
 
@@ -1253,7 +1299,7 @@ def key_slip10(
     state: State, seed: str, path: str, new_name: str, key_type: str, usage: str | None
 ) -> None:
     """Derive a key at a SLIP-0010 path (e.g. m/44'/0'/0') from a seed key."""
-    new = state.keystore().slip10_derive(seed, path, new_name, key_type, usage)
+    new = state.local("key slip10-derive").slip10_derive(seed, path, new_name, key_type, usage)
     state.emit(new.to_dict(), f"derived {new.type.value} key {new.name!r} at {path}")
 
 
@@ -1380,7 +1426,7 @@ def encrypt_cmd(
     """Envelope-encrypt a file or stream of any size: a fresh data key wrapped by --key, the
     data in authenticated AES-256-GCM chunks (docs/envelope.md)."""
     refuse_binary_on_terminal(out, "an envelope")
-    ks = state.keystore()
+    ks = state.local("encrypt")
     with _open_in(inp) as src, _open_out(out) as dst, _progress(src, "encrypting") as bar:
         header = ks.encrypt_stream(
             name, src, dst.stream, algorithm=algorithm, chunk_size=chunk_size, progress=bar
@@ -1399,7 +1445,7 @@ def decrypt_cmd(state: State, inp: str | None, out: str | None) -> None:
 
     With --out, the file appears only if every chunk authenticates. On stdout, chunks are
     written as they authenticate, and a failure exits non-zero after them."""
-    ks = state.keystore()
+    ks = state.local("decrypt")
     with _open_in(inp) as src, _open_out(out) as dst, _progress(src, "decrypting") as bar:
         sink = dst.stream
         if out is None and sys.stdout.isatty():
@@ -1467,15 +1513,33 @@ def vault() -> None:
     """The software vault: status, lock, unlock, key slots, backup and restore."""
 
 
-def _vault(state: State) -> VaultControl:
-    return state.keystore().vault_control()
+class VaultAdmin(Protocol):
+    """The vault commands the service offers too (to its admin): status, unlock and lock."""
+
+    def vault_status(self) -> dict[str, Any]: ...
+
+    def unlock(self, method: str | None = None) -> str: ...
+
+    def lock(self) -> None: ...
+
+
+def _vault_admin(state: State) -> VaultAdmin:
+    """The vault here, or with a service configured, the service's (admin only)."""
+    if state.remote():
+        return state.service().vault_control()
+    return state.local("vault").vault_control()
+
+
+def _vault(state: State, command: str) -> VaultControl:
+    """The vault's own commands: in process only (`State.local` refuses them otherwise)."""
+    return state.local(command).vault_control()
 
 
 @vault.command("status")
 @pass_state
 def vault_status(state: State) -> None:
     """Show where the vault is and whether it opens (does not unlock it)."""
-    status = _vault(state).vault_status()
+    status = _vault_admin(state).vault_status()
     state.emit(status, lambda: "\n".join(f"{k}: {v}" for k, v in status.items()))
 
 
@@ -1484,8 +1548,9 @@ def vault_status(state: State) -> None:
 @pass_state
 def vault_unlock(state: State, method: str | None) -> None:
     """Check that the vault opens. A CLI process holds it open only while it runs."""
-    used = _vault(state).unlock(method)
-    status = _vault(state).vault_status()
+    vault = _vault_admin(state)
+    used = vault.unlock(method)
+    status = vault.vault_status()
     state.emit(status, f"vault unlocked with {used}: {status['keys']} keys")
 
 
@@ -1493,7 +1558,7 @@ def vault_unlock(state: State, method: str | None) -> None:
 @pass_state
 def vault_lock(state: State) -> None:
     """Wipe the vault's keys from this process (each CLI run locks it when it ends)."""
-    _vault(state).lock()
+    _vault_admin(state).lock()
     state.emit({"unlocked": False}, "vault locked")
 
 
@@ -1586,7 +1651,7 @@ def vault_enroll(
         raise click.UsageError(
             "--pcrs, --pin and --no-touch are for sealing backends, not passphrase"
         )
-    v = _vault(state)
+    v = _vault(state, "vault enroll")
     v.unlock()
     if method == "passphrase":
         ref = new_pass[0] if new_pass else "prompt"
@@ -1617,7 +1682,7 @@ def _enroll_threshold(
         groups = [Group(threshold_k, tuple(parse_member(m) for m in methods))]
         k = 1
     Policy(k, tuple(groups)).validated()  # before any prompt
-    ks = state.keystore()
+    ks = state.local("vault enroll")
     passphrases = list(new_pass)
     used_options: set[str] = set()
     members_out: list[Group] = []
@@ -1644,7 +1709,7 @@ def _enroll_threshold(
             f"{', '.join(sorted(names[o] for o in unused))}: no method of the slot takes it"
         )
     policy = Policy(k, tuple(members_out)).validated()
-    v = _vault(state)
+    v = _vault(state, "vault enroll")
     v.unlock()
     slot = v.enroll_threshold(policy, exclusive=exclusive)
     state.emit(slot, f"enrolled threshold key slot {slot['id']}: {slot['policy']}")
@@ -1666,7 +1731,7 @@ def _enroll_threshold(
 @pass_state
 def vault_unenroll(state: State, slot_id: str) -> None:
     """Remove a key slot (never the last one)."""
-    v = _vault(state)
+    v = _vault(state, "vault unenroll")
     v.unlock()
     v.unenroll(slot_id)
     state.emit({"removed": slot_id}, f"removed key slot {slot_id}")
@@ -1684,7 +1749,7 @@ def vault_unenroll(state: State, slot_id: str) -> None:
 @pass_state
 def vault_passphrase(state: State, new_pass: str) -> None:
     """Change the vault passphrase; the old one stops working."""
-    v = _vault(state)
+    v = _vault(state, "vault passphrase")
     v.unlock()
     v.change_passphrase(_new_passphrase(new_pass, "New passphrase: ", "--new"))
     state.emit({"changed": True}, "vault passphrase changed")
@@ -1719,7 +1784,7 @@ def vault_recovery_shares(
 
     check_recovery_shape([(threshold_k, shares)])  # before any prompt
     passphrase = "" if share_pass is None else _new_passphrase(share_pass, "Share passphrase: ")
-    v = _vault(state)
+    v = _vault(state, "vault recovery-shares")
     v.unlock()
     groups = v.recovery_shares(threshold_k, shares, passphrase)
     mnemonics = [m for g in groups for m in g]
@@ -1778,7 +1843,7 @@ def vault_recover(
     passphrase. Then remove the dead key slots with `vault unenroll`."""
     mnemonics = _read_mnemonics(share_files)
     passphrase = "" if share_pass is None else _secret(share_pass, "Share passphrase: ").get()
-    v = _vault(state)
+    v = _vault(state, "vault recover")
     slot_id = v.recover(mnemonics, passphrase)
     result: dict[str, Any] = {"recovered": True, "recovery_slot": slot_id}
     if not check_only:
@@ -1828,7 +1893,7 @@ def _read_mnemonics(files: tuple[str, ...]) -> list[str]:
 @pass_state
 def vault_backup(state: State, file: str) -> None:
     """Write a backup of the vault snapshot (it opens with the same unlock methods)."""
-    v = _vault(state)
+    v = _vault(state, "vault backup")
     v.backup(Path(file))
     state.emit({"backup": file}, f"vault backed up to {file}")
 
@@ -1838,7 +1903,7 @@ def vault_backup(state: State, file: str) -> None:
 @pass_state
 def vault_restore_cmd(state: State, file: str) -> None:
     """Replace the vault with a backup (checked first) and update the catalog."""
-    report = vault_restore(state.keystore(), file)
+    report = vault_restore(state.local("vault restore"), file)
     state.emit(
         report,
         f"restored {report['keys']} keys from {file}"
@@ -1901,7 +1966,7 @@ def audit_verify(state: State, file: str | None, public: str | None, anchor: str
 
     path = _audit_path(state, file)
     expected = _anchor(anchor)
-    key = _load_public(public) if public else state.keystore().audit_public_key()
+    key = _load_public(public) if public else state.local("audit verify").audit_public_key()
     report = verify_log(path, key, expected)
     for warning in report.warnings:
         if not state.json:
@@ -1956,7 +2021,7 @@ def audit_hash(state: State, inp: str | None, file: str | None) -> None:
 @pass_state
 def audit_checkpoint(state: State) -> None:
     """Append a checkpoint signed by the audit key now (made on first use)."""
-    done = state.keystore().audit_checkpoint()
+    done = state.local("audit checkpoint").audit_checkpoint()
     if done is None:
         raise InvalidArgument('checkpoints need audit = "file" in the config')
     state.emit(done, f"checkpoint seq {done['seq']} signs records 1-{done['covers']}")
@@ -1976,7 +2041,7 @@ def audit_public_key(state: State, fmt: str, out: str | None) -> None:
     """The checkpoint signing key's public key, to keep apart from the log for verify."""
     if fmt in ("der", "raw"):
         refuse_binary_on_terminal(out, f"a {fmt} public key")
-    public = state.keystore().audit_public_key()
+    public = state.local("audit public-key").audit_public_key()
     if public is None:
         raise InvalidArgument("no audit checkpoint key yet; run `strongroom audit checkpoint`")
     data = algorithms.encode_public(public, fmt)
@@ -2042,7 +2107,7 @@ def serve(state: State, socket_path: str | None, listen: str | None) -> None:
 def _tenants(state: State) -> Any:
     """The tenants store: local (file access to the data dir is admin), or the service's."""
     if state.remote():
-        return state.keystore()
+        return state.service()
     from .tenants import TenantStore
 
     cfg = config_mod.load(state.config)

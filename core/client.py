@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from . import errors
+from .api import BackendStatus
 from .catalog import KeyVersion
 from .errors import (
     AuthenticationFailed,
@@ -28,7 +29,6 @@ from .errors import (
     KeyNotFound,
     StrongroomError,
 )
-from .keystore import BackendStatus
 from .tenants import NotPermitted, TenantNotFound
 from .types import KeyInfo, KeyType, Operation, Usage
 
@@ -146,6 +146,19 @@ class RemoteKeystore:
     def __init__(self, client: Any, url: str) -> None:
         self._client = client
         self.url = url
+        self._namespace: str | None = None
+
+    @property
+    def namespace(self) -> str:
+        """The caller's tenant: the namespace its keys are in (asked once, then kept).
+
+        A service admin belongs to no tenant and holds no keys: NotPermitted."""
+        if self._namespace is None:
+            tenant = self.whoami().get("tenant")
+            if not isinstance(tenant, str):
+                raise NotPermitted("a service admin holds no keys; use a tenant's identity")
+            self._namespace = tenant
+        return self._namespace
 
     # -- plumbing ------------------------------------------------------------------------------
     def _call(
@@ -264,8 +277,6 @@ class RemoteKeystore:
         info: bytes = b"",
         exportable: bool = False,
     ) -> KeyInfo:
-        if exportable:
-            raise InvalidArgument("the service does not derive exportable keys")
         body: dict[str, Any] = {
             "new_name": new_name,
             "type": KeyType.parse(key_type).value,
@@ -274,6 +285,8 @@ class RemoteKeystore:
         }
         if usage is not None:
             body["usage"] = _usage(usage)
+        if exportable:
+            body["exportable"] = True
         return _key_info(self._call("POST", f"/v1/keys/{_segment(name)}/derive", body, name=name))
 
     def rotate(self, name: str, backend: str | None = None) -> KeyInfo:
@@ -320,12 +333,17 @@ class RemoteKeystore:
         )
 
     def public_key(self, name: str, version: int | None = None) -> PublicKeyTypes:
-        if version is not None:
-            raise InvalidArgument("the service serves the newest version's public key only")
-        der = _unb64(
-            self._call("GET", f"/v1/keys/{_segment(name)}/public", name=name, format="der")["der"]
-        )
+        path = f"/v1/keys/{_segment(name)}/public"
+        der = _unb64(self._call("GET", path, name=name, format="der", version=version)["der"])
         return serialization.load_der_public_key(der)
+
+    def attest(self, name: str, nonce: bytes | None = None) -> dict[str, Any]:
+        """The key's backend's statement that the key lives in its hardware (the service
+        makes the nonce when None); check it with `strongroom.keystore.verify_attestation`."""
+        body = {} if nonce is None else {"nonce": _b64(nonce)}
+        return dict(
+            self._call("POST", f"/v1/keys/{_segment(name)}/attest", body, name=name)["statement"]
+        )
 
     def sign(
         self,
@@ -399,6 +417,7 @@ class RemoteKeystore:
         usage: Any = None,
         salt: bytes = b"",
         info: bytes = b"",
+        exportable: bool = False,
     ) -> KeyInfo:
         """ECDH/X25519 with `peer` (a public key object, or PEM, DER or raw bytes)."""
         if isinstance(peer, bytes | bytearray):
@@ -417,30 +436,77 @@ class RemoteKeystore:
         }
         if usage is not None:
             body["usage"] = _usage(usage)
+        if exportable:
+            body["exportable"] = True
         return _key_info(self._call("POST", f"/v1/keys/{_segment(name)}/agree", body, name=name))
 
     def export_key(self, name: str, format: str = "pem") -> bytes:
-        if format != "pem":
-            raise InvalidArgument("the service exports PEM only")
-        return str(
-            self._call("POST", f"/v1/keys/{_segment(name)}/export", {}, name=name)["pem"]
-        ).encode()
+        """The private key material of an exportable key (pem, der or raw)."""
+        body = {"format": format}
+        found = self._call("POST", f"/v1/keys/{_segment(name)}/export", body, name=name)
+        return str(found["pem"]).encode() if format == "pem" else _unb64(found[format])
+
+    def wrap(self, wrapping_key: str, name: str) -> bytes:
+        """The exportable key `name` wrapped under `wrapping_key` (AES key wrap, RFC 5649)."""
+        body = {"key": name}
+        path = f"/v1/keys/{_segment(wrapping_key)}/wrap"
+        return _unb64(self._call("POST", path, body, name=wrapping_key)["blob"])
+
+    def unwrap(
+        self,
+        wrapping_key: str,
+        blob: bytes,
+        new_name: str,
+        key_type: KeyType | str,
+        usage: Any = None,
+        exportable: bool = False,
+    ) -> KeyInfo:
+        """Unwrap `blob` (from `wrap`, or RFC 5649 elsewhere) into the new key `new_name`."""
+        body: dict[str, Any] = {
+            "blob": _b64(blob),
+            "new_name": new_name,
+            "type": KeyType.parse(key_type).value,
+        }
+        if usage is not None:
+            body["usage"] = _usage(usage)
+        if exportable:
+            body["exportable"] = True
+        path = f"/v1/keys/{_segment(wrapping_key)}/unwrap"
+        return _key_info(self._call("POST", path, body, name=wrapping_key))
+
+    def rewrap(
+        self, name: str, ciphertext: bytes, aad: bytes = b"", algorithm: str | None = None
+    ) -> bytes:
+        """Re-encrypt an enveloped ciphertext under the key's primary version; the plaintext
+        stays in the service."""
+        body: dict[str, Any] = {"ciphertext": _b64(ciphertext), "aad": _b64(aad)}
+        if algorithm is not None:
+            body["algorithm"] = algorithm
+        return _unb64(
+            self._call("POST", f"/v1/keys/{_segment(name)}/rewrap", body, name=name)["ciphertext"]
+        )
+
+    def adopt(
+        self,
+        name: str,
+        backend: str,
+        ref: dict[str, str],
+        key_type: KeyType | str | None = None,
+        usage: Any = None,
+    ) -> KeyInfo:
+        """Register a key that already exists in the service's `backend`, found by `ref`."""
+        body: dict[str, Any] = {"backend": backend, "ref": dict(ref)}
+        if key_type is not None:
+            body["type"] = KeyType.parse(key_type).value
+        if usage is not None:
+            body["usage"] = _usage(usage)
+        return _key_info(self._call("POST", f"/v1/keys/{_segment(name)}/adopt", body, name=name))
 
     def random(self, n: int, backend: str | None = None) -> bytes:
         body: dict[str, Any] = {"n": n}
         if backend is not None:
             body["backend"] = backend
         return _unb64(self._call("POST", "/v1/random", body)["data"])
-
-    def __getattr__(self, attr: str) -> Any:
-        if attr.startswith("_"):
-            raise AttributeError(attr)
-        raise errors.UnsupportedOperation(
-            "service",
-            attr.replace("_", " "),
-            None,
-            "not offered through the service; run it on the service host without --server",
-        )
 
     def vault_control(self) -> RemoteVault:
         return RemoteVault(self)
@@ -516,16 +582,6 @@ class RemoteVault:
 
     def unlock(self, method: str | None = None) -> str:
         return self._remote.vault_unlock(method)
-
-    def __getattr__(self, attr: str) -> Any:
-        if attr.startswith("_"):
-            raise AttributeError(attr)
-        raise errors.UnsupportedOperation(
-            "service",
-            f"vault {attr.replace('_', ' ')}",
-            None,
-            "not offered through the service; run it on the service host without --server",
-        )
 
 
 def _options(

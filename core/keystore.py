@@ -9,7 +9,7 @@ import os
 import re
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import timedelta
 from importlib import metadata
 from pathlib import Path
@@ -19,6 +19,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from . import algorithms, lifecycle
+from .api import BackendStatus
 from .audit import Audit
 from .auditlog import AUDIT_NAMESPACE, CheckpointSignature, CheckpointSigner, fingerprint
 from .backend import (
@@ -88,31 +89,6 @@ def backend_classes(types: Iterable[str] | None = None) -> dict[str, type[Backen
 def backend_type_names() -> list[str]:
     """The installed backend type names, without importing any backend."""
     return sorted({ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)})
-
-
-@dataclass(frozen=True)
-class BackendStatus:
-    """What `strongroom backends` shows for one configured backend."""
-
-    name: str
-    type: str
-    available: bool
-    reason: str | None
-    capabilities: frozenset[Capability]
-    details: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        ops: dict[str, list[str]] = {}
-        for key_type, op in sorted(self.capabilities):
-            ops.setdefault(key_type.value, []).append(op.value)
-        return {
-            "name": self.name,
-            "type": self.type,
-            "available": self.available,
-            "reason": self.reason,
-            "capabilities": ops,
-            "details": self.details,
-        }
 
 
 class Keystore:
@@ -621,12 +597,16 @@ class Keystore:
             if wanted is not None and not wanted <= found.usage:
                 extra = ", ".join(sorted(u.value for u in wanted - found.usage))
                 raise PolicyViolation(f"the key in {backend!r} does not allow usage {extra}")
+            # Registered already, under any name, namespace or version (an older version's
+            # handle counts: adopting it would hand a rotated-out key to a second owner).
+            # Only a registration in the caller's own namespace is named.
             for other in self.catalog.list(None):
                 if other.backend == b.name and other.handle == found.handle:
-                    raise InvalidArgument(
-                        f"that key is already registered as {other.name!r}"
-                        f" in namespace {other.namespace!r}"
-                    )
+                    if other.namespace == self.namespace:
+                        raise InvalidArgument(f"that key is already registered as {other.name!r}")
+                    break
+            if found.handle in self.catalog.handles(b.name):
+                raise InvalidArgument("that key is already registered (in another namespace)")
             usages = found.usage & found.type.allowed_usage if wanted is None else wanted
             info = self._new_info(name, found.type, usages, found.exportable, b.name)
             info = replace(

@@ -125,6 +125,9 @@ def openapi_document(
         return {"type": "object", "required": required, "properties": props}
 
     keyref = {"$ref": "#/components/schemas/Key"}
+    adopt_type = {**keytype, "nullable": True}  # adopt reads the type from the backend
+    if "enum" in adopt_type:
+        adopt_type["enum"] = [*adopt_type["enum"], None]
     data_op = obj(
         ["data"],
         data=b64,
@@ -204,6 +207,7 @@ def openapi_document(
                     usage=usage,
                     salt=b64,
                     info=b64,
+                    exportable={"type": "boolean"},
                 ),
                 params=[name_param],
             )
@@ -250,6 +254,12 @@ def openapi_document(
                         "in": "query",
                         "required": False,
                         "schema": {"type": "string", "enum": ["pem", "der"]},
+                    },
+                    {
+                        "name": "version",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 2147483648},
                     },
                 ],
             )
@@ -315,14 +325,75 @@ def openapi_document(
                     salt=b64,
                     info=b64,
                     usage=usage,
+                    exportable={"type": "boolean"},
                 ),
                 params=[name_param],
             )
         },
         "/v1/keys/{name}/export": {
             "post": op(
-                "export an exportable key",
-                obj(["pem"], pem={"type": "string"}),
+                "export an exportable key: pem (text), der or raw (base64)",
+                obj([], pem={"type": "string"}, der=b64, raw=b64),
+                body=obj([], format={"type": "string", "enum": ["pem", "der", "raw"]}),
+                params=[name_param],
+            )
+        },
+        "/v1/keys/{name}/wrap": {
+            "post": op(
+                "wrap the exportable key `key` under this key (AES key wrap, RFC 5649)",
+                obj(["blob"], blob=b64),
+                body=obj(["key"], key=keyname),
+                params=[name_param],
+            )
+        },
+        "/v1/keys/{name}/unwrap": {
+            "post": op(
+                "unwrap a wrapped key into a new key",
+                keyref,
+                status="201",
+                body=obj(
+                    ["blob", "new_name", "type"],
+                    blob=b64,
+                    new_name=keyname,
+                    type=keytype,
+                    usage=usage,
+                    exportable={"type": "boolean"},
+                ),
+                params=[name_param],
+            )
+        },
+        "/v1/keys/{name}/rewrap": {
+            "post": op(
+                "re-encrypt an enveloped ciphertext under the primary version",
+                obj(["ciphertext"], ciphertext=b64),
+                body=obj(["ciphertext"], ciphertext=b64, aad=b64, algorithm=enc_alg),
+                params=[name_param],
+            )
+        },
+        "/v1/keys/{name}/attest": {
+            "post": op(
+                "a statement from the key's backend that the key lives in its hardware",
+                obj(["statement"], statement=anyobj),
+                body=obj([], nonce={**b64, "nullable": True}),
+                params=[name_param],
+            )
+        },
+        "/v1/keys/{name}/adopt": {
+            "post": op(
+                "register a key that already exists in a backend, found by `ref`",
+                keyref,
+                status="201",
+                body=obj(
+                    ["backend", "ref"],
+                    backend={"type": "string"},
+                    ref={
+                        "type": "object",
+                        "minProperties": 1,
+                        "additionalProperties": {"type": "string"},
+                    },
+                    type=adopt_type,
+                    usage=usage,
+                ),
                 params=[name_param],
             )
         },

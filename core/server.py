@@ -570,6 +570,11 @@ class App:
             ("POST", f"/v1/keys/{name}/disable", self.disable, True),
             ("POST", f"/v1/keys/{name}/enable", self.enable, True),
             ("POST", f"/v1/keys/{name}/config", self.key_config, True),
+            ("POST", f"/v1/keys/{name}/wrap", self.wrap, True),
+            ("POST", f"/v1/keys/{name}/unwrap", self.unwrap, True),
+            ("POST", f"/v1/keys/{name}/rewrap", self.rewrap, True),
+            ("POST", f"/v1/keys/{name}/attest", self.attest, True),
+            ("POST", f"/v1/keys/{name}/adopt", self.adopt, True),
             ("POST", "/v1/random", self.random, True),
             ("GET", "/v1/vault", self.vault_status, True),
             ("POST", "/v1/vault/lock", self.vault_lock, True),
@@ -672,6 +677,14 @@ class App:
         info = _unb64(req.body.get("info", ""), "info")
         return new_name, key_type, usage, salt, info
 
+    def _check_exportable(self, req: Request, name: str) -> bool:
+        """The request's `exportable` flag; making an exportable key needs `export` on it."""
+        assert req.identity is not None
+        exportable = _flag(req.body, "exportable")
+        if exportable and Permission.EXPORT not in self.tenants.permissions_on(req.identity, name):
+            raise HttpError(403, "NotPermitted", "making an exportable key needs export")
+        return exportable
+
     async def mac(self, req: Request) -> Any:
         view, name = self._key_request(req, Permission.SIGN)
         data = _unb64(req.body.get("data"), "data")
@@ -681,9 +694,10 @@ class App:
     async def derive(self, req: Request) -> Any:
         view, name = self._key_request(req, Permission.DERIVE)
         new_name, key_type, usage, salt, info_bytes = self._new_key_args(req)
+        exportable = self._check_exportable(req, new_name)
         self._check_vault(view, name)
         info = await asyncio.to_thread(
-            view.derive, name, new_name, key_type, usage, salt, info_bytes
+            view.derive, name, new_name, key_type, usage, salt, info_bytes, exportable
         )
         return 201, _key_json(info)
 
@@ -766,7 +780,10 @@ class App:
         fmt = req.query.get("format", "pem")
         if fmt not in ("pem", "der"):
             raise HttpError(400, "InvalidArgument", "format is pem or der")
-        public = await self._run(view, name, lambda: view.public_key(name))
+        version = None
+        if "version" in req.query:
+            version = _int_query(req.query, "version", 1, 1, 1 << 31)
+        public = await self._run(view, name, lambda: view.public_key(name, version))
         if fmt == "pem":
             pem = public.public_bytes(
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -846,17 +863,98 @@ class App:
                 raise HttpError(400, "InvalidArgument", "peer is not a PEM public key") from None
         else:
             public = _unb64(peer, "peer")  # raw or DER; the keystore reads it for the key type
+        exportable = self._check_exportable(req, new_name)
         self._check_vault(view, name)
         info = await asyncio.to_thread(
-            view.agree, name, public, new_name, key_type, usage, salt, info_bytes
+            view.agree, name, public, new_name, key_type, usage, salt, info_bytes, exportable
         )
         return 201, _key_json(info)
 
     async def export(self, req: Request) -> Any:
         view, name = self._key_request(req, Permission.EXPORT)
+        fmt = req.body.get("format", "pem")
+        if fmt not in ("pem", "der", "raw"):
+            raise HttpError(400, "InvalidArgument", "format is pem, der or raw")
         self._check_vault(view, name)
-        pem = await asyncio.to_thread(view.export_key, name, "pem")
-        return {"pem": pem.decode()}
+        material = await asyncio.to_thread(view.export_key, name, fmt)
+        return {"pem": material.decode()} if fmt == "pem" else {fmt: _b64(material)}
+
+    async def wrap(self, req: Request) -> Any:
+        """Wrap the exportable key `key` under this one: `encrypt` on the wrapping key (a key
+        wrap is an encryption with it) and `export` on the key that leaves, wrapped."""
+        view, name = self._key_request(req, Permission.ENCRYPT)
+        target = req.body.get("key")
+        if not isinstance(target, str) or not target:
+            raise HttpError(400, "InvalidArgument", "key is required")
+        assert req.identity is not None
+        self._check_key(req.identity, target, Permission.EXPORT)
+        blob = await self._run(view, name, lambda: view.wrap(name, target))
+        return {"blob": _b64(blob)}
+
+    async def unwrap(self, req: Request) -> Any:
+        """A wrapped key into a new key: `decrypt` on the wrapping key, `generate` on the new
+        name (and `export` for an exportable one), as for derive and agree."""
+        view, name = self._key_request(req, Permission.DECRYPT)
+        blob = _unb64(req.body.get("blob"), "blob")
+        new_name = req.body.get("new_name")
+        if not isinstance(new_name, str) or not new_name:
+            raise HttpError(400, "InvalidArgument", "new_name is required")
+        assert req.identity is not None
+        self._check_key(req.identity, new_name, Permission.GENERATE)
+        key_type = req.body.get("type")
+        if not isinstance(key_type, str):
+            raise HttpError(400, "InvalidArgument", "type is required")
+        usage = _usage_list(req.body)
+        exportable = self._check_exportable(req, new_name)
+        self._check_vault(view, name)
+        info = await asyncio.to_thread(
+            view.unwrap, name, blob, new_name, key_type, usage, exportable
+        )
+        return 201, _key_json(info)
+
+    async def rewrap(self, req: Request) -> Any:
+        """Re-encrypt under the primary version: it decrypts and encrypts, so it needs both."""
+        view, name = self._key_request(req, Permission.DECRYPT)
+        assert req.identity is not None
+        self._check_key(req.identity, name, Permission.ENCRYPT)
+        ct = _unb64(req.body.get("ciphertext"), "ciphertext")
+        aad = _unb64(req.body.get("aad", ""), "aad")
+        algorithm = _opt_str(req.body, "algorithm")
+        new = await self._run(view, name, lambda: view.rewrap(name, ct, aad, algorithm))
+        return {"ciphertext": _b64(new)}
+
+    async def attest(self, req: Request) -> Any:
+        """The backend's statement that the key lives in its hardware: `read`, as for the
+        public key (the statement says no more than where the key is)."""
+        view, name = self._key_request(req, Permission.READ)
+        nonce = None if req.body.get("nonce") is None else _unb64(req.body["nonce"], "nonce")
+        statement = await self._run(view, name, lambda: view.attest(name, nonce))
+        return {"statement": _jsonable(statement)}
+
+    async def adopt(self, req: Request) -> Any:
+        """Register a key that already exists in a backend under this name: the `adopt`
+        permission on the name, which `all` does not imply (in shared hardware, adopting
+        claims a key nobody gave this tenant); the admin's vault seal stops it, as it stops
+        generate."""
+        assert req.identity is not None
+        name = req.params["name"]
+        backend = req.body.get("backend")
+        if not isinstance(backend, str) or not backend:
+            raise HttpError(400, "InvalidArgument", "backend is required")
+        ref = req.body.get("ref")
+        if not (
+            isinstance(ref, dict)
+            and ref
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in ref.items())
+        ):
+            raise HttpError(400, "InvalidArgument", "ref must be an object of strings")
+        key_type = _opt_str(req.body, "type")
+        usage = _usage_list(req.body)
+        view = self._check_key(req.identity, name, Permission.ADOPT)
+        if self.vault_sealed:
+            raise HttpError(423, "VaultLocked", "the vault is locked; an admin unlocks it")
+        info = await asyncio.to_thread(view.adopt, name, backend, ref, key_type, usage)
+        return 201, _key_json(info)
 
     async def random(self, req: Request) -> Any:
         ident = req.identity

@@ -46,7 +46,9 @@ _PATTERN = re.compile(r"[A-Za-z0-9_.*?\[\]!-]{1,128}")
 class Permission(StrEnum):
     """What a policy grants. `read` covers list, show, public key and versions; `generate`
     covers import; `manage` covers rotate, disable, enable and min_decryption_version;
-    `admin` is the service's own management (tenants, tokens, policies, vault, audit)."""
+    `adopt` registers a key that already exists in a backend (never implied by `all`: in
+    shared hardware it claims a key nobody gave the tenant); `admin` is the service's own
+    management (tenants, tokens, policies, vault, audit)."""
 
     READ = "read"
     SIGN = "sign"
@@ -60,10 +62,12 @@ class Permission(StrEnum):
     DELETE = "delete"
     EXPORT = "export"
     RANDOM = "random"
+    ADOPT = "adopt"
     ADMIN = "admin"
 
 
 KEY_PERMISSIONS = frozenset(Permission) - {Permission.ADMIN, Permission.RANDOM}
+_NOT_IN_ALL = frozenset({Permission.ADOPT})
 
 
 class NotPermitted(PolicyViolation):
@@ -77,14 +81,15 @@ class TenantNotFound(StrongroomError):
 
 
 def parse_permissions(value: str | Iterable[str]) -> frozenset[Permission]:
-    """`sign,verify` or a list of names → permissions; `all` means every key permission."""
+    """`sign,verify` or a list of names → permissions; `all` means every key permission
+    but `adopt`, which is granted only by name."""
     items = value.split(",") if isinstance(value, str) else list(value)
     out: set[Permission] = set()
     for item in (i.strip() for i in items):
         if not item:
             continue
         if item == "all":
-            out |= KEY_PERMISSIONS | {Permission.RANDOM}
+            out |= (KEY_PERMISSIONS - _NOT_IN_ALL) | {Permission.RANDOM}
             continue
         try:
             out.add(Permission(item))

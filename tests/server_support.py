@@ -40,6 +40,7 @@ ALL_KEY_PERMISSIONS = [
     Permission.DELETE,
     Permission.EXPORT,
     Permission.RANDOM,
+    Permission.ADOPT,
 ]
 
 

@@ -7,10 +7,13 @@ openssl is in test_pkcs11_tools.py.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +26,20 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pkcs11 import Attribute, ObjectClass
 from pkcs11 import exceptions as p11
-from pkcs11_support import PIN_ENV, SoftHsm, config, ks, pkcs11_tool, softhsm, write_config
+from pkcs11_support import (
+    PIN_ENV,
+    SoftHsm,
+    config,
+    ks,
+    list_objects,
+    pkcs11_tool,
+    softhsm,
+    write_config,
+)
+from server_support import Service, Tenancy, init_service_data, make_pki, start_service
 
 import strongroom
+from strongroom.api import KeyAPI
 from strongroom.backends.pkcs11 import Pkcs11Backend
 from strongroom.backends.pkcs11 import token as token_mod
 from strongroom.backends.pkcs11.cryptoki import CKR_PIN_LOCKED, Cryptoki
@@ -72,12 +86,96 @@ def key_id_of(ks: Keystore, name: str) -> bytes:
 
 class TestPkcs11Contract(BackendContract):
     @pytest.fixture
-    def keystore(self, ks: Keystore) -> Keystore:
+    def keystore(self, ks: Keystore) -> KeyAPI:
         return ks
 
     @pytest.fixture
     def backend_name(self) -> str:
         return "hsm"
+
+    can_adopt = True
+
+    @pytest.fixture(autouse=True)
+    def _token(self, softhsm: SoftHsm) -> None:
+        self.hsm = softhsm
+
+    def adoptable(self, keystore: KeyAPI, backend_name: str) -> dict[str, str] | None:
+        """An EC key pair that OpenSC's pkcs11-tool makes on the token, found by its label."""
+        label = f"made-outside-{next(_outside)}"
+        made = pkcs11_tool(
+            self.hsm, "--keypairgen", "--key-type", "EC:prime256v1", "--label", label
+        )
+        assert made.returncode == 0, made.stderr
+        return {"label": label}
+
+
+_outside = itertools.count()
+
+
+@pytest.fixture(scope="class")
+def hsm_service(
+    tmp_path_factory: pytest.TempPathFactory, softhsm: SoftHsm
+) -> Iterator[tuple[Service, Tenancy]]:
+    """`strongroom serve` in its own process with the token first in `order`."""
+    directory = tmp_path_factory.mktemp("hsm-serve")
+    os.environ[PIN_ENV] = softhsm.pin  # the service process inherits it (service_env)
+    config = write_config(directory, softhsm)
+    with config.open("a", encoding="utf-8") as f:
+        f.write(f'\n[server]\nsocket = "{directory / "serve.sock"}"\nrate_limit = 0\n')
+    tenancy = init_service_data(config, make_pki(directory / "pki"))
+    service = start_service(config)
+    try:
+        yield service, tenancy
+    finally:
+        code = service.stop()
+        assert code == 0, "".join(service.stderr_lines)
+
+
+class TestPkcs11ContractOverTheService(TestPkcs11Contract):
+    """The same suite through `strongroom.connect()` to a service whose keys are on the token:
+    wrap, unwrap, rewrap and adopt cross the wire against SoftHSM2."""
+
+    @pytest.fixture
+    def keystore(self, hsm_service: tuple[Service, Tenancy]) -> Iterator[KeyAPI]:
+        service, tenancy = hsm_service
+        with strongroom.connect(service.unix, token=tenancy.acme_app) as remote:
+            yield remote
+
+
+def test_adopt_cannot_claim_another_tenants_key_or_name_it(
+    hsm_service: tuple[Service, Tenancy], softhsm: SoftHsm
+) -> None:
+    """In a token the service shares, a key one tenant adopted (or an older version of a
+    rotated key) is refused to every other tenant, and the refusal names neither the key nor
+    its tenant."""
+    service, tenancy = hsm_service
+    label = f"made-outside-{next(_outside)}"
+    made = pkcs11_tool(softhsm, "--keypairgen", "--key-type", "EC:prime256v1", "--label", label)
+    assert made.returncode == 0, made.stderr
+    with (
+        strongroom.connect(service.unix, token=tenancy.acme_app) as acme,
+        strongroom.connect(service.unix, token=tenancy.globex_app) as globex,
+    ):
+        acme.adopt("acme-secret-name", "hsm", {"label": label})
+        with pytest.raises(InvalidArgument) as err:
+            globex.adopt("mine-now", "hsm", {"label": label})
+        assert "another namespace" in str(err.value)
+        assert "acme" not in str(err.value)
+        # an older version: rotated out of acme's key, still acme's
+        acme.generate("acme-rotated", "ecdsa-p256", backend="hsm")
+        acme.rotate("acme-rotated")
+        ids = {
+            o["ID"]
+            for o in list_objects(softhsm)
+            if o.get("label") == "acme-rotated" and "Private Key" in o["kind"]
+        }
+        assert len(ids) == 2, "both versions are on the token"
+        for key_id in ids:
+            with pytest.raises(InvalidArgument) as err:
+                globex.adopt("old-one", "hsm", {"id": key_id})
+            assert "another namespace" in str(err.value) and "acme" not in str(err.value)
+        assert "mine-now" not in {k.name for k in globex.keys()}
+        assert "old-one" not in {k.name for k in globex.keys()}
 
 
 # -- key attributes ------------------------------------------------------------------------------

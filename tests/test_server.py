@@ -47,19 +47,23 @@ from server_support import (
 )
 
 import strongroom
+from strongroom.api import KeyAPI
 from strongroom.auditlog import verify_log
 from strongroom.client import RemoteKeystore, VaultLocked
 from strongroom.errors import (
     AuthenticationFailed,
     BackendUnavailable,
+    DataFormatError,
+    IntegrityError,
     InvalidArgument,
     KeyNotFound,
     PolicyViolation,
     UnsupportedOperation,
+    VersionRetired,
 )
 from strongroom.keystore import Keystore
 from strongroom.server import App
-from strongroom.tenants import NotPermitted, Permission, TenantStore
+from strongroom.tenants import NotPermitted, Permission, TenantStore, parse_permissions
 from strongroom.testing import BackendContract
 
 DATA = b"custody service test data"
@@ -101,7 +105,7 @@ def remote(service: Service, token: str | None) -> RemoteKeystore:
 # -- the contract, on both transports -----------------------------------------------------------
 class TestContractOverUnixSocket(BackendContract):
     @pytest.fixture
-    def keystore(self, service: Service, tokens: Tenancy) -> Iterator[Any]:
+    def keystore(self, service: Service, tokens: Tenancy) -> Iterator[KeyAPI]:
         with remote(service, tokens.acme_app) as ks:
             yield ks
 
@@ -112,7 +116,7 @@ class TestContractOverUnixSocket(BackendContract):
 
 class TestContractOverTls(BackendContract):
     @pytest.fixture
-    def keystore(self, service: Service, pki: Pki, tokens: Tenancy) -> Iterator[Any]:
+    def keystore(self, service: Service, pki: Pki, tokens: Tenancy) -> Iterator[KeyAPI]:
         with strongroom.connect(service.https, token=tokens.globex_app, ca=pki.ca) as ks:
             yield ks
 
@@ -253,6 +257,8 @@ def test_policies_deny_by_default(service: Service, tokens: Tenancy) -> None:
         assert isinstance(NotPermitted("x"), PolicyViolation)
     with remote(service, tokens.admin) as admin, pytest.raises(NotPermitted, match="no keys"):
         admin.sign("signing-1", DATA)
+    with remote(service, tokens.admin) as admin, pytest.raises(NotPermitted, match="no keys"):
+        admin.namespace  # the property asks the service who the caller is
 
 
 def test_tokens_bad_missing_and_revoked(service: Service, tokens: Tenancy) -> None:
@@ -613,8 +619,12 @@ def test_cli_uses_the_service(service: Service, tokens: Tenancy, tmp_path: Path)
     assert missing.returncode == 3 and missing.stderr.count(b"\n") == 1
     unauth = run([*server, "key", "list"], "srt_0000000000000000_bad")
     assert unauth.returncode == 4 and unauth.stderr.count(b"\n") == 1
-    elsewhere = run([*server, "key", "attest", "cli-key"], tokens.acme_app)
+    elsewhere = run([*server, "key", "trim", "cli-key"], tokens.acme_app)
     assert elsewhere.returncode == 5 and b"not offered through the service" in elsewhere.stderr
+    assert elsewhere.stderr.count(b"\n") == 1
+    # attest goes to the service, whose vault backend cannot attest: its own refusal
+    vault_key = run([*server, "key", "attest", "cli-key"], tokens.acme_app)
+    assert vault_key.returncode == 5 and b"backend 'vault'" in vault_key.stderr
     status = run([*server, "--json", "vault", "status"], tokens.admin)
     assert status.returncode == 0 and json.loads(status.stdout)["unlocked"] is True
     gone = run(["--server", f"unix:{tmp_path}/none.sock", "key", "list"], tokens.acme_app)
@@ -908,8 +918,6 @@ def test_service_config_errors_name_the_key(tmp_path: Path) -> None:
     assert r.returncode == 11 and b"server.listen" in r.stderr and r.stderr.count(b"\n") == 1
     with pytest.raises(InvalidArgument):
         strongroom.config.parse_listen("nohost")
-    with pytest.raises(UnsupportedOperation):
-        RemoteKeystore(httpx.Client(), "unix:/x").attest("k")  # type: ignore[attr-defined]
 
 
 _ = ec
@@ -960,3 +968,206 @@ def test_lifecycle_import_derive_and_mac_over_the_wire(
     assert r.returncode == 0, r.stderr
     r = run([*server, "--json", "key", "versions", "wire-hmac"], tokens.acme_app)
     assert r.returncode == 0, r.stderr
+
+
+# -- wrap, unwrap, rewrap, attest and adopt over the wire ------------------------------------------
+def test_wrap_and_unwrap_over_the_wire(service: Service, tokens: Tenancy, tmp_path: Path) -> None:
+    with remote(service, tokens.acme_app) as app, remote(service, tokens.acme_signer) as signer:
+        app.generate("signing-kek", "aes-256", usage="wrap,unwrap")
+        app.generate("signing-movable", "aes-256", exportable=True)
+        app.generate("signing-fixed", "aes-256")
+        blob = app.wrap("signing-kek", "signing-movable")
+        moved = app.unwrap("signing-kek", blob, "wire-moved", "aes-256", usage="encrypt,decrypt")
+        assert moved.namespace == "acme" and moved.backend == "vault" and not moved.exportable
+        ct = app.encrypt("signing-movable", DATA, aad=b"a")
+        assert app.decrypt("wire-moved", ct, aad=b"a") == DATA
+        exportable = app.unwrap("signing-kek", blob, "wire-moved-2", "aes-256", exportable=True)
+        assert exportable.exportable
+        # the typed errors of the keystore, unchanged by the wire
+        with pytest.raises(PolicyViolation, match="not created exportable"):
+            app.wrap("signing-kek", "signing-fixed")
+        with pytest.raises(IntegrityError):
+            app.unwrap("signing-kek", blob[:-1] + bytes([blob[-1] ^ 1]), "wire-broken", "aes-256")
+        with pytest.raises(KeyNotFound):
+            app.wrap("signing-kek", "absent")
+        # the signer may read the keys but neither encrypt (wrap) nor decrypt (unwrap) with them
+        with pytest.raises(NotPermitted, match="may not encrypt"):
+            signer.wrap("signing-kek", "signing-movable")
+        with pytest.raises(NotPermitted, match="may not decrypt"):
+            signer.unwrap("signing-kek", blob, "signing-new", "aes-256")
+        with pytest.raises(KeyNotFound):  # no permission at all on the name
+            signer.wrap("wire-moved", "signing-movable")
+    with httpx.Client(
+        transport=httpx.HTTPTransport(uds=str(service.socket)),
+        base_url="http://s",
+        headers={"authorization": f"Bearer {tokens.acme_app}"},
+    ) as c:
+        r = c.post("/v1/keys/signing-kek/wrap", json={})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "InvalidArgument"
+        bad_blob = {"blob": "!", "new_name": "x", "type": "aes-256"}
+        r = c.post("/v1/keys/signing-kek/unwrap", json=bad_blob)
+        assert r.status_code == 400 and r.json()["error"]["type"] == "InvalidArgument"
+    server = ["--server", service.unix]
+    wrapped = run([*server, "key", "wrap", "signing-kek", "signing-movable"], tokens.acme_app)
+    assert wrapped.returncode == 0, wrapped.stderr
+    (tmp_path / "blob").write_bytes(wrapped.stdout)
+    unwrapped = run(
+        [*server, "key", "unwrap", "signing-kek", "cli-moved", "--type", "aes-256"],
+        tokens.acme_app,
+        data=wrapped.stdout,
+    )
+    assert unwrapped.returncode == 0, unwrapped.stderr
+    denied = run([*server, "key", "wrap", "signing-kek", "signing-movable"], tokens.acme_signer)
+    assert denied.returncode == 8 and denied.stderr.count(b"\n") == 1
+
+
+def test_rewrap_over_the_wire(service: Service, tokens: Tenancy) -> None:
+    with remote(service, tokens.acme_app) as app, remote(service, tokens.acme_signer) as signer:
+        app.generate("signing-rewrap", "aes-256")
+        old = app.encrypt("signing-rewrap", DATA, aad=b"h", envelope=True)
+        app.rotate("signing-rewrap")
+        new = app.rewrap("signing-rewrap", old, b"h")
+        assert new != old and DATA not in new
+        app.set_min_decryption_version("signing-rewrap", 2)
+        assert app.decrypt("signing-rewrap", new, aad=b"h", envelope=True) == DATA
+        with pytest.raises(VersionRetired):
+            app.rewrap("signing-rewrap", old, b"h")
+        with pytest.raises(DataFormatError):
+            app.rewrap("signing-rewrap", b"not versioned", b"h")
+        with pytest.raises(IntegrityError):  # rewrap authenticates before it re-encrypts
+            app.rewrap("signing-rewrap", new, b"other header")
+        # rewrap decrypts and encrypts: the signer may do neither
+        with pytest.raises(NotPermitted, match="may not decrypt"):
+            signer.rewrap("signing-rewrap", new, b"h")
+
+
+def test_attest_over_the_wire(service: Service, tokens: Tenancy) -> None:
+    """The service's vault cannot attest: the refusal is the backend's own, as in process.
+    A TPM's statement over the wire is the contract's test_attest; here the route's checks."""
+    with remote(service, tokens.acme_app) as app, remote(service, tokens.acme_signer) as signer:
+        app.generate("signing-attest", "ecdsa-p256")
+        app.generate("unreadable", "ecdsa-p256")
+        with pytest.raises(UnsupportedOperation) as err:
+            app.attest("signing-attest", b"nonce")
+        assert (err.value.backend, err.value.operation, err.value.key_type) == (
+            "vault",
+            "attest",
+            "ecdsa-p256",
+        )
+        with pytest.raises(UnsupportedOperation):  # read is enough to ask
+            signer.attest("signing-attest")
+        with pytest.raises(KeyNotFound):
+            signer.attest("unreadable")
+        with pytest.raises(KeyNotFound):
+            app.attest("absent", b"nonce")
+    with httpx.Client(
+        transport=httpx.HTTPTransport(uds=str(service.socket)),
+        base_url="http://s",
+        headers={"authorization": f"Bearer {tokens.acme_app}"},
+    ) as c:
+        r = c.post("/v1/keys/signing-attest/attest", json={"nonce": 5})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "InvalidArgument"
+
+
+def test_adopt_over_the_wire(service: Service, tokens: Tenancy) -> None:
+    """Adopting through the service needs `adopt` on the name, which `all` does not grant;
+    the service's vault cannot adopt, so success is the contract's (tests/test_pkcs11.py,
+    over a service on SoftHSM2)."""
+    with remote(service, tokens.acme_app) as app, remote(service, tokens.acme_signer) as signer:
+        with pytest.raises(UnsupportedOperation) as err:
+            app.adopt("wire-adopted", "vault", {"label": "x"})
+        assert (err.value.backend, err.value.operation) == ("vault", "adopt")
+        with pytest.raises(InvalidArgument, match="no backend named"):
+            app.adopt("wire-adopted", "nowhere", {"label": "x"})
+        with pytest.raises(NotPermitted, match="may not adopt"):
+            signer.adopt("signing-adopted", "vault", {"label": "x"})
+        assert "wire-adopted" not in {k.name for k in app.keys()}
+    # `all` is every key permission but adopt: granted by name only
+    assert Permission.ADOPT not in parse_permissions("all")
+    assert Permission.GENERATE in parse_permissions("all")
+    assert parse_permissions("adopt,read") == {Permission.ADOPT, Permission.READ}
+    with httpx.Client(
+        transport=httpx.HTTPTransport(uds=str(service.socket)),
+        base_url="http://s",
+        headers={"authorization": f"Bearer {tokens.acme_app}"},
+    ) as c:
+        for body in ({"backend": "vault"}, {"backend": "vault", "ref": {"label": 1}}, {"ref": {}}):
+            r = c.post("/v1/keys/wire-adopted/adopt", json=body)
+            assert r.status_code == 400 and r.json()["error"]["type"] == "InvalidArgument"
+
+
+def test_new_operations_are_audited_as_in_process(service: Service, tokens: Tenancy) -> None:
+    with remote(service, tokens.acme_app) as app:
+        app.generate("audit-kek", "aes-256", usage="wrap,unwrap")
+        app.generate("audit-movable", "aes-256", exportable=True)
+        app.unwrap("audit-kek", app.wrap("audit-kek", "audit-movable"), "audit-moved", "aes-256")
+        old = app.encrypt("audit-movable", DATA, envelope=True)
+        app.rewrap("audit-movable", old)
+        with pytest.raises(UnsupportedOperation):
+            app.attest("audit-kek")
+    with remote(service, tokens.admin) as admin:
+        records = admin.audit_records(last=50)
+    mine = {
+        (r["op"], r["result"]): r
+        for r in records
+        if r.get("actor") == "acme:app" and str(r.get("key", "")).startswith("acme/audit-")
+    }
+    for op, result in (
+        ("wrap", "ok"),
+        ("unwrap", "ok"),
+        ("rewrap", "ok"),
+        ("attest", "UnsupportedOperation"),
+    ):
+        assert (op, result) in mine, (op, sorted(mine))
+    assert mine[("wrap", "ok")]["key"] == "acme/audit-kek"
+    assert mine[("wrap", "ok")]["target"] == "audit-movable"
+    assert mine[("unwrap", "ok")]["new_key"] == "audit-moved"
+
+
+def test_cli_refuses_commands_outside_the_key_api_in_one_line(
+    service: Service, tokens: Tenancy
+) -> None:
+    server = ["--server", service.unix]
+    for args in (
+        ["key", "purge"],
+        ["key", "bip39-recover", "seed"],
+        ["audit", "checkpoint"],
+        ["vault", "backup", "/nonexistent/backup"],
+    ):
+        r = run([*server, *args], tokens.acme_app)
+        assert r.returncode == 5, (args, r.stderr)
+        assert b"not offered through the service" in r.stderr and r.stderr.count(b"\n") == 1
+
+
+def test_exportable_new_keys_older_public_keys_and_der_export_over_the_wire(
+    service: Service, tokens: Tenancy
+) -> None:
+    """Parameters the client refused before KeyAPI: derive/agree exportable (needs `export`
+    on the new name, as generate does), public_key(version=) and export_key der/raw."""
+    with remote(service, tokens.admin) as admin:
+        deriver = admin.issue_token("acme", "deriver")
+        admin.grant("acme", "deriver", "dx-*", ["derive", "generate", "read"])
+    with remote(service, tokens.acme_app) as app, remote(service, deriver) as limited:
+        app.generate("dx-root", "aes-256", usage="derive")
+        child = app.derive("dx-root", "dx-child", "aes-256", exportable=True)
+        assert child.exportable
+        raw = app.export_key("dx-child", "raw")
+        assert len(raw) == 32
+        with pytest.raises(NotPermitted, match="needs export"):
+            limited.derive("dx-root", "dx-other", "aes-256", exportable=True)
+        assert not limited.derive("dx-root", "dx-other", "aes-256").exportable
+        peer = ec.generate_private_key(ec.SECP256R1())
+        app.generate("dx-ec", "ecdsa-p256", usage="agree")
+        agreed = app.agree("dx-ec", peer.public_key(), "dx-agreed", exportable=True)
+        assert agreed.exportable
+        app.generate("dx-signer", "ecdsa-p256", exportable=True)
+        first = app.public_key("dx-signer")
+        app.rotate("dx-signer")
+        assert app.public_key("dx-signer", version=1) == first
+        assert app.public_key("dx-signer") != first
+        der = app.export_key("dx-signer", "der")
+        assert serialization.load_der_private_key(der, None).public_key() == app.public_key(
+            "dx-signer"
+        )
+        with pytest.raises(InvalidArgument):
+            app.export_key("dx-signer", "jwk")

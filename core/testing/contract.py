@@ -1,4 +1,8 @@
-"""The backend contract: what every backend must do, checked through the Keystore."""
+"""The backend contract: what every backend must do, checked through the key API.
+
+The suite is typed against `KeyAPI`, so it runs unchanged through a `Keystore` and through
+`strongroom.connect()` (tests/test_server.py runs it over both of the service's transports).
+"""
 
 from __future__ import annotations
 
@@ -12,15 +16,17 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, x25519
 
 from strongroom import algorithms
+from strongroom.api import KeyAPI
 from strongroom.errors import (
+    DataFormatError,
     IntegrityError,
     InvalidArgument,
     KeyExists,
     KeyNotFound,
     PolicyViolation,
     UnsupportedOperation,
+    VersionRetired,
 )
-from strongroom.keystore import Keystore
 from strongroom.types import KeyType, Operation, Usage
 
 _counter = itertools.count()
@@ -47,7 +53,7 @@ class BackendContract:
     """Subclass and provide the `keystore` and `backend_name` fixtures."""
 
     @pytest.fixture
-    def keystore(self) -> Keystore:  # pragma: no cover - must be overridden
+    def keystore(self) -> KeyAPI:  # pragma: no cover - must be overridden
         raise NotImplementedError("provide a keystore fixture")
 
     @pytest.fixture
@@ -61,26 +67,34 @@ class BackendContract:
         _independent_verify(key_type, public, data, sig)
 
     @staticmethod
-    def caps(ks: Keystore, backend: str) -> frozenset[tuple[KeyType, Operation]]:
-        return ks.backend(backend).capabilities()
+    def caps(ks: KeyAPI, backend: str) -> frozenset[tuple[KeyType, Operation]]:
+        return {s.name: s for s in ks.backends()}[backend].capabilities
 
-    def types_for(self, ks: Keystore, backend: str, *ops: Operation) -> list[KeyType]:
+    can_adopt = False
+    """Set by the suite of a backend that implements `adopt` (it then overrides `adoptable`)."""
+
+    def adoptable(self, keystore: KeyAPI, backend_name: str) -> dict[str, str] | None:
+        """The `ref` of a key made in the backend outside Strongroom, for `test_adopt`; None
+        when the test cannot make one (the default)."""
+        return None
+
+    def types_for(self, ks: KeyAPI, backend: str, *ops: Operation) -> list[KeyType]:
         caps = self.caps(ks, backend)
         return sorted(
             (t for t in KeyType if all((t, op) in caps for op in ops)), key=lambda t: t.value
         )
 
     # -- the contract --------------------------------------------------------------------------
-    def test_available_with_capabilities(self, keystore: Keystore, backend_name: str) -> None:
+    def test_available_with_capabilities(self, keystore: KeyAPI, backend_name: str) -> None:
         status = {s.name: s for s in keystore.backends()}[backend_name]
         assert status.available, status.reason
         assert status.capabilities, "an available backend must be able to do something"
 
-    def test_generate_each_supported_type(self, keystore: Keystore, backend_name: str) -> None:
+    def test_generate_each_supported_type(self, keystore: KeyAPI, backend_name: str) -> None:
         for key_type in self.types_for(keystore, backend_name, Operation.GENERATE):
             name = _name(f"gen-{key_type.value}")
             info = keystore.generate(name, key_type, backend=backend_name)
-            assert info.backend == backend_name
+            assert info.backend == backend_name and info.namespace == keystore.namespace
             assert info.type is key_type
             assert info.usage == key_type.default_usage
             assert keystore.info(name) == info
@@ -89,7 +103,7 @@ class BackendContract:
 
                 assert public_key_matches(key_type, keystore.public_key(name))
 
-    def test_sign_and_verify(self, keystore: Keystore, backend_name: str) -> None:
+    def test_sign_and_verify(self, keystore: KeyAPI, backend_name: str) -> None:
         for key_type in self.types_for(keystore, backend_name, Operation.GENERATE, Operation.SIGN):
             name = _name(f"sig-{key_type.value}")
             keystore.generate(name, key_type, backend=backend_name)
@@ -115,7 +129,7 @@ class BackendContract:
             self.check_prehashed(keystore, name, key_type, data, sig)
 
     def check_prehashed(
-        self, keystore: Keystore, name: str, key_type: KeyType, data: bytes, sig: bytes
+        self, keystore: KeyAPI, name: str, key_type: KeyType, data: bytes, sig: bytes
     ) -> None:
         """ECDSA and RSA sign a digest made by the caller into the signature the whole message
         gets; other types refuse a digest rather than sign it as a message."""
@@ -138,7 +152,7 @@ class BackendContract:
             pss = keystore.sign(name, digest, algorithm="pss", prehashed=True)
             keystore.verify(name, data, pss, algorithm="pss")
 
-    def test_encrypt_and_decrypt(self, keystore: Keystore, backend_name: str) -> None:
+    def test_encrypt_and_decrypt(self, keystore: KeyAPI, backend_name: str) -> None:
         types = self.types_for(keystore, backend_name, Operation.GENERATE, Operation.DECRYPT)
         for key_type in types:
             name = _name(f"enc-{key_type.value}")
@@ -154,7 +168,7 @@ class BackendContract:
                 with pytest.raises(IntegrityError):
                     keystore.decrypt(name, ct, aad=b"other header")
 
-    def test_usage_is_enforced(self, keystore: Keystore, backend_name: str) -> None:
+    def test_usage_is_enforced(self, keystore: KeyAPI, backend_name: str) -> None:
         signers = self.types_for(keystore, backend_name, Operation.GENERATE, Operation.SIGN)
         if not signers:
             pytest.skip("backend generates no signing keys")
@@ -165,9 +179,7 @@ class BackendContract:
         with pytest.raises(PolicyViolation):
             keystore.verify(name, b"x", b"\0" * 64)
 
-    def test_unsupported_type_is_refused_by_name(
-        self, keystore: Keystore, backend_name: str
-    ) -> None:
+    def test_unsupported_type_is_refused_by_name(self, keystore: KeyAPI, backend_name: str) -> None:
         unsupported = [
             t
             for t in KeyType
@@ -182,7 +194,7 @@ class BackendContract:
         assert err.value.key_type == unsupported[0].value
         assert backend_name in str(err.value) and unsupported[0].value in str(err.value)
 
-    def test_names_are_unique(self, keystore: Keystore, backend_name: str) -> None:
+    def test_names_are_unique(self, keystore: KeyAPI, backend_name: str) -> None:
         key_type = self.types_for(keystore, backend_name, Operation.GENERATE)[0]
         name = _name("unique")
         keystore.generate(name, key_type, backend=backend_name)
@@ -191,7 +203,7 @@ class BackendContract:
             keystore.generate(name, key_type, backend=backend_name)
         assert len(keystore.keys()) == before
 
-    def test_delete(self, keystore: Keystore, backend_name: str) -> None:
+    def test_delete(self, keystore: KeyAPI, backend_name: str) -> None:
         key_type = self.types_for(keystore, backend_name, Operation.GENERATE)[0]
         name = _name("doomed")
         keystore.generate(name, key_type, backend=backend_name)
@@ -202,7 +214,7 @@ class BackendContract:
             keystore.delete(name)
         assert name not in {k.name for k in keystore.keys()}
 
-    def test_bad_names_and_usages(self, keystore: Keystore, backend_name: str) -> None:
+    def test_bad_names_and_usages(self, keystore: KeyAPI, backend_name: str) -> None:
         key_type = self.types_for(keystore, backend_name, Operation.GENERATE)[0]
         with pytest.raises(InvalidArgument):
             keystore.generate("", key_type, backend=backend_name)
@@ -211,7 +223,7 @@ class BackendContract:
         with pytest.raises(InvalidArgument):
             keystore.generate(_name("u"), key_type, backend=backend_name, usage=["fly"])
 
-    def test_random(self, keystore: Keystore, backend_name: str) -> None:
+    def test_random(self, keystore: KeyAPI, backend_name: str) -> None:
         try:
             a = keystore.random(32, backend=backend_name)
         except UnsupportedOperation:
@@ -219,7 +231,7 @@ class BackendContract:
         b = keystore.random(32, backend=backend_name)
         assert len(a) == len(b) == 32 and a != b
 
-    def test_agree(self, keystore: Keystore, backend_name: str) -> None:
+    def test_agree(self, keystore: KeyAPI, backend_name: str) -> None:
         for key_type in self.types_for(keystore, backend_name, Operation.GENERATE, Operation.AGREE):
             name = _name(f"agree-{key_type.value}")
             keystore.generate(name, key_type, backend=backend_name, usage={Usage.AGREE})
@@ -239,10 +251,101 @@ class BackendContract:
                 ct = keystore.encrypt(new.name, b"agreed")
                 assert keystore.decrypt(new.name, ct) == b"agreed"
 
-    def agreement_target(self, keystore: Keystore, backend_name: str) -> KeyType:
+    def agreement_target(self, keystore: KeyAPI, backend_name: str) -> KeyType:
         """The symmetric type `agree` makes in this backend: the first it can generate."""
         caps = self.caps(keystore, backend_name)
         for target in (KeyType.AES_256, KeyType.CHACHA20_POLY1305, KeyType.HMAC_SHA256):
             if (target, Operation.GENERATE) in caps:
                 return target
         pytest.skip("the backend agrees into no symmetric key type it can generate")
+
+    def test_wrap_and_unwrap(self, keystore: KeyAPI, backend_name: str) -> None:
+        needed = {(KeyType.AES_256, op) for op in (Operation.GENERATE, Operation.WRAP)}
+        needed.add((KeyType.AES_256, Operation.UNWRAP))
+        if not needed <= self.caps(keystore, backend_name):
+            pytest.skip("backend wraps no keys with AES-256")
+        kek = _name("kek")
+        keystore.generate(kek, KeyType.AES_256, backend=backend_name, usage="wrap,unwrap")
+        movable, fixed = _name("movable"), _name("fixed")
+        keystore.generate(movable, KeyType.AES_256, backend=backend_name, exportable=True)
+        keystore.generate(fixed, KeyType.AES_256, backend=backend_name)
+        blob = keystore.wrap(kek, movable)
+        moved = keystore.unwrap(kek, blob, _name("moved"), KeyType.AES_256)
+        assert moved.backend == backend_name and moved.type is KeyType.AES_256
+        assert not moved.exportable
+        ct = keystore.encrypt(movable, b"the same key", aad=b"a")
+        assert keystore.decrypt(moved.name, ct, aad=b"a") == b"the same key"
+        with pytest.raises(PolicyViolation):  # only an exportable key may leave, even wrapped
+            keystore.wrap(kek, fixed)
+        broken = _name("broken")
+        with pytest.raises(IntegrityError):
+            keystore.unwrap(kek, blob[:-1] + bytes([blob[-1] ^ 1]), broken, KeyType.AES_256)
+        assert broken not in {k.name for k in keystore.keys()}
+
+    def test_rewrap_moves_a_ciphertext_to_the_new_version(
+        self, keystore: KeyAPI, backend_name: str
+    ) -> None:
+        types = self.types_for(
+            keystore, backend_name, Operation.GENERATE, Operation.ENCRYPT, Operation.DECRYPT
+        )
+        if not types:
+            pytest.skip("backend encrypts with no key type it generates")
+        key_type = types[0]
+        name = _name(f"rewrap-{key_type.value}")
+        keystore.generate(name, key_type, backend=backend_name, usage="encrypt,decrypt")
+        aad = b"" if key_type.is_rsa else b"header"
+        old = keystore.encrypt(name, b"kept across versions", aad=aad, envelope=True)
+        assert keystore.rotate(name).version == 2
+        new = keystore.rewrap(name, old, aad)
+        keystore.set_min_decryption_version(name, 2)
+        assert keystore.decrypt(name, new, aad=aad, envelope=True) == b"kept across versions"
+        with pytest.raises(VersionRetired):
+            keystore.decrypt(name, old, aad=aad, envelope=True)
+        with pytest.raises(VersionRetired):  # rewrap decrypts first: the same rule
+            keystore.rewrap(name, old, aad)
+        with pytest.raises(DataFormatError):
+            keystore.rewrap(name, b"not a versioned ciphertext", aad)
+
+    def test_attest(self, keystore: KeyAPI, backend_name: str) -> None:
+        """A backend attests its keys with a statement that verifies, or refuses by name."""
+        from strongroom.keystore import verify_attestation
+
+        key_type = self.types_for(keystore, backend_name, Operation.GENERATE)[0]
+        name = _name(f"attest-{key_type.value}")
+        keystore.generate(name, key_type, backend=backend_name)
+        nonce = b"contract suite nonce"
+        try:
+            statement = keystore.attest(name, nonce)
+        except UnsupportedOperation as e:
+            assert (e.backend, e.operation) == (backend_name, "attest")
+            return
+        verify_attestation(statement, nonce)
+        with pytest.raises(InvalidArgument):
+            keystore.attest(name, bytes(65))
+        with pytest.raises(KeyNotFound):
+            keystore.attest(_name("absent"), nonce)
+
+    def test_adopt(self, keystore: KeyAPI, backend_name: str) -> None:
+        """A key made outside Strongroom is registered once, and delete only forgets it."""
+        ref = self.adoptable(keystore, backend_name)
+        name = _name("adopted")
+        if ref is None and self.can_adopt:
+            pytest.skip("this suite makes no key outside Strongroom to adopt")
+        if ref is None:
+            with pytest.raises(UnsupportedOperation) as err:
+                keystore.adopt(name, backend_name, {"label": "anything"})
+            assert (err.value.backend, err.value.operation) == (backend_name, "adopt")
+            assert name not in {k.name for k in keystore.keys()}
+            return
+        info = keystore.adopt(name, backend_name, ref)
+        assert info.backend == backend_name and keystore.info(name) == info
+        if Usage.SIGN in info.usage:
+            keystore.verify(name, b"adopted", keystore.sign(name, b"adopted"))
+        with pytest.raises(InvalidArgument, match="already registered"):
+            keystore.adopt(_name("twice"), backend_name, ref)
+        with pytest.raises(KeyExists):
+            keystore.adopt(name, backend_name, ref)
+        keystore.delete(name)  # forgets the key; the backend keeps it
+        again = keystore.adopt(_name("again"), backend_name, ref)
+        assert again.type is info.type
+        keystore.delete(again.name)
