@@ -19,8 +19,7 @@ from typing import Any, Protocol, Self
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from .backend import Capability
-from .catalog import KeyVersion
-from .types import KeyInfo, KeyType
+from .types import KeyInfo, KeyType, KeyVersion
 
 
 @dataclass(frozen=True)

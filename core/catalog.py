@@ -12,12 +12,11 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from .errors import KeyExists, KeyNotFound, StorageError, StrongroomError
-from .types import KeyInfo, KeyType, Usage
+from .types import KeyInfo, KeyType, KeyVersion, Usage
 
 SCHEMA_VERSION = 2
 
@@ -66,17 +65,6 @@ _COLUMNS = (
     "namespace, name, backend, handle, type, usage, exportable, version, created, attributes, "
     "min_decryption_version, disabled, delete_after"
 )
-
-
-@dataclass(frozen=True)
-class KeyVersion:
-    """One version of a key: where it lives. The primary version is the newest."""
-
-    version: int
-    backend: str
-    created: datetime
-    handle: str = field(default="", repr=False)
-    attributes: dict[str, str] = field(default_factory=dict, compare=False)
 
 
 class CatalogError(StrongroomError):

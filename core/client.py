@@ -20,7 +20,6 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from . import errors
 from .api import BackendStatus
-from .catalog import KeyVersion
 from .errors import (
     AuthenticationFailed,
     BackendUnavailable,
@@ -30,7 +29,7 @@ from .errors import (
     StrongroomError,
 )
 from .tenants import NotPermitted, TenantNotFound
-from .types import KeyInfo, KeyType, Operation, Usage
+from .types import KeyInfo, KeyType, KeyVersion, Operation, Usage
 
 TOKEN_ENV = "STRONGROOM_TOKEN"  # noqa: S105 - the variable name, not a token
 

@@ -36,7 +36,7 @@ from .backend import (
     VaultControl,
     no_presence_prompt,
 )
-from .catalog import Catalog, KeyVersion, now
+from .catalog import Catalog, now
 from .config import VAULT_TYPE, BackendConfig, Config, check_namespace
 from .errors import (
     AttestationInvalid,
@@ -53,7 +53,7 @@ from .errors import (
     VersionRetired,
 )
 from .secrets import Prompter, SecretSource, terminal_prompter, validate_reference
-from .types import OPERATION_USAGE, KeyInfo, KeyType, Operation, Usage
+from .types import OPERATION_USAGE, KeyInfo, KeyType, KeyVersion, Operation, Usage
 
 ENTRY_POINT_GROUP = "strongroom.backends"
 ADOPTED = "adopted"

@@ -179,6 +179,17 @@ OPERATION_USAGE = {
 
 
 @dataclass(frozen=True)
+class KeyVersion:
+    """One version of a key: where it lives. The primary version is the newest."""
+
+    version: int
+    backend: str
+    created: datetime
+    handle: str = field(default="", repr=False)
+    attributes: dict[str, str] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
 class KeyInfo:
     """What the catalog knows about a key: never any secret material."""
 

@@ -112,12 +112,9 @@ KNOWN_VIOLATIONS = frozenset(
         # envelope is typed against Keystore. It goes when envelope is typed against KeyAPI
         # (core/api.py), ARCHITECTURE.md "Order of work" step 2.
         ("strongroom.envelope", "strongroom.keystore"),
-        # The client imports the server side: Keystore (for its type and the backend
-        # status), TenantStore's Permission, KeyVersion from the catalog, and the config.
-        # They go with KeyAPI, service/wire.py and KeyVersion in types.py (steps 1 and 4).
-        ("strongroom.client", "strongroom.keystore"),
+        # The client imports the server side: TenantStore's Permission and the config.
+        # They go with service/wire.py (step 4).
         ("strongroom.client", "strongroom.tenants"),
-        ("strongroom.client", "strongroom.catalog"),
         ("strongroom.client", "strongroom.config"),
     }
 )

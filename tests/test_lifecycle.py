@@ -472,8 +472,9 @@ def test_raw_ec_import_stores_the_standard_pkcs8(ks: Keystore, curve: str) -> No
 def test_two_rotations_racing_cannot_both_win(config: Path) -> None:
     """Two keystores (as two processes would) read version 1; the catalog lets only one
     record version 2 (`Keystore.rotate` then destroys the loser's new backend key)."""
-    from strongroom.catalog import KeyVersion, now
+    from strongroom.catalog import now
     from strongroom.errors import KeyExists
+    from strongroom.types import KeyVersion
 
     with strongroom.open(config) as a, strongroom.open(config) as b:
         a.generate("k", "aes-256")
