@@ -47,7 +47,7 @@ from server_support import (
 )
 
 import strongroom
-from strongroom.auditlog import verify_log
+from strongroom.audit import verify_log
 from strongroom.client import RemoteKeystore, VaultLocked
 from strongroom.errors import (
     AuthenticationFailed,
