@@ -1962,7 +1962,7 @@ def _anchor(text: str | None) -> tuple[int, str] | None:
 @pass_state
 def audit_verify(state: State, file: str | None, public: str | None, anchor: str | None) -> None:
     """Check the hash chain and checkpoint signatures; exit 9 naming the first bad record."""
-    from .auditlog import verify_log
+    from .audit import verify_log
 
     path = _audit_path(state, file)
     expected = _anchor(anchor)
@@ -1997,7 +1997,7 @@ def audit_verify(state: State, file: str | None, public: str | None, anchor: str
 @pass_state
 def audit_list(state: State, file: str | None, since: int, limit: int) -> None:
     """Print records (JSON lines), oldest first; this does not verify them."""
-    from .auditlog import read_records
+    from .audit import read_records
 
     records = read_records(_audit_path(state, file), since, limit)
     state.emit(records, lambda: "\n".join(json.dumps(r, sort_keys=True) for r in records))
@@ -2009,7 +2009,7 @@ def audit_list(state: State, file: str | None, since: int, limit: int) -> None:
 @pass_state
 def audit_hash(state: State, inp: str | None, file: str | None) -> None:
     """The HMAC of an input as this log records it (`input` field), to find it in the log."""
-    from .auditlog import input_hmac, key_path_for, load_key
+    from .audit.log import input_hmac, key_path_for, load_key
 
     mac = input_hmac(
         load_key(key_path_for(_audit_path(state, file)), create=False), read_input(inp)

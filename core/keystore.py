@@ -8,10 +8,9 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
-from importlib import metadata
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -20,13 +19,11 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from . import algorithms, lifecycle
 from .api import BackendStatus
-from .audit import Audit
-from .auditlog import AUDIT_NAMESPACE, CheckpointSignature, CheckpointSigner, fingerprint
+from .audit import Audit, CheckpointSignature, CheckpointSigner
+from .audit.log import AUDIT_NAMESPACE, fingerprint
 from .backend import (
-    AttestationVerifier,
     Attester,
     Backend,
-    BackendContext,
     Capability,
     ExistingKey,
     NewKey,
@@ -37,9 +34,10 @@ from .backend import (
     no_presence_prompt,
 )
 from .catalog import Catalog, now
-from .config import VAULT_TYPE, BackendConfig, Config, check_namespace
+from .config import VAULT_TYPE, Config, check_namespace
+from .discovery import ENTRY_POINT_GROUP as ENTRY_POINT_GROUP  # still importable from here
+from .discovery import backend_classes, build_backends, harden_process, verify_attestation
 from .errors import (
-    AttestationInvalid,
     BackendUnavailable,
     ConfigError,
     InvalidArgument,
@@ -52,43 +50,14 @@ from .errors import (
     UnsupportedOperation,
     VersionRetired,
 )
-from .secrets import Prompter, SecretSource, terminal_prompter, validate_reference
+from .secrets import Prompter, terminal_prompter
 from .types import OPERATION_USAGE, KeyInfo, KeyType, KeyVersion, Operation, Usage
 
-ENTRY_POINT_GROUP = "strongroom.backends"
 ADOPTED = "adopted"
 """Catalog attribute of keys registered with `adopt`: delete forgets them, never destroys."""
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+/-]{0,127}")
 _IMPORT_FORMATS = ("auto", "raw", "der", "pem")
 logger = logging.getLogger("strongroom")
-
-
-def backend_classes(types: Iterable[str] | None = None) -> dict[str, type[Backend] | str]:
-    """Backend classes by type name, found through the entry-point group.
-
-    With `types`, only those entry points are imported (names not installed are left out),
-    so a keystore loads the backends its config names and not every installed one: a
-    vault-only command does not pay for importing python-pkcs11 or tpm2-pytss.
-    A class that fails to import maps to the reason instead, so one broken plugin
-    never stops the others.
-    """
-    wanted = None if types is None else set(types)
-    found: dict[str, type[Backend] | str] = {}
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if wanted is not None and ep.name not in wanted:
-            continue
-        try:
-            cls = ep.load()
-        except Exception as e:  # a plugin's import error becomes its reason
-            found[ep.name] = f"the plugin {ep.value} failed to import: {type(e).__name__}: {e}"
-            continue
-        found[ep.name] = cls
-    return found
-
-
-def backend_type_names() -> list[str]:
-    """The installed backend type names, without importing any backend."""
-    return sorted({ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)})
 
 
 class Keystore:
@@ -117,23 +86,10 @@ class Keystore:
             raise StorageError(
                 f"cannot make the data directory {config.data_dir}: {e.strerror or e}"
             ) from None
-        self._backends: dict[str, Backend] = {}
-        self._unusable: dict[str, tuple[str, str]] = {}
-        classes = backend_classes(b.type for b in config.backends.values())
-        for name, bcfg in config.backends.items():
-            cls = classes.get(bcfg.type)
-            if cls is None:
-                raise config.error(
-                    f"unknown backend type {bcfg.type!r}; installed types: "
-                    f"{', '.join(backend_type_names()) or 'none'}",
-                    f"backends.{name}",
-                    "type",
-                )
-            if isinstance(cls, str):
-                self._unusable[name] = (bcfg.type, cls)
-                continue
-            self._backends[name] = cls(self._context(bcfg, cls))
-        _harden_process(config.core_dumps)
+        self._backends, self._unusable = build_backends(
+            config, self._prompter, self._presence, self._sealer
+        )
+        harden_process(config.core_dumps)
         self.catalog = Catalog(config.data_dir / "catalog.sqlite")
         try:
             self.audit = Audit(
@@ -151,56 +107,14 @@ class Keystore:
             )
 
     # -- construction ------------------------------------------------------------------------
-    def _context(self, bcfg: BackendConfig, cls: type[Backend]) -> BackendContext:
-        table = f"backends.{bcfg.name}"
-        settings: dict[str, Any] = {}
-        for key, value in bcfg.settings.items():
-            spec = cls.config_keys.get(key)
-            if spec is None:
-                known = ", ".join(sorted(cls.config_keys)) or "none"
-                raise self.config.error(
-                    f"unknown key for a {bcfg.type} backend; known keys: {known}", table, key
-                )
-            kinds = spec.kind if isinstance(spec.kind, tuple) else (spec.kind,)
-            if not isinstance(value, spec.kind) or (isinstance(value, bool) and bool not in kinds):
-                raise self.config.error(
-                    f"has the wrong type; expected {_kind_name(spec.kind)}", table, key
-                )
-            if spec.secret:
-                for ref in value if isinstance(value, list) else [value]:
-                    try:
-                        validate_reference(str(ref))
-                    except ValueError as e:
-                        raise self.config.error(str(e), table, key) from None
-            settings[key] = value
-        for key, spec in cls.config_keys.items():
-            if key not in settings and spec.default is not None:
-                settings[key] = spec.default
-
-        def secret(setting: str, prompt: str) -> SecretSource:
-            value = settings.get(setting)
-            refs = value if isinstance(value, list) else ([value] if value else [])
-            return SecretSource([str(r) for r in refs], prompt, self._prompter)
-
-        def sealer(name: str) -> Sealer:
-            backend = self.backend(name)
-            if not isinstance(backend, Sealer):
-                raise UnsupportedOperation(name, "seal", None, "this backend cannot seal secrets")
-            self._ready(backend)
-            return backend
-
-        def config_error(message: str, key: str) -> ConfigError:
-            return self.config.error(message, table, key)
-
-        return BackendContext(
-            bcfg.name,
-            self.config.data_dir,
-            settings,
-            secret,
-            sealer,
-            config_error,
-            presence=self._presence,
-        )
+    def _sealer(self, name: str) -> Sealer:
+        """A backend's `BackendContext.sealer`: the configured backend `name`, opened, when
+        it can seal secrets (the vault's key slots)."""
+        backend = self.backend(name)
+        if not isinstance(backend, Sealer):
+            raise UnsupportedOperation(name, "seal", None, "this backend cannot seal secrets")
+        self._ready(backend)
+        return backend
 
     def __enter__(self) -> Keystore:
         return self
@@ -1226,52 +1140,6 @@ class Keystore:
             return self._create(new, b, lambda n: procs.slip10_derive(src, path, n))
 
 
-def verify_attestation(
-    statement: dict[str, Any],
-    nonce: bytes | None = None,
-    trusted_signer: PublicKeyTypes | None = None,
-    expected_public: PublicKeyTypes | None = None,
-) -> dict[str, Any]:
-    """Check a statement made by `Keystore.attest`, with the verifier of its backend type.
-
-    Needs no config and no device. Returns what the statement proves; raises
-    AttestationInvalid when a check fails.
-    """
-    if not isinstance(statement, dict):
-        raise AttestationInvalid("an attestation statement is a JSON object")
-    btype = statement.get("backend_type")
-    cls = backend_classes([str(btype)]).get(str(btype))
-    if isinstance(cls, str):
-        raise BackendUnavailable(str(btype), cls)
-    if cls is None or not isinstance(cls, AttestationVerifier):
-        raise AttestationInvalid(f"no installed backend verifies statements of type {btype!r}")
-    return cls.verify_attestation(statement, nonce, trusted_signer, expected_public)
-
-
-def _harden_process(core_dumps: bool) -> None:
-    """Purge guarded memory on SIGTERM/SIGINT/exit; unless allowed, no core dumps or ptrace."""
-    try:
-        from .memory import disable_core_dumps, install_purge_handlers
-    except ImportError:  # the native extension is missing; `strongroom doctor` says so
-        return
-    install_purge_handlers()
-    if not core_dumps:
-        with contextlib.suppress(OSError):
-            disable_core_dumps()
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    names = {
-        bool: "true or false",
-        int: "an integer",
-        str: "a string",
-        list: "a list",
-        float: "a number",
-    }
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
-
-
 _WRITE_AHEAD = frozenset(
     {
         "generate",
@@ -1397,7 +1265,7 @@ def _vault_control(ks: Keystore) -> VaultControl:
 
 
 class _KeystoreSigner:
-    """Signs audit checkpoints (`auditlog.CheckpointSigner`) with the key `name` in namespace
+    """Signs audit checkpoints (`audit.CheckpointSigner`) with the key `name` in namespace
     `_audit`, made on first use.
 
     The key is generated in `backend` (default: the vault) as ed25519, or ecdsa-p256 when

@@ -991,7 +991,7 @@ class App:
 
     # -- audit ---------------------------------------------------------------------------------
     async def audit_records(self, req: Request) -> Any:
-        from .auditlog import last_seq, read_records
+        from .audit import last_seq, read_records
 
         self._admin(req.identity)
         path = self.ks.config.data_dir / "audit.jsonl"
@@ -1008,7 +1008,7 @@ class App:
         return {"records": records}
 
     async def audit_verify(self, req: Request) -> Any:
-        from .auditlog import verify_log
+        from .audit import verify_log
 
         self._admin(req.identity)
         path = self.ks.config.data_dir / "audit.jsonl"

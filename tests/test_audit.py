@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 import strongroom
 from strongroom.audit import read_records, verify_log
-from strongroom.auditlog import GENESIS, checkpoint_message, fingerprint, line_hash
+from strongroom.audit.log import GENESIS, checkpoint_message, fingerprint, line_hash
 from strongroom.errors import AuditUnavailable, ConfigError, IntegrityError, KeyNotFound
 
 CORRUPT, USAGE, AUDIT_UNAVAILABLE = 9, 2, 13
@@ -736,7 +736,7 @@ def test_native_append_matches_the_python_reference(
 
 def test_a_payload_that_is_not_one_buffer_is_recorded_as_its_bytes(tmp_path: Path) -> None:
     from strongroom.audit import Audit
-    from strongroom.auditlog import input_hmac, key_path_for, load_key
+    from strongroom.audit.log import input_hmac, key_path_for, load_key
 
     log = tmp_path / "audit.jsonl"
     audit = Audit("file", log, "me")

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 import strongroom
-from strongroom import keystore as keystore_mod
+from strongroom import discovery
 from strongroom.backend import Backend, Capability, NewKey
 from strongroom.errors import (
     BackendUnavailable,
@@ -84,20 +84,18 @@ class Missing(Backend):
 
 
 def _fake_entry_points(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = metadata.entry_points(group=keystore_mod.ENTRY_POINT_GROUP)
+    real = metadata.entry_points(group=discovery.ENTRY_POINT_GROUP)
     fakes = [
-        metadata.EntryPoint("p256only", f"{__name__}:P256Only", keystore_mod.ENTRY_POINT_GROUP),
-        metadata.EntryPoint("missing", f"{__name__}:Missing", keystore_mod.ENTRY_POINT_GROUP),
-        metadata.EntryPoint(
-            "broken", "strongroom_no_such_module:X", keystore_mod.ENTRY_POINT_GROUP
-        ),
+        metadata.EntryPoint("p256only", f"{__name__}:P256Only", discovery.ENTRY_POINT_GROUP),
+        metadata.EntryPoint("missing", f"{__name__}:Missing", discovery.ENTRY_POINT_GROUP),
+        metadata.EntryPoint("broken", "strongroom_no_such_module:X", discovery.ENTRY_POINT_GROUP),
     ]
 
     def entry_points(group: str) -> list[metadata.EntryPoint]:
-        assert group == keystore_mod.ENTRY_POINT_GROUP
+        assert group == discovery.ENTRY_POINT_GROUP
         return [*real, *fakes]
 
-    monkeypatch.setattr(keystore_mod.metadata, "entry_points", entry_points)
+    monkeypatch.setattr(discovery.metadata, "entry_points", entry_points)
 
 
 def _config(tmp_path: Path, body: str) -> Path:

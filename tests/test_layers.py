@@ -12,8 +12,8 @@ The rules (ARCHITECTURE.md, "Dependency rules after"):
 - no import cycle among strongroom modules;
 - imports point down the layers (`may_import`): the contract (R1) imports only itself, the
   runtime (R2) itself and errors, the engine (R3) those two (the keystore also the rest of
-  the engine and envelope), envelope (R4) the contract, client.py the contract; nothing
-  imports the CLI;
+  the engine and envelope, discovery also config, the audit/ package also itself), envelope
+  (R4) the contract, client.py the contract; nothing imports the CLI;
 - a backend (R6) imports only the contract and runtime layers and its own package: never
   the engine (config, catalog, audit, keystore, ...), a face (server, client, cli), or
   another backend;
@@ -53,15 +53,21 @@ CONTRACT = frozenset(
 ours) is a helper of this layer; the vault's snapshot and catalog records use it."""
 RUNTIME = frozenset({"strongroom.memory", "strongroom.sodium", "strongroom._native"})
 """R2: guarded memory and the libsodium calls on it."""
-ENGINE = frozenset(
+AUDIT = frozenset(
     {
-        "strongroom.config",
-        "strongroom.catalog",
         "strongroom.audit",
-        "strongroom.auditlog",
-        "strongroom.keystore",
+        "strongroom.audit.writer",
+        "strongroom.audit.log",
+        "strongroom.audit.signer",
     }
 )
+"""The audit/ package: the writer, the log format and the checkpoint signer Protocol."""
+ENGINE = AUDIT | {
+    "strongroom.config",
+    "strongroom.catalog",
+    "strongroom.discovery",
+    "strongroom.keystore",
+}
 """R3. The faces (server, client, cli, tenants, openapi, the package's `__init__`, the
 shipped contract suite) are every other core module."""
 CLI = "strongroom.cli"
@@ -99,10 +105,10 @@ NATIVE_IMPORTERS: Mapping[str, frozenset[str]] = {
     "nacl": frozenset(
         {"strongroom.memory", "strongroom.sodium", "strongroom.backends.vault.procedures"}
     ),
-    # Our C extension: memory.py (guarded memory), audit.py (one call per record, the hot
-    # path) and the vault's key operations.
+    # Our C extension: memory.py (guarded memory), the audit writer (one call per record,
+    # the hot path) and the vault's key operations.
     "strongroom._native": frozenset(
-        {"strongroom.memory", "strongroom.audit", "strongroom.backends.vault.keyops"}
+        {"strongroom.memory", "strongroom.audit.writer", "strongroom.backends.vault.keyops"}
     ),
 }
 
@@ -245,8 +251,10 @@ def may_import(importer: str, imported: str) -> bool:
         return imported in RUNTIME or imported == "strongroom.errors"
     if importer == "strongroom.keystore":
         return imported in CONTRACT | RUNTIME | ENGINE | {"strongroom.envelope"}
-    if importer == "strongroom.audit":  # the writer and its log format: audit/ to be
-        return imported in CONTRACT | RUNTIME | {"strongroom.auditlog"}
+    if importer in AUDIT:  # no other engine module: the keystore hands it a CheckpointSigner
+        return imported in CONTRACT | RUNTIME | AUDIT
+    if importer == "strongroom.discovery":
+        return imported in CONTRACT | RUNTIME | {"strongroom.config"}
     if importer in ENGINE:
         return imported in CONTRACT | RUNTIME
     if importer in ("strongroom.envelope", "strongroom.client"):
@@ -340,6 +348,15 @@ SYNTHETIC = {
     "strongroom.server": "from .cli import main\nfrom . import keystore\n",
     "strongroom.backends.vault.sodium": "",
     "strongroom.cli": "",
+    "strongroom.config": "",
+    "strongroom.catalog": "",
+    "strongroom._native": "",
+    "strongroom.audit.log": "from .. import errors\n",
+    "strongroom.audit.writer": (
+        "from .. import _native\nfrom .log import GENESIS\n"
+        "def f():\n    from ..keystore import Keystore\n"
+    ),
+    "strongroom.discovery": "from .config import Config\nfrom .catalog import Catalog\n",
 }
 
 
@@ -379,8 +396,14 @@ def test_synthetic_forbidden_edges_are_caught() -> None:
         ("strongroom.backends.demo.backend", "strongroom.backends.vault.sodium"),  # a backend
         ("strongroom.memory", "strongroom.keystore"),  # runtime pointing up
         ("strongroom.server", "strongroom.cli"),  # nothing imports the CLI
+        ("strongroom.audit.writer", "strongroom.keystore"),  # audit/ imports no engine module
+        ("strongroom.discovery", "strongroom.catalog"),  # discovery: config only
         # ("strongroom.envelope", "strongroom.keystore") is a known violation: not listed
     }
     assert not may_import("strongroom.envelope", "strongroom.keystore")
+    assert may_import("strongroom.discovery", "strongroom.config")
+    assert may_import("strongroom.keystore", "strongroom.discovery")
+    assert may_import("strongroom.keystore", "strongroom.audit.log")
+    assert not may_import("strongroom.audit.log", "strongroom.config")
     found = native_importers(synthetic_imports())
     assert found["tpm2_pytss"] == {"strongroom.backends.demo.backend"}

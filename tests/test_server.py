@@ -48,7 +48,7 @@ from server_support import (
 
 import strongroom
 from strongroom.api import KeyAPI
-from strongroom.auditlog import verify_log
+from strongroom.audit import verify_log
 from strongroom.client import RemoteKeystore, VaultLocked
 from strongroom.errors import (
     AuthenticationFailed,

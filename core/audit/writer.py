@@ -1,7 +1,7 @@
 """Audit events: who did what, with which key, and the result. Never a secret.
 
 Sinks: `file` appends hash-chained JSON lines to `audit.jsonl` in the data dir (format
-and checks in `strongroom.auditlog`, docs/audit.md), `log` sends events to the
+and checks in `log.py`, docs/audit.md), `log` sends events to the
 `strongroom.audit` logger, `off` drops them.
 
 Writing a `file` record: take the process's lock and an exclusive `flock` on the log,
@@ -36,27 +36,21 @@ from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import Any
 
-from . import _native
-from .auditlog import (
+from .. import _native
+from ..errors import AuditUnavailable
+from .log import (
     CHECKPOINT_OP,
     GENESIS,
     INPUT_PREFIX,
     KEY_CREATED_OP,
     SHRANK_OP,
-    CheckpointSignature,
-    CheckpointSigner,
-    Problem,
-    VerifyReport,
     checkpoint_message,
     find_tail,
     input_hmac,
     key_path_for,
-    last_seq,
     open_key,
-    read_records,
-    verify_log,
 )
-from .errors import AuditUnavailable
+from .signer import CheckpointSignature, CheckpointSigner
 
 AuditEvent = dict[str, Any]
 logger = logging.getLogger("strongroom.audit")
@@ -457,14 +451,4 @@ def _js(value: str | None) -> str:
 
 _encode_str = encode_basestring_ascii
 
-__all__ = [
-    "Audit",
-    "AuditEvent",
-    "Problem",
-    "VerifyReport",
-    "current_principal",
-    "default_actor",
-    "last_seq",
-    "read_records",
-    "verify_log",
-]
+__all__ = ["Audit", "AuditEvent", "current_principal", "default_actor"]

@@ -7,9 +7,8 @@ that is the whole chain up to it, with a keystore key kept in the reserved names
 `_audit`. Inputs (the data given to sign, verify, encrypt, decrypt) appear only as
 `hmac-sha256:<hex>` under a secret per-log key that is not in the log.
 
-This module reads and checks logs; `strongroom.audit.Audit` writes them. It also states
-what a checkpoint signer must do (`CheckpointSigner`): the Keystore implements it and hands
-it to the writer, so neither audit module imports the keystore.
+This module reads and checks logs; `writer.Audit` writes them, and `signer.CheckpointSigner`
+states what signs its checkpoints.
 """
 
 from __future__ import annotations
@@ -21,15 +20,15 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
-from . import strictjson
-from .errors import AuditUnavailable, IntegrityError, InvalidArgument, StrongroomError
-from .types import KeyInfo, KeyType
+from .. import strictjson
+from ..errors import AuditUnavailable, IntegrityError, InvalidArgument, StrongroomError
+from ..types import KeyType
 
 GENESIS = "0" * 64
 """`prev` of the first record."""
@@ -451,7 +450,7 @@ def _check_checkpoint(
         return None
     if rec.get("signer") != want_fp:
         return f"checkpoint signed by another key (fingerprint {str(rec.get('signer'))[:16]}...)"
-    from . import algorithms
+    from .. import algorithms
 
     try:
         algorithms.verify_signature(
@@ -538,38 +537,3 @@ def last_seq(path: str | os.PathLike[str]) -> int:
         return seq
     finally:
         os.close(fd)
-
-
-# -- checkpoint signing -----------------------------------------------------------------------
-@dataclass(frozen=True)
-class CheckpointSignature:
-    key: str
-    backend: str
-    alg: str
-    signer: str
-    sig: bytes
-
-
-class CheckpointSigner(Protocol):
-    """Signs the writer's checkpoints with a key of the reserved namespace `_audit`.
-
-    The Keystore implements it (`strongroom.keystore._KeystoreSigner`) and hands it to
-    `Audit`: the writer calls back into the keystore only through these four methods.
-    """
-
-    def ready(self, force: bool) -> bool:
-        """Whether a checkpoint can be signed now; with `force`, always (it may then open,
-        that is unlock, the signing key's backend). Without it, never prompts."""
-        ...
-
-    def info(self, create: bool) -> KeyInfo | None:
-        """The signing key; made now when missing and `create`, else None when missing."""
-        ...
-
-    def public_key(self, create: bool = False) -> PublicKeyTypes | None:
-        """The signing key's public key (None when it does not exist and not `create`)."""
-        ...
-
-    def sign(self, message: bytes) -> CheckpointSignature:
-        """Sign `message` (a `checkpoint_message`), making the key on first use."""
-        ...

@@ -1,0 +1,26 @@
+"""The audit log (docs/audit.md): `writer` appends records, `log` reads and verifies them,
+`signer` states what signs the checkpoints.
+
+The package imports only the contract layer, `_native` (the writer's hot path) and
+cryptography: the Keystore hands the writer a `CheckpointSigner` instead of being imported.
+"""
+
+from __future__ import annotations
+
+from .log import Problem, VerifyReport, last_seq, read_records, verify_log
+from .signer import CheckpointSignature, CheckpointSigner
+from .writer import Audit, AuditEvent, current_principal, default_actor
+
+__all__ = [
+    "Audit",
+    "AuditEvent",
+    "CheckpointSignature",
+    "CheckpointSigner",
+    "Problem",
+    "VerifyReport",
+    "current_principal",
+    "default_actor",
+    "last_seq",
+    "read_records",
+    "verify_log",
+]
