@@ -15,7 +15,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from . import algorithms, lifecycle
@@ -748,22 +747,12 @@ class Keystore:
                     lifecycle.SIGNATURE_MAGIC, signature, "signature"
                 )
             info, b = self._key(name, Operation.VERIFY, facts, version)
+            algorithms.check_sign_algorithm(info.type, algorithm)
             if prehashed:
                 algorithms.check_prehashed(info.type, data)
-            if info.type is KeyType.HMAC_SHA256:
-                if algorithm is not None:
-                    raise InvalidArgument("HMAC keys take no signature algorithm")
-                if not b.verify_mac(info, bytes(data), bytes(signature)):
-                    raise InvalidSignature()
-                return
-            if info.type.is_fido:  # an assertion structure, which only its backend parses
-                if algorithm is not None:
-                    raise InvalidArgument("FIDO credentials take no signature algorithm")
-                b.verify_assertion(info, bytes(data), bytes(signature))
-                return
-            algorithms.verify_signature(
-                info.type, b.public_key(info), data, signature, algorithm, prehashed=prehashed
-            )
+                b.verify_digest(info, bytes(data), bytes(signature), algorithm)
+            else:
+                b.verify(info, bytes(data), bytes(signature), algorithm)
 
     def encrypt(
         self,
