@@ -32,6 +32,11 @@ def no_presence_prompt(message: str) -> None:
     """The default for library use: say nothing (the CLI prints the message)."""
 
 
+DeviceFactory = Callable[[], object]
+"""device_factory() → an open device object of the kind the backend's library speaks to (for
+fido, a python-fido2 `CtapDevice`), used instead of the device its config names."""
+
+
 @dataclass
 class BackendContext:
     """What the keystore hands a backend when it builds it."""
@@ -47,6 +52,10 @@ class BackendContext:
     """config_error(message, key) → a ConfigError naming the file, line and this backend's key."""
     presence: PresencePrompt = no_presence_prompt
     """Called when the device waits for a touch (or similar), so the user can be told."""
+    device_factory: DeviceFactory | None = None
+    """Opens the device in place of the `device` setting: the seam through which tests pass
+    a software device (like python-fido2's `Ctap2(device)`). Only code can set it, through
+    `Keystore(device_factories=...)`; no config value reaches it."""
 
 
 @dataclass(frozen=True)

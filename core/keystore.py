@@ -8,7 +8,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from importlib import metadata
@@ -26,6 +26,7 @@ from .backend import (
     Backend,
     BackendContext,
     Capability,
+    DeviceFactory,
     ExistingKey,
     NewKey,
     PresencePrompt,
@@ -124,11 +125,21 @@ class Keystore:
         actor: str | None = None,
         prompter: Prompter | None = None,
         presence: PresencePrompt | None = None,
+        device_factories: Mapping[str, DeviceFactory] | None = None,
     ) -> None:
+        """`device_factories` maps a backend name to the device it uses instead of the one
+        its config names (`BackendContext.device_factory`): the test suite's software
+        authenticator. Only code passes it, so no config can reach a test device."""
         self.config = config
         self.namespace = config.namespace
         self._prompter = prompter or terminal_prompter
         self._presence = presence or no_presence_prompt
+        self._device_factories = dict(device_factories or {})
+        for name in self._device_factories:
+            if name not in config.backends:
+                raise InvalidArgument(
+                    f"device_factories names {name!r}, which is not a configured backend"
+                )
         self._lock = threading.RLock()
         self._opened: set[str] = set()
         self._closed = False
@@ -223,6 +234,7 @@ class Keystore:
             sealer,
             config_error,
             presence=self._presence,
+            device_factory=self._device_factories.get(bcfg.name),
         )
 
     def __enter__(self) -> Keystore:

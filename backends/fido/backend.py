@@ -224,7 +224,11 @@ class FidoBackend(Backend):
             from .session import Session
 
             try:
-                device, description = devices.open_device(self.device_setting)
+                factory = self.context.device_factory
+                if factory is not None:  # a device passed in by code (the tests)
+                    device, description = devices.from_factory(factory)
+                else:
+                    device, description = devices.open_device(self.device_setting)
             except devices.NoDevice as e:
                 raise BackendUnavailable(self.name, str(e)) from None
             self._session = Session(
