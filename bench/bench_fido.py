@@ -33,11 +33,11 @@ from fido_authenticator import (
     FidoCard,
     SoftAuthenticator,
     SoftCtapDevice,
+    open_with_authenticator,
     write_fido_config,
 )
 
 import strongroom
-from strongroom.backends.fido import register_test_device
 from strongroom.backends.fido.assertion import Assertion
 
 
@@ -69,11 +69,18 @@ def compare(ks: strongroom.Keystore, device: CtapDevice, rounds: int, n: int) ->
 
 
 @contextlib.contextmanager
-def keystore(tmp: Path, device: str) -> Iterator[strongroom.Keystore]:
+def keystore(
+    tmp: Path, device: str, authenticator: SoftAuthenticator | None = None
+) -> Iterator[strongroom.Keystore]:
+    """A keystore on `device`, or with `authenticator` passed in as its fido device."""
     os.environ[FIDO_VAULT_PASS_ENV] = FIDO_VAULT_PASS
     os.environ.pop(FIDO_PIN_ENV, None)
     config = write_fido_config(tmp / device.replace(":", "-").replace(" ", "_"), device)
-    with strongroom.open(config) as ks:
+    if authenticator is None:
+        opened = strongroom.open(config)
+    else:
+        opened = open_with_authenticator(authenticator, config)
+    with opened as ks:
         yield ks
 
 
@@ -93,10 +100,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         authenticator = SoftAuthenticator(tmp / "authenticator.json")
-        register_test_device("bench", lambda: SoftCtapDevice(authenticator))
         print("| path | Keystore.sign | Ctap2.get_assertion | ratio | target |")
         print("|---|---|---|---|---|")
-        with keystore(tmp, "test:bench") as ks:
+        with keystore(tmp, "auto", authenticator) as ks:
             report(
                 "in-process CtapDevice",
                 compare(ks, SoftCtapDevice(authenticator), args.rounds, args.n),

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
+from . import algorithms
 from .errors import ConfigError, UnsupportedOperation
 from .types import KeyInfo, KeyType, Operation, Usage
 
@@ -31,6 +32,11 @@ def no_presence_prompt(message: str) -> None:
     """The default for library use: say nothing (the CLI prints the message)."""
 
 
+DeviceFactory = Callable[[], object]
+"""device_factory() → an open device object of the kind the backend's library speaks to (for
+fido, a python-fido2 `CtapDevice`), used instead of the device its config names."""
+
+
 @dataclass
 class BackendContext:
     """What the keystore hands a backend when it builds it."""
@@ -46,6 +52,10 @@ class BackendContext:
     """config_error(message, key) → a ConfigError naming the file, line and this backend's key."""
     presence: PresencePrompt = no_presence_prompt
     """Called when the device waits for a touch (or similar), so the user can be told."""
+    device_factory: DeviceFactory | None = None
+    """Opens the device in place of the `device` setting: the seam through which tests pass
+    a software device (like python-fido2's `Ctap2(device)`). Only code can set it, through
+    `Keystore(device_factories=...)`; no config value reaches it."""
 
 
 @dataclass(frozen=True)
@@ -149,14 +159,24 @@ class Backend(abc.ABC):
         the same signature `sign` makes over the message, for ECDSA and RSA keys."""
         raise self.unsupported(Operation.SIGN, info.type)
 
-    def verify_mac(self, info: KeyInfo, data: bytes, tag: bytes) -> bool:
-        """Symmetric verification (HMAC); asymmetric verify uses the public key."""
-        raise self.unsupported(Operation.VERIFY, info.type)
+    def verify(self, info: KeyInfo, data: bytes, signature: bytes, algorithm: str | None) -> None:
+        """Return None or raise cryptography's InvalidSignature (the keystore has checked
+        `algorithm` with `algorithms.check_sign_algorithm`).
 
-    def verify_assertion(self, info: KeyInfo, data: bytes, assertion: bytes) -> None:
-        """Check a FIDO assertion structure that `sign` made over `data` (a `KeyType.is_fido`
-        key); return None or raise cryptography's InvalidSignature."""
-        raise self.unsupported(Operation.VERIFY, info.type)
+        The default checks a signature with the public key, which needs no device. A backend
+        overrides it for what only it can check: an HMAC tag (the vault, pkcs11, tpm) or a
+        FIDO assertion structure (fido), handing every other key type back to this default.
+        """
+        algorithms.verify_signature(info.type, self.public_key(info), data, signature, algorithm)
+
+    def verify_digest(
+        self, info: KeyInfo, digest: bytes, signature: bytes, algorithm: str | None
+    ) -> None:
+        """`verify` for a digest the caller made, as `sign_digest` is for `sign`: ECDSA and RSA
+        keys only, always with the public key (`algorithms.check_prehashed` checks the length)."""
+        algorithms.verify_signature(
+            info.type, self.public_key(info), digest, signature, algorithm, prehashed=True
+        )
 
     def encrypt(self, info: KeyInfo, plaintext: bytes, aad: bytes, algorithm: str | None) -> bytes:
         raise self.unsupported(Operation.ENCRYPT, info.type)

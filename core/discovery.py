@@ -10,13 +10,20 @@ this module knows nothing of keys.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from importlib import metadata
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
-from .backend import AttestationVerifier, Backend, BackendContext, PresencePrompt, Sealer
+from .backend import (
+    AttestationVerifier,
+    Backend,
+    BackendContext,
+    DeviceFactory,
+    PresencePrompt,
+    Sealer,
+)
 from .config import BackendConfig, Config
 from .errors import AttestationInvalid, BackendUnavailable, ConfigError
 from .secrets import Prompter, SecretSource, validate_reference
@@ -57,11 +64,14 @@ def build_backends(
     prompter: Prompter,
     presence: PresencePrompt,
     sealer: Callable[[str], Sealer],
+    device_factories: Mapping[str, DeviceFactory] | None = None,
 ) -> tuple[dict[str, Backend], dict[str, tuple[str, str]]]:
     """Every backend `config` names, built: (backends by name, {name: (type, reason)} for
     those whose plugin failed to import). An unknown type is a ConfigError naming the file
     and line. `sealer(name)` is handed to each backend's context: the keystore's lookup of
-    another configured backend that can seal."""
+    another configured backend that can seal. `device_factories` gives a backend (by name)
+    the device it uses instead of the one its config names (tests pass it; no config can)."""
+    factories = device_factories or {}
     classes = backend_classes(b.type for b in config.backends.values())
     built: dict[str, Backend] = {}
     unusable: dict[str, tuple[str, str]] = {}
@@ -77,7 +87,9 @@ def build_backends(
         if isinstance(cls, str):
             unusable[name] = (bcfg.type, cls)
             continue
-        built[name] = cls(backend_context(config, bcfg, cls, prompter, presence, sealer))
+        built[name] = cls(
+            backend_context(config, bcfg, cls, prompter, presence, sealer, factories.get(name))
+        )
     return built, unusable
 
 
@@ -88,6 +100,7 @@ def backend_context(
     prompter: Prompter,
     presence: PresencePrompt,
     sealer: Callable[[str], Sealer],
+    device_factory: DeviceFactory | None = None,
 ) -> BackendContext:
     """The context backend `bcfg` is built with: its settings checked against the class's
     `config_keys` (unknown key, wrong type, a secret that is not a reference: ConfigError
@@ -131,6 +144,7 @@ def backend_context(
         sealer,
         config_error,
         presence=presence,
+        device_factory=device_factory,
     )
 
 

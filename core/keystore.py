@@ -8,13 +8,12 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from . import algorithms, lifecycle
@@ -25,6 +24,7 @@ from .backend import (
     Attester,
     Backend,
     Capability,
+    DeviceFactory,
     ExistingKey,
     NewKey,
     PresencePrompt,
@@ -70,11 +70,21 @@ class Keystore:
         actor: str | None = None,
         prompter: Prompter | None = None,
         presence: PresencePrompt | None = None,
+        device_factories: Mapping[str, DeviceFactory] | None = None,
     ) -> None:
+        """`device_factories` maps a backend name to the device it uses instead of the one
+        its config names (`BackendContext.device_factory`): the test suite's software
+        authenticator. Only code passes it, so no config can reach a test device."""
         self.config = config
         self.namespace = config.namespace
         self._prompter = prompter or terminal_prompter
         self._presence = presence or no_presence_prompt
+        self._device_factories = dict(device_factories or {})
+        for name in self._device_factories:
+            if name not in config.backends:
+                raise InvalidArgument(
+                    f"device_factories names {name!r}, which is not a configured backend"
+                )
         self._lock = threading.RLock()
         self._opened: set[str] = set()
         self._closed = False
@@ -87,7 +97,7 @@ class Keystore:
                 f"cannot make the data directory {config.data_dir}: {e.strerror or e}"
             ) from None
         self._backends, self._unusable = build_backends(
-            config, self._prompter, self._presence, self._sealer
+            config, self._prompter, self._presence, self._sealer, self._device_factories
         )
         harden_process(config.core_dumps)
         self.catalog = Catalog(config.data_dir / "catalog.sqlite")
@@ -642,22 +652,12 @@ class Keystore:
                     lifecycle.SIGNATURE_MAGIC, signature, "signature"
                 )
             info, b = self._key(name, Operation.VERIFY, facts, version)
+            algorithms.check_sign_algorithm(info.type, algorithm)
             if prehashed:
                 algorithms.check_prehashed(info.type, data)
-            if info.type is KeyType.HMAC_SHA256:
-                if algorithm is not None:
-                    raise InvalidArgument("HMAC keys take no signature algorithm")
-                if not b.verify_mac(info, bytes(data), bytes(signature)):
-                    raise InvalidSignature()
-                return
-            if info.type.is_fido:  # an assertion structure, which only its backend parses
-                if algorithm is not None:
-                    raise InvalidArgument("FIDO credentials take no signature algorithm")
-                b.verify_assertion(info, bytes(data), bytes(signature))
-                return
-            algorithms.verify_signature(
-                info.type, b.public_key(info), data, signature, algorithm, prehashed=prehashed
-            )
+                b.verify_digest(info, bytes(data), bytes(signature), algorithm)
+            else:
+                b.verify(info, bytes(data), bytes(signature), algorithm)
 
     def encrypt(
         self,

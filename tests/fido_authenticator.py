@@ -25,7 +25,8 @@ Authenticator Protocol v2.1") closely enough that python-fido2's own `Ctap2` and
 Two front ends share one `SoftAuthenticator`:
 
 * `SoftCtapDevice`, a `fido2.ctap.CtapDevice` for in-process use (CTAPHID CBOR messages,
-  with keep-alive callbacks while it waits for a touch);
+  with keep-alive callbacks while it waits for a touch), which `open_with_authenticator`
+  passes to `Keystore(device_factories=...)`;
 * `FidoCard`, the same authenticator as an ISO 7816 card (FIDO AID `A0000006472F0001`,
   NFCCTAP_MSG `80 10` with command chaining, NFCCTAP_GETRESPONSE `80 11` status updates
   and cancel, `61xx` + GET RESPONSE for long answers), which `tests/pcsc_support.py` serves
@@ -1058,7 +1059,7 @@ FIDO_VAULT_PASS = "fido vault passphrase 42"
 
 def write_fido_config(
     directory: Path,
-    device: str,
+    device: str = "auto",
     *,
     fido_extra: str = "",
     vault_extra: str = "",
@@ -1090,6 +1091,21 @@ def write_fido_config(
 
 
 RP_ID = "strongroom.local"
+
+
+def open_with_authenticator(
+    authenticator: SoftAuthenticator, config: Path, *, backend: str = "fido", **options: Any
+) -> Keystore:
+    """`strongroom.open(config)`, with `authenticator` as the device of the `backend` fido
+    backend: passed in as its `device_factory`, whatever its `device` setting says."""
+    from strongroom import config as config_mod
+    from strongroom.keystore import Keystore
+
+    return Keystore(
+        config_mod.load(config),
+        device_factories={backend: lambda: SoftCtapDevice(authenticator)},
+        **options,
+    )
 
 
 def server_verify(ks: Keystore, name: str, data: bytes, signature: bytes) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from itertools import count
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from fido_authenticator import (
     FIDO_PIN_ENV,
     FIDO_VAULT_PASS_ENV,
     SoftAuthenticator,
-    SoftCtapDevice,
+    open_with_authenticator,
     write_fido_config,
 )
 from pkcs11_support import PIN_ENV as HSM_PIN_ENV
@@ -31,14 +30,12 @@ from tpm_support import TEST_PIN, Swtpm, swtpm
 
 import strongroom
 from strongroom import algorithms
-from strongroom.backends.fido import register_test_device, unregister_test_device
 from strongroom.errors import UnsupportedOperation
 from strongroom.keystore import Keystore
 
 __all__ = ["softhsm", "swtpm"]  # the session fixtures, imported so pytest finds them
 
 UNSUPPORTED = 5  # docs/cli.md exit codes
-_names = count()
 
 
 def _config(directory: Path, hsm: SoftHsm, tcti: str) -> Path:
@@ -122,17 +119,12 @@ def test_fido_derived_keys_decrypt_what_they_encrypt(
     monkeypatch.setenv(FIDO_VAULT_PASS_ENV, "fido matrix vault passphrase")
     monkeypatch.setenv(FIDO_PIN_ENV, "unused-no-pin-set")
     authenticator = SoftAuthenticator(tmp_path / "soft.json")
-    name = f"matrix-{next(_names)}-{os.getpid()}"
-    register_test_device(name, lambda: SoftCtapDevice(authenticator))
-    try:
-        with strongroom.open(write_fido_config(tmp_path / "ks", f"test:{name}")) as ks:
-            listed = {t.value for t in encrypting_types(ks, "fido")}
-            assert "aes-256" in listed
-            result = run_matrix(ks, "fido")
-            _assert_clean(result)
-            assert result.types_passed("fido") == listed
-    finally:
-        unregister_test_device(name)
+    with open_with_authenticator(authenticator, write_fido_config(tmp_path / "ks")) as ks:
+        listed = {t.value for t in encrypting_types(ks, "fido")}
+        assert "aes-256" in listed
+        result = run_matrix(ks, "fido")
+        _assert_clean(result)
+        assert result.types_passed("fido") == listed
 
 
 def test_softhsm_rsa_key_records_the_oaep_its_token_decrypts(ks: Keystore) -> None:

@@ -1,4 +1,5 @@
-"""The FIDO2 backend against the software authenticator, in-process (`device = "test:..."`).
+"""The FIDO2 backend against the software authenticator, in-process (passed to
+`Keystore(device_factories=...)`).
 
 The same backend runs over the real PC/SC stack in test_fido_pcsc.py. python-fido2's own
 `Fido2Server` checks the registrations and assertions the backend makes, and its
@@ -8,6 +9,7 @@ The same backend runs over the real PC/SC stack in test_fido_pcsc.py. python-fid
 from __future__ import annotations
 
 import base64
+import importlib
 import itertools
 import json
 import logging
@@ -41,13 +43,14 @@ from fido_authenticator import (
     Presence,
     SoftAuthenticator,
     SoftCtapDevice,
+    open_with_authenticator,
     server_verify,
     write_fido_config,
 )
 
 import strongroom
 from strongroom.backend import NewKey
-from strongroom.backends.fido import FidoBackend, register_test_device, unregister_test_device
+from strongroom.backends.fido import FidoBackend
 from strongroom.backends.fido.assertion import (
     GET,
     Assertion,
@@ -55,6 +58,8 @@ from strongroom.backends.fido.assertion import (
     client_data,
     verify_assertion,
 )
+from strongroom.config import Config
+from strongroom.config import load as load_config
 from strongroom.errors import (
     AuthenticationFailed,
     BackendUnavailable,
@@ -75,28 +80,25 @@ _names = itertools.count()
 
 
 class SoftKey:
-    """A software authenticator registered as `device = "test:NAME"` for this test."""
+    """A software authenticator that this test passes to the keystores it opens."""
 
     def __init__(self, directory: Path, up_timeout: float = 1.0) -> None:
         self.name = f"soft-{next(_names)}"
-        self.device = f"test:{self.name}"
         self.authenticator = SoftAuthenticator(
             directory / f"{self.name}.json", up_timeout=up_timeout
         )
-        register_test_device(self.name, lambda: SoftCtapDevice(self.authenticator))
 
     def set_pin(self, pin: str = PIN) -> None:
         ClientPin(Ctap2(SoftCtapDevice(self.authenticator))).set_pin(pin)
 
-    def close(self) -> None:
-        unregister_test_device(self.name)
+    def open(self, config: Path, **options: Any) -> Keystore:
+        """`strongroom.open(config)` with this authenticator as the fido backend's device."""
+        return open_with_authenticator(self.authenticator, config, **options)
 
 
 @pytest.fixture
-def softkey(tmp_path: Path) -> Iterator[SoftKey]:
-    key = SoftKey(tmp_path)
-    yield key
-    key.close()
+def softkey(tmp_path: Path) -> SoftKey:
+    return SoftKey(tmp_path)
 
 
 @pytest.fixture
@@ -118,8 +120,8 @@ class Prompts:
 def open_keystore(
     tmp_path: Path, softkey: SoftKey, fido_extra: str = "", prompts: Prompts | None = None
 ) -> Keystore:
-    config = write_fido_config(tmp_path / "ks", softkey.device, fido_extra=fido_extra)
-    return strongroom.open(config, presence=prompts)
+    config = write_fido_config(tmp_path / "ks", fido_extra=fido_extra)
+    return softkey.open(config, presence=prompts)
 
 
 @pytest.fixture
@@ -392,14 +394,15 @@ def test_hmac_secret_output_is_copied_into_guarded_memory_and_zeroed(
 
 # -- errors: device, touch, PIN -------------------------------------------------------------------
 def test_missing_device_is_backend_unavailable(tmp_path: Path, env: None) -> None:
-    config = write_fido_config(tmp_path / "ks", "test:nothing-registered")
+    missing = tmp_path / "hidraw-nothing-here"
+    config = write_fido_config(tmp_path / "ks", str(missing))
     with strongroom.open(config) as ks:
         status = {s.name: s for s in ks.backends()}["fido"]
         assert not status.available
-        assert "no test device 'nothing-registered'" in (status.reason or "")
+        assert f"no device at {missing}" in (status.reason or "")
         with pytest.raises(BackendUnavailable) as err:
             ks.generate("k", "fido-es256", backend="fido")
-        assert "nothing-registered" in str(err.value)
+        assert "hidraw-nothing-here" in str(err.value)
     config = write_fido_config(tmp_path / "pcsc", "pcsc:No Such Reader")
     with strongroom.open(config) as ks:
         reason = {s.name: s for s in ks.backends()}["fido"].reason or ""
@@ -411,13 +414,31 @@ def test_bad_config_is_refused(tmp_path: Path, env: None) -> None:
         ('user_verification = "sometimes"', "user_verification"),
         ("touch_timeout = 0", "touch_timeout"),
     ):
-        config = write_fido_config(tmp_path / key, "test:x", fido_extra=extra)
+        config = write_fido_config(tmp_path / key, fido_extra=extra)
         with pytest.raises(strongroom.ConfigError) as err:
             strongroom.open(config)
         assert key in str(err.value)
     config = write_fido_config(tmp_path / "dev", "bluetooth")
     with pytest.raises(strongroom.ConfigError):
         strongroom.open(config)
+
+
+def test_no_config_reaches_a_test_device(tmp_path: Path, softkey: SoftKey, env: None) -> None:
+    """The software authenticator is passed in by code; the old `test:NAME` setting is refused."""
+    config = write_fido_config(tmp_path / "ks", f"test:{softkey.name}")
+    with pytest.raises(strongroom.ConfigError) as err:
+        strongroom.open(config)
+    assert "device" in str(err.value) and "must be auto" in str(err.value)
+    assert softkey.authenticator.touch_requests == 0
+    with pytest.raises(strongroom.ConfigError):
+        softkey.open(config)  # not even when a device is passed in
+    # a factory for a backend the config lacks is a mistake, not silently unused
+    config = write_fido_config(tmp_path / "ok")
+    with pytest.raises(InvalidArgument, match=r"'fido2', which is not a configured backend"):
+        Keystore(load_config(config), device_factories={"fido2": lambda: None})
+    with Keystore(load_config(config), device_factories={"fido": lambda: object()}) as ks:
+        with pytest.raises(InvalidArgument, match="returned object, not a python-fido2"):
+            ks.generate("k", "fido-es256", backend="fido")
 
 
 def test_refused_touch_and_timeouts(tmp_path: Path, softkey: SoftKey, env: None) -> None:
@@ -512,8 +533,8 @@ def test_no_pin_or_secret_in_logs_reprs_or_errors(
 def vault_with_slot(
     tmp_path: Path, softkey: SoftKey, options: dict[str, Any] | None = None, fido_extra: str = ""
 ) -> tuple[Path, dict[str, Any]]:
-    config = write_fido_config(tmp_path / "ks", softkey.device, fido_extra=fido_extra)
-    with strongroom.open(config) as ks:
+    config = write_fido_config(tmp_path / "ks", fido_extra=fido_extra)
+    with softkey.open(config) as ks:
         ks.generate("secret", "ed25519", backend="vault")  # creates the vault
         slot = ks.vault_control().enroll("fido", options or {})
     return config, slot
@@ -527,7 +548,7 @@ def test_vault_opens_with_the_security_key(
     monkeypatch.delenv(FIDO_VAULT_PASS_ENV)  # the passphrase is not needed now
     prompts = Prompts()
     touches = softkey.authenticator.touch_requests
-    with strongroom.open(config, presence=prompts) as ks:
+    with softkey.open(config, presence=prompts) as ks:
         assert ks.vault_control().unlock("fido") == "fido"
         ks.verify("secret", b"m", ks.sign("secret", b"m"))
     assert prompts.messages == ["touch your security key"]
@@ -535,8 +556,8 @@ def test_vault_opens_with_the_security_key(
 
 
 def test_vault_slot_records_what_it_needs(tmp_path: Path, softkey: SoftKey, env: None) -> None:
-    config = write_fido_config(tmp_path / "ks", softkey.device)
-    with strongroom.open(config) as ks:
+    config = write_fido_config(tmp_path / "ks")
+    with softkey.open(config) as ks:
         backend = fido_of(ks)
         ks.backends()  # connects the device
         with Guarded.from_buffer(b"\x07" * 32) as master, master.read() as m:
@@ -569,7 +590,7 @@ def test_vault_slot_records_what_it_needs(tmp_path: Path, softkey: SoftKey, env:
     }
     # a tampered slot does not open
     bad = dict(params, up=False)
-    with strongroom.open(config) as ks, Guarded(32) as out, out.write() as o:
+    with softkey.open(config) as ks, Guarded(32) as out, out.write() as o:
         with pytest.raises(AuthenticationFailed):
             fido_of(ks).unseal(bad, o)
 
@@ -577,26 +598,21 @@ def test_vault_slot_records_what_it_needs(tmp_path: Path, softkey: SoftKey, env:
 def test_vault_refuses_another_security_key(tmp_path: Path, softkey: SoftKey, env: None) -> None:
     config, _ = vault_with_slot(tmp_path, softkey)
     other = SoftKey(tmp_path)
-    try:
-        text = config.read_text().replace(softkey.device, other.device)
-        config.write_text(text)
-        with strongroom.open(config) as ks:
-            with pytest.raises(AuthenticationFailed, match="not the security key"):
-                ks.vault_control().unlock("fido")
-        assert other.authenticator.touch_requests == 0  # found out without a touch
-    finally:
-        other.close()
+    with other.open(config) as ks:
+        with pytest.raises(AuthenticationFailed, match="not the security key"):
+            ks.vault_control().unlock("fido")
+    assert other.authenticator.touch_requests == 0  # found out without a touch
 
 
 def test_vault_refuses_without_the_touch(tmp_path: Path, softkey: SoftKey, env: None) -> None:
     config, _ = vault_with_slot(tmp_path, softkey, fido_extra="touch_timeout = 0.3")
     softkey.authenticator.presence = lambda command: Presence.REFUSE
-    with strongroom.open(config) as ks:
+    with softkey.open(config) as ks:
         with pytest.raises(AuthenticationFailed, match="refused"):
             ks.vault_control().unlock("fido")
     softkey.authenticator.presence = lambda command: Presence.IGNORE
     softkey.authenticator.up_timeout = 10
-    with strongroom.open(config) as ks:
+    with softkey.open(config) as ks:
         with pytest.raises(PresenceTimeout, match=r"no touch within 0\.3 s"):
             ks.vault_control().unlock("fido")
 
@@ -604,7 +620,7 @@ def test_vault_refuses_without_the_touch(tmp_path: Path, softkey: SoftKey, env: 
 def test_vault_slot_without_touch(tmp_path: Path, softkey: SoftKey, env: None) -> None:
     config, _ = vault_with_slot(tmp_path, softkey, {"touch": "false"})
     softkey.authenticator.presence = lambda command: Presence.REFUSE
-    with strongroom.open(config) as ks:
+    with softkey.open(config) as ks:
         assert ks.vault_control().unlock("fido") == "fido"
 
 
@@ -613,14 +629,14 @@ def test_vault_with_pin(
 ) -> None:
     softkey.set_pin()
     config, _ = vault_with_slot(tmp_path, softkey, {"pin": True})
-    with strongroom.open(config) as ks:
+    with softkey.open(config) as ks:
         assert ks.vault_control().unlock("fido") == "fido"
     # a second slot on the same key: a wrong PIN is still sent only once
-    with strongroom.open(config) as ks:
+    with softkey.open(config) as ks:
         ks.vault_control().unlock()
         ks.vault_control().enroll("fido", {"pin": "true"})
     monkeypatch.setenv(FIDO_PIN_ENV, "0000")
-    with strongroom.open(config) as ks:
+    with softkey.open(config) as ks:
         with pytest.raises(AuthenticationFailed) as err:
             ks.vault_control().unlock("fido")
         assert err.value.retries_left == MAX_PIN_RETRIES - 1
@@ -629,13 +645,13 @@ def test_vault_with_pin(
             ks.vault_control().unlock("fido")
         assert softkey.authenticator.pin_retries == MAX_PIN_RETRIES - 1
     softkey.authenticator.state.pin_retries = 0
-    with strongroom.open(config) as ks:
+    with softkey.open(config) as ks:
         with pytest.raises(DeviceLocked):
             ks.vault_control().unlock("fido")
     # without a PIN configured, a PIN slot cannot open
     monkeypatch.delenv(FIDO_PIN_ENV)
     softkey.authenticator.state.pin_retries = MAX_PIN_RETRIES
-    with strongroom.open(config) as ks:
+    with softkey.open(config) as ks:
         with pytest.raises(AuthenticationFailed, match="not available"):
             ks.vault_control().unlock("fido")
 
@@ -643,12 +659,20 @@ def test_vault_with_pin(
 def test_cli_prompts_for_the_touch(
     tmp_path: Path, softkey: SoftKey, env: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The CLI in this process (the test device is registered here), through click."""
+    """The CLI in this process, through click; the keystores it opens get the authenticator
+    passed in (no command or config can name one)."""
     from click.testing import CliRunner
 
-    from strongroom.cli import cli
+    cli_module = importlib.import_module("strongroom.cli")
 
-    config = write_fido_config(tmp_path / "ks", softkey.device)
+    class WithSoftKey(Keystore):
+        def __init__(self, config: Config, **options: Any) -> None:
+            device = {"fido": lambda: SoftCtapDevice(softkey.authenticator)}
+            super().__init__(config, device_factories=device, **options)
+
+    monkeypatch.setattr(cli_module, "Keystore", WithSoftKey)
+    cli = cli_module.cli
+    config = write_fido_config(tmp_path / "ks")
     monkeypatch.setenv("STRONGROOM_CONFIG", str(config))
     runner = CliRunner()
     result = runner.invoke(cli, ["init"])

@@ -12,19 +12,18 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from fido_authenticator import Presence, SoftAuthenticator, SoftCtapDevice
+from fido_authenticator import Presence, SoftAuthenticator, open_with_authenticator
 from pkcs11_support import SoftHsm, list_objects, softhsm
 from shamir_mnemonic.share import Share
 from tpm_support import PIN_ENV as TPM_PIN_ENV
 from tpm_support import TEST_PIN, Swtpm, _free_port_pair, swtpm
 
 import strongroom
-from strongroom.backends.fido import register_test_device, unregister_test_device
 from strongroom.backends.vault import snapshot
 from strongroom.errors import (
     AuthenticationFailed,
@@ -118,8 +117,10 @@ def header(config: Path) -> dict[str, object]:
     return snapshot.decode(snap(config).read_bytes(), "test").header
 
 
-def open_vault(config: Path) -> tuple[Keystore, str]:
-    ks = strongroom.open(config)
+def open_vault(
+    config: Path, opener: Callable[[Path], Keystore] = strongroom.open
+) -> tuple[Keystore, str]:
+    ks = opener(config)
     try:
         return ks, ks.vault_control().unlock()
     except BaseException:
@@ -376,53 +377,53 @@ def test_groups_the_tpm_and_two_of_three_officers(
 ) -> None:
     """ "The TPM AND any 2 of 3 officers" (alice's passphrase, the HSM, a FIDO2 key)."""
     auth = SoftAuthenticator(tmp_path / "fido.json")
-    register_test_device("thr-officer", lambda: SoftCtapDevice(auth))
-    try:
-        cfg = write_config(tmp_path, swtpm, softhsm, fido="test:thr-officer")
-        policy = Policy(
-            2,
-            (
-                Group(1, (Member("tpm"),)),
-                Group(
-                    2,
-                    (
-                        Member("passphrase", "alice", {"passphrase": "alice pass"}),
-                        Member("hsm"),
-                        Member("fido"),
-                    ),
+
+    def with_officer(config: Path) -> Keystore:
+        return open_with_authenticator(auth, config)
+
+    cfg = write_config(tmp_path, swtpm, softhsm, fido="auto")
+    policy = Policy(
+        2,
+        (
+            Group(1, (Member("tpm"),)),
+            Group(
+                2,
+                (
+                    Member("passphrase", "alice", {"passphrase": "alice pass"}),
+                    Member("hsm"),
+                    Member("fido"),
                 ),
             ),
-        )
-        with strongroom.open(cfg) as ks:
-            ks.vault_control().initialize()
-            ks.generate("k", "ed25519")
-            slot = ks.vault_control().enroll_threshold(policy, exclusive=True)
-        assert slot["policy"] == "[tpm] AND [2 of (alice, hsm, fido)]"
-        monkeypatch.setenv(ALICE_ENV, "alice pass")
-        monkeypatch.setenv(HSM_PIN_ENV, "wrong-pin-2222")  # one officer away: still 2 of 3
-        ks, used = open_vault(cfg)
-        with ks:
-            assert used == "threshold (tpm, alice, fido)"
-            ks.sign("k", DATA)
-        # every officer present but no TPM: refused, and it says the TPM group is missing
-        monkeypatch.setenv(HSM_PIN_ENV, softhsm.pin)
-        no_tpm = write_config(tmp_path, swtpm, softhsm, tcti=dead_tcti(), fido="test:thr-officer")
-        touches = auth.touch_requests
-        with strongroom.open(no_tpm) as ks, pytest.raises(ThresholdNotMet) as err:
-            ks.vault_control().unlock()
-        assert list(err.value.failed) == ["tpm"] and err.value.needed == 3  # the TPM + 2 officers
-        assert "not tried: alice, hsm, fido" in str(err.value)  # no touch for nothing
-        assert auth.touch_requests == touches
-        # the officers' quorum fails: alice wrong and the key refuses the touch
-        write_config(tmp_path, swtpm, softhsm, fido="test:thr-officer")
-        monkeypatch.setenv(ALICE_ENV, "wrong")
-        auth.presence = lambda command: Presence.REFUSE
-        with strongroom.open(cfg) as ks, pytest.raises(ThresholdNotMet) as err:
-            ks.vault_control().unlock()
-        assert err.value.opened == ["tpm", "hsm"] and err.value.needed == 1
-        assert sorted(err.value.failed) == ["alice", "fido"]
-    finally:
-        unregister_test_device("thr-officer")
+        ),
+    )
+    with with_officer(cfg) as ks:
+        ks.vault_control().initialize()
+        ks.generate("k", "ed25519")
+        slot = ks.vault_control().enroll_threshold(policy, exclusive=True)
+    assert slot["policy"] == "[tpm] AND [2 of (alice, hsm, fido)]"
+    monkeypatch.setenv(ALICE_ENV, "alice pass")
+    monkeypatch.setenv(HSM_PIN_ENV, "wrong-pin-2222")  # one officer away: still 2 of 3
+    ks, used = open_vault(cfg, with_officer)
+    with ks:
+        assert used == "threshold (tpm, alice, fido)"
+        ks.sign("k", DATA)
+    # every officer present but no TPM: refused, and it says the TPM group is missing
+    monkeypatch.setenv(HSM_PIN_ENV, softhsm.pin)
+    no_tpm = write_config(tmp_path, swtpm, softhsm, tcti=dead_tcti(), fido="auto")
+    touches = auth.touch_requests
+    with with_officer(no_tpm) as ks, pytest.raises(ThresholdNotMet) as err:
+        ks.vault_control().unlock()
+    assert list(err.value.failed) == ["tpm"] and err.value.needed == 3  # the TPM + 2 officers
+    assert "not tried: alice, hsm, fido" in str(err.value)  # no touch for nothing
+    assert auth.touch_requests == touches
+    # the officers' quorum fails: alice wrong and the key refuses the touch
+    write_config(tmp_path, swtpm, softhsm, fido="auto")
+    monkeypatch.setenv(ALICE_ENV, "wrong")
+    auth.presence = lambda command: Presence.REFUSE
+    with with_officer(cfg) as ks, pytest.raises(ThresholdNotMet) as err:
+        ks.vault_control().unlock()
+    assert err.value.opened == ["tpm", "hsm"] and err.value.needed == 1
+    assert sorted(err.value.failed) == ["alice", "fido"]
 
 
 def test_recovery_shares_open_the_vault_and_replace_the_old_set(

@@ -6,6 +6,5 @@ verifier for relying parties is in `strongroom.backends.fido.assertion` (needs f
 """
 
 from .backend import FidoBackend, prf_salt
-from .devices import register_test_device, unregister_test_device
 
-__all__ = ["FidoBackend", "prf_salt", "register_test_device", "unregister_test_device"]
+__all__ = ["FidoBackend", "prf_salt"]

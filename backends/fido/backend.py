@@ -224,7 +224,11 @@ class FidoBackend(Backend):
             from .session import Session
 
             try:
-                device, description = devices.open_device(self.device_setting)
+                factory = self.context.device_factory
+                if factory is not None:  # a device passed in by code (the tests)
+                    device, description = devices.from_factory(factory)
+                else:
+                    device, description = devices.open_device(self.device_setting)
             except devices.NoDevice as e:
                 raise BackendUnavailable(self.name, str(e)) from None
             self._session = Session(
@@ -444,10 +448,11 @@ class FidoBackend(Backend):
             handle.credential_id, bytes(response.auth_data), cdj, bytes(response.signature)
         ).encode()
 
-    def verify_assertion(self, info: KeyInfo, data: bytes, assertion: bytes) -> None:
-        """Check a structure from `sign`: client data, RP ID hash, flags and signature."""
+    def verify(self, info: KeyInfo, data: bytes, signature: bytes, algorithm: str | None) -> None:
+        """Check an assertion structure from `sign`: client data, RP ID hash, flags and
+        signature (no device needed)."""
         if not info.type.is_fido:
-            raise self.unsupported(Operation.VERIFY, info.type)
+            return super().verify(info, data, signature, algorithm)
         from .assertion import verify_assertion
 
         handle = self._credential(info)
@@ -455,7 +460,7 @@ class FidoBackend(Backend):
             self.public_key(info),
             handle.rp_id,
             data,
-            assertion,
+            signature,
             credential_id=handle.credential_id,
             require_uv=handle.uv_required,
         )

@@ -4,65 +4,50 @@
 * a HID path such as `/dev/hidraw3`: that device.
 * `pcsc`, or `pcsc:NAME`: the first PC/SC reader (whose name contains NAME) holding a card
   with the FIDO applet: NFC readers, or a key in a smart-card slot.
-* `test:NAME`: a device that code in the same process registered with
-  `register_test_device` (the test suite's software authenticator). Nothing registers one
-  outside tests, so in production the setting can only name a device that does not exist;
-  it never changes how `auto`, HID or PC/SC devices are found.
+
+No setting names a test device: the test suite passes its software authenticator to
+`Keystore(device_factories=...)` (`BackendContext.device_factory`, see `from_factory`), so a
+config file cannot reach it.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+from strongroom.errors import InvalidArgument
 
 if TYPE_CHECKING:
     from fido2.ctap import CtapDevice
 
-TEST_PREFIX = "test:"
 PCSC = "pcsc"
-
-_test_devices: dict[str, Callable[[], CtapDevice]] = {}
-_test_lock = threading.Lock()
 
 
 class NoDevice(Exception):
     """No authenticator answers to the `device` setting; the message says what to do."""
 
 
-def register_test_device(name: str, factory: Callable[[], CtapDevice]) -> None:
-    """For tests: make `device = "test:NAME"` open the `CtapDevice` that `factory` returns."""
-    with _test_lock:
-        _test_devices[name] = factory
-
-
-def unregister_test_device(name: str) -> None:
-    with _test_lock:
-        _test_devices.pop(name, None)
-
-
 def valid_setting(spec: str) -> bool:
-    return (
-        spec in ("auto", PCSC)
-        or spec.startswith((PCSC + ":", TEST_PREFIX, "/"))
-        or spec.startswith("hid:")
-    )
+    return spec in ("auto", PCSC) or spec.startswith((PCSC + ":", "/", "hid:"))
+
+
+def from_factory(factory: Callable[[], object]) -> tuple[CtapDevice, str]:
+    """The device the caller passed in (`BackendContext.device_factory`), and a description."""
+    from fido2.ctap import CtapDevice
+
+    device = factory()
+    if not isinstance(device, CtapDevice):
+        raise InvalidArgument(
+            f"the fido device factory returned {type(device).__name__}, "
+            "not a python-fido2 CtapDevice"
+        )
+    return device, f"{type(device).__name__} passed to the keystore"
 
 
 def open_device(spec: str) -> tuple[CtapDevice, str]:
     """Open the device `spec` names; return it and a description. NoDevice if none."""
-    if spec.startswith(TEST_PREFIX):
-        name = spec[len(TEST_PREFIX) :]
-        with _test_lock:
-            factory = _test_devices.get(name)
-        if factory is None:
-            raise NoDevice(
-                f"no test device {name!r} is registered in this process (test: devices exist "
-                "only inside the test suite); use device = auto, pcsc or a HID path"
-            )
-        return factory(), spec
     if spec == "auto":
         hid_device, hid_note = _first_hid()
         if hid_device is not None:
@@ -137,10 +122,4 @@ def _first_pcsc(reader: str) -> tuple[tuple[CtapDevice, str] | None, str]:
     return None, f"no card with the FIDO applet in PC/SC readers {', '.join(wanted)}"
 
 
-__all__ = [
-    "NoDevice",
-    "open_device",
-    "register_test_device",
-    "unregister_test_device",
-    "valid_setting",
-]
+__all__ = ["NoDevice", "from_factory", "open_device", "valid_setting"]

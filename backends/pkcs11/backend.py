@@ -804,16 +804,18 @@ class Pkcs11Backend(Backend):
             )
         raise self.unsupported(Operation.SIGN, t)
 
-    def verify_mac(self, info: KeyInfo, data: bytes, tag: bytes) -> bool:
-        """PKCS#11: C_VerifyInit/C_Verify with CKM_SHA256_HMAC."""
+    def verify(self, info: KeyInfo, data: bytes, signature: bytes, algorithm: str | None) -> None:
+        """PKCS#11: C_VerifyInit/C_Verify with CKM_SHA256_HMAC (the token compares the tag);
+        signatures with the public key on the host."""
         if info.type is not KeyType.HMAC_SHA256:
-            raise self.unsupported(Operation.VERIFY, info.type)
-        return self._with_key(
+            return super().verify(info, data, signature, algorithm)
+        if not self._with_key(
             info,
             ObjectClass.SECRET_KEY,
             "verify",
-            lambda key: bool(key.verify(data, tag, mechanism=Mechanism.SHA256_HMAC)),
-        )
+            lambda key: bool(key.verify(data, signature, mechanism=Mechanism.SHA256_HMAC)),
+        ):
+            raise InvalidSignature()
 
     # -- encryption ----------------------------------------------------------------------------
     def encrypt(self, info: KeyInfo, plaintext: bytes, aad: bytes, algorithm: str | None) -> bytes:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
@@ -458,11 +459,12 @@ class TpmBackend(Backend):
         with self._errors("TPM2_HMAC", f"key {info.name!r}"):
             return self._dev().hmac(self._ref(key, part), data)
 
-    def verify_mac(self, info: KeyInfo, data: bytes, tag: bytes) -> bool:
-        """TPM2_HMAC, compared on the host in constant time."""
+    def verify(self, info: KeyInfo, data: bytes, signature: bytes, algorithm: str | None) -> None:
+        """TPM2_HMAC, compared on the host in constant time; signatures with the public key."""
         if info.type is not KeyType.HMAC_SHA256:
-            raise self.unsupported(Operation.VERIFY, info.type)
-        return hmac.compare_digest(self._hmac(info, data), tag)
+            return super().verify(info, data, signature, algorithm)
+        if not hmac.compare_digest(self._hmac(info, data), signature):
+            raise InvalidSignature()
 
     def encrypt(self, info: KeyInfo, plaintext: bytes, aad: bytes, algorithm: str | None) -> bytes:
         """AES-256: TPM2_EncryptDecrypt2 (CFB, random IV), then TPM2_HMAC over aad, IV and

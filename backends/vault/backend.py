@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import lz4.frame
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.keywrap import (
     InvalidUnwrap,
@@ -1096,11 +1097,13 @@ class VaultBackend(Backend):
         with self._material(info) as m:
             return keyops.sign_digest(info.type, m, digest, algorithm)
 
-    def verify_mac(self, info: KeyInfo, data: bytes, tag: bytes) -> bool:
+    def verify(self, info: KeyInfo, data: bytes, signature: bytes, algorithm: str | None) -> None:
+        """Vault: HMAC-SHA256 tags compared in constant time; signatures with the public key."""
         if info.type is not KeyType.HMAC_SHA256:
-            raise self.unsupported(Operation.VERIFY, info.type)
+            return super().verify(info, data, signature, algorithm)
         with self._material(info) as m:
-            return keyops.verify_mac(m, data, tag)
+            if not keyops.verify_mac(m, data, signature):
+                raise InvalidSignature()
 
     def encrypt(self, info: KeyInfo, plaintext: bytes, aad: bytes, algorithm: str | None) -> bytes:
         if info.type not in keyops.AEAD_TYPES:
