@@ -40,7 +40,7 @@ from . import strictjson
 from .errors import DataFormatError, DataTruncated, IntegrityError, InvalidArgument
 
 if TYPE_CHECKING:
-    from .keystore import Keystore
+    from .api import KeyAPI
     from .types import KeyInfo
 
 MAGIC = b"SRENV\x00"
@@ -238,7 +238,7 @@ def _wrap_aad(key_type: str, algorithm: str | None) -> bytes:
     return b"" if key_type.startswith("rsa-") or algorithm == AES_KEY_WRAP else WRAP_AAD
 
 
-def _wrap(ks: Keystore, info: KeyInfo, data_key: bytes, algorithm: str | None) -> tuple[int, bytes]:
+def _wrap(ks: KeyAPI, info: KeyInfo, data_key: bytes, algorithm: str | None) -> tuple[int, bytes]:
     from . import lifecycle
 
     aad = _wrap_aad(info.type.value, algorithm)
@@ -247,7 +247,7 @@ def _wrap(ks: Keystore, info: KeyInfo, data_key: bytes, algorithm: str | None) -
     return version, blob
 
 
-def _unwrap(ks: Keystore, header: EnvelopeHeader) -> bytes:
+def _unwrap(ks: KeyAPI, header: EnvelopeHeader) -> bytes:
     if header.namespace != ks.namespace:
         raise InvalidArgument(
             f"the envelope's key is in namespace {header.namespace!r}, this keystore uses "
@@ -271,7 +271,7 @@ def _unwrap(ks: Keystore, header: EnvelopeHeader) -> bytes:
 
 
 def encrypt_stream(
-    ks: Keystore,
+    ks: KeyAPI,
     name: str,
     src: BinaryIO,
     dst: BinaryIO,
@@ -332,7 +332,7 @@ def encrypt_stream(
 
 
 def decrypt_stream(
-    ks: Keystore,
+    ks: KeyAPI,
     src: BinaryIO,
     dst: BinaryIO,
     *,
@@ -401,7 +401,7 @@ def _chunk_failure(
 
 
 def rewrap_stream(
-    ks: Keystore,
+    ks: KeyAPI,
     src: Any,
     dst: BinaryIO,
     *,

@@ -114,10 +114,6 @@ NATIVE_IMPORTERS: Mapping[str, frozenset[str]] = {
 
 KNOWN_VIOLATIONS = frozenset(
     {
-        # envelope <-> keystore (Circle 2): Keystore.encrypt_stream imports envelope, and
-        # envelope is typed against Keystore. It goes when envelope is typed against KeyAPI
-        # (core/api.py), ARCHITECTURE.md "Order of work" step 2.
-        ("strongroom.envelope", "strongroom.keystore"),
         # The client imports the server side: TenantStore's Permission and the config.
         # They go with service/wire.py (step 4).
         ("strongroom.client", "strongroom.tenants"),
@@ -398,7 +394,7 @@ def test_synthetic_forbidden_edges_are_caught() -> None:
         ("strongroom.server", "strongroom.cli"),  # nothing imports the CLI
         ("strongroom.audit.writer", "strongroom.keystore"),  # audit/ imports no engine module
         ("strongroom.discovery", "strongroom.catalog"),  # discovery: config only
-        # ("strongroom.envelope", "strongroom.keystore") is a known violation: not listed
+        ("strongroom.envelope", "strongroom.keystore"),  # a recipe is typed against KeyAPI
     }
     assert not may_import("strongroom.envelope", "strongroom.keystore")
     assert may_import("strongroom.discovery", "strongroom.config")
