@@ -13,6 +13,7 @@ from strongroom.errors import (
     IntegrityError,
     InvalidArgument,
     PolicyViolation,
+    StorageError,
     StrongroomError,
     UnsupportedOperation,
 )
@@ -25,6 +26,9 @@ except ImportError:  # pragma: no cover - availability() reports the missing pac
 # Operations whose input is a ciphertext or wrapped key: a refusal there means the data is
 # damaged or was made under another key (SoftHSM reports a failed GCM tag as CKR_GENERAL_ERROR).
 INTEGRITY_OPERATIONS = frozenset({"decrypt", "unwrap", "unseal"})
+# Operations that write the token's storage: a failure there is the token not saving
+# (SoftHSM2 answers CKR_GENERAL_ERROR when its token directory is read-only or full).
+STORING_OPERATIONS = frozenset({"generate", "import", "derive", "agree", "delete"})
 # python-pkcs11 has no class for CKR_KEY_FUNCTION_NOT_PERMITTED; it raises PKCS11Error.
 _KEY_FUNCTION_NOT_PERMITTED = "Unmapped error code 0x68"
 
@@ -68,6 +72,13 @@ def translate(
     ):
         return PolicyViolation(
             f"the key's attributes on token {token!r} forbid {operation} ({code})"
+        )
+    if operation in STORING_OPERATIONS and isinstance(
+        error, p11.GeneralError | p11.FunctionFailed | p11.DeviceMemory
+    ):
+        return StorageError(
+            f"token {token!r} could not save the change during {operation} ({code}): its "
+            "storage may be full or read-only (for SoftHSM2, the token directory)"
         )
     if isinstance(
         error,
