@@ -165,6 +165,20 @@ class PcscService:
         finally:
             link.stop()  # the card side closes first, so no TIME_WAIT is left on vpcd's port
 
+    def kill(self) -> None:
+        """SIGKILL the pcscd this process started, under whatever clients and cards it has."""
+        if self.process is None:
+            raise RuntimeError("only a pcscd this process started can be killed")
+        self.process.kill()
+        self.process.wait(5)
+
+    def start_again(self, workdir: Path, timeout: float = 10.0) -> None:
+        """After `kill`: start another pcscd. vpcd's old ports may sit in TIME_WAIT (pcscd's
+        side closed first), so the new one takes the next free channel; reader names come
+        from FRIENDLYNAME, not the channel, so a config naming the reader keeps working.
+        Cards must be inserted again (their links died with the old pcscd)."""
+        self.readers, self.process = _find_or_start(workdir, timeout)
+
     def close(self) -> None:
         global _shared
         with _shared_lock:

@@ -68,6 +68,14 @@ class PivReader:
                 raise error
             _wait_until_absent(self.name)
 
+    def drop_dead_link(self) -> None:
+        """Forget a link whose pcscd died (its error is the expected ConnectionError)."""
+        link, self.link = self.link, None
+        if link is not None:
+            link.error = None
+            self._stack.close()
+            self._stack = contextlib.ExitStack()
+
     def check(self) -> None:
         if self.link is not None and self.link.error is not None:
             raise self.link.error

@@ -285,6 +285,30 @@ def test_card_removed_and_reinserted(ks: Keystore, reader: PivReader) -> None:
     ks.verify("k", b"after", ks.sign("k", b"after"))
 
 
+def test_pcscd_restarted_with_the_card_in_use(
+    ks: Keystore, reader: PivReader, tmp_path: Path
+) -> None:
+    """Parsec-style fault (issue 16): pcscd dies under an open keystore that holds a card
+    connection; while it is gone the keystore answers BackendUnavailable; once pcscd and the
+    card are back, the same Keystore object signs again (the PIN is asked for again)."""
+    if not reader.service.started_here:
+        pytest.skip("this machine's pcscd was not started by the test run: not ours to kill")
+    ks.generate("k", "ecdsa-p256", backend="piv")
+    public = ks.public_key("k")
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    ks.sign("k", b"before")
+    card = reader.card
+    reader.service.kill()
+    reader.drop_dead_link()
+    with pytest.raises(BackendUnavailable):
+        ks.sign("k", b"while pcscd is gone")
+    reader.service.start_again(tmp_path / "pcscd-again")
+    with pytest.raises(BackendUnavailable):  # pcscd is back, the card is not yet
+        ks.sign("k", b"no card yet")
+    reader.insert(card)
+    public.verify(ks.sign("k", b"after"), b"after", ec.ECDSA(hashes.SHA256()))
+
+
 def test_no_reader_or_card_is_unavailable(tmp_path: Path, reader: PivReader, env: None) -> None:
     config = write_piv_config(tmp_path / "x", "No Such Reader")
     with strongroom.open(config) as ks:
