@@ -462,3 +462,96 @@ def test_service_json_bodies(service_app: tuple[Any, str], data: st.DataObject) 
     answer = json.loads(body)
     if status >= 400:
         assert set(answer["error"]) >= {"type", "message"}, answer
+
+
+# -- the service's request heads, on a running `strongroom serve` --------------------------------
+@pytest.fixture(scope="module")
+def running_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str]]:
+    from server_support import init_service_data, make_pki, start_service, write_service_config
+
+    directory = tmp_path_factory.mktemp("fuzz-serve")
+    pki = make_pki(directory / "pki")
+    config = write_service_config(directory, pki)
+    tenancy = init_service_data(config, pki)
+    service = start_service(config)
+    try:
+        yield service, tenancy.acme_app
+    finally:
+        assert service.stop() == 0, "".join(service.stderr_lines)
+
+
+def _exchange(socket_path: Path, raw: bytes) -> bytes:
+    """Send `raw`, close our half, read until the service closes: its whole answer."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)  # a bound against a hang only: an answer takes milliseconds
+        s.connect(str(socket_path))
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            s.sendall(raw)
+            s.shutdown(socket.SHUT_WR)
+        out = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(65536):
+                out += chunk
+        return out
+
+
+def _head_seeds(token: str) -> list[bytes]:
+    auth = f"Authorization: Bearer {token}\r\n".encode()
+    body = b'{"data": "aGVsbG8="}'
+    return [
+        b"GET /v1/keys HTTP/1.1\r\nHost: s\r\n" + auth + b"\r\n",
+        b"POST /v1/keys/k/sign HTTP/1.1\r\nHost: s\r\n"
+        + auth
+        + b"Content-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body,
+        b"POST /v1/keys HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n"
+        + auth
+        + b'\r\n5\r\n{"a":\r\n3\r\n 1}\r\n0\r\n\r\n',
+    ]
+
+
+HEAD_JUNK = st.sampled_from(
+    [
+        b"X: " + b"a" * 20_000 + b"\r\n",
+        b"Content-Length: -1\r\n",
+        b"Content-Length: 99999999999999999999\r\n",
+        b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+        b"\x00\xff\r\n",
+        b"Host: a\r\nHost: b\r\n",
+        b"Authorization: Bearer \xff\xfe\r\n",
+        b" folded: header\r\n",
+    ]
+)
+
+
+@FUZZ
+@given(data=st.data())
+def test_service_request_heads(running_service: tuple[Any, str], data: st.DataObject) -> None:
+    """Mutated request lines, headers and chunked bodies: every answer the service gives is
+    an HTTP response below 500 (or none: it may just close), and it keeps serving."""
+    service, token = running_service
+    seed = data.draw(st.sampled_from(_head_seeds(token)))
+    if data.draw(st.booleans()):
+        raw = data.draw(mutated(seed))
+    else:
+        lines = seed.split(b"\r\n")
+        i = data.draw(st.integers(1, max(1, len(lines) - 2)))
+        raw = b"\r\n".join([*lines[:i], data.draw(HEAD_JUNK).rstrip(b"\r\n"), *lines[i:]])
+    answer = _exchange(service.socket, raw)
+    if answer:
+        status_line = answer.split(b"\r\n", 1)[0]
+        assert status_line.startswith(b"HTTP/1.1 "), answer[:200]
+        assert int(status_line.split()[1]) < 500 or b" 503 " in status_line, answer[:300]
+        assert b"Traceback" not in answer
+    assert service.process.poll() is None, "the service died"
+
+
+def test_the_service_still_answers_after_the_head_fuzz(running_service: tuple[Any, str]) -> None:
+    """The positive control, and proof that the fuzzed service still works."""
+    service, token = running_service
+    answer = _exchange(service.socket, _head_seeds(token)[0])
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
