@@ -700,6 +700,11 @@ def schemathesis(service: Service, pki: Pki, token: str, cwd: Path, *extra: str)
             "20",
             "--phases",
             "examples,coverage,fuzzing",
+            # A bound against a hang only: generating an RSA-4096 key (a case schemathesis
+            # makes) searches for primes for a random time, and on a loaded machine it went
+            # past the 10 s default in the five-run check.
+            "--request-timeout",
+            "300",
             "--seed",
             "1",
             "--generation-database",
