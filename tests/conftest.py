@@ -156,6 +156,28 @@ def cli(vault_config: Path) -> CliRunner:
 
 
 # -- openssl, the tool nobody here wrote, checking our signatures -----------------------------
+def in_mount_namespace(
+    script: str, *args: str, env: Mapping[str, str], timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Run a Python `script` (with `args` in sys.argv[1:]) as root in a private mount
+    namespace (`unshare --mount`): it may mount tmpfs or read-only binds that vanish with it.
+    Needs root, since root ignores file modes: a read-only file system is the only way to
+    make a directory unwritable for root."""
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        env=dict(env),
+        timeout=timeout,
+        check=False,
+    )
+
+
+needs_mount_namespace = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root for a mount namespace"
+)
+
+
 def openssl(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["openssl", *args], cwd=cwd, capture_output=True, text=True, check=False, timeout=30

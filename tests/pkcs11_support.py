@@ -57,7 +57,16 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory) -> SoftHsm:
         return _TOKEN[0]
     if not Path(MODULE).is_file():
         pytest.fail(f"{MODULE} is missing; run scripts/setup.sh (it installs softhsm2 and opensc)")
-    directory = tmp_path_factory.mktemp("softhsm")
+    hsm = make_token(tmp_path_factory.mktemp("softhsm"))
+    # Set for the rest of the process: SoftHSM reads it when the module is first initialised.
+    os.environ["SOFTHSM2_CONF"] = str(hsm.conf)
+    _TOKEN.append(hsm)
+    return _TOKEN[0]
+
+
+def make_token(directory: Path) -> SoftHsm:
+    """A fresh SoftHSM2 setup in `directory` (softhsm-config/init-token.sh): its own
+    softhsm2.conf and token directory, one token with the test label and PINs."""
     out = subprocess.run(
         ["bash", str(ROOT / "softhsm-config" / "init-token.sh"), str(directory), TOKEN_LABEL],
         env={**os.environ, "SOFTHSM_PIN": USER_PIN, "SOFTHSM_SO_PIN": SO_PIN},
@@ -70,10 +79,7 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory) -> SoftHsm:
     assert match, out.stdout
     conf = Path(match.group(1))
     assert conf == directory / "softhsm2.conf"
-    # Set for the rest of the process: SoftHSM reads it when the module is first initialised.
-    os.environ["SOFTHSM2_CONF"] = str(conf)
-    _TOKEN.append(SoftHsm(directory, conf))
-    return _TOKEN[0]
+    return SoftHsm(directory, conf)
 
 
 def write_config(

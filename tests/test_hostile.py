@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,8 @@ from conftest import (
     STRONGROOM_BIN,
     VAULT_PASS_ENV,
     VAULT_PASSPHRASE,
+    in_mount_namespace,
+    needs_mount_namespace,
     run_cli,
     write_vault_config,
 )
@@ -169,7 +170,7 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root")
+@needs_mount_namespace
 def test_a_full_or_read_only_data_dir_is_a_typed_error_naming_the_path(tmp_path: Path) -> None:
     """Found: a full, read-only or size-limited data_dir gave a bare OSError. Each is now a
     StorageError (exit 14) naming the path and the cause, and no key is acknowledged that
@@ -183,24 +184,7 @@ def test_a_full_or_read_only_data_dir_is_a_typed_error_naming_the_path(tmp_path:
         "kdf_memory_kib = 8192\nkdf_iterations = 1\n"
     )
     env = dict(os.environ, STRONGROOM_CONFIG=str(cfg), **{VAULT_PASS_ENV: VAULT_PASSPHRASE})
-    r = subprocess.run(
-        [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            sys.executable,
-            "-c",
-            STORAGE_CHILD,
-            str(mnt),
-            str(STRONGROOM_BIN),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        check=False,
-    )
+    r = in_mount_namespace(STORAGE_CHILD, str(mnt), str(STRONGROOM_BIN), env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
     assert out["init"]["rc"] == 0, out["init"]

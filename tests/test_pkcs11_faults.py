@@ -10,15 +10,10 @@ test's own (we run as root, and root ignores file modes), so the child does the 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
-from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE
-from pkcs11_support import PIN_ENV, ROOT, SO_PIN, TOKEN_LABEL, USER_PIN, SoftHsm, write_config
+from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, in_mount_namespace, needs_mount_namespace
+from pkcs11_support import PIN_ENV, USER_PIN, make_token, write_config
 
 CHILD = r"""
 import json, subprocess, sys
@@ -55,41 +50,12 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(
-    os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root for a mount namespace"
-)
+@needs_mount_namespace
 def test_a_read_only_token_directory_is_typed_and_recovers(tmp_path: Path) -> None:
-    directory = tmp_path / "hsm"
-    made = subprocess.run(
-        ["bash", str(ROOT / "softhsm-config" / "init-token.sh"), str(directory), TOKEN_LABEL],
-        env={**os.environ, "SOFTHSM_PIN": USER_PIN, "SOFTHSM_SO_PIN": SO_PIN},
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    assert "SOFTHSM2_CONF" in made.stdout
-    hsm = SoftHsm(directory, directory / "softhsm2.conf")
+    hsm = make_token(tmp_path / "hsm")
     config = write_config(tmp_path, hsm)
     env = hsm.env(**{PIN_ENV: USER_PIN, VAULT_PASS_ENV: VAULT_PASSPHRASE})
-    r = subprocess.run(
-        [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            sys.executable,
-            "-c",
-            CHILD,
-            str(config),
-            str(directory / "tokens"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
+    r = in_mount_namespace(CHILD, str(config), str(hsm.directory / "tokens"), env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
     for attempt in ("generate_ro", "import_ro"):
