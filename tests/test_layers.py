@@ -67,9 +67,14 @@ ENGINE = AUDIT | {
     "strongroom.catalog",
     "strongroom.discovery",
     "strongroom.keystore",
+    "strongroom.keystore_lifecycle",
+    "strongroom.keystore_seeds",
 }
 """R3. The faces (server, client, cli, tenants, openapi, the package's `__init__`, the
 shipped contract suite) are every other core module."""
+KEYSTORE_MIXINS = frozenset({"strongroom.keystore_lifecycle", "strongroom.keystore_seeds"})
+"""Mixins of `Keystore` in modules of their own (docs/decisions.md, "Modules split along
+their banners"): they may use the catalog and config types the keystore holds."""
 CLI = "strongroom.cli"
 
 NATIVE_IMPORTERS: Mapping[str, frozenset[str]] = {
@@ -264,6 +269,8 @@ def may_import(importer: str, imported: str) -> bool:
         return imported in RUNTIME or imported == "strongroom.errors"
     if importer == "strongroom.keystore":
         return imported in CONTRACT | RUNTIME | ENGINE | {"strongroom.envelope"}
+    if importer in KEYSTORE_MIXINS:  # parts of the Keystore class: never the keystore itself
+        return imported in CONTRACT | RUNTIME | {"strongroom.catalog", "strongroom.config"}
     if importer in AUDIT:  # no other engine module: the keystore hands it a CheckpointSigner
         return imported in CONTRACT | RUNTIME | AUDIT
     if importer == "strongroom.discovery":
@@ -417,6 +424,8 @@ def test_synthetic_forbidden_edges_are_caught() -> None:
     assert may_import("strongroom.discovery", "strongroom.config")
     assert may_import("strongroom.keystore", "strongroom.discovery")
     assert may_import("strongroom.keystore", "strongroom.audit.log")
+    assert not may_import("strongroom.keystore_lifecycle", "strongroom.keystore")
+    assert may_import("strongroom.keystore", "strongroom.keystore_lifecycle")
     assert not may_import("strongroom.audit.log", "strongroom.config")
     found = native_importers(synthetic_imports())
     assert found["tpm2_pytss"] == {"strongroom.backends.demo.backend"}
