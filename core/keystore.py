@@ -1,4 +1,8 @@
-"""The Keystore: resolves names through the catalog, checks usage, routes, audits."""
+"""The Keystore: resolves names through the catalog, checks usage, routes, audits.
+
+Key versions and lifecycle (keystore_lifecycle.py) and the seed procedures
+(keystore_seeds.py) are mixins of `Keystore` in modules of their own.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,6 @@ import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -29,7 +32,6 @@ from .backend import (
     NewKey,
     PresencePrompt,
     Sealer,
-    SeedProcedures,
     VaultControl,
     no_presence_prompt,
 )
@@ -50,17 +52,17 @@ from .errors import (
     UnsupportedOperation,
     VersionRetired,
 )
+from .keystore_lifecycle import ADOPTED, KeyLifecycle
+from .keystore_seeds import KeySeeds
 from .secrets import Prompter, terminal_prompter
 from .types import OPERATION_USAGE, KeyInfo, KeyType, KeyVersion, Operation, Usage
 
-ADOPTED = "adopted"
-"""Catalog attribute of keys registered with `adopt`: delete forgets them, never destroys."""
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+/-]{0,127}")
 _IMPORT_FORMATS = ("auto", "raw", "der", "pem")
 logger = logging.getLogger("strongroom")
 
 
-class Keystore:
+class Keystore(KeyLifecycle, KeySeeds):
     """One key API over every configured backend. Use `strongroom.open()` to make one."""
 
     def __init__(
@@ -823,180 +825,6 @@ class Keystore:
             b.delete(replace(info, backend=v.backend, handle=v.handle, version=v.version))
         self.catalog.remove(info.namespace, info.name)
 
-    # -- versions and lifecycle (docs/lifecycle.md) --------------------------------------------
-    def rotate(self, name: str, backend: str | None = None) -> KeyInfo:
-        """Make a new version of a key (in `backend`, else the primary's) and make it primary.
-
-        Older versions keep decrypting and verifying until min_decryption_version passes them.
-        The new version has the key's type, usage and exportable flag. Backend key first,
-        then the catalog; the new backend key is destroyed if the catalog refuses it.
-        """
-        with self._audited("rotate", name) as facts:
-            info = self.catalog.get(self.namespace, name)
-            if info.disabled or info.delete_after is not None:
-                self._refuse_state(info)
-            b = self._choose_backend(info.type, Operation.GENERATE, backend or info.backend)
-            facts["backend"] = b.name
-            new_version = info.version + 1
-            if new_version > lifecycle.MAX_VERSION:
-                raise InvalidArgument(f"key {name!r} has run out of versions")
-            new = replace(
-                info,
-                backend=b.name,
-                handle="",
-                version=new_version,
-                created=now(),
-                attributes={},
-            )
-            attributes = self._rsa_encrypt_attributes(b, new)
-            handle = b.generate(NewKey(new))
-            try:
-                self.catalog.add_version(
-                    info.namespace,
-                    name,
-                    KeyVersion(new_version, b.name, new.created or now(), handle, attributes),
-                )
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    b.delete(replace(new, handle=handle))
-                raise
-            facts["version"] = new_version
-            return self.catalog.get(self.namespace, name)
-
-    def versions(self, name: str) -> list[KeyVersion]:
-        """Every version of a key that still exists, oldest first; the last is primary."""
-        return self.catalog.versions(self.namespace, name)
-
-    def set_min_decryption_version(self, name: str, version: int) -> KeyInfo:
-        """Retire versions below `version`: they no longer decrypt or verify (reversible, as
-        in Vault's transit, until `trim` destroys them)."""
-        with self._audited("key_config", name, min_decryption_version=version) as facts:
-            info = self.catalog.get(self.namespace, name)
-            facts["backend"] = info.backend
-            if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-                raise InvalidArgument("min_decryption_version is a whole number from 1")
-            if version > info.version:
-                raise InvalidArgument(
-                    f"min_decryption_version {version} is above the newest version of key "
-                    f"{name!r} ({info.version})"
-                )
-            oldest = self.catalog.versions(self.namespace, name)[0].version
-            if version < oldest:
-                raise InvalidArgument(
-                    f"versions below {oldest} of key {name!r} were trimmed and cannot come back"
-                )
-            return self.catalog.set_state(self.namespace, name, min_decryption_version=version)
-
-    def trim(self, name: str) -> list[int]:
-        """Destroy the backend keys of versions below min_decryption_version, for good.
-
-        Returns the versions destroyed. Data made with them can never be decrypted again.
-        """
-        with self._audited("trim", name) as facts:
-            info = self.catalog.get(self.namespace, name)
-            facts["backend"] = info.backend
-            gone = []
-            for v in self.catalog.versions(self.namespace, name):
-                if v.version >= info.min_decryption_version:
-                    break
-                if v.attributes.get(ADOPTED) != "true":
-                    b = self._ready(self.backend(v.backend))
-                    b.delete(replace(info, backend=v.backend, handle=v.handle, version=v.version))
-                self.catalog.remove_version(self.namespace, name, v.version)
-                gone.append(v.version)
-            facts["versions"] = gone
-            return gone
-
-    def disable(self, name: str) -> KeyInfo:
-        """Refuse every operation with the key until `enable`; nothing is destroyed."""
-        with self._audited("disable", name) as facts:
-            facts["backend"] = self.catalog.get(self.namespace, name).backend
-            return self.catalog.set_state(self.namespace, name, disabled=True)
-
-    def enable(self, name: str) -> KeyInfo:
-        """Undo `disable`."""
-        with self._audited("enable", name) as facts:
-            facts["backend"] = self.catalog.get(self.namespace, name).backend
-            return self.catalog.set_state(self.namespace, name, disabled=False)
-
-    def schedule_deletion(self, name: str, wait: timedelta | None = None) -> KeyInfo | None:
-        """Schedule the key's destruction after `wait` (default: the config's deletion_wait).
-
-        Until then the key does no work and `cancel_deletion` brings it back. Once due, the
-        deletion is carried out by `purge_due` (`strongroom key purge`) or by the next
-        attempt to use the key. A zero wait destroys the key at once, as `delete` does, and
-        returns None.
-        """
-        wait = self.config.deletion_wait if wait is None else wait
-        if not isinstance(wait, timedelta) or wait < timedelta(0):
-            raise InvalidArgument("a waiting period is a timedelta of zero or more")
-        if not wait:
-            self.delete(name)
-            return None
-        with self._audited("schedule_deletion", name, wait_seconds=int(wait.total_seconds())) as f:
-            info = self.catalog.get(self.namespace, name)
-            f["backend"] = info.backend
-            if info.delete_after is not None:
-                raise InvalidArgument(
-                    f"key {name!r} is already scheduled for deletion at "
-                    f"{info.delete_after.isoformat()}"
-                )
-            return self.catalog.set_state(self.namespace, name, delete_after=now() + wait)
-
-    def cancel_deletion(self, name: str) -> KeyInfo:
-        """Cancel a scheduled deletion; the key works again (unless it is disabled)."""
-        with self._audited("cancel_deletion", name) as facts:
-            info = self.catalog.get(self.namespace, name)
-            facts["backend"] = info.backend
-            if info.delete_after is None:
-                raise InvalidArgument(f"key {name!r} is not scheduled for deletion")
-            if info.delete_after <= now():
-                self._destroy_due(info)
-                raise KeyNotFound(name, self.namespace)
-            return self.catalog.set_state(self.namespace, name, delete_after=None)
-
-    def purge_due(self) -> list[KeyInfo]:
-        """Carry out every scheduled deletion that is due (all namespaces); return those keys."""
-        done = []
-        for info in self.catalog.due_for_deletion(now()):
-            self._destroy_due(info)
-            done.append(info)
-        return done
-
-    def _destroy_due(self, info: KeyInfo) -> None:
-        """Carry out a scheduled deletion that is due, as its own audit event."""
-        with self._audited("delete", info.name, scheduled="yes") as facts:
-            facts["backend"] = info.backend
-            self._destroy(info)
-
-    def rewrap(
-        self, name: str, ciphertext: bytes, aad: bytes = b"", algorithm: str | None = None
-    ) -> bytes:
-        """Re-encrypt an enveloped ciphertext under the key's primary version.
-
-        The plaintext passes through this process's memory (a Python bytes object, as every
-        `decrypt` result does) and is never returned; see docs/lifecycle.md.
-        """
-        with self._audited("rewrap", name, size=len(ciphertext)) as facts:
-            version, body = lifecycle.unpack(lifecycle.CIPHERTEXT_MAGIC, ciphertext, "ciphertext")
-            facts["from_version"] = version
-            old, ob = self._key(name, Operation.DECRYPT, facts, version)
-            old_algorithm = algorithm
-            if old.type.is_rsa:
-                if aad:
-                    raise InvalidArgument("RSA-OAEP takes no associated data")
-                old_algorithm = algorithm or old.attributes.get(algorithms.RSA_ENCRYPT_ATTRIBUTE)
-            plain = ob.decrypt(old, bytes(body), bytes(aad), old_algorithm)
-            info, b = self._key(name, Operation.ENCRYPT, facts)
-            facts["backend"] = info.backend
-            if info.type.is_rsa:  # the new version's own variant: its backend may differ
-                oaep = self._rsa_encrypt_algorithm(b, info, algorithm)
-                ct = algorithms.rsa_encrypt(b.public_key(info), plain, oaep)
-            else:
-                ct = b.encrypt(info, plain, bytes(aad), algorithm)
-            del plain
-            return lifecycle.pack(lifecycle.CIPHERTEXT_MAGIC, info.version, ct)
-
     # -- envelope encryption (docs/envelope.md) ------------------------------------------------
     def encrypt_stream(
         self,
@@ -1081,63 +909,6 @@ class Keystore:
             elif (reason := b.availability()) is not None:
                 raise BackendUnavailable(b.name, reason)
             return b.random(n)
-
-    # -- procedures (BIP39, SLIP-0010) --------------------------------------------------------
-    def _seed_backend(self, backend: str | None) -> tuple[Backend, SeedProcedures]:
-        b = self._ready(self.backend(backend) if backend else self.vault)
-        if not isinstance(b, SeedProcedures):
-            raise UnsupportedOperation(b.name, "bip39", KeyType.SEED.value)
-        return b, b
-
-    def bip39_generate(
-        self, name: str, words: int = 24, passphrase: str = "", backend: str | None = None
-    ) -> tuple[KeyInfo, str]:
-        """Store a new BIP39 seed as key `name`; return it and the mnemonic (shown only once)."""
-        with self._audited("bip39_generate", name, words=words) as facts:
-            b, procs = self._seed_backend(backend)
-            info = self._new_info(name, KeyType.SEED, None, False, b.name)
-            facts["backend"] = b.name
-            words_out: list[str] = []
-
-            def make(new: NewKey) -> str:
-                handle, mnemonic = procs.bip39_generate(new, words, passphrase)
-                words_out.append(mnemonic)
-                return handle
-
-            created = self._create(info, b, make)
-            return created, words_out[0]
-
-    def bip39_recover(
-        self, name: str, mnemonic: str, passphrase: str = "", backend: str | None = None
-    ) -> KeyInfo:
-        """Store the seed of an existing BIP39 mnemonic as key `name`."""
-        with self._audited("bip39_recover", name) as facts:
-            b, procs = self._seed_backend(backend)
-            info = self._new_info(name, KeyType.SEED, None, False, b.name)
-            facts["backend"] = b.name
-            return self._create(info, b, lambda n: procs.bip39_recover(n, mnemonic, passphrase))
-
-    def slip10_derive(
-        self,
-        seed: str,
-        path: str,
-        new_name: str,
-        key_type: KeyType | str = KeyType.ED25519,
-        usage: Any = None,
-        exportable: bool = False,
-    ) -> KeyInfo:
-        """Derive an ed25519 or secp256k1 key at SLIP-0010 `path` from seed key `seed`."""
-        with self._audited("slip10_derive", seed, new_key=new_name, path=path) as facts:
-            src, b = self._key(seed, Operation.DERIVE, facts)
-            if src.type is not KeyType.SEED:
-                raise InvalidArgument(f"key {seed!r} is not a seed")
-            if not isinstance(b, SeedProcedures):
-                raise UnsupportedOperation(b.name, "slip10", src.type.value)
-            procs = b
-            new = self._new_info(new_name, key_type, usage, exportable, b.name)
-            if new.type not in (KeyType.ED25519, KeyType.SECP256K1):
-                raise InvalidArgument("SLIP-0010 derives ed25519 or secp256k1 keys")
-            return self._create(new, b, lambda n: procs.slip10_derive(src, path, n))
 
 
 _WRITE_AHEAD = frozenset(

@@ -14,6 +14,8 @@ cards require), never retried by Strongroom after the card refuses it. The manag
 
 As a Sealer it wraps the vault master key under HKDF(ECDH(ephemeral key, card's 9D key)):
 sealing needs only the 9D public key, unsealing the card and its PIN.
+
+The PIN and the management key are in access.py (`PivAccess`, a mixin of `PivBackend`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import hmac
 import os
 import threading
 import time
@@ -30,11 +31,9 @@ from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 
@@ -54,13 +53,12 @@ from strongroom.errors import (
 from strongroom.types import KeyInfo, KeyType, Operation, Usage
 
 from . import encoding
+from .access import MGMT_ALGS, PivAccess, _tag
 from .card import (
-    MGMT_KEY_REF,
     SW_BLOCKED,
     SW_OK,
     SW_REF_NOT_FOUND,
     SW_SECURITY,
-    SW_WRONG_P1P2,
     CardGone,
     CardReset,
     PcscCard,
@@ -94,13 +92,6 @@ KEY_ALGS: dict[KeyType, int] = {
     KeyType.ECDSA_P384: ALG_P384,
     KeyType.RSA_2048: ALG_RSA2048,
 }
-MGMT_ALGS: dict[str, tuple[int, int]] = {  # name: (PIV algorithm id, key length)
-    "3des": (0x03, 24),
-    "aes128": (0x08, 16),
-    "aes192": (0x0A, 24),
-    "aes256": (0x0C, 32),
-}
-DEFAULT_MANAGEMENT_KEY = bytes.fromhex("010203040506070801020304050607080102030405060708")
 SEALED_FORMAT = "strongroom-piv-ecdh"
 _SEAL_INFO = b"strongroom piv vault slot v1\x00"
 _PROBE_RETRY_S = 2.0
@@ -131,7 +122,7 @@ _CAPABILITIES: frozenset[Capability] = frozenset(
 )
 
 
-class PivBackend(Backend):
+class PivBackend(PivAccess, Backend):
     """Keys in a PIV card's slots, reached through pcscd."""
 
     type_name = "piv"
@@ -336,102 +327,6 @@ class PivBackend(Backend):
             f"the PIV card in {self._card.reader if self._card else 'the reader'!r} "
             f"refused {e.what} (status {e.sw:04X})"
         )
-
-    # -- PIN and management key --------------------------------------------------------------------
-    def _verify_pin(self, card: PcscCard) -> None:
-        """VERIFY once; a refusal is final for this PIN value (never sent again)."""
-        pin = self.pin.get()
-        raw = pin.encode("utf-8")
-        if not 1 <= len(raw) <= 8:
-            raise InvalidArgument("a PIV PIN is 6 to 8 characters (at most 8 bytes)")
-        block = bytearray(raw + b"\xff" * (8 - len(raw)))
-        try:
-            mark = hmac.new(self._fingerprint_key, block, hashlib.sha256).digest()
-            if mark in self._rejected:
-                raise AuthenticationFailed(
-                    "the PIV card already refused this PIN; Strongroom does not send it again "
-                    "(fix the pin setting, then run again)"
-                )
-            sw = card.verify(bytes(block))
-        finally:
-            block[:] = b"\0" * len(block)
-        if sw == SW_OK:
-            self._pin_ok = True
-            return
-        self._pin_ok = False
-        if sw == SW_BLOCKED or sw == 0x63C0:
-            raise DeviceLocked(
-                "the PIV card's PIN is blocked; unblock it with the PUK "
-                "(e.g. `ykman piv access unblock-pin`) or reset the PIV application"
-            )
-        if sw >> 4 == 0x63C:
-            self._rejected.add(mark)
-            raise AuthenticationFailed("the PIV card refused the PIN", sw & 0x0F)
-        if sw == 0x6A80:
-            raise InvalidArgument("the PIV card refused the PIN's format (6 to 8 characters)")
-        raise StatusError(sw, "VERIFY")
-
-    def pin_tries_left(self) -> int | None:
-        """The PIN retry counter as the card reports it (None: already verified)."""
-
-        def read(card: PcscCard) -> int | None:
-            sw = card.verify(None)
-            if sw == SW_OK:
-                return None
-            if sw == SW_BLOCKED:
-                return 0
-            if sw >> 4 == 0x63C:
-                return sw & 0x0F
-            raise StatusError(sw, "VERIFY (status)")
-
-        return self._run(read)
-
-    def _mgmt_key(self) -> bytearray:
-        if self.management_key is None:
-            return bytearray(DEFAULT_MANAGEMENT_KEY)
-        text = self.management_key.get().strip()
-        try:
-            key = bytearray(binascii.unhexlify(text))
-        except (binascii.Error, ValueError):
-            raise InvalidArgument("the PIV management key must be given in hex") from None
-        if len(key) not in (16, 24, 32):
-            raise InvalidArgument("a PIV management key is 16, 24 or 32 bytes (32-64 hex digits)")
-        return key
-
-    def _mgmt_auth(self, card: PcscCard) -> None:
-        """Mutual authentication with the management key (9B): the card proves it too."""
-        key = self._mgmt_key()
-        try:
-            if self.mgmt_type != "auto":
-                names = [self.mgmt_type]
-            else:
-                names = {16: ["aes128"], 24: ["3des", "aes192"], 32: ["aes256"]}[len(key)]
-            for name in names:
-                alg, length = MGMT_ALGS[name]
-                if len(key) != length:
-                    raise InvalidArgument(f"a {name} management key is {length} bytes")
-                answer, sw = card.general_authenticate(alg, MGMT_KEY_REF, tlv(0x80, b""))
-                if sw == SW_WRONG_P1P2 and name != names[-1]:
-                    continue  # the card's management key is of another algorithm
-                if sw != SW_OK:
-                    raise StatusError(sw, "management key authentication")
-                block = _mgmt_cipher(name, key, False, _tag(answer, 0x80))
-                challenge = os.urandom(len(block))
-                answer, sw = card.general_authenticate(
-                    alg, MGMT_KEY_REF, tlv(0x80, block) + tlv(0x81, challenge)
-                )
-                if sw == SW_SECURITY:
-                    raise AuthenticationFailed("the PIV card refused the management key")
-                if sw != SW_OK:
-                    raise StatusError(sw, "management key authentication")
-                expected = _mgmt_cipher(name, key, True, challenge)
-                if not hmac.compare_digest(_tag(answer, 0x82), expected):
-                    raise AuthenticationFailed(
-                        "the PIV card did not prove that it holds the management key"
-                    )
-                return
-        finally:
-            key[:] = b"\0" * len(key)
 
     # -- certificates ----------------------------------------------------------------------------
     def _cert(self, card: PcscCard, slot: int) -> x509.Certificate | None:
@@ -895,20 +790,6 @@ def _tlvs(data: bytes) -> list[tuple[int, bytes]]:
     from .card import parse_tlv
 
     return parse_tlv(data)
-
-
-def _tag(template: bytes, tag: int) -> bytes:
-    try:
-        return find_tag(template, tag)
-    except ValueError:
-        raise StatusError(0x6A80, f"GENERAL AUTHENTICATE (no tag {tag:X} in the answer)") from None
-
-
-def _mgmt_cipher(name: str, key: bytearray, encrypt: bool, block: bytes) -> bytes:
-    algorithm = TripleDES(bytes(key)) if name == "3des" else algorithms.AES(bytes(key))
-    cipher = Cipher(algorithm, modes.ECB())  # noqa: S305 - one block, as SP 800-73-4 specifies
-    ctx = cipher.encryptor() if encrypt else cipher.decryptor()
-    return ctx.update(block) + ctx.finalize()
 
 
 def _public_from_template(key_type: KeyType, template: bytes) -> PublicKeyTypes:

@@ -5,11 +5,13 @@ CKA_LABEL; they are extractable only when created exportable. Signing hashes on 
 and signs the digest (CKM_ECDSA, CKM_RSA_PKCS, CKM_RSA_PKCS_PSS), so one mechanism per
 key type is enough and tokens without CKM_ECDSA_SHA256 (SoftHSM2) work. docs/pkcs11.md
 describes the configuration, attributes, mechanisms and the vault key-slot format.
+
+AES key wrap (wrap.py) and the vault key-slot `Sealer` (sealer.py) are mixins of
+`Pkcs11Backend`, each in its own module.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import re
@@ -22,7 +24,6 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from strongroom import algorithms
@@ -41,6 +42,8 @@ from strongroom.types import KeyInfo, KeyType, Operation, Usage
 
 from . import keys
 from .errors import translate
+from .keys import _EC_TYPES, _ID_PREFIX, _LABEL_PREFIX, _RSA_TYPES, _SECRET_TYPES
+from .sealer import Pkcs11Sealer
 from .token import (
     IMPORT_ERROR,
     Module,
@@ -57,6 +60,7 @@ from .token import (
     token_labels,
     with_public_session,
 )
+from .wrap import Pkcs11Wrap
 
 if IMPORT_ERROR is None:
     from pkcs11 import (
@@ -70,18 +74,11 @@ if IMPORT_ERROR is None:
     )
     from pkcs11 import KeyType as P11KeyType
     from pkcs11 import exceptions as p11
-    from pkcs11.constants import DEFAULT
 
 T = TypeVar("T")
 
 DEFAULT_MAX_SESSIONS = 4
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # the portable shape of a variable name
-SEAL_FORMAT = "pkcs11-aes-gcm/v1"
-_ID_PREFIX = "id:"
-_LABEL_PREFIX = "label:"
-_EC_TYPES = (KeyType.ECDSA_P256, KeyType.ECDSA_P384)
-_RSA_TYPES = (KeyType.RSA_2048, KeyType.RSA_3072, KeyType.RSA_4096)
-_SECRET_TYPES = (KeyType.AES_256, KeyType.HMAC_SHA256)
 
 # (key type, operation) → the mechanisms the token must offer for it. Verification and
 # RSA encryption run on the host with the public key, so they need none.
@@ -145,7 +142,7 @@ def _mechanism_value(name: str) -> int:
     return int(getattr(Mechanism, name))
 
 
-class Pkcs11Backend(Backend):
+class Pkcs11Backend(Pkcs11Wrap, Pkcs11Sealer, Backend):
     """Keys in a PKCS#11 token, found by label, with one login shared by a session pool."""
 
     type_name = "pkcs11"
@@ -932,230 +929,6 @@ class Pkcs11Backend(Backend):
 
         return self._with_key(info, ObjectClass.PRIVATE_KEY, "agree", derive)
 
-    # -- wrap and unwrap -------------------------------------------------------------------------
-    def _wrap_secret(self, info: KeyInfo, secret: bytes) -> bytes:
-        """PKCS#11: C_CreateObject (a session secret key holding `secret`), C_WrapKey with
-        CKM_AES_KEY_WRAP_PAD (RFC 5649) under the token key, C_DestroyObject.
-
-        The envelope's `aes-kwp` data-key wrap (SoftHSM2, like many tokens, offers key wrap
-        only through C_WrapKey, not C_Encrypt)."""
-        self._need("AES_KEY_WRAP_PAD", "wrap", info.type)
-        if not 1 <= len(secret) <= 512:
-            raise InvalidArgument("AES key wrap takes a secret of 1 to 512 bytes")
-
-        def run(kek: Any) -> bytes:
-            obj = kek.session.create_object(
-                {
-                    Attribute.CLASS: ObjectClass.SECRET_KEY,
-                    Attribute.KEY_TYPE: P11KeyType.GENERIC_SECRET,
-                    Attribute.TOKEN: False,
-                    Attribute.PRIVATE: True,
-                    Attribute.SENSITIVE: True,
-                    Attribute.EXTRACTABLE: True,
-                    Attribute.VALUE: secret,
-                }
-            )
-            try:
-                return bytes(kek.wrap_key(obj, mechanism=Mechanism.AES_KEY_WRAP_PAD))
-            finally:
-                obj.destroy()
-
-        return self._with_key(info, ObjectClass.SECRET_KEY, "wrap", run)
-
-    def _unwrap_secret(self, info: KeyInfo, blob: bytes) -> bytes:
-        """PKCS#11: C_UnwrapKey with CKM_AES_KEY_WRAP_PAD into a session object that may be
-        read, C_GetAttributeValue of its CKA_VALUE, C_DestroyObject. A blob that does not
-        unwrap (another key, damage) is an IntegrityError."""
-        self._need("AES_KEY_WRAP_PAD", "unwrap", info.type)
-        if len(blob) < 16 or len(blob) % 8:
-            raise IntegrityError("the wrapped key is not RFC 5649 output (length)")
-
-        def run(kek: Any) -> bytes:
-            obj = kek.unwrap_key(
-                ObjectClass.SECRET_KEY,
-                P11KeyType.GENERIC_SECRET,
-                blob,
-                mechanism=Mechanism.AES_KEY_WRAP_PAD,
-                store=False,
-                template={
-                    Attribute.SENSITIVE: False,
-                    Attribute.EXTRACTABLE: True,
-                    Attribute.PRIVATE: True,
-                },
-            )
-            try:
-                return bytes(obj[Attribute.VALUE])
-            finally:
-                obj.destroy()
-
-        return self._with_key(info, ObjectClass.SECRET_KEY, "unwrap", run)
-
-    def wrap(self, info: KeyInfo, target: KeyInfo) -> bytes:
-        """PKCS#11: C_WrapKey with CKM_AES_KEY_WRAP_PAD (RFC 5649): the raw value of a secret
-        key, PKCS#8 of an EC or RSA key (the forms the vault wraps, so blobs move both ways)."""
-        if info.type is not KeyType.AES_256:
-            raise self.unsupported(Operation.WRAP, info.type)
-        self._need("AES_KEY_WRAP_PAD", "wrap", info.type)
-        if target.type not in (*_SECRET_TYPES, *_EC_TYPES, *_RSA_TYPES):
-            raise self.unsupported(Operation.WRAP, target.type, _ED25519_WRAP)
-        klass = ObjectClass.SECRET_KEY if target.type in _SECRET_TYPES else ObjectClass.PRIVATE_KEY
-
-        def run(pooled: PooledSession) -> bytes:
-            kek = self._object(pooled, info, ObjectClass.SECRET_KEY)
-            key = self._object(pooled, target, klass)
-            return bytes(kek.wrap_key(key, mechanism=Mechanism.AES_KEY_WRAP_PAD))
-
-        return self._with_session("wrap", target.type, run)
-
-    def unwrap(self, info: KeyInfo, blob: bytes, new: NewKey) -> str:
-        """PKCS#11: C_UnwrapKey with CKM_AES_KEY_WRAP_PAD into a token object, then
-        C_CreateObject for its public key object (public numbers from the private object for
-        RSA; for EC, ECDH with the base point gives x(Q) and one C_Sign picks y).
-
-        Moves an exportable key in from the vault (or anything that wraps with RFC 5649): the
-        private half is decrypted only inside the token.
-        """
-        if info.type is not KeyType.AES_256:
-            raise self.unsupported(Operation.UNWRAP, info.type)
-        self._need("AES_KEY_WRAP_PAD", "unwrap", info.type)
-        t = new.info.type
-        if t not in (*_SECRET_TYPES, *_EC_TYPES, *_RSA_TYPES):
-            raise self.unsupported(Operation.UNWRAP, t, _ED25519_WRAP)
-        key_id = self._new_id()
-        target = KeyInfo(
-            name=new.info.name,
-            type=t,
-            backend=self.name,
-            usage=new.info.usage,
-            exportable=new.info.exportable,
-            namespace=new.info.namespace,
-            handle=_ID_PREFIX + key_id.hex(),
-        )
-
-        def run(pooled: PooledSession) -> None:
-            kek = self._object(pooled, info, ObjectClass.SECRET_KEY)
-            made: list[Any] = []
-            try:
-                self._unwrap_into(pooled.session, kek, blob, target, key_id, made)
-            except BaseException:
-                for obj in made:
-                    try:
-                        obj.destroy()
-                    except PKCS11Error:
-                        continue
-                raise
-
-        self._with_session("unwrap", t, run)
-        return target.handle
-
-    def _unwrap_into(
-        self, session: Any, kek: Any, blob: bytes, target: KeyInfo, key_id: bytes, made: list[Any]
-    ) -> None:
-        t = target.type
-        common = {"id": key_id, "label": target.name, "store": True, "capabilities": 0}
-        if t in _SECRET_TYPES:
-            # RFC 5649 output is the plaintext padded to 8 bytes, plus 8: 40 for a 32-byte key.
-            # (SoftHSM2 leaves CKA_VALUE_LEN of an unwrapped key at 0, so check it here.)
-            if len(blob) != keys.SYMMETRIC_SIZE + 8:
-                raise InvalidArgument(f"the wrapped key is not a {t.value} key")
-            key = kek.unwrap_key(
-                ObjectClass.SECRET_KEY,
-                P11KeyType.AES if t is KeyType.AES_256 else P11KeyType.GENERIC_SECRET,
-                blob,
-                mechanism=Mechanism.AES_KEY_WRAP_PAD,
-                template=self._secret_flags(target),
-                **common,
-            )
-            made.append(key)
-            if int(key[Attribute.VALUE_LEN]) not in (0, keys.SYMMETRIC_SIZE):
-                raise InvalidArgument(f"the wrapped key is not a {t.value} key")
-            return
-        private = self._private_flags(target)
-        # Attributes a private key cannot have (python-pkcs11 would add them as false).
-        private.update(
-            {Attribute.ENCRYPT: DEFAULT, Attribute.WRAP: DEFAULT, Attribute.VERIFY: DEFAULT}
-        )
-        if t in _EC_TYPES:
-            # Needed once, to find the public key: ECDH with G, and one signature.
-            private.update({Attribute.SIGN: True, Attribute.DERIVE: True})
-        key = kek.unwrap_key(
-            ObjectClass.PRIVATE_KEY,
-            P11KeyType.EC if t in _EC_TYPES else P11KeyType.RSA,
-            blob,
-            mechanism=Mechanism.AES_KEY_WRAP_PAD,
-            template=private,
-            **common,
-        )
-        made.append(key)
-        public_template = self._public_flags(target)
-        public_template.update(
-            {
-                Attribute.CLASS: ObjectClass.PUBLIC_KEY,
-                Attribute.ID: key_id,
-                Attribute.LABEL: target.name,
-            }
-        )
-        if t in _RSA_TYPES:
-            public_template.update(
-                {
-                    Attribute.KEY_TYPE: P11KeyType.RSA,
-                    Attribute.MODULUS: key[Attribute.MODULUS],
-                    Attribute.PUBLIC_EXPONENT: key[Attribute.PUBLIC_EXPONENT],
-                }
-            )
-            public: PublicKeyTypes = keys.rsa_public(
-                public_template[Attribute.MODULUS], public_template[Attribute.PUBLIC_EXPONENT]
-            )
-        else:
-            if bytes(key[Attribute.EC_PARAMS]) != keys.EC_PARAMS[t]:
-                raise InvalidArgument(f"the wrapped key is not a {t.value} key")
-            public = self._ec_public_of(key, t)
-            for attribute, usage in ((Attribute.SIGN, Usage.SIGN), (Attribute.DERIVE, Usage.AGREE)):
-                if usage not in target.usage:
-                    key[attribute] = False
-            public_template.update(
-                {
-                    Attribute.KEY_TYPE: P11KeyType.EC,
-                    Attribute.EC_PARAMS: keys.EC_PARAMS[t],
-                    Attribute.EC_POINT: keys.ec_point_attribute(public),
-                }
-            )
-        if not algorithms.public_key_matches(t, public):
-            raise InvalidArgument(f"the wrapped key is not a {t.value} key")
-        made.append(session.create_object(public_template))
-        self._publics[target.handle] = public
-
-    def _ec_public_of(self, key: Any, t: KeyType) -> ec.EllipticCurvePublicKey:
-        """The public point of an EC private key object that has no CKA_EC_POINT.
-
-        PKCS#11: C_DeriveKey(CKM_ECDH1_DERIVE) with the base point G gives x(d·G), the
-        public key's x-coordinate; C_Sign(CKM_ECDSA) then tells y from -y.
-        """
-        size = keys.COORDINATE_SIZE[t]
-        shared = key.derive_key(
-            P11KeyType.GENERIC_SECRET,
-            size * 8,
-            store=False,
-            capabilities=0,
-            mechanism=Mechanism.ECDH1_DERIVE,
-            mechanism_param=(KDF.NULL, None, keys.generator(t)),
-            template={Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True},
-        )
-        try:
-            x = bytes(shared[Attribute.VALUE])  # public, not secret: x(Q)
-        finally:
-            shared.destroy()
-        probe = os.urandom(size)
-        signature = keys.ecdsa_der(key.sign(probe, mechanism=Mechanism.ECDSA))
-        chosen = hashes.SHA256() if t is KeyType.ECDSA_P256 else hashes.SHA384()
-        for candidate in keys.ec_public_candidates(t, x):
-            try:
-                candidate.verify(signature, probe, ec.ECDSA(Prehashed(chosen)))
-            except InvalidSignature:
-                continue
-            return candidate
-        raise StrongroomError("could not recover the public key of the unwrapped EC key")
-
     # -- adopt, delete, random -----------------------------------------------------------------
     def adopt(self, ref: Mapping[str, str]) -> ExistingKey:
         """PKCS#11: C_FindObjects by CKA_LABEL and/or CKA_ID, then C_GetAttributeValue for the
@@ -1304,125 +1077,6 @@ class Pkcs11Backend(Backend):
         except PKCS11Error as e:
             raise self._error(e, "random", None) from e
 
-    # -- Sealer: vault key slots -----------------------------------------------------------------
-    def seal(self, secret: memoryview, label: str, options: Mapping[str, Any]) -> dict[str, Any]:
-        """PKCS#11: C_GenerateKey (CKM_AES_KEY_GEN: a token AES-256 key, sensitive, never
-        extractable, encrypt/decrypt only), then C_Encrypt with CKM_AES_GCM under it.
-
-        The slot records the token, the key's CKA_ID, the nonce and the ciphertext; the
-        associated data binds it to `label` (the vault's id).
-        """
-        if options:
-            raise InvalidArgument(f"the pkcs11 key slot takes no options (got {sorted(options)})")
-        self._need("AES_KEY_GEN", "seal", KeyType.AES_256)
-        self._need("AES_GCM", "seal", KeyType.AES_256)
-        key_id = self._new_id()
-        nonce = os.urandom(keys.GCM_NONCE)
-        serial = self._serial()
-        aad = _seal_aad(label, serial, key_id.hex())
-        plain = bytes(secret)
-
-        def run(pooled: PooledSession) -> bytes:
-            key = pooled.session.generate_key(
-                P11KeyType.AES,
-                256,
-                id=key_id,
-                label=f"strongroom-seal/{label}",
-                store=True,
-                capabilities=0,
-                template={
-                    Attribute.TOKEN: True,
-                    Attribute.PRIVATE: True,
-                    Attribute.SENSITIVE: True,
-                    Attribute.EXTRACTABLE: False,
-                    Attribute.ENCRYPT: True,
-                    Attribute.DECRYPT: True,
-                    Attribute.WRAP: False,
-                    Attribute.UNWRAP: False,
-                    Attribute.SIGN: False,
-                    Attribute.VERIFY: False,
-                    Attribute.DERIVE: False,
-                },
-            )
-            try:
-                return bytes(
-                    key.encrypt(
-                        plain, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, aad)
-                    )
-                )
-            except BaseException:
-                key.destroy()
-                raise
-
-        try:
-            ct = self._with_session("seal", KeyType.AES_256, run)
-        finally:
-            scrub_bytes(plain)
-        return {
-            "format": SEAL_FORMAT,
-            "label": label,
-            "token": self.token_label,
-            "token_serial": serial,
-            "key_id": key_id.hex(),
-            "nonce": base64.b64encode(nonce).decode(),
-            "ciphertext": base64.b64encode(ct).decode(),
-        }
-
-    def unseal(self, params: Mapping[str, Any], out: memoryview) -> None:
-        """PKCS#11: C_FindObjects (the slot's CKA_ID) and C_Decrypt with CKM_AES_GCM."""
-        try:
-            if params.get("format") != SEAL_FORMAT:
-                raise ValueError("format")
-            key_id = bytes.fromhex(str(params["key_id"]))
-            nonce = base64.b64decode(str(params["nonce"]), validate=True)
-            ct = base64.b64decode(str(params["ciphertext"]), validate=True)
-            serial = str(params["token_serial"])
-            aad = _seal_aad(str(params["label"]), serial, key_id.hex())
-        except (KeyError, ValueError, TypeError):
-            raise IntegrityError("the pkcs11 vault key slot is malformed") from None
-        self._require_pool()
-        mine = self._serial()
-        if serial != mine:
-            raise AuthenticationFailed(
-                f"this vault key slot was sealed by token serial {serial}, "
-                f"but backend {self.name!r} is token serial {mine}"
-            )
-        slot_key = KeyInfo(
-            name=f"vault key slot {key_id.hex()}",
-            type=KeyType.AES_256,
-            backend=self.name,
-            usage=frozenset({Usage.DECRYPT}),
-            handle=_ID_PREFIX + key_id.hex(),
-        )
-        try:
-            plain = self._with_key(
-                slot_key,
-                ObjectClass.SECRET_KEY,
-                "unseal",
-                lambda key: bytes(
-                    key.decrypt(
-                        ct, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, aad)
-                    )
-                ),
-            )
-        except KeyNotFound:
-            raise AuthenticationFailed(
-                f"token {self.token_label!r} no longer holds the key of this vault key slot "
-                f"(CKA_ID {key_id.hex()})"
-            ) from None
-        try:
-            if len(plain) != len(out):
-                raise IntegrityError("the pkcs11 vault key slot holds a secret of the wrong size")
-            out[:] = plain
-        finally:
-            scrub_bytes(plain)
-
-
-_ED25519_WRAP = (
-    "AES key wrap moves aes-256, hmac-sha256, EC and RSA keys; Ed25519 keys cannot be unwrapped "
-    "into a PKCS#11 token from the vault's raw-seed form"
-)
-
 
 def _module_env(value: Any, context: BackendContext) -> dict[str, str]:
     """The `env` table, checked: variable names to string values."""
@@ -1440,11 +1094,6 @@ def _module_env(value: Any, context: BackendContext) -> dict[str, str]:
             raise context.config_error(f"{name} must not contain a NUL character", "env")
         env[name] = item
     return env
-
-
-def _seal_aad(label: str, serial: str, key_id: str) -> bytes:
-    """What the slot's AES-GCM tag also covers: the format, the vault label, the token, the key."""
-    return f"strongroom-seal|{SEAL_FORMAT}|{label}|{serial}|{key_id}".encode()
 
 
 def _no_algorithm(algorithm: str | None) -> None:

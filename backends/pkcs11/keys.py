@@ -28,6 +28,12 @@ SYMMETRIC_SIZE = 32
 SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
 GCM_NONCE = 12
 GCM_TAG = 16
+# The key types this backend holds, and the two forms of a key's handle in the catalog.
+_EC_TYPES = (KeyType.ECDSA_P256, KeyType.ECDSA_P384)
+_RSA_TYPES = (KeyType.RSA_2048, KeyType.RSA_3072, KeyType.RSA_4096)
+_SECRET_TYPES = (KeyType.AES_256, KeyType.HMAC_SHA256)
+_ID_PREFIX = "id:"
+_LABEL_PREFIX = "label:"
 
 
 def ec_type_of(params: bytes) -> KeyType | None:
