@@ -8,6 +8,8 @@ touches the session's shared one.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,3 +148,70 @@ def test_a_tpm_reset_with_keys_loaded_is_survived(tmp_path: Path, own_tpm: Swtpm
             public.verify(sig, MESSAGE, ec.ECDSA(hashes.SHA256()))
             ks.verify("mac", b"x", tag)
         assert own_tpm.transient_handles() == []
+
+
+KILLED_CHILD = """
+import os, sys
+import strongroom
+with strongroom.open(sys.argv[1]) as ks:
+    ks.sign("ec", b"load the key and keep it loaded")
+    if sys.argv[2] == "both":
+        ks.encrypt("aes", b"and a second one, through the salted session")
+    print("loaded", flush=True)
+    sys.stdin.readline()  # killed here, its objects and session loaded in the TPM
+"""
+
+
+def _start_child(cfg: Path, keys: str = "both") -> subprocess.Popen[str]:
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_CHILD, str(cfg), keys],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None and child.stdout.readline() == "loaded\n"
+    return child
+
+
+def test_what_killed_clients_left_in_the_tpm_is_reclaimed(tmp_path: Path, own_tpm: Swtpm) -> None:
+    """Issue 16, defect 5: with no resource manager (the swtpm TCTI), a killed client's
+    transient objects and session stay loaded; four of them wedged the TPM ("no free slot").
+    A keystore that finds no other live Strongroom process on the TPM flushes them."""
+    cfg = write_config(tmp_path, own_tpm.tcti)
+    with strongroom.open(cfg) as ks:
+        ks.generate("ec", "ecdsa-p256")
+        ks.generate("aes", "aes-256")
+    for _ in range(4):
+        child = _start_child(cfg)
+        child.kill()
+        child.wait()
+    assert own_tpm.transient_handles(), "the killed clients left objects loaded"
+    with strongroom.open(cfg) as ks:
+        ks.sign("ec", MESSAGE)
+        ks.decrypt("aes", ks.encrypt("aes", MESSAGE))
+        ks.generate("more", "ecdsa-p256")
+        ks.sign("more", MESSAGE)
+    assert own_tpm.transient_handles() == []
+
+
+def test_a_live_clients_objects_are_left_alone(tmp_path: Path, own_tpm: Swtpm) -> None:
+    """Another live Strongroom process on the same TPM keeps what it has loaded: nothing is
+    reclaimed while it runs (it holds one of the three slots; this keystore works in the
+    other two), and it signs on afterwards."""
+    cfg = write_config(tmp_path, own_tpm.tcti)
+    with strongroom.open(cfg) as ks:
+        ks.generate("ec", "ecdsa-p256")
+        ks.generate("aes", "aes-256")
+    live = _start_child(cfg, "one")
+    try:
+        loaded = set(own_tpm.transient_handles())
+        assert loaded
+        with strongroom.open(cfg) as ks:
+            ks.sign("ec", MESSAGE)
+            assert loaded <= set(own_tpm.transient_handles()), "a live client's objects went"
+    finally:
+        assert live.stdin is not None
+        live.stdin.write("\n")
+        live.stdin.close()
+        assert live.wait(60) == 0
+    assert own_tpm.transient_handles() == []

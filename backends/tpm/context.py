@@ -11,6 +11,10 @@ device's modules import tpm2-pytss.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
+import os
+import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator
@@ -109,6 +113,57 @@ def forgot_our_objects(e: TSS2_Exception) -> bool:
     return not is_tcti_error(e) and (error_code(e) in _STALE or error_code(e) == TPM2_RC.INITIALIZE)
 
 
+def has_resource_manager(tcti: str) -> bool:
+    """Whether a resource manager stands between us and the TPM (the kernel's /dev/tpmrm*,
+    tpm2-abrmd): it flushes what a dead client left loaded, and other clients' objects are
+    invisible to us. Direct TCTIs (swtpm, mssim, /dev/tpm0) have none."""
+    kind, _, conf = tcti.partition(":")
+    if kind in ("swtpm", "mssim"):
+        return False
+    if kind == "device":
+        return os.path.basename(conf or "/dev/tpmrm0").startswith("tpmrm")
+    return True  # tabrmd, or a TCTI we do not know: never touch others' objects there
+
+
+class _Peers:
+    """The Strongroom processes using one TPM with no resource manager: each holds a shared
+    flock on one lock file per TCTI while its context is open. A process that can take the
+    lock exclusively is the only live one, so any transient object or session it does not
+    hold was left by a process that died (no resource manager flushes it): it may go."""
+
+    def __init__(self, tcti: str) -> None:
+        digest = hashlib.sha256(tcti.encode()).hexdigest()[:16]
+        self.path = os.path.join(tempfile.gettempdir(), f"strongroom-tpm-{digest}.lock")
+        self._fd: int | None = None
+
+    def join(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:  # cannot coordinate: then never reclaim (alone() stays False)
+            return
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        self._fd = fd
+
+    def alone(self) -> bool:
+        """Take the lock exclusively if no other live process holds it; `share()` after."""
+        if self._fd is None:
+            return False
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def share(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_SH)
+
+    def leave(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
 class TpmContext:
     """One ESAPI context, its lock, the SRK, the loaded-key LRU and the salted session."""
 
@@ -129,6 +184,8 @@ class TpmContext:
         self._digest = TPM2B_DIGEST()
         self.slots = 3
         self.max_loaded = 2
+        self._peers = None if has_resource_manager(tcti) else _Peers(tcti)
+        self.reclaimed = 0  # objects and sessions of dead processes flushed (status, tests)
 
     # -- lifecycle -----------------------------------------------------------------------------
     @property
@@ -143,6 +200,9 @@ class TpmContext:
             esys = ESAPI(self.tcti)
             self._esys = esys
             try:
+                if self._peers is not None:
+                    self._peers.join()
+                    self._reclaim_orphans()  # what killed processes left: nothing is ours yet
                 self.facts = self._probe()
                 self.slots = max(2, self.facts.transient_slots)
                 wanted = self._max_loaded_setting or self.slots - 1
@@ -173,6 +233,8 @@ class TpmContext:
 
     def _forget(self) -> None:
         """Drop the context and all state tied to it (after close, or a lost connection)."""
+        if self._peers is not None:
+            self._peers.leave()
         esys, self._esys = self._esys, None
         self._lru.clear()
         self._session = None
@@ -444,17 +506,56 @@ class TpmContext:
             self._temporaries -= n
 
     def _retry(self, command: Callable[[], T], keep: Collection[str]) -> T:
-        """Run `command`; if the TPM is out of object memory (other clients), evict, retry once."""
+        """Run `command`; if the TPM is out of object or session memory, make room and retry:
+        first by evicting our own least recently used keys, then (no resource manager, no
+        other live Strongroom process) by flushing what dead processes left loaded."""
         try:
             return command()
         except TSS2_Exception as e:
             if error_code(e) not in (TPM2_RC.OBJECT_MEMORY, TPM2_RC.SESSION_MEMORY):
                 raise
-            if not any(c not in keep for c in self._lru):
-                raise
+            evicted = False
             while self._evict_one(keep):
-                pass
+                evicted = True
+            if not evicted and not self._reclaim_orphans():
+                raise
+        try:
             return command()
+        except TSS2_Exception as e:
+            if error_code(e) not in (TPM2_RC.OBJECT_MEMORY, TPM2_RC.SESSION_MEMORY):
+                raise
+            if not self._reclaim_orphans():
+                raise
+            return command()
+
+    def _reclaim_orphans(self) -> int:
+        """Flush the transient objects and loaded sessions of Strongroom processes that died
+        (killed clients of a TPM with no resource manager leave them loaded until a TPM
+        reset, and the TPM has about three slots). Only when no other Strongroom process
+        uses this TPM now (`_Peers.alone`); our own handles are kept. Returns how many went.
+        """
+        esys = self._esys
+        if esys is None or self._peers is None or not self._peers.alone():
+            return 0
+        try:
+            held = [*self._lru.values(), *([self._session] if self._session else [])]
+            ours = {int(esys.tr_get_tpm_handle(tr)) for tr in held}
+            flushed = 0
+            for kind in (TPM2_HT.TRANSIENT, TPM2_HT.LOADED_SESSION):
+                for handle in self._capability(TPM2_CAP.HANDLES, int(kind) << 24, 64):
+                    if int(handle) in ours:
+                        continue
+                    try:
+                        esys.flush_context(esys.tr_from_tpmpublic(int(handle)))
+                    except TSS2_Exception as e:
+                        if is_tcti_error(e):
+                            raise
+                        continue  # gone meanwhile, or not flushable: not ours to insist
+                    flushed += 1
+            self.reclaimed += flushed
+            return flushed
+        finally:
+            self._peers.share()
 
     def loaded(self, ref: KeyRef, keep: Collection[str] = ()) -> ESYS_TR:
         """The key's transient handle: from the LRU, else TPM2_Load under the SRK."""
@@ -486,13 +587,19 @@ class TpmContext:
         if self._session is None:
             esys = self.esys()
             if parent is not None:
-                self._session = esys.start_auth_session(
-                    parent, ESYS_TR.NONE, TPM2_SE.HMAC, _SESSION_CIPHER, TPM2_ALG.SHA256
+                self._session = self._retry(
+                    lambda: esys.start_auth_session(
+                        parent, ESYS_TR.NONE, TPM2_SE.HMAC, _SESSION_CIPHER, TPM2_ALG.SHA256
+                    ),
+                    keep,
                 )
             else:
                 with self._parent(keep) as srk:
-                    self._session = esys.start_auth_session(
-                        srk, ESYS_TR.NONE, TPM2_SE.HMAC, _SESSION_CIPHER, TPM2_ALG.SHA256
+                    self._session = self._retry(
+                        lambda: esys.start_auth_session(
+                            srk, ESYS_TR.NONE, TPM2_SE.HMAC, _SESSION_CIPHER, TPM2_ALG.SHA256
+                        ),
+                        keep,
                     )
         return self._session
 
