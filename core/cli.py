@@ -18,7 +18,7 @@ import resource
 import stat
 import sys
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, Protocol, cast
 
@@ -32,9 +32,20 @@ from .api import KeyAPI
 from .backend import VaultControl
 from .errors import (
     AttestationInvalid,
+    AuditUnavailable,
     AuthenticationFailed,
+    BackendUnavailable,
+    ConfigError,
+    DeviceLocked,
+    IntegrityError,
     InvalidArgument,
+    KeyExists,
+    KeyNotFound,
+    PolicyViolation,
+    SnapshotCorrupt,
+    StorageError,
     StrongroomError,
+    TenantNotFound,
     UnsupportedOperation,
 )
 from .keystore import Keystore, vault_restore
@@ -58,6 +69,38 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_BAD_SIGNATURE = 1
 EXIT_USAGE = 2
+EXIT_OTHER = 12
+
+EXIT_CODES: Mapping[type[StrongroomError], int] = {
+    AttestationInvalid: 1,
+    InvalidArgument: 2,
+    KeyNotFound: 3,
+    TenantNotFound: 3,
+    AuthenticationFailed: 4,
+    UnsupportedOperation: 5,
+    BackendUnavailable: 6,
+    DeviceLocked: 7,
+    PolicyViolation: 8,
+    SnapshotCorrupt: 9,
+    IntegrityError: 9,
+    KeyExists: 10,
+    ConfigError: 11,
+    StrongroomError: EXIT_OTHER,
+    AuditUnavailable: 13,
+    StorageError: 14,
+}
+"""The exit code of each error (docs/cli.md, "Errors and exit codes"). A subclass not listed
+has its nearest listed base's code (`exit_code_of`): `PresenceTimeout` is 4, `KeyDisabled` 8,
+`DataTruncated` 9, and any other `StrongroomError` 12."""
+
+
+def exit_code_of(error: type[StrongroomError]) -> int:
+    """The code of the first class in `error`'s method resolution order that `EXIT_CODES`
+    lists: the most specific one, as attribute lookup found the classes' own codes before."""
+    for cls in error.__mro__:
+        if cls in EXIT_CODES:
+            return EXIT_CODES[cls]
+    return EXIT_OTHER
 
 
 class State:
@@ -403,15 +446,15 @@ class StrongroomGroup(click.Group):
             fail("signature invalid", EXIT_BAD_SIGNATURE)
         except StrongroomError as e:
             _traceback_if_debug(ctx)
-            fail(_error_line(e, ctx.find_object(State)), e.exit_code)
+            fail(_error_line(e, ctx.find_object(State)), exit_code_of(type(e)))
         except (OSError, MemoryError) as e:
             _traceback_if_debug(ctx)
-            fail(f"error: {e}", 12)
+            fail(f"error: {e}", EXIT_OTHER)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as e:  # a bug: still one line and a code that is not "bad signature"
             _traceback_if_debug(ctx)
-            fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug)", 12)
+            fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug)", EXIT_OTHER)
         finally:
             state = ctx.find_object(State)
             if state is not None:
@@ -592,7 +635,7 @@ def doctor(state: State) -> None:
         ),
     )
     if problems:
-        sys.exit(12)
+        sys.exit(EXIT_OTHER)
 
 
 @cli.command("random")
@@ -2373,7 +2416,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except click.ClickException as e:
         fail(f"error: {' '.join(e.format_message().split())}", e.exit_code)
     except click.Abort:
-        fail("aborted", 12)
+        fail("aborted", EXIT_OTHER)
     sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
 

@@ -118,9 +118,7 @@ KNOWN_VIOLATIONS = frozenset(
         # envelope is typed against Keystore. It goes when envelope is typed against KeyAPI
         # (core/api.py), ARCHITECTURE.md "Order of work" step 2.
         ("strongroom.envelope", "strongroom.keystore"),
-        # The client imports the server side: TenantStore's Permission and the config.
-        # They go with service/wire.py (step 4).
-        ("strongroom.client", "strongroom.tenants"),
+        # The client imports the server side's config. It goes with service/wire.py (step 4).
         ("strongroom.client", "strongroom.config"),
     }
 )
