@@ -58,6 +58,7 @@ from strongroom.backends.fido.assertion import (
     client_data,
     verify_assertion,
 )
+from strongroom.cli import exit_code_of
 from strongroom.config import Config
 from strongroom.config import load as load_config
 from strongroom.errors import (
@@ -693,5 +694,5 @@ def test_cli_prompts_for_the_touch(
     assert "BEGIN PUBLIC KEY" in result.stdout
     softkey.authenticator.presence = lambda command: Presence.REFUSE
     result = runner.invoke(cli, ["vault", "unlock", "--method", "fido"])
-    assert result.exit_code == AuthenticationFailed.exit_code
+    assert result.exit_code == exit_code_of(AuthenticationFailed)
     assert "refused at the security key" in result.stderr
