@@ -664,15 +664,16 @@ def test_cli_prompts_for_the_touch(
     passed in (no command or config can name one)."""
     from click.testing import CliRunner
 
-    cli_module = importlib.import_module("strongroom.cli")
+    # State opens the keystore: patch the name where it looks it up.
+    state_module = importlib.import_module("strongroom.cli._state")
 
     class WithSoftKey(Keystore):
         def __init__(self, config: Config, **options: Any) -> None:
             device = {"fido": lambda: SoftCtapDevice(softkey.authenticator)}
             super().__init__(config, device_factories=device, **options)
 
-    monkeypatch.setattr(cli_module, "Keystore", WithSoftKey)
-    cli = cli_module.cli
+    monkeypatch.setattr(state_module, "Keystore", WithSoftKey)
+    cli = importlib.import_module("strongroom.cli").cli
     config = write_fido_config(tmp_path / "ks")
     monkeypatch.setenv("STRONGROOM_CONFIG", str(config))
     runner = CliRunner()
