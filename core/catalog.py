@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .errors import KeyExists, KeyNotFound, StorageError, StrongroomError
+from .errors import CatalogError, KeyExists, KeyNotFound, StorageError
 from .types import KeyInfo, KeyType, KeyVersion, Usage
 
 SCHEMA_VERSION = 2
@@ -65,10 +65,6 @@ _COLUMNS = (
     "namespace, name, backend, handle, type, usage, exportable, version, created, attributes, "
     "min_decryption_version, disabled, delete_after"
 )
-
-
-class CatalogError(StrongroomError):
-    """The catalog file cannot be used (newer schema, or not a catalog)."""
 
 
 class Catalog:

@@ -26,24 +26,16 @@ from .errors import (
     InvalidArgument,
     KeyExists,
     KeyNotFound,
+    NotPermitted,
+    RateLimited,
+    RequestTooLarge,
     StrongroomError,
+    TenantNotFound,
+    VaultLocked,
 )
-from .tenants import NotPermitted, TenantNotFound
 from .types import KeyInfo, KeyType, KeyVersion, Operation, Usage
 
 TOKEN_ENV = "STRONGROOM_TOKEN"  # noqa: S105 - the variable name, not a token
-
-
-class VaultLocked(errors.DeviceLocked):
-    """The service's vault was locked by an admin (HTTP 423)."""
-
-
-class RateLimited(StrongroomError):
-    """Too many requests from this identity (HTTP 429)."""
-
-
-class RequestTooLarge(InvalidArgument):
-    """The request is over the service's max_request_bytes (HTTP 413)."""
 
 
 _LOCAL = {

@@ -2,6 +2,9 @@
 
 No message ever contains secret material: messages name keys, backends, files and
 operations, never key bytes, passphrases or PINs.
+
+The classes carry no exit code or HTTP status: each face maps them in one table keyed by
+class (the CLI's `EXIT_CODES`, the service's statuses), the most specific class first.
 """
 
 from __future__ import annotations
@@ -10,13 +13,9 @@ from __future__ import annotations
 class StrongroomError(Exception):
     """Root of every error Strongroom raises on purpose."""
 
-    exit_code = 12
-
 
 class KeyNotFound(StrongroomError, KeyError):
     """No key of that name in this namespace."""
-
-    exit_code = 3
 
     def __init__(self, name: str, namespace: str = "default") -> None:
         self.name = name
@@ -31,8 +30,6 @@ class KeyNotFound(StrongroomError, KeyError):
 class KeyExists(StrongroomError):
     """A key of that name already exists in this namespace."""
 
-    exit_code = 10
-
     def __init__(self, name: str, namespace: str = "default") -> None:
         self.name = name
         self.namespace = namespace
@@ -42,8 +39,6 @@ class KeyExists(StrongroomError):
 
 class UnsupportedOperation(StrongroomError):
     """The backend cannot do this operation with this key type."""
-
-    exit_code = 5
 
     def __init__(
         self, backend: str, operation: str, key_type: str | None, detail: str = ""
@@ -59,8 +54,6 @@ class UnsupportedOperation(StrongroomError):
 class BackendUnavailable(StrongroomError):
     """The backend's library, device or service cannot be used; the reason says what to do."""
 
-    exit_code = 6
-
     def __init__(self, backend: str, reason: str) -> None:
         self.backend = backend
         self.reason = reason
@@ -69,8 +62,6 @@ class BackendUnavailable(StrongroomError):
 
 class AuthenticationFailed(StrongroomError):
     """A passphrase, PIN or other secret was wrong. Never retried automatically."""
-
-    exit_code = 4
 
     def __init__(self, message: str, retries_left: int | None = None) -> None:
         self.retries_left = retries_left
@@ -86,19 +77,13 @@ class PresenceTimeout(AuthenticationFailed):
 class DeviceLocked(StrongroomError):
     """The device or vault refuses all attempts until it is reset or unlocked."""
 
-    exit_code = 7
-
 
 class PolicyViolation(StrongroomError):
     """The key's usage or a policy forbids this operation."""
 
-    exit_code = 8
-
 
 class SnapshotCorrupt(StrongroomError):
     """A vault snapshot is damaged: truncated, tampered with, or of an unknown format."""
-
-    exit_code = 9
 
 
 class SnapshotTruncated(SnapshotCorrupt):
@@ -120,19 +105,13 @@ class SnapshotVersionError(SnapshotCorrupt):
 class AttestationInvalid(StrongroomError):
     """An attestation statement does not prove what it claims; the message says which check."""
 
-    exit_code = 1
-
 
 class InvalidArgument(StrongroomError, ValueError):
     """A caller passed a value that cannot be right."""
 
-    exit_code = 2
-
 
 class ConfigError(StrongroomError):
     """The configuration file is wrong; the message names the file, line and key."""
-
-    exit_code = 11
 
     def __init__(
         self, message: str, path: str | None = None, line: int | None = None, key: str | None = None
@@ -151,13 +130,9 @@ class ConfigError(StrongroomError):
 class GuardedMemoryError(StrongroomError):
     """Guarded memory was damaged (a canary overwritten) or could not be set up."""
 
-    exit_code = 12
-
 
 class IntegrityError(StrongroomError):
     """A ciphertext or wrapped key failed authentication: wrong key, or tampered data."""
-
-    exit_code = 9
 
 
 class ThresholdNotMet(AuthenticationFailed):
@@ -182,14 +157,10 @@ class StorageError(StrongroomError):
     permissions wrong. The message names the path and the cause. Nothing was reported done
     that was not saved."""
 
-    exit_code = 14
-
 
 class AuditUnavailable(StrongroomError):
     """The audit record of an operation could not be written, so the operation is refused:
     its result (a signature, a plaintext) is not returned."""
-
-    exit_code = 13
 
 
 # -- key lifecycle and envelope encryption (docs/lifecycle.md, docs/envelope.md) --------------
@@ -207,3 +178,28 @@ class DataFormatError(IntegrityError):
 
 class DataTruncated(IntegrityError):
     """An encrypted stream ends before its final chunk: it was cut short."""
+
+
+# -- the catalog, and the key custody service (docs/server.md) -------------------------------
+class CatalogError(StrongroomError):
+    """The catalog file cannot be used (newer schema, or not a catalog)."""
+
+
+class NotPermitted(PolicyViolation):
+    """The identity is known, but no policy allows this operation (HTTP 403)."""
+
+
+class TenantNotFound(StrongroomError):
+    """No tenant, identity or policy by that name."""
+
+
+class VaultLocked(DeviceLocked):
+    """The service's vault was locked by an admin (HTTP 423)."""
+
+
+class RateLimited(StrongroomError):
+    """Too many requests from this identity (HTTP 429)."""
+
+
+class RequestTooLarge(InvalidArgument):
+    """The request is over the service's max_request_bytes (HTTP 413)."""

@@ -33,9 +33,9 @@ from .errors import (
     AuthenticationFailed,
     InvalidArgument,
     KeyExists,
-    PolicyViolation,
-    StrongroomError,
 )
+from .errors import NotPermitted as NotPermitted  # in errors.py; importable here as before
+from .errors import TenantNotFound as TenantNotFound
 
 SCHEMA_VERSION = 1
 TOKEN_PREFIX = "srt_"  # noqa: S105 - a prefix, not a secret
@@ -68,16 +68,6 @@ class Permission(StrEnum):
 
 KEY_PERMISSIONS = frozenset(Permission) - {Permission.ADMIN, Permission.RANDOM}
 _NOT_IN_ALL = frozenset({Permission.ADOPT})
-
-
-class NotPermitted(PolicyViolation):
-    """The identity is known, but no policy allows this operation (HTTP 403)."""
-
-
-class TenantNotFound(StrongroomError):
-    """No tenant, identity or policy by that name."""
-
-    exit_code = 3
 
 
 def parse_permissions(value: str | Iterable[str]) -> frozenset[Permission]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -27,8 +28,12 @@ from conftest import (
 )
 from mnemonic import Mnemonic
 
+from strongroom import errors
+from strongroom.cli import EXIT_CODES, exit_code_of
+
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 
+ROOT = Path(__file__).resolve().parent.parent
 KEY_HEADERS = ["NAME", "TYPE", "BACKEND", "USAGE", "EXPORTABLE", "CREATED"]
 DATA = b"the quick brown fox signs the lazy dog\n"
 
@@ -698,6 +703,29 @@ def test_exit_codes(shared: Vault, tmp_path: Path) -> None:
     assert snap.read_bytes() == data[:-10]
 
     # 7 (device locked) has no vault trigger; see the report.
+
+
+def test_the_exit_code_table_is_the_one_in_docs() -> None:
+    """docs/cli.md's table names each class of `EXIT_CODES` on its code's row, and every
+    strongroom error it names gets that row's code from the CLI."""
+    section = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    section = section.split("## Errors and exit codes")[1].split("\n## ")[0]
+    named: dict[str, int] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].isdigit():
+            for name in re.findall(r"`(\w+)`", cells[2]):
+                named[name] = int(cells[0])
+    classes = {
+        name: cls
+        for name, cls in vars(errors).items()
+        if isinstance(cls, type) and issubclass(cls, errors.StrongroomError)
+    }
+    listed = {cls.__name__: code for cls, code in EXIT_CODES.items()}
+    assert {n: named.get(n) for n in listed} == listed
+    documented = {n: code for n, code in named.items() if n in classes}
+    assert {n: exit_code_of(classes[n]) for n in documented} == documented
+    assert len(documented) >= len(listed) + 1  # PresenceTimeout and GuardedMemoryError too
 
 
 def test_config_flag_overrides_the_environment(shared: Vault, tmp_path: Path) -> None:

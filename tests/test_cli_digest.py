@@ -25,7 +25,7 @@ from conftest import (
     write_vault_config,
 )
 
-from strongroom.cli import STREAM_MIN
+from strongroom.cli.keyops import STREAM_MIN
 
 USAGE = 2
 BAD_SIG = 1

@@ -13,6 +13,7 @@ from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, snapshot_path, write_vaul
 import strongroom
 from strongroom import AuthenticationFailed, ConfigError
 from strongroom import config as config_mod
+from strongroom.cli import exit_code_of
 
 
 def write(tmp_path: Path, *lines: str) -> Path:
@@ -53,7 +54,7 @@ def assert_names(e: ConfigError, path: Path, line: int | None, key: str) -> None
     assert e.key == key
     where = f"{path}:{line}" if line is not None else str(path)
     assert str(e).startswith(f"{where}: {key}: "), str(e)
-    assert e.exit_code == 11
+    assert exit_code_of(type(e)) == 11
 
 
 # -- unknown names --------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ from strongroom.backends.fido.assertion import (
     client_data,
     verify_assertion,
 )
+from strongroom.cli import exit_code_of
 from strongroom.config import Config
 from strongroom.config import load as load_config
 from strongroom.errors import (
@@ -663,15 +664,16 @@ def test_cli_prompts_for_the_touch(
     passed in (no command or config can name one)."""
     from click.testing import CliRunner
 
-    cli_module = importlib.import_module("strongroom.cli")
+    # State opens the keystore: patch the name where it looks it up.
+    state_module = importlib.import_module("strongroom.cli._state")
 
     class WithSoftKey(Keystore):
         def __init__(self, config: Config, **options: Any) -> None:
             device = {"fido": lambda: SoftCtapDevice(softkey.authenticator)}
             super().__init__(config, device_factories=device, **options)
 
-    monkeypatch.setattr(cli_module, "Keystore", WithSoftKey)
-    cli = cli_module.cli
+    monkeypatch.setattr(state_module, "Keystore", WithSoftKey)
+    cli = importlib.import_module("strongroom.cli").cli
     config = write_fido_config(tmp_path / "ks")
     monkeypatch.setenv("STRONGROOM_CONFIG", str(config))
     runner = CliRunner()
@@ -693,5 +695,5 @@ def test_cli_prompts_for_the_touch(
     assert "BEGIN PUBLIC KEY" in result.stdout
     softkey.authenticator.presence = lambda command: Presence.REFUSE
     result = runner.invoke(cli, ["vault", "unlock", "--method", "fido"])
-    assert result.exit_code == AuthenticationFailed.exit_code
+    assert result.exit_code == exit_code_of(AuthenticationFailed)
     assert "refused at the security key" in result.stderr

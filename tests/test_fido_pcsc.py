@@ -34,6 +34,7 @@ from fido_authenticator import (
 
 import strongroom
 from strongroom.backends.fido.assertion import Assertion, verify_assertion
+from strongroom.cli import exit_code_of
 from strongroom.errors import AuthenticationFailed, PresenceTimeout
 from strongroom.keystore import Keystore
 from strongroom.testing import BackendContract
@@ -222,5 +223,5 @@ def test_cli_over_pcsc(tmp_path: Path, card: Card) -> None:
     assert bad.returncode == 1
     card.authenticator.presence = lambda command: Presence.REFUSE
     refused = run_cli(config, "vault", "unlock", "--method", "fido", env=env)
-    assert refused.returncode == AuthenticationFailed.exit_code
+    assert refused.returncode == exit_code_of(AuthenticationFailed)
     assert "refused" in refused.stderr and "Traceback" not in refused.stderr

@@ -31,6 +31,7 @@ from piv_support import (
 )
 
 import strongroom
+from strongroom.cli import exit_code_of
 from strongroom.errors import (
     AuthenticationFailed,
     BackendUnavailable,
@@ -376,12 +377,12 @@ def test_cli_generate_sign_and_vault(tmp_path: Path, reader: PivReader) -> None:
     public = serialization.load_pem_public_key(cli("key", "public", "signer"))
     assert isinstance(public, ec.EllipticCurvePublicKey) and public.curve.key_size == 384
     bad = run_cli(config, "key", "generate", "x", "--type", "ed25519", "--backend", "piv", env=env)
-    assert bad.returncode == UnsupportedOperation.exit_code
+    assert bad.returncode == exit_code_of(UnsupportedOperation)
     assert "piv" in bad.stderr and "Traceback" not in bad.stderr
     wrong = run_cli(
         config, "key", "sign", "signer", "--in", str(data), env={**env, PIV_PIN_ENV: "000000"}
     )
-    assert wrong.returncode == AuthenticationFailed.exit_code
+    assert wrong.returncode == exit_code_of(AuthenticationFailed)
     assert "2 tries left" in wrong.stderr and "Traceback" not in wrong.stderr
     assert DEFAULT_PIN not in wrong.stderr and "000000" not in wrong.stderr
 
