@@ -162,6 +162,8 @@ def doctor(state: State) -> None:
             )
         for s in ks.backends():
             check(f"backend {s.name}", s.available, s.reason or f"{s.type}: available")
+            for note in s.details.get("notes") or []:  # what works, but with a caveat
+                check(f"backend {s.name}", None, str(note))
     except StrongroomError as e:
         check("config", False, str(e))
     problems = [c for c in checks if c["status"] == "problem"]
