@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from .errors import (
+from ..errors import (
     AuthenticationFailed,
     InvalidArgument,
     KeyExists,
