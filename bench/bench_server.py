@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import strongroom
-from strongroom.tenants import Permission, TenantStore
+from strongroom.service.tenants import Permission, TenantStore
 
 PASS_ENV = "BENCH_SERVER_PASS"
 TENANT, IDENTITY, KEY = "bench", "app", "bench-ed25519"

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 import strongroom
-from strongroom.tenants import Permission, TenantStore
+from strongroom.service.tenants import Permission, TenantStore
 
 ALL_KEY_PERMISSIONS = [
     Permission.READ,

@@ -368,8 +368,8 @@ def service_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any,
     tenant token that may do every key operation."""
     import strongroom.config
     from strongroom.keystore import Keystore
-    from strongroom.server import App
-    from strongroom.tenants import Permission, TenantStore
+    from strongroom.service.app import App
+    from strongroom.service.tenants import Permission, TenantStore
 
     root = tmp_path_factory.mktemp("fuzz-service")
     with pytest.MonkeyPatch.context() as mp:

@@ -49,7 +49,6 @@ from server_support import (
 import strongroom
 from strongroom.api import KeyAPI
 from strongroom.audit import verify_log
-from strongroom.client import RemoteKeystore, VaultLocked
 from strongroom.errors import (
     AuthenticationFailed,
     BackendUnavailable,
@@ -62,8 +61,14 @@ from strongroom.errors import (
     VersionRetired,
 )
 from strongroom.keystore import Keystore
-from strongroom.server import App
-from strongroom.tenants import NotPermitted, Permission, TenantStore, parse_permissions
+from strongroom.service.app import App
+from strongroom.service.client import RemoteKeystore, VaultLocked
+from strongroom.service.tenants import (
+    NotPermitted,
+    Permission,
+    TenantStore,
+    parse_permissions,
+)
 from strongroom.testing import BackendContract
 
 DATA = b"custody service test data"

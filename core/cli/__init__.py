@@ -60,8 +60,8 @@ from ._io import (
 from ._state import State
 
 if TYPE_CHECKING:
-    from ..client import RemoteKeystore
     from ..keystore import Keystore
+    from ..service.client import RemoteKeystore
 
     def _both_serve_the_key_api(local: Keystore, remote: RemoteKeystore) -> list[KeyAPI]:
         """Never called: mypy checks here that both faces satisfy `KeyAPI`."""

@@ -15,7 +15,7 @@ from ..errors import UnsupportedOperation
 from ..keystore import Keystore
 
 if TYPE_CHECKING:
-    from ..client import RemoteKeystore
+    from ..service.client import RemoteKeystore
 
 
 class State:
@@ -51,7 +51,7 @@ class State:
     def service(self) -> RemoteKeystore:
         """The client of the configured service (for the key API and the admin commands)."""
         if self._remote is None:
-            from ..client import TOKEN_ENV, connect
+            from ..service.client import TOKEN_ENV, connect
 
             settings = config_mod.load(self.config).server
             self.sends_no_credentials = (

@@ -30,7 +30,7 @@ def serve(state: State, socket_path: str | None, listen: str | None) -> None:
     Listens on the Unix socket (default: serve.sock in the data dir, mode 0600) and, when
     configured, on TCP with TLS. At shutdown in-flight requests finish, then the vault is
     locked and guarded memory purged."""
-    from ..server import serve as run
+    from ..service.app import serve as run
 
     cfg = config_mod.load(state.config)
     settings = cfg.server
@@ -52,7 +52,7 @@ def _tenants(state: State) -> Any:
     """The tenants store: local (file access to the data dir is admin), or the service's."""
     if state.remote():
         return state.service()
-    from ..tenants import TenantStore
+    from ..service.tenants import TenantStore
 
     cfg = config_mod.load(state.config)
     cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -136,7 +136,7 @@ def tenant_token_issue(
     state: State, names: tuple[str, ...], admin: bool, grant: str | None, keys: str
 ) -> None:
     """Issue an API token for a new identity; print it once (only its hash is kept)."""
-    from ..tenants import parse_permissions
+    from ..service.tenants import parse_permissions
 
     if admin and grant:
         raise click.UsageError("an admin holds no key permissions; --grant is for tenants")
@@ -225,7 +225,7 @@ PERMS_HELP = (
 @pass_state
 def policy_grant(state: State, tenant_name: str, ident: str, keys: str, perms: str) -> None:
     """Let IDENTITY (or '*', every identity of the tenant) do PERMISSIONS on matching keys."""
-    from ..tenants import parse_permissions
+    from ..service.tenants import parse_permissions
 
     parsed = parse_permissions(perms)
     with (
@@ -257,7 +257,7 @@ def policy_grant(state: State, tenant_name: str, ident: str, keys: str, perms: s
 @pass_state
 def policy_revoke(state: State, tenant_name: str, ident: str, keys: str, perms: str | None) -> None:
     """Take back permissions granted on a key pattern."""
-    from ..tenants import parse_permissions
+    from ..service.tenants import parse_permissions
 
     parsed = parse_permissions(perms) if perms else None
     with (

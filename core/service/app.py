@@ -36,9 +36,9 @@ from typing import Any, cast
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from .audit import current_principal
-from .config import Config, ServerConfig
-from .errors import (
+from ..audit import current_principal
+from ..config import Config, ServerConfig
+from ..errors import (
     AuditUnavailable,
     AuthenticationFailed,
     BackendUnavailable,
@@ -52,11 +52,11 @@ from .errors import (
     StrongroomError,
     UnsupportedOperation,
 )
-from .keystore import Keystore
-from .memory import wipe
+from ..keystore import Keystore
+from ..memory import wipe
+from ..types import KeyInfo, KeyType
 from .openapi import API_VERSION, openapi_document
 from .tenants import Identity, NotPermitted, Permission, TenantNotFound, TenantStore
-from .types import KeyInfo, KeyType
 
 log = logging.getLogger("strongroom.server")
 
@@ -991,7 +991,7 @@ class App:
 
     # -- audit ---------------------------------------------------------------------------------
     async def audit_records(self, req: Request) -> Any:
-        from .audit import last_seq, read_records
+        from ..audit import last_seq, read_records
 
         self._admin(req.identity)
         path = self.ks.config.data_dir / "audit.jsonl"
@@ -1008,7 +1008,7 @@ class App:
         return {"records": records}
 
     async def audit_verify(self, req: Request) -> Any:
-        from .audit import verify_log
+        from ..audit import verify_log
 
         self._admin(req.identity)
         path = self.ks.config.data_dir / "audit.jsonl"

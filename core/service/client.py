@@ -18,9 +18,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
-from . import errors
-from .api import BackendStatus
-from .errors import (
+from .. import errors
+from ..api import BackendStatus
+from ..errors import (
     AuthenticationFailed,
     BackendUnavailable,
     InvalidArgument,
@@ -33,7 +33,7 @@ from .errors import (
     TenantNotFound,
     VaultLocked,
 )
-from .types import KeyInfo, KeyType, KeyVersion, Operation, Usage
+from ..types import KeyInfo, KeyType, KeyVersion, Operation, Usage
 
 TOKEN_ENV = "STRONGROOM_TOKEN"  # noqa: S105 - the variable name, not a token
 
@@ -624,8 +624,8 @@ def connect(
         raise BackendUnavailable(
             "service", "strongroom.connect needs httpx: pip install 'strongroom[server]'"
         ) from None
-    from . import config as _config
-    from .secrets import SecretSource
+    from .. import config as _config
+    from ..secrets import SecretSource
 
     cfg = _config.load(config)
     server = cfg.server

@@ -29,13 +29,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from .errors import (
+from ..errors import (
     AuthenticationFailed,
     InvalidArgument,
     KeyExists,
 )
-from .errors import NotPermitted as NotPermitted  # in errors.py; importable here as before
-from .errors import TenantNotFound as TenantNotFound
+from ..errors import NotPermitted as NotPermitted  # in errors.py; importable here as before
+from ..errors import TenantNotFound as TenantNotFound
 
 SCHEMA_VERSION = 1
 TOKEN_PREFIX = "srt_"  # noqa: S105 - a prefix, not a secret

@@ -1,0 +1,1 @@
+"""The key custody service, `strongroom serve`, and its client (docs/server.md)."""
