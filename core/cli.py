@@ -93,7 +93,8 @@ class State:
     def service(self) -> RemoteKeystore:
         """The client of the configured service (for the key API and the admin commands)."""
         if self._remote is None:
-            from .service.client import TOKEN_ENV, connect
+            from .service import connect
+            from .service.client import TOKEN_ENV
 
             settings = config_mod.load(self.config).server
             self.sends_no_credentials = (
@@ -2086,7 +2087,7 @@ def serve(state: State, socket_path: str | None, listen: str | None) -> None:
     Listens on the Unix socket (default: serve.sock in the data dir, mode 0600) and, when
     configured, on TCP with TLS. At shutdown in-flight requests finish, then the vault is
     locked and guarded memory purged."""
-    from .service.app import serve as run
+    from .service.transport import serve as run
 
     cfg = config_mod.load(state.config)
     settings = cfg.server

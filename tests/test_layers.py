@@ -13,9 +13,11 @@ The rules (ARCHITECTURE.md, "Dependency rules after"):
 - imports point down the layers (`may_import`): the contract (R1) imports only itself, the
   runtime (R2) itself and errors, the engine (R3) those two (the keystore also the rest of
   the engine and envelope, discovery also config, the audit/ package also itself), envelope
-  (R4) the contract, client.py the contract; nothing imports the CLI;
+  (R4) the contract; the service/ package (R5, a face) anything below it, but its client
+  only its wire format and the contract, so that a client installs no server side; nothing
+  below the service imports it, and nothing imports the CLI;
 - a backend (R6) imports only the contract and runtime layers and its own package: never
-  the engine (config, catalog, audit, keystore, ...), a face (server, client, cli), or
+  the engine (config, catalog, audit, keystore, ...), a face (service, cli), or
   another backend;
 - each native library is imported by the modules `NATIVE_IMPORTERS` names, and no other.
 
@@ -68,9 +70,15 @@ ENGINE = AUDIT | {
     "strongroom.discovery",
     "strongroom.keystore",
 }
-"""R3. The faces (server, client, cli, tenants, openapi, the package's `__init__`, the
-shipped contract suite) are every other core module."""
+"""R3. The faces (service/, cli, the package's `__init__`, the shipped contract suite and
+the aliases at the service's old paths) are every other core module."""
 CLI = "strongroom.cli"
+SERVICE = "strongroom.service"
+CLIENT = "strongroom.service.client"
+WIRE = "strongroom.service.wire"
+OLD_SERVICE_PATHS = frozenset({"strongroom.server", "strongroom.client", "strongroom.tenants"})
+"""Modules kept at the service's old import paths for the names docs give: they only
+re-export strongroom.service (R5: faces, like the package's `__init__`)."""
 
 NATIVE_IMPORTERS: Mapping[str, frozenset[str]] = {
     # One adapter module per library: the rule holds.
@@ -118,10 +126,6 @@ KNOWN_VIOLATIONS = frozenset(
         # envelope is typed against Keystore. It goes when envelope is typed against KeyAPI
         # (core/api.py), ARCHITECTURE.md "Order of work" step 2.
         ("strongroom.envelope", "strongroom.keystore"),
-        # The client imports the server side: TenantStore's Permission and the config.
-        # They go with service/wire.py (step 4).
-        ("strongroom.service.client", "strongroom.service.tenants"),
-        ("strongroom.service.client", "strongroom.config"),
     }
 )
 """(importer, imported) edges that still break a rule; each must still exist."""
@@ -257,8 +261,14 @@ def may_import(importer: str, imported: str) -> bool:
         return imported in CONTRACT | RUNTIME | {"strongroom.config"}
     if importer in ENGINE:
         return imported in CONTRACT | RUNTIME
-    if importer in ("strongroom.envelope", "strongroom.service.client"):
+    if importer == "strongroom.envelope":
         return imported in CONTRACT
+    if importer == CLIENT:  # a client installs no server side
+        return imported in CONTRACT or imported == WIRE
+    if imported == SERVICE or imported.startswith(SERVICE + "."):
+        # Only the faces above the service import it: the package's `__init__` (connect),
+        # the CLI and the aliases at the old paths (and the service itself).
+        return importer in {"strongroom", CLI, *OLD_SERVICE_PATHS} or importer.startswith(SERVICE)
     return True  # a face: anything below it
 
 
@@ -345,7 +355,11 @@ SYNTHETIC = {
     "strongroom.sodium": "",
     "strongroom.keystore": "",
     "strongroom.envelope": "import strongroom.keystore\n",
-    "strongroom.server": "from .cli import main\nfrom . import keystore\n",
+    "strongroom.service.app": "from ..cli import main\nfrom .. import keystore\n",
+    "strongroom.service.client": "from . import wire\nfrom .. import errors, config\n",
+    "strongroom.service.wire": "",
+    "strongroom.service": "",
+    "strongroom.testing.contract": "from ..service import client\n",
     "strongroom.backends.vault.sodium": "",
     "strongroom.cli": "",
     "strongroom.config": "",
@@ -395,7 +409,9 @@ def test_synthetic_forbidden_edges_are_caught() -> None:
         ("strongroom.backends.demo.backend", "strongroom.keystore"),  # the engine
         ("strongroom.backends.demo.backend", "strongroom.backends.vault.sodium"),  # a backend
         ("strongroom.memory", "strongroom.keystore"),  # runtime pointing up
-        ("strongroom.server", "strongroom.cli"),  # nothing imports the CLI
+        ("strongroom.service.app", "strongroom.cli"),  # nothing imports the CLI
+        ("strongroom.service.client", "strongroom.config"),  # the client: wire and R1 only
+        ("strongroom.testing.contract", "strongroom.service.client"),  # below the service
         ("strongroom.audit.writer", "strongroom.keystore"),  # audit/ imports no engine module
         ("strongroom.discovery", "strongroom.catalog"),  # discovery: config only
         # ("strongroom.envelope", "strongroom.keystore") is a known violation: not listed
@@ -403,6 +419,10 @@ def test_synthetic_forbidden_edges_are_caught() -> None:
     assert not may_import("strongroom.envelope", "strongroom.keystore")
     assert may_import("strongroom.discovery", "strongroom.config")
     assert may_import("strongroom.keystore", "strongroom.discovery")
+    assert may_import("strongroom.service.client", "strongroom.service.wire")
+    assert not may_import("strongroom.service.client", "strongroom.service.tenants")
+    assert may_import("strongroom.service.app", "strongroom.keystore")
+    assert not may_import("strongroom.keystore", "strongroom.service.wire")
     assert may_import("strongroom.keystore", "strongroom.audit.log")
     assert not may_import("strongroom.audit.log", "strongroom.config")
     found = native_importers(synthetic_imports())
