@@ -1234,3 +1234,18 @@ def test_the_client_maps_its_own_error_classes_back() -> None:
         assert type(wire.error_from_wire(423, body, None, _LOCAL)) is cls
     unknown = wire.error_from_wire(500, wire.INTERNAL_ERROR, None, _LOCAL)
     assert type(unknown) is StrongroomError and "HTTP 500" in str(unknown)
+
+
+def test_the_old_import_paths_re_export_the_service() -> None:
+    import strongroom.client
+    import strongroom.server
+    import strongroom.tenants
+    from strongroom.service import transport
+
+    assert strongroom.server.App is App and strongroom.server.serve is transport.serve
+    assert strongroom.client.RemoteKeystore is RemoteKeystore
+    assert strongroom.client.VaultLocked is VaultLocked
+    assert strongroom.client.NotPermitted is NotPermitted
+    assert strongroom.client.connect is strongroom.service.connect
+    assert strongroom.tenants.TenantStore is TenantStore
+    assert strongroom.tenants.Permission is Permission
