@@ -135,7 +135,7 @@ class RemoteKeystore:
             params["name"] = key
         url = op.path.format(**{k: _segment(v) for k, v in params.items()})
         body: dict[str, Any] | None = None
-        if op.method != "GET":
+        if op.body is not None or op.method == "POST":  # a POST always sends an object
             body = {}
             for f in op.body or ():
                 value = values.get(f.param)

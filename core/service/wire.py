@@ -121,11 +121,13 @@ AUDITED: Final = "audited"  # a read the keystore does not audit itself: audited
 class Op:
     """One operation of the service.
 
-    `permissions` are checked in order on the key named in the path (`admin` means the
-    admin role, `random` the permission on no key). `body` is None for an operation
-    without a request body. `response` is KEY (the whole answer is a Key), OBJECT (any
-    object), or the answer's fields; `result` names the field the client returns.
-    `call` is the KeyAPI method a generic handler calls, None for a custom handler."""
+    `permissions` are checked in order on the key named in the path; on an operation
+    without one, `admin` means the admin role, `random` the permission on no key,
+    `generate` the permission on the name in the body, and `read` (list) the permission
+    each listed key needs. `body` is None for an operation without a request body.
+    `response` is KEY (the whole answer is a Key), OBJECT (any object), or the answer's
+    fields; `result` names the field the client returns. `call` is the KeyAPI method a
+    generic handler calls (then `run` says how), None for a custom handler."""
 
     name: str
     method: str
