@@ -75,8 +75,8 @@ def connect(url: str | None = None, **options: object) -> RemoteKeystore:
     """Connect to a running `strongroom serve`: the same key API, over the wire.
 
     `url` is unix:PATH or https://HOST:PORT (default: `[server] url` in the config, else the
-    service's socket in the data dir); see `strongroom.service.client.connect` for the options."""
-    from .service.client import connect as _connect
+    service's socket in the data dir); see `strongroom.service.connect` for the options."""
+    from .service import connect as _connect
 
     return _connect(url, **options)  # type: ignore[arg-type]
 

@@ -2,7 +2,7 @@
 
 `strongroom.open()` returns a `Keystore` (in process) and `strongroom.connect()` a
 `RemoteKeystore` (one request to `strongroom serve` per call); both satisfy `KeyAPI`, and
-mypy checks it (the assignments at the end of `strongroom.client`). Code that uses keys
+mypy checks it (`_both_serve_the_key_api` in `strongroom.cli`). Code that uses keys
 should be typed against `KeyAPI`, so it runs the same either way.
 
 What is not here is not offered through the service: the keystore's own machinery (vault

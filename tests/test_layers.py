@@ -13,10 +13,12 @@ The rules (ARCHITECTURE.md, "Dependency rules after"):
 - imports point down the layers (`may_import`): the contract (R1) imports only itself, the
   runtime (R2) itself and errors, the engine (R3) those two (the keystore also the rest of
   the engine and envelope, discovery also config, the audit/ package also itself), envelope
-  (R4) the contract, client.py the contract; nothing outside the CLI's package (cli/)
-  imports it or any of its modules;
+  (R4) the contract; the service/ package (R5, a face) anything below it, but its client
+  only its wire format and the contract, so that a client installs no server side; nothing
+  below the service imports it; nothing outside the CLI's package (cli/) imports it or any
+  of its modules;
 - a backend (R6) imports only the contract and runtime layers and its own package: never
-  the engine (config, catalog, audit, keystore, ...), a face (server, client, cli), or
+  the engine (config, catalog, audit, keystore, ...), a face (service, cli), or
   another backend;
 - each native library is imported by the modules `NATIVE_IMPORTERS` names, and no other.
 
@@ -71,14 +73,20 @@ ENGINE = AUDIT | {
     "strongroom.keystore_lifecycle",
     "strongroom.keystore_seeds",
 }
-"""R3. The faces (server, client, cli, tenants, openapi, the package's `__init__`, the
-shipped contract suite) are every other core module."""
+"""R3. The faces (service/, cli/, the package's `__init__`, the shipped contract suite and
+the aliases at the service's old paths) are every other core module."""
 KEYSTORE_MIXINS = frozenset({"strongroom.keystore_lifecycle", "strongroom.keystore_seeds"})
 """Mixins of `Keystore` in modules of their own (docs/decisions.md, "Modules split along
 their banners"): they may use the catalog and config types the keystore holds."""
 CLI = "strongroom.cli"
 """The command line, a face: the `cli/` package. Its modules import each other; nothing
 outside it imports any of them."""
+SERVICE = "strongroom.service"
+CLIENT = "strongroom.service.client"
+WIRE = "strongroom.service.wire"
+OLD_SERVICE_PATHS = frozenset({"strongroom.server", "strongroom.client", "strongroom.tenants"})
+"""Modules kept at the service's old import paths for the names docs give: they only
+re-export strongroom.service (R5: faces, like the package's `__init__`)."""
 
 
 def in_cli(module: str) -> bool:
@@ -138,12 +146,7 @@ NATIVE_IMPORTERS: Mapping[str, frozenset[str]] = {
     ),
 }
 
-KNOWN_VIOLATIONS = frozenset(
-    {
-        # The client imports the server side's config. It goes with service/wire.py (step 4).
-        ("strongroom.service.client", "strongroom.config"),
-    }
-)
+KNOWN_VIOLATIONS = frozenset({})
 """(importer, imported) edges that still break a rule; each must still exist."""
 
 
@@ -279,8 +282,18 @@ def may_import(importer: str, imported: str) -> bool:
         return imported in CONTRACT | RUNTIME | {"strongroom.config"}
     if importer in ENGINE:
         return imported in CONTRACT | RUNTIME
-    if importer in ("strongroom.envelope", "strongroom.service.client"):
+    if importer == "strongroom.envelope":
         return imported in CONTRACT
+    if importer == CLIENT:  # a client installs no server side
+        return imported in CONTRACT or imported == WIRE
+    if imported == SERVICE or imported.startswith(SERVICE + "."):
+        # Only the faces above the service import it: the package's `__init__` (connect),
+        # the CLI and the aliases at the old paths (and the service itself).
+        return (
+            importer in {"strongroom", *OLD_SERVICE_PATHS}
+            or in_cli(importer)
+            or importer.startswith(SERVICE)
+        )
     return True  # a face: anything below it
 
 
@@ -367,8 +380,12 @@ SYNTHETIC = {
     "strongroom.sodium": "",
     "strongroom.keystore": "",
     "strongroom.envelope": "import strongroom.keystore\n",
-    "strongroom.server": "from .cli import main\nfrom . import keystore\n",
-    "strongroom.tenants": "from .cli.keys import key\n",
+    "strongroom.service.app": "from ..cli import main\nfrom .. import keystore\n",
+    "strongroom.service.tenants": "from ..cli.keys import key\n",
+    "strongroom.service.client": "from . import wire\nfrom .. import errors, config\n",
+    "strongroom.service.wire": "",
+    "strongroom.service": "",
+    "strongroom.testing.contract": "from ..service import client\n",
     "strongroom.cli.keys": "from ._io import table\nfrom .. import keystore\n",
     "strongroom.cli._io": "from ..errors import InvalidArgument\n",
     "strongroom.backends.vault.sodium": "",
@@ -420,8 +437,10 @@ def test_synthetic_forbidden_edges_are_caught() -> None:
         ("strongroom.backends.demo.backend", "strongroom.keystore"),  # the engine
         ("strongroom.backends.demo.backend", "strongroom.backends.vault.sodium"),  # a backend
         ("strongroom.memory", "strongroom.keystore"),  # runtime pointing up
-        ("strongroom.server", "strongroom.cli"),  # nothing imports the CLI
-        ("strongroom.tenants", "strongroom.cli.keys"),  # nor any module of it
+        ("strongroom.service.app", "strongroom.cli"),  # nothing imports the CLI
+        ("strongroom.service.tenants", "strongroom.cli.keys"),  # nor any module of it
+        ("strongroom.service.client", "strongroom.config"),  # the client: wire and R1 only
+        ("strongroom.testing.contract", "strongroom.service.client"),  # below the service
         ("strongroom.audit.writer", "strongroom.keystore"),  # audit/ imports no engine module
         ("strongroom.discovery", "strongroom.catalog"),  # discovery: config only
         ("strongroom.envelope", "strongroom.keystore"),  # a recipe is typed against KeyAPI
@@ -429,6 +448,10 @@ def test_synthetic_forbidden_edges_are_caught() -> None:
     assert not may_import("strongroom.envelope", "strongroom.keystore")
     assert may_import("strongroom.discovery", "strongroom.config")
     assert may_import("strongroom.keystore", "strongroom.discovery")
+    assert may_import("strongroom.service.client", "strongroom.service.wire")
+    assert not may_import("strongroom.service.client", "strongroom.service.tenants")
+    assert may_import("strongroom.service.app", "strongroom.keystore")
+    assert not may_import("strongroom.keystore", "strongroom.service.wire")
     assert may_import("strongroom.keystore", "strongroom.audit.log")
     assert not may_import("strongroom.keystore_lifecycle", "strongroom.keystore")
     assert may_import("strongroom.keystore", "strongroom.keystore_lifecycle")

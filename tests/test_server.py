@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import json
 import multiprocessing
 import os
+import re
 import ssl
 import stat
 import subprocess
@@ -57,10 +59,12 @@ from strongroom.errors import (
     InvalidArgument,
     KeyNotFound,
     PolicyViolation,
+    StrongroomError,
     UnsupportedOperation,
     VersionRetired,
 )
 from strongroom.keystore import Keystore
+from strongroom.service import wire
 from strongroom.service.app import App
 from strongroom.service.client import RemoteKeystore, VaultLocked
 from strongroom.service.tenants import (
@@ -1181,3 +1185,73 @@ def test_exportable_new_keys_older_public_keys_and_der_export_over_the_wire(
         )
         with pytest.raises(InvalidArgument):
             app.export_key("dx-signer", "jwk")
+
+
+# -- the table of operations (strongroom.service.wire) ------------------------------------------
+def test_each_plain_operation_fills_parameters_its_key_api_method_has() -> None:
+    """A generic handler calls `KeyAPI.<call>(name, **fields)`: every field it passes must
+    be a parameter of that method (a misspelt `arg` would be a TypeError at request time),
+    and every client method's operation exists."""
+    plain = [op for op in wire.OPS if op.call is not None]
+    assert len(plain) >= 15
+    for op in plain:
+        passed = {f.param for f in (*(op.body or ()), *op.query) if f.passed}
+        for api in (KeyAPI, Keystore):  # the handler calls the keystore's tenant view
+            params = set(inspect.signature(getattr(api, op.call)).parameters) - {"self"}
+            assert passed <= params, (api.__name__, op.name, passed - params)
+        assert "{name}" in op.path and op.permissions, op.name
+    source = inspect.getsource(RemoteKeystore)
+    named = set(re.findall(r'self\._(?:op|result|bytes|key|key_about)\(\s*"(\w+)"', source))
+    assert named and named <= set(wire.OP), named - set(wire.OP)
+
+
+@pytest.mark.parametrize("cls", list(wire.STATUS))
+def test_each_error_class_of_the_status_table_comes_back_as_itself(cls: type) -> None:
+    error: StrongroomError
+    if cls is KeyNotFound:
+        error = KeyNotFound("k")
+    elif cls is BackendUnavailable:
+        error = BackendUnavailable("vault", "/srv/vault is away")
+    elif cls is UnsupportedOperation:
+        error = UnsupportedOperation("vault", "attest", "ed25519")
+    elif cls is AuthenticationFailed:
+        error = AuthenticationFailed("wrong PIN", 2)
+    else:
+        error = cls("/srv/vault is away")
+    status, body = wire.error_to_wire(error)
+    assert status == wire.STATUS[cls]
+    back = wire.error_from_wire(status, body, "k")
+    assert type(back) is cls
+    if isinstance(back, AuthenticationFailed):
+        assert back.retries_left == 2
+    if isinstance(back, UnsupportedOperation):
+        assert (back.backend, back.operation, back.key_type) == ("vault", "attest", "ed25519")
+    # a caller who is not an admin does not learn what a 503 was about
+    if status == 503:
+        hidden = wire.error_to_wire(error, detail=False)[1]["error"]["message"]
+        assert "/srv/vault" not in hidden
+
+
+def test_the_client_maps_its_own_error_classes_back() -> None:
+    from strongroom.service.client import _LOCAL, RateLimited, RequestTooLarge
+
+    for cls in (VaultLocked, RateLimited, RequestTooLarge, NotPermitted):
+        body = wire.error_body(cls.__name__, "no")
+        assert type(wire.error_from_wire(423, body, None, _LOCAL)) is cls
+    unknown = wire.error_from_wire(500, wire.INTERNAL_ERROR, None, _LOCAL)
+    assert type(unknown) is StrongroomError and "HTTP 500" in str(unknown)
+
+
+def test_the_old_import_paths_re_export_the_service() -> None:
+    import strongroom.client
+    import strongroom.server
+    import strongroom.tenants
+    from strongroom.service import transport
+
+    assert strongroom.server.App is App and strongroom.server.serve is transport.serve
+    assert strongroom.client.RemoteKeystore is RemoteKeystore
+    assert strongroom.client.VaultLocked is VaultLocked
+    assert strongroom.client.NotPermitted is NotPermitted
+    assert strongroom.client.connect is strongroom.service.connect
+    assert strongroom.tenants.TenantStore is TenantStore
+    assert strongroom.tenants.Permission is Permission

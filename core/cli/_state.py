@@ -51,7 +51,8 @@ class State:
     def service(self) -> RemoteKeystore:
         """The client of the configured service (for the key API and the admin commands)."""
         if self._remote is None:
-            from ..service.client import TOKEN_ENV, connect
+            from ..service import connect
+            from ..service.client import TOKEN_ENV
 
             settings = config_mod.load(self.config).server
             self.sends_no_credentials = (

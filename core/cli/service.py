@@ -30,7 +30,7 @@ def serve(state: State, socket_path: str | None, listen: str | None) -> None:
     Listens on the Unix socket (default: serve.sock in the data dir, mode 0600) and, when
     configured, on TCP with TLS. At shutdown in-flight requests finish, then the vault is
     locked and guarded memory purged."""
-    from ..service.app import serve as run
+    from ..service.transport import serve as run
 
     cfg = config_mod.load(state.config)
     settings = cfg.server

@@ -17,46 +17,34 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import json
 import logging
-import os
 import re
-import socket
 import ssl
-import stat
-import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from ..audit import current_principal
-from ..config import Config, ServerConfig
+from ..config import ServerConfig
 from ..errors import (
     AuditUnavailable,
     AuthenticationFailed,
-    BackendUnavailable,
-    DeviceLocked,
-    IntegrityError,
-    InvalidArgument,
-    KeyExists,
     KeyNotFound,
-    PolicyViolation,
-    StorageError,
     StrongroomError,
-    UnsupportedOperation,
 )
 from ..keystore import Keystore
 from ..memory import wipe
 from ..types import KeyInfo, KeyType
-from .openapi import API_VERSION, openapi_document
-from .tenants import Identity, NotPermitted, Permission, TenantNotFound, TenantStore
+from . import wire
+from .openapi import openapi_document
+from .tenants import Identity, Permission, TenantStore
+from .wire import API_VERSION, NOT_FOUND, Field, Op
 
 log = logging.getLogger("strongroom.server")
 
@@ -79,36 +67,16 @@ class HttpError(Exception):
         self.headers = headers or {}
 
 
-_STATUS_OF: list[tuple[type[BaseException], int]] = [
-    (KeyNotFound, 404),
-    (TenantNotFound, 404),
-    (KeyExists, 409),
-    (NotPermitted, 403),
-    (PolicyViolation, 403),
-    (DeviceLocked, 423),
-    (AuthenticationFailed, 401),
-    (IntegrityError, 400),
-    (InvalidArgument, 400),
-    (UnsupportedOperation, 422),
-    (BackendUnavailable, 503),
-    (AuditUnavailable, 503),
-    (StorageError, 503),
-]
-
 _AUDITED_REFUSALS = frozenset({401, 403, 404, 413, 423, 429})
 """Refusals written to the audit log (a 404 only once a route matched: a key or policy)."""
 
+_EXPORTABLE_NEEDS_EXPORT = "making an exportable key needs export"
+
 _GENERATABLE = [t.value for t in KeyType if t is not KeyType.SEED]
 
-NOT_FOUND = "no such key"
-"""The one answer for a key that is absent, another tenant's, or not the caller's at all."""
-
-
-def _status_of(e: BaseException) -> int:
-    for kind, status in _STATUS_OF:
-        if isinstance(e, kind):
-            return status
-    return 500
+_PATH_PARAMS = {"name": r"(?P<name>[^/]{1,512})", "tenant": r"(?P<tenant>[^/]{1,256})"}
+"""The regular expression of each path parameter of `wire.OPS`."""
+_KEY_PREFIX = "/v1/keys/" + _PATH_PARAMS["name"]
 
 
 def _b64(data: bytes) -> str:
@@ -132,9 +100,7 @@ def _opt_str(body: dict[str, Any], name: str) -> str | None:
 
 
 def _key_json(info: KeyInfo) -> dict[str, Any]:
-    d = info.to_dict()
-    d.pop("attributes", None)  # backend handles and blobs are the service's business
-    return d
+    return wire.key_to_wire(info)
 
 
 class RateLimiter:
@@ -167,10 +133,13 @@ Handler = Callable[["Request"], Awaitable[Any]]
 
 @dataclass
 class Route:
-    method: str
+    op: Op
     pattern: re.Pattern[str]
     handler: Handler
-    auth: bool = True
+
+    @property
+    def method(self) -> str:
+        return self.op.method
 
 
 @dataclass
@@ -198,7 +167,7 @@ class App:
         self._lock = threading.Lock()
         self._inflight = 0
         self._refusals: dict[tuple[str, str, str], list[float]] = {}
-        self.routes = self._routes()
+        self.routes = [self._route(op) for op in wire.OPS]
         # Fast dispatch: exact paths by (method, path); key operations by (method, verb).
         self._exact: dict[tuple[str, str], Route] = {}
         self._key_ops: dict[tuple[str, str], Route] = {}
@@ -206,8 +175,8 @@ class App:
             pattern = route.pattern.pattern
             if "(?P<" not in pattern:
                 self._exact[(route.method, pattern)] = route
-            elif pattern.startswith("/v1/keys/(?P<name>[^/]{1,512})"):
-                verb = pattern[len("/v1/keys/(?P<name>[^/]{1,512})") :].lstrip("/")
+            elif pattern.startswith(_KEY_PREFIX):
+                verb = pattern[len(_KEY_PREFIX) :].lstrip("/")
                 self._key_ops[(route.method, verb)] = route
         self.openapi = openapi_document(
             backends=list(keystore.config.order), key_types=_GENERATABLE
@@ -276,7 +245,7 @@ class App:
             method: str = scope["method"]
             route, params = self._match(method, path)
             identity = None
-            if route.auth:
+            if route.op.auth:
                 identity = self._authenticate(scope)
                 scope["strongroom.identity"] = identity
                 if not self.limiter.allow(identity.id):
@@ -304,40 +273,25 @@ class App:
         except InvalidSignature:
             return 200, {"valid": False}, []
         except StrongroomError as e:
-            status = _status_of(e)
+            who: Identity | None = scope.get("strongroom.identity")
+            admin = who is not None and who.admin
+            status, payload = wire.error_to_wire(e, detail=admin)
             if status == 500:
                 log.error("request failed: %s: %s", type(e).__name__, e)
-                return 500, {"error": {"type": "InternalError", "message": "internal error"}}, []
-            extra: dict[str, Any] = {}
-            retries = getattr(e, "retries_left", None)
-            if isinstance(retries, int):
-                extra["retries_left"] = retries
-            if isinstance(e, UnsupportedOperation):
-                extra.update(backend=e.backend, operation=e.operation, key_type=e.key_type)
-            elif isinstance(e, BackendUnavailable):
-                extra["backend"] = e.backend
-            message = NOT_FOUND if isinstance(e, KeyNotFound) else str(e)
-            who: Identity | None = scope.get("strongroom.identity")
-            if status == 503 and not (who is not None and who.admin):
+            elif status == 503 and not admin:
                 # the detail names server paths and devices: the operator's, in the log
                 log.warning("refused with 503: %s: %s", type(e).__name__, e)
-                if isinstance(e, AuditUnavailable):
-                    message = "the audit log cannot be written: the operation was refused"
-                elif isinstance(e, StorageError):
-                    message = "the service cannot save its state: the operation was refused"
-                else:
-                    message = "a backend the operation needs is unavailable; see the service log"
-            return status, {"error": {"type": type(e).__name__, "message": message, **extra}}, []
+            return status, payload, []
         except Exception as e:  # a bug: say nothing of it to the caller, log its kind only
             log.exception("request failed: %s", type(e).__name__)
-            return 500, {"error": {"type": "InternalError", "message": "internal error"}}, []
+            return 500, wire.INTERNAL_ERROR, []
 
     def _audit_refusal(
         self, scope: Scope, e: HttpError, route: Route | None, params: dict[str, str] | None
     ) -> None:
         """A refused request is a security event: record who asked for what, and why not."""
         identity: Identity | None = scope.get("strongroom.identity")
-        op = route.handler.__name__ if route is not None else "request"
+        op = route.op.name if route is not None else "request"
         key = (params or {}).get("name")
         if key is not None and identity is not None and identity.tenant is not None:
             key = f"{identity.tenant}/{key}"
@@ -542,55 +496,78 @@ class App:
             return fn()
         return await asyncio.to_thread(fn)
 
-    # -- routes --------------------------------------------------------------------------------
-    def _routes(self) -> list[Route]:
-        name = r"(?P<name>[^/]{1,512})"
-        tenant = r"(?P<tenant>[^/]{1,256})"
-        r = [
-            ("GET", "/v1/health", self.health, False),
-            ("GET", "/openapi.json", self.get_openapi, False),
-            ("GET", "/v1/whoami", self.whoami, True),
-            ("GET", "/v1/backends", self.list_backends, True),
-            ("GET", "/v1/keys", self.list_keys, True),
-            ("POST", "/v1/keys", self.generate, True),
-            ("GET", f"/v1/keys/{name}", self.show_key, True),
-            ("DELETE", f"/v1/keys/{name}", self.delete_key, True),
-            ("GET", f"/v1/keys/{name}/public", self.public_key, True),
-            ("POST", f"/v1/keys/{name}/sign", self.sign, True),
-            ("POST", f"/v1/keys/{name}/verify", self.verify, True),
-            ("POST", f"/v1/keys/{name}/encrypt", self.encrypt, True),
-            ("POST", f"/v1/keys/{name}/decrypt", self.decrypt, True),
-            ("POST", f"/v1/keys/{name}/agree", self.agree, True),
-            ("POST", f"/v1/keys/{name}/export", self.export, True),
-            ("POST", f"/v1/keys/{name}/cancel-deletion", self.cancel_deletion, True),
-            ("POST", f"/v1/keys/{name}/mac", self.mac, True),
-            ("POST", f"/v1/keys/{name}/derive", self.derive, True),
-            ("POST", f"/v1/keys/{name}/rotate", self.rotate, True),
-            ("GET", f"/v1/keys/{name}/versions", self.versions, True),
-            ("POST", f"/v1/keys/{name}/disable", self.disable, True),
-            ("POST", f"/v1/keys/{name}/enable", self.enable, True),
-            ("POST", f"/v1/keys/{name}/config", self.key_config, True),
-            ("POST", f"/v1/keys/{name}/wrap", self.wrap, True),
-            ("POST", f"/v1/keys/{name}/unwrap", self.unwrap, True),
-            ("POST", f"/v1/keys/{name}/rewrap", self.rewrap, True),
-            ("POST", f"/v1/keys/{name}/attest", self.attest, True),
-            ("POST", f"/v1/keys/{name}/adopt", self.adopt, True),
-            ("POST", "/v1/random", self.random, True),
-            ("GET", "/v1/vault", self.vault_status, True),
-            ("POST", "/v1/vault/lock", self.vault_lock, True),
-            ("POST", "/v1/vault/unlock", self.vault_unlock, True),
-            ("GET", "/v1/audit/records", self.audit_records, True),
-            ("GET", "/v1/audit/verify", self.audit_verify, True),
-            ("POST", "/v1/audit/checkpoint", self.audit_checkpoint, True),
-            ("GET", "/v1/tenants", self.list_tenants, True),
-            ("POST", "/v1/tenants", self.create_tenant, True),
-            ("POST", f"/v1/tenants/{tenant}/tokens", self.issue_token, True),
-            ("DELETE", f"/v1/tenants/{tenant}/identities/{name}", self.revoke_identity, True),
-            ("GET", "/v1/policies", self.list_policies, True),
-            ("POST", "/v1/policies", self.grant, True),
-            ("DELETE", "/v1/policies", self.revoke_policy, True),
-        ]
-        return [Route(m, re.compile(p), h, a) for m, p, h, a in r]
+    # -- routes: compiled from wire.OPS ----------------------------------------------------------
+    def _route(self, op: Op) -> Route:
+        pattern = re.sub(r"\{(\w+)\}", lambda m: _PATH_PARAMS[m.group(1)], op.path)
+        handler = self._generic(op) if op.call is not None else getattr(self, op.name)
+        if op.admin:
+            handler = self._admin_only(handler)
+        return Route(op, re.compile(pattern), handler)
+
+    def _admin_only(self, handler: Handler) -> Handler:
+        async def admin_handler(req: Request) -> Any:
+            self._admin(req.identity)
+            return await handler(req)
+
+        return admin_handler
+
+    def _generic(self, op: Op) -> Handler:
+        """The handler of an operation that decodes its fields, calls one KeyAPI method on
+        the key in its path and encodes the result: everything it does is in `op`.
+
+        The order of checks is the table's: the permissions on the key in the path, then
+        each field in turn (a field that names another key checks the caller's permission
+        on that key as it is decoded), then the vault seal, then the call."""
+        assert op.call is not None and op.permissions
+        first, more = op.permissions[0], op.permissions[1:]
+        method = op.call
+        fields = [(f.param, _decoder(f), f.needs, f.kind) for f in op.body or ()]
+        query = [(f.param, _query_decoder(f)) for f in op.query]
+        shaping = [f.param for f in (*(op.body or ()), *op.query) if not f.passed]
+        encode = _encoder(op)
+        run, status = op.run, op.status
+
+        async def handler(req: Request) -> Any:
+            view, name = self._key_request(req, first)
+            identity = req.identity
+            assert identity is not None
+            for permission in more:
+                self._check_key(identity, name, permission)
+            body = req.body
+            kwargs: dict[str, Any] = {}
+            for param, decode, needs, kind in fields:
+                value = kwargs[param] = decode(body)
+                if needs is not None:
+                    if kind != wire.BOOL:  # the field names a key
+                        self._check_key(identity, value, needs)
+                    elif value and needs not in self.tenants.permissions_on(
+                        identity, kwargs["new_name"]
+                    ):  # an exportable new key
+                        raise HttpError(403, "NotPermitted", _EXPORTABLE_NEEDS_EXPORT)
+            for param, decode_query in query:
+                kwargs[param] = decode_query(req.query)
+            values = kwargs
+            if shaping:  # fields the call does not take, only the answer
+                kwargs = {k: v for k, v in kwargs.items() if k not in shaping}
+            call = getattr(view, method)
+            if run == wire.INLINE:
+                result = await self._run(view, name, lambda: call(name, **kwargs))
+            elif run == wire.AUDITED:  # a read the keystore does not audit itself
+                try:
+                    with view.audited(method, name) as facts:
+                        result = call(name, **kwargs)
+                        facts["backend"] = _backend_of(result)
+                except KeyNotFound:
+                    raise HttpError(404, "KeyNotFound", NOT_FOUND) from None
+            else:
+                if run == wire.SEALED:
+                    self._check_vault(view, name)
+                result = await asyncio.to_thread(call, name, **kwargs)
+            payload = encode(result, values)
+            return payload if status == 200 else (status, payload)
+
+        handler.__name__ = op.name
+        return handler
 
     async def health(self, req: Request) -> Any:
         return {"status": "ok", "api": API_VERSION}
@@ -641,7 +618,7 @@ class App:
             raise HttpError(400, "InvalidArgument", "exportable must be true or false")
         view = self._check_key(req.identity, name, Permission.GENERATE)
         if exportable and Permission.EXPORT not in self.tenants.permissions_on(req.identity, name):
-            raise HttpError(403, "NotPermitted", "making an exportable key needs export")
+            raise HttpError(403, "NotPermitted", _EXPORTABLE_NEEDS_EXPORT)
         if self.vault_sealed:
             raise HttpError(423, "VaultLocked", "the vault is locked; an admin unlocks it")
         if "material" in body:  # an import: the material goes straight into the backend
@@ -682,72 +659,8 @@ class App:
         assert req.identity is not None
         exportable = _flag(req.body, "exportable")
         if exportable and Permission.EXPORT not in self.tenants.permissions_on(req.identity, name):
-            raise HttpError(403, "NotPermitted", "making an exportable key needs export")
+            raise HttpError(403, "NotPermitted", _EXPORTABLE_NEEDS_EXPORT)
         return exportable
-
-    async def mac(self, req: Request) -> Any:
-        view, name = self._key_request(req, Permission.SIGN)
-        data = _unb64(req.body.get("data"), "data")
-        tag = await self._run(view, name, lambda: view.mac(name, data))
-        return {"mac": _b64(tag)}
-
-    async def derive(self, req: Request) -> Any:
-        view, name = self._key_request(req, Permission.DERIVE)
-        new_name, key_type, usage, salt, info_bytes = self._new_key_args(req)
-        exportable = self._check_exportable(req, new_name)
-        self._check_vault(view, name)
-        info = await asyncio.to_thread(
-            view.derive, name, new_name, key_type, usage, salt, info_bytes, exportable
-        )
-        return 201, _key_json(info)
-
-    async def rotate(self, req: Request) -> Any:
-        view, name = self._key_request(req, Permission.MANAGE)
-        backend = _opt_str(req.body, "backend")
-        self._check_vault(view, name)
-        return _key_json(await asyncio.to_thread(view.rotate, name, backend))
-
-    async def versions(self, req: Request) -> Any:
-        view, name = self._key_request(req, Permission.READ)
-        try:
-            with view.audited("versions", name) as facts:
-                found = view.versions(name)
-                facts["backend"] = found[-1].backend if found else None
-        except KeyNotFound:
-            raise HttpError(404, "KeyNotFound", NOT_FOUND) from None
-        return {
-            "versions": [
-                {"version": v.version, "backend": v.backend, "created": v.created.isoformat()}
-                for v in found
-            ]
-        }
-
-    async def disable(self, req: Request) -> Any:
-        view, name = self._key_request(req, Permission.MANAGE)
-        return _key_json(await asyncio.to_thread(view.disable, name))
-
-    async def enable(self, req: Request) -> Any:
-        view, name = self._key_request(req, Permission.MANAGE)
-        return _key_json(await asyncio.to_thread(view.enable, name))
-
-    async def key_config(self, req: Request) -> Any:
-        view, name = self._key_request(req, Permission.MANAGE)
-        version = req.body.get("min_decryption_version")
-        if type(version) is not int or version < 1:
-            raise HttpError(
-                400, "InvalidArgument", "min_decryption_version must be a positive integer"
-            )
-        return _key_json(await asyncio.to_thread(view.set_min_decryption_version, name, version))
-
-    async def show_key(self, req: Request) -> Any:
-        view, name = self._key_request(req, Permission.READ)
-        try:
-            with view.audited("info", name) as facts:
-                info = view.info(name)
-                facts["backend"] = info.backend
-        except KeyNotFound:
-            raise HttpError(404, "KeyNotFound", NOT_FOUND) from None
-        return _key_json(info)
 
     async def delete_key(self, req: Request) -> Any:
         """Delete after the keystore's deletion_wait (or `?after=SECONDS`), or `?now=true`."""
@@ -770,85 +683,6 @@ class App:
             return {"deleted": name}
         return {"scheduled": name, "delete_after": scheduled.delete_after.isoformat()}
 
-    async def cancel_deletion(self, req: Request) -> Any:
-        view, name = self._key_request(req, Permission.DELETE)
-        info = await asyncio.to_thread(view.cancel_deletion, name)
-        return _key_json(info)
-
-    async def public_key(self, req: Request) -> Any:
-        view, name = self._key_request(req, Permission.READ)
-        fmt = req.query.get("format", "pem")
-        if fmt not in ("pem", "der"):
-            raise HttpError(400, "InvalidArgument", "format is pem or der")
-        version = None
-        if "version" in req.query:
-            version = _int_query(req.query, "version", 1, 1, 1 << 31)
-        public = await self._run(view, name, lambda: view.public_key(name, version))
-        if fmt == "pem":
-            pem = public.public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-            return {"pem": pem.decode()}
-        der = public.public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        return {"der": _b64(der)}
-
-    async def sign(self, req: Request) -> Any:
-        view, name = self._key_request(req, Permission.SIGN)
-        data = _unb64(req.body.get("data"), "data")
-        algorithm = _opt_str(req.body, "algorithm")
-        envelope = _flag(req.body, "envelope")
-        prehashed = _flag(req.body, "prehashed")
-        sig = await self._run(
-            view,
-            name,
-            lambda: view.sign(name, data, algorithm, envelope=envelope, prehashed=prehashed),
-        )
-        return {"signature": _b64(sig)}
-
-    async def verify(self, req: Request) -> Any:
-        view, name = self._key_request(req, Permission.VERIFY)
-        data = _unb64(req.body.get("data"), "data")
-        sig = _unb64(req.body.get("signature"), "signature")
-        algorithm = _opt_str(req.body, "algorithm")
-        envelope = _flag(req.body, "envelope")
-        prehashed = _flag(req.body, "prehashed")
-        version = _version(req.body)
-        await self._run(
-            view,
-            name,
-            lambda: view.verify(
-                name, data, sig, algorithm, version=version, envelope=envelope, prehashed=prehashed
-            ),
-        )
-        return {"valid": True}
-
-    async def encrypt(self, req: Request) -> Any:
-        view, name = self._key_request(req, Permission.ENCRYPT)
-        pt = _unb64(req.body.get("plaintext"), "plaintext")
-        aad = _unb64(req.body.get("aad", ""), "aad")
-        algorithm = _opt_str(req.body, "algorithm")
-        envelope = _flag(req.body, "envelope")
-        ct = await self._run(
-            view, name, lambda: view.encrypt(name, pt, aad, algorithm, envelope=envelope)
-        )
-        return {"ciphertext": _b64(ct)}
-
-    async def decrypt(self, req: Request) -> Any:
-        view, name = self._key_request(req, Permission.DECRYPT)
-        ct = _unb64(req.body.get("ciphertext"), "ciphertext")
-        aad = _unb64(req.body.get("aad", ""), "aad")
-        algorithm = _opt_str(req.body, "algorithm")
-        envelope = _flag(req.body, "envelope")
-        version = _version(req.body)
-        pt = await self._run(
-            view,
-            name,
-            lambda: view.decrypt(name, ct, aad, algorithm, version=version, envelope=envelope),
-        )
-        return {"plaintext": _b64(pt)}
-
     async def agree(self, req: Request) -> Any:
         view, name = self._key_request(req, Permission.AGREE)
         new_name, key_type, usage, salt, info_bytes = self._new_key_args(req)
@@ -869,67 +703,6 @@ class App:
             view.agree, name, public, new_name, key_type, usage, salt, info_bytes, exportable
         )
         return 201, _key_json(info)
-
-    async def export(self, req: Request) -> Any:
-        view, name = self._key_request(req, Permission.EXPORT)
-        fmt = req.body.get("format", "pem")
-        if fmt not in ("pem", "der", "raw"):
-            raise HttpError(400, "InvalidArgument", "format is pem, der or raw")
-        self._check_vault(view, name)
-        material = await asyncio.to_thread(view.export_key, name, fmt)
-        return {"pem": material.decode()} if fmt == "pem" else {fmt: _b64(material)}
-
-    async def wrap(self, req: Request) -> Any:
-        """Wrap the exportable key `key` under this one: `encrypt` on the wrapping key (a key
-        wrap is an encryption with it) and `export` on the key that leaves, wrapped."""
-        view, name = self._key_request(req, Permission.ENCRYPT)
-        target = req.body.get("key")
-        if not isinstance(target, str) or not target:
-            raise HttpError(400, "InvalidArgument", "key is required")
-        assert req.identity is not None
-        self._check_key(req.identity, target, Permission.EXPORT)
-        blob = await self._run(view, name, lambda: view.wrap(name, target))
-        return {"blob": _b64(blob)}
-
-    async def unwrap(self, req: Request) -> Any:
-        """A wrapped key into a new key: `decrypt` on the wrapping key, `generate` on the new
-        name (and `export` for an exportable one), as for derive and agree."""
-        view, name = self._key_request(req, Permission.DECRYPT)
-        blob = _unb64(req.body.get("blob"), "blob")
-        new_name = req.body.get("new_name")
-        if not isinstance(new_name, str) or not new_name:
-            raise HttpError(400, "InvalidArgument", "new_name is required")
-        assert req.identity is not None
-        self._check_key(req.identity, new_name, Permission.GENERATE)
-        key_type = req.body.get("type")
-        if not isinstance(key_type, str):
-            raise HttpError(400, "InvalidArgument", "type is required")
-        usage = _usage_list(req.body)
-        exportable = self._check_exportable(req, new_name)
-        self._check_vault(view, name)
-        info = await asyncio.to_thread(
-            view.unwrap, name, blob, new_name, key_type, usage, exportable
-        )
-        return 201, _key_json(info)
-
-    async def rewrap(self, req: Request) -> Any:
-        """Re-encrypt under the primary version: it decrypts and encrypts, so it needs both."""
-        view, name = self._key_request(req, Permission.DECRYPT)
-        assert req.identity is not None
-        self._check_key(req.identity, name, Permission.ENCRYPT)
-        ct = _unb64(req.body.get("ciphertext"), "ciphertext")
-        aad = _unb64(req.body.get("aad", ""), "aad")
-        algorithm = _opt_str(req.body, "algorithm")
-        new = await self._run(view, name, lambda: view.rewrap(name, ct, aad, algorithm))
-        return {"ciphertext": _b64(new)}
-
-    async def attest(self, req: Request) -> Any:
-        """The backend's statement that the key lives in its hardware: `read`, as for the
-        public key (the statement says no more than where the key is)."""
-        view, name = self._key_request(req, Permission.READ)
-        nonce = None if req.body.get("nonce") is None else _unb64(req.body["nonce"], "nonce")
-        statement = await self._run(view, name, lambda: view.attest(name, nonce))
-        return {"statement": _jsonable(statement)}
 
     async def adopt(self, req: Request) -> Any:
         """Register a key that already exists in a backend under this name: the `adopt`
@@ -972,18 +745,15 @@ class App:
 
     # -- vault ---------------------------------------------------------------------------------
     async def vault_status(self, req: Request) -> Any:
-        self._admin(req.identity)
         status = self.ks.vault_control().vault_status()
         return {**_jsonable(status), "sealed_by_service": self.vault_sealed}
 
     async def vault_lock(self, req: Request) -> Any:
-        self._admin(req.identity)
         self.vault_sealed = True
         await asyncio.to_thread(self.ks.vault_control().lock)
         return {"locked": True}
 
     async def vault_unlock(self, req: Request) -> Any:
-        self._admin(req.identity)
         method = _opt_str(req.body, "method")
         used = await asyncio.to_thread(self.ks.vault_control().unlock, method)
         self.vault_sealed = False
@@ -993,7 +763,6 @@ class App:
     async def audit_records(self, req: Request) -> Any:
         from ..audit import last_seq, read_records
 
-        self._admin(req.identity)
         path = self.ks.config.data_dir / "audit.jsonl"
         limit = _int_query(req.query, "limit", 100, 1, 10_000)
         if "last" in req.query:  # the newest N records
@@ -1010,24 +779,20 @@ class App:
     async def audit_verify(self, req: Request) -> Any:
         from ..audit import verify_log
 
-        self._admin(req.identity)
         path = self.ks.config.data_dir / "audit.jsonl"
         public = await asyncio.to_thread(self.ks.audit_public_key)
         report = await asyncio.to_thread(verify_log, path, public)
         return report.to_dict()
 
     async def audit_checkpoint(self, req: Request) -> Any:
-        self._admin(req.identity)
         record = await asyncio.to_thread(self.ks.audit_checkpoint)
         return {"checkpoint": record}
 
     # -- tenants and policies ------------------------------------------------------------------
     async def list_tenants(self, req: Request) -> Any:
-        self._admin(req.identity)
         return {"tenants": self.tenants.tenants()}
 
     async def create_tenant(self, req: Request) -> Any:
-        self._admin(req.identity)
         name = req.body.get("name")
         if not isinstance(name, str):
             raise HttpError(400, "InvalidArgument", "name is required")
@@ -1036,7 +801,6 @@ class App:
         return 201, {"name": name}
 
     async def issue_token(self, req: Request) -> Any:
-        self._admin(req.identity)
         name = req.body.get("name")
         if not isinstance(name, str):
             raise HttpError(400, "InvalidArgument", "name is required")
@@ -1046,21 +810,18 @@ class App:
         return 201, {"tenant": tenant, "name": name, "token": token}
 
     async def revoke_identity(self, req: Request) -> Any:
-        self._admin(req.identity)
         tenant, name = req.params["tenant"], req.params["name"]
         with self.ks.audited("token_revoke", None, write_ahead=True, tenant=tenant, identity=name):
             await asyncio.to_thread(self.tenants.revoke, tenant, name)
         return {"revoked": req.params["name"]}
 
     async def list_policies(self, req: Request) -> Any:
-        self._admin(req.identity)
         tenant = req.query.get("tenant")
         return {"policies": [p.to_dict() for p in self.tenants.policies(tenant)]}
 
     async def grant(self, req: Request) -> Any:
         from .tenants import parse_permissions
 
-        self._admin(req.identity)
         tenant, identity, keys, perms = _policy_body(req.body)
         if perms is None:
             raise HttpError(400, "InvalidArgument", "permissions are required")
@@ -1080,7 +841,6 @@ class App:
     async def revoke_policy(self, req: Request) -> Any:
         from .tenants import parse_permissions
 
-        self._admin(req.identity)
         tenant, identity, keys, perms = _policy_body(req.body)
         parsed = None if perms is None else parse_permissions(perms)
         with self.ks.audited(
@@ -1094,6 +854,139 @@ class App:
         ):
             await asyncio.to_thread(self.tenants.revoke_policy, tenant, identity, keys, parsed)
         return {"revoked": True}
+
+
+# -- the generic handlers' decoding of fields and encoding of answers, by wire type -----------
+Decoder = Callable[[dict[str, Any]], Any]
+
+
+def _decoder(f: Field) -> Decoder:
+    """How a body field is read and checked; each refusal is a 400 naming the field."""
+    name, kind, default = f.name, f.kind, f.default
+    if kind == wire.BYTES:
+        if f.nullable:
+            return lambda body: None if body.get(name) is None else _unb64(body[name], name)
+        if f.has_default:
+            return lambda body: _unb64(body[name], name) if name in body else default
+        return lambda body: _unb64(body.get(name), name)
+    if kind == wire.BOOL:
+        return lambda body: _flag(body, name)
+    if kind == wire.VERSION:
+        return _version
+    if kind == wire.USAGE:
+        return _usage_list
+    if f.enum is not None:
+        enum = f.enum
+        choices = f"{', '.join(enum[:-1])} or {enum[-1]}"
+
+        def one_of(body: dict[str, Any]) -> Any:
+            value = body.get(name, default)
+            if value not in enum:
+                raise HttpError(400, "InvalidArgument", f"{name} is {choices}")
+            return value
+
+        return one_of
+    if kind == wire.INT and f.required and f.maximum is None:
+
+        def positive(body: dict[str, Any]) -> int:
+            value = body.get(name)
+            if type(value) is not int or value < (f.minimum or 1):
+                raise HttpError(400, "InvalidArgument", f"{name} must be a positive integer")
+            return value
+
+        return positive
+    if kind in (wire.NAME, wire.KEY_TYPE) and f.required:
+        nonempty = kind == wire.NAME
+
+        def required(body: dict[str, Any]) -> str:
+            value = body.get(name)
+            if not isinstance(value, str) or (nonempty and not value):
+                raise HttpError(400, "InvalidArgument", f"{name} is required")
+            return value
+
+        return required
+    if kind in (wire.KEY_TYPE, wire.STR) and f.has_default:
+
+        def string(body: dict[str, Any]) -> str:
+            value = body.get(name, default)
+            if not isinstance(value, str):
+                raise HttpError(400, "InvalidArgument", f"{name} must be a string")
+            return value
+
+        return string
+    if kind in (wire.STR, wire.BACKEND, wire.SIGN_ALG, wire.ENC_ALG, wire.KEY_TYPE):
+        return lambda body: _opt_str(body, name)
+    raise AssertionError(f"no generic decoder for {name} ({kind})")  # a table error, at start
+
+
+def _query_decoder(f: Field) -> Decoder:
+    """How a query parameter is read and checked (absent: its default, else None)."""
+    name, default = f.name, f.default
+    if f.kind == wire.INT:
+        lo, hi = f.minimum or 0, f.maximum or 1 << 62
+
+        def integer(query: dict[str, Any]) -> int | None:
+            if name not in query:
+                return None if not f.has_default else int(default)
+            return _int_query(query, name, 0, lo, hi)
+
+        return integer
+    if f.enum is not None:
+        return _decoder(f)  # a query is a dict of strings, read as a body is
+    raise AssertionError(f"no generic query decoder for {name} ({f.kind})")
+
+
+Encoder = Callable[[Any, dict[str, Any]], Any]
+
+
+def _encoder(op: Op) -> Encoder:
+    """How a generic operation's result becomes its answer; `values` are the request's
+    decoded fields (a format asked for shapes the answer)."""
+    if op.response == wire.KEY:
+        return lambda info, values: _key_json(info)
+    special = _ENCODERS.get(op.name)
+    if special is not None:
+        return special
+    assert isinstance(op.response, tuple) and op.result is not None
+    field = next(f for f in op.response if f.name == op.result)
+    if field.kind == wire.BYTES:
+        return lambda data, values: {field.name: _b64(data)}
+    if field.kind == wire.BOOL:  # verify: no exception is the answer (InvalidSignature is
+        return lambda result, values: {field.name: True}  # answered {"valid": false})
+    if field.kind == wire.OBJECT:
+        return lambda result, values: {field.name: _jsonable(result)}
+    raise AssertionError(f"no generic encoder for {op.name}")
+
+
+def _public_key(public: Any, values: dict[str, Any]) -> dict[str, Any]:
+    if values["format"] == "pem":
+        pem = public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return {"pem": pem.decode()}
+    der = public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return {"der": _b64(der)}
+
+
+def _exported(material: bytes, values: dict[str, Any]) -> dict[str, Any]:
+    fmt = values["format"]
+    return {"pem": material.decode()} if fmt == "pem" else {fmt: _b64(material)}
+
+
+_ENCODERS: dict[str, Encoder] = {
+    "public_key": _public_key,
+    "export": _exported,
+    "versions": lambda found, values: {"versions": [wire.version_to_wire(v) for v in found]},
+}
+
+
+def _backend_of(result: Any) -> str | None:
+    """The backend an audited read names: the key's, or its newest version's."""
+    if isinstance(result, list):
+        return result[-1].backend if result else None
+    return getattr(result, "backend", None)
 
 
 def _policy_body(body: dict[str, Any]) -> tuple[str, str, str, list[str] | None]:
@@ -1170,423 +1063,3 @@ def _client_certificate(scope: Scope) -> bytes | None:
     if not chain:
         return None
     return ssl.PEM_cert_to_DER_cert(chain[0])
-
-
-# -- serving -----------------------------------------------------------------------------------
-MAX_HEAD_BYTES = 16 * 1024
-"""The request line and headers together: larger is refused with 431 before it is buffered."""
-
-
-class _HeadTooLarge(Exception):
-    """Raised in the HTTP parser's callbacks to stop parsing a head over MAX_HEAD_BYTES."""
-
-
-class _ConnectionLimits:
-    """Open connections, counted in total and per peer, against the service's caps."""
-
-    def __init__(self, total: int, per_peer: int) -> None:
-        self.total, self.per_peer = total, per_peer
-        self.open = 0
-        self.by_peer: dict[object, int] = {}
-
-    def admit(self, peer: object) -> bool:
-        if self.open >= self.total or self.by_peer.get(peer, 0) >= self.per_peer:
-            return False
-        self.open += 1
-        self.by_peer[peer] = self.by_peer.get(peer, 0) + 1
-        return True
-
-    def release(self, peer: object) -> None:
-        self.open -= 1
-        left = self.by_peer[peer] - 1
-        if left:
-            self.by_peer[peer] = left
-        else:
-            del self.by_peer[peer]
-
-
-def _peer_of(transport: Any) -> object:
-    """Who a connection is from: its IP address over TCP; its user id on the Unix socket
-    (SO_PEERCRED), since any number of processes of one user are one peer there."""
-    name = transport.get_extra_info("peername")
-    if isinstance(name, tuple) and name:
-        return ("ip", name[0])
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family == socket.AF_UNIX:
-        with contextlib.suppress(OSError):
-            cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            return ("uid", struct.unpack("3i", cred)[1])
-    return ("unknown", None)
-
-
-def _plain_response(status: str, kind: str, message: str) -> bytes:
-    body = json.dumps({"error": {"type": kind, "message": message}}).encode()
-    return (
-        f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
-    ).encode() + body
-
-
-def _protocol_class(settings: ServerConfig, limits: _ConnectionLimits) -> type:
-    """uvicorn's httptools protocol with additions of ours.
-
-    - A cap on the request line and headers (MAX_HEAD_BYTES): uvicorn's httptools protocol
-      has none, and a caller could make it buffer hundreds of megabytes before any check of
-      ours runs. Larger heads get 431 and the connection is closed.
-    - Deadlines, so that a client that sends slowly or not at all cannot hold a connection:
-      `head_timeout` for a request's line and headers (from the connection, or from the
-      request's first byte), then `body_timeout` for its body; a connection past either gets
-      408 and is closed. Idle connections between requests close after uvicorn's keep-alive
-      timeout (`keepalive_timeout`).
-    - Caps on open connections, in total and per peer (`_ConnectionLimits`): a connection
-      over either gets 503 at once and is closed.
-    - The ASGI TLS extension: uvicorn (0.55) does not fill `scope["extensions"]["tls"]`;
-      we add the spec's `client_cert_chain` (the verified leaf, PEM) so that mutual TLS can
-      name the caller. The certificate was verified by the handshake against tls_client_ca.
-    """
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-    response = _plain_response(
-        "431 Request Header Fields Too Large",
-        "RequestTooLarge",
-        "the request headers are too large",
-    )
-    too_slow = _plain_response(
-        "408 Request Timeout", "RequestTimeout", "the request was not sent in time"
-    )
-    too_many = _plain_response(
-        "503 Service Unavailable", "TooManyConnections", "too many open connections"
-    )
-    head_timeout, body_timeout = settings.head_timeout, settings.body_timeout
-
-    class StrongroomHttpProtocol(HttpToolsProtocol):
-        _tls_ext: dict[str, Any] | None = None
-        _in_head = True
-        _head_bytes = 0
-        _head_parts = 0
-        _peer: object = None
-        _deadline: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport: Any) -> None:
-            peer = _peer_of(transport)
-            if not limits.admit(peer):  # uvicorn never learns of it
-                transport.write(too_many)
-                transport.close()
-                return
-            self._peer = peer
-            super().connection_made(transport)
-            self._arm(head_timeout)
-            ssl_object = transport.get_extra_info("ssl_object")
-            if ssl_object is not None:
-                der = ssl_object.getpeercert(binary_form=True)
-                chain = [ssl.DER_cert_to_PEM_cert(der)] if der else []
-                self._tls_ext = {
-                    "server_cert": None,
-                    "client_cert_chain": chain,
-                    "client_cert_name": None,
-                    "client_cert_error": None,
-                    "tls_version": None,
-                    "cipher_suite": None,
-                }
-
-        def data_received(self, data: bytes) -> None:
-            # Two counts: the raw bytes of a head that arrives over several reads (so that
-            # httptools never buffers more than the cap), and in the parser's callbacks the
-            # head's parts, which also catches a whole oversized head (or several pipelined
-            # ones) arriving in a single read.
-            if self._in_head:
-                self._head_bytes += len(data)
-            super().data_received(data)
-            if self._in_head and self._head_bytes > MAX_HEAD_BYTES:
-                self._refuse_head()
-
-        def _refuse_head(self) -> None:
-            self._in_head = False
-            self.transport.write(response)
-            self.transport.close()
-
-        def _count_head(self, size: int) -> None:
-            self._head_parts += size
-            if self._head_parts > MAX_HEAD_BYTES:
-                # httptools turns this into a parse error, which uvicorn answers through
-                # send_400_response: that is where the 431 goes out instead
-                raise _HeadTooLarge
-
-        def send_400_response(self, msg: str) -> None:
-            if self._head_parts > MAX_HEAD_BYTES:
-                self._refuse_head()
-            else:
-                super().send_400_response(msg)
-
-        def on_url(self, url: bytes) -> None:
-            self._count_head(len(url))
-            super().on_url(url)
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            self._count_head(len(name) + len(value) + 4)  # ": " and CRLF
-            super().on_header(name, value)
-
-        def on_message_begin(self) -> None:
-            self._head_parts = 0
-            self._arm(head_timeout)
-            super().on_message_begin()
-            if self._tls_ext is not None:
-                self.scope["extensions"] = cast(Any, {"tls": self._tls_ext})
-
-        def on_headers_complete(self) -> None:
-            self._in_head = False
-            self._arm(body_timeout)
-            super().on_headers_complete()
-
-        def on_message_complete(self) -> None:
-            self._disarm()
-            super().on_message_complete()
-            self._in_head, self._head_bytes = True, 0
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            if self._peer is None:  # refused in connection_made
-                return
-            limits.release(self._peer)
-            self._peer = None
-            super().connection_lost(exc)
-
-        def _arm(self, seconds: float) -> None:
-            self._disarm()
-            self._deadline = self.loop.call_later(seconds, self._expired, seconds)
-
-        def _disarm(self) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-                self._deadline = None
-
-        def _expired(self, seconds: float) -> None:
-            self._deadline = None
-            if self.transport.is_closing():
-                return
-            cycle = self.cycle
-            if cycle is not None and not cycle.response_complete:
-                self._arm(seconds)  # we are busy answering (reads paused): not their delay
-                return
-            if cycle is None or not cycle.response_started:  # else it has had its answer
-                self.transport.write(too_slow)
-            self.transport.close()
-
-    return StrongroomHttpProtocol
-
-
-def bind_unix_socket(path: Path, mode: int, group: str | None) -> socket.socket:
-    """Bind the service's Unix socket with `mode` set before anyone can connect."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with contextlib.suppress(FileNotFoundError):
-        st = os.lstat(path)
-        if not stat.S_ISSOCK(st.st_mode):
-            raise InvalidArgument(f"{path} exists and is not a socket; not replacing it")
-        probe = socket.socket(socket.AF_UNIX)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            os.unlink(path)  # a stale socket from a service that died
-        else:
-            raise InvalidArgument(f"a service is already listening on {path}")
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o777)  # nobody can connect in the window before chmod
-    try:
-        sock.bind(str(path))
-    finally:
-        os.umask(old)
-    if group is not None:
-        import grp
-
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            sock.close()
-            raise InvalidArgument(f"no group named {group!r}") from None
-        os.chown(path, -1, gid)
-    os.chmod(path, mode)
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
-
-
-def tls_context(settings: ServerConfig) -> ssl.SSLContext:
-    """The server's TLS context: TLS 1.2+, client certificates checked against the CA."""
-    assert settings.tls_cert is not None and settings.tls_key is not None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
-        if settings.tls_client_ca is not None:
-            ctx.load_verify_locations(settings.tls_client_ca)
-            ctx.verify_mode = (
-                ssl.CERT_REQUIRED if settings.client_cert_required else ssl.CERT_OPTIONAL
-            )
-    except (OSError, ssl.SSLError) as e:
-        raise InvalidArgument(f"cannot load the TLS certificate or key: {e}") from None
-    return ctx
-
-
-def serve(
-    config: Config,
-    settings: ServerConfig,
-    *,
-    ready: Callable[[list[str]], None] | None = None,
-) -> None:
-    """Run the service until SIGTERM or SIGINT; then finish in-flight requests, lock the vault
-    and purge guarded memory."""
-    if not (_has("uvicorn") and _has("httptools")):
-        raise BackendUnavailable(
-            "server", "the service needs uvicorn and httptools: pip install 'strongroom[server]'"
-        )
-    if settings.socket is None and settings.listen is None:
-        raise InvalidArgument("nothing to listen on: set [server] socket or listen")
-    if settings.listen is not None and (settings.tls_cert is None or settings.tls_key is None):
-        raise InvalidArgument("TCP needs TLS: set [server] tls_cert and tls_key")
-    ks = Keystore(config, actor="strongroom-serve")
-    tenants = TenantStore(config.data_dir / "tenants.sqlite")
-    app = App(ks, tenants, settings)
-    loop_factory = None
-    if _has("uvloop"):
-        import uvloop
-
-        loop_factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(_serve(app, settings, ready))
-
-
-FD_RESERVE = 128
-"""File descriptors kept back from connections: the keystore's own files, devices, logs."""
-
-
-def _connection_budget() -> int:
-    """The default total cap: raise the soft RLIMIT_NOFILE to the hard one where allowed,
-    and leave FD_RESERVE descriptors for everything else, so that accept() never runs out."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if want > soft:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-            soft = want
-    return max(16, soft - FD_RESERVE)
-
-
-async def _serve(
-    app: App, settings: ServerConfig, ready: Callable[[list[str]], None] | None
-) -> None:
-    import uvicorn
-
-    servers: list[Any] = []
-    where: list[str] = []
-    limits = _ConnectionLimits(
-        settings.max_connections or _connection_budget(), settings.max_connections_per_peer
-    )
-    protocol = _protocol_class(settings, limits)  # one class: the caps span both listeners
-    common: dict[str, Any] = {
-        "lifespan": "off",
-        "log_level": "warning",
-        "access_log": False,
-        "timeout_graceful_shutdown": settings.shutdown_timeout,
-        "timeout_keep_alive": settings.keepalive_timeout,
-        "server_header": False,
-        "date_header": False,
-        "limit_concurrency": limits.total + 1024,  # ours refuses first, with a clearer answer
-    }
-    loop_name = "uvloop" if _has("uvloop") else "asyncio"
-    sockets: list[tuple[Any, socket.socket]] = []
-    try:
-        if settings.socket is not None:
-            sock = bind_unix_socket(settings.socket, settings.socket_mode, settings.socket_group)
-            cfg = uvicorn.Config(app, loop=loop_name, http=protocol, **common)
-            sockets.append((uvicorn.Server(cfg), sock))
-            where.append(f"unix:{settings.socket}")
-        if settings.listen is not None:
-            host, port = settings.listen
-            ctx = tls_context(settings)
-            tcp = socket.create_server((host, port), reuse_port=False, backlog=1024)
-            tcp.setblocking(False)
-            real_port = tcp.getsockname()[1]
-            cfg = uvicorn.Config(
-                app,
-                loop=loop_name,
-                http=protocol,
-                ssl_context_factory=lambda _config, _default: ctx,
-                **common,
-            )
-            sockets.append((uvicorn.Server(cfg), tcp))
-            where.append(f"https://{host}:{real_port}")
-        servers.extend(server for server, _ in sockets)
-        stop = asyncio.Event()
-
-        def on_signal() -> None:
-            stop.set()
-
-        import signal
-
-        loop = asyncio.get_running_loop()
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, on_signal)
-        tasks = [asyncio.create_task(_run_server(server, sock)) for server, sock in sockets]
-        while not all(s.started for s in servers):
-            if any(t.done() for t in tasks):
-                for t in tasks:
-                    if t.done() and t.exception():
-                        raise t.exception()  # type: ignore[misc]
-            await asyncio.sleep(0.01)
-        if settings.audit_checkpoint_seconds > 0:
-            tasks.append(asyncio.create_task(_checkpoints(app, settings.audit_checkpoint_seconds)))
-        if ready is not None:
-            ready(where)
-        log.info("strongroom service listening on %s", ", ".join(where))
-        await stop.wait()
-        for server in servers:
-            server.should_exit = True
-        for task in tasks[len(servers) :]:  # the checkpoint timer
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    finally:
-        for _, sock in sockets:
-            sock.close()
-        if settings.socket is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(settings.socket)
-        app.close()
-
-
-async def _checkpoints(app: App, every: float) -> None:
-    """Sign a checkpoint every `every` seconds while records are pending, so that a cut at
-    the log's end loses at most that much unsigned tail (docs/audit.md)."""
-    while True:
-        await asyncio.sleep(every)
-        if app.ks.audit.pending:
-            try:
-                await asyncio.to_thread(app.ks.audit_checkpoint)
-            except StrongroomError as e:  # the records stand; the next round tries again
-                log.warning("periodic audit checkpoint failed: %s: %s", type(e).__name__, e)
-
-
-async def _run_server(server: Any, sock: socket.socket) -> None:
-    """uvicorn's Server.serve on our own socket, without its own signal handling."""
-    config = server.config
-    if not config.loaded:
-        config.load()
-    server.lifespan = config.lifespan_class(config)
-    await server.startup(sockets=[sock])
-    if server.should_exit:
-        return
-    await server.main_loop()
-    await server.shutdown(sockets=[sock])
-
-
-def _has(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
-
-
-__all__ = ["App", "HttpError", "bind_unix_socket", "serve"]

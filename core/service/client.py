@@ -1,8 +1,14 @@
-"""`strongroom.connect()`: the key API of `strongroom.open()`, over the wire to `strongroom serve`.
+"""`strongroom.connect()`'s client: the key API of `strongroom.open()`, over the wire to
+`strongroom serve`.
 
 The transport is httpx: a Unix socket (`unix:/run/strongroom/serve.sock`) or HTTPS
-(`https://host:8443`, with the service's CA and optionally a client certificate). Errors
-come back as the same `strongroom.errors` classes the in-process keystore raises.
+(`https://host:8443`, with the service's CA and optionally a client certificate). Each
+method names its operation in `wire.OPS`, which gives its method, path, the encoding of
+its fields and the shape of the answer. Errors come back as the same `strongroom.errors`
+classes the in-process keystore raises (`wire.error_from_wire`).
+
+This module imports only `wire` and the contract layer: a client installs no server side.
+Reading the config for `connect()`'s defaults is `strongroom.service.connect`'s business.
 """
 
 from __future__ import annotations
@@ -11,21 +17,17 @@ import base64
 import os
 import ssl
 from collections.abc import Iterable
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
-from .. import errors
 from ..api import BackendStatus
 from ..errors import (
-    AuthenticationFailed,
     BackendUnavailable,
     InvalidArgument,
-    KeyExists,
-    KeyNotFound,
     NotPermitted,
     RateLimited,
     RequestTooLarge,
@@ -34,79 +36,23 @@ from ..errors import (
     VaultLocked,
 )
 from ..types import KeyInfo, KeyType, KeyVersion, Operation, Usage
+from . import wire
 
 TOKEN_ENV = "STRONGROOM_TOKEN"  # noqa: S105 - the variable name, not a token
 
 
-_LOCAL = {
+_LOCAL: dict[str, type[StrongroomError]] = {
     "NotPermitted": NotPermitted,
     "TenantNotFound": TenantNotFound,
     "VaultLocked": VaultLocked,
     "RateLimited": RateLimited,
     "RequestTooLarge": RequestTooLarge,
 }
-
-
-def _error(status: int, payload: Any, name: str | None) -> StrongroomError:
-    """The exception for an error answer: the service's own class where we have it."""
-    err = payload.get("error", {}) if isinstance(payload, dict) else {}
-    if not isinstance(err, dict):
-        err = {}
-    kind = str(err.get("type", ""))
-    message = str(err.get("message", f"the service answered HTTP {status}"))
-    e: StrongroomError
-    if kind == "KeyNotFound":
-        e = KeyNotFound(name or "?")
-    elif kind == "KeyExists":
-        e = KeyExists(name or "?")
-    elif kind == "AuthenticationFailed":
-        retries = err.get("retries_left")
-        return AuthenticationFailed(message, retries if isinstance(retries, int) else None)
-    elif kind == "BackendUnavailable":
-        e = BackendUnavailable(str(err.get("backend", "service")), message)
-    elif kind == "UnsupportedOperation":
-        key_type = err.get("key_type")
-        e = errors.UnsupportedOperation(
-            str(err.get("backend", "service")),
-            str(err.get("operation", "?")),
-            key_type if isinstance(key_type, str) else None,
-        )
-    else:
-        cls = _LOCAL.get(kind) or getattr(errors, kind, None)
-        if not (isinstance(cls, type) and issubclass(cls, StrongroomError)):
-            if status >= 500:
-                return StrongroomError(f"the service failed (HTTP {status}): {message}")
-            return StrongroomError(message)
-        try:
-            return cls(message)
-        except TypeError:
-            e = StrongroomError()
-    e.args = (message,)  # the service's words; the attributes above are for code
-    return e
-
-
-def _b64(data: bytes | bytearray | memoryview) -> str:
-    return base64.b64encode(bytes(data)).decode()
+"""Error classes of the client's own, for `wire.error_from_wire`."""
 
 
 def _unb64(value: str) -> bytes:
     return base64.b64decode(value)
-
-
-def _key_info(d: dict[str, Any]) -> KeyInfo:
-    return KeyInfo(
-        name=d["name"],
-        type=KeyType(d["type"]),
-        backend=d["backend"],
-        usage=frozenset(Usage(u) for u in d["usage"]),
-        exportable=bool(d.get("exportable", False)),
-        namespace=d.get("namespace", "default"),
-        version=int(d.get("version", 1)),
-        created=datetime.fromisoformat(d["created"]) if d.get("created") else None,
-        min_decryption_version=int(d.get("min_decryption_version") or 1),
-        disabled=bool(d.get("disabled", False)),
-        delete_after=datetime.fromisoformat(d["delete_after"]) if d.get("delete_after") else None,
-    )
 
 
 def _usage(usage: Any) -> list[str] | None:
@@ -117,6 +63,21 @@ def _usage(usage: Any) -> list[str] | None:
     if isinstance(usage, Usage):
         return [usage.value]
     return [u.value if isinstance(u, Usage) else str(u) for u in usage]
+
+
+def _encode(f: wire.Field, value: Any) -> Any:
+    """A value as the field's wire type writes it."""
+    if f.kind == wire.BYTES:
+        return wire.b64(value)
+    if f.kind == wire.KEY_TYPE:
+        return KeyType.parse(value).value
+    if f.kind == wire.USAGE:
+        return _usage(value)
+    if f.kind == wire.REF:
+        return dict(value)
+    if f.kind == wire.STRINGS:
+        return list(value)
+    return value
 
 
 class RemoteBackend:
@@ -151,19 +112,64 @@ class RemoteKeystore:
             self._namespace = tenant
         return self._namespace
 
-    # -- plumbing ------------------------------------------------------------------------------
+    # -- plumbing: every request is an operation of wire.OPS -----------------------------------
+    def _op(
+        self,
+        op_name: str,
+        key: str | None = None,
+        *,
+        about: str | None = None,
+        path: dict[str, str] | None = None,
+        **values: Any,
+    ) -> Any:
+        """Send the operation `op_name` and return the answer's JSON. `key` fills the path's
+        {name}, `path` any other path parameter, `values` the request's fields by KeyAPI
+        parameter; `about` is the key an error names (default `key`). A field left at None,
+        or at its default, is not sent: the service reads an absent field as its default."""
+        op = wire.OP[op_name]
+        params = dict(path or {})
+        if key is not None:
+            params["name"] = key
+        url = op.path.format(**{k: _segment(v) for k, v in params.items()})
+        body: dict[str, Any] | None = None
+        if op.body is not None or op.method == "POST":  # a POST always sends an object
+            body = {}
+            for f in op.body or ():
+                value = values.get(f.param)
+                if value is None:
+                    continue
+                value = _encode(f, value)
+                if not f.required and f.has_default and value == _encode(f, f.default):
+                    continue
+                body[f.name] = value
+        query = {f.name: values[f.param] for f in op.query if values.get(f.param) is not None}
+        return self._call(op.method, url, body, about or key, **query)
+
+    def _result(self, op_name: str, key: str | None = None, **values: Any) -> Any:
+        """The value of the answer's `result` field (a base64 field decoded)."""
+        op = wire.OP[op_name]
+        assert op.result is not None
+        value = self._op(op_name, key, **values)[op.result]
+        fields = op.response if isinstance(op.response, tuple) else ()
+        if any(f.name == op.result and f.kind == wire.BYTES for f in fields):
+            return _unb64(value)
+        return value
+
+    def _bytes(self, op_name: str, key: str | None = None, **values: Any) -> bytes:
+        return bytes(self._result(op_name, key, **values))
+
+    def _key(self, op_name: str, key: str | None = None, **values: Any) -> KeyInfo:
+        """An operation whose answer is a Key."""
+        assert wire.OP[op_name].response == wire.KEY
+        return wire.key_from_wire(self._op(op_name, key, **values))
+
     def _call(
         self, method: str, path: str, body: Any = None, name: str | None = None, **params: Any
     ) -> Any:
         import httpx
 
         try:
-            r = self._client.request(
-                method,
-                path,
-                json=body,
-                params={k: v for k, v in params.items() if v is not None} or None,
-            )
+            r = self._client.request(method, path, json=body, params=params or None)
         except httpx.TransportError as e:
             raise BackendUnavailable(
                 "service", f"cannot reach the Strongroom service at {self.url}: {e}"
@@ -173,7 +179,7 @@ class RemoteKeystore:
         except ValueError:
             payload = None
         if r.status_code >= 400:
-            raise _error(r.status_code, payload, name)
+            raise wire.error_from_wire(r.status_code, payload, name, _LOCAL)
         return payload
 
     def close(self) -> None:
@@ -187,20 +193,10 @@ class RemoteKeystore:
 
     # -- the key API ---------------------------------------------------------------------------
     def whoami(self) -> dict[str, Any]:
-        return dict(self._call("GET", "/v1/whoami"))
+        return dict(self._op("whoami"))
 
     def backends(self) -> list[BackendStatus]:
-        out = []
-        for d in self._call("GET", "/v1/backends")["backends"]:
-            caps = frozenset(
-                (KeyType(t), Operation(op)) for t, ops in d["capabilities"].items() for op in ops
-            )
-            out.append(
-                BackendStatus(
-                    d["name"], d["type"], d["available"], d["reason"], caps, d.get("details", {})
-                )
-            )
-        return out
+        return [wire.backend_status_from_wire(d) for d in self._result("list_backends")]
 
     def backend(self, name: str) -> RemoteBackend:
         for status in self.backends():
@@ -216,17 +212,14 @@ class RemoteKeystore:
         usage: Any = None,
         exportable: bool = False,
     ) -> KeyInfo:
-        body = {
-            "name": name,
-            "type": KeyType.parse(key_type).value,
-            "backend": backend,
-            "usage": _usage(usage),
-            "exportable": exportable,
-        }
-        return _key_info(
-            self._call(
-                "POST", "/v1/keys", {k: v for k, v in body.items() if v is not None}, name=name
-            )
+        return self._key_about(
+            "generate",
+            name,
+            name=name,
+            key_type=key_type,
+            backend=backend,
+            usage=usage,
+            exportable=exportable,
         )
 
     def import_key(
@@ -241,22 +234,24 @@ class RemoteKeystore:
     ) -> KeyInfo:
         """Store existing key material (raw, DER or PEM) in the service's backend. The material
         crosses the connection (TLS or the Unix socket); wiping your copy is up to you."""
-        body: dict[str, Any] = {
-            "name": name,
-            "type": KeyType.parse(key_type).value,
-            "material": _b64(material),
-            "format": format,
-            "exportable": exportable,
-        }
-        if backend is not None:
-            body["backend"] = backend
-        if usage is not None:
-            body["usage"] = _usage(usage)
-        return _key_info(self._call("POST", "/v1/keys", body, name=name))
+        return self._key_about(
+            "generate",
+            name,
+            name=name,
+            key_type=key_type,
+            material=material,
+            backend=backend,
+            usage=usage,
+            exportable=exportable,
+            format=format,
+        )
+
+    def _key_about(self, op_name: str, about: str, **values: Any) -> KeyInfo:
+        """An operation on no key in the path whose answer is a Key (generate, import)."""
+        return wire.key_from_wire(self._op(op_name, about=about, **values))
 
     def mac(self, name: str, data: bytes) -> bytes:
-        body = {"data": _b64(data)}
-        return _unb64(self._call("POST", f"/v1/keys/{_segment(name)}/mac", body, name=name)["mac"])
+        return self._bytes("mac", name, data=data)
 
     def derive(
         self,
@@ -268,73 +263,60 @@ class RemoteKeystore:
         info: bytes = b"",
         exportable: bool = False,
     ) -> KeyInfo:
-        body: dict[str, Any] = {
-            "new_name": new_name,
-            "type": KeyType.parse(key_type).value,
-            "salt": _b64(salt),
-            "info": _b64(info),
-        }
-        if usage is not None:
-            body["usage"] = _usage(usage)
-        if exportable:
-            body["exportable"] = True
-        return _key_info(self._call("POST", f"/v1/keys/{_segment(name)}/derive", body, name=name))
+        return self._key(
+            "derive",
+            name,
+            new_name=new_name,
+            key_type=key_type,
+            usage=usage,
+            salt=salt,
+            info=info,
+            exportable=exportable,
+        )
 
     def rotate(self, name: str, backend: str | None = None) -> KeyInfo:
-        body = {} if backend is None else {"backend": backend}
-        return _key_info(self._call("POST", f"/v1/keys/{_segment(name)}/rotate", body, name=name))
+        return self._key("rotate", name, backend=backend)
 
     def versions(self, name: str) -> list[KeyVersion]:
         """The key's versions, oldest first (without backend handles)."""
-        found = self._call("GET", f"/v1/keys/{_segment(name)}/versions", name=name)["versions"]
-        return [
-            KeyVersion(int(v["version"]), str(v["backend"]), datetime.fromisoformat(v["created"]))
-            for v in found
-        ]
+        return [wire.version_from_wire(v) for v in self._result("versions", name)]
 
     def disable(self, name: str) -> KeyInfo:
-        return _key_info(self._call("POST", f"/v1/keys/{_segment(name)}/disable", {}, name=name))
+        return self._key("disable", name)
 
     def enable(self, name: str) -> KeyInfo:
-        return _key_info(self._call("POST", f"/v1/keys/{_segment(name)}/enable", {}, name=name))
+        return self._key("enable", name)
 
     def set_min_decryption_version(self, name: str, version: int) -> KeyInfo:
-        body = {"min_decryption_version": version}
-        return _key_info(self._call("POST", f"/v1/keys/{_segment(name)}/config", body, name=name))
+        return self._key("key_config", name, version=version)
 
     def info(self, name: str) -> KeyInfo:
-        return _key_info(self._call("GET", f"/v1/keys/{_segment(name)}", name=name))
+        return self._key("show_key", name)
 
     def keys(self) -> list[KeyInfo]:
-        return [_key_info(d) for d in self._call("GET", "/v1/keys")["keys"]]
+        return [wire.key_from_wire(d) for d in self._result("list_keys")]
 
     def delete(self, name: str) -> None:
         """Destroy the key at once, as `Keystore.delete` does."""
-        self._call("DELETE", f"/v1/keys/{_segment(name)}", name=name, now="true")
+        self._op("delete_key", name, now="true")
 
     def schedule_deletion(self, name: str, wait: timedelta | None = None) -> KeyInfo | None:
         """Delete after `wait` (default: the service's deletion_wait); None if done at once."""
         after = None if wait is None else str(int(wait.total_seconds()))
-        r = self._call("DELETE", f"/v1/keys/{_segment(name)}", name=name, after=after)
+        r = self._op("delete_key", name, after=after)
         return None if "scheduled" not in r else self.info(name)
 
     def cancel_deletion(self, name: str) -> KeyInfo:
-        return _key_info(
-            self._call("POST", f"/v1/keys/{_segment(name)}/cancel-deletion", {}, name=name)
-        )
+        return self._key("cancel_deletion", name)
 
     def public_key(self, name: str, version: int | None = None) -> PublicKeyTypes:
-        path = f"/v1/keys/{_segment(name)}/public"
-        der = _unb64(self._call("GET", path, name=name, format="der", version=version)["der"])
+        der = self._bytes("public_key", name, format="der", version=version)
         return serialization.load_der_public_key(der)
 
     def attest(self, name: str, nonce: bytes | None = None) -> dict[str, Any]:
         """The key's backend's statement that the key lives in its hardware (the service
         makes the nonce when None); check it with `strongroom.keystore.verify_attestation`."""
-        body = {} if nonce is None else {"nonce": _b64(nonce)}
-        return dict(
-            self._call("POST", f"/v1/keys/{_segment(name)}/attest", body, name=name)["statement"]
-        )
+        return dict(self._result("attest", name, nonce=nonce))
 
     def sign(
         self,
@@ -345,10 +327,8 @@ class RemoteKeystore:
         envelope: bool = False,
         prehashed: bool = False,
     ) -> bytes:
-        body: dict[str, Any] = {"data": _b64(data)}
-        _options(body, algorithm, envelope, prehashed=prehashed)
-        return _unb64(
-            self._call("POST", f"/v1/keys/{_segment(name)}/sign", body, name=name)["signature"]
+        return self._bytes(
+            "sign", name, data=data, algorithm=algorithm, envelope=envelope, prehashed=prehashed
         )
 
     def verify(
@@ -363,9 +343,17 @@ class RemoteKeystore:
         prehashed: bool = False,
     ) -> None:
         """None, or raise cryptography's InvalidSignature, as `Keystore.verify` does."""
-        body: dict[str, Any] = {"data": _b64(data), "signature": _b64(signature)}
-        _options(body, algorithm, envelope, version, prehashed=prehashed)
-        if not self._call("POST", f"/v1/keys/{_segment(name)}/verify", body, name=name)["valid"]:
+        valid = self._result(
+            "verify",
+            name,
+            data=data,
+            signature=signature,
+            algorithm=algorithm,
+            version=version,
+            envelope=envelope,
+            prehashed=prehashed,
+        )
+        if not valid:
             raise InvalidSignature()
 
     def encrypt(
@@ -377,10 +365,8 @@ class RemoteKeystore:
         *,
         envelope: bool = False,
     ) -> bytes:
-        body: dict[str, Any] = {"plaintext": _b64(plaintext), "aad": _b64(aad)}
-        _options(body, algorithm, envelope)
-        return _unb64(
-            self._call("POST", f"/v1/keys/{_segment(name)}/encrypt", body, name=name)["ciphertext"]
+        return self._bytes(
+            "encrypt", name, plaintext=plaintext, aad=aad, algorithm=algorithm, envelope=envelope
         )
 
     def decrypt(
@@ -393,10 +379,14 @@ class RemoteKeystore:
         version: int | None = None,
         envelope: bool = False,
     ) -> bytes:
-        body: dict[str, Any] = {"ciphertext": _b64(ciphertext), "aad": _b64(aad)}
-        _options(body, algorithm, envelope, version)
-        return _unb64(
-            self._call("POST", f"/v1/keys/{_segment(name)}/decrypt", body, name=name)["plaintext"]
+        return self._bytes(
+            "decrypt",
+            name,
+            ciphertext=ciphertext,
+            aad=aad,
+            algorithm=algorithm,
+            version=version,
+            envelope=envelope,
         )
 
     def agree(
@@ -413,35 +403,31 @@ class RemoteKeystore:
         """ECDH/X25519 with `peer` (a public key object, or PEM, DER or raw bytes)."""
         if isinstance(peer, bytes | bytearray):
             raw = bytes(peer)
-            wire = raw.decode() if raw.lstrip().startswith(b"-----BEGIN") else _b64(raw)
+            wire_peer = raw.decode() if raw.lstrip().startswith(b"-----BEGIN") else wire.b64(raw)
         else:
-            wire = peer.public_bytes(
+            wire_peer = peer.public_bytes(
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             ).decode()
-        body: dict[str, Any] = {
-            "peer": wire,
-            "new_name": new_name,
-            "type": KeyType.parse(key_type).value,
-            "salt": _b64(salt),
-            "info": _b64(info),
-        }
-        if usage is not None:
-            body["usage"] = _usage(usage)
-        if exportable:
-            body["exportable"] = True
-        return _key_info(self._call("POST", f"/v1/keys/{_segment(name)}/agree", body, name=name))
+        return self._key(
+            "agree",
+            name,
+            peer=wire_peer,
+            new_name=new_name,
+            key_type=key_type,
+            usage=usage,
+            salt=salt,
+            info=info,
+            exportable=exportable,
+        )
 
     def export_key(self, name: str, format: str = "pem") -> bytes:
         """The private key material of an exportable key (pem, der or raw)."""
-        body = {"format": format}
-        found = self._call("POST", f"/v1/keys/{_segment(name)}/export", body, name=name)
+        found = self._op("export", name, format=format)
         return str(found["pem"]).encode() if format == "pem" else _unb64(found[format])
 
     def wrap(self, wrapping_key: str, name: str) -> bytes:
         """The exportable key `name` wrapped under `wrapping_key` (AES key wrap, RFC 5649)."""
-        body = {"key": name}
-        path = f"/v1/keys/{_segment(wrapping_key)}/wrap"
-        return _unb64(self._call("POST", path, body, name=wrapping_key)["blob"])
+        return self._bytes("wrap", wrapping_key, name=name)
 
     def unwrap(
         self,
@@ -453,29 +439,22 @@ class RemoteKeystore:
         exportable: bool = False,
     ) -> KeyInfo:
         """Unwrap `blob` (from `wrap`, or RFC 5649 elsewhere) into the new key `new_name`."""
-        body: dict[str, Any] = {
-            "blob": _b64(blob),
-            "new_name": new_name,
-            "type": KeyType.parse(key_type).value,
-        }
-        if usage is not None:
-            body["usage"] = _usage(usage)
-        if exportable:
-            body["exportable"] = True
-        path = f"/v1/keys/{_segment(wrapping_key)}/unwrap"
-        return _key_info(self._call("POST", path, body, name=wrapping_key))
+        return self._key(
+            "unwrap",
+            wrapping_key,
+            blob=blob,
+            new_name=new_name,
+            key_type=key_type,
+            usage=usage,
+            exportable=exportable,
+        )
 
     def rewrap(
         self, name: str, ciphertext: bytes, aad: bytes = b"", algorithm: str | None = None
     ) -> bytes:
         """Re-encrypt an enveloped ciphertext under the key's primary version; the plaintext
         stays in the service."""
-        body: dict[str, Any] = {"ciphertext": _b64(ciphertext), "aad": _b64(aad)}
-        if algorithm is not None:
-            body["algorithm"] = algorithm
-        return _unb64(
-            self._call("POST", f"/v1/keys/{_segment(name)}/rewrap", body, name=name)["ciphertext"]
-        )
+        return self._bytes("rewrap", name, ciphertext=ciphertext, aad=aad, algorithm=algorithm)
 
     def adopt(
         self,
@@ -486,77 +465,59 @@ class RemoteKeystore:
         usage: Any = None,
     ) -> KeyInfo:
         """Register a key that already exists in the service's `backend`, found by `ref`."""
-        body: dict[str, Any] = {"backend": backend, "ref": dict(ref)}
-        if key_type is not None:
-            body["type"] = KeyType.parse(key_type).value
-        if usage is not None:
-            body["usage"] = _usage(usage)
-        return _key_info(self._call("POST", f"/v1/keys/{_segment(name)}/adopt", body, name=name))
+        return self._key("adopt", name, backend=backend, ref=ref, key_type=key_type, usage=usage)
 
     def random(self, n: int, backend: str | None = None) -> bytes:
-        body: dict[str, Any] = {"n": n}
-        if backend is not None:
-            body["backend"] = backend
-        return _unb64(self._call("POST", "/v1/random", body)["data"])
+        return self._bytes("random", n=n, backend=backend)
 
     def vault_control(self) -> RemoteVault:
         return RemoteVault(self)
 
     # -- the service's own commands (admin) ----------------------------------------------------
     def vault_status(self) -> dict[str, Any]:
-        return dict(self._call("GET", "/v1/vault"))
+        return dict(self._op("vault_status"))
 
     def vault_lock(self) -> None:
-        self._call("POST", "/v1/vault/lock", {})
+        self._op("vault_lock")
 
     def vault_unlock(self, method: str | None = None) -> str:
-        body = {} if method is None else {"method": method}
-        return str(self._call("POST", "/v1/vault/unlock", body)["method"])
+        return str(self._result("vault_unlock", method=method))
 
     def audit_verify(self) -> dict[str, Any]:
-        return dict(self._call("GET", "/v1/audit/verify"))
+        return dict(self._op("audit_verify"))
 
     def audit_records(
         self, since: int = 0, limit: int = 100, last: int | None = None
     ) -> list[dict[str, Any]]:
         """Records after seq `since` (oldest first), or with `last`, the newest `last`."""
         if last is not None:
-            return list(self._call("GET", "/v1/audit/records", last=last)["records"])
-        return list(self._call("GET", "/v1/audit/records", since=since, limit=limit)["records"])
+            return list(self._result("audit_records", last=last))
+        return list(self._result("audit_records", since=since, limit=limit))
 
     def create_tenant(self, name: str) -> None:
-        self._call("POST", "/v1/tenants", {"name": name})
+        self._op("create_tenant", name=name)
 
     def tenants(self) -> list[dict[str, Any]]:
-        return list(self._call("GET", "/v1/tenants")["tenants"])
+        return list(self._result("list_tenants"))
 
     def issue_token(self, tenant: str, name: str) -> str:
-        return str(
-            self._call("POST", f"/v1/tenants/{_segment(tenant)}/tokens", {"name": name})["token"]
-        )
+        return str(self._result("issue_token", path={"tenant": tenant}, name=name))
 
     def revoke_identity(self, tenant: str, name: str) -> None:
-        self._call("DELETE", f"/v1/tenants/{_segment(tenant)}/identities/{_segment(name)}")
+        self._op("revoke_identity", path={"tenant": tenant, "name": name})
 
     def grant(self, tenant: str, identity: str, keys: str, permissions: Iterable[str]) -> None:
-        body = {
-            "tenant": tenant,
-            "identity": identity,
-            "keys": keys,
-            "permissions": list(permissions),
-        }
-        self._call("POST", "/v1/policies", body)
+        self._op("grant", tenant=tenant, identity=identity, keys=keys, permissions=permissions)
 
     def revoke_policy(
         self, tenant: str, identity: str, keys: str, permissions: Iterable[str] | None = None
     ) -> None:
-        body: dict[str, Any] = {"tenant": tenant, "identity": identity, "keys": keys}
-        if permissions is not None:
-            body["permissions"] = list(permissions)
-        self._call("DELETE", "/v1/policies", body)
+        self._op(
+            "revoke_policy", tenant=tenant, identity=identity, keys=keys, permissions=permissions
+        )
 
     def policies(self, tenant: str | None = None) -> list[dict[str, Any]]:
-        return list(self._call("GET", "/v1/policies", tenant=tenant)["policies"])
+        return list(self._result("list_policies", tenant=tenant))
 
 
 class RemoteVault:
@@ -575,25 +536,6 @@ class RemoteVault:
         return self._remote.vault_unlock(method)
 
 
-def _options(
-    body: dict[str, Any],
-    algorithm: str | None,
-    envelope: bool,
-    version: int | None = None,
-    *,
-    prehashed: bool = False,
-) -> None:
-    """Add the optional fields of a sign, verify, encrypt or decrypt request."""
-    if algorithm is not None:
-        body["algorithm"] = algorithm
-    if envelope:
-        body["envelope"] = True
-    if prehashed:
-        body["prehashed"] = True
-    if version is not None:
-        body["version"] = version
-
-
 def _segment(value: str) -> str:
     from urllib.parse import quote
 
@@ -602,41 +544,29 @@ def _segment(value: str) -> str:
     return quote(value, safe="")
 
 
-def connect(
-    url: str | None = None,
-    *,
-    token: str | None = None,
-    config: str | os.PathLike[str] | None = None,
-    ca: str | os.PathLike[str] | None = None,
-    client_cert: str | os.PathLike[str] | None = None,
-    client_key: str | os.PathLike[str] | None = None,
-    timeout: float = 60.0,
-) -> RemoteKeystore:
-    """Connect to a running `strongroom serve`.
-
-    `url` is `unix:PATH` or `https://HOST:PORT`; by default `[server] url` from the config,
-    else the service's default socket in the data dir. `token` defaults to `[server] token`
-    (env:/file:), else $STRONGROOM_TOKEN. With a client certificate no token is needed.
-    """
+def require_httpx() -> Any:
+    """The httpx module, or BackendUnavailable naming the extra that installs it."""
     try:
         import httpx
     except ImportError:
         raise BackendUnavailable(
             "service", "strongroom.connect needs httpx: pip install 'strongroom[server]'"
         ) from None
-    from .. import config as _config
-    from ..secrets import SecretSource
+    return httpx
 
-    cfg = _config.load(config)
-    server = cfg.server
-    url = url or server.url or f"unix:{server.socket or cfg.data_dir / 'serve.sock'}"
-    if token is None and server.token is not None:
-        token = SecretSource([server.token], "API token").get()
-    if token is None:
-        token = os.environ.get(TOKEN_ENV) or None
-    ca = ca if ca is not None else server.ca
-    client_cert = client_cert if client_cert is not None else server.client_cert
-    client_key = client_key if client_key is not None else server.client_key
+
+def open_client(
+    url: str,
+    *,
+    token: str | None = None,
+    ca: str | os.PathLike[str] | None = None,
+    client_cert: str | os.PathLike[str] | None = None,
+    client_key: str | os.PathLike[str] | None = None,
+    timeout: float = 60.0,
+) -> RemoteKeystore:
+    """A client of the service at `url` (`unix:PATH` or `https://HOST:PORT`), every option
+    given: `strongroom.connect()` fills them in from the config first."""
+    httpx = require_httpx()
     headers = {"authorization": f"Bearer {token}"} if token else {}
     if url.startswith("unix:"):
         path = url[len("unix:") :]
@@ -656,4 +586,15 @@ def connect(
     return RemoteKeystore(client, url)
 
 
-__all__ = ["NotPermitted", "RateLimited", "RemoteKeystore", "VaultLocked", "connect"]
+__all__ = [
+    "TOKEN_ENV",
+    "NotPermitted",
+    "RateLimited",
+    "RemoteBackend",
+    "RemoteKeystore",
+    "RemoteVault",
+    "RequestTooLarge",
+    "VaultLocked",
+    "open_client",
+    "require_httpx",
+]
