@@ -97,8 +97,12 @@ NATIVE_IMPORTERS: Mapping[str, frozenset[str]] = {
             "strongroom.backends.pkcs11.backend",
             "strongroom.backends.pkcs11.errors",
             "strongroom.backends.pkcs11.token",
-            # Pkcs11Backend's mixins, split out of backend.py (its wrap/unwrap and Sealer
-            # methods): the same calls on python-pkcs11 objects, now in two more files.
+            # Pkcs11Backend's mixins, split out of backend.py (discovery, key creation,
+            # adopt, wrap/unwrap and Sealer methods): the same calls on python-pkcs11
+            # objects, now in five more files.
+            "strongroom.backends.pkcs11.adopt",
+            "strongroom.backends.pkcs11.discovery",
+            "strongroom.backends.pkcs11.keygen",
             "strongroom.backends.pkcs11.sealer",
             "strongroom.backends.pkcs11.wrap",
         }
