@@ -51,8 +51,11 @@ CONTRACT = frozenset(
 )
 """R1: what a backend is written against. strictjson (strict JSON parsing, no imports of
 ours) is a helper of this layer; the vault's snapshot and catalog records use it."""
-RUNTIME = frozenset({"strongroom.memory", "strongroom.sodium", "strongroom._native"})
-"""R2: guarded memory and the libsodium calls on it."""
+RUNTIME = frozenset(
+    {"strongroom.memory", "strongroom.memory_process", "strongroom.sodium", "strongroom._native"}
+)
+"""R2: guarded memory and the libsodium calls on it. memory_process.py (purge, memlock status,
+core dumps) is split out of memory.py, which exports its names."""
 AUDIT = frozenset(
     {
         "strongroom.audit",
@@ -127,10 +130,16 @@ NATIVE_IMPORTERS: Mapping[str, frozenset[str]] = {
     "nacl": frozenset(
         {"strongroom.memory", "strongroom.sodium", "strongroom.backends.vault.procedures"}
     ),
-    # Our C extension: memory.py (guarded memory), the audit writer (one call per record,
-    # the hot path) and the vault's key operations.
+    # Our C extension: memory.py (guarded memory) with memory_process.py (purge, memlock
+    # status, core dumps: process-wide calls, split out of memory.py), the audit writer (one
+    # call per record, the hot path) and the vault's key operations.
     "strongroom._native": frozenset(
-        {"strongroom.memory", "strongroom.audit.writer", "strongroom.backends.vault.keyops"}
+        {
+            "strongroom.memory",
+            "strongroom.memory_process",
+            "strongroom.audit.writer",
+            "strongroom.backends.vault.keyops",
+        }
     ),
 }
 
