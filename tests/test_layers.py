@@ -72,12 +72,18 @@ ENGINE = AUDIT | {
     "strongroom.keystore",
     "strongroom.keystore_lifecycle",
     "strongroom.keystore_seeds",
+    "strongroom.keystore_signer",
+    "strongroom.keystore_vault",
 }
 """R3. The faces (server, client, cli, tenants, openapi, the package's `__init__`, the
 shipped contract suite) are every other core module."""
 KEYSTORE_MIXINS = frozenset({"strongroom.keystore_lifecycle", "strongroom.keystore_seeds"})
 """Mixins of `Keystore` in modules of their own (docs/decisions.md, "Modules split along
 their banners"): they may use the catalog and config types the keystore holds."""
+KEYSTORE_PARTS = frozenset({"strongroom.keystore_signer", "strongroom.keystore_vault"})
+"""Code that takes a keystore through a Protocol of what it uses (the audit checkpoint
+signer, the audited vault commands and vault restore): besides the catalog, the signer
+uses the audit package's signature type and key fingerprint. Never the keystore itself."""
 CLI = "strongroom.cli"
 
 NATIVE_IMPORTERS: Mapping[str, frozenset[str]] = {
@@ -280,6 +286,8 @@ def may_import(importer: str, imported: str) -> bool:
         return imported in CONTRACT | RUNTIME | ENGINE | {"strongroom.envelope"}
     if importer in KEYSTORE_MIXINS:  # parts of the Keystore class: never the keystore itself
         return imported in CONTRACT | RUNTIME | {"strongroom.catalog", "strongroom.config"}
+    if importer in KEYSTORE_PARTS:  # a keystore behind a Protocol: never the keystore itself
+        return imported in CONTRACT | RUNTIME | AUDIT | {"strongroom.catalog"}
     if importer in AUDIT:  # no other engine module: the keystore hands it a CheckpointSigner
         return imported in CONTRACT | RUNTIME | AUDIT
     if importer == "strongroom.discovery":
@@ -434,6 +442,8 @@ def test_synthetic_forbidden_edges_are_caught() -> None:
     assert may_import("strongroom.keystore", "strongroom.discovery")
     assert may_import("strongroom.keystore", "strongroom.audit.log")
     assert not may_import("strongroom.keystore_lifecycle", "strongroom.keystore")
+    assert not may_import("strongroom.keystore_signer", "strongroom.keystore")
+    assert not may_import("strongroom.keystore_vault", "strongroom.keystore")
     assert may_import("strongroom.keystore", "strongroom.keystore_lifecycle")
     assert not may_import("strongroom.audit.log", "strongroom.config")
     found = native_importers(synthetic_imports())
