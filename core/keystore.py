@@ -1,7 +1,9 @@
 """The Keystore: resolves names through the catalog, checks usage, routes, audits.
 
 Key versions and lifecycle (keystore_lifecycle.py) and the seed procedures
-(keystore_seeds.py) are mixins of `Keystore` in modules of their own.
+(keystore_seeds.py) are mixins of `Keystore` in modules of their own. The audited vault
+commands and `vault_restore` (keystore_vault.py) and the audit checkpoint signer
+(keystore_signer.py) take a keystore through a Protocol of what they use.
 """
 
 from __future__ import annotations
@@ -14,15 +16,13 @@ import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from . import algorithms, lifecycle
 from .api import BackendStatus
-from .audit import Audit, CheckpointSignature, CheckpointSigner
-from .audit.log import AUDIT_NAMESPACE, fingerprint
+from .audit import Audit, CheckpointSigner
 from .backend import (
     Attester,
     Backend,
@@ -54,6 +54,8 @@ from .errors import (
 )
 from .keystore_lifecycle import ADOPTED, KeyLifecycle
 from .keystore_seeds import KeySeeds
+from .keystore_signer import _KeystoreSigner
+from .keystore_vault import _AuditedVault, _failed_slots, _unlocked, _vault_control, vault_restore
 from .secrets import Prompter, terminal_prompter
 from .types import OPERATION_USAGE, KeyInfo, KeyType, KeyVersion, Operation, Usage
 
@@ -970,177 +972,6 @@ class _AuditedAhead(_Audited):
     def __enter__(self) -> dict[str, Any]:
         self._audit.record(self._op, self._key, "started", None, None, **self._detail)
         return self._facts
-
-
-class _AuditedVault:
-    """The vault's own commands, each recorded in the audit log (status is read-only)."""
-
-    _AUDITED = frozenset(
-        {
-            "initialize",
-            "lock",
-            "unlock",
-            "enroll",
-            "unenroll",
-            "change_passphrase",
-            "backup",
-            "restore",
-            "enroll_threshold",
-            "recovery_shares",
-            "recover",
-        }
-    )
-
-    def __init__(self, ks: Keystore, vault: VaultControl, name: str) -> None:
-        self._ks, self._vault, self._name = ks, vault, name
-
-    def __getattr__(self, attr: str) -> Any:
-        target = getattr(self._vault, attr)
-        if attr not in self._AUDITED:
-            return target
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            audited = self._ks._audited(f"vault_{attr}", None)
-            with audited as facts:
-                facts["backend"] = self._name
-                was_unlocked = attr == "unlock" and _unlocked(self._vault)
-                result = target(*args, **kwargs)
-                if attr in ("unlock", "restore") and not was_unlocked:
-                    failed = _failed_slots(self._vault)
-                    if failed:  # a hardware slot failed before another method opened it
-                        audited.add_detail(failed_slots=failed)
-                return result
-
-        return call
-
-
-def _unlocked(vault: VaultControl) -> bool:
-    return bool(vault.vault_status().get("unlocked"))
-
-
-def _failed_slots(vault: VaultControl) -> str:
-    """The key slots that failed in the vault's last unlock, as one line for the audit log:
-    `METHOD (slot ID): ERROR: REASON`, separated by `; `; empty when none failed."""
-    return "; ".join(
-        f"{f.get('method')} (slot {', '.join(f.get('slots') or [])}): "
-        f"{f.get('error')}: {f.get('reason')}"
-        for f in vault.vault_status().get("unlock_failures") or []
-    )
-
-
-def _vault_control(ks: Keystore) -> VaultControl:
-    v = ks.vault
-    if not isinstance(v, VaultControl):  # pragma: no cover - the built-in vault implements it
-        raise UnsupportedOperation(v.name, "vault", None)
-    return v
-
-
-class _KeystoreSigner:
-    """Signs audit checkpoints (`audit.CheckpointSigner`) with the key `name` in namespace
-    `_audit`, made on first use.
-
-    The key is generated in `backend` (default: the vault) as ed25519, or ecdsa-p256 when
-    that backend cannot make ed25519. Used only when its backend is already open, unless
-    forced (an explicit checkpoint), so a checkpoint never prompts for a passphrase. It
-    lives here, not in the audit modules, because it works through the keystore's private
-    `_ready`, `_create` and `_opened`.
-    """
-
-    def __init__(self, ks: Keystore, name: str, backend: str | None) -> None:
-        self._ks = ks
-        self.name = name
-        self._backend_name = backend
-        self._fp: str | None = None
-
-    def _backend(self) -> Backend:
-        ks = self._ks
-        return ks.backend(self._backend_name) if self._backend_name else ks.vault
-
-    def ready(self, force: bool) -> bool:
-        """Whether a checkpoint can be signed now without opening (unlocking) a backend: it
-        must be open in this keystore and not locked since (`vault lock` wipes the vault but
-        its next use would unlock it again, which a checkpoint must not do)."""
-        if force:
-            return True
-        b = self._backend()
-        if b.name not in self._ks._opened:
-            return False
-        try:
-            return bool(b.status().get("unlocked", True))
-        except Exception:  # a backend that cannot say: do not touch it now
-            return False
-
-    def info(self, create: bool) -> KeyInfo | None:
-        ks = self._ks
-        try:
-            return ks.catalog.get(AUDIT_NAMESPACE, self.name)
-        except KeyNotFound:
-            if not create:
-                return None
-        b = ks._ready(self._backend())
-        ktype = KeyType.ED25519
-        if not b.supports(ktype, Operation.GENERATE):
-            ktype = KeyType.ECDSA_P256
-        info = KeyInfo(
-            name=self.name,
-            type=ktype,
-            backend=b.name,
-            usage=frozenset({Usage.SIGN, Usage.VERIFY}),
-            exportable=False,
-            namespace=AUDIT_NAMESPACE,
-            created=now(),
-        )
-        try:
-            made = ks._create(info, b, b.generate)
-        except KeyExists:
-            return ks.catalog.get(AUDIT_NAMESPACE, self.name)
-        return replace(made)
-
-    def public_key(self, create: bool = False) -> PublicKeyTypes | None:
-        info = self.info(create)
-        if info is None:
-            return None
-        b = self._ks._ready(self._ks.backend(info.backend))
-        public: PublicKeyTypes = b.public_key(info)
-        return public
-
-    def sign(self, message: bytes) -> CheckpointSignature:
-        ks = self._ks
-        info = self.info(True)
-        assert info is not None  # made on first use
-        b = ks._ready(ks.backend(info.backend))
-        if self._fp is None:
-            self._fp = fingerprint(b.public_key(info))
-        sig = b.sign(info, message, None)
-        name = f"{info.namespace}/{info.name}"
-        return CheckpointSignature(name, b.name, info.type.value, self._fp, bytes(sig))
-
-
-def vault_restore(ks: Keystore, source: str | os.PathLike[str]) -> dict[str, Any]:
-    """Replace the vault with a backup and bring the catalog in line with it."""
-    vault = _vault_control(ks)
-    name = ks.vault.name
-    with ks._audited("vault_restore", None) as facts:
-        facts["backend"] = name
-        restored = vault.restore(Path(source))
-        ks._opened.add(name)
-        current = {i.handle: i for i in ks.catalog.list(None) if i.backend == name}
-        kept = {i.handle for i in restored}
-        removed, added, conflicts = [], [], []
-        for info in current.values():
-            if info.handle not in kept:
-                ks.catalog.remove(info.namespace, info.name)
-                removed.append(info.name)
-        versions = ks.catalog.handles(name)  # older versions of rotated keys, too
-        for info in restored:
-            if info.handle in current or info.handle in versions:
-                continue
-            if ks.catalog.exists(info.namespace, info.name):
-                conflicts.append(info.name)
-                continue
-            ks.catalog.add(info)
-            added.append(info.name)
-        return {"keys": len(restored), "added": added, "removed": removed, "conflicts": conflicts}
 
 
 __all__ = [

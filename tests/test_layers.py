@@ -54,8 +54,11 @@ CONTRACT = frozenset(
 )
 """R1: what a backend is written against. strictjson (strict JSON parsing, no imports of
 ours) is a helper of this layer; the vault's snapshot and catalog records use it."""
-RUNTIME = frozenset({"strongroom.memory", "strongroom.sodium", "strongroom._native"})
-"""R2: guarded memory and the libsodium calls on it."""
+RUNTIME = frozenset(
+    {"strongroom.memory", "strongroom.memory_process", "strongroom.sodium", "strongroom._native"}
+)
+"""R2: guarded memory and the libsodium calls on it. memory_process.py (purge, memlock status,
+core dumps) is split out of memory.py, which exports its names."""
 AUDIT = frozenset(
     {
         "strongroom.audit",
@@ -72,12 +75,18 @@ ENGINE = AUDIT | {
     "strongroom.keystore",
     "strongroom.keystore_lifecycle",
     "strongroom.keystore_seeds",
+    "strongroom.keystore_signer",
+    "strongroom.keystore_vault",
 }
 """R3. The faces (service/, cli/, the package's `__init__`, the shipped contract suite and
 the aliases at the service's old paths) are every other core module."""
 KEYSTORE_MIXINS = frozenset({"strongroom.keystore_lifecycle", "strongroom.keystore_seeds"})
 """Mixins of `Keystore` in modules of their own (docs/decisions.md, "Modules split along
 their banners"): they may use the catalog and config types the keystore holds."""
+KEYSTORE_PARTS = frozenset({"strongroom.keystore_signer", "strongroom.keystore_vault"})
+"""Code that takes a keystore through a Protocol of what it uses (the audit checkpoint
+signer, the audited vault commands and vault restore): besides the catalog, the signer
+uses the audit package's signature type and key fingerprint. Never the keystore itself."""
 CLI = "strongroom.cli"
 """The command line, a face: the `cli/` package. Its modules import each other; nothing
 outside it imports any of them."""
@@ -113,8 +122,12 @@ NATIVE_IMPORTERS: Mapping[str, frozenset[str]] = {
             "strongroom.backends.pkcs11.backend",
             "strongroom.backends.pkcs11.errors",
             "strongroom.backends.pkcs11.token",
-            # Pkcs11Backend's mixins, split out of backend.py (its wrap/unwrap and Sealer
-            # methods): the same calls on python-pkcs11 objects, now in two more files.
+            # Pkcs11Backend's mixins, split out of backend.py (discovery, key creation,
+            # adopt, wrap/unwrap and Sealer methods): the same calls on python-pkcs11
+            # objects, now in five more files.
+            "strongroom.backends.pkcs11.adopt",
+            "strongroom.backends.pkcs11.discovery",
+            "strongroom.backends.pkcs11.keygen",
             "strongroom.backends.pkcs11.sealer",
             "strongroom.backends.pkcs11.wrap",
         }
@@ -139,10 +152,16 @@ NATIVE_IMPORTERS: Mapping[str, frozenset[str]] = {
     "nacl": frozenset(
         {"strongroom.memory", "strongroom.sodium", "strongroom.backends.vault.procedures"}
     ),
-    # Our C extension: memory.py (guarded memory), the audit writer (one call per record,
-    # the hot path) and the vault's key operations.
+    # Our C extension: memory.py (guarded memory) with memory_process.py (purge, memlock
+    # status, core dumps: process-wide calls, split out of memory.py), the audit writer (one
+    # call per record, the hot path) and the vault's key operations.
     "strongroom._native": frozenset(
-        {"strongroom.memory", "strongroom.audit.writer", "strongroom.backends.vault.keyops"}
+        {
+            "strongroom.memory",
+            "strongroom.memory_process",
+            "strongroom.audit.writer",
+            "strongroom.backends.vault.keyops",
+        }
     ),
 }
 
@@ -276,6 +295,8 @@ def may_import(importer: str, imported: str) -> bool:
         return imported in CONTRACT | RUNTIME | ENGINE | {"strongroom.envelope"}
     if importer in KEYSTORE_MIXINS:  # parts of the Keystore class: never the keystore itself
         return imported in CONTRACT | RUNTIME | {"strongroom.catalog", "strongroom.config"}
+    if importer in KEYSTORE_PARTS:  # a keystore behind a Protocol: never the keystore itself
+        return imported in CONTRACT | RUNTIME | AUDIT | {"strongroom.catalog"}
     if importer in AUDIT:  # no other engine module: the keystore hands it a CheckpointSigner
         return imported in CONTRACT | RUNTIME | AUDIT
     if importer == "strongroom.discovery":
@@ -454,6 +475,8 @@ def test_synthetic_forbidden_edges_are_caught() -> None:
     assert not may_import("strongroom.keystore", "strongroom.service.wire")
     assert may_import("strongroom.keystore", "strongroom.audit.log")
     assert not may_import("strongroom.keystore_lifecycle", "strongroom.keystore")
+    assert not may_import("strongroom.keystore_signer", "strongroom.keystore")
+    assert not may_import("strongroom.keystore_vault", "strongroom.keystore")
     assert may_import("strongroom.keystore", "strongroom.keystore_lifecycle")
     assert may_import("strongroom.cli.keys", "strongroom.cli._io")
     assert may_import("strongroom.cli", "strongroom.cli.keys")

@@ -10,7 +10,8 @@ Key types `fido-es256` and `fido-eddsa` are credentials the authenticator makes
 * `derive` (hmac-secret, the CTAP side of WebAuthn PRF) makes an `aes-256` key-encryption
   key that is never stored: each use asks the authenticator for the 32-byte hmac-secret
   output, derives the key with HKDF in guarded memory, uses it once and wipes it.
-* As a `Sealer`, the backend protects the vault master key: `strongroom vault enroll fido`.
+* As a `Sealer` (sealer.py), the backend protects the vault master key: `strongroom vault
+  enroll fido`.
 
 The user is asked to touch the key through `BackendContext.presence` ("touch your security
 key"), and for the PIN through the `pin` secret reference. A wrong PIN is never sent twice.
@@ -21,12 +22,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
-import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidTag
@@ -35,7 +35,6 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from strongroom import sodium
 from strongroom.backend import Backend, BackendContext, Capability, ConfigKey, NewKey
 from strongroom.errors import (
     AuthenticationFailed,
@@ -51,21 +50,19 @@ from . import devices
 from .handles import (
     CREDENTIAL_PREFIX,
     DERIVED_PREFIX,
+    UV_CHOICES,
     CredentialHandle,
     DerivedHandle,
-    b64u,
-    unb64u,
 )
+from .sealer import FidoSealer
 
 if TYPE_CHECKING:
     from .session import Session
 
 log = logging.getLogger("strongroom.fido")
 
-UV_CHOICES = ("discouraged", "preferred", "required")
 ALGORITHMS = {KeyType.FIDO_ES256: -7, KeyType.FIDO_EDDSA: -8}
 GCM_NONCE = 12
-SLOT_KIND = "fido2-hmac-secret"
 _PROBE_RETRY_S = 2.0
 _PRF_PREFIX = b"WebAuthn PRF\x00"
 
@@ -104,18 +101,7 @@ def _capabilities(algorithms: set[int], hmac_secret: bool) -> frozenset[Capabili
 _ALL_CAPABILITIES = _capabilities(set(ALGORITHMS.values()), True)
 
 
-def _flag(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise InvalidArgument(f"option {name} takes true or false, not {value!r}")
-
-
-class FidoBackend(Backend):
+class FidoBackend(FidoSealer, Backend):
     """A FIDO2/CTAP2 security key: USB HID, NFC/PC/SC, or the tests' software authenticator."""
 
     type_name = "fido"
@@ -558,111 +544,6 @@ class FidoBackend(Backend):
                 return
             token = self._pin_token(session, PERMISSION.CREDENTIAL_MGMT, handle.rp_id)
             session.delete_credential(token, handle.credential_id)
-
-    # -- Sealer: vault key slots ---------------------------------------------------------------
-    def seal(self, secret: memoryview, label: str, options: Mapping[str, Any]) -> dict[str, Any]:
-        """Make a credential with hmac-secret for this slot and wrap `secret` under
-        HKDF(hmac-secret output, salt): two touches (make, then assert), and the PIN if the
-        slot requires it. Options: pin (bool), user_verification, touch (bool)."""
-        from .session import PERMISSION
-
-        known = {"pin", "user_verification", "touch"}
-        unknown = set(options) - known
-        if unknown:
-            raise InvalidArgument(
-                f"a FIDO2 key slot takes options {', '.join(sorted(known))}; "
-                f"not {', '.join(sorted(unknown))}"
-            )
-        policy = str(options.get("user_verification", self.user_verification))
-        if policy not in UV_CHOICES:
-            raise InvalidArgument(f"user_verification must be one of {', '.join(UV_CHOICES)}")
-        if "pin" in options and _flag(options["pin"], "pin"):
-            policy = "required"
-        up = _flag(options.get("touch", True), "touch")
-        with self._lock:
-            session = self._connect()
-            if not session.hmac_secret:
-                raise self.unsupported(
-                    "seal", None, f"{session.description} has no hmac-secret extension"
-                )
-            uv = policy == "required" or (
-                policy == "preferred" and session.pin_set and self.pin.available()
-            )
-            alg = -7 if -7 in session.algorithms else min(session.algorithms)
-            cdj_hash = hashlib.sha256(os.urandom(32)).digest()
-            token = self._token_for(session, uv, PERMISSION.MAKE_CREDENTIAL, self.rp_id)
-            response = session.make_credential(
-                cdj_hash,
-                self.rp_id,
-                {"id": hashlib.sha256(label.encode()).digest()[:16], "name": label},
-                alg,
-                resident=False,
-                hmac_secret=True,
-                token=token,
-            )
-            cred = response.auth_data.credential_data
-            if cred is None or not (response.auth_data.extensions or {}).get("hmac-secret"):
-                raise StrongroomError("the security key did not make an hmac-secret credential")
-            params: dict[str, Any] = {
-                "kind": SLOT_KIND,
-                "version": 1,
-                "rp_id": self.rp_id,
-                "credential_id": b64u(bytes(cred.credential_id)),
-                "salt": b64u(os.urandom(32)),
-                "uv": uv,
-                "up": up,
-                "label": label,
-                "aaguid": bytes(cred.aaguid).hex(),
-                "kdf": "hkdf-sha256",
-                "aead": "xchacha20poly1305-ietf",
-            }
-        with self._slot_key(params, "enrolling the vault slot") as kek:
-            params["wrapped"] = b64u(sodium.seal(kek, secret, _slot_aad(params)))
-        return params
-
-    def unseal(self, params: Mapping[str, Any], out: memoryview) -> None:
-        """Check that this key holds the slot's credential (no PIN, no touch), then the PIN
-        if the slot needs it, a touch, hmac-secret, HKDF, and unwrap into `out`."""
-        try:
-            if params.get("kind") != SLOT_KIND or params.get("version") != 1:
-                raise ValueError("not a FIDO2 slot")
-            rp_id = str(params["rp_id"])
-            credential_id = unb64u(str(params["credential_id"]))
-            wrapped = unb64u(str(params["wrapped"]))
-        except (KeyError, TypeError, ValueError):
-            raise IntegrityError("the vault key slot for the FIDO2 key is damaged") from None
-        with self._lock:
-            session = self._connect()
-            if not session.holds(rp_id, credential_id):
-                raise AuthenticationFailed(
-                    f"{session.description} is not the security key this vault slot was "
-                    "enrolled with"
-                )
-            with self._slot_key(params, "unlocking the vault") as kek:
-                try:
-                    sodium.open_into(kek, wrapped, _slot_aad(params), out)
-                except IntegrityError:
-                    raise AuthenticationFailed(
-                        "the security key's secret does not open this vault slot"
-                    ) from None
-
-    def _slot_key(
-        self, params: Mapping[str, Any], what: str
-    ) -> contextlib.AbstractContextManager[memoryview]:
-        return self._hmac_secret_key(
-            str(params["rp_id"]),
-            unb64u(str(params["credential_id"])),
-            unb64u(str(params["salt"])),
-            b"strongroom vault slot\x00" + str(params["label"]).encode(),
-            uv=bool(params["uv"]),
-            up=bool(params["up"]),
-            what=what,
-        )
-
-
-def _slot_aad(params: Mapping[str, Any]) -> bytes:
-    fields = {k: v for k, v in params.items() if k != "wrapped"}
-    return b"strongroom-fido-slot|" + json.dumps(fields, sort_keys=True).encode()
 
 
 __all__ = ["FidoBackend", "prf_salt"]

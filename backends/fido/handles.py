@@ -23,6 +23,8 @@ from strongroom.errors import InvalidArgument
 
 CREDENTIAL_PREFIX = "fido-cred:"
 DERIVED_PREFIX = "fido-kek:"
+UV_CHOICES = ("discouraged", "preferred", "required")
+"""The user-verification policies: of the backend's setting, a key's creation and a vault slot."""
 
 
 def b64u(data: bytes) -> str:

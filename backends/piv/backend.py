@@ -15,13 +15,13 @@ cards require), never retried by Strongroom after the card refuses it. The manag
 As a Sealer it wraps the vault master key under HKDF(ECDH(ephemeral key, card's 9D key)):
 sealing needs only the 9D public key, unsealing the card and its PIN.
 
-The PIN and the management key are in access.py (`PivAccess`, a mixin of `PivBackend`).
+Mixins of `PivBackend`, each in its own module: the PIN and the management key in access.py
+(`PivAccess`), the slots' certificates in certs.py (`PivCertificates`), the Sealer in
+sealer.py (`PivSealer`). The slot numbers and algorithm ids they share are in slots.py.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import os
 import threading
@@ -30,15 +30,11 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.x509.oid import NameOID
 
 from strongroom import algorithms as sr_algorithms
-from strongroom import sodium
 from strongroom.backend import Backend, BackendContext, Capability, ConfigKey, ExistingKey, NewKey
 from strongroom.errors import (
     AuthenticationFailed,
@@ -66,51 +62,26 @@ from .card import (
     find_tag,
     tlv,
 )
+from .certs import PivCertificates, _tlvs
+from .sealer import PivSealer
+from .slots import (
+    AGREE_ORDER,
+    ALG_P256,
+    ALG_RSA2048,
+    KEY_ALGS,
+    KEY_HISTORY_OBJECT,
+    PIN_ALWAYS,
+    PIN_NEVER,
+    RETIRED_SLOTS,
+    SIGN_ORDER,
+    SLOT_OBJECTS,
+    _slot_name,
+    parse_slot,
+)
 
 T = TypeVar("T")
 
-RETIRED_SLOTS = tuple(range(0x82, 0x96))
-SLOT_OBJECTS: dict[int, int] = {
-    0x9A: 0x5FC105,
-    0x9C: 0x5FC10A,
-    0x9D: 0x5FC10B,
-    0x9E: 0x5FC101,
-    **{slot: 0x5FC10D + i for i, slot in enumerate(RETIRED_SLOTS)},
-}
-SIGN_ORDER = (0x9A, 0x9C, *RETIRED_SLOTS, 0x9E)
-"""Where a new signing key goes: the first slot without a certificate, in this order."""
-AGREE_ORDER = (0x9D, *RETIRED_SLOTS)
-"""Where a new key with usage agree or decrypt goes (9D is the key-management slot)."""
-SEALER_SLOT = 0x9D
-KEY_HISTORY_OBJECT = 0x5FC10C
-PIN_ALWAYS = frozenset({0x9C})
-PIN_NEVER = frozenset({0x9E})
-
-ALG_RSA2048, ALG_P256, ALG_P384 = 0x07, 0x11, 0x14
-KEY_ALGS: dict[KeyType, int] = {
-    KeyType.ECDSA_P256: ALG_P256,
-    KeyType.ECDSA_P384: ALG_P384,
-    KeyType.RSA_2048: ALG_RSA2048,
-}
-SEALED_FORMAT = "strongroom-piv-ecdh"
-_SEAL_INFO = b"strongroom piv vault slot v1\x00"
 _PROBE_RETRY_S = 2.0
-VAULT_KEY_NAME = "Strongroom vault key"
-
-
-def _slot_name(slot: int) -> str:
-    return f"{slot:02x}"
-
-
-def parse_slot(value: str) -> int:
-    try:
-        slot = int(str(value), 16)
-    except ValueError:
-        slot = -1
-    if slot not in SLOT_OBJECTS:
-        raise InvalidArgument(f"{value!r} is not a PIV key slot (9a, 9c, 9d, 9e or 82 to 95)")
-    return slot
-
 
 _CAPABILITIES: frozenset[Capability] = frozenset(
     {
@@ -122,7 +93,7 @@ _CAPABILITIES: frozenset[Capability] = frozenset(
 )
 
 
-class PivBackend(PivAccess, Backend):
+class PivBackend(PivAccess, PivCertificates, PivSealer, Backend):
     """Keys in a PIV card's slots, reached through pcscd."""
 
     type_name = "piv"
@@ -327,101 +298,6 @@ class PivBackend(PivAccess, Backend):
             f"the PIV card in {self._card.reader if self._card else 'the reader'!r} "
             f"refused {e.what} (status {e.sw:04X})"
         )
-
-    # -- certificates ----------------------------------------------------------------------------
-    def _cert(self, card: PcscCard, slot: int) -> x509.Certificate | None:
-        if slot in self._certs:
-            return self._certs[slot]
-        contents = card.get_data(SLOT_OBJECTS[slot])
-        cert = None
-        if contents:
-            try:
-                der = find_tag(contents, 0x70)
-                info = dict((t, v) for t, v in _tlvs(contents))
-                if info.get(0x71, b"\x00") != b"\x00":
-                    raise ValueError("compressed certificate")
-                cert = x509.load_der_x509_certificate(der)
-            except ValueError:
-                raise StrongroomError(
-                    f"the certificate object of PIV slot {_slot_name(slot)} is malformed or "
-                    "compressed; Strongroom leaves that slot alone"
-                ) from None
-        self._certs[slot] = cert
-        return cert
-
-    @staticmethod
-    def _subject(cert: x509.Certificate) -> str:
-        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        return str(names[0].value) if names else cert.subject.rfc4514_string()
-
-    @staticmethod
-    def _ours(cert: x509.Certificate, name: str) -> bool:
-        org = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
-        cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        return (
-            bool(org)
-            and org[0].value == encoding.CERT_ORGANIZATION
-            and bool(cn)
-            and cn[0].value == name
-        )
-
-    def _key_cert(self, card: PcscCard, info: KeyInfo) -> tuple[int, x509.Certificate]:
-        """The slot and certificate of a catalog key, checked to be that key on this card."""
-        known = self._checked_keys.get(info.handle)
-        if known is not None and known[0] == info.name:
-            return known[1], known[2]
-        slot = parse_slot(info.handle)
-        cert = self._cert(card, slot)
-        where = f"slot {_slot_name(slot)} of the PIV card in {card.reader!r}"
-        if cert is None:
-            raise BackendUnavailable(
-                self.name,
-                f"{where} holds no key for {info.name!r}: is this the card the key was made on?",
-            )
-        if info.attributes.get("adopted") != "true" and not self._ours(cert, info.name):
-            raise BackendUnavailable(
-                self.name,
-                f"{where} holds {self._subject(cert)!r}, not key {info.name!r}: is this the "
-                "card the key was made on?",
-            )
-        if not sr_algorithms.public_key_matches(info.type, cert.public_key()):
-            raise BackendUnavailable(self.name, f"{where} holds no {info.type.value} key")
-        self._checked_keys[info.handle] = (info.name, slot, cert)
-        return slot, cert
-
-    def _write_cert(
-        self,
-        card: PcscCard,
-        slot: int,
-        key_type: KeyType,
-        public: PublicKeyTypes,
-        name: str,
-        usage: frozenset[str],
-    ) -> x509.Certificate:
-        alg = KEY_ALGS[key_type]
-
-        def sign_tbs(tbs: bytes, digest: hashes.HashAlgorithm) -> bytes:
-            h = hashes.Hash(digest)
-            h.update(tbs)
-            d = h.finalize()
-            if key_type is KeyType.RSA_2048:
-                block = encoding.pkcs1v15_block(d, 256, isinstance(digest, hashes.SHA384))
-            else:
-                block = d
-            return self._private_op(card, slot, alg, block)
-
-        cert = encoding.self_signed_certificate(public, name, usage, sign_tbs)
-        try:
-            cert.verify_directly_issued_by(cert)
-        except (InvalidSignature, ValueError, TypeError):
-            raise StrongroomError(
-                f"the PIV card's signature on the certificate for slot {_slot_name(slot)} "
-                "does not verify"
-            ) from None
-        der = cert.public_bytes(serialization.Encoding.DER)
-        card.put_data(SLOT_OBJECTS[slot], tlv(0x70, der) + tlv(0x71, b"\x00") + tlv(0xFE, b""))
-        self._certs[slot] = cert
-        return cert
 
     # -- card operations ---------------------------------------------------------------------------
     def _private_op(
@@ -674,124 +550,8 @@ class PivBackend(PivAccess, Backend):
 
         return self._run(find)
 
-    # -- Sealer ----------------------------------------------------------------------------------
-    def _sealer_public(self, card: PcscCard, create: bool) -> ec.EllipticCurvePublicKey:
-        cert = self._cert(card, SEALER_SLOT)
-        if cert is None:
-            if not create:
-                raise AuthenticationFailed(
-                    "the PIV card holds no key in slot 9d; this is not the card the vault slot "
-                    "was sealed to"
-                )
-            cert = self._generate_in(
-                card, SEALER_SLOT, KeyType.ECDSA_P256, VAULT_KEY_NAME, frozenset({"agree"})
-            )
-        public = cert.public_key()
-        if not isinstance(public, ec.EllipticCurvePublicKey):
-            raise self.unsupported(
-                "seal", None, "slot 9d of the PIV card holds an RSA key; ECDH needs an EC key"
-            )
-        return public
-
-    def seal(self, secret: memoryview, label: str, options: Mapping[str, Any]) -> dict[str, Any]:
-        """ECDH between a fresh ephemeral key and the card's 9D key (made, with its
-        certificate, if 9D is empty), HKDF-SHA256, XChaCha20-Poly1305 around `secret`.
-        Sealing needs only the 9D public key; unsealing needs the card and its PIN."""
-        unknown = set(options) - {"pin"}
-        if unknown:
-            raise InvalidArgument(
-                f"a PIV card slot takes no options {', '.join(sorted(unknown))} (the card's PIN "
-                "is always needed to unseal)"
-            )
-
-        def find(card: PcscCard) -> tuple[ec.EllipticCurvePublicKey, bytes | None]:
-            return self._sealer_public(card, create=True), card.chuid_guid()
-
-        card_public, guid = self._run_held(find)
-        ephemeral = ec.generate_private_key(card_public.curve)
-        shared = ephemeral.exchange(ec.ECDH(), card_public)
-        point = ephemeral.public_key().public_bytes(
-            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
-        )
-        params: dict[str, Any] = {
-            "format": SEALED_FORMAT,
-            "version": 1,
-            "label": label,
-            "slot": _slot_name(SEALER_SLOT),
-            "curve": card_public.curve.name,
-            "card_key": _fingerprint(card_public),
-            "card_guid": guid.hex() if guid else None,
-            "ephemeral": base64.b64encode(point).decode(),
-            "salt": base64.b64encode(os.urandom(32)).decode(),
-            "kdf": "hkdf-sha256",
-            "aead": "xchacha20poly1305-ietf",
-        }
-        kek = self._kek(shared, params)
-        try:
-            with memoryview(kek) as view:
-                params["wrapped"] = base64.b64encode(
-                    sodium.seal(view, secret, _slot_aad(params))
-                ).decode()
-        finally:
-            kek[:] = b"\0" * len(kek)
-        return params
-
-    def unseal(self, params: Mapping[str, Any], out: memoryview) -> None:
-        """Check the card's 9D key is the slot's, VERIFY the PIN, ECDH on the card with the
-        stored ephemeral point, HKDF, and open the wrapped master key into `out`."""
-        try:
-            if params.get("format") != SEALED_FORMAT or params.get("version") != 1:
-                raise ValueError("format")
-            slot = parse_slot(str(params["slot"]))
-            point = base64.b64decode(str(params["ephemeral"]), validate=True)
-            wrapped = base64.b64decode(str(params["wrapped"]), validate=True)
-            base64.b64decode(str(params["salt"]), validate=True)
-            card_key = str(params["card_key"])
-        except (KeyError, ValueError, TypeError, binascii.Error, InvalidArgument):
-            raise IntegrityError("the PIV key slot of the vault is malformed") from None
-
-        def agree(card: PcscCard) -> bytes:
-            cert = self._cert(card, slot)
-            public = cert.public_key() if cert is not None else None
-            if (
-                not isinstance(public, ec.EllipticCurvePublicKey)
-                or _fingerprint(public) != card_key
-            ):
-                raise AuthenticationFailed(
-                    f"the PIV card in {card.reader!r} is not the card this vault slot was "
-                    f"sealed to (its slot {_slot_name(slot)} key differs)"
-                )
-            alg = ALG_P256 if public.curve.key_size == 256 else ALG_P384
-            return self._private_op(card, slot, alg, point, tag=0x85)
-
-        shared = self._run(agree)
-        kek = self._kek(shared, params)
-        try:
-            with memoryview(kek) as view:
-                sodium.open_into(view, wrapped, _slot_aad(params), out)
-        except IntegrityError:
-            raise AuthenticationFailed("the PIV card's key does not open this vault slot") from None
-        finally:
-            kek[:] = b"\0" * len(kek)
-
-    @staticmethod
-    def _kek(shared: bytes, params: Mapping[str, Any]) -> bytearray:
-        kek = bytearray(32)
-        salt = base64.b64decode(str(params["salt"]))
-        HKDF(hashes.SHA256(), 32, salt, _SEAL_INFO + str(params["label"]).encode()).derive_into(
-            shared, kek
-        )
-        _scrub(shared)
-        return kek
-
 
 # -- helpers --------------------------------------------------------------------------------------
-def _tlvs(data: bytes) -> list[tuple[int, bytes]]:
-    from .card import parse_tlv
-
-    return parse_tlv(data)
-
-
 def _public_from_template(key_type: KeyType, template: bytes) -> PublicKeyTypes:
     try:
         if key_type is KeyType.RSA_2048:
@@ -811,20 +571,6 @@ def _key_type_of(public: PublicKeyTypes) -> KeyType | None:
     return None
 
 
-def _fingerprint(public: PublicKeyTypes) -> str:
-    der = public.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return hashlib.sha256(der).hexdigest()
-
-
-def _slot_aad(params: Mapping[str, Any]) -> bytes:
-    import json
-
-    fields = {k: v for k, v in params.items() if k != "wrapped"}
-    return b"strongroom-piv-slot|" + json.dumps(fields, sort_keys=True).encode()
-
-
 def _pin_state(sw: int) -> str:
     if sw == SW_OK:
         return "verified"
@@ -833,14 +579,6 @@ def _pin_state(sw: int) -> str:
     if sw >> 4 == 0x63C:
         return f"{sw & 0x0F} tries left"
     return f"unknown ({sw:04X})"
-
-
-def _scrub(b: bytes) -> None:
-    try:
-        from strongroom.memory import scrub_bytes
-    except ImportError:  # pragma: no cover - the native extension is missing
-        return
-    scrub_bytes(b)
 
 
 __all__ = ["PivBackend", "parse_slot"]

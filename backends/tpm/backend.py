@@ -4,14 +4,13 @@ Keys are children of the storage root key (SRK); their public and private blobs 
 kept in the catalog handle (`blob.py`), so they survive TPM restarts and resets.
 ECDSA, RSA (PKCS#1 v1.5, PSS, OAEP), ECDH, HMAC and AES-256 (CFB + HMAC) run in the
 TPM; hashing is done on the host. The backend also seals the vault master key to the
-TPM (`Sealer`, optionally bound to PCRs and a PIN) and attests its keys with
-TPM2_Certify (`Attester`). See docs/tpm.md.
+TPM (`Sealer`, optionally bound to PCRs and a PIN; sealer.py) and attests its keys with
+TPM2_Certify (`Attester`). Discovery (reaching the TPM, its capabilities) is discovery.py.
+See docs/tpm.md.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import fnmatch
 import hashlib
@@ -45,29 +44,20 @@ from strongroom.types import KeyInfo, KeyType, Operation, Usage
 
 from . import attestation, structures
 from .blob import KeyBlob
+from .discovery import TpmDiscovery
+from .sealer import TpmSealer
 
 try:
     from . import device
-except (ImportError, OSError) as _e:  # tpm2-pytss, or the TSS libraries under it, missing
+except (ImportError, OSError):  # tpm2-pytss missing: discovery.py says why (availability)
     device = None  # type: ignore[assignment]
-    _MISSING: str | None = (
-        f"tpm2-pytss cannot be imported ({type(_e).__name__}: {_e}); install it with "
-        "`pip install 'strongroom[tpm]'`, which builds against the TSS "
-        "(Debian: apt-get install libtss2-dev pkg-config gcc)"
-    )
-else:
-    _MISSING = None
 
 DEFAULT_TCTI = "device:/dev/tpmrm0"
-SWTPM_PORT_FILE = "swtpm.port"  # written by swtpm/start.sh into its state directory
-SWTPM_PID_FILE = "swtpm.pid"  # there while that swtpm runs; stop.sh removes it
 MAX_PIN_BYTES = 32  # a TPM auth value is at most the name hash's size (SHA-256)
-SEALED_FORMAT = "tpm2-sealed"
 _AEAD_LABEL = b"strongroom-tpm-aes256-cfb-hmac-sha256-v1"
 _IV = 16
 _TAG = 32
 _RSA_BITS = {KeyType.RSA_2048: 2048, KeyType.RSA_3072: 3072, KeyType.RSA_4096: 4096}
-_SEAL_OPTIONS = frozenset({"pcrs", "pin"})
 
 
 @dataclass(frozen=True)
@@ -80,7 +70,7 @@ class _Key:
     refs: tuple[Any, ...]  # device.KeyRef per part, without the PIN
 
 
-class TpmBackend(Backend):
+class TpmBackend(TpmDiscovery, TpmSealer, Backend):
     """Keys in a TPM 2.0 (real, or swtpm for tests), reached through a TCTI."""
 
     type_name = "tpm"
@@ -151,101 +141,6 @@ class TpmBackend(Backend):
 
     def __repr__(self) -> str:
         return f"TpmBackend(name={self.name!r}, tcti={self.tcti!r})"
-
-    # -- discovery -------------------------------------------------------------------------------
-    def availability(self) -> str | None:
-        if _MISSING is not None:
-            return _MISSING
-        try:
-            self._connect()
-        except BackendUnavailable as e:
-            return e.reason
-        return None
-
-    def capabilities(self) -> frozenset[Capability]:
-        """From TPM2_GetCapability (curves, algorithms, commands) and TPM2_TestParms."""
-        if self._caps is None:
-            dev = self._connect()
-            assert dev.facts is not None
-            self._caps = _capabilities(dev.facts)
-        return self._caps
-
-    def status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"tcti": self.tcti}
-        if self.swtpm_state is not None:
-            out["swtpm_state"] = str(self.swtpm_state)
-        dev = self._device
-        if dev is None or not dev.is_open or dev.facts is None:
-            return out
-        f = dev.facts
-        out.update(
-            manufacturer=f.manufacturer,
-            firmware=f.firmware,
-            storage_key=dev.srk_source,
-            storage_key_name=dev.srk_name.hex(),
-            transient_slots=dev.slots,
-            max_loaded_keys=dev.max_loaded,
-            loaded_keys=dev.loaded_count,
-            rsa_sizes=list(f.rsa_bits),
-        )
-        with contextlib.suppress(Exception):
-            out["dictionary_attack"] = dev.lockout().to_dict()
-        return out
-
-    def _connect(self) -> device.TpmDevice:
-        """Esys_Initialize on the TCTI, TPM2_GetCapability, and the SRK; BackendUnavailable
-        with a reason the user can act on when that fails."""
-        if _MISSING is not None or self._device is None:
-            raise BackendUnavailable(self.name, _MISSING or "tpm2-pytss is missing")
-        dev = self._device
-        if dev.is_open:
-            return dev
-        if self.swtpm_state is not None:
-            # Read at every connect (and reconnect), so a restarted swtpm is found on
-            # whatever port start.sh gave it this time.
-            self.tcti = dev.tcti = _swtpm_tcti(self.name, self.swtpm_state)
-        kind, _, conf = self.tcti.partition(":")
-        if kind == "device":
-            path = conf or "/dev/tpmrm0"
-            if not os.path.exists(path):
-                raise BackendUnavailable(
-                    self.name,
-                    f"no TPM device at {path}: this machine has no TPM 2.0, or its driver is "
-                    "not loaded; set tcti (for tests: swtpm, see swtpm/start.sh)",
-                )
-            if not os.access(path, os.R_OK | os.W_OK):
-                raise BackendUnavailable(
-                    self.name,
-                    f"no permission to use {path}; add this user to the group that owns it "
-                    "(usually tss)",
-                )
-        try:
-            dev.open()
-        except device.StorageKeyProblem as e:
-            raise BackendUnavailable(self.name, str(e)) from None
-        except device.TSS2_Exception as e:
-            if device.is_tcti_error(e):
-                state = self.swtpm_state
-                if state is not None and not (state / SWTPM_PID_FILE).exists():
-                    raise BackendUnavailable(
-                        self.name,
-                        f"swtpm is not running for {state} (it last listened on "
-                        f"{self.tcti!r}); start it with swtpm/start.sh --state {state}",
-                    ) from None
-                raise BackendUnavailable(
-                    self.name,
-                    f"cannot reach the TPM through TCTI {self.tcti!r} ({e}); is the TPM, "
-                    "tpm2-abrmd or swtpm running and reachable?",
-                ) from None
-            if device.error_code(e) in (device.TPM2_RC.AUTH_FAIL, device.TPM2_RC.BAD_AUTH):
-                raise BackendUnavailable(
-                    self.name,
-                    "the TPM's owner hierarchy has an auth value, so Strongroom cannot create "
-                    "or persist its storage key; provision one at persistent_handle with "
-                    "tpm2_createprimary/tpm2_evictcontrol, or clear the owner auth",
-                ) from None
-            raise BackendUnavailable(self.name, f"the TPM refused to start up: {e}") from None
-        return dev
 
     # -- lifecycle -------------------------------------------------------------------------------
     def open(self) -> None:
@@ -599,80 +494,6 @@ class TpmBackend(Backend):
         with self._errors("TPM2_GetRandom", "random bytes"):
             return self._dev().random(n)
 
-    # -- Sealer ----------------------------------------------------------------------------------
-    def seal(self, secret: memoryview, label: str, options: Mapping[str, Any]) -> dict[str, Any]:
-        """TPM2_Create of a sealed data object under the SRK. With PCRs its policy is
-        TPM2_PolicyPCR(sha256: PCRs) [+ TPM2_PolicyAuthValue for the PIN], from a trial
-        session; without, its auth value is the PIN (or empty)."""
-        unknown = set(options) - _SEAL_OPTIONS
-        if unknown:
-            raise InvalidArgument(
-                f"the TPM does not understand sealing options {', '.join(sorted(unknown))}; "
-                "it takes pcrs and pin"
-            )
-        pcrs = _parse_pcrs(options.get("pcrs") or [])
-        pin = bool(options.get("pin", False))
-        auth = self._new_auth(pin)
-        dev = self._dev()
-        with self._errors("TPM2_Create", "the sealed vault key"):
-            policy = dev.policy_digest(pcrs, pin) if pcrs else b""
-            values = dev.pcr_values(pcrs) if pcrs else {}
-            public, private = dev.create(device.sealed_template(policy, pin), auth, secret)
-        return {
-            "format": SEALED_FORMAT,
-            "version": 1,
-            "label": label,
-            "public": base64.b64encode(public).decode(),
-            "private": base64.b64encode(private).decode(),
-            "pcr_bank": "sha256",
-            "pcrs": pcrs,
-            "pcr_values": {str(p): v.hex() for p, v in sorted(values.items())},
-            "pin": pin,
-            "storage_key": dev.srk_name.hex(),
-        }
-
-    def unseal(self, params: Mapping[str, Any], out: memoryview) -> None:
-        """TPM2_Load, TPM2_PolicyPCR [+ TPM2_PolicyAuthValue], TPM2_Unseal, into `out`."""
-        try:
-            if params.get("format") != SEALED_FORMAT or params.get("version") != 1:
-                raise ValueError("format")
-            public = base64.b64decode(str(params["public"]), validate=True)
-            private = base64.b64decode(str(params["private"]), validate=True)
-            pcrs = _parse_pcrs(params.get("pcrs") or [])
-            pin = bool(params.get("pin", False))
-        except (KeyError, ValueError, TypeError, binascii.Error, InvalidArgument):
-            raise IntegrityError("the TPM key slot of the vault is malformed") from None
-        auth = self._auth() if pin else None
-        dev = self._dev()
-        try:
-            dev.unseal_into(public, private, pcrs, auth, out)
-        except ValueError as e:  # the sealed secret has another size than expected
-            raise IntegrityError(f"the TPM key slot of the vault does not fit: {e}") from None
-        except device.TSS2_Exception as e:
-            rc = device.TPM2_RC
-            if device.error_code(e) in (rc.POLICY_FAIL, rc.PCR_CHANGED) and pcrs:
-                raise AuthenticationFailed(self._pcr_refusal(pcrs, params)) from None
-            raise self._translate(e, "TPM2_Unseal", "the sealed vault key") from e
-
-    def _pcr_refusal(self, pcrs: list[int], params: Mapping[str, Any]) -> str:
-        enrolled = params.get("pcr_values") or {}
-        try:
-            now = self._dev().pcr_values(pcrs)
-            changed = [p for p in pcrs if enrolled.get(str(p)) != now.get(p, b"").hex()]
-        except Exception:
-            changed = []
-        names = ", ".join(str(p) for p in (changed or pcrs))
-        what = (
-            f"PCR {names} (sha256) changed since the slot was enrolled"
-            if changed
-            else f"the PCR policy over PCR {names} (sha256) is not met"
-        )
-        return (
-            f"the TPM refuses to unseal the vault key: {what}, so this is not the boot state "
-            "it was sealed to; open the vault with another enrolled method (e.g. passphrase), "
-            "then re-enroll the TPM if the change is expected"
-        )
-
     # -- Attester --------------------------------------------------------------------------------
     def attest(self, info: KeyInfo, nonce: bytes) -> dict[str, Any]:
         """TPM2_CreatePrimary of the attestation key (endorsement hierarchy) and TPM2_Certify of
@@ -695,57 +516,6 @@ class TpmBackend(Backend):
         return attestation.verify_statement(statement, nonce, trusted_signer, expected_public)
 
 
-def _capabilities(f: Any) -> frozenset[Capability]:
-    caps: set[Capability] = set()
-
-    def add(key_type: KeyType, *ops: Operation) -> None:
-        caps.update((key_type, op) for op in (Operation.GENERATE, Operation.DELETE, *ops))
-
-    hmac_ok = f.has_alg("KEYEDHASH") and f.has_alg("HMAC") and f.has_command("HMAC")
-    # Agreement makes a new TPM key, so it needs a type the TPM can hold it as (HMAC at least).
-    ecdh = f.has_alg("ECDH") and f.has_command("ECDH_ZGen") and hmac_ok
-    if f.has_alg("ECC") and f.has_alg("ECDSA"):
-        for key_type, curve in ((KeyType.ECDSA_P256, 0x0003), (KeyType.ECDSA_P384, 0x0004)):
-            if curve in f.curves:
-                add(key_type, Operation.SIGN, Operation.VERIFY)
-                if ecdh:
-                    caps.add((key_type, Operation.AGREE))
-    rsa_sign = f.has_alg("RSASSA") and f.has_alg("RSAPSS")
-    if rsa_sign:
-        for bits in f.rsa_bits:
-            key_type = KeyType(f"rsa-{bits}")
-            add(key_type, Operation.SIGN, Operation.VERIFY)
-            if f.has_alg("OAEP") and f.has_command("RSA_Decrypt"):
-                caps.update({(key_type, Operation.ENCRYPT), (key_type, Operation.DECRYPT)})
-    if hmac_ok:
-        add(KeyType.HMAC_SHA256, Operation.SIGN, Operation.VERIFY)
-    if hmac_ok and f.aes256 and f.has_alg("CFB") and f.has_command("EncryptDecrypt2"):
-        add(KeyType.AES_256, Operation.ENCRYPT, Operation.DECRYPT)
-    return frozenset(caps)
-
-
-def _swtpm_tcti(backend: str, state: Path) -> str:
-    """The TCTI of the swtpm that swtpm/start.sh runs on `state`: loopback (start.sh binds
-    nothing else) and the port it recorded in STATE/swtpm.port."""
-    start = f"start swtpm with swtpm/start.sh --state {state}"
-    if not state.is_dir():
-        raise BackendUnavailable(backend, f"no swtpm state directory at {state}; {start}")
-    recorded = state / SWTPM_PORT_FILE
-    try:
-        text = recorded.read_text(encoding="ascii").strip()
-    except FileNotFoundError:
-        raise BackendUnavailable(
-            backend, f"{state} has no recorded swtpm port ({SWTPM_PORT_FILE}); {start}"
-        ) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise BackendUnavailable(backend, f"cannot read {recorded}: {e}") from None
-    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 65535):
-        raise BackendUnavailable(
-            backend, f"{recorded} does not hold a port number; restart swtpm: {start}"
-        )
-    return f"swtpm:host=127.0.0.1,port={int(text)}"
-
-
 def _parse_handle(value: Any, context: BackendContext) -> int | None:
     if value is None:
         return None
@@ -758,17 +528,6 @@ def _parse_handle(value: Any, context: BackendContext) -> int | None:
             "must be an owner persistent handle, 0x81000000 to 0x817FFFFF", "persistent_handle"
         )
     return handle
-
-
-def _parse_pcrs(value: Any) -> list[int]:
-    if not isinstance(value, list | tuple) or not all(
-        isinstance(p, int) and not isinstance(p, bool) for p in value
-    ):
-        raise InvalidArgument("PCRs are a list of numbers, e.g. [7, 11]")
-    bad = [p for p in value if not 0 <= p <= 23]
-    if bad:
-        raise InvalidArgument(f"PCR numbers go from 0 to 23, not {bad[0]}")
-    return sorted(set(value))
 
 
 def _pin_bytes(pin: str) -> bytes:

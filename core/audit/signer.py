@@ -2,7 +2,7 @@
 
 The writer (`writer.Audit`) needs a signature over the chain now and then, made with a key
 of the reserved namespace `_audit`. The Keystore implements `CheckpointSigner`
-(`strongroom.keystore._KeystoreSigner`) and hands it to the writer, so nothing in this
+(`strongroom.keystore_signer._KeystoreSigner`) and hands it to the writer, so nothing in this
 package imports the keystore.
 """
 
@@ -28,7 +28,7 @@ class CheckpointSignature:
 class CheckpointSigner(Protocol):
     """Signs the writer's checkpoints with a key of the reserved namespace `_audit`.
 
-    The Keystore implements it (`strongroom.keystore._KeystoreSigner`) and hands it to
+    The Keystore implements it (`strongroom.keystore_signer._KeystoreSigner`) and hands it to
     `Audit`: the writer calls back into the keystore only through these four methods.
     """
 
