@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from tpm_support import PIN_ENV, TEST_PIN, VAULT_PASS, VAULT_PASS_ENV, Swtpm, write_config
@@ -215,3 +216,19 @@ def test_a_live_clients_objects_are_left_alone(tmp_path: Path, own_tpm: Swtpm) -
         live.stdin.close()
         assert live.wait(60) == 0
     assert own_tpm.transient_handles() == []
+
+
+def test_doctor_says_when_the_tpm_has_no_resource_manager(tmp_path: Path, own_tpm: Swtpm) -> None:
+    cfg = write_config(tmp_path, own_tpm.tcti)
+    with strongroom.open(cfg) as ks:
+        details = {s.name: s for s in ks.backends()}["tpm"].details
+        assert details["resource_manager"] is False
+        assert any("no resource manager" in n for n in details["notes"])
+    r = run_cli(cfg, "doctor")
+    row = [line for line in r.stdout.decode().splitlines() if "no resource manager" in line]
+    assert row and "note" in row[0], r.stdout
+    # a TCTI through the kernel's resource manager has no such note
+    (tmp_path / "rm").mkdir()
+    rm = write_config(tmp_path / "rm", "device:/dev/tpmrm0")
+    with strongroom.open(rm) as ks:
+        assert "notes" not in {s.name: s for s in ks.backends()}["tpm"].details

@@ -64,6 +64,7 @@ from .context import (
     TpmContext,
     error_code,
     forgot_our_objects,
+    has_resource_manager,
     is_tcti_error,
 )
 from .facts import Facts, KeyRef, Lockout, StorageKeyProblem
@@ -97,6 +98,7 @@ __all__ = [
     "ecc_template",
     "error_code",
     "forgot_our_objects",
+    "has_resource_manager",
     "hmac_template",
     "is_tcti_error",
     "rsa_template",

@@ -66,6 +66,14 @@ class TpmDiscovery:
         out: dict[str, Any] = {"tcti": self.tcti}
         if self.swtpm_state is not None:
             out["swtpm_state"] = str(self.swtpm_state)
+        if device is not None and not device.has_resource_manager(self.tcti):
+            out["resource_manager"] = False
+            out["notes"] = [
+                "no resource manager on this TCTI: what a killed process left loaded is "
+                "flushed only when no other Strongroom process uses the TPM, and other "
+                "programs sharing it may lose their objects; use /dev/tpmrm0 or tpm2-abrmd "
+                "where several programs share the TPM (docs/tpm.md)"
+            ]
         dev = self._device
         if dev is None or not dev.is_open or dev.facts is None:
             return out
@@ -78,6 +86,7 @@ class TpmDiscovery:
             transient_slots=dev.slots,
             max_loaded_keys=dev.max_loaded,
             loaded_keys=dev.loaded_count,
+            reclaimed_from_dead_processes=dev.reclaimed,
             rsa_sizes=list(f.rsa_bits),
         )
         with contextlib.suppress(Exception):
