@@ -4,7 +4,8 @@
 
 from __future__ import annotations
 
-from .service.app import App, HttpError
+from .service.app import App
+from .service.codec import HttpError
 from .service.transport import bind_unix_socket, serve, tls_context
 
 __all__ = ["App", "HttpError", "bind_unix_socket", "serve", "tls_context"]

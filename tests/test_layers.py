@@ -105,12 +105,14 @@ def in_cli(module: str) -> bool:
 NATIVE_IMPORTERS: Mapping[str, frozenset[str]] = {
     # One adapter per library: the rule holds. The TPM's device layer is device.py (key
     # operations, sealing; the only module backend.py imports) and the three modules it is
-    # built from: context.py (ESAPI context, SRK, slots, sessions), templates.py and facts.py.
+    # built from: context.py (ESAPI context, SRK, slots, sessions), recovery.py (what an error
+    # means; reclaiming dead clients' objects), templates.py and facts.py.
     "tpm2_pytss": frozenset(
         {
             "strongroom.backends.tpm.context",
             "strongroom.backends.tpm.device",
             "strongroom.backends.tpm.facts",
+            "strongroom.backends.tpm.recovery",
             "strongroom.backends.tpm.templates",
         }
     ),

@@ -3,7 +3,8 @@ root key, the transient-slot LRU and the salted session.
 
 `TpmContext` keeps the slot and SRK promises of device.py's docstring, and recovers from
 a lost connection (`_DeviceLock` forgets the context) and from a TPM reset
-(`forgot_our_objects`, `after_reset`: one retry of the command). `TpmDevice` (device.py)
+(`forgot_our_objects`, `after_reset`: one retry of the command); what the errors mean and
+the reclaiming of dead clients' objects are in recovery.py. `TpmDevice` (device.py)
 adds the key operations and sealing on top of it. Part of the device layer: only the
 device's modules import tpm2-pytss.
 """
@@ -11,10 +12,6 @@ device's modules import tpm2-pytss.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
-import os
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator
@@ -35,7 +32,6 @@ from tpm2_pytss.constants import (
     TPM2_SU,
     TPMA_PERMANENT,
     TPMA_SESSION,
-    TSS2_RC,
 )
 from tpm2_pytss.types import (
     TPM2B_DIGEST,
@@ -53,30 +49,20 @@ from tpm2_pytss.types import (
 )
 
 from .facts import Facts, KeyRef, Lockout, StorageKeyProblem
+from .recovery import (
+    Peers,
+    error_code,
+    forgot_our_objects,
+    has_resource_manager,
+    is_tcti_error,
+    reclaim_orphans,
+)
 from .templates import _NO_SYM, _SESSION_CIPHER, A, srk_template
 
 T = TypeVar("T")
 
 MAX_BUFFER = 1024  # TPM2B_MAX_BUFFER: the most data one TPM2_HMAC or EncryptDecrypt2 takes
-TCTI_LAYER = 0x000A0000  # TSS2_RC layer of TCTI errors: the TPM could not be reached
 _RANDOM_CHUNK = 32
-
-
-def is_tcti_error(e: TSS2_Exception) -> bool:
-    """The TPM could not be reached, or the link broke mid-command; the ESAPI context's
-    state is unknown after it (an ESAPI call cut off by a dead link leaves the context
-    waiting for a response, and every later call on it fails with BAD_SEQUENCE)."""
-    return (int(e.rc) & 0x00FF0000) == TCTI_LAYER or int(e.rc) in _BROKEN_CONTEXT
-
-
-_BROKEN_CONTEXT = frozenset(
-    {
-        TSS2_RC.ESYS_RC_BAD_SEQUENCE,
-        TSS2_RC.ESYS_RC_IO_ERROR,
-        TSS2_RC.ESYS_RC_MALFORMED_RESPONSE,
-        TSS2_RC.ESYS_RC_INSUFFICIENT_RESPONSE,
-    }
-)
 
 
 class _DeviceLock:
@@ -100,70 +86,6 @@ class _DeviceLock:
             self._lock.release()
 
 
-def error_code(e: TSS2_Exception) -> int:
-    return int(e.error)
-
-
-_STALE = frozenset(range(TPM2_RC.REFERENCE_H0, TPM2_RC.REFERENCE_S0 + 7)) | {TPM2_RC.HANDLE}
-
-
-def forgot_our_objects(e: TSS2_Exception) -> bool:
-    """The TPM no longer knows a handle we hold, or was never started after a power cycle:
-    what a TPM reset (_TPM_Init, TPM2_Startup(CLEAR)) does to a long-lived client."""
-    return not is_tcti_error(e) and (error_code(e) in _STALE or error_code(e) == TPM2_RC.INITIALIZE)
-
-
-def has_resource_manager(tcti: str) -> bool:
-    """Whether a resource manager stands between us and the TPM (the kernel's /dev/tpmrm*,
-    tpm2-abrmd): it flushes what a dead client left loaded, and other clients' objects are
-    invisible to us. Direct TCTIs (swtpm, mssim, /dev/tpm0) have none."""
-    kind, _, conf = tcti.partition(":")
-    if kind in ("swtpm", "mssim"):
-        return False
-    if kind == "device":
-        return os.path.basename(conf or "/dev/tpmrm0").startswith("tpmrm")
-    return True  # tabrmd, or a TCTI we do not know: never touch others' objects there
-
-
-class _Peers:
-    """The Strongroom processes using one TPM with no resource manager: each holds a shared
-    flock on one lock file per TCTI while its context is open. A process that can take the
-    lock exclusively is the only live one, so any transient object or session it does not
-    hold was left by a process that died (no resource manager flushes it): it may go."""
-
-    def __init__(self, tcti: str) -> None:
-        digest = hashlib.sha256(tcti.encode()).hexdigest()[:16]
-        self.path = os.path.join(tempfile.gettempdir(), f"strongroom-tpm-{digest}.lock")
-        self._fd: int | None = None
-
-    def join(self) -> None:
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError:  # cannot coordinate: then never reclaim (alone() stays False)
-            return
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        self._fd = fd
-
-    def alone(self) -> bool:
-        """Take the lock exclusively if no other live process holds it; `share()` after."""
-        if self._fd is None:
-            return False
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        return True
-
-    def share(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_SH)
-
-    def leave(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
-
-
 class TpmContext:
     """One ESAPI context, its lock, the SRK, the loaded-key LRU and the salted session."""
 
@@ -184,7 +106,7 @@ class TpmContext:
         self._digest = TPM2B_DIGEST()
         self.slots = 3
         self.max_loaded = 2
-        self._peers = None if has_resource_manager(tcti) else _Peers(tcti)
+        self._peers = None if has_resource_manager(tcti) else Peers(tcti)
         self.reclaimed = 0  # objects and sessions of dead processes flushed (status, tests)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -529,33 +451,20 @@ class TpmContext:
             return command()
 
     def _reclaim_orphans(self) -> int:
-        """Flush the transient objects and loaded sessions of Strongroom processes that died
-        (killed clients of a TPM with no resource manager leave them loaded until a TPM
-        reset, and the TPM has about three slots). Only when no other Strongroom process
-        uses this TPM now (`_Peers.alone`); our own handles are kept. Returns how many went.
-        """
+        """Flush what Strongroom processes that died left loaded, keeping ours
+        (`recovery.reclaim_orphans`); counted in `reclaimed`. Returns how many went."""
         esys = self._esys
-        if esys is None or self._peers is None or not self._peers.alone():
+        if esys is None or self._peers is None:
             return 0
-        try:
-            held = [*self._lru.values(), *([self._session] if self._session else [])]
-            ours = {int(esys.tr_get_tpm_handle(tr)) for tr in held}
-            flushed = 0
-            for kind in (TPM2_HT.TRANSIENT, TPM2_HT.LOADED_SESSION):
-                for handle in self._capability(TPM2_CAP.HANDLES, int(kind) << 24, 64):
-                    if int(handle) in ours:
-                        continue
-                    try:
-                        esys.flush_context(esys.tr_from_tpmpublic(int(handle)))
-                    except TSS2_Exception as e:
-                        if is_tcti_error(e):
-                            raise
-                        continue  # gone meanwhile, or not flushable: not ours to insist
-                    flushed += 1
-            self.reclaimed += flushed
-            return flushed
-        finally:
-            self._peers.share()
+        held = [*self._lru.values(), *([self._session] if self._session else [])]
+        flushed = reclaim_orphans(
+            esys,
+            self._peers,
+            held,
+            lambda first: self._capability(TPM2_CAP.HANDLES, first, 64),
+        )
+        self.reclaimed += flushed
+        return flushed
 
     def loaded(self, ref: KeyRef, keep: Collection[str] = ()) -> ESYS_TR:
         """The key's transient handle: from the LRU, else TPM2_Load under the SRK."""

@@ -1,10 +1,11 @@
 """The TPM itself, through tpm2-pytss (ESAPI): one context behind one lock.
 
 Everything that touches tpm2-pytss lives in the device layer, so the backend imports
-without it: this module (`TpmDevice`: key operations and sealing) and the three it is built
+without it: this module (`TpmDevice`: key operations and sealing) and the four it is built
 from, context.py (`TpmContext`: the ESAPI context, its lock, the SRK, the slot LRU and the
-sessions; reconnecting and recovering from a TPM reset), templates.py (object templates)
-and facts.py (what the device reports). The backend imports only this module, which
+sessions; reconnecting and recovering from a TPM reset), recovery.py (what an error means;
+reclaiming what killed clients left loaded), templates.py (object templates) and facts.py
+(what the device reports). The backend imports only this module, which
 re-exports what it uses and sets TSS2_LOG before any of them imports tpm2-pytss (the
 package imports the backend, and so this module, first). The layer keeps four promises:
 
@@ -58,16 +59,9 @@ from tpm2_pytss.types import (
 
 from strongroom.memory import scrub_bytes
 
-from .context import (
-    _RANDOM_CHUNK,
-    MAX_BUFFER,
-    TpmContext,
-    error_code,
-    forgot_our_objects,
-    has_resource_manager,
-    is_tcti_error,
-)
+from .context import _RANDOM_CHUNK, MAX_BUFFER, TpmContext
 from .facts import Facts, KeyRef, Lockout, StorageKeyProblem
+from .recovery import error_code, forgot_our_objects, has_resource_manager, is_tcti_error
 from .templates import (
     _NULL_TICKET,
     _SESSION_CIPHER,

@@ -5,6 +5,9 @@
 - `tenants`: tenants, identities and policies (the SQLite store);
 - `app`: the ASGI app (match, authenticate, rate-limit, decode by operation, call the
   keystore, encode);
+  with its mixins `keys` (access checks; generate, delete, agree, adopt, random) and
+  `admin` (vault, audit, tenants, tokens, policies), and `codec` (`HttpError`, `Request`,
+  the decoding of fields and encoding of answers);
 - `transport`: serving the app under uvicorn (`serve()`);
 - `client`: `RemoteKeystore`, the key API over the wire (imports only `wire` and the
   contract layer).

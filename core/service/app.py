@@ -15,20 +15,15 @@ card, a touch) runs in a worker thread; work on vault keys runs on the event loo
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import logging
 import re
-import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 
 from ..audit import current_principal
 from ..config import ServerConfig
@@ -39,68 +34,46 @@ from ..errors import (
     StrongroomError,
 )
 from ..keystore import Keystore
-from ..memory import wipe
-from ..types import KeyInfo, KeyType
+from ..types import KeyType
 from . import wire
+from .admin import AdminHandlers
+from .codec import (
+    Handler,
+    HttpError,
+    Request,
+    Route,
+    Scope,
+    _backend_of,
+    _client_certificate,
+    _decoder,
+    _encoder,
+    _key_json,
+    _parse_query,
+    _query_decoder,
+    _unquote,
+)
+from .keys import _EXPORTABLE_NEEDS_EXPORT, KeyHandlers
 from .openapi import openapi_document
 from .tenants import Identity, Permission, TenantStore
-from .wire import API_VERSION, NOT_FOUND, Field, Op
+from .wire import API_VERSION, NOT_FOUND, Op
 
 log = logging.getLogger("strongroom.server")
 
 
 TOKEN_HEADER = b"authorization"
 
-Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
-class HttpError(Exception):
-    """An error answered with `status` and a JSON body; never a traceback."""
-
-    def __init__(
-        self, status: int, kind: str, message: str, headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.message = status, kind, message
-        self.headers = headers or {}
-
-
 _AUDITED_REFUSALS = frozenset({401, 403, 404, 413, 423, 429})
 """Refusals written to the audit log (a 404 only once a route matched: a key or policy)."""
-
-_EXPORTABLE_NEEDS_EXPORT = "making an exportable key needs export"
 
 _GENERATABLE = [t.value for t in KeyType if t is not KeyType.SEED]
 
 _PATH_PARAMS = {"name": r"(?P<name>[^/]{1,512})", "tenant": r"(?P<tenant>[^/]{1,256})"}
 """The regular expression of each path parameter of `wire.OPS`."""
 _KEY_PREFIX = "/v1/keys/" + _PATH_PARAMS["name"]
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def _unb64(value: Any, field_name: str) -> bytes:
-    if not isinstance(value, str):
-        raise HttpError(400, "InvalidArgument", f"{field_name} must be a base64 string")
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise HttpError(400, "InvalidArgument", f"{field_name} is not valid base64") from None
-
-
-def _opt_str(body: dict[str, Any], name: str) -> str | None:
-    value = body.get(name)
-    if value is not None and not isinstance(value, str):
-        raise HttpError(400, "InvalidArgument", f"{name} must be a string")
-    return value
-
-
-def _key_json(info: KeyInfo) -> dict[str, Any]:
-    return wire.key_to_wire(info)
 
 
 class RateLimiter:
@@ -128,31 +101,9 @@ class RateLimiter:
         return True
 
 
-Handler = Callable[["Request"], Awaitable[Any]]
-
-
-@dataclass
-class Route:
-    op: Op
-    pattern: re.Pattern[str]
-    handler: Handler
-
-    @property
-    def method(self) -> str:
-        return self.op.method
-
-
-@dataclass
-class Request:
-    scope: Scope
-    params: dict[str, str]
-    query: dict[str, str]
-    body: Any
-    identity: Identity | None
-
-
-class App:
-    """The ASGI application. `keystore` stays open for the app's life; `close()` locks it."""
+class App(KeyHandlers, AdminHandlers):
+    """The ASGI application (its access checks and key handlers in keys.py, its admin routes
+    in admin.py). `keystore` stays open for the app's life; `close()` locks it."""
 
     def __init__(
         self, keystore: Keystore, tenants: TenantStore, settings: ServerConfig | None = None
@@ -434,68 +385,6 @@ class App:
             raise HttpError(400, "InvalidArgument", "the body must be a JSON object")
         return body
 
-    # -- authorisation -------------------------------------------------------------------------
-    def _view(self, identity: Identity) -> Keystore:
-        """The keystore as the identity's tenant sees it: its namespace only."""
-        tenant = identity.tenant
-        if tenant is None:
-            raise HttpError(403, "NotPermitted", "a service admin holds no keys; use a tenant")
-        view = self._views.get(tenant)
-        if view is None:
-            with self._lock:
-                view = self._views.get(tenant) or self.ks.in_namespace(tenant)
-                self._views[tenant] = view
-        return view
-
-    def _check_key(self, identity: Identity, name: str, permission: Permission) -> Keystore:
-        """The tenant's keystore if `identity` may `permission` the key `name`.
-
-        Decided from the name alone, never from whether the key exists: a name the identity
-        has no permission on at all gets the same 404 as an absent key (except to make a
-        key, where "no such key" would make no sense: a 403, which says as little)."""
-        view = self._view(identity)
-        granted = self.tenants.permissions_on(identity, name)
-        if permission not in granted:
-            if not granted and permission is not Permission.GENERATE:
-                raise HttpError(404, "KeyNotFound", NOT_FOUND)
-            raise HttpError(
-                403, "NotPermitted", f"this identity may not {permission.value} this key"
-            )
-        return view
-
-    def _key_request(self, req: Request, permission: Permission) -> tuple[Keystore, str]:
-        """The tenant's keystore and the key name of a /v1/keys/{name}/... request, once
-        `permission` on that name is checked (see `_check_key`)."""
-        assert req.identity is not None
-        name = req.params["name"]
-        return self._check_key(req.identity, name, permission), name
-
-    def _admin(self, identity: Identity | None) -> None:
-        if identity is None or not identity.admin:
-            raise HttpError(403, "NotPermitted", "this needs the admin role")
-
-    def _in_vault(self, view: Keystore, name: str) -> bool:
-        """Whether the key lives in the vault; a 423 if so while an admin keeps it sealed."""
-        try:
-            backend = view.info(name).backend
-        except KeyNotFound:
-            raise HttpError(404, "KeyNotFound", NOT_FOUND) from None
-        if backend != self._vault_name:
-            return False
-        if self.vault_sealed:
-            raise HttpError(423, "VaultLocked", "the vault is locked; an admin unlocks it")
-        return True
-
-    def _check_vault(self, view: Keystore, name: str) -> None:
-        if self.vault_sealed:
-            self._in_vault(view, name)
-
-    async def _run(self, view: Keystore, name: str, fn: Callable[[], Any]) -> Any:
-        """Run a keystore call: inline for vault keys (fast), in a thread for hardware."""
-        if self._in_vault(view, name):
-            return fn()
-        return await asyncio.to_thread(fn)
-
     # -- routes: compiled from wire.OPS ----------------------------------------------------------
     def _route(self, op: Op) -> Route:
         pattern = re.sub(r"\{(\w+)\}", lambda m: _PATH_PARAMS[m.group(1)], op.path)
@@ -601,465 +490,3 @@ class App:
             ]
             facts["backend"] = None
         return {"keys": keys}
-
-    async def generate(self, req: Request) -> Any:
-        assert req.identity is not None
-        body = req.body
-        name = body.get("name")
-        if not isinstance(name, str) or not name:
-            raise HttpError(400, "InvalidArgument", "name is required")
-        key_type = body.get("type")
-        if not isinstance(key_type, str):
-            raise HttpError(400, "InvalidArgument", "type is required")
-        backend = _opt_str(body, "backend")
-        usage = _usage_list(body)
-        exportable = body.get("exportable", False)
-        if not isinstance(exportable, bool):
-            raise HttpError(400, "InvalidArgument", "exportable must be true or false")
-        view = self._check_key(req.identity, name, Permission.GENERATE)
-        if exportable and Permission.EXPORT not in self.tenants.permissions_on(req.identity, name):
-            raise HttpError(403, "NotPermitted", _EXPORTABLE_NEEDS_EXPORT)
-        if self.vault_sealed:
-            raise HttpError(423, "VaultLocked", "the vault is locked; an admin unlocks it")
-        if "material" in body:  # an import: the material goes straight into the backend
-            material = bytearray(_unb64(body.get("material"), "material"))
-            fmt = body.get("format", "auto")
-            if not isinstance(fmt, str):
-                raise HttpError(400, "InvalidArgument", "format must be a string")
-            try:
-                info = await asyncio.to_thread(
-                    view.import_key, name, key_type, material, backend, usage, exportable, fmt
-                )
-            finally:
-                wipe(material)
-            return 201, _key_json(info)
-        info = await asyncio.to_thread(
-            view.generate, name, key_type, backend=backend, usage=usage, exportable=exportable
-        )
-        return 201, _key_json(info)
-
-    def _new_key_args(self, req: Request) -> tuple[str, str, list[str] | None, bytes, bytes]:
-        """`new_name` (which the caller must be allowed to generate), `type`, `usage`, and
-        the HKDF `salt` and `info` of an agree or derive request."""
-        assert req.identity is not None
-        new_name = req.body.get("new_name")
-        if not isinstance(new_name, str) or not new_name:
-            raise HttpError(400, "InvalidArgument", "new_name is required")
-        self._check_key(req.identity, new_name, Permission.GENERATE)
-        key_type = req.body.get("type", "aes-256")
-        if not isinstance(key_type, str):
-            raise HttpError(400, "InvalidArgument", "type must be a string")
-        usage = _usage_list(req.body)
-        salt = _unb64(req.body.get("salt", ""), "salt")
-        info = _unb64(req.body.get("info", ""), "info")
-        return new_name, key_type, usage, salt, info
-
-    def _check_exportable(self, req: Request, name: str) -> bool:
-        """The request's `exportable` flag; making an exportable key needs `export` on it."""
-        assert req.identity is not None
-        exportable = _flag(req.body, "exportable")
-        if exportable and Permission.EXPORT not in self.tenants.permissions_on(req.identity, name):
-            raise HttpError(403, "NotPermitted", _EXPORTABLE_NEEDS_EXPORT)
-        return exportable
-
-    async def delete_key(self, req: Request) -> Any:
-        """Delete after the keystore's deletion_wait (or `?after=SECONDS`), or `?now=true`."""
-        from datetime import timedelta
-
-        view, name = self._key_request(req, Permission.DELETE)
-        self._check_vault(view, name)
-        now_flag = req.query.get("now", "false")
-        if now_flag not in ("true", "false"):
-            raise HttpError(400, "InvalidArgument", "now is true or false")
-        if now_flag == "true":
-            await asyncio.to_thread(view.delete, name)
-            return {"deleted": name}
-        after = req.query.get("after")
-        wait = None
-        if after is not None:
-            wait = timedelta(seconds=_int_query(req.query, "after", 0, 0, 10 * 365 * 86400))
-        scheduled = await asyncio.to_thread(view.schedule_deletion, name, wait)
-        if scheduled is None or scheduled.delete_after is None:
-            return {"deleted": name}
-        return {"scheduled": name, "delete_after": scheduled.delete_after.isoformat()}
-
-    async def agree(self, req: Request) -> Any:
-        view, name = self._key_request(req, Permission.AGREE)
-        new_name, key_type, usage, salt, info_bytes = self._new_key_args(req)
-        peer = req.body.get("peer")
-        if not isinstance(peer, str):
-            raise HttpError(400, "InvalidArgument", "peer must be a PEM public key or base64")
-        public: Any
-        if peer.lstrip().startswith("-----BEGIN"):
-            try:
-                public = serialization.load_pem_public_key(peer.encode())
-            except (ValueError, TypeError, UnicodeError):
-                raise HttpError(400, "InvalidArgument", "peer is not a PEM public key") from None
-        else:
-            public = _unb64(peer, "peer")  # raw or DER; the keystore reads it for the key type
-        exportable = self._check_exportable(req, new_name)
-        self._check_vault(view, name)
-        info = await asyncio.to_thread(
-            view.agree, name, public, new_name, key_type, usage, salt, info_bytes, exportable
-        )
-        return 201, _key_json(info)
-
-    async def adopt(self, req: Request) -> Any:
-        """Register a key that already exists in a backend under this name: the `adopt`
-        permission on the name, which `all` does not imply (in shared hardware, adopting
-        claims a key nobody gave this tenant); the admin's vault seal stops it, as it stops
-        generate."""
-        assert req.identity is not None
-        name = req.params["name"]
-        backend = req.body.get("backend")
-        if not isinstance(backend, str) or not backend:
-            raise HttpError(400, "InvalidArgument", "backend is required")
-        ref = req.body.get("ref")
-        if not (
-            isinstance(ref, dict)
-            and ref
-            and all(isinstance(k, str) and isinstance(v, str) for k, v in ref.items())
-        ):
-            raise HttpError(400, "InvalidArgument", "ref must be an object of strings")
-        key_type = _opt_str(req.body, "type")
-        usage = _usage_list(req.body)
-        view = self._check_key(req.identity, name, Permission.ADOPT)
-        if self.vault_sealed:
-            raise HttpError(423, "VaultLocked", "the vault is locked; an admin unlocks it")
-        info = await asyncio.to_thread(view.adopt, name, backend, ref, key_type, usage)
-        return 201, _key_json(info)
-
-    async def random(self, req: Request) -> Any:
-        ident = req.identity
-        assert ident is not None
-        if not self.tenants.may(ident, Permission.RANDOM):
-            raise HttpError(403, "NotPermitted", "this identity may not ask for random bytes")
-        n = req.body.get("n")
-        if type(n) is not int or not 1 <= n <= 65536:
-            raise HttpError(400, "InvalidArgument", "n must be an integer from 1 to 65536")
-        backend = _opt_str(req.body, "backend")
-        if backend is not None and backend not in self.ks.config.backends:
-            raise HttpError(400, "InvalidArgument", "no backend by that name")
-        data = await asyncio.to_thread(self._view(ident).random, n, backend)
-        return {"data": _b64(data)}
-
-    # -- vault ---------------------------------------------------------------------------------
-    async def vault_status(self, req: Request) -> Any:
-        status = self.ks.vault_control().vault_status()
-        return {**_jsonable(status), "sealed_by_service": self.vault_sealed}
-
-    async def vault_lock(self, req: Request) -> Any:
-        self.vault_sealed = True
-        await asyncio.to_thread(self.ks.vault_control().lock)
-        return {"locked": True}
-
-    async def vault_unlock(self, req: Request) -> Any:
-        method = _opt_str(req.body, "method")
-        used = await asyncio.to_thread(self.ks.vault_control().unlock, method)
-        self.vault_sealed = False
-        return {"locked": False, "method": used}
-
-    # -- audit ---------------------------------------------------------------------------------
-    async def audit_records(self, req: Request) -> Any:
-        from ..audit import last_seq, read_records
-
-        path = self.ks.config.data_dir / "audit.jsonl"
-        limit = _int_query(req.query, "limit", 100, 1, 10_000)
-        if "last" in req.query:  # the newest N records
-            if "since" in req.query:
-                raise HttpError(400, "InvalidArgument", "give since or last, not both")
-            last = _int_query(req.query, "last", 100, 1, 10_000)
-            newest = await asyncio.to_thread(last_seq, path)
-            since, limit = max(0, newest - last), last
-        else:
-            since = _int_query(req.query, "since", 0, 0, 1 << 62)
-        records = await asyncio.to_thread(read_records, path, since, limit)
-        return {"records": records}
-
-    async def audit_verify(self, req: Request) -> Any:
-        from ..audit import verify_log
-
-        path = self.ks.config.data_dir / "audit.jsonl"
-        public = await asyncio.to_thread(self.ks.audit_public_key)
-        report = await asyncio.to_thread(verify_log, path, public)
-        return report.to_dict()
-
-    async def audit_checkpoint(self, req: Request) -> Any:
-        record = await asyncio.to_thread(self.ks.audit_checkpoint)
-        return {"checkpoint": record}
-
-    # -- tenants and policies ------------------------------------------------------------------
-    async def list_tenants(self, req: Request) -> Any:
-        return {"tenants": self.tenants.tenants()}
-
-    async def create_tenant(self, req: Request) -> Any:
-        name = req.body.get("name")
-        if not isinstance(name, str):
-            raise HttpError(400, "InvalidArgument", "name is required")
-        with self.ks.audited("tenant_create", None, write_ahead=True, tenant=name):
-            await asyncio.to_thread(self.tenants.create_tenant, name)
-        return 201, {"name": name}
-
-    async def issue_token(self, req: Request) -> Any:
-        name = req.body.get("name")
-        if not isinstance(name, str):
-            raise HttpError(400, "InvalidArgument", "name is required")
-        tenant = req.params["tenant"]
-        with self.ks.audited("token_issue", None, write_ahead=True, tenant=tenant, identity=name):
-            token = await asyncio.to_thread(self.tenants.issue_token, tenant, name)
-        return 201, {"tenant": tenant, "name": name, "token": token}
-
-    async def revoke_identity(self, req: Request) -> Any:
-        tenant, name = req.params["tenant"], req.params["name"]
-        with self.ks.audited("token_revoke", None, write_ahead=True, tenant=tenant, identity=name):
-            await asyncio.to_thread(self.tenants.revoke, tenant, name)
-        return {"revoked": req.params["name"]}
-
-    async def list_policies(self, req: Request) -> Any:
-        tenant = req.query.get("tenant")
-        return {"policies": [p.to_dict() for p in self.tenants.policies(tenant)]}
-
-    async def grant(self, req: Request) -> Any:
-        from .tenants import parse_permissions
-
-        tenant, identity, keys, perms = _policy_body(req.body)
-        if perms is None:
-            raise HttpError(400, "InvalidArgument", "permissions are required")
-        parsed = parse_permissions(perms)
-        with self.ks.audited(
-            "policy_grant",
-            None,
-            write_ahead=True,
-            tenant=tenant,
-            identity=identity,
-            keys=keys,
-            permissions=",".join(sorted(parsed)),
-        ):
-            policy = await asyncio.to_thread(self.tenants.grant, tenant, identity, keys, parsed)
-        return policy.to_dict()
-
-    async def revoke_policy(self, req: Request) -> Any:
-        from .tenants import parse_permissions
-
-        tenant, identity, keys, perms = _policy_body(req.body)
-        parsed = None if perms is None else parse_permissions(perms)
-        with self.ks.audited(
-            "policy_revoke",
-            None,
-            write_ahead=True,
-            tenant=tenant,
-            identity=identity,
-            keys=keys,
-            permissions="all" if parsed is None else ",".join(sorted(parsed)),
-        ):
-            await asyncio.to_thread(self.tenants.revoke_policy, tenant, identity, keys, parsed)
-        return {"revoked": True}
-
-
-# -- the generic handlers' decoding of fields and encoding of answers, by wire type -----------
-Decoder = Callable[[dict[str, Any]], Any]
-
-
-def _decoder(f: Field) -> Decoder:
-    """How a body field is read and checked; each refusal is a 400 naming the field."""
-    name, kind, default = f.name, f.kind, f.default
-    if kind == wire.BYTES:
-        if f.nullable:
-            return lambda body: None if body.get(name) is None else _unb64(body[name], name)
-        if f.has_default:
-            return lambda body: _unb64(body[name], name) if name in body else default
-        return lambda body: _unb64(body.get(name), name)
-    if kind == wire.BOOL:
-        return lambda body: _flag(body, name)
-    if kind == wire.VERSION:
-        return _version
-    if kind == wire.USAGE:
-        return _usage_list
-    if f.enum is not None:
-        enum = f.enum
-        choices = f"{', '.join(enum[:-1])} or {enum[-1]}"
-
-        def one_of(body: dict[str, Any]) -> Any:
-            value = body.get(name, default)
-            if value not in enum:
-                raise HttpError(400, "InvalidArgument", f"{name} is {choices}")
-            return value
-
-        return one_of
-    if kind == wire.INT and f.required and f.maximum is None:
-
-        def positive(body: dict[str, Any]) -> int:
-            value = body.get(name)
-            if type(value) is not int or value < (f.minimum or 1):
-                raise HttpError(400, "InvalidArgument", f"{name} must be a positive integer")
-            return value
-
-        return positive
-    if kind in (wire.NAME, wire.KEY_TYPE) and f.required:
-        nonempty = kind == wire.NAME
-
-        def required(body: dict[str, Any]) -> str:
-            value = body.get(name)
-            if not isinstance(value, str) or (nonempty and not value):
-                raise HttpError(400, "InvalidArgument", f"{name} is required")
-            return value
-
-        return required
-    if kind in (wire.KEY_TYPE, wire.STR) and f.has_default:
-
-        def string(body: dict[str, Any]) -> str:
-            value = body.get(name, default)
-            if not isinstance(value, str):
-                raise HttpError(400, "InvalidArgument", f"{name} must be a string")
-            return value
-
-        return string
-    if kind in (wire.STR, wire.BACKEND, wire.SIGN_ALG, wire.ENC_ALG, wire.KEY_TYPE):
-        return lambda body: _opt_str(body, name)
-    raise AssertionError(f"no generic decoder for {name} ({kind})")  # a table error, at start
-
-
-def _query_decoder(f: Field) -> Decoder:
-    """How a query parameter is read and checked (absent: its default, else None)."""
-    name, default = f.name, f.default
-    if f.kind == wire.INT:
-        lo, hi = f.minimum or 0, f.maximum or 1 << 62
-
-        def integer(query: dict[str, Any]) -> int | None:
-            if name not in query:
-                return None if not f.has_default else int(default)
-            return _int_query(query, name, 0, lo, hi)
-
-        return integer
-    if f.enum is not None:
-        return _decoder(f)  # a query is a dict of strings, read as a body is
-    raise AssertionError(f"no generic query decoder for {name} ({f.kind})")
-
-
-Encoder = Callable[[Any, dict[str, Any]], Any]
-
-
-def _encoder(op: Op) -> Encoder:
-    """How a generic operation's result becomes its answer; `values` are the request's
-    decoded fields (a format asked for shapes the answer)."""
-    if op.response == wire.KEY:
-        return lambda info, values: _key_json(info)
-    special = _ENCODERS.get(op.name)
-    if special is not None:
-        return special
-    assert isinstance(op.response, tuple) and op.result is not None
-    field = next(f for f in op.response if f.name == op.result)
-    if field.kind == wire.BYTES:
-        return lambda data, values: {field.name: _b64(data)}
-    if field.kind == wire.BOOL:  # verify: no exception is the answer (InvalidSignature is
-        return lambda result, values: {field.name: True}  # answered {"valid": false})
-    if field.kind == wire.OBJECT:
-        return lambda result, values: {field.name: _jsonable(result)}
-    raise AssertionError(f"no generic encoder for {op.name}")
-
-
-def _public_key(public: Any, values: dict[str, Any]) -> dict[str, Any]:
-    if values["format"] == "pem":
-        pem = public.public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        return {"pem": pem.decode()}
-    der = public.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return {"der": _b64(der)}
-
-
-def _exported(material: bytes, values: dict[str, Any]) -> dict[str, Any]:
-    fmt = values["format"]
-    return {"pem": material.decode()} if fmt == "pem" else {fmt: _b64(material)}
-
-
-_ENCODERS: dict[str, Encoder] = {
-    "public_key": _public_key,
-    "export": _exported,
-    "versions": lambda found, values: {"versions": [wire.version_to_wire(v) for v in found]},
-}
-
-
-def _backend_of(result: Any) -> str | None:
-    """The backend an audited read names: the key's, or its newest version's."""
-    if isinstance(result, list):
-        return result[-1].backend if result else None
-    return getattr(result, "backend", None)
-
-
-def _policy_body(body: dict[str, Any]) -> tuple[str, str, str, list[str] | None]:
-    tenant, identity, keys = body.get("tenant"), body.get("identity"), body.get("keys")
-    perms = body.get("permissions")
-    if not all(isinstance(v, str) for v in (tenant, identity, keys)):
-        raise HttpError(400, "InvalidArgument", "tenant, identity and keys are required strings")
-    if perms is not None and not (
-        isinstance(perms, list) and all(isinstance(p, str) for p in perms)
-    ):
-        raise HttpError(400, "InvalidArgument", "permissions must be a list of strings")
-    return tenant, identity, keys, perms  # type: ignore[return-value]
-
-
-def _version(body: dict[str, Any]) -> int | None:
-    value = body.get("version")
-    if value is not None and (type(value) is not int or not 1 <= value <= 1 << 31):
-        raise HttpError(400, "InvalidArgument", "version must be a positive integer")
-    return value
-
-
-def _usage_list(body: dict[str, Any]) -> list[str] | None:
-    usage = body.get("usage")
-    if usage is not None and not (
-        isinstance(usage, list) and all(isinstance(u, str) for u in usage)
-    ):
-        raise HttpError(400, "InvalidArgument", "usage must be a list of strings")
-    return usage
-
-
-def _flag(body: dict[str, Any], name: str) -> bool:
-    value = body.get(name, False)
-    if not isinstance(value, bool):
-        raise HttpError(400, "InvalidArgument", f"{name} must be true or false")
-    return value
-
-
-def _int_query(query: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
-    raw = query.get(name)
-    if raw is None:
-        return default
-    if not re.fullmatch(r"[0-9]{1,19}", raw) or not lo <= int(raw) <= hi:
-        raise HttpError(400, "InvalidArgument", f"{name} must be an integer from {lo} to {hi}")
-    return int(raw)
-
-
-def _parse_query(raw: bytes) -> dict[str, str]:
-    from urllib.parse import parse_qsl
-
-    if not raw:
-        return {}
-    try:
-        return dict(parse_qsl(raw.decode("utf-8"), keep_blank_values=True))
-    except (UnicodeDecodeError, ValueError):
-        raise HttpError(400, "InvalidArgument", "the query string is not valid") from None
-
-
-def _unquote(value: str) -> str:
-    from urllib.parse import unquote
-
-    return unquote(value, errors="strict")
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
-def _client_certificate(scope: Scope) -> bytes | None:
-    """The client certificate's DER, from the ASGI TLS extension (see TlsHttpProtocol)."""
-    tls = scope.get("extensions", {}).get("tls")
-    if not tls:
-        return None
-    chain = tls.get("client_cert_chain") or []
-    if not chain:
-        return None
-    return ssl.PEM_cert_to_DER_cert(chain[0])
