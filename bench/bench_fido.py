@@ -3,7 +3,7 @@
 Assertions per second through `Keystore.sign` (catalog lookup, usage check, client data
 JSON, getAssertion, the CBOR assertion structure, the audit line) against python-fido2's
 `Ctap2.get_assertion` called directly, on the same software authenticator
-(tests/fido_authenticator.py) and the same credential, interleaved so machine noise hits
+(tests/emulators/fido_authenticator.py) and the same credential, interleaved so machine noise hits
 both alike. The authenticator is touched at once. Target: Keystore at most 1.3x slower.
 
 With `--pcsc` the same comparison also runs through pcscd and vpcd (`device = "pcsc"`
@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "emulators"))
 
 from fido2.ctap import CtapDevice
 from fido2.ctap2 import Ctap2

@@ -1,7 +1,7 @@
 """PIV benchmark against the emulated card, run by hand (never in CI): `python bench/bench_piv.py`.
 
-Starts pcscd with vpcd readers (tests/pcsc_support.py) and puts the PIV card emulator
-(tests/piv_card.py) in the PIV slot, then:
+Starts pcscd with vpcd readers (tests/emulators/pcsc_support.py) and puts the PIV card emulator
+(tests/emulators/piv_card.py) in the PIV slot, then:
 
 1. ECDSA P-256 signing through `Keystore.sign` (catalog lookup, usage check, audit line,
    host SHA-256, GENERAL AUTHENTICATE through pyscard → pcscd → vpcd → card) against raw
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "emulators"))
 
 
 def main() -> None:

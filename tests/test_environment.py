@@ -39,9 +39,9 @@ HOSTILE = {
 # token (STRONGROOM_TOKEN would be sent instead).
 CHILD_TESTS = [
     "tests/test_environment.py::test_this_process_sees_no_user_environment",
-    "tests/test_cli.py::test_vault_status_before_init",
-    "tests/test_cli.py::test_init_creates_the_vault_and_a_second_init_fails_in_one_line",
-    "tests/test_server.py::test_client_certificate_identifies_the_caller",
+    "tests/cli/test_cli.py::test_vault_status_before_init",
+    "tests/cli/test_cli.py::test_init_creates_the_vault_and_a_second_init_fails_in_one_line",
+    "tests/service/test_server.py::test_client_certificate_identifies_the_caller",
 ]
 
 

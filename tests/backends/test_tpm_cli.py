@@ -26,7 +26,7 @@ from tpm_support import (
 
 import strongroom
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ENV = {PIN_ENV: TEST_PIN, VAULT_PASS_ENV: VAULT_PASS}
 
 

@@ -1085,7 +1085,7 @@ def test_attest_over_the_wire(service: Service, tokens: Tenancy) -> None:
 
 def test_adopt_over_the_wire(service: Service, tokens: Tenancy) -> None:
     """Adopting through the service needs `adopt` on the name, which `all` does not grant;
-    the service's vault cannot adopt, so success is the contract's (tests/test_pkcs11.py,
+    the service's vault cannot adopt, so success is the contract's (tests/backends/test_pkcs11.py,
     over a service on SoftHSM2)."""
     with remote(service, tokens.acme_app) as app, remote(service, tokens.acme_signer) as signer:
         with pytest.raises(UnsupportedOperation) as err:

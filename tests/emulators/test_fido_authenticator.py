@@ -1,4 +1,4 @@
-"""The software authenticator (tests/fido_authenticator.py), driven by python-fido2 itself.
+"""The software authenticator (tests/emulators/fido_authenticator.py), driven by python-fido2.
 
 python-fido2's `Fido2Client` and `Ctap2` talk to it, and its `Fido2Server` checks every
 registration and assertion, so the authenticator the backend tests rely on behaves like a

@@ -1,6 +1,6 @@
 """A PIV card emulator (NIST SP 800-73-4) for the tests, served on a vpcd reader.
 
-It has the `VirtualCard` shape of tests/pcsc_support.py, so
+It has the `VirtualCard` shape of tests/emulators/pcsc_support.py, so
 
     with ensure_pcscd(tmp) as pcsc, pcsc.serve(PivCard(), PIV_SLOT) as link: ...
 

@@ -1,7 +1,7 @@
 """The PIV backend through the real PC/SC stack: pyscard → pcscd → vpcd → the PIV emulator.
 
-tests/piv_card.py is the card; tests/pcsc_support.py starts pcscd with vpcd readers itself.
-Every test gets a fresh card in the same reader slot.
+tests/emulators/piv_card.py is the card; tests/emulators/pcsc_support.py starts pcscd with vpcd
+readers itself. Every test gets a fresh card in the same reader slot.
 """
 
 from __future__ import annotations

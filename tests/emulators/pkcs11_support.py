@@ -21,7 +21,7 @@ from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, CliResult, run_cli
 import strongroom
 from strongroom.keystore import Keystore
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 TOKEN_LABEL = "strongroom-test"
 USER_PIN = "4711-test-pin"  # distinctive, so a leak into any output is easy to spot

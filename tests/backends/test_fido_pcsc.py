@@ -1,7 +1,7 @@
 """The FIDO2 backend over the real PC/SC stack: fido2.pcsc → pyscard → pcscd → vpcd → card.
 
 The software authenticator is served as a card with the FIDO applet on a vpcd reader
-(tests/pcsc_support.py). python-fido2's own `CtapPcscDevice.list_devices()` finds it, and
+(tests/emulators/pcsc_support.py). python-fido2's own `CtapPcscDevice.list_devices()` finds it, and
 the backend reaches it with `device = "pcsc"`, in this process and from the `strongroom`
 command in a subprocess.
 """

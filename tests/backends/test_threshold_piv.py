@@ -1,5 +1,5 @@
 """A PIV card as one member of a threshold vault slot, through the real PC/SC stack
-(pyscard → pcscd → vpcd → tests/piv_card.py), with a passphrase and the SoftHSM token.
+(pyscard → pcscd → vpcd → tests/emulators/piv_card.py), with a passphrase and the SoftHSM token.
 
 The card seals its SLIP-39 share to its 9D key (ECDH + HKDF, backends/piv/sealer.py); it
 fails the way a card fails: a wrong PIN (the card counts it), the card pulled out of the

@@ -24,7 +24,7 @@ from strongroom.errors import (
 from strongroom.keystore import Keystore
 from strongroom.testing import BackendContract
 
-VECTORS = Path(__file__).parent / "vectors"
+VECTORS = Path(__file__).parents[1] / "vectors"
 PASS = "correct horse battery staple"
 
 

@@ -33,7 +33,7 @@ from strongroom.cli import EXIT_CODES, exit_code_of
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 KEY_HEADERS = ["NAME", "TYPE", "BACKEND", "USAGE", "EXPORTABLE", "CREATED"]
 DATA = b"the quick brown fox signs the lazy dog\n"
 

@@ -31,7 +31,7 @@ from pkcs11_support import (
 import strongroom
 from strongroom.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LABEL = "env-token"
 
 __all__ = ["config", "softhsm"]

@@ -24,7 +24,7 @@ from strongroom.backends.vault.procedures import (
 )
 from strongroom.errors import InvalidArgument
 
-VECTORS = Path(__file__).parent / "vectors"
+VECTORS = Path(__file__).parents[1] / "vectors"
 
 
 def load(name: str) -> dict[str, Any]:

@@ -29,8 +29,9 @@ Two front ends share one `SoftAuthenticator`:
   passes to `Keystore(device_factories=...)`;
 * `FidoCard`, the same authenticator as an ISO 7816 card (FIDO AID `A0000006472F0001`,
   NFCCTAP_MSG `80 10` with command chaining, NFCCTAP_GETRESPONSE `80 11` status updates
-  and cancel, `61xx` + GET RESPONSE for long answers), which `tests/pcsc_support.py` serves
-  on a vpcd reader so that `fido2.pcsc.CtapPcscDevice` finds it through a real pcscd.
+  and cancel, `61xx` + GET RESPONSE for long answers), which
+  `tests/emulators/pcsc_support.py` serves on a vpcd reader so that
+  `fido2.pcsc.CtapPcscDevice` finds it through a real pcscd.
 
 Not implemented: built-in UV (there is no fingerprint), PIN/UV protocol 1, enterprise
 attestation, largeBlobs, authenticatorConfig, the PIN token usage timers, and the 10-second

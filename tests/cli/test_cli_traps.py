@@ -31,7 +31,7 @@ from strongroom.types import KeyType, Usage
 
 OK, USAGE, AUTH, CONFIG = 0, 2, 4, 11
 DATA = b"data to sign\n"
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def assert_ok(r: CliResult) -> CliResult:

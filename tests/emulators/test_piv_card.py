@@ -1,4 +1,4 @@
-"""The PIV card emulator itself (tests/piv_card.py): status words, chaining, state.
+"""The PIV card emulator itself (tests/emulators/piv_card.py): status words, chaining, state.
 
 Most of these drive `PivCard.transmit` directly (a unit test of the test support); the last
 one goes through pcscd with plain pyscard, so chaining is checked on the real transport.

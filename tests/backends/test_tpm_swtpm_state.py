@@ -23,7 +23,7 @@ from tpm_support import PIN_ENV, TEST_PIN, VAULT_PASS, VAULT_PASS_ENV, _free_por
 import strongroom
 from strongroom.errors import BackendUnavailable, ConfigError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ENV = {PIN_ENV: TEST_PIN, VAULT_PASS_ENV: VAULT_PASS}
 
 pytestmark = pytest.mark.skipif(
