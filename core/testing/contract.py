@@ -1,7 +1,7 @@
 """The backend contract: what every backend must do, checked through the key API.
 
 The suite is typed against `KeyAPI`, so it runs unchanged through a `Keystore` and through
-`strongroom.connect()` (tests/test_server.py runs it over both of the service's transports).
+`strongroom.connect()` (tests/service/test_server.py runs it over both of the service's transports).
 """
 
 from __future__ import annotations
