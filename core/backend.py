@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
     from .secrets import SecretSource
+    from .storage import VaultRecords
     from .threshold import Policy
 
 Capability = tuple[KeyType, Operation]
@@ -56,6 +57,9 @@ class BackendContext:
     """Opens the device in place of the `device` setting: the seam through which tests pass
     a software device (like python-fido2's `Ctap2(device)`). Only code can set it, through
     `Keystore(device_factories=...)`; no config value reaches it."""
+    records: VaultRecords | None = None
+    """This backend's rows in the keystore's transactional store (core/storage.py), for a
+    backend that keeps its keys there (`Backend.transactional`): the software vault."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,10 @@ class Backend(abc.ABC):
     config_keys: ClassVar[Mapping[str, ConfigKey]] = {}
     random_needs_open: ClassVar[bool] = True
     """False when `random` works without logging in or unlocking."""
+    transactional: ClassVar[bool] = False
+    """True when the backend keeps its keys as rows of the keystore's store
+    (`BackendContext.records`): the keystore then writes the key and its catalog rows in one
+    transaction. A device-backed store cannot join one; its key is made first, then the row."""
 
     def __init__(self, context: BackendContext) -> None:
         self.context = context
@@ -300,7 +308,12 @@ class VaultControl(Protocol):
         ...
 
     def backup(self, destination: Path) -> None:
-        """Write a copy of the snapshot that the same unlock methods open."""
+        """Write a snapshot of the vault (format 3) that the same unlock methods open."""
+        ...
+
+    def verify_store(self) -> dict[str, Any]:
+        """Check every record against the vault's manifest; SnapshotTampered if one was
+        removed, added, replaced or edited (docs/storage.md). Returns counts, no secrets."""
         ...
 
     def restore(self, source: Path) -> list[KeyInfo]:

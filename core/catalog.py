@@ -18,7 +18,7 @@ from pathlib import Path
 from .errors import CatalogError, KeyExists, KeyNotFound, StorageError
 from .types import KeyInfo, KeyType, KeyVersion, Usage
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Schema 1: one row per key. A fresh catalog is created as schema 1 and then migrated, so
 # the upgrade path of an existing catalog is the one every new catalog takes too.
@@ -61,6 +61,32 @@ _MIGRATE_1_TO_2 = (
     "attributes FROM keys",
 )
 
+# Schema 3 (docs/storage.md): the software vault's header and sealed records live in this
+# database too, so that a key and its catalog rows commit in one transaction. The store
+# reads none of their contents; backends/vault/rows.py seals and authenticates them.
+_MIGRATE_2_TO_3 = (
+    """CREATE TABLE vault_headers (
+        backend TEXT PRIMARY KEY,
+        vault_id TEXT NOT NULL,
+        format INTEGER NOT NULL,
+        slots TEXT NOT NULL,
+        manifest TEXT NOT NULL
+    )""",
+    """CREATE TABLE vault_records (
+        backend TEXT NOT NULL,
+        record_id TEXT NOT NULL,
+        namespace TEXT NOT NULL,
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        type TEXT NOT NULL,
+        meta TEXT NOT NULL,
+        public BLOB,
+        sealed BLOB NOT NULL,
+        mac BLOB NOT NULL,
+        UNIQUE (backend, record_id)
+    )""",
+)
+
 _COLUMNS = (
     "namespace, name, backend, handle, type, usage, exportable, version, created, attributes, "
     "min_decryption_version, disabled, delete_after"
@@ -87,6 +113,8 @@ class Catalog:
             except sqlite3.DatabaseError as e:
                 raise CatalogError(f"cannot open the catalog {path}: {e}") from None
             self._lock = threading.RLock()
+            self._depth = 0
+            self._wrote = False
             self._cache: dict[tuple[str, str], KeyInfo] = {}
             self._stamp = _ChangeStamp(path.with_name(path.name + ".stamp"))
             self._cache_stamp = self._stamp.read()
@@ -102,6 +130,73 @@ class Catalog:
             raise StorageError(
                 f"cannot {doing} the catalog {self.path}: {e.strerror or e}"
             ) from None
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One atomic scope over the whole store (catalog and vault rows): the outermost
+        scope is a write transaction (BEGIN IMMEDIATE, so writers queue instead of failing
+        later), a nested one a savepoint that rolls back alone. The thread holds the store's
+        lock for the whole scope. Other processes see the change, and caches drop, only
+        when the outermost scope commits."""
+        with self._lock:
+            depth = self._depth
+            with self._storage("write"):
+                self._db.execute("BEGIN IMMEDIATE" if depth == 0 else f"SAVEPOINT s{depth}")
+            self._depth += 1
+            try:
+                yield
+            except BaseException:
+                self._depth -= 1
+                with contextlib.suppress(sqlite3.Error):
+                    if depth == 0:
+                        self._db.execute("ROLLBACK")
+                    else:
+                        self._db.execute(f"ROLLBACK TO s{depth}")
+                        self._db.execute(f"RELEASE s{depth}")
+                if depth == 0:
+                    self._end(committed=False)
+                raise
+            self._depth -= 1
+            if depth:
+                with self._storage("write"):
+                    self._db.execute(f"RELEASE s{depth}")
+                return
+            try:
+                with self._storage("write"):
+                    self._db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                self._end(committed=False)
+                raise
+            self._end(committed=True)
+
+    # -- raw access for the store's other tables (core/vaultstore.py) --------------------------
+    def query_one(self, sql: str, args: tuple[object, ...]) -> tuple[object, ...] | None:
+        with self._lock, self._storage("read"):
+            row = self._db.execute(sql, args).fetchone()
+            return None if row is None else tuple(row)
+
+    def query_all(self, sql: str, args: tuple[object, ...]) -> builtins.list[tuple[object, ...]]:
+        with self._lock, self._storage("read"):
+            return [tuple(r) for r in self._db.execute(sql, args).fetchall()]
+
+    def write(self, sql: str, args: tuple[object, ...]) -> int:
+        """One statement in the transaction in progress (or one of its own); rows changed.
+        It changes no catalog row, so other processes' catalog caches stay good."""
+        with self._lock, self.transaction(), self._storage("write"):
+            return int(self._db.execute(sql, args).rowcount)
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._depth > 0
+
+    def _end(self, committed: bool) -> None:
+        wrote, self._wrote = self._wrote, False
+        self._cache.clear()
+        if committed and wrote:
+            self._stamp.bump()
+        self._cache_stamp = self._stamp.read()
 
     def _migrate(self) -> None:
         with self._db:
@@ -120,10 +215,15 @@ class Catalog:
                     f"the catalog {self.path} has schema version {row[0]}, newer than this "
                     f"Strongroom understands ({SCHEMA_VERSION}); upgrade Strongroom"
                 )
-            if found == 1:  # in the same transaction: all of it happens, or none
-                for stmt in _MIGRATE_1_TO_2:
-                    self._db.execute(stmt)
-                self._db.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+            # In the same transaction: all of it happens, or none.
+            for version, steps in ((1, _MIGRATE_1_TO_2), (2, _MIGRATE_2_TO_3)):
+                if found == version:
+                    for stmt in steps:
+                        self._db.execute(stmt)
+                    found = version + 1
+                    self._db.execute(
+                        "UPDATE meta SET value=? WHERE key='schema_version'", (str(found),)
+                    )
 
     @property
     def schema_version(self) -> int:
@@ -144,8 +244,12 @@ class Catalog:
             self._cache_stamp = stamp
 
     def _changed(self) -> None:
-        self._stamp.bump()
+        """After a write: inside a transaction, remember it for the commit; else announce it."""
         self._cache.clear()
+        if self._depth:
+            self._wrote = True
+            return
+        self._stamp.bump()
         self._cache_stamp = self._stamp.read()
 
     def get(self, namespace: str, name: str) -> KeyInfo:
@@ -167,7 +271,8 @@ class Catalog:
                 if row is None:
                     raise KeyNotFound(name, namespace)
                 info = _row_to_info(row)
-                self._cache[(namespace, name)] = info
+                if not self._depth:  # never cache what a transaction may still roll back
+                    self._cache[(namespace, name)] = info
             return info
 
     def exists(self, namespace: str, name: str) -> bool:
@@ -196,8 +301,7 @@ class Catalog:
         attributes = json.dumps(info.attributes, sort_keys=True)
         with self._lock, self._storage("write"):
             try:
-                with self._db:
-                    self._db.execute("BEGIN IMMEDIATE")
+                with self.transaction():
                     self._db.execute(
                         "INSERT INTO keys (namespace, name, backend, handle, type, usage, "
                         "exportable, version, created, attributes) VALUES (?,?,?,?,?,?,?,?,?,?)",
@@ -233,8 +337,7 @@ class Catalog:
     def remove(self, namespace: str, name: str) -> None:
         """Remove a key's row and the rows of all its versions."""
         with self._lock, self._storage("write"):
-            with self._db:
-                self._db.execute("BEGIN IMMEDIATE")
+            with self.transaction():
                 cur = self._db.execute(
                     "DELETE FROM keys WHERE namespace=? AND name=?", (namespace, name)
                 )
@@ -285,8 +388,7 @@ class Catalog:
         """
         attributes = json.dumps(new.attributes, sort_keys=True)
         with self._lock, self._storage("write"):
-            with self._db:
-                self._db.execute("BEGIN IMMEDIATE")
+            with self.transaction():
                 cur = self._db.execute(
                     "UPDATE keys SET backend=?, handle=?, version=?, created=?, attributes=? "
                     "WHERE namespace=? AND name=? AND version=?",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from importlib import metadata
 from typing import Any
 
@@ -27,6 +28,7 @@ from .backend import (
 from .config import BackendConfig, Config
 from .errors import AttestationInvalid, BackendUnavailable, ConfigError
 from .secrets import Prompter, SecretSource, validate_reference
+from .storage import VaultRecords
 
 ENTRY_POINT_GROUP = "strongroom.backends"
 
@@ -65,12 +67,14 @@ def build_backends(
     presence: PresencePrompt,
     sealer: Callable[[str], Sealer],
     device_factories: Mapping[str, DeviceFactory] | None = None,
+    records: Callable[[str], VaultRecords] | None = None,
 ) -> tuple[dict[str, Backend], dict[str, tuple[str, str]]]:
     """Every backend `config` names, built: (backends by name, {name: (type, reason)} for
     those whose plugin failed to import). An unknown type is a ConfigError naming the file
     and line. `sealer(name)` is handed to each backend's context: the keystore's lookup of
     another configured backend that can seal. `device_factories` gives a backend (by name)
-    the device it uses instead of the one its config names (tests pass it; no config can)."""
+    the device it uses instead of the one its config names (tests pass it; no config can).
+    `records(name)` gives a transactional backend (the vault) its rows in the store."""
     factories = device_factories or {}
     classes = backend_classes(b.type for b in config.backends.values())
     built: dict[str, Backend] = {}
@@ -87,9 +91,12 @@ def build_backends(
         if isinstance(cls, str):
             unusable[name] = (bcfg.type, cls)
             continue
-        built[name] = cls(
-            backend_context(config, bcfg, cls, prompter, presence, sealer, factories.get(name))
+        context = backend_context(
+            config, bcfg, cls, prompter, presence, sealer, factories.get(name)
         )
+        if cls.transactional and records is not None:
+            context = replace(context, records=records(name))
+        built[name] = cls(context)
     return built, unusable
 
 

@@ -58,6 +58,7 @@ from .keystore_signer import _KeystoreSigner
 from .keystore_vault import _AuditedVault, _failed_slots, _unlocked, _vault_control, vault_restore
 from .secrets import Prompter, terminal_prompter
 from .types import OPERATION_USAGE, KeyInfo, KeyType, KeyVersion, Operation, Usage
+from .vaultstore import SqliteVaultRecords
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+/-]{0,127}")
 _IMPORT_FORMATS = ("auto", "raw", "der", "pem")
@@ -100,11 +101,22 @@ class Keystore(KeyLifecycle, KeySeeds):
             raise StorageError(
                 f"cannot make the data directory {config.data_dir}: {e.strerror or e}"
             ) from None
-        self._backends, self._unusable = build_backends(
-            config, self._prompter, self._presence, self._sealer, self._device_factories
-        )
-        harden_process(config.core_dumps)
+        # One transactional store per data_dir (docs/storage.md): the catalog's database,
+        # which holds the vault's rows too.
         self.catalog = Catalog(config.data_dir / "catalog.sqlite")
+        try:
+            self._backends, self._unusable = build_backends(
+                config,
+                self._prompter,
+                self._presence,
+                self._sealer,
+                self._device_factories,
+                lambda name: SqliteVaultRecords(self.catalog, name),
+            )
+        except BaseException:
+            self.catalog.close()
+            raise
+        harden_process(config.core_dumps)
         try:
             self.audit = Audit(
                 config.audit,
@@ -440,7 +452,27 @@ class Keystore(KeyLifecycle, KeySeeds):
         return chosen
 
     def _create(self, info: KeyInfo, backend: Backend, make: Any) -> KeyInfo:
-        """Backend key first, then the catalog row; undo the backend key if the row fails."""
+        """The backend key and its catalog row. A transactional backend (the vault) writes
+        its row in the same transaction as the catalog's: both commit, or neither. Any
+        other makes its key first, then the row is written; if the row fails the key is
+        undone, and a key left by a crash in between is what `doctor` reports."""
+        if backend.transactional:
+            with self.catalog.transaction():
+                return self._create_now(info, backend, make)
+        return self._create_now(info, backend, make)
+
+    def _transactional(self, backend: str) -> bool:
+        found = self._backends.get(backend)
+        return found is not None and found.transactional
+
+    def batch(self) -> contextlib.AbstractContextManager[None]:
+        """`with ks.batch():` every key change inside commits in one transaction, or none
+        does (an exception out of the block rolls all of them back). Vault keys and catalog
+        rows only: a key made in a device cannot be rolled back, so it is made at once and
+        its row joins the batch (`doctor` finds a key whose row never committed)."""
+        return self.catalog.transaction()
+
+    def _create_now(self, info: KeyInfo, backend: Backend, make: Any) -> KeyInfo:
         if self.catalog.exists(info.namespace, info.name):
             raise KeyExists(info.name, info.namespace)
         handle = make(NewKey(info))
@@ -816,8 +848,18 @@ class Keystore(KeyLifecycle, KeySeeds):
             self._destroy(info)
 
     def _destroy(self, info: KeyInfo) -> None:
-        """Destroy every version's backend key (adopted ones are only forgotten), then rows."""
+        """Destroy every version's backend key (adopted ones are only forgotten), then rows.
+        When every version is in a transactional backend, all of it is one transaction."""
         versions = self.catalog.versions(info.namespace, info.name)
+        if all(
+            v.attributes.get(ADOPTED) == "true" or self._transactional(v.backend) for v in versions
+        ):
+            with self.catalog.transaction():
+                self._destroy_versions(info, versions)
+        else:
+            self._destroy_versions(info, versions)
+
+    def _destroy_versions(self, info: KeyInfo, versions: list[KeyVersion]) -> None:
         if not versions:  # pragma: no cover - a schema 2 catalog has a row per version
             versions = [KeyVersion(info.version, info.backend, now(), info.handle, info.attributes)]
         for v in versions:

@@ -78,17 +78,21 @@ class KeyLifecycle:
                 attributes={},
             )
             attributes = self._rsa_encrypt_attributes(b, new)
-            handle = b.generate(NewKey(new))
-            try:
-                self.catalog.add_version(
-                    info.namespace,
-                    name,
-                    KeyVersion(new_version, b.name, new.created or now(), handle, attributes),
-                )
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    b.delete(replace(new, handle=handle))
-                raise
+            # A vault key and its catalog rows commit together; a device key comes first.
+            scope = self.catalog.transaction() if b.transactional else contextlib.nullcontext()
+            with scope:
+                handle = b.generate(NewKey(new))
+                try:
+                    self.catalog.add_version(
+                        info.namespace,
+                        name,
+                        KeyVersion(new_version, b.name, new.created or now(), handle, attributes),
+                    )
+                except BaseException:
+                    if not b.transactional:  # a transaction rolls the vault's row back
+                        with contextlib.suppress(Exception):
+                            b.delete(replace(new, handle=handle))
+                    raise
             facts["version"] = new_version
             return self.catalog.get(self.namespace, name)
 
@@ -128,10 +132,16 @@ class KeyLifecycle:
             for v in self.catalog.versions(self.namespace, name):
                 if v.version >= info.min_decryption_version:
                     break
-                if v.attributes.get(ADOPTED) != "true":
+                if v.attributes.get(ADOPTED) == "true":
+                    self.catalog.remove_version(self.namespace, name, v.version)
+                else:
                     b = self._ready(self.backend(v.backend))
-                    b.delete(replace(info, backend=v.backend, handle=v.handle, version=v.version))
-                self.catalog.remove_version(self.namespace, name, v.version)
+                    scope = b.transactional and self.catalog.transaction()
+                    with scope or contextlib.nullcontext():
+                        b.delete(
+                            replace(info, backend=v.backend, handle=v.handle, version=v.version)
+                        )
+                        self.catalog.remove_version(self.namespace, name, v.version)
                 gone.append(v.version)
             facts["versions"] = gone
             return gone

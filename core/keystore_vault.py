@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .backend import Backend, VaultControl
-from .catalog import Catalog
+from .catalog import Catalog, now
 from .errors import UnsupportedOperation
+from .types import KeyVersion
 
 
 class AuditedOperation(Protocol):
@@ -111,22 +112,40 @@ def vault_restore(ks: VaultHost, source: str | os.PathLike[str]) -> dict[str, An
     name = ks.vault.name
     with ks._audited("vault_restore", None) as facts:
         facts["backend"] = name
-        restored = vault.restore(Path(source))
-        ks._opened.add(name)
-        current = {i.handle: i for i in ks.catalog.list(None) if i.backend == name}
-        kept = {i.handle for i in restored}
-        removed, added, conflicts = [], [], []
-        for info in current.values():
-            if info.handle not in kept:
-                ks.catalog.remove(info.namespace, info.name)
-                removed.append(info.name)
-        versions = ks.catalog.handles(name)  # older versions of rotated keys, too
-        for info in restored:
-            if info.handle in current or info.handle in versions:
-                continue
-            if ks.catalog.exists(info.namespace, info.name):
-                conflicts.append(info.name)
-                continue
-            ks.catalog.add(info)
-            added.append(info.name)
-        return {"keys": len(restored), "added": added, "removed": removed, "conflicts": conflicts}
+        with ks.catalog.transaction():  # the vault's rows and the catalog's, together
+            return _restore(ks, vault, name, Path(source))
+
+
+def _restore(ks: VaultHost, vault: VaultControl, name: str, source: Path) -> dict[str, Any]:
+    """Replace the vault, then remove the catalog rows of keys the backup lacks and add
+    those it brings (inside the caller's transaction)."""
+    restored = vault.restore(source)
+    ks._opened.add(name)
+    current = {i.handle: i for i in ks.catalog.list(None) if i.backend == name}
+    kept = {i.handle for i in restored}
+    removed, added, conflicts = [], [], []
+    for info in current.values():
+        if info.handle not in kept:
+            ks.catalog.remove(info.namespace, info.name)
+            removed.append(info.name)
+    versions = ks.catalog.handles(name)  # older versions of rotated keys, too
+    brought: set[tuple[str, str]] = set()
+    # Oldest version first: a rotated key comes back with every version it had.
+    for info in sorted(restored, key=lambda i: (i.namespace, i.name, i.version)):
+        if info.handle in current or info.handle in versions:
+            continue
+        key = (info.namespace, info.name)
+        if key in brought:
+            ks.catalog.add_version(
+                info.namespace,
+                info.name,
+                KeyVersion(info.version, name, info.created or now(), info.handle, {}),
+            )
+            continue
+        if ks.catalog.exists(info.namespace, info.name):
+            conflicts.append(info.name)
+            continue
+        ks.catalog.add(info)
+        brought.add(key)
+        added.append(info.name)
+    return {"keys": len(restored), "added": added, "removed": removed, "conflicts": conflicts}

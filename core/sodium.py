@@ -84,12 +84,22 @@ def opened_length(blob: bytes) -> int:
     return len(blob) - XNONCE - TAG
 
 
-def keyed_hash_into(key: memoryview, personal: bytes, out: memoryview) -> None:
-    """BLAKE2b keyed with `key` and personalised with `personal`: a KDF for subkeys."""
+def keyed_hash_into(
+    key: memoryview, personal: bytes, out: memoryview, message: bytes = b""
+) -> None:
+    """BLAKE2b keyed with `key` and personalised with `personal`, over `message`: with no
+    message a KDF for subkeys, with one a MAC (the vault's record and manifest MACs)."""
     if len(personal) != 16:
         raise ValueError("personal must be 16 bytes")
     rc = lib.crypto_generichash_blake2b_salt_personal(
-        _wptr(out), len(out), ffi.NULL, 0, _ptr(key), len(key), ffi.NULL, personal
+        _wptr(out),
+        len(out),
+        message if message else ffi.NULL,
+        len(message),
+        _ptr(key),
+        len(key),
+        ffi.NULL,
+        personal,
     )
     if rc != 0:  # pragma: no cover
         raise RuntimeError("crypto_generichash_blake2b_salt_personal failed")

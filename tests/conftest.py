@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -87,6 +88,34 @@ def write_vault_config(
         encoding="utf-8",
     )
     return path
+
+
+def store_state(config_path: Path) -> str:
+    """Everything in the data dir's store (catalog and vault rows) as one text, "" when there
+    is none: what a refused command must leave exactly as it was."""
+    path = config_path.parent / "data" / "catalog.sqlite"
+    if not path.exists():
+        return ""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return "\n".join(db.iterdump())
+    finally:
+        db.close()
+
+
+def vault_made(data_dir: Path) -> bool:
+    """Whether the store in `data_dir` holds a vault (its header row)."""
+    path = data_dir / "catalog.sqlite"
+    if not path.exists():
+        return False
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        return "vault_headers" in tables and bool(
+            db.execute("SELECT COUNT(*) FROM vault_headers").fetchone()[0]
+        )
+    finally:
+        db.close()
 
 
 def snapshot_path(config_path: Path) -> Path:

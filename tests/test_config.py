@@ -8,7 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, snapshot_path, write_vault_config
+from conftest import (
+    VAULT_PASS_ENV,
+    VAULT_PASSPHRASE,
+    store_state,
+    vault_made,
+    write_vault_config,
+)
 
 import strongroom
 from strongroom import AuthenticationFailed, ConfigError
@@ -210,7 +216,7 @@ def test_a_literal_secret_is_refused(tmp_path: Path, value: str) -> None:
     assert_names(e, path, 6, "backends.vault.passphrase")
     assert "env:NAME, file:PATH or prompt" in str(e)
     assert "hunter2" not in str(e)
-    assert not snapshot_path(path).exists()
+    assert not vault_made(path.parent / "data")
 
 
 def test_order_names_a_missing_backend(tmp_path: Path) -> None:
@@ -316,7 +322,7 @@ def test_embedded_default_without_any_config(isolated_home: Path) -> None:
         assert ks.vault.path == isolated_home / "xdg-data/strongroom/vault.snapshot"  # type: ignore[attr-defined]
         assert ks.keys() == []
     # nothing was written outside the temp dirs, and no vault was made just by opening
-    assert not (isolated_home / "xdg-data/strongroom/vault.snapshot").exists()
+    assert not vault_made(isolated_home / "xdg-data/strongroom")
     assert not (isolated_home / "xdg-config").exists()
 
 
@@ -384,7 +390,7 @@ def test_a_group_or_world_readable_secret_file_is_refused(tmp_path: Path, mode: 
     cfg = write_vault_config(tmp_path, passphrase_ref=f"file:{secret}")
     with strongroom.open(cfg) as ks:
         ks.generate("k", "ed25519")
-    before = snapshot_path(cfg).read_bytes()
+    before = store_state(cfg)
     secret.chmod(mode)
     with pytest.raises(ConfigError) as info, strongroom.open(cfg) as ks:
         ks.sign("k", b"x")
@@ -392,7 +398,7 @@ def test_a_group_or_world_readable_secret_file_is_refused(tmp_path: Path, mode: 
     assert e.path == str(secret)
     assert "chmod 600" in str(e)
     assert VAULT_PASSPHRASE not in str(e)
-    assert snapshot_path(cfg).read_bytes() == before
+    assert store_state(cfg) == before
 
 
 def test_prompt_reference_uses_the_prompter(tmp_path: Path) -> None:
@@ -420,7 +426,7 @@ def test_prompt_without_a_terminal_is_refused(
     with pytest.raises(AuthenticationFailed) as info, strongroom.open(cfg) as ks:
         ks.generate("k", "ed25519")
     assert "no terminal" in str(info.value)
-    assert not snapshot_path(cfg).exists()
+    assert not vault_made(cfg.parent / "data")
 
 
 def test_secret_source_directly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -129,7 +129,8 @@ def snapshot_seed(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     with seed_keystore(tmp_path_factory, "fuzz-snapshot") as (ks, data):
         ks.generate("ed", "ed25519")
         ks.generate("aes", "aes-256")
-    return (data / "vault.snapshot").read_bytes()
+        ks.vault.backup(data / "seed.snapshot")  # type: ignore[attr-defined]
+    return (data / "seed.snapshot").read_bytes()
 
 
 @FUZZ

@@ -149,12 +149,18 @@ def run(*args):
     return {"rc": r.returncode, "err": r.stderr}
 def mount(*opts):
     subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(opts), "tmpfs", mnt], check=True)
-mount("size=512k")
+mount("size=1m")
 out = {"init": run("init"), "made": []}
-st = os.statvfs(mnt)  # fill the disk but for a few records' room
+for i in range(3):  # with room to spare
+    r = run("key", "generate", f"k{i}", "--type", "ed25519")
+    if r["rc"]:
+        out["early"] = r
+        break
+    out["made"].append(f"k{i}")
+st = os.statvfs(mnt)  # then fill the disk but for less than one commit needs (its WAL pages)
 with open(os.path.join(mnt, "filler"), "wb") as f:
-    f.write(bytes(max(0, st.f_bavail * st.f_frsize - 64 * 1024)))
-for i in range(100):
+    f.write(bytes(max(0, st.f_bavail * st.f_frsize - 8 * 1024)))
+for i in range(3, 10):
     r = run("key", "generate", f"k{i}", "--type", "ed25519")
     if r["rc"]:
         out["full"] = r

@@ -50,6 +50,7 @@ CONTRACT = frozenset(
         "strongroom.threshold",
         "strongroom.strictjson",
         "strongroom.api",  # KeyAPI (ARCHITECTURE.md, step 1), being added
+        "strongroom.storage",  # VaultRecords: what the vault writes its rows through
     }
 )
 """R1: what a backend is written against. strictjson (strict JSON parsing, no imports of
@@ -71,6 +72,7 @@ AUDIT = frozenset(
 ENGINE = AUDIT | {
     "strongroom.config",
     "strongroom.catalog",
+    "strongroom.vaultstore",
     "strongroom.discovery",
     "strongroom.keystore",
     "strongroom.keystore_lifecycle",
@@ -301,6 +303,8 @@ def may_import(importer: str, imported: str) -> bool:
         return imported in CONTRACT | RUNTIME | AUDIT | {"strongroom.catalog"}
     if importer in AUDIT:  # no other engine module: the keystore hands it a CheckpointSigner
         return imported in CONTRACT | RUNTIME | AUDIT
+    if importer == "strongroom.vaultstore":  # the store's vault tables, over the catalog's db
+        return imported in CONTRACT | RUNTIME | {"strongroom.catalog"}
     if importer == "strongroom.discovery":
         return imported in CONTRACT | RUNTIME | {"strongroom.config"}
     if importer in ENGINE:

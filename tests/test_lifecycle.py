@@ -288,6 +288,8 @@ def test_catalog_v1_is_migrated_in_place_without_losing_keys(config: Path) -> No
         sig = ks.sign("signer", b"data")
         ct = ks.encrypt("aes", b"secret", envelope=True)
         path = ks.catalog.path
+        # A schema 1 catalog lived beside a vault snapshot file (before the store).
+        ks.vault.backup(path.parent / "vault.snapshot")  # type: ignore[attr-defined]
         rows = ks.catalog._db.execute(
             "SELECT namespace, name, backend, handle, type, usage, exportable, version, created, "
             "attributes FROM keys"
@@ -302,7 +304,7 @@ def test_catalog_v1_is_migrated_in_place_without_losing_keys(config: Path) -> No
     db.close()
 
     with strongroom.open(config) as ks:
-        assert ks.catalog.schema_version == SCHEMA_VERSION == 2
+        assert ks.catalog.schema_version == SCHEMA_VERSION == 3
         assert {k.name for k in ks.keys()} == {"signer", "aes"}
         aes = ks.info("aes")
         assert aes.exportable and aes.version == 1 and aes.min_decryption_version == 1
@@ -320,12 +322,12 @@ def test_catalog_v1_is_migrated_in_place_without_losing_keys(config: Path) -> No
 def test_catalog_refuses_a_newer_schema_and_keeps_it(tmp_path: Path) -> None:
     path = tmp_path / "catalog.sqlite"
     db = sqlite3.connect(path)
-    db.executescript(_V1_SCHEMA.replace("'1'", "'3'"))
+    db.executescript(_V1_SCHEMA.replace("'1'", "'4'"))
     db.close()
-    with pytest.raises(CatalogError, match="schema version 3"):
+    with pytest.raises(CatalogError, match="schema version 4"):
         Catalog(path)
     db = sqlite3.connect(path)
-    assert db.execute("SELECT value FROM meta").fetchone() == ("3",)
+    assert db.execute("SELECT value FROM meta").fetchone() == ("4",)
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert "key_versions" not in tables  # the refused migration left nothing behind
     db.close()

@@ -12,10 +12,13 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from conftest import store_state
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from fido_authenticator import Presence, SoftAuthenticator, open_with_authenticator
 from pkcs11_support import SoftHsm, list_objects, softhsm
@@ -24,7 +27,6 @@ from tpm_support import PIN_ENV as TPM_PIN_ENV
 from tpm_support import TEST_PIN, Swtpm, _free_port_pair, swtpm
 
 import strongroom
-from strongroom.backends.vault import snapshot
 from strongroom.cli import exit_code_of
 from strongroom.errors import (
     AuthenticationFailed,
@@ -110,12 +112,23 @@ def config(tmp_path: Path, swtpm: Swtpm, softhsm: SoftHsm) -> Path:
     return write_config(tmp_path, swtpm, softhsm)
 
 
-def snap(config: Path) -> Path:
-    return config.parent / "data" / "vault.snapshot"
+def header(config: Path) -> dict[str, Any]:
+    """The vault id and key slots, from the store's header row."""
+    db = sqlite3.connect(config.parent / "data" / "catalog.sqlite")
+    try:
+        vault_id, slots = db.execute("SELECT vault_id, slots FROM vault_headers").fetchone()
+    finally:
+        db.close()
+    return {"vault_id": vault_id, "slots": json.loads(slots)}
 
 
-def header(config: Path) -> dict[str, object]:
-    return snapshot.decode(snap(config).read_bytes(), "test").header
+def set_slots(config: Path, slots: list[dict[str, Any]]) -> None:
+    """What an attacker with write access to the store does to the key slots."""
+    db = sqlite3.connect(config.parent / "data" / "catalog.sqlite")
+    with db:
+        text = json.dumps(slots, sort_keys=True, separators=(",", ":"))  # as the vault writes
+        db.execute("UPDATE vault_headers SET slots=?", (text,))
+    db.close()
 
 
 def open_vault(
@@ -143,7 +156,6 @@ def two_of_three(config: Path) -> tuple[Path, bytes]:
         assert slot["policy"] == "2 of (passphrase, tpm, hsm)"
         assert [s["method"] for s in vault.vault_status()["slots"]] == ["threshold"]
         public = ks.public_key("quorum-key")
-    assert snap(config).read_bytes()[8:10] == b"\x00\x02"  # format 2: it has a threshold slot
     assert isinstance(public, Ed25519PublicKey)
     return config, public.public_bytes_raw()
 
@@ -202,7 +214,7 @@ def test_two_of_three_fails_with_one_naming_the_failed(
     broken: tuple[str, ...],
 ) -> None:
     config, _ = two_of_three
-    before = snap(config).read_bytes()
+    before = store_state(config)
     if "passphrase" in broken:
         monkeypatch.setenv(PASS_ENV, "not the passphrase")
     if "hsm" in broken:
@@ -225,7 +237,7 @@ def test_two_of_three_fails_with_one_naming_the_failed(
     assert "wrong passphrase" in message if "passphrase" in broken else True
     assert "unavailable" in message if "tpm" in broken else True
     assert "not the passphrase" not in message and "wrong-pin-0000" not in message
-    assert snap(config).read_bytes() == before  # failing to open never writes
+    assert store_state(config) == before  # failing to open never writes
 
 
 def test_threshold_slot_is_bound_to_its_vault(
@@ -254,13 +266,11 @@ def test_threshold_slot_is_bound_to_its_vault(
                 ),
                 exclusive=True,
             )
-    a, b = (snapshot.decode(snap(c).read_bytes(), "x") for c in configs)
-    slot_a = a.header["slots"][0]
-    slot_b = b.header["slots"][0]
+    slot_a = header(configs[0])["slots"][0]
+    slot_b = header(configs[1])["slots"][0]
 
-    def rewrite(slots: list[dict[str, object]]) -> None:
-        head = dict(b.header, slots=slots)
-        snap(configs[1]).write_bytes(snapshot.encode(head, lambda _: b.payload, 2))
+    def rewrite(slots: list[dict[str, Any]]) -> None:
+        set_slots(configs[1], slots)
 
     rewrite([slot_a])  # A's whole slot in B: each share's AAD names vault A
     with strongroom.open(configs[1]) as ks, pytest.raises(ThresholdNotMet) as err:
@@ -323,7 +333,7 @@ def test_enrollment_is_atomic_when_a_method_fails(
         vault.initialize()
         ks.generate("k", "ed25519")
         slots = vault.vault_status()["slots"]
-    before = snap(config).read_bytes()
+    before = store_state(config)
     monkeypatch.setenv(HSM_PIN_ENV, "wrong-pin-1111")  # the HSM refuses, after the TPM sealed
     with strongroom.open(config) as ks:
         vault = ks.vault_control()
@@ -341,8 +351,7 @@ def test_enrollment_is_atomic_when_a_method_fails(
         with pytest.raises(InvalidArgument, match="from 1 to 2"):
             vault.enroll_threshold(Policy.of(3, ["tpm", "hsm"]))
         ks.sign("k", DATA)
-    assert snap(config).read_bytes() == before  # byte for byte: still format 1, same slots
-    assert before[8:10] == b"\x00\x01"
+    assert store_state(config) == before  # nothing written: the same slots
     with strongroom.open(config) as ks:
         assert ks.vault_control().unlock() == "passphrase"
 
@@ -360,11 +369,11 @@ def test_refuses_to_remove_the_last_way_in(tmp_path: Path, monkeypatch: pytest.M
         thr = vault.enroll_threshold(pol)["id"]
         vault.recovery_shares(2, 3)
         vault.unenroll(first)  # the threshold slot is still a way in
-        before = snap(cfg).read_bytes()
+        before = store_state(cfg)
         with pytest.raises(PolicyViolation, match="last way into the vault") as err:
             vault.unenroll(thr)
         assert "besides recovery shares" in str(err.value) and thr in str(err.value)
-        assert snap(cfg).read_bytes() == before
+        assert store_state(cfg) == before
         assert [s["method"] for s in vault.vault_status()["slots"]] == ["threshold", "recovery"]
         vault.enroll("passphrase", {"passphrase": "new"})
         vault.unenroll(thr)  # now allowed: the new passphrase slot is a way in
@@ -476,7 +485,7 @@ def test_recovery_shares_open_the_vault_and_replace_the_old_set(
         ks.sign("k", DATA)
 
 
-def test_a_format_1_snapshot_still_opens_and_is_upgraded_only_when_needed(
+def test_a_format_1_backup_still_restores_and_takes_a_threshold_slot(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """tests/vectors/vault-v1.snapshot was written by Strongroom before this change
@@ -497,9 +506,9 @@ def test_a_format_1_snapshot_still_opens_and_is_upgraded_only_when_needed(
         thr = vault.enroll_threshold(
             Policy.of(1, [Member("passphrase", "alice", {"passphrase": "a"})])
         )["id"]
-        assert snap(cfg).read_bytes()[8:10] == b"\x00\x02"
         vault.unenroll(thr)
-        assert snap(cfg).read_bytes()[8:10] == b"\x00\x01"  # back to what old readers open
+        vault.backup(tmp_path / "new.snapshot")  # a backup is written in format 3
+        assert (tmp_path / "new.snapshot").read_bytes()[8:10] == b"\x00\x03"
     # the key material is known, so the public key is too
     Ed25519PrivateKey.from_private_bytes(bytes(range(32))).public_key().verify(
         sig, b"made before threshold slots"

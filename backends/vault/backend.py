@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,15 +42,16 @@ from strongroom.errors import (
     KeyNotFound,
     SnapshotCorrupt,
     SnapshotTampered,
+    SnapshotVersionError,
 )
 from strongroom.memory import Guarded, scrub_bytes
 from strongroom.secrets import validate_reference
+from strongroom.storage import VaultHeader, VaultRecords
 from strongroom.types import KeyInfo, KeyType, Operation
 
-from . import keyops, procedures, snapshot
+from . import keyops, procedures, rows, snapshot
 from .control import VaultControlMixin
 from .slots import (
-    _NEW_KINDS,
     MAX_KDF_ITERATIONS,
     MAX_KDF_MEMORY_KIB,
     MIN_KDF_MEMORY_KIB,
@@ -57,12 +59,15 @@ from .slots import (
 )
 from .state import Record, _Open
 
+log = logging.getLogger("strongroom.vault")
+
 
 class VaultBackend(VaultControlMixin, Backend):
     """Keys in guarded memory, saved in an encrypted snapshot. Always available."""
 
     type_name = "vault"
     random_needs_open = False
+    transactional = True
     config_keys = {
         "unlock": ConfigKey(
             list, "unlock methods tried in order: passphrase or backend names", [PASSPHRASE]
@@ -73,7 +78,11 @@ class VaultBackend(VaultControlMixin, Backend):
             ["env:STRONGROOM_PASSPHRASE", "prompt"],
             secret=True,
         ),
-        "path": ConfigKey(str, "the snapshot file (default: vault.snapshot in data_dir)"),
+        "path": ConfigKey(
+            str,
+            "a vault snapshot from before the store, moved into it on first unlock "
+            "(default: vault.snapshot in data_dir)",
+        ),
         "create": ConfigKey(bool, "create the vault on first use when it does not exist", True),
         "kdf_memory_kib": ConfigKey(int, "Argon2id memory for new passphrase slots, KiB", 65536),
         "kdf_iterations": ConfigKey(int, "Argon2id passes for new passphrase slots", 3),
@@ -129,17 +138,17 @@ class VaultBackend(VaultControlMixin, Backend):
 
     # -- lifecycle -----------------------------------------------------------------------------
     def open(self) -> None:
-        with self._lock:
-            if self._state is not None:
+        if self._state is not None:
+            return
+        if self._rows.header() is None and not self.path.exists():
+            if not self.create:
+                raise BackendUnavailable(
+                    self.name,
+                    f"no vault in {self._rows.location}; run `strongroom init` to create one",
+                )
+            if self._create(first_use=True):
                 return
-            if not self.path.exists():
-                if not self.create:
-                    raise BackendUnavailable(
-                        self.name, f"no vault at {self.path}; run `strongroom init` to create one"
-                    )
-                if self._create(first_use=True):
-                    return
-            self.unlock()
+        self.unlock()
 
     def close(self) -> None:
         self.lock()
@@ -152,16 +161,28 @@ class VaultBackend(VaultControlMixin, Backend):
             assert state is not None
         return state
 
-    # -- snapshot I/O --------------------------------------------------------------------------
+    # -- the store (docs/storage.md) -------------------------------------------------------------
+    @property
+    def _rows(self) -> VaultRecords:
+        records = self.context.records
+        if records is None:
+            raise BackendUnavailable(
+                self.name, "this vault was built without a store; open it through a Keystore"
+            )
+        return records
+
     def _read_file(self) -> bytes:
+        """The snapshot file at `path`: a vault not migrated into the store yet."""
         try:
             return self.path.read_bytes()
         except FileNotFoundError:
             raise BackendUnavailable(
-                self.name, f"no vault at {self.path}; run `strongroom init` to create one"
+                self.name, f"no vault in {self._rows.location}; run `strongroom init` to create one"
             ) from None
 
     def _open_snapshot(self, snap: snapshot.Snapshot, master: Guarded) -> _Open:
+        """An unlocked state holding every record of a snapshot (a backup, or a vault file
+        from before the store), each sealed for the store (format 3 records already are)."""
         header = snap.header
         try:
             state = _Open(
@@ -171,11 +192,29 @@ class VaultBackend(VaultControlMixin, Backend):
             master.close()
             raise SnapshotTampered(f"{self.path} is damaged: its header is incomplete") from None
         try:
-            state.records = self._decrypt_records(state, snap)
+            records = self._decrypt_records(state, snap)
+            if snapshot.version_of(snap) < 3:
+                records = {h: self._reseal(state, r) for h, r in records.items()}
+            state.records = records
         except BaseException:
             state.close()
             raise
         return state
+
+    def _reseal(self, state: _Open, rec: Record) -> Record:
+        """A record of snapshot format 1 or 2, sealed again with the store's associated data
+        (which binds its vault, name and version). Its version is the catalog's, if known."""
+        version = self._rows.catalog_version(rec.handle) or 1
+        new = replace(rec, version=version)
+        size = sodium.opened_length(rec.sealed)
+        with state.pool.borrow(max(size, 1)) as (rk, out), out[:size] as plain:
+            try:
+                sodium.open_into(rk, rec.sealed, rows.legacy_aad(rec.handle, rec.type), plain)
+            except IntegrityError:
+                raise SnapshotTampered(
+                    f"{self.path}: the record of key {rec.name!r} does not open"
+                ) from None
+            return replace(new, sealed=sodium.seal(rk, plain, rows.record_aad(state.vault_id, new)))
 
     def _decrypt_records(self, state: _Open, snap: snapshot.Snapshot) -> dict[str, Record]:
         ct = snap.payload
@@ -193,21 +232,16 @@ class VaultBackend(VaultControlMixin, Backend):
         except (ValueError, KeyError, TypeError, RuntimeError):
             raise SnapshotTampered(f"{self.path} is damaged: its records cannot be read") from None
 
-    def _write(
-        self,
-        state: _Open,
-        records: Mapping[str, Record],
-        slots: list[dict[str, Any]],
-        generation: int,
-    ) -> None:
+    def _encode_snapshot(self, state: _Open, records: list[Record], generation: int) -> bytes:
+        """The portable snapshot (format 3) of these records: `vault backup`."""
         header = {
             "vault_id": state.vault_id,
             "generation": generation,
-            "slots": slots,
+            "slots": state.slots,
             "payload": {"cipher": "xchacha20poly1305-ietf", "compression": "lz4-frame"},
         }
         doc = json.dumps(
-            {"records": [r.to_json() for r in records.values()]}, separators=(",", ":")
+            {"records": [r.to_json() for r in records]}, separators=(",", ":")
         ).encode()
         compressed = lz4.frame.compress(doc)
 
@@ -215,75 +249,150 @@ class VaultBackend(VaultControlMixin, Backend):
             with state.payload_key() as pk:
                 return sodium.seal(pk, compressed, associated)
 
-        version = 2 if any(s.get("method") in _NEW_KINDS for s in slots) else 1
-        snapshot.write_atomic(self.path, snapshot.encode(header, seal, version))
+        return snapshot.encode(header, seal, snapshot.FORMAT_VERSION)
 
-    def _mutate(self, change: Callable[[dict[str, Record], list[dict[str, Any]]], Any]) -> Any:
-        """Apply `change` to the newest on-disk state and commit it atomically."""
-        with self._lock:
-            state = self._require()
-            with snapshot.locked(self.path):
-                snapshot.remove_stale_temps(self.path)
-                self._catch_up(state)
-                records = dict(state.records)
-                slots = [dict(s) for s in state.slots]
-                result = change(records, slots)
-                self._write(state, records, slots, state.generation + 1)
-                state.records, state.slots = records, slots
-                state.generation += 1
-                return result
-
-    def _catch_up(self, state: _Open) -> None:
-        """Reload when another process committed since we read the snapshot."""
-        on_disk = snapshot.read_generation(self.path)
-        if on_disk is None or on_disk == (state.vault_id, state.generation):
-            return
-        snap = snapshot.decode(self._read_file(), str(self.path))
-        if str(snap.header.get("vault_id")) != state.vault_id:
-            raise SnapshotCorrupt(
-                f"{self.path} was replaced by a different vault while this one was open; "
-                "lock and unlock again"
+    def _open_store(self, header: VaultHeader, count: int, master: Guarded) -> _Open:
+        """The unlocked state of the vault in the store, once its manifest's MAC and row
+        count show that no row was added or removed behind its back. Records load lazily."""
+        where = self._rows.location
+        if header.format > rows.STORE_FORMAT:
+            master.close()
+            raise SnapshotVersionError(
+                f"the vault in {where} has store format {header.format}, newer than this "
+                f"Strongroom reads ({rows.STORE_FORMAT}); upgrade Strongroom to open it",
+                header.format,
             )
-        state.records = self._decrypt_records(state, snap)
-        state.slots = list(snap.header["slots"])
-        state.generation = snap.generation
+        state = _Open(header.vault_id, 0, rows.parse_slots(header, where), master)
+        try:
+            manifest = rows.read_manifest(state, header, where)
+            if count != manifest.count:
+                raise SnapshotTampered(
+                    f"the vault in {where} holds {count} key records where its manifest "
+                    f"says {manifest.count}: records were removed or added outside Strongroom"
+                )
+        except BaseException:
+            state.close()
+            raise
+        state.generation = manifest.counter
+        return state
+
+    def _store_snapshot_state(self, state: _Open) -> None:
+        """Write every record of `state` and its header into the store, replacing what the
+        store held for this vault (migration and restore), in the transaction in progress."""
+        store = self._rows
+        store.clear()
+        manifest = rows.Manifest.empty()
+        for rec in state.records.values():
+            row = rows.to_row(state, rec)
+            store.put(row)
+            manifest = manifest.added(row)
+        manifest = rows.Manifest(
+            max(state.generation, manifest.counter), manifest.count, manifest.num, manifest.den
+        )
+        store.put_header(rows.header_for(state, state.slots, manifest))
+        state.generation = manifest.counter
+
+    def _migrate(self, state: _Open) -> bool:
+        """Move a pre-store snapshot's vault into the store, then rename the file to
+        `<name>.migrated` (its bytes unchanged, a backup). False when another process
+        migrated it first (then `state` is not used)."""
+        with self._rows.transaction():
+            if self._rows.header() is not None:
+                return False
+            self._store_snapshot_state(state)
+        self._retire_snapshot_file()
+        log.info("migrated the vault at %s into %s", self.path, self._rows.location)
+        return True
+
+    def _retire_snapshot_file(self) -> None:
+        target = self.path.with_name(self.path.name + ".migrated")
+        with contextlib.suppress(FileNotFoundError):
+            if not target.exists():
+                os.replace(self.path, target)
+
+    def _current(self, state: _Open) -> rows.Manifest:
+        """In a transaction: the manifest and slots as committed now (another process may
+        have changed them), checked; the state takes the slots."""
+        header = self._rows.header()
+        if header is None or header.vault_id != state.vault_id:
+            raise SnapshotCorrupt(
+                f"the vault in {self._rows.location} was replaced or removed while this one "
+                "was open; lock and unlock again"
+            )
+        manifest = rows.read_manifest(state, header, self._rows.location)
+        state.slots = rows.parse_slots(header, self._rows.location)
+        return manifest
+
+    def _commit(self, state: _Open, manifest: rows.Manifest) -> None:
+        self._rows.put_header(rows.header_for(state, state.slots, manifest))
+        state.generation = manifest.counter
+
+    def _mutate(self, change: Callable[[list[dict[str, Any]]], Any]) -> Any:
+        """Apply `change` to the newest key slots and commit them with the manifest."""
+        state = self._require()
+        with self._rows.transaction():
+            manifest = self._current(state)
+            slots = [dict(s) for s in state.slots]
+            result = change(slots)
+            state.slots = slots
+            self._commit(state, manifest.bumped())
+            return result
 
     # -- records -----------------------------------------------------------------------------
     def _record(self, info: KeyInfo) -> Record:
+        """The record of `info`, loaded (and its MAC checked) on first use."""
         state = self._require()
         rec = state.records.get(info.handle)
         if rec is None:
-            with self._lock, snapshot.locked(self.path):
-                self._catch_up(state)
-            rec = state.records.get(info.handle)
-            if rec is None:
+            row = self._rows.get(info.handle)
+            if row is None:
                 raise KeyNotFound(info.name, info.namespace)
+            rec = rows.from_row(state, row, self._rows.location)
+            state.records[info.handle] = rec
+        if (rec.namespace, rec.name, rec.version) != (info.namespace, info.name, info.version):
+            raise SnapshotTampered(
+                f"the catalog entry of key {info.name!r} points at the vault record of another "
+                "key: the catalog was modified"
+            )
         return rec
 
     def _material(self, info: KeyInfo) -> _Material:
         """`with self._material(info) as m:` the key's plaintext, for one operation."""
         rec = self._record(info)
         state = self._require()
-        return _Material(state.pool.borrow(sodium.opened_length(rec.sealed)), rec)
+        return _Material(
+            state.pool.borrow(sodium.opened_length(rec.sealed)),
+            rec,
+            rows.record_aad(state.vault_id, rec),
+        )
 
     def _store(self, info: KeyInfo, material: Guarded, public: bytes | None) -> str:
+        """Seal a new record and write it, with the manifest, in one transaction (the
+        keystore's, when it holds one: then the catalog rows commit with it)."""
         state = self._require()
         handle = os.urandom(16).hex()
         with material:
+            probe = Record(
+                handle,
+                info.name,
+                info.namespace,
+                info.type,
+                tuple(sorted(u.value for u in info.usage)),
+                info.exportable,
+                (info.created or datetime.now(UTC)).isoformat(),
+                public,
+                b"",
+                info.version,
+            )
             with state.pool.borrow(1) as (rk, _), material.read() as m:
-                probe = Record(
-                    handle,
-                    info.name,
-                    info.namespace,
-                    info.type,
-                    tuple(sorted(u.value for u in info.usage)),
-                    info.exportable,
-                    (info.created or datetime.now(UTC)).isoformat(),
-                    public,
-                    b"",
+                rec = replace(
+                    probe, sealed=sodium.seal(rk, m, rows.record_aad(state.vault_id, probe))
                 )
-                rec = replace(probe, sealed=sodium.seal(rk, m, probe.aad()))
-        self._mutate(lambda records, slots: records.__setitem__(handle, rec))
+        row = rows.to_row(state, rec)
+        with self._rows.transaction():
+            manifest = self._current(state)
+            self._rows.put(row)
+            self._commit(state, manifest.added(row))
         return handle
 
     # -- Backend: operations -------------------------------------------------------------------
@@ -403,7 +512,16 @@ class VaultBackend(VaultControlMixin, Backend):
 
     def delete(self, info: KeyInfo) -> None:
         self._publics.pop(info.handle, None)
-        self._mutate(lambda records, slots: records.pop(info.handle, None))
+        state = self._require()
+        with self._rows.transaction():
+            row = self._rows.get(info.handle)
+            if row is None:
+                return
+            rows.from_row(state, row, self._rows.location)  # a tampered row stays, reported
+            manifest = self._current(state)
+            self._rows.delete(info.handle)
+            self._commit(state, manifest.removed(row))
+        state.records.pop(info.handle, None)
 
     def random(self, n: int) -> bytes:
         return sodium.random_bytes(n)
@@ -436,17 +554,20 @@ class VaultBackend(VaultControlMixin, Backend):
 class _Material:
     """Opens one record into borrowed guarded memory (a class: it is on every operation)."""
 
-    __slots__ = ("_loan", "_record")
+    __slots__ = ("_aad", "_loan", "_record")
 
     def __init__(
-        self, loan: contextlib.AbstractContextManager[tuple[memoryview, memoryview]], record: Record
+        self,
+        loan: contextlib.AbstractContextManager[tuple[memoryview, memoryview]],
+        record: Record,
+        aad: bytes,
     ) -> None:
-        self._loan, self._record = loan, record
+        self._loan, self._record, self._aad = loan, record, aad
 
     def __enter__(self) -> memoryview:
         record_key, out = self._loan.__enter__()
         try:
-            sodium.open_into(record_key, self._record.sealed, self._record.aad(), out)
+            sodium.open_into(record_key, self._record.sealed, self._aad, out)
         except BaseException as e:
             self._loan.__exit__(type(e), e, e.__traceback__)
             raise

@@ -25,14 +25,17 @@ from strongroom.errors import (
     IntegrityError,
     InvalidArgument,
     PolicyViolation,
+    SnapshotCorrupt,
     SnapshotTampered,
+    StorageError,
     StrongroomError,
 )
 from strongroom.memory import Guarded, memlock_status, scrub_bytes
 from strongroom.secrets import check_new_passphrase
+from strongroom.storage import VaultHeader, VaultRecords
 from strongroom.types import KeyInfo
 
-from . import snapshot
+from . import rows, snapshot
 from .slots import (
     _NEW_KINDS,
     PASSPHRASE,
@@ -59,21 +62,21 @@ class VaultControlMixin(KeySlots):
     _lock: threading.RLock
     _publics: dict[str, PublicKeyTypes]
 
-    if TYPE_CHECKING:  # VaultBackend's snapshot I/O
+    if TYPE_CHECKING:  # VaultBackend's store and snapshot I/O
 
+        @property
+        def _rows(self) -> VaultRecords: ...
         def _require(self) -> _Open: ...
         def _read_file(self) -> bytes: ...
         def _open_snapshot(self, snap: snapshot.Snapshot, master: Guarded) -> _Open: ...
-        def _write(
-            self,
-            state: _Open,
-            records: Mapping[str, Record],
-            slots: list[dict[str, Any]],
-            generation: int,
-        ) -> None: ...
-        def _mutate(
-            self, change: Callable[[dict[str, Record], list[dict[str, Any]]], Any]
-        ) -> Any: ...
+        def _open_store(self, header: VaultHeader, count: int, master: Guarded) -> _Open: ...
+        def _migrate(self, state: _Open) -> bool: ...
+        def _store_snapshot_state(self, state: _Open) -> None: ...
+        def _encode_snapshot(
+            self, state: _Open, records: list[Record], generation: int
+        ) -> bytes: ...
+        def _current(self, state: _Open) -> rows.Manifest: ...
+        def _mutate(self, change: Callable[[list[dict[str, Any]]], Any]) -> Any: ...
 
     def initialize(self) -> None:
         self._create(first_use=False)
@@ -82,30 +85,39 @@ class VaultControlMixin(KeySlots):
         """Make a new vault; True when this call made it. On first use (`create = true`)
         another process may have made it since `open` looked: then False, and the caller
         opens that one instead of failing with "already exists"."""
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with self._lock, snapshot.locked(self.path):
-            if self.path.exists():
-                if first_use:
-                    return False
-                raise StrongroomError(f"a vault already exists at {self.path}")
-            passphrase = self.passphrase.get(confirm=True)
-            if not passphrase:
-                raise InvalidArgument("the vault passphrase must not be empty")
-            check_new_passphrase(passphrase)  # the CLI's minimum length, unless --allow-weak
-            master = Guarded(32)
-            with master.write() as m:
-                sodium.random_into(m)
-            state = _Open(uuid.uuid4().hex, 0, [], master)
-            try:
-                state.slots.append(self._passphrase_slot(state, passphrase))
-                self._write(state, state.records, state.slots, 1)
-            except BaseException:
-                state.close()
-                raise
-            state.generation = 1
+        if self._exists():
+            if first_use:
+                return False
+            raise StrongroomError(f"a vault already exists in {self._rows.location}")
+        passphrase = self.passphrase.get(confirm=True)
+        if not passphrase:
+            raise InvalidArgument("the vault passphrase must not be empty")
+        check_new_passphrase(passphrase)  # the CLI's minimum length, unless --allow-weak
+        master = Guarded(32)
+        with master.write() as m:
+            sodium.random_into(m)
+        state = _Open(uuid.uuid4().hex, 0, [], master)
+        try:
+            state.slots.append(self._passphrase_slot(state, passphrase))
+            with self._rows.transaction():
+                if self._exists():  # made by another process while we derived the key
+                    state.close()
+                    if first_use:
+                        return False
+                    raise StrongroomError(f"a vault already exists in {self._rows.location}")
+                self._store_snapshot_state(state)
+        except BaseException:
+            state.close()
+            raise
+        with self._lock:
+            if self._state is not None:
+                self._state.close()
             self._state = state
-            log.info("created a new vault at %s", self.path)
-            return True
+        log.info("created a new vault in %s", self._rows.location)
+        return True
+
+    def _exists(self) -> bool:
+        return self._rows.header() is not None or self.path.exists()
 
     def lock(self) -> None:
         with self._lock:
@@ -115,39 +127,96 @@ class VaultControlMixin(KeySlots):
             self._unlock_failures = []
             self._publics.clear()
 
+    def _source(self) -> tuple[VaultHeader, int] | snapshot.Snapshot:
+        """Where the vault is: its header in the store (with the row count read with it),
+        or a snapshot file from before the store."""
+        found = self._rows.header_with_count()
+        if found is not None:
+            return found
+        return snapshot.decode(self._read_file(), str(self.path))
+
+    def _open_source(
+        self, source: tuple[VaultHeader, int] | snapshot.Snapshot, master: Guarded
+    ) -> _Open:
+        """The unlocked state: from the store, or a snapshot migrated into it now."""
+        if not isinstance(source, snapshot.Snapshot):
+            return self._open_store(*source, master)
+        state = self._open_snapshot(source, master)
+        try:
+            migrated = self._migrate(state)
+        except BaseException:
+            state.close()
+            raise
+        if migrated:
+            return state
+        state.close()  # another process migrated it first: open the store's copy
+        found = self._rows.header_with_count()
+        if found is None:  # pragma: no cover - a migration never removes the header
+            raise SnapshotCorrupt(f"the vault in {self._rows.location} vanished")
+        return self._open_store(*found, self._reopen_master(found[0]))
+
+    def _reopen_master(self, header: VaultHeader) -> Guarded:
+        slots = rows.parse_slots(header, self._rows.location)
+        master, _ = self._unwrap_master({"vault_id": header.vault_id, "slots": slots}, None)
+        return master
+
     def unlock(self, method: str | None = None) -> str:
+        if self._state is not None and method is None:
+            return "already unlocked"
+        source = self._source()
+        header = _header_dict(source, self._rows.location)
         with self._lock:
             if self._state is not None and method is None:
                 return "already unlocked"
-            data = self._read_file()
-            snap = snapshot.decode(data, str(self.path))
-            master, used = self._unwrap_master(snap.header, method)
-            state = self._open_snapshot(snap, master)
+            master, used = self._unwrap_master(header, method)
+        state = self._open_source(source, master)
+        with self._lock:
             if self._state is not None:
                 self._state.close()
             self._state = state
-            return used
+        return used
 
     def vault_status(self) -> dict[str, Any]:
         state = self._state
+        found = self._rows.header_with_count()
         out: dict[str, Any] = {
             "path": str(self.path),
-            "exists": self.path.exists(),
+            "store": self._rows.location,
+            "exists": found is not None or self.path.exists(),
             "unlocked": state is not None,
             "unlock_methods": list(self.methods),
         }
+        if found is None and self.path.exists():
+            out["migrates_on_unlock"] = True
+            out["snapshot_bytes"] = self.path.stat().st_size
         if state is not None:
             out.update(
                 vault_id=state.vault_id,
                 generation=state.generation,
-                keys=len(state.records),
+                keys=found[1] if found is not None else len(state.records),
                 slots=[_public_slot(s) for s in state.slots],
                 guarded_memory=memlock_status().__dict__,
                 unlock_failures=[dict(f) for f in self._unlock_failures],
             )
-        if self.path.exists():
-            out["snapshot_bytes"] = self.path.stat().st_size
         return out
+
+    def verify_store(self) -> dict[str, Any]:
+        """Check every row of the vault against its manifest: each row's MAC, their number
+        and their multiset hash (a row removed, added or replaced shows here even when the
+        catalog no longer names it). O(keys); `strongroom vault verify`."""
+        state = self._require()
+        where = self._rows.location
+        with self._rows.transaction():  # one consistent view; writers wait
+            manifest = self._current(state)
+            all_rows = list(self._rows.rows())
+        for row in all_rows:
+            rows.from_row(state, row, where)
+        if not manifest.matches(all_rows):
+            raise SnapshotTampered(
+                f"the vault in {where} does not match its manifest: key records were removed, "
+                "added or replaced outside Strongroom"
+            )
+        return {"keys": len(all_rows), "generation": manifest.counter, "store": where}
 
     def enroll(self, method: str, options: Mapping[str, Any]) -> dict[str, Any]:
         state = self._require()
@@ -161,7 +230,7 @@ class VaultControlMixin(KeySlots):
             slot = {"id": uuid.uuid4().hex[:8], "method": method, "created": _now()}
             with state.master_key() as m:
                 slot["params"] = sealer.seal(m, f"strongroom-vault:{state.vault_id}", options)
-        self._mutate(lambda records, slots: slots.append(slot))
+        self._mutate(lambda slots: slots.append(slot))
         return _public_slot(slot)
 
     def enroll_threshold(self, policy: threshold.Policy, exclusive: bool = False) -> dict[str, Any]:
@@ -217,7 +286,7 @@ class VaultControlMixin(KeySlots):
             with slot_key.read() as k, state.master_key() as mk:
                 slot["wrapped"] = _b64(sodium.seal(k, mk, _slot_aad(state.vault_id, slot)))
 
-        def add(records: dict[str, Record], slots: list[dict[str, Any]]) -> None:
+        def add(slots: list[dict[str, Any]]) -> None:
             if exclusive:
                 slots[:] = [s for s in slots if s.get("method") == RECOVERY]
             slots.append(slot)
@@ -294,7 +363,7 @@ class VaultControlMixin(KeySlots):
             with rk.read() as k, state.master_key() as m:
                 slot["wrapped"] = _b64(sodium.seal(k, m, _slot_aad(state.vault_id, slot)))
 
-        def replace_set(records: dict[str, Record], slots: list[dict[str, Any]]) -> None:
+        def replace_set(slots: list[dict[str, Any]]) -> None:
             slots[:] = [s for s in slots if s.get("method") != RECOVERY] + [slot]
 
         self._mutate(replace_set)
@@ -305,9 +374,9 @@ class VaultControlMixin(KeySlots):
         given = [m for m in mnemonics if m.strip()]
         if not given:
             raise InvalidArgument("no recovery shares were given")
+        source = self._source()
+        header = _header_dict(source, self._rows.location)
         with self._lock:
-            snap = snapshot.decode(self._read_file(), str(self.path))
-            header = snap.header
             vault_id = str(header.get("vault_id", ""))
             slots = [
                 s
@@ -350,7 +419,8 @@ class VaultControlMixin(KeySlots):
                 raise SnapshotTampered(f"{self.path} is damaged: a recovery key slot is malformed")
             finally:
                 scrub_bytes(secret)
-            state = self._open_snapshot(snap, master)
+        state = self._open_source(source, master)
+        with self._lock:
             if self._state is not None:
                 self._state.close()
             self._state = state
@@ -360,7 +430,7 @@ class VaultControlMixin(KeySlots):
     def unenroll(self, slot_id: str) -> None:
         self._require()
 
-        def remove(records: dict[str, Record], slots: list[dict[str, Any]]) -> None:
+        def remove(slots: list[dict[str, Any]]) -> None:
             keep = [s for s in slots if s["id"] != slot_id]
             if len(keep) == len(slots):
                 raise InvalidArgument(f"the vault has no key slot {slot_id!r}")
@@ -382,43 +452,70 @@ class VaultControlMixin(KeySlots):
             raise InvalidArgument("the vault passphrase must not be empty")
         new_slot = self._passphrase_slot(state, new_passphrase)
 
-        def swap(records: dict[str, Record], slots: list[dict[str, Any]]) -> None:
+        def swap(slots: list[dict[str, Any]]) -> None:
             slots[:] = [s for s in slots if s["method"] != PASSPHRASE] + [new_slot]
 
         self._mutate(swap)
 
     def backup(self, destination: Path) -> None:
-        self._require()
-        with self._lock, snapshot.locked(self.path):
-            data = self._read_file()
-            snapshot.decode(data, str(self.path))
-            destination = destination.expanduser()
+        """The portable snapshot (format 3) of every record, checked against the manifest."""
+        state = self._require()
+        where = self._rows.location
+        with self._rows.transaction():  # one consistent view; writers wait
+            manifest = self._current(state)
+            all_rows = list(self._rows.rows())
+        if not manifest.matches(all_rows):
+            raise SnapshotTampered(
+                f"the vault in {where} does not match its manifest: key records were removed, "
+                "added or replaced outside Strongroom; not writing a backup of it"
+            )
+        records = [rows.from_row(state, r, where) for r in all_rows]
+        data = self._encode_snapshot(state, records, manifest.counter)
+        destination = destination.expanduser()
+        try:
             destination.parent.mkdir(parents=True, exist_ok=True)
-            snapshot.write_atomic(destination, data)
+        except OSError as e:
+            raise StorageError(f"cannot write {destination}: {e.strerror or e}") from None
+        snapshot.write_atomic(destination, data)
 
     def restore(self, source: Path) -> list[KeyInfo]:
+        """Replace the vault in the store with a backup's, in the transaction in progress
+        (the keystore brings the catalog in line in the same one)."""
         try:
             data = source.expanduser().read_bytes()
         except FileNotFoundError:
             raise InvalidArgument(f"no backup file at {source}") from None
+        except OSError as e:
+            raise StorageError(f"cannot read {source}: {e.strerror or e}") from None
         snap = snapshot.decode(data, str(source))
         master, _ = self._unwrap_master(snap.header, None)
         state = self._open_snapshot(snap, master)
-        with self._lock, snapshot.locked(self.path):
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                snapshot.remove_stale_temps(self.path)
-                snapshot.write_atomic(self.path, data)
-            except BaseException:
-                state.close()
-                raise
+        try:
+            with self._rows.transaction():
+                self._store_snapshot_state(state)
+        except BaseException:
+            state.close()
+            raise
+        with self._lock:
             if self._state is not None:
                 self._state.close()
             self._state = state
             self._publics.clear()
-            return [replace(r.info(), backend=self.name) for r in state.records.values()]
+        return [replace(r.info(), backend=self.name) for r in state.records.values()]
 
     def records(self) -> list[KeyInfo]:
-        """Every key the vault holds, with the metadata kept inside the snapshot."""
+        """Every key the vault holds, with the metadata kept in its records."""
         state = self._require()
-        return [replace(r.info(), backend=self.name) for r in state.records.values()]
+        where = self._rows.location
+        return [
+            replace(rows.from_row(state, r, where).info(), backend=self.name)
+            for r in self._rows.rows()
+        ]
+
+
+def _header_dict(source: tuple[VaultHeader, int] | snapshot.Snapshot, where: str) -> dict[str, Any]:
+    """What the key slots need of a header: the vault id and the slots."""
+    if isinstance(source, snapshot.Snapshot):
+        return source.header
+    header = source[0]
+    return {"vault_id": header.vault_id, "slots": rows.parse_slots(header, where)}

@@ -3,7 +3,7 @@
 Layout (all integers big-endian):
 
     magic     8 bytes   b"SRVAULT\\x00"
-    version   u16       1, or 2 when the header holds threshold or recovery key slots
+    version   u16       3 (1 and 2, from before the store, are still read)
     hlen      u32       length of the header
     header    hlen      UTF-8 JSON: vault id, generation, key slots, payload cipher
     plen      u64       length of the payload ciphertext
@@ -39,10 +39,12 @@ from strongroom.errors import (
 )
 
 MAGIC = b"SRVAULT\x00"
-FORMAT_VERSION = 2
-"""The newest format this code reads and writes. Version 2 adds threshold and recovery key
-slots; a snapshot without them is still written as version 1, so older Strongrooms open it."""
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+"""The newest format this code reads and writes. Version 2 added threshold and recovery key
+slots. Version 3 (the store's export, `vault backup`) seals each record with associated data
+that binds its vault, name and version (backends/vault/rows.py) and gives each its version;
+versions 1 and 2 are still read (a vault from before the store, an old backup)."""
+READABLE_VERSIONS = (1, 2, 3)
 _PREFIX = struct.Struct(">8sHI")
 _PLEN = struct.Struct(">Q")
 CHECKSUM = 32
@@ -76,6 +78,11 @@ def encode(
     payload = payload_ct_builder(associated)
     body = associated + _PLEN.pack(len(payload)) + payload
     return body + hashlib.sha256(body).digest()
+
+
+def version_of(snap: Snapshot) -> int:
+    """The format version a decoded snapshot was written in."""
+    return int(_PREFIX.unpack_from(snap.associated)[1])
 
 
 def decode(data: bytes, source: str) -> Snapshot:

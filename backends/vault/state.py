@@ -44,9 +44,8 @@ class Record:
     created: str
     public: bytes | None
     sealed: bytes
-
-    def aad(self) -> bytes:
-        return f"strongroom-record|{self.handle}|{self.type.value}".encode()
+    version: int = 1
+    """The key version this record is (associated data binds it; rows.record_aad)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -59,6 +58,7 @@ class Record:
             "c": self.created,
             "p": _b64(self.public) if self.public is not None else None,
             "s": _b64(self.sealed),
+            "v": self.version,
         }
 
     @classmethod
@@ -73,6 +73,7 @@ class Record:
             created=str(d["c"]),
             public=_unb64(d["p"]) if d.get("p") is not None else None,
             sealed=_unb64(d["s"]),
+            version=int(d.get("v", 1)),
         )
 
     def info(self) -> KeyInfo:
@@ -85,6 +86,7 @@ class Record:
             namespace=self.namespace,
             created=datetime.fromisoformat(self.created),
             handle=self.handle,
+            version=self.version,
         )
 
 

@@ -46,7 +46,7 @@ def init(state: State) -> None:
     vault = state.local("init").vault_control()
     vault.initialize()
     status = vault.vault_status()
-    state.emit(status, f"created vault at {status['path']}")
+    state.emit(status, f"created vault in {status['store']}")
 
 
 @click.command(cls=StrongroomCommand)

@@ -406,10 +406,24 @@ def _read_mnemonics(files: tuple[str, ...]) -> list[str]:
 @click.argument("file", type=click.Path(dir_okay=False))
 @pass_state
 def vault_backup(state: State, file: str) -> None:
-    """Write a backup of the vault snapshot (it opens with the same unlock methods)."""
+    """Write a backup of the vault as a snapshot file (it opens with the same unlock
+    methods; checked against the manifest first)."""
     v = _vault(state, "vault backup")
     v.backup(Path(file))
     state.emit({"backup": file}, f"vault backed up to {file}")
+
+
+@vault.command("verify")
+@pass_state
+def vault_verify(state: State) -> None:
+    """Check every key record against the vault's manifest (reads them all)."""
+    v = _vault(state, "vault verify")
+    report = v.verify_store()
+    state.emit(
+        report,
+        f"vault verified: {report['keys']} key records match its manifest "
+        f"(change {report['generation']})",
+    )
 
 
 @vault.command("restore")

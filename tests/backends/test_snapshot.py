@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import struct
 import subprocess
 import time
@@ -46,9 +47,21 @@ def vault_records(ks: strongroom.Keystore) -> list[strongroom.KeyInfo]:
     return records
 
 
+def strip_store(data_dir: Path) -> None:
+    """Remove the vault's rows from the store, leaving its catalog: a data dir as a vault from
+    before the store left it, once a snapshot file is put beside it."""
+    db = sqlite3.connect(data_dir / "catalog.sqlite")
+    with db:
+        db.execute("DELETE FROM vault_records")
+        db.execute("DELETE FROM vault_headers")
+    db.close()
+
+
 @pytest.fixture(scope="module")
 def good_vault(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A vault with three keys; tests copy its data dir."""
+    """A data dir whose vault (three keys) is a snapshot file not yet moved into the store:
+    opening it migrates it, so each kind of damage to the file is met on that path; tests
+    copy the dir."""
     root = tmp_path_factory.mktemp("good-vault")
     cfg = write_vault_config(root)
     with pytest.MonkeyPatch.context() as mp:
@@ -56,6 +69,8 @@ def good_vault(tmp_path_factory: pytest.TempPathFactory) -> Path:
         with strongroom.open(cfg) as ks:
             for name, key_type in KEYS.items():
                 ks.generate(name, key_type)
+            ks.vault.backup(snapshot_path(cfg))  # type: ignore[attr-defined]
+    strip_store(root / "data")
     return root / "data"
 
 
@@ -229,7 +244,7 @@ def test_bad_magic(vault_copy: Path, vault_config: Path) -> None:
         assert str(vault_copy) in str(e)
 
 
-@pytest.mark.parametrize("version", [3, 0, 0xFFFF])
+@pytest.mark.parametrize("version", [4, 0, 0xFFFF])
 def test_unknown_versions(vault_copy: Path, vault_config: Path, version: int) -> None:
     good = vault_copy.read_bytes()
     bad = bytearray(good)
@@ -312,7 +327,11 @@ def test_a_backup_with_damage_is_refused_and_the_vault_is_unchanged(
 ) -> None:
     from strongroom.keystore import vault_restore
 
-    good = vault_copy.read_bytes()
+    open_and_use(vault_config)  # moves the vault into the store
+    good_file = tmp_path / "good.snap"
+    with strongroom.open(vault_config) as ks:
+        ks.vault.backup(good_file)  # type: ignore[attr-defined]
+    good = good_file.read_bytes()
     backup = tmp_path / "backup.snap"
     cases: list[tuple[bytes, type[StrongroomError]]] = [
         (good[:100], SnapshotTruncated),
@@ -326,7 +345,7 @@ def test_a_backup_with_damage_is_refused_and_the_vault_is_unchanged(
                 vault_restore(ks, backup)
             assert type(info.value) is expected
             assert str(backup) in str(info.value)
-        assert vault_copy.read_bytes() == good
+        assert names_on_disk(vault_config) == (set(KEYS), set(KEYS))
         assert backup.read_bytes() == bad
     open_and_use(vault_config)
 

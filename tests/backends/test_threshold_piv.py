@@ -8,10 +8,14 @@ reader, another card in its place.
 
 from __future__ import annotations
 
+import json
+import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pcsc_support
 import pytest
+from conftest import store_state
 from piv_card import DEFAULT_PIN, PivCard
 from piv_support import (
     PIV_PIN_ENV,
@@ -26,7 +30,6 @@ from pkcs11_support import PIN_ENV as HSM_PIN_ENV
 from pkcs11_support import SoftHsm, softhsm
 
 import strongroom
-from strongroom.backends.vault import snapshot
 from strongroom.cli import exit_code_of
 from strongroom.errors import AuthenticationFailed, ThresholdNotMet
 from strongroom.keystore import Keystore
@@ -59,8 +62,13 @@ def config(
     return write_piv_config(tmp_path / "ks", reader.name, piv_extra=hsm, order='["vault"]')
 
 
-def snap(config: Path) -> Path:
-    return config.parent / "data" / "vault.snapshot"
+def slots_in_store(config: Path) -> list[dict[str, Any]]:
+    db = sqlite3.connect(config.parent / "data" / "catalog.sqlite")
+    try:
+        (slots,) = db.execute("SELECT slots FROM vault_headers").fetchone()
+    finally:
+        db.close()
+    return list(json.loads(slots))
 
 
 def unlock(config: Path) -> tuple[Keystore, str]:
@@ -73,10 +81,10 @@ def unlock(config: Path) -> tuple[Keystore, str]:
 
 
 def refused(config: Path) -> ThresholdNotMet:
-    before = snap(config).read_bytes()
+    before = store_state(config)
     with strongroom.open(config) as ks, pytest.raises(ThresholdNotMet) as err:
         ks.vault_control().unlock()
-    assert snap(config).read_bytes() == before  # failing to open never writes
+    assert store_state(config) == before  # failing to open never writes
     message = str(err.value)
     assert "\n" not in message and "2 of (passphrase, piv, hsm)" in message
     assert DEFAULT_PIN not in message and WRONG_PIN not in message
@@ -107,11 +115,8 @@ def test_piv_card_as_a_threshold_member(
         assert [s["method"] for s in vault.vault_status()["slots"]] == ["threshold"]
         public = ks.public_key("quorum-key")
     assert 0x9D in reader.card.state.keys  # the card's share is sealed to its 9D key
-    head = snapshot.decode(snap(config).read_bytes(), "test").header
     (piv_member,) = [
-        m
-        for m in head["slots"][0]["groups"][0]["members"]  # type: ignore[index]
-        if m["method"] == "piv"
+        m for m in slots_in_store(config)[0]["groups"][0]["members"] if m["method"] == "piv"
     ]
     assert piv_member["params"]["slot"] == "9d", piv_member
 

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,7 @@ from conftest import (
     openssl_verify,
     run_cli,
     snapshot_path,
+    store_state,
     write_vault_config,
 )
 from mnemonic import Mnemonic
@@ -99,13 +101,13 @@ def test_init_creates_the_vault_and_a_second_init_fails_in_one_line(
     cli: Callable[..., CliResult], vault_config: Path
 ) -> None:
     r = assert_ok(cli("init"))
-    snap = snapshot_path(vault_config)
-    assert snap.is_file()
-    assert str(snap) in r.stdout.decode()
-    before = snap.read_bytes()
+    store = vault_config.parent / "data" / "catalog.sqlite"
+    assert store.is_file() and not snapshot_path(vault_config).exists()
+    assert str(store) in r.stdout.decode()
+    before = store_state(vault_config)
     r = cli("init")
     assert_one_line_error(r, OTHER, "already exists")
-    assert snap.read_bytes() == before
+    assert store_state(vault_config) == before
 
 
 # -- signing, checked by openssl ----------------------------------------------------------------
@@ -413,7 +415,7 @@ def test_random(shared: Vault) -> None:
 
 # -- wrong passphrase ----------------------------------------------------------------------------
 def test_wrong_passphrase_is_exit_4_and_leaves_the_snapshot_alone(shared: Vault) -> None:
-    before = shared.snapshot.read_bytes()
+    before = store_state(shared.config)
     listing = sorted(p.name for p in shared.snapshot.parent.iterdir())
     for args in (["key", "sign", "signer"], ["key", "generate", "n", "--type", "ed25519"]):
         r = shared(*args, input=DATA, env={VAULT_PASS_ENV: "not the passphrase"})
@@ -421,13 +423,13 @@ def test_wrong_passphrase_is_exit_4_and_leaves_the_snapshot_alone(shared: Vault)
         assert "not the passphrase" not in line
         assert VAULT_PASSPHRASE not in line
         assert r.stdout == b""
-    assert shared.snapshot.read_bytes() == before
+    assert store_state(shared.config) == before
     assert sorted(p.name for p in shared.snapshot.parent.iterdir()) == listing
     assert_one_line_error(shared("key", "show", "n"), NOT_FOUND)
     # the passphrase env var unset altogether: also an authentication failure, not a crash
     r = shared("key", "sign", "signer", input=DATA, env={VAULT_PASS_ENV: None})
     assert_one_line_error(r, AUTH, VAULT_PASS_ENV)
-    assert shared.snapshot.read_bytes() == before
+    assert store_state(shared.config) == before
 
 
 # -- backends, doctor ----------------------------------------------------------------------------
@@ -473,10 +475,10 @@ def test_vault_status_unlock_lock(fresh: Vault) -> None:
     status = json.loads(assert_ok(fresh("--json", "vault", "status")).stdout)
     assert status["exists"] is True
     assert status["unlocked"] is False
-    assert status["path"] == str(fresh.snapshot)
-    assert status["snapshot_bytes"] == fresh.snapshot.stat().st_size
+    store = fresh.snapshot.parent / "catalog.sqlite"
+    assert status["store"] == str(store)
     text = assert_ok(fresh("vault", "status")).stdout.decode()
-    assert f"path: {fresh.snapshot}" in text
+    assert f"store: {store}" in text
     assert_ok(fresh("key", "generate", "k", "--type", "ed25519"))
     r = assert_ok(fresh("vault", "unlock"))
     assert r.stdout.decode().strip() == "vault unlocked with passphrase: 1 keys"
@@ -503,10 +505,10 @@ def test_vault_passphrase_change(fresh: Vault) -> None:
         )
     )
     assert "changed" in r.stdout.decode()
-    before = fresh.snapshot.read_bytes()
+    before = store_state(fresh.config)
     assert_one_line_error(fresh("vault", "unlock"), AUTH)
     assert_one_line_error(fresh("key", "sign", "k", input=DATA), AUTH)
-    assert fresh.snapshot.read_bytes() == before
+    assert store_state(fresh.config) == before
     new_env: dict[str, str | None] = {VAULT_PASS_ENV: "a brand new passphrase"}
     new_ids = slot_ids(fresh, new_env)
     assert len(new_ids) == 1 and new_ids != old_ids
@@ -517,7 +519,7 @@ def test_vault_passphrase_change(fresh: Vault) -> None:
     # a missing env var: no change
     r = fresh("vault", "passphrase", "--new", "env:SR_TEST_UNSET_VAR", env=new_env)
     assert_one_line_error(r, AUTH)
-    assert fresh.snapshot.read_bytes() == before
+    assert store_state(fresh.config) == before
 
 
 def test_vault_enroll_second_passphrase_and_unenroll(fresh: Vault) -> None:
@@ -546,10 +548,10 @@ def test_vault_enroll_second_passphrase_and_unenroll(fresh: Vault) -> None:
     assert_one_line_error(fresh("vault", "unlock"), AUTH)
     assert slot_ids(fresh, second_env) == [second]
     # the last slot cannot go; nothing changes
-    before = fresh.snapshot.read_bytes()
+    before = store_state(fresh.config)
     r = fresh("vault", "unenroll", second, env=second_env)
     assert_one_line_error(r, POLICY, "last")
-    assert fresh.snapshot.read_bytes() == before
+    assert store_state(fresh.config) == before
     assert_one_line_error(fresh("vault", "unenroll", "nosuchslot", env=second_env), USAGE)
     assert slot_ids(fresh, second_env) == [second]
 
@@ -561,7 +563,7 @@ def test_vault_backup_and_restore(fresh: Vault) -> None:
     backup = fresh.root / "backup.snap"
     r = assert_ok(fresh("vault", "backup", str(backup)))
     assert "backed up" in r.stdout.decode()
-    assert backup.read_bytes() == fresh.snapshot.read_bytes()
+    assert backup.read_bytes()[:10] == b"SRVAULT\x00\x00\x03"
 
     assert_ok(fresh("key", "delete", "keeper"))
     assert_ok(fresh("key", "generate", "later", "--type", "ed25519"))
@@ -592,9 +594,9 @@ def test_vault_restore_of_a_damaged_backup_changes_nothing(fresh: Vault) -> None
     assert_ok(fresh("vault", "backup", str(backup)))
     data = backup.read_bytes()
     backup.write_bytes(data[: len(data) // 2])
-    before = fresh.snapshot.read_bytes()
+    before = store_state(fresh.config)
     assert_one_line_error(fresh("vault", "restore", str(backup)), CORRUPT, "truncated")
-    assert fresh.snapshot.read_bytes() == before
+    assert store_state(fresh.config) == before
     assert_one_line_error(fresh("vault", "restore", str(fresh.root / "missing")), USAGE)
     assert_ok(fresh("key", "show", "k"))
 
@@ -681,7 +683,7 @@ def test_exit_codes(shared: Vault, tmp_path: Path) -> None:
     cfg = write_vault_config(tmp_path, extra_vault="create = false\n")
     r = run_cli(cfg, "key", "generate", "k", "--type", "ed25519")
     assert_one_line_error(r, UNAVAILABLE, "strongroom init")
-    assert not snapshot_path(cfg).exists()
+    assert store_state(cfg) == "" or "vault_headers VALUES" not in store_state(cfg)
 
     # 11: config error, naming the file and line
     bad = tmp_path / "bad.toml"
@@ -694,13 +696,19 @@ def test_exit_codes(shared: Vault, tmp_path: Path) -> None:
     damaged.mkdir()
     cfg = write_vault_config(damaged)
     assert_ok(run_cli(cfg, "init"))
-    snap = snapshot_path(cfg)
-    data = snap.read_bytes()
-    snap.write_bytes(flip(data, len(data) - 40))
+    backup = damaged / "backup.snap"
+    assert_ok(run_cli(cfg, "vault", "backup", str(backup)))
+    data = backup.read_bytes()
+    backup.write_bytes(data[:-10])
+    assert_one_line_error(run_cli(cfg, "vault", "restore", str(backup)), CORRUPT, "truncated")
+    assert backup.read_bytes() == data[:-10]
+    db = sqlite3.connect(damaged / "data" / "catalog.sqlite")
+    with db:
+        db.execute(
+            "UPDATE vault_headers SET manifest=replace(manifest, '\"count\": 0', '\"count\": 1')"
+        )
+    db.close()
     assert_one_line_error(run_cli(cfg, "key", "generate", "k", "--type", "ed25519"), CORRUPT)
-    snap.write_bytes(data[:-10])
-    assert_one_line_error(run_cli(cfg, "vault", "unlock"), CORRUPT, "truncated")
-    assert snap.read_bytes() == data[:-10]
 
     # 7 (device locked) has no vault trigger; see the report.
 

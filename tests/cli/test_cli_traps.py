@@ -21,7 +21,7 @@ from conftest import (
     VAULT_PASSPHRASE,
     CliResult,
     run_cli,
-    snapshot_path,
+    store_state,
     write_vault_config,
 )
 
@@ -138,11 +138,11 @@ def test_init_refuses_a_short_passphrase_without_allow_weak(tmp_path: Path) -> N
     r = run_cli(cfg, "init", env={VAULT_PASS_ENV: SHORT})
     line = one_line_error(r, USAGE, "shorter than 12 characters", "--allow-weak")
     assert SHORT not in line
-    assert not snapshot_path(cfg).exists()
+    assert 'INSERT INTO "vault_headers"' not in store_state(cfg)  # no vault was made
     # a vault made on first use by another command is held to the same minimum
     r = run_cli(cfg, "key", "generate", "k", "--type", "ed25519", env={VAULT_PASS_ENV: SHORT})
     one_line_error(r, USAGE, "init --allow-weak")
-    assert not snapshot_path(cfg).exists()
+    assert 'INSERT INTO "vault_headers"' not in store_state(cfg)  # no vault was made
     assert_ok(run_cli(cfg, "init", "--allow-weak", env={VAULT_PASS_ENV: SHORT}))
     assert_ok(
         run_cli(cfg, "key", "generate", "k", "--type", "ed25519", env={VAULT_PASS_ENV: SHORT})
@@ -161,7 +161,7 @@ def test_passphrase_change_and_enroll_refuse_a_short_one_from_env_and_file(
     secret = tmp_path / "new-pass"
     secret.write_text(SHORT + "\n", encoding="utf-8")
     secret.chmod(0o600)
-    before = snapshot_path(cfg).read_bytes()
+    before = store_state(cfg)
     for args in (
         ("vault", "passphrase", "--new", "env:NEW_PASS"),
         ("vault", "passphrase", "--new", f"file:{secret}"),
@@ -170,7 +170,7 @@ def test_passphrase_change_and_enroll_refuse_a_short_one_from_env_and_file(
     ):
         r = run_cli(cfg, *args, env={"NEW_PASS": SHORT})
         one_line_error(r, USAGE, "shorter than 12", "--allow-weak")
-    assert snapshot_path(cfg).read_bytes() == before
+    assert store_state(cfg) == before
     r = run_cli(cfg, "vault", "passphrase", "--new", f"file:{secret}", "--allow-weak")
     assert_ok(r)
     assert_ok(run_cli(cfg, "vault", "unlock", env={VAULT_PASS_ENV: SHORT}))

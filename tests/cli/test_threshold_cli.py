@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import CliResult, run_cli
+from conftest import CliResult, run_cli, store_state
 from pkcs11_support import ROOT
 from tpm_support import Swtpm
 
@@ -152,8 +152,8 @@ def test_lose_every_device_and_recover_with_printed_shares(tmp_path: Path, tpm: 
     assert VAULT_PASS not in line and HSM_PIN not in line
 
     # bad recoveries: one line each, and nothing changes
-    snapshot = tmp_path / "data" / "vault.snapshot"
-    before = snapshot.read_bytes()
+    cfg_path = tmp_path / "strongroom.toml"
+    before = store_state(cfg_path)
     one_line_error(
         cli("vault", "recover", "--share-file", str(files[0]), "--passphrase", "env:SR_THR_SHARES"),
         USAGE,
@@ -165,7 +165,7 @@ def test_lose_every_device_and_recover_with_printed_shares(tmp_path: Path, tpm: 
         "wrong recovery passphrase",
     )
     one_line_error(cli("vault", "recover", input=b"not a mnemonic at all\n"), USAGE)
-    assert snapshot.read_bytes() == before
+    assert store_state(cfg_path) == before
 
     # two printed shares (typed back on stdin) open it, and a new passphrase is set
     typed = f"# share 3\n{printed[2]}\n\n{printed[0].upper()}\n".encode()
@@ -200,14 +200,14 @@ def test_lose_every_device_and_recover_with_printed_shares(tmp_path: Path, tpm: 
     slots = {s["method"]: s["id"] for s in json.loads(r.stdout)["slots"]}
     assert set(slots) == {"threshold", "recovery", "passphrase"}
     ok(cli("vault", "unenroll", slots["threshold"], SR_THR_VP=NEW_PASS))
-    before = snapshot.read_bytes()
+    before = store_state(cfg_path)
     one_line_error(
         cli("vault", "unenroll", slots["passphrase"], SR_THR_VP=NEW_PASS),
         POLICY,
         "last way into the vault",
         "besides recovery shares",
     )
-    assert snapshot.read_bytes() == before
+    assert store_state(cfg_path) == before
 
 
 def test_cli_usage_errors_are_one_line(tmp_path: Path) -> None:
@@ -215,8 +215,8 @@ def test_cli_usage_errors_are_one_line(tmp_path: Path) -> None:
 
     config = write_vault_config(tmp_path)
     ok(run_cli(config, "init"))
-    snapshot = tmp_path / "data" / "vault.snapshot"
-    before = snapshot.read_bytes()
+    cfg_path = tmp_path / "strongroom.toml"
+    before = store_state(cfg_path)
     for args, code, text in [
         (("vault", "enroll", "--threshold", "3", "passphrase:a", "passphrase:b"), USAGE, "1 to 2"),
         (("vault", "enroll", "--threshold", "1", "tpm"), USAGE, "no backend named 'tpm'"),
@@ -241,7 +241,7 @@ def test_cli_usage_errors_are_one_line(tmp_path: Path) -> None:
         AUTH,
         "no recovery shares",
     )
-    assert snapshot.read_bytes() == before
+    assert store_state(cfg_path) == before
     # without --exclusive the old passphrase slot still opens the vault alone: it says so
     r = ok(
         run_cli(
