@@ -273,7 +273,7 @@ class VaultBackend(VaultControlMixin, Backend):
         except BaseException:
             state.close()
             raise
-        state.generation = manifest.counter
+        state.generation, state.count = manifest.counter, manifest.count
         return state
 
     def _store_snapshot_state(self, state: _Open) -> None:
@@ -290,7 +290,7 @@ class VaultBackend(VaultControlMixin, Backend):
             max(state.generation, manifest.counter), manifest.count, manifest.num, manifest.den
         )
         store.put_header(rows.header_for(state, state.slots, manifest))
-        state.generation = manifest.counter
+        state.generation, state.count = manifest.counter, manifest.count
 
     def _migrate(self, state: _Open) -> bool:
         """Move a pre-store snapshot's vault into the store, then rename the file to
@@ -325,7 +325,7 @@ class VaultBackend(VaultControlMixin, Backend):
 
     def _commit(self, state: _Open, manifest: rows.Manifest) -> None:
         self._rows.put_header(rows.header_for(state, state.slots, manifest))
-        state.generation = manifest.counter
+        state.generation, state.count = manifest.counter, manifest.count
 
     def _mutate(self, change: Callable[[list[dict[str, Any]]], Any]) -> Any:
         """Apply `change` to the newest key slots and commit them with the manifest."""

@@ -178,22 +178,25 @@ class VaultControlMixin(KeySlots):
 
     def vault_status(self) -> dict[str, Any]:
         state = self._state
-        found = self._rows.header_with_count()
+        # Unlocked, the manifest knows the number of keys (checked against the rows at
+        # unlock and kept by every commit): no COUNT over the rows here, which the keystore
+        # asks for on every open.
+        in_store = state is not None or self._rows.header() is not None
         out: dict[str, Any] = {
             "path": str(self.path),
             "store": self._rows.location,
-            "exists": found is not None or self.path.exists(),
+            "exists": in_store or self.path.exists(),
             "unlocked": state is not None,
             "unlock_methods": list(self.methods),
         }
-        if found is None and self.path.exists():
+        if not in_store and self.path.exists():
             out["migrates_on_unlock"] = True
             out["snapshot_bytes"] = self.path.stat().st_size
         if state is not None:
             out.update(
                 vault_id=state.vault_id,
                 generation=state.generation,
-                keys=found[1] if found is not None else len(state.records),
+                keys=state.count,
                 slots=[_public_slot(s) for s in state.slots],
                 guarded_memory=memlock_status().__dict__,
                 unlock_failures=[dict(f) for f in self._unlock_failures],

@@ -110,6 +110,9 @@ class _Open:
             raise
         self.pool = KeyedPool(self.record_key)
         self.records: dict[str, Record] = {}
+        """Records loaded so far (lazily, on first use), by record id."""
+        self.count = 0
+        """The number of records, from the manifest (docs/storage.md)."""
 
     @contextlib.contextmanager
     def master_key(self) -> Iterator[memoryview]:
