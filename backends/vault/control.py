@@ -109,12 +109,16 @@ class VaultControlMixin(KeySlots):
         except BaseException:
             state.close()
             raise
+        self._install(state)
+        log.info("created a new vault in %s", self._rows.location)
+        return True
+
+    def _install(self, state: _Open) -> None:
+        """Make `state` the vault's unlocked state, closing the one it replaces."""
         with self._lock:
             if self._state is not None:
                 self._state.close()
             self._state = state
-        log.info("created a new vault in %s", self._rows.location)
-        return True
 
     def _exists(self) -> bool:
         return self._rows.header() is not None or self.path.exists()
@@ -169,11 +173,7 @@ class VaultControlMixin(KeySlots):
             if self._state is not None and method is None:
                 return "already unlocked"
             master, used = self._unwrap_master(header, method)
-        state = self._open_source(source, master)
-        with self._lock:
-            if self._state is not None:
-                self._state.close()
-            self._state = state
+        self._install(self._open_source(source, master))
         return used
 
     def vault_status(self) -> dict[str, Any]:
@@ -499,11 +499,8 @@ class VaultControlMixin(KeySlots):
         except BaseException:
             state.close()
             raise
-        with self._lock:
-            if self._state is not None:
-                self._state.close()
-            self._state = state
-            self._publics.clear()
+        self._install(state)
+        self._publics.clear()
         return [replace(r.info(), backend=self.name) for r in state.records.values()]
 
     def records(self) -> list[KeyInfo]:
