@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol, Self
 
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from .backend import Capability
@@ -144,6 +145,13 @@ class KeyAPI(Protocol):
     def public_key(self, name: str, version: int | None = None) -> PublicKeyTypes: ...
 
     def attest(self, name: str, nonce: bytes | None = None) -> dict[str, Any]: ...
+
+    def private_key(
+        self, name: str
+    ) -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey:
+        """The key as a `cryptography` private key whose operations are this API's calls
+        (`strongroom.pkey.private_key`)."""
+        ...
 
     def export_key(self, name: str, format: str = "pem") -> bytes: ...
 

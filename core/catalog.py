@@ -18,7 +18,7 @@ from pathlib import Path
 from .errors import CatalogError, KeyExists, KeyNotFound, StorageError
 from .types import KeyInfo, KeyType, KeyVersion, Usage
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Schema 1: one row per key. A fresh catalog is created as schema 1 and then migrated, so
 # the upgrade path of an existing catalog is the one every new catalog takes too.
@@ -59,6 +59,17 @@ _MIGRATE_1_TO_2 = (
     )""",
     "INSERT INTO key_versions SELECT namespace, name, version, backend, handle, created, "
     "attributes FROM keys",
+)
+
+# Schema 3 (docs/x509.md): the certificate, or chain (leaf first), kept with a key, as PEM.
+# One row per key at most; removing the key removes it.
+_MIGRATE_2_TO_3 = (
+    """CREATE TABLE certificates (
+        namespace TEXT NOT NULL,
+        name TEXT NOT NULL,
+        pem TEXT NOT NULL,
+        PRIMARY KEY (namespace, name)
+    )""",
 )
 
 _COLUMNS = (
@@ -120,10 +131,17 @@ class Catalog:
                     f"the catalog {self.path} has schema version {row[0]}, newer than this "
                     f"Strongroom understands ({SCHEMA_VERSION}); upgrade Strongroom"
                 )
-            if found == 1:  # in the same transaction: all of it happens, or none
+            # In the same transaction: all of it happens, or none.
+            if found < 2:
                 for stmt in _MIGRATE_1_TO_2:
                     self._db.execute(stmt)
-                self._db.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+            if found < 3:
+                for stmt in _MIGRATE_2_TO_3:
+                    self._db.execute(stmt)
+            if found < SCHEMA_VERSION:
+                self._db.execute(
+                    "UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),)
+                )
 
     @property
     def schema_version(self) -> int:
@@ -241,9 +259,42 @@ class Catalog:
                 self._db.execute(
                     "DELETE FROM key_versions WHERE namespace=? AND name=?", (namespace, name)
                 )
+                self._db.execute(
+                    "DELETE FROM certificates WHERE namespace=? AND name=?", (namespace, name)
+                )
             self._changed()
             if cur.rowcount == 0:
                 raise KeyNotFound(name, namespace)
+
+    # -- certificates (schema 3) ---------------------------------------------------------------
+    def certificate(self, namespace: str, name: str) -> str | None:
+        """The PEM certificate (or chain) kept with a key, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT pem FROM certificates WHERE namespace=? AND name=?", (namespace, name)
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+    def set_certificate(self, namespace: str, name: str, pem: str) -> None:
+        """Keep `pem` with the key, replacing what was kept; KeyNotFound if there is no key."""
+        with self._lock, self._storage("write"):
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                if not self._db.execute(
+                    "SELECT 1 FROM keys WHERE namespace=? AND name=?", (namespace, name)
+                ).fetchone():
+                    raise KeyNotFound(name, namespace)
+                self._db.execute(
+                    "INSERT OR REPLACE INTO certificates VALUES (?,?,?)", (namespace, name, pem)
+                )
+
+    def remove_certificate(self, namespace: str, name: str) -> bool:
+        """Forget the certificate kept with a key; whether there was one."""
+        with self._lock, self._storage("write"):
+            cur = self._db.execute(
+                "DELETE FROM certificates WHERE namespace=? AND name=?", (namespace, name)
+            )
+            return cur.rowcount > 0
 
     def handles(self, backend: str) -> set[str]:
         """Handles of every key version in `backend` (older versions included)."""

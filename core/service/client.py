@@ -24,6 +24,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
+from .. import pkey
 from ..api import BackendStatus
 from ..errors import (
     BackendUnavailable,
@@ -312,6 +313,11 @@ class RemoteKeystore:
     def public_key(self, name: str, version: int | None = None) -> PublicKeyTypes:
         der = self._bytes("public_key", name, format="der", version=version)
         return serialization.load_der_public_key(der)
+
+    def private_key(self, name: str) -> pkey.PrivateKey:
+        """The key as a `cryptography` private key that signs and decrypts through the
+        service (the sign and decrypt permissions), as `Keystore.private_key` does in process."""
+        return pkey.private_key(self, name)
 
     def attest(self, name: str, nonce: bytes | None = None) -> dict[str, Any]:
         """The key's backend's statement that the key lives in its hardware (the service
