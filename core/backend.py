@@ -241,8 +241,12 @@ class CertificateStore(Protocol):
     it (a PKCS#11 CKO_CERTIFICATE object, a PIV slot's certificate). The keystore has
     checked that the leaf's public key is the key's; the catalog keeps the whole chain."""
 
-    def store_certificate(self, info: KeyInfo, chain: Sequence[x509.Certificate]) -> None:
-        """Write the leaf (`chain[0]`) beside the key, replacing one written before."""
+    def store_certificate(
+        self, info: KeyInfo, chain: Sequence[x509.Certificate]
+    ) -> Mapping[str, str]:
+        """Write the leaf (`chain[0]`) beside the key, replacing one written before. Returns
+        attributes for the keystore to record on the key's version in the catalog (how a PIV
+        key is still known once the certificate that named it is replaced), or {}."""
         ...
 
     def stored_certificate(self, info: KeyInfo) -> x509.Certificate | None:

@@ -11,7 +11,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -287,6 +287,27 @@ class Catalog:
                 self._db.execute(
                     "INSERT OR REPLACE INTO certificates VALUES (?,?,?)", (namespace, name, pem)
                 )
+
+    def add_attributes(
+        self, namespace: str, name: str, version: int, attributes: Mapping[str, str]
+    ) -> None:
+        """Merge `attributes` into one version's (and, for the primary, the key's) row."""
+        with self._lock, self._storage("write"):
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                for table, where in (("key_versions", "version=?"), ("keys", "version=?")):
+                    row = self._db.execute(
+                        f"SELECT attributes FROM {table} WHERE namespace=? AND name=? AND {where}",  # noqa: S608 - constants
+                        (namespace, name, version),
+                    ).fetchone()
+                    if row is None:
+                        continue
+                    merged = {**json.loads(str(row[0])), **attributes}
+                    self._db.execute(
+                        f"UPDATE {table} SET attributes=? WHERE namespace=? AND name=? AND {where}",  # noqa: S608 - constants
+                        (json.dumps(merged, sort_keys=True), namespace, name, version),
+                    )
+            self._changed()
 
     def remove_certificate(self, namespace: str, name: str) -> bool:
         """Forget the certificate kept with a key; whether there was one."""

@@ -105,7 +105,9 @@ class KeyCertificates:
                 raise InvalidArgument(f"key {name!r} is a {info.type.value} key: no certificate")
             check_chain(name, b.public_key(info), chain)
             if isinstance(b, CertificateStore):
-                b.store_certificate(info, chain)
+                recorded = b.store_certificate(info, chain)
+                if recorded:
+                    self.catalog.add_attributes(self.namespace, name, info.version, recorded)
             self.catalog.set_certificate(
                 self.namespace, name, encode_chain(chain, "pem").decode("ascii")
             )

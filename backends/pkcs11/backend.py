@@ -17,7 +17,7 @@ import hashlib
 import os
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -538,7 +538,9 @@ class Pkcs11Backend(
                 pool.forget(info.handle)
 
     # -- certificates (CertificateStore) --------------------------------------------------------
-    def store_certificate(self, info: KeyInfo, chain: Sequence[x509.Certificate]) -> None:
+    def store_certificate(
+        self, info: KeyInfo, chain: Sequence[x509.Certificate]
+    ) -> Mapping[str, str]:
         """PKCS#11: C_DestroyObject of the key's old CKO_CERTIFICATE, then C_CreateObject of
         a CKC_X_509 token object with the private key's CKA_ID and CKA_LABEL, so tools that
         pair certificates with keys by CKA_ID (pkcs11-tool, OpenSC, p11-kit) find it."""
@@ -568,6 +570,7 @@ class Pkcs11Backend(
             )
 
         self._with_session("store_certificate", info.type, run)
+        return {}  # the key's CKA_ID finds it, whatever the certificate says
 
     def stored_certificate(self, info: KeyInfo) -> x509.Certificate | None:
         """PKCS#11: C_FindObjects for a CKO_CERTIFICATE with the key's CKA_ID (or label),
