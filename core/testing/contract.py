@@ -11,9 +11,11 @@ import itertools
 from typing import Any
 
 import pytest
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, x25519
+from cryptography.x509.oid import NameOID
 
 from strongroom import algorithms
 from strongroom.api import KeyAPI
@@ -127,6 +129,47 @@ class BackendContract:
                     hashes.SHA256(),
                 )
             self.check_prehashed(keystore, name, key_type, data, sig)
+
+    def test_private_key(self, keystore: KeyAPI, backend_name: str) -> None:
+        """A signing key is a `cryptography` private key that cryptography's own X.509
+        builder signs with (docs/x509.md); one key per family, the smallest RSA only."""
+        families: dict[str, KeyType] = {}
+        for key_type in self.types_for(keystore, backend_name, Operation.GENERATE, Operation.SIGN):
+            if key_type.is_fido:
+                family = "fido"
+            elif key_type.is_rsa:
+                family = "rsa"
+            elif key_type.is_ecdsa:
+                family = "ecdsa"
+            else:
+                family = key_type.value
+            families.setdefault(family, key_type)
+        for key_type in families.values():
+            name = _name(f"pkey-{key_type.value}")
+            keystore.generate(name, key_type, backend=backend_name)
+            if key_type.is_fido:
+                with pytest.raises(UnsupportedOperation):
+                    keystore.private_key(name)
+                continue
+            if not key_type.is_asymmetric:
+                with pytest.raises(InvalidArgument):
+                    keystore.private_key(name)
+                continue
+            key = keystore.private_key(name)
+            assert isinstance(
+                key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+            )
+            der = serialization.Encoding.DER
+            spki = serialization.PublicFormat.SubjectPublicKeyInfo
+            public = keystore.public_key(name)
+            assert key.public_key().public_bytes(der, spki) == public.public_bytes(der, spki)
+            subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+            digest: Any = None
+            if algorithms.signs_digests(key_type):
+                digest = hashes.SHA384() if key_type is KeyType.ECDSA_P384 else hashes.SHA256()
+            csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, digest)
+            assert csr.is_signature_valid
+            assert csr.public_key().public_bytes(der, spki) == public.public_bytes(der, spki)
 
     def check_prehashed(
         self, keystore: KeyAPI, name: str, key_type: KeyType, data: bytes, sig: bytes
