@@ -933,6 +933,7 @@ _WRITE_AHEAD = frozenset(
         "delete",
         "bip39_generate",
         "bip39_recover",
+        "certificate_set",
         "slip10_derive",
     }
 )

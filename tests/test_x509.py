@@ -403,6 +403,16 @@ def test_a_vault_key_keeps_its_certificate_in_the_catalog(vault: Keystore) -> No
     with pytest.raises(InvalidArgument, match="not a PEM or DER"):
         vault.set_certificate("leaf", b"not a certificate")
     assert vault.certificate("other") == [] and vault.certificate("ca") == []
+    records = read_records(vault.config.data_dir / "audit.jsonl", limit=1000)
+    sets = [(r["key"], r["result"]) for r in records if r["op"] == "certificate_set"]
+    assert sets == [
+        ("leaf", "started"),
+        ("leaf", "ok"),
+        ("other", "started"),
+        ("other", "CertificateMismatch"),
+        ("ca", "started"),
+        ("ca", "CertificateMismatch"),
+    ], sets
     vault.delete("leaf")
     assert vault.catalog.certificate(vault.namespace, "leaf") is None
 
