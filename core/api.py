@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol, Self
 
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
@@ -154,6 +155,11 @@ class KeyAPI(Protocol):
         ...
 
     def export_key(self, name: str, format: str = "pem") -> bytes: ...
+
+    # -- certificates kept with keys (docs/x509.md) --------------------------------------------
+    def set_certificate(self, name: str, data: bytes) -> list[x509.Certificate]: ...
+
+    def certificate(self, name: str) -> list[x509.Certificate]: ...
 
     def wrap(self, wrapping_key: str, name: str) -> bytes: ...
 

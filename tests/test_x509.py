@@ -528,6 +528,3 @@ def test_cli_makes_a_small_ca(tmp_path: Path) -> None:
     assert "not the public key of key 'web'" in r.stderr
     r = run_cli(config, "key", "csr", "web", "--subject", "CN=x", "--san", "RID:1.2", cwd=tmp_path)
     assert r.returncode == 2 and "not DNS, IP, email or URI" in r.stderr, r.stderr
-    # kept certificates are local: over a service, a typed refusal (exit 5) before connecting
-    r = run_cli(config, "--server", "unix:/nonexistent.sock", "key", "cert", "show", "web")
-    assert r.returncode == 5 and "not offered through the service" in r.stderr, r.stderr

@@ -3,7 +3,8 @@
 
 The key signs as a `cryptography` private key (`KeyAPI.private_key`): `key csr` and
 `key certificate` work with any signing key, in process or through the service (its sign
-permission). `key cert set|show` keep a certificate with a key; they run in process only.
+permission). `key cert set|show` keep a certificate with a key (the manage and read
+permissions through the service).
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ def _key_usage(ca: bool, rsa_key: bool) -> x509.KeyUsage:
 def _issuer_certificate(state: State, issuer: str, path: str | None) -> x509.Certificate:
     if path is not None:
         return parse_chain(read_input(path))[0]
-    kept = state.local("key certificate --issuer without --issuer-cert").certificate(issuer)
+    kept = state.keystore().certificate(issuer)
     if not kept:
         raise InvalidArgument(
             f"key {issuer!r} has no certificate kept with it: pass --issuer-cert FILE"
@@ -212,7 +213,7 @@ def key_cert_set(state: State, name: str, file: str) -> None:
     PIV and PKCS#11 keys get the leaf on the device too. A certificate whose public key is
     not the key's is refused.
     """
-    chain = state.local("key cert set").set_certificate(name, read_input(file))
+    chain = state.keystore().set_certificate(name, read_input(file))
     leaf = chain[0]
     state.emit(
         {"name": name, "subject": leaf.subject.rfc4514_string(), "certificates": len(chain)},
@@ -235,7 +236,7 @@ def key_cert_set(state: State, name: str, file: str) -> None:
 @pass_state
 def key_cert_show(state: State, name: str, fmt: str, out: str | None) -> None:
     """Print the certificate (or chain) kept with the key."""
-    chain = state.local("key cert show").certificate(name)
+    chain = state.keystore().certificate(name)
     if not chain:
         raise InvalidArgument(
             f"key {name!r} has no certificate; keep one with `strongroom key cert set`"

@@ -1294,3 +1294,78 @@ def test_private_key_signs_csrs_and_tokens_through_the_service(
     r = run([*server, "key", "csr", "signing-x509", "--subject", "CN=cli"], tokens.acme_signer)
     assert r.returncode == 0, r.stderr
     assert x509.load_pem_x509_csr(r.stdout).is_signature_valid
+
+
+def test_certificates_are_kept_through_the_service(
+    service: Service, tokens: Tenancy, tmp_path: Path
+) -> None:
+    from cryptography import x509
+
+    from strongroom.errors import CertificateMismatch
+
+    server = ["--server", service.unix]
+    for name in ("signing-ca", "signing-web"):
+        r = run([*server, "key", "generate", name, "--type", "ecdsa-p256"], tokens.acme_app)
+        assert r.returncode == 0, r.stderr
+    r = run(
+        [
+            *server,
+            "key",
+            "certificate",
+            "signing-ca",
+            "--subject",
+            "CN=Wire CA",
+            "--days",
+            "2",
+            "--ca",
+            "--out",
+            str(tmp_path / "ca.pem"),
+        ],
+        tokens.acme_app,
+    )
+    assert r.returncode == 0, r.stderr
+    r = run(
+        [*server, "key", "cert", "set", "signing-ca", str(tmp_path / "ca.pem")], tokens.acme_app
+    )
+    assert r.returncode == 0, r.stderr
+    # the issuer's certificate comes from the service, where it is kept
+    r = run(
+        [
+            *server,
+            "key",
+            "certificate",
+            "signing-web",
+            "--subject",
+            "CN=web",
+            "--days",
+            "1",
+            "--issuer",
+            "signing-ca",
+            "--out",
+            str(tmp_path / "web.pem"),
+        ],
+        tokens.acme_signer,
+    )
+    assert r.returncode == 0, r.stderr
+    ca_pem = (tmp_path / "ca.pem").read_bytes()
+    web_pem = (tmp_path / "web.pem").read_bytes()
+    web = x509.load_pem_x509_certificate(web_pem)
+    web.verify_directly_issued_by(x509.load_pem_x509_certificate(ca_pem))
+    with remote(service, tokens.acme_app) as app, remote(service, tokens.acme_signer) as signer:
+        assert app.set_certificate("signing-web", web_pem + ca_pem)[0] == web
+        assert [c.subject.rfc4514_string() for c in signer.certificate("signing-web")] == [
+            "CN=web",
+            "CN=Wire CA",
+        ]
+        with pytest.raises(CertificateMismatch):
+            app.set_certificate("signing-ca", web_pem)
+        with pytest.raises(NotPermitted, match="manage"):
+            signer.set_certificate("signing-web", web_pem)
+        app.generate("signing-bare", "ed25519")
+        assert signer.certificate("signing-bare") == []
+    r = run([*server, "key", "cert", "show", "signing-web", "--format", "der"], tokens.acme_signer)
+    assert r.returncode == 0 and x509.load_der_x509_certificate(r.stdout) == web, r.stderr
+    r = run(
+        [*server, "key", "cert", "set", "signing-ca", str(tmp_path / "web.pem")], tokens.acme_app
+    )
+    assert r.returncode == 2 and b"not the public key of key 'signing-ca'" in r.stderr, r.stderr
