@@ -6,6 +6,7 @@ The suite is typed against `KeyAPI`, so it runs unchanged through a `Keystore` a
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import itertools
 from typing import Any
@@ -20,6 +21,7 @@ from cryptography.x509.oid import NameOID
 from strongroom import algorithms
 from strongroom.api import KeyAPI
 from strongroom.errors import (
+    CertificateMismatch,
     DataFormatError,
     IntegrityError,
     InvalidArgument,
@@ -170,6 +172,41 @@ class BackendContract:
             csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, digest)
             assert csr.is_signature_valid
             assert csr.public_key().public_bytes(der, spki) == public.public_bytes(der, spki)
+
+    def test_certificate(self, keystore: KeyAPI, backend_name: str) -> None:
+        """A certificate of the key is kept with it; one of another key is refused."""
+        types = [
+            t
+            for t in self.types_for(keystore, backend_name, Operation.GENERATE, Operation.SIGN)
+            if t.is_asymmetric and not t.is_fido
+        ]
+        if not types:
+            pytest.skip("backend makes no key that signs certificates")
+        key_type = types[0]
+        name, other = _name(f"cert-{key_type.value}"), _name(f"cert-{key_type.value}")
+        keystore.generate(name, key_type, backend=backend_name)
+        keystore.generate(other, key_type, backend=backend_name)
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = datetime.datetime.now(datetime.UTC)
+        digest: Any = None
+        if algorithms.signs_digests(key_type):
+            digest = hashes.SHA384() if key_type is KeyType.ECDSA_P384 else hashes.SHA256()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(keystore.private_key(name).public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .sign(keystore.private_key(name), digest)
+        )
+        pem = cert.public_bytes(serialization.Encoding.PEM)
+        assert keystore.set_certificate(name, pem) == [cert]
+        assert keystore.certificate(name) == [cert]
+        with pytest.raises(CertificateMismatch):
+            keystore.set_certificate(other, pem)
+        keystore.delete(name)
 
     def check_prehashed(
         self, keystore: KeyAPI, name: str, key_type: KeyType, data: bytes, sig: bytes
