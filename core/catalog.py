@@ -350,7 +350,8 @@ class Catalog:
             ]
 
     def add_version(self, namespace: str, name: str, new: KeyVersion) -> None:
-        """Record a new version and make it primary, in one transaction.
+        """Record a new version and make it primary, and forget the key's kept certificate,
+        in one transaction.
 
         Refuses (KeyExists) unless `new.version` is one more than the current primary, so two
         rotations racing each other cannot both win.
@@ -375,6 +376,10 @@ class Catalog:
                 )
                 if cur.rowcount != 1:
                     raise KeyExists(f"{name} version {new.version}", namespace)
+                # A kept certificate certifies the old primary's public key: forget it.
+                self._db.execute(
+                    "DELETE FROM certificates WHERE namespace=? AND name=?", (namespace, name)
+                )
                 self._db.execute(
                     "INSERT INTO key_versions VALUES (?,?,?,?,?,?,?)",
                     (

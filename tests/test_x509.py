@@ -415,6 +415,11 @@ def test_a_vault_key_keeps_its_certificate_in_the_catalog(vault: Keystore) -> No
     ], sets
     vault.delete("leaf")
     assert vault.catalog.certificate(vault.namespace, "leaf") is None
+    # a rotation forgets the certificate of the old version's public key
+    vault.set_certificate("ca", root.public_bytes(serialization.Encoding.PEM))
+    assert vault.certificate("ca") == [root]
+    vault.rotate("ca")
+    assert vault.certificate("ca") == []
 
 
 def test_a_pkcs11_key_gets_a_certificate_object_tools_see(ks: Keystore, softhsm: SoftHsm) -> None:
