@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol, Self
 
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from .backend import Capability
@@ -145,7 +147,19 @@ class KeyAPI(Protocol):
 
     def attest(self, name: str, nonce: bytes | None = None) -> dict[str, Any]: ...
 
+    def private_key(
+        self, name: str
+    ) -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey:
+        """The key as a `cryptography` private key whose operations are this API's calls
+        (`strongroom.pkey.private_key`)."""
+        ...
+
     def export_key(self, name: str, format: str = "pem") -> bytes: ...
+
+    # -- certificates kept with keys (docs/x509.md) --------------------------------------------
+    def set_certificate(self, name: str, data: bytes) -> list[x509.Certificate]: ...
+
+    def certificate(self, name: str) -> list[x509.Certificate]: ...
 
     def wrap(self, wrapping_key: str, name: str) -> bytes: ...
 

@@ -18,6 +18,9 @@ from .errors import ConfigError, UnsupportedOperation
 from .types import KeyInfo, KeyType, Operation, Usage
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
     from .secrets import SecretSource
@@ -237,6 +240,25 @@ class Attester(Protocol):
 
     def attest(self, info: KeyInfo, nonce: bytes) -> dict[str, Any]:
         """Return an attestation statement a relying party can verify."""
+        ...
+
+
+@runtime_checkable
+class CertificateStore(Protocol):
+    """Keeps a key's certificate in the device beside the key, where other tools look for
+    it (a PKCS#11 CKO_CERTIFICATE object, a PIV slot's certificate). The keystore has
+    checked that the leaf's public key is the key's; the catalog keeps the whole chain."""
+
+    def store_certificate(
+        self, info: KeyInfo, chain: Sequence[x509.Certificate]
+    ) -> Mapping[str, str]:
+        """Write the leaf (`chain[0]`) beside the key, replacing one written before. Returns
+        attributes for the keystore to record on the key's version in the catalog (how a PIV
+        key is still known once the certificate that named it is replaced), or {}."""
+        ...
+
+    def stored_certificate(self, info: KeyInfo) -> x509.Certificate | None:
+        """The certificate the device holds for the key, or None."""
         ...
 
 

@@ -11,14 +11,14 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
 from .errors import CatalogError, KeyExists, KeyNotFound, StorageError
 from .types import KeyInfo, KeyType, KeyVersion, Usage
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Schema 1: one row per key. A fresh catalog is created as schema 1 and then migrated, so
 # the upgrade path of an existing catalog is the one every new catalog takes too.
@@ -84,6 +84,18 @@ _MIGRATE_2_TO_3 = (
         sealed BLOB NOT NULL,
         mac BLOB NOT NULL,
         UNIQUE (backend, record_id)
+    )""",
+)
+
+
+# Schema 4 (docs/x509.md): the certificate, or chain (leaf first), kept with a key, as PEM.
+# One row per key at most; removing the key removes it.
+_MIGRATE_3_TO_4 = (
+    """CREATE TABLE certificates (
+        namespace TEXT NOT NULL,
+        name TEXT NOT NULL,
+        pem TEXT NOT NULL,
+        PRIMARY KEY (namespace, name)
     )""",
 )
 
@@ -216,7 +228,11 @@ class Catalog:
                     f"Strongroom understands ({SCHEMA_VERSION}); upgrade Strongroom"
                 )
             # In the same transaction: all of it happens, or none.
-            for version, steps in ((1, _MIGRATE_1_TO_2), (2, _MIGRATE_2_TO_3)):
+            for version, steps in (
+                (1, _MIGRATE_1_TO_2),
+                (2, _MIGRATE_2_TO_3),
+                (3, _MIGRATE_3_TO_4),
+            ):
                 if found == version:
                     for stmt in steps:
                         self._db.execute(stmt)
@@ -344,9 +360,61 @@ class Catalog:
                 self._db.execute(
                     "DELETE FROM key_versions WHERE namespace=? AND name=?", (namespace, name)
                 )
+                self._db.execute(
+                    "DELETE FROM certificates WHERE namespace=? AND name=?", (namespace, name)
+                )
             self._changed()
             if cur.rowcount == 0:
                 raise KeyNotFound(name, namespace)
+
+    # -- certificates (schema 4) ---------------------------------------------------------------
+    def certificate(self, namespace: str, name: str) -> str | None:
+        """The PEM certificate (or chain) kept with a key, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT pem FROM certificates WHERE namespace=? AND name=?", (namespace, name)
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+    def set_certificate(self, namespace: str, name: str, pem: str) -> None:
+        """Keep `pem` with the key, replacing what was kept; KeyNotFound if there is no key."""
+        with self._lock, self._storage("write"):
+            with self.transaction():
+                if not self._db.execute(
+                    "SELECT 1 FROM keys WHERE namespace=? AND name=?", (namespace, name)
+                ).fetchone():
+                    raise KeyNotFound(name, namespace)
+                self._db.execute(
+                    "INSERT OR REPLACE INTO certificates VALUES (?,?,?)", (namespace, name, pem)
+                )
+
+    def add_attributes(
+        self, namespace: str, name: str, version: int, attributes: Mapping[str, str]
+    ) -> None:
+        """Merge `attributes` into one version's (and, for the primary, the key's) row."""
+        with self._lock, self._storage("write"):
+            with self.transaction():
+                for table, where in (("key_versions", "version=?"), ("keys", "version=?")):
+                    row = self._db.execute(
+                        f"SELECT attributes FROM {table} WHERE namespace=? AND name=? AND {where}",  # noqa: S608 - constants
+                        (namespace, name, version),
+                    ).fetchone()
+                    if row is None:
+                        continue
+                    merged = {**json.loads(str(row[0])), **attributes}
+                    self._db.execute(
+                        f"UPDATE {table} SET attributes=? WHERE namespace=? AND name=? AND {where}",  # noqa: S608 - constants
+                        (json.dumps(merged, sort_keys=True), namespace, name, version),
+                    )
+            self._changed()
+
+    def remove_certificate(self, namespace: str, name: str) -> bool:
+        """Forget the certificate kept with a key; whether there was one."""
+        with self._lock, self._storage("write"):
+            cur = self._db.execute(
+                "DELETE FROM certificates WHERE namespace=? AND name=?", (namespace, name)
+            )
+            return cur.rowcount > 0
 
     def handles(self, backend: str) -> set[str]:
         """Handles of every key version in `backend` (older versions included)."""
@@ -381,7 +449,8 @@ class Catalog:
             ]
 
     def add_version(self, namespace: str, name: str, new: KeyVersion) -> None:
-        """Record a new version and make it primary, in one transaction.
+        """Record a new version and make it primary, and forget the key's kept certificate,
+        in one transaction.
 
         Refuses (KeyExists) unless `new.version` is one more than the current primary, so two
         rotations racing each other cannot both win.
@@ -405,6 +474,10 @@ class Catalog:
                 )
                 if cur.rowcount != 1:
                     raise KeyExists(f"{name} version {new.version}", namespace)
+                # A kept certificate certifies the old primary's public key: forget it.
+                self._db.execute(
+                    "DELETE FROM certificates WHERE namespace=? AND name=?", (namespace, name)
+                )
                 self._db.execute(
                     "INSERT INTO key_versions VALUES (?,?,?,?,?,?,?)",
                     (

@@ -110,6 +110,11 @@ class InvalidArgument(StrongroomError, ValueError):
     """A caller passed a value that cannot be right."""
 
 
+class CertificateMismatch(InvalidArgument):
+    """A certificate whose public key is not the key's it is to be kept with, or a chain
+    whose certificates do not issue one another."""
+
+
 class ConfigError(StrongroomError):
     """The configuration file is wrong; the message names the file, line and key."""
 

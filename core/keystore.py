@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, cast
 
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
-from . import algorithms, lifecycle
+from . import algorithms, lifecycle, pkey
 from .api import BackendStatus
 from .audit import Audit, CheckpointSigner
 from .backend import (
@@ -52,6 +52,7 @@ from .errors import (
     UnsupportedOperation,
     VersionRetired,
 )
+from .keystore_certs import KeyCertificates
 from .keystore_lifecycle import ADOPTED, KeyLifecycle
 from .keystore_seeds import KeySeeds
 from .keystore_signer import _KeystoreSigner
@@ -65,7 +66,7 @@ _IMPORT_FORMATS = ("auto", "raw", "der", "pem")
 logger = logging.getLogger("strongroom")
 
 
-class Keystore(KeyLifecycle, KeySeeds):
+class Keystore(KeyLifecycle, KeySeeds, KeyCertificates):
     """One key API over every configured backend. Use `strongroom.open()` to make one."""
 
     def __init__(
@@ -607,6 +608,14 @@ class Keystore(KeyLifecycle, KeySeeds):
                 )
             return b.public_key(info)
 
+    def private_key(self, name: str) -> pkey.PrivateKey:
+        """The key as the matching `cryptography` private key type (ec, rsa or ed25519).
+
+        Its `sign` and `decrypt` are this keystore's, so they are usage-checked and audited
+        like any call; its private bytes cannot be read (docs/x509.md).
+        """
+        return pkey.private_key(self, name)
+
     def attest(self, name: str, nonce: bytes | None = None) -> dict[str, Any]:
         """A statement from the key's backend that the key lives in its hardware.
 
@@ -966,6 +975,7 @@ _WRITE_AHEAD = frozenset(
         "delete",
         "bip39_generate",
         "bip39_recover",
+        "certificate_set",
         "slip10_derive",
     }
 )

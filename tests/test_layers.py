@@ -12,9 +12,10 @@ The rules (ARCHITECTURE.md, "Dependency rules after"):
 - no import cycle among strongroom modules;
 - imports point down the layers (`may_import`): the contract (R1) imports only itself, the
   runtime (R2) itself and errors, the engine (R3) those two (the keystore also the rest of
-  the engine and envelope, discovery also config, the audit/ package also itself), envelope
-  (R4) the contract; the service/ package (R5, a face) anything below it, but its client
-  only its wire format and the contract, so that a client installs no server side; nothing
+  the engine and the recipes, discovery also config, the audit/ package also itself), the
+  recipes (R4: envelope, pkey) the contract; the service/ package (R5, a face) anything
+  below it, but its client only its wire format, the contract and the recipes, so that a
+  client installs no server side; nothing
   below the service imports it; nothing outside the CLI's package (cli/) imports it or any
   of its modules;
 - a backend (R6) imports only the contract and runtime layers and its own package: never
@@ -79,16 +80,23 @@ ENGINE = AUDIT | {
     "strongroom.keystore_seeds",
     "strongroom.keystore_signer",
     "strongroom.keystore_vault",
+    "strongroom.keystore_certs",
 }
 """R3. The faces (service/, cli/, the package's `__init__`, the shipped contract suite and
 the aliases at the service's old paths) are every other core module."""
-KEYSTORE_MIXINS = frozenset({"strongroom.keystore_lifecycle", "strongroom.keystore_seeds"})
+KEYSTORE_MIXINS = frozenset(
+    {"strongroom.keystore_lifecycle", "strongroom.keystore_seeds", "strongroom.keystore_certs"}
+)
 """Mixins of `Keystore` in modules of their own (docs/decisions.md, "Modules split along
 their banners"): they may use the catalog and config types the keystore holds."""
 KEYSTORE_PARTS = frozenset({"strongroom.keystore_signer", "strongroom.keystore_vault"})
 """Code that takes a keystore through a Protocol of what it uses (the audit checkpoint
 signer, the audited vault commands and vault restore): besides the catalog, the signer
 uses the audit package's signature type and key fingerprint. Never the keystore itself."""
+RECIPES = frozenset({"strongroom.envelope", "strongroom.pkey"})
+"""R4: recipes typed against KeyAPI, importing only the contract: envelope encryption of
+streams, and keys as `cryptography` private keys. The keystore and the service's client
+return them, so both may import them."""
 CLI = "strongroom.cli"
 """The command line, a face: the `cli/` package. Its modules import each other; nothing
 outside it imports any of them."""
@@ -296,7 +304,7 @@ def may_import(importer: str, imported: str) -> bool:
     if importer in RUNTIME:
         return imported in RUNTIME or imported == "strongroom.errors"
     if importer == "strongroom.keystore":
-        return imported in CONTRACT | RUNTIME | ENGINE | {"strongroom.envelope"}
+        return imported in CONTRACT | RUNTIME | ENGINE | RECIPES
     if importer in KEYSTORE_MIXINS:  # parts of the Keystore class: never the keystore itself
         return imported in CONTRACT | RUNTIME | {"strongroom.catalog", "strongroom.config"}
     if importer in KEYSTORE_PARTS:  # a keystore behind a Protocol: never the keystore itself
@@ -309,10 +317,10 @@ def may_import(importer: str, imported: str) -> bool:
         return imported in CONTRACT | RUNTIME | {"strongroom.config"}
     if importer in ENGINE:
         return imported in CONTRACT | RUNTIME
-    if importer == "strongroom.envelope":
+    if importer in RECIPES:
         return imported in CONTRACT
     if importer == CLIENT:  # a client installs no server side
-        return imported in CONTRACT or imported == WIRE
+        return imported in CONTRACT | RECIPES or imported == WIRE
     if imported == SERVICE or imported.startswith(SERVICE + "."):
         # Only the faces above the service import it: the package's `__init__` (connect),
         # the CLI and the aliases at the old paths (and the service itself).
@@ -407,6 +415,7 @@ SYNTHETIC = {
     "strongroom.sodium": "",
     "strongroom.keystore": "",
     "strongroom.envelope": "import strongroom.keystore\n",
+    "strongroom.pkey": "from . import catalog\n",
     "strongroom.service.app": "from ..cli import main\nfrom .. import keystore\n",
     "strongroom.service.tenants": "from ..cli.keys import key\n",
     "strongroom.service.client": "from . import wire\nfrom .. import errors, config\n",
@@ -471,8 +480,11 @@ def test_synthetic_forbidden_edges_are_caught() -> None:
         ("strongroom.audit.writer", "strongroom.keystore"),  # audit/ imports no engine module
         ("strongroom.discovery", "strongroom.catalog"),  # discovery: config only
         ("strongroom.envelope", "strongroom.keystore"),  # a recipe is typed against KeyAPI
+        ("strongroom.pkey", "strongroom.catalog"),  # and so is the private key adapter
     }
     assert not may_import("strongroom.envelope", "strongroom.keystore")
+    assert may_import("strongroom.service.client", "strongroom.pkey")
+    assert may_import("strongroom.keystore", "strongroom.pkey")
     assert may_import("strongroom.discovery", "strongroom.config")
     assert may_import("strongroom.keystore", "strongroom.discovery")
     assert may_import("strongroom.service.client", "strongroom.service.wire")

@@ -304,7 +304,7 @@ def test_catalog_v1_is_migrated_in_place_without_losing_keys(config: Path) -> No
     db.close()
 
     with strongroom.open(config) as ks:
-        assert ks.catalog.schema_version == SCHEMA_VERSION == 3
+        assert ks.catalog.schema_version == SCHEMA_VERSION == 4
         assert {k.name for k in ks.keys()} == {"signer", "aes"}
         aes = ks.info("aes")
         assert aes.exportable and aes.version == 1 and aes.min_decryption_version == 1
@@ -322,14 +322,15 @@ def test_catalog_v1_is_migrated_in_place_without_losing_keys(config: Path) -> No
 def test_catalog_refuses_a_newer_schema_and_keeps_it(tmp_path: Path) -> None:
     path = tmp_path / "catalog.sqlite"
     db = sqlite3.connect(path)
-    db.executescript(_V1_SCHEMA.replace("'1'", "'4'"))
+    db.executescript(_V1_SCHEMA.replace("'1'", "'5'"))
     db.close()
-    with pytest.raises(CatalogError, match="schema version 4"):
+    with pytest.raises(CatalogError, match="schema version 5"):
         Catalog(path)
     db = sqlite3.connect(path)
-    assert db.execute("SELECT value FROM meta").fetchone() == ("4",)
+    assert db.execute("SELECT value FROM meta").fetchone() == ("5",)
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert "key_versions" not in tables  # the refused migration left nothing behind
+    assert "certificates" not in tables
     db.close()
 
 

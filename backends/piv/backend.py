@@ -505,7 +505,7 @@ class PivBackend(PivAccess, PivCertificates, PivSealer, Backend):
             cert = self._cert(card, slot)
             if cert is None:
                 return  # already gone
-            if not self._ours(cert, info.name):
+            if not self._holds(cert, info):
                 raise InvalidArgument(
                     f"slot {_slot_name(slot)} of the PIV card in {card.reader!r} holds "
                     f"{self._subject(cert)!r}, not key {info.name!r}; nothing was deleted"

@@ -9,7 +9,9 @@ session (`_certs`), and a key once checked is remembered (`_checked_keys`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -18,12 +20,26 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import NameOID
 
 from strongroom import algorithms as sr_algorithms
-from strongroom.errors import BackendUnavailable, StrongroomError
+from strongroom.errors import BackendUnavailable, CertificateMismatch, StrongroomError
 from strongroom.types import KeyInfo, KeyType
 
 from . import encoding
 from .card import PcscCard, find_tag, tlv
 from .slots import KEY_ALGS, SLOT_OBJECTS, _slot_name, parse_slot
+
+T = TypeVar("T")
+
+CERT_KEY_ATTRIBUTE = "piv_public_key_sha256"
+"""Catalog attribute of a PIV key whose slot certificate `key cert set` replaced: the
+SHA-256 of its SubjectPublicKeyInfo. The new certificate no longer names the key
+(CN = key name, O = Strongroom), so this is how the key is still known on its card."""
+
+
+def public_key_sha256(public: PublicKeyTypes) -> str:
+    spki = public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).hexdigest()
 
 
 class PivCertificates:
@@ -37,6 +53,9 @@ class PivCertificates:
         def _private_op(
             self, card: PcscCard, slot: int, alg: int, data: bytes, tag: int = 0x81
         ) -> bytes: ...
+        def _mgmt_auth(self, card: PcscCard) -> None: ...
+        def _run(self, fn: Callable[[PcscCard], T]) -> T: ...
+        def _run_held(self, fn: Callable[[PcscCard], T]) -> T: ...
 
     def _cert(self, card: PcscCard, slot: int) -> x509.Certificate | None:
         if slot in self._certs:
@@ -74,6 +93,14 @@ class PivCertificates:
             and cn[0].value == name
         )
 
+    def _holds(self, cert: x509.Certificate, info: KeyInfo) -> bool:
+        """Whether a slot's certificate is the catalog key's: ours (named for it), or the
+        one `key cert set` wrote (its public key recorded with the key)."""
+        if self._ours(cert, info.name):
+            return True
+        recorded = info.attributes.get(CERT_KEY_ATTRIBUTE)
+        return recorded is not None and recorded == public_key_sha256(cert.public_key())
+
     def _key_cert(self, card: PcscCard, info: KeyInfo) -> tuple[int, x509.Certificate]:
         """The slot and certificate of a catalog key, checked to be that key on this card."""
         known = self._checked_keys.get(info.handle)
@@ -87,7 +114,7 @@ class PivCertificates:
                 self.name,
                 f"{where} holds no key for {info.name!r}: is this the card the key was made on?",
             )
-        if info.attributes.get("adopted") != "true" and not self._ours(cert, info.name):
+        if info.attributes.get("adopted") != "true" and not self._holds(cert, info):
             raise BackendUnavailable(
                 self.name,
                 f"{where} holds {self._subject(cert)!r}, not key {info.name!r}: is this the "
@@ -97,6 +124,36 @@ class PivCertificates:
             raise BackendUnavailable(self.name, f"{where} holds no {info.type.value} key")
         self._checked_keys[info.handle] = (info.name, slot, cert)
         return slot, cert
+
+    def store_certificate(
+        self, info: KeyInfo, chain: Sequence[x509.Certificate]
+    ) -> Mapping[str, str]:
+        """PUT DATA of the leaf into the key's slot object, in place of the certificate there
+        (after mutual authentication with the management key), as `generate` writes one."""
+        leaf = chain[0]
+        fingerprint = public_key_sha256(leaf.public_key())
+
+        def op(card: PcscCard) -> None:
+            slot, old = self._key_cert(card, info)
+            if public_key_sha256(old.public_key()) != fingerprint:
+                raise CertificateMismatch(
+                    f"the certificate's public key is not the one in PIV slot {_slot_name(slot)}"
+                )
+            self._mgmt_auth(card)
+            self._put_cert(card, slot, leaf)
+            self._checked_keys[info.handle] = (info.name, slot, leaf)
+
+        self._run_held(op)
+        return {CERT_KEY_ATTRIBUTE: fingerprint}
+
+    def stored_certificate(self, info: KeyInfo) -> x509.Certificate | None:
+        """The certificate in the key's slot object (GET DATA; cached per connection)."""
+        return self._run(lambda card: self._key_cert(card, info)[1])
+
+    def _put_cert(self, card: PcscCard, slot: int, cert: x509.Certificate) -> None:
+        der = cert.public_bytes(serialization.Encoding.DER)
+        card.put_data(SLOT_OBJECTS[slot], tlv(0x70, der) + tlv(0x71, b"\x00") + tlv(0xFE, b""))
+        self._certs[slot] = cert
 
     def _write_cert(
         self,
@@ -127,9 +184,7 @@ class PivCertificates:
                 f"the PIV card's signature on the certificate for slot {_slot_name(slot)} "
                 "does not verify"
             ) from None
-        der = cert.public_bytes(serialization.Encoding.DER)
-        card.put_data(SLOT_OBJECTS[slot], tlv(0x70, der) + tlv(0x71, b"\x00") + tlv(0xFE, b""))
-        self._certs[slot] = cert
+        self._put_cert(card, slot, cert)
         return cert
 
 

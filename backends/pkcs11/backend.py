@@ -17,12 +17,13 @@ import hashlib
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -65,6 +66,7 @@ if IMPORT_ERROR is None:
         KDF,
         MGF,
         Attribute,
+        CertificateType,
         GCMParams,
         Mechanism,
         ObjectClass,
@@ -518,7 +520,12 @@ class Pkcs11Backend(
 
         def run(pooled: PooledSession) -> None:
             template = self._template(info.handle)
-            for klass in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY, ObjectClass.SECRET_KEY):
+            for klass in (
+                ObjectClass.PRIVATE_KEY,
+                ObjectClass.PUBLIC_KEY,
+                ObjectClass.SECRET_KEY,
+                ObjectClass.CERTIFICATE,  # one `store_certificate` wrote beside the key
+            ):
                 for obj in list(pooled.session.get_objects({**template, Attribute.CLASS: klass})):
                     obj.destroy()
 
@@ -529,6 +536,61 @@ class Pkcs11Backend(
             pool = self._pool
             if pool is not None:
                 pool.forget(info.handle)
+
+    # -- certificates (CertificateStore) --------------------------------------------------------
+    def store_certificate(
+        self, info: KeyInfo, chain: Sequence[x509.Certificate]
+    ) -> Mapping[str, str]:
+        """PKCS#11: C_DestroyObject of the key's old CKO_CERTIFICATE, then C_CreateObject of
+        a CKC_X_509 token object with the private key's CKA_ID and CKA_LABEL, so tools that
+        pair certificates with keys by CKA_ID (pkcs11-tool, OpenSC, p11-kit) find it."""
+        leaf = chain[0]
+        serial = leaf.serial_number.to_bytes((leaf.serial_number.bit_length() + 8) // 8, "big")
+
+        def run(pooled: PooledSession) -> None:
+            session = pooled.session
+            private = self._find(session, info, ObjectClass.PRIVATE_KEY)
+            key_id, label = private[Attribute.ID], private[Attribute.LABEL]
+            old = {Attribute.CLASS: ObjectClass.CERTIFICATE, Attribute.ID: key_id}
+            for obj in list(session.get_objects(old)):
+                obj.destroy()
+            session.create_object(
+                {
+                    Attribute.CLASS: ObjectClass.CERTIFICATE,
+                    Attribute.CERTIFICATE_TYPE: CertificateType.X_509,
+                    Attribute.TOKEN: True,
+                    Attribute.PRIVATE: False,
+                    Attribute.ID: key_id,
+                    Attribute.LABEL: label,
+                    Attribute.SUBJECT: leaf.subject.public_bytes(),
+                    Attribute.ISSUER: leaf.issuer.public_bytes(),
+                    Attribute.SERIAL_NUMBER: keys.der_integer(serial),
+                    Attribute.VALUE: leaf.public_bytes(serialization.Encoding.DER),
+                }
+            )
+
+        self._with_session("store_certificate", info.type, run)
+        return {}  # the key's CKA_ID finds it, whatever the certificate says
+
+    def stored_certificate(self, info: KeyInfo) -> x509.Certificate | None:
+        """PKCS#11: C_FindObjects for a CKO_CERTIFICATE with the key's CKA_ID (or label),
+        C_GetAttributeValue(CKA_VALUE)."""
+
+        def run(pooled: PooledSession) -> bytes | None:
+            template = {**self._template(info.handle), Attribute.CLASS: ObjectClass.CERTIFICATE}
+            found = list(pooled.session.get_objects(template))
+            return bytes(found[0][Attribute.VALUE]) if len(found) == 1 else None
+
+        der = self._with_session("stored_certificate", info.type, run)
+        if der is None:
+            return None
+        try:
+            return x509.load_der_x509_certificate(der)
+        except ValueError:
+            raise StrongroomError(
+                f"the certificate beside key {info.name!r} on token {self.token_label!r} is "
+                "not a valid X.509 certificate"
+            ) from None
 
     def random(self, n: int) -> bytes:
         """PKCS#11: C_GenerateRandom (no login needed)."""

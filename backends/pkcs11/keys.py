@@ -134,14 +134,14 @@ def ecdsa_der(raw: bytes) -> bytes:
     if len(raw) % 2 or not raw:
         raise StrongroomError(f"the token returned a {len(raw)}-byte ECDSA signature")
     half = len(raw) // 2
-    r, s = _der_integer(raw[:half]), _der_integer(raw[half:])
+    r, s = der_integer(raw[:half]), der_integer(raw[half:])
     body = r + s
     if len(body) < 0x80:
         return b"\x30" + bytes((len(body),)) + body
     return b"\x30\x81" + bytes((len(body),)) + body  # P-384/P-521 sizes stay under 256
 
 
-def _der_integer(value: bytes) -> bytes:
+def der_integer(value: bytes) -> bytes:
     """A big-endian unsigned integer as a DER INTEGER (minimal, non-negative)."""
     value = value.lstrip(b"\x00") or b"\x00"
     if value[0] & 0x80:

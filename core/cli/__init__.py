@@ -43,7 +43,7 @@ from ..errors import (
 )
 from ..secrets import new_passphrase_policy
 from ..types import Usage
-from . import audit, keyops, keys, misc, service, vault
+from . import audit, certs, keyops, keys, misc, service, vault
 from ._io import (
     CONFIG_HELP,
     DEBUG_HELP,
@@ -191,6 +191,9 @@ for command in (
     keyops.key_encrypt,
     keyops.key_decrypt,
     keyops.key_rewrap,
+    certs.key_csr,
+    certs.key_certificate,
+    certs.key_cert,
 ):
     keys.key.add_command(command)
 

@@ -20,10 +20,12 @@ from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
+from .. import pkey
 from ..api import BackendStatus
 from ..errors import (
     BackendUnavailable,
@@ -63,6 +65,10 @@ def _usage(usage: Any) -> list[str] | None:
     if isinstance(usage, Usage):
         return [usage.value]
     return [u.value if isinstance(u, Usage) else str(u) for u in usage]
+
+
+def _chain(pem: str) -> list[x509.Certificate]:
+    return x509.load_pem_x509_certificates(pem.encode()) if pem else []
 
 
 def _encode(f: wire.Field, value: Any) -> Any:
@@ -312,6 +318,19 @@ class RemoteKeystore:
     def public_key(self, name: str, version: int | None = None) -> PublicKeyTypes:
         der = self._bytes("public_key", name, format="der", version=version)
         return serialization.load_der_public_key(der)
+
+    def private_key(self, name: str) -> pkey.PrivateKey:
+        """The key as a `cryptography` private key that signs and decrypts through the
+        service (the sign and decrypt permissions), as `Keystore.private_key` does in process."""
+        return pkey.private_key(self, name)
+
+    def set_certificate(self, name: str, data: bytes) -> list[x509.Certificate]:
+        """Keep a certificate or chain with the key (the `manage` permission)."""
+        return _chain(self._result("set_certificate", name, data=bytes(data)))
+
+    def certificate(self, name: str) -> list[x509.Certificate]:
+        """The certificate or chain kept with the key, leaf first; [] when there is none."""
+        return _chain(self._result("certificate", name))
 
     def attest(self, name: str, nonce: bytes | None = None) -> dict[str, Any]:
         """The key's backend's statement that the key lives in its hardware (the service

@@ -203,7 +203,13 @@ def _exported(material: bytes, values: dict[str, Any]) -> dict[str, Any]:
     return {"pem": material.decode()} if fmt == "pem" else {fmt: _b64(material)}
 
 
+def _chain(chain: list[Any], values: dict[str, Any]) -> dict[str, Any]:
+    return {"pem": "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in chain)}
+
+
 _ENCODERS: dict[str, Encoder] = {
+    "set_certificate": _chain,
+    "certificate": _chain,
     "public_key": _public_key,
     "export": _exported,
     "versions": lambda found, values: {"versions": [wire.version_to_wire(v) for v in found]},

@@ -6,18 +6,22 @@ The suite is typed against `KeyAPI`, so it runs unchanged through a `Keystore` a
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import itertools
 from typing import Any
 
 import pytest
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, x25519
+from cryptography.x509.oid import NameOID
 
 from strongroom import algorithms
 from strongroom.api import KeyAPI
 from strongroom.errors import (
+    CertificateMismatch,
     DataFormatError,
     IntegrityError,
     InvalidArgument,
@@ -127,6 +131,82 @@ class BackendContract:
                     hashes.SHA256(),
                 )
             self.check_prehashed(keystore, name, key_type, data, sig)
+
+    def test_private_key(self, keystore: KeyAPI, backend_name: str) -> None:
+        """A signing key is a `cryptography` private key that cryptography's own X.509
+        builder signs with (docs/x509.md); one key per family, the smallest RSA only."""
+        families: dict[str, KeyType] = {}
+        for key_type in self.types_for(keystore, backend_name, Operation.GENERATE, Operation.SIGN):
+            if key_type.is_fido:
+                family = "fido"
+            elif key_type.is_rsa:
+                family = "rsa"
+            elif key_type.is_ecdsa:
+                family = "ecdsa"
+            else:
+                family = key_type.value
+            families.setdefault(family, key_type)
+        for key_type in families.values():
+            name = _name(f"pkey-{key_type.value}")
+            keystore.generate(name, key_type, backend=backend_name)
+            if key_type.is_fido:
+                with pytest.raises(UnsupportedOperation):
+                    keystore.private_key(name)
+                continue
+            if not key_type.is_asymmetric:
+                with pytest.raises(InvalidArgument):
+                    keystore.private_key(name)
+                continue
+            key = keystore.private_key(name)
+            assert isinstance(
+                key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+            )
+            der = serialization.Encoding.DER
+            spki = serialization.PublicFormat.SubjectPublicKeyInfo
+            public = keystore.public_key(name)
+            assert key.public_key().public_bytes(der, spki) == public.public_bytes(der, spki)
+            subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+            digest: Any = None
+            if algorithms.signs_digests(key_type):
+                digest = hashes.SHA384() if key_type is KeyType.ECDSA_P384 else hashes.SHA256()
+            csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, digest)
+            assert csr.is_signature_valid
+            assert csr.public_key().public_bytes(der, spki) == public.public_bytes(der, spki)
+
+    def test_certificate(self, keystore: KeyAPI, backend_name: str) -> None:
+        """A certificate of the key is kept with it; one of another key is refused."""
+        types = [
+            t
+            for t in self.types_for(keystore, backend_name, Operation.GENERATE, Operation.SIGN)
+            if t.is_asymmetric and not t.is_fido
+        ]
+        if not types:
+            pytest.skip("backend makes no key that signs certificates")
+        key_type = types[0]
+        name, other = _name(f"cert-{key_type.value}"), _name(f"cert-{key_type.value}")
+        keystore.generate(name, key_type, backend=backend_name)
+        keystore.generate(other, key_type, backend=backend_name)
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = datetime.datetime.now(datetime.UTC)
+        digest: Any = None
+        if algorithms.signs_digests(key_type):
+            digest = hashes.SHA384() if key_type is KeyType.ECDSA_P384 else hashes.SHA256()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(keystore.private_key(name).public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .sign(keystore.private_key(name), digest)
+        )
+        pem = cert.public_bytes(serialization.Encoding.PEM)
+        assert keystore.set_certificate(name, pem) == [cert]
+        assert keystore.certificate(name) == [cert]
+        with pytest.raises(CertificateMismatch):
+            keystore.set_certificate(other, pem)
+        keystore.delete(name)
 
     def check_prehashed(
         self, keystore: KeyAPI, name: str, key_type: KeyType, data: bytes, sig: bytes

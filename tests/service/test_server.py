@@ -1255,3 +1255,117 @@ def test_the_old_import_paths_re_export_the_service() -> None:
     assert strongroom.client.connect is strongroom.service.connect
     assert strongroom.tenants.TenantStore is TenantStore
     assert strongroom.tenants.Permission is Permission
+
+
+# -- keys as cryptography private keys over the wire (issue 17) ------------------------------------
+def test_private_key_signs_csrs_and_tokens_through_the_service(
+    service: Service, tokens: Tenancy, tmp_path: Path
+) -> None:
+    import jwt
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    with remote(service, tokens.acme_app) as app, remote(service, tokens.acme_signer) as signer:
+        app.generate("signing-x509", "ecdsa-p256")
+        app.generate("x509-elsewhere", "ecdsa-p256")
+        key = signer.private_key("signing-x509")  # the signer: sign, verify, read only
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "over the wire")])
+        csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
+        assert csr.is_signature_valid
+        (tmp_path / "req.pem").write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+        p = subprocess.run(
+            ["openssl", "req", "-in", "req.pem", "-verify", "-noout"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert "self-signature verify OK" in p.stderr, p.stderr
+        token = jwt.encode({"sub": "svc"}, key, algorithm="ES256")
+        public = app.public_key("signing-x509")
+        assert jwt.decode(token, public, algorithms=["ES256"]) == {"sub": "svc"}
+        # the policy decides: outside signing-* the signer is told of no such key
+        with pytest.raises(KeyNotFound):
+            signer.private_key("x509-elsewhere")
+    # the CLI's `key csr` goes through the service too
+    server = ["--server", service.unix]
+    r = run([*server, "key", "csr", "signing-x509", "--subject", "CN=cli"], tokens.acme_signer)
+    assert r.returncode == 0, r.stderr
+    assert x509.load_pem_x509_csr(r.stdout).is_signature_valid
+
+
+def test_certificates_are_kept_through_the_service(
+    service: Service, tokens: Tenancy, tmp_path: Path
+) -> None:
+    from cryptography import x509
+
+    from strongroom.errors import CertificateMismatch
+
+    server = ["--server", service.unix]
+    for name in ("signing-ca", "signing-web"):
+        r = run([*server, "key", "generate", name, "--type", "ecdsa-p256"], tokens.acme_app)
+        assert r.returncode == 0, r.stderr
+    r = run(
+        [
+            *server,
+            "key",
+            "certificate",
+            "signing-ca",
+            "--subject",
+            "CN=Wire CA",
+            "--days",
+            "2",
+            "--ca",
+            "--out",
+            str(tmp_path / "ca.pem"),
+        ],
+        tokens.acme_app,
+    )
+    assert r.returncode == 0, r.stderr
+    r = run(
+        [*server, "key", "cert", "set", "signing-ca", str(tmp_path / "ca.pem")], tokens.acme_app
+    )
+    assert r.returncode == 0, r.stderr
+    # the issuer's certificate comes from the service, where it is kept
+    r = run(
+        [
+            *server,
+            "key",
+            "certificate",
+            "signing-web",
+            "--subject",
+            "CN=web",
+            "--days",
+            "1",
+            "--issuer",
+            "signing-ca",
+            "--out",
+            str(tmp_path / "web.pem"),
+        ],
+        tokens.acme_signer,
+    )
+    assert r.returncode == 0, r.stderr
+    ca_pem = (tmp_path / "ca.pem").read_bytes()
+    web_pem = (tmp_path / "web.pem").read_bytes()
+    web = x509.load_pem_x509_certificate(web_pem)
+    web.verify_directly_issued_by(x509.load_pem_x509_certificate(ca_pem))
+    with remote(service, tokens.acme_app) as app, remote(service, tokens.acme_signer) as signer:
+        assert app.set_certificate("signing-web", web_pem + ca_pem)[0] == web
+        assert [c.subject.rfc4514_string() for c in signer.certificate("signing-web")] == [
+            "CN=web",
+            "CN=Wire CA",
+        ]
+        with pytest.raises(CertificateMismatch):
+            app.set_certificate("signing-ca", web_pem)
+        with pytest.raises(NotPermitted, match="manage"):
+            signer.set_certificate("signing-web", web_pem)
+        app.generate("signing-bare", "ed25519")
+        assert signer.certificate("signing-bare") == []
+    r = run([*server, "key", "cert", "show", "signing-web", "--format", "der"], tokens.acme_signer)
+    assert r.returncode == 0 and x509.load_der_x509_certificate(r.stdout) == web, r.stderr
+    r = run(
+        [*server, "key", "cert", "set", "signing-ca", str(tmp_path / "web.pem")], tokens.acme_app
+    )
+    assert r.returncode == 2 and b"not the public key of key 'signing-ca'" in r.stderr, r.stderr
