@@ -236,11 +236,9 @@ class Agent:
         return wire.FAILURE_FRAME
 
     def _session_bind(self, contents: bytes, peer: Peer) -> None:
-        r = wire.Reader(contents)
-        host_key, session_id, signature = r.string(), r.string(), r.string()
-        forwarding = r.boolean()
-        r.end()
-        keys.verify_host_signature(host_key, session_id, signature)
+        bind = wire.session_bind(contents)
+        host_key, session_id, forwarding = bind.host_key, bind.session_id, bind.forwarding
+        keys.verify_host_signature(host_key, session_id, bind.signature)
         if any(b.session_id == session_id for b in peer.bindings):
             raise PolicyViolation("this session is already bound to the connection")
         if any(not b.forwarding for b in peer.bindings):

@@ -241,6 +241,25 @@ def decode(body: bytes | memoryview) -> Request:
     return Unsupported(msg_type)
 
 
+@dataclass(frozen=True)
+class SessionBind:
+    """The contents of session-bind@openssh.com (OpenSSH's PROTOCOL.agent, section 1)."""
+
+    host_key: bytes
+    session_id: bytes
+    signature: bytes
+    forwarding: bool
+
+
+def session_bind(contents: bytes) -> SessionBind:
+    """Decode session-bind@openssh.com's contents; the signature is checked by the caller."""
+    r = Reader(contents)
+    host_key, session_id, signature = r.string(), r.string(), r.string()
+    forwarding = r.boolean()
+    r.end()
+    return SessionBind(host_key, session_id, signature, forwarding)
+
+
 def _add_identity(r: Reader, *, constrained: bool) -> AddIdentity:
     key_type = r.name()
     layout = PRIVATE_FIELDS.get(key_type)
