@@ -57,6 +57,19 @@ class Peer:
     pid: int
     uid: int
     bindings: list[Binding] = field(default_factory=list)
+    _actor: str | None = None
+
+    @property
+    def actor(self) -> str:
+        """Who the keystore's audit record names for a signature on this connection: the
+        peer and, once the client bound the connection to a session, the host it is
+        signing in to."""
+        if self._actor is None:
+            destination = self.destination()
+            self._actor = f"ssh-agent[uid={self.uid} pid={self.pid}" + (
+                f" dest={destination}]" if destination else "]"
+            )
+        return self._actor
 
     def destination(self) -> str | None:
         """The fingerprint of the host the connection last authenticated to, if bound."""
@@ -161,12 +174,7 @@ class Agent:
         if identity is None:
             return wire.FAILURE_FRAME
         ssh_name, algorithm = keys.sign_algorithm(identity, request.flags)
-        # The keystore's audit record of this signature names the peer and, once the client
-        # bound the connection to a session, the host it is signing in to.
-        actor = f"ssh-agent[uid={peer.uid} pid={peer.pid}"
-        destination = peer.destination()
-        actor += f" dest={destination}]" if destination else "]"
-        token = current_principal.set(actor)
+        token = current_principal.set(peer.actor)  # the audit record names peer and host
         try:
             signature = self.ks.sign(identity.name, request.data, algorithm)
         finally:
@@ -246,6 +254,7 @@ class Agent:
         if len(peer.bindings) >= MAX_SESSION_BINDS:
             raise PolicyViolation("too many sessions bound to one connection")
         peer.bindings.append(Binding(host_key, session_id, forwarding))
+        peer._actor = None  # the destination changed
 
 
 def patterns_from(values: Iterable[str]) -> tuple[str, ...]:

@@ -31,6 +31,7 @@ MAX_CLIENTS = 128
 """Connections served at once; one more is closed at accept, so a flood of idle clients
 costs at most this many threads."""
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_U32 = struct.Struct(">I")
 
 
 def peer_credentials(conn: socket.socket) -> tuple[int, int]:
@@ -38,18 +39,6 @@ def peer_credentials(conn: socket.socket) -> tuple[int, int]:
     raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     pid, uid, _gid = _UCRED.unpack(raw)
     return pid, uid
-
-
-def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
-    """Exactly n bytes, or None when the peer closed first."""
-    chunks: list[bytes] = []
-    while n:
-        chunk = conn.recv(min(n, 65536))
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        n -= len(chunk)
-    return b"".join(chunks)
 
 
 class AgentServer:
@@ -150,18 +139,24 @@ class AgentServer:
                 if agent is None:
                     return
                 peer = Peer(pid, uid)
+                buf = bytearray()  # what the client sent that is not answered yet
                 while not self._stopping.is_set():
-                    head = _recv_exact(conn, 4)
-                    if head is None:
+                    need = 4
+                    if len(buf) >= 4:
+                        (length,) = _U32.unpack_from(buf)
+                        if not 0 < length <= wire.MAX_MESSAGE:
+                            log.info("closed a client (pid %d): a %d-byte message", pid, length)
+                            return
+                        need = 4 + length
+                        if len(buf) >= need:
+                            body = bytes(buf[4:need])
+                            del buf[:need]
+                            conn.sendall(agent.handle(body, peer))
+                            continue
+                    chunk = conn.recv(max(65536, need - len(buf)))
+                    if not chunk:
                         return
-                    (length,) = struct.unpack(">I", head)
-                    if not 0 < length <= wire.MAX_MESSAGE:
-                        log.info("closed a client (pid %d): a %d-byte message", pid, length)
-                        return
-                    body = _recv_exact(conn, length)
-                    if body is None:
-                        return
-                    conn.sendall(agent.handle(body, peer))
+                    buf += chunk
         except OSError:  # the client went away mid-message
             pass
         finally:

@@ -51,35 +51,45 @@ CONSTRAIN_CONFIRM = 2
 CONSTRAIN_EXTENSION = 255
 
 
+_U32 = struct.Struct(">I")
+
+
 class Reader:
     """Reads RFC 4251 types from a buffer; running past its end is an AgentMessageError."""
 
     __slots__ = ("_buf", "_pos")
 
-    def __init__(self, data: bytes | memoryview) -> None:
-        self._buf = memoryview(data)
+    def __init__(self, data: bytes) -> None:
+        self._buf = bytes(data)
         self._pos = 0
 
-    def _take(self, n: int) -> memoryview:
-        end = self._pos + n
+    def _take(self, n: int) -> bytes:
+        pos = self._pos
+        end = pos + n
         if end > len(self._buf):
             raise AgentMessageError("the message is truncated")
-        out = self._buf[self._pos : end]
         self._pos = end
-        return out
+        return self._buf[pos:end]
 
     def byte(self) -> int:
-        return self._take(1)[0]
+        if self._pos >= len(self._buf):
+            raise AgentMessageError("the message is truncated")
+        self._pos += 1
+        return self._buf[self._pos - 1]
 
     def boolean(self) -> bool:
         return self.byte() != 0
 
     def uint32(self) -> int:
-        value: int = struct.unpack(">I", self._take(4))[0]
+        pos = self._pos
+        if pos + 4 > len(self._buf):
+            raise AgentMessageError("the message is truncated")
+        self._pos = pos + 4
+        value: int = _U32.unpack_from(self._buf, pos)[0]
         return value
 
     def string(self) -> bytes:
-        return bytes(self._take(self.uint32()))
+        return self._take(self.uint32())
 
     def name(self) -> str:
         """A string that must be printable US-ASCII (an algorithm or extension name)."""
@@ -101,7 +111,7 @@ class Reader:
         return len(self._buf) - self._pos
 
     def rest(self) -> bytes:
-        return bytes(self._take(self.remaining()))
+        return self._take(self.remaining())
 
     def end(self) -> None:
         """Refuse bytes after the last field: a message means exactly what it says."""
@@ -110,12 +120,12 @@ class Reader:
 
 
 def uint32(value: int) -> bytes:
-    return struct.pack(">I", value)
+    return _U32.pack(value)
 
 
 def string(value: bytes | str) -> bytes:
     raw = value.encode() if isinstance(value, str) else value
-    return struct.pack(">I", len(raw)) + raw
+    return _U32.pack(len(raw)) + raw
 
 
 def mpint(value: int) -> bytes:
@@ -211,7 +221,7 @@ PRIVATE_FIELDS = {
 }
 
 
-def decode(body: bytes | memoryview) -> Request:
+def decode(body: bytes) -> Request:
     """One message body (type byte and contents) → its request. Raises AgentMessageError."""
     r = Reader(body)
     msg_type = r.byte()
@@ -299,7 +309,8 @@ def identities_answer(identities: list[tuple[bytes, str]]) -> bytes:
 
 
 def sign_response(signature: bytes) -> bytes:
-    return frame(SIGN_RESPONSE, string(signature))
+    """SIGN_RESPONSE as a frame (built in one step: it is the hot path)."""
+    return struct.pack(">IBI", len(signature) + 5, SIGN_RESPONSE, len(signature)) + signature
 
 
 def extension_response(name: str, contents: bytes) -> bytes:
