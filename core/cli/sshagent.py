@@ -97,7 +97,7 @@ def _serve(
     until SIGTERM, SIGINT or SIGHUP, then remove the socket."""
     try:
         agent = Agent(state.keystore(), settings)
-        agent.identities()  # opens the keystore now: the vault's passphrase, the service
+        agent.identities(strict=True)  # opens the keystore now: passphrase, PIN, token
         server.agent = agent
         if ready_fd is None:
             click.echo(_environment(server.path, os.getpid()), nl=False)

@@ -100,8 +100,13 @@ class Agent:
             fnmatch.fnmatchcase(name, p) for p in self.settings.patterns
         )
 
-    def identities(self) -> list[keys.Identity]:
-        """The keys offered now, read afresh from the keystore (rotations, new keys)."""
+    def identities(self, *, strict: bool = False) -> list[keys.Identity]:
+        """The keys offered now, read afresh from the keystore (rotations, new keys).
+
+        A key whose public key cannot be read (a token unplugged) is left out and logged, so
+        that it does not hide the others; with `strict` (the agent's start, where a wrong
+        passphrase or token must stop it rather than leave it offering nothing) the error
+        is raised."""
         found: list[keys.Identity] = []
         with self._lock:
             added = set(self._added)
@@ -113,7 +118,9 @@ class Agent:
             if blob is None:
                 try:
                     blob = keys.key_blob(self.ks.public_key(info.name))
-                except StrongroomError as e:  # one unreadable key does not hide the others
+                except StrongroomError as e:
+                    if strict:
+                        raise
                     log.warning("key %s is not offered: %s", info.name, type(e).__name__)
                     continue
                 self._blob_cache[cache_key] = blob

@@ -415,6 +415,22 @@ def test_the_command_detaches_and_prints_the_environment(tmp_path: Path) -> None
     _wait_gone(sock.parent)
 
 
+def test_the_command_fails_on_a_wrong_passphrase_instead_of_offering_nothing(
+    tmp_path: Path,
+) -> None:
+    config = write_vault_config(tmp_path)
+    assert run_cli(config, "init").returncode == 0
+    assert run_cli(config, "key", "generate", "ssh-one", "--type", "ed25519").returncode == 0
+    sock = tmp_path / "agent" / "agent.sock"
+    wrong = "wrong passphrase, 32 characters!"
+    out = run_cli(config, "ssh-agent", "-a", str(sock), "--keys", "*", env={VAULT_PASS_ENV: wrong})
+    assert out.returncode == 4, out.stderr
+    assert out.stdout == b""
+    assert out.stderr.strip() == "strongroom: error: wrong vault passphrase"
+    assert wrong not in out.stderr
+    assert not sock.parent.exists()
+
+
 def test_the_command_needs_keys_to_offer(tmp_path: Path) -> None:
     config = write_vault_config(tmp_path)
     out = run_cli(config, "ssh-agent", "-D")
