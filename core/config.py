@@ -72,6 +72,8 @@ SSH_AGENT_KEYS = {
     "the keystore's order)",
     "socket": "the agent's socket path (default: a new private directory in "
     "$XDG_RUNTIME_DIR or the temp dir)",
+    "confirm": "glob patterns over key names: each signature with such a key is confirmed "
+    "through $SSH_ASKPASS first",
 }
 RESERVED_NAMESPACE_PREFIX = "_"
 """Namespaces starting with `_` are Strongroom's own (`_audit` holds the checkpoint key)."""
@@ -129,6 +131,7 @@ class SshAgentConfig:
     """The `[ssh_agent]` table: what `strongroom ssh-agent` offers and allows."""
 
     keys: list[str] = field(default_factory=list)
+    confirm: list[str] = field(default_factory=list)
     allow_add: bool = False
     add_backend: str | None = None
     socket: Path | None = None
@@ -432,12 +435,12 @@ def _parse_ssh_agent(cfg: Config, table: Any) -> None:
             raise cfg.error(
                 f"unknown key; expected one of {', '.join(SSH_AGENT_KEYS)}", "ssh_agent", key
             )
-        if key == "keys":
+        if key in ("keys", "confirm"):
             if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
                 raise cfg.error(
                     'must be a list of key name patterns, e.g. ["ssh-*"]', "ssh_agent", key
                 )
-            out.keys = list(value)
+            setattr(out, key, list(value))
         elif key == "allow_add":
             if not isinstance(value, bool):
                 raise cfg.error("must be true or false", "ssh_agent", key)

@@ -607,6 +607,10 @@ def ssh_agent_seeds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
             add_message(added),
             add_message(ec.generate_private_key(ec.SECP256R1())),
             add_message(rsa.generate_private_key(65537, 2048)),
+            bytes([wire.ADD_ID_CONSTRAINED])
+            + add_message(added)[1:]
+            + bytes([wire.CONSTRAIN_LIFETIME])
+            + wire.uint32(600),
             bytes([wire.REMOVE_IDENTITY]) + wire.string(keys.key_blob(added.public_key())),
             bytes([wire.LOCK]) + wire.string(b"pw"),
             bytes([wire.UNLOCK]) + wire.string(b"pw"),

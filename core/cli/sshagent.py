@@ -52,6 +52,8 @@ def ssh_agent(
         patterns=tuple(p for p in patterns if p) or tuple(cfg.keys),
         allow_add=cfg.allow_add,
         add_backend=cfg.add_backend,
+        confirm=tuple(cfg.confirm),
+        askpass=os.environ.get("SSH_ASKPASS") or None,
     )
     if not settings.patterns and not settings.allow_add:
         raise InvalidArgument(

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import logging
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterable
@@ -39,6 +40,24 @@ class AgentSettings:
     """Whether ADD_IDENTITY imports the key into the keystore (else it is refused)."""
     add_backend: str | None = None
     """The backend added keys are imported into (None: the keystore's choice)."""
+    confirm: tuple[str, ...] = ()
+    """Glob patterns over key names: each signature with such a key is confirmed first."""
+    askpass: str | None = None
+    """The program that asks for a confirmation (OpenSSH's SSH_ASKPASS convention: the
+    prompt as its argument, SSH_ASKPASS_PROMPT=confirm, exit status 0 for yes)."""
+
+
+ASKPASS_TIMEOUT = 120.0
+"""Seconds a confirmation may stay unanswered; then the signature is refused."""
+
+
+@dataclass(frozen=True)
+class AddedKey:
+    """A key a client added, with the constraints it asked for."""
+
+    confirm: bool = False
+    expires: float | None = None
+    """time.monotonic() after which the agent forgets the key (the lifetime constraint)."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +90,13 @@ class Peer:
             )
         return self._actor
 
+    def executable(self) -> str:
+        """The peer's program (/proc/PID/exe), for a confirmation prompt."""
+        try:
+            return os.readlink(f"/proc/{self.pid}/exe")
+        except OSError:
+            return "(unknown program)"
+
     def destination(self) -> str | None:
         """The fingerprint of the host the connection last authenticated to, if bound."""
         for binding in reversed(self.bindings):
@@ -88,8 +114,8 @@ class Agent:
         self._lock = threading.Lock()
         self._by_blob: dict[bytes, keys.Identity] = {}
         self._blob_cache: dict[tuple[str, int], bytes] = {}
-        self._added: set[str] = set()
-        """Names of keys clients added: the only ones REMOVE_IDENTITY forgets."""
+        self._added: dict[str, AddedKey] = {}
+        """Keys clients added, by name: the only ones REMOVE_IDENTITY forgets."""
         self._lock_mac: bytes | None = None
         self._lock_key = os.urandom(32)
         self._failed_unlocks = 0
@@ -100,6 +126,14 @@ class Agent:
             fnmatch.fnmatchcase(name, p) for p in self.settings.patterns
         )
 
+    def _expire(self) -> None:
+        """Forget added keys whose lifetime is over (checked whenever keys are looked up)."""
+        now = time.monotonic()
+        with self._lock:
+            for name in [n for n, a in self._added.items() if a.expires and a.expires <= now]:
+                del self._added[name]
+                self._by_blob = {b: i for b, i in self._by_blob.items() if i.name != name}
+
     def identities(self, *, strict: bool = False) -> list[keys.Identity]:
         """The keys offered now, read afresh from the keystore (rotations, new keys).
 
@@ -108,10 +142,9 @@ class Agent:
         passphrase or token must stop it rather than leave it offering nothing) the error
         is raised."""
         found: list[keys.Identity] = []
-        with self._lock:
-            added = set(self._added)
+        self._expire()
         for info in self.ks.keys():
-            if not (keys.offerable(info) and (info.name in added or self._wanted(info.name))):
+            if not (keys.offerable(info) and self._wanted(info.name)):
                 continue
             cache_key = (info.name, info.version)
             blob = self._blob_cache.get(cache_key)
@@ -130,6 +163,7 @@ class Agent:
         return found
 
     def _identity(self, blob: bytes) -> keys.Identity | None:
+        self._expire()
         identity = self._by_blob.get(blob)
         if identity is None:  # a key added or made since the client last listed
             identity = next((i for i in self.identities() if i.blob == blob), None)
@@ -181,6 +215,8 @@ class Agent:
         if identity is None:
             return wire.FAILURE_FRAME
         ssh_name, algorithm = keys.sign_algorithm(identity, request.flags)
+        if self._needs_confirmation(identity.name):
+            self._confirm(identity, peer)
         token = current_principal.set(peer.actor)  # the audit record names peer and host
         try:
             signature = self.ks.sign(identity.name, request.data, algorithm)
@@ -191,10 +227,17 @@ class Agent:
     def _add(self, request: wire.AddIdentity) -> bytes:
         if not self.settings.allow_add:
             raise PolicyViolation("adding keys is not allowed ([ssh_agent] allow_add)")
-        if request.constraints:
-            # Not yet: accepting a key while ignoring its lifetime or confirm constraint
-            # would grant more than the client asked for.
-            raise PolicyViolation("key constraints are not supported yet")
+        added = AddedKey()
+        for code, data in request.constraints:
+            if code == wire.CONSTRAIN_LIFETIME:
+                seconds = wire.Reader(data).uint32()
+                added = AddedKey(added.confirm, time.monotonic() + seconds)
+            elif code == wire.CONSTRAIN_CONFIRM:
+                added = AddedKey(True, added.expires)
+            else:
+                # An extension constraint (restrict-destination, ...) the agent cannot keep:
+                # accepting the key while ignoring it would grant more than was asked.
+                raise PolicyViolation("this key constraint is not supported")
         key_type, der, blob = keys.added_key(request)
         name = keys.added_key_name(blob)
         try:
@@ -206,7 +249,7 @@ class Agent:
         finally:
             der[:] = bytes(len(der))
         with self._lock:
-            self._added.add(name)
+            self._added[name] = added
         return wire.SUCCESS_FRAME
 
     def _remove(self, blob: bytes) -> bytes:
@@ -214,9 +257,43 @@ class Agent:
         with self._lock:
             if identity is None or identity.name not in self._added:
                 return wire.FAILURE_FRAME  # keystore keys are offered by config, not removed
-            self._added.discard(identity.name)
+            del self._added[identity.name]
             self._by_blob.pop(blob, None)
         return wire.SUCCESS_FRAME
+
+    # -- confirmation -----------------------------------------------------------------------------
+    def _needs_confirmation(self, name: str) -> bool:
+        added = self._added.get(name)
+        return (added is not None and added.confirm) or any(
+            fnmatch.fnmatchcase(name, p) for p in self.settings.confirm
+        )
+
+    def _confirm(self, identity: keys.Identity, peer: Peer) -> None:
+        """Ask the user through the askpass program; refuse unless it says yes (exit 0)."""
+        askpass = self.settings.askpass
+        if not askpass:
+            raise PolicyViolation("the key needs a confirmation, and SSH_ASKPASS is not set")
+        destination = peer.destination()
+        prompt = (
+            f"Allow use of key {identity.name}?\n"
+            f"Key fingerprint {keys.fingerprint(identity.blob)}\n"
+            f"Requested by pid {peer.pid} (uid {peer.uid}): {peer.executable()}\n"
+            + (f"Destination host key {destination}\n" if destination else "")
+        )
+        env = {**os.environ, "SSH_ASKPASS_PROMPT": "confirm"}
+        try:
+            answer = subprocess.run(
+                [askpass, prompt],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=ASKPASS_TIMEOUT,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            raise PolicyViolation("the confirmation could not be asked") from None
+        if answer.returncode != 0:
+            raise PolicyViolation("the user did not confirm the signature")
 
     # -- lock -------------------------------------------------------------------------------------
     def _mac(self, passphrase: bytes) -> bytes:

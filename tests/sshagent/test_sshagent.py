@@ -12,6 +12,7 @@ import os
 import struct
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import strongroom
 from strongroom import algorithms
 from strongroom.keystore import Keystore
 from strongroom.sshagent import AgentSettings
+from strongroom.sshagent.agent import AddedKey
 
 KEYS = {
     "ssh-ed25519": "ed25519",
@@ -194,8 +196,6 @@ def test_added_keys_are_imported_and_only_they_are_removed(ks: Keystore, tmp_pat
         imported = [k for k in ks.keys() if k.name.startswith("ssh-agent/")]
         assert len(imported) == 1
         assert openssh_line(ks, imported[0].name).split()[:2] == pub[:2]
-        # A constraint the agent cannot keep yet is refused, not ignored.
-        assert ssh_add(adder, "-t", "60", str(key)).returncode != 0
 
         # A configured key is not the agent's to remove...
         configured = tmp_path / "configured.pub"
@@ -212,6 +212,92 @@ def test_added_keys_are_imported_and_only_they_are_removed(ks: Keystore, tmp_pat
         assert ssh_add(adder, "-D").returncode == 0
         assert len(ssh_add(adder, "-L").stdout.splitlines()) == 1
         assert len([k for k in ks.keys() if k.name.startswith("ssh-agent/")]) == 1
+
+
+# -- constraints and confirmation ----------------------------------------------------------------
+ASKPASS = """#!/bin/sh
+printf '%s|%s\\n' "$SSH_ASKPASS_PROMPT" "$1" >> "$(dirname "$0")/prompts"
+exit "$(cat "$(dirname "$0")/answer")"
+"""
+
+
+def _askpass(directory: Path, answer: int) -> Path:
+    """A stand-in for ssh-askpass: records each prompt, answers yes (0) or no (1)."""
+    script = directory / "askpass"
+    script.write_text(ASKPASS)
+    script.chmod(0o700)
+    (directory / "answer").write_text(str(answer))
+    return script
+
+
+def _keygen_sign(agent: RunningAgent, pub: Path, message: Path) -> int:
+    return subprocess.run(
+        ["ssh-keygen", "-Y", "sign", "-n", "file", "-f", str(pub), str(message)],
+        env=agent.env(),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    ).returncode
+
+
+def test_configured_keys_are_confirmed_through_askpass(ks: Keystore, tmp_path: Path) -> None:
+    askpass = _askpass(tmp_path, 0)
+    settings = AgentSettings(patterns=("ssh-*",), confirm=("ssh-ed*",), askpass=str(askpass))
+    message = tmp_path / "message"
+    message.write_text("confirm me\n")
+    confirmed, plain = tmp_path / "ed.pub", tmp_path / "p256.pub"
+    confirmed.write_text(openssh_line(ks, "ssh-ed25519") + "\n")
+    plain.write_text(openssh_line(ks, "ssh-p256") + "\n")
+    with running_agent(ks, settings) as confirming:
+        assert _keygen_sign(confirming, confirmed, message) == 0
+        prompts = (tmp_path / "prompts").read_text()
+        assert prompts.startswith("confirm|Allow use of key ssh-ed25519?")
+        fingerprint = subprocess.run(
+            ["ssh-keygen", "-l", "-f", str(confirmed)], capture_output=True, text=True, timeout=30
+        ).stdout.split()[1]
+        assert f"Key fingerprint {fingerprint}" in prompts
+        assert "ssh-keygen" in prompts  # the peer's program, from /proc/PID/exe
+        assert f"(uid {os.getuid()})" in prompts
+        # A key no pattern asks to confirm signs without a prompt...
+        assert _keygen_sign(confirming, plain, message) == 0
+        assert (tmp_path / "prompts").read_text() == prompts
+        # ...and a "no" refuses the signature.
+        (tmp_path / "answer").write_text("1")
+        assert _keygen_sign(confirming, confirmed, message) != 0
+    with running_agent(ks, AgentSettings(patterns=("ssh-*",), confirm=("ssh-ed*",))) as no_ask:
+        assert _keygen_sign(no_ask, confirmed, message) != 0  # nobody to ask: refused
+
+
+def test_added_keys_keep_their_constraints(ks: Keystore, tmp_path: Path) -> None:
+    askpass = _askpass(tmp_path, 0)
+    settings = AgentSettings(patterns=(), allow_add=True, askpass=str(askpass))
+    message = tmp_path / "message"
+    message.write_text("constrained\n")
+    with running_agent(ks, settings) as adder:
+        key = _key_file(tmp_path)
+        assert ssh_add(adder, "-c", "-t", "600", str(key)).returncode == 0
+        key.unlink()  # from now on only the agent can sign with it (ssh-keygen would use it)
+        [(name, added)] = adder.agent._added.items()
+        assert added.confirm
+        assert added.expires is not None and 0 < added.expires - time.monotonic() <= 600
+        assert _keygen_sign(adder, key.with_suffix(".pub"), message) == 0
+        assert "Allow use of key ssh-agent/" in (tmp_path / "prompts").read_text()
+        # The lifetime over (set, not waited for): the key is forgotten, the keystore keeps it.
+        adder.agent._added[name] = AddedKey(expires=time.monotonic() - 1)
+        assert ssh_add(adder, "-L").returncode != 0  # "The agent has no identities."
+        assert _keygen_sign(adder, key.with_suffix(".pub"), message) != 0
+        assert ks.info(name).name == name
+        # A constraint the agent cannot keep (restrict-destination) is refused, not ignored.
+        private = ed25519.Ed25519PrivateKey.generate()
+        public = private.public_key().public_bytes_raw()
+        add = s("ssh-ed25519") + s(public) + s(private.private_bytes_raw() + public) + s(b"")
+        restricted = b"\x19" + add + b"\xff" + s("restrict-destination-v00@openssh.com") + s(b"")
+        client = RawClient(adder.path)
+        try:
+            assert client.request(restricted) == FAILURE
+            assert client.request(b"\x19" + add + b"\x01" + struct.pack(">I", 60)) == SUCCESS
+        finally:
+            client.close()
 
 
 # -- lock, extensions ------------------------------------------------------------------------------
