@@ -64,6 +64,17 @@ SERVER_KEYS = {
     "client_cert": "PEM client certificate for mutual TLS",
     "client_key": "PEM key of client_cert",
 }
+SSH_AGENT_KEYS = {
+    "keys": "glob patterns over key names: the keys `strongroom ssh-agent` offers",
+    "allow_add": "let clients add keys (ssh-add): they are imported into the keystore "
+    "(default false: adding is refused)",
+    "add_backend": "the backend keys added through the agent are imported into (default: "
+    "the keystore's order)",
+    "socket": "the agent's socket path (default: a new private directory in "
+    "$XDG_RUNTIME_DIR or the temp dir)",
+    "confirm": "glob patterns over key names: each signature with such a key is confirmed "
+    "through $SSH_ASKPASS first",
+}
 RESERVED_NAMESPACE_PREFIX = "_"
 """Namespaces starting with `_` are Strongroom's own (`_audit` holds the checkpoint key)."""
 
@@ -116,6 +127,17 @@ class ServerConfig:
 
 
 @dataclass
+class SshAgentConfig:
+    """The `[ssh_agent]` table: what `strongroom ssh-agent` offers and allows."""
+
+    keys: list[str] = field(default_factory=list)
+    confirm: list[str] = field(default_factory=list)
+    allow_add: bool = False
+    add_backend: str | None = None
+    socket: Path | None = None
+
+
+@dataclass
 class Config:
     """The parsed configuration, with enough of the source kept to name lines in errors."""
 
@@ -133,6 +155,7 @@ class Config:
 
     deletion_wait: timedelta = timedelta(0)
     server: ServerConfig = field(default_factory=ServerConfig)
+    ssh_agent: SshAgentConfig = field(default_factory=SshAgentConfig)
 
     def error(self, message: str, table: str | None = None, key: str | None = None) -> ConfigError:
         """A ConfigError naming this file, and the line of `table.key` when it can be found."""
@@ -190,12 +213,14 @@ def parse(raw: Mapping[str, Any], path: str | None, text: str) -> Config:
     """Validate a decoded TOML document into a Config."""
     cfg = Config(path, [], default_data_dir(), "default", "file", {}, text)
     for top in raw:
-        if top not in ("keystore", "backends", "server"):
+        if top not in ("keystore", "backends", "server", "ssh_agent"):
             what = "table" if isinstance(raw[top], dict) else "key"
             raise cfg.error(
-                f"unknown {what}; expected [keystore], [server] or [backends.NAME]", top
+                f"unknown {what}; expected [keystore], [server], [ssh_agent] or [backends.NAME]",
+                top,
             )
     _parse_server(cfg, raw.get("server", {}))
+    _parse_ssh_agent(cfg, raw.get("ssh_agent", {}))
     ks = raw.get("keystore", {})
     if not isinstance(ks, dict):
         raise cfg.error("must be a table", "keystore")
@@ -283,6 +308,13 @@ def parse(raw: Mapping[str, Any], path: str | None, text: str) -> Config:
             raise cfg.error(
                 f"names backend {name!r}, which has no [backends.{name}] table", "keystore", "order"
             )
+    agent_backend = cfg.ssh_agent.add_backend
+    if agent_backend is not None and agent_backend not in cfg.backends:
+        raise cfg.error(
+            f"names backend {agent_backend!r}, which has no [backends.{agent_backend}] table",
+            "ssh_agent",
+            "add_backend",
+        )
     if cfg.audit_signing_backend is not None and cfg.audit_signing_backend not in cfg.backends:
         raise cfg.error(
             f"names backend {cfg.audit_signing_backend!r}, which has no "
@@ -391,6 +423,36 @@ def _parse_server(cfg: Config, table: Any) -> None:
         raise cfg.error("tls_cert and tls_key go together", "server", "tls_cert")
     if out.listen is not None and out.tls_cert is None:
         raise cfg.error("TCP is served only with TLS: set tls_cert and tls_key", "server", "listen")
+
+
+def _parse_ssh_agent(cfg: Config, table: Any) -> None:
+    """Validate the `[ssh_agent]` table into cfg.ssh_agent."""
+    if not isinstance(table, dict):
+        raise cfg.error("must be a table", "ssh_agent")
+    out = cfg.ssh_agent
+    for key, value in table.items():
+        if key not in SSH_AGENT_KEYS:
+            raise cfg.error(
+                f"unknown key; expected one of {', '.join(SSH_AGENT_KEYS)}", "ssh_agent", key
+            )
+        if key in ("keys", "confirm"):
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise cfg.error(
+                    'must be a list of key name patterns, e.g. ["ssh-*"]', "ssh_agent", key
+                )
+            setattr(out, key, list(value))
+        elif key == "allow_add":
+            if not isinstance(value, bool):
+                raise cfg.error("must be true or false", "ssh_agent", key)
+            out.allow_add = value
+        elif key == "add_backend":
+            if not isinstance(value, str) or not value:
+                raise cfg.error("must be the name of a configured backend", "ssh_agent", key)
+            out.add_backend = value
+        elif key == "socket":
+            if not isinstance(value, str) or not value:
+                raise cfg.error("must be a path", "ssh_agent", key)
+            out.socket = Path(value).expanduser()
 
 
 def parse_listen(value: object) -> tuple[str, int]:

@@ -208,3 +208,9 @@ class RateLimited(StrongroomError):
 
 class RequestTooLarge(InvalidArgument):
     """The request is over the service's max_request_bytes (HTTP 413)."""
+
+
+# -- the SSH agent (docs/ssh-agent.md) ---------------------------------------------------------
+class AgentMessageError(InvalidArgument):
+    """An SSH agent message is malformed, truncated, too large or of an unknown kind: the
+    agent answers SSH_AGENT_FAILURE (or closes the connection) and serves on."""

@@ -79,6 +79,9 @@ wanted=(gcc libc6-dev openssl util-linux libssl-dev)
 # The emulators and tools the backend tests run against (see EMULATORS.md in shared/):
 # SoftHSM2 + OpenSC's pkcs11-tool; swtpm + tpm2-tools, and the TSS headers tpm2-pytss builds on.
 wanted+=(softhsm2 opensc swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config)
+# OpenSSH's client and server: the ssh-agent tests run ssh-add, ssh-keygen, ssh and their own
+# sshd against `strongroom ssh-agent`; git signs commits through it (gpg.format=ssh).
+wanted+=(openssh-client openssh-server git)
 # pcscd + vpcd (a virtual reader) for the FIDO-over-PC/SC tests; swig builds pyscard.
 wanted+=(pcscd libpcsclite-dev vsmartcard-vpcd swig)
 if ! command -v "$PYTHON" >/dev/null 2>&1; then

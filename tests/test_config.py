@@ -445,3 +445,42 @@ def test_secret_source_directly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     f = secret_file(tmp_path, "from-file\r\n")
     assert SecretSource([f"file:{f}"], "p: ").get() == "from-file"
     assert os.stat(f).st_mode & 0o777 == 0o600
+
+
+# -- [ssh_agent] ----------------------------------------------------------------------------------
+def test_ssh_agent_table(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[ssh_agent]",
+        'keys = ["ssh-*", "git"]',
+        'confirm = ["ssh-hsm"]',
+        "allow_add = true",
+        'add_backend = "vault"',
+        'socket = "~/agent.sock"',
+        *vault_table(),
+    )
+    agent = config_mod.load(path).ssh_agent
+    assert agent.keys == ["ssh-*", "git"]
+    assert agent.confirm == ["ssh-hsm"]
+    assert agent.allow_add is True
+    assert agent.add_backend == "vault"
+    assert agent.socket == Path("~/agent.sock").expanduser()
+    assert config_mod.load(write(tmp_path, *vault_table())).ssh_agent.keys == []
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "message"),
+    [
+        ('keys = "ssh-*"', "keys", "must be a list of key name patterns"),
+        ('confirm = [""]', "confirm", "must be a list of key name patterns"),
+        ('allow_add = "yes"', "allow_add", "must be true or false"),
+        ('add_backend = "hsm"', "add_backend", "has no [backends.hsm] table"),
+        ("socket = 1", "socket", "must be a path"),
+        ("keyz = []", "keyz", "unknown key"),
+    ],
+)
+def test_ssh_agent_errors_name_the_line(tmp_path: Path, line: str, key: str, message: str) -> None:
+    path = write(tmp_path, "[ssh_agent]", line, *vault_table())
+    e = config_error(path)
+    assert_names(e, path, 2, f"ssh_agent.{key}")
+    assert message in str(e)

@@ -556,3 +556,116 @@ def test_the_service_still_answers_after_the_head_fuzz(running_service: tuple[An
     service, token = running_service
     answer = _exchange(service.socket, _head_seeds(token)[0])
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+
+
+# -- the SSH agent's messages ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ssh_agent_seeds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, list[bytes]]]:
+    """A vault agent offering one key of each SSH type, and real messages to it: list, sign
+    (each type, RSA with its flag), add (Ed25519, P-256, RSA), remove, lock, unlock, query,
+    and a session-bind signed by a real host key."""
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    from strongroom.sshagent import Agent, AgentSettings, keys, wire
+
+    def add_message(private: Any) -> bytes:
+        if isinstance(private, ed25519.Ed25519PrivateKey):
+            seed = private.private_bytes_raw()
+            public = private.public_key().public_bytes_raw()
+            fields = wire.string(public) + wire.string(seed + public)
+            name = "ssh-ed25519"
+        elif isinstance(private, ec.EllipticCurvePrivateKey):
+            point = keys.key_blob(private.public_key())[-65:]
+            fields = wire.string("nistp256") + wire.string(point)
+            fields += wire.mpint(private.private_numbers().private_value)
+            name = "ecdsa-sha2-nistp256"
+        else:
+            n = private.private_numbers()
+            fields = b"".join(
+                wire.mpint(v)
+                for v in (n.public_numbers.n, n.public_numbers.e, n.d, n.iqmp, n.p, n.q)
+            )
+            name = "ssh-rsa"
+        return bytes([wire.ADD_IDENTITY]) + wire.string(name) + fields + wire.string("c")
+
+    with seed_keystore(tmp_path_factory, "fuzz-ssh-agent") as (ks, _data):
+        ks.vault_control().initialize()
+        for name, key_type in (("e", "ed25519"), ("p", "ecdsa-p256"), ("r", "rsa-2048")):
+            ks.generate(name, key_type)
+        agent = Agent(ks, AgentSettings(patterns=("*",), allow_add=True))
+        blobs = [i.blob for i in agent.identities()]
+        added = ed25519.Ed25519PrivateKey.generate()
+        host = ed25519.Ed25519PrivateKey.generate()
+        sid = b"\x07" * 32
+        bind = wire.string(keys.key_blob(host.public_key())) + wire.string(sid)
+        bind += wire.string(wire.string("ssh-ed25519") + wire.string(host.sign(sid))) + b"\0"
+        seeds = [
+            bytes([wire.REQUEST_IDENTITIES]),
+            *(
+                bytes([wire.SIGN_REQUEST]) + wire.string(b) + wire.string(b"m") + wire.uint32(2)
+                for b in blobs
+            ),
+            add_message(added),
+            add_message(ec.generate_private_key(ec.SECP256R1())),
+            add_message(rsa.generate_private_key(65537, 2048)),
+            bytes([wire.ADD_ID_CONSTRAINED])
+            + add_message(added)[1:]
+            + bytes([wire.CONSTRAIN_LIFETIME])
+            + wire.uint32(600),
+            bytes([wire.REMOVE_IDENTITY]) + wire.string(keys.key_blob(added.public_key())),
+            bytes([wire.LOCK]) + wire.string(b"pw"),
+            bytes([wire.UNLOCK]) + wire.string(b"pw"),
+            bytes([wire.EXTENSION]) + wire.string("query"),
+            bytes([wire.EXTENSION]) + wire.string("session-bind@openssh.com") + bind,
+        ]
+        yield agent, seeds
+
+
+@FUZZ
+@given(data=st.data())
+def test_ssh_agent_messages(ssh_agent_seeds: tuple[Any, list[bytes]], data: st.DataObject) -> None:
+    """The decoder and every parser behind it raise only AgentMessageError; the agent answers
+    every message with one well-formed frame, and no message reaches its bug path (an
+    untyped exception, logged at ERROR)."""
+    import logging
+    import struct
+
+    from strongroom.errors import AgentMessageError
+    from strongroom.sshagent import Peer, keys, wire
+
+    agent, seeds = ssh_agent_seeds
+    body = data.draw(st.one_of(mutated(data.draw(st.sampled_from(seeds))), st.binary(max_size=64)))
+    try:
+        request = wire.decode(body)
+        if isinstance(request, wire.AddIdentity):
+            keys.added_key(request)
+        elif isinstance(request, wire.Extension) and request.name == "session-bind@openssh.com":
+            bind = wire.session_bind(request.contents)
+            keys.verify_host_signature(bind.host_key, bind.session_id, bind.signature)
+    except AgentMessageError:
+        pass
+
+    bugs: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = bugs.append  # type: ignore[method-assign]
+    logger = logging.getLogger("strongroom.sshagent")
+    logger.addHandler(handler)
+    try:
+        reply = agent.handle(body, Peer(os.getpid(), os.getuid()))
+    finally:
+        logger.removeHandler(handler)
+        if agent.locked:  # a mutated LOCK: undo it, so later cases see the keys
+            agent._lock_mac = None
+    assert not bugs, [r.getMessage() for r in bugs]
+    assert struct.unpack(">I", reply[:4])[0] == len(reply) - 4 >= 1
+
+
+def test_every_ssh_agent_seed_is_served(ssh_agent_seeds: tuple[Any, list[bytes]]) -> None:
+    """The positive control: unmutated, no seed is refused (in order: add before remove, lock
+    before unlock)."""
+    from strongroom.sshagent import Peer
+
+    agent, seeds = ssh_agent_seeds
+    for body in seeds:
+        reply = agent.handle(body, Peer(os.getpid(), os.getuid()))
+        assert reply[4] != 5, body[:1]

@@ -15,7 +15,8 @@ The rules (ARCHITECTURE.md, "Dependency rules after"):
   the engine and the recipes, discovery also config, the audit/ package also itself), the
   recipes (R4: envelope, pkey) the contract; the service/ package (R5, a face) anything
   below it, but its client only its wire format, the contract and the recipes, so that a
-  client installs no server side; nothing
+  client installs no server side; the SSH agent (sshagent/, a face) the contract, audit/
+  and itself, never the keystore; nothing
   below the service imports it; nothing outside the CLI's package (cli/) imports it or any
   of its modules;
 - a backend (R6) imports only the contract and runtime layers and its own package: never
@@ -103,6 +104,9 @@ outside it imports any of them."""
 SERVICE = "strongroom.service"
 CLIENT = "strongroom.service.client"
 WIRE = "strongroom.service.wire"
+SSHAGENT = "strongroom.sshagent"
+"""The SSH agent, a face over KeyAPI: the contract, `audit` (the principal of its sign
+records) and itself; never the keystore, so it serves a RemoteKeystore the same way."""
 OLD_SERVICE_PATHS = frozenset({"strongroom.server", "strongroom.client", "strongroom.tenants"})
 """Modules kept at the service's old import paths for the names docs give: they only
 re-export strongroom.service (R5: faces, like the package's `__init__`)."""
@@ -319,6 +323,12 @@ def may_import(importer: str, imported: str) -> bool:
         return imported in CONTRACT | RUNTIME
     if importer in RECIPES:
         return imported in CONTRACT
+    if importer == SSHAGENT or importer.startswith(SSHAGENT + "."):
+        return (
+            imported in CONTRACT | AUDIT
+            or imported == SSHAGENT
+            or imported.startswith(SSHAGENT + ".")
+        )
     if importer == CLIENT:  # a client installs no server side
         return imported in CONTRACT | RECIPES or imported == WIRE
     if imported == SERVICE or imported.startswith(SERVICE + "."):
@@ -500,5 +510,9 @@ def test_synthetic_forbidden_edges_are_caught() -> None:
     assert may_import("strongroom.cli", "strongroom.cli.keys")
     assert not may_import("strongroom.clients", "strongroom.cli")
     assert not may_import("strongroom.audit.log", "strongroom.config")
+    assert may_import("strongroom.sshagent.agent", "strongroom.api")
+    assert may_import("strongroom.sshagent.agent", "strongroom.sshagent.wire")
+    assert not may_import("strongroom.sshagent.agent", "strongroom.keystore")
+    assert not may_import("strongroom.sshagent.server", "strongroom.service.client")
     found = native_importers(synthetic_imports())
     assert found["tpm2_pytss"] == {"strongroom.backends.demo.backend"}

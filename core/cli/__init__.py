@@ -1,8 +1,9 @@
 """The `strongroom` command line: the root group, its error handling and `main()`.
 
 The commands are in the modules of this package, one per group: keys.py and keyops.py
-(`key`), vault.py, audit.py, service.py (`serve`, `tenant`, `policy`) and misc.py (`init`,
-`backends`, `doctor`, `random`, `encrypt`, `decrypt`, `attest`). Errors are one line on
+(`key`), vault.py, audit.py, service.py (`serve`, `tenant`, `policy`), sshagent.py
+(`ssh-agent`) and misc.py (`init`, `backends`, `doctor`, `random`, `encrypt`, `decrypt`,
+`attest`). Errors are one line on
 stderr, and each error class has its exit code in `EXIT_CODES` (docs/cli.md): 0 ok,
 1 signature or attestation invalid, 2 usage error, 3 key not found, 4 authentication
 failed, 5 unsupported operation, 6 backend unavailable, 7 device locked, 8 policy violation,
@@ -43,7 +44,7 @@ from ..errors import (
 )
 from ..secrets import new_passphrase_policy
 from ..types import Usage
-from . import audit, certs, keyops, keys, misc, service, vault
+from . import audit, certs, keyops, keys, misc, service, sshagent, vault
 from ._io import (
     CONFIG_HELP,
     DEBUG_HELP,
@@ -182,6 +183,7 @@ for command in (
     service.serve,
     service.tenant,
     service.policy,
+    sshagent.ssh_agent,
 ):
     cli.add_command(command)
 # The `key` commands that pass data through a key are in keyops.py.

@@ -1,0 +1,346 @@
+"""The agent's protocol state and dispatch: which keys it offers, the keys clients added, the
+lock, and one answer per request. The socket side is in server.py.
+
+Every key operation goes through `KeyAPI` (a `Keystore` in process, or a `RemoteKeystore`
+talking to `strongroom serve`); the agent holds no private key and no key logic.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import hmac
+import logging
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ..api import KeyAPI
+from ..audit import current_principal
+from ..errors import KeyExists, PolicyViolation, StrongroomError
+from . import keys, wire
+
+log = logging.getLogger("strongroom.sshagent")
+
+MAX_SESSION_BINDS = 16
+"""session-bind@openssh.com messages kept per connection (OpenSSH's agent keeps as many)."""
+EXTENSIONS = ("query", "session-bind@openssh.com")
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """What the agent offers and allows: `[ssh_agent]` in the config, or the command line."""
+
+    patterns: tuple[str, ...] = ()
+    """Glob patterns over key names (fnmatch, case-sensitive): the keys offered."""
+    allow_add: bool = False
+    """Whether ADD_IDENTITY imports the key into the keystore (else it is refused)."""
+    add_backend: str | None = None
+    """The backend added keys are imported into (None: the keystore's choice)."""
+    confirm: tuple[str, ...] = ()
+    """Glob patterns over key names: each signature with such a key is confirmed first."""
+    askpass: str | None = None
+    """The program that asks for a confirmation (OpenSSH's SSH_ASKPASS convention: the
+    prompt as its argument, SSH_ASKPASS_PROMPT=confirm, exit status 0 for yes)."""
+
+
+ASKPASS_TIMEOUT = 120.0
+"""Seconds a confirmation may stay unanswered; then the signature is refused."""
+
+
+@dataclass(frozen=True)
+class AddedKey:
+    """A key a client added, with the constraints it asked for."""
+
+    confirm: bool = False
+    expires: float | None = None
+    """time.monotonic() after which the agent forgets the key (the lifetime constraint)."""
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One verified session-bind@openssh.com: the host key and the session it signed."""
+
+    host_key: bytes
+    session_id: bytes
+    forwarding: bool
+
+
+@dataclass
+class Peer:
+    """One client connection: who is on the other end, and the sessions it bound."""
+
+    pid: int
+    uid: int
+    bindings: list[Binding] = field(default_factory=list)
+    _actor: str | None = None
+
+    @property
+    def actor(self) -> str:
+        """Who the keystore's audit record names for a signature on this connection: the
+        peer and, once the client bound the connection to a session, the host it is
+        signing in to."""
+        if self._actor is None:
+            destination = self.destination()
+            self._actor = f"ssh-agent[uid={self.uid} pid={self.pid}" + (
+                f" dest={destination}]" if destination else "]"
+            )
+        return self._actor
+
+    def executable(self) -> str:
+        """The peer's program (/proc/PID/exe), for a confirmation prompt."""
+        try:
+            return os.readlink(f"/proc/{self.pid}/exe")
+        except OSError:
+            return "(unknown program)"
+
+    def destination(self) -> str | None:
+        """The fingerprint of the host the connection last authenticated to, if bound."""
+        for binding in reversed(self.bindings):
+            if not binding.forwarding:
+                return keys.fingerprint(binding.host_key)
+        return None
+
+
+class Agent:
+    """The protocol state every connection shares (thread-safe: one lock around it)."""
+
+    def __init__(self, ks: KeyAPI, settings: AgentSettings) -> None:
+        self.ks = ks
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._by_blob: dict[bytes, keys.Identity] = {}
+        self._blob_cache: dict[tuple[str, int], bytes] = {}
+        self._added: dict[str, AddedKey] = {}
+        """Keys clients added, by name: the only ones REMOVE_IDENTITY forgets."""
+        self._lock_mac: bytes | None = None
+        self._lock_key = os.urandom(32)
+        self._failed_unlocks = 0
+
+    # -- the keys offered ------------------------------------------------------------------------
+    def _wanted(self, name: str) -> bool:
+        return name in self._added or any(
+            fnmatch.fnmatchcase(name, p) for p in self.settings.patterns
+        )
+
+    def _expire(self) -> None:
+        """Forget added keys whose lifetime is over (checked whenever keys are looked up)."""
+        now = time.monotonic()
+        with self._lock:
+            for name in [n for n, a in self._added.items() if a.expires and a.expires <= now]:
+                del self._added[name]
+                self._by_blob = {b: i for b, i in self._by_blob.items() if i.name != name}
+
+    def identities(self, *, strict: bool = False) -> list[keys.Identity]:
+        """The keys offered now, read afresh from the keystore (rotations, new keys).
+
+        A key whose public key cannot be read (a token unplugged) is left out and logged, so
+        that it does not hide the others; with `strict` (the agent's start, where a wrong
+        passphrase or token must stop it rather than leave it offering nothing) the error
+        is raised."""
+        found: list[keys.Identity] = []
+        self._expire()
+        for info in self.ks.keys():
+            if not (keys.offerable(info) and self._wanted(info.name)):
+                continue
+            cache_key = (info.name, info.version)
+            blob = self._blob_cache.get(cache_key)
+            if blob is None:
+                try:
+                    blob = keys.key_blob(self.ks.public_key(info.name))
+                except StrongroomError as e:
+                    if strict:
+                        raise
+                    log.warning("key %s is not offered: %s", info.name, type(e).__name__)
+                    continue
+                self._blob_cache[cache_key] = blob
+            found.append(keys.Identity(blob, info.name, info.type))
+        with self._lock:
+            self._by_blob = {i.blob: i for i in found}
+        return found
+
+    def _identity(self, blob: bytes) -> keys.Identity | None:
+        self._expire()
+        identity = self._by_blob.get(blob)
+        if identity is None:  # a key added or made since the client last listed
+            identity = next((i for i in self.identities() if i.blob == blob), None)
+        return identity
+
+    # -- dispatch ---------------------------------------------------------------------------------
+    def handle(self, body: bytes, peer: Peer) -> bytes:
+        """The reply frame to one message body. Never raises: a refusal, bad input or a bug
+        is SSH_AGENT_FAILURE, logged by its class name only (no key material, no data)."""
+        try:
+            request = wire.decode(body)
+            return self._dispatch(request, peer)
+        except StrongroomError as e:
+            log.info("request refused (peer pid %d): %s", peer.pid, type(e).__name__)
+        except Exception as e:  # a bug must not take the agent or other clients down
+            log.error("request failed (peer pid %d): %s", peer.pid, type(e).__name__)
+        return wire.FAILURE_FRAME
+
+    def _dispatch(self, request: wire.Request, peer: Peer) -> bytes:
+        if isinstance(request, wire.Unlock):
+            return self._unlock(request.passphrase)
+        if self._lock_mac is not None:  # locked: an empty key list, every other request fails
+            if isinstance(request, wire.RequestIdentities):
+                return wire.identities_answer([])
+            return wire.FAILURE_FRAME
+        match request:
+            case wire.RequestIdentities():
+                return wire.identities_answer([(i.blob, i.name) for i in self.identities()])
+            case wire.SignRequest():
+                return self._sign(request, peer)
+            case wire.AddIdentity():
+                return self._add(request)
+            case wire.RemoveIdentity():
+                return self._remove(request.key_blob)
+            case wire.RemoveAllIdentities():
+                with self._lock:
+                    self._added.clear()
+                return wire.SUCCESS_FRAME
+            case wire.Lock():
+                with self._lock:
+                    self._lock_mac = self._mac(request.passphrase)
+                return wire.SUCCESS_FRAME
+            case wire.Extension():
+                return self._extension(request, peer)
+        return wire.FAILURE_FRAME  # wire.Unsupported: smartcard keys, unknown types
+
+    def _sign(self, request: wire.SignRequest, peer: Peer) -> bytes:
+        identity = self._identity(request.key_blob)
+        if identity is None:
+            return wire.FAILURE_FRAME
+        ssh_name, algorithm = keys.sign_algorithm(identity, request.flags)
+        if self._needs_confirmation(identity.name):
+            self._confirm(identity, peer)
+        token = current_principal.set(peer.actor)  # the audit record names peer and host
+        try:
+            signature = self.ks.sign(identity.name, request.data, algorithm)
+        finally:
+            current_principal.reset(token)
+        return wire.sign_response(keys.ssh_signature(identity.key_type, ssh_name, signature))
+
+    def _add(self, request: wire.AddIdentity) -> bytes:
+        if not self.settings.allow_add:
+            raise PolicyViolation("adding keys is not allowed ([ssh_agent] allow_add)")
+        added = AddedKey()
+        for code, data in request.constraints:
+            if code == wire.CONSTRAIN_LIFETIME:
+                seconds = wire.Reader(data).uint32()
+                added = AddedKey(added.confirm, time.monotonic() + seconds)
+            elif code == wire.CONSTRAIN_CONFIRM:
+                added = AddedKey(True, added.expires)
+            else:
+                # An extension constraint (restrict-destination, ...) the agent cannot keep:
+                # accepting the key while ignoring it would grant more than was asked.
+                raise PolicyViolation("this key constraint is not supported")
+        key_type, der, blob = keys.added_key(request)
+        name = keys.added_key_name(blob)
+        try:
+            try:
+                self.ks.import_key(name, key_type, der, self.settings.add_backend, format="der")
+            except KeyExists:  # added before: the name is the public key's hash
+                if keys.key_blob(self.ks.public_key(name)) != blob:
+                    raise
+        finally:
+            der[:] = bytes(len(der))
+        with self._lock:
+            self._added[name] = added
+        return wire.SUCCESS_FRAME
+
+    def _remove(self, blob: bytes) -> bytes:
+        identity = self._identity(blob)
+        with self._lock:
+            if identity is None or identity.name not in self._added:
+                return wire.FAILURE_FRAME  # keystore keys are offered by config, not removed
+            del self._added[identity.name]
+            self._by_blob.pop(blob, None)
+        return wire.SUCCESS_FRAME
+
+    # -- confirmation -----------------------------------------------------------------------------
+    def _needs_confirmation(self, name: str) -> bool:
+        added = self._added.get(name)
+        return (added is not None and added.confirm) or any(
+            fnmatch.fnmatchcase(name, p) for p in self.settings.confirm
+        )
+
+    def _confirm(self, identity: keys.Identity, peer: Peer) -> None:
+        """Ask the user through the askpass program; refuse unless it says yes (exit 0)."""
+        askpass = self.settings.askpass
+        if not askpass:
+            raise PolicyViolation("the key needs a confirmation, and SSH_ASKPASS is not set")
+        destination = peer.destination()
+        prompt = (
+            f"Allow use of key {identity.name}?\n"
+            f"Key fingerprint {keys.fingerprint(identity.blob)}\n"
+            f"Requested by pid {peer.pid} (uid {peer.uid}): {peer.executable()}\n"
+            + (f"Destination host key {destination}\n" if destination else "")
+        )
+        env = {**os.environ, "SSH_ASKPASS_PROMPT": "confirm"}
+        try:
+            answer = subprocess.run(
+                [askpass, prompt],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=ASKPASS_TIMEOUT,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            raise PolicyViolation("the confirmation could not be asked") from None
+        if answer.returncode != 0:
+            raise PolicyViolation("the user did not confirm the signature")
+
+    # -- lock -------------------------------------------------------------------------------------
+    def _mac(self, passphrase: bytes) -> bytes:
+        return hmac.new(self._lock_key, passphrase, hashlib.sha256).digest()
+
+    def _unlock(self, passphrase: bytes) -> bytes:
+        with self._lock:
+            if self._lock_mac is None:
+                return wire.FAILURE_FRAME
+            if hmac.compare_digest(self._lock_mac, self._mac(passphrase)):
+                self._lock_mac = None
+                self._failed_unlocks = 0
+                return wire.SUCCESS_FRAME
+            self._failed_unlocks += 1
+            delay = min(self._failed_unlocks, 10) * 0.1
+        time.sleep(delay)  # slows guessing; only this connection waits
+        return wire.FAILURE_FRAME
+
+    @property
+    def locked(self) -> bool:
+        return self._lock_mac is not None
+
+    # -- extensions -------------------------------------------------------------------------------
+    def _extension(self, request: wire.Extension, peer: Peer) -> bytes:
+        if request.name == "query":
+            if request.contents:
+                return wire.FAILURE_FRAME
+            return wire.extension_response("query", b"".join(wire.string(e) for e in EXTENSIONS))
+        if request.name == "session-bind@openssh.com":
+            self._session_bind(request.contents, peer)
+            return wire.SUCCESS_FRAME
+        return wire.FAILURE_FRAME
+
+    def _session_bind(self, contents: bytes, peer: Peer) -> None:
+        bind = wire.session_bind(contents)
+        host_key, session_id, forwarding = bind.host_key, bind.session_id, bind.forwarding
+        keys.verify_host_signature(host_key, session_id, bind.signature)
+        if any(b.session_id == session_id for b in peer.bindings):
+            raise PolicyViolation("this session is already bound to the connection")
+        if any(not b.forwarding for b in peer.bindings):
+            raise PolicyViolation("the connection was already bound for authentication")
+        if len(peer.bindings) >= MAX_SESSION_BINDS:
+            raise PolicyViolation("too many sessions bound to one connection")
+        peer.bindings.append(Binding(host_key, session_id, forwarding))
+        peer._actor = None  # the destination changed
+
+
+def patterns_from(values: Iterable[str]) -> tuple[str, ...]:
+    """Patterns as given (command line or config), without empty ones."""
+    return tuple(v for v in values if v)

@@ -1,0 +1,231 @@
+"""Keystore keys as SSH keys: key blobs, signature encodings, host-key checks and added keys.
+
+No key logic lives here: the public key comes from `KeyAPI.public_key`, its SSH encoding
+from the one definition of `strongroom key public --format openssh`
+(`algorithms.encode_public`), and the signature from `KeyAPI.sign`; this module only
+re-encodes it the way SSH wants it (RFC 8709 Ed25519, RFC 5656 ECDSA, RFC 8332 RSA).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+
+from .. import algorithms
+from ..errors import AgentMessageError, UnsupportedOperation
+from ..types import KeyInfo, KeyType, Usage
+from . import wire
+
+SSH_KEY_TYPES: dict[KeyType, str] = {
+    KeyType.ED25519: "ssh-ed25519",
+    KeyType.ECDSA_P256: "ecdsa-sha2-nistp256",
+    KeyType.ECDSA_P384: "ecdsa-sha2-nistp384",
+    KeyType.RSA_2048: "ssh-rsa",
+    KeyType.RSA_3072: "ssh-rsa",
+    KeyType.RSA_4096: "ssh-rsa",
+}
+"""The keystore's key types an SSH client can use, with their SSH key type names."""
+
+RSA_SHA2_256 = "rsa-sha2-256"
+KEYSTORE_RSA_ALGORITHM = "pkcs1v15"
+"""The keystore's RSA signature is PKCS#1 v1.5 over SHA-256 (core/algorithms.py), which is
+exactly SSH's rsa-sha2-256 (RFC 8332)."""
+
+
+def offerable(info: KeyInfo) -> bool:
+    """Whether the agent can offer this key: an SSH type, a signing key, enabled."""
+    return (
+        info.type in SSH_KEY_TYPES
+        and Usage.SIGN in info.usage
+        and not info.disabled
+        and info.delete_after is None
+    )
+
+
+def key_blob(public: PublicKeyTypes) -> bytes:
+    """The SSH public key blob: the base64 field of the key's `--format openssh` line."""
+    line = algorithms.encode_public(public, "openssh")
+    return base64.b64decode(line.split(b" ")[1], validate=True)
+
+
+def fingerprint(blob: bytes) -> str:
+    """OpenSSH's SHA256 fingerprint of a key blob, as `ssh-keygen -l` prints it."""
+    digest = base64.b64encode(hashlib.sha256(blob).digest()).rstrip(b"=")
+    return "SHA256:" + digest.decode()
+
+
+@dataclass(frozen=True)
+class Identity:
+    """One key the agent offers: its blob and the keystore key behind it."""
+
+    blob: bytes
+    name: str
+    key_type: KeyType
+
+
+def sign_algorithm(identity: Identity, flags: int) -> tuple[str, str | None]:
+    """(SSH signature name, the keystore's `algorithm=`) for a SIGN_REQUEST's flags.
+
+    RSA: rsa-sha2-256 only. rsa-sha2-512 is refused because the keystore's RSA signatures
+    hash with SHA-256, and plain ssh-rsa (SHA-1, no flag) is refused as unsafe; OpenSSH
+    clients then use rsa-sha2-256 when the server allows it.
+    """
+    if not identity.key_type.is_rsa:
+        return SSH_KEY_TYPES[identity.key_type], None
+    if flags & wire.RSA_SHA2_512:
+        raise UnsupportedOperation(
+            "ssh-agent", "sign", identity.key_type, "rsa-sha2-512 is not offered; use rsa-sha2-256"
+        )
+    if flags & wire.RSA_SHA2_256:
+        return RSA_SHA2_256, KEYSTORE_RSA_ALGORITHM
+    raise UnsupportedOperation(
+        "ssh-agent", "sign", identity.key_type, "ssh-rsa signatures (SHA-1) are refused"
+    )
+
+
+def ssh_signature(key_type: KeyType, ssh_name: str, signature: bytes) -> bytes:
+    """The keystore's signature in SSH's encoding: `string name || string blob`, where an
+    ECDSA blob is `mpint r || mpint s` (the keystore gives DER)."""
+    if key_type.is_ecdsa:
+        r, s = decode_dss_signature(signature)
+        signature = wire.mpint(r) + wire.mpint(s)
+    return wire.string(ssh_name) + wire.string(signature)
+
+
+# -- host keys (session-bind@openssh.com) --------------------------------------------------------
+HostKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+
+def load_blob(blob: bytes) -> HostKey:
+    """A public key from its SSH blob (Ed25519, ECDSA or RSA); else AgentMessageError."""
+    try:
+        key_type = wire.Reader(blob).name()
+        public = serialization.load_ssh_public_key(
+            key_type.encode() + b" " + base64.b64encode(blob)
+        )
+    except (ValueError, UnsupportedAlgorithm):
+        raise AgentMessageError("the host key is not a public key this agent reads") from None
+    if not isinstance(public, HostKey):
+        raise AgentMessageError("the host key is not an Ed25519, ECDSA or RSA key")
+    return public
+
+
+_ECDSA_HASHES: dict[str, hashes.HashAlgorithm] = {
+    "ecdsa-sha2-nistp256": hashes.SHA256(),
+    "ecdsa-sha2-nistp384": hashes.SHA384(),
+    "ecdsa-sha2-nistp521": hashes.SHA512(),
+}
+_RSA_HASHES: dict[str, hashes.HashAlgorithm] = {
+    "rsa-sha2-256": hashes.SHA256(),
+    "rsa-sha2-512": hashes.SHA512(),
+}
+
+
+def verify_host_signature(blob: bytes, data: bytes, signature: bytes) -> None:
+    """Check an SSH signature by the host key `blob` over `data`; AgentMessageError if it
+    does not verify or uses an algorithm this agent refuses (ssh-rsa with SHA-1)."""
+    public = load_blob(blob)
+    r = wire.Reader(signature)
+    name, sig = r.name(), r.string()
+    r.end()
+    try:
+        if isinstance(public, ed25519.Ed25519PublicKey) and name == "ssh-ed25519":
+            public.verify(sig, data)
+        elif isinstance(public, ec.EllipticCurvePublicKey) and name in _ECDSA_HASHES:
+            if wire.Reader(blob).name() != name:
+                raise InvalidSignature
+            inner = wire.Reader(sig)
+            der = encode_dss_signature(inner.mpint(), inner.mpint())
+            inner.end()
+            public.verify(der, data, ec.ECDSA(_ECDSA_HASHES[name]))
+        elif isinstance(public, rsa.RSAPublicKey) and name in _RSA_HASHES:
+            public.verify(sig, data, padding.PKCS1v15(), _RSA_HASHES[name])
+        else:
+            raise InvalidSignature
+    except InvalidSignature:
+        raise AgentMessageError(
+            "the host key's signature over the session does not verify"
+        ) from None
+
+
+# -- keys added by a client (ADD_IDENTITY) --------------------------------------------------------
+_ADDED_TYPES = {
+    "ssh-ed25519": KeyType.ED25519,
+    "ecdsa-sha2-nistp256": KeyType.ECDSA_P256,
+    "ecdsa-sha2-nistp384": KeyType.ECDSA_P384,
+}
+
+
+def added_key(add: wire.AddIdentity) -> tuple[KeyType, bytearray, bytes]:
+    """(key type, PKCS#8 DER of the private key, its public key blob) for ADD_IDENTITY.
+
+    The DER is a bytearray so that the caller can zero it once the keystore has it. The
+    public key sent along is checked against the private one, so a client cannot have a key
+    offered under another key's public half.
+    """
+    try:
+        private = _private_key(add)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise AgentMessageError("the added key's fields do not make a valid private key") from None
+    if isinstance(private, rsa.RSAPrivateKey):
+        key_type = KeyType(f"rsa-{private.key_size}")
+        if key_type not in SSH_KEY_TYPES:
+            raise AgentMessageError("RSA keys of 2048, 3072 or 4096 bits can be added")
+    else:
+        key_type = _ADDED_TYPES[add.key_type]
+    der = bytearray(
+        private.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return key_type, der, key_blob(private.public_key())
+
+
+def _private_key(
+    add: wire.AddIdentity,
+) -> ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
+    f = add.fields
+    if add.key_type == "ssh-ed25519":
+        public, secret = f[0], f[1]
+        if not isinstance(public, bytes) or not isinstance(secret, bytes) or len(secret) != 64:
+            raise ValueError
+        key = ed25519.Ed25519PrivateKey.from_private_bytes(secret[:32])
+        if secret[32:] != public or key_blob(key.public_key())[-32:] != public:
+            raise ValueError
+        return key
+    if add.key_type.startswith("ecdsa-sha2-"):
+        curve_name, point, scalar = f
+        curve = algorithms.CURVES[_ADDED_TYPES[add.key_type]]
+        if not isinstance(point, bytes) or not isinstance(scalar, int):
+            raise ValueError
+        if curve_name != add.key_type.removeprefix("ecdsa-sha2-").encode():
+            raise ValueError
+        ec_key = ec.derive_private_key(scalar, curve)
+        if ec.EllipticCurvePublicKey.from_encoded_point(curve, point) != ec_key.public_key():
+            raise ValueError
+        return ec_key
+    n, e, d, iqmp, p, q = (int(x) for x in f)
+    if p * q != n:
+        raise ValueError
+    numbers = rsa.RSAPrivateNumbers(
+        p, q, d, rsa.rsa_crt_dmp1(d, p), rsa.rsa_crt_dmq1(d, q), iqmp, rsa.RSAPublicNumbers(e, n)
+    )
+    return numbers.private_key()
+
+
+def added_key_name(blob: bytes) -> str:
+    """The keystore name of a key added through the agent: fixed by its public key, so adding
+    the same key twice finds the one already imported."""
+    return "ssh-agent/" + hashlib.sha256(blob).hexdigest()[:32]

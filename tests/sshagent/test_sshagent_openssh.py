@@ -1,0 +1,182 @@
+"""Real OpenSSH through `strongroom ssh-agent`: `ssh` into an sshd the module starts itself,
+with a vault key, a SoftHSM2 (PKCS#11) key and a swtpm (TPM) key; `git commit -S` with
+gpg.format=ssh, checked by `git verify-commit`.
+
+One keystore (vault + HSM + TPM), one agent and one sshd serve the whole module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE
+from pkcs11_support import PIN_ENV as HSM_PIN_ENV
+from pkcs11_support import SoftHsm, softhsm  # noqa: F401  (the session's token)
+from sshagent_support import RunningAgent, Sshd, running_agent, start_sshd
+from tpm_support import PIN_ENV as TPM_PIN_ENV
+from tpm_support import SRK_HANDLE, TEST_PIN, Swtpm, swtpm  # noqa: F401  (the session's TPM)
+
+import strongroom
+from strongroom import algorithms
+from strongroom.keystore import Keystore
+from strongroom.sshagent import AgentSettings
+
+KEYS = {"ssh-vault": "vault", "ssh-hsm": "hsm", "ssh-tpm": "tpm"}
+"""The keys ssh logs in with, by the backend that holds each."""
+
+
+@pytest.fixture(scope="module")
+def ks(
+    tmp_path_factory: pytest.TempPathFactory,
+    softhsm: SoftHsm,  # noqa: F811
+    swtpm: Swtpm,  # noqa: F811
+) -> Iterator[Keystore]:
+    directory = tmp_path_factory.mktemp("sshagent-openssh")
+    os.environ[VAULT_PASS_ENV] = VAULT_PASSPHRASE
+    os.environ[HSM_PIN_ENV] = softhsm.pin
+    os.environ[TPM_PIN_ENV] = TEST_PIN
+    config = directory / "strongroom.toml"
+    config.write_text(
+        f'[keystore]\ndata_dir = "{directory / "data"}"\norder = ["vault"]\n\n'
+        '[backends.vault]\ntype = "vault"\n'
+        f'passphrase = "env:{VAULT_PASS_ENV}"\nkdf_memory_kib = 8192\nkdf_iterations = 1\n\n'
+        f'[backends.hsm]\ntype = "pkcs11"\nmodule = "{softhsm.module}"\n'
+        f'token = "{softhsm.label}"\npin = "env:{HSM_PIN_ENV}"\n\n'
+        f'[backends.tpm]\ntype = "tpm"\ntcti = "{swtpm.tcti}"\n'
+        f'persistent_handle = "0x{SRK_HANDLE:08x}"\npin = "env:{TPM_PIN_ENV}"\n'
+    )
+    with strongroom.open(config) as keystore:
+        keystore.vault_control().initialize()
+        keystore.generate("ssh-vault", "ed25519", backend="vault")
+        keystore.generate("ssh-hsm", "ecdsa-p256", backend="hsm")
+        keystore.generate("ssh-tpm", "ecdsa-p256", backend="tpm")
+        yield keystore
+        for name in ("ssh-hsm", "ssh-tpm"):  # the token and the TPM outlive this module
+            keystore.delete(name)
+
+
+@pytest.fixture(scope="module")
+def agent(ks: Keystore) -> Iterator[RunningAgent]:
+    with running_agent(ks, AgentSettings(patterns=("ssh-*",))) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def pubs(ks: Keystore, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each key's OpenSSH public key file, as `strongroom key public --format openssh`."""
+    directory = tmp_path_factory.mktemp("pubs")
+    out = {}
+    for name in KEYS:
+        path = directory / f"{name}.pub"
+        path.write_bytes(algorithms.encode_public(ks.public_key(name), "openssh") + b"\n")
+        out[name] = path
+    return out
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory, pubs: dict[str, Path]) -> Iterator[Sshd]:
+    authorized = "".join(p.read_text() for p in pubs.values())
+    server = start_sshd(tmp_path_factory.mktemp("sshd"), authorized)
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("name", list(KEYS))
+def test_ssh_logs_in_with_the_key(
+    ks: Keystore, agent: RunningAgent, sshd: Sshd, pubs: dict[str, Path], name: str
+) -> None:
+    assert ks.info(name).backend == KEYS[name]
+    out = sshd.ssh(agent.path, pubs[name], "echo", "logged-in")
+    assert out.returncode == 0, out.stderr + sshd.log.read_text()
+    assert out.stdout == "logged-in\n"
+    fingerprint = subprocess.run(
+        ["ssh-keygen", "-l", "-f", str(pubs[name])],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.split()[1]
+    assert "Accepted publickey for " in sshd.log.read_text()
+    assert fingerprint in sshd.log.read_text()
+    # The signature's audit record names this process as the peer, and the sshd's host key
+    # (from ssh's session-bind) as the destination.
+    host_fp = subprocess.run(
+        ["ssh-keygen", "-l", "-f", "-"],
+        input=sshd.host_key_pub,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.split()[1]
+    records = [
+        json.loads(line)
+        for line in (ks.config.data_dir / "audit.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    signs = [r for r in records if r["op"] == "sign" and r["key"] == name]
+    assert signs and signs[-1]["result"] == "ok"
+    assert f"dest={host_fp}" in signs[-1]["actor"]
+
+
+def test_ssh_without_an_authorized_key_is_refused(
+    agent: RunningAgent, sshd: Sshd, pubs: dict[str, Path], tmp_path: Path
+) -> None:
+    """The login above is the agent's doing: with the key dropped from authorized_keys, the
+    same ssh command fails."""
+    kept = sshd.authorized_keys.read_text()
+    try:
+        sshd.authorized_keys.write_text(
+            "".join(p.read_text() for n, p in pubs.items() if n != "ssh-vault")
+        )
+        out = sshd.ssh(agent.path, pubs["ssh-vault"], "true")
+        assert out.returncode != 0
+    finally:
+        sshd.authorized_keys.write_text(kept)
+
+
+@pytest.mark.parametrize("name", ["ssh-vault", "ssh-hsm"])
+def test_git_signs_commits_through_the_agent(
+    agent: RunningAgent, pubs: dict[str, Path], tmp_path: Path, name: str
+) -> None:
+    repo = tmp_path / "repo"
+    allowed = tmp_path / "allowed_signers"
+    allowed.write_text(f"dev@example.com {pubs[name].read_text()}")
+    env = {
+        **agent.env(),
+        "GIT_CONFIG_GLOBAL": str(tmp_path / "gitconfig"),
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "HOME": str(tmp_path),
+    }
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["git", "-C", str(repo), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    repo.mkdir()
+    for args in (
+        ("init", "-q"),
+        ("config", "user.name", "Dev"),
+        ("config", "user.email", "dev@example.com"),
+        ("config", "gpg.format", "ssh"),
+        ("config", "user.signingkey", str(pubs[name])),
+        ("config", "gpg.ssh.allowedSignersFile", str(allowed)),
+    ):
+        assert git(*args).returncode == 0
+    (repo / "file").write_text("signed\n")
+    assert git("add", "file").returncode == 0
+    committed = git("commit", "-q", "-S", "-m", "signed through strongroom ssh-agent")
+    assert committed.returncode == 0, committed.stderr
+    verified = git("verify-commit", "HEAD")
+    assert verified.returncode == 0, verified.stderr
+    assert 'Good "git" signature for dev@example.com' in verified.stderr

@@ -1,0 +1,118 @@
+"""`strongroom --server URL ssh-agent -D`: the agent as a client of `strongroom serve`, with a
+tenant token that may only sign with and read `signing-*` keys."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import STRONGROOM_BIN
+from server_support import (
+    Service,
+    Tenancy,
+    init_service_data,
+    make_pki,
+    service_env,
+    start_service,
+    write_service_config,
+)
+
+import strongroom
+from strongroom import algorithms
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Tenancy]]:
+    root = tmp_path_factory.mktemp("sshagent-service")
+    pki = make_pki(root / "pki")
+    config = write_service_config(root, pki)
+    tenancy = init_service_data(config, pki)
+    svc = start_service(config)
+    try:
+        yield svc, tenancy
+    finally:
+        svc.stop()
+
+
+def test_the_agent_serves_a_tenants_keys_through_the_service(
+    service: tuple[Service, Tenancy], tmp_path: Path
+) -> None:
+    svc, tenancy = service
+    with strongroom.connect(svc.unix, token=tenancy.acme_app) as app:
+        app.generate("signing-ed", "ed25519")
+        app.generate("signing-p256", "ecdsa-p256")
+        app.generate("other-ed", "ed25519")  # the signer's token cannot read it
+        expected = {
+            name: algorithms.encode_public(app.public_key(name), "openssh").decode()
+            for name in ("signing-ed", "signing-p256")
+        }
+    sock = Path(tempfile.mkdtemp(prefix="sr-agent-svc-")) / "agent.sock"
+    env = {**service_env(), "STRONGROOM_TOKEN": tenancy.acme_signer}
+    agent = subprocess.Popen(
+        [
+            *(str(STRONGROOM_BIN), "--server", svc.unix, "ssh-agent", "-D", "-a", str(sock)),
+            *("--keys", "*-ed", "--keys", "*-p256"),
+        ],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        first: list[str] = []
+        ready = threading.Event()
+
+        def read_first_line() -> None:
+            assert agent.stdout is not None
+            first.append(agent.stdout.readline())
+            ready.set()
+
+        threading.Thread(target=read_first_line, daemon=True).start()
+        assert ready.wait(60), "the agent did not start"  # a bound on a hang
+        assert first[0] == f"SSH_AUTH_SOCK={sock}; export SSH_AUTH_SOCK;\n"
+        client_env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
+        listed = subprocess.run(
+            ["ssh-add", "-L"], env=client_env, capture_output=True, text=True, timeout=60
+        )
+        assert sorted(listed.stdout.splitlines()) == sorted(
+            f"{line} {name}" for name, line in expected.items()
+        )
+        pub = tmp_path / "signing-p256.pub"
+        pub.write_text(expected["signing-p256"] + "\n")
+        message = tmp_path / "message"
+        message.write_text("signed by the service, asked by the agent\n")
+        signed = subprocess.run(
+            ["ssh-keygen", "-Y", "sign", "-n", "file", "-f", str(pub), str(message)],
+            env=client_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert signed.returncode == 0, signed.stderr
+        allowed = tmp_path / "allowed"
+        allowed.write_text(f"app@acme {expected['signing-p256']}\n")
+        verified = subprocess.run(
+            [
+                *("ssh-keygen", "-Y", "verify", "-f", str(allowed), "-I", "app@acme"),
+                *("-n", "file", "-s", f"{message}.sig"),
+            ],
+            input=message.read_bytes(),
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert verified.returncode == 0, verified.stderr
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=30)
+    assert agent.returncode == 0, agent.stderr.read() if agent.stderr else ""
+    assert not sock.exists()
+    assert tenancy.acme_signer not in (agent.stderr.read() if agent.stderr else "")
