@@ -60,6 +60,10 @@ class BackendContext:
     """Opens the device in place of the `device` setting: the seam through which tests pass
     a software device (like python-fido2's `Ctap2(device)`). Only code can set it, through
     `Keystore(device_factories=...)`; no config value reaches it."""
+    owner: bytes = b""
+    """Eight bytes naming the keystore's store (`Catalog.store_id`): a device backend puts
+    them in the ids of the keys it creates, so that its `KeyInventory` lists this keystore's
+    keys only, never those of another keystore sharing the token."""
     records: VaultRecords | None = None
     """This backend's rows in the keystore's transactional store (core/storage.py), for a
     backend that keeps its keys there (`Backend.transactional`): the software vault."""
@@ -219,6 +223,23 @@ class Backend(abc.ABC):
 
     def random(self, n: int) -> bytes:
         raise self.unsupported("random", None)
+
+
+@runtime_checkable
+class KeyInventory(Protocol):
+    """A device backend that can list the keys it created for the catalog, so that a key
+    left by a crash between making it and writing its catalog row can be found
+    (`strongroom doctor`) and removed (`doctor --repair`). Keys other programs made are
+    never listed."""
+
+    def owned_keys(self) -> Mapping[str, str]:
+        """{handle: a description for a person (kind, label, token)} of every key this
+        backend created for a catalog row, found on the device now."""
+        ...
+
+    def remove_owned(self, handle: str) -> None:
+        """Destroy one such key (refusing a handle that is not one)."""
+        ...
 
 
 @runtime_checkable

@@ -227,6 +227,11 @@ class Catalog:
                     f"the catalog {self.path} has schema version {row[0]}, newer than this "
                     f"Strongroom understands ({SCHEMA_VERSION}); upgrade Strongroom"
                 )
+            # This store's own id (docs/storage.md), made once: device backends mark the keys
+            # they create with it, so `doctor` tells this keystore's keys from another's.
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (os.urandom(8).hex(),)
+            )
             # In the same transaction: all of it happens, or none.
             for version, steps in (
                 (1, _MIGRATE_1_TO_2),
@@ -240,6 +245,14 @@ class Catalog:
                     self._db.execute(
                         "UPDATE meta SET value=? WHERE key='schema_version'", (str(found),)
                     )
+
+    @property
+    def store_id(self) -> bytes:
+        """Eight random bytes made with the store: what the keys device backends create for
+        this keystore carry, so that its inventory never claims another keystore's keys."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key='store_id'").fetchone()
+            return bytes.fromhex(str(row[0]))
 
     @property
     def schema_version(self) -> int:

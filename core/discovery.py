@@ -68,13 +68,15 @@ def build_backends(
     sealer: Callable[[str], Sealer],
     device_factories: Mapping[str, DeviceFactory] | None = None,
     records: Callable[[str], VaultRecords] | None = None,
+    owner: bytes = b"",
 ) -> tuple[dict[str, Backend], dict[str, tuple[str, str]]]:
     """Every backend `config` names, built: (backends by name, {name: (type, reason)} for
     those whose plugin failed to import). An unknown type is a ConfigError naming the file
     and line. `sealer(name)` is handed to each backend's context: the keystore's lookup of
     another configured backend that can seal. `device_factories` gives a backend (by name)
     the device it uses instead of the one its config names (tests pass it; no config can).
-    `records(name)` gives a transactional backend (the vault) its rows in the store."""
+    `records(name)` gives a transactional backend (the vault) its rows in the store, and
+    `owner` is the store's id that device backends mark their new keys with."""
     factories = device_factories or {}
     classes = backend_classes(b.type for b in config.backends.values())
     built: dict[str, Backend] = {}
@@ -96,6 +98,8 @@ def build_backends(
         )
         if cls.transactional and records is not None:
             context = replace(context, records=records(name))
+        if owner:
+            context = replace(context, owner=owner)
         built[name] = cls(context)
     return built, unusable
 

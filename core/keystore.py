@@ -16,6 +16,7 @@ import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
@@ -54,6 +55,7 @@ from .errors import (
 )
 from .keystore_certs import KeyCertificates
 from .keystore_lifecycle import ADOPTED, KeyLifecycle
+from .keystore_repair import Orphan, device_creation_lock, find_orphans, remove_orphans
 from .keystore_seeds import KeySeeds
 from .keystore_signer import _KeystoreSigner
 from .keystore_vault import _AuditedVault, _failed_slots, _unlocked, _vault_control, vault_restore
@@ -113,6 +115,7 @@ class Keystore(KeyLifecycle, KeySeeds, KeyCertificates):
                 self._sealer,
                 self._device_factories,
                 lambda name: SqliteVaultRecords(self.catalog, name),
+                self.catalog.store_id,
             )
         except BaseException:
             self.catalog.close()
@@ -457,10 +460,32 @@ class Keystore(KeyLifecycle, KeySeeds, KeyCertificates):
         its row in the same transaction as the catalog's: both commit, or neither. Any
         other makes its key first, then the row is written; if the row fails the key is
         undone, and a key left by a crash in between is what `doctor` reports."""
+        with self._creating(backend):
+            return self._create_now(info, backend, make)
+
+    def _creating(self, backend: Backend) -> contextlib.AbstractContextManager[None]:
+        """The scope a new key and its catalog rows are made in: one transaction for a
+        transactional backend; for a device, the shared lock that keeps `doctor --repair`
+        from taking a key whose row is not written yet (core/keystore_repair.py)."""
         if backend.transactional:
-            with self.catalog.transaction():
-                return self._create_now(info, backend, make)
-        return self._create_now(info, backend, make)
+            return self.catalog.transaction()
+        return device_creation_lock(self.config.data_dir, exclusive=False)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.config.data_dir
+
+    def _all_backends(self) -> Mapping[str, Backend]:
+        return self._backends
+
+    def orphans(self) -> tuple[list[Orphan], list[str]]:
+        """Keys a device backend created for the catalog that no catalog row names (left by
+        a crash between the two), and the backends that could not be searched, with why."""
+        return find_orphans(self)
+
+    def repair_orphans(self, confirm: Callable[[Orphan], bool]) -> list[Orphan]:
+        """Destroy the orphans `confirm(orphan)` agrees to; returns those removed."""
+        return remove_orphans(self, confirm)
 
     def _transactional(self, backend: str) -> bool:
         found = self._backends.get(backend)
@@ -977,6 +1002,7 @@ _WRITE_AHEAD = frozenset(
         "bip39_recover",
         "certificate_set",
         "slip10_derive",
+        "repair_orphan",
     }
 )
 """The keystore's operations that change state: a `started` record is written before they

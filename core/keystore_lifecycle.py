@@ -52,6 +52,7 @@ class KeyLifecycle:
         def _rsa_encrypt_algorithm(b: Backend, info: KeyInfo, algorithm: str | None) -> str: ...
         def delete(self, name: str) -> None: ...
         def _destroy(self, info: KeyInfo) -> None: ...
+        def _creating(self, backend: Backend) -> contextlib.AbstractContextManager[None]: ...
 
     def rotate(self, name: str, backend: str | None = None) -> KeyInfo:
         """Make a new version of a key (in `backend`, else the primary's) and make it primary.
@@ -79,8 +80,7 @@ class KeyLifecycle:
             )
             attributes = self._rsa_encrypt_attributes(b, new)
             # A vault key and its catalog rows commit together; a device key comes first.
-            scope = self.catalog.transaction() if b.transactional else contextlib.nullcontext()
-            with scope:
+            with self._creating(b):
                 handle = b.generate(NewKey(new))
                 try:
                     self.catalog.add_version(

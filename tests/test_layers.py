@@ -82,6 +82,7 @@ ENGINE = AUDIT | {
     "strongroom.keystore_signer",
     "strongroom.keystore_vault",
     "strongroom.keystore_certs",
+    "strongroom.keystore_repair",
 }
 """R3. The faces (service/, cli/, the package's `__init__`, the shipped contract suite and
 the aliases at the service's old paths) are every other core module."""
@@ -90,7 +91,9 @@ KEYSTORE_MIXINS = frozenset(
 )
 """Mixins of `Keystore` in modules of their own (docs/decisions.md, "Modules split along
 their banners"): they may use the catalog and config types the keystore holds."""
-KEYSTORE_PARTS = frozenset({"strongroom.keystore_signer", "strongroom.keystore_vault"})
+KEYSTORE_PARTS = frozenset(
+    {"strongroom.keystore_signer", "strongroom.keystore_vault", "strongroom.keystore_repair"}
+)
 """Code that takes a keystore through a Protocol of what it uses (the audit checkpoint
 signer, the audited vault commands and vault restore): besides the catalog, the signer
 uses the audit package's signature type and key fingerprint. Never the keystore itself."""

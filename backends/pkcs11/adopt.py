@@ -1,9 +1,11 @@
-"""`key adopt` for a PKCS#11 token: a key Strongroom did not create, found by label or id.
+"""Keys found on a PKCS#11 token rather than made for a catalog row: `key adopt` (a key
+Strongroom did not create, found by label or id) and the inventory `strongroom doctor` uses
+(keys Strongroom created whose catalog row a crash never wrote).
 
-`Pkcs11Adopt` is a mixin of `Pkcs11Backend`. It reads the key's type and its
+`Pkcs11Adopt` is a mixin of `Pkcs11Backend`. Adopting reads the key's type and its
 CKA_SIGN/CKA_DECRYPT/... flags (the usage the catalog row may narrow, never widen) and
 changes nothing on the token; the handle is the key's CKA_ID when that is unique, its
-label otherwise.
+label otherwise. The inventory lists only keys whose CKA_ID carries `keys.OWNED_ID_MARK`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
-from strongroom.backend import ExistingKey
+from strongroom.backend import BackendContext, ExistingKey
 from strongroom.errors import InvalidArgument, UnsupportedOperation
 from strongroom.types import KeyInfo, KeyType, Usage
 
@@ -35,11 +37,66 @@ class Pkcs11Adopt:
         name: str
         token_label: str
         _publics: dict[str, PublicKeyTypes]
+        _pool: Any
+        context: BackendContext
 
         def _with_session(
             self, operation: str, key_type: KeyType | None, action: Callable[[PooledSession], T]
         ) -> T: ...
         def _read_public(self, session: Any, info: KeyInfo) -> PublicKeyTypes: ...
+
+    def owned_keys(self) -> dict[str, str]:
+        """PKCS#11: C_FindObjects over private and secret keys, keeping those whose CKA_ID
+        carries Strongroom's mark and this keystore's store id: {handle: what the key is, for
+        a person to judge}."""
+        prefix = self._owned_prefix()
+
+        def run(pooled: PooledSession) -> dict[str, str]:
+            found: dict[str, str] = {}
+            for klass, kind in (
+                (ObjectClass.PRIVATE_KEY, "private key"),
+                (ObjectClass.SECRET_KEY, "secret key"),
+            ):
+                for obj in pooled.session.get_objects({Attribute.CLASS: klass}):
+                    key_id = bytes(obj[Attribute.ID] or b"")
+                    if key_id.startswith(prefix):
+                        label = obj[Attribute.LABEL]
+                        found[_ID_PREFIX + key_id.hex()] = (
+                            f"{kind} {label!r} on token {self.token_label!r}"
+                        )
+            return found
+
+        return self._with_session("list keys", None, run)
+
+    def _owned_prefix(self) -> bytes:
+        owner = self.context.owner
+        if not owner:
+            raise UnsupportedOperation(self.name, "list keys", None, "it was built without a store")
+        return keys.OWNED_ID_MARK + owner
+
+    def remove_owned(self, handle: str) -> None:
+        """PKCS#11: C_DestroyObject of every object (key halves, certificate) with the
+        handle's CKA_ID, which must carry Strongroom's mark (a key another program made is
+        never removed this way)."""
+        if not handle.startswith(_ID_PREFIX):
+            raise InvalidArgument(f"{handle!r} is not a key Strongroom created")
+        try:
+            key_id = bytes.fromhex(handle[len(_ID_PREFIX) :])
+        except ValueError:
+            raise InvalidArgument(f"{handle!r} is not a key Strongroom created") from None
+        if not key_id.startswith(self._owned_prefix()):
+            raise InvalidArgument(f"{handle!r} is not a key this keystore created")
+
+        def run(pooled: PooledSession) -> None:
+            for obj in list(pooled.session.get_objects({Attribute.ID: key_id})):
+                obj.destroy()
+
+        try:
+            self._with_session("remove", None, run)
+        finally:
+            self._publics.pop(handle, None)
+            if self._pool is not None:
+                self._pool.forget(handle)
 
     def adopt(self, ref: Mapping[str, str]) -> ExistingKey:
         """PKCS#11: C_FindObjects by CKA_LABEL and/or CKA_ID, then C_GetAttributeValue for the

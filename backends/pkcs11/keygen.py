@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from strongroom.backend import Capability, NewKey
+from strongroom.backend import BackendContext, Capability, NewKey
 from strongroom.errors import InvalidArgument, UnsupportedOperation
 from strongroom.memory import scrub_bytes
 from strongroom.types import KeyInfo, KeyType, Operation, Usage
@@ -33,6 +33,7 @@ class Pkcs11KeyCreation:
     """Mixin of `Pkcs11Backend`: new keys' templates, `generate` and `import_key`."""
 
     if TYPE_CHECKING:  # Pkcs11Backend's, Pkcs11Discovery's and Backend's
+        context: BackendContext
 
         def capabilities(self) -> frozenset[Capability]: ...
         def unsupported(
@@ -44,7 +45,13 @@ class Pkcs11KeyCreation:
         ) -> T: ...
 
     def _new_id(self) -> bytes:
-        return os.urandom(16)
+        """The CKA_ID of a new catalog key: Strongroom's mark and the keystore's store id
+        (`BackendContext.owner`), then ten random bytes; sixteen random bytes when the
+        backend was built without a store."""
+        owner = self.context.owner
+        if not owner:
+            return os.urandom(16)
+        return keys.OWNED_ID_MARK + owner + os.urandom(10)
 
     @staticmethod
     def _private_flags(info: KeyInfo) -> dict[Any, Any]:

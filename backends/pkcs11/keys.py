@@ -34,6 +34,12 @@ _RSA_TYPES = (KeyType.RSA_2048, KeyType.RSA_3072, KeyType.RSA_4096)
 _SECRET_TYPES = (KeyType.AES_256, KeyType.HMAC_SHA256)
 _ID_PREFIX = "id:"
 _LABEL_PREFIX = "label:"
+OWNED_ID_MARK = b"srkey\x01"
+"""The first bytes of the CKA_ID of every key Strongroom creates for the catalog; the eight
+bytes of the keystore's store id and ten random bytes follow. How `strongroom doctor` tells
+a key left by a crash, before its catalog row was written, from a key another program (or
+another keystore sharing the token) made. Keys from before the mark have plain random ids;
+they are in the catalog, so nothing needs to find them."""
 
 
 def ec_type_of(params: bytes) -> KeyType | None:

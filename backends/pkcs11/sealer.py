@@ -49,7 +49,6 @@ class Pkcs11Sealer:
             self, op: Operation | str, key_type: KeyType | None, detail: str = ""
         ) -> UnsupportedOperation: ...
         def _need(self, mechanism: str, operation: str, key_type: KeyType) -> None: ...
-        def _new_id(self) -> bytes: ...
         def _object(self, pooled: PooledSession, info: KeyInfo, klass: Any) -> Any: ...
         def _with_key(
             self, info: KeyInfo, klass: Any, operation: str, action: Callable[[Any], T]
@@ -74,7 +73,7 @@ class Pkcs11Sealer:
             raise InvalidArgument(f"the pkcs11 key slot takes no options (got {sorted(options)})")
         self._need("AES_KEY_GEN", "seal", KeyType.AES_256)
         self._need("AES_GCM", "seal", KeyType.AES_256)
-        key_id = self._new_id()
+        key_id = os.urandom(16)  # not marked: a vault key slot, not a catalog key, holds it
         nonce = os.urandom(keys.GCM_NONCE)
         serial = self._serial()
         aad = _seal_aad(label, serial, key_id.hex())

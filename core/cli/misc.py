@@ -19,6 +19,7 @@ from .. import algorithms, strictjson
 from .. import config as config_mod
 from ..errors import AttestationInvalid, InvalidArgument, StrongroomError
 from ..keystore import Keystore
+from ..keystore_repair import Orphan
 from ._io import (
     EXIT_OTHER,
     StrongroomCommand,
@@ -91,10 +92,18 @@ def _dumpable() -> bool | None:
 
 
 @click.command(cls=StrongroomCommand)
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Remove keys a crash left in a device without a catalog entry, asking for each.",
+)
+@click.option("--yes", is_flag=True, help="With --repair: remove them without asking.")
 @pass_state
-def doctor(state: State) -> None:
-    """Check the native extension, the mlock limit, memfd_secret, the config, core dumps
-    and every backend."""
+def doctor(state: State, repair: bool, yes: bool) -> None:
+    """Check the native extension, the mlock limit, memfd_secret, the config, core dumps,
+    every backend, and device keys that no catalog entry names."""
+    if yes and not repair:
+        raise click.UsageError("--yes goes with --repair")
     # Opening the keystore turns core dumps off: note what the process started with first.
     core_at_start = resource.getrlimit(resource.RLIMIT_CORE)[0]
     dumpable_at_start = _dumpable()
@@ -164,6 +173,10 @@ def doctor(state: State) -> None:
             check(f"backend {s.name}", s.available, s.reason or f"{s.type}: available")
             for note in s.details.get("notes") or []:  # what works, but with a caveat
                 check(f"backend {s.name}", None, str(note))
+        if isinstance(ks, Keystore):
+            _orphan_checks(ks, check, repair, yes)
+        elif repair:
+            raise click.UsageError("--repair works on the keystore in process, not --server")
     except StrongroomError as e:
         check("config", False, str(e))
     problems = [c for c in checks if c["status"] == "problem"]
@@ -175,6 +188,38 @@ def doctor(state: State) -> None:
     )
     if problems:
         sys.exit(EXIT_OTHER)
+
+
+def _orphan_checks(
+    ks: Keystore, check: Callable[[str, bool | None, str], None], repair: bool, yes: bool
+) -> None:
+    """Device keys a crash left without a catalog entry (docs/storage.md): each one is a
+    problem; with --repair, each confirmed one is destroyed."""
+    orphans, unsearched = ks.orphans()
+    for reason in unsearched:
+        check("orphan keys", None, f"not searched: {reason}")
+    if repair and orphans:
+
+        def confirm(orphan: Orphan) -> bool:
+            return yes or click.confirm(
+                f"remove {orphan.description} ({orphan.handle}) from backend "
+                f"{orphan.backend!r}? No catalog entry names it",
+                default=False,
+                err=True,
+            )
+
+        removed = {(o.backend, o.handle) for o in ks.repair_orphans(confirm)}
+        for o in orphans:
+            if (o.backend, o.handle) in removed:
+                check("orphan key", True, f"removed {o.description} ({o.handle}) from {o.backend}")
+        orphans = [o for o in orphans if (o.backend, o.handle) not in removed]
+    for o in orphans:
+        check(
+            "orphan key",
+            False,
+            f"{o.backend}: {o.description} ({o.handle}) has no catalog entry (left by a crash "
+            "between making it and recording it); `strongroom doctor --repair` removes it",
+        )
 
 
 @click.command("random", cls=StrongroomCommand)

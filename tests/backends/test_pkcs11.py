@@ -184,7 +184,8 @@ def test_new_keys_are_sensitive_token_objects(ks: Keystore, softhsm: SoftHsm) ->
     ks.generate("attr-ec", "ecdsa-p256", backend="hsm")
     ks.generate("attr-aes", "aes-256", backend="hsm", exportable=True)
     ec_id, aes_id = key_id_of(ks, "attr-ec"), key_id_of(ks, "attr-aes")
-    assert len(ec_id) == 16 and ec_id != aes_id
+    assert len(ec_id) == 24 and ec_id != aes_id  # mark (6), store id (8), random (10)
+    assert ec_id.startswith(b"srkey\x01" + ks.catalog.store_id), ec_id
     session, private = token_object(softhsm, ec_id, ObjectClass.PRIVATE_KEY)
     try:
         assert private[Attribute.TOKEN] and private[Attribute.PRIVATE]
