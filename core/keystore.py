@@ -891,6 +891,11 @@ class Keystore(KeyLifecycle, KeySeeds, KeyCertificates):
             with self.catalog.transaction():
                 self._destroy_versions(info, versions)
         else:
+            # A device key cannot be destroyed in the catalog's transaction. Mark the key due
+            # for deletion first: if the process dies between destroying its device keys and
+            # removing its rows, the key is refused from then on (any use, or a rotation,
+            # finishes the deletion and answers "no key named"), never served half-deleted.
+            self.catalog.set_state(info.namespace, info.name, delete_after=now())
             self._destroy_versions(info, versions)
 
     def _destroy_versions(self, info: KeyInfo, versions: list[KeyVersion]) -> None:

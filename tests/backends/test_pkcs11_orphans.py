@@ -107,3 +107,38 @@ def test_repair_refuses_a_key_it_did_not_create(
                 hsm.remove_owned(handle)  # type: ignore[attr-defined]
         assert Catalog(tmp_path / "data" / "catalog.sqlite").store_id == ks.catalog.store_id
         assert ks.info("orph-mine").handle.startswith("id:" + b"srkey\x01".hex())
+
+
+def test_a_delete_cut_short_is_never_served_half_deleted(
+    tmp_path: Path, softhsm: SoftHsm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the adversarial run (issue 16, defect 4): a kill between destroying the
+    token's key and removing its catalog rows left a key that was listed, answered "no key
+    named" when used, and could be rotated back into service."""
+    monkeypatch.setenv(PIN_ENV, softhsm.pin)
+    config = write_config(tmp_path, softhsm)
+    with strongroom.open(config) as ks:
+        ks.generate("half", "ecdsa-p256", backend="hsm")
+        ks.rotate("half")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            ks = strongroom.open(config)
+
+            def killed(*_: object) -> None:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            ks.catalog.remove = killed  # type: ignore[method-assign]
+            ks.delete("half")
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status)
+    assert "half" not in labels(softhsm)  # the token's keys went, both versions
+    with strongroom.open(config) as ks:
+        (info,) = [k for k in ks.keys() if k.name == "half"]
+        assert info.delete_after is not None  # listed as due for deletion, not as usable
+        with pytest.raises(strongroom.KeyNotFound):
+            ks.rotate("half")  # finishes the deletion instead of a new version
+        assert "half" not in {k.name for k in ks.keys()}
+        assert ks.orphans() == ([], [])
