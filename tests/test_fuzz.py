@@ -19,6 +19,7 @@ import io
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,10 @@ from hypothesis import strategies as st
 import strongroom
 from strongroom import envelope, strictjson
 from strongroom.audit import verify_log
-from strongroom.backends.vault import snapshot
+from strongroom.backends.vault import rows, snapshot
 from strongroom.errors import StrongroomError
 from strongroom.keystore import verify_attestation
+from strongroom.storage import VaultHeader, VaultRow
 
 EXAMPLES = int(os.environ.get("SR_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(
@@ -152,6 +154,73 @@ def test_snapshot_header(snapshot_seed: bytes, header: bytes) -> None:
     rest = snapshot_seed[prefix.size + hlen : -32]
     body = prefix.pack(snapshot.MAGIC, version, len(header)) + header + rest
     _only_typed(lambda: snapshot.decode(body + hashlib.sha256(body).digest(), "fuzz.snapshot"))
+
+
+# -- the vault's rows in the store ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def store_seed(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Any, list[VaultRow], VaultHeader]]:
+    """An unlocked vault, its real rows (Ed25519, P-256, AES) and its real header."""
+    with seed_keystore(tmp_path_factory, "fuzz-store") as (ks, _):
+        for name, key_type in (("ed", "ed25519"), ("p256", "ecdsa-p256"), ("aes", "aes-256")):
+            ks.generate(name, key_type)
+        vault = ks.vault
+        records = vault._rows  # type: ignore[attr-defined]
+        found = records.header_with_count()
+        assert found is not None
+        yield vault._state, list(records.rows()), found[0]  # type: ignore[attr-defined]
+
+
+def _store_parse(state: Any, row: VaultRow, header: VaultHeader) -> None:
+    rows.parse_slots(header, "fuzz")
+    rows.read_manifest(state, header, "fuzz")
+    rows.from_row(state, row, "fuzz")
+
+
+def test_store_seeds_parse(store_seed: tuple[Any, list[VaultRow], VaultHeader]) -> None:
+    """The positive control: the unmutated rows and header are accepted."""
+    state, all_rows, header = store_seed
+    for row in all_rows:
+        _store_parse(state, row, header)
+
+
+@FUZZ
+@given(data=st.data())
+def test_store_records(
+    store_seed: tuple[Any, list[VaultRow], VaultHeader], data: st.DataObject
+) -> None:
+    """A row or header edited field by field, as someone with write access to the database
+    could: every result is the record, or a typed error (SnapshotTampered)."""
+    state, all_rows, header = store_seed
+    row = data.draw(st.sampled_from(all_rows))
+    field = data.draw(
+        st.sampled_from(
+            [
+                *("meta", "public", "sealed", "mac", "name", "namespace", "type", "version"),
+                *("id", "slots", "manifest", "vault_id", "format"),
+            ]
+        )
+    )
+    if field in ("meta", "name", "namespace", "type"):
+        text = getattr(row, field).encode()
+        new = data.draw(st.one_of(mutated(text), JSON_DOCS, HOSTILE_JSON))
+        row = replace(row, **{field: new.decode("utf-8", "replace")})
+    elif field in ("public", "sealed", "mac"):
+        row = replace(row, **{field: data.draw(mutated(getattr(row, field) or b"\x00"))})
+    elif field == "version":
+        row = replace(row, version=data.draw(st.integers(-(2**63), 2**63)))
+    elif field == "id":
+        row = replace(row, record_id=data.draw(st.text(max_size=40)))
+    elif field in ("slots", "manifest"):
+        text = getattr(header, field).encode()
+        new = data.draw(st.one_of(mutated(text), JSON_DOCS, HOSTILE_JSON))
+        header = replace(header, **{field: new.decode("utf-8", "replace")})
+    elif field == "vault_id":
+        header = replace(header, vault_id=data.draw(st.text(max_size=40)))
+    else:
+        header = replace(header, format=data.draw(st.integers(-(2**63), 2**63)))
+    _only_typed(lambda: _store_parse(state, row, header))
 
 
 # -- envelopes -------------------------------------------------------------------------------------

@@ -212,12 +212,17 @@ def read_manifest(state: _Open, header: VaultHeader, where: str) -> Manifest:
     """The manifest, once its MAC shows that this vault wrote it with these slots."""
     try:
         doc = strictjson.loads(header.manifest.encode())
+        num, den = _unb64(doc["num"]), _unb64(doc["den"])
+        if len(num) != _MUHASH_BYTES or len(den) != _MUHASH_BYTES:
+            raise ValueError("num and den are 384 bytes each")
         manifest = Manifest(
             strictjson.integer(doc["counter"], 0, (1 << 63) - 1),
             strictjson.integer(doc["count"], 0, (1 << 63) - 1),
-            int.from_bytes(_unb64(doc["num"]), "big"),
-            int.from_bytes(_unb64(doc["den"]), "big"),
+            int.from_bytes(num, "big"),
+            int.from_bytes(den, "big"),
         )
+        if not (0 < manifest.num < MUHASH_PRIME and 0 < manifest.den < MUHASH_PRIME):
+            raise ValueError("num and den are residues modulo the prime")
         mac = _unb64(doc["mac"])
     except (ValueError, KeyError, TypeError):
         raise SnapshotTampered(f"the vault header in {where} is damaged: bad manifest") from None

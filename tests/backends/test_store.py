@@ -251,3 +251,17 @@ def test_a_backup_restores_into_a_fresh_data_dir(ks: Keystore, tmp_path: Path) -
         ]
         other.vault.verify_store()  # type: ignore[attr-defined]
         ks.public_key("a", version=1).verify(sig, DATA)  # type: ignore[union-attr,call-arg]
+
+
+def test_a_manifest_with_an_oversized_hash_is_tampering(ks: Keystore, vault_config: Path) -> None:
+    """Found by the store's fuzz target: a 400-byte MuHash value raised OverflowError."""
+    import base64
+    import json
+
+    ks.close()
+    (manifest,) = sql(vault_config, "SELECT manifest FROM vault_headers")[0]
+    doc = json.loads(str(manifest))
+    doc["num"] = base64.b64encode(b"\x01" * 400).decode()
+    sql(vault_config, "UPDATE vault_headers SET manifest=?", json.dumps(doc))
+    with pytest.raises(SnapshotTampered, match="bad manifest"):
+        reopen_and_sign(vault_config)
