@@ -19,6 +19,7 @@ import platformdirs
 
 from .errors import ConfigError, InvalidArgument
 from .lifecycle import parse_duration
+from .secrets import validate_reference
 
 APP = "strongroom"
 VAULT_TYPE = "vault"
@@ -74,6 +75,15 @@ SSH_AGENT_KEYS = {
     "$XDG_RUNTIME_DIR or the temp dir)",
     "confirm": "glob patterns over key names: each signature with such a key is confirmed "
     "through $SSH_ASKPASS first",
+}
+PKCS11_SERVER_KEYS = {
+    "keys": "glob patterns over key names: the keys of the one token `strongroom "
+    "pkcs11-server` offers (with `label`)",
+    "label": 'that token\'s label (default "strongroom")',
+    "tokens": "more tokens: a table of token label = [key name patterns], one slot each",
+    "pin": "the PIN C_Login checks: env:NAME or file:PATH (required)",
+    "socket": "the server's socket path (default: a new private directory in "
+    "$XDG_RUNTIME_DIR or the temp dir)",
 }
 RESERVED_NAMESPACE_PREFIX = "_"
 """Namespaces starting with `_` are Strongroom's own (`_audit` holds the checkpoint key)."""
@@ -138,6 +148,17 @@ class SshAgentConfig:
 
 
 @dataclass
+class Pkcs11ServerConfig:
+    """The `[pkcs11_server]` table: the tokens `strongroom pkcs11-server` offers."""
+
+    tokens: dict[str, list[str]] = field(default_factory=dict)
+    """Token label → key name patterns, one slot each, in this order."""
+    pin: str | None = None
+    """A secret reference (env:NAME or file:PATH), never the PIN itself."""
+    socket: Path | None = None
+
+
+@dataclass
 class Config:
     """The parsed configuration, with enough of the source kept to name lines in errors."""
 
@@ -156,6 +177,7 @@ class Config:
     deletion_wait: timedelta = timedelta(0)
     server: ServerConfig = field(default_factory=ServerConfig)
     ssh_agent: SshAgentConfig = field(default_factory=SshAgentConfig)
+    pkcs11_server: Pkcs11ServerConfig = field(default_factory=Pkcs11ServerConfig)
 
     def error(self, message: str, table: str | None = None, key: str | None = None) -> ConfigError:
         """A ConfigError naming this file, and the line of `table.key` when it can be found."""
@@ -213,14 +235,16 @@ def parse(raw: Mapping[str, Any], path: str | None, text: str) -> Config:
     """Validate a decoded TOML document into a Config."""
     cfg = Config(path, [], default_data_dir(), "default", "file", {}, text)
     for top in raw:
-        if top not in ("keystore", "backends", "server", "ssh_agent"):
+        if top not in ("keystore", "backends", "server", "ssh_agent", "pkcs11_server"):
             what = "table" if isinstance(raw[top], dict) else "key"
             raise cfg.error(
-                f"unknown {what}; expected [keystore], [server], [ssh_agent] or [backends.NAME]",
+                f"unknown {what}; expected [keystore], [server], [ssh_agent], [pkcs11_server] "
+                "or [backends.NAME]",
                 top,
             )
     _parse_server(cfg, raw.get("server", {}))
     _parse_ssh_agent(cfg, raw.get("ssh_agent", {}))
+    _parse_pkcs11_server(cfg, raw.get("pkcs11_server", {}))
     ks = raw.get("keystore", {})
     if not isinstance(ks, dict):
         raise cfg.error("must be a table", "keystore")
@@ -453,6 +477,69 @@ def _parse_ssh_agent(cfg: Config, table: Any) -> None:
             if not isinstance(value, str) or not value:
                 raise cfg.error("must be a path", "ssh_agent", key)
             out.socket = Path(value).expanduser()
+
+
+def _parse_pkcs11_server(cfg: Config, table: Any) -> None:
+    """Validate the `[pkcs11_server]` table into cfg.pkcs11_server."""
+    if not isinstance(table, dict):
+        raise cfg.error("must be a table", "pkcs11_server")
+    out = cfg.pkcs11_server
+    for key in table:
+        if key not in PKCS11_SERVER_KEYS:
+            raise cfg.error(
+                f"unknown key; expected one of {', '.join(PKCS11_SERVER_KEYS)}",
+                "pkcs11_server",
+                key,
+            )
+
+    def patterns(value: Any, key: str) -> list[str]:
+        if (
+            not isinstance(value, list)
+            or not value
+            or not all(isinstance(v, str) and v for v in value)
+        ):
+            raise cfg.error(
+                'must be a list of key name patterns, e.g. ["web-*"]', "pkcs11_server", key
+            )
+        return list(value)
+
+    def label_ok(label: Any, key: str) -> str:
+        if not isinstance(label, str) or not 0 < len(label.encode()) <= 32:
+            raise cfg.error("a token label is 1 to 32 bytes of UTF-8", "pkcs11_server", key)
+        return label
+
+    if "keys" in table:
+        out.tokens[label_ok(table.get("label", "strongroom"), "label")] = patterns(
+            table["keys"], "keys"
+        )
+    elif "label" in table:
+        raise cfg.error("names the token of `keys`, which is not set", "pkcs11_server", "label")
+    tokens = table.get("tokens", {})
+    if not isinstance(tokens, dict):
+        raise cfg.error("must be a table of label = [patterns]", "pkcs11_server", "tokens")
+    for label, value in tokens.items():
+        if label in out.tokens:
+            raise cfg.error(f"names token {label!r} twice", "pkcs11_server", "tokens")
+        out.tokens[label_ok(label, "tokens")] = patterns(value, "tokens")
+    if "pin" in table:
+        pin = table["pin"]
+        try:
+            if not isinstance(pin, str):
+                raise ValueError("not a string")
+            validate_reference(pin)
+            if pin == "prompt":
+                raise ValueError("prompt")
+        except ValueError:
+            raise cfg.error(
+                "must be env:NAME or file:PATH (the server runs without a terminal)",
+                "pkcs11_server",
+                "pin",
+            ) from None
+        out.pin = pin
+    if "socket" in table:
+        if not isinstance(table["socket"], str) or not table["socket"]:
+            raise cfg.error("must be a path", "pkcs11_server", "socket")
+        out.socket = Path(table["socket"]).expanduser()
 
 
 def parse_listen(value: object) -> tuple[str, int]:

@@ -214,3 +214,10 @@ class RequestTooLarge(InvalidArgument):
 class AgentMessageError(InvalidArgument):
     """An SSH agent message is malformed, truncated, too large or of an unknown kind: the
     agent answers SSH_AGENT_FAILURE (or closes the connection) and serves on."""
+
+
+# -- the PKCS#11 server (docs/pkcs11-server.md) ------------------------------------------------
+class Pkcs11MessageError(InvalidArgument):
+    """A p11-kit RPC message is malformed, truncated, too large, too deeply nested or does
+    not carry its call's signature: the server answers CKR_DEVICE_ERROR (or closes the
+    connection, for a frame it cannot read) and serves on."""

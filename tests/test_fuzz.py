@@ -738,3 +738,97 @@ def test_every_ssh_agent_seed_is_served(ssh_agent_seeds: tuple[Any, list[bytes]]
     for body in seeds:
         reply = agent.handle(body, Peer(os.getpid(), os.getuid()))
         assert reply[4] != 5, body[:1]
+
+
+# -- the PKCS#11 server's requests ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pkcs11_seeds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, list[bytes]]]:
+    """A vault token with a P-256 and an RSA key, a logged-in session, and real requests:
+    info, slots, token, mechanisms, find (with a nested template), get attributes, sign,
+    verify, random."""
+    import struct
+
+    from strongroom.pkcs11server import Connection, Settings, TokenSpec, ck, wire
+
+    def u(v: int) -> bytes:
+        return struct.pack(">Q", v)
+
+    def ay(data: bytes) -> bytes:
+        return b"\x01" + wire.byte_array(data)
+
+    def attr_ulong(kind: int, v: int) -> bytes:
+        return struct.pack(">IBI", kind, 1, 8) + u(v)
+
+    def mech(kind: int) -> bytes:
+        return struct.pack(">I", kind) + wire.byte_array(None)
+
+    with seed_keystore(tmp_path_factory, "fuzz-pkcs11") as (ks, _data):
+        ks.vault_control().initialize()
+        ks.generate("p", "ecdsa-p256")
+        ks.generate("r", "rsa-2048")
+        conn = Connection(ks, Settings((TokenSpec("t", ("*",)),), pin="1234"))
+        for body in (
+            wire.request("C_Initialize", ay(wire.HANDSHAKE), b"\x00", ay(b"")),
+            wire.request("C_OpenSession", u(0), u(ck.CKF_SERIAL_SESSION)),
+            wire.request("C_Login", u(1), u(ck.CKU_USER), ay(b"1234")),
+        ):
+            assert conn.handle(body)[:4] != b"\x00\x00\x00\x00"
+        nested = struct.pack(">IBI", ck.CKA_WRAP_TEMPLATE, 1, 24) + struct.pack(">I", 1)
+        nested += attr_ulong(ck.CKA_CLASS, ck.CKO_PRIVATE_KEY)
+        seeds = [
+            wire.request("C_GetInfo"),
+            wire.request("C_GetSlotList", b"\x01", struct.pack(">I", 8)),
+            wire.request("C_GetTokenInfo", u(0)),
+            wire.request("C_GetMechanismList", u(0), struct.pack(">I", 0)),
+            wire.request("C_GetMechanismInfo", u(0), u(ck.CKM_ECDSA)),
+            wire.request(
+                "C_FindObjectsInit", u(1), struct.pack(">I", 2)
+                + attr_ulong(ck.CKA_CLASS, ck.CKO_PRIVATE_KEY) + nested
+            ),
+            wire.request("C_FindObjects", u(1), struct.pack(">I", 10)),
+            wire.request("C_FindObjectsFinal", u(1)),
+            wire.request(
+                "C_GetAttributeValue", u(1), u(1),
+                struct.pack(">I", 3) + struct.pack(">II", ck.CKA_EC_POINT, 0)
+                + struct.pack(">II", ck.CKA_LABEL, 64) + struct.pack(">II", ck.CKA_VALUE, 64),
+            ),
+            wire.request("C_SignInit", u(1), mech(ck.CKM_ECDSA), u(1)),
+            wire.request("C_Sign", u(1), ay(b"\x01" * 32), struct.pack(">I", 64)),
+            wire.request("C_VerifyInit", u(1), mech(ck.CKM_SHA256_RSA_PKCS), u(4)),
+            wire.request("C_Verify", u(1), ay(b"m"), ay(b"\x00" * 256)),
+            wire.request("C_GenerateRandom", u(1), struct.pack(">I", 16)),
+            wire.request("C_Logout", u(1)),
+        ]  # fmt: skip
+        yield conn, seeds
+
+
+@FUZZ
+@given(data=st.data())
+def test_pkcs11_requests(pkcs11_seeds: tuple[Any, list[bytes]], data: st.DataObject) -> None:
+    """The decoder raises only Pkcs11MessageError; the server answers every request body with
+    one well-formed reply (its call's, or ERROR with a CK_RV) and never raises."""
+    from strongroom.errors import Pkcs11MessageError
+    from strongroom.pkcs11server import wire
+    from strongroom.pkcs11server.token import Session
+
+    conn, seeds = pkcs11_seeds
+    body = data.draw(st.one_of(mutated(data.draw(st.sampled_from(seeds))), st.binary(max_size=64)))
+    with contextlib.suppress(Pkcs11MessageError):
+        wire.decode(body, 1)
+    reply = conn.handle(body)
+    call_id = int.from_bytes(reply[:4], "big")
+    assert call_id < len(wire.CALLS)
+    assert reply[4:8] == len(wire.CALLS[call_id][2]).to_bytes(4, "big")
+    if not conn.initialized or 1 not in conn.sessions:  # a mutated C_Finalize or close: reopen
+        conn.initialized = True
+        conn.sessions[1] = Session(0, rw=False)
+    conn.logged_in.add(0)
+
+
+def test_every_pkcs11_seed_is_served(pkcs11_seeds: tuple[Any, list[bytes]]) -> None:
+    """The positive control: unmutated, each seed but the bad-signature verify succeeds."""
+    conn, seeds = pkcs11_seeds
+    for body in seeds:
+        reply = conn.handle(body)
+        failed = reply[:4] == b"\x00\x00\x00\x00"
+        assert failed == (body is seeds[12]), body[:4]

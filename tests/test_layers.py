@@ -16,7 +16,8 @@ The rules (ARCHITECTURE.md, "Dependency rules after"):
   recipes (R4: envelope, pkey) the contract; the service/ package (R5, a face) anything
   below it, but its client only its wire format, the contract and the recipes, so that a
   client installs no server side; the SSH agent (sshagent/, a face) the contract, audit/
-  and itself, never the keystore; nothing
+  and itself, never the keystore; the PKCS#11 server (pkcs11server/) the contract and
+  itself; nothing
   below the service imports it; nothing outside the CLI's package (cli/) imports it or any
   of its modules;
 - a backend (R6) imports only the contract and runtime layers and its own package: never
@@ -110,6 +111,9 @@ WIRE = "strongroom.service.wire"
 SSHAGENT = "strongroom.sshagent"
 """The SSH agent, a face over KeyAPI: the contract, `audit` (the principal of its sign
 records) and itself; never the keystore, so it serves a RemoteKeystore the same way."""
+PKCS11SERVER = "strongroom.pkcs11server"
+"""The PKCS#11 server, a face over KeyAPI like the SSH agent: the contract and itself; never
+the keystore, so it serves a RemoteKeystore the same way."""
 OLD_SERVICE_PATHS = frozenset({"strongroom.server", "strongroom.client", "strongroom.tenants"})
 """Modules kept at the service's old import paths for the names docs give: they only
 re-export strongroom.service (R5: faces, like the package's `__init__`)."""
@@ -332,6 +336,12 @@ def may_import(importer: str, imported: str) -> bool:
             or imported == SSHAGENT
             or imported.startswith(SSHAGENT + ".")
         )
+    if importer == PKCS11SERVER or importer.startswith(PKCS11SERVER + "."):
+        return (
+            imported in CONTRACT
+            or imported == PKCS11SERVER
+            or imported.startswith(PKCS11SERVER + ".")
+        )
     if importer == CLIENT:  # a client installs no server side
         return imported in CONTRACT | RECIPES or imported == WIRE
     if imported == SERVICE or imported.startswith(SERVICE + "."):
@@ -517,5 +527,9 @@ def test_synthetic_forbidden_edges_are_caught() -> None:
     assert may_import("strongroom.sshagent.agent", "strongroom.sshagent.wire")
     assert not may_import("strongroom.sshagent.agent", "strongroom.keystore")
     assert not may_import("strongroom.sshagent.server", "strongroom.service.client")
+    assert may_import("strongroom.pkcs11server.token", "strongroom.api")
+    assert may_import("strongroom.pkcs11server.token", "strongroom.pkcs11server.wire")
+    assert not may_import("strongroom.pkcs11server.token", "strongroom.keystore")
+    assert not may_import("strongroom.pkcs11server.server", "strongroom.sshagent.server")
     found = native_importers(synthetic_imports())
     assert found["tpm2_pytss"] == {"strongroom.backends.demo.backend"}

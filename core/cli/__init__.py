@@ -44,7 +44,7 @@ from ..errors import (
 )
 from ..secrets import new_passphrase_policy
 from ..types import Usage
-from . import audit, certs, keyops, keys, misc, service, sshagent, vault
+from . import audit, certs, keyops, keys, misc, pkcs11server, service, sshagent, vault
 from ._io import (
     CONFIG_HELP,
     DEBUG_HELP,
@@ -184,6 +184,7 @@ for command in (
     service.tenant,
     service.policy,
     sshagent.ssh_agent,
+    pkcs11server.pkcs11_server,
 ):
     cli.add_command(command)
 # The `key` commands that pass data through a key are in keyops.py.

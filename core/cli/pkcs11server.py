@@ -1,0 +1,117 @@
+"""`strongroom pkcs11-server`: serve the keystore's keys to PKCS#11 applications through
+p11-kit's client module (docs/pkcs11-server.md)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .. import config as config_mod
+from ..errors import ConfigError, InvalidArgument
+from ..pkcs11server import Pkcs11Server, Settings, TokenSpec
+from ..secrets import SecretSource
+from ._io import EXIT_OTHER, StrongroomCommand
+from ._state import State, pass_state
+
+_READY = b"ready\n"
+
+
+@click.command("pkcs11-server", cls=StrongroomCommand)
+@click.option(
+    "--socket",
+    "socket_path",
+    metavar="PATH",
+    help="Listen on this socket path (default: [pkcs11_server] socket, else a new private "
+    "directory in $XDG_RUNTIME_DIR or the temp dir).",
+)
+@click.option("-D", "foreground", is_flag=True, help="Stay in the foreground (do not detach).")
+@pass_state
+def pkcs11_server(state: State, socket_path: str | None, foreground: bool) -> None:
+    """Serve the keystore's keys over p11-kit's RPC protocol.
+
+    Prints P11_KIT_SERVER_ADDRESS for a shell to eval, like `p11-kit server`, then detaches
+    (unless -D). Applications load p11-kit-client.so and see one slot per token of
+    [pkcs11_server]; C_Login takes [pkcs11_server] pin. Works in process and through --server.
+    """
+    cfg = config_mod.load(state.config).pkcs11_server
+    if not cfg.tokens:
+        raise ConfigError("no keys to offer: set [pkcs11_server] keys (or tokens)")
+    if cfg.pin is None:
+        raise ConfigError("set [pkcs11_server] pin (env:NAME or file:PATH): C_Login checks it")
+    pin = SecretSource([cfg.pin], "the PKCS#11 PIN: ").get()
+    if not pin:
+        raise InvalidArgument("the PKCS#11 PIN is empty")
+    settings = Settings(
+        tuple(TokenSpec(label, tuple(p)) for label, p in cfg.tokens.items()), pin=pin
+    )
+    # Bound before the fork, so that the address printed is already being listened on; the
+    # keystore is opened after it, in the serving process (a PKCS#11 or TPM session does
+    # not survive a fork).
+    server = Pkcs11Server(None, settings, Path(socket_path) if socket_path else cfg.socket)
+    if foreground:
+        _serve(state, server)
+        return
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid:  # the parent: wait until the server serves, then tell the shell where it is
+        os.close(ready_w)
+        server.detach()
+        with os.fdopen(ready_r, "rb") as ready:
+            status = ready.read(len(_READY))
+        if status != _READY:
+            _, wait_status = os.waitpid(pid, 0)
+            sys.exit(os.waitstatus_to_exitcode(wait_status) or EXIT_OTHER)
+        click.echo(_environment(server.address), nl=False)
+        return
+    os.close(ready_r)
+    os.setsid()
+    _serve(state, server, ready_fd=ready_w)
+
+
+def _environment(address: str) -> str:
+    """What `p11-kit server` prints for a Bourne shell to eval."""
+    return f"P11_KIT_SERVER_ADDRESS={address}; export P11_KIT_SERVER_ADDRESS;\n"
+
+
+def _serve(state: State, server: Pkcs11Server, ready_fd: int | None = None) -> None:
+    """Open the keystore, say so, serve until SIGTERM, SIGINT or SIGHUP, then remove the
+    socket."""
+    try:
+        ks = state.keystore()
+        ks.keys()  # opens the keystore now: passphrase, PIN, token
+        server.ks = ks
+        if ready_fd is None:
+            click.echo(_environment(server.address), nl=False)
+            sys.stdout.flush()
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("strongroom pkcs11-server: %(message)s"))
+            logger = logging.getLogger("strongroom.pkcs11server")
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+        else:
+            os.write(ready_fd, _READY)
+            os.close(ready_fd)
+            _to_dev_null()
+
+        def stop(signum: int, frame: Any) -> None:
+            server.shutdown()
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, stop)
+        server.serve_forever()
+    finally:
+        server.close()
+
+
+def _to_dev_null() -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)

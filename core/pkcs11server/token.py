@@ -1,0 +1,649 @@
+"""The PKCS#11 module a client sees: slots and tokens (one per configured key set),
+sessions, login, objects and the operations, one `Connection` per client.
+
+Every key operation is a `KeyAPI` call (a `Keystore` in process, a `RemoteKeystore`
+against `strongroom serve`), so each is usage-checked and audited there; this module only
+translates PKCS#11's calls and formats. Sessions, object handles and operations live in
+the client's `Connection`: another client cannot see or use them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import hmac
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+
+from ..api import KeyAPI
+from ..errors import (
+    BackendUnavailable,
+    InvalidArgument,
+    KeyNotFound,
+    PolicyViolation,
+    StrongroomError,
+    UnsupportedOperation,
+)
+from ..types import KeyInfo
+from . import ck, wire
+from .objects import SENSITIVE, Obj, key_objects
+
+log = logging.getLogger("strongroom.pkcs11server")
+
+Reply = tuple[Any, ...]
+"""A call's reply values, in its reply signature's order."""
+MAX_SESSIONS = 256
+"""Sessions one client may hold open."""
+MAX_RANDOM = 1 << 20
+"""The most bytes one C_GenerateRandom returns."""
+MAX_PIN = 256
+MANUFACTURER = "Strongroom"
+VERSION = (0, 1)
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    """One slot and its token: a label and the glob patterns of the keys it holds."""
+
+    label: str
+    patterns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the server offers: `[pkcs11_server]` in the config, or the command line."""
+
+    tokens: tuple[TokenSpec, ...]
+    pin: str = field(repr=False, default="")
+    """The PIN C_Login checks (compared in constant time; never logged)."""
+
+
+@dataclass
+class Operation:
+    """A sign, verify, encrypt or decrypt in progress in one session."""
+
+    kind: str
+    key: Obj
+    mechanism: wire.Mechanism
+    data: bytearray = field(default_factory=bytearray, repr=False)
+    result: bytes | None = field(default=None, repr=False)
+    """A result computed for a length query, returned by the next call."""
+
+
+@dataclass
+class Session:
+    slot: int
+    rw: bool
+    find: list[int] | None = None
+    ops: dict[str, Operation] = field(default_factory=dict)
+
+
+class CkError(Exception):
+    """A call fails with this CK_RV."""
+
+    def __init__(self, rv: int) -> None:
+        super().__init__(f"CK_RV 0x{rv:x}")
+        self.rv = rv
+
+
+SIGN_MECHANISMS = {
+    ck.CKM_ECDSA: None,
+    ck.CKM_ECDSA_SHA1: "sha1",
+    ck.CKM_ECDSA_SHA224: "sha224",
+    ck.CKM_ECDSA_SHA256: "sha256",
+    ck.CKM_ECDSA_SHA384: "sha384",
+    ck.CKM_ECDSA_SHA512: "sha512",
+}
+RSA_SIGN = (
+    ck.CKM_RSA_PKCS,
+    ck.CKM_SHA256_RSA_PKCS,
+    ck.CKM_RSA_PKCS_PSS,
+    ck.CKM_SHA256_RSA_PKCS_PSS,
+)
+# (min key size, max key size, flags) of each mechanism served (C_GetMechanismInfo).
+MECHANISMS: dict[int, tuple[int, int, int]] = {
+    **{
+        m: (256, 384, ck.CKF_SIGN | ck.CKF_VERIFY | ck.CKF_EC_F_P | ck.CKF_EC_NAMEDCURVE
+            | ck.CKF_EC_UNCOMPRESS)
+        for m in SIGN_MECHANISMS
+    },
+    **{m: (2048, 4096, ck.CKF_SIGN | ck.CKF_VERIFY) for m in RSA_SIGN},
+    ck.CKM_RSA_PKCS_OAEP: (2048, 4096, ck.CKF_DECRYPT),
+    ck.CKM_EDDSA: (255, 255, ck.CKF_SIGN | ck.CKF_VERIFY),
+    ck.CKM_SHA256_HMAC: (256, 256, ck.CKF_SIGN | ck.CKF_VERIFY),
+}  # fmt: skip
+# DigestInfo prefixes (RFC 8017, 9.2 note 1): CKM_RSA_PKCS signs DigestInfo || hash.
+SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+
+
+def _ck_error(e: Exception) -> int:
+    """The CK_RV for a keystore error (never its message: that stays in the log)."""
+    if isinstance(e, KeyNotFound):
+        return ck.CKR_KEY_HANDLE_INVALID
+    if isinstance(e, PolicyViolation):
+        return ck.CKR_KEY_FUNCTION_NOT_PERMITTED
+    if isinstance(e, UnsupportedOperation):
+        return ck.CKR_MECHANISM_INVALID
+    if isinstance(e, InvalidArgument):
+        return ck.CKR_DATA_INVALID
+    if isinstance(e, BackendUnavailable):
+        return ck.CKR_DEVICE_ERROR
+    return ck.CKR_FUNCTION_FAILED
+
+
+class Connection:
+    """One client's module state: initialised or not, logged in or not, its sessions,
+    object handles and operations. Not shared between clients, so not locked."""
+
+    def __init__(self, ks: KeyAPI, settings: Settings, version: int = 0) -> None:
+        self.ks = ks
+        self.settings = settings
+        self.version = version
+        self.initialized = False
+        self.logged_in: set[int] = set()
+        self.sessions: dict[int, Session] = {}
+        self._next_session = 1
+        self.objects: dict[int, Obj] = {}
+        self._handles: dict[tuple[int, str, int, int], int] = {}
+        self._next_handle = 1
+        self._calls: dict[str, Callable[..., tuple[Any, ...]]] = {
+            name: getattr(self, name) for name, _, _ in wire.CALLS if hasattr(self, name)
+        }
+
+    # -- dispatch ---------------------------------------------------------------------------------
+    def handle(self, body: bytes) -> bytes:
+        """One request body → its reply body (an ERROR reply for a CK_RV other than OK)."""
+        try:
+            call = wire.decode(body, self.version)
+        except StrongroomError as e:
+            log.info("a malformed request: %s", e)
+            return wire.error(ck.CKR_DEVICE_ERROR)
+        method = self._calls.get(call.name)
+        if method is None:
+            return wire.error(ck.CKR_FUNCTION_NOT_SUPPORTED)
+        if not self.initialized and call.name != "C_Initialize":
+            return wire.error(ck.CKR_CRYPTOKI_NOT_INITIALIZED)
+        try:
+            values = method(*call.args)
+        except CkError as e:
+            return wire.error(e.rv)
+        except InvalidSignature:
+            return wire.error(ck.CKR_SIGNATURE_INVALID)
+        except StrongroomError as e:
+            log.info("%s failed: %s", call.name, type(e).__name__)
+            return wire.error(_ck_error(e))
+        return wire.reply(call.call_id, *values)
+
+    # -- general ----------------------------------------------------------------------------------
+    def C_Initialize(self, handshake: wire.ByteArray, present: int, reserved: Any) -> Reply:
+        if handshake.data != wire.HANDSHAKE:
+            raise CkError(ck.CKR_GENERAL_ERROR)
+        if self.initialized:
+            raise CkError(ck.CKR_CRYPTOKI_ALREADY_INITIALIZED)
+        self.initialized = True
+        return ()
+
+    def C_Finalize(self) -> Reply:
+        self.initialized = False
+        self.sessions.clear()
+        self.logged_in.clear()
+        return ()
+
+    def C_GetInfo(self) -> Reply:
+        return (
+            (2, 40),
+            wire.padded(MANUFACTURER, 32),
+            0,
+            wire.padded("Strongroom keystore", 32),
+            VERSION,
+        )
+
+    def C_GetSlotList(self, token_present: int, count: int) -> Reply:
+        slots = tuple(range(len(self.settings.tokens)))
+        return (self._ulongs(slots, count),)
+
+    @staticmethod
+    def _ulongs(values: tuple[int, ...], room: int) -> wire.Out:
+        if room < len(values):  # a length query, or a buffer too small
+            return wire.Out(None, len(values))
+        return wire.Out(values, len(values))
+
+    def _token(self, slot: int) -> TokenSpec:
+        if not 0 <= slot < len(self.settings.tokens):
+            raise CkError(ck.CKR_SLOT_ID_INVALID)
+        return self.settings.tokens[slot]
+
+    def C_GetSlotInfo(self, slot: int) -> Reply:
+        token = self._token(slot)
+        return (
+            wire.padded(f"Strongroom {token.label}", 64),
+            wire.padded(MANUFACTURER, 32),
+            ck.CKF_TOKEN_PRESENT,
+            VERSION,
+            VERSION,
+        )
+
+    def C_GetTokenInfo(self, slot: int) -> Reply:
+        token = self._token(slot)
+        flags = (
+            ck.CKF_RNG | ck.CKF_LOGIN_REQUIRED | ck.CKF_USER_PIN_INITIALIZED
+            | ck.CKF_TOKEN_INITIALIZED
+        )  # fmt: skip
+        mine = [s for s in self.sessions.values() if s.slot == slot]
+        return (
+            wire.padded(token.label, 32),
+            wire.padded(MANUFACTURER, 32),
+            wire.padded("keystore", 16),
+            wire.padded(f"{slot:016d}", 16),
+            flags,
+            MAX_SESSIONS,
+            len(mine),
+            MAX_SESSIONS,
+            sum(1 for s in mine if s.rw),
+            MAX_PIN,
+            1,
+            ck.UNAVAILABLE,
+            ck.UNAVAILABLE,
+            ck.UNAVAILABLE,
+            ck.UNAVAILABLE,
+            VERSION,
+            VERSION,
+            wire.padded("", 16),
+        )
+
+    def C_GetMechanismList(self, slot: int, count: int) -> Reply:
+        self._token(slot)
+        return (self._ulongs(tuple(MECHANISMS), count),)
+
+    def C_GetMechanismInfo(self, slot: int, mechanism: int) -> Reply:
+        self._token(slot)
+        if mechanism not in MECHANISMS:
+            raise CkError(ck.CKR_MECHANISM_INVALID)
+        return MECHANISMS[mechanism]
+
+    # -- sessions and login -----------------------------------------------------------------------
+    def C_OpenSession(self, slot: int, flags: int) -> Reply:
+        self._token(slot)
+        if not flags & ck.CKF_SERIAL_SESSION:
+            raise CkError(ck.CKR_SESSION_PARALLEL_NOT_SUPPORTED)
+        if len(self.sessions) >= MAX_SESSIONS:
+            raise CkError(ck.CKR_SESSION_COUNT)
+        handle = self._next_session
+        self._next_session += 1
+        self.sessions[handle] = Session(slot, bool(flags & ck.CKF_RW_SESSION))
+        return (handle,)
+
+    def _session(self, handle: int) -> Session:
+        session = self.sessions.get(handle)
+        if session is None:
+            raise CkError(ck.CKR_SESSION_HANDLE_INVALID)
+        return session
+
+    def C_CloseSession(self, handle: int) -> Reply:
+        session = self._session(handle)
+        del self.sessions[handle]
+        if not any(s.slot == session.slot for s in self.sessions.values()):
+            self.logged_in.discard(session.slot)  # the last session closes the login too
+        return ()
+
+    def C_CloseAllSessions(self, slot: int) -> Reply:
+        self._token(slot)
+        for handle in [h for h, s in self.sessions.items() if s.slot == slot]:
+            del self.sessions[handle]
+        self.logged_in.discard(slot)
+        return ()
+
+    def C_GetSessionInfo(self, handle: int) -> Reply:
+        session = self._session(handle)
+        user = session.slot in self.logged_in
+        state = (
+            (ck.CKS_RW_USER_FUNCTIONS if user else ck.CKS_RW_PUBLIC_SESSION)
+            if session.rw
+            else (ck.CKS_RO_USER_FUNCTIONS if user else ck.CKS_RO_PUBLIC_SESSION)
+        )
+        flags = ck.CKF_SERIAL_SESSION | (ck.CKF_RW_SESSION if session.rw else 0)
+        return (session.slot, state, flags, 0)
+
+    def C_Login(self, handle: int, user: int, pin: wire.ByteArray) -> Reply:
+        session = self._session(handle)
+        if user == ck.CKU_CONTEXT_SPECIFIC:
+            raise CkError(ck.CKR_OPERATION_NOT_INITIALIZED)
+        if user != ck.CKU_USER:
+            raise CkError(ck.CKR_USER_TYPE_INVALID)  # there is no security officer here
+        if session.slot in self.logged_in:
+            raise CkError(ck.CKR_USER_ALREADY_LOGGED_IN)
+        given = pin.data or b""
+        if not self.settings.pin or not hmac.compare_digest(given, self.settings.pin.encode()):
+            log.warning("a wrong PIN for token %s", self._token(session.slot).label)
+            raise CkError(ck.CKR_PIN_INCORRECT)
+        self.logged_in.add(session.slot)
+        return ()
+
+    def C_Logout(self, handle: int) -> Reply:
+        session = self._session(handle)
+        if session.slot not in self.logged_in:
+            raise CkError(ck.CKR_USER_NOT_LOGGED_IN)
+        self.logged_in.discard(session.slot)
+        return ()
+
+    # -- objects ----------------------------------------------------------------------------------
+    def _keys(self, slot: int) -> list[KeyInfo]:
+        patterns = self._token(slot).patterns
+        return [
+            info
+            for info in self.ks.keys()
+            if any(fnmatch.fnmatchcase(info.name, p) for p in patterns)
+        ]
+
+    def _visible(self, slot: int) -> list[int]:
+        """Refresh the slot's objects from the keystore; the handles of those this client
+        may see now (private objects only after login)."""
+        out = []
+        user = slot in self.logged_in
+        for info in self._keys(slot):
+            try:
+                objects = key_objects(self.ks, info)
+            except StrongroomError as e:  # one unreachable backend hides its keys only
+                log.info("key %s left out: %s", info.name, type(e).__name__)
+                continue
+            seen: dict[int, int] = {}
+            for obj in objects:
+                index = seen.get(obj.klass, 0)
+                seen[obj.klass] = index + 1
+                handle = self._handle(slot, obj, index)
+                if user or not obj.private:
+                    out.append(handle)
+        return out
+
+    def _handle(self, slot: int, obj: Obj, index: int) -> int:
+        ident = (slot, obj.key, obj.klass, index)
+        handle = self._handles.get(ident)
+        if handle is None:
+            handle = self._next_handle
+            self._next_handle += 1
+            self._handles[ident] = handle
+        self.objects[handle] = obj
+        return handle
+
+    def _object(self, session: Session, handle: int) -> Obj:
+        obj = self.objects.get(handle)
+        if obj is None or (obj.private and session.slot not in self.logged_in):
+            raise CkError(ck.CKR_OBJECT_HANDLE_INVALID)
+        if not any(k[0] == session.slot for k, h in self._handles.items() if h == handle):
+            raise CkError(ck.CKR_OBJECT_HANDLE_INVALID)
+        return obj
+
+    def C_FindObjectsInit(self, handle: int, template: tuple[wire.Attribute, ...]) -> Reply:
+        session = self._session(handle)
+        if session.find is not None:
+            raise CkError(ck.CKR_OPERATION_ACTIVE)
+        want = {a.type: a.value for a in template if a.valid}
+        session.find = [h for h in self._visible(session.slot) if self.objects[h].matches(want)]
+        return ()
+
+    def C_FindObjects(self, handle: int, room: int) -> Reply:
+        session = self._session(handle)
+        if session.find is None:
+            raise CkError(ck.CKR_OPERATION_NOT_INITIALIZED)
+        found, session.find = session.find[:room], session.find[room:]
+        return (wire.Out(tuple(found), len(found)),)
+
+    def C_FindObjectsFinal(self, handle: int) -> Reply:
+        session = self._session(handle)
+        if session.find is None:
+            raise CkError(ck.CKR_OPERATION_NOT_INITIALIZED)
+        session.find = None
+        return ()
+
+    def C_GetAttributeValue(
+        self, handle: int, obj_handle: int, template: tuple[wire.AttributeQuery, ...]
+    ) -> Reply:
+        obj = self._object(self._session(handle), obj_handle)
+        rv = ck.CKR_OK
+        out = []
+        for query in template:
+            value = obj.attrs.get(query.type)
+            if value is None:
+                rv = rv or ck.CKR_ATTRIBUTE_TYPE_INVALID
+                out.append(wire.attribute(query.type, None, None))
+                continue
+            if value is SENSITIVE:
+                rv = rv or ck.CKR_ATTRIBUTE_SENSITIVE
+                out.append(wire.attribute(query.type, None, None))
+                continue
+            length = wire.attribute_length(query.type, value)
+            if query.length == 0:  # the client asks for the length
+                out.append(wire.attribute(query.type, None, length))
+            elif query.length < length:
+                rv = rv or ck.CKR_BUFFER_TOO_SMALL
+                out.append(wire.attribute(query.type, None, None))
+            else:
+                out.append(wire.attribute(query.type, value, length))
+        return (tuple(out), rv)
+
+    # -- sign and verify --------------------------------------------------------------------------
+    def _begin(self, kind: str, handle: int, mech: wire.Mechanism, key: int) -> Reply:
+        session = self._session(handle)
+        if mech.type is None:  # the NULL mechanism cancels the operation
+            session.ops.pop(kind, None)
+            return ()
+        if kind in session.ops:
+            raise CkError(ck.CKR_OPERATION_ACTIVE)
+        if mech.type not in MECHANISMS:
+            raise CkError(ck.CKR_MECHANISM_INVALID)
+        obj = self._object(session, key)
+        flag = {"sign": ck.CKA_SIGN, "verify": ck.CKA_VERIFY, "decrypt": ck.CKA_DECRYPT}[kind]
+        if not obj.attrs.get(flag):
+            raise CkError(ck.CKR_KEY_FUNCTION_NOT_PERMITTED)
+        self._check_mechanism(obj, mech)
+        session.ops[kind] = Operation(kind, obj, mech)
+        return ()
+
+    def _check_mechanism(self, obj: Obj, mech: wire.Mechanism) -> None:
+        key_type = obj.attrs.get(ck.CKA_KEY_TYPE)
+        m = mech.type
+        ok = (
+            (m in SIGN_MECHANISMS and key_type == ck.CKK_EC)
+            or (m in RSA_SIGN and key_type == ck.CKK_RSA)
+            or (m == ck.CKM_RSA_PKCS_OAEP and key_type == ck.CKK_RSA)
+            or (m == ck.CKM_EDDSA and key_type == ck.CKK_EC_EDWARDS)
+            or (m == ck.CKM_SHA256_HMAC and key_type == ck.CKK_SHA256_HMAC)
+        )
+        if not ok:
+            raise CkError(ck.CKR_KEY_TYPE_INCONSISTENT)
+        if m in (ck.CKM_RSA_PKCS_PSS, ck.CKM_SHA256_RSA_PKCS_PSS):
+            p = mech.params
+            if p != {"hash": ck.CKM_SHA256, "mgf": ck.CKG_MGF1_SHA256, "salt": 32}:
+                raise CkError(ck.CKR_MECHANISM_PARAM_INVALID)
+        elif m == ck.CKM_RSA_PKCS_OAEP:
+            p = mech.params
+            if not isinstance(p, dict) or p.get("label"):
+                raise CkError(ck.CKR_MECHANISM_PARAM_INVALID)
+            if (p["hash"], p["mgf"]) not in (
+                (ck.CKM_SHA256, ck.CKG_MGF1_SHA256),
+                (ck.CKM_SHA_1, ck.CKG_MGF1_SHA1),
+            ):
+                raise CkError(ck.CKR_MECHANISM_PARAM_INVALID)
+        elif mech.params not in (None, b""):
+            raise CkError(ck.CKR_MECHANISM_PARAM_INVALID)
+
+    def _op(self, handle: int, kind: str) -> tuple[Session, Operation]:
+        session = self._session(handle)
+        op = session.ops.get(kind)
+        if op is None:
+            raise CkError(ck.CKR_OPERATION_NOT_INITIALIZED)
+        return session, op
+
+    def _data(self, value: wire.ByteArray) -> bytes:
+        if value.data is None:
+            if value.length:
+                raise CkError(ck.CKR_ARGUMENTS_BAD)
+            return b""
+        return value.data
+
+    def C_SignInit(self, handle: int, mech: wire.Mechanism, key: int) -> Reply:
+        return self._begin("sign", handle, mech, key)
+
+    def C_Sign(self, handle: int, data: wire.ByteArray, room: int) -> Reply:
+        session, op = self._op(handle, "sign")
+        if op.result is None:  # a repeat after a length query carries the same data
+            op.data = bytearray(self._data(data))
+        return (self._finish(session, op, room, self._sign),)
+
+    def C_SignUpdate(self, handle: int, data: wire.ByteArray) -> Reply:
+        _, op = self._op(handle, "sign")
+        self._append(op, self._data(data))
+        return ()
+
+    def C_SignFinal(self, handle: int, room: int) -> Reply:
+        session, op = self._op(handle, "sign")
+        return (self._finish(session, op, room, self._sign),)
+
+    @staticmethod
+    def _append(op: Operation, data: bytes) -> None:
+        if len(op.data) + len(data) > wire.MAX_BODY:
+            raise CkError(ck.CKR_DATA_LEN_RANGE)
+        op.data += data
+
+    def _finish(
+        self, session: Session, op: Operation, room: int, compute: Callable[[Operation], bytes]
+    ) -> wire.Out:
+        """Compute once (a length query keeps the result for the next call), then return it
+        when the client's buffer holds it, ending the operation."""
+        if op.result is None:
+            try:
+                op.result = compute(op)
+            except BaseException:
+                session.ops.pop(op.kind, None)  # a failed operation ends (PKCS #11 5.2)
+                raise
+        if room < len(op.result):
+            return wire.Out(None, len(op.result))
+        session.ops.pop(op.kind, None)
+        return wire.Out(op.result, len(op.result))
+
+    def _sign(self, op: Operation) -> bytes:
+        m = op.mechanism.type
+        name = op.key.key
+        data = bytes(op.data)
+        if m in SIGN_MECHANISMS:
+            digest, size = self._ec_digest(op, data)
+            der = self.ks.sign(name, digest, prehashed=True)
+            r, s = decode_dss_signature(der)
+            return r.to_bytes(size, "big") + s.to_bytes(size, "big")
+        if m == ck.CKM_RSA_PKCS:
+            if not data.startswith(SHA256_DIGEST_INFO) or len(data) != 51:
+                raise CkError(ck.CKR_DATA_INVALID)  # only SHA-256 DigestInfo is signed
+            return self.ks.sign(name, data[19:], "pkcs1v15", prehashed=True)
+        if m == ck.CKM_SHA256_RSA_PKCS:
+            return self.ks.sign(name, data, "pkcs1v15")
+        if m == ck.CKM_RSA_PKCS_PSS:
+            if len(data) != 32:
+                raise CkError(ck.CKR_DATA_LEN_RANGE)
+            return self.ks.sign(name, data, "pss", prehashed=True)
+        if m == ck.CKM_SHA256_RSA_PKCS_PSS:
+            return self.ks.sign(name, data, "pss")
+        if m == ck.CKM_EDDSA:
+            return self.ks.sign(name, data)
+        if m == ck.CKM_SHA256_HMAC:
+            return self.ks.mac(name, data)
+        raise CkError(ck.CKR_MECHANISM_INVALID)  # pragma: no cover - checked at init
+
+    @staticmethod
+    def _ec_digest(op: Operation, data: bytes) -> tuple[bytes, int]:
+        """The digest the keystore signs, and the curve's size in bytes. CKM_ECDSA takes a
+        hash of any length: ECDSA uses its leftmost bits up to the order's size, so a
+        longer one is cut and a shorter one zero-extended on the left (the same integer)."""
+        m = op.mechanism.type
+        params = op.key.attrs[ck.CKA_EC_PARAMS]
+        size = 48 if params == bytes.fromhex("06052b81040022") else 32
+        hash_name = SIGN_MECHANISMS[m] if m is not None else None
+        digest = hashlib.new(hash_name, data).digest() if hash_name else data
+        if not digest or len(digest) > 64:
+            raise CkError(ck.CKR_DATA_LEN_RANGE)
+        digest = digest[:size].rjust(size, b"\x00")
+        return digest, size
+
+    def C_VerifyInit(self, handle: int, mech: wire.Mechanism, key: int) -> Reply:
+        return self._begin("verify", handle, mech, key)
+
+    def C_Verify(self, handle: int, data: wire.ByteArray, signature: wire.ByteArray) -> Reply:
+        session, op = self._op(handle, "verify")
+        op.data += self._data(data)
+        session.ops.pop("verify", None)
+        self._verify(op, self._data(signature))
+        return ()
+
+    def C_VerifyUpdate(self, handle: int, data: wire.ByteArray) -> Reply:
+        _, op = self._op(handle, "verify")
+        self._append(op, self._data(data))
+        return ()
+
+    def C_VerifyFinal(self, handle: int, signature: wire.ByteArray) -> Reply:
+        session, op = self._op(handle, "verify")
+        session.ops.pop("verify", None)
+        self._verify(op, self._data(signature))
+        return ()
+
+    def _verify(self, op: Operation, signature: bytes) -> None:
+        m = op.mechanism.type
+        name = op.key.key
+        data = bytes(op.data)
+        if m in SIGN_MECHANISMS:
+            digest, size = self._ec_digest(op, data)
+            if len(signature) != 2 * size:
+                raise CkError(ck.CKR_SIGNATURE_LEN_RANGE)
+            r = int.from_bytes(signature[:size], "big")
+            s = int.from_bytes(signature[size:], "big")
+            self.ks.verify(name, digest, encode_dss_signature(r, s), prehashed=True)
+        elif m == ck.CKM_RSA_PKCS:
+            if not data.startswith(SHA256_DIGEST_INFO) or len(data) != 51:
+                raise CkError(ck.CKR_DATA_INVALID)
+            self.ks.verify(name, data[19:], signature, "pkcs1v15", prehashed=True)
+        elif m == ck.CKM_SHA256_RSA_PKCS:
+            self.ks.verify(name, data, signature, "pkcs1v15")
+        elif m == ck.CKM_RSA_PKCS_PSS:
+            self.ks.verify(name, data, signature, "pss", prehashed=True)
+        elif m == ck.CKM_SHA256_RSA_PKCS_PSS:
+            self.ks.verify(name, data, signature, "pss")
+        elif m == ck.CKM_EDDSA:
+            self.ks.verify(name, data, signature)
+        elif m == ck.CKM_SHA256_HMAC:
+            if not hmac.compare_digest(self.ks.mac(name, data), signature):
+                raise CkError(ck.CKR_SIGNATURE_INVALID)
+
+    # -- decrypt ----------------------------------------------------------------------------------
+    def C_DecryptInit(self, handle: int, mech: wire.Mechanism, key: int) -> Reply:
+        return self._begin("decrypt", handle, mech, key)
+
+    def C_Decrypt(self, handle: int, data: wire.ByteArray, room: int) -> Reply:
+        session, op = self._op(handle, "decrypt")
+        if op.result is None:
+            op.data = bytearray(self._data(data))
+        return (self._finish(session, op, room, self._decrypt),)
+
+    def _decrypt(self, op: Operation) -> bytes:
+        params = op.mechanism.params
+        algorithm = "oaep-sha256" if params["hash"] == ck.CKM_SHA256 else "oaep-sha1"
+        try:
+            return self.ks.decrypt(op.key.key, bytes(op.data), algorithm=algorithm)
+        except (InvalidArgument, ValueError):
+            raise CkError(ck.CKR_ENCRYPTED_DATA_INVALID) from None
+
+    # -- random -----------------------------------------------------------------------------------
+    def C_GenerateRandom(self, handle: int, room: int) -> Reply:
+        self._session(handle)
+        if room > MAX_RANDOM:
+            raise CkError(ck.CKR_DATA_LEN_RANGE)
+        return (wire.Out(self.ks.random(room) if room else b"", room),)
+
+    def C_SeedRandom(self, handle: int, seed: wire.ByteArray) -> Reply:
+        self._session(handle)
+        raise CkError(ck.CKR_RANDOM_SEED_NOT_SUPPORTED)

@@ -1,0 +1,322 @@
+"""`strongroom pkcs11-server` with programs nobody here wrote: p11-kit's own client module
+(Debian p11-kit-modules) under OpenSC's pkcs11-tool and OpenSSH's ssh-keygen, signatures
+checked by openssl; and the protocol's hostile cases with a bare client.
+
+One vault keystore (a P-256 and an RSA key) and one server, in a thread, serve the module.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE
+
+import strongroom
+from strongroom.errors import Pkcs11MessageError
+from strongroom.keystore import Keystore
+from strongroom.pkcs11server import Pkcs11Server, Settings, TokenSpec, ck, wire
+
+CLIENT_MODULE = Path("/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so")
+PIN = "4321-test"
+P256_ID = b"p11-p256".hex()
+RSA_ID = b"p11-rsa".hex()
+
+pytestmark = pytest.mark.skipif(
+    not CLIENT_MODULE.exists(), reason="p11-kit-client.so (p11-kit-modules) is not installed"
+)
+
+
+@pytest.fixture(scope="module")
+def ks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keystore]:
+    directory = tmp_path_factory.mktemp("pkcs11server")
+    os.environ[VAULT_PASS_ENV] = VAULT_PASSPHRASE
+    config = directory / "strongroom.toml"
+    config.write_text(
+        f'[keystore]\ndata_dir = "{directory / "data"}"\norder = ["vault"]\n\n'
+        '[backends.vault]\ntype = "vault"\n'
+        f'passphrase = "env:{VAULT_PASS_ENV}"\nkdf_memory_kib = 8192\nkdf_iterations = 1\n'
+    )
+    with strongroom.open(config) as keystore:
+        keystore.vault_control().initialize()
+        keystore.generate("p11-p256", "ecdsa-p256")
+        keystore.generate("p11-rsa", "rsa-2048")
+        keystore.generate("other", "ecdsa-p256")  # matches no pattern: never offered
+        yield keystore
+
+
+@pytest.fixture(scope="module")
+def server(ks: Keystore) -> Iterator[Pkcs11Server]:
+    socket_dir = Path(tempfile.mkdtemp(prefix="sr-p11-"))
+    os.rmdir(socket_dir)  # the server makes it (0700) and removes it again
+    settings = Settings((TokenSpec("strongroom", ("p11-*",)),), pin=PIN)
+    srv = Pkcs11Server(ks, settings, socket_dir / "p11.sock")
+    thread = threading.Thread(target=srv.serve_forever, name="test-p11", daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    thread.join(timeout=30)
+    srv.close()
+
+
+def tool(server: Pkcs11Server, *args: str, cwd: Path | None = None) -> str:
+    env = {**os.environ, "P11_KIT_SERVER_ADDRESS": server.address}
+    done = subprocess.run(
+        ["pkcs11-tool", "--module", str(CLIENT_MODULE), *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_the_socket_is_private(server: Pkcs11Server) -> None:
+    assert server.path.stat().st_mode & 0o777 == 0o600
+    assert server.path.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_pkcs11_tool_lists_the_slot_and_the_objects(server: Pkcs11Server) -> None:
+    slots = tool(server, "--list-slots")
+    assert "token label        : strongroom" in slots
+    public = tool(server, "--list-objects")
+    assert "label:      p11-p256" in public and "label:      p11-rsa" in public
+    assert "Private Key Object" not in public  # private objects only after C_Login
+    assert "other" not in public
+    private = tool(server, "--login", "--pin", PIN, "--list-objects")
+    assert private.count("Private Key Object") == 2
+    assert "sensitive, always sensitive, never extractable" in private
+
+
+def test_a_wrong_pin_is_refused(server: Pkcs11Server) -> None:
+    env = {**os.environ, "P11_KIT_SERVER_ADDRESS": server.address}
+    done = subprocess.run(
+        ["pkcs11-tool", "--module", str(CLIENT_MODULE), "--login", "--pin", "0000", "-O"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert "CKR_PIN_INCORRECT" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("key_id", "mechanism", "digest_input", "openssl_opts"),
+    [
+        (P256_ID, "ECDSA", True, []),
+        (RSA_ID, "SHA256-RSA-PKCS", False, []),
+        (RSA_ID, "RSA-PKCS-PSS", True, ["-sigopt", "rsa_padding_mode:pss", "-sigopt",
+                                        "rsa_pss_saltlen:32"]),
+    ],
+)  # fmt: skip
+def test_pkcs11_tool_signs_and_openssl_verifies(
+    server: Pkcs11Server,
+    tmp_path: Path,
+    key_id: str,
+    mechanism: str,
+    digest_input: bool,
+    openssl_opts: list[str],
+) -> None:
+    data = tmp_path / "data"
+    data.write_bytes(b"a document to sign\n")
+    (tmp_path / "data.sha256").write_bytes(
+        subprocess.run(
+            ["openssl", "dgst", "-sha256", "-binary", str(data)],
+            capture_output=True,
+            check=True,
+        ).stdout
+    )
+    tool(server, "--read-object", "--type", "pubkey", "--id", key_id, "-o", "pub.der",
+         cwd=tmp_path)  # fmt: skip
+    extra = ["--signature-format", "openssl"] if mechanism == "ECDSA" else []
+    if mechanism == "RSA-PKCS-PSS":
+        extra = ["--hash-algorithm", "SHA256", "--mgf", "MGF1-SHA256", "--salt-len", "32"]
+    source = "data.sha256" if digest_input else "data"
+    tool(server, "--login", "--pin", PIN, "--sign", "-m", mechanism, "--id", key_id,
+         "-i", source, "-o", "sig", *extra, cwd=tmp_path)  # fmt: skip
+    verified = subprocess.run(
+        ["openssl", "dgst", "-sha256", *openssl_opts, "-verify", "pub.der", "-keyform", "DER",
+         "-signature", "sig", "data"],
+        cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    assert verified.returncode == 0 and "Verified OK" in verified.stdout, verified.stderr
+    # and the server's own C_Verify agrees, and refuses other data
+    checked = tool(server, "--login", "--pin", PIN, "--verify", "-m", mechanism, "--id", key_id,
+                   "-i", source, "--signature-file", "sig", *extra, cwd=tmp_path)  # fmt: skip
+    assert "Signature is valid" in checked
+
+
+def test_ssh_keygen_lists_the_keys(server: Pkcs11Server, ks: Keystore) -> None:
+    env = {**os.environ, "P11_KIT_SERVER_ADDRESS": server.address}
+    done = subprocess.run(
+        ["ssh-keygen", "-D", str(CLIENT_MODULE)], env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = sorted(done.stdout.split("\n"))
+    assert any(line.startswith("ecdsa-sha2-nistp256 ") and line.endswith(" p11-p256")
+               for line in lines), done.stdout  # fmt: skip
+    assert any(line.startswith("ssh-rsa ") and line.endswith(" p11-rsa") for line in lines)
+
+
+# -- the protocol with a bare client ---------------------------------------------------------------
+class Raw:
+    """A bare p11-kit RPC client: the version byte, then frames."""
+
+    def __init__(self, server: Pkcs11Server, version: int = 0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(60)  # a bound on a hang, not a measurement
+        self.sock.connect(str(server.path))
+        self.sock.sendall(bytes([version]))
+        self.version = self.sock.recv(1)[0]
+        self.code = 1
+
+    def call(self, body: bytes) -> bytes:
+        self.code += 1
+        self.sock.sendall(wire.frame(self.code, body, b"test"))
+        head = self._exact(12)
+        code, olen, blen = struct.unpack(">III", head)
+        assert code == self.code
+        self._exact(olen)
+        return self._exact(blen)
+
+    def _exact(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = self.sock.recv(n - len(out))
+            assert chunk, "the server closed the connection"
+            out += chunk
+        return out
+
+    def closed(self) -> bool:
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def u(v: int) -> bytes:
+    return struct.pack(">Q", v)
+
+
+def rv_of(reply: bytes) -> int:
+    """The CK_RV of an ERROR reply; 0 for a call's own reply."""
+    if reply[:4] != b"\x00\x00\x00\x00":
+        return ck.CKR_OK
+    return int(struct.unpack(">Q", reply[-8:])[0])
+
+
+def initialize(client: Raw) -> None:
+    init = wire.request(
+        "C_Initialize", b"\x01" + wire.byte_array(wire.HANDSHAKE), b"\x00", b"\x01\xff\xff\xff\xff"
+    )
+    assert rv_of(client.call(init)) == ck.CKR_OK
+
+
+def test_the_version_handshake_offers_at_most_version_1(server: Pkcs11Server) -> None:
+    for asked, got in ((0, 0), (1, 1), (2, 1)):
+        client = Raw(server, asked)
+        assert client.version == got
+        client.close()
+
+
+def test_sessions_and_handles_of_one_client_are_invisible_to_another(
+    server: Pkcs11Server,
+) -> None:
+    a, b = Raw(server), Raw(server)
+    try:
+        for c in (a, b):
+            initialize(c)
+        opened = a.call(wire.request("C_OpenSession", u(0), u(ck.CKF_SERIAL_SESSION)))
+        session = struct.unpack(">Q", opened[-8:])[0]
+        pin = b"\x01" + wire.byte_array(PIN.encode())
+        assert rv_of(a.call(wire.request("C_Login", u(session), u(ck.CKU_USER), pin))) == 0
+        a.call(wire.request("C_FindObjectsInit", u(session), struct.pack(">I", 0)))
+        found = a.call(wire.request("C_FindObjects", u(session), struct.pack(">I", 16)))
+        count = struct.unpack(">I", found[11:15])[0]
+        handles = struct.unpack(f">{count}Q", found[15:])
+        assert count == 4  # two keys, a private and a public object each
+        # b has no session of its own: a's session handle means nothing to it
+        assert rv_of(b.call(wire.request("C_GetSessionInfo", u(session)))) == (
+            ck.CKR_SESSION_HANDLE_INVALID
+        )
+        b_opened = b.call(wire.request("C_OpenSession", u(0), u(ck.CKF_SERIAL_SESSION)))
+        b_session = struct.unpack(">Q", b_opened[-8:])[0]
+        for handle in handles:  # nor do a's object handles, private or public
+            query = struct.pack(">I", 1) + struct.pack(">II", ck.CKA_LABEL, 0)
+            reply = b.call(wire.request("C_GetAttributeValue", u(b_session), u(handle), query))
+            assert rv_of(reply) == ck.CKR_OBJECT_HANDLE_INVALID
+        # and a's login is not b's
+        b.call(wire.request("C_FindObjectsInit", u(b_session), struct.pack(">I", 0)))
+        found_b = b.call(wire.request("C_FindObjects", u(b_session), struct.pack(">I", 16)))
+        assert struct.unpack(">I", found_b[11:15])[0] == 2  # the public objects only
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_malformed_message_gets_device_error_and_the_connection_serves_on(
+    server: Pkcs11Server,
+) -> None:
+    client = Raw(server)
+    try:
+        initialize(client)
+        bad = [
+            struct.pack(">I", 9999) + wire.byte_array(b""),  # an unknown call
+            struct.pack(">I", wire.CALL_IDS["C_GetInfo"]) + wire.byte_array(b"u"),  # signature
+            wire.request("C_OpenSession", u(0)),  # truncated
+            wire.request("C_GetInfo") + b"\x00",  # trailing bytes
+            wire.request("C_FindObjectsInit", u(1), struct.pack(">I", 0xFFFFFFF)),  # count
+        ]
+        for body in bad:
+            assert rv_of(client.call(body)) == ck.CKR_DEVICE_ERROR
+        assert rv_of(client.call(wire.request("C_GetInfo"))) == ck.CKR_OK
+        # a call the server does not serve
+        reply = client.call(wire.request("C_DigestInit", u(1), struct.pack(">I", ck.CKM_SHA256)
+                                          + wire.byte_array(None)))  # fmt: skip
+        assert rv_of(reply) == ck.CKR_FUNCTION_NOT_SUPPORTED
+    finally:
+        client.close()
+
+
+def test_a_huge_frame_closes_the_connection(server: Pkcs11Server) -> None:
+    client = Raw(server)
+    try:
+        client.sock.sendall(struct.pack(">III", 5, 0, wire.MAX_BODY + 1))
+        assert client.closed()
+    finally:
+        client.close()
+
+
+def test_deep_attribute_nesting_is_refused() -> None:
+    inner = struct.pack(">IBI", ck.CKA_CLASS, 1, 8) + u(ck.CKO_DATA)
+    for _ in range(wire.MAX_DEPTH + 1):
+        inner = struct.pack(">IBI", ck.CKA_WRAP_TEMPLATE, 1, 24) + struct.pack(">I", 1) + inner
+    body = wire.request("C_FindObjectsInit", u(1), struct.pack(">I", 1) + inner)
+    with pytest.raises(Pkcs11MessageError, match="nest deeper"):
+        wire.decode(body)
+    # one level less than the limit decodes
+    shallow = struct.pack(">IBI", ck.CKA_CLASS, 1, 8) + u(ck.CKO_DATA)
+    for _ in range(wire.MAX_DEPTH - 1):
+        shallow = struct.pack(">IBI", ck.CKA_WRAP_TEMPLATE, 1, 24) + struct.pack(">I", 1) + shallow
+    call = wire.decode(wire.request("C_FindObjectsInit", u(1), struct.pack(">I", 1) + shallow))
+    assert call.name == "C_FindObjectsInit"
+
+
+def test_a_huge_byte_array_length_is_refused_without_reading() -> None:
+    body = wire.request("C_SignUpdate", u(1), b"\x01" + struct.pack(">I", 0x7FFFFFF0))
+    with pytest.raises(Pkcs11MessageError, match="past the end"):
+        wire.decode(body)
