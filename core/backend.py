@@ -60,6 +60,9 @@ class BackendContext:
     """Opens the device in place of the `device` setting: the seam through which tests pass
     a software device (like python-fido2's `Ctap2(device)`). Only code can set it, through
     `Keystore(device_factories=...)`; no config value reaches it."""
+    counter: Callable[[str], MonotonicCounter] | None = None
+    """counter(backend_name) → another configured backend that keeps monotonic counters (a
+    TPM), opened: the vault's check against rollback of its store (`rollback_counter`)."""
     owner: bytes = b""
     """Eight bytes naming the keystore's store (`Catalog.store_id`): a device backend puts
     them in the ids of the keys it creates, so that its `KeyInventory` lists this keystore's
@@ -223,6 +226,21 @@ class Backend(abc.ABC):
 
     def random(self, n: int) -> bytes:
         raise self.unsupported("random", None)
+
+
+@runtime_checkable
+class MonotonicCounter(Protocol):
+    """A backend that keeps counters that only ever go up, outside the data dir (a TPM's NV
+    counters): what lets the vault tell its store was rolled back (docs/storage.md)."""
+
+    def counter_read(self, label: str) -> int | None:
+        """The counter for `label`, or None when there is none yet."""
+        ...
+
+    def counter_advance(self, label: str, at_least: int) -> int:
+        """Make the counter for `label` (on first use) and raise it until it is at least
+        `at_least`; return its value. It never goes down."""
+        ...
 
 
 @runtime_checkable

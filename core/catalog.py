@@ -11,7 +11,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -129,6 +129,7 @@ class Catalog:
             self._lock = threading.RLock()
             self._depth = 0
             self._wrote = False
+            self._on_end: list[Callable[[bool], None]] = []
             self._cache: dict[tuple[str, str], KeyInfo] = {}
             self._stamp = _ChangeStamp(path.with_name(path.name + ".stamp"))
             self._cache_stamp = self._stamp.read()
@@ -211,6 +212,18 @@ class Catalog:
         if committed and wrote:
             self._stamp.bump()
         self._cache_stamp = self._stamp.read()
+        hooks, self._on_end = self._on_end, []
+        for hook in hooks:
+            hook(committed)
+
+    def on_end(self, hook: Callable[[bool], None]) -> None:
+        """Call `hook(committed)` when the transaction in progress ends (the vault advances
+        its TPM counter after a commit). Outside a transaction: at once, as committed."""
+        with self._lock:
+            if not self._depth:
+                hook(True)
+                return
+            self._on_end.append(hook)
 
     def _migrate(self) -> None:
         with self._db:

@@ -22,6 +22,7 @@ from .backend import (
     Backend,
     BackendContext,
     DeviceFactory,
+    MonotonicCounter,
     PresencePrompt,
     Sealer,
 )
@@ -69,6 +70,7 @@ def build_backends(
     device_factories: Mapping[str, DeviceFactory] | None = None,
     records: Callable[[str], VaultRecords] | None = None,
     owner: bytes = b"",
+    counter: Callable[[str], MonotonicCounter] | None = None,
 ) -> tuple[dict[str, Backend], dict[str, tuple[str, str]]]:
     """Every backend `config` names, built: (backends by name, {name: (type, reason)} for
     those whose plugin failed to import). An unknown type is a ConfigError naming the file
@@ -76,7 +78,8 @@ def build_backends(
     another configured backend that can seal. `device_factories` gives a backend (by name)
     the device it uses instead of the one its config names (tests pass it; no config can).
     `records(name)` gives a transactional backend (the vault) its rows in the store, and
-    `owner` is the store's id that device backends mark their new keys with."""
+    `owner` is the store's id that device backends mark their new keys with, and
+    `counter(name)` the keystore's lookup of a backend that keeps monotonic counters."""
     factories = device_factories or {}
     classes = backend_classes(b.type for b in config.backends.values())
     built: dict[str, Backend] = {}
@@ -100,6 +103,8 @@ def build_backends(
             context = replace(context, records=records(name))
         if owner:
             context = replace(context, owner=owner)
+        if counter is not None:
+            context = replace(context, counter=counter)
         built[name] = cls(context)
     return built, unusable
 

@@ -94,6 +94,11 @@ class SnapshotTampered(SnapshotCorrupt):
     """The snapshot's contents fail their integrity check."""
 
 
+class RollbackDetected(SnapshotTampered):
+    """The vault's store is older than its TPM counter says: a copy of the database from
+    before later changes was put back (docs/storage.md, `rollback_counter`)."""
+
+
 class SnapshotVersionError(SnapshotCorrupt):
     """The snapshot's format version is not one this Strongroom reads."""
 

@@ -30,6 +30,7 @@ from .backend import (
     Capability,
     DeviceFactory,
     ExistingKey,
+    MonotonicCounter,
     NewKey,
     PresencePrompt,
     Sealer,
@@ -116,6 +117,7 @@ class Keystore(KeyLifecycle, KeySeeds, KeyCertificates):
                 self._device_factories,
                 lambda name: SqliteVaultRecords(self.catalog, name),
                 self.catalog.store_id,
+                self._counter,
             )
         except BaseException:
             self.catalog.close()
@@ -143,6 +145,15 @@ class Keystore(KeyLifecycle, KeySeeds, KeyCertificates):
         backend = self.backend(name)
         if not isinstance(backend, Sealer):
             raise UnsupportedOperation(name, "seal", None, "this backend cannot seal secrets")
+        self._ready(backend)
+        return backend
+
+    def _counter(self, name: str) -> MonotonicCounter:
+        """A backend's `BackendContext.counter`: the configured backend `name`, opened, when
+        it keeps monotonic counters (the vault's `rollback_counter`)."""
+        backend = self.backend(name)
+        if not isinstance(backend, MonotonicCounter):
+            raise UnsupportedOperation(name, "counter", None, "this backend keeps no counters")
         self._ready(backend)
         return backend
 

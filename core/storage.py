@@ -11,7 +11,7 @@ change it belongs to.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -56,6 +56,10 @@ class VaultRecords(Protocol):
 
     def transaction(self) -> AbstractContextManager[None]:
         """One atomic scope: everything written in it commits together, or none of it."""
+        ...
+
+    def on_end(self, hook: Callable[[bool], None]) -> None:
+        """Call `hook(committed)` once the transaction in progress ends."""
         ...
 
     def header(self) -> VaultHeader | None:

@@ -7,7 +7,7 @@ layout is in docs/storage.md.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import cast
 
@@ -30,6 +30,9 @@ class SqliteVaultRecords:
 
     def transaction(self) -> AbstractContextManager[None]:
         return self._catalog.transaction()
+
+    def on_end(self, hook: Callable[[bool], None]) -> None:
+        self._catalog.on_end(hook)
 
     def header(self) -> VaultHeader | None:
         row = self._catalog.query_one(

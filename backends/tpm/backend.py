@@ -70,6 +70,20 @@ class _Key:
     refs: tuple[Any, ...]  # device.KeyRef per part, without the PIN
 
 
+COUNTER_INDEX_BASE = 0x01350000
+"""NV counters live at 0x01350000 + the first two bytes of the label's SHA-256, inside the
+owner's range of NV indices (0x01000000 to 0x013FFFFF in TCG's handle registry). Two vaults
+whose labels meet (one chance in 65,536 for two vaults on one TPM) share a counter; each
+then reads the other's changes as newer than its own manifest, so they fail safe: a false
+rollback report, never a missed one."""
+_MAX_COUNTER_STEPS = 1000
+
+
+def counter_index(label: str) -> int:
+    """The NV index of the counter for `label` (a vault id)."""
+    return COUNTER_INDEX_BASE + int.from_bytes(hashlib.sha256(label.encode()).digest()[:2], "big")
+
+
 class TpmBackend(TpmDiscovery, TpmSealer, Backend):
     """Keys in a TPM 2.0 (real, or swtpm for tests), reached through a TCTI."""
 
@@ -493,6 +507,37 @@ class TpmBackend(TpmDiscovery, TpmSealer, Backend):
         """TPM2_GetRandom."""
         with self._errors("TPM2_GetRandom", "random bytes"):
             return self._dev().random(n)
+
+    # -- MonotonicCounter (the vault's rollback check) -----------------------------------------
+    def counter_read(self, label: str) -> int | None:
+        """TPM2_NV_Read of the label's NV counter (docs/storage.md)."""
+        index = counter_index(label)
+        with self._counter_errors(index), self._errors("TPM2_NV_Read", f"counter 0x{index:08x}"):
+            return self._dev().counter_read(index)
+
+    def counter_advance(self, label: str, at_least: int) -> int:
+        """TPM2_NV_Increment of the label's NV counter (TPM2_NV_DefineSpace first, in the
+        owner hierarchy, when there is none) until it reaches `at_least`."""
+        index = counter_index(label)
+        what = f"counter 0x{index:08x}"
+        with self._counter_errors(index), self._errors("TPM2_NV_Increment", what):
+            dev = self._dev()
+            value = dev.counter_read(index)
+            for _ in range(_MAX_COUNTER_STEPS):
+                if value is not None and value >= at_least:
+                    return value
+                value = dev.counter_increment(index)
+        raise StrongroomError(
+            f"the TPM's {what} is more than {_MAX_COUNTER_STEPS} steps behind the vault's "
+            "manifest; the manifest is not one this TPM's counter kept"
+        )
+
+    @contextlib.contextmanager
+    def _counter_errors(self, index: int) -> Iterator[None]:
+        try:
+            yield
+        except device.CounterIndexTaken as e:
+            raise BackendUnavailable(self.name, f"{e}; another program defined it") from None
 
     # -- Attester --------------------------------------------------------------------------------
     def attest(self, info: KeyInfo, nonce: bytes) -> dict[str, Any]:

@@ -37,14 +37,17 @@ from tpm2_pytss import ESAPI, TSS2_Exception
 from tpm2_pytss.constants import (
     ESYS_TR,
     TPM2_ALG,
+    TPM2_NT,
     TPM2_RC,
     TPM2_SE,
+    TPMA_NV,
     TPMA_SESSION,
 )
 from tpm2_pytss.types import (
     TPM2B_AUTH,
     TPM2B_DIGEST,
     TPM2B_ECC_POINT,
+    TPM2B_NV_PUBLIC,
     TPM2B_PRIVATE,
     TPM2B_PUBLIC,
     TPM2B_PUBLIC_KEY_RSA,
@@ -52,6 +55,7 @@ from tpm2_pytss.types import (
     TPM2B_SENSITIVE_DATA,
     TPML_PCR_SELECTION,
     TPMS_ECC_POINT,
+    TPMS_NV_PUBLIC,
     TPMS_SENSITIVE_CREATE,
     TPMT_SIG_SCHEME,
     TPMT_SYM_DEF,
@@ -60,7 +64,7 @@ from tpm2_pytss.types import (
 from strongroom.memory import scrub_bytes
 
 from .context import _RANDOM_CHUNK, MAX_BUFFER, TpmContext
-from .facts import Facts, KeyRef, Lockout, StorageKeyProblem
+from .facts import CounterIndexTaken, Facts, KeyRef, Lockout, StorageKeyProblem
 from .recovery import error_code, forgot_our_objects, has_resource_manager, is_tcti_error
 from .templates import (
     _NULL_TICKET,
@@ -81,6 +85,7 @@ __all__ = [
     "CURVE_P256",
     "CURVE_P384",
     "ESYS_TR",
+    "CounterIndexTaken",
     "TPM2_RC",
     "Facts",
     "KeyRef",
@@ -99,6 +104,17 @@ __all__ = [
     "sealed_template",
     "sign_scheme",
 ]
+
+
+_COUNTER_ATTRIBUTES = (
+    TPMA_NV.AUTHREAD
+    | TPMA_NV.AUTHWRITE
+    | TPMA_NV.NO_DA
+    | (TPM2_NT.COUNTER << TPMA_NV.TPM2_NT_SHIFT)
+)
+"""A counter NV index read and incremented with its own (empty) auth value, never counted
+against dictionary-attack lockout. Not ORDERLY: an orderly counter jumps ahead after an
+unclean shutdown, which would read as a rollback."""
 
 
 class TpmDevice(TpmContext):
@@ -272,6 +288,69 @@ class TpmDevice(TpmContext):
             while len(out) < n:
                 out += bytes(esys.get_random(min(_RANDOM_CHUNK, n - len(out))))
             return bytes(out)
+
+    # -- monotonic counters (the vault's rollback check) --------------------------------------
+    def counter_read(self, index: int) -> int | None:
+        """TPM2_NV_Read of the NV counter at `index`; None when it is not defined or was
+        never incremented. Refuses an index that holds something else."""
+        with self.lock:
+            esys = self.esys()
+            tr = self._counter_index(esys, index)
+            if tr is None:
+                return None
+            try:
+                public, _ = esys.nv_read_public(tr)
+                if not public.nvPublic.attributes & TPMA_NV.WRITTEN:
+                    return None
+                return int.from_bytes(bytes(esys.nv_read(tr, 8, 0, auth_handle=tr)), "big")
+            finally:
+                esys.tr_close(tr)
+
+    def counter_increment(self, index: int) -> int:
+        """TPM2_NV_Increment of the counter at `index`, defining it first (owner hierarchy,
+        empty auth values, no dictionary-attack lockout) if needed; returns its new value."""
+        with self.lock:
+            esys = self.esys()
+            tr = self._counter_index(esys, index)
+            if tr is None:
+                public = TPM2B_NV_PUBLIC(
+                    nvPublic=TPMS_NV_PUBLIC(
+                        nvIndex=index,
+                        nameAlg=TPM2_ALG.SHA256,
+                        attributes=_COUNTER_ATTRIBUTES,
+                        dataSize=8,
+                    )
+                )
+                try:
+                    tr = esys.nv_define_space(b"", public, auth_handle=ESYS_TR.OWNER)
+                except TSS2_Exception as e:
+                    if error_code(e) != TPM2_RC.NV_DEFINED:  # another process was first
+                        raise
+                    tr = self._counter_index(esys, index)
+                    if tr is None:  # pragma: no cover - defined, then gone at once
+                        raise
+            try:
+                esys.nv_increment(tr, auth_handle=tr)
+                return int.from_bytes(bytes(esys.nv_read(tr, 8, 0, auth_handle=tr)), "big")
+            finally:
+                esys.tr_close(tr)
+
+    @staticmethod
+    def _counter_index(esys: ESAPI, index: int) -> ESYS_TR | None:
+        try:
+            tr = esys.tr_from_tpmpublic(index)
+        except TSS2_Exception as e:
+            if error_code(e) == TPM2_RC.HANDLE:
+                return None
+            raise
+        public, _ = esys.nv_read_public(tr)
+        attributes = int(public.nvPublic.attributes) & ~int(TPMA_NV.WRITTEN)
+        if attributes != int(_COUNTER_ATTRIBUTES) or public.nvPublic.dataSize != 8:
+            esys.tr_close(tr)
+            raise CounterIndexTaken(
+                f"TPM NV index 0x{index:08x} holds something other than Strongroom's counter"
+            )
+        return tr
 
     # -- sealing -------------------------------------------------------------------------------
     def pcr_values(self, pcrs: Sequence[int]) -> dict[int, bytes]:

@@ -79,3 +79,7 @@ class KeyRef:
 
 class StorageKeyProblem(Exception):
     """The configured persistent handle holds something that is not a storage key."""
+
+
+class CounterIndexTaken(Exception):
+    """The NV index meant for a counter holds something else (another program's index)."""

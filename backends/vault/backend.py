@@ -14,6 +14,7 @@ the `strongroom vault` commands in control.py, both mixed into `VaultBackend`.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -34,15 +35,25 @@ from cryptography.hazmat.primitives.keywrap import (
 )
 
 from strongroom import algorithms, sodium
-from strongroom.backend import Backend, BackendContext, Capability, ConfigKey, NewKey
+from strongroom.backend import (
+    Backend,
+    BackendContext,
+    Capability,
+    ConfigKey,
+    MonotonicCounter,
+    NewKey,
+)
 from strongroom.errors import (
     BackendUnavailable,
     IntegrityError,
     InvalidArgument,
     KeyNotFound,
+    RollbackDetected,
     SnapshotCorrupt,
     SnapshotTampered,
     SnapshotVersionError,
+    StorageError,
+    StrongroomError,
 )
 from strongroom.memory import Guarded, scrub_bytes
 from strongroom.secrets import validate_reference
@@ -84,6 +95,11 @@ class VaultBackend(VaultControlMixin, Backend):
             "(default: vault.snapshot in data_dir)",
         ),
         "create": ConfigKey(bool, "create the vault on first use when it does not exist", True),
+        "rollback_counter": ConfigKey(
+            str,
+            "a TPM backend whose NV counter each change advances, so that unlocking finds a "
+            "store rolled back to an older copy (docs/storage.md)",
+        ),
         "kdf_memory_kib": ConfigKey(int, "Argon2id memory for new passphrase slots, KiB", 65536),
         "kdf_iterations": ConfigKey(int, "Argon2id passes for new passphrase slots", 3),
         "member_passphrases": ConfigKey(
@@ -102,6 +118,8 @@ class VaultBackend(VaultControlMixin, Backend):
         )
         self.methods: list[str] = [str(m) for m in s.get("unlock", [PASSPHRASE])]
         self.create = bool(s.get("create", True))
+        self.rollback_counter: str | None = s.get("rollback_counter") or None
+        self._counter_target: int | None = None
         self.kdf_memory_kib = int(s.get("kdf_memory_kib", 65536))
         self.kdf_iterations = int(s.get("kdf_iterations", 3))
         if not MIN_KDF_MEMORY_KIB <= self.kdf_memory_kib <= MAX_KDF_MEMORY_KIB:
@@ -270,10 +288,12 @@ class VaultBackend(VaultControlMixin, Backend):
                     f"the vault in {where} holds {count} key records where its manifest "
                     f"says {manifest.count}: records were removed or added outside Strongroom"
                 )
+            if self.rollback_counter is not None:
+                self._check_rollback(state.vault_id, manifest)
         except BaseException:
             state.close()
             raise
-        state.generation, state.count = manifest.counter, manifest.count
+        state.generation, state.count, state.tpm = manifest.counter, manifest.count, manifest.tpm
         return state
 
     def _store_snapshot_state(self, state: _Open) -> None:
@@ -286,11 +306,8 @@ class VaultBackend(VaultControlMixin, Backend):
             row = rows.to_row(state, rec)
             store.put(row)
             manifest = manifest.added(row)
-        manifest = rows.Manifest(
-            max(state.generation, manifest.counter), manifest.count, manifest.num, manifest.den
-        )
-        store.put_header(rows.header_for(state, state.slots, manifest))
-        state.generation, state.count = manifest.counter, manifest.count
+        manifest = replace(manifest, counter=max(state.generation, manifest.counter))
+        self._commit(state, manifest)
 
     def _migrate(self, state: _Open) -> bool:
         """Move a pre-store snapshot's vault into the store, then rename the file to
@@ -324,8 +341,81 @@ class VaultBackend(VaultControlMixin, Backend):
         return manifest
 
     def _commit(self, state: _Open, manifest: rows.Manifest) -> None:
+        manifest = self._counted(state, manifest)
         self._rows.put_header(rows.header_for(state, state.slots, manifest))
-        state.generation, state.count = manifest.counter, manifest.count
+        state.generation, state.count, state.tpm = manifest.counter, manifest.count, manifest.tpm
+
+    # -- the TPM counter against rollback (`rollback_counter`, docs/storage.md) -----------------
+    def _counter(self) -> MonotonicCounter:
+        factory = self.context.counter
+        if factory is None or self.rollback_counter is None:
+            raise BackendUnavailable(self.name, "this vault was built without its counter backend")
+        return factory(self.rollback_counter)
+
+    def _counted(self, state: _Open, manifest: rows.Manifest) -> rows.Manifest:
+        """The manifest with the TPM counter value its commit will leave: one more than the
+        counter now. The counter is advanced once the transaction commits, under a lock
+        taken here, so no other writer of this data dir reads it in between: the store is
+        never behind the counter unless it was rolled back."""
+        if self.rollback_counter is None:
+            return manifest
+        target = self._counter_target
+        if target is None:  # the first commit of this transaction
+            counter = self._counter()
+            lock = _CounterLock(self.context.data_dir)
+            try:
+                now = counter.counter_read(state.vault_id)
+                if now is None:  # the first change with the counter on: make it
+                    now = counter.counter_advance(state.vault_id, 0)
+            except BaseException:
+                lock.release()
+                raise
+            target = self._counter_target = now + 1
+            vault_id = state.vault_id
+
+            def finish(committed: bool) -> None:
+                try:
+                    if committed:
+                        counter.counter_advance(vault_id, target)
+                except StrongroomError as e:  # the store is ahead: the next unlock catches up
+                    log.warning("could not advance the TPM counter after a commit: %s", e)
+                finally:
+                    self._counter_target = None
+                    lock.release()
+
+            self._rows.on_end(finish)
+        return replace(manifest, tpm=target)
+
+    def _check_rollback(self, vault_id: str, manifest: rows.Manifest) -> None:
+        """At unlock: the manifest's counter value against the TPM's (under the lock, so no
+        commit is between its write and its counter step). Lower is a rollback."""
+        where = self._rows.location
+        counter = self._counter()
+        lock = _CounterLock(self.context.data_dir)
+        try:
+            now = counter.counter_read(vault_id)
+            if manifest.tpm is None:
+                if now is not None:
+                    raise RollbackDetected(
+                        f"the vault in {where} is from before its TPM counter was first "
+                        "advanced: the store was rolled back to an older copy"
+                    )
+                return
+            if now is None:
+                raise RollbackDetected(
+                    f"the TPM ({self.rollback_counter}) has no counter for the vault in {where}, "
+                    "so a rollback of its store cannot be ruled out (was the TPM cleared?); to "
+                    "open it anyway, remove rollback_counter from the config, then set it again"
+                )
+            if now > manifest.tpm:
+                raise RollbackDetected(
+                    f"the vault in {where} is older than its TPM counter says (change "
+                    f"{manifest.tpm}, counter {now}): the store was rolled back to an older copy"
+                )
+            if now < manifest.tpm:  # a commit whose counter step was cut short
+                counter.counter_advance(vault_id, manifest.tpm)
+        finally:
+            lock.release()
 
     def _mutate(self, change: Callable[[list[dict[str, Any]]], Any]) -> Any:
         """Apply `change` to the newest key slots and commit them with the manifest."""
@@ -610,3 +700,21 @@ _CAPABILITIES = _capabilities()
 _NO_DATA_KEY_WRAP = (
     "the vault wraps data keys with its AEAD (the default); aes-kwp is for HSM key-wrapping keys"
 )
+
+
+class _CounterLock:
+    """An exclusive `flock` on `rollback-counter.lock` in the data dir, held from reading the
+    TPM counter for a commit until the counter has stepped after it."""
+
+    def __init__(self, data_dir: Path) -> None:
+        path = data_dir / "rollback-counter.lock"
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise StorageError(f"cannot open {path}: {e.strerror or e}") from None
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -61,6 +61,7 @@ class VaultControlMixin(KeySlots):
     _state: _Open | None
     _lock: threading.RLock
     _publics: dict[str, PublicKeyTypes]
+    rollback_counter: str | None
 
     if TYPE_CHECKING:  # VaultBackend's store and snapshot I/O
 
@@ -201,6 +202,8 @@ class VaultControlMixin(KeySlots):
                 guarded_memory=memlock_status().__dict__,
                 unlock_failures=[dict(f) for f in self._unlock_failures],
             )
+            if self.rollback_counter is not None:
+                out["rollback_counter"] = state.tpm
         return out
 
     def verify_store(self) -> dict[str, Any]:

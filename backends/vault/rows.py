@@ -140,12 +140,14 @@ def _element(row_id: str, mac: bytes) -> int:
 
 @dataclass(frozen=True)
 class Manifest:
-    """What the vault's rows are: `num`/`den` is the product of their elements."""
+    """What the vault's rows are: `num`/`den` is the product of their elements. `tpm` is
+    the TPM counter value this state was committed at, when `rollback_counter` is set."""
 
     counter: int
     count: int
     num: int
     den: int
+    tpm: int | None = None
 
     @classmethod
     def empty(cls) -> Manifest:
@@ -153,14 +155,18 @@ class Manifest:
 
     def added(self, row: VaultRow) -> Manifest:
         e = _element(row.record_id, row.mac)
-        return Manifest(self.counter + 1, self.count + 1, self.num * e % MUHASH_PRIME, self.den)
+        return replace(
+            self, counter=self.counter + 1, count=self.count + 1, num=self.num * e % MUHASH_PRIME
+        )
 
     def removed(self, row: VaultRow) -> Manifest:
         e = _element(row.record_id, row.mac)
-        return Manifest(self.counter + 1, self.count - 1, self.num, self.den * e % MUHASH_PRIME)
+        return replace(
+            self, counter=self.counter + 1, count=self.count - 1, den=self.den * e % MUHASH_PRIME
+        )
 
     def bumped(self) -> Manifest:
-        return Manifest(self.counter + 1, self.count, self.num, self.den)
+        return replace(self, counter=self.counter + 1)
 
     def matches(self, rows: Iterable[VaultRow]) -> bool:
         product, n = 1, 0
@@ -178,6 +184,7 @@ class Manifest:
             str(self.count).encode(),
             self.num.to_bytes(_MUHASH_BYTES, "big"),
             self.den.to_bytes(_MUHASH_BYTES, "big"),
+            b"" if self.tpm is None else str(self.tpm).encode(),
         )
 
 
@@ -185,13 +192,15 @@ def header_for(state: _Open, slots: list[dict[str, Any]], manifest: Manifest) ->
     """The header row: slots and manifest, the manifest's MAC binding both."""
     slots_text = json.dumps(slots, sort_keys=True, separators=(",", ":"))
     mac = _mac(state, _MANIFEST_MAC, manifest._signed(state.vault_id, slots_text, STORE_FORMAT))
-    doc = {
+    doc: dict[str, Any] = {
         "counter": manifest.counter,
         "count": manifest.count,
         "num": _b64(manifest.num.to_bytes(_MUHASH_BYTES, "big")),
         "den": _b64(manifest.den.to_bytes(_MUHASH_BYTES, "big")),
         "mac": _b64(mac),
     }
+    if manifest.tpm is not None:
+        doc["tpm"] = manifest.tpm
     return VaultHeader(state.vault_id, slots_text, json.dumps(doc, sort_keys=True), STORE_FORMAT)
 
 
@@ -220,6 +229,7 @@ def read_manifest(state: _Open, header: VaultHeader, where: str) -> Manifest:
             strictjson.integer(doc["count"], 0, (1 << 63) - 1),
             int.from_bytes(num, "big"),
             int.from_bytes(den, "big"),
+            None if doc.get("tpm") is None else strictjson.integer(doc["tpm"], 0, (1 << 64) - 1),
         )
         if not (0 < manifest.num < MUHASH_PRIME and 0 < manifest.den < MUHASH_PRIME):
             raise ValueError("num and den are residues modulo the prime")

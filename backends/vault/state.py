@@ -113,6 +113,8 @@ class _Open:
         """Records loaded so far (lazily, on first use), by record id."""
         self.count = 0
         """The number of records, from the manifest (docs/storage.md)."""
+        self.tpm: int | None = None
+        """The TPM counter value of the last commit, with `rollback_counter`."""
 
     @contextlib.contextmanager
     def master_key(self) -> Iterator[memoryview]:
