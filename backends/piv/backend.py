@@ -510,13 +510,50 @@ class PivBackend(PivAccess, PivCertificates, PivSealer, Backend):
                     f"slot {_slot_name(slot)} of the PIV card in {card.reader!r} holds "
                     f"{self._subject(cert)!r}, not key {info.name!r}; nothing was deleted"
                 )
-            self._mgmt_auth(card)
-            card.generate(slot, ALG_P256)  # the old private key is gone
-            card.put_data(SLOT_OBJECTS[slot], b"")
-            self._certs[slot] = None
-            self._checked_keys.pop(_slot_name(slot), None)
-            if slot in RETIRED_SLOTS:
-                self._update_key_history(card)
+            self._wipe_slot(card, slot)
+
+        self._run_held(op)
+
+    def _wipe_slot(self, card: PcscCard, slot: int) -> None:
+        self._mgmt_auth(card)
+        card.generate(slot, ALG_P256)  # the old private key is gone
+        card.put_data(SLOT_OBJECTS[slot], b"")
+        self._certs[slot] = None
+        self._checked_keys.pop(_slot_name(slot), None)
+        if slot in RETIRED_SLOTS:
+            self._update_key_history(card)
+
+    # -- KeyInventory (`strongroom doctor`) -------------------------------------------------------
+    def owned_keys(self) -> dict[str, str]:
+        """GET DATA of every slot's certificate object, keeping the slots whose certificate
+        this keystore wrote (O = Strongroom, OU = its store id): {slot: description}."""
+
+        def scan(card: PcscCard) -> dict[str, str]:
+            found: dict[str, str] = {}
+            for slot in sorted(SLOT_OBJECTS):
+                try:
+                    cert = self._cert(card, slot)
+                except StrongroomError:  # a malformed object: not ours to judge
+                    continue
+                if cert is not None and self._owned(cert):
+                    found[_slot_name(slot)] = (
+                        f"key {self._subject(cert)!r} in slot {_slot_name(slot)} of the PIV "
+                        f"card in {card.reader!r}"
+                    )
+            return found
+
+        return self._run(scan)
+
+    def remove_owned(self, handle: str) -> None:
+        """Overwrite the slot's key and empty its certificate object, as delete does; only
+        for a slot whose certificate this keystore wrote."""
+        slot = parse_slot(handle)
+
+        def op(card: PcscCard) -> None:
+            cert = self._cert(card, slot)
+            if cert is None or not self._owned(cert):
+                raise InvalidArgument(f"slot {handle!r} holds no key this keystore created")
+            self._wipe_slot(card, slot)
 
         self._run_held(op)
 

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import NameOID
 
 from strongroom import algorithms as sr_algorithms
+from strongroom.backend import BackendContext
 from strongroom.errors import BackendUnavailable, CertificateMismatch, StrongroomError
 from strongroom.types import KeyInfo, KeyType
 
@@ -47,6 +48,7 @@ class PivCertificates:
 
     if TYPE_CHECKING:  # PivBackend's, and Backend's
         name: str
+        context: BackendContext
         _certs: dict[int, x509.Certificate | None]
         _checked_keys: dict[str, tuple[str, int, x509.Certificate]]
 
@@ -81,6 +83,19 @@ class PivCertificates:
     def _subject(cert: x509.Certificate) -> str:
         names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         return str(names[0].value) if names else cert.subject.rfc4514_string()
+
+    def _owned(self, cert: x509.Certificate) -> bool:
+        """Whether this keystore wrote the certificate (O = Strongroom, OU = its store id)."""
+        owner = self.context.owner
+        org = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+        unit = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+        return (
+            bool(owner)
+            and bool(org)
+            and org[0].value == encoding.CERT_ORGANIZATION
+            and bool(unit)
+            and unit[0].value == encoding.OWNER_PREFIX + owner.hex()
+        )
 
     @staticmethod
     def _ours(cert: x509.Certificate, name: str) -> bool:
@@ -176,7 +191,8 @@ class PivCertificates:
                 block = d
             return self._private_op(card, slot, alg, block)
 
-        cert = encoding.self_signed_certificate(public, name, usage, sign_tbs)
+        owner = self.context.owner.hex()
+        cert = encoding.self_signed_certificate(public, name, usage, sign_tbs, owner)
         try:
             cert.verify_directly_issued_by(cert)
         except (InvalidSignature, ValueError, TypeError):

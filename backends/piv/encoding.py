@@ -136,28 +136,37 @@ def _dummy_signer(public: PublicKeyTypes) -> object:
     raise ValueError("PIV certificates are for RSA and EC keys")
 
 
+OWNER_PREFIX = "strongroom-store:"
+
+
 def self_signed_certificate(
     public: PublicKeyTypes,
     common_name: str,
     key_usage: frozenset[str],
     sign_tbs: Callable[[bytes, hashes.HashAlgorithm], bytes],
+    owner: str = "",
 ) -> x509.Certificate:
     """A self-signed X.509 certificate for a card key; `sign_tbs(tbs, hash)` asks the card.
 
     key_usage holds "sign" (digitalSignature), "agree" (keyAgreement) and/or "decrypt"
-    (keyEncipherment); empty means "sign".
+    (keyEncipherment); empty means "sign". `owner`, the keystore's store id in hex, goes in
+    the subject as OU = `strongroom-store:<owner>`: how `doctor` knows the slot's key is
+    this keystore's.
     """
     digest: hashes.HashAlgorithm = (
         hashes.SHA384()
         if isinstance(public, ec.EllipticCurvePublicKey) and public.curve.key_size == 384
         else hashes.SHA256()
     )
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, CERT_ORGANIZATION),
-        ]
-    )
+    attributes = [
+        x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, CERT_ORGANIZATION),
+    ]
+    if owner:
+        attributes.append(
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, OWNER_PREFIX + owner)
+        )
+    name = x509.Name(attributes)
     now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     agree = "agree" in key_usage
     decrypt = "decrypt" in key_usage

@@ -88,7 +88,8 @@ def test_slots_certificates_and_openssl(ks: Keystore, reader: PivReader, tmp_pat
     backend = ks.backend("piv")
     for name in ("ec", "ec384", "rsa"):
         cert = backend.certificate(ks.info(name))  # type: ignore[attr-defined]
-        assert cert.subject.rfc4514_string() == f"O=Strongroom,CN={name}"
+        store = ks.catalog.store_id.hex()
+        assert cert.subject.rfc4514_string() == f"OU=strongroom-store:{store},O=Strongroom,CN={name}"
         cert.verify_directly_issued_by(cert)  # signed by the card's own key
         usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
         assert usage.digital_signature
@@ -624,3 +625,44 @@ def test_ecdh_on_the_card_matches_the_peer(ks: Keystore) -> None:
         backend.ecdh(  # type: ignore[attr-defined]
             ks.info("kex-ecdsa-p256"), ec.generate_private_key(ec.SECP384R1()).public_key()
         )
+
+
+def test_doctor_finds_and_repairs_a_key_a_crash_left_on_the_card(
+    tmp_path: Path, reader: PivReader, env: None
+) -> None:
+    """A kill after the card made the key and its certificate, before the catalog row: the
+    slot is this keystore's (its certificate names the store), so doctor lists it and
+    --repair frees it. A slot another keystore wrote is never listed."""
+    import signal
+
+    config = piv_config(tmp_path, reader)
+    other = write_piv_config(tmp_path / "other", reader.name)
+    with strongroom.open(other) as ks:
+        ks.generate("theirs", "ecdsa-p256", backend="piv")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            ks = strongroom.open(config)
+
+            def killed(*_: object) -> None:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            ks.catalog.add = killed  # type: ignore[method-assign]
+            ks.generate("lost", "ecdsa-p256", backend="piv")
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status)
+    with strongroom.open(config) as ks:
+        orphans, unsearched = ks.orphans()
+        assert unsearched == []
+        assert [(o.backend, o.handle) for o in orphans] == [("piv", "9c")]
+        assert "'lost'" in orphans[0].description
+        assert [o.handle for o in ks.repair_orphans(lambda o: True)] == ["9c"]
+        assert ks.orphans() == ([], [])
+        assert 0x5FC10A not in reader.card.state.objects  # 9C's certificate object: empty
+        ks.generate("next", "ecdsa-p256", backend="piv")
+        assert ks.info("next").handle == "9c"  # the slot is free again
+    with strongroom.open(other) as ks:
+        assert ks.orphans() == ([], [])
+        ks.verify("theirs", b"x", ks.sign("theirs", b"x"))
