@@ -89,7 +89,9 @@ def test_slots_certificates_and_openssl(ks: Keystore, reader: PivReader, tmp_pat
     for name in ("ec", "ec384", "rsa"):
         cert = backend.certificate(ks.info(name))  # type: ignore[attr-defined]
         store = ks.catalog.store_id.hex()
-        assert cert.subject.rfc4514_string() == f"OU=strongroom-store:{store},O=Strongroom,CN={name}"
+        assert (
+            cert.subject.rfc4514_string() == f"OU=strongroom-store:{store},O=Strongroom,CN={name}"
+        )
         cert.verify_directly_issued_by(cert)  # signed by the card's own key
         usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
         assert usage.digital_signature
