@@ -74,6 +74,11 @@ class PresenceTimeout(AuthenticationFailed):
     """Nobody touched the security key (or card) within the time allowed."""
 
 
+class WrongPin(AuthenticationFailed):
+    """A device refused the PIN (a FIDO authenticator's PIN_INVALID); `retries_left` says
+    how many tries remain. The backend remembers the refused PIN and never sends it again."""
+
+
 class DeviceLocked(StrongroomError):
     """The device or vault refuses all attempts until it is reset or unlocked."""
 

@@ -42,6 +42,7 @@ from strongroom.errors import (
     IntegrityError,
     InvalidArgument,
     StrongroomError,
+    WrongPin,
 )
 from strongroom.memory import Guarded
 from strongroom.types import KeyInfo, KeyType, Operation, Usage
@@ -267,8 +268,6 @@ class FidoBackend(FidoSealer, Backend):
                 "wrong security key PIN (the key refused this PIN before; it is not sent again)",
                 retries_left=refused[1],
             )
-        from .session import WrongPin
-
         try:
             token = session.pin_token(pin, permission, rp_id)
         except WrongPin as e:

@@ -41,16 +41,13 @@ from strongroom.errors import (
     PresenceTimeout,
     StrongroomError,
     UnsupportedOperation,
+    WrongPin,
 )
 from strongroom.memory import scrub_bytes
 
 ERR = CtapError.ERR
 TOUCH_PROMPT = "touch your security key"
 PERMISSION = ClientPin.PERMISSION
-
-
-class WrongPin(AuthenticationFailed):
-    """The authenticator refused the PIN (PIN_INVALID); `retries_left` says how many remain."""
 
 
 class Deadline(threading.Event):
