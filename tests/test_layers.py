@@ -342,6 +342,8 @@ def may_import(importer: str, imported: str) -> bool:
             or imported == PKCS11SERVER
             or imported.startswith(PKCS11SERVER + ".")
         )
+    if importer == WIRE:  # the wire format: what client and server share, nothing else
+        return imported in CONTRACT
     if importer == CLIENT:  # a client installs no server side
         return imported in CONTRACT | RECIPES or imported == WIRE
     if imported == SERVICE or imported.startswith(SERVICE + "."):

@@ -26,7 +26,6 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 
 from ..errors import (
@@ -36,6 +35,7 @@ from ..errors import (
 )
 from ..errors import NotPermitted as NotPermitted  # in errors.py; importable here as before
 from ..errors import TenantNotFound as TenantNotFound
+from .wire import Permission as Permission  # defined with the wire format
 
 SCHEMA_VERSION = 1
 TOKEN_PREFIX = "srt_"  # noqa: S105 - a prefix, not a secret
@@ -43,27 +43,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _PATTERN = re.compile(r"[A-Za-z0-9_.*?\[\]!-]{1,128}")
 
 
-class Permission(StrEnum):
-    """What a policy grants. `read` covers list, show, public key and versions; `generate`
-    covers import; `manage` covers rotate, disable, enable and min_decryption_version;
-    `adopt` registers a key that already exists in a backend (never implied by `all`: in
-    shared hardware it claims a key nobody gave the tenant); `admin` is the service's own
-    management (tenants, tokens, policies, vault, audit)."""
-
-    READ = "read"
-    SIGN = "sign"
-    VERIFY = "verify"
-    ENCRYPT = "encrypt"
-    DECRYPT = "decrypt"
-    AGREE = "agree"
-    DERIVE = "derive"
-    GENERATE = "generate"
-    MANAGE = "manage"
-    DELETE = "delete"
-    EXPORT = "export"
-    RANDOM = "random"
-    ADOPT = "adopt"
-    ADMIN = "admin"
+# Permission is the wire format's (core/service/wire.py), so a client needs no tenant store.
 
 
 KEY_PERMISSIONS = frozenset(Permission) - {Permission.ADMIN, Permission.RANDOM}

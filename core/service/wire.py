@@ -25,6 +25,7 @@ import binascii
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Any, Final
 
 from .. import errors
@@ -47,8 +48,29 @@ from ..errors import (
 )
 from ..types import KeyInfo, KeyType, KeyVersion, Operation, Usage
 
-# Permission is the tenant store's vocabulary and the table's.
-from .tenants import Permission
+
+class Permission(StrEnum):
+    """What a policy grants. `read` covers list, show, public key and versions; `generate`
+    covers import; `manage` covers rotate, disable, enable and min_decryption_version;
+    `adopt` registers a key that already exists in a backend (never implied by `all`: in
+    shared hardware it claims a key nobody gave the tenant); `admin` is the service's own
+    management (tenants, tokens, policies, vault, audit)."""
+
+    READ = "read"
+    SIGN = "sign"
+    VERIFY = "verify"
+    ENCRYPT = "encrypt"
+    DECRYPT = "decrypt"
+    AGREE = "agree"
+    DERIVE = "derive"
+    GENERATE = "generate"
+    MANAGE = "manage"
+    DELETE = "delete"
+    EXPORT = "export"
+    RANDOM = "random"
+    ADOPT = "adopt"
+    ADMIN = "admin"
+
 
 API_VERSION = "1"
 
