@@ -15,7 +15,7 @@ from typing import Any
 
 from ..audit import last_seq, read_records, verify_log
 from ..keystore import Keystore
-from .codec import HttpError, Request, _int_query, _jsonable, _opt_str, _policy_body
+from .codec import HttpError, Request, int_query, jsonable, opt_str, policy_body
 from .tenants import TenantStore, parse_permissions
 
 
@@ -30,7 +30,7 @@ class AdminHandlers:
     # -- vault ---------------------------------------------------------------------------------
     async def vault_status(self, req: Request) -> Any:
         status = self.ks.vault_control().vault_status()
-        return {**_jsonable(status), "sealed_by_service": self.vault_sealed}
+        return {**jsonable(status), "sealed_by_service": self.vault_sealed}
 
     async def vault_lock(self, req: Request) -> Any:
         self.vault_sealed = True
@@ -38,7 +38,7 @@ class AdminHandlers:
         return {"locked": True}
 
     async def vault_unlock(self, req: Request) -> Any:
-        method = _opt_str(req.body, "method")
+        method = opt_str(req.body, "method")
         used = await asyncio.to_thread(self.ks.vault_control().unlock, method)
         self.vault_sealed = False
         return {"locked": False, "method": used}
@@ -46,15 +46,15 @@ class AdminHandlers:
     # -- audit ---------------------------------------------------------------------------------
     async def audit_records(self, req: Request) -> Any:
         path = self.ks.config.data_dir / "audit.jsonl"
-        limit = _int_query(req.query, "limit", 100, 1, 10_000)
+        limit = int_query(req.query, "limit", 100, 1, 10_000)
         if "last" in req.query:  # the newest N records
             if "since" in req.query:
                 raise HttpError(400, "InvalidArgument", "give since or last, not both")
-            last = _int_query(req.query, "last", 100, 1, 10_000)
+            last = int_query(req.query, "last", 100, 1, 10_000)
             newest = await asyncio.to_thread(last_seq, path)
             since, limit = max(0, newest - last), last
         else:
-            since = _int_query(req.query, "since", 0, 0, 1 << 62)
+            since = int_query(req.query, "since", 0, 0, 1 << 62)
         records = await asyncio.to_thread(read_records, path, since, limit)
         return {"records": records}
 
@@ -100,7 +100,7 @@ class AdminHandlers:
         return {"policies": [p.to_dict() for p in self.tenants.policies(tenant)]}
 
     async def grant(self, req: Request) -> Any:
-        tenant, identity, keys, perms = _policy_body(req.body)
+        tenant, identity, keys, perms = policy_body(req.body)
         if perms is None:
             raise HttpError(400, "InvalidArgument", "permissions are required")
         parsed = parse_permissions(perms)
@@ -117,7 +117,7 @@ class AdminHandlers:
         return policy.to_dict()
 
     async def revoke_policy(self, req: Request) -> Any:
-        tenant, identity, keys, perms = _policy_body(req.body)
+        tenant, identity, keys, perms = policy_body(req.body)
         parsed = None if perms is None else parse_permissions(perms)
         with self.ks.audited(
             "policy_revoke",

@@ -43,14 +43,14 @@ from .codec import (
     Request,
     Route,
     Scope,
-    _backend_of,
-    _client_certificate,
-    _decoder,
-    _encoder,
-    _key_json,
-    _parse_query,
-    _query_decoder,
-    _unquote,
+    backend_of,
+    client_certificate,
+    decoder,
+    encoder,
+    key_json,
+    parse_query,
+    query_decoder,
+    unquote,
 )
 from .keys import _EXPORTABLE_NEEDS_EXPORT, KeyHandlers
 from .openapi import openapi_document
@@ -207,7 +207,7 @@ class App(KeyHandlers, AdminHandlers):
                         headers={"retry-after": "1"},
                     )
             body = await self._read_body(scope, receive, method)
-            query = _parse_query(scope.get("query_string", b""))
+            query = parse_query(scope.get("query_string", b""))
             request = Request(scope, params, query, body, identity)
             token = current_principal.set(identity.principal if identity else None)
             try:
@@ -298,7 +298,7 @@ class App(KeyHandlers, AdminHandlers):
             route = self._key_ops.get((method, verb))
             if route is not None and 0 < len(name) <= 512 and "/" not in verb:
                 try:
-                    return route, {"name": _unquote(name)}
+                    return route, {"name": unquote(name)}
                 except UnicodeDecodeError:
                     raise HttpError(400, "InvalidArgument", "the path is not valid UTF-8") from None
         allowed: list[str] = []
@@ -308,7 +308,7 @@ class App(KeyHandlers, AdminHandlers):
                 continue
             if route.method == method:
                 try:
-                    return route, {k: _unquote(v) for k, v in m.groupdict().items()}
+                    return route, {k: unquote(v) for k, v in m.groupdict().items()}
                 except UnicodeDecodeError:
                     raise HttpError(400, "InvalidArgument", "the path is not valid UTF-8") from None
             allowed.append(route.method)
@@ -331,7 +331,7 @@ class App(KeyHandlers, AdminHandlers):
                 if scheme.lower() != "bearer" or not rest.strip():
                     raise HttpError(401, "AuthenticationFailed", "use Authorization: Bearer TOKEN")
                 token = rest.strip()
-        der = _client_certificate(scope)
+        der = client_certificate(scope)
         try:
             if token is not None:
                 if der is not None and self.tenants.certificate_enrolled(der):
@@ -410,10 +410,10 @@ class App(KeyHandlers, AdminHandlers):
         assert op.call is not None and op.permissions
         first, more = op.permissions[0], op.permissions[1:]
         method = op.call
-        fields = [(f.param, _decoder(f), f.needs, f.kind) for f in op.body or ()]
-        query = [(f.param, _query_decoder(f)) for f in op.query]
+        fields = [(f.param, decoder(f), f.needs, f.kind) for f in op.body or ()]
+        query = [(f.param, query_decoder(f)) for f in op.query]
         shaping = [f.param for f in (*(op.body or ()), *op.query) if not f.passed]
-        encode = _encoder(op)
+        encode = encoder(op)
         run, status = op.run, op.status
 
         async def handler(req: Request) -> Any:
@@ -445,7 +445,7 @@ class App(KeyHandlers, AdminHandlers):
                 try:
                     with view.audited(method, name) as facts:
                         result = call(name, **kwargs)
-                        facts["backend"] = _backend_of(result)
+                        facts["backend"] = backend_of(result)
                 except KeyNotFound:
                     raise HttpError(404, "KeyNotFound", NOT_FOUND) from None
             else:
@@ -484,7 +484,7 @@ class App(KeyHandlers, AdminHandlers):
         view = self._view(req.identity)
         with view.audited("list", None) as facts:
             keys = [
-                _key_json(k)
+                key_json(k)
                 for k in view.keys()
                 if Permission.READ in self.tenants.permissions_on(req.identity, k.name)
             ]

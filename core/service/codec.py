@@ -37,11 +37,11 @@ class HttpError(Exception):
         self.headers = headers or {}
 
 
-def _b64(data: bytes) -> str:
+def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _unb64(value: Any, field_name: str) -> bytes:
+def unb64(value: Any, field_name: str) -> bytes:
     if not isinstance(value, str):
         raise HttpError(400, "InvalidArgument", f"{field_name} must be a base64 string")
     try:
@@ -50,14 +50,14 @@ def _unb64(value: Any, field_name: str) -> bytes:
         raise HttpError(400, "InvalidArgument", f"{field_name} is not valid base64") from None
 
 
-def _opt_str(body: dict[str, Any], name: str) -> str | None:
+def opt_str(body: dict[str, Any], name: str) -> str | None:
     value = body.get(name)
     if value is not None and not isinstance(value, str):
         raise HttpError(400, "InvalidArgument", f"{name} must be a string")
     return value
 
 
-def _key_json(info: KeyInfo) -> dict[str, Any]:
+def key_json(info: KeyInfo) -> dict[str, Any]:
     return wire.key_to_wire(info)
 
 
@@ -88,21 +88,21 @@ class Request:
 Decoder = Callable[[dict[str, Any]], Any]
 
 
-def _decoder(f: Field) -> Decoder:
+def decoder(f: Field) -> Decoder:
     """How a body field is read and checked; each refusal is a 400 naming the field."""
     name, kind, default = f.name, f.kind, f.default
     if kind == wire.BYTES:
         if f.nullable:
-            return lambda body: None if body.get(name) is None else _unb64(body[name], name)
+            return lambda body: None if body.get(name) is None else unb64(body[name], name)
         if f.has_default:
-            return lambda body: _unb64(body[name], name) if name in body else default
-        return lambda body: _unb64(body.get(name), name)
+            return lambda body: unb64(body[name], name) if name in body else default
+        return lambda body: unb64(body.get(name), name)
     if kind == wire.BOOL:
-        return lambda body: _flag(body, name)
+        return lambda body: flag(body, name)
     if kind == wire.VERSION:
         return _version
     if kind == wire.USAGE:
-        return _usage_list
+        return usage_list
     if f.enum is not None:
         enum = f.enum
         choices = f"{', '.join(enum[:-1])} or {enum[-1]}"
@@ -143,11 +143,11 @@ def _decoder(f: Field) -> Decoder:
 
         return string
     if kind in (wire.STR, wire.BACKEND, wire.SIGN_ALG, wire.ENC_ALG, wire.KEY_TYPE):
-        return lambda body: _opt_str(body, name)
+        return lambda body: opt_str(body, name)
     raise AssertionError(f"no generic decoder for {name} ({kind})")  # a table error, at start
 
 
-def _query_decoder(f: Field) -> Decoder:
+def query_decoder(f: Field) -> Decoder:
     """How a query parameter is read and checked (absent: its default, else None)."""
     name, default = f.name, f.default
     if f.kind == wire.INT:
@@ -156,33 +156,33 @@ def _query_decoder(f: Field) -> Decoder:
         def integer(query: dict[str, Any]) -> int | None:
             if name not in query:
                 return None if not f.has_default else int(default)
-            return _int_query(query, name, 0, lo, hi)
+            return int_query(query, name, 0, lo, hi)
 
         return integer
     if f.enum is not None:
-        return _decoder(f)  # a query is a dict of strings, read as a body is
+        return decoder(f)  # a query is a dict of strings, read as a body is
     raise AssertionError(f"no generic query decoder for {name} ({f.kind})")
 
 
 Encoder = Callable[[Any, dict[str, Any]], Any]
 
 
-def _encoder(op: Op) -> Encoder:
+def encoder(op: Op) -> Encoder:
     """How a generic operation's result becomes its answer; `values` are the request's
     decoded fields (a format asked for shapes the answer)."""
     if op.response == wire.KEY:
-        return lambda info, values: _key_json(info)
+        return lambda info, values: key_json(info)
     special = _ENCODERS.get(op.name)
     if special is not None:
         return special
     assert isinstance(op.response, tuple) and op.result is not None
     field = next(f for f in op.response if f.name == op.result)
     if field.kind == wire.BYTES:
-        return lambda data, values: {field.name: _b64(data)}
+        return lambda data, values: {field.name: b64(data)}
     if field.kind == wire.BOOL:  # verify: no exception is the answer (InvalidSignature is
         return lambda result, values: {field.name: True}  # answered {"valid": false})
     if field.kind == wire.OBJECT:
-        return lambda result, values: {field.name: _jsonable(result)}
+        return lambda result, values: {field.name: jsonable(result)}
     raise AssertionError(f"no generic encoder for {op.name}")
 
 
@@ -195,12 +195,12 @@ def _public_key(public: Any, values: dict[str, Any]) -> dict[str, Any]:
     der = public.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    return {"der": _b64(der)}
+    return {"der": b64(der)}
 
 
 def _exported(material: bytes, values: dict[str, Any]) -> dict[str, Any]:
     fmt = values["format"]
-    return {"pem": material.decode()} if fmt == "pem" else {fmt: _b64(material)}
+    return {"pem": material.decode()} if fmt == "pem" else {fmt: b64(material)}
 
 
 def _chain(chain: list[Any], values: dict[str, Any]) -> dict[str, Any]:
@@ -216,14 +216,14 @@ _ENCODERS: dict[str, Encoder] = {
 }
 
 
-def _backend_of(result: Any) -> str | None:
+def backend_of(result: Any) -> str | None:
     """The backend an audited read names: the key's, or its newest version's."""
     if isinstance(result, list):
         return result[-1].backend if result else None
     return getattr(result, "backend", None)
 
 
-def _policy_body(body: dict[str, Any]) -> tuple[str, str, str, list[str] | None]:
+def policy_body(body: dict[str, Any]) -> tuple[str, str, str, list[str] | None]:
     tenant, identity, keys = body.get("tenant"), body.get("identity"), body.get("keys")
     perms = body.get("permissions")
     if not all(isinstance(v, str) for v in (tenant, identity, keys)):
@@ -242,7 +242,7 @@ def _version(body: dict[str, Any]) -> int | None:
     return value
 
 
-def _usage_list(body: dict[str, Any]) -> list[str] | None:
+def usage_list(body: dict[str, Any]) -> list[str] | None:
     usage = body.get("usage")
     if usage is not None and not (
         isinstance(usage, list) and all(isinstance(u, str) for u in usage)
@@ -251,14 +251,14 @@ def _usage_list(body: dict[str, Any]) -> list[str] | None:
     return usage
 
 
-def _flag(body: dict[str, Any], name: str) -> bool:
+def flag(body: dict[str, Any], name: str) -> bool:
     value = body.get(name, False)
     if not isinstance(value, bool):
         raise HttpError(400, "InvalidArgument", f"{name} must be true or false")
     return value
 
 
-def _int_query(query: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
+def int_query(query: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
     raw = query.get(name)
     if raw is None:
         return default
@@ -267,7 +267,7 @@ def _int_query(query: dict[str, str], name: str, default: int, lo: int, hi: int)
     return int(raw)
 
 
-def _parse_query(raw: bytes) -> dict[str, str]:
+def parse_query(raw: bytes) -> dict[str, str]:
     from urllib.parse import parse_qsl
 
     if not raw:
@@ -278,17 +278,17 @@ def _parse_query(raw: bytes) -> dict[str, str]:
         raise HttpError(400, "InvalidArgument", "the query string is not valid") from None
 
 
-def _unquote(value: str) -> str:
+def unquote(value: str) -> str:
     from urllib.parse import unquote
 
     return unquote(value, errors="strict")
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _client_certificate(scope: Scope) -> bytes | None:
+def client_certificate(scope: Scope) -> bytes | None:
     """The client certificate's DER, from the ASGI TLS extension (see TlsHttpProtocol)."""
     tls = scope.get("extensions", {}).get("tls")
     if not tls:

@@ -28,13 +28,13 @@ from ..memory import wipe
 from .codec import (
     HttpError,
     Request,
-    _b64,
-    _flag,
-    _int_query,
-    _key_json,
-    _opt_str,
-    _unb64,
-    _usage_list,
+    b64,
+    flag,
+    int_query,
+    key_json,
+    opt_str,
+    unb64,
+    usage_list,
 )
 from .tenants import Identity, Permission, TenantStore
 from .wire import NOT_FOUND
@@ -124,8 +124,8 @@ class KeyHandlers:
         key_type = body.get("type")
         if not isinstance(key_type, str):
             raise HttpError(400, "InvalidArgument", "type is required")
-        backend = _opt_str(body, "backend")
-        usage = _usage_list(body)
+        backend = opt_str(body, "backend")
+        usage = usage_list(body)
         exportable = body.get("exportable", False)
         if not isinstance(exportable, bool):
             raise HttpError(400, "InvalidArgument", "exportable must be true or false")
@@ -135,7 +135,7 @@ class KeyHandlers:
         if self.vault_sealed:
             raise HttpError(423, "VaultLocked", "the vault is locked; an admin unlocks it")
         if "material" in body:  # an import: the material goes straight into the backend
-            material = bytearray(_unb64(body.get("material"), "material"))
+            material = bytearray(unb64(body.get("material"), "material"))
             fmt = body.get("format", "auto")
             if not isinstance(fmt, str):
                 raise HttpError(400, "InvalidArgument", "format must be a string")
@@ -145,11 +145,11 @@ class KeyHandlers:
                 )
             finally:
                 wipe(material)
-            return 201, _key_json(info)
+            return 201, key_json(info)
         info = await asyncio.to_thread(
             view.generate, name, key_type, backend=backend, usage=usage, exportable=exportable
         )
-        return 201, _key_json(info)
+        return 201, key_json(info)
 
     def _new_key_args(self, req: Request) -> tuple[str, str, list[str] | None, bytes, bytes]:
         """`new_name` (which the caller must be allowed to generate), `type`, `usage`, and
@@ -162,15 +162,15 @@ class KeyHandlers:
         key_type = req.body.get("type", "aes-256")
         if not isinstance(key_type, str):
             raise HttpError(400, "InvalidArgument", "type must be a string")
-        usage = _usage_list(req.body)
-        salt = _unb64(req.body.get("salt", ""), "salt")
-        info = _unb64(req.body.get("info", ""), "info")
+        usage = usage_list(req.body)
+        salt = unb64(req.body.get("salt", ""), "salt")
+        info = unb64(req.body.get("info", ""), "info")
         return new_name, key_type, usage, salt, info
 
     def _check_exportable(self, req: Request, name: str) -> bool:
         """The request's `exportable` flag; making an exportable key needs `export` on it."""
         assert req.identity is not None
-        exportable = _flag(req.body, "exportable")
+        exportable = flag(req.body, "exportable")
         if exportable and Permission.EXPORT not in self.tenants.permissions_on(req.identity, name):
             raise HttpError(403, "NotPermitted", _EXPORTABLE_NEEDS_EXPORT)
         return exportable
@@ -188,7 +188,7 @@ class KeyHandlers:
         after = req.query.get("after")
         wait = None
         if after is not None:
-            wait = timedelta(seconds=_int_query(req.query, "after", 0, 0, 10 * 365 * 86400))
+            wait = timedelta(seconds=int_query(req.query, "after", 0, 0, 10 * 365 * 86400))
         scheduled = await asyncio.to_thread(view.schedule_deletion, name, wait)
         if scheduled is None or scheduled.delete_after is None:
             return {"deleted": name}
@@ -207,13 +207,13 @@ class KeyHandlers:
             except (ValueError, TypeError, UnicodeError):
                 raise HttpError(400, "InvalidArgument", "peer is not a PEM public key") from None
         else:
-            public = _unb64(peer, "peer")  # raw or DER; the keystore reads it for the key type
+            public = unb64(peer, "peer")  # raw or DER; the keystore reads it for the key type
         exportable = self._check_exportable(req, new_name)
         self._check_vault(view, name)
         info = await asyncio.to_thread(
             view.agree, name, public, new_name, key_type, usage, salt, info_bytes, exportable
         )
-        return 201, _key_json(info)
+        return 201, key_json(info)
 
     async def adopt(self, req: Request) -> Any:
         """Register a key that already exists in a backend under this name: the `adopt`
@@ -232,13 +232,13 @@ class KeyHandlers:
             and all(isinstance(k, str) and isinstance(v, str) for k, v in ref.items())
         ):
             raise HttpError(400, "InvalidArgument", "ref must be an object of strings")
-        key_type = _opt_str(req.body, "type")
-        usage = _usage_list(req.body)
+        key_type = opt_str(req.body, "type")
+        usage = usage_list(req.body)
         view = self._check_key(req.identity, name, Permission.ADOPT)
         if self.vault_sealed:
             raise HttpError(423, "VaultLocked", "the vault is locked; an admin unlocks it")
         info = await asyncio.to_thread(view.adopt, name, backend, ref, key_type, usage)
-        return 201, _key_json(info)
+        return 201, key_json(info)
 
     async def random(self, req: Request) -> Any:
         ident = req.identity
@@ -248,8 +248,8 @@ class KeyHandlers:
         n = req.body.get("n")
         if type(n) is not int or not 1 <= n <= 65536:
             raise HttpError(400, "InvalidArgument", "n must be an integer from 1 to 65536")
-        backend = _opt_str(req.body, "backend")
+        backend = opt_str(req.body, "backend")
         if backend is not None and backend not in self.ks.config.backends:
             raise HttpError(400, "InvalidArgument", "no backend by that name")
         data = await asyncio.to_thread(self._view(ident).random, n, backend)
-        return {"data": _b64(data)}
+        return {"data": b64(data)}
