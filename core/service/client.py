@@ -71,6 +71,18 @@ def _chain(pem: str) -> list[x509.Certificate]:
     return x509.load_pem_x509_certificates(pem.encode()) if pem else []
 
 
+_ENCODED_DEFAULTS: dict[int, Any] = {}
+"""Each field's default as the wire writes it, by the field's id: the fields are the
+constants of `wire.OPS`, so each is encoded once, not on every request."""
+
+
+def _encoded_default(f: wire.Field) -> Any:
+    key = id(f)
+    if key not in _ENCODED_DEFAULTS:
+        _ENCODED_DEFAULTS[key] = _encode(f, f.default)
+    return _ENCODED_DEFAULTS[key]
+
+
 def _encode(f: wire.Field, value: Any) -> Any:
     """A value as the field's wire type writes it."""
     if f.kind == wire.BYTES:
@@ -145,7 +157,7 @@ class RemoteKeystore:
                 if value is None:
                     continue
                 value = _encode(f, value)
-                if not f.required and f.has_default and value == _encode(f, f.default):
+                if not f.required and f.has_default and value == _encoded_default(f):
                     continue
                 body[f.name] = value
         query = {f.name: values[f.param] for f in op.query if values.get(f.param) is not None}
