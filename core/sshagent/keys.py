@@ -37,9 +37,10 @@ SSH_KEY_TYPES: dict[KeyType, str] = {
 """The keystore's key types an SSH client can use, with their SSH key type names."""
 
 RSA_SHA2_256 = "rsa-sha2-256"
-KEYSTORE_RSA_ALGORITHM = "pkcs1v15"
-"""The keystore's RSA signature is PKCS#1 v1.5 over SHA-256 (core/algorithms.py), which is
-exactly SSH's rsa-sha2-256 (RFC 8332)."""
+RSA_SHA2_512 = "rsa-sha2-512"
+KEYSTORE_RSA_ALGORITHMS = {RSA_SHA2_256: "pkcs1v15", RSA_SHA2_512: algorithms.RSA_PKCS1V15_SHA512}
+"""SSH's RSA signatures (RFC 8332) as the keystore's: PKCS#1 v1.5 over SHA-256 or SHA-512
+(core/algorithms.py)."""
 
 
 def offerable(info: KeyInfo) -> bool:
@@ -76,18 +77,15 @@ class Identity:
 def sign_algorithm(identity: Identity, flags: int) -> tuple[str, str | None]:
     """(SSH signature name, the keystore's `algorithm=`) for a SIGN_REQUEST's flags.
 
-    RSA: rsa-sha2-256 only. rsa-sha2-512 is refused because the keystore's RSA signatures
-    hash with SHA-256, and plain ssh-rsa (SHA-1, no flag) is refused as unsafe; OpenSSH
-    clients then use rsa-sha2-256 when the server allows it.
+    RSA: rsa-sha2-256 or rsa-sha2-512 (with both flags, SHA-256, as OpenSSH's agent does).
+    Plain ssh-rsa (SHA-1, no flag) is refused as unsafe; OpenSSH clients ask for a SHA-2
+    signature whenever the server allows one.
     """
     if not identity.key_type.is_rsa:
         return SSH_KEY_TYPES[identity.key_type], None
-    if flags & wire.RSA_SHA2_512:
-        raise UnsupportedOperation(
-            "ssh-agent", "sign", identity.key_type, "rsa-sha2-512 is not offered; use rsa-sha2-256"
-        )
-    if flags & wire.RSA_SHA2_256:
-        return RSA_SHA2_256, KEYSTORE_RSA_ALGORITHM
+    for flag, ssh_name in ((wire.RSA_SHA2_256, RSA_SHA2_256), (wire.RSA_SHA2_512, RSA_SHA2_512)):
+        if flags & flag:
+            return ssh_name, KEYSTORE_RSA_ALGORITHMS[ssh_name]
     raise UnsupportedOperation(
         "ssh-agent", "sign", identity.key_type, "ssh-rsa signatures (SHA-1) are refused"
     )

@@ -26,8 +26,14 @@ from strongroom import algorithms
 from strongroom.keystore import Keystore
 from strongroom.sshagent import AgentSettings
 
-KEYS = {"ssh-vault": "vault", "ssh-hsm": "hsm", "ssh-tpm": "tpm"}
-"""The keys ssh logs in with, by the backend that holds each."""
+KEYS = {
+    "ssh-vault": ("vault", "ed25519"),
+    "ssh-vault-rsa": ("vault", "rsa-2048"),
+    "ssh-hsm": ("hsm", "ecdsa-p256"),
+    "ssh-tpm": ("tpm", "ecdsa-p256"),
+}
+"""The keys ssh logs in with: the backend that holds each, and its type. ssh's default
+algorithms sign with the RSA key as rsa-sha2-512."""
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +58,8 @@ def ks(
     )
     with strongroom.open(config) as keystore:
         keystore.vault_control().initialize()
-        keystore.generate("ssh-vault", "ed25519", backend="vault")
-        keystore.generate("ssh-hsm", "ecdsa-p256", backend="hsm")
-        keystore.generate("ssh-tpm", "ecdsa-p256", backend="tpm")
+        for name, (backend, key_type) in KEYS.items():
+            keystore.generate(name, key_type, backend=backend)
         yield keystore
         for name in ("ssh-hsm", "ssh-tpm"):  # the token and the TPM outlive this module
             keystore.delete(name)
@@ -90,7 +95,7 @@ def sshd(tmp_path_factory: pytest.TempPathFactory, pubs: dict[str, Path]) -> Ite
 def test_ssh_logs_in_with_the_key(
     ks: Keystore, agent: RunningAgent, sshd: Sshd, pubs: dict[str, Path], name: str
 ) -> None:
-    assert ks.info(name).backend == KEYS[name]
+    assert ks.info(name).backend == KEYS[name][0]
     out = sshd.ssh(agent.path, pubs[name], "echo", "logged-in")
     assert out.returncode == 0, out.stderr + sshd.log.read_text()
     assert out.stdout == "logged-in\n"
