@@ -562,10 +562,10 @@ def test_the_service_still_answers_after_the_head_fuzz(running_service: tuple[An
 @pytest.fixture(scope="module")
 def ssh_agent_seeds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, list[bytes]]]:
     """A vault agent offering one key of each SSH type, and real messages to it: list, sign
-    (each type, RSA with its flag), add (Ed25519, P-256, RSA), remove, lock, unlock, query,
-    and a session-bind signed by a real host key."""
+    (each type, RSA with its flag; a login request), add (Ed25519, P-256, RSA; with a
+    lifetime; restricted to a destination), remove, lock, unlock, query, and a session-bind
+    signed by a real host key."""
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-
     from sshagent_support import hop, restrict_destination, userauth_request
 
     from strongroom.sshagent import Agent, AgentSettings, keys, wire

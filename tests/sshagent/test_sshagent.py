@@ -263,6 +263,7 @@ def test_configured_keys_are_confirmed_through_askpass(ks: Keystore, tmp_path: P
         assert f"Key fingerprint {fingerprint}" in prompts
         assert "ssh-keygen" in prompts  # the peer's program, from /proc/PID/exe
         assert f"(uid {os.getuid()})" in prompts
+        assert "For a signature that is not an SSH login" in prompts
         # A key no pattern asks to confirm signs without a prompt...
         assert _keygen_sign(confirming, plain, message) == 0
         assert (tmp_path / "prompts").read_text() == prompts
@@ -292,7 +293,8 @@ def test_added_keys_keep_their_constraints(ks: Keystore, tmp_path: Path) -> None
         assert ssh_add(adder, "-L").returncode != 0  # "The agent has no identities."
         assert _keygen_sign(adder, key.with_suffix(".pub"), message) != 0
         assert ks.info(name).name == name
-        # A constraint the agent cannot keep (restrict-destination) is refused, not ignored.
+        # A constraint the agent cannot keep (a restrict-destination naming no host) is
+        # refused, not ignored.
         private = ed25519.Ed25519PrivateKey.generate()
         public = private.public_key().public_bytes_raw()
         add = s("ssh-ed25519") + s(public) + s(private.private_bytes_raw() + public) + s(b"")

@@ -24,7 +24,7 @@ from tpm_support import SRK_HANDLE, TEST_PIN, Swtpm, swtpm  # noqa: F401  (the s
 import strongroom
 from strongroom import algorithms
 from strongroom.keystore import Keystore
-from strongroom.sshagent import AgentSettings
+from strongroom.sshagent import AgentSettings, KeyPolicy, host_fingerprint
 
 KEYS = {
     "ssh-vault": ("vault", "ed25519"),
@@ -87,6 +87,16 @@ def pubs(ks: Keystore, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
 def sshd(tmp_path_factory: pytest.TempPathFactory, pubs: dict[str, Path]) -> Iterator[Sshd]:
     authorized = "".join(p.read_text() for p in pubs.values())
     server = start_sshd(tmp_path_factory.mktemp("sshd"), authorized)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def second_sshd(tmp_path_factory: pytest.TempPathFactory, sshd: Sshd) -> Iterator[Sshd]:
+    """Another host (its own host key), with the same authorized keys as `sshd`."""
+    server = start_sshd(tmp_path_factory.mktemp("sshd-b"), sshd.authorized_keys.read_text())
+    server.authorized_keys.unlink()
+    server.authorized_keys.symlink_to(sshd.authorized_keys)  # one list for both hosts
     yield server
     server.stop()
 
@@ -185,3 +195,59 @@ def test_git_signs_commits_through_the_agent(
     verified = git("verify-commit", "HEAD")
     assert verified.returncode == 0, verified.stderr
     assert 'Good "git" signature for dev@example.com' in verified.stderr
+
+
+def test_a_destination_restricted_key_logs_in_to_its_host_only(
+    ks: Keystore, sshd: Sshd, second_sshd: Sshd, tmp_path: Path
+) -> None:
+    """`ssh-add -h` names the first sshd (by its host key, from a known_hosts file): ssh
+    logs in there with the added key, and the agent refuses the login to the second."""
+    key = tmp_path / "id_restricted"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    pub = key.with_suffix(".pub")
+    known = tmp_path / "known_hosts"
+    known.write_text(f"host-a {sshd.host_key_pub}\n")
+    kept = sshd.authorized_keys.read_text()
+    sshd.authorized_keys.write_text(kept + pub.read_text())
+    try:
+        with running_agent(ks, AgentSettings(allow_add=True)) as adder:
+            added = subprocess.run(
+                ["ssh-add", "-H", str(known), "-h", "host-a", str(key)],
+                env=adder.env(),
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert added.returncode == 0, added.stderr
+            key.unlink()  # only the agent can sign with it now
+            [constraint] = [a.destinations for a in adder.agent._added.values()]
+            assert len(constraint) == 1
+            out = sshd.ssh(adder.path, pub, "echo", "logged-in")
+            assert out.returncode == 0, out.stderr + sshd.log.read_text()
+            assert out.stdout == "logged-in\n"
+            refused = second_sshd.ssh(adder.path, pub, "echo", "logged-in")
+            assert refused.returncode != 0
+            assert "logged-in" not in refused.stdout
+    finally:
+        sshd.authorized_keys.write_text(kept)
+
+
+def test_allowed_hosts_in_config_let_a_key_log_in_to_those_hosts_only(
+    ks: Keystore, sshd: Sshd, second_sshd: Sshd, pubs: dict[str, Path]
+) -> None:
+    policy = KeyPolicy("ssh-vault", allowed_hosts=frozenset({host_fingerprint(sshd.host_key_pub)}))
+    settings = AgentSettings(patterns=("ssh-vault",), policies=(policy,))
+    with running_agent(ks, settings) as agent:
+        out = sshd.ssh(agent.path, pubs["ssh-vault"], "echo", "logged-in")
+        assert out.returncode == 0, out.stderr + sshd.log.read_text()
+        refused = second_sshd.ssh(agent.path, pubs["ssh-vault"], "echo", "logged-in")
+        assert refused.returncode != 0
+        # The same key, with no policy, logs in to the second host: the policy refused it.
+        with running_agent(ks, AgentSettings(patterns=("ssh-vault",))) as free:
+            assert second_sshd.ssh(free.path, pubs["ssh-vault"], "true").returncode == 0
