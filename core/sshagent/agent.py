@@ -133,6 +133,8 @@ class Agent:
         self._blob_cache: dict[tuple[str, int], bytes] = {}
         self._added: dict[str, AddedKey] = {}
         """Keys clients added, by name: the only ones REMOVE_IDENTITY forgets."""
+        self._applications: dict[str, str] | None = None
+        """The OpenSSH application of each fido backend's credentials (its rp_id)."""
         self._lock_mac: bytes | None = None
         self._lock_key = os.urandom(32)
         self._failed_unlocks = 0
@@ -151,6 +153,19 @@ class Agent:
                 del self._added[name]
                 self._by_blob = {b: i for b, i in self._by_blob.items() if i.name != name}
 
+    def _application(self, backend: str) -> str | None:
+        """The OpenSSH application FIDO keys of `backend` were made for: its rp_id, when it
+        is one (`ssh:`...); None for a backend that makes WebAuthn credentials, whose keys
+        the agent does not offer (OpenSSH could not verify them). Asked once."""
+        if self._applications is None:
+            self._applications = {
+                b.name: str(b.details.get("rp_id", ""))
+                for b in self.ks.backends()
+                if b.type == "fido"
+            }
+        application = self._applications.get(backend, "")
+        return application if application.startswith("ssh:") else None
+
     def identities(self, *, strict: bool = False) -> list[keys.Identity]:
         """The keys offered now, read afresh from the keystore (rotations, new keys).
 
@@ -163,18 +178,21 @@ class Agent:
         for info in self.ks.keys():
             if not (keys.offerable(info) and self._wanted(info.name)):
                 continue
+            application = self._application(info.backend) if info.type.is_fido else None
+            if info.type.is_fido and application is None:
+                continue
             cache_key = (info.name, info.version)
             blob = self._blob_cache.get(cache_key)
             if blob is None:
                 try:
-                    blob = keys.key_blob(self.ks.public_key(info.name))
+                    blob = keys.key_blob(self.ks.public_key(info.name), application)
                 except StrongroomError as e:
                     if strict:
                         raise
                     log.warning("key %s is not offered: %s", info.name, type(e).__name__)
                     continue
                 self._blob_cache[cache_key] = blob
-            found.append(keys.Identity(blob, info.name, info.type))
+            found.append(keys.Identity(blob, info.name, info.type, application))
         with self._lock:
             self._by_blob = {i.blob: i for i in found}
         return found
@@ -242,6 +260,8 @@ class Agent:
             signature = self.ks.sign(identity.name, request.data, algorithm)
         finally:
             current_principal.reset(token)
+        if identity.application is not None:  # a FIDO key: its assertion, the OpenSSH way
+            return wire.sign_response(keys.sk_signature(identity, signature))
         return wire.sign_response(keys.ssh_signature(identity.key_type, ssh_name, signature))
 
     def _add(self, request: wire.AddIdentity) -> bytes:

@@ -33,8 +33,16 @@ SSH_KEY_TYPES: dict[KeyType, str] = {
     KeyType.RSA_2048: "ssh-rsa",
     KeyType.RSA_3072: "ssh-rsa",
     KeyType.RSA_4096: "ssh-rsa",
+    KeyType.FIDO_ES256: "sk-ecdsa-sha2-nistp256@openssh.com",
+    KeyType.FIDO_EDDSA: "sk-ssh-ed25519@openssh.com",
 }
-"""The keystore's key types an SSH client can use, with their SSH key type names."""
+"""The keystore's key types an SSH client can use, with their SSH key type names. FIDO
+credentials are OpenSSH security-key keys when they were made for an `ssh:` application
+(the fido backend's rp_id; docs/ssh-agent.md)."""
+_SK_OF_PLAIN = {
+    "ecdsa-sha2-nistp256": SSH_KEY_TYPES[KeyType.FIDO_ES256],
+    "ssh-ed25519": SSH_KEY_TYPES[KeyType.FIDO_EDDSA],
+}
 
 RSA_SHA2_256 = "rsa-sha2-256"
 RSA_SHA2_512 = "rsa-sha2-512"
@@ -53,10 +61,16 @@ def offerable(info: KeyInfo) -> bool:
     )
 
 
-def key_blob(public: PublicKeyTypes) -> bytes:
-    """The SSH public key blob: the base64 field of the key's `--format openssh` line."""
+def key_blob(public: PublicKeyTypes, application: str | None = None) -> bytes:
+    """The SSH public key blob: the base64 field of the key's `--format openssh` line; with
+    an `application`, the security-key (sk-) form of the same key (PROTOCOL.u2f): its
+    fields under the sk- name, then the application."""
     line = algorithms.encode_public(public, "openssh")
-    return base64.b64decode(line.split(b" ")[1], validate=True)
+    blob = base64.b64decode(line.split(b" ")[1], validate=True)
+    if application is None:
+        return blob
+    r = wire.Reader(blob)
+    return wire.string(_SK_OF_PLAIN[r.name()]) + r.rest() + wire.string(application)
 
 
 def fingerprint(blob: bytes) -> str:
@@ -72,6 +86,8 @@ class Identity:
     blob: bytes
     name: str
     key_type: KeyType
+    application: str | None = None
+    """A FIDO key's OpenSSH application (`ssh:`...); None for other keys."""
 
 
 def sign_algorithm(identity: Identity, flags: int) -> tuple[str, str | None]:
@@ -98,6 +114,88 @@ def ssh_signature(key_type: KeyType, ssh_name: str, signature: bytes) -> bytes:
         r, s = decode_dss_signature(signature)
         signature = wire.mpint(r) + wire.mpint(s)
     return wire.string(ssh_name) + wire.string(signature)
+
+
+def sk_signature(identity: Identity, assertion: bytes) -> bytes:
+    """A FIDO key's assertion structure (the keystore's `sign`, core docs/fido.md) as an
+    OpenSSH security-key signature: `string name || string signature || byte flags ||
+    uint32 counter`, where the ECDSA signature is `mpint r || mpint s` (PROTOCOL.u2f).
+
+    The credential must have signed the OpenSSH way, for this key's application: no client
+    data, and authenticator data of exactly the application's hash, flags and counter (no
+    extensions, which OpenSSH's verifier does not take)."""
+    not_ssh = UnsupportedOperation(
+        "ssh-agent",
+        "sign",
+        identity.key_type,
+        "the credential did not sign for an ssh: application (the fido backend's rp_id)",
+    )
+    try:
+        fields = _cbor_map(assertion)
+    except (ValueError, IndexError):
+        raise not_ssh from None
+    auth, signature = fields.get("authenticatorData"), fields.get("signature")
+    application = identity.application or ""
+    if (
+        not isinstance(auth, bytes)
+        or not isinstance(signature, bytes)
+        or fields.get("clientDataJSON") != b""
+        or len(auth) != 37
+        or auth[:32] != hashlib.sha256(application.encode()).digest()
+    ):
+        raise not_ssh
+    if identity.key_type is KeyType.FIDO_ES256:
+        r, s = decode_dss_signature(signature)
+        signature = wire.mpint(r) + wire.mpint(s)
+    name = SSH_KEY_TYPES[identity.key_type]
+    return wire.string(name) + wire.string(signature) + auth[32:37]  # flags, counter
+
+
+def _cbor_map(data: bytes) -> dict[str, object]:
+    """The top-level map of a CBOR document whose keys are text and whose values are
+    unsigned integers, byte strings or text (all an assertion structure holds). ValueError
+    or IndexError for anything else; no nesting, so no recursion to bound."""
+    pos = 0
+
+    def head() -> tuple[int, int]:
+        nonlocal pos
+        first = data[pos]
+        pos += 1
+        major, info = first >> 5, first & 0x1F
+        if info < 24:
+            return major, info
+        size = {24: 1, 25: 2, 26: 4, 27: 8}.get(info)
+        if size is None or pos + size > len(data):
+            raise ValueError("not a definite-length CBOR item")
+        value = int.from_bytes(data[pos : pos + size], "big")
+        pos += size
+        return major, value
+
+    def item() -> object:
+        nonlocal pos
+        major, value = head()
+        if major == 0:
+            return value
+        if major in (2, 3):
+            if pos + value > len(data):
+                raise ValueError("a CBOR string runs past the end")
+            raw = data[pos : pos + value]
+            pos += value
+            return raw if major == 2 else raw.decode()
+        raise ValueError("an unexpected CBOR item")
+
+    major, count = head()
+    if major != 5:
+        raise ValueError("not a CBOR map")
+    out: dict[str, object] = {}
+    for _ in range(count):
+        key = item()
+        if not isinstance(key, str):
+            raise ValueError("a CBOR map key that is not text")
+        out[key] = item()
+    if pos != len(data):
+        raise ValueError("bytes after the CBOR map")
+    return out
 
 
 # -- host keys (session-bind@openssh.com) --------------------------------------------------------

@@ -15,6 +15,14 @@ from pathlib import Path
 
 import pytest
 from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE
+from fido_authenticator import (
+    FIDO_PIN_ENV,
+    FIDO_VAULT_PASS,
+    FIDO_VAULT_PASS_ENV,
+    SoftAuthenticator,
+    open_with_authenticator,
+    write_fido_config,
+)
 from pkcs11_support import PIN_ENV as HSM_PIN_ENV
 from pkcs11_support import SoftHsm, softhsm  # noqa: F401  (the session's token)
 from sshagent_support import RunningAgent, Sshd, running_agent, start_sshd
@@ -251,3 +259,77 @@ def test_allowed_hosts_in_config_let_a_key_log_in_to_those_hosts_only(
         # The same key, with no policy, logs in to the second host: the policy refused it.
         with running_agent(ks, AgentSettings(patterns=("ssh-vault",))) as free:
             assert second_sshd.ssh(free.path, pubs["ssh-vault"], "true").returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("key_type", "ssh_type"),
+    [
+        ("fido-es256", "sk-ecdsa-sha2-nistp256@openssh.com"),
+        ("fido-eddsa", "sk-ssh-ed25519@openssh.com"),
+    ],
+)
+def test_fido_keys_are_openssh_security_keys(
+    sshd: Sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key_type: str, ssh_type: str
+) -> None:
+    """A credential the software authenticator made for the `ssh:` application (the fido
+    backend's rp_id) is an sk- key: `ssh-keygen -Y verify` and sshd accept its signatures."""
+    monkeypatch.setenv(FIDO_VAULT_PASS_ENV, FIDO_VAULT_PASS)
+    monkeypatch.setenv(FIDO_PIN_ENV, "2468")
+    authenticator = SoftAuthenticator(tmp_path / "authenticator.json")
+    config = write_fido_config(tmp_path / "ks", fido_extra='rp_id = "ssh:"')
+    with (
+        open_with_authenticator(authenticator, config) as fido_ks,
+        running_agent(fido_ks, AgentSettings(patterns=("ssh-sk",))) as agent,
+    ):
+        fido_ks.generate("ssh-sk", key_type, backend="fido")
+        listed = subprocess.run(
+            ["ssh-add", "-L"], env=agent.env(), capture_output=True, text=True, timeout=60
+        )
+        assert listed.returncode == 0, listed.stderr
+        [line] = listed.stdout.splitlines()
+        assert line.split()[0] == ssh_type and line.split()[2] == "ssh-sk"
+        pub = tmp_path / "sk.pub"
+        pub.write_text(line + "\n")
+        message = tmp_path / "message"
+        message.write_text("signed by a security key\n")
+        signed = subprocess.run(
+            ["ssh-keygen", "-Y", "sign", "-n", "file", "-f", str(pub), str(message)],
+            env=agent.env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert signed.returncode == 0, signed.stderr
+        allowed = tmp_path / "allowed_signers"
+        allowed.write_text(f"dev@example.com {line}\n")
+        verify = [
+            *("ssh-keygen", "-Y", "verify", "-f", str(allowed), "-I", "dev@example.com"),
+            *("-n", "file", "-s", f"{message}.sig"),
+        ]
+        ok = subprocess.run(verify, input=message.read_bytes(), capture_output=True, timeout=60)
+        assert ok.returncode == 0, ok.stderr
+        bad = subprocess.run(verify, input=b"another message\n", capture_output=True, timeout=60)
+        assert bad.returncode != 0
+        kept = sshd.authorized_keys.read_text()
+        sshd.authorized_keys.write_text(kept + line + "\n")
+        try:
+            out = sshd.ssh(agent.path, pub, "echo", "logged-in")
+            assert out.returncode == 0, out.stderr + sshd.log.read_text()
+            assert out.stdout == "logged-in\n"
+        finally:
+            sshd.authorized_keys.write_text(kept)
+
+
+def test_fido_keys_of_a_webauthn_rp_are_not_offered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenSSH cannot verify a credential made for a WebAuthn RP (strongroom.local)."""
+    monkeypatch.setenv(FIDO_VAULT_PASS_ENV, FIDO_VAULT_PASS)
+    monkeypatch.setenv(FIDO_PIN_ENV, "2468")
+    authenticator = SoftAuthenticator(tmp_path / "authenticator.json")
+    config = write_fido_config(tmp_path / "ks")
+    with open_with_authenticator(authenticator, config) as fido_ks:
+        fido_ks.generate("ssh-webauthn", "fido-es256", backend="fido")
+        with running_agent(fido_ks, AgentSettings(patterns=("ssh-*",))) as agent:
+            assert agent.agent.identities() == []
