@@ -171,9 +171,10 @@ class Sshd:
     authorized_keys: Path
 
     def ssh(
-        self, agent: Path, identity_pub: Path, *command: str
+        self, agent: Path, identity_pub: Path, *command: str, options: tuple[str, ...] = ()
     ) -> subprocess.CompletedProcess[str]:
-        """`ssh` to this sshd with the agent key whose public key is `identity_pub` only."""
+        """`ssh` to this sshd with the agent key whose public key is `identity_pub` only;
+        `options` go before the destination (e.g. -vvv)."""
         user = os.environ.get("USER") or _current_user()
         return subprocess.run(
             [
@@ -198,6 +199,7 @@ class Sshd:
                 "StrictHostKeyChecking=yes",
                 "-o",
                 "ConnectTimeout=30",
+                *options,
                 f"{user}@127.0.0.1",
                 *command,
             ],

@@ -114,9 +114,11 @@ def test_ssh_logs_in_with_the_key(
     ks: Keystore, agent: RunningAgent, sshd: Sshd, pubs: dict[str, Path], name: str
 ) -> None:
     assert ks.info(name).backend == KEYS[name][0]
-    out = sshd.ssh(agent.path, pubs[name], "echo", "logged-in")
+    out = sshd.ssh(agent.path, pubs[name], "echo", "logged-in", options=("-vvv",))
     assert out.returncode == 0, out.stderr + sshd.log.read_text()
     assert out.stdout == "logged-in\n"
+    if KEYS[name][1].startswith("rsa-"):  # ssh's own choice, which the agent used to refuse
+        assert "signing using rsa-sha2-512" in out.stderr
     fingerprint = subprocess.run(
         ["ssh-keygen", "-l", "-f", str(pubs[name])],
         capture_output=True,
