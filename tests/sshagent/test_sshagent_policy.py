@@ -6,6 +6,7 @@ allowed_hosts, allowed_uids, confirm). With real OpenSSH: test_sshagent_openssh.
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from sshagent_support import (
 )
 
 import strongroom
+from strongroom import algorithms
 from strongroom.keystore import Keystore
 from strongroom.sshagent import AgentSettings, KeyPolicy, keys
 
@@ -311,3 +313,34 @@ def test_confirm_in_config_and_the_prompt_says_login_or_not(ks: Keystore, tmp_pa
     asked = prompts.read_text()
     assert asked.count("Allow use of key ssh-shared?") == 2
     assert "For a signature that is not an SSH login" in asked
+
+
+def test_allowed_hosts_entries_become_fingerprints(tmp_path: Path) -> None:
+    """A fingerprint is kept; a key line (known_hosts or .pub) becomes the fingerprint that
+    `ssh-keygen -l` prints; anything else stops the agent with a one-line reason."""
+    from strongroom import config as config_mod
+    from strongroom.cli.sshagent import _policy
+    from strongroom.errors import InvalidArgument
+    from strongroom.sshagent import host_fingerprint
+
+    host = Host.new()
+    line = algorithms.encode_public(host.private.public_key(), "openssh").decode()
+    (tmp_path / "host.pub").write_text(line + "\n")
+    printed = subprocess.run(
+        ["ssh-keygen", "-l", "-f", str(tmp_path / "host.pub")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.split()[1]
+    assert host_fingerprint(line + " a comment") == printed == host.fingerprint
+    assert host_fingerprint(printed) == printed
+    for bad in ("github.com", "SHA256:short", "ssh-rsa " + line.split()[1]):
+        with pytest.raises(ValueError):
+            host_fingerprint(bad)
+    policy = _policy(config_mod.SshAgentPolicy("ssh-*", allowed_hosts=(line,), allowed_uids=(7,)))
+    assert policy == KeyPolicy("ssh-*", False, frozenset({printed}), frozenset({7}))
+    # A line whose blob is not a key the agent reads passes the config's format check only.
+    broken = "ssh-ed25519 " + base64.b64encode(s("ssh-ed25519") + s(b"short")).decode()
+    with pytest.raises(InvalidArgument, match="allowed_hosts"):
+        _policy(config_mod.SshAgentPolicy("ssh-*", allowed_hosts=(broken,)))
