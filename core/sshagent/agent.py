@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from ..api import KeyAPI
+from ..api import KeyAPI, requester
 from ..audit import current_principal
 from ..errors import AgentMessageError, KeyExists, PolicyViolation, StrongroomError
 from . import keys, policy, wire
@@ -255,10 +255,14 @@ class Agent:
         self._permit(identity, peer, login)
         if self._needs_confirmation(identity.name):
             self._confirm(identity, peer, login)
-        token = current_principal.set(peer.actor)  # the audit record names peer and host
+        # The audit record names peer and host: in process as its actor; through the
+        # service beside the token's identity (a RemoteKeystore sends the requester note).
+        token = current_principal.set(peer.actor)
+        note = requester.set(peer.actor)
         try:
             signature = self.ks.sign(identity.name, request.data, algorithm)
         finally:
+            requester.reset(note)
             current_principal.reset(token)
         if identity.application is not None:  # a FIDO key: its assertion, the OpenSSH way
             return wire.sign_response(keys.sk_signature(identity, signature))
