@@ -137,6 +137,8 @@ def test_the_agent_serves_a_tenants_keys_through_the_service(
             if line.strip()
         ][-1]
         assert unsigned["op"] == "sign" and "requester" not in unsigned
+        with strongroom.connect(svc.unix, token=tenancy.admin) as admin:
+            assert admin.audit_verify()["ok"] is True  # the chain holds the new field
         # The service itself refuses two notes, or one too long, with 400.
         auth = ("authorization", f"Bearer {tenancy.acme_signer}")
         transport = httpx.HTTPTransport(uds=str(svc.socket))
