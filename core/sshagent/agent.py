@@ -259,11 +259,14 @@ class Agent:
         # service beside the token's identity (a RemoteKeystore sends the requester note).
         token = current_principal.set(peer.actor)
         note = requester.set(peer.actor)
+        notice = self._presence_notice(identity, peer) if identity.application else None
         try:
             signature = self.ks.sign(identity.name, request.data, algorithm)
         finally:
             requester.reset(note)
             current_principal.reset(token)
+            if notice is not None:
+                _close_notice(notice)
         if identity.application is not None:  # a FIDO key: its assertion, the OpenSSH way
             return wire.sign_response(keys.sk_signature(identity, signature))
         return wire.sign_response(keys.ssh_signature(identity.key_type, ssh_name, signature))
@@ -419,6 +422,33 @@ class Agent:
         if answer.returncode != 0:
             raise PolicyViolation("the user did not confirm the signature")
 
+    def _presence_notice(
+        self, identity: keys.Identity, peer: Peer
+    ) -> subprocess.Popen[bytes] | None:
+        """While a FIDO key waits for its touch, say so through the askpass program, as
+        OpenSSH's agent does (SSH_ASKPASS_PROMPT=none: a notice, no answer); closed once
+        the signature is made or refused. The keystore's own "touch your security key"
+        goes to stderr. A notice that cannot be shown does not stop the signature."""
+        askpass = self.settings.askpass
+        if not askpass:
+            return None
+        prompt = (
+            f"Confirm user presence for key {identity.name}\n"
+            f"Key fingerprint {keys.fingerprint(identity.blob)}\n"
+            f"Requested by pid {peer.pid} (uid {peer.uid}): {peer.executable()}\n"
+        )
+        try:
+            return subprocess.Popen(
+                [askpass, prompt],
+                env={**os.environ, "SSH_ASKPASS_PROMPT": "none"},
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        except OSError:
+            log.info("the presence notice could not be shown (peer pid %d)", peer.pid)
+            return None
+
     # -- lock -------------------------------------------------------------------------------------
     def _mac(self, passphrase: bytes) -> bytes:
         return hmac.new(self._lock_key, passphrase, hashlib.sha256).digest()
@@ -467,6 +497,16 @@ class Agent:
             raise PolicyViolation("too many sessions bound to one connection")
         peer.bindings.append(Binding(host_key, session_id, forwarding))
         peer._actor = None  # the destination changed
+
+
+def _close_notice(notice: subprocess.Popen[bytes]) -> None:
+    """End an askpass notice and reap it (killed if it ignores SIGTERM)."""
+    notice.terminate()
+    try:
+        notice.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        notice.kill()
+        notice.wait()
 
 
 def patterns_from(values: Iterable[str]) -> tuple[str, ...]:

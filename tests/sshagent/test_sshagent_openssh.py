@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,13 +20,14 @@ from fido_authenticator import (
     FIDO_PIN_ENV,
     FIDO_VAULT_PASS,
     FIDO_VAULT_PASS_ENV,
+    Presence,
     SoftAuthenticator,
     open_with_authenticator,
     write_fido_config,
 )
 from pkcs11_support import PIN_ENV as HSM_PIN_ENV
 from pkcs11_support import SoftHsm, softhsm  # noqa: F401  (the session's token)
-from sshagent_support import RunningAgent, Sshd, running_agent, start_sshd
+from sshagent_support import RawClient, RunningAgent, Sshd, running_agent, s, start_sshd
 from tpm_support import PIN_ENV as TPM_PIN_ENV
 from tpm_support import SRK_HANDLE, TEST_PIN, Swtpm, swtpm  # noqa: F401  (the session's TPM)
 
@@ -335,3 +337,53 @@ def test_fido_keys_of_a_webauthn_rp_are_not_offered(
         fido_ks.generate("ssh-webauthn", "fido-es256", backend="fido")
         with running_agent(fido_ks, AgentSettings(patterns=("ssh-*",))) as agent:
             assert agent.agent.identities() == []
+
+
+NOTICE_ASKPASS = """#!/bin/sh
+printf '%s|%s|%s\\n' "$$" "$SSH_ASKPASS_PROMPT" "$1" > "$(dirname "$0")/notice.tmp"
+mv "$(dirname "$0")/notice.tmp" "$(dirname "$0")/notice"
+exec sleep 60
+"""
+
+
+def test_a_fido_signature_shows_a_presence_notice_until_it_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With SSH_ASKPASS, the agent shows "Confirm user presence" (SSH_ASKPASS_PROMPT=none)
+    while the security key waits; the person touches once it is shown (the authenticator's
+    presence hook waits for it), and the notice is closed when the signature is made."""
+    monkeypatch.setenv(FIDO_VAULT_PASS_ENV, FIDO_VAULT_PASS)
+    monkeypatch.setenv(FIDO_PIN_ENV, "2468")
+    askpass = tmp_path / "askpass"
+    askpass.write_text(NOTICE_ASKPASS)
+    askpass.chmod(0o700)
+    notice = tmp_path / "notice"
+    touched: list[bool] = []
+
+    def touch_after_the_notice(command: str) -> Presence:
+        if command == "getAssertion":
+            deadline = time.monotonic() + 30  # a bound on a hang, not a measurement
+            while not notice.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            touched.append(notice.exists())
+        return Presence.TOUCH
+
+    authenticator = SoftAuthenticator(tmp_path / "a.json", presence=touch_after_the_notice)
+    config = write_fido_config(tmp_path / "ks", fido_extra='rp_id = "ssh:"')
+    settings = AgentSettings(patterns=("ssh-sk",), askpass=str(askpass))
+    with (
+        open_with_authenticator(authenticator, config) as fido_ks,
+        running_agent(fido_ks, settings) as agent,
+    ):
+        fido_ks.generate("ssh-sk", "fido-eddsa", backend="fido")
+        [identity] = agent.agent.identities()
+        client = RawClient(agent.path)
+        try:
+            reply = client.request(b"\x0d" + s(identity.blob) + s(b"data") + b"\0\0\0\0")
+        finally:
+            client.close()
+    assert reply[:1] == b"\x0e"
+    assert touched == [True]
+    pid, kind, prompt = notice.read_text().split("|", 2)
+    assert kind == "none" and prompt.startswith("Confirm user presence for key ssh-sk")
+    assert not Path(f"/proc/{pid}").exists()  # closed and reaped once the signature was made
