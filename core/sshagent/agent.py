@@ -163,8 +163,7 @@ class Agent:
                 for b in self.ks.backends()
                 if b.type == "fido"
             }
-        application = self._applications.get(backend, "")
-        return application if application.startswith("ssh:") else None
+        return keys.ssh_application(self._applications.get(backend))
 
     def identities(self, *, strict: bool = False) -> list[keys.Identity]:
         """The keys offered now, read afresh from the keystore (rotations, new keys).

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 
 from .. import algorithms
+from ..api import KeyAPI
 from ..errors import AgentMessageError, UnsupportedOperation
 from ..types import KeyInfo, KeyType, Usage
 from . import wire
@@ -71,6 +72,26 @@ def key_blob(public: PublicKeyTypes, application: str | None = None) -> bytes:
         return blob
     r = wire.Reader(blob)
     return wire.string(_SK_OF_PLAIN[r.name()]) + r.rest() + wire.string(application)
+
+
+def ssh_application(rp_id: object) -> str | None:
+    """A fido backend's rp_id as an OpenSSH application (`ssh:`...), else None: credentials
+    of a WebAuthn RP ID are not keys OpenSSH can verify."""
+    return rp_id if isinstance(rp_id, str) and rp_id.startswith("ssh:") else None
+
+
+def openssh_public_line(ks: KeyAPI, name: str, version: int | None = None) -> bytes:
+    """`strongroom key public --format openssh`: the key's OpenSSH line, and for a FIDO key
+    of an `ssh:` fido backend its sk- line, the one `ssh-add -L` shows for it."""
+    public = ks.public_key(name, version)
+    info = ks.info(name)
+    if info.type.is_fido:
+        details = next((b.details for b in ks.backends() if b.name == info.backend), {})
+        application = ssh_application(details.get("rp_id"))
+        if application is not None:
+            blob = key_blob(public, application)
+            return SSH_KEY_TYPES[info.type].encode() + b" " + base64.b64encode(blob)
+    return algorithms.encode_public(public, "openssh")
 
 
 def fingerprint(blob: bytes) -> str:

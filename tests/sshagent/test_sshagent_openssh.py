@@ -34,7 +34,7 @@ from tpm_support import SRK_HANDLE, TEST_PIN, Swtpm, swtpm  # noqa: F401  (the s
 import strongroom
 from strongroom import algorithms
 from strongroom.keystore import Keystore
-from strongroom.sshagent import AgentSettings, KeyPolicy, host_fingerprint
+from strongroom.sshagent import AgentSettings, KeyPolicy, host_fingerprint, keys
 
 KEYS = {
     "ssh-vault": ("vault", "ed25519"),
@@ -292,6 +292,8 @@ def test_fido_keys_are_openssh_security_keys(
         assert listed.returncode == 0, listed.stderr
         [line] = listed.stdout.splitlines()
         assert line.split()[0] == ssh_type and line.split()[2] == "ssh-sk"
+        # `strongroom key public --format openssh` prints the same sk- line
+        assert keys.openssh_public_line(fido_ks, "ssh-sk").decode() == " ".join(line.split()[:2])
         pub = tmp_path / "sk.pub"
         pub.write_text(line + "\n")
         message = tmp_path / "message"
@@ -337,6 +339,10 @@ def test_fido_keys_of_a_webauthn_rp_are_not_offered(
         fido_ks.generate("ssh-webauthn", "fido-es256", backend="fido")
         with running_agent(fido_ks, AgentSettings(patterns=("ssh-*",))) as agent:
             assert agent.agent.identities() == []
+        public = fido_ks.public_key("ssh-webauthn")  # its plain ECDSA line, as before
+        assert keys.openssh_public_line(fido_ks, "ssh-webauthn") == algorithms.encode_public(
+            public, "openssh"
+        )
 
 
 NOTICE_ASKPASS = """#!/bin/sh
