@@ -1,7 +1,8 @@
 """Signature and encryption schemes shared by every backend, so all agree on encodings.
 
-ECDSA signatures are DER; Ed25519 raw 64 bytes; RSA PKCS#1 v1.5 (default) or PSS
-with MGF1 and a salt as long as the digest; RSA encryption is OAEP with SHA-256, or with
+ECDSA signatures are DER; Ed25519 raw 64 bytes; RSA PKCS#1 v1.5 over SHA-256 (default),
+PKCS#1 v1.5 over SHA-512 (`pkcs1v15-sha512`: SSH's rsa-sha2-512) or PSS with SHA-256,
+MGF1 and a salt as long as the digest; RSA encryption is OAEP with SHA-256, or with
 SHA-1 for a key whose backend decrypts only that (RSA_ENCRYPT_ATTRIBUTE records which).
 These are the encodings `openssl pkeyutl`/`openssl dgst` verify.
 """
@@ -19,7 +20,13 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from .errors import InvalidArgument
 from .types import KeyType
 
-RSA_SIGN_ALGORITHMS = ("pkcs1v15", "pss")
+RSA_PKCS1V15_SHA512 = "pkcs1v15-sha512"
+"""RSA PKCS#1 v1.5 over SHA-512 (RFC 8017; SSH's rsa-sha2-512, RFC 8332). The other RSA
+signature algorithms hash with SHA-256."""
+RSA_SIGN_ALGORITHMS = ("pkcs1v15", "pss", RSA_PKCS1V15_SHA512)
+RSA_SIGN_ALGORITHMS_HELP = (
+    "RSA only: pkcs1v15 (PKCS#1 v1.5 with SHA-256, the default), pss (SHA-256) or pkcs1v15-sha512."
+)
 CURVES: dict[KeyType, ec.EllipticCurve] = {
     KeyType.ECDSA_P256: ec.SECP256R1(),
     KeyType.ECDSA_P384: ec.SECP384R1(),
@@ -27,14 +34,19 @@ CURVES: dict[KeyType, ec.EllipticCurve] = {
 }
 
 
-def digest_for(key_type: KeyType) -> hashes.HashAlgorithm:
-    """The hash a signature scheme uses for this key type."""
-    return hashes.SHA384() if key_type is KeyType.ECDSA_P384 else hashes.SHA256()
+def digest_for(key_type: KeyType, algorithm: str | None = None) -> hashes.HashAlgorithm:
+    """The hash a signature with this key type and signature algorithm uses: SHA-384 for
+    P-384, SHA-512 for RSA's pkcs1v15-sha512, SHA-256 otherwise."""
+    if key_type is KeyType.ECDSA_P384:
+        return hashes.SHA384()
+    if algorithm == RSA_PKCS1V15_SHA512 and key_type.is_rsa:
+        return hashes.SHA512()
+    return hashes.SHA256()
 
 
-def hash_name(key_type: KeyType) -> str:
-    """The `hashlib` name of `digest_for(key_type)`: sha256, or sha384 for P-384."""
-    return "sha384" if key_type is KeyType.ECDSA_P384 else "sha256"
+def hash_name(key_type: KeyType, algorithm: str | None = None) -> str:
+    """The `hashlib` name of `digest_for(key_type, algorithm)`: sha256, sha384 or sha512."""
+    return digest_for(key_type, algorithm).name
 
 
 def signs_digests(key_type: KeyType) -> bool:
@@ -43,26 +55,29 @@ def signs_digests(key_type: KeyType) -> bool:
     return key_type.is_ecdsa or key_type.is_rsa
 
 
-def check_prehashed(key_type: KeyType, digest: bytes | bytearray | memoryview) -> None:
+def check_prehashed(
+    key_type: KeyType, digest: bytes | bytearray | memoryview, algorithm: str | None = None
+) -> None:
     """Refuse a prehashed signature for a type that signs whole messages, or a digest of the
-    wrong length (SHA-256: 32 bytes; SHA-384 for P-384: 48)."""
+    wrong length (SHA-256: 32 bytes; SHA-384 for P-384: 48; SHA-512 for pkcs1v15-sha512:
+    64)."""
     if not signs_digests(key_type):
         raise InvalidArgument(
             f"{key_type.value} keys sign the whole message, not a digest; "
             "only ECDSA and RSA keys take prehashed input"
         )
-    size = digest_for(key_type).digest_size
+    size = digest_for(key_type, algorithm).digest_size
     if len(digest) != size:
         raise InvalidArgument(
             f"a prehashed {key_type.value} signature takes a {size}-byte "
-            f"{hash_name(key_type).upper()} digest, not {len(digest)} bytes"
+            f"{hash_name(key_type, algorithm).upper()} digest, not {len(digest)} bytes"
         )
 
 
 def rsa_padding(algorithm: str | None) -> padding.AsymmetricPadding:
-    """PKCS#1 v1.5 unless `algorithm` is "pss"."""
+    """PKCS#1 v1.5 unless `algorithm` is "pss" (the hash is `digest_for`'s)."""
     algorithm = algorithm or "pkcs1v15"
-    if algorithm == "pkcs1v15":
+    if algorithm in ("pkcs1v15", RSA_PKCS1V15_SHA512):
         return padding.PKCS1v15()
     if algorithm == "pss":
         return padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.DIGEST_LENGTH)
@@ -152,8 +167,9 @@ def verify_signature(
     message's digest (`check_prehashed`)."""
     check_sign_algorithm(key_type, algorithm)
     if prehashed:
-        check_prehashed(key_type, data)
-    hashed: Any = Prehashed(digest_for(key_type)) if prehashed else digest_for(key_type)
+        check_prehashed(key_type, data, algorithm)
+    digest = digest_for(key_type, algorithm)
+    hashed: Any = Prehashed(digest) if prehashed else digest
     if isinstance(public, ed25519.Ed25519PublicKey):
         public.verify(signature, data)
     elif isinstance(public, ec.EllipticCurvePublicKey):

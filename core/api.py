@@ -12,6 +12,8 @@ A face that offers those asks for a `Keystore` by name.
 
 from __future__ import annotations
 
+import re
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol, Self
@@ -22,6 +24,16 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from .backend import Capability
 from .types import KeyInfo, KeyType, KeyVersion
+
+requester: ContextVar[str | None] = ContextVar("strongroom_requester", default=None)
+"""Who a face asks on behalf of, in its own words: `strongroom ssh-agent` sets its peer and
+destination (`ssh-agent[uid=1000 pid=52811 dest=SHA256:...]`) around each signature. A
+`RemoteKeystore` sends it with each request (`REQUESTER_HEADER`) and the service records
+it in the audit record as `requester`, beside the authenticated identity, which it never
+replaces: it is the client's claim."""
+REQUESTER_HEADER = "x-strongroom-requester"
+REQUESTER_PATTERN = re.compile(r"[\x20-\x7e]{1,256}")
+"""What a requester note may be: 1-256 printable ASCII characters (a header value)."""
 
 
 @dataclass(frozen=True)

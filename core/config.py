@@ -6,6 +6,8 @@ data dir. Every error names the file, the line and the key.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 import tomllib
@@ -75,6 +77,14 @@ SSH_AGENT_KEYS = {
     "$XDG_RUNTIME_DIR or the temp dir)",
     "confirm": "glob patterns over key names: each signature with such a key is confirmed "
     "through $SSH_ASKPASS first",
+    "policy": 'per-key policy: [ssh_agent.policy."PATTERN"] tables of confirm, allowed_hosts '
+    "and allowed_uids",
+}
+SSH_AGENT_POLICY_KEYS = {
+    "confirm": "confirm each signature through $SSH_ASKPASS (true or false)",
+    "allowed_hosts": "host keys (SHA256:... fingerprints or OpenSSH public key lines) the "
+    "keys may log in to; then they sign SSH logins only",
+    "allowed_uids": "the peer uids that may use the keys (default: the agent's own and root)",
 }
 PKCS11_SERVER_KEYS = {
     "keys": "glob patterns over key names: the keys of the one token `strongroom "
@@ -145,6 +155,17 @@ class SshAgentConfig:
     allow_add: bool = False
     add_backend: str | None = None
     socket: Path | None = None
+    policies: list[SshAgentPolicy] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SshAgentPolicy:
+    """One `[ssh_agent.policy."PATTERN"]` table: what the keys matching `pattern` need."""
+
+    pattern: str
+    confirm: bool = False
+    allowed_hosts: tuple[str, ...] | None = None
+    allowed_uids: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -477,6 +498,70 @@ def _parse_ssh_agent(cfg: Config, table: Any) -> None:
             if not isinstance(value, str) or not value:
                 raise cfg.error("must be a path", "ssh_agent", key)
             out.socket = Path(value).expanduser()
+        elif key == "policy":
+            if not isinstance(value, dict):
+                raise cfg.error(
+                    'must be tables named by key pattern, e.g. [ssh_agent.policy."ssh-*"]',
+                    "ssh_agent",
+                    key,
+                )
+            out.policies = [_parse_agent_policy(cfg, p, t) for p, t in value.items()]
+
+
+_HOST_FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
+_HOST_KEY_LINE = re.compile(r"([a-z0-9@.-]+) ([A-Za-z0-9+/]+={0,2})(?: .*)?")
+
+
+def _host_entry_ok(entry: object) -> bool:
+    """A SHA256 fingerprint, or `TYPE BASE64 [comment]` whose blob names TYPE (the agent
+    checks the key itself when it starts)."""
+    if not isinstance(entry, str):
+        return False
+    entry = entry.strip()
+    if _HOST_FINGERPRINT.fullmatch(entry):
+        return True
+    m = _HOST_KEY_LINE.fullmatch(entry)
+    if m is None:
+        return False
+    try:
+        blob = base64.b64decode(m.group(2), validate=True)
+    except binascii.Error:
+        return False
+    name = m.group(1).encode()
+    return blob[:4] == len(name).to_bytes(4, "big") and blob[4 : 4 + len(name)] == name
+
+
+def _parse_agent_policy(cfg: Config, pattern: str, table: Any) -> SshAgentPolicy:
+    where = f"ssh_agent.policy.{pattern}"
+    if not pattern or not isinstance(table, dict):
+        raise cfg.error("must be a table named by a non-empty key name pattern", where)
+    confirm = False
+    hosts: tuple[str, ...] | None = None
+    uids: tuple[int, ...] | None = None
+    for key, value in table.items():
+        if key not in SSH_AGENT_POLICY_KEYS:
+            expected = ", ".join(SSH_AGENT_POLICY_KEYS)
+            raise cfg.error(f"unknown key; expected one of {expected}", where, key)
+        if key == "confirm":
+            if not isinstance(value, bool):
+                raise cfg.error("must be true or false", where, key)
+            confirm = value
+        elif key == "allowed_hosts":
+            if not isinstance(value, list) or not all(_host_entry_ok(v) for v in value):
+                raise cfg.error(
+                    "must be a list of host keys: SHA256:... fingerprints (ssh-keygen -l) "
+                    'or public key lines ("ssh-ed25519 AAAA...")',
+                    where,
+                    key,
+                )
+            hosts = tuple(v.strip() for v in value)
+        elif key == "allowed_uids":
+            if not isinstance(value, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32 for v in value
+            ):
+                raise cfg.error("must be a list of user ids, e.g. [1000]", where, key)
+            uids = tuple(value)
+    return SshAgentPolicy(pattern, confirm, hosts, uids)
 
 
 def _parse_pkcs11_server(cfg: Config, table: Any) -> None:

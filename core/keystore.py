@@ -695,7 +695,7 @@ class Keystore(KeyLifecycle, KeySeeds, KeyCertificates):
             info, b = self._key(name, Operation.SIGN, facts)
             algorithms.check_sign_algorithm(info.type, algorithm)
             if prehashed:
-                algorithms.check_prehashed(info.type, data)
+                algorithms.check_prehashed(info.type, data, algorithm)
                 sig = b.sign_digest(info, bytes(data), algorithm)
             else:
                 sig = b.sign(info, bytes(data), algorithm)
@@ -735,7 +735,7 @@ class Keystore(KeyLifecycle, KeySeeds, KeyCertificates):
             info, b = self._key(name, Operation.VERIFY, facts, version)
             algorithms.check_sign_algorithm(info.type, algorithm)
             if prehashed:
-                algorithms.check_prehashed(info.type, data)
+                algorithms.check_prehashed(info.type, data, algorithm)
                 b.verify_digest(info, bytes(data), bytes(signature), algorithm)
             else:
                 b.verify(info, bytes(data), bytes(signature), algorithm)

@@ -14,10 +14,10 @@ keystore cannot do is refused with a typed error, never worked around here:
   `private_numbers` raise UnsupportedOperation;
 - ECDH `exchange` raises UnsupportedOperation: `KeyAPI.agree` keeps the shared secret
   inside the backend (it makes a new key from it) and there is no path that returns it;
-- a signature hash other than the one the key type signs with (`algorithms.digest_for`:
-  SHA-256, SHA-384 for P-384), deterministic ECDSA, PSS with another salt length or MGF1
-  hash, and RSA decryption other than OAEP (SHA-256 or SHA-1, no label) raise
-  UnsupportedOperation naming what is supported.
+- a signature hash other than the ones the key type signs with (`algorithms.digest_for`:
+  SHA-256, SHA-384 for P-384, SHA-512 too for RSA PKCS#1 v1.5), deterministic ECDSA, PSS
+  with another salt length or MGF1 hash, and RSA decryption other than OAEP (SHA-256 or
+  SHA-1, no label) raise UnsupportedOperation naming what is supported.
 """
 
 from __future__ import annotations
@@ -116,11 +116,12 @@ class _KeyRef:
         # and the public key must be that version's too.
         return self._api.public_key(self._name)
 
-    def _check_hash(self, algorithm: object) -> bool:
-        """Whether the signature hash is `Prehashed`; refuse one the key type does not use."""
+    def _check_hash(self, algorithm: object, rsa_algorithm: str | None = None) -> bool:
+        """Whether the signature hash is `Prehashed`; refuse one the key type (and RSA
+        signature algorithm) does not use."""
         prehashed = isinstance(algorithm, Prehashed)
         chosen = algorithm._algorithm if isinstance(algorithm, Prehashed) else algorithm
-        wanted = algorithms.digest_for(self._type)
+        wanted = algorithms.digest_for(self._type, rsa_algorithm)
         if not isinstance(chosen, hashes.HashAlgorithm) or chosen.name != wanted.name:
             got = getattr(chosen, "name", type(chosen).__name__)
             self._refuse("sign", f"{self._type.value} keys sign with {wanted.name}, not {got}")
@@ -190,12 +191,17 @@ class _RsaKey(_KeyRef, rsa.RSAPrivateKey):
         padding: padding.AsymmetricPadding,
         algorithm: hashes.HashAlgorithm | Prehashed | NoDigestInfo,
     ) -> bytes:
-        """RSA PKCS#1 v1.5 or PSS (MGF1 with the same hash, salt as long as the digest)."""
-        prehashed = self._check_hash(algorithm)
-        return self._sign(data, prehashed, self._padding_name(padding))
+        """RSA PKCS#1 v1.5 with SHA-256 or SHA-512, or PSS with SHA-256 (MGF1 with the same
+        hash, salt as long as the digest)."""
+        name = self._padding_name(padding, algorithm)
+        prehashed = self._check_hash(algorithm, name)
+        return self._sign(data, prehashed, name)
 
-    def _padding_name(self, pad: padding.AsymmetricPadding) -> str:
+    def _padding_name(self, pad: padding.AsymmetricPadding, algorithm: object) -> str:
         if isinstance(pad, padding.PKCS1v15):
+            chosen = algorithm._algorithm if isinstance(algorithm, Prehashed) else algorithm
+            if isinstance(chosen, hashes.SHA512):
+                return algorithms.RSA_PKCS1V15_SHA512
             return "pkcs1v15"
         if isinstance(pad, padding.PSS):
             wanted = algorithms.digest_for(self._type)

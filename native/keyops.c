@@ -942,8 +942,11 @@ static PyObject *rsa_sign_impl(PyObject *args)
     unsigned char *em = NULL;
     if (!PyArg_ParseTuple(args, "y*y*p:rsa_sign", &material, &digest, &pss))
         return NULL;
-    if (digest.len != 32) {
-        PyErr_SetString(PyExc_ValueError, "RSA signatures here take a SHA-256 digest");
+    /* PKCS#1 v1.5 over SHA-256 or SHA-512 (told apart by the digest's length); PSS over
+       SHA-256 only */
+    if (digest.len != 32 && !(digest.len == 64 && !pss)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "RSA signatures here take a SHA-256 digest (or SHA-512 for PKCS#1 v1.5)");
         goto done;
     }
     rsa = rsa_stored_key(&material);
@@ -967,7 +970,9 @@ static PyObject *rsa_sign_impl(PyObject *args)
              RSA_private_encrypt(size, em, sig, rsa, RSA_NO_PADDING) == size;
     } else {
         unsigned int len = 0;
-        ok = RSA_sign(NID_sha256, digest.buf, 32, sig, &len, rsa) == 1 && len == (unsigned)size;
+        int nid = digest.len == 64 ? NID_sha512 : NID_sha256;
+        ok = RSA_sign(nid, digest.buf, (unsigned)digest.len, sig, &len, rsa) == 1 &&
+             len == (unsigned)size;
     }
     Py_END_ALLOW_THREADS
     if (!ok) {
@@ -1263,7 +1268,8 @@ static PyMethodDef keyops_methods[] = {
     {"rsa_generate", m_rsa_generate, METH_VARARGS,
      "rsa_generate(bits, out) -> (length, n, e): e = 65537, PKCS#8 into out"},
     {"rsa_sign", m_rsa_sign, METH_VARARGS,
-     "rsa_sign(material, sha256_digest, pss) -> signature (PKCS#1 v1.5 or PSS)"},
+     "rsa_sign(material, digest, pss) -> signature (PKCS#1 v1.5 over a SHA-256 or SHA-512 "
+     "digest, or PSS over a SHA-256 digest)"},
     {"rsa_decrypt", m_rsa_decrypt, METH_VARARGS,
      "rsa_decrypt(material, ciphertext, sha1) -> plaintext (OAEP, MGF1 with the same hash)"},
     {"pkcs8_25519", m_pkcs8_25519, METH_VARARGS,

@@ -468,6 +468,57 @@ def test_ssh_agent_table(tmp_path: Path) -> None:
     assert config_mod.load(write(tmp_path, *vault_table())).ssh_agent.keys == []
 
 
+HOST_FP = "SHA256:" + "A" * 43
+HOST_KEY_B64 = "AAAAC3NzaC1lZDI1NTE5AAAAIBMMsy7XVIQ4t+tUdRQ0/U73tI2NY54zQ6MPxSEVqnb9"
+"""An Ed25519 public key's blob, as in a .pub file or known_hosts."""
+
+
+def test_ssh_agent_policy_tables(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        *vault_table(),
+        '[ssh_agent.policy."ssh-prod-*"]',
+        "confirm = true",
+        f'allowed_hosts = ["{HOST_FP}", "ssh-ed25519 {HOST_KEY_B64} host comment"]',
+        "allowed_uids = [1000, 1001]",
+        '[ssh_agent.policy."git"]',
+        "allowed_uids = []",
+    )
+    policies = config_mod.load(path).ssh_agent.policies
+    assert policies == [
+        config_mod.SshAgentPolicy(
+            "ssh-prod-*",
+            confirm=True,
+            allowed_hosts=(HOST_FP, f"ssh-ed25519 {HOST_KEY_B64} host comment"),
+            allowed_uids=(1000, 1001),
+        ),
+        config_mod.SshAgentPolicy("git", allowed_uids=()),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "message"),
+    [
+        ("confirm = 1", "confirm", "must be true or false"),
+        ('allowed_hosts = ["github.com"]', "allowed_hosts", "must be a list of host keys"),
+        ('allowed_hosts = ["SHA256:short"]', "allowed_hosts", "must be a list of host keys"),
+        # a key line whose blob names another key type
+        (f'allowed_hosts = ["ssh-rsa {HOST_KEY_B64}"]', "allowed_hosts", "list of host keys"),
+        ('allowed_uids = ["root"]', "allowed_uids", "must be a list of user ids"),
+        ("allowed_uids = [-1]", "allowed_uids", "must be a list of user ids"),
+        ("allowed_users = []", "allowed_users", "unknown key"),
+    ],
+)
+def test_ssh_agent_policy_errors_name_the_line(
+    tmp_path: Path, line: str, key: str, message: str
+) -> None:
+    path = write(tmp_path, *vault_table(), '[ssh_agent.policy."ssh-*"]', line)
+    e = config_error(path)
+    assert e.key == f"ssh_agent.policy.ssh-*.{key}"
+    assert e.line == len(vault_table()) + 2, str(e)
+    assert message in str(e)
+
+
 @pytest.mark.parametrize(
     ("line", "key", "message"),
     [

@@ -631,9 +631,11 @@ def test_the_service_still_answers_after_the_head_fuzz(running_service: tuple[An
 @pytest.fixture(scope="module")
 def ssh_agent_seeds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, list[bytes]]]:
     """A vault agent offering one key of each SSH type, and real messages to it: list, sign
-    (each type, RSA with its flag), add (Ed25519, P-256, RSA), remove, lock, unlock, query,
-    and a session-bind signed by a real host key."""
+    (each type, RSA with its flag; a login request), add (Ed25519, P-256, RSA; with a
+    lifetime; restricted to a destination), remove, lock, unlock, query, and a session-bind
+    signed by a real host key."""
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+    from sshagent_support import hop, restrict_destination, userauth_request
 
     from strongroom.sshagent import Agent, AgentSettings, keys, wire
 
@@ -665,8 +667,9 @@ def ssh_agent_seeds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
         blobs = [i.blob for i in agent.identities()]
         added = ed25519.Ed25519PrivateKey.generate()
         host = ed25519.Ed25519PrivateKey.generate()
+        host_blob = keys.key_blob(host.public_key())
         sid = b"\x07" * 32
-        bind = wire.string(keys.key_blob(host.public_key())) + wire.string(sid)
+        bind = wire.string(host_blob) + wire.string(sid)
         bind += wire.string(wire.string("ssh-ed25519") + wire.string(host.sign(sid))) + b"\0"
         seeds = [
             bytes([wire.REQUEST_IDENTITIES]),
@@ -681,6 +684,13 @@ def ssh_agent_seeds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
             + add_message(added)[1:]
             + bytes([wire.CONSTRAIN_LIFETIME])
             + wire.uint32(600),
+            bytes([wire.ADD_ID_CONSTRAINED])
+            + add_message(added)[1:]
+            + restrict_destination((hop(), hop("host", (host_blob,), "user*"))),
+            bytes([wire.SIGN_REQUEST])
+            + wire.string(blobs[0])
+            + wire.string(userauth_request(sid, "user", blobs[0], "ssh-ed25519", host_blob))
+            + wire.uint32(0),
             bytes([wire.REMOVE_IDENTITY]) + wire.string(keys.key_blob(added.public_key())),
             bytes([wire.LOCK]) + wire.string(b"pw"),
             bytes([wire.UNLOCK]) + wire.string(b"pw"),
@@ -700,13 +710,20 @@ def test_ssh_agent_messages(ssh_agent_seeds: tuple[Any, list[bytes]], data: st.D
     import struct
 
     from strongroom.errors import AgentMessageError
-    from strongroom.sshagent import Peer, keys, wire
+    from strongroom.sshagent import Peer, keys, policy, wire
 
     agent, seeds = ssh_agent_seeds
     body = data.draw(st.one_of(mutated(data.draw(st.sampled_from(seeds))), st.binary(max_size=64)))
     try:
         request = wire.decode(body)
+        if isinstance(request, wire.SignRequest):
+            policy.login_request(request.data)  # never raises: a non-login is None
         if isinstance(request, wire.AddIdentity):
+            for code, constraint in request.constraints:
+                if code == wire.CONSTRAIN_EXTENSION:
+                    extension = wire.Reader(constraint)
+                    if extension.name() == wire.RESTRICT_DESTINATION:
+                        policy.destination_constraints(extension.string())
             keys.added_key(request)
         elif isinstance(request, wire.Extension) and request.name == "session-bind@openssh.com":
             bind = wire.session_bind(request.contents)

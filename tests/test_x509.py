@@ -259,6 +259,12 @@ def test_rsa_padding_maps_to_the_keystore_algorithms(vault: Keystore) -> None:
     public.verify(key.sign(b"m", pss, sha), b"m", pss, sha)
     salt_32 = padding.PSS(mgf=padding.MGF1(sha), salt_length=32)
     public.verify(key.sign(b"m", salt_32, sha), b"m", pss, sha)
+    sha512 = hashes.SHA512()  # PKCS#1 v1.5 with SHA-512 is the keystore's pkcs1v15-sha512
+    public.verify(key.sign(b"m", padding.PKCS1v15(), sha512), b"m", padding.PKCS1v15(), sha512)
+    with pytest.raises(UnsupportedOperation, match="PSS is supported"):
+        key.sign(b"m", padding.PSS(mgf=padding.MGF1(sha512), salt_length=64), sha512)
+    with pytest.raises(UnsupportedOperation, match="sign with sha256, not sha384"):
+        key.sign(b"m", padding.PKCS1v15(), hashes.SHA384())
     with pytest.raises(UnsupportedOperation, match="PSS is supported"):
         key.sign(b"m", padding.PSS(mgf=padding.MGF1(sha), salt_length=padding.PSS.MAX_LENGTH), sha)
     with pytest.raises(UnsupportedOperation, match="PSS is supported"):

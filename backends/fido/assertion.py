@@ -18,6 +18,14 @@ with `challenge = SHA-256(message)` (base64url in the client data) and
 `SHA-256(clientDataJSON)`. The field names are those of WebAuthn's AuthenticationResponse,
 so `to_webauthn()` hands the same assertion to any WebAuthn server library.
 
+Credentials made for an OpenSSH application (an RP ID `ssh:` or `ssh:NAME`, the backend's
+`rp_id`) sign the way OpenSSH's security-key keys do, so that `sshd` and `ssh-keygen -Y
+verify` check them: the client data hash the authenticator signs is `SHA-256(message)`
+itself, and `clientDataJSON` is empty. The signed bytes are then
+`authenticatorData ‖ SHA-256(message)`, which is OpenSSH's
+`SHA-256(application) ‖ flags ‖ counter ‖ SHA-256(message)` when the authenticator data
+has no extensions (PROTOCOL.u2f).
+
 `verify_assertion` checks, in order: the encoding, the credential id, the client data type,
 challenge and origin, the RP ID hash, the user-present flag (and user-verified when the key
 requires it), then the signature. Any failure raises cryptography's `InvalidSignature`.
@@ -52,6 +60,12 @@ from fido2.webauthn import (
 VERSION = 1
 GET = "webauthn.get"
 CREATE = "webauthn.create"
+SSH_APPLICATION_PREFIX = "ssh:"
+
+
+def is_ssh_application(rp_id: str) -> bool:
+    """Whether credentials for `rp_id` are OpenSSH security-key keys (`ssh:`, `ssh:NAME`)."""
+    return rp_id.startswith(SSH_APPLICATION_PREFIX)
 
 
 def challenge_for(message: bytes) -> bytes:
@@ -174,24 +188,34 @@ def verify_assertion(
             raise InvalidSignature() from None
     try:
         assertion = Assertion.decode(encoded)
-        client: dict[str, Any] = json.loads(assertion.client_data_json)
         auth = AuthenticatorData(assertion.authenticator_data)
-        challenge = websafe_decode(str(client["challenge"]))
+        if is_ssh_application(rp_id):
+            client: dict[str, Any] = {}
+            challenge = b""
+        else:
+            client = json.loads(assertion.client_data_json)
+            challenge = websafe_decode(str(client["challenge"]))
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise InvalidSignature() from None
     if credential_id is not None and not hmac.compare_digest(
         assertion.credential_id, credential_id
     ):
         raise InvalidSignature()
-    if client.get("type") != GET or client.get("origin") != origin_for(rp_id):
-        raise InvalidSignature()
-    if not hmac.compare_digest(challenge, challenge_for(message)):
-        raise InvalidSignature()
+    if is_ssh_application(rp_id):  # OpenSSH's form: no client data, the message's hash
+        if assertion.client_data_json:
+            raise InvalidSignature()
+        signed = assertion.authenticator_data + hashlib.sha256(message).digest()
+    else:
+        if client.get("type") != GET or client.get("origin") != origin_for(rp_id):
+            raise InvalidSignature()
+        if not hmac.compare_digest(challenge, challenge_for(message)):
+            raise InvalidSignature()
+        signed = assertion.signed_data
     if not hmac.compare_digest(auth.rp_id_hash, hashlib.sha256(rp_id.encode()).digest()):
         raise InvalidSignature()
     if not auth.is_user_present() or (require_uv and not auth.is_user_verified()):
         raise InvalidSignature()
-    _verify_signature(public, assertion.signed_data, assertion.signature)
+    _verify_signature(public, signed, assertion.signature)
     return assertion
 
 
@@ -199,6 +223,7 @@ __all__ = [
     "Assertion",
     "challenge_for",
     "client_data",
+    "is_ssh_application",
     "cose_to_public",
     "origin_for",
     "verify_assertion",

@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -65,6 +66,8 @@ log = logging.getLogger("strongroom.fido")
 ALGORITHMS = {KeyType.FIDO_ES256: -7, KeyType.FIDO_EDDSA: -8}
 GCM_NONCE = 12
 _PROBE_RETRY_S = 2.0
+_RP_ID = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|ssh:[A-Za-z0-9._-]*")
+"""A domain name (the WebAuthn RP ID), or an OpenSSH application: `ssh:` or `ssh:NAME`."""
 _PRF_PREFIX = b"WebAuthn PRF\x00"
 
 
@@ -137,8 +140,12 @@ class FidoBackend(FidoSealer, Backend):
                 "must be auto, a HID path (/dev/hidrawN), pcsc or pcsc:READER", "device"
             )
         self.rp_id = str(s.get("rp_id", "strongroom.local"))
-        if not self.rp_id or "/" in self.rp_id or ":" in self.rp_id:
-            raise context.config_error("must be a domain name such as strongroom.local", "rp_id")
+        if not _RP_ID.fullmatch(self.rp_id):
+            raise context.config_error(
+                "must be a domain name such as strongroom.local, or an OpenSSH application "
+                "(ssh: or ssh:NAME) for keys that ssh-agent serves",
+                "rp_id",
+            )
         self.user_verification = str(s.get("user_verification", "preferred"))
         if self.user_verification not in UV_CHOICES:
             raise context.config_error(
@@ -406,11 +413,18 @@ class FidoBackend(FidoSealer, Backend):
         """
         if not info.type.is_fido:
             raise self.unsupported(Operation.SIGN, info.type)
-        from .assertion import GET, Assertion, challenge_for, client_data
+        from .assertion import GET, Assertion, challenge_for, client_data, is_ssh_application
         from .session import PERMISSION
 
         handle = self._credential(info)
-        cdj = client_data(GET, challenge_for(data), handle.rp_id)
+        if is_ssh_application(handle.rp_id):
+            # OpenSSH's security-key signature: the authenticator signs SHA-256(data) as
+            # the client data hash, with no client data (assertion.py).
+            cdj = b""
+            client_data_hash = hashlib.sha256(data).digest()
+        else:
+            cdj = client_data(GET, challenge_for(data), handle.rp_id)
+            client_data_hash = hashlib.sha256(cdj).digest()
         with self._lock:
             session = self._connect()
             token = self._token_for(
@@ -422,7 +436,7 @@ class FidoBackend(FidoSealer, Backend):
             response = session.get_assertion(
                 f"signing with key {info.name!r}",
                 handle.rp_id,
-                hashlib.sha256(cdj).digest(),
+                client_data_hash,
                 handle.credential_id,
                 token=token,
             )

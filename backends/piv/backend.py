@@ -408,14 +408,15 @@ class PivBackend(PivAccess, PivCertificates, PivSealer, Backend):
         return self._run(lambda card: self._key_cert(card, info)[1])
 
     def sign(self, info: KeyInfo, data: bytes, algorithm: str | None) -> bytes:
-        """Hash on the host (SHA-256; SHA-384 for P-384), pad on the host for RSA, then
-        GENERAL AUTHENTICATE; ECDSA comes back DER-encoded from the card."""
-        digest = hashlib.sha384(data) if info.type is KeyType.ECDSA_P384 else hashlib.sha256(data)
+        """Hash on the host (SHA-256; SHA-384 for P-384; SHA-512 for RSA pkcs1v15-sha512),
+        pad on the host for RSA, then GENERAL AUTHENTICATE; ECDSA comes back DER-encoded
+        from the card."""
+        digest = hashlib.new(sr_algorithms.hash_name(info.type, algorithm), data)
         return self.sign_digest(info, digest.digest(), algorithm)
 
     def sign_digest(self, info: KeyInfo, digest: bytes, algorithm: str | None) -> bytes:
-        """GENERAL AUTHENTICATE over the caller's SHA-256 (SHA-384 for P-384) digest, padded
-        on the host for RSA."""
+        """GENERAL AUTHENTICATE over the caller's SHA-256 (SHA-384 for P-384, SHA-512 for
+        pkcs1v15-sha512) digest, padded on the host for RSA."""
         alg = self._check(info.type, Operation.SIGN)
         if info.type is KeyType.RSA_2048:
             algorithm = algorithm or "pkcs1v15"

@@ -186,7 +186,7 @@ class PivCertificates:
             h.update(tbs)
             d = h.finalize()
             if key_type is KeyType.RSA_2048:
-                block = encoding.pkcs1v15_block(d, 256, isinstance(digest, hashes.SHA384))
+                block = encoding.pkcs1v15_block(d, 256)
             else:
                 block = d
             return self._private_op(card, slot, alg, block)

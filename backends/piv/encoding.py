@@ -1,7 +1,8 @@
 """Host-side encodings for a PIV card: RSA padding, DER helpers, self-signed certificates.
 
 A PIV card does the raw private-key operation only. Hashing, PKCS#1 v1.5 and PSS padding
-(RFC 8017, EMSA-PKCS1-v1_5 and EMSA-PSS with MGF1-SHA-256) happen here, on the host.
+(RFC 8017, EMSA-PKCS1-v1_5 with SHA-256/384/512 and EMSA-PSS with MGF1-SHA-256) happen
+here, on the host.
 The certificate Strongroom writes into a slot's object is built by `cryptography`; its
 to-be-signed part is then signed by the card and the signature put in by hand, because
 `cryptography` signs only with its own private key objects.
@@ -24,12 +25,18 @@ from cryptography.x509.oid import NameOID
 
 _SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
 _SHA384_DIGEST_INFO = bytes.fromhex("3041300d060960864801650304020205000430")
+_SHA512_DIGEST_INFO = bytes.fromhex("3051300d060960864801650304020305000440")
+_DIGEST_INFOS = {32: _SHA256_DIGEST_INFO, 48: _SHA384_DIGEST_INFO, 64: _SHA512_DIGEST_INFO}
 CERT_ORGANIZATION = "Strongroom"
 
 
-def pkcs1v15_block(digest: bytes, size: int, sha384: bool = False) -> bytes:
-    """EMSA-PKCS1-v1_5 of a SHA-256 (or SHA-384) digest, `size` bytes long."""
-    t = (_SHA384_DIGEST_INFO if sha384 else _SHA256_DIGEST_INFO) + digest
+def pkcs1v15_block(digest: bytes, size: int) -> bytes:
+    """EMSA-PKCS1-v1_5 of a SHA-256, SHA-384 or SHA-512 digest (told apart by its length),
+    `size` bytes long."""
+    prefix = _DIGEST_INFOS.get(len(digest))
+    if prefix is None:
+        raise ValueError("PKCS#1 v1.5 here takes a SHA-256, SHA-384 or SHA-512 digest")
+    t = prefix + digest
     if size < len(t) + 11:
         raise ValueError("the RSA key is too small for this digest")
     return b"\x00\x01" + b"\xff" * (size - len(t) - 3) + b"\x00" + t

@@ -332,8 +332,8 @@ class Pkcs11Backend(
         and RSA hash on the host and go through `sign_digest`."""
         t = info.type
         if t is KeyType.ECDSA_P256 or t is KeyType.ECDSA_P384 or t in _RSA_TYPES:
-            hasher = hashlib.sha384 if t is KeyType.ECDSA_P384 else hashlib.sha256
-            return self.sign_digest(info, hasher(data).digest(), algorithm)
+            hasher = hashlib.new(algorithms.hash_name(t, algorithm), data)
+            return self.sign_digest(info, hasher.digest(), algorithm)
         if t is KeyType.ED25519:
             return self._with_key(
                 info,
@@ -352,8 +352,12 @@ class Pkcs11Backend(
 
     def sign_digest(self, info: KeyInfo, digest: bytes, algorithm: str | None) -> bytes:
         """PKCS#11: C_SignInit/C_Sign with CKM_ECDSA over a SHA-256/384 digest (DER out),
-        CKM_RSA_PKCS over a SHA-256 DigestInfo, or CKM_RSA_PKCS_PSS (SHA-256, MGF1-SHA-256,
-        salt 32) over a SHA-256 digest."""
+        CKM_RSA_PKCS over a SHA-256 (pkcs1v15) or SHA-512 (pkcs1v15-sha512) DigestInfo, or
+        CKM_RSA_PKCS_PSS (SHA-256, MGF1-SHA-256, salt 32) over a SHA-256 digest.
+
+        RSA PKCS#1 v1.5 is the raw CKM_RSA_PKCS over a DigestInfo made here rather than
+        CKM_SHA256_RSA_PKCS/CKM_SHA512_RSA_PKCS, so that a digest the caller made
+        (`prehashed`) and a message hashed here take one path and give one signature."""
         t = info.type
         if t is KeyType.ECDSA_P256 or t is KeyType.ECDSA_P384:
             raw = self._with_key(
@@ -376,7 +380,12 @@ class Pkcs11Backend(
                     ),
                 )
             algorithms.rsa_padding(algorithm)
-            block = keys.SHA256_DIGEST_INFO + digest
+            prefix = (
+                keys.SHA512_DIGEST_INFO
+                if algorithm == algorithms.RSA_PKCS1V15_SHA512
+                else keys.SHA256_DIGEST_INFO
+            )
+            block = prefix + digest
             return self._with_key(
                 info,
                 ObjectClass.PRIVATE_KEY,

@@ -24,8 +24,10 @@ ED25519_PARAMS_NAMED = b"\x13\x0cedwards25519"
 COORDINATE_SIZE = {KeyType.ECDSA_P256: 32, KeyType.ECDSA_P384: 48}
 RSA_BITS = {KeyType.RSA_2048: 2048, KeyType.RSA_3072: 3072, KeyType.RSA_4096: 4096}
 SYMMETRIC_SIZE = 32
-# DigestInfo prefix for SHA-256 (RFC 8017, section 9.2, note 1): CKM_RSA_PKCS signs it + digest.
+# DigestInfo prefixes for SHA-256 and SHA-512 (RFC 8017, section 9.2, note 1): CKM_RSA_PKCS
+# signs prefix + digest.
 SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+SHA512_DIGEST_INFO = bytes.fromhex("3051300d060960864801650304020305000440")
 GCM_NONCE = 12
 GCM_TAG = 16
 # The key types this backend holds, and the two forms of a key's handle in the catalog.

@@ -281,12 +281,19 @@ class TpmBackend(TpmDiscovery, TpmSealer, Backend):
         """(hashlib constructor, TPMT_SIG_SCHEME) for a signature, built once per kind."""
         found = self._schemes.get((key_type, algorithm))
         if found is None:
-            hash_name = "sha384" if key_type is KeyType.ECDSA_P384 else "sha256"
+            hash_name = algorithms.hash_name(key_type, algorithm)
             if key_type.is_ecdsa:
                 kind = "ecdsa"
             else:
                 kind = "rsapss" if algorithm == "pss" else "rsassa"
-            hasher = hashlib.sha384 if hash_name == "sha384" else hashlib.sha256
+            facts = self._dev().facts
+            if hash_name == "sha512" and (facts is None or not facts.has_alg("SHA512")):
+                raise self.unsupported(
+                    Operation.SIGN,
+                    key_type,
+                    "this TPM has no SHA-512, so no RSASSA with SHA-512 (pkcs1v15-sha512)",
+                )
+            hasher = getattr(hashlib, hash_name)
             found = (hasher, device.sign_scheme(kind, hash_name))
             self._schemes[(key_type, algorithm)] = found
         return found
@@ -341,7 +348,8 @@ class TpmBackend(TpmDiscovery, TpmSealer, Backend):
         return public
 
     def sign(self, info: KeyInfo, data: bytes, algorithm: str | None) -> bytes:
-        """TPM2_Sign (ECDSA → DER, RSASSA or RSAPSS) of a host-made digest; TPM2_HMAC for HMAC."""
+        """TPM2_Sign (ECDSA → DER, RSASSA with SHA-256 or SHA-512, or RSAPSS) of a host-made
+        digest; TPM2_HMAC for HMAC."""
         if info.type is KeyType.HMAC_SHA256:
             if algorithm is not None:
                 raise InvalidArgument("HMAC keys take no signature algorithm")

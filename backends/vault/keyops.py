@@ -297,25 +297,27 @@ def sign(key_type: KeyType, material: memoryview, data: bytes, algorithm: str | 
         return sodium.ed25519_sign(material, data)
     if key_type is KeyType.HMAC_SHA256:
         return hmac_sha256(material, data)
-    name = "sha384" if key_type is KeyType.ECDSA_P384 else "sha256"
+    name = algorithms.hash_name(key_type, algorithm)
     return sign_digest(key_type, material, hashlib.new(name, data).digest(), algorithm)
 
 
 def sign_digest(
     key_type: KeyType, material: memoryview, digest: bytes, algorithm: str | None
 ) -> bytes:
-    """ECDSA (DER signature) or RSA (pkcs1v15 or pss) over a precomputed digest: SHA-384
-    for P-384, SHA-256 otherwise. The message is not secret, so it is hashed in Python."""
-    expected = 48 if key_type is KeyType.ECDSA_P384 else 32
+    """ECDSA (DER signature) or RSA (pkcs1v15, pss or pkcs1v15-sha512) over a precomputed
+    digest: SHA-384 for P-384, SHA-512 for pkcs1v15-sha512, SHA-256 otherwise. The message
+    is not secret, so it is hashed in Python."""
     if key_type not in _CURVE_INDEX and key_type not in _RSA_BITS:
         raise InvalidArgument(f"{key_type.value} keys do not sign a digest")
+    name = algorithm or "pkcs1v15"
+    if key_type in _RSA_BITS and name not in algorithms.RSA_SIGN_ALGORITHMS:
+        algorithms.rsa_padding(name)  # raises the standard InvalidArgument
+    expected = algorithms.digest_for(key_type, algorithm).digest_size
     if len(digest) != expected:
         raise InvalidArgument(f"a {key_type.value} digest is {expected} bytes, not {len(digest)}")
     if key_type in _CURVE_INDEX:
         return _native.ec_sign(_CURVE_INDEX[key_type], material, digest)
-    name = algorithm or "pkcs1v15"
-    if name not in algorithms.RSA_SIGN_ALGORITHMS:
-        algorithms.rsa_padding(name)  # raises the standard InvalidArgument
+    # The native signer tells PKCS#1 v1.5's hash by the digest's length (32 or 64).
     return _native.rsa_sign(material, digest, name == "pss")
 
 

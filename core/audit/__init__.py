@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .log import Problem, VerifyReport, last_seq, read_records, verify_log
 from .signer import CheckpointSignature, CheckpointSigner
-from .writer import Audit, AuditEvent, current_principal, default_actor
+from .writer import Audit, AuditEvent, current_principal, current_requester, default_actor
 
 __all__ = [
     "Audit",
@@ -19,6 +19,7 @@ __all__ = [
     "Problem",
     "VerifyReport",
     "current_principal",
+    "current_requester",
     "default_actor",
     "last_seq",
     "read_records",

@@ -59,6 +59,11 @@ current_principal: ContextVar[str | None] = ContextVar("strongroom_principal", d
 """Who the current operation is done for, when that is not this process's user: a server
 sets it per request (a tenant's identity), and the event records it as `actor`."""
 
+current_requester: ContextVar[str | None] = ContextVar("strongroom_requester_note", default=None)
+"""Who a client says it asks on behalf of (`strongroom.api.requester`, sent in a header): a
+server sets it per request, and the event records it as `requester`, beside the `actor`
+it never replaces."""
+
 DEFAULT_CHECKPOINT_EVERY = 1000
 
 
@@ -159,6 +164,9 @@ class Audit:
         """Append one event. `payload` (the operation's input) is recorded only as a salted
         HMAC; `detail` must hold only non-secret facts (types, sizes, names)."""
         principal = current_principal.get()
+        note = current_requester.get()
+        if note is not None:
+            detail["requester"] = note
         mac = None
         if payload is not None and type(payload) is not bytes:
             view = memoryview(payload)
@@ -451,4 +459,4 @@ def _js(value: str | None) -> str:
 
 _encode_str = encode_basestring_ascii
 
-__all__ = ["Audit", "AuditEvent", "current_principal", "default_actor"]
+__all__ = ["Audit", "AuditEvent", "current_principal", "current_requester", "default_actor"]

@@ -33,7 +33,9 @@ a stream (`prehashed`): the same signature, without holding the input in memory 
 it to the service."""
 
 
-def signature_input(ks: KeyAPI, name: str, path: str | None, digest: bool) -> tuple[bytes, bool]:
+def signature_input(
+    ks: KeyAPI, name: str, path: str | None, digest: bool, algorithm: str | None = None
+) -> tuple[bytes, bool]:
     """What `key sign`/`key verify` pass on: the input, or its digest; and whether it is one.
 
     With `digest` the input already is the digest. Otherwise a short input is passed whole;
@@ -57,7 +59,7 @@ def signature_input(ks: KeyAPI, name: str, path: str | None, digest: bool) -> tu
             return _whole(f, head), False
         if not algorithms.signs_digests(key_type):
             return _whole(f, head), False
-        hasher = hashlib.new(algorithms.hash_name(key_type), head)
+        hasher = hashlib.new(algorithms.hash_name(key_type, algorithm), head)
         del head
         while chunk := f.read(1 << 20):
             hasher.update(chunk)
@@ -81,7 +83,8 @@ def _whole(f: BinaryIO, head: bytes) -> bytes:
 _digest_option = click.option(
     "--digest",
     is_flag=True,
-    help="The input is the message's SHA-256 digest (SHA-384 for P-384), raw bytes; "
+    help="The input is the message's SHA-256 digest (SHA-384 for P-384, SHA-512 with "
+    "--algorithm pkcs1v15-sha512), raw bytes; "
     "ECDSA and RSA keys only.",
 )
 
@@ -93,7 +96,7 @@ _digest_option = click.option(
 @click.option(
     "--algorithm",
     type=click.Choice(algorithms.RSA_SIGN_ALGORITHMS),
-    help="RSA only: pkcs1v15 (default) or pss.",
+    help=algorithms.RSA_SIGN_ALGORITHMS_HELP,
 )
 @click.option(
     "--envelope",
@@ -116,7 +119,7 @@ def key_sign(
     stream, and sign its digest."""
     refuse_binary_on_terminal(out, "a signature")
     ks = state.keystore()
-    data, prehashed = signature_input(ks, name, inp, digest)
+    data, prehashed = signature_input(ks, name, inp, digest, algorithm)
     write_output(out, ks.sign(name, data, algorithm, envelope=envelope, prehashed=prehashed))
 
 
@@ -124,7 +127,11 @@ def key_sign(
 @click.argument("name")
 @click.option("--signature", "sig", metavar="FILE", required=True, help="The signature file.")
 @in_option("Signed data (default: stdin).")
-@click.option("--algorithm", type=click.Choice(algorithms.RSA_SIGN_ALGORITHMS))
+@click.option(
+    "--algorithm",
+    type=click.Choice(algorithms.RSA_SIGN_ALGORITHMS),
+    help=algorithms.RSA_SIGN_ALGORITHMS_HELP,
+)
 @click.option(
     "--envelope",
     is_flag=True,
@@ -153,7 +160,7 @@ def key_verify(
         raise click.UsageError("--version is for bare signatures; an envelope names its version")
     ks = state.keystore()
     signature = read_input(sig)
-    data, prehashed = signature_input(ks, name, inp, digest)
+    data, prehashed = signature_input(ks, name, inp, digest, algorithm)
     ks.verify(
         name, data, signature, algorithm, version=version, envelope=envelope, prehashed=prehashed
     )

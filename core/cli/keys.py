@@ -12,6 +12,7 @@ import sys
 import click
 
 from .. import algorithms
+from ..sshagent import keys as sshagent_keys
 from ..types import KeyType
 from ._io import (
     FC,
@@ -132,9 +133,11 @@ def key_public(state: State, name: str, fmt: str, out: str | None, version: int 
     """Print a key's public key."""
     if fmt in ("der", "raw"):
         refuse_binary_on_terminal(out, f"a {fmt} public key")
-    data = algorithms.encode_public(state.keystore().public_key(name, version), fmt)
-    if fmt == "openssh":
-        data += b"\n"
+    ks = state.keystore()
+    if fmt == "openssh":  # FIDO keys of an ssh: application as ssh-agent offers them (sk-)
+        data = sshagent_keys.openssh_public_line(ks, name, version) + b"\n"
+    else:
+        data = algorithms.encode_public(ks.public_key(name, version), fmt)
     write_output(out, data)
 
 

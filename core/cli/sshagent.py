@@ -13,7 +13,7 @@ import click
 
 from .. import config as config_mod
 from ..errors import InvalidArgument
-from ..sshagent import Agent, AgentServer, AgentSettings
+from ..sshagent import Agent, AgentServer, AgentSettings, KeyPolicy, host_fingerprint
 from ._io import EXIT_OTHER, StrongroomCommand
 from ._state import State, pass_state
 
@@ -54,6 +54,7 @@ def ssh_agent(
         add_backend=cfg.add_backend,
         confirm=tuple(cfg.confirm),
         askpass=os.environ.get("SSH_ASKPASS") or None,
+        policies=tuple(_policy(p) for p in cfg.policies),
     )
     if not settings.patterns and not settings.allow_add:
         raise InvalidArgument(
@@ -81,6 +82,21 @@ def ssh_agent(
     os.close(ready_r)
     os.setsid()
     _serve(state, server, settings, ready_fd=ready_w)
+
+
+def _policy(p: config_mod.SshAgentPolicy) -> KeyPolicy:
+    """A `[ssh_agent.policy."PATTERN"]` table as the agent keeps it (hosts as fingerprints)."""
+    hosts = None
+    if p.allowed_hosts is not None:
+        try:
+            hosts = frozenset(host_fingerprint(h) for h in p.allowed_hosts)
+        except ValueError:
+            raise InvalidArgument(
+                f'[ssh_agent.policy."{p.pattern}"] allowed_hosts: a host key is not an '
+                "Ed25519, ECDSA or RSA public key"
+            ) from None
+    uids = frozenset(p.allowed_uids) if p.allowed_uids is not None else None
+    return KeyPolicy(p.pattern, p.confirm, hosts, uids)
 
 
 def _environment(path: Path, pid: int) -> str:

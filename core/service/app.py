@@ -25,7 +25,8 @@ from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 
-from ..audit import current_principal
+from ..api import REQUESTER_HEADER, REQUESTER_PATTERN
+from ..audit import current_principal, current_requester
 from ..config import ServerConfig
 from ..errors import (
     AuditUnavailable,
@@ -64,6 +65,23 @@ TOKEN_HEADER = b"authorization"
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def _requester(scope: Scope) -> str | None:
+    """The client's requester note (`strongroom.api.requester`): one header of 1-256
+    printable ASCII characters, else HttpError 400. Recorded beside the identity, never as
+    it: it is the client's claim (an ssh agent naming its peer)."""
+    found = [v for n, v in scope["headers"] if n == REQUESTER_HEADER.encode()]
+    if not found:
+        return None
+    note: str = found[0].decode("latin-1")
+    if len(found) > 1 or not REQUESTER_PATTERN.fullmatch(note):
+        raise HttpError(
+            400,
+            "InvalidArgument",
+            f"send at most one {REQUESTER_HEADER} header of 1-256 printable ASCII characters",
+        )
+    return note
 
 
 _AUDITED_REFUSALS = frozenset({401, 403, 404, 413, 423, 429})
@@ -210,9 +228,11 @@ class App(KeyHandlers, AdminHandlers):
             query = parse_query(scope.get("query_string", b""))
             request = Request(scope, params, query, body, identity)
             token = current_principal.set(identity.principal if identity else None)
+            note = current_requester.set(_requester(scope) if identity else None)
             try:
                 result = await route.handler(request)
             finally:
+                current_requester.reset(note)
                 current_principal.reset(token)
             status, payload = (200, result) if not isinstance(result, tuple) else result
             return status, payload, []

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from .. import pkey
-from ..api import BackendStatus
+from ..api import REQUESTER_HEADER, REQUESTER_PATTERN, BackendStatus, requester
 from ..errors import (
     BackendUnavailable,
     InvalidArgument,
@@ -186,8 +186,16 @@ class RemoteKeystore:
     ) -> Any:
         import httpx
 
+        note = requester.get()
+        headers = (
+            {REQUESTER_HEADER: note}
+            if note is not None and REQUESTER_PATTERN.fullmatch(note)
+            else None
+        )
         try:
-            r = self._client.request(method, path, json=body, params=params or None)
+            r = self._client.request(
+                method, path, json=body, params=params or None, headers=headers
+            )
         except httpx.TransportError as e:
             raise BackendUnavailable(
                 "service", f"cannot reach the Strongroom service at {self.url}: {e}"

@@ -93,7 +93,11 @@ def _schemas(backends: list[str] | None, key_types: list[str] | None) -> dict[st
         KEY_TYPE: keytype,
         BACKEND: backend,
         USAGE: {"type": "array", "nullable": True, "items": {"type": "string", "enum": usages}},
-        SIGN_ALG: {"type": "string", "enum": ["pkcs1v15", "pss", None], "nullable": True},
+        SIGN_ALG: {
+            "type": "string",
+            "enum": ["pkcs1v15", "pss", "pkcs1v15-sha512", None],
+            "nullable": True,
+        },
         ENC_ALG: {
             "type": "string",
             "enum": ["oaep-sha256", "oaep-sha1", "aes-kwp", None],

@@ -18,10 +18,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from ..api import KeyAPI
+from ..api import KeyAPI, requester
 from ..audit import current_principal
-from ..errors import KeyExists, PolicyViolation, StrongroomError
-from . import keys, wire
+from ..errors import AgentMessageError, KeyExists, PolicyViolation, StrongroomError
+from . import keys, policy, wire
 
 log = logging.getLogger("strongroom.sshagent")
 
@@ -45,6 +45,13 @@ class AgentSettings:
     askpass: str | None = None
     """The program that asks for a confirmation (OpenSSH's SSH_ASKPASS convention: the
     prompt as its argument, SSH_ASKPASS_PROMPT=confirm, exit status 0 for yes)."""
+    policies: tuple[policy.KeyPolicy, ...] = ()
+    """Per-key policy (`[ssh_agent.policy."PATTERN"]`): every policy whose pattern matches a
+    key's name applies to it."""
+
+    def other_uids(self) -> frozenset[int]:
+        """Uids besides the agent's own and root that some key's policy lets connect."""
+        return frozenset(u for p in self.policies for u in (p.allowed_uids or ()))
 
 
 ASKPASS_TIMEOUT = 120.0
@@ -58,6 +65,8 @@ class AddedKey:
     confirm: bool = False
     expires: float | None = None
     """time.monotonic() after which the agent forgets the key (the lifetime constraint)."""
+    destinations: tuple[policy.Destination, ...] = ()
+    """Where the key may be used (`ssh-add -h`); empty: anywhere."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,9 @@ class Peer:
     pid: int
     uid: int
     bindings: list[Binding] = field(default_factory=list)
+    bind_failed: bool = False
+    """A session-bind on this connection did not verify: keys restricted to hosts are
+    refused on it from then on (the client may be lying about where it is)."""
     _actor: str | None = None
 
     @property
@@ -97,6 +109,11 @@ class Peer:
         except OSError:
             return "(unknown program)"
 
+    def hops(self) -> list[tuple[bytes, bool]]:
+        """The host keys the connection was bound to, in order, each with its forwarding
+        flag: this machine's ssh, then any hosts the agent was forwarded through."""
+        return [(b.host_key, b.forwarding) for b in self.bindings]
+
     def destination(self) -> str | None:
         """The fingerprint of the host the connection last authenticated to, if bound."""
         for binding in reversed(self.bindings):
@@ -116,6 +133,8 @@ class Agent:
         self._blob_cache: dict[tuple[str, int], bytes] = {}
         self._added: dict[str, AddedKey] = {}
         """Keys clients added, by name: the only ones REMOVE_IDENTITY forgets."""
+        self._applications: dict[str, str] | None = None
+        """The OpenSSH application of each fido backend's credentials (its rp_id)."""
         self._lock_mac: bytes | None = None
         self._lock_key = os.urandom(32)
         self._failed_unlocks = 0
@@ -134,6 +153,18 @@ class Agent:
                 del self._added[name]
                 self._by_blob = {b: i for b, i in self._by_blob.items() if i.name != name}
 
+    def _application(self, backend: str) -> str | None:
+        """The OpenSSH application FIDO keys of `backend` were made for: its rp_id, when it
+        is one (`ssh:`...); None for a backend that makes WebAuthn credentials, whose keys
+        the agent does not offer (OpenSSH could not verify them). Asked once."""
+        if self._applications is None:
+            self._applications = {
+                b.name: str(b.details.get("rp_id", ""))
+                for b in self.ks.backends()
+                if b.type == "fido"
+            }
+        return keys.ssh_application(self._applications.get(backend))
+
     def identities(self, *, strict: bool = False) -> list[keys.Identity]:
         """The keys offered now, read afresh from the keystore (rotations, new keys).
 
@@ -146,18 +177,21 @@ class Agent:
         for info in self.ks.keys():
             if not (keys.offerable(info) and self._wanted(info.name)):
                 continue
+            application = self._application(info.backend) if info.type.is_fido else None
+            if info.type.is_fido and application is None:
+                continue
             cache_key = (info.name, info.version)
             blob = self._blob_cache.get(cache_key)
             if blob is None:
                 try:
-                    blob = keys.key_blob(self.ks.public_key(info.name))
+                    blob = keys.key_blob(self.ks.public_key(info.name), application)
                 except StrongroomError as e:
                     if strict:
                         raise
                     log.warning("key %s is not offered: %s", info.name, type(e).__name__)
                     continue
                 self._blob_cache[cache_key] = blob
-            found.append(keys.Identity(blob, info.name, info.type))
+            found.append(keys.Identity(blob, info.name, info.type, application))
         with self._lock:
             self._by_blob = {i.blob: i for i in found}
         return found
@@ -191,7 +225,8 @@ class Agent:
             return wire.FAILURE_FRAME
         match request:
             case wire.RequestIdentities():
-                return wire.identities_answer([(i.blob, i.name) for i in self.identities()])
+                listed = [i for i in self.identities() if self._listed(i, peer)]
+                return wire.identities_answer([(i.blob, i.name) for i in listed])
             case wire.SignRequest():
                 return self._sign(request, peer)
             case wire.AddIdentity():
@@ -215,29 +250,44 @@ class Agent:
         if identity is None:
             return wire.FAILURE_FRAME
         ssh_name, algorithm = keys.sign_algorithm(identity, request.flags)
+        login = policy.login_request(request.data)
+        self._permit(identity, peer, login)
         if self._needs_confirmation(identity.name):
-            self._confirm(identity, peer)
-        token = current_principal.set(peer.actor)  # the audit record names peer and host
+            self._confirm(identity, peer, login)
+        # The audit record names peer and host: in process as its actor; through the
+        # service beside the token's identity (a RemoteKeystore sends the requester note).
+        token = current_principal.set(peer.actor)
+        note = requester.set(peer.actor)
+        notice = self._presence_notice(identity, peer) if identity.application else None
         try:
             signature = self.ks.sign(identity.name, request.data, algorithm)
         finally:
+            requester.reset(note)
             current_principal.reset(token)
+            if notice is not None:
+                _close_notice(notice)
+        if identity.application is not None:  # a FIDO key: its assertion, the OpenSSH way
+            return wire.sign_response(keys.sk_signature(identity, signature))
         return wire.sign_response(keys.ssh_signature(identity.key_type, ssh_name, signature))
 
     def _add(self, request: wire.AddIdentity) -> bytes:
         if not self.settings.allow_add:
             raise PolicyViolation("adding keys is not allowed ([ssh_agent] allow_add)")
-        added = AddedKey()
+        confirm, expires = False, None
+        destinations: tuple[policy.Destination, ...] = ()
         for code, data in request.constraints:
             if code == wire.CONSTRAIN_LIFETIME:
-                seconds = wire.Reader(data).uint32()
-                added = AddedKey(added.confirm, time.monotonic() + seconds)
+                expires = time.monotonic() + wire.Reader(data).uint32()
             elif code == wire.CONSTRAIN_CONFIRM:
-                added = AddedKey(True, added.expires)
+                confirm = True
             else:
-                # An extension constraint (restrict-destination, ...) the agent cannot keep:
-                # accepting the key while ignoring it would grant more than was asked.
-                raise PolicyViolation("this key constraint is not supported")
+                extension = wire.Reader(data)
+                if extension.name() != wire.RESTRICT_DESTINATION or destinations:
+                    # A constraint the agent cannot keep: accepting the key while ignoring
+                    # it would grant more than was asked.
+                    raise PolicyViolation("this key constraint is not supported")
+                destinations = policy.destination_constraints(extension.string())
+        added = AddedKey(confirm, expires, destinations)
         key_type, der, blob = keys.added_key(request)
         name = keys.added_key_name(blob)
         try:
@@ -261,14 +311,85 @@ class Agent:
             self._by_blob.pop(blob, None)
         return wire.SUCCESS_FRAME
 
+    # -- who may sign, and where ------------------------------------------------------------------
+    def _policies(self, name: str) -> list[policy.KeyPolicy]:
+        return [p for p in self.settings.policies if fnmatch.fnmatchcase(name, p.pattern)]
+
+    def _uid_allowed(self, name: str, uid: int) -> bool:
+        """The peer uids of every policy that lists some, else the agent's own and root."""
+        listed = [p.allowed_uids for p in self._policies(name) if p.allowed_uids is not None]
+        if not listed:
+            return uid in (os.getuid(), 0)
+        return all(uid in uids for uids in listed)
+
+    def _restrictions(
+        self, name: str
+    ) -> tuple[tuple[policy.Destination, ...], list[frozenset[str]]]:
+        """The key's destination constraints (ssh-add -h) and its policies' allowed_hosts."""
+        added = self._added.get(name)
+        hosts = [p.allowed_hosts for p in self._policies(name) if p.allowed_hosts is not None]
+        return (added.destinations if added else ()), hosts
+
+    @staticmethod
+    def _hosts_allow(allowed: frozenset[str], peer: Peer) -> bool:
+        return all(keys.fingerprint(host_key) in allowed for host_key, _ in peer.hops())
+
+    def _listed(self, identity: keys.Identity, peer: Peer) -> bool:
+        """Whether REQUEST_IDENTITIES shows the key to this connection. Like OpenSSH's
+        agent, a key restricted to hosts is listed on a connection bound only to hosts it
+        may be used with, and on an unbound one (local use: `ssh-add -L`)."""
+        if not self._uid_allowed(identity.name, peer.uid):
+            return False
+        destinations, hosts = self._restrictions(identity.name)
+        if not destinations and not hosts:
+            return True
+        if peer.bind_failed:
+            return False
+        if destinations and not policy.destinations_allow(destinations, peer.hops(), None):
+            return False
+        return all(self._hosts_allow(allowed, peer) for allowed in hosts)
+
+    def _permit(self, identity: keys.Identity, peer: Peer, login: policy.Login | None) -> None:
+        """Refuse a signature the key's policy or constraints do not allow (PolicyViolation).
+
+        Every login on a connection bound for authentication must be for the session bound
+        last, and name its host key, whatever the key: a client cannot have a login to one
+        host signed while bound to another. A key restricted to hosts (ssh-add -h, or
+        allowed_hosts) signs only logins, on a bound connection, to hosts it allows."""
+        if not self._uid_allowed(identity.name, peer.uid):
+            raise PolicyViolation(f"this key may not be used by uid {peer.uid}")
+        last = peer.bindings[-1] if peer.bindings else None
+        if login is not None and last is not None and not last.forwarding:
+            if login.session_id != last.session_id:
+                raise PolicyViolation("the login is for another session than the one bound")
+            if login.host_key is not None and login.host_key != last.host_key:
+                raise PolicyViolation("the login names another host key than the one bound")
+        destinations, hosts = self._restrictions(identity.name)
+        if not destinations and not hosts:
+            return
+        if login is None:
+            raise PolicyViolation("this key is restricted to hosts: it signs SSH logins only")
+        if last is None or peer.bind_failed:
+            raise PolicyViolation("this key is restricted to hosts, and the connection is unbound")
+        if login.key_blob != identity.blob or login.session_id != last.session_id:
+            raise PolicyViolation("the login does not match the key or the bound session")
+        if len(peer.bindings) > 1 and login.host_key is None:
+            raise PolicyViolation("a login through a forwarded agent must name its host key")
+        if destinations and not policy.destinations_allow(destinations, peer.hops(), login.user):
+            raise PolicyViolation("the key's destination constraints do not allow this host")
+        if not all(self._hosts_allow(allowed, peer) for allowed in hosts):
+            raise PolicyViolation("the key's allowed_hosts do not include this host")
+
     # -- confirmation -----------------------------------------------------------------------------
     def _needs_confirmation(self, name: str) -> bool:
         added = self._added.get(name)
-        return (added is not None and added.confirm) or any(
-            fnmatch.fnmatchcase(name, p) for p in self.settings.confirm
+        return (
+            (added is not None and added.confirm)
+            or any(fnmatch.fnmatchcase(name, p) for p in self.settings.confirm)
+            or any(p.confirm for p in self._policies(name))
         )
 
-    def _confirm(self, identity: keys.Identity, peer: Peer) -> None:
+    def _confirm(self, identity: keys.Identity, peer: Peer, login: policy.Login | None) -> None:
         """Ask the user through the askpass program; refuse unless it says yes (exit 0)."""
         askpass = self.settings.askpass
         if not askpass:
@@ -279,6 +400,11 @@ class Agent:
             f"Key fingerprint {keys.fingerprint(identity.blob)}\n"
             f"Requested by pid {peer.pid} (uid {peer.uid}): {peer.executable()}\n"
             + (f"Destination host key {destination}\n" if destination else "")
+            + (
+                f"For an SSH login as {login.user!r}\n"
+                if login is not None
+                else "For a signature that is not an SSH login (a file, a git commit, ...)\n"
+            )
         )
         env = {**os.environ, "SSH_ASKPASS_PROMPT": "confirm"}
         try:
@@ -294,6 +420,33 @@ class Agent:
             raise PolicyViolation("the confirmation could not be asked") from None
         if answer.returncode != 0:
             raise PolicyViolation("the user did not confirm the signature")
+
+    def _presence_notice(
+        self, identity: keys.Identity, peer: Peer
+    ) -> subprocess.Popen[bytes] | None:
+        """While a FIDO key waits for its touch, say so through the askpass program, as
+        OpenSSH's agent does (SSH_ASKPASS_PROMPT=none: a notice, no answer); closed once
+        the signature is made or refused. The keystore's own "touch your security key"
+        goes to stderr. A notice that cannot be shown does not stop the signature."""
+        askpass = self.settings.askpass
+        if not askpass:
+            return None
+        prompt = (
+            f"Confirm user presence for key {identity.name}\n"
+            f"Key fingerprint {keys.fingerprint(identity.blob)}\n"
+            f"Requested by pid {peer.pid} (uid {peer.uid}): {peer.executable()}\n"
+        )
+        try:
+            return subprocess.Popen(
+                [askpass, prompt],
+                env={**os.environ, "SSH_ASKPASS_PROMPT": "none"},
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        except OSError:
+            log.info("the presence notice could not be shown (peer pid %d)", peer.pid)
+            return None
 
     # -- lock -------------------------------------------------------------------------------------
     def _mac(self, passphrase: bytes) -> bytes:
@@ -328,9 +481,13 @@ class Agent:
         return wire.FAILURE_FRAME
 
     def _session_bind(self, contents: bytes, peer: Peer) -> None:
-        bind = wire.session_bind(contents)
+        try:
+            bind = wire.session_bind(contents)
+            keys.verify_host_signature(bind.host_key, bind.session_id, bind.signature)
+        except AgentMessageError:
+            peer.bind_failed = True
+            raise
         host_key, session_id, forwarding = bind.host_key, bind.session_id, bind.forwarding
-        keys.verify_host_signature(host_key, session_id, bind.signature)
         if any(b.session_id == session_id for b in peer.bindings):
             raise PolicyViolation("this session is already bound to the connection")
         if any(not b.forwarding for b in peer.bindings):
@@ -339,6 +496,16 @@ class Agent:
             raise PolicyViolation("too many sessions bound to one connection")
         peer.bindings.append(Binding(host_key, session_id, forwarding))
         peer._actor = None  # the destination changed
+
+
+def _close_notice(notice: subprocess.Popen[bytes]) -> None:
+    """End an askpass notice and reap it (killed if it ignores SIGTERM)."""
+    notice.terminate()
+    try:
+        notice.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        notice.kill()
+        notice.wait()
 
 
 def patterns_from(values: Iterable[str]) -> tuple[str, ...]:

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 
 from .. import algorithms
+from ..api import KeyAPI
 from ..errors import AgentMessageError, UnsupportedOperation
 from ..types import KeyInfo, KeyType, Usage
 from . import wire
@@ -33,13 +34,22 @@ SSH_KEY_TYPES: dict[KeyType, str] = {
     KeyType.RSA_2048: "ssh-rsa",
     KeyType.RSA_3072: "ssh-rsa",
     KeyType.RSA_4096: "ssh-rsa",
+    KeyType.FIDO_ES256: "sk-ecdsa-sha2-nistp256@openssh.com",
+    KeyType.FIDO_EDDSA: "sk-ssh-ed25519@openssh.com",
 }
-"""The keystore's key types an SSH client can use, with their SSH key type names."""
+"""The keystore's key types an SSH client can use, with their SSH key type names. FIDO
+credentials are OpenSSH security-key keys when they were made for an `ssh:` application
+(the fido backend's rp_id; docs/ssh-agent.md)."""
+_SK_OF_PLAIN = {
+    "ecdsa-sha2-nistp256": SSH_KEY_TYPES[KeyType.FIDO_ES256],
+    "ssh-ed25519": SSH_KEY_TYPES[KeyType.FIDO_EDDSA],
+}
 
 RSA_SHA2_256 = "rsa-sha2-256"
-KEYSTORE_RSA_ALGORITHM = "pkcs1v15"
-"""The keystore's RSA signature is PKCS#1 v1.5 over SHA-256 (core/algorithms.py), which is
-exactly SSH's rsa-sha2-256 (RFC 8332)."""
+RSA_SHA2_512 = "rsa-sha2-512"
+KEYSTORE_RSA_ALGORITHMS = {RSA_SHA2_256: "pkcs1v15", RSA_SHA2_512: algorithms.RSA_PKCS1V15_SHA512}
+"""SSH's RSA signatures (RFC 8332) as the keystore's: PKCS#1 v1.5 over SHA-256 or SHA-512
+(core/algorithms.py)."""
 
 
 def offerable(info: KeyInfo) -> bool:
@@ -52,10 +62,36 @@ def offerable(info: KeyInfo) -> bool:
     )
 
 
-def key_blob(public: PublicKeyTypes) -> bytes:
-    """The SSH public key blob: the base64 field of the key's `--format openssh` line."""
+def key_blob(public: PublicKeyTypes, application: str | None = None) -> bytes:
+    """The SSH public key blob: the base64 field of the key's `--format openssh` line; with
+    an `application`, the security-key (sk-) form of the same key (PROTOCOL.u2f): its
+    fields under the sk- name, then the application."""
     line = algorithms.encode_public(public, "openssh")
-    return base64.b64decode(line.split(b" ")[1], validate=True)
+    blob = base64.b64decode(line.split(b" ")[1], validate=True)
+    if application is None:
+        return blob
+    r = wire.Reader(blob)
+    return wire.string(_SK_OF_PLAIN[r.name()]) + r.rest() + wire.string(application)
+
+
+def ssh_application(rp_id: object) -> str | None:
+    """A fido backend's rp_id as an OpenSSH application (`ssh:`...), else None: credentials
+    of a WebAuthn RP ID are not keys OpenSSH can verify."""
+    return rp_id if isinstance(rp_id, str) and rp_id.startswith("ssh:") else None
+
+
+def openssh_public_line(ks: KeyAPI, name: str, version: int | None = None) -> bytes:
+    """`strongroom key public --format openssh`: the key's OpenSSH line, and for a FIDO key
+    of an `ssh:` fido backend its sk- line, the one `ssh-add -L` shows for it."""
+    public = ks.public_key(name, version)
+    info = ks.info(name)
+    if info.type.is_fido:
+        details = next((b.details for b in ks.backends() if b.name == info.backend), {})
+        application = ssh_application(details.get("rp_id"))
+        if application is not None:
+            blob = key_blob(public, application)
+            return SSH_KEY_TYPES[info.type].encode() + b" " + base64.b64encode(blob)
+    return algorithms.encode_public(public, "openssh")
 
 
 def fingerprint(blob: bytes) -> str:
@@ -71,23 +107,22 @@ class Identity:
     blob: bytes
     name: str
     key_type: KeyType
+    application: str | None = None
+    """A FIDO key's OpenSSH application (`ssh:`...); None for other keys."""
 
 
 def sign_algorithm(identity: Identity, flags: int) -> tuple[str, str | None]:
     """(SSH signature name, the keystore's `algorithm=`) for a SIGN_REQUEST's flags.
 
-    RSA: rsa-sha2-256 only. rsa-sha2-512 is refused because the keystore's RSA signatures
-    hash with SHA-256, and plain ssh-rsa (SHA-1, no flag) is refused as unsafe; OpenSSH
-    clients then use rsa-sha2-256 when the server allows it.
+    RSA: rsa-sha2-256 or rsa-sha2-512 (with both flags, SHA-256, as OpenSSH's agent does).
+    Plain ssh-rsa (SHA-1, no flag) is refused as unsafe; OpenSSH clients ask for a SHA-2
+    signature whenever the server allows one.
     """
     if not identity.key_type.is_rsa:
         return SSH_KEY_TYPES[identity.key_type], None
-    if flags & wire.RSA_SHA2_512:
-        raise UnsupportedOperation(
-            "ssh-agent", "sign", identity.key_type, "rsa-sha2-512 is not offered; use rsa-sha2-256"
-        )
-    if flags & wire.RSA_SHA2_256:
-        return RSA_SHA2_256, KEYSTORE_RSA_ALGORITHM
+    for flag, ssh_name in ((wire.RSA_SHA2_256, RSA_SHA2_256), (wire.RSA_SHA2_512, RSA_SHA2_512)):
+        if flags & flag:
+            return ssh_name, KEYSTORE_RSA_ALGORITHMS[ssh_name]
     raise UnsupportedOperation(
         "ssh-agent", "sign", identity.key_type, "ssh-rsa signatures (SHA-1) are refused"
     )
@@ -100,6 +135,88 @@ def ssh_signature(key_type: KeyType, ssh_name: str, signature: bytes) -> bytes:
         r, s = decode_dss_signature(signature)
         signature = wire.mpint(r) + wire.mpint(s)
     return wire.string(ssh_name) + wire.string(signature)
+
+
+def sk_signature(identity: Identity, assertion: bytes) -> bytes:
+    """A FIDO key's assertion structure (the keystore's `sign`, core docs/fido.md) as an
+    OpenSSH security-key signature: `string name || string signature || byte flags ||
+    uint32 counter`, where the ECDSA signature is `mpint r || mpint s` (PROTOCOL.u2f).
+
+    The credential must have signed the OpenSSH way, for this key's application: no client
+    data, and authenticator data of exactly the application's hash, flags and counter (no
+    extensions, which OpenSSH's verifier does not take)."""
+    not_ssh = UnsupportedOperation(
+        "ssh-agent",
+        "sign",
+        identity.key_type,
+        "the credential did not sign for an ssh: application (the fido backend's rp_id)",
+    )
+    try:
+        fields = _cbor_map(assertion)
+    except (ValueError, IndexError):
+        raise not_ssh from None
+    auth, signature = fields.get("authenticatorData"), fields.get("signature")
+    application = identity.application or ""
+    if (
+        not isinstance(auth, bytes)
+        or not isinstance(signature, bytes)
+        or fields.get("clientDataJSON") != b""
+        or len(auth) != 37
+        or auth[:32] != hashlib.sha256(application.encode()).digest()
+    ):
+        raise not_ssh
+    if identity.key_type is KeyType.FIDO_ES256:
+        r, s = decode_dss_signature(signature)
+        signature = wire.mpint(r) + wire.mpint(s)
+    name = SSH_KEY_TYPES[identity.key_type]
+    return wire.string(name) + wire.string(signature) + auth[32:37]  # flags, counter
+
+
+def _cbor_map(data: bytes) -> dict[str, object]:
+    """The top-level map of a CBOR document whose keys are text and whose values are
+    unsigned integers, byte strings or text (all an assertion structure holds). ValueError
+    or IndexError for anything else; no nesting, so no recursion to bound."""
+    pos = 0
+
+    def head() -> tuple[int, int]:
+        nonlocal pos
+        first = data[pos]
+        pos += 1
+        major, info = first >> 5, first & 0x1F
+        if info < 24:
+            return major, info
+        size = {24: 1, 25: 2, 26: 4, 27: 8}.get(info)
+        if size is None or pos + size > len(data):
+            raise ValueError("not a definite-length CBOR item")
+        value = int.from_bytes(data[pos : pos + size], "big")
+        pos += size
+        return major, value
+
+    def item() -> object:
+        nonlocal pos
+        major, value = head()
+        if major == 0:
+            return value
+        if major in (2, 3):
+            if pos + value > len(data):
+                raise ValueError("a CBOR string runs past the end")
+            raw = data[pos : pos + value]
+            pos += value
+            return raw if major == 2 else raw.decode()
+        raise ValueError("an unexpected CBOR item")
+
+    major, count = head()
+    if major != 5:
+        raise ValueError("not a CBOR map")
+    out: dict[str, object] = {}
+    for _ in range(count):
+        key = item()
+        if not isinstance(key, str):
+            raise ValueError("a CBOR map key that is not text")
+        out[key] = item()
+    if pos != len(data):
+        raise ValueError("bytes after the CBOR map")
+    return out
 
 
 # -- host keys (session-bind@openssh.com) --------------------------------------------------------

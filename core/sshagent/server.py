@@ -1,10 +1,12 @@
 """The agent's socket: a Unix socket (0600, in a 0700 directory it makes), one thread per
 client, the peer's credentials from SO_PEERCRED.
 
-A client of another user is refused at accept (root too may connect, as with OpenSSH's
-agent: it can read this process's memory anyway). A frame longer than `wire.MAX_MESSAGE`
-closes that connection; a bad message inside a well-framed one gets SSH_AGENT_FAILURE. No
-client can stop the agent or delay another client's answer beyond its own keystore call.
+A client of another user is refused at accept unless a key's policy lists its uid
+(`allowed_uids`; that client then sees those keys only). Root too may connect, as with
+OpenSSH's agent: it can read this process's memory anyway. A frame longer than
+`wire.MAX_MESSAGE` closes that connection; a bad message inside a well-framed one gets
+SSH_AGENT_FAILURE. No client can stop the agent or delay another client's answer beyond
+its own keystore call.
 """
 
 from __future__ import annotations
@@ -132,11 +134,11 @@ class AgentServer:
         try:
             with conn:
                 pid, uid = peer_credentials(conn)
-                if uid not in (os.getuid(), 0):
-                    log.warning("refused a client of uid %d (pid %d)", uid, pid)
-                    return
                 agent = self.agent
                 if agent is None:
+                    return
+                if uid not in (os.getuid(), 0) and uid not in agent.settings.other_uids():
+                    log.warning("refused a client of uid %d (pid %d)", uid, pid)
                     return
                 peer = Peer(pid, uid)
                 buf = bytearray()  # what the client sent that is not answered yet

@@ -49,6 +49,9 @@ RSA_SHA2_512 = 0x04
 CONSTRAIN_LIFETIME = 1
 CONSTRAIN_CONFIRM = 2
 CONSTRAIN_EXTENSION = 255
+RESTRICT_DESTINATION = "restrict-destination-v00@openssh.com"
+"""The destination constraint of `ssh-add -h` (OpenSSH's PROTOCOL.agent): its data is one
+string, decoded by policy.destination_constraints."""
 
 
 _U32 = struct.Struct(">I")
@@ -288,9 +291,12 @@ def _add_identity(r: Reader, *, constrained: bool) -> AddIdentity:
             constraints.append((code, b""))
         elif code == CONSTRAIN_EXTENSION:
             name = r.name()
-            # The extension's data has no length of its own: it runs to the end of the
-            # message, unless the agent knows the extension. This agent knows none yet.
-            constraints.append((code, string(name) + r.rest()))
+            if name == RESTRICT_DESTINATION:
+                constraints.append((code, string(name) + string(r.string())))
+            else:
+                # An unknown extension's data has no length of its own: it runs to the end
+                # of the message. The agent refuses the key (agent.py), so it need not know.
+                constraints.append((code, string(name) + r.rest()))
         else:
             raise AgentMessageError(f"unknown key constraint {code}")
     if constrained and not constraints:

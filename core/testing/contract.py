@@ -130,6 +130,12 @@ class BackendContract:
                     padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.DIGEST_LENGTH),
                     hashes.SHA256(),
                 )
+                # SSH's rsa-sha2-512 (RFC 8332), which ssh and `ssh-keygen -Y sign` ask for
+                sha512 = keystore.sign(name, data, algorithm="pkcs1v15-sha512")
+                rsa_public.verify(sha512, data, padding.PKCS1v15(), hashes.SHA512())
+                keystore.verify(name, data, sha512, algorithm="pkcs1v15-sha512")
+                with pytest.raises(InvalidSignature):  # not the SHA-256 signature
+                    keystore.verify(name, data, sha512)
             self.check_prehashed(keystore, name, key_type, data, sig)
 
     def test_private_key(self, keystore: KeyAPI, backend_name: str) -> None:
@@ -231,6 +237,11 @@ class BackendContract:
         if key_type.is_rsa:
             pss = keystore.sign(name, digest, algorithm="pss", prehashed=True)
             keystore.verify(name, data, pss, algorithm="pss")
+            sha512 = hashlib.sha512(data).digest()
+            with pytest.raises(InvalidArgument):  # a SHA-256 digest is not a SHA-512 one
+                keystore.sign(name, digest, algorithm="pkcs1v15-sha512", prehashed=True)
+            from_512 = keystore.sign(name, sha512, algorithm="pkcs1v15-sha512", prehashed=True)
+            keystore.verify(name, data, from_512, algorithm="pkcs1v15-sha512")
 
     def test_encrypt_and_decrypt(self, keystore: KeyAPI, backend_name: str) -> None:
         types = self.types_for(keystore, backend_name, Operation.GENERATE, Operation.DECRYPT)

@@ -206,6 +206,39 @@ def test_sign_is_an_assertion_that_fido2_server_accepts(
         server_verify(ks, "signer", b"pay 1000 EUR to Bob", signature)
 
 
+@pytest.mark.parametrize("key_type", ["fido-es256", "fido-eddsa"])
+def test_an_ssh_application_signs_the_openssh_way(
+    tmp_path: Path, softkey: SoftKey, env: None, key_type: str
+) -> None:
+    """rp_id "ssh:": the authenticator signs authenticatorData || SHA-256(message), with no
+    client data, which is what OpenSSH checks for its security-key keys."""
+    with open_keystore(tmp_path, softkey, fido_extra='rp_id = "ssh:"') as ks:
+        ks.generate("sk", key_type, backend="fido")
+        data = b"an SSH login"
+        assertion = Assertion.decode(ks.sign("sk", data))
+        assert assertion.client_data_json == b""
+        auth = assertion.authenticator_data
+        assert auth[:32] == sha256(b"ssh:") and auth[32] & 0x01  # the RP, user present
+        signed = auth + sha256(data)
+        public = ks.public_key("sk")
+        if isinstance(public, ec.EllipticCurvePublicKey):
+            public.verify(assertion.signature, signed, ec.ECDSA(hashes.SHA256()))
+        else:
+            assert isinstance(public, ed25519.Ed25519PublicKey)
+            public.verify(assertion.signature, signed)
+        ks.verify("sk", data, ks.sign("sk", data))
+        with pytest.raises(InvalidSignature):
+            ks.verify("sk", data + b"!", ks.sign("sk", data))
+        with pytest.raises(InvalidSignature):  # the WebAuthn form is not this key's
+            webauthn = Assertion(
+                assertion.credential_id,
+                auth,
+                client_data(GET, challenge_for(data), "ssh:"),
+                assertion.signature,
+            )
+            ks.verify("sk", data, webauthn.encode())
+
+
 def test_verify_refuses_tampering(ks: Keystore) -> None:
     ks.generate("a", "fido-es256", backend="fido")
     ks.generate("b", "fido-es256", backend="fido")
@@ -414,6 +447,8 @@ def test_bad_config_is_refused(tmp_path: Path, env: None) -> None:
     for extra, key in (
         ('user_verification = "sometimes"', "user_verification"),
         ("touch_timeout = 0", "touch_timeout"),
+        ('rp_id = "https://example.com"', "rp_id"),
+        ('rp_id = "ssh:a/b"', "rp_id"),
     ):
         config = write_fido_config(tmp_path / key, fido_extra=extra)
         with pytest.raises(strongroom.ConfigError) as err:

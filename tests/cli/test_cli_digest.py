@@ -56,6 +56,7 @@ def vault(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("p384", "sha384", "-sha384", None),
         ("rsa", "sha256", "-sha256", None),
         ("rsa", "sha256", "pss", "pss"),
+        ("rsa", "sha512", "-sha512", "pkcs1v15-sha512"),
     ],
 )
 def test_a_digest_signature_is_the_message_signature(

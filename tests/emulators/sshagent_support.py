@@ -128,6 +128,29 @@ def parse_strings(data: bytes) -> list[bytes]:
     return out
 
 
+def hop(hostname: str = "", host_keys: tuple[bytes, ...] = (), user: str = "") -> bytes:
+    """One hop of a restrict-destination-v00@openssh.com constraint, as ssh-add encodes it:
+    user, host name, reserved, then each host key blob with its is-CA flag."""
+    return s(s(user) + s(hostname) + s(b"") + b"".join(s(k) + b"\0" for k in host_keys))
+
+
+def restrict_destination(*constraints: tuple[bytes, bytes]) -> bytes:
+    """ADD_ID_CONSTRAINED's extension constraint for (from hop, to hop) pairs (`ssh-add -h`)."""
+    body = b"".join(s(source + target + s(b"")) for source, target in constraints)
+    return b"\xff" + s("restrict-destination-v00@openssh.com") + s(body)
+
+
+def userauth_request(
+    session_id: bytes, user: str, key_blob: bytes, algorithm: str, host_key: bytes | None = None
+) -> bytes:
+    """The data ssh asks the agent to sign for a public-key login (RFC 4252, section 7; with
+    `host_key`, OpenSSH's publickey-hostbound-v00@openssh.com)."""
+    method = "publickey-hostbound-v00@openssh.com" if host_key is not None else "publickey"
+    data = s(session_id) + b"\x32" + s(user) + s("ssh-connection") + s(method) + b"\x01"
+    data += s(algorithm) + s(key_blob)
+    return data + (s(host_key) if host_key is not None else b"")
+
+
 # -- sshd ----------------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as probe:
@@ -148,9 +171,10 @@ class Sshd:
     authorized_keys: Path
 
     def ssh(
-        self, agent: Path, identity_pub: Path, *command: str
+        self, agent: Path, identity_pub: Path, *command: str, options: tuple[str, ...] = ()
     ) -> subprocess.CompletedProcess[str]:
-        """`ssh` to this sshd with the agent key whose public key is `identity_pub` only."""
+        """`ssh` to this sshd with the agent key whose public key is `identity_pub` only;
+        `options` go before the destination (e.g. -vvv)."""
         user = os.environ.get("USER") or _current_user()
         return subprocess.run(
             [
@@ -175,6 +199,7 @@ class Sshd:
                 "StrictHostKeyChecking=yes",
                 "-o",
                 "ConnectTimeout=30",
+                *options,
                 f"{user}@127.0.0.1",
                 *command,
             ],

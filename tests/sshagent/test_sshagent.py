@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, run_cli, write_vault_config
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from nobody_support import NOBODY, skip_unless_root_with_setpriv
 from sshagent_support import RawClient, RunningAgent, parse_strings, running_agent, s
@@ -95,7 +95,7 @@ def test_the_socket_is_private(agent: RunningAgent) -> None:
     assert agent.path.parent.stat().st_mode & 0o777 == 0o700
 
 
-@pytest.mark.parametrize("name", ["ssh-ed25519", "ssh-p256", "ssh-p384"])
+@pytest.mark.parametrize("name", ["ssh-ed25519", "ssh-p256", "ssh-p384", "ssh-rsa"])
 def test_ssh_keygen_signs_and_verifies(
     ks: Keystore, agent: RunningAgent, tmp_path: Path, name: str
 ) -> None:
@@ -132,21 +132,26 @@ def test_ssh_keygen_signs_and_verifies(
     assert verify(b"another message\n").returncode != 0
 
 
-def test_rsa_signs_sha256_and_refuses_sha1_and_sha512(ks: Keystore, agent: RunningAgent) -> None:
-    """rsa-sha2-256 is the keystore's own RSA scheme; ssh-rsa (SHA-1) is refused, and so is
-    rsa-sha2-512, which the keystore does not make."""
+def test_rsa_signs_sha256_and_sha512_and_refuses_sha1(ks: Keystore, agent: RunningAgent) -> None:
+    """rsa-sha2-256 and rsa-sha2-512 are the keystore's pkcs1v15 and pkcs1v15-sha512 (with
+    both flags, SHA-256, as OpenSSH's agent answers); ssh-rsa (SHA-1, no flag) is refused."""
     blob = _blob(ks, "ssh-rsa")
+    public = ks.public_key("ssh-rsa")
+    assert isinstance(public, rsa.RSAPublicKey)
     client = RawClient(agent.path)
     try:
         data = b"rsa data"
-        reply = client.request(b"\x0d" + s(blob) + s(data) + struct.pack(">I", 2))
-        assert reply[:1] == b"\x0e"
-        name, sig = parse_strings(parse_strings(reply[1:])[0])
-        assert name == b"rsa-sha2-256"
-        public = ks.public_key("ssh-rsa")
-        public.verify(sig, data, padding.PKCS1v15(), hashes.SHA256())  # type: ignore[union-attr]
-        for flags in (0, 4, 6):
-            assert client.request(b"\x0d" + s(blob) + s(data) + struct.pack(">I", flags)) == FAILURE
+        for flags, want, digest in (
+            (2, b"rsa-sha2-256", hashes.SHA256()),
+            (4, b"rsa-sha2-512", hashes.SHA512()),
+            (6, b"rsa-sha2-256", hashes.SHA256()),
+        ):
+            reply = client.request(b"\x0d" + s(blob) + s(data) + struct.pack(">I", flags))
+            assert reply[:1] == b"\x0e"
+            name, sig = parse_strings(parse_strings(reply[1:])[0])
+            assert name == want
+            public.verify(sig, data, padding.PKCS1v15(), digest)
+        assert client.request(b"\x0d" + s(blob) + s(data) + struct.pack(">I", 0)) == FAILURE
     finally:
         client.close()
 
@@ -258,6 +263,7 @@ def test_configured_keys_are_confirmed_through_askpass(ks: Keystore, tmp_path: P
         assert f"Key fingerprint {fingerprint}" in prompts
         assert "ssh-keygen" in prompts  # the peer's program, from /proc/PID/exe
         assert f"(uid {os.getuid()})" in prompts
+        assert "For a signature that is not an SSH login" in prompts
         # A key no pattern asks to confirm signs without a prompt...
         assert _keygen_sign(confirming, plain, message) == 0
         assert (tmp_path / "prompts").read_text() == prompts
@@ -287,7 +293,8 @@ def test_added_keys_keep_their_constraints(ks: Keystore, tmp_path: Path) -> None
         assert ssh_add(adder, "-L").returncode != 0  # "The agent has no identities."
         assert _keygen_sign(adder, key.with_suffix(".pub"), message) != 0
         assert ks.info(name).name == name
-        # A constraint the agent cannot keep (restrict-destination) is refused, not ignored.
+        # A constraint the agent cannot keep (a restrict-destination naming no host) is
+        # refused, not ignored.
         private = ed25519.Ed25519PrivateKey.generate()
         public = private.public_key().public_bytes_raw()
         add = s("ssh-ed25519") + s(public) + s(private.private_bytes_raw() + public) + s(b"")

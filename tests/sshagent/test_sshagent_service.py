@@ -3,6 +3,7 @@ tenant token that may only sign with and read `signing-*` keys."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import STRONGROOM_BIN
 from server_support import (
@@ -25,6 +27,7 @@ from server_support import (
 
 import strongroom
 from strongroom import algorithms
+from strongroom.api import requester
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +113,40 @@ def test_the_agent_serves_a_tenants_keys_through_the_service(
             check=False,
         )
         assert verified.returncode == 0, verified.stderr
+        # The service's record names the token's identity as the actor, and the agent's
+        # peer (this test's ssh-keygen) as the requester the agent sent with the request.
+        records = [
+            json.loads(line)
+            for line in (svc.config.parent / "data" / "audit.jsonl").read_text().splitlines()
+            if line.strip()
+        ]
+        signs = [r for r in records if r["op"] == "sign" and r["key"] == "acme/signing-p256"]
+        assert signs and signs[-1]["result"] == "ok"
+        assert signs[-1]["actor"] == "acme:signer"
+        assert signs[-1]["requester"].startswith(f"ssh-agent[uid={os.getuid()} pid=")
+        # A note that is not one printable header value is refused, not recorded.
+        with strongroom.connect(svc.unix, token=tenancy.acme_signer) as direct:
+            note = requester.set("bad\x7fnote")
+            try:
+                direct.sign("signing-p256", b"data")  # the client leaves a bad note out
+            finally:
+                requester.reset(note)
+        unsigned = [
+            json.loads(line)
+            for line in (svc.config.parent / "data" / "audit.jsonl").read_text().splitlines()
+            if line.strip()
+        ][-1]
+        assert unsigned["op"] == "sign" and "requester" not in unsigned
+        with strongroom.connect(svc.unix, token=tenancy.admin) as admin:
+            assert admin.audit_verify()["ok"] is True  # the chain holds the new field
+        # The service itself refuses two notes, or one too long, with 400.
+        auth = ("authorization", f"Bearer {tenancy.acme_signer}")
+        transport = httpx.HTTPTransport(uds=str(svc.socket))
+        with httpx.Client(transport=transport, base_url="http://strongroom") as http:
+            for notes in (["a", "b"], ["x" * 257]):
+                headers = [auth, *(("x-strongroom-requester", n) for n in notes)]
+                assert http.get("/v1/keys", headers=headers).status_code == 400
+            assert http.get("/v1/keys", headers=[auth]).status_code == 200
     finally:
         agent.send_signal(signal.SIGTERM)
         agent.wait(timeout=30)
