@@ -65,6 +65,9 @@ class KmipServer:
         self.address = self._sock.getsockname()[:2]
         self._slots = threading.BoundedSemaphore(settings.max_connections)
         self._stopping = threading.Event()
+        self._open: dict[socket.socket, threading.Thread] = {}
+        """Each connection being served, and its thread (for a clean close)."""
+        self._open_lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
 
     def serve_forever(self) -> None:
@@ -84,11 +87,16 @@ class KmipServer:
                     log.warning("too many KMIP clients: one refused")
                     conn.close()
                     continue
+                thread = threading.Thread(
+                    target=self._serve, args=(conn,), name="kmip-client", daemon=True
+                )
+                with self._open_lock:
+                    self._open[conn] = thread
                 try:
-                    threading.Thread(
-                        target=self._serve, args=(conn,), name="kmip-client", daemon=True
-                    ).start()
+                    thread.start()
                 except RuntimeError:
+                    with self._open_lock:
+                        del self._open[conn]
                     self._slots.release()
                     conn.close()
 
@@ -97,9 +105,18 @@ class KmipServer:
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop accepting, let each connection finish the message it is answering (up to
+        `timeout` seconds in all), then close: the keystore may be closed after this."""
         self.shutdown()
         self._sock.close()
+        with self._open_lock:
+            open_now = list(self._open.items())
+        for conn, _thread in open_now:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RD)  # the next read ends; an answer in flight is sent
+        for _conn, thread in open_now:
+            thread.join(timeout / max(1, len(open_now)))
         self._wake_r.close()
         self._wake_w.close()
 
@@ -125,6 +142,8 @@ class KmipServer:
         finally:
             with contextlib.suppress(OSError):
                 raw.close()
+            with self._open_lock:
+                self._open.pop(raw, None)
             self._slots.release()
 
     def _session(self, conn: ssl.SSLSocket) -> Session | None:

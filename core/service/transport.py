@@ -329,10 +329,10 @@ def serve(
         loop_factory = uvloop.new_event_loop
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(_serve(app, settings, ready))
+            runner.run(_serve(app, settings, ready, kmip))
     finally:
-        if kmip is not None:
-            kmip.close()
+        if kmip is not None:  # closed already unless the service failed to start
+            kmip.close(0)
             kmip.store.close()
 
 
@@ -393,7 +393,7 @@ def _serve_kmip_alone(
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
-        kmip.close()
+        kmip.close(30.0)
         kmip.store.close()
         tenants.close()
         ks.close()
@@ -418,7 +418,10 @@ def _connection_budget() -> int:
 
 
 async def _serve(
-    app: App, settings: ServerConfig, ready: Callable[[list[str]], None] | None
+    app: App,
+    settings: ServerConfig,
+    ready: Callable[[list[str]], None] | None,
+    kmip: KmipServer | None = None,
 ) -> None:
     import uvicorn
 
@@ -488,6 +491,8 @@ async def _serve(
         await stop.wait()
         for server in servers:
             server.should_exit = True
+        if kmip is not None:  # before the keystore closes (app.close, below)
+            await asyncio.to_thread(kmip.close, settings.shutdown_timeout)
         for task in tasks[len(servers) :]:  # the checkpoint timer
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import platform
 import re
+import socket
+import ssl
 import subprocess
 import sys
 import tarfile
@@ -17,6 +19,10 @@ from pathlib import Path
 import pytest
 from conftest import STRONGROOM_BIN
 from server_support import Pki, service_env, write_service_config
+
+from strongroom.kmip import ttlv
+from strongroom.kmip.tags import CryptographicAlgorithm, ObjectType, Operation, ResultStatus, Tag
+from strongroom.kmip.ttlv import Item, Type, structure
 
 ROOT = Path(__file__).resolve().parents[2]
 REQUIREMENTS = ROOT / "requirements" / "pykmip-tests.txt"
@@ -54,6 +60,7 @@ def pykmip() -> Path:
                 "--no-deps",
                 "--require-hashes",
                 "--no-build-isolation",
+                "--no-compile",
                 "--no-index",
                 "--find-links",
                 str(home / "dist"),
@@ -82,6 +89,8 @@ class KmipService:
     host: str
     port: int
     config: Path
+    banner: str = ""
+    """The line `serve` printed when it was ready: every address it serves."""
 
     def stop(self) -> int:
         self.process.terminate()
@@ -98,9 +107,12 @@ def cli(config: Path, *args: str) -> None:
     )
 
 
-def start_kmip(root: Path, pki: Pki, permissions: str, extra: str = "") -> KmipService:
-    """`strongroom serve --kmip 127.0.0.1:0` beside the HTTP service; the client certificate
-    is the identity acme:kmip with `permissions` on every key."""
+def start_kmip(
+    root: Path, pki: Pki, permissions: str, extra: str = "", args: tuple[str, ...] = ()
+) -> KmipService:
+    """`strongroom serve` with `[server] kmip_listen = "127.0.0.1:0"` (beside the HTTP service
+    unless `args` say otherwise); the client certificate is the identity acme:kmip with
+    `permissions` on every key."""
     config = write_service_config(root, pki, 'kmip_listen = "127.0.0.1:0"\n')
     if extra:
         with config.open("a") as f:
@@ -108,8 +120,13 @@ def start_kmip(root: Path, pki: Pki, permissions: str, extra: str = "") -> KmipS
     cli(config, "tenant", "create", "acme")
     cli(config, "tenant", "cert", "acme", "kmip", "--cert", str(pki.client_cert))
     cli(config, "policy", "grant", "acme", "kmip", "--keys", "*", "--permissions", permissions)
+    return run_kmip(config, args)
+
+
+def run_kmip(config: Path, args: tuple[str, ...] = ()) -> KmipService:
+    """Start `strongroom serve ARGS` on `config` and wait for its KMIP address."""
     proc = subprocess.Popen(
-        [str(STRONGROOM_BIN), "--config", str(config), "serve"],
+        [str(STRONGROOM_BIN), "--config", str(config), "serve", *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -126,7 +143,7 @@ def start_kmip(root: Path, pki: Pki, permissions: str, extra: str = "") -> KmipS
             lines.append(line)
             m = re.search(r"kmip://([^,\s]+):(\d+)", line)
             if m:
-                found[:] = [m.group(1), m.group(2)]
+                found[:] = [m.group(1), m.group(2), line.strip()]
                 ready.set()
         ready.set()
 
@@ -134,7 +151,7 @@ def start_kmip(root: Path, pki: Pki, permissions: str, extra: str = "") -> KmipS
     if not ready.wait(60) or not found:
         proc.kill()
         raise RuntimeError("strongroom serve --kmip did not start:\n" + "".join(lines))
-    return KmipService(proc, found[0], int(found[1]), config)
+    return KmipService(proc, found[0], int(found[1]), config, found[2])
 
 
 def pykmip_conf(home: Path, service: KmipService, pki: Pki, section: str = "strongroom") -> Path:
@@ -148,3 +165,74 @@ def pykmip_conf(home: Path, service: KmipService, pki: Pki, section: str = "stro
         "suppress_ragged_eofs=True\n"
     )
     return home
+
+
+# -- raw TTLV, for what PyKMIP's client cannot say or would never send -------------------------
+def tls(
+    kmip: KmipService, pki: Pki, cert: Path | None = None, key: Path | None = None
+) -> ssl.SSLSocket:
+    ctx = ssl.create_default_context(cafile=str(pki.ca))
+    ctx.load_cert_chain(str(cert or pki.client_cert), str(key or pki.client_key))
+    raw = socket.create_connection((kmip.host, kmip.port), timeout=30)
+    return ctx.wrap_socket(raw, server_hostname="localhost")
+
+
+def exchange(conn: ssl.SSLSocket, message: bytes) -> Item:
+    conn.sendall(message)
+    head = b""
+    while len(head) < 8:
+        head += conn.recv(8 - len(head))
+    body = b""
+    need = ttlv.message_length(head) - 8
+    while len(body) < need:
+        body += conn.recv(need - len(body))
+    return ttlv.decode(head + body)
+
+
+def request(*batch: tuple[Operation, list[Item]], version: tuple[int, int] = (1, 4)) -> bytes:
+    header = structure(
+        Tag.REQUEST_HEADER,
+        structure(
+            Tag.PROTOCOL_VERSION,
+            Item(Tag.PROTOCOL_VERSION_MAJOR, Type.INTEGER, version[0]),
+            Item(Tag.PROTOCOL_VERSION_MINOR, Type.INTEGER, version[1]),
+        ),
+        Item(Tag.BATCH_COUNT, Type.INTEGER, len(batch)),
+    )
+    items = [
+        structure(
+            Tag.BATCH_ITEM,
+            Item(Tag.OPERATION, Type.ENUMERATION, op),
+            structure(Tag.REQUEST_PAYLOAD, *payload),
+        )
+        for op, payload in batch
+    ]
+    return ttlv.encode(structure(Tag.REQUEST_MESSAGE, header, *items))
+
+
+def attr(name: str, value: Item) -> Item:
+    return structure(
+        Tag.ATTRIBUTE,
+        Item(Tag.ATTRIBUTE_NAME, Type.TEXT_STRING, name),
+        Item(Tag.ATTRIBUTE_VALUE, value.type, value.value),
+    )
+
+
+def results(response: Item) -> list[Item]:
+    return list(response.all(Tag.BATCH_ITEM))
+
+
+def ok(item: Item) -> Item:
+    assert item.int_of(Tag.RESULT_STATUS) == ResultStatus.SUCCESS, item.text_of(Tag.RESULT_MESSAGE)
+    return item.need(Tag.RESPONSE_PAYLOAD)
+
+
+CREATE_AES = [
+    Item(Tag.OBJECT_TYPE, Type.ENUMERATION, ObjectType.SYMMETRIC_KEY),
+    structure(
+        Tag.TEMPLATE_ATTRIBUTE,
+        attr("Cryptographic Algorithm", Item(0, Type.ENUMERATION, CryptographicAlgorithm.AES)),
+        attr("Cryptographic Length", Item(0, Type.INTEGER, 256)),
+        attr("Cryptographic Usage Mask", Item(0, Type.INTEGER, 0x0C)),
+    ),
+]

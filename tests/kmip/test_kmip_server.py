@@ -4,25 +4,33 @@ PyKMIP's client cannot say (an AES-GCM tag) or would never send (hostile bytes).
 
 from __future__ import annotations
 
+import json
 import os
-import socket
-import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kmip_support import KmipService, pykmip, pykmip_conf, start_kmip
+from kmip_support import (
+    CREATE_AES,
+    KmipService,
+    cli,
+    exchange,
+    ok,
+    pykmip,
+    pykmip_conf,
+    request,
+    results,
+    start_kmip,
+    tls,
+)
 from server_support import Pki, make_pki
 
 from strongroom.kmip import ttlv
 from strongroom.kmip.tags import (
-    CryptographicAlgorithm,
-    ObjectType,
     Operation,
     ResultReason,
-    ResultStatus,
     Tag,
 )
 from strongroom.kmip.ttlv import Item, Type, structure
@@ -88,77 +96,6 @@ def kmip(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[KmipSer
 @pytest.fixture(scope="module")
 def pykmip_home() -> Path:
     return pykmip()
-
-
-# -- raw TTLV -----------------------------------------------------------------------------------
-def tls(
-    kmip: KmipService, pki: Pki, cert: Path | None = None, key: Path | None = None
-) -> ssl.SSLSocket:
-    ctx = ssl.create_default_context(cafile=str(pki.ca))
-    ctx.load_cert_chain(str(cert or pki.client_cert), str(key or pki.client_key))
-    raw = socket.create_connection((kmip.host, kmip.port), timeout=30)
-    return ctx.wrap_socket(raw, server_hostname="localhost")
-
-
-def exchange(conn: ssl.SSLSocket, message: bytes) -> Item:
-    conn.sendall(message)
-    head = b""
-    while len(head) < 8:
-        head += conn.recv(8 - len(head))
-    body = b""
-    need = ttlv.message_length(head) - 8
-    while len(body) < need:
-        body += conn.recv(need - len(body))
-    return ttlv.decode(head + body)
-
-
-def request(*batch: tuple[Operation, list[Item]], version: tuple[int, int] = (1, 4)) -> bytes:
-    header = structure(
-        Tag.REQUEST_HEADER,
-        structure(
-            Tag.PROTOCOL_VERSION,
-            Item(Tag.PROTOCOL_VERSION_MAJOR, Type.INTEGER, version[0]),
-            Item(Tag.PROTOCOL_VERSION_MINOR, Type.INTEGER, version[1]),
-        ),
-        Item(Tag.BATCH_COUNT, Type.INTEGER, len(batch)),
-    )
-    items = [
-        structure(
-            Tag.BATCH_ITEM,
-            Item(Tag.OPERATION, Type.ENUMERATION, op),
-            structure(Tag.REQUEST_PAYLOAD, *payload),
-        )
-        for op, payload in batch
-    ]
-    return ttlv.encode(structure(Tag.REQUEST_MESSAGE, header, *items))
-
-
-def attr(name: str, value: Item) -> Item:
-    return structure(
-        Tag.ATTRIBUTE,
-        Item(Tag.ATTRIBUTE_NAME, Type.TEXT_STRING, name),
-        Item(Tag.ATTRIBUTE_VALUE, value.type, value.value),
-    )
-
-
-def results(response: Item) -> list[Item]:
-    return list(response.all(Tag.BATCH_ITEM))
-
-
-def ok(item: Item) -> Item:
-    assert item.int_of(Tag.RESULT_STATUS) == ResultStatus.SUCCESS, item.text_of(Tag.RESULT_MESSAGE)
-    return item.need(Tag.RESPONSE_PAYLOAD)
-
-
-CREATE_AES = [
-    Item(Tag.OBJECT_TYPE, Type.ENUMERATION, ObjectType.SYMMETRIC_KEY),
-    structure(
-        Tag.TEMPLATE_ATTRIBUTE,
-        attr("Cryptographic Algorithm", Item(0, Type.ENUMERATION, CryptographicAlgorithm.AES)),
-        attr("Cryptographic Length", Item(0, Type.INTEGER, 256)),
-        attr("Cryptographic Usage Mask", Item(0, Type.INTEGER, 0x0C)),
-    ),
-]
 
 
 def test_one_batch_creates_activates_and_encrypts_with_gcm(kmip: KmipService, pki: Pki) -> None:
@@ -230,12 +167,6 @@ def test_hostile_bytes_get_an_error_and_spare_other_connections(
         assert bad.recv(1) == b""
         versions = ok(results(exchange(good, request((Operation.DISCOVER_VERSIONS, []))))[0])
         assert len(list(versions.all(Tag.PROTOCOL_VERSION))) == 5
-
-
-def test_an_unenrolled_certificate_gets_nothing(kmip: KmipService, pki: Pki) -> None:
-    with tls(kmip, pki, pki.stranger_cert, pki.stranger_key) as conn:
-        conn.sendall(request((Operation.DISCOVER_VERSIONS, [])))
-        assert conn.recv(1) == b""
 
 
 # -- PyKMIP's client ----------------------------------------------------------------------------
@@ -332,3 +263,46 @@ def test_pykmip_integration_suite(
     assert not unexpected, f"failed, not listed: {sorted(unexpected)}\n{text[-4000:]}"
     now_passing = set(EXPECTED_FAILURES) - failed
     assert not now_passing, f"listed as failing but passed: {sorted(now_passing)}"
+
+
+def test_operations_are_audited_with_the_identity(kmip: KmipService, pki: Pki) -> None:
+    with tls(kmip, pki) as conn:
+        created = ok(results(exchange(conn, request((Operation.CREATE, CREATE_AES))))[0])
+    uid = created.text_of(Tag.UNIQUE_IDENTIFIER)
+    log = kmip.config.parent / "data" / "audit.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    mine = [r for r in records if r.get("key") == f"acme/{uid}"]
+    assert [(r["op"], r["actor"], r["result"]) for r in mine] == [
+        ("generate", "acme:kmip", "started"),
+        ("generate", "acme:kmip", "ok"),
+    ]
+
+
+def test_policies_deny_by_default(kmip: KmipService, pki: Pki) -> None:
+    """The stranger's certificate is refused until it is enrolled; enrolled with `read` on
+    every key it may locate and read attributes, but not make keys or get their material."""
+    with tls(kmip, pki, pki.stranger_cert, pki.stranger_key) as conn:
+        conn.sendall(request((Operation.DISCOVER_VERSIONS, [])))
+        assert conn.recv(1) == b""
+    with tls(kmip, pki) as conn:
+        created = ok(results(exchange(conn, request((Operation.CREATE, CREATE_AES))))[0])
+    uid = created.text_of(Tag.UNIQUE_IDENTIFIER)
+    assert uid
+    cli(kmip.config, "tenant", "cert", "acme", "reader", "--cert", str(pki.stranger_cert))
+    cli(kmip.config, "policy", "grant", "acme", "reader", "--keys", "*", "--permissions", "read")
+    uid_item = Item(Tag.UNIQUE_IDENTIFIER, Type.TEXT_STRING, uid)
+    with tls(kmip, pki, pki.stranger_cert, pki.stranger_key) as conn:
+        answer = results(
+            exchange(
+                conn,
+                request(
+                    (Operation.CREATE, CREATE_AES),
+                    (Operation.GET, [uid_item]),
+                    (Operation.DESTROY, [uid_item]),
+                    (Operation.GET_ATTRIBUTES, [uid_item]),
+                ),
+            )
+        )
+        reasons = [i.int_of(Tag.RESULT_REASON) for i in answer[:3]]
+        assert reasons == [ResultReason.PERMISSION_DENIED] * 3
+        ok(answer[3])
