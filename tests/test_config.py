@@ -486,7 +486,7 @@ def test_ssh_agent_errors_name_the_line(tmp_path: Path, line: str, key: str, mes
     assert message in str(e)
 
 
-# -- KMIP: [server] kmip_listen and [kmip] ----------------------------------------------------------
+# -- KMIP: [server] kmip_listen and [kmip] ------------------------------------------------------
 def test_kmip_is_served_only_with_mutual_tls(tmp_path: Path) -> None:
     path = write(
         tmp_path,

@@ -15,11 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from ..algorithms import AES_CBC_PAD, CBC_IV
 from ..api import KeyAPI
 from ..errors import (
+    IntegrityError,
+    KeyDisabled,
     KeyNotFound,
     KmipMessageError,
-    NotPermitted,
+    PolicyViolation,
     StrongroomError,
     UnsupportedOperation,
 )
@@ -32,6 +35,7 @@ from .tags import (
     KeyFormatType,
     ObjectType,
     Operation,
+    PaddingMethod,
     QueryFunction,
     ResultReason,
     ResultStatus,
@@ -136,7 +140,9 @@ _MASK_USAGE = {
 def _reason_of(e: StrongroomError) -> ResultReason:
     if isinstance(e, KeyNotFound):
         return ResultReason.ITEM_NOT_FOUND
-    if isinstance(e, NotPermitted):
+    if isinstance(e, KeyDisabled):  # revoked, or disabled outside KMIP
+        return ResultReason.ILLEGAL_OPERATION
+    if isinstance(e, PolicyViolation):  # NotPermitted, a usage the key lacks, not exportable
         return ResultReason.PERMISSION_DENIED
     if isinstance(e, UnsupportedOperation):
         return ResultReason.FEATURE_NOT_SUPPORTED
@@ -572,32 +578,54 @@ class Session:
         self.store.delete(self.access.tenant, uid)
         return [_text(Tag.UNIQUE_IDENTIFIER, uid)]
 
-    # -- Encrypt, Decrypt (AES-GCM) ------------------------------------------------------------
-    def _gcm(self, payload: Item, obj: KmipObject) -> tuple[bytes, bytes]:
+    # -- Encrypt, Decrypt (AES-GCM, AES-CBC with PKCS5 padding) -------------------------------
+    def _cipher(self, payload: Item, obj: KmipObject) -> tuple[int, bytes, bytes]:
+        """(block cipher mode, data, additional data) of an Encrypt or Decrypt."""
         params = payload.find(Tag.CRYPTOGRAPHIC_PARAMETERS)
-        mode = None if params is None else params.int_of(Tag.BLOCK_CIPHER_MODE)
-        if mode not in (None, BlockCipherMode.GCM):
-            raise KmipFailure(
-                ResultReason.FEATURE_NOT_SUPPORTED, "only AES-GCM is served (AES-CBC is not yet)"
-            )
-        if params is not None and params.int_of(Tag.TAG_LENGTH, GCM_TAG) != GCM_TAG:
-            raise KmipFailure(ResultReason.FEATURE_NOT_SUPPORTED, "the GCM tag is 16 bytes")
+        mode: int = BlockCipherMode.GCM
+        if params is not None:
+            mode = params.int_of(Tag.BLOCK_CIPHER_MODE, BlockCipherMode.GCM) or 0
+            algorithm = params.int_of(Tag.CRYPTOGRAPHIC_ALGORITHM, CryptographicAlgorithm.AES)
+            if algorithm != CryptographicAlgorithm.AES:
+                raise KmipFailure(ResultReason.FEATURE_NOT_SUPPORTED, "the keys here are AES")
+            if mode == BlockCipherMode.GCM:
+                if params.int_of(Tag.TAG_LENGTH, GCM_TAG) != GCM_TAG:
+                    raise KmipFailure(ResultReason.FEATURE_NOT_SUPPORTED, "the GCM tag is 16 bytes")
+            elif mode == BlockCipherMode.CBC:
+                if params.int_of(Tag.PADDING_METHOD, PaddingMethod.PKCS5) != PaddingMethod.PKCS5:
+                    raise KmipFailure(
+                        ResultReason.FEATURE_NOT_SUPPORTED, "AES-CBC is served with PKCS5 padding"
+                    )
+            else:
+                raise KmipFailure(
+                    ResultReason.FEATURE_NOT_SUPPORTED, "the modes served are GCM and CBC"
+                )
         if obj.state != State.ACTIVE:
             raise KmipFailure(ResultReason.ILLEGAL_OPERATION, "the key is not Active")
         data = payload.bytes_of(Tag.DATA)
         if data is None:
             raise KmipFailure(ResultReason.MISSING_DATA, "no Data given")
-        return data, payload.bytes_of(Tag.AUTHENTICATED_ENCRYPTION_ADDITIONAL_DATA) or b""
+        aad = payload.bytes_of(Tag.AUTHENTICATED_ENCRYPTION_ADDITIONAL_DATA) or b""
+        if aad and mode == BlockCipherMode.CBC:
+            raise KmipFailure(ResultReason.INVALID_FIELD, "AES-CBC takes no additional data")
+        return mode, data, aad
 
     def encrypt(self, payload: Item) -> list[Item | None]:
         uid = self._uid(payload)
         obj = self._object(uid, "encrypt")
-        data, aad = self._gcm(payload, obj)
+        mode, data, aad = self._cipher(payload, obj)
         if payload.find(Tag.IV_COUNTER_NONCE) is not None:
             raise KmipFailure(
                 ResultReason.FEATURE_NOT_SUPPORTED,
-                "the server chooses the GCM nonce; send no IV/Counter/Nonce",
+                "the server chooses the IV or nonce; send no IV/Counter/Nonce",
             )
+        if mode == BlockCipherMode.CBC:
+            out = self.keys.encrypt(uid, data, algorithm=AES_CBC_PAD)
+            return [
+                _text(Tag.UNIQUE_IDENTIFIER, uid),
+                _bytes(Tag.DATA, out[CBC_IV:]),
+                _bytes(Tag.IV_COUNTER_NONCE, out[:CBC_IV]),
+            ]
         out = self.keys.encrypt(uid, data, aad)
         nonce, body, tag = out[:GCM_NONCE], out[GCM_NONCE:-GCM_TAG], out[-GCM_TAG:]
         return [
@@ -610,18 +638,22 @@ class Session:
     def decrypt(self, payload: Item) -> list[Item | None]:
         uid = self._uid(payload)
         obj = self._object(uid, "decrypt")
-        data, aad = self._gcm(payload, obj)
-        nonce = payload.bytes_of(Tag.IV_COUNTER_NONCE)
-        tag = payload.bytes_of(Tag.AUTHENTICATED_ENCRYPTION_TAG)
-        if nonce is None or len(nonce) != GCM_NONCE or tag is None or len(tag) != GCM_TAG:
-            raise KmipFailure(
-                ResultReason.MISSING_DATA, "GCM needs a 12-byte nonce and a 16-byte tag"
-            )
+        mode, data, aad = self._cipher(payload, obj)
+        iv = payload.bytes_of(Tag.IV_COUNTER_NONCE)
+        if mode == BlockCipherMode.CBC:
+            if iv is None or len(iv) != CBC_IV:
+                raise KmipFailure(ResultReason.MISSING_DATA, "AES-CBC needs its 16-byte IV")
+            blob, algorithm = iv + data, AES_CBC_PAD
+        else:
+            tag = payload.bytes_of(Tag.AUTHENTICATED_ENCRYPTION_TAG)
+            if iv is None or len(iv) != GCM_NONCE or tag is None or len(tag) != GCM_TAG:
+                raise KmipFailure(
+                    ResultReason.MISSING_DATA, "GCM needs a 12-byte nonce and a 16-byte tag"
+                )
+            blob, algorithm = iv + data + tag, None
         try:
-            plain = self.keys.decrypt(uid, nonce + data + tag, aad)
-        except StrongroomError as e:
-            if isinstance(e, (KeyNotFound, NotPermitted)):
-                raise
+            plain = self.keys.decrypt(uid, blob, aad, algorithm)
+        except IntegrityError:  # one answer for every way it can fail: no padding oracle
             raise KmipFailure(ResultReason.CRYPTOGRAPHIC_FAILURE, "decryption failed") from None
         return [_text(Tag.UNIQUE_IDENTIFIER, uid), _bytes(Tag.DATA, plain)]
 

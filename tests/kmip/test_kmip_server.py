@@ -71,7 +71,7 @@ EXPECTED_FAILURES = {
     _PROXY + "test_derive_key_using_encryption": "DeriveKey",
     _PROXY + "test_derive_key_using_nist_800_108c": "DeriveKey",
     _PROXY + "test_derive_key_using_hmac": "DeriveKey",
-    _PROXY + "test_encrypt_decrypt": "AES-CBC-PAD with a client IV",
+    _PROXY + "test_encrypt_decrypt": "Encrypt with a client-chosen IV",
     _PROXY + "test_create_key_pair_sign_signature_verify": "CreateKeyPair, Sign, SignatureVerify",
     _PROXY + "test_certificate_register_locate_destroy": "Register Certificate",
     _PROXY + "test_split_key_register_get_destroy": "Register SplitKey",
@@ -306,3 +306,41 @@ def test_policies_deny_by_default(kmip: KmipService, pki: Pki) -> None:
         reasons = [i.int_of(Tag.RESULT_REASON) for i in answer[:3]]
         assert reasons == [ResultReason.PERMISSION_DENIED] * 3
         ok(answer[3])
+
+
+def test_mongodb_delegated_mode_create_encrypt_decrypt(
+    pykmip_home: Path, kmip: KmipService, pki: Pki
+) -> None:
+    """MongoDB's delegated encryption: Create AES-256, Activate, Encrypt with AES-CBC and
+    PKCS5 padding and a random IV from the server, Decrypt with that IV."""
+    out = run_pykmip(
+        pykmip_home,
+        kmip,
+        pki,
+        """
+from kmip.pie import client
+from kmip.core import enums
+params = {
+    "cryptographic_algorithm": enums.CryptographicAlgorithm.AES,
+    "block_cipher_mode": enums.BlockCipherMode.CBC,
+    "padding_method": enums.PaddingMethod.PKCS5,
+    "random_iv": True,
+}
+with client.ProxyKmipClient(config="strongroom") as c:
+    uid = c.create(enums.CryptographicAlgorithm.AES, 256, cryptographic_usage_mask=[
+        enums.CryptographicUsageMask.ENCRYPT, enums.CryptographicUsageMask.DECRYPT])
+    c.activate(uid)
+    data_key = bytes(range(96))
+    ct, iv = c.encrypt(data_key, uid=uid, cryptographic_parameters=params)
+    assert len(iv) == 16 and len(ct) == 112 and data_key not in ct
+    assert c.decrypt(ct, uid=uid, cryptographic_parameters=params, iv_counter_nonce=iv) == data_key
+    ct2, iv2 = c.encrypt(data_key, uid=uid, cryptographic_parameters=params)
+    assert iv2 != iv and ct2 != ct
+    try:  # the last block left is plaintext bytes 80..95: its last byte 95 is no padding
+        c.decrypt(ct[:-16], uid=uid, cryptographic_parameters=params, iv_counter_nonce=iv[::-1])
+    except Exception as e:
+        print(type(e).__name__)
+print("done")
+""",
+    )
+    assert out.split() == ["KmipOperationFailure", "done"]
