@@ -4,9 +4,11 @@ idle timeout, and what it keeps across a restart."""
 from __future__ import annotations
 
 import ssl
+import subprocess
 from collections.abc import Iterator
 
 import pytest
+from conftest import STRONGROOM_BIN
 from kmip_support import (
     CREATE_AES,
     KmipService,
@@ -18,7 +20,7 @@ from kmip_support import (
     start_kmip,
     tls,
 )
-from server_support import Pki, make_pki
+from server_support import Pki, make_pki, service_env
 
 from strongroom.kmip.tags import ObjectType, Operation, Tag
 from strongroom.kmip.ttlv import Item, Type
@@ -101,3 +103,22 @@ def test_objects_outlive_a_restart(alone: KmipService, pki: Pki) -> None:
     with tls(alone, pki) as conn:
         found = ok(results(exchange(conn, request((Operation.LOCATE, by_type))))[0])
     assert uid in [i.value for i in found.all(Tag.UNIQUE_IDENTIFIER)]
+
+
+def test_kmip_only_refuses_http_options(alone: KmipService) -> None:
+    done = subprocess.run(
+        [
+            str(STRONGROOM_BIN),
+            "--config",
+            str(alone.config),
+            "serve",
+            "--kmip-only",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        env=service_env(),
+        timeout=60,
+    )
+    assert done.returncode == 2 and "--kmip-only serves no HTTP" in done.stderr
