@@ -94,6 +94,15 @@ AES_KEY_WRAP = "aes-kwp"
 under an AES key with the `wrap` usage: `encrypt(..., algorithm="aes-kwp")`. A backend that
 has it does it inside its hardware (PKCS#11: C_WrapKey with CKM_AES_KEY_WRAP_PAD)."""
 
+AES_CBC_PAD = "aes-cbc-pad"
+"""AES-256-CBC with PKCS#7 padding and a random 16-byte IV: `encrypt(..., algorithm=
+"aes-cbc-pad")` gives iv ‖ ciphertext, and takes no associated data. It is not
+authenticated, so it is never a default: it is there for KMIP clients that ask for it
+(MongoDB's delegated mode, EDB). A backend that has it runs it inside its hardware
+(PKCS#11: CKM_AES_CBC_PAD). A failed decryption says nothing of why (no padding oracle
+in the message), but the caller of an unauthenticated mode must authenticate elsewhere."""
+CBC_IV = 16
+
 KEK_ALGORITHMS = (*RSA_ENCRYPT_ALGORITHMS, AES_KEY_WRAP)
 """What `strongroom encrypt --algorithm` (the envelope's data-key wrap) takes; the CLI's
 choices and help, docs/cli.md and docs/envelope.md all say this list."""

@@ -43,6 +43,8 @@ SERVER_KEYS = {
     "socket_mode": 'permissions of the socket, e.g. "0600" (default) or "0660" with a group',
     "socket_group": "group that owns the socket (with socket_mode 0660)",
     "listen": 'host:port for TCP with TLS, e.g. "127.0.0.1:8443" (default: none)',
+    "kmip_listen": 'host:port the KMIP server listens on with mutual TLS, e.g. "0.0.0.0:5696" '
+    "(default: none; needs tls_cert, tls_key and tls_client_ca)",
     "tls_cert": "PEM certificate chain the service presents on TCP",
     "tls_key": "PEM private key of tls_cert (file mode 600)",
     "tls_client_ca": "PEM CA that client certificates must chain to (mutual TLS)",
@@ -95,6 +97,11 @@ PKCS11_SERVER_KEYS = {
     "socket": "the server's socket path (default: a new private directory in "
     "$XDG_RUNTIME_DIR or the temp dir)",
 }
+KMIP_KEYS = {
+    "backend": "the backend KMIP Create and Register put keys in (default: the keystore's order)",
+    "max_connections": "KMIP connections served at once (default 256)",
+    "idle_timeout": "seconds a KMIP connection may stay silent before it is closed (default 120)",
+}
 RESERVED_NAMESPACE_PREFIX = "_"
 """Namespaces starting with `_` are Strongroom's own (`_audit` holds the checkpoint key)."""
 
@@ -125,6 +132,7 @@ class ServerConfig:
     socket_mode: int = 0o600
     socket_group: str | None = None
     listen: tuple[str, int] | None = None
+    kmip_listen: tuple[str, int] | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
@@ -144,6 +152,15 @@ class ServerConfig:
     ca: Path | None = None
     client_cert: Path | None = None
     client_key: Path | None = None
+
+
+@dataclass
+class KmipConfig:
+    """The `[kmip]` table: what `strongroom serve --kmip` does with keys and connections."""
+
+    backend: str | None = None
+    max_connections: int = 256
+    idle_timeout: float = 120.0
 
 
 @dataclass
@@ -199,6 +216,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     ssh_agent: SshAgentConfig = field(default_factory=SshAgentConfig)
     pkcs11_server: Pkcs11ServerConfig = field(default_factory=Pkcs11ServerConfig)
+    kmip: KmipConfig = field(default_factory=KmipConfig)
 
     def error(self, message: str, table: str | None = None, key: str | None = None) -> ConfigError:
         """A ConfigError naming this file, and the line of `table.key` when it can be found."""
@@ -256,16 +274,17 @@ def parse(raw: Mapping[str, Any], path: str | None, text: str) -> Config:
     """Validate a decoded TOML document into a Config."""
     cfg = Config(path, [], default_data_dir(), "default", "file", {}, text)
     for top in raw:
-        if top not in ("keystore", "backends", "server", "ssh_agent", "pkcs11_server"):
+        if top not in ("keystore", "backends", "server", "ssh_agent", "pkcs11_server", "kmip"):
             what = "table" if isinstance(raw[top], dict) else "key"
             raise cfg.error(
-                f"unknown {what}; expected [keystore], [server], [ssh_agent], [pkcs11_server] "
-                "or [backends.NAME]",
+                f"unknown {what}; expected [keystore], [server], [ssh_agent], [pkcs11_server], "
+                "[kmip] or [backends.NAME]",
                 top,
             )
     _parse_server(cfg, raw.get("server", {}))
     _parse_ssh_agent(cfg, raw.get("ssh_agent", {}))
     _parse_pkcs11_server(cfg, raw.get("pkcs11_server", {}))
+    _parse_kmip(cfg, raw.get("kmip", {}))
     ks = raw.get("keystore", {})
     if not isinstance(ks, dict):
         raise cfg.error("must be a table", "keystore")
@@ -353,6 +372,13 @@ def parse(raw: Mapping[str, Any], path: str | None, text: str) -> Config:
             raise cfg.error(
                 f"names backend {name!r}, which has no [backends.{name}] table", "keystore", "order"
             )
+    kmip_backend = cfg.kmip.backend
+    if kmip_backend is not None and kmip_backend not in cfg.backends:
+        raise cfg.error(
+            f"names backend {kmip_backend!r}, which has no [backends.{kmip_backend}] table",
+            "kmip",
+            "backend",
+        )
     agent_backend = cfg.ssh_agent.add_backend
     if agent_backend is not None and agent_backend not in cfg.backends:
         raise cfg.error(
@@ -419,9 +445,9 @@ def _parse_server(cfg: Config, table: Any) -> None:
             if not isinstance(value, str) or not value:
                 raise cfg.error("must be a group name", "server", key)
             out.socket_group = value
-        elif key == "listen":
+        elif key in ("listen", "kmip_listen"):
             try:
-                out.listen = parse_listen(value)
+                setattr(out, key, parse_listen(value))
             except InvalidArgument as e:
                 raise cfg.error(str(e), "server", key) from None
         elif key == "client_cert_required":
@@ -468,6 +494,12 @@ def _parse_server(cfg: Config, table: Any) -> None:
         raise cfg.error("tls_cert and tls_key go together", "server", "tls_cert")
     if out.listen is not None and out.tls_cert is None:
         raise cfg.error("TCP is served only with TLS: set tls_cert and tls_key", "server", "listen")
+    if out.kmip_listen is not None and (out.tls_cert is None or out.tls_client_ca is None):
+        raise cfg.error(
+            "KMIP is served only with mutual TLS: set tls_cert, tls_key and tls_client_ca",
+            "server",
+            "kmip_listen",
+        )
 
 
 def _parse_ssh_agent(cfg: Config, table: Any) -> None:
@@ -625,6 +657,28 @@ def _parse_pkcs11_server(cfg: Config, table: Any) -> None:
         if not isinstance(table["socket"], str) or not table["socket"]:
             raise cfg.error("must be a path", "pkcs11_server", "socket")
         out.socket = Path(table["socket"]).expanduser()
+
+
+def _parse_kmip(cfg: Config, table: Any) -> None:
+    """Validate the `[kmip]` table into cfg.kmip."""
+    if not isinstance(table, dict):
+        raise cfg.error("must be a table", "kmip")
+    out = cfg.kmip
+    for key, value in table.items():
+        if key not in KMIP_KEYS:
+            raise cfg.error(f"unknown key; expected one of {', '.join(KMIP_KEYS)}", "kmip", key)
+        if key == "backend":
+            if not isinstance(value, str) or not value:
+                raise cfg.error("must be the name of a configured backend", "kmip", key)
+            out.backend = value
+        elif key == "max_connections":
+            if type(value) is not int or not 1 <= value <= 100_000:
+                raise cfg.error("must be an integer from 1 to 100000", "kmip", key)
+            out.max_connections = value
+        elif key == "idle_timeout":
+            if type(value) not in (int, float) or not 0.1 <= value <= 86400:
+                raise cfg.error("must be a number from 0.1 to 86400", "kmip", key)
+            out.idle_timeout = float(value)
 
 
 def parse_listen(value: object) -> tuple[str, int]:

@@ -231,3 +231,10 @@ class Pkcs11MessageError(InvalidArgument):
     """A p11-kit RPC message is malformed, truncated, too large, too deeply nested or does
     not carry its call's signature: the server answers CKR_DEVICE_ERROR (or closes the
     connection, for a frame it cannot read) and serves on."""
+
+
+# -- the KMIP server (docs/kmip.md) ------------------------------------------------------------
+class KmipMessageError(InvalidArgument):
+    """A KMIP TTLV message is malformed, truncated, too large, too deeply nested, has too many
+    items or an unknown item type: the server answers with a KMIP error (or closes the
+    connection, for a message it cannot frame) and serves on."""

@@ -56,9 +56,12 @@ def encrypting_types(ks: Keystore, backend: str) -> list[KeyType]:
 def _algorithms(caps: frozenset[tuple[KeyType, Operation]], t: KeyType) -> list[str | None]:
     if t.is_rsa:
         return [None, *algorithms.RSA_ENCRYPT_ALGORITHMS]
+    out: list[str | None] = [None]
     if (t, Operation.WRAP) in caps and (t, Operation.UNWRAP) in caps:
-        return [None, algorithms.AES_KEY_WRAP]
-    return [None]
+        out.append(algorithms.AES_KEY_WRAP)
+    if t is KeyType.AES_256:
+        out.append(algorithms.AES_CBC_PAD)
+    return out
 
 
 def make_key(ks: Keystore, backend: str, name: str, t: KeyType) -> KeyInfo:
@@ -84,7 +87,8 @@ def make_key(ks: Keystore, backend: str, name: str, t: KeyType) -> KeyInfo:
 def _round_trip(
     ks: Keystore, result: MatrixResult, label: str, name: str, t: KeyType, alg: str | None
 ) -> None:
-    aad = b"" if t.is_rsa or alg == algorithms.AES_KEY_WRAP else b"matrix associated data"
+    no_aad = (algorithms.AES_KEY_WRAP, algorithms.AES_CBC_PAD)
+    aad = b"" if t.is_rsa or alg in no_aad else b"matrix associated data"
     plaintext = os.urandom(32)
     try:
         ct = ks.encrypt(name, plaintext, aad, alg, envelope=True)

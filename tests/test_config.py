@@ -535,3 +535,37 @@ def test_ssh_agent_errors_name_the_line(tmp_path: Path, line: str, key: str, mes
     e = config_error(path)
     assert_names(e, path, 2, f"ssh_agent.{key}")
     assert message in str(e)
+
+
+# -- KMIP: [server] kmip_listen and [kmip] ------------------------------------------------------
+def test_kmip_is_served_only_with_mutual_tls(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[keystore]",
+        data_dir(tmp_path),
+        "[server]",
+        'kmip_listen = "127.0.0.1:5696"',
+        f'tls_cert = "{tmp_path / "c.pem"}"',
+        f'tls_key = "{tmp_path / "k.pem"}"',
+        "",
+        *vault_table(),
+    )
+    e = config_error(path)
+    assert_names(e, path, 4, "server.kmip_listen")
+    assert "tls_client_ca" in str(e)
+
+
+def test_kmip_table_is_checked(tmp_path: Path) -> None:
+    base = ["[keystore]", data_dir(tmp_path), *vault_table(), "[kmip]"]
+    e = config_error(write(tmp_path, *base, 'backend = "hsm"'))
+    assert e.key == "kmip.backend" and "[backends.hsm]" in str(e)
+    e = config_error(write(tmp_path, *base, "idle_timeout = 0"))
+    assert e.key == "kmip.idle_timeout"
+    e = config_error(write(tmp_path, *base, "max_connections = true"))
+    assert e.key == "kmip.max_connections"
+    e = config_error(write(tmp_path, *base, "port = 5696"))
+    assert e.key == "kmip.port" and "unknown key" in str(e)
+    ok = config_mod.load(
+        write(tmp_path, *base, 'backend = "vault"', "max_connections = 8", "idle_timeout = 2.5")
+    )
+    assert (ok.kmip.backend, ok.kmip.max_connections, ok.kmip.idle_timeout) == ("vault", 8, 2.5)

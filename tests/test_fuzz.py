@@ -849,3 +849,31 @@ def test_every_pkcs11_seed_is_served(pkcs11_seeds: tuple[Any, list[bytes]]) -> N
         reply = conn.handle(body)
         failed = reply[:4] == b"\x00\x00\x00\x00"
         assert failed == (body is seeds[12]), body[:4]
+
+
+# -- the KMIP TTLV decoder ---------------------------------------------------------------------
+def _kmip_seed() -> bytes:
+    from strongroom.kmip import ttlv
+    from strongroom.kmip.ttlv import Item, Type, structure
+
+    return ttlv.encode(
+        structure(
+            0x420078,
+            structure(0x420077, Item(0x42000D, Type.INTEGER, 1)),
+            Item(0x420094, Type.TEXT_STRING, "kmip-0123"),
+            Item(0x420003, Type.BIG_INTEGER, 1 << 70),
+            Item(0x420006, Type.BOOLEAN, True),
+            Item(0x4200C2, Type.BYTE_STRING, b"data"),
+        )
+    )
+
+
+@FUZZ
+@given(data=st.data())
+def test_kmip_ttlv_decode(data: st.DataObject) -> None:
+    from strongroom.kmip import ttlv
+
+    blob = data.draw(mutated(_kmip_seed()))
+    with contextlib.suppress(StrongroomError):
+        item = ttlv.decode(blob)
+        assert ttlv.decode(ttlv.encode(item)) == item

@@ -283,3 +283,39 @@ def test_cached_key_lookups_see_other_writers_at_once(tmp_path: Path) -> None:
         b.generate("k", "ecdsa-p256")
         assert a.info("k").type.value == "ecdsa-p256"
         a.verify("k", b"m", b.sign("k", b"m"))
+
+
+def test_aes_cbc_pad_is_standard_cbc_and_never_the_default(tmp_path: Path) -> None:
+    """algorithm="aes-cbc-pad" (for KMIP clients): iv ‖ AES-256-CBC with PKCS#7 padding, as
+    `cryptography` reads and writes it; no AAD; bad padding or length is an IntegrityError."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    from cryptography.hazmat.primitives.padding import PKCS7
+
+    from strongroom.errors import IntegrityError, InvalidArgument
+
+    with strongroom.open(_config(tmp_path, "")) as ks:
+        ks.generate("cbc", "aes-256", exportable=True)
+        key = ks.export_key("cbc", format="raw")
+        ct = ks.encrypt("cbc", b"mongodb data key", algorithm="aes-cbc-pad")
+        assert len(ct) == 16 + 32
+        dec = Cipher(algorithms.AES(key), modes.CBC(ct[:16])).decryptor()
+        unpadder = PKCS7(128).unpadder()
+        padded = dec.update(ct[16:]) + dec.finalize()
+        assert unpadder.update(padded) + unpadder.finalize() == b"mongodb data key"
+        iv = os.urandom(16)
+        padder = PKCS7(128).padder()
+        enc = Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor()
+        theirs = iv + enc.update(padder.update(b"x" * 40) + padder.finalize()) + enc.finalize()
+        assert ks.decrypt("cbc", theirs, algorithm="aes-cbc-pad") == b"x" * 40
+        assert len(ks.encrypt("cbc", b"gcm")) == 12 + 3 + 16  # the default stays AES-GCM
+        with pytest.raises(InvalidArgument, match="associated data"):
+            ks.encrypt("cbc", b"x", aad=b"a", algorithm="aes-cbc-pad")
+        raw = Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor()  # a last byte 0: bad padding
+        bad = iv + raw.update(b"\x07" * 15 + b"\x00") + raw.finalize()
+        with pytest.raises(IntegrityError):
+            ks.decrypt("cbc", bad, algorithm="aes-cbc-pad")
+        with pytest.raises(IntegrityError):
+            ks.decrypt("cbc", ct[:20], algorithm="aes-cbc-pad")
+        ks.generate("chacha", "chacha20-poly1305")
+        with pytest.raises(InvalidArgument):
+            ks.encrypt("chacha", b"x", algorithm="aes-cbc-pad")

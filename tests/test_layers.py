@@ -114,6 +114,9 @@ records) and itself; never the keystore, so it serves a RemoteKeystore the same 
 PKCS11SERVER = "strongroom.pkcs11server"
 """The PKCS#11 server, a face over KeyAPI like the SSH agent: the contract and itself; never
 the keystore, so it serves a RemoteKeystore the same way."""
+KMIP = "strongroom.kmip"
+"""The KMIP server, a face over KeyAPI: the contract, `audit` (the actor of its records),
+the service's tenants (certificate to identity, policies) and itself; never the keystore."""
 OLD_SERVICE_PATHS = frozenset({"strongroom.server", "strongroom.client", "strongroom.tenants"})
 """Modules kept at the service's old import paths for the names docs give: they only
 re-export strongroom.service (R5: faces, like the package's `__init__`)."""
@@ -341,6 +344,13 @@ def may_import(importer: str, imported: str) -> bool:
             imported in CONTRACT
             or imported == PKCS11SERVER
             or imported.startswith(PKCS11SERVER + ".")
+        )
+    if importer == KMIP or importer.startswith(KMIP + "."):
+        return (
+            imported in CONTRACT | AUDIT
+            or imported in {"strongroom.service.tenants", "strongroom.service.wire"}
+            or imported == KMIP
+            or imported.startswith(KMIP + ".")
         )
     if importer == WIRE:  # the wire format: what client and server share, nothing else
         return imported in CONTRACT

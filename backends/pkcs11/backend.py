@@ -415,6 +415,17 @@ class Pkcs11Backend(
             raise self.unsupported(Operation.ENCRYPT, info.type)
         if algorithm == algorithms.AES_KEY_WRAP:
             return self._wrap_secret(info, plaintext)
+        if algorithm == algorithms.AES_CBC_PAD:  # iv ‖ ct, CKM_AES_CBC_PAD in the token
+            _no_aad_for_cbc(aad)
+            iv = os.urandom(algorithms.CBC_IV)
+            return iv + self._with_key(
+                info,
+                ObjectClass.SECRET_KEY,
+                "encrypt",
+                lambda key: bytes(
+                    key.encrypt(plaintext, mechanism=Mechanism.AES_CBC_PAD, mechanism_param=iv)
+                ),
+            )
         _no_algorithm(algorithm)
         nonce = os.urandom(keys.GCM_NONCE)
         params = GCMParams(nonce, aad or None)
@@ -435,6 +446,19 @@ class Pkcs11Backend(
         t = info.type
         if t is KeyType.AES_256 and algorithm == algorithms.AES_KEY_WRAP:
             return self._unwrap_secret(info, ciphertext)
+        if t is KeyType.AES_256 and algorithm == algorithms.AES_CBC_PAD:
+            _no_aad_for_cbc(aad)
+            iv, body = ciphertext[: algorithms.CBC_IV], ciphertext[algorithms.CBC_IV :]
+            if not body or len(body) % 16:
+                raise IntegrityError("ciphertext is not AES-CBC output (IV and whole blocks)")
+            return self._with_key(
+                info,
+                ObjectClass.SECRET_KEY,
+                "decrypt",
+                lambda key: bytes(
+                    key.decrypt(body, mechanism=Mechanism.AES_CBC_PAD, mechanism_param=iv)
+                ),
+            )
         if t not in _RSA_TYPES:
             _no_algorithm(algorithm)
         if t is KeyType.AES_256:
@@ -631,6 +655,11 @@ def _module_env(value: Any, context: BackendContext) -> dict[str, str]:
             raise context.config_error(f"{name} must not contain a NUL character", "env")
         env[name] = item
     return env
+
+
+def _no_aad_for_cbc(aad: bytes) -> None:
+    if aad:
+        raise InvalidArgument("AES-CBC takes no associated data")
 
 
 def _no_algorithm(algorithm: str | None) -> None:

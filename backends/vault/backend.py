@@ -541,6 +541,10 @@ class VaultBackend(VaultControlMixin, Backend):
             raise self.unsupported(Operation.ENCRYPT, info.type)
         if algorithm == algorithms.AES_KEY_WRAP:
             raise self.unsupported(Operation.WRAP, info.type, _NO_DATA_KEY_WRAP)
+        if algorithm == algorithms.AES_CBC_PAD and info.type is KeyType.AES_256:
+            _no_aad_for_cbc(aad)
+            with self._material(info) as m:
+                return keyops.cbc_encrypt(m, plaintext)
         _no_algorithm(algorithm)
         with self._material(info) as m:
             return keyops.encrypt(info.type, m, plaintext, aad)
@@ -552,6 +556,10 @@ class VaultBackend(VaultControlMixin, Backend):
             algorithms.check_rsa_encrypt_algorithm(algorithm)
         elif algorithm == algorithms.AES_KEY_WRAP:
             raise self.unsupported(Operation.UNWRAP, info.type, _NO_DATA_KEY_WRAP)
+        elif algorithm == algorithms.AES_CBC_PAD and info.type is KeyType.AES_256:
+            _no_aad_for_cbc(aad)
+            with self._material(info) as m:
+                return keyops.cbc_decrypt(m, ciphertext)
         else:
             _no_algorithm(algorithm)
         with self._material(info) as m:
@@ -667,6 +675,11 @@ class _Material:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
         self._loan.__exit__(exc_type, exc, tb)  # type: ignore[arg-type]
+
+
+def _no_aad_for_cbc(aad: bytes) -> None:
+    if aad:
+        raise InvalidArgument("AES-CBC takes no associated data")
 
 
 def _no_algorithm(algorithm: str | None) -> None:

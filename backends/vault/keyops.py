@@ -19,8 +19,11 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, hmac, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.hazmat.primitives.ciphers import Cipher, modes
+from cryptography.hazmat.primitives.ciphers import algorithms as ciphers
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.padding import PKCS7
 
 from strongroom import _native, algorithms, sodium
 from strongroom.errors import IntegrityError, InvalidArgument
@@ -339,6 +342,29 @@ def encrypt(key_type: KeyType, material: memoryview, plaintext: bytes, aad: byte
     if key_type is KeyType.CHACHA20_POLY1305:
         return sodium.seal(material, plaintext, aad)
     raise InvalidArgument(f"{key_type.value} keys do not encrypt in the vault")
+
+
+def cbc_encrypt(material: memoryview, plaintext: bytes) -> bytes:
+    """AES-256-CBC, PKCS#7 padding, a random IV: iv(16) ‖ ct (algorithms.AES_CBC_PAD)."""
+    iv = sodium.random_bytes(algorithms.CBC_IV)
+    padder = PKCS7(128).padder()
+    padded = padder.update(plaintext) + padder.finalize()
+    enc = Cipher(ciphers.AES(bytes(material)), modes.CBC(iv)).encryptor()
+    return iv + enc.update(padded) + enc.finalize()
+
+
+def cbc_decrypt(material: memoryview, ciphertext: bytes) -> bytes:
+    """Undo `cbc_encrypt`; a wrong key, IV, length or padding is one IntegrityError."""
+    iv, body = ciphertext[: algorithms.CBC_IV], ciphertext[algorithms.CBC_IV :]
+    if not body or len(body) % 16:
+        raise IntegrityError("ciphertext is not AES-CBC output (IV and whole blocks)")
+    dec = Cipher(ciphers.AES(bytes(material)), modes.CBC(iv)).decryptor()
+    padded = dec.update(body) + dec.finalize()
+    unpadder = PKCS7(128).unpadder()
+    try:
+        return unpadder.update(padded) + unpadder.finalize()
+    except ValueError:
+        raise IntegrityError("AES-CBC decryption failed: wrong key or data") from None
 
 
 def decrypt(

@@ -174,10 +174,13 @@ def key_verify(
 @click.option("--aad", default="", help="Associated data (text) bound to the ciphertext.")
 @click.option(
     "--algorithm",
-    type=click.Choice([*algorithms.RSA_ENCRYPT_ALGORITHMS, algorithms.AES_KEY_WRAP]),
+    type=click.Choice(
+        [*algorithms.RSA_ENCRYPT_ALGORITHMS, algorithms.AES_KEY_WRAP, algorithms.AES_CBC_PAD]
+    ),
     help="RSA: oaep-sha256 or oaep-sha1 (default: the one the key records at generation, "
     "oaep-sha1 on tokens that decrypt only that, such as SoftHSM2); "
-    "aes-kwp: RFC 5649 key wrap of a short secret by a PKCS#11 AES key with the wrap usage.",
+    "aes-kwp: RFC 5649 key wrap of a short secret by a PKCS#11 AES key with the wrap usage; "
+    "aes-cbc-pad: AES-256-CBC with PKCS#7 padding, not authenticated (for KMIP clients).",
 )
 @click.option(
     "--raw",
@@ -209,7 +212,9 @@ def key_encrypt(
 @click.option("--aad", default="", help="The associated data given at encryption.")
 @click.option(
     "--algorithm",
-    type=click.Choice([*algorithms.RSA_ENCRYPT_ALGORITHMS, algorithms.AES_KEY_WRAP]),
+    type=click.Choice(
+        [*algorithms.RSA_ENCRYPT_ALGORITHMS, algorithms.AES_KEY_WRAP, algorithms.AES_CBC_PAD]
+    ),
     help="RSA: the OAEP hash used at encryption (default: the one the key records); aes-kwp "
     "for a "
     "secret wrapped with `encrypt --algorithm aes-kwp`.",

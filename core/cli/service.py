@@ -23,23 +23,40 @@ from ._state import State, pass_state
 @click.command(cls=StrongroomCommand)
 @click.option("--socket", "socket_path", metavar="PATH", help="Unix socket (overrides the config).")
 @click.option("--listen", metavar="HOST:PORT", help="TCP with TLS (overrides the config).")
+@click.option(
+    "--kmip",
+    metavar="HOST:PORT",
+    help="Also serve KMIP with mutual TLS here (port 5696 if only HOST; docs/kmip.md).",
+)
+@click.option("--kmip-only", is_flag=True, help="Serve KMIP alone, without the HTTP service.")
 @pass_state
-def serve(state: State, socket_path: str | None, listen: str | None) -> None:
+def serve(
+    state: State, socket_path: str | None, listen: str | None, kmip: str | None, kmip_only: bool
+) -> None:
     """Run the key custody service until SIGTERM or SIGINT (docs/server.md).
 
     Listens on the Unix socket (default: serve.sock in the data dir, mode 0600) and, when
-    configured, on TCP with TLS. At shutdown in-flight requests finish, then the vault is
-    locked and guarded memory purged."""
+    configured, on TCP with TLS, and on KMIP (--kmip or [server] kmip_listen). At shutdown
+    in-flight requests finish, then the vault is locked and guarded memory purged."""
     from ..service.transport import serve as run
 
     cfg = config_mod.load(state.config)
     settings = cfg.server
     if listen is not None:
         settings.listen = config_mod.parse_listen(listen)
-    if socket_path is not None:
-        settings.socket = Path(socket_path)
-    if settings.socket is None:
-        settings.socket = cfg.data_dir / "serve.sock"
+    if kmip is not None:
+        settings.kmip_listen = config_mod.parse_listen(kmip if ":" in kmip else f"{kmip}:5696")
+    if kmip_only:
+        if settings.kmip_listen is None:
+            raise click.UsageError("--kmip-only needs --kmip or [server] kmip_listen")
+        if listen is not None or socket_path is not None:
+            raise click.UsageError("--kmip-only serves no HTTP: drop --listen and --socket")
+        settings.listen = settings.socket = None
+    else:
+        if socket_path is not None:
+            settings.socket = Path(socket_path)
+        if settings.socket is None:
+            settings.socket = cfg.data_dir / "serve.sock"
     state.server = ""
 
     def ready(where: list[str]) -> None:

@@ -100,7 +100,7 @@ def _schemas(backends: list[str] | None, key_types: list[str] | None) -> dict[st
         },
         ENC_ALG: {
             "type": "string",
-            "enum": ["oaep-sha256", "oaep-sha1", "aes-kwp", None],
+            "enum": ["oaep-sha256", "oaep-sha1", "aes-kwp", "aes-cbc-pad", None],
             "nullable": True,
         },
         BOOL: {"type": "boolean"},

@@ -25,6 +25,8 @@ from typing import Any, cast
 from ..config import Config, ServerConfig
 from ..errors import BackendUnavailable, InvalidArgument, StrongroomError
 from ..keystore import Keystore
+from ..kmip.server import KmipServer, KmipSettings, kmip_tls_context
+from ..kmip.store import ObjectStore
 from .app import App, log
 from .tenants import TenantStore
 
@@ -297,20 +299,104 @@ def serve(
         raise BackendUnavailable(
             "server", "the service needs uvicorn and httptools: pip install 'strongroom[server]'"
         )
-    if settings.socket is None and settings.listen is None:
-        raise InvalidArgument("nothing to listen on: set [server] socket or listen")
+    http = settings.socket is not None or settings.listen is not None
+    if not http and settings.kmip_listen is None:
+        raise InvalidArgument("nothing to listen on: set [server] socket, listen or kmip_listen")
     if settings.listen is not None and (settings.tls_cert is None or settings.tls_key is None):
         raise InvalidArgument("TCP needs TLS: set [server] tls_cert and tls_key")
     ks = Keystore(config, actor="strongroom-serve")
     tenants = TenantStore(config.data_dir / "tenants.sqlite")
+    kmip = _kmip_server(config, settings, ks, tenants) if settings.kmip_listen else None
+    if not http:
+        assert kmip is not None
+        _serve_kmip_alone(kmip, ks, tenants, ready)
+        return
     app = App(ks, tenants, settings)
+    if kmip is not None:
+        host, port = kmip.address
+        threading.Thread(target=kmip.serve_forever, name="kmip", daemon=True).start()
+        inner = ready
+
+        def ready_both(where: list[str]) -> None:
+            if inner is not None:
+                inner([*where, f"kmip://{host}:{port}"])
+
+        ready = ready_both
     loop_factory = None
     if _has("uvloop"):
         import uvloop
 
         loop_factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(_serve(app, settings, ready))
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(_serve(app, settings, ready, kmip))
+    finally:
+        if kmip is not None:  # closed already unless the service failed to start
+            kmip.close(0)
+            kmip.store.close()
+
+
+def _kmip_server(
+    config: Config, settings: ServerConfig, ks: Keystore, tenants: TenantStore
+) -> KmipServer:
+    """The KMIP listener over this process's keystore: each tenant sees its namespace."""
+    assert settings.kmip_listen is not None
+    if settings.tls_cert is None or settings.tls_key is None or settings.tls_client_ca is None:
+        raise InvalidArgument(
+            "KMIP needs mutual TLS: set [server] tls_cert, tls_key and tls_client_ca"
+        )
+    try:
+        tls = kmip_tls_context(
+            str(settings.tls_cert), str(settings.tls_key), str(settings.tls_client_ca)
+        )
+    except (OSError, ssl.SSLError) as e:
+        raise InvalidArgument(f"cannot load the TLS certificate or key: {e}") from None
+    views: dict[str, Keystore] = {}
+    lock = threading.Lock()
+
+    def view(tenant: str) -> Keystore:
+        with lock:
+            if tenant not in views:
+                views[tenant] = ks.in_namespace(tenant)
+            return views[tenant]
+
+    kmip = config.kmip
+    store = ObjectStore(config.data_dir / "kmip.sqlite")
+    return KmipServer(
+        KmipSettings(settings.kmip_listen, kmip.backend, kmip.max_connections, kmip.idle_timeout),
+        tls,
+        tenants,
+        view,
+        store,
+    )
+
+
+def _serve_kmip_alone(
+    kmip: KmipServer,
+    ks: Keystore,
+    tenants: TenantStore,
+    ready: Callable[[list[str]], None] | None,
+) -> None:
+    """KMIP without the HTTP service: until SIGTERM or SIGINT, then lock up as `serve` does."""
+    import signal
+
+    def stop(_sig: int, _frame: object) -> None:
+        kmip.shutdown()
+
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        host, port = kmip.address
+        if ready is not None:
+            ready([f"kmip://{host}:{port}"])
+        log.info("strongroom KMIP listening on %s:%d", host, port)
+        kmip.serve_forever()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        kmip.close(30.0)
+        kmip.store.close()
+        tenants.close()
+        ks.close()
 
 
 FD_RESERVE = 128
@@ -332,7 +418,10 @@ def _connection_budget() -> int:
 
 
 async def _serve(
-    app: App, settings: ServerConfig, ready: Callable[[list[str]], None] | None
+    app: App,
+    settings: ServerConfig,
+    ready: Callable[[list[str]], None] | None,
+    kmip: KmipServer | None = None,
 ) -> None:
     import uvicorn
 
@@ -402,6 +491,8 @@ async def _serve(
         await stop.wait()
         for server in servers:
             server.should_exit = True
+        if kmip is not None:  # before the keystore closes (app.close, below)
+            await asyncio.to_thread(kmip.close, settings.shutdown_timeout)
         for task in tasks[len(servers) :]:  # the checkpoint timer
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
