@@ -200,6 +200,10 @@ class KeyAPI(Protocol):
 
     def mac(self, name: str, data: bytes) -> bytes: ...
 
+    def exchange(self, name: str, peer: bytes | PublicKeyTypes) -> bytes:
+        """The raw ECDH/X25519 shared secret with `peer` (usage agree)."""
+        ...
+
     def encrypt(
         self,
         name: str,

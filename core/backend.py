@@ -208,6 +208,11 @@ class Backend(abc.ABC):
         """ECDH/X25519 with a peer, HKDF-SHA256 into a new key of this backend."""
         raise self.unsupported(Operation.AGREE, info.type)
 
+    def exchange(self, info: KeyInfo, peer: PublicKeyTypes) -> bytes:
+        """The raw ECDH/X25519 shared secret of `info` with `peer` (usage agree), for a caller
+        that derives its own keys from it (cryptography's `exchange`). The caller owns it."""
+        raise self.unsupported(Operation.AGREE, info.type, "it returns no raw shared secret")
+
     def derive(self, info: KeyInfo, new: NewKey, salt: bytes, context: bytes) -> str:
         """HKDF-SHA256 from this key into a new key of this backend."""
         raise self.unsupported(Operation.DERIVE, info.type)

@@ -824,6 +824,14 @@ class Keystore(KeyLifecycle, KeySeeds, KeyCertificates):
             new = self._new_info(new_name, key_type, usage, exportable, b.name)
             return self._create(new, b, lambda n: b.agree(src, public, n, bytes(salt), bytes(info)))
 
+    def exchange(self, name: str, peer: bytes | PublicKeyTypes) -> bytes:
+        """The raw ECDH/X25519 shared secret with `peer` (usage agree), for callers that
+        derive their own keys, as cryptography's `exchange` does; `agree` keeps the secret
+        inside instead. The caller owns the returned bytes and should wipe them."""
+        with self._audited("exchange", name) as facts:
+            src, b = self._key(name, Operation.AGREE, facts)
+            return b.exchange(src, algorithms.load_peer_public(src.type, peer))
+
     def derive(
         self,
         name: str,

@@ -12,8 +12,8 @@ keystore cannot do is refused with a typed error, never worked around here:
 
 - the private half never leaves: `private_bytes`, `private_bytes_raw` and
   `private_numbers` raise UnsupportedOperation;
-- ECDH `exchange` raises UnsupportedOperation: `KeyAPI.agree` keeps the shared secret
-  inside the backend (it makes a new key from it) and there is no path that returns it;
+- ECDH `exchange` goes to `KeyAPI.exchange` (usage agree, audited): the raw shared secret,
+  which the caller then owns, as with cryptography's own keys; only `ec.ECDH()` is taken;
 - a signature hash other than the ones the key type signs with (`algorithms.digest_for`:
   SHA-256, SHA-384 for P-384, SHA-512 too for RSA PKCS#1 v1.5), deterministic ECDSA, PSS
   with another salt length or MGF1 hash, and RSA decryption other than OAEP (SHA-256 or
@@ -163,10 +163,11 @@ class _EcKey(_KeyRef, ec.EllipticCurvePrivateKey):
         return self._sign(data, self._check_hash(signature_algorithm.algorithm))
 
     def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
-        self._refuse(
-            "exchange",
-            "ECDH secrets stay in the keystore: use agree() to derive a new key from one",
-        )
+        if not isinstance(algorithm, ec.ECDH):
+            self._refuse("exchange", "EC keys exchange with ec.ECDH() only")
+        if not isinstance(peer_public_key, ec.EllipticCurvePublicKey):
+            raise InvalidArgument("ECDH needs an EC peer public key")
+        return self._api.exchange(self._name, peer_public_key)
 
     def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
         self._no_export()

@@ -463,6 +463,10 @@ class PivBackend(PivAccess, PivCertificates, PivSealer, Backend):
 
         return self._run(op)
 
+    def exchange(self, info: KeyInfo, peer: PublicKeyTypes) -> bytes:
+        """The card's ECDH (GENERAL AUTHENTICATE `85`), as `ecdh`."""
+        return self.ecdh(info, peer)
+
     def decrypt(self, info: KeyInfo, ciphertext: bytes, aad: bytes, algorithm: str | None) -> bytes:
         """RSA-OAEP (SHA-256, or SHA-1 with oaep-sha1): the raw RSA operation on the card,
         OAEP decoding on the host. Anything that does not decode is IntegrityError."""

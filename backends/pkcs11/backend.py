@@ -495,6 +495,16 @@ class Pkcs11Backend(
         raise self.unsupported(Operation.DECRYPT, t)
 
     # -- agreement -----------------------------------------------------------------------------
+    def exchange(self, info: KeyInfo, peer: PublicKeyTypes) -> bytes:
+        """PKCS#11: C_DeriveKey with CKM_ECDH1_DERIVE into a session object, read once with
+        C_GetAttributeValue and destroyed: the raw secret, for the caller."""
+        if info.type not in _EC_TYPES:
+            raise self.unsupported(Operation.AGREE, info.type)
+        self._need("ECDH1_DERIVE", "agree", info.type)
+        if not isinstance(peer, ec.EllipticCurvePublicKey):
+            raise InvalidArgument("ECDH needs an EC peer public key")
+        return self._ecdh(info, keys.uncompressed_point(peer))  # the caller's now
+
     def agree(
         self, info: KeyInfo, peer: PublicKeyTypes, new: NewKey, salt: bytes, context: bytes
     ) -> str:

@@ -449,6 +449,24 @@ class TpmBackend(TpmDiscovery, TpmSealer, Backend):
             with self._errors("TPM2_EncryptDecrypt2", subject):
                 return dev.encrypt_decrypt(self._ref(key, 0), iv, body, True)
 
+    def exchange(self, info: KeyInfo, peer: PublicKeyTypes) -> bytes:
+        """TPM2_ECDH_ZGen with the peer's point: the raw secret (the x coordinate), for the
+        caller."""
+        self._check(Operation.AGREE, info.type)
+        if not isinstance(peer, ec.EllipticCurvePublicKey):
+            raise InvalidArgument("ECDH needs an EC peer public key")
+        size = (peer.curve.key_size + 7) // 8
+        numbers = peer.public_numbers()
+        key = self._key(info)
+        with self._errors("TPM2_ECDH_ZGen", f"key {info.name!r}"):
+            shared = self._dev().ecdh_zgen(
+                self._ref(key), numbers.x.to_bytes(size, "big"), numbers.y.to_bytes(size, "big")
+            )
+        try:
+            return bytes(shared)
+        finally:
+            scrub_bytes(shared)
+
     def agree(
         self, info: KeyInfo, peer: PublicKeyTypes, new: NewKey, salt: bytes, context: bytes
     ) -> str:

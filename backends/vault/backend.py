@@ -575,6 +575,14 @@ class VaultBackend(VaultControlMixin, Backend):
                 material, public = keyops.hkdf_into_new(new.info.type, z, salt, context)
         return self._store(new.info, material, public)
 
+    def exchange(self, info: KeyInfo, peer: PublicKeyTypes) -> bytes:
+        """Vault: libsodium X25519 or OpenSSL ECDH, the secret copied out for the caller."""
+        if info.type not in keyops.AGREE_TYPES:
+            raise self.unsupported(Operation.AGREE, info.type)
+        with self._material(info) as m, keyops.shared_secret(info.type, m, peer) as shared:
+            with shared.read() as z:
+                return bytes(z)
+
     def derive(self, info: KeyInfo, new: NewKey, salt: bytes, context: bytes) -> str:
         if info.type not in keyops.DERIVE_SOURCES:
             raise self.unsupported(Operation.DERIVE, info.type)

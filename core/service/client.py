@@ -279,6 +279,14 @@ class RemoteKeystore:
     def mac(self, name: str, data: bytes) -> bytes:
         return self._bytes("mac", name, data=data)
 
+    def exchange(self, name: str, peer: bytes | PublicKeyTypes) -> bytes:
+        """The raw shared secret with `peer` (a public key object, or PEM, DER or raw bytes)."""
+        if not isinstance(peer, bytes | bytearray):
+            peer = peer.public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        return self._bytes("exchange", name, peer=bytes(peer))
+
     def derive(
         self,
         name: str,

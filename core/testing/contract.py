@@ -342,6 +342,33 @@ class BackendContract:
                 ct = keystore.encrypt(new.name, b"agreed")
                 assert keystore.decrypt(new.name, ct) == b"agreed"
 
+    def test_exchange(self, keystore: KeyAPI, backend_name: str) -> None:
+        """The raw shared secret equals the peer's own view of it (cryptography's exchange),
+        through KeyAPI and through the key as a `cryptography` private key."""
+        for key_type in self.types_for(keystore, backend_name, Operation.GENERATE, Operation.AGREE):
+            name = _name(f"exchange-{key_type.value}")
+            keystore.generate(name, key_type, backend=backend_name, usage={Usage.AGREE})
+            ours = keystore.public_key(name)
+            if key_type is KeyType.X25519:
+                x_peer = x25519.X25519PrivateKey.generate()
+                assert isinstance(ours, x25519.X25519PublicKey)
+                expected = x_peer.exchange(ours)
+                assert keystore.exchange(name, x_peer.public_key()) == expected
+                continue
+            from strongroom.algorithms import CURVES
+
+            peer = ec.generate_private_key(CURVES[key_type])
+            assert isinstance(ours, ec.EllipticCurvePublicKey)
+            expected = peer.exchange(ec.ECDH(), ours)
+            assert keystore.exchange(name, peer.public_key()) == expected
+            key = keystore.private_key(name)
+            assert isinstance(key, ec.EllipticCurvePrivateKey)
+            assert key.exchange(ec.ECDH(), peer.public_key()) == expected
+            signer = _name(f"exchange-sign-{key_type.value}")
+            keystore.generate(signer, key_type, backend=backend_name, usage={Usage.SIGN})
+            with pytest.raises(PolicyViolation):
+                keystore.exchange(signer, peer.public_key())
+
     def agreement_target(self, keystore: KeyAPI, backend_name: str) -> KeyType:
         """The symmetric type `agree` makes in this backend: the first it can generate."""
         caps = self.caps(keystore, backend_name)
