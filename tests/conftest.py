@@ -23,9 +23,9 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -71,14 +71,18 @@ def write_vault_config(
     passphrase_ref: str = f"env:{VAULT_PASS_ENV}",
     extra_vault: str = "",
     name: str = "strongroom.toml",
+    store_url: str | None = None,
 ) -> Path:
-    """Write a vault-only config (data_dir = directory/data) and return its path."""
+    """Write a vault-only config (data_dir = directory/data) and return its path; with
+    `store_url`, its store is that PostgreSQL database (docs/cluster.md)."""
     data_dir = directory / "data"
     path = directory / name
+    store = f'[store]\nurl = "{store_url}"\n\n' if store_url else ""
     path.write_text(
         "[keystore]\n"
         f'data_dir = "{data_dir}"\n'
         "\n"
+        f"{store}"
         "[backends.vault]\n"
         'type = "vault"\n'
         f'passphrase = "{passphrase_ref}"\n'
@@ -121,6 +125,19 @@ def vault_made(data_dir: Path) -> bool:
 def snapshot_path(config_path: Path) -> Path:
     """Where the vault of a `write_vault_config` config keeps its snapshot."""
     return config_path.parent / "data" / "vault.snapshot"
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Any]:
+    """The session's private PostgreSQL cluster (tests/emulators/pg_support.py), started on
+    first use; `pg_cluster.new_database()` gives each test an empty database."""
+    from pg_support import start_cluster
+
+    cluster = start_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()
 
 
 @pytest.fixture

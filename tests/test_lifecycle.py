@@ -290,7 +290,7 @@ def test_catalog_v1_is_migrated_in_place_without_losing_keys(config: Path) -> No
         path = ks.catalog.path
         # A schema 1 catalog lived beside a vault snapshot file (before the store).
         ks.vault.backup(path.parent / "vault.snapshot")  # type: ignore[attr-defined]
-        rows = ks.catalog._db.execute(
+        rows = ks.catalog.store.execute(
             "SELECT namespace, name, backend, handle, type, usage, exportable, version, created, "
             "attributes FROM keys"
         ).fetchall()
