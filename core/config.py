@@ -335,6 +335,16 @@ def parse(raw: Mapping[str, Any], path: str | None, text: str) -> Config:
         vaults = [VAULT_TYPE]
     if len(vaults) > 1:
         raise cfg.error("only one vault backend may be configured", f"backends.{vaults[1]}")
+    vault_settings = cfg.backends[vaults[0]].settings
+    if cfg.store_url is not None and "rollback_counter" in vault_settings:
+        # Each node's TPM would count its own commits while the manifest, shared, records
+        # whichever node wrote last: the nodes would report each other as rollbacks.
+        raise cfg.error(
+            "a TPM rollback counter belongs to one machine and cannot guard a store that "
+            "several nodes share ([store] url); see docs/cluster.md",
+            f"backends.{vaults[0]}",
+            "rollback_counter",
+        )
     for name in cfg.order:
         if name not in cfg.backends:
             raise cfg.error(
