@@ -22,8 +22,8 @@ import pytest
 from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, write_vault_config
 
 import strongroom
-from strongroom.errors import KeyDisabled, KeyNotFound, StorageError
 from strongroom.catalog import SCHEMA_VERSION, Catalog, CatalogError
+from strongroom.errors import KeyDisabled, KeyNotFound, StorageError
 from strongroom.keystore import Keystore
 from strongroom.store_pg import PostgresStore
 
