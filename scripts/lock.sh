@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Refresh the lock files that scripts/setup.sh installs from (the demo, the tests, CI):
-#   requirements/lock.txt   every dependency of .[dev,pkcs11,tpm,fido,piv,server,postgres] plus the
-#                           build tools of requirements/build.in, pinned with hashes
+#   requirements/lock.txt   every dependency of .[dev,pkcs11,tpm,fido,piv,server,postgres]
+#                           plus the build tools of requirements/build.in, pinned with hashes
 #   requirements/build.txt  the build tools alone, at the same versions (installed first,
 #                           so that sdists build with --no-build-isolation; see decisions.md)
 # for Python 3.11 and newer on any platform (uv's --universal: x86_64 and aarch64 Linux

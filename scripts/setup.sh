@@ -87,8 +87,8 @@ wanted+=(openssh-client openssh-server git)
 wanted+=(p11-kit-modules libengine-pkcs11-openssl)
 # pcscd + vpcd (a virtual reader) for the FIDO-over-PC/SC tests; swig builds pyscard.
 wanted+=(pcscd libpcsclite-dev vsmartcard-vpcd swig)
-# PostgreSQL: the server the store tests start a private cluster of (initdb, pg_ctl), and
-# libpq, which psycopg (the postgres extra, pure Python) loads.
+# PostgreSQL: the server the store tests start a private cluster of (initdb, pg_ctl). The
+# locked psycopg-binary brings its own libpq; libpq5 serves psycopg's pure-Python fallback.
 wanted+=(postgresql libpq5)
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
     wanted+=(python3 python3-dev python3-venv)

@@ -12,7 +12,8 @@ The rules (ARCHITECTURE.md, "Dependency rules after"):
 - no import cycle among strongroom modules;
 - imports point down the layers (`may_import`): the contract (R1) imports only itself, the
   runtime (R2) itself and errors, the engine (R3) those two (the keystore also the rest of
-  the engine and the recipes, discovery also config, the audit/ package also itself), the
+  the engine and the recipes, discovery also config, the audit/ package also itself, the
+  catalog and the store modules the store modules), the
   recipes (R4: envelope, pkey) the contract; the service/ package (R5, a face) anything
   below it, but its client only its wire format, the contract and the recipes, so that a
   client installs no server side; the SSH agent (sshagent/, a face) the contract, audit/
