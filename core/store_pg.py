@@ -12,7 +12,8 @@ The SQLite store's promises, kept on a server that many connections write:
 - No change stamp: another machine's commit cannot touch a file here, so the catalog caches
   nothing and every read is a query (read-after-write across nodes).
 - A connection the server dropped (a restart) is opened again at the next statement that
-  is not inside a transaction; a transaction it broke fails and rolls back.
+  is not inside a transaction, and that statement runs on the new one; a transaction the
+  drop broke fails and rolls back, and is not retried.
 """
 
 from __future__ import annotations
@@ -90,14 +91,31 @@ class PostgresStore:
     def execute(self, sql: str, args: Sequence[object] = ()) -> psycopg.Cursor[tuple[object, ...]]:
         self._ready()
         # The engine's SQL has no literal `?` or `%` (core/store.py): a plain replace is exact.
-        cur = self._conn.execute(sql.replace("?", "%s"), tuple(args))
+        query = sql.replace("?", "%s")
+        try:
+            cur = self._conn.execute(query, tuple(args))
+        except psycopg.OperationalError:
+            # A connection the server dropped while it sat idle (a restart) is found only
+            # when used. Outside a transaction the statement runs once more on a new one:
+            # the engine's statements outside a transaction are reads and idempotent
+            # updates. Inside one, the transaction is lost and the error stands.
+            if self._in_transaction or not self._conn.broken:
+                raise
+            self._ready()
+            cur = self._conn.execute(query, tuple(args))
         if cur.rowcount > 0 and sql.lstrip()[:6].upper() in _CHANGING:
             self._changes += cur.rowcount
         return cur
 
     def begin(self) -> None:
         self._ready()
-        self._conn.execute("BEGIN")
+        try:
+            self._conn.execute("BEGIN")
+        except psycopg.OperationalError:
+            if not self._conn.broken:  # a dropped connection: nothing was begun on it
+                raise
+            self._ready()
+            self._conn.execute("BEGIN")
         self._in_transaction = True
         self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
 

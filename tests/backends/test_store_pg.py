@@ -267,3 +267,18 @@ def test_a_server_restart_fails_fast_then_recovers(
     a.verify("k", DATA, a.sign("k", DATA))  # connected again, no restart of the keystore
     a.generate("j", "ed25519")
     assert [i.name for i in a.keys()] == ["j", "k"]
+
+
+def test_a_restart_while_a_node_is_idle_goes_unnoticed(
+    node: Callable[[str], Keystore], pg_cluster: Any
+) -> None:
+    """The server drops every connection when it stops; a node that made no call meanwhile
+    finds out at its next statement, which it runs again on a new connection."""
+    a, b = node("a"), node("b")
+    a.generate("k", "ed25519")
+    b.sign("k", DATA)
+    pg_cluster.stop("fast")
+    pg_cluster.start()
+    a.rotate("k")  # a write transaction first
+    assert b.info("k").version == 2  # a read first
+    b.verify("k", DATA, a.sign("k", DATA))

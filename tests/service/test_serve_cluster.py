@@ -1,0 +1,70 @@
+"""Two `strongroom serve` nodes on one PostgreSQL store (docs/cluster.md): a key created,
+rotated or deleted through one node is what the other serves on its next request.
+
+Each node keeps its own tenants store in its data dir (tenants, tokens and policies are not
+shared yet), so each gets the same tenant and a token of its own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, write_vault_config
+from server_support import ALL_KEY_PERMISSIONS, Service, start_service
+
+import strongroom
+from strongroom.errors import KeyNotFound
+from strongroom.service.tenants import TenantStore
+
+DATA = b"two nodes, one store"
+
+
+def node_config(directory: Path, url: str) -> Path:
+    directory.mkdir()
+    cfg = write_vault_config(directory, store_url=url)
+    with cfg.open("a", encoding="utf-8") as f:
+        f.write(f'\n[server]\nsocket = "{directory / "serve.sock"}"\nrate_limit = 0\n')
+    return cfg
+
+
+def tenant_token(cfg: Path) -> str:
+    (cfg.parent / "data").mkdir(mode=0o700, exist_ok=True)
+    store = TenantStore(cfg.parent / "data" / "tenants.sqlite")
+    try:
+        store.create_tenant("acme")
+        token = store.issue_token("acme", "app")
+        store.grant("acme", "app", "*", ALL_KEY_PERMISSIONS)
+        return token
+    finally:
+        store.close()
+
+
+def test_two_serve_nodes_on_one_database_serve_the_same_keys(
+    pg_cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(VAULT_PASS_ENV, VAULT_PASSPHRASE)
+    url = pg_cluster.new_database()
+    configs = [node_config(tmp_path / name, url) for name in ("a", "b")]
+    with strongroom.open(configs[0]) as ks:
+        ks.vault_control().initialize()  # one vault, in the database, for both nodes
+    tokens = [tenant_token(cfg) for cfg in configs]
+    nodes: list[Service] = []
+    try:
+        nodes = [start_service(cfg) for cfg in configs]
+        with (
+            strongroom.connect(nodes[0].unix, token=tokens[0]) as a,
+            strongroom.connect(nodes[1].unix, token=tokens[1]) as b,
+        ):
+            a.generate("k", "ed25519")
+            a.verify("k", DATA, b.sign("k", DATA))  # made on a, served by b
+            assert b.rotate("k").version == 2
+            assert a.info("k").version == 2
+            assert [v.version for v in a.versions("k")] == [1, 2]
+            a.delete("k")
+            with pytest.raises(KeyNotFound):
+                b.sign("k", DATA)
+    finally:
+        for node in nodes:
+            node.stop()
+    assert all(node.process.returncode == 0 for node in nodes)
