@@ -23,6 +23,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import tomllib
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -92,6 +93,23 @@ def write_vault_config(
         encoding="utf-8",
     )
     return path
+
+
+def store_sql(config_path: Path, statement: str, *args: object) -> list[tuple[object, ...]]:
+    """Run `statement` (`?` placeholders) on the store of a config, behind the keystore's
+    back: the data dir's SQLite file, or the PostgreSQL database its `[store] url` names."""
+    url = tomllib.loads(config_path.read_text()).get("store", {}).get("url")
+    if url is not None:
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as pg:
+            cur = pg.execute(statement.replace("?", "%s"), args)  # type: ignore[arg-type]
+            return [tuple(r) for r in cur.fetchall()] if cur.description else []
+    conn = sqlite3.connect(config_path.parent / "data" / "catalog.sqlite", isolation_level=None)
+    try:
+        return conn.execute(statement, args).fetchall()
+    finally:
+        conn.close()
 
 
 def store_state(config_path: Path) -> str:

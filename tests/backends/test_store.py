@@ -10,14 +10,12 @@ the keystore's back into either."""
 from __future__ import annotations
 
 import shutil
-import sqlite3
-import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, write_vault_config
+from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, store_sql, write_vault_config
 
 import strongroom
 from strongroom import KeyExists, SnapshotTampered, SnapshotVersionError
@@ -51,18 +49,7 @@ def vault_config(
 
 def sql(cfg: Path, statement: str, *args: object) -> list[tuple[object, ...]]:
     """Run `statement` (`?` placeholders) on the store of config `cfg`, behind its back."""
-    url = tomllib.loads(cfg.read_text()).get("store", {}).get("url")
-    if url is not None:
-        import psycopg
-
-        with psycopg.connect(url, autocommit=True) as pg:
-            cur = pg.execute(statement.replace("?", "%s"), args)  # type: ignore[arg-type]
-            return [tuple(r) for r in cur.fetchall()] if cur.description else []
-    conn = sqlite3.connect(cfg.parent / "data" / "catalog.sqlite", isolation_level=None)
-    try:
-        return conn.execute(statement, args).fetchall()
-    finally:
-        conn.close()
+    return store_sql(cfg, statement, *args)
 
 
 def row_of(cfg: Path, name: str) -> tuple[object, ...]:
