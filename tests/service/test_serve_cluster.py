@@ -6,9 +6,11 @@ shared yet), so each gets the same tenant and a token of its own."""
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, write_vault_config
 from server_support import ALL_KEY_PERMISSIONS, Service, start_service
@@ -68,3 +70,39 @@ def test_two_serve_nodes_on_one_database_serve_the_same_keys(
         for node in nodes:
             node.stop()
     assert all(node.process.returncode == 0 for node in nodes)
+
+
+def test_a_node_answers_503_with_retry_after_while_postgres_is_down_then_recovers(
+    pg_cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(VAULT_PASS_ENV, VAULT_PASSPHRASE)
+    cfg = node_config(tmp_path / "a", pg_cluster.new_database())
+    with strongroom.open(cfg) as ks:
+        ks.vault_control().initialize()
+    token = tenant_token(cfg)
+    node = start_service(cfg)
+    try:
+        with httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(node.socket)),
+            base_url="http://strongroom",
+            headers={"authorization": f"Bearer {token}"},
+            timeout=60,
+        ) as c:
+            sign = {"data": base64.b64encode(DATA).decode()}
+            assert c.post("/v1/keys", json={"name": "k", "type": "ed25519"}).status_code == 201
+            assert c.post("/v1/keys/k/sign", json=sign).status_code == 200
+            pg_cluster.stop("fast")
+            try:
+                for _ in range(2):  # the dropped connection, then no server at all
+                    r = c.post("/v1/keys/k/sign", json=sign)
+                    assert r.status_code == 503, r.text
+                    assert r.headers["retry-after"] == "1"
+                    assert "host=" not in r.text  # the store's address is the operator's
+            finally:
+                pg_cluster.start()
+            assert c.post("/v1/keys/k/sign", json=sign).status_code == 200
+            r = c.post("/v1/keys", json={"name": "k2", "type": "ed25519"})
+            assert r.status_code == 201, r.text
+    finally:
+        node.stop()
+    assert node.process.returncode == 0
