@@ -8,7 +8,9 @@ The SQLite store's promises, kept on a server that many connections write:
   after it is the newest committed state (READ COMMITTED reads each statement's newest
   snapshot), so the vault's manifest check and the catalog's version check hold across
   nodes, and two writers never deadlock on row locks taken in different orders.
-- A lock waited for longer than 10 s is a StorageError, as SQLite's busy timeout is.
+- A lock waited for longer than 10 s is a StorageError, as SQLite's busy timeout is; a
+  session idle inside a transaction for 60 s is ended by the server, so a frozen node
+  cannot hold the write lock for longer.
 - No change stamp: another machine's commit cannot touch a file here, so the catalog caches
   nothing and every read is a query (read-after-write across nodes).
 - A connection the server dropped (a restart) is opened again at the next statement that
@@ -30,6 +32,11 @@ from .errors import StorageError
 # The advisory lock writers take ("SRSTORE1" as a 64-bit integer): one for the whole store.
 WRITE_LOCK = 0x5352_5354_4F52_4531
 LOCK_TIMEOUT = "10s"
+# A node that stops mid-transaction (frozen, or its host gone without closing the socket)
+# would hold the write lock for every node: the server ends a session idle inside a
+# transaction this long, rolling it back. The engine's transactions never wait on a person
+# or a device, so a legitimate one is never this idle.
+IDLE_IN_TRANSACTION_TIMEOUT = "60s"
 CONNECT_TIMEOUT = 10
 _CHANGING = ("INSERT", "UPDATE", "DELETE")
 
@@ -61,6 +68,7 @@ class PostgresStore:
     def _connect(self) -> psycopg.Connection[tuple[object, ...]]:
         conn = psycopg.connect(self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
         conn.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
+        conn.execute(f"SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_TIMEOUT}'")
         return conn
 
     @property

@@ -233,6 +233,23 @@ def test_a_new_database_opened_by_many_at_once_is_made_once(url: str) -> None:
             c.close()
 
 
+def test_a_session_bounds_its_lock_waits_and_idle_transactions(url: str) -> None:
+    """A writer queued behind a frozen node gives up after 10 s; the frozen node's
+    transaction is ended by the server after 60 s (the values are the documented ones)."""
+    store = PostgresStore(url)
+    try:
+        settings = {
+            name: store.execute(f"SHOW {name}").fetchone()
+            for name in ("lock_timeout", "idle_in_transaction_session_timeout")
+        }
+        assert settings == {
+            "lock_timeout": ("10s",),
+            "idle_in_transaction_session_timeout": ("1min",),
+        }
+    finally:
+        store.close()
+
+
 def test_a_newer_schema_is_refused(url: str) -> None:
     Catalog(PostgresStore(url)).close()
     store = PostgresStore(url)
