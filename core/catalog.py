@@ -350,7 +350,7 @@ class Catalog:
         return True
 
     def list(self, namespace: str | None = None) -> list[KeyInfo]:
-        with self._lock:
+        with self._lock, self._storage("read"):
             if namespace is None:
                 rows = self._store.execute(
                     f"SELECT {_COLUMNS} FROM keys ORDER BY namespace, name"  # noqa: S608 - constant
@@ -424,7 +424,7 @@ class Catalog:
     # -- certificates (schema 4) ---------------------------------------------------------------
     def certificate(self, namespace: str, name: str) -> str | None:
         """The PEM certificate (or chain) kept with a key, or None."""
-        with self._lock:
+        with self._lock, self._storage("read"):
             row = self._store.execute(
                 "SELECT pem FROM certificates WHERE namespace=? AND name=?", (namespace, name)
             ).fetchone()
@@ -476,7 +476,7 @@ class Catalog:
 
     def handles(self, backend: str) -> set[str]:
         """Handles of every key version in `backend` (older versions included)."""
-        with self._lock:
+        with self._lock, self._storage("read"):
             rows = self._store.execute(
                 "SELECT handle FROM key_versions WHERE backend=? UNION "
                 "SELECT handle FROM keys WHERE backend=?",
@@ -487,7 +487,7 @@ class Catalog:
     # -- versions and lifecycle state (schema 2) -----------------------------------------------
     def versions(self, namespace: str, name: str) -> builtins.list[KeyVersion]:
         """Every stored version of a key, oldest first."""
-        with self._lock:
+        with self._lock, self._storage("read"):
             rows = self._store.execute(
                 "SELECT version, backend, created, handle, attributes FROM key_versions "
                 "WHERE namespace=? AND name=? ORDER BY version",
@@ -595,7 +595,7 @@ class Catalog:
 
     def due_for_deletion(self, when: datetime) -> builtins.list[KeyInfo]:
         """Keys (any namespace) whose scheduled deletion time is at or before `when`."""
-        with self._lock:
+        with self._lock, self._storage("read"):
             rows = self._store.execute(
                 f"SELECT {_COLUMNS} FROM keys WHERE delete_after IS NOT NULL"  # noqa: S608 - constant
             ).fetchall()

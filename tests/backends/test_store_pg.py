@@ -279,6 +279,10 @@ def test_a_server_restart_fails_fast_then_recovers(
             a.sign("k", DATA)
         with pytest.raises(StorageError):
             a.generate("j", "ed25519")
+        # every read of the catalog, not only the lookup by name
+        for call in (a.keys, lambda: a.versions("k"), lambda: a.catalog.handles("vault")):
+            with pytest.raises(StorageError, match="cannot read the store"):
+                call()
     finally:
         pg_cluster.start()
     a.verify("k", DATA, a.sign("k", DATA))  # connected again, no restart of the keystore
