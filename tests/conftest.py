@@ -95,6 +95,20 @@ def write_vault_config(
     return path
 
 
+CATALOG_V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE keys (
+    namespace TEXT NOT NULL, name TEXT NOT NULL, backend TEXT NOT NULL, handle TEXT NOT NULL,
+    type TEXT NOT NULL, usage TEXT NOT NULL, exportable INTEGER NOT NULL,
+    version INTEGER NOT NULL, created TEXT NOT NULL, attributes TEXT NOT NULL,
+    PRIMARY KEY (namespace, name)
+);
+INSERT INTO meta VALUES ('schema_version', '1');
+"""
+"""A catalog as schema 1 made it (one table of keys), for the migration tests: SQL both stores
+take."""
+
+
 def store_sql(config_path: Path, statement: str, *args: object) -> list[tuple[object, ...]]:
     """Run `statement` (`?` placeholders) on the store of a config, behind the keystore's
     back: the data dir's SQLite file, or the PostgreSQL database its `[store] url` names."""

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, write_vault_config
+from conftest import CATALOG_V1_SCHEMA, VAULT_PASS_ENV, VAULT_PASSPHRASE, write_vault_config
 
 import strongroom
 from strongroom.catalog import SCHEMA_VERSION, Catalog, CatalogError
@@ -248,6 +248,31 @@ def test_a_session_bounds_its_lock_waits_and_idle_transactions(url: str) -> None
         }
     finally:
         store.close()
+
+
+def test_a_schema_1_database_is_migrated_in_place(url: str) -> None:
+    """The upgrade path on PostgreSQL, with a row to carry: schema 1's one table of keys
+    gains the lifecycle columns, the versions table, the vault's tables and certificates."""
+    store = PostgresStore(url)
+    for stmt in CATALOG_V1_SCHEMA.strip().split(";"):
+        if stmt.strip():
+            store.execute(stmt)
+    store.execute(
+        "INSERT INTO keys VALUES (?,?,?,?,?,?,?,?,?,?)",
+        ("default", "old", "vault", "h1", "ed25519", "sign,verify", 0, 1,
+         "2024-01-02T03:04:05+00:00", "{}"),
+    )  # fmt: skip
+    store.close()
+    catalog = Catalog(PostgresStore(url))
+    try:
+        assert catalog.schema_version == SCHEMA_VERSION
+        info = catalog.get("default", "old")
+        assert (info.handle, info.version, info.min_decryption_version) == ("h1", 1, 1)
+        assert not info.disabled and info.delete_after is None
+        assert [(v.version, v.handle) for v in catalog.versions("default", "old")] == [(1, "h1")]
+        assert catalog.query_one("SELECT COUNT(*) FROM vault_records", ()) == (0,)
+    finally:
+        catalog.close()
 
 
 def test_a_newer_schema_is_refused(url: str) -> None:
