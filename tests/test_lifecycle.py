@@ -275,7 +275,7 @@ def test_parse_duration() -> None:
             lifecycle.parse_duration(bad)
 
 
-# -- catalog migration (schema 1: conftest.CATALOG_V1_SCHEMA) ---------------------------------------
+# -- catalog migration (schema 1: conftest.CATALOG_V1_SCHEMA) -----------------------------------
 def test_catalog_v1_is_migrated_in_place_without_losing_keys(config: Path) -> None:
     with strongroom.open(config) as ks:
         ks.generate("signer", "ecdsa-p256")
