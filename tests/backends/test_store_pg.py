@@ -284,12 +284,20 @@ def test_a_newer_schema_is_refused(url: str) -> None:
         Catalog(PostgresStore(url))
 
 
-def test_no_password_reaches_a_message() -> None:
+def test_no_password_reaches_a_message(url: str) -> None:
+    """The config refuses a password in the URL; code may still pass one to the store."""
     secret = "hunter2-not-a-real-password"
     with pytest.raises(StorageError) as caught:
         PostgresStore(f"postgresql://someone:{secret}@/nodb?host=/nonexistent-strongroom-dir")
     assert secret not in str(caught.value)
     assert "nonexistent-strongroom-dir" in str(caught.value)
+    # the test cluster trusts its one role, so a password given is accepted and ignored
+    store = PostgresStore(url.replace("strongroom@", f"strongroom:{secret}@"))
+    try:
+        assert secret not in store.location and "dbname=" in store.location
+        assert secret not in repr(Catalog(store).location)
+    finally:
+        store.close()
 
 
 def test_a_server_restart_fails_fast_then_recovers(
