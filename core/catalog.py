@@ -1,6 +1,8 @@
-"""The catalog: SQLite mapping (namespace, name) to (backend, handle, type, usage, ...).
+"""The catalog: (namespace, name) to (backend, handle, type, usage, ...), in the keystore's
+store (core/store.py: SQLite in the data_dir, or PostgreSQL).
 
-It holds no secret. Writes are durable (synchronous=FULL) and the schema is versioned.
+It holds no secret. Writes are durable and the schema is versioned. The SQL here is
+written once for both databases (the rules are in core/store.py).
 """
 
 from __future__ import annotations
@@ -9,13 +11,14 @@ import builtins
 import contextlib
 import json
 import os
-import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .errors import CatalogError, KeyExists, KeyNotFound, StorageError
+from .errors import CatalogError, KeyExists, KeyNotFound
+from .store import Store
+from .store_sqlite import SqliteStore
 from .types import KeyInfo, KeyType, KeyVersion, Usage
 
 SCHEMA_VERSION = 4
@@ -80,9 +83,9 @@ _MIGRATE_2_TO_3 = (
         version INTEGER NOT NULL,
         type TEXT NOT NULL,
         meta TEXT NOT NULL,
-        public BLOB,
-        sealed BLOB NOT NULL,
-        mac BLOB NOT NULL,
+        public {blob},
+        sealed {blob} NOT NULL,
+        mac {blob} NOT NULL,
         UNIQUE (backend, record_id)
     )""",
     # Unlock counts a vault's rows (docs/storage.md): the narrowest index makes that cheap.
@@ -108,99 +111,104 @@ _COLUMNS = (
 
 
 class Catalog:
-    """Thread-safe access to the catalog; cached reads are invalidated by any writer."""
+    """Thread-safe access to the catalog; cached reads are invalidated by any writer.
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        with self._storage("open"):
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                os.close(fd)
-                self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=FULL")
-                self._db.execute("PRAGMA busy_timeout=10000")
-                self._migrate()
-            except sqlite3.OperationalError:
-                raise
-            except sqlite3.DatabaseError as e:
-                raise CatalogError(f"cannot open the catalog {path}: {e}") from None
-            self._lock = threading.RLock()
-            self._depth = 0
-            self._wrote = False
-            self._on_end: list[Callable[[bool], None]] = []
-            self._cache: dict[tuple[str, str], KeyInfo] = {}
-            self._stamp = _ChangeStamp(path.with_name(path.name + ".stamp"))
-            self._cache_stamp = self._stamp.read()
+    `store` is the database (core/store.py); a path opens the SQLite store there."""
 
-    @contextlib.contextmanager
-    def _storage(self, doing: str) -> Iterator[None]:
-        """A full or read-only disk (or the like) as a StorageError naming the catalog."""
+    def __init__(self, store: Store | Path) -> None:
+        self._store: Store = SqliteStore(store) if isinstance(store, Path) else store
+        self.path = self._store.path
+        """The database file of an embedded store; None on a server."""
+        self.location = self._store.location
         try:
-            yield
-        except sqlite3.OperationalError as e:
-            raise StorageError(f"cannot {doing} the catalog {self.path}: {e}") from None
-        except OSError as e:
-            raise StorageError(
-                f"cannot {doing} the catalog {self.path}: {e.strerror or e}"
-            ) from None
+            with self._store.errors("open"):
+                self._migrate()
+        except BaseException:
+            self._store.close()
+            raise
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._wrote = False
+        self._on_end: list[Callable[[bool], None]] = []
+        self._cache: dict[tuple[str, str], KeyInfo] = {}
+        # No stamp, no cache: rows other machines write are read anew on each call.
+        self._stamp = self._store.stamp
+        self._cache_stamp = self._stamp.read() if self._stamp else b""
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    def _storage(self, doing: str) -> contextlib.AbstractContextManager[None]:
+        """Database trouble (a full disk, a server gone) as a StorageError naming the store."""
+        return self._store.errors(doing)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """One atomic scope over the whole store (catalog and vault rows): the outermost
-        scope is a write transaction (BEGIN IMMEDIATE, so writers queue instead of failing
-        later), a nested one a savepoint that rolls back alone. The thread holds the store's
-        lock for the whole scope. Other processes see the change, and caches drop, only
-        when the outermost scope commits."""
+        scope is a write transaction (`Store.begin`: every other writer, here or on another
+        node, queues behind it instead of failing later), a nested one a savepoint that rolls
+        back alone. The thread holds the store's lock for the whole scope. Other processes
+        see the change, and caches drop, only when the outermost scope commits."""
         with self._lock:
             depth = self._depth
             with self._storage("write"):
-                self._db.execute("BEGIN IMMEDIATE" if depth == 0 else f"SAVEPOINT s{depth}")
+                if depth == 0:
+                    try:
+                        self._store.begin()
+                    except BaseException:
+                        self._store.rollback()
+                        raise
+                else:
+                    self._store.execute(f"SAVEPOINT s{depth}")
             self._depth += 1
             try:
                 yield
             except BaseException:
                 self._depth -= 1
-                with contextlib.suppress(sqlite3.Error):
-                    if depth == 0:
-                        self._db.execute("ROLLBACK")
-                    else:
-                        self._db.execute(f"ROLLBACK TO s{depth}")
-                        self._db.execute(f"RELEASE s{depth}")
                 if depth == 0:
+                    self._store.rollback()
                     self._end(committed=False)
+                else:
+                    with contextlib.suppress(Exception):
+                        self._store.execute(f"ROLLBACK TO SAVEPOINT s{depth}")
+                        self._store.execute(f"RELEASE SAVEPOINT s{depth}")
                 raise
             self._depth -= 1
             if depth:
                 with self._storage("write"):
-                    self._db.execute(f"RELEASE s{depth}")
+                    self._store.execute(f"RELEASE SAVEPOINT s{depth}")
                 return
             try:
                 with self._storage("write"):
-                    self._db.execute("COMMIT")
+                    self._store.commit()
             except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    self._db.execute("ROLLBACK")
+                self._store.rollback()
                 self._end(committed=False)
                 raise
             self._end(committed=True)
 
     # -- raw access for the store's other tables (core/vaultstore.py) --------------------------
+    @property
+    def for_update(self) -> str:
+        """Appended to a SELECT inside a transaction: locks its rows until the transaction
+        ends (core/store.py)."""
+        return self._store.for_update
+
     def query_one(self, sql: str, args: tuple[object, ...]) -> tuple[object, ...] | None:
         with self._lock, self._storage("read"):
-            row = self._db.execute(sql, args).fetchone()
+            row = self._store.execute(sql, args).fetchone()
             return None if row is None else tuple(row)
 
     def query_all(self, sql: str, args: tuple[object, ...]) -> builtins.list[tuple[object, ...]]:
         with self._lock, self._storage("read"):
-            return [tuple(r) for r in self._db.execute(sql, args).fetchall()]
+            return [tuple(r) for r in self._store.execute(sql, args).fetchall()]
 
     def write(self, sql: str, args: tuple[object, ...]) -> int:
         """One statement in the transaction in progress (or one of its own); rows changed.
         It changes no catalog row, so other processes' catalog caches stay good."""
         with self._lock, self.transaction(), self._storage("write"):
-            return int(self._db.execute(sql, args).rowcount)
+            return int(self._store.execute(sql, args).rowcount)
 
     @property
     def in_transaction(self) -> bool:
@@ -209,9 +217,10 @@ class Catalog:
     def _end(self, committed: bool) -> None:
         wrote, self._wrote = self._wrote, False
         self._cache.clear()
-        if committed and wrote:
-            self._stamp.bump()
-        self._cache_stamp = self._stamp.read()
+        if self._stamp is not None:
+            if committed and wrote:
+                self._stamp.bump()
+            self._cache_stamp = self._stamp.read()
         hooks, self._on_end = self._on_end, []
         for hook in hooks:
             hook(committed)
@@ -226,26 +235,30 @@ class Catalog:
             self._on_end.append(hook)
 
     def _migrate(self) -> None:
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
+        db = self._store
+        # The write transaction: two processes (or nodes) opening a new store at once
+        # create it once.
+        db.begin()
+        try:
             for stmt in _SCHEMA.strip().split(";"):
                 if stmt.strip():
-                    self._db.execute(stmt)
-            row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                    db.execute(stmt)
+            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:
-                self._db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+                db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
                 found = 1
             else:
-                found = int(row[0])
+                found = int(str(row[0]))
             if found > SCHEMA_VERSION:
                 raise CatalogError(
-                    f"the catalog {self.path} has schema version {row[0]}, newer than this "
+                    f"the catalog {self.location} has schema version {found}, newer than this "
                     f"Strongroom understands ({SCHEMA_VERSION}); upgrade Strongroom"
                 )
             # This store's own id (docs/storage.md), made once: device backends mark the keys
             # they create with it, so `doctor` tells this keystore's keys from another's.
-            self._db.execute(
-                "INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (os.urandom(8).hex(),)
+            db.execute(
+                "INSERT INTO meta VALUES ('store_id', ?) ON CONFLICT (key) DO NOTHING",
+                (os.urandom(8).hex(),),
             )
             # In the same transaction: all of it happens, or none.
             for version, steps in (
@@ -255,33 +268,40 @@ class Catalog:
             ):
                 if found == version:
                     for stmt in steps:
-                        self._db.execute(stmt)
+                        db.execute(stmt.format(blob=db.blob))
                     found = version + 1
-                    self._db.execute(
-                        "UPDATE meta SET value=? WHERE key='schema_version'", (str(found),)
-                    )
+                    db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(found),))
+        except BaseException:
+            db.rollback()
+            raise
+        db.commit()
 
     @property
     def store_id(self) -> bytes:
         """Eight random bytes made with the store: what the keys device backends create for
         this keystore carry, so that its inventory never claims another keystore's keys."""
-        with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE key='store_id'").fetchone()
+        with self._lock, self._storage("read"):
+            row = self._store.execute("SELECT value FROM meta WHERE key='store_id'").fetchone()
+            assert row is not None  # made by _migrate
             return bytes.fromhex(str(row[0]))
 
     @property
     def schema_version(self) -> int:
-        with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            return int(row[0])
+        with self._lock, self._storage("read"):
+            row = self._store.execute(
+                "SELECT value FROM meta WHERE key='schema_version'"
+            ).fetchone()
+            assert row is not None  # made by _migrate
+            return int(str(row[0]))
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
-            self._stamp.close()
+            self._store.close()
 
     def _fresh(self) -> None:
         # Every writer stamps the shared change stamp after it commits: drop the cache then.
+        if self._stamp is None:
+            return
         stamp = self._stamp.read()
         if stamp != self._cache_stamp:
             self._cache.clear()
@@ -293,30 +313,33 @@ class Catalog:
         if self._depth:
             self._wrote = True
             return
-        self._stamp.bump()
-        self._cache_stamp = self._stamp.read()
+        if self._stamp is not None:
+            self._stamp.bump()
+            self._cache_stamp = self._stamp.read()
 
     def get(self, namespace: str, name: str) -> KeyInfo:
         # The hot path takes no lock: a cached row is good while the shared stamp is the one
         # the cache was filled under (both reads are atomic; a writer changes the stamp after
         # its commit, so a reader at worst sees the state from just before that commit).
-        if self._stamp.read() == self._cache_stamp:
+        # Inside a write transaction the cache is not used: what it reads there decides
+        # what it writes (a rotation's next version), so it must be the committed row.
+        stamp = self._stamp
+        if stamp is not None and not self._depth and stamp.read() == self._cache_stamp:
             info = self._cache.get((namespace, name))
             if info is not None:
                 return info
-        with self._lock:
+        with self._lock, self._storage("read"):
             self._fresh()
-            info = self._cache.get((namespace, name))
-            if info is None:
-                row = self._db.execute(
-                    f"SELECT {_COLUMNS} FROM keys WHERE namespace=? AND name=?",  # noqa: S608
-                    (namespace, name),
-                ).fetchone()
-                if row is None:
-                    raise KeyNotFound(name, namespace)
-                info = _row_to_info(row)
-                if not self._depth:  # never cache what a transaction may still roll back
-                    self._cache[(namespace, name)] = info
+            row = self._store.execute(
+                f"SELECT {_COLUMNS} FROM keys WHERE namespace=? AND name=?",  # noqa: S608
+                (namespace, name),
+            ).fetchone()
+            if row is None:
+                raise KeyNotFound(name, namespace)
+            info = _row_to_info(tuple(row))
+            # Never cache what a transaction may still roll back, nor without a stamp.
+            if not self._depth and stamp is not None:
+                self._cache[(namespace, name)] = info
             return info
 
     def exists(self, namespace: str, name: str) -> bool:
@@ -327,17 +350,17 @@ class Catalog:
         return True
 
     def list(self, namespace: str | None = None) -> list[KeyInfo]:
-        with self._lock:
+        with self._lock, self._storage("read"):
             if namespace is None:
-                rows = self._db.execute(
+                rows = self._store.execute(
                     f"SELECT {_COLUMNS} FROM keys ORDER BY namespace, name"  # noqa: S608 - constant
                 ).fetchall()
             else:
-                rows = self._db.execute(
+                rows = self._store.execute(
                     f"SELECT {_COLUMNS} FROM keys WHERE namespace=? ORDER BY name",  # noqa: S608
                     (namespace,),
                 ).fetchall()
-            return [_row_to_info(r) for r in rows]
+            return [_row_to_info(tuple(r)) for r in rows]
 
     def add(self, info: KeyInfo) -> None:
         """Insert a row; KeyExists if the name is taken."""
@@ -346,7 +369,7 @@ class Catalog:
         with self._lock, self._storage("write"):
             try:
                 with self.transaction():
-                    self._db.execute(
+                    self._store.execute(
                         "INSERT INTO keys (namespace, name, backend, handle, type, usage, "
                         "exportable, version, created, attributes) VALUES (?,?,?,?,?,?,?,?,?,?)",
                         (
@@ -362,8 +385,11 @@ class Catalog:
                             attributes,
                         ),
                     )
-                    self._db.execute(
-                        "INSERT OR REPLACE INTO key_versions VALUES (?,?,?,?,?,?,?)",
+                    self._store.execute(
+                        "INSERT INTO key_versions VALUES (?,?,?,?,?,?,?) "
+                        "ON CONFLICT (namespace, name, version) DO UPDATE SET "
+                        "backend=excluded.backend, handle=excluded.handle, "
+                        "created=excluded.created, attributes=excluded.attributes",
                         (
                             info.namespace,
                             info.name,
@@ -374,7 +400,7 @@ class Catalog:
                             attributes,
                         ),
                     )
-            except sqlite3.IntegrityError:
+            except self._store.integrity_errors:
                 raise KeyExists(info.name, info.namespace) from None
             self._changed()
 
@@ -382,13 +408,13 @@ class Catalog:
         """Remove a key's row and the rows of all its versions."""
         with self._lock, self._storage("write"):
             with self.transaction():
-                cur = self._db.execute(
+                cur = self._store.execute(
                     "DELETE FROM keys WHERE namespace=? AND name=?", (namespace, name)
                 )
-                self._db.execute(
+                self._store.execute(
                     "DELETE FROM key_versions WHERE namespace=? AND name=?", (namespace, name)
                 )
-                self._db.execute(
+                self._store.execute(
                     "DELETE FROM certificates WHERE namespace=? AND name=?", (namespace, name)
                 )
             self._changed()
@@ -398,8 +424,8 @@ class Catalog:
     # -- certificates (schema 4) ---------------------------------------------------------------
     def certificate(self, namespace: str, name: str) -> str | None:
         """The PEM certificate (or chain) kept with a key, or None."""
-        with self._lock:
-            row = self._db.execute(
+        with self._lock, self._storage("read"):
+            row = self._store.execute(
                 "SELECT pem FROM certificates WHERE namespace=? AND name=?", (namespace, name)
             ).fetchone()
             return None if row is None else str(row[0])
@@ -408,12 +434,15 @@ class Catalog:
         """Keep `pem` with the key, replacing what was kept; KeyNotFound if there is no key."""
         with self._lock, self._storage("write"):
             with self.transaction():
-                if not self._db.execute(
-                    "SELECT 1 FROM keys WHERE namespace=? AND name=?", (namespace, name)
+                if not self._store.execute(
+                    "SELECT 1 FROM keys WHERE namespace=? AND name=?" + self.for_update,  # noqa: S608 - constant
+                    (namespace, name),
                 ).fetchone():
                     raise KeyNotFound(name, namespace)
-                self._db.execute(
-                    "INSERT OR REPLACE INTO certificates VALUES (?,?,?)", (namespace, name, pem)
+                self._store.execute(
+                    "INSERT INTO certificates VALUES (?,?,?) ON CONFLICT (namespace, name) "
+                    "DO UPDATE SET pem=excluded.pem",
+                    (namespace, name, pem),
                 )
 
     def add_attributes(
@@ -423,14 +452,15 @@ class Catalog:
         with self._lock, self._storage("write"):
             with self.transaction():
                 for table, where in (("key_versions", "version=?"), ("keys", "version=?")):
-                    row = self._db.execute(
-                        f"SELECT attributes FROM {table} WHERE namespace=? AND name=? AND {where}",  # noqa: S608 - constants
+                    row = self._store.execute(
+                        f"SELECT attributes FROM {table} WHERE namespace=? AND name=? AND {where}"  # noqa: S608 - constants
+                        + self.for_update,
                         (namespace, name, version),
                     ).fetchone()
                     if row is None:
                         continue
                     merged = {**json.loads(str(row[0])), **attributes}
-                    self._db.execute(
+                    self._store.execute(
                         f"UPDATE {table} SET attributes=? WHERE namespace=? AND name=? AND {where}",  # noqa: S608 - constants
                         (json.dumps(merged, sort_keys=True), namespace, name, version),
                     )
@@ -439,26 +469,26 @@ class Catalog:
     def remove_certificate(self, namespace: str, name: str) -> bool:
         """Forget the certificate kept with a key; whether there was one."""
         with self._lock, self._storage("write"):
-            cur = self._db.execute(
+            cur = self._store.execute(
                 "DELETE FROM certificates WHERE namespace=? AND name=?", (namespace, name)
             )
             return cur.rowcount > 0
 
     def handles(self, backend: str) -> set[str]:
         """Handles of every key version in `backend` (older versions included)."""
-        with self._lock:
-            rows = self._db.execute(
+        with self._lock, self._storage("read"):
+            rows = self._store.execute(
                 "SELECT handle FROM key_versions WHERE backend=? UNION "
                 "SELECT handle FROM keys WHERE backend=?",
                 (backend, backend),
             ).fetchall()
-            return {r[0] for r in rows}
+            return {str(r[0]) for r in rows}
 
     # -- versions and lifecycle state (schema 2) -----------------------------------------------
     def versions(self, namespace: str, name: str) -> builtins.list[KeyVersion]:
         """Every stored version of a key, oldest first."""
-        with self._lock:
-            rows = self._db.execute(
+        with self._lock, self._storage("read"):
+            rows = self._store.execute(
                 "SELECT version, backend, created, handle, attributes FROM key_versions "
                 "WHERE namespace=? AND name=? ORDER BY version",
                 (namespace, name),
@@ -467,7 +497,7 @@ class Catalog:
                 self.get(namespace, name)  # KeyNotFound if there is no such key
             return [
                 KeyVersion(
-                    int(v),
+                    int(str(v)),
                     str(b),
                     datetime.fromisoformat(str(c)),
                     str(h),
@@ -486,7 +516,7 @@ class Catalog:
         attributes = json.dumps(new.attributes, sort_keys=True)
         with self._lock, self._storage("write"):
             with self.transaction():
-                cur = self._db.execute(
+                cur = self._store.execute(
                     "UPDATE keys SET backend=?, handle=?, version=?, created=?, attributes=? "
                     "WHERE namespace=? AND name=? AND version=?",
                     (
@@ -503,10 +533,10 @@ class Catalog:
                 if cur.rowcount != 1:
                     raise KeyExists(f"{name} version {new.version}", namespace)
                 # A kept certificate certifies the old primary's public key: forget it.
-                self._db.execute(
+                self._store.execute(
                     "DELETE FROM certificates WHERE namespace=? AND name=?", (namespace, name)
                 )
-                self._db.execute(
+                self._store.execute(
                     "INSERT INTO key_versions VALUES (?,?,?,?,?,?,?)",
                     (
                         namespace,
@@ -523,7 +553,7 @@ class Catalog:
     def remove_version(self, namespace: str, name: str, version: int) -> None:
         """Forget one older version (never the primary)."""
         with self._lock, self._storage("write"):
-            self._db.execute(
+            self._store.execute(
                 "DELETE FROM key_versions WHERE namespace=? AND name=? AND version=? AND "
                 "version < (SELECT version FROM keys WHERE namespace=? AND name=?)",
                 (namespace, name, version, namespace, name),
@@ -554,7 +584,7 @@ class Catalog:
             args.append(None if delete_after is None else delete_after.isoformat())
         with self._lock, self._storage("write"):
             if sets:
-                cur = self._db.execute(
+                cur = self._store.execute(
                     f"UPDATE keys SET {', '.join(sets)} WHERE namespace=? AND name=?",  # noqa: S608
                     (*args, namespace, name),
                 )
@@ -565,52 +595,15 @@ class Catalog:
 
     def due_for_deletion(self, when: datetime) -> builtins.list[KeyInfo]:
         """Keys (any namespace) whose scheduled deletion time is at or before `when`."""
-        with self._lock:
-            rows = self._db.execute(
+        with self._lock, self._storage("read"):
+            rows = self._store.execute(
                 f"SELECT {_COLUMNS} FROM keys WHERE delete_after IS NOT NULL"  # noqa: S608 - constant
             ).fetchall()
             return [
                 i
-                for i in (_row_to_info(r) for r in rows)
+                for i in (_row_to_info(tuple(r)) for r in rows)
                 if i.delete_after is not None and i.delete_after <= when
             ]
-
-
-class _ChangeStamp:
-    """Eight shared bytes that every catalog writer sets to a fresh random value.
-
-    Readers cache catalog rows and compare the stamp on each lookup, so a key deleted or
-    created by another process is seen at once. The stamp lives in a file beside the
-    catalog. A random value rather than a counter needs no lock: two writers can never leave
-    it unchanged.
-
-    It is read with pread, not through a shared mapping: a mapped file that another process
-    truncates kills every process touching the mapping with SIGBUS, the service included.
-    A stamp cut short reads as changed and is grown back to its eight bytes.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            if os.fstat(self._fd).st_size < 8:
-                os.ftruncate(self._fd, 8)
-        except BaseException:
-            os.close(self._fd)
-            raise
-
-    def read(self) -> bytes:
-        stamp = os.pread(self._fd, 8, 0)
-        if len(stamp) < 8:  # truncated behind our back: restore the size, report a change
-            os.ftruncate(self._fd, 8)
-        return stamp
-
-    def bump(self) -> None:
-        os.pwrite(self._fd, os.urandom(8), 0)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
 
 def now() -> datetime:

@@ -102,6 +102,11 @@ KMIP_KEYS = {
     "max_connections": "KMIP connections served at once (default 256)",
     "idle_timeout": "seconds a KMIP connection may stay silent before it is closed (default 120)",
 }
+STORE_KEYS = {
+    "url": 'the shared PostgreSQL store, "postgresql://USER@HOST:PORT/DB" or a libpq '
+    "connection string (default: SQLite in data_dir); no password in it: use ~/.pgpass, "
+    "$PGPASSFILE or a client certificate",
+}
 RESERVED_NAMESPACE_PREFIX = "_"
 """Namespaces starting with `_` are Strongroom's own (`_audit` holds the checkpoint key)."""
 
@@ -213,6 +218,8 @@ class Config:
     audit_checkpoint_every: int = 1000
 
     deletion_wait: timedelta = timedelta(0)
+    store_url: str | None = None
+    """`[store] url`: the PostgreSQL store (docs/cluster.md); None is SQLite in data_dir."""
     server: ServerConfig = field(default_factory=ServerConfig)
     ssh_agent: SshAgentConfig = field(default_factory=SshAgentConfig)
     pkcs11_server: Pkcs11ServerConfig = field(default_factory=Pkcs11ServerConfig)
@@ -274,13 +281,16 @@ def parse(raw: Mapping[str, Any], path: str | None, text: str) -> Config:
     """Validate a decoded TOML document into a Config."""
     cfg = Config(path, [], default_data_dir(), "default", "file", {}, text)
     for top in raw:
-        if top not in ("keystore", "backends", "server", "ssh_agent", "pkcs11_server", "kmip"):
+        if top not in (
+            "keystore", "store", "backends", "server", "ssh_agent", "pkcs11_server", "kmip"
+        ):
             what = "table" if isinstance(raw[top], dict) else "key"
             raise cfg.error(
-                f"unknown {what}; expected [keystore], [server], [ssh_agent], [pkcs11_server], "
-                "[kmip] or [backends.NAME]",
+                f"unknown {what}; expected [keystore], [store], [server], [ssh_agent], "
+                "[pkcs11_server], [kmip] or [backends.NAME]",
                 top,
             )
+    _parse_store(cfg, raw.get("store", {}))
     _parse_server(cfg, raw.get("server", {}))
     _parse_ssh_agent(cfg, raw.get("ssh_agent", {}))
     _parse_pkcs11_server(cfg, raw.get("pkcs11_server", {}))
@@ -367,6 +377,16 @@ def parse(raw: Mapping[str, Any], path: str | None, text: str) -> Config:
         vaults = [VAULT_TYPE]
     if len(vaults) > 1:
         raise cfg.error("only one vault backend may be configured", f"backends.{vaults[1]}")
+    vault_settings = cfg.backends[vaults[0]].settings
+    if cfg.store_url is not None and "rollback_counter" in vault_settings:
+        # Each node's TPM would count its own commits while the manifest, shared, records
+        # whichever node wrote last: the nodes would report each other as rollbacks.
+        raise cfg.error(
+            "a TPM rollback counter belongs to one machine and cannot guard a store that "
+            "several nodes share ([store] url); see docs/cluster.md",
+            f"backends.{vaults[0]}",
+            "rollback_counter",
+        )
     for name in cfg.order:
         if name not in cfg.backends:
             raise cfg.error(
@@ -401,6 +421,52 @@ def parse(raw: Mapping[str, Any], path: str | None, text: str) -> Config:
     if vault not in cfg.order:
         cfg.order.append(vault)
     return cfg
+
+
+def _parse_store(cfg: Config, table: Any) -> None:
+    """Validate the `[store]` table into cfg.store_url."""
+    if not isinstance(table, dict):
+        raise cfg.error("must be a table", "store")
+    for key, value in table.items():
+        if key not in STORE_KEYS:
+            raise cfg.error(f"unknown key; expected one of {', '.join(STORE_KEYS)}", "store", key)
+        if not isinstance(value, str) or not value.strip():
+            raise cfg.error("must be a PostgreSQL URL", "store", key)
+        cfg.store_url = check_store_url(value, cfg.error)
+
+
+def check_store_url(value: str, error: Any) -> str:
+    """A `postgresql://` (or `postgres://`) URL or a `key=value` libpq connection string,
+    without a password: config files are read by more eyes than secrets should be, and
+    libpq reads the password from ~/.pgpass or $PGPASSFILE. Neither the value nor its
+    password appears in the message."""
+    url = value.strip()
+    if "://" in url:
+        scheme, _, rest = url.partition("://")
+        if scheme not in ("postgresql", "postgres"):
+            raise error(
+                "must be a PostgreSQL URL (postgresql://...) or a libpq connection string",
+                "store",
+                "url",
+            )
+        userinfo = rest.split("/", 1)[0].rpartition("@")[0]
+        has_password = ":" in userinfo or re.search(r"[?&]password=", rest) is not None
+    elif "=" in url:
+        has_password = re.search(r"(^|\s)password\s*=", url) is not None
+    else:
+        raise error(
+            "must be a PostgreSQL URL (postgresql://...) or a libpq connection string",
+            "store",
+            "url",
+        )
+    if has_password:
+        raise error(
+            "holds a password; put it in ~/.pgpass or $PGPASSFILE (libpq reads it there), "
+            "or use a client certificate",
+            "store",
+            "url",
+        )
+    return url
 
 
 def _parse_server(cfg: Config, table: Any) -> None:

@@ -61,8 +61,9 @@ from .keystore_seeds import KeySeeds
 from .keystore_signer import _KeystoreSigner
 from .keystore_vault import _AuditedVault, _failed_slots, _unlocked, _vault_control, vault_restore
 from .secrets import Prompter, terminal_prompter
+from .store import open_store
 from .types import OPERATION_USAGE, KeyInfo, KeyType, KeyVersion, Operation, Usage
-from .vaultstore import SqliteVaultRecords
+from .vaultstore import StoreVaultRecords
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+/-]{0,127}")
 _IMPORT_FORMATS = ("auto", "raw", "der", "pem")
@@ -105,9 +106,9 @@ class Keystore(KeyLifecycle, KeySeeds, KeyCertificates):
             raise StorageError(
                 f"cannot make the data directory {config.data_dir}: {e.strerror or e}"
             ) from None
-        # One transactional store per data_dir (docs/storage.md): the catalog's database,
-        # which holds the vault's rows too.
-        self.catalog = Catalog(config.data_dir / "catalog.sqlite")
+        # One transactional store (docs/storage.md): the catalog's database, which holds the
+        # vault's rows too; SQLite in the data_dir, or PostgreSQL (docs/cluster.md).
+        self.catalog = Catalog(open_store(config.store_url, config.data_dir))
         try:
             self._backends, self._unusable = build_backends(
                 config,
@@ -115,7 +116,7 @@ class Keystore(KeyLifecycle, KeySeeds, KeyCertificates):
                 self._presence,
                 self._sealer,
                 self._device_factories,
-                lambda name: SqliteVaultRecords(self.catalog, name),
+                lambda name: StoreVaultRecords(self.catalog, name),
                 self.catalog.store_id,
                 self._counter,
             )

@@ -67,20 +67,28 @@ class KeyLifecycle:
                 self._refuse_state(info)
             b = self._choose_backend(info.type, Operation.GENERATE, backend or info.backend)
             facts["backend"] = b.name
-            new_version = info.version + 1
-            if new_version > lifecycle.MAX_VERSION:
-                raise InvalidArgument(f"key {name!r} has run out of versions")
-            new = replace(
-                info,
-                backend=b.name,
-                handle="",
-                version=new_version,
-                created=now(),
-                attributes={},
-            )
-            attributes = self._rsa_encrypt_attributes(b, new)
             # A vault key and its catalog rows commit together; a device key comes first.
             with self._creating(b):
+                if b.transactional:
+                    # Read again inside the write transaction, which other writers (other
+                    # processes, other nodes on a shared store) queue behind: concurrent
+                    # rotations then take turns, each making the next version, instead of
+                    # all but one failing on a version already taken.
+                    info = self.catalog.get(self.namespace, name)
+                    if info.disabled or info.delete_after is not None:
+                        self._refuse_state(info)
+                new_version = info.version + 1
+                if new_version > lifecycle.MAX_VERSION:
+                    raise InvalidArgument(f"key {name!r} has run out of versions")
+                new = replace(
+                    info,
+                    backend=b.name,
+                    handle="",
+                    version=new_version,
+                    created=now(),
+                    attributes={},
+                )
+                attributes = self._rsa_encrypt_attributes(b, new)
                 handle = b.generate(NewKey(new))
                 try:
                     self.catalog.add_version(

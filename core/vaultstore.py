@@ -1,7 +1,8 @@
-"""`VaultRecords` (core/storage.py) over the catalog's SQLite database: the embedded store.
+"""`VaultRecords` (core/storage.py) over the catalog's store (core/store.py): SQLite in the
+data_dir, or PostgreSQL shared by several nodes.
 
-The rows sit beside the catalog's, in the same file and on the same connection, so a key
-change and its catalog change commit in one transaction (`Catalog.transaction`). The
+The rows sit beside the catalog's, in the same database and on the same connection, so a
+key change and its catalog change commit in one transaction (`Catalog.transaction`). The
 layout is in docs/storage.md.
 """
 
@@ -17,7 +18,7 @@ from .storage import VaultHeader, VaultRow
 _ROW = "record_id, namespace, name, version, type, meta, public, sealed, mac"
 
 
-class SqliteVaultRecords:
+class StoreVaultRecords:
     """One vault backend's rows (`backend` = its name in the config)."""
 
     def __init__(self, catalog: Catalog, backend: str) -> None:
@@ -26,7 +27,7 @@ class SqliteVaultRecords:
 
     @property
     def location(self) -> str:
-        return str(self._catalog.path)
+        return self._catalog.location
 
     def transaction(self) -> AbstractContextManager[None]:
         return self._catalog.transaction()
@@ -35,8 +36,12 @@ class SqliteVaultRecords:
         self._catalog.on_end(hook)
 
     def header(self) -> VaultHeader | None:
+        # Inside a writing transaction the vault checks this header and then writes the
+        # next one: the row stays locked until the transaction ends.
+        lock = self._catalog.for_update if self._catalog.in_transaction else ""
         row = self._catalog.query_one(
-            "SELECT vault_id, slots, manifest, format FROM vault_headers WHERE backend=?",
+            "SELECT vault_id, slots, manifest, format FROM vault_headers WHERE backend=?"  # noqa: S608
+            + lock,
             (self._backend,),
         )
         if row is None:
@@ -58,8 +63,9 @@ class SqliteVaultRecords:
 
     def put_header(self, header: VaultHeader) -> None:
         self._catalog.write(
-            "INSERT OR REPLACE INTO vault_headers (backend, vault_id, format, slots, manifest) "
-            "VALUES (?,?,?,?,?)",
+            "INSERT INTO vault_headers (backend, vault_id, format, slots, manifest) "
+            "VALUES (?,?,?,?,?) ON CONFLICT (backend) DO UPDATE SET vault_id=excluded.vault_id, "
+            "format=excluded.format, slots=excluded.slots, manifest=excluded.manifest",
             (self._backend, header.vault_id, header.format, header.slots, header.manifest),
         )
 
@@ -120,6 +126,10 @@ class SqliteVaultRecords:
             (self._backend, record_id),
         )
         return None if row is None else int(str(row[0]))
+
+
+SqliteVaultRecords = StoreVaultRecords
+"""The name from before the store had two databases."""
 
 
 def _row(row: tuple[object, ...]) -> VaultRow:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Refresh the lock files that scripts/setup.sh installs from (the demo, the tests, CI):
-#   requirements/lock.txt   every dependency of .[dev,pkcs11,tpm,fido,piv,server] plus the
-#                           build tools of requirements/build.in, pinned with hashes
+#   requirements/lock.txt   every dependency of .[dev,pkcs11,tpm,fido,piv,server,postgres]
+#                           plus the build tools of requirements/build.in, pinned with hashes
 #   requirements/build.txt  the build tools alone, at the same versions (installed first,
 #                           so that sdists build with --no-build-isolation; see decisions.md)
 # for Python 3.11 and newer on any platform (uv's --universal: x86_64 and aarch64 Linux
@@ -32,7 +32,7 @@ if [ "$#" -eq 0 ]; then
 elif [ "$1" = --keep ]; then
     shift
 fi
-extras=(dev pkcs11 tpm fido piv server)
+extras=(dev pkcs11 tpm fido piv server postgres)
 common=(--universal --python-version 3.11 --generate-hashes --quiet
     --custom-compile-command "bash scripts/lock.sh")
 

@@ -28,7 +28,7 @@ if [ "$LATEST" = 1 ]; then VENV=$ROOT/.venv-latest; else VENV=$ROOT/.venv; fi
 VENV_NAME=${VENV#"$ROOT/"}
 PYTHON=${PYTHON:-python3}
 STAMP=$VENV/.strongroom-install-stamp
-EXTRAS=dev,pkcs11,tpm,fido,piv,server
+EXTRAS=dev,pkcs11,tpm,fido,piv,server,postgres
 LOCK=requirements/lock.txt
 BUILD_LOCK=requirements/build.txt
 export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
@@ -87,6 +87,9 @@ wanted+=(openssh-client openssh-server git)
 wanted+=(p11-kit-modules libengine-pkcs11-openssl)
 # pcscd + vpcd (a virtual reader) for the FIDO-over-PC/SC tests; swig builds pyscard.
 wanted+=(pcscd libpcsclite-dev vsmartcard-vpcd swig)
+# PostgreSQL: the server the store tests start a private cluster of (initdb, pg_ctl). The
+# locked psycopg-binary brings its own libpq; libpq5 serves psycopg's pure-Python fallback.
+wanted+=(postgresql libpq5)
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
     wanted+=(python3 python3-dev python3-venv)
 else

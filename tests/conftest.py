@@ -23,9 +23,10 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, MutableMapping
+import tomllib
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -71,14 +72,18 @@ def write_vault_config(
     passphrase_ref: str = f"env:{VAULT_PASS_ENV}",
     extra_vault: str = "",
     name: str = "strongroom.toml",
+    store_url: str | None = None,
 ) -> Path:
-    """Write a vault-only config (data_dir = directory/data) and return its path."""
+    """Write a vault-only config (data_dir = directory/data) and return its path; with
+    `store_url`, its store is that PostgreSQL database (docs/cluster.md)."""
     data_dir = directory / "data"
     path = directory / name
+    store = f'[store]\nurl = "{store_url}"\n\n' if store_url else ""
     path.write_text(
         "[keystore]\n"
         f'data_dir = "{data_dir}"\n'
         "\n"
+        f"{store}"
         "[backends.vault]\n"
         'type = "vault"\n'
         f'passphrase = "{passphrase_ref}"\n'
@@ -88,6 +93,37 @@ def write_vault_config(
         encoding="utf-8",
     )
     return path
+
+
+CATALOG_V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE keys (
+    namespace TEXT NOT NULL, name TEXT NOT NULL, backend TEXT NOT NULL, handle TEXT NOT NULL,
+    type TEXT NOT NULL, usage TEXT NOT NULL, exportable INTEGER NOT NULL,
+    version INTEGER NOT NULL, created TEXT NOT NULL, attributes TEXT NOT NULL,
+    PRIMARY KEY (namespace, name)
+);
+INSERT INTO meta VALUES ('schema_version', '1');
+"""
+"""A catalog as schema 1 made it (one table of keys), for the migration tests: SQL both stores
+take."""
+
+
+def store_sql(config_path: Path, statement: str, *args: object) -> list[tuple[object, ...]]:
+    """Run `statement` (`?` placeholders) on the store of a config, behind the keystore's
+    back: the data dir's SQLite file, or the PostgreSQL database its `[store] url` names."""
+    url = tomllib.loads(config_path.read_text()).get("store", {}).get("url")
+    if url is not None:
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as pg:
+            cur = pg.execute(statement.replace("?", "%s"), args)  # type: ignore[arg-type]
+            return [tuple(r) for r in cur.fetchall()] if cur.description else []
+    conn = sqlite3.connect(config_path.parent / "data" / "catalog.sqlite", isolation_level=None)
+    try:
+        return conn.execute(statement, args).fetchall()
+    finally:
+        conn.close()
 
 
 def store_state(config_path: Path) -> str:
@@ -121,6 +157,19 @@ def vault_made(data_dir: Path) -> bool:
 def snapshot_path(config_path: Path) -> Path:
     """Where the vault of a `write_vault_config` config keeps its snapshot."""
     return config_path.parent / "data" / "vault.snapshot"
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Any]:
+    """The session's private PostgreSQL cluster (tests/emulators/pg_support.py), started on
+    first use; `pg_cluster.new_database()` gives each test an empty database."""
+    from pg_support import start_cluster
+
+    cluster = start_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()
 
 
 @pytest.fixture

@@ -569,3 +569,71 @@ def test_kmip_table_is_checked(tmp_path: Path) -> None:
         write(tmp_path, *base, 'backend = "vault"', "max_connections = 8", "idle_timeout = 2.5")
     )
     assert (ok.kmip.backend, ok.kmip.max_connections, ok.kmip.idle_timeout) == ("vault", 8, 2.5)
+
+
+# -- [store] (docs/cluster.md) ------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://strongroom@db.example:5432/keys",
+        "postgres:///keys?host=/run/postgresql",
+        "host=db.example dbname=keys user=strongroom sslmode=verify-full",
+    ],
+)
+def test_a_store_url_is_taken(tmp_path: Path, url: str) -> None:
+    path = write(tmp_path, "[keystore]", data_dir(tmp_path), "", "[store]", f'url = "{url}"')
+    assert config_mod.load(path).store_url == url
+
+
+def test_without_a_store_table_the_store_is_sqlite_in_the_data_dir(tmp_path: Path) -> None:
+    path = write(tmp_path, "[keystore]", data_dir(tmp_path))
+    assert config_mod.load(path).store_url is None
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://strongroom:hunter2secret@db.example/keys",
+        "postgresql://strongroom@db.example/keys?sslmode=require&password=hunter2secret",
+        "host=db.example dbname=keys password=hunter2secret",
+    ],
+)
+def test_a_store_url_with_a_password_is_refused_without_showing_it(
+    tmp_path: Path, url: str
+) -> None:
+    path = write(tmp_path, "[keystore]", data_dir(tmp_path), "", "[store]", f'url = "{url}"')
+    e = config_error(path)
+    assert_names(e, path, 5, "store.url")
+    assert "pgpass" in str(e) and "hunter2secret" not in str(e)
+
+
+@pytest.mark.parametrize(
+    ("lines", "line", "key", "message"),
+    [
+        (['url = "mysql://db.example/keys"'], 5, "store.url", "PostgreSQL URL"),
+        (['url = "keys.sqlite"'], 5, "store.url", "PostgreSQL URL"),
+        (["url = 5"], 5, "store.url", "PostgreSQL URL"),
+        (['path = "/var/lib/x"'], 5, "store.path", "unknown key"),
+    ],
+)
+def test_a_bad_store_table_names_its_line(
+    tmp_path: Path, lines: list[str], line: int, key: str, message: str
+) -> None:
+    path = write(tmp_path, "[keystore]", data_dir(tmp_path), "", "[store]", *lines)
+    e = config_error(path)
+    assert_names(e, path, line, key)
+    assert message in str(e)
+
+
+def test_a_tpm_rollback_counter_cannot_guard_a_shared_store(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[keystore]",
+        data_dir(tmp_path),
+        "[store]",
+        'url = "postgresql:///keys"',
+        *vault_table('rollback_counter = "tpm"'),
+    )
+    e = config_error(path)
+    assert_names(e, path, 10, "backends.vault.rollback_counter")
+    assert "one machine" in str(e)

@@ -1,5 +1,6 @@
 """Crash safety: SIGKILL a process at random points while it generates, imports, rotates and
-deletes vault keys, 100 times (docs/storage.md).
+deletes vault keys, 100 times on the SQLite store (docs/storage.md) and 25 times on
+PostgreSQL (a node killed mid-request, docs/cluster.md).
 
 Each child announces an operation before it starts it and after it returns. After every
 kill the store must open, and:
@@ -17,15 +18,15 @@ from __future__ import annotations
 import os
 import random
 import signal
-import sqlite3
 import traceback
 from pathlib import Path
 
+import pytest
+from conftest import store_sql
 from kill_support import kill_after_progress
 
 import strongroom
 
-ROUNDS = 100
 MAX_ACKS = 4  # the kill waits for 1 to 4 acknowledged changes (progress, not time) ...
 MAX_WAIT = 0.010  # ... then up to this many seconds: a point inside the next change
 DATA = b"crash test"
@@ -69,13 +70,6 @@ def _child(cfg: Path, round_no: int, seed: int, w: int) -> None:
         os._exit(code)  # never run pytest's teardown in the child
 
 
-def _read_all(r: int) -> bytes:
-    chunks = []
-    while chunk := os.read(r, 65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _apply(model: dict[str, int], op: str, name: str) -> None:
     if op in ("generate", "import"):
         model[name] = 1
@@ -85,32 +79,43 @@ def _apply(model: dict[str, int], op: str, name: str) -> None:
         del model[name]
 
 
-def _agreement(data_dir: Path) -> dict[str, int]:
+def _agreement(cfg: Path) -> dict[str, int]:
     """{name: primary version}, after checking that catalog versions and vault rows match."""
-    db = sqlite3.connect(data_dir / "catalog.sqlite")
-    try:
-        versions = set(db.execute("SELECT namespace, name, version, handle FROM key_versions"))
-        rows = set(db.execute("SELECT namespace, name, version, record_id FROM vault_records"))
-        primaries = dict(db.execute("SELECT name, version FROM keys"))
-    finally:
-        db.close()
+    versions = set(store_sql(cfg, "SELECT namespace, name, version, handle FROM key_versions"))
+    rows = set(store_sql(cfg, "SELECT namespace, name, version, record_id FROM vault_records"))
+    primaries = dict(store_sql(cfg, "SELECT name, version FROM keys"))
     assert versions == rows, (
         f"catalog only: {sorted(versions - rows)[:5]}; vault only: {sorted(rows - versions)[:5]}"
     )
     return {str(k): int(v) for k, v in primaries.items()}
 
 
-def test_sigkill_during_100_rounds_of_key_changes(vault_config: Path) -> None:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_config(request: pytest.FixtureRequest, vault_config: Path) -> tuple[Path, int]:
+    """The vault config, its store the parameter's, and the rounds to run on it."""
+    if request.param == "sqlite":
+        return vault_config, 100
+    url = request.getfixturevalue("pg_cluster").new_database()
+    text = vault_config.read_text()
+    vault_config.write_text(
+        text.replace("[backends.vault]", f'[store]\nurl = "{url}"\n\n[backends.vault]')
+    )
+    return vault_config, 25
+
+
+def test_sigkill_during_rounds_of_key_changes(store_config: tuple[Path, int]) -> None:
+    vault_config, rounds = store_config
+    sqlite = "[store]" not in vault_config.read_text()
     seed = int.from_bytes(os.urandom(4), "big")
     rng = random.Random(seed)
     data_dir = vault_config.parent / "data"
     with strongroom.open(vault_config) as ks:
         for i in range(4):
             ks.generate(f"base{i}", "ed25519")
-    model = _agreement(data_dir)
+    model = _agreement(vault_config)
     in_flight_landed = finished = 0
 
-    for round_no in range(ROUNDS):
+    for round_no in range(rounds):
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - child
@@ -135,7 +140,7 @@ def test_sigkill_during_100_rounds_of_key_changes(vault_config: Path) -> None:
                 _apply(model, *pending)
                 pending = None
                 finished += 1
-        actual = _agreement(data_dir)
+        actual = _agreement(vault_config)
         if pending is not None:  # landed whole, or not at all
             op, name = pending
             after = dict(model)
@@ -150,9 +155,10 @@ def test_sigkill_during_100_rounds_of_key_changes(vault_config: Path) -> None:
                 if pending is not None and pending[1] in model:
                     name = pending[1]
                     ks.verify(name, DATA, ks.sign(name, DATA))
-        assert (data_dir / "catalog.sqlite").stat().st_mode & 0o777 == 0o600
+        if sqlite:
+            assert (data_dir / "catalog.sqlite").stat().st_mode & 0o777 == 0o600
 
-    assert finished >= ROUNDS, "the kills waited for progress, so changes were acknowledged"
+    assert finished >= rounds, "the kills waited for progress, so changes were acknowledged"
     with strongroom.open(vault_config) as ks:
         ks.vault.verify_store()  # type: ignore[attr-defined]
         for name in sorted(model):

@@ -12,7 +12,8 @@ The rules (ARCHITECTURE.md, "Dependency rules after"):
 - no import cycle among strongroom modules;
 - imports point down the layers (`may_import`): the contract (R1) imports only itself, the
   runtime (R2) itself and errors, the engine (R3) those two (the keystore also the rest of
-  the engine and the recipes, discovery also config, the audit/ package also itself), the
+  the engine and the recipes, discovery also config, the audit/ package also itself, the
+  catalog and the store modules the store modules), the
   recipes (R4: envelope, pkey) the contract; the service/ package (R5, a face) anything
   below it, but its client only its wire format, the contract and the recipes, so that a
   client installs no server side; the SSH agent (sshagent/, a face) the contract, audit/
@@ -72,19 +73,26 @@ AUDIT = frozenset(
     }
 )
 """The audit/ package: the writer, the log format and the checkpoint signer Protocol."""
-ENGINE = AUDIT | {
-    "strongroom.config",
-    "strongroom.catalog",
-    "strongroom.vaultstore",
-    "strongroom.discovery",
-    "strongroom.keystore",
-    "strongroom.keystore_lifecycle",
-    "strongroom.keystore_seeds",
-    "strongroom.keystore_signer",
-    "strongroom.keystore_vault",
-    "strongroom.keystore_certs",
-    "strongroom.keystore_repair",
-}
+STORE = frozenset({"strongroom.store", "strongroom.store_sqlite", "strongroom.store_pg"})
+"""The transactional store under the catalog (core/store.py): the Protocol and its SQLite and
+PostgreSQL implementations, where every difference between the two databases lives."""
+ENGINE = (
+    AUDIT
+    | STORE
+    | {
+        "strongroom.config",
+        "strongroom.catalog",
+        "strongroom.vaultstore",
+        "strongroom.discovery",
+        "strongroom.keystore",
+        "strongroom.keystore_lifecycle",
+        "strongroom.keystore_seeds",
+        "strongroom.keystore_signer",
+        "strongroom.keystore_vault",
+        "strongroom.keystore_certs",
+        "strongroom.keystore_repair",
+    }
+)
 """R3. The faces (service/, cli/, the package's `__init__`, the shipped contract suite and
 the aliases at the service's old paths) are every other core module."""
 KEYSTORE_MIXINS = frozenset(
@@ -158,6 +166,8 @@ NATIVE_IMPORTERS: Mapping[str, frozenset[str]] = {
             "strongroom.backends.pkcs11.wrap",
         }
     ),
+    # The PostgreSQL driver: the store's one adapter (core/store_pg.py).
+    "psycopg": frozenset({"strongroom.store_pg"}),
     "fido2": frozenset(
         {
             "strongroom.backends.fido.assertion",
@@ -325,6 +335,10 @@ def may_import(importer: str, imported: str) -> bool:
         return imported in CONTRACT | RUNTIME | AUDIT | {"strongroom.catalog"}
     if importer in AUDIT:  # no other engine module: the keystore hands it a CheckpointSigner
         return imported in CONTRACT | RUNTIME | AUDIT
+    if importer in STORE:  # the databases: below the catalog, above nothing of the engine
+        return imported in CONTRACT | RUNTIME | STORE
+    if importer == "strongroom.catalog":  # its SQL runs on the store
+        return imported in CONTRACT | RUNTIME | STORE
     if importer == "strongroom.vaultstore":  # the store's vault tables, over the catalog's db
         return imported in CONTRACT | RUNTIME | {"strongroom.catalog"}
     if importer == "strongroom.discovery":
@@ -521,6 +535,11 @@ def test_synthetic_forbidden_edges_are_caught() -> None:
     assert may_import("strongroom.service.client", "strongroom.pkey")
     assert may_import("strongroom.keystore", "strongroom.pkey")
     assert may_import("strongroom.discovery", "strongroom.config")
+    assert may_import("strongroom.catalog", "strongroom.store_sqlite")
+    assert may_import("strongroom.store", "strongroom.store_pg")
+    assert not may_import("strongroom.store_pg", "strongroom.catalog")
+    assert not may_import("strongroom.store", "strongroom.config")
+    assert not may_import("strongroom.catalog", "strongroom.config")
     assert may_import("strongroom.keystore", "strongroom.discovery")
     assert may_import("strongroom.service.client", "strongroom.service.wire")
     assert not may_import("strongroom.service.client", "strongroom.service.tenants")

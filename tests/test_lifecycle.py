@@ -12,7 +12,14 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, CliResult, run_cli, write_vault_config
+from conftest import (
+    CATALOG_V1_SCHEMA,
+    VAULT_PASS_ENV,
+    VAULT_PASSPHRASE,
+    CliResult,
+    run_cli,
+    write_vault_config,
+)
 from cryptography.exceptions import InvalidSignature
 
 import strongroom
@@ -268,19 +275,7 @@ def test_parse_duration() -> None:
             lifecycle.parse_duration(bad)
 
 
-# -- catalog migration ----------------------------------------------------------------------------
-_V1_SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE keys (
-    namespace TEXT NOT NULL, name TEXT NOT NULL, backend TEXT NOT NULL, handle TEXT NOT NULL,
-    type TEXT NOT NULL, usage TEXT NOT NULL, exportable INTEGER NOT NULL,
-    version INTEGER NOT NULL, created TEXT NOT NULL, attributes TEXT NOT NULL,
-    PRIMARY KEY (namespace, name)
-);
-INSERT INTO meta VALUES ('schema_version', '1');
-"""
-
-
+# -- catalog migration (schema 1: conftest.CATALOG_V1_SCHEMA) -----------------------------------
 def test_catalog_v1_is_migrated_in_place_without_losing_keys(config: Path) -> None:
     with strongroom.open(config) as ks:
         ks.generate("signer", "ecdsa-p256")
@@ -290,7 +285,7 @@ def test_catalog_v1_is_migrated_in_place_without_losing_keys(config: Path) -> No
         path = ks.catalog.path
         # A schema 1 catalog lived beside a vault snapshot file (before the store).
         ks.vault.backup(path.parent / "vault.snapshot")  # type: ignore[attr-defined]
-        rows = ks.catalog._db.execute(
+        rows = ks.catalog.store.execute(
             "SELECT namespace, name, backend, handle, type, usage, exportable, version, created, "
             "attributes FROM keys"
         ).fetchall()
@@ -298,7 +293,7 @@ def test_catalog_v1_is_migrated_in_place_without_losing_keys(config: Path) -> No
     for p in path.parent.glob(path.name + "*"):
         p.unlink()
     db = sqlite3.connect(path)
-    db.executescript(_V1_SCHEMA)
+    db.executescript(CATALOG_V1_SCHEMA)
     db.executemany("INSERT INTO keys VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
     db.commit()
     db.close()
@@ -322,7 +317,7 @@ def test_catalog_v1_is_migrated_in_place_without_losing_keys(config: Path) -> No
 def test_catalog_refuses_a_newer_schema_and_keeps_it(tmp_path: Path) -> None:
     path = tmp_path / "catalog.sqlite"
     db = sqlite3.connect(path)
-    db.executescript(_V1_SCHEMA.replace("'1'", "'5'"))
+    db.executescript(CATALOG_V1_SCHEMA.replace("'1'", "'5'"))
     db.close()
     with pytest.raises(CatalogError, match="schema version 5"):
         Catalog(path)

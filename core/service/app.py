@@ -32,6 +32,7 @@ from ..errors import (
     AuditUnavailable,
     AuthenticationFailed,
     KeyNotFound,
+    StorageError,
     StrongroomError,
 )
 from ..keystore import Keystore
@@ -252,6 +253,10 @@ class App(KeyHandlers, AdminHandlers):
             elif status == 503 and not admin:
                 # the detail names server paths and devices: the operator's, in the log
                 log.warning("refused with 503: %s: %s", type(e).__name__, e)
+            if isinstance(e, StorageError):
+                # The store is away (a PostgreSQL restart, docs/cluster.md): nothing was
+                # done, and the next attempt reconnects.
+                return status, payload, [(b"retry-after", b"1")]
             return status, payload, []
         except Exception as e:  # a bug: say nothing of it to the caller, log its kind only
             log.exception("request failed: %s", type(e).__name__)

@@ -1,18 +1,21 @@
 """The vault in the keystore's transactional store (docs/storage.md): one row per key version,
 written with its catalog rows in one transaction; every row, the header and the manifest
 authenticated, so a row that is edited, swapped, copied, removed or rolled back is reported
-as tampering; a vault from before the store is moved into it on first unlock, its file kept."""
+as tampering; a vault from before the store is moved into it on first unlock, its file kept.
+
+Every test runs twice: on the embedded SQLite store and on PostgreSQL (the session's private
+cluster, tests/emulators/pg_support.py; a database per test), the same SQL reaching behind
+the keystore's back into either."""
 
 from __future__ import annotations
 
 import shutil
-import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import VAULT_PASS_ENV, write_vault_config
+from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, store_sql, write_vault_config
 
 import strongroom
 from strongroom import KeyExists, SnapshotTampered, SnapshotVersionError
@@ -22,16 +25,31 @@ DATA = b"store test data"
 VECTORS = Path(__file__).parent.parent / "vectors"
 
 
-def db(cfg: Path) -> sqlite3.Connection:
-    return sqlite3.connect(cfg.parent / "data" / "catalog.sqlite", isolation_level=None)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def make_config(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Callable[[Path], Path]:
+    """Writes a vault config in a directory, its store the parameter's: SQLite in the
+    directory's data dir, or a new PostgreSQL database."""
+    monkeypatch.setenv(VAULT_PASS_ENV, VAULT_PASSPHRASE)
+    if request.param == "sqlite":
+        return write_vault_config
+    cluster = request.getfixturevalue("pg_cluster")
+    return lambda directory: write_vault_config(directory, store_url=cluster.new_database())
+
+
+@pytest.fixture
+def vault_config(
+    make_config: Callable[[Path], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    path = make_config(tmp_path)
+    monkeypatch.setenv("STRONGROOM_CONFIG", str(path))
+    return path
 
 
 def sql(cfg: Path, statement: str, *args: object) -> list[tuple[object, ...]]:
-    conn = db(cfg)
-    try:
-        return conn.execute(statement, args).fetchall()
-    finally:
-        conn.close()
+    """Run `statement` (`?` placeholders) on the store of config `cfg`, behind its back."""
+    return store_sql(cfg, statement, *args)
 
 
 def row_of(cfg: Path, name: str) -> tuple[object, ...]:
@@ -58,14 +76,14 @@ def test_a_key_change_writes_the_same_rows_however_many_keys_there_are(
     ks: Keystore,
 ) -> None:
     def changes(action: str, name: str) -> int:
-        before = ks.catalog._db.total_changes
+        before = ks.catalog.store.changes
         if action == "generate":
             ks.generate(name, "ed25519")
         elif action == "rotate":
             ks.rotate(name)
         else:
             ks.delete(name)
-        return ks.catalog._db.total_changes - before
+        return ks.catalog.store.changes - before
 
     small = [changes("generate", "s1"), changes("rotate", "s1"), changes("delete", "s1")]
     with ks.batch():
@@ -132,11 +150,11 @@ def test_a_catalog_entry_pointed_at_another_key_is_tampering(
 
 
 def test_a_row_copied_from_another_vault_is_tampering(
-    ks: Keystore, vault_config: Path, tmp_path: Path
+    ks: Keystore, vault_config: Path, tmp_path: Path, make_config: Callable[[Path], Path]
 ) -> None:
     ks.close()
     (tmp_path / "other").mkdir()
-    other_cfg = write_vault_config(tmp_path / "other")
+    other_cfg = make_config(tmp_path / "other")
     with strongroom.open(other_cfg) as other:
         other.generate("a", "ed25519")
     foreign = row_of(other_cfg, "a")
@@ -203,12 +221,12 @@ def test_a_newer_store_format_is_refused(ks: Keystore, vault_config: Path) -> No
 
 # -- migration and backups ----------------------------------------------------------------------
 def test_a_vault_file_from_before_the_store_is_moved_in_and_kept(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_config: Callable[[Path], Path]
 ) -> None:
     """tests/vectors/vault-v1.snapshot (format 1, from before the store) holds an Ed25519 key
     imported from the bytes 0..31; its record is sealed again for the store."""
+    cfg = make_config(tmp_path)
     monkeypatch.setenv(VAULT_PASS_ENV, "an old vault, made by Strongroom before format 2")
-    cfg = write_vault_config(tmp_path)
     data = tmp_path / "data"
     data.mkdir()
     old = data / "vault.snapshot"
@@ -227,7 +245,9 @@ def test_a_vault_file_from_before_the_store_is_moved_in_and_kept(
         assert ks.sign("old-signer", b"made before threshold slots") == sig
 
 
-def test_a_backup_restores_into_a_fresh_data_dir(ks: Keystore, tmp_path: Path) -> None:
+def test_a_backup_restores_into_a_fresh_data_dir(
+    ks: Keystore, tmp_path: Path, make_config: Callable[[Path], Path]
+) -> None:
     backup = tmp_path / "vault.backup"
     sig = ks.sign("a", DATA)
     ks.rotate("a")
@@ -236,7 +256,7 @@ def test_a_backup_restores_into_a_fresh_data_dir(ks: Keystore, tmp_path: Path) -
     from strongroom.keystore import vault_restore
 
     (tmp_path / "elsewhere").mkdir()
-    cfg = write_vault_config(tmp_path / "elsewhere")
+    cfg = make_config(tmp_path / "elsewhere")
     with strongroom.open(cfg) as other:
         report = vault_restore(other, backup)
         assert report["keys"] == 4 and sorted(report["added"]) == ["a", "b", "c"]

@@ -1,0 +1,108 @@
+"""Two `strongroom serve` nodes on one PostgreSQL store (docs/cluster.md): a key created,
+rotated or deleted through one node is what the other serves on its next request.
+
+Each node keeps its own tenants store in its data dir (tenants, tokens and policies are not
+shared yet), so each gets the same tenant and a token of its own."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, write_vault_config
+from server_support import ALL_KEY_PERMISSIONS, Service, start_service
+
+import strongroom
+from strongroom.errors import KeyNotFound
+from strongroom.service.tenants import TenantStore
+
+DATA = b"two nodes, one store"
+
+
+def node_config(directory: Path, url: str) -> Path:
+    directory.mkdir()
+    cfg = write_vault_config(directory, store_url=url)
+    with cfg.open("a", encoding="utf-8") as f:
+        f.write(f'\n[server]\nsocket = "{directory / "serve.sock"}"\nrate_limit = 0\n')
+    return cfg
+
+
+def tenant_token(cfg: Path) -> str:
+    (cfg.parent / "data").mkdir(mode=0o700, exist_ok=True)
+    store = TenantStore(cfg.parent / "data" / "tenants.sqlite")
+    try:
+        store.create_tenant("acme")
+        token = store.issue_token("acme", "app")
+        store.grant("acme", "app", "*", ALL_KEY_PERMISSIONS)
+        return token
+    finally:
+        store.close()
+
+
+def test_two_serve_nodes_on_one_database_serve_the_same_keys(
+    pg_cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(VAULT_PASS_ENV, VAULT_PASSPHRASE)
+    url = pg_cluster.new_database()
+    configs = [node_config(tmp_path / name, url) for name in ("a", "b")]
+    with strongroom.open(configs[0]) as ks:
+        ks.vault_control().initialize()  # one vault, in the database, for both nodes
+    tokens = [tenant_token(cfg) for cfg in configs]
+    nodes: list[Service] = []
+    try:
+        nodes = [start_service(cfg) for cfg in configs]
+        with (
+            strongroom.connect(nodes[0].unix, token=tokens[0]) as a,
+            strongroom.connect(nodes[1].unix, token=tokens[1]) as b,
+        ):
+            a.generate("k", "ed25519")
+            a.verify("k", DATA, b.sign("k", DATA))  # made on a, served by b
+            assert b.rotate("k").version == 2
+            assert a.info("k").version == 2
+            assert [v.version for v in a.versions("k")] == [1, 2]
+            a.delete("k")
+            with pytest.raises(KeyNotFound):
+                b.sign("k", DATA)
+    finally:
+        for node in nodes:
+            node.stop()
+    assert all(node.process.returncode == 0 for node in nodes)
+
+
+def test_a_node_answers_503_with_retry_after_while_postgres_is_down_then_recovers(
+    pg_cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(VAULT_PASS_ENV, VAULT_PASSPHRASE)
+    cfg = node_config(tmp_path / "a", pg_cluster.new_database())
+    with strongroom.open(cfg) as ks:
+        ks.vault_control().initialize()
+    token = tenant_token(cfg)
+    node = start_service(cfg)
+    try:
+        with httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(node.socket)),
+            base_url="http://strongroom",
+            headers={"authorization": f"Bearer {token}"},
+            timeout=60,
+        ) as c:
+            sign = {"data": base64.b64encode(DATA).decode()}
+            assert c.post("/v1/keys", json={"name": "k", "type": "ed25519"}).status_code == 201
+            assert c.post("/v1/keys/k/sign", json=sign).status_code == 200
+            pg_cluster.stop("fast")
+            try:
+                for _ in range(2):  # the dropped connection, then no server at all
+                    r = c.post("/v1/keys/k/sign", json=sign)
+                    assert r.status_code == 503, r.text
+                    assert r.headers["retry-after"] == "1"
+                    assert "host=" not in r.text  # the store's address is the operator's
+            finally:
+                pg_cluster.start()
+            assert c.post("/v1/keys/k/sign", json=sign).status_code == 200
+            r = c.post("/v1/keys", json={"name": "k2", "type": "ed25519"})
+            assert r.status_code == 201, r.text
+    finally:
+        node.stop()
+    assert node.process.returncode == 0
