@@ -282,7 +282,13 @@ def parse(raw: Mapping[str, Any], path: str | None, text: str) -> Config:
     cfg = Config(path, [], default_data_dir(), "default", "file", {}, text)
     for top in raw:
         if top not in (
-            "keystore", "store", "backends", "server", "ssh_agent", "pkcs11_server", "kmip"
+            "keystore",
+            "store",
+            "backends",
+            "server",
+            "ssh_agent",
+            "pkcs11_server",
+            "kmip",
         ):
             what = "table" if isinstance(raw[top], dict) else "key"
             raise cfg.error(
