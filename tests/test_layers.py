@@ -119,6 +119,9 @@ WIRE = "strongroom.service.wire"
 SSHAGENT = "strongroom.sshagent"
 """The SSH agent, a face over KeyAPI: the contract, `audit` (the principal of its sign
 records) and itself; never the keystore, so it serves a RemoteKeystore the same way."""
+UNIXSERVER = "strongroom.unixserver"
+"""The Unix-socket server the local faces share (socket, accept loop, peer credentials): it
+imports errors only, and only the faces built on it import it."""
 PKCS11SERVER = "strongroom.pkcs11server"
 """The PKCS#11 server, a face over KeyAPI like the SSH agent: the contract and itself; never
 the keystore, so it serves a RemoteKeystore the same way."""
@@ -347,15 +350,19 @@ def may_import(importer: str, imported: str) -> bool:
         return imported in CONTRACT | RUNTIME
     if importer in RECIPES:
         return imported in CONTRACT
+    if importer == UNIXSERVER:
+        return imported == "strongroom.errors"
     if importer == SSHAGENT or importer.startswith(SSHAGENT + "."):
         return (
             imported in CONTRACT | AUDIT
+            or imported == UNIXSERVER
             or imported == SSHAGENT
             or imported.startswith(SSHAGENT + ".")
         )
     if importer == PKCS11SERVER or importer.startswith(PKCS11SERVER + "."):
         return (
             imported in CONTRACT
+            or imported == UNIXSERVER
             or imported == PKCS11SERVER
             or imported.startswith(PKCS11SERVER + ".")
         )

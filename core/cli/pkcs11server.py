@@ -3,12 +3,7 @@ p11-kit's client module (docs/pkcs11-server.md)."""
 
 from __future__ import annotations
 
-import logging
-import os
-import signal
-import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -16,10 +11,9 @@ from .. import config as config_mod
 from ..errors import ConfigError, InvalidArgument
 from ..pkcs11server import Pkcs11Server, Settings, TokenSpec
 from ..secrets import SecretSource
-from ._io import EXIT_OTHER, StrongroomCommand
+from ._daemon import detach_or_serve, serve_until_signal
+from ._io import StrongroomCommand
 from ._state import State, pass_state
-
-_READY = b"ready\n"
 
 
 @click.command("pkcs11-server", cls=StrongroomCommand)
@@ -54,24 +48,12 @@ def pkcs11_server(state: State, socket_path: str | None, foreground: bool) -> No
     # keystore is opened after it, in the serving process (a PKCS#11 or TPM session does
     # not survive a fork).
     server = Pkcs11Server(None, settings, Path(socket_path) if socket_path else cfg.socket)
-    if foreground:
-        _serve(state, server)
-        return
-    ready_r, ready_w = os.pipe()
-    pid = os.fork()
-    if pid:  # the parent: wait until the server serves, then tell the shell where it is
-        os.close(ready_w)
-        server.detach()
-        with os.fdopen(ready_r, "rb") as ready:
-            status = ready.read(len(_READY))
-        if status != _READY:
-            _, wait_status = os.waitpid(pid, 0)
-            sys.exit(os.waitstatus_to_exitcode(wait_status) or EXIT_OTHER)
-        click.echo(_environment(server.address), nl=False)
-        return
-    os.close(ready_r)
-    os.setsid()
-    _serve(state, server, ready_fd=ready_w)
+    detach_or_serve(
+        server,
+        foreground,
+        lambda pid: _environment(server.address),
+        lambda ready_fd: _serve(state, server, ready_fd),
+    )
 
 
 def _environment(address: str) -> str:
@@ -80,38 +62,18 @@ def _environment(address: str) -> str:
 
 
 def _serve(state: State, server: Pkcs11Server, ready_fd: int | None = None) -> None:
-    """Open the keystore, say so, serve until SIGTERM, SIGINT or SIGHUP, then remove the
-    socket."""
+    """Open the keystore, then serve until SIGTERM, SIGINT or SIGHUP (cli/_daemon.py)."""
     try:
         ks = state.keystore()
         ks.keys()  # opens the keystore now: passphrase, PIN, token
-        server.ks = ks
-        if ready_fd is None:
-            click.echo(_environment(server.address), nl=False)
-            sys.stdout.flush()
-            handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter("strongroom pkcs11-server: %(message)s"))
-            logger = logging.getLogger("strongroom.pkcs11server")
-            logger.addHandler(handler)
-            logger.setLevel(logging.INFO)
-        else:
-            os.write(ready_fd, _READY)
-            os.close(ready_fd)
-            _to_dev_null()
-
-        def stop(signum: int, frame: Any) -> None:
-            server.shutdown()
-
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, stop)
-        server.serve_forever()
-    finally:
+    except BaseException:
         server.close()
-
-
-def _to_dev_null() -> None:
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    if null > 2:
-        os.close(null)
+        raise
+    server.ks = ks
+    serve_until_signal(
+        server,
+        ready_fd,
+        _environment(server.address),
+        "strongroom.pkcs11server",
+        "strongroom pkcs11-server",
+    )

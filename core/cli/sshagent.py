@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import signal
-import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
 from .. import config as config_mod
 from ..errors import InvalidArgument
 from ..sshagent import Agent, AgentServer, AgentSettings, KeyPolicy, host_fingerprint
-from ._io import EXIT_OTHER, StrongroomCommand
+from ._daemon import detach_or_serve, serve_until_signal
+from ._io import StrongroomCommand
 from ._state import State, pass_state
-
-_READY = b"ready\n"
 
 
 @click.command("ssh-agent", cls=StrongroomCommand)
@@ -64,24 +59,12 @@ def ssh_agent(
     # keystore is opened after it, in the agent's process (a PKCS#11 or TPM session does
     # not survive a fork).
     server = AgentServer(None, Path(socket_path) if socket_path else cfg.socket)
-    if foreground:
-        _serve(state, server, settings)
-        return
-    ready_r, ready_w = os.pipe()
-    pid = os.fork()
-    if pid:  # the parent: wait until the agent serves, then tell the shell where it is
-        os.close(ready_w)
-        server.detach()
-        with os.fdopen(ready_r, "rb") as ready:
-            status = ready.read(len(_READY))
-        if status != _READY:  # the agent failed, and printed why: exit with its code
-            _, wait_status = os.waitpid(pid, 0)
-            sys.exit(os.waitstatus_to_exitcode(wait_status) or EXIT_OTHER)
-        click.echo(_environment(server.path, pid), nl=False)
-        return
-    os.close(ready_r)
-    os.setsid()
-    _serve(state, server, settings, ready_fd=ready_w)
+    detach_or_serve(
+        server,
+        foreground,
+        lambda pid: _environment(server.path, pid),
+        lambda ready_fd: _serve(state, server, settings, ready_fd),
+    )
 
 
 def _policy(p: config_mod.SshAgentPolicy) -> KeyPolicy:
@@ -111,39 +94,18 @@ def _environment(path: Path, pid: int) -> str:
 def _serve(
     state: State, server: AgentServer, settings: AgentSettings, ready_fd: int | None = None
 ) -> None:
-    """Open the keystore, say so (the environment, or `ready` to the waiting parent), serve
-    until SIGTERM, SIGINT or SIGHUP, then remove the socket."""
+    """Open the keystore, then serve until SIGTERM, SIGINT or SIGHUP (cli/_daemon.py)."""
     try:
         agent = Agent(state.keystore(), settings)
         agent.identities(strict=True)  # opens the keystore now: passphrase, PIN, token
-        server.agent = agent
-        if ready_fd is None:
-            click.echo(_environment(server.path, os.getpid()), nl=False)
-            sys.stdout.flush()
-            handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter("strongroom ssh-agent: %(message)s"))
-            logger = logging.getLogger("strongroom.sshagent")
-            logger.addHandler(handler)
-            logger.setLevel(logging.INFO)
-        else:
-            os.write(ready_fd, _READY)
-            os.close(ready_fd)
-            _to_dev_null()
-
-        def stop(signum: int, frame: Any) -> None:
-            server.shutdown()
-
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, stop)
-        server.serve_forever()
-    finally:
+    except BaseException:
         server.close()
-
-
-def _to_dev_null() -> None:
-    """A detached agent keeps no terminal: stdin, stdout and stderr go to /dev/null."""
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    if null > 2:
-        os.close(null)
+        raise
+    server.agent = agent
+    serve_until_signal(
+        server,
+        ready_fd,
+        _environment(server.path, os.getpid()),
+        "strongroom.sshagent",
+        "strongroom ssh-agent",
+    )
