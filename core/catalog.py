@@ -207,8 +207,12 @@ class Catalog:
     def write(self, sql: str, args: tuple[object, ...]) -> int:
         """One statement in the transaction in progress (or one of its own); rows changed.
         It changes no catalog row, so other processes' catalog caches stay good."""
-        with self._lock, self.transaction(), self._storage("write"):
-            return int(self._store.execute(sql, args).rowcount)
+        with self._lock:
+            if self._depth:  # a statement is atomic on its own: no savepoint needed
+                with self._storage("write"):
+                    return int(self._store.execute(sql, args).rowcount)
+            with self.transaction(), self._storage("write"):
+                return int(self._store.execute(sql, args).rowcount)
 
     @property
     def in_transaction(self) -> bool:

@@ -22,20 +22,20 @@ def add_aes_keys(vault: VaultBackend, count: int, prefix: str = "bulk") -> None:
     assert state is not None
     material = bytearray(32)
     store = vault._rows
+    records = []
+    with state.pool.borrow(1) as (record_key, _):
+        for i in range(count):
+            sodium.random_into(memoryview(material))
+            probe = Record(
+                os.urandom(16).hex(), f"{prefix}-{i}", "default", KeyType.AES_256,
+                ("decrypt", "encrypt"), False, "2026-01-01T00:00:00+00:00", None, b"", 1,
+            )  # fmt: skip
+            aad = rows.record_aad(state.vault_id, probe)
+            records.append(replace(probe, sealed=sodium.seal(record_key, material, aad)))
     with store.transaction():
         manifest = vault._current(state)
-        with state.pool.borrow(1) as (record_key, _):
-            for i in range(count):
-                sodium.random_into(memoryview(material))
-                probe = Record(
-                    os.urandom(16).hex(), f"{prefix}-{i}", "default", KeyType.AES_256,
-                    ("decrypt", "encrypt"), False, "2026-01-01T00:00:00+00:00", None, b"", 1,
-                )  # fmt: skip
-                aad = rows.record_aad(state.vault_id, probe)
-                row = rows.to_row(
-                    state, replace(probe, sealed=sodium.seal(record_key, material, aad))
-                )
-                store.put(row)
-                manifest = manifest.added(row)
+        for row in rows.to_rows(state, records):
+            store.put(row)
+            manifest = manifest.added(row)
         vault._commit(state, manifest)
     material[:] = bytes(32)

@@ -302,8 +302,7 @@ class VaultBackend(VaultControlMixin, Backend):
         store = self._rows
         store.clear()
         manifest = rows.Manifest.empty()
-        for rec in state.records.values():
-            row = rows.to_row(state, rec)
+        for row in rows.to_rows(state, state.records.values()):
             store.put(row)
             manifest = manifest.added(row)
         manifest = replace(manifest, counter=max(state.generation, manifest.counter))

@@ -215,8 +215,7 @@ class VaultControlMixin(KeySlots):
         with self._rows.transaction():  # one consistent view; writers wait
             manifest = self._current(state)
             all_rows = list(self._rows.rows())
-        for row in all_rows:
-            rows.from_row(state, row, where)
+        rows.from_rows(state, all_rows, where)
         if not manifest.matches(all_rows):
             raise SnapshotTampered(
                 f"the vault in {where} does not match its manifest: key records were removed, "
@@ -475,7 +474,7 @@ class VaultControlMixin(KeySlots):
                 f"the vault in {where} does not match its manifest: key records were removed, "
                 "added or replaced outside Strongroom; not writing a backup of it"
             )
-        records = [rows.from_row(state, r, where) for r in all_rows]
+        records = rows.from_rows(state, all_rows, where)
         data = self._encode_snapshot(state, records, manifest.counter)
         destination = destination.expanduser()
         try:
@@ -511,8 +510,8 @@ class VaultControlMixin(KeySlots):
         state = self._require()
         where = self._rows.location
         return [
-            replace(rows.from_row(state, r, where).info(), backend=self.name)
-            for r in self._rows.rows()
+            replace(rec.info(), backend=self.name)
+            for rec in rows.from_rows(state, list(self._rows.rows()), where)
         ]
 
 
