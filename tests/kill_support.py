@@ -44,3 +44,14 @@ def kill_after_progress(
         buffer += chunk
     lines += [raw.decode() for raw in buffer.split(b"\n") if raw]
     return lines, status
+
+
+def apply_change(model: dict[str, int], op: str, name: str) -> None:
+    """What an acknowledged change does to {key name: primary version}: generate and import
+    make version 1, rotate adds one, delete removes the key, trim changes neither."""
+    if op in ("generate", "import"):
+        model[name] = 1
+    elif op == "rotate":
+        model[name] += 1
+    elif op == "delete":
+        del model[name]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from conftest import store_sql
-from kill_support import kill_after_progress
+from kill_support import apply_change, kill_after_progress
 
 import strongroom
 
@@ -68,15 +68,6 @@ def _child(cfg: Path, round_no: int, seed: int, w: int) -> None:
         traceback.print_exc()
     finally:
         os._exit(code)  # never run pytest's teardown in the child
-
-
-def _apply(model: dict[str, int], op: str, name: str) -> None:
-    if op in ("generate", "import"):
-        model[name] = 1
-    elif op == "rotate":
-        model[name] += 1
-    else:
-        del model[name]
 
 
 def _agreement(cfg: Path) -> dict[str, int]:
@@ -137,14 +128,14 @@ def test_sigkill_during_rounds_of_key_changes(store_config: tuple[Path, int]) ->
                 _, op, name = line.split()
                 pending = (op, name)
             elif line == "E" and pending is not None:
-                _apply(model, *pending)
+                apply_change(model, *pending)
                 pending = None
                 finished += 1
         actual = _agreement(vault_config)
         if pending is not None:  # landed whole, or not at all
             op, name = pending
             after = dict(model)
-            _apply(after, op, name)
+            apply_change(after, op, name)
             assert actual in (model, after), f"{where}: {op} {name} left a half state"
             in_flight_landed += actual == after != model
             model = actual

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import os
 import random
-import sqlite3
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, write_vault_config
-from kill_support import kill_after_progress
+from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, store_sql, write_vault_config
+from kill_support import apply_change, kill_after_progress
 from pkcs11_support import PIN_ENV as HSM_PIN_ENV
 from pkcs11_support import SoftHsm, softhsm
 from pkcs11_support import write_config as write_hsm_config
@@ -97,15 +96,6 @@ def _read_all(r: int) -> list[str]:
     return b"".join(chunks).decode().splitlines()
 
 
-def _apply(model: dict[str, int], op: str, name: str) -> None:
-    if op in ("generate", "import"):
-        model[name] = 1
-    elif op == "rotate":
-        model[name] += 1
-    elif op == "delete":
-        del model[name]
-
-
 def _works(ks: Keystore, name: str) -> None:
     info = ks.info(name)
     if info.type.value == "aes-256":
@@ -122,20 +112,14 @@ def _settle(ks: Keystore, pending: tuple[str, str] | None) -> None:
     ks.repair_orphans(lambda orphan: True)
 
 
-def _agreement(ks: Keystore, backend: str, data_dir: Path) -> dict[str, int]:
+def _agreement(ks: Keystore, backend: str, cfg: Path) -> dict[str, int]:
     """{name: primary version}; asserts the backend holds exactly the catalog's versions."""
-    db = sqlite3.connect(data_dir / "catalog.sqlite")
-    try:
-        versions = {
-            (str(h))
-            for (h,) in db.execute("SELECT handle FROM key_versions WHERE backend=?", (backend,))
-        }
-        primaries = {str(k): int(v) for k, v in db.execute("SELECT name, version FROM keys")}
-        if backend == "vault":
-            rows = {str(h) for (h,) in db.execute("SELECT record_id FROM vault_records")}
-            assert rows == versions, (sorted(rows - versions)[:3], sorted(versions - rows)[:3])
-    finally:
-        db.close()
+    sql = "SELECT handle FROM key_versions WHERE backend=?"
+    versions = {str(h) for (h,) in store_sql(cfg, sql, backend)}
+    primaries = {str(k): int(str(v)) for k, v in store_sql(cfg, "SELECT name, version FROM keys")}
+    if backend == "vault":
+        rows = {str(h) for (h,) in store_sql(cfg, "SELECT record_id FROM vault_records")}
+        assert rows == versions, (sorted(rows - versions)[:3], sorted(versions - rows)[:3])
     if backend == "hsm":
         owned = set(ks.backend("hsm").owned_keys())  # type: ignore[attr-defined]
         assert owned == versions, (sorted(owned - versions)[:3], sorted(versions - owned)[:3])
@@ -168,7 +152,7 @@ def run_kills(cfg: Path, backend: str, rounds: int) -> str:
     with strongroom.open(cfg) as ks:
         for i in range(4):
             ks.generate(f"base{i}", "ecdsa-p256", backend=backend)
-        model = _agreement(ks, backend, data_dir)
+        model = _agreement(ks, backend, cfg)
     finished = landed = 0
     for round_no in range(rounds):
         r, w = os.pipe()
@@ -189,14 +173,14 @@ def run_kills(cfg: Path, backend: str, rounds: int) -> str:
                 _, op, name = line.split()
                 pending = (op, name)
             elif line == "E" and pending is not None:
-                _apply(model, *pending)
+                apply_change(model, *pending)
                 pending, finished = None, finished + 1
         with strongroom.open(cfg) as ks:
             _settle(ks, pending)
-            actual = _agreement(ks, backend, data_dir)
+            actual = _agreement(ks, backend, cfg)
             if pending is not None:  # landed whole, or not at all
                 after = dict(model)
-                _apply(after, *pending)
+                apply_change(after, *pending)
                 assert actual in (model, after), f"{where}: {pending} left a half state"
                 landed += actual == after != model
                 model = actual

@@ -12,13 +12,12 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import store_state
+from conftest import store_sql, store_state
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from fido_authenticator import Presence, SoftAuthenticator, open_with_authenticator
 from pkcs11_support import SoftHsm, list_objects, softhsm
@@ -114,21 +113,14 @@ def config(tmp_path: Path, swtpm: Swtpm, softhsm: SoftHsm) -> Path:
 
 def header(config: Path) -> dict[str, Any]:
     """The vault id and key slots, from the store's header row."""
-    db = sqlite3.connect(config.parent / "data" / "catalog.sqlite")
-    try:
-        vault_id, slots = db.execute("SELECT vault_id, slots FROM vault_headers").fetchone()
-    finally:
-        db.close()
-    return {"vault_id": vault_id, "slots": json.loads(slots)}
+    ((vault_id, slots),) = store_sql(config, "SELECT vault_id, slots FROM vault_headers")
+    return {"vault_id": vault_id, "slots": json.loads(str(slots))}
 
 
 def set_slots(config: Path, slots: list[dict[str, Any]]) -> None:
     """What an attacker with write access to the store does to the key slots."""
-    db = sqlite3.connect(config.parent / "data" / "catalog.sqlite")
-    with db:
-        text = json.dumps(slots, sort_keys=True, separators=(",", ":"))  # as the vault writes
-        db.execute("UPDATE vault_headers SET slots=?", (text,))
-    db.close()
+    text = json.dumps(slots, sort_keys=True, separators=(",", ":"))  # as the vault writes
+    store_sql(config, "UPDATE vault_headers SET slots=?", text)
 
 
 def open_vault(

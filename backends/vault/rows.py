@@ -14,7 +14,6 @@ counted (docs/storage.md).
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import struct
@@ -28,7 +27,7 @@ from strongroom.memory import constant_time_equal
 from strongroom.storage import VaultHeader, VaultRow
 from strongroom.types import KeyType
 
-from .state import Record, _Open
+from .state import Record, _b64, _Open, _unb64
 
 _ROW_MAC = b"srvault-row-mac1"
 _MANIFEST_MAC = b"srvault-manifst1"
@@ -273,13 +272,3 @@ def read_manifest(state: _Open, header: VaultHeader, where: str) -> Manifest:
             "were modified"
         )
     return manifest
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def _unb64(text: object) -> bytes:
-    if not isinstance(text, str):
-        raise ValueError("not base64 text")
-    return base64.b64decode(text, validate=True)

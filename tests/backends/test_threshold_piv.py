@@ -9,13 +9,12 @@ reader, another card in its place.
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pcsc_support
 import pytest
-from conftest import store_state
+from conftest import store_sql, store_state
 from piv_card import DEFAULT_PIN, PivCard
 from piv_support import (
     PIV_PIN_ENV,
@@ -63,12 +62,8 @@ def config(
 
 
 def slots_in_store(config: Path) -> list[dict[str, Any]]:
-    db = sqlite3.connect(config.parent / "data" / "catalog.sqlite")
-    try:
-        (slots,) = db.execute("SELECT slots FROM vault_headers").fetchone()
-    finally:
-        db.close()
-    return list(json.loads(slots))
+    ((slots,),) = store_sql(config, "SELECT slots FROM vault_headers")
+    return list(json.loads(str(slots)))
 
 
 def unlock(config: Path) -> tuple[Keystore, str]:
