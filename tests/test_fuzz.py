@@ -18,7 +18,7 @@ import copy
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -759,8 +759,11 @@ def test_every_ssh_agent_seed_is_served(ssh_agent_seeds: tuple[Any, list[bytes]]
 
 # -- the PKCS#11 server's requests ----------------------------------------------------------------
 @pytest.fixture(scope="module")
-def pkcs11_seeds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, list[bytes]]]:
-    """A vault token with a P-256 and an RSA key, a logged-in session, and real requests:
+def pkcs11_seeds(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Callable[[], Any], list[bytes]]]:
+    """A vault token with a P-256 and an RSA key, a way to open a logged-in client connection
+    to it, and real requests:
     info, slots, token, mechanisms, find (with a nested template), get attributes, sign,
     verify, random."""
     import struct
@@ -783,13 +786,18 @@ def pkcs11_seeds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any
         ks.vault_control().initialize()
         ks.generate("p", "ecdsa-p256")
         ks.generate("r", "rsa-2048")
-        conn = Connection(ks, Settings((TokenSpec("t", ("*",)),), pin="1234"))
-        for body in (
-            wire.request("C_Initialize", ay(wire.HANDSHAKE), b"\x00", ay(b"")),
-            wire.request("C_OpenSession", u(0), u(ck.CKF_SERIAL_SESSION)),
-            wire.request("C_Login", u(1), u(ck.CKU_USER), ay(b"1234")),
-        ):
-            assert conn.handle(body)[:4] != b"\x00\x00\x00\x00"
+
+        def connection() -> Any:
+            """A client connection initialised, with session 1 open and logged in."""
+            conn = Connection(ks, Settings((TokenSpec("t", ("*",)),), pin="1234"))
+            for body in (
+                wire.request("C_Initialize", ay(wire.HANDSHAKE), b"\x00", ay(b"")),
+                wire.request("C_OpenSession", u(0), u(ck.CKF_SERIAL_SESSION)),
+                wire.request("C_Login", u(1), u(ck.CKU_USER), ay(b"1234")),
+            ):
+                assert conn.handle(body)[:4] != b"\x00\x00\x00\x00"
+            return conn
+
         nested = struct.pack(">IBI", ck.CKA_WRAP_TEMPLATE, 1, 24) + struct.pack(">I", 1)
         nested += attr_ulong(ck.CKA_CLASS, ck.CKO_PRIVATE_KEY)
         seeds = [
@@ -816,19 +824,27 @@ def pkcs11_seeds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any
             wire.request("C_GenerateRandom", u(1), struct.pack(">I", 16)),
             wire.request("C_Logout", u(1)),
         ]  # fmt: skip
-        yield conn, seeds
+        yield connection, seeds
+
+
+@pytest.fixture(scope="module")
+def pkcs11_fuzzed(pkcs11_seeds: tuple[Callable[[], Any], list[bytes]]) -> Any:
+    """The one connection the fuzzed requests share (its state drifts as they run)."""
+    return pkcs11_seeds[0]()
 
 
 @FUZZ
 @given(data=st.data())
-def test_pkcs11_requests(pkcs11_seeds: tuple[Any, list[bytes]], data: st.DataObject) -> None:
+def test_pkcs11_requests(
+    pkcs11_seeds: tuple[Callable[[], Any], list[bytes]], pkcs11_fuzzed: Any, data: st.DataObject
+) -> None:
     """The decoder raises only Pkcs11MessageError; the server answers every request body with
     one well-formed reply (its call's, or ERROR with a CK_RV) and never raises."""
     from strongroom.errors import Pkcs11MessageError
     from strongroom.pkcs11server import wire
     from strongroom.pkcs11server.token import Session
 
-    conn, seeds = pkcs11_seeds
+    conn, seeds = pkcs11_fuzzed, pkcs11_seeds[1]
     body = data.draw(st.one_of(mutated(data.draw(st.sampled_from(seeds))), st.binary(max_size=64)))
     with contextlib.suppress(Pkcs11MessageError):
         wire.decode(body, 1)
@@ -842,9 +858,11 @@ def test_pkcs11_requests(pkcs11_seeds: tuple[Any, list[bytes]], data: st.DataObj
     conn.logged_in.add(0)
 
 
-def test_every_pkcs11_seed_is_served(pkcs11_seeds: tuple[Any, list[bytes]]) -> None:
-    """The positive control: unmutated, each seed but the bad-signature verify succeeds."""
-    conn, seeds = pkcs11_seeds
+def test_every_pkcs11_seed_is_served(pkcs11_seeds: tuple[Callable[[], Any], list[bytes]]) -> None:
+    """The positive control: unmutated, each seed but the bad-signature verify succeeds, on
+    a fresh connection (the fuzzed one may be left mid-operation by a mutated request)."""
+    connection, seeds = pkcs11_seeds
+    conn = connection()
     for body in seeds:
         reply = conn.handle(body)
         failed = reply[:4] == b"\x00\x00\x00\x00"
