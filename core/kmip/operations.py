@@ -12,10 +12,14 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
-from ..algorithms import AES_CBC_PAD, CBC_IV
+from cryptography.exceptions import InvalidSignature
+
+from ..algorithms import AES_CBC_PAD, CBC_IV, verify_signature
 from ..api import KeyAPI
 from ..errors import (
     IntegrityError,
@@ -27,12 +31,15 @@ from ..errors import (
     UnsupportedOperation,
 )
 from ..types import KeyType, Usage
-from . import ttlv
+from . import keyblocks, ttlv
+from .keyblocks import ASYMMETRIC, SYMMETRIC, KmipFailure, algorithm_of, key_type_of
 from .store import KmipObject, ObjectStore
 from .tags import (
     BlockCipherMode,
+    CertificateType,
     CryptographicAlgorithm,
     KeyFormatType,
+    LinkType,
     ObjectType,
     Operation,
     PaddingMethod,
@@ -43,6 +50,7 @@ from .tags import (
     State,
     Tag,
     UsageMask,
+    ValidityIndicator,
 )
 from .ttlv import Item, Type, structure
 
@@ -56,23 +64,31 @@ UID_PREFIX = "kmip-"
 GCM_NONCE, GCM_TAG = 12, 16
 
 
-class KmipFailure(Exception):
-    """An operation failed with this KMIP result reason; `message` goes to the client."""
+MAX_RANDOM = 1 << 16
+"""RNGRetrieve's Data Length at most (64 KiB)."""
+KEYSTORE_OBJECTS = frozenset({ObjectType.SYMMETRIC_KEY, ObjectType.PRIVATE_KEY})
+"""Objects that are a key in the keystore (named by the Unique Identifier). A public key
+and a certificate are not secret: the object store keeps their DER."""
 
-    def __init__(self, reason: ResultReason, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
+Auditor = Callable[..., AbstractContextManager[dict[str, Any]]]
+"""`Keystore.audited` of the tenant's view: `audited(operation, uid, **detail)` records what
+KMIP does without a KeyAPI call (a public key or certificate), with the session's actor."""
+
+
+def _never(_permission: str) -> bool:
+    return False
 
 
 @dataclass(frozen=True)
 class Access:
     """What a session may do: `may(permission, uid)` asks the tenant's policies (by the
-    object's Unique Identifier, which is the key's name); `principal` names the actor."""
+    object's Unique Identifier, which is the key's name); `may_any(permission)` whether a
+    policy grants it on any name (RNGRetrieve's `random`); `principal` names the actor."""
 
     tenant: str
     principal: str
     may: Callable[[str, str], bool]
+    may_any: Callable[[str], bool] = field(default=_never)
 
 
 # -- small builders ----------------------------------------------------------------------------
@@ -129,12 +145,39 @@ _DATES = {
 _KEPT = ("Name", "Object Group", "Operation Policy Name", "Application Specific Information")
 """Attributes a client sets that are kept as given (besides `x-`/`y-` custom ones)."""
 _MASK_USAGE = {
+    UsageMask.SIGN: Usage.SIGN,
+    UsageMask.VERIFY: Usage.VERIFY,
     UsageMask.ENCRYPT: Usage.ENCRYPT,
     UsageMask.DECRYPT: Usage.DECRYPT,
     UsageMask.WRAP_KEY: Usage.WRAP,
     UsageMask.UNWRAP_KEY: Usage.UNWRAP,
     UsageMask.DERIVE_KEY: Usage.DERIVE,
+    UsageMask.MAC_GENERATE: Usage.SIGN,  # an HMAC key's sign is its MAC
+    UsageMask.MAC_VERIFY: Usage.VERIFY,
 }
+_PUBLIC_BITS = UsageMask.VERIFY | UsageMask.ENCRYPT | UsageMask.WRAP_KEY
+"""What a public key does: the usage mask bits CreateKeyPair gives the public object."""
+
+
+def _mask_of(key_type: KeyType, usage: frozenset[Usage], exportable: bool) -> int:
+    """The Cryptographic Usage Mask of a keystore key."""
+    hmac_key = key_type is KeyType.HMAC_SHA256
+    mask = 0
+    for bit, u in _MASK_USAGE.items():
+        mac_bit = bit in (UsageMask.MAC_GENERATE, UsageMask.MAC_VERIFY)
+        if u in usage and mac_bit == hmac_key:
+            mask |= bit
+    return mask | (UsageMask.EXPORT if exportable else 0)
+
+
+def _link(link_type: LinkType, uid: str) -> str:
+    """A Link attribute's value as the object store keeps it (encoded TTLV, hex)."""
+    value = structure(
+        Tag.ATTRIBUTE_VALUE,
+        _enum(Tag.LINK_TYPE, link_type),
+        _text(Tag.LINKED_OBJECT_IDENTIFIER, uid),
+    )
+    return ttlv.encode(value).hex()
 
 
 def _reason_of(e: StrongroomError) -> ResultReason:
@@ -159,13 +202,20 @@ class Session:
     """One client's connection: answers request messages (`handle`)."""
 
     def __init__(
-        self, keys: KeyAPI, store: ObjectStore, access: Access, backend: str | None
+        self,
+        keys: KeyAPI,
+        store: ObjectStore,
+        access: Access,
+        backend: str | None,
+        audited: Auditor,
     ) -> None:
         self.keys, self.store, self.access, self.backend = keys, store, access, backend
+        self.audited = audited
         self._ops: dict[int, Callable[[Item], list[Item | None]]] = {
             Operation.DISCOVER_VERSIONS: self.discover_versions,
             Operation.QUERY: self.query,
             Operation.CREATE: self.create,
+            Operation.CREATE_KEY_PAIR: self.create_key_pair,
             Operation.REGISTER: self.register,
             Operation.GET: self.get,
             Operation.GET_ATTRIBUTES: self.get_attributes,
@@ -176,6 +226,11 @@ class Session:
             Operation.DESTROY: self.destroy,
             Operation.ENCRYPT: self.encrypt,
             Operation.DECRYPT: self.decrypt,
+            Operation.SIGN: self.sign,
+            Operation.SIGNATURE_VERIFY: self.signature_verify,
+            Operation.MAC: self.mac,
+            Operation.MAC_VERIFY: self.mac_verify,
+            Operation.RNG_RETRIEVE: self.rng_retrieve,
         }
         self._placeholder: str | None = None  # the ID Placeholder of the current batch
 
@@ -292,9 +347,10 @@ class Session:
         self._placeholder = uid
         return obj
 
-    def _attributes_of(self, payload: Item) -> list[Item]:
-        """The Attribute items of a Create or Register (Template Attribute, 1.x)."""
-        template = payload.find(Tag.TEMPLATE_ATTRIBUTE)
+    def _attributes_of(self, payload: Item, tag: int = Tag.TEMPLATE_ATTRIBUTE) -> list[Item]:
+        """The Attribute items of a Create or Register (Template Attribute, 1.x), or of one
+        of CreateKeyPair's templates (`tag`)."""
+        template = payload.find(tag)
         found = [] if template is None else list(template.all(Tag.ATTRIBUTE))
         for name in template.all(Tag.NAME) if template is not None else ():
             found.append(_attribute("Name", name))  # a template's Name, not an Attribute
@@ -317,6 +373,8 @@ class Session:
                 facts["length"] = value.value
             elif name == "Cryptographic Usage Mask":
                 facts["mask"] = value.value
+            elif name == "Cryptographic Domain Parameters" and value.type is Type.STRUCTURE:
+                facts["curve"] = value.int_of(Tag.RECOMMENDED_CURVE)
             elif name in _KEPT or (name or "").startswith(("x-", "y-")):
                 assert name is not None
                 obj.attributes.setdefault(name, []).append(ttlv.encode(value).hex())
@@ -328,30 +386,62 @@ class Session:
                 )
         return uid, obj, facts
 
-    def _usage(self, facts: dict[str, object]) -> list[Usage] | None:
-        mask = facts.get("mask")
+    @staticmethod
+    def _usage(mask: object, key_type: KeyType) -> list[Usage] | None:
+        """The usage a Cryptographic Usage Mask gives a key of `key_type`: the mask's bits the
+        type allows (others, such as Export, are not usages here)."""
         if not isinstance(mask, int) or mask == 0:
             return None  # none given (PyKMIP sends 0): the key type's default usage
-        usage = [u for bit, u in _MASK_USAGE.items() if mask & bit]
+        allowed = key_type.allowed_usage
+        usage = sorted({u for bit, u in _MASK_USAGE.items() if mask & bit and u in allowed})
         if not usage:
+            can = ", ".join(sorted(u.value for u in allowed))
             raise KmipFailure(
                 ResultReason.INVALID_FIELD,
-                "the usage mask allows nothing an AES key does here (encrypt, decrypt, wrap, "
-                "unwrap, derive)",
+                f"the usage mask allows nothing a {key_type.value} key does here ({can})",
             )
         return usage
 
     @staticmethod
-    def _aes_256(facts: dict[str, object]) -> None:
-        if facts.get("algorithm") != CryptographicAlgorithm.AES:
-            raise KmipFailure(ResultReason.INVALID_FIELD, "symmetric keys here are AES")
-        if facts.get("length") not in (256, None):
-            raise KmipFailure(ResultReason.INVALID_FIELD, "AES keys here are 256 bits")
+    def _symmetric_type(facts: dict[str, object]) -> KeyType:
+        algorithm, length = facts.get("algorithm"), facts.get("length")
+        if algorithm == CryptographicAlgorithm.AES and length is None:
+            length = 256
+        key_type = key_type_of(algorithm, length)
+        if key_type not in SYMMETRIC:
+            raise KmipFailure(
+                ResultReason.INVALID_FIELD,
+                f"a {key_type.value} key is not a Symmetric Key (CreateKeyPair, or Register "
+                "a Private Key)",
+            )
+        return key_type
 
     def _activate_if_dated(self, obj: KmipObject) -> None:
         when = obj.date("Activation Date")
         if when is not None and when <= _now():
             obj.state = State.ACTIVE
+
+    def _keep(self, obj: KmipObject, key_type: KeyType | None = None) -> None:
+        """Store a new object (Active at once if its Activation Date has passed)."""
+        if key_type is not None:
+            obj.extra["algorithm"], obj.extra["length"] = algorithm_of(key_type)
+        self._activate_if_dated(obj)
+        self.store.put(self.access.tenant, obj)
+
+    @staticmethod
+    def _facts(obj: KmipObject) -> tuple[int | None, int | None]:
+        """The object's Cryptographic Algorithm and Length (first-slice objects: AES-256)."""
+        if obj.object_type == ObjectType.CERTIFICATE:
+            return None, None
+        return obj.extra.get("algorithm", CryptographicAlgorithm.AES), obj.extra.get("length", 256)
+
+    def _key_type(self, obj: KmipObject) -> KeyType:
+        algorithm, length = self._facts(obj)
+        return key_type_of(algorithm, length)
+
+    def _active(self, obj: KmipObject) -> None:
+        if obj.state != State.ACTIVE:
+            raise KmipFailure(ResultReason.ILLEGAL_OPERATION, "the key is not Active")
 
     # -- DiscoverVersions, Query ---------------------------------------------------------------
     def discover_versions(self, payload: Item) -> list[Item | None]:
@@ -368,116 +458,345 @@ class Session:
         if QueryFunction.OPERATIONS in asked:
             out += [_enum(Tag.OPERATION, op) for op in self._ops]
         if QueryFunction.OBJECTS in asked:
-            out += [_enum(Tag.OBJECT_TYPE, ObjectType.SYMMETRIC_KEY)]
+            out += [
+                _enum(Tag.OBJECT_TYPE, t)
+                for t in (
+                    ObjectType.SYMMETRIC_KEY,
+                    ObjectType.PRIVATE_KEY,
+                    ObjectType.PUBLIC_KEY,
+                    ObjectType.CERTIFICATE,
+                )
+            ]
         if QueryFunction.SERVER_INFORMATION in asked:
             out.append(_text(Tag.VENDOR_IDENTIFICATION, "Strongroom"))
         return out
 
-    # -- Create, Register ----------------------------------------------------------------------
+    # -- Create, CreateKeyPair, Register -------------------------------------------------------
     def create(self, payload: Item) -> list[Item | None]:
         if payload.int_of(Tag.OBJECT_TYPE) != ObjectType.SYMMETRIC_KEY:
-            raise KmipFailure(ResultReason.INVALID_FIELD, "Create makes symmetric keys (AES-256)")
+            raise KmipFailure(
+                ResultReason.INVALID_FIELD,
+                "Create makes symmetric keys (AES-256, HMAC-SHA256); CreateKeyPair makes pairs",
+            )
         uid, obj, facts = self._new_object(ObjectType.SYMMETRIC_KEY, self._attributes_of(payload))
-        self._aes_256(facts)
+        key_type = self._symmetric_type(facts)
         self._check("generate", uid)
         self.keys.generate(
             uid,
-            KeyType.AES_256,
+            key_type,
             backend=self.backend,
-            usage=self._usage(facts),
+            usage=self._usage(facts.get("mask"), key_type),
             exportable=self.access.may("export", uid),
         )
-        self._activate_if_dated(obj)
-        self.store.put(self.access.tenant, obj)
+        self._keep(obj, key_type)
         self._placeholder = uid
         return [_enum(Tag.OBJECT_TYPE, ObjectType.SYMMETRIC_KEY), _text(Tag.UNIQUE_IDENTIFIER, uid)]
 
+    def create_key_pair(self, payload: Item) -> list[Item | None]:
+        """A private key in the keystore and its public key beside it, linked both ways."""
+        common = self._attributes_of(payload, Tag.COMMON_TEMPLATE_ATTRIBUTE)
+        private_uid, private, pf = self._new_object(
+            ObjectType.PRIVATE_KEY,
+            common + self._attributes_of(payload, Tag.PRIVATE_KEY_TEMPLATE_ATTRIBUTE),
+        )
+        public_uid, public, uf = self._new_object(
+            ObjectType.PUBLIC_KEY,
+            common + self._attributes_of(payload, Tag.PUBLIC_KEY_TEMPLATE_ATTRIBUTE),
+        )
+        key_type = key_type_of(
+            pf.get("algorithm", uf.get("algorithm")),
+            pf.get("length", uf.get("length")),
+            pf.get("curve", uf.get("curve")),
+        )
+        if key_type not in ASYMMETRIC:
+            raise KmipFailure(
+                ResultReason.INVALID_FIELD, "CreateKeyPair makes RSA, EC and Ed25519 key pairs"
+            )
+        masks = [m for m in (pf.get("mask"), uf.get("mask")) if isinstance(m, int)]
+        mask = 0
+        for m in masks:
+            mask |= m
+        self._check("generate", private_uid)
+        self._check("generate", public_uid)
+        info = self.keys.generate(
+            private_uid,
+            key_type,
+            backend=self.backend,
+            usage=self._usage(mask, key_type),
+            exportable=self.access.may("export", private_uid),
+        )
+        der = keyblocks.public_in(self.keys.public_key(private_uid), KeyFormatType.X_509)
+        public_mask = uf.get("mask") or _mask_of(key_type, info.usage, False) & _PUBLIC_BITS
+        public.extra.update({"der": der.hex(), "format": KeyFormatType.X_509, "mask": public_mask})
+        private.attributes["Link"] = [_link(LinkType.PUBLIC_KEY_LINK, public_uid)]
+        public.attributes["Link"] = [_link(LinkType.PRIVATE_KEY_LINK, private_uid)]
+        with self.audited("kmip_register", public_uid, object_type="public_key"):
+            self._keep(public, key_type)
+        self._keep(private, key_type)
+        self._placeholder = private_uid
+        return [
+            _text(Tag.PRIVATE_KEY_UNIQUE_IDENTIFIER, private_uid),
+            _text(Tag.PUBLIC_KEY_UNIQUE_IDENTIFIER, public_uid),
+        ]
+
     def register(self, payload: Item) -> list[Item | None]:
         kind = payload.int_of(Tag.OBJECT_TYPE)
-        if kind != ObjectType.SYMMETRIC_KEY:
+        attributes = self._attributes_of(payload)
+        if kind == ObjectType.SYMMETRIC_KEY:
+            uid = self._register_symmetric(payload.need(Tag.SYMMETRIC_KEY), attributes)
+        elif kind == ObjectType.PRIVATE_KEY:
+            uid = self._register_private(payload.need(Tag.PRIVATE_KEY), attributes)
+        elif kind == ObjectType.PUBLIC_KEY:
+            uid = self._register_public(payload.need(Tag.PUBLIC_KEY), attributes)
+        elif kind == ObjectType.CERTIFICATE:
+            uid = self._register_certificate(payload.need(Tag.CERTIFICATE), attributes)
+        else:
             name = ObjectType(kind).name if kind in set(ObjectType) else str(kind)
             raise KmipFailure(
                 ResultReason.FEATURE_NOT_SUPPORTED, f"Register of {name} is not supported yet"
             )
-        block = payload.need(Tag.SYMMETRIC_KEY).need(Tag.KEY_BLOCK)
+        self._placeholder = uid
+        return [_text(Tag.UNIQUE_IDENTIFIER, uid)]
+
+    @staticmethod
+    def _key_block(obj: Item, formats: tuple[int, ...]) -> tuple[Item, int, Item, Item]:
+        """(Key Block, Key Format Type, Key Value, Key Material) of a registered key."""
+        block = obj.need(Tag.KEY_BLOCK)
         fmt = block.int_of(Tag.KEY_FORMAT_TYPE)
         if block.find(Tag.KEY_WRAPPING_DATA) is not None:
             raise KmipFailure(ResultReason.FEATURE_NOT_SUPPORTED, "wrapped keys are not taken")
+        if fmt not in formats:
+            names = ", ".join(KeyFormatType(f).name for f in formats)
+            raise KmipFailure(
+                ResultReason.KEY_FORMAT_TYPE_NOT_SUPPORTED, f"this object is registered as {names}"
+            )
         value = block.need(Tag.KEY_VALUE)
-        material_item = value.need(Tag.KEY_MATERIAL)
+        return block, fmt, value, value.need(Tag.KEY_MATERIAL)
+
+    @staticmethod
+    def _material(item: Item) -> bytes:
+        if not isinstance(item.value, bytes):
+            raise KmipMessageError("Key Material is a byte string")
+        return item.value
+
+    def _register_symmetric(self, key: Item, attributes: list[Item]) -> str:
+        block, fmt, value, material_item = self._key_block(
+            key, (KeyFormatType.RAW, KeyFormatType.TRANSPARENT_SYMMETRIC_KEY)
+        )
         if fmt == KeyFormatType.TRANSPARENT_SYMMETRIC_KEY:
             material = _transparent(material_item)
-        elif fmt == KeyFormatType.RAW:
-            if not isinstance(material_item.value, bytes):
-                raise KmipMessageError("Key Material is a byte string")
-            material = material_item.value
         else:
-            raise KmipFailure(
-                ResultReason.KEY_FORMAT_TYPE_NOT_SUPPORTED, "keys are registered Raw or Transparent"
-            )
-        attributes = self._attributes_of(payload) + list(value.all(Tag.ATTRIBUTE))
-        uid, obj, facts = self._new_object(ObjectType.SYMMETRIC_KEY, attributes)
+            material = self._material(material_item)
+        uid, obj, facts = self._new_object(
+            ObjectType.SYMMETRIC_KEY, attributes + list(value.all(Tag.ATTRIBUTE))
+        )
         facts.setdefault("algorithm", block.int_of(Tag.CRYPTOGRAPHIC_ALGORITHM))
         facts.setdefault("length", block.int_of(Tag.CRYPTOGRAPHIC_LENGTH))
-        self._aes_256(facts)
+        key_type = self._symmetric_type(facts)
         if len(material) != 32:
-            raise KmipFailure(ResultReason.INVALID_FIELD, "AES keys here are 256 bits")
+            raise KmipFailure(
+                ResultReason.INVALID_FIELD, f"a {key_type.value} key is 32 bytes of material"
+            )
         self._check("generate", uid)
         self.keys.import_key(
             uid,
-            KeyType.AES_256,
+            key_type,
             material,
             backend=self.backend,
-            usage=self._usage(facts),
+            usage=self._usage(facts.get("mask"), key_type),
             exportable=self.access.may("export", uid),
             format="raw",
         )
-        self._activate_if_dated(obj)
-        self.store.put(self.access.tenant, obj)
-        self._placeholder = uid
-        return [_text(Tag.UNIQUE_IDENTIFIER, uid)]
+        self._keep(obj, key_type)
+        return uid
+
+    def _register_private(self, key: Item, attributes: list[Item]) -> str:
+        block, fmt, value, material_item = self._key_block(
+            key,
+            (
+                KeyFormatType.RAW,
+                KeyFormatType.PKCS_1,
+                KeyFormatType.PKCS_8,
+                KeyFormatType.EC_PRIVATE_KEY,
+            ),
+        )
+        material = self._material(material_item)
+        uid, obj, facts = self._new_object(
+            ObjectType.PRIVATE_KEY, attributes + list(value.all(Tag.ATTRIBUTE))
+        )
+        facts.setdefault("algorithm", block.int_of(Tag.CRYPTOGRAPHIC_ALGORITHM))
+        facts.setdefault("length", block.int_of(Tag.CRYPTOGRAPHIC_LENGTH))
+        key_type = key_type_of(facts.get("algorithm"), facts.get("length"), facts.get("curve"))
+        if key_type not in ASYMMETRIC:
+            raise KmipFailure(
+                ResultReason.INVALID_FIELD, "private keys here are RSA, EC (P-256, P-384), Ed25519"
+            )
+        if key_type is KeyType.ED25519 and fmt == KeyFormatType.RAW and len(material) == 32:
+            flavour, how = "raw", "raw"  # the 32-byte seed
+        else:
+            flavour, how = keyblocks.der_flavour(material), "der"
+        self._check("generate", uid)
+        self.keys.import_key(
+            uid,
+            key_type,
+            material,
+            backend=self.backend,
+            usage=self._usage(facts.get("mask"), key_type),
+            exportable=self.access.may("export", uid),
+            format=how,
+        )
+        obj.extra.update({"format": fmt, "flavour": flavour})
+        self._keep(obj, key_type)
+        return uid
+
+    def _register_public(self, key: Item, attributes: list[Item]) -> str:
+        block, fmt, value, material_item = self._key_block(key, keyblocks.PUBLIC_FORMATS)
+        material = self._material(material_item)
+        public = keyblocks.load_public(material)
+        algorithm, length = keyblocks.public_facts(public)
+        declared = block.int_of(Tag.CRYPTOGRAPHIC_ALGORITHM)
+        if (
+            declared is not None
+            and declared != algorithm
+            and {declared, algorithm}
+            != {
+                CryptographicAlgorithm.EC,
+                CryptographicAlgorithm.ECDSA,
+            }
+        ):
+            raise KmipFailure(
+                ResultReason.INVALID_FIELD, "the key material is not of the Cryptographic Algorithm"
+            )
+        uid, obj, facts = self._new_object(
+            ObjectType.PUBLIC_KEY, attributes + list(value.all(Tag.ATTRIBUTE))
+        )
+        self._check("generate", uid)
+        obj.extra.update(
+            {
+                "algorithm": algorithm,
+                "length": length,
+                "der": material.hex(),
+                "format": fmt,
+                "mask": facts.get("mask") or 0,
+            }
+        )
+        with self.audited("kmip_register", uid, object_type="public_key"):
+            self._keep(obj)
+        return uid
+
+    def _register_certificate(self, cert: Item, attributes: list[Item]) -> str:
+        if cert.int_of(Tag.CERTIFICATE_TYPE) != CertificateType.X_509:
+            raise KmipFailure(ResultReason.FEATURE_NOT_SUPPORTED, "certificates here are X.509")
+        der = cert.bytes_of(Tag.CERTIFICATE_VALUE)
+        if der is None:
+            raise KmipFailure(ResultReason.MISSING_DATA, "no Certificate Value given")
+        keyblocks.load_certificate(der)
+        uid, obj, facts = self._new_object(ObjectType.CERTIFICATE, attributes)
+        self._check("generate", uid)
+        obj.extra.update({"der": der.hex(), "mask": facts.get("mask") or 0})
+        with self.audited("kmip_register", uid, object_type="certificate"):
+            self._keep(obj)
+        return uid
 
     # -- Get, attributes, Locate ---------------------------------------------------------------
     def get(self, payload: Item) -> list[Item | None]:
         uid = self._uid(payload)
-        obj = self._object(uid, "export")
-        fmt = payload.int_of(Tag.KEY_FORMAT_TYPE, KeyFormatType.RAW)
-        if fmt not in (KeyFormatType.RAW, KeyFormatType.TRANSPARENT_SYMMETRIC_KEY):
-            raise KmipFailure(
-                ResultReason.KEY_FORMAT_TYPE_NOT_SUPPORTED, "keys are given Raw or Transparent"
-            )
+        found = self.store.get(self.access.tenant, uid)
+        secret = found is None or found.object_type in KEYSTORE_OBJECTS
+        obj = self._object(uid, "export" if secret else "read")  # public keys are not secret
+        fmt = payload.int_of(Tag.KEY_FORMAT_TYPE)
         if payload.find(Tag.KEY_WRAPPING_SPECIFICATION) is not None:
             raise KmipFailure(ResultReason.FEATURE_NOT_SUPPORTED, "wrapped Get is not supported")
         if obj.state not in (State.PRE_ACTIVE, State.ACTIVE, State.DEACTIVATED, State.COMPROMISED):
             raise KmipFailure(ResultReason.ILLEGAL_OPERATION, "the object has no material")
-        material = self.keys.export_key(uid, format="raw")
-        if fmt == KeyFormatType.RAW:
-            key_material = _bytes(Tag.KEY_MATERIAL, material)
-        else:
-            key_material = structure(Tag.KEY_MATERIAL, _bytes(0x42003F, material))  # Key
-        block = structure(
-            Tag.KEY_BLOCK,
-            _enum(Tag.KEY_FORMAT_TYPE, fmt),
-            structure(Tag.KEY_VALUE, key_material),
-            _enum(Tag.CRYPTOGRAPHIC_ALGORITHM, CryptographicAlgorithm.AES),
-            _int(Tag.CRYPTOGRAPHIC_LENGTH, 8 * len(material)),
-        )
-        return [
+        head: list[Item | None] = [
             _enum(Tag.OBJECT_TYPE, obj.object_type),
             _text(Tag.UNIQUE_IDENTIFIER, uid),
-            structure(Tag.SYMMETRIC_KEY, block),
         ]
+        if obj.object_type == ObjectType.CERTIFICATE:
+            with self.audited("kmip_get", uid, object_type="certificate"):
+                der = bytes.fromhex(obj.extra["der"])
+            return [
+                *head,
+                structure(
+                    Tag.CERTIFICATE,
+                    _enum(Tag.CERTIFICATE_TYPE, CertificateType.X_509),
+                    _bytes(Tag.CERTIFICATE_VALUE, der),
+                ),
+            ]
+        if obj.object_type == ObjectType.PUBLIC_KEY:
+            registered = obj.extra["format"]
+            with self.audited("kmip_get", uid, object_type="public_key"):
+                der = bytes.fromhex(obj.extra["der"])
+                if fmt is None or fmt == registered:
+                    fmt, material = registered, der
+                else:
+                    material = keyblocks.public_in(keyblocks.load_public(der), fmt)
+            return [*head, structure(Tag.PUBLIC_KEY, self._block(obj, fmt, material))]
+        if obj.object_type == ObjectType.PRIVATE_KEY:
+            fmt, material = self._private_material(obj, fmt)
+            return [*head, structure(Tag.PRIVATE_KEY, self._block(obj, fmt, material))]
+        fmt = KeyFormatType.RAW if fmt is None else fmt
+        if fmt not in (KeyFormatType.RAW, KeyFormatType.TRANSPARENT_SYMMETRIC_KEY):
+            raise KmipFailure(
+                ResultReason.KEY_FORMAT_TYPE_NOT_SUPPORTED, "keys are given Raw or Transparent"
+            )
+        material = self.keys.export_key(uid, format="raw")
+        if fmt == KeyFormatType.TRANSPARENT_SYMMETRIC_KEY:
+            key_material = structure(Tag.KEY_MATERIAL, _bytes(0x42003F, material))  # Key
+            return [*head, structure(Tag.SYMMETRIC_KEY, self._block(obj, fmt, key_material))]
+        return [*head, structure(Tag.SYMMETRIC_KEY, self._block(obj, fmt, material))]
+
+    def _private_material(self, obj: KmipObject, fmt: int | None) -> tuple[int, bytes]:
+        """(Key Format Type, material) of a private key: with no format asked, as it was
+        registered (the same DER flavour and Key Format Type), or PKCS#8 for a created key."""
+        key_type = self._key_type(obj)
+        if fmt is None or (fmt == KeyFormatType.RAW and obj.extra.get("format") == fmt):
+            fmt = obj.extra.get("format", KeyFormatType.PKCS_8)
+            flavour = obj.extra.get("flavour", "pkcs8")
+        elif fmt in keyblocks.PRIVATE_FORMATS:
+            flavour = keyblocks.PRIVATE_FORMATS[KeyFormatType(fmt)]
+        else:
+            raise KmipFailure(
+                ResultReason.KEY_FORMAT_TYPE_NOT_SUPPORTED,
+                "private keys are given as PKCS#8, PKCS#1 (RSA), EC Private Key (EC), or as "
+                "registered",
+            )
+        if flavour == "raw":
+            return fmt, self.keys.export_key(obj.uid, format="raw")
+        pkcs8 = self.keys.export_key(obj.uid, format="der")
+        return fmt, keyblocks.private_in(pkcs8, flavour, key_type)
+
+    def _block(self, obj: KmipObject, fmt: int, material: bytes | Item) -> Item:
+        algorithm, length = self._facts(obj)
+        if isinstance(material, bytes):
+            material = _bytes(Tag.KEY_MATERIAL, material)
+        return structure(
+            Tag.KEY_BLOCK,
+            _enum(Tag.KEY_FORMAT_TYPE, fmt),
+            structure(Tag.KEY_VALUE, material),
+            None if algorithm is None else _enum(Tag.CRYPTOGRAPHIC_ALGORITHM, algorithm),
+            None if length is None else _int(Tag.CRYPTOGRAPHIC_LENGTH, length),
+        )
 
     def _all_attributes(self, obj: KmipObject) -> list[Item]:
-        info = self.keys.info(obj.uid)
-        mask = sum(int(bit) for bit, u in _MASK_USAGE.items() if u in info.usage)
-        if info.exportable:
-            mask |= UsageMask.EXPORT
+        algorithm, length = self._facts(obj)
+        if obj.object_type in KEYSTORE_OBJECTS:
+            info = self.keys.info(obj.uid)
+            mask = _mask_of(info.type, info.usage, info.exportable)
+        else:
+            mask = obj.extra.get("mask", 0)
         out = [
             _attribute("Unique Identifier", _text(0, obj.uid)),
             _attribute("Object Type", _enum(0, obj.object_type)),
-            _attribute("Cryptographic Algorithm", _enum(0, CryptographicAlgorithm.AES)),
-            _attribute("Cryptographic Length", _int(0, 256)),
+        ]
+        if obj.object_type == ObjectType.CERTIFICATE:
+            out.append(_attribute("Certificate Type", _enum(0, CertificateType.X_509)))
+        if algorithm is not None:
+            out.append(_attribute("Cryptographic Algorithm", _enum(0, algorithm)))
+        if length is not None:
+            out.append(_attribute("Cryptographic Length", _int(0, length)))
+        out += [
             _attribute("Cryptographic Usage Mask", _int(0, mask)),
             _attribute("State", _enum(0, obj.state)),
         ]
@@ -514,7 +833,7 @@ class Session:
         wanted: list[tuple[str, Item]] = []
         for attribute in payload.all(Tag.ATTRIBUTE):
             name = attribute.text_of(Tag.ATTRIBUTE_NAME) or ""
-            if name not in ("Name", "Object Type", "State", "Object Group"):
+            if name not in _LOCATABLE and not name.startswith(("x-", "y-")):
                 raise KmipFailure(
                     ResultReason.FEATURE_NOT_SUPPORTED, f"Locate by {name!r} is not supported"
                 )
@@ -536,11 +855,15 @@ class Session:
         obj = self._object(uid, "manage")
         if obj.state != State.PRE_ACTIVE:
             raise KmipFailure(ResultReason.ILLEGAL_OPERATION, "only a Pre-Active object activates")
-        self.keys.enable(uid)  # audited, with the identity as the actor
-        obj.state = State.ACTIVE
         now = int(_now().timestamp())
+        obj.state = State.ACTIVE
         obj.dates.update({"Activation Date": now, "Last Change Date": now})
-        self.store.put(self.access.tenant, obj)
+        if obj.object_type in KEYSTORE_OBJECTS:
+            self.keys.enable(uid)  # audited, with the identity as the actor
+            self.store.put(self.access.tenant, obj)
+        else:
+            with self.audited("kmip_activate", uid):
+                self.store.put(self.access.tenant, obj)
         return [_text(Tag.UNIQUE_IDENTIFIER, uid)]
 
     def revoke(self, payload: Item) -> list[Item | None]:
@@ -561,9 +884,13 @@ class Session:
                 raise KmipFailure(ResultReason.ILLEGAL_OPERATION, "only an Active object revokes")
             obj.state = State.DEACTIVATED
             obj.dates["Deactivation Date"] = now
-        self.keys.disable(uid)  # a revoked key does no work; audited
         obj.dates["Last Change Date"] = now
-        self.store.put(self.access.tenant, obj)
+        if obj.object_type in KEYSTORE_OBJECTS:
+            self.keys.disable(uid)  # a revoked key does no work; audited
+            self.store.put(self.access.tenant, obj)
+        else:
+            with self.audited("kmip_revoke", uid, reason=reason):
+                self.store.put(self.access.tenant, obj)
         return [_text(Tag.UNIQUE_IDENTIFIER, uid)]
 
     def destroy(self, payload: Item) -> list[Item | None]:
@@ -571,16 +898,26 @@ class Session:
         obj = self._object(uid, "delete")
         if obj.state == State.ACTIVE:
             raise KmipFailure(ResultReason.ILLEGAL_OPERATION, "revoke an Active object first")
-        try:
-            self.keys.delete(uid)
-        except KeyNotFound:
-            pass  # deleted outside KMIP: the object goes as well
-        self.store.delete(self.access.tenant, uid)
+        if obj.object_type in KEYSTORE_OBJECTS:
+            try:
+                self.keys.delete(uid)
+            except KeyNotFound:
+                pass  # deleted outside KMIP: the object goes as well
+            self.store.delete(self.access.tenant, uid)
+        else:
+            with self.audited("kmip_destroy", uid):
+                self.store.delete(self.access.tenant, uid)
         return [_text(Tag.UNIQUE_IDENTIFIER, uid)]
 
     # -- Encrypt, Decrypt (AES-GCM, AES-CBC with PKCS5 padding) -------------------------------
     def _cipher(self, payload: Item, obj: KmipObject) -> tuple[int, bytes, bytes]:
         """(block cipher mode, data, additional data) of an Encrypt or Decrypt."""
+        if obj.object_type != ObjectType.SYMMETRIC_KEY or self._facts(obj)[0] != (
+            CryptographicAlgorithm.AES
+        ):
+            raise KmipFailure(
+                ResultReason.INVALID_FIELD, "Encrypt and Decrypt take an AES key here"
+            )
         params = payload.find(Tag.CRYPTOGRAPHIC_PARAMETERS)
         mode: int = BlockCipherMode.GCM
         if params is not None:
@@ -657,6 +994,143 @@ class Session:
             raise KmipFailure(ResultReason.CRYPTOGRAPHIC_FAILURE, "decryption failed") from None
         return [_text(Tag.UNIQUE_IDENTIFIER, uid), _bytes(Tag.DATA, plain)]
 
+    # -- Sign, SignatureVerify, MAC, MACVerify, RNGRetrieve ------------------------------------
+    def _signed(self, payload: Item, key_type: KeyType) -> tuple[bytes, str | None]:
+        """(Data, KeyAPI signature algorithm) of a Sign or SignatureVerify."""
+        if payload.find(Tag.DIGESTED_DATA) is not None or payload.find(Tag.INIT_INDICATOR):
+            raise KmipFailure(
+                ResultReason.FEATURE_NOT_SUPPORTED,
+                "signatures here are over whole Data in one request (no Digested Data, no "
+                "streaming)",
+            )
+        data = payload.bytes_of(Tag.DATA)
+        if data is None:
+            raise KmipFailure(ResultReason.MISSING_DATA, "no Data given")
+        params = payload.find(Tag.CRYPTOGRAPHIC_PARAMETERS)
+        if params is None:
+            return data, None
+        given = params.int_of(Tag.CRYPTOGRAPHIC_ALGORITHM)
+        mine = algorithm_of(key_type)[0]
+        ec_names = {CryptographicAlgorithm.EC, CryptographicAlgorithm.ECDSA}
+        if given is not None and given != mine and not {given, mine} <= ec_names:
+            raise KmipFailure(
+                ResultReason.INVALID_FIELD,
+                "the Cryptographic Algorithm is not the key's "
+                f"({CryptographicAlgorithm(mine).name})",
+            )
+        algorithm = keyblocks.sign_algorithm(
+            key_type,
+            params.int_of(Tag.PADDING_METHOD),
+            params.int_of(Tag.HASHING_ALGORITHM),
+            params.int_of(Tag.DIGITAL_SIGNATURE_ALGORITHM),
+        )
+        return data, algorithm
+
+    def sign(self, payload: Item) -> list[Item | None]:
+        uid = self._uid(payload)
+        obj = self._object(uid, "sign")
+        if obj.object_type != ObjectType.PRIVATE_KEY:
+            raise KmipFailure(ResultReason.INVALID_FIELD, "Sign takes a private key")
+        self._active(obj)
+        data, algorithm = self._signed(payload, self._key_type(obj))
+        signature = self.keys.sign(uid, data, algorithm)  # audited
+        return [_text(Tag.UNIQUE_IDENTIFIER, uid), _bytes(Tag.SIGNATURE_DATA, signature)]
+
+    def signature_verify(self, payload: Item) -> list[Item | None]:
+        """With a private key, the keystore's verify; with a public key object, which is not
+        in the keystore, a check here over its DER (audited as `verify`)."""
+        uid = self._uid(payload)
+        obj = self._object(uid, "verify")
+        if obj.object_type not in (ObjectType.PRIVATE_KEY, ObjectType.PUBLIC_KEY):
+            raise KmipFailure(
+                ResultReason.INVALID_FIELD, "SignatureVerify takes a public or private key"
+            )
+        self._active(obj)
+        signature = payload.bytes_of(Tag.SIGNATURE_DATA)
+        if signature is None:
+            raise KmipFailure(ResultReason.MISSING_DATA, "no Signature Data given")
+        valid = True
+        if obj.object_type == ObjectType.PRIVATE_KEY:
+            data, algorithm = self._signed(payload, self._key_type(obj))
+            try:
+                self.keys.verify(uid, data, signature, algorithm)
+            except InvalidSignature:
+                valid = False
+        else:
+            public = keyblocks.load_public(bytes.fromhex(obj.extra["der"]))
+            key_type = keyblocks.verify_type(public)
+            data, algorithm = self._signed(payload, key_type)
+            try:
+                with self.audited("verify", uid, size=len(data)):
+                    verify_signature(key_type, public, data, signature, algorithm)
+            except InvalidSignature:
+                valid = False
+        indicator = ValidityIndicator.VALID if valid else ValidityIndicator.INVALID
+        return [_text(Tag.UNIQUE_IDENTIFIER, uid), _enum(Tag.VALIDITY_INDICATOR, indicator)]
+
+    def _hmac_key(self, payload: Item, uid: str, permission: str) -> bytes:
+        """The Data of a MAC or MACVerify, once the key is an Active HMAC-SHA256 key."""
+        obj = self._object(uid, permission)
+        if obj.object_type != ObjectType.SYMMETRIC_KEY or self._facts(obj)[0] != (
+            CryptographicAlgorithm.HMAC_SHA256
+        ):
+            raise KmipFailure(ResultReason.INVALID_FIELD, "MAC takes an HMAC-SHA256 key here")
+        params = payload.find(Tag.CRYPTOGRAPHIC_PARAMETERS)
+        if params is not None and params.int_of(
+            Tag.CRYPTOGRAPHIC_ALGORITHM, CryptographicAlgorithm.HMAC_SHA256
+        ) != (CryptographicAlgorithm.HMAC_SHA256):
+            raise KmipFailure(ResultReason.FEATURE_NOT_SUPPORTED, "the MAC served is HMAC-SHA256")
+        self._active(obj)
+        data = payload.bytes_of(Tag.DATA)
+        if data is None:
+            raise KmipFailure(ResultReason.MISSING_DATA, "no Data given")
+        return data
+
+    def mac(self, payload: Item) -> list[Item | None]:
+        uid = self._uid(payload)
+        data = self._hmac_key(payload, uid, "sign")
+        return [_text(Tag.UNIQUE_IDENTIFIER, uid), _bytes(Tag.MAC_DATA, self.keys.mac(uid, data))]
+
+    def mac_verify(self, payload: Item) -> list[Item | None]:
+        uid = self._uid(payload)
+        data = self._hmac_key(payload, uid, "verify")
+        tag = payload.bytes_of(Tag.MAC_DATA)
+        if tag is None:
+            raise KmipFailure(ResultReason.MISSING_DATA, "no MAC Data given")
+        try:
+            self.keys.verify(uid, data, tag)  # an HMAC key's verify; audited
+            valid = True
+        except InvalidSignature:
+            valid = False
+        indicator = ValidityIndicator.VALID if valid else ValidityIndicator.INVALID
+        return [_text(Tag.UNIQUE_IDENTIFIER, uid), _enum(Tag.VALIDITY_INDICATOR, indicator)]
+
+    def rng_retrieve(self, payload: Item) -> list[Item | None]:
+        if not self.access.may_any("random"):
+            raise KmipFailure(ResultReason.PERMISSION_DENIED, "this identity may not get random")
+        n = payload.int_of(Tag.DATA_LENGTH)
+        if n is None:
+            raise KmipFailure(ResultReason.MISSING_DATA, "no Data Length given")
+        if not 1 <= n <= MAX_RANDOM:
+            raise KmipFailure(
+                ResultReason.INVALID_FIELD, f"the Data Length is 1 to {MAX_RANDOM} bytes"
+            )
+        return [_bytes(Tag.DATA, self.keys.random(n))]  # audited
+
+
+_LOCATABLE = frozenset(
+    {
+        "Name",
+        "Object Type",
+        "State",
+        "Object Group",
+        "Cryptographic Algorithm",
+        "Cryptographic Length",
+        "Certificate Type",
+        "Application Specific Information",
+    }
+)
+
 
 def _transparent(material: Item) -> bytes:
     key = material.bytes_of(0x42003F)  # Key
@@ -670,6 +1144,10 @@ def _matches(obj: KmipObject, name: str, value: Item) -> bool:
         return obj.object_type == value.value
     if name == "State":
         return int(obj.state) == value.value
+    if name == "Certificate Type":
+        return obj.object_type == ObjectType.CERTIFICATE and value.value == CertificateType.X_509
+    if name in ("Cryptographic Algorithm", "Cryptographic Length"):
+        return Session._facts(obj)[name == "Cryptographic Length"] == value.value
     wanted = ttlv.encode(Item(Tag.ATTRIBUTE_VALUE, value.type, value.value)).hex()
     return wanted in obj.attributes.get(name, [])
 

@@ -24,7 +24,7 @@ from ..audit import current_principal
 from ..errors import AuthenticationFailed, KmipMessageError
 from ..service.tenants import Identity, Permission, TenantStore
 from . import ttlv
-from .operations import Access, Session
+from .operations import Access, Auditor, Session
 from .store import ObjectStore
 
 log = logging.getLogger("strongroom.kmip")
@@ -50,7 +50,10 @@ class KmipServer:
         tenants: TenantStore,
         view: Callable[[str], KeyAPI],
         store: ObjectStore,
+        audited: Callable[[str], Auditor],
     ) -> None:
+        """`view(tenant)` is the tenant's KeyAPI; `audited(tenant)` records in the same audit
+        log what KMIP does without a KeyAPI call (public keys, certificates)."""
         if tls.verify_mode != ssl.CERT_REQUIRED:
             raise AuthenticationFailed("KMIP is served only with mutual TLS (tls_client_ca)")
         self.settings, self.tls, self.tenants, self.view, self.store = (
@@ -60,6 +63,7 @@ class KmipServer:
             view,
             store,
         )
+        self.audited = audited
         host, port = settings.listen
         self._sock = socket.create_server((host, port), backlog=128)
         self.address = self._sock.getsockname()[:2]
@@ -159,8 +163,15 @@ class KmipServer:
         if tenant is None:
             log.warning("refused a KMIP client: an admin holds no keys")
             return None
-        access = Access(tenant, identity.principal, self._may(identity))
-        return Session(self.view(tenant), self.store, access, self.settings.backend)
+        access = Access(
+            tenant,
+            identity.principal,
+            self._may(identity),
+            lambda permission: self.tenants.may(identity, Permission(permission)),
+        )
+        return Session(
+            self.view(tenant), self.store, access, self.settings.backend, self.audited(tenant)
+        )
 
     def _may(self, identity: Identity) -> Callable[[str, str], bool]:
         def may(permission: str, uid: str) -> bool:

@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from .tags import State
 
@@ -26,6 +27,7 @@ CREATE TABLE IF NOT EXISTS objects (
     state INTEGER NOT NULL,
     dates TEXT NOT NULL,
     attributes TEXT NOT NULL,
+    extra TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (tenant, uid)
 );
 """
@@ -35,13 +37,18 @@ CREATE TABLE IF NOT EXISTS objects (
 class KmipObject:
     """An object's KMIP facts. `dates` maps an attribute name ("Initial Date", "Activation
     Date", ...) to seconds since the epoch; `attributes` maps an attribute name to its
-    values, each the hex of its encoded TTLV Attribute Value (Name, Object Group, x-...)."""
+    values, each the hex of its encoded TTLV Attribute Value (Name, Object Group, Link,
+    x-...). `extra` holds what the server itself keeps: the Cryptographic Algorithm and
+    Length (`algorithm`, `length`), the Key Format Type and DER flavour a key was registered
+    in (`format`, `flavour`), and for a public key or certificate, which is not secret and
+    not in the keystore, its DER (`der`, hex) and usage mask (`mask`)."""
 
     uid: str
     object_type: int
     state: State = State.PRE_ACTIVE
     dates: dict[str, int] = field(default_factory=dict)
     attributes: dict[str, list[str]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def date(self, name: str) -> datetime | None:
         found = self.dates.get(name)
@@ -56,6 +63,9 @@ class ObjectStore:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(objects)")}
+        if "extra" not in columns:  # a kmip.sqlite of the first slice
+            self._db.execute("ALTER TABLE objects ADD COLUMN extra TEXT NOT NULL DEFAULT '{}'")
 
     def close(self) -> None:
         with self._lock:
@@ -64,18 +74,17 @@ class ObjectStore:
     def get(self, tenant: str, uid: str) -> KmipObject | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT object_type, state, dates, attributes FROM objects "
+                "SELECT uid, object_type, state, dates, attributes, extra FROM objects "
                 "WHERE tenant=? AND uid=?",
                 (tenant, uid),
             ).fetchone()
-        if row is None:
-            return None
-        return KmipObject(uid, row[0], State(row[1]), json.loads(row[2]), json.loads(row[3]))
+        return None if row is None else _object(row)
 
     def put(self, tenant: str, obj: KmipObject) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO objects (tenant, uid, object_type, state, dates, "
+                "attributes, extra) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     tenant,
                     obj.uid,
@@ -83,6 +92,7 @@ class ObjectStore:
                     int(obj.state),
                     json.dumps(obj.dates, sort_keys=True),
                     json.dumps(obj.attributes, sort_keys=True),
+                    json.dumps(obj.extra, sort_keys=True),
                 ),
             )
 
@@ -93,13 +103,18 @@ class ObjectStore:
     def all(self, tenant: str) -> list[KmipObject]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT uid, object_type, state, dates, attributes FROM objects "
+                "SELECT uid, object_type, state, dates, attributes, extra FROM objects "
                 "WHERE tenant=? ORDER BY rowid",
                 (tenant,),
             ).fetchall()
-        return [
-            KmipObject(r[0], r[1], State(r[2]), json.loads(r[3]), json.loads(r[4])) for r in rows
-        ]
+        return [_object(r) for r in rows]
+
+
+def _object(row: tuple[Any, ...]) -> KmipObject:
+    uid, object_type, state, dates, attributes, extra = row
+    return KmipObject(
+        uid, object_type, State(state), json.loads(dates), json.loads(attributes), json.loads(extra)
+    )
 
 
 __all__ = ["KmipObject", "ObjectStore"]

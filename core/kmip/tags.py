@@ -19,6 +19,10 @@ class Tag(enum.IntEnum):
     BATCH_ITEM = 0x42000F
     BATCH_ORDER_OPTION = 0x420010
     BLOCK_CIPHER_MODE = 0x420011
+    CERTIFICATE = 0x420013
+    CERTIFICATE_TYPE = 0x42001D
+    CERTIFICATE_VALUE = 0x42001E
+    COMMON_TEMPLATE_ATTRIBUTE = 0x42001F
     COMPROMISE_DATE = 0x420020
     COMPROMISE_OCCURRENCE_DATE = 0x420021
     CRYPTOGRAPHIC_ALGORITHM = 0x420028
@@ -27,6 +31,7 @@ class Tag(enum.IntEnum):
     CRYPTOGRAPHIC_USAGE_MASK = 0x42002C
     DEACTIVATION_DATE = 0x42002F
     DESTROY_DATE = 0x420033
+    HASHING_ALGORITHM = 0x420038
     INITIAL_DATE = 0x420039
     IV_COUNTER_NONCE = 0x42003D
     KEY_BLOCK = 0x420040
@@ -36,6 +41,9 @@ class Tag(enum.IntEnum):
     KEY_WRAPPING_DATA = 0x420046
     KEY_WRAPPING_SPECIFICATION = 0x420047
     LAST_CHANGE_DATE = 0x420048
+    LINK = 0x42004A
+    LINK_TYPE = 0x42004B
+    LINKED_OBJECT_IDENTIFIER = 0x42004C
     MAXIMUM_ITEMS = 0x42004F
     MAXIMUM_RESPONSE_SIZE = 0x420050
     NAME = 0x420053
@@ -46,10 +54,18 @@ class Tag(enum.IntEnum):
     OPERATION = 0x42005C
     OPERATION_POLICY_NAME = 0x42005D
     PADDING_METHOD = 0x42005F
+    PRIVATE_KEY = 0x420064
+    PRIVATE_KEY_TEMPLATE_ATTRIBUTE = 0x420065
+    PRIVATE_KEY_UNIQUE_IDENTIFIER = 0x420066
+    PUBLIC_KEY = 0x42006D
+    PUBLIC_KEY_TEMPLATE_ATTRIBUTE = 0x42006E
+    PUBLIC_KEY_UNIQUE_IDENTIFIER = 0x42006F
     PROTOCOL_VERSION = 0x420069
     PROTOCOL_VERSION_MAJOR = 0x42006A
     PROTOCOL_VERSION_MINOR = 0x42006B
     QUERY_FUNCTION = 0x420074
+    RECOMMENDED_CURVE = 0x420075
+    REPLACED_UNIQUE_IDENTIFIER = 0x420076
     REQUEST_HEADER = 0x420077
     REQUEST_MESSAGE = 0x420078
     REQUEST_PAYLOAD = 0x420079
@@ -70,8 +86,15 @@ class Tag(enum.IntEnum):
     TIME_STAMP = 0x420092
     UNIQUE_BATCH_ITEM_ID = 0x420093
     UNIQUE_IDENTIFIER = 0x420094
+    VALIDITY_INDICATOR = 0x42009B
     VENDOR_IDENTIFICATION = 0x42009D
+    DIGITAL_SIGNATURE_ALGORITHM = 0x4200AE
     DATA = 0x4200C2
+    SIGNATURE_DATA = 0x4200C3
+    DATA_LENGTH = 0x4200C4
+    MAC_DATA = 0x4200C6
+    INIT_INDICATOR = 0x4200D7
+    DIGESTED_DATA = 0x420107
     OFFSET_ITEMS = 0x4200D4
     AUTHENTICATED_ENCRYPTION_ADDITIONAL_DATA = 0x4200FE
     AUTHENTICATED_ENCRYPTION_TAG = 0x4200FF
@@ -97,12 +120,15 @@ class Operation(enum.IntEnum):
     REVOKE = 0x13
     DESTROY = 0x14
     QUERY = 0x18
+    REKEY_KEY_PAIR = 0x1D
     DISCOVER_VERSIONS = 0x1E
     ENCRYPT = 0x1F
     DECRYPT = 0x20
     SIGN = 0x21
     SIGNATURE_VERIFY = 0x22
     MAC = 0x23
+    MAC_VERIFY = 0x24
+    RNG_RETRIEVE = 0x25
 
 
 class ObjectType(enum.IntEnum):
@@ -155,6 +181,10 @@ class State(enum.IntEnum):
 class KeyFormatType(enum.IntEnum):
     RAW = 0x01
     OPAQUE = 0x02
+    PKCS_1 = 0x03
+    PKCS_8 = 0x04
+    X_509 = 0x05
+    EC_PRIVATE_KEY = 0x06
     TRANSPARENT_SYMMETRIC_KEY = 0x07
 
 
@@ -163,6 +193,8 @@ class CryptographicAlgorithm(enum.IntEnum):
     RSA = 0x04
     ECDSA = 0x06
     HMAC_SHA256 = 0x09
+    EC = 0x1A
+    ED25519 = 0x37  # KMIP 2.0
 
 
 class BlockCipherMode(enum.IntEnum):
@@ -172,7 +204,48 @@ class BlockCipherMode(enum.IntEnum):
 
 class PaddingMethod(enum.IntEnum):
     NONE = 0x01
+    OAEP = 0x02
     PKCS5 = 0x03
+    PKCS1V15 = 0x08
+    PSS = 0x0A
+
+
+class HashingAlgorithm(enum.IntEnum):
+    SHA_1 = 0x04
+    SHA_256 = 0x06
+    SHA_384 = 0x07
+    SHA_512 = 0x08
+
+
+class DigitalSignatureAlgorithm(enum.IntEnum):
+    SHA256_WITH_RSA_ENCRYPTION = 0x05
+    SHA512_WITH_RSA_ENCRYPTION = 0x07
+    RSASSA_PSS = 0x08
+    ECDSA_WITH_SHA256 = 0x0E
+    ECDSA_WITH_SHA384 = 0x0F
+
+
+class RecommendedCurve(enum.IntEnum):
+    P_256 = 0x07
+    P_384 = 0x0A
+
+
+class CertificateType(enum.IntEnum):
+    X_509 = 0x01
+
+
+class LinkType(enum.IntEnum):
+    CERTIFICATE_LINK = 0x101
+    PUBLIC_KEY_LINK = 0x102
+    PRIVATE_KEY_LINK = 0x103
+    REPLACEMENT_OBJECT_LINK = 0x106
+    REPLACED_OBJECT_LINK = 0x107
+
+
+class ValidityIndicator(enum.IntEnum):
+    VALID = 0x01
+    INVALID = 0x02
+    UNKNOWN = 0x03
 
 
 class NameType(enum.IntEnum):
@@ -201,17 +274,23 @@ class UsageMask(enum.IntFlag):
 
 __all__ = [
     "BlockCipherMode",
+    "CertificateType",
     "CryptographicAlgorithm",
+    "DigitalSignatureAlgorithm",
+    "HashingAlgorithm",
     "KeyFormatType",
+    "LinkType",
     "NameType",
     "ObjectType",
     "Operation",
     "PaddingMethod",
     "QueryFunction",
+    "RecommendedCurve",
     "ResultReason",
     "ResultStatus",
     "RevocationReasonCode",
     "State",
     "Tag",
     "UsageMask",
+    "ValidityIndicator",
 ]

@@ -368,6 +368,7 @@ def _kmip_server(
         tenants,
         view,
         store,
+        lambda tenant: view(tenant).audited,
     )
 
 
