@@ -144,6 +144,15 @@ _DATES = {
 }
 _KEPT = ("Name", "Object Group", "Operation Policy Name", "Application Specific Information")
 """Attributes a client sets that are kept as given (besides `x-`/`y-` custom ones)."""
+_SINGLE = frozenset({"Operation Policy Name"})
+"""Kept attributes with one instance at most (the others, and `x-`/`y-`, take several)."""
+
+
+def _client_settable(name: str | None) -> bool:
+    """Whether a client may add, modify or delete the attribute (AddAttribute, ...)."""
+    return name is not None and (name in _KEPT or name.startswith(("x-", "y-")))
+
+
 _MASK_USAGE = {
     UsageMask.SIGN: Usage.SIGN,
     UsageMask.VERIFY: Usage.VERIFY,
@@ -220,6 +229,11 @@ class Session:
             Operation.GET: self.get,
             Operation.GET_ATTRIBUTES: self.get_attributes,
             Operation.GET_ATTRIBUTE_LIST: self.get_attribute_list,
+            Operation.ADD_ATTRIBUTE: self.add_attribute,
+            Operation.MODIFY_ATTRIBUTE: self.modify_attribute,
+            Operation.DELETE_ATTRIBUTE: self.delete_attribute,
+            Operation.REKEY: self.rekey,
+            Operation.REKEY_KEY_PAIR: self.rekey_key_pair,
             Operation.LOCATE: self.locate,
             Operation.ACTIVATE: self.activate,
             Operation.REVOKE: self.revoke,
@@ -698,6 +712,121 @@ class Session:
             self._keep(obj)
         return uid
 
+    # -- ReKey, ReKeyKeyPair -------------------------------------------------------------------
+    def _successor(self, payload: Item, old: KmipObject, tags: tuple[int, ...]) -> KmipObject:
+        """A new object to replace `old`: the attributes of the templates at `tags` (names,
+        groups, x-...: not the algorithm, length or usage, which stay the key's)."""
+        attributes: list[Item] = []
+        for tag in tags:
+            attributes += self._attributes_of(payload, tag)
+        _uid, new, facts = self._new_object(old.object_type, attributes)
+        if facts:
+            raise KmipFailure(
+                ResultReason.INVALID_FIELD,
+                "a replacement keeps the key's algorithm, length and usage mask",
+            )
+        return new
+
+    def _replace(self, payload: Item, old: KmipObject, new: KmipObject) -> None:
+        """KMIP's ReKey bookkeeping: the names move to the new object, the other attributes
+        a client set are copied, each object links to the other (Replacement Object,
+        Replaced Object), and the new one is active from now plus Offset (from now if the
+        old one is Active and no Offset is given)."""
+        for name, values in old.attributes.items():
+            if name == "Link" or (name == "Name" and "Name" in new.attributes):
+                continue
+            new.attributes.setdefault(name, list(values))
+        old.attributes.pop("Name", None)
+        old.attributes.setdefault("Link", []).append(
+            _link(LinkType.REPLACEMENT_OBJECT_LINK, new.uid)
+        )
+        new.attributes.setdefault("Link", []).append(_link(LinkType.REPLACED_OBJECT_LINK, old.uid))
+        offset = payload.int_of(Tag.OFFSET)
+        now = int(_now().timestamp())
+        if offset is not None:
+            if offset < 0:
+                raise KmipFailure(ResultReason.INVALID_FIELD, "the Offset is not negative")
+            new.dates["Activation Date"] = now + offset
+        elif old.state == State.ACTIVE:
+            new.dates["Activation Date"] = now
+        old.dates["Last Change Date"] = now
+
+    def _rekey_one(self, payload: Item, old: KmipObject, tags: tuple[int, ...]) -> KmipObject:
+        """A new keystore key of `old`'s type and usage, as its successor."""
+        info = self.keys.info(old.uid)
+        new = self._successor(payload, old, tags)
+        self._check("generate", new.uid)
+        self.keys.generate(
+            new.uid,
+            info.type,
+            backend=self.backend,
+            usage=sorted(info.usage),
+            exportable=info.exportable and self.access.may("export", new.uid),
+        )
+        self._replace(payload, old, new)
+        self._keep(new, info.type)
+        with self.audited("kmip_rekey", old.uid, replacement=new.uid):
+            self.store.put(self.access.tenant, old)
+        return new
+
+    def rekey(self, payload: Item) -> list[Item | None]:
+        uid = self._uid(payload)
+        old = self._object(uid, "manage")
+        if old.object_type != ObjectType.SYMMETRIC_KEY:
+            raise KmipFailure(
+                ResultReason.INVALID_FIELD,
+                "ReKey takes a symmetric key (ReKeyKeyPair takes a private key)",
+            )
+        new = self._rekey_one(payload, old, (Tag.TEMPLATE_ATTRIBUTE,))
+        self._placeholder = new.uid
+        return [_text(Tag.UNIQUE_IDENTIFIER, new.uid)]
+
+    def rekey_key_pair(self, payload: Item) -> list[Item | None]:
+        uid = payload.text_of(Tag.PRIVATE_KEY_UNIQUE_IDENTIFIER) or self._placeholder
+        if uid is None:
+            raise KmipFailure(ResultReason.MISSING_DATA, "no Private Key Unique Identifier given")
+        old = self._object(uid, "manage")
+        if old.object_type != ObjectType.PRIVATE_KEY:
+            raise KmipFailure(ResultReason.INVALID_FIELD, "ReKeyKeyPair takes a private key")
+        old_public = None
+        for raw in old.attributes.get("Link", []):
+            link = ttlv.decode(bytes.fromhex(raw))
+            if link.int_of(Tag.LINK_TYPE) == LinkType.PUBLIC_KEY_LINK:
+                found = link.text_of(Tag.LINKED_OBJECT_IDENTIFIER)
+                if found is not None and self.access.may("manage", found):
+                    old_public = self.store.get(self.access.tenant, found)
+        common = Tag.COMMON_TEMPLATE_ATTRIBUTE
+        new_public = self._successor(
+            payload,
+            old_public or KmipObject("", ObjectType.PUBLIC_KEY),
+            (common, Tag.PUBLIC_KEY_TEMPLATE_ATTRIBUTE),
+        )
+        self._check("generate", new_public.uid)
+        new = self._rekey_one(payload, old, (common, Tag.PRIVATE_KEY_TEMPLATE_ATTRIBUTE))
+        key_type = self._key_type(new)
+        der = keyblocks.public_in(self.keys.public_key(new.uid), KeyFormatType.X_509)
+        mask = old_public.extra.get("mask", 0) if old_public is not None else 0
+        new_public.extra.update({"der": der.hex(), "format": KeyFormatType.X_509, "mask": mask})
+        if old_public is not None:
+            self._replace(payload, old_public, new_public)
+        new_public.attributes.setdefault("Link", []).append(
+            _link(LinkType.PRIVATE_KEY_LINK, new.uid)
+        )
+        new.attributes["Link"] = [
+            *new.attributes.get("Link", []),
+            _link(LinkType.PUBLIC_KEY_LINK, new_public.uid),
+        ]
+        with self.audited("kmip_register", new_public.uid, object_type="public_key"):
+            self._keep(new_public, key_type)
+            if old_public is not None:
+                self.store.put(self.access.tenant, old_public)
+        self.store.put(self.access.tenant, new)
+        self._placeholder = new.uid
+        return [
+            _text(Tag.PRIVATE_KEY_UNIQUE_IDENTIFIER, new.uid),
+            _text(Tag.PUBLIC_KEY_UNIQUE_IDENTIFIER, new_public.uid),
+        ]
+
     # -- Get, attributes, Locate ---------------------------------------------------------------
     def get(self, payload: Item) -> list[Item | None]:
         uid = self._uid(payload)
@@ -807,7 +936,7 @@ class Session:
         for name, values in sorted(obj.attributes.items()):
             for index, raw in enumerate(values):
                 value = ttlv.decode(bytes.fromhex(raw))
-                out.append(_attribute(name, value, index if index or len(values) > 1 else None))
+                out.append(_attribute(name, value, None if name in _SINGLE else index))
         return out
 
     def get_attributes(self, payload: Item) -> list[Item | None]:
@@ -826,6 +955,85 @@ class Session:
         names = dict.fromkeys(a.text_of(Tag.ATTRIBUTE_NAME) for a in self._all_attributes(obj))
         out: list[Item | None] = [_text(Tag.UNIQUE_IDENTIFIER, uid)]
         return out + [_text(Tag.ATTRIBUTE_NAME, n) for n in names if n]
+
+    # -- AddAttribute, ModifyAttribute, DeleteAttribute (KMIP 1.x) -----------------------------
+    def _changed(self, obj: KmipObject, operation: str, name: str) -> None:
+        """Store an object whose attributes a client changed: audited, as `manage` is."""
+        obj.dates["Last Change Date"] = int(_now().timestamp())
+        with self.audited(operation, obj.uid, attribute=name):
+            self.store.put(self.access.tenant, obj)
+
+    @staticmethod
+    def _settable(attribute: Item) -> tuple[str, Item, int | None]:
+        """(name, value, index) of an Attribute a client may change."""
+        name = attribute.text_of(Tag.ATTRIBUTE_NAME)
+        if not _client_settable(name):
+            raise KmipFailure(
+                ResultReason.INVALID_FIELD,
+                f"the attribute {name!r} is not one a client sets (Name, Object Group, "
+                "Operation Policy Name, Application Specific Information, x-/y- attributes)",
+            )
+        assert name is not None
+        value = attribute.need(Tag.ATTRIBUTE_VALUE)
+        return (
+            name,
+            Item(Tag.ATTRIBUTE_VALUE, value.type, value.value),
+            attribute.int_of(Tag.ATTRIBUTE_INDEX),
+        )
+
+    def add_attribute(self, payload: Item) -> list[Item | None]:
+        uid = self._uid(payload)
+        obj = self._object(uid, "manage")
+        name, value, index = self._settable(payload.need(Tag.ATTRIBUTE))
+        if index is not None:
+            raise KmipFailure(ResultReason.INVALID_FIELD, "AddAttribute takes no Attribute Index")
+        values = obj.attributes.setdefault(name, [])
+        if name in _SINGLE and values:
+            raise KmipFailure(
+                ResultReason.ILLEGAL_OPERATION, f"{name!r} has one instance: modify it instead"
+            )
+        values.append(ttlv.encode(value).hex())
+        self._changed(obj, "kmip_add_attribute", name)
+        added = None if name in _SINGLE else len(values) - 1
+        return [_text(Tag.UNIQUE_IDENTIFIER, uid), _attribute(name, value, added)]
+
+    def _instance(self, obj: KmipObject, name: str, index: int | None) -> tuple[list[str], int]:
+        values = obj.attributes.get(name, [])
+        at = index or 0
+        if not values:
+            raise KmipFailure(ResultReason.ITEM_NOT_FOUND, f"the object has no {name!r}")
+        if not 0 <= at < len(values):
+            raise KmipFailure(
+                ResultReason.INDEX_OUT_OF_BOUNDS, f"{name!r} has instances 0 to {len(values) - 1}"
+            )
+        return values, at
+
+    def modify_attribute(self, payload: Item) -> list[Item | None]:
+        uid = self._uid(payload)
+        obj = self._object(uid, "manage")
+        name, value, index = self._settable(payload.need(Tag.ATTRIBUTE))
+        values, at = self._instance(obj, name, index)
+        values[at] = ttlv.encode(value).hex()
+        self._changed(obj, "kmip_modify_attribute", name)
+        shown = None if name in _SINGLE else at
+        return [_text(Tag.UNIQUE_IDENTIFIER, uid), _attribute(name, value, shown)]
+
+    def delete_attribute(self, payload: Item) -> list[Item | None]:
+        uid = self._uid(payload)
+        obj = self._object(uid, "manage")
+        name = payload.text_of(Tag.ATTRIBUTE_NAME)
+        if not _client_settable(name):
+            raise KmipFailure(
+                ResultReason.INVALID_FIELD, f"the attribute {name!r} cannot be deleted"
+            )
+        assert name is not None
+        values, at = self._instance(obj, name, payload.int_of(Tag.ATTRIBUTE_INDEX))
+        gone = ttlv.decode(bytes.fromhex(values.pop(at)))
+        if not values:
+            del obj.attributes[name]
+        self._changed(obj, "kmip_delete_attribute", name)
+        shown = None if name in _SINGLE else at
+        return [_text(Tag.UNIQUE_IDENTIFIER, uid), _attribute(name, gone, shown)]
 
     def locate(self, payload: Item) -> list[Item | None]:
         limit = payload.int_of(Tag.MAXIMUM_ITEMS)
