@@ -348,7 +348,7 @@ class Keystore(KeyLifecycle, KeySeeds, KeyCertificates):
         usages = Usage.parse_set(usage)
         if usages is None:
             usages = ktype.default_usage
-        if not usages:
+        if not usages and ktype is not KeyType.SECRET:  # a secret has none: it is only kept
             raise InvalidArgument("a key needs at least one usage")
         bad = usages - ktype.allowed_usage
         if bad:

@@ -32,6 +32,10 @@ class KeyType(enum.StrEnum):
     SEED = "seed"
     FIDO_ES256 = "fido-es256"
     FIDO_EDDSA = "fido-eddsa"
+    SECRET = "secret"  # noqa: S105 - the type's name, not a password
+    """Opaque secret data (a password, a KMIP Secret Data or Opaque Object): 1 to
+    SECRET_MAX bytes, sealed like every key, imported and exported raw; no usage, no
+    operation but export (docs/cli.md, key types)."""
 
     @classmethod
     def parse(cls, value: KeyType | str) -> KeyType:
@@ -72,8 +76,10 @@ class KeyType(enum.StrEnum):
 
 
 _SYMMETRIC = frozenset(
-    {KeyType.AES_256, KeyType.HMAC_SHA256, KeyType.CHACHA20_POLY1305, KeyType.SEED}
+    {KeyType.AES_256, KeyType.HMAC_SHA256, KeyType.CHACHA20_POLY1305, KeyType.SEED, KeyType.SECRET}
 )
+SECRET_MAX = 64 * 1024
+"""The largest `secret` (KeyType.SECRET), in bytes."""
 
 
 class Usage(enum.StrEnum):
@@ -123,6 +129,7 @@ _ALLOWED_USAGE: dict[KeyType, frozenset[Usage]] = {
     KeyType.SEED: frozenset({_DR}),
     KeyType.FIDO_ES256: frozenset({_S, _V, _DR}),  # derive: hmac-secret
     KeyType.FIDO_EDDSA: frozenset({_S, _V, _DR}),
+    KeyType.SECRET: frozenset(),  # a secret is only kept and exported
 }
 
 _DEFAULT_USAGE: dict[KeyType, frozenset[Usage]] = {
@@ -140,6 +147,7 @@ _DEFAULT_USAGE: dict[KeyType, frozenset[Usage]] = {
     KeyType.SEED: frozenset({_DR}),
     KeyType.FIDO_ES256: frozenset({_S, _V}),
     KeyType.FIDO_EDDSA: frozenset({_S, _V}),
+    KeyType.SECRET: frozenset(),
 }
 
 

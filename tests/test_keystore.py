@@ -20,6 +20,7 @@ from strongroom.backend import Backend, Capability, NewKey
 from strongroom.errors import (
     BackendUnavailable,
     ConfigError,
+    InvalidArgument,
     KeyNotFound,
     PolicyViolation,
     UnsupportedOperation,
@@ -319,3 +320,19 @@ def test_aes_cbc_pad_is_standard_cbc_and_never_the_default(tmp_path: Path) -> No
         ks.generate("chacha", "chacha20-poly1305")
         with pytest.raises(InvalidArgument):
             ks.encrypt("chacha", b"x", algorithm="aes-cbc-pad")
+
+
+def test_a_secret_has_no_usage_and_is_audited_without_its_bytes(tmp_path: Path) -> None:
+    """KeyType.SECRET: the one type whose keys have no usage; its import and export are
+    audited like a key's, and the audit log never holds the secret."""
+    with strongroom.open(_config(tmp_path, "")) as ks:
+        info = ks.import_key("pw", KeyType.SECRET, bytearray(b"s3cr3t-pass"), exportable=True)
+        assert info.type is KeyType.SECRET and info.usage == frozenset()
+        assert ks.info("pw").usage == frozenset()
+        assert ks.export_key("pw", "raw") == b"s3cr3t-pass"
+        with pytest.raises(InvalidArgument, match="at least one usage"):
+            ks.import_key("aes", "aes-256", bytearray(32), usage=[])
+    log = (tmp_path / "data" / "audit.jsonl").read_text()
+    assert "s3cr3t-pass" not in log
+    ops = [json.loads(line)["op"] for line in log.splitlines() if '"pw"' in line]
+    assert "import" in ops and "export" in ops

@@ -699,7 +699,7 @@ def _capabilities() -> frozenset[Capability]:
     for t in KeyType:
         if t.is_fido:  # FIDO credentials exist only inside an authenticator
             continue
-        if t is not KeyType.SEED:
+        if t not in (KeyType.SEED, KeyType.SECRET):  # a seed or secret is brought in
             caps.add((t, Operation.GENERATE))
         caps.update({(t, Operation.IMPORT), (t, Operation.EXPORT), (t, Operation.DELETE)})
     for t in keyops.SIGN_TYPES:

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.padding import PKCS7
 from strongroom import _native, algorithms, sodium
 from strongroom.errors import IntegrityError, InvalidArgument
 from strongroom.memory import Guarded, constant_time_equal
-from strongroom.types import KeyType
+from strongroom.types import SECRET_MAX, KeyType
 
 SYMMETRIC_SIZE = 32
 SEED_SIZE = 64
@@ -143,6 +143,10 @@ def from_raw(key_type: KeyType, raw: memoryview) -> tuple[Guarded, bytes | None]
     if key_type is KeyType.SEED:
         if not 16 <= len(raw) <= 64:
             raise InvalidArgument("a seed is 16 to 64 bytes")
+        return Guarded.from_buffer(raw), None
+    if key_type is KeyType.SECRET:
+        if not 1 <= len(raw) <= SECRET_MAX:
+            raise InvalidArgument(f"a secret is 1 to {SECRET_MAX} bytes, not {len(raw)}")
         return Guarded.from_buffer(raw), None
     raise InvalidArgument(f"{key_type.value} keys cannot be imported raw; use pem or der")
 

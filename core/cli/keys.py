@@ -42,7 +42,7 @@ def key() -> None:
 
 
 TYPE_CHOICE = click.Choice(
-    [t.value for t in KeyType if t is not KeyType.SEED], case_sensitive=False
+    [t.value for t in KeyType if t not in (KeyType.SEED, KeyType.SECRET)], case_sensitive=False
 )
 
 

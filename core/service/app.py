@@ -88,7 +88,7 @@ def _requester(scope: Scope) -> str | None:
 _AUDITED_REFUSALS = frozenset({401, 403, 404, 413, 423, 429})
 """Refusals written to the audit log (a 404 only once a route matched: a key or policy)."""
 
-_GENERATABLE = [t.value for t in KeyType if t is not KeyType.SEED]
+_GENERATABLE = [t.value for t in KeyType if t not in (KeyType.SEED, KeyType.SECRET)]
 
 _PATH_PARAMS = {"name": r"(?P<name>[^/]{1,512})", "tenant": r"(?P<tenant>[^/]{1,256})"}
 """The regular expression of each path parameter of `wire.OPS`."""

@@ -293,3 +293,40 @@ def test_rsa_oaep_sha1_and_sha256(ks: Keystore) -> None:
         ks.decrypt("rsa-enc", default, algorithm="oaep-sha1")  # hashes must match
     with pytest.raises(InvalidArgument):
         ks.encrypt("rsa-enc", b"x", algorithm="pkcs1v15")
+
+
+def test_secrets_are_kept_sealed_and_exported_raw(config: Path) -> None:
+    """A `secret` (KMIP's Secret Data and Opaque Object): 1 byte to 64 KiB, imported and
+    exported raw, nothing else; sealed in the store like every record (its bytes are not in
+    the database file), and kept across a reopen."""
+    big = bytes(range(256)) * 256  # 64 KiB exactly
+    with strongroom.open(config) as ks:
+        info = ks.import_key("db-password", "secret", bytearray(b"hunter2"), exportable=True)
+        assert info.usage == frozenset() and not info.type.is_asymmetric
+        ks.import_key("blob", "secret", bytearray(big), exportable=True)
+        ks.import_key("one", "secret", bytearray(b"\x00"), exportable=True)
+        ks.import_key("kept", "secret", bytearray(b"never leaves"))
+        for bad in (b"", big + b"!"):
+            with pytest.raises(InvalidArgument, match="1 to 65536 bytes"):
+                ks.import_key("bad", "secret", bytearray(bad))
+        with pytest.raises(InvalidArgument):
+            ks.import_key("used", "secret", bytearray(b"x"), usage="encrypt")
+        with pytest.raises(UnsupportedOperation):
+            ks.generate("made", "secret")
+        with pytest.raises(PolicyViolation, match=r"its usages: $"):
+            ks.encrypt("db-password", b"x")
+        with pytest.raises(PolicyViolation):
+            ks.sign("db-password", b"x")
+        with pytest.raises(PolicyViolation):
+            ks.export_key("kept", "raw")
+        with pytest.raises(InvalidArgument, match="raw"):
+            ks.export_key("db-password", "pem")
+    store = config.parent / "data"
+    for path in store.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert b"hunter2" not in data and big[:64] not in data, path
+    with strongroom.open(config) as ks:
+        assert ks.export_key("db-password", "raw") == b"hunter2"
+        assert ks.export_key("blob", "raw") == big
+        assert ks.export_key("one", "raw") == b"\x00"

@@ -363,6 +363,19 @@ def test_import_from_stdin_and_export_when_exportable(shared: Vault, tmp_path: P
     assert a.stdout == b.stdout
 
 
+def test_a_secret_goes_in_and_out_raw(shared: Vault) -> None:
+    """`key import --type secret` keeps opaque bytes (no usage); `key export --format raw`
+    gives them back; `key generate` does not offer the type."""
+    secret = b"correct horse\x00battery\xffstaple\n"
+    r = assert_ok(
+        shared("key", "import", "db-pass", "--type", "secret", "--exportable", input=secret)
+    )
+    assert "imported secret key 'db-pass'" in r.stdout.decode()
+    assert assert_ok(shared("key", "export", "db-pass", "--format", "raw")).stdout == secret
+    r = shared("key", "generate", "nope", "--type", "secret")
+    assert r.returncode == USAGE and "secret" in r.stderr
+
+
 def test_import_garbage_is_a_usage_error(shared: Vault) -> None:
     assert_one_line_error(
         shared(
