@@ -30,7 +30,7 @@ from ..errors import (
     StrongroomError,
     UnsupportedOperation,
 )
-from ..types import KeyType, Usage
+from ..types import SECRET_MAX, KeyType, Usage
 from . import keyblocks, ttlv
 from .keyblocks import ASYMMETRIC, SYMMETRIC, KmipFailure, algorithm_of, key_type_of
 from .store import KmipObject, ObjectStore
@@ -66,9 +66,18 @@ GCM_NONCE, GCM_TAG = 12, 16
 
 MAX_RANDOM = 1 << 16
 """RNGRetrieve's Data Length at most (64 KiB)."""
-KEYSTORE_OBJECTS = frozenset({ObjectType.SYMMETRIC_KEY, ObjectType.PRIVATE_KEY})
-"""Objects that are a key in the keystore (named by the Unique Identifier). A public key
-and a certificate are not secret: the object store keeps their DER."""
+KEYSTORE_OBJECTS = frozenset(
+    {
+        ObjectType.SYMMETRIC_KEY,
+        ObjectType.PRIVATE_KEY,
+        ObjectType.SECRET_DATA,
+        ObjectType.OPAQUE_OBJECT,
+    }
+)
+"""Objects that are a key in the keystore (named by the Unique Identifier): Secret Data and
+Opaque Objects are `secret` keys. A public key and a certificate are not secret: the object
+store keeps their DER."""
+_SECRETS = frozenset({ObjectType.SECRET_DATA, ObjectType.OPAQUE_OBJECT})
 
 Auditor = Callable[..., AbstractContextManager[dict[str, Any]]]
 """`Keystore.audited` of the tenant's view: `audited(operation, uid, **detail)` records what
@@ -445,7 +454,7 @@ class Session:
     @staticmethod
     def _facts(obj: KmipObject) -> tuple[int | None, int | None]:
         """The object's Cryptographic Algorithm and Length (first-slice objects: AES-256)."""
-        if obj.object_type == ObjectType.CERTIFICATE:
+        if obj.object_type in (ObjectType.CERTIFICATE, *_SECRETS):
             return None, None
         return obj.extra.get("algorithm", CryptographicAlgorithm.AES), obj.extra.get("length", 256)
 
@@ -479,6 +488,8 @@ class Session:
                     ObjectType.PRIVATE_KEY,
                     ObjectType.PUBLIC_KEY,
                     ObjectType.CERTIFICATE,
+                    ObjectType.SECRET_DATA,
+                    ObjectType.OPAQUE_OBJECT,
                 )
             ]
         if QueryFunction.SERVER_INFORMATION in asked:
@@ -564,6 +575,10 @@ class Session:
             uid = self._register_public(payload.need(Tag.PUBLIC_KEY), attributes)
         elif kind == ObjectType.CERTIFICATE:
             uid = self._register_certificate(payload.need(Tag.CERTIFICATE), attributes)
+        elif kind == ObjectType.SECRET_DATA:
+            uid = self._register_secret_data(payload.need(Tag.SECRET_DATA), attributes)
+        elif kind == ObjectType.OPAQUE_OBJECT:
+            uid = self._register_opaque(payload.need(Tag.OPAQUE_OBJECT), attributes)
         else:
             name = ObjectType(kind).name if kind in set(ObjectType) else str(kind)
             raise KmipFailure(
@@ -711,6 +726,51 @@ class Session:
         with self.audited("kmip_register", uid, object_type="certificate"):
             self._keep(obj)
         return uid
+
+    def _keep_secret(
+        self, obj: KmipObject, material: bytes, facts: dict[str, object], **extra: object
+    ) -> str:
+        """Secret Data or an Opaque Object: a `secret` in the keystore (its usage mask is
+        kept as given: a secret has no usage there)."""
+        if not 1 <= len(material) <= SECRET_MAX:
+            raise KmipFailure(
+                ResultReason.INVALID_FIELD, f"a secret is 1 to {SECRET_MAX} bytes here"
+            )
+        self._check("generate", obj.uid)
+        self.keys.import_key(
+            obj.uid,
+            KeyType.SECRET,
+            material,
+            backend=self.backend,
+            exportable=self.access.may("export", obj.uid),
+            format="raw",
+        )
+        obj.extra.update(extra, mask=facts.get("mask") or 0)
+        self._keep(obj)
+        return obj.uid
+
+    def _register_secret_data(self, secret: Item, attributes: list[Item]) -> str:
+        kind = secret.int_of(Tag.SECRET_DATA_TYPE)
+        if kind is None:
+            raise KmipFailure(ResultReason.MISSING_DATA, "no Secret Data Type given")
+        _block, fmt, value, material_item = self._key_block(
+            secret, (KeyFormatType.OPAQUE, KeyFormatType.RAW)
+        )
+        material = self._material(material_item)
+        _uid, obj, facts = self._new_object(
+            ObjectType.SECRET_DATA, attributes + list(value.all(Tag.ATTRIBUTE))
+        )
+        return self._keep_secret(obj, material, facts, secret_type=kind, format=fmt)
+
+    def _register_opaque(self, opaque: Item, attributes: list[Item]) -> str:
+        kind = opaque.int_of(Tag.OPAQUE_DATA_TYPE)
+        material = opaque.bytes_of(Tag.OPAQUE_DATA_VALUE)
+        if kind is None or material is None:
+            raise KmipFailure(
+                ResultReason.MISSING_DATA, "an Opaque Object has an Opaque Data Type and Value"
+            )
+        _uid, obj, facts = self._new_object(ObjectType.OPAQUE_OBJECT, attributes)
+        return self._keep_secret(obj, material, facts, opaque_type=kind)
 
     # -- ReKey, ReKeyKeyPair -------------------------------------------------------------------
     def _successor(self, payload: Item, old: KmipObject, tags: tuple[int, ...]) -> KmipObject:
@@ -865,6 +925,31 @@ class Session:
         if obj.object_type == ObjectType.PRIVATE_KEY:
             fmt, material = self._private_material(obj, fmt)
             return [*head, structure(Tag.PRIVATE_KEY, self._block(obj, fmt, material))]
+        if obj.object_type == ObjectType.OPAQUE_OBJECT:
+            value = self.keys.export_key(uid, format="raw")
+            return [
+                *head,
+                structure(
+                    Tag.OPAQUE_OBJECT,
+                    _enum(Tag.OPAQUE_DATA_TYPE, obj.extra["opaque_type"]),
+                    _bytes(Tag.OPAQUE_DATA_VALUE, value),
+                ),
+            ]
+        if obj.object_type == ObjectType.SECRET_DATA:
+            registered = obj.extra.get("format", KeyFormatType.OPAQUE)
+            if fmt not in (None, registered, KeyFormatType.OPAQUE, KeyFormatType.RAW):
+                raise KmipFailure(
+                    ResultReason.KEY_FORMAT_TYPE_NOT_SUPPORTED, "Secret Data is Opaque or Raw"
+                )
+            material = self.keys.export_key(uid, format="raw")
+            return [
+                *head,
+                structure(
+                    Tag.SECRET_DATA,
+                    _enum(Tag.SECRET_DATA_TYPE, obj.extra["secret_type"]),
+                    self._block(obj, registered if fmt is None else fmt, material),
+                ),
+            ]
         fmt = KeyFormatType.RAW if fmt is None else fmt
         if fmt not in (KeyFormatType.RAW, KeyFormatType.TRANSPARENT_SYMMETRIC_KEY):
             raise KmipFailure(
@@ -910,7 +995,7 @@ class Session:
 
     def _all_attributes(self, obj: KmipObject) -> list[Item]:
         algorithm, length = self._facts(obj)
-        if obj.object_type in KEYSTORE_OBJECTS:
+        if obj.object_type in KEYSTORE_OBJECTS - _SECRETS:
             info = self.keys.info(obj.uid)
             mask = _mask_of(info.type, info.usage, info.exportable)
         else:
