@@ -19,10 +19,11 @@ from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 
-from ..algorithms import AES_CBC_PAD, CBC_IV, verify_signature
+from ..algorithms import AES_CBC_PAD, CBC_IV, rsa_encrypt, verify_signature
 from ..api import KeyAPI
 from ..errors import (
     IntegrityError,
+    InvalidArgument,
     KeyDisabled,
     KeyNotFound,
     KmipMessageError,
@@ -38,6 +39,7 @@ from .tags import (
     BlockCipherMode,
     CertificateType,
     CryptographicAlgorithm,
+    HashingAlgorithm,
     KeyFormatType,
     LinkType,
     ObjectType,
@@ -1240,9 +1242,50 @@ class Session:
             raise KmipFailure(ResultReason.INVALID_FIELD, "AES-CBC takes no additional data")
         return mode, data, aad
 
+    def _oaep(self, payload: Item, obj: KmipObject) -> tuple[str, bytes]:
+        """(KeyAPI algorithm, Data) of an RSA-OAEP Encrypt or Decrypt."""
+        if self._facts(obj)[0] != CryptographicAlgorithm.RSA:
+            raise KmipFailure(
+                ResultReason.INVALID_FIELD,
+                "Encrypt and Decrypt take an AES key, or an RSA key (OAEP)",
+            )
+        params = payload.find(Tag.CRYPTOGRAPHIC_PARAMETERS)
+        padding: int = PaddingMethod.OAEP
+        hashing: int = HashingAlgorithm.SHA_256
+        if params is not None:
+            padding = params.int_of(Tag.PADDING_METHOD, padding) or 0
+            hashing = params.int_of(Tag.HASHING_ALGORITHM, hashing) or 0
+            given = params.int_of(Tag.CRYPTOGRAPHIC_ALGORITHM, CryptographicAlgorithm.RSA)
+            if given != CryptographicAlgorithm.RSA:
+                raise KmipFailure(ResultReason.INVALID_FIELD, "the key is an RSA key")
+        algorithm = _OAEP.get(hashing)
+        if padding != PaddingMethod.OAEP or algorithm is None:
+            raise KmipFailure(
+                ResultReason.FEATURE_NOT_SUPPORTED,
+                "RSA encryption here is OAEP with SHA-256 or SHA-1 (MGF1 with the same hash)",
+            )
+        if payload.find(Tag.IV_COUNTER_NONCE) is not None or payload.find(
+            Tag.AUTHENTICATED_ENCRYPTION_ADDITIONAL_DATA
+        ):
+            raise KmipFailure(ResultReason.INVALID_FIELD, "RSA-OAEP takes no IV or additional data")
+        self._active(obj)
+        data = payload.bytes_of(Tag.DATA)
+        if data is None:
+            raise KmipFailure(ResultReason.MISSING_DATA, "no Data given")
+        return algorithm, data
+
     def encrypt(self, payload: Item) -> list[Item | None]:
         uid = self._uid(payload)
         obj = self._object(uid, "encrypt")
+        if obj.object_type in (ObjectType.PRIVATE_KEY, ObjectType.PUBLIC_KEY):
+            algorithm, data = self._oaep(payload, obj)
+            if obj.object_type == ObjectType.PRIVATE_KEY:
+                out = self.keys.encrypt(uid, data, algorithm=algorithm)  # to its public half
+            else:  # a public key object is not in the keystore: encrypt to it here
+                public = keyblocks.load_public(bytes.fromhex(obj.extra["der"]))
+                with self.audited("encrypt", uid, size=len(data)):
+                    out = rsa_encrypt(public, data, algorithm)
+            return [_text(Tag.UNIQUE_IDENTIFIER, uid), _bytes(Tag.DATA, out)]
         mode, data, aad = self._cipher(payload, obj)
         if payload.find(Tag.IV_COUNTER_NONCE) is not None:
             raise KmipFailure(
@@ -1268,6 +1311,13 @@ class Session:
     def decrypt(self, payload: Item) -> list[Item | None]:
         uid = self._uid(payload)
         obj = self._object(uid, "decrypt")
+        if obj.object_type == ObjectType.PRIVATE_KEY:
+            oaep, data = self._oaep(payload, obj)
+            try:
+                plain = self.keys.decrypt(uid, data, algorithm=oaep)
+            except (IntegrityError, InvalidArgument):  # one answer, whatever failed
+                raise KmipFailure(ResultReason.CRYPTOGRAPHIC_FAILURE, "decryption failed") from None
+            return [_text(Tag.UNIQUE_IDENTIFIER, uid), _bytes(Tag.DATA, plain)]
         mode, data, aad = self._cipher(payload, obj)
         iv = payload.bytes_of(Tag.IV_COUNTER_NONCE)
         if mode == BlockCipherMode.CBC:
@@ -1410,6 +1460,11 @@ class Session:
             )
         return [_bytes(Tag.DATA, self.keys.random(n))]  # audited
 
+
+_OAEP: dict[int, str] = {
+    HashingAlgorithm.SHA_256: "oaep-sha256",
+    HashingAlgorithm.SHA_1: "oaep-sha1",
+}
 
 _LOCATABLE = frozenset(
     {

@@ -61,7 +61,7 @@ def kmip(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[KmipSer
     svc = start_kmip(
         tmp_path_factory.mktemp("kmip-asym"),
         pki,
-        "read,generate,export,manage,delete,sign,verify,random",
+        "read,generate,export,manage,delete,sign,verify,random,encrypt,decrypt",
     )
     yield svc
     assert svc.stop() == 0
@@ -611,3 +611,45 @@ def test_destroyed_pair_halves_are_gone(kmip: KmipService, pki: Pki) -> None:
     for uid in (private, public):
         ok(one(kmip, pki, Operation.DESTROY, [uid_item(uid)]))
         assert reason(get(kmip, pki, uid)) == ResultReason.ITEM_NOT_FOUND
+
+
+def test_rsa_oaep_encrypt_decrypt(kmip: KmipService, pki: Pki) -> None:
+    """RSA-OAEP: Encrypt to the public key object (here) or the private key (the keystore),
+    with SHA-256 by default or SHA-1; Decrypt with the private key; what `cryptography`
+    encrypts to the public key decrypts; a changed ciphertext is one Cryptographic Failure."""
+    private, public = create_pair(
+        kmip, pki, CryptographicAlgorithm.RSA, 2048, UsageMask.ENCRYPT | UsageMask.DECRYPT
+    )
+    activate(kmip, pki, private, public)
+    key = public_of(kmip, pki, public)
+    assert isinstance(key, rsa.RSAPublicKey)
+    sha1 = [
+        Item(Tag.PADDING_METHOD, ENUM, PaddingMethod.OAEP),
+        Item(Tag.HASHING_ALGORITHM, ENUM, HashingAlgorithm.SHA_1),
+    ]
+
+    def run(op: Operation, uid: str, data: bytes, params: list[Item] | None = None) -> Item:
+        payload = [uid_item(uid), Item(Tag.DATA, BYTES, data)]
+        if params is not None:
+            payload.append(structure(Tag.CRYPTOGRAPHIC_PARAMETERS, *params))
+        return one(kmip, pki, op, payload)
+
+    for uid in (public, private):
+        for params in (None, sha1):
+            ct = ok(run(Operation.ENCRYPT, uid, b"data key 32 bytes long, exactly!", params))
+            body = ct.bytes_of(Tag.DATA)
+            assert body and len(body) == 256
+            plain = ok(run(Operation.DECRYPT, private, body, params)).bytes_of(Tag.DATA)
+            assert plain == b"data key 32 bytes long, exactly!"
+    theirs = key.encrypt(
+        b"from outside",
+        padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None),
+    )
+    assert ok(run(Operation.DECRYPT, private, theirs)).bytes_of(Tag.DATA) == b"from outside"
+    broken = bytes([theirs[0] ^ 1]) + theirs[1:]
+    assert reason(run(Operation.DECRYPT, private, broken)) == ResultReason.CRYPTOGRAPHIC_FAILURE
+    pkcs1 = [Item(Tag.PADDING_METHOD, ENUM, PaddingMethod.PKCS1V15)]
+    assert reason(run(Operation.ENCRYPT, public, b"x", pkcs1)) == (
+        ResultReason.FEATURE_NOT_SUPPORTED
+    )
+    assert reason(run(Operation.DECRYPT, public, theirs)) == ResultReason.INVALID_FIELD
