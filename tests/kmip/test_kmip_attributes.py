@@ -314,3 +314,47 @@ print("done")
 """,
     )
     assert out.strip() == "done"
+
+
+def test_percona_mysql_flow_with_pykmip(kmip: KmipService, pki: Pki) -> None:
+    """Percona Server for MySQL's keyring_kmip calls: Register a key with a Name and an
+    Object Group, Activate; Locate by Object Group, Get and GetAttributes(Name); Revoke
+    and Destroy."""
+    out = run_pykmip(
+        pykmip(),
+        kmip,
+        pki,
+        """
+import os
+from kmip.pie import client
+from kmip.core import attributes as cattributes, enums, objects as cobjects, secrets
+from kmip.core.factories import attributes
+f = attributes.AttributeFactory()
+material = os.urandom(32)
+with client.ProxyKmipClient(config="strongroom") as c:
+    key = secrets.SymmetricKey(cobjects.KeyBlock(
+        key_format_type=cobjects.KeyFormatType(enums.KeyFormatType.RAW),
+        key_value=cobjects.KeyValue(cobjects.KeyMaterial(material)),
+        cryptographic_algorithm=cattributes.CryptographicAlgorithm(
+            enums.CryptographicAlgorithm.AES),
+        cryptographic_length=cattributes.CryptographicLength(256)))
+    template = cobjects.TemplateAttribute(attributes=[
+        f.create_attribute(enums.AttributeType.NAME, "percona_binlog_1"),
+        f.create_attribute(enums.AttributeType.OBJECT_GROUP, "percona-group"),
+    ])
+    result = c.proxy.register(enums.ObjectType.SYMMETRIC_KEY, template, key)
+    assert result.result_status.value == enums.ResultStatus.SUCCESS, result.result_message
+    uid = result.uuid
+    c.activate(uid)
+    by_group = [f.create_attribute(enums.AttributeType.OBJECT_GROUP, "percona-group")]
+    assert c.locate(attributes=by_group) == [uid]
+    assert c.get(uid).value == material
+    names = c.get_attributes(uid, ["Name"])[1]
+    assert [n.attribute_value.name_value.value for n in names] == ["percona_binlog_1"]
+    c.revoke(enums.RevocationReasonCode.CESSATION_OF_OPERATION, uid)
+    c.destroy(uid)
+    assert c.locate(attributes=by_group) == []
+print("done")
+""",
+    )
+    assert out.strip() == "done"
