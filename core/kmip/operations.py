@@ -9,6 +9,7 @@ name in the tenant's namespace; what only KMIP knows (state, dates, names) is in
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from ..algorithms import AES_CBC_PAD, CBC_IV, rsa_encrypt, verify_signature
@@ -555,6 +557,7 @@ class Session:
         der = keyblocks.public_in(self.keys.public_key(private_uid), KeyFormatType.X_509)
         public_mask = uf.get("mask") or _mask_of(key_type, info.usage, False) & _PUBLIC_BITS
         public.extra.update({"der": der.hex(), "format": KeyFormatType.X_509, "mask": public_mask})
+        private.extra["spki"] = _spki_digest(der)
         private.attributes["Link"] = [_link(LinkType.PUBLIC_KEY_LINK, public_uid)]
         public.attributes["Link"] = [_link(LinkType.PRIVATE_KEY_LINK, private_uid)]
         with self.audited("kmip_register", public_uid, object_type="public_key"):
@@ -677,6 +680,9 @@ class Session:
             format=how,
         )
         obj.extra.update({"format": fmt, "flavour": flavour})
+        obj.extra["spki"] = _spki_digest(
+            keyblocks.public_in(self.keys.public_key(uid), KeyFormatType.X_509)
+        )
         self._keep(obj, key_type)
         return uid
 
@@ -721,13 +727,46 @@ class Session:
         der = cert.bytes_of(Tag.CERTIFICATE_VALUE)
         if der is None:
             raise KmipFailure(ResultReason.MISSING_DATA, "no Certificate Value given")
-        keyblocks.load_certificate(der)
+        certificate = keyblocks.load_certificate(der)
         uid, obj, facts = self._new_object(ObjectType.CERTIFICATE, attributes)
         self._check("generate", uid)
         obj.extra.update({"der": der.hex(), "mask": facts.get("mask") or 0})
+        public = self._attach(certificate, der, uid)
+        if public is not None:
+            obj.attributes["Link"] = [_link(LinkType.PUBLIC_KEY_LINK, public.uid)]
         with self.audited("kmip_register", uid, object_type="certificate"):
             self._keep(obj)
+            if public is not None:
+                self.store.put(self.access.tenant, public)
         return uid
+
+    def _attach(self, certificate: x509.Certificate, der: bytes, uid: str) -> KmipObject | None:
+        """Keep a certificate with the private key it certifies, if this tenant holds that
+        key as a KMIP object the identity may manage (KeyAPI's `set_certificate`, audited as
+        `certificate_set`: `strongroom key cert show` and a PKCS#11 token then have it).
+        Returns that key's public key object, given a Certificate Link to `uid`."""
+        digest = _spki_digest(keyblocks.public_in(certificate.public_key(), KeyFormatType.X_509))
+        for obj in self.store.all(self.access.tenant):
+            if (
+                obj.object_type != ObjectType.PRIVATE_KEY
+                or obj.extra.get("spki") != digest
+                or not self.access.may("manage", obj.uid)
+            ):
+                continue
+            self.keys.set_certificate(obj.uid, der)
+            for raw in obj.attributes.get("Link", []):
+                link = ttlv.decode(bytes.fromhex(raw))
+                if link.int_of(Tag.LINK_TYPE) == LinkType.PUBLIC_KEY_LINK:
+                    public = self.store.get(
+                        self.access.tenant, link.text_of(Tag.LINKED_OBJECT_IDENTIFIER) or ""
+                    )
+                    if public is not None:
+                        public.attributes.setdefault("Link", []).append(
+                            _link(LinkType.CERTIFICATE_LINK, uid)
+                        )
+                        return public
+            return None
+        return None
 
     def _keep_secret(
         self, obj: KmipObject, material: bytes, facts: dict[str, object], **extra: object
@@ -869,6 +908,7 @@ class Session:
         der = keyblocks.public_in(self.keys.public_key(new.uid), KeyFormatType.X_509)
         mask = old_public.extra.get("mask", 0) if old_public is not None else 0
         new_public.extra.update({"der": der.hex(), "format": KeyFormatType.X_509, "mask": mask})
+        new.extra["spki"] = _spki_digest(der)
         if old_public is not None:
             self._replace(payload, old_public, new_public)
         new_public.attributes.setdefault("Link", []).append(
@@ -1478,6 +1518,11 @@ _LOCATABLE = frozenset(
         "Application Specific Information",
     }
 )
+
+
+def _spki_digest(spki: bytes) -> str:
+    """How a private key object remembers its public key, to find it by a certificate."""
+    return hashlib.sha256(spki).hexdigest()
 
 
 def _transparent(material: Item) -> bytes:

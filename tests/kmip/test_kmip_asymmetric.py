@@ -8,10 +8,12 @@ import hashlib
 import hmac
 import json
 import os
+import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from conftest import STRONGROOM_BIN
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
@@ -28,7 +30,7 @@ from kmip_support import (
     start_kmip,
     tls,
 )
-from server_support import Pki, make_pki
+from server_support import Pki, make_pki, service_env
 from test_kmip_server import run_pykmip
 
 from strongroom.kmip.tags import (
@@ -653,3 +655,74 @@ def test_rsa_oaep_encrypt_decrypt(kmip: KmipService, pki: Pki) -> None:
         ResultReason.FEATURE_NOT_SUPPORTED
     )
     assert reason(run(Operation.DECRYPT, public, theirs)) == ResultReason.INVALID_FIELD
+
+
+def test_a_certificate_is_kept_with_its_private_key(kmip: KmipService, pki: Pki) -> None:
+    """A registered certificate over a pair's public key is kept with the private key in the
+    keystore (`set_certificate`: `strongroom key cert show` has it) and linked both ways with
+    the public key object; one over no key of the tenant is only an object."""
+    private, public = create_pair(kmip, pki, CryptographicAlgorithm.EC, 256)
+    server_public = public_of(kmip, pki, public)
+    assert isinstance(server_public, ec.EllipticCurvePublicKey)
+    ca = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    der = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "db.example")]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")]))
+        .public_key(server_public)
+        .serial_number(9)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=1))
+        .sign(ca, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+
+    def register(value: bytes) -> str:
+        uid = ok(
+            one(
+                kmip,
+                pki,
+                Operation.REGISTER,
+                [
+                    Item(Tag.OBJECT_TYPE, ENUM, ObjectType.CERTIFICATE),
+                    structure(
+                        Tag.CERTIFICATE,
+                        Item(Tag.CERTIFICATE_TYPE, ENUM, CertificateType.X_509),
+                        Item(Tag.CERTIFICATE_VALUE, BYTES, value),
+                    ),
+                ],
+            )
+        ).text_of(Tag.UNIQUE_IDENTIFIER)
+        assert uid
+        return uid
+
+    cert_uid = register(der)
+    (link,) = attributes(kmip, pki, cert_uid)["Link"]
+    assert link.int_of(Tag.LINK_TYPE) == LinkType.PUBLIC_KEY_LINK
+    assert link.text_of(Tag.LINKED_OBJECT_IDENTIFIER) == public
+    public_links = {
+        (i.int_of(Tag.LINK_TYPE), i.text_of(Tag.LINKED_OBJECT_IDENTIFIER))
+        for i in attributes(kmip, pki, public)["Link"]
+    }
+    assert (LinkType.CERTIFICATE_LINK, cert_uid) in public_links
+    tenant_view = kmip.config.parent / "acme.toml"
+    tenant_view.write_text(
+        kmip.config.read_text().replace("[keystore]\n", '[keystore]\nnamespace = "acme"\n', 1)
+    )
+    shown = subprocess.run(
+        [str(STRONGROOM_BIN), "--config", str(tenant_view), "key", "cert", "show", private],
+        env=service_env(),
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert x509.load_pem_x509_certificate(shown).public_bytes(serialization.Encoding.DER) == der
+    log = kmip.config.parent / "data" / "audit.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    assert any(
+        r["op"] == "certificate_set" and r["actor"] == "acme:kmip" and r["result"] == "ok"
+        for r in records
+        if r.get("key") == f"acme/{private}"
+    )
+    lone = register(self_signed(ec.generate_private_key(ec.SECP256R1())))
+    assert "Link" not in attributes(kmip, pki, lone)
