@@ -157,6 +157,12 @@ _DATES = {
 }
 _KEPT = ("Name", "Object Group", "Operation Policy Name", "Application Specific Information")
 """Attributes a client sets that are kept as given (besides `x-`/`y-` custom ones)."""
+_FACTS = {
+    "Cryptographic Algorithm": ("algorithm", Type.ENUMERATION),
+    "Cryptographic Length": ("length", Type.INTEGER),
+    "Cryptographic Usage Mask": ("mask", Type.INTEGER),
+}
+"""Attributes of a new object that the server reads (and keeps in its own form)."""
 _SINGLE = frozenset({"Operation Policy Name"})
 """Kept attributes with one instance at most (the others, and `x-`/`y-`, take several)."""
 
@@ -394,12 +400,13 @@ class Session:
         for attribute in attributes:
             name = attribute.text_of(Tag.ATTRIBUTE_NAME)
             value = attribute.need(Tag.ATTRIBUTE_VALUE)
-            if name == "Cryptographic Algorithm":
-                facts["algorithm"] = value.value
-            elif name == "Cryptographic Length":
-                facts["length"] = value.value
-            elif name == "Cryptographic Usage Mask":
-                facts["mask"] = value.value
+            if name in _FACTS:
+                fact, kind = _FACTS[name]
+                if value.type is not kind:
+                    raise KmipFailure(
+                        ResultReason.INVALID_FIELD, f"{name} is an {kind.name.lower()}"
+                    )
+                facts[fact] = value.value
             elif name == "Cryptographic Domain Parameters" and value.type is Type.STRUCTURE:
                 facts["curve"] = value.int_of(Tag.RECOMMENDED_CURVE)
             elif name in _KEPT or (name or "").startswith(("x-", "y-")):

@@ -259,6 +259,33 @@ def test_create_key_pair_refuses_what_is_not_served(kmip: KmipService, pki: Pki)
         )
         assert reason(item) in (ResultReason.FEATURE_NOT_SUPPORTED, ResultReason.INVALID_FIELD)
         assert item.text_of(Tag.RESULT_MESSAGE)
+    # a usage mask of the wrong type (found by tests/kmip/test_kmip_fuzz.py): refused before
+    # any key is made, so no key is left behind without its object
+    log = kmip.config.parent / "data" / "audit.jsonl"
+
+    def generated() -> int:
+        lines = log.read_text().splitlines()
+        return sum(json.loads(line)["op"] == "generate" for line in lines if line.strip())
+
+    before = generated()
+    bad_mask = one(
+        kmip,
+        pki,
+        Operation.CREATE_KEY_PAIR,
+        [
+            structure(
+                Tag.COMMON_TEMPLATE_ATTRIBUTE,
+                attr("Cryptographic Algorithm", Item(0, ENUM, CryptographicAlgorithm.EC)),
+                attr("Cryptographic Length", Item(0, INT, 256)),
+            ),
+            structure(
+                Tag.PUBLIC_KEY_TEMPLATE_ATTRIBUTE,
+                attr("Cryptographic Usage Mask", Item(0, BYTES, b"\x02")),
+            ),
+        ],
+    )
+    assert reason(bad_mask) == ResultReason.INVALID_FIELD
+    assert generated() == before
 
 
 def test_register_private_keys_pkcs1_and_pkcs8(kmip: KmipService, pki: Pki) -> None:
