@@ -266,6 +266,7 @@ class Session:
             Operation.RNG_RETRIEVE: self.rng_retrieve,
         }
         self._placeholder: str | None = None  # the ID Placeholder of the current batch
+        self._backend_types: dict[str, str] | None = None  # backend name to type, once
 
     # -- the message ---------------------------------------------------------------------------
     def handle(self, data: bytes, limits: ttlv.Limits = ttlv.DEFAULT_LIMITS) -> bytes:
@@ -1287,7 +1288,18 @@ class Session:
         aad = payload.bytes_of(Tag.AUTHENTICATED_ENCRYPTION_ADDITIONAL_DATA) or b""
         if aad and mode == BlockCipherMode.CBC:
             raise KmipFailure(ResultReason.INVALID_FIELD, "AES-CBC takes no additional data")
+        if mode == BlockCipherMode.GCM and self._backend_type(obj.uid) in _NOT_GCM:
+            raise KmipFailure(
+                ResultReason.FEATURE_NOT_SUPPORTED,
+                "this AES key is in a TPM, whose AES is CFB with an HMAC, not GCM",
+            )
         return mode, data, aad
+
+    def _backend_type(self, uid: str) -> str | None:
+        """The type (vault, pkcs11, tpm, ...) of the backend that holds key `uid`."""
+        if self._backend_types is None:
+            self._backend_types = {b.name: b.type for b in self.keys.backends()}
+        return self._backend_types.get(self.keys.info(uid).backend)
 
     def _oaep(self, payload: Item, obj: KmipObject) -> tuple[str, bytes]:
         """(KeyAPI algorithm, Data) of an RSA-OAEP Encrypt or Decrypt."""
@@ -1507,6 +1519,9 @@ class Session:
             )
         return [_bytes(Tag.DATA, self.keys.random(n))]  # audited
 
+
+_NOT_GCM = frozenset({"tpm"})
+"""Backend types whose `aes-256` keystore encryption is not AES-GCM (docs/tpm.md)."""
 
 _OAEP: dict[int, str] = {
     HashingAlgorithm.SHA_256: "oaep-sha256",

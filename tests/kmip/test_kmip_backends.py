@@ -40,6 +40,7 @@ from strongroom.kmip.tags import (
     CryptographicAlgorithm,
     Operation,
     PaddingMethod,
+    ResultReason,
     Tag,
     UsageMask,
     ValidityIndicator,
@@ -224,3 +225,17 @@ def test_aes_in_softhsm2_gcm_and_cbc(in_hsm: KmipService, pki: Pki) -> None:
 
 def test_an_ec_pair_in_swtpm(in_tpm: KmipService, pki: Pki) -> None:
     _ec_pair_signs(in_tpm, pki, "tpm")
+
+
+def test_aes_in_swtpm_is_not_passed_off_as_gcm(in_tpm: KmipService, pki: Pki) -> None:
+    """A TPM's aes-256 is CFB with an HMAC: KMIP refuses GCM with it rather than answer in
+    GCM's fields."""
+    uid = _one(in_tpm, pki, Operation.CREATE, CREATE_AES).text_of(Tag.UNIQUE_IDENTIFIER)
+    assert uid and _backend_of(in_tpm, uid) == {"tpm"}
+    _one(in_tpm, pki, Operation.ACTIVATE, [_uid(uid)])
+    with kmip_tls(in_tpm, pki) as conn:
+        (item,) = results(
+            exchange(conn, request((Operation.ENCRYPT, [_uid(uid), Item(Tag.DATA, BYTES, b"x")])))
+        )
+    assert item.int_of(Tag.RESULT_REASON) == ResultReason.FEATURE_NOT_SUPPORTED
+    assert "TPM" in (item.text_of(Tag.RESULT_MESSAGE) or "")
