@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -474,6 +475,21 @@ class Session:
         algorithm, length = self._facts(obj)
         return key_type_of(algorithm, length)
 
+    @contextmanager
+    def _or_undo(self, uid: str, *others: str) -> Iterator[None]:
+        """Around what follows the making of key `uid`: if it fails, the key is deleted again
+        (and the objects `uid` and `others` forgotten), so that no keystore key is left
+        without its KMIP object."""
+        try:
+            yield
+        except BaseException:
+            with suppress(StrongroomError):
+                self.keys.delete(uid)
+            for gone in (uid, *others):
+                with suppress(StrongroomError, sqlite3.Error):
+                    self.store.delete(self.access.tenant, gone)
+            raise
+
     def _active(self, obj: KmipObject) -> None:
         if obj.state != State.ACTIVE:
             raise KmipFailure(ResultReason.ILLEGAL_OPERATION, "the key is not Active")
@@ -525,7 +541,8 @@ class Session:
             usage=self._usage(facts.get("mask"), key_type),
             exportable=self.access.may("export", uid),
         )
-        self._keep(obj, key_type)
+        with self._or_undo(uid):
+            self._keep(obj, key_type)
         self._placeholder = uid
         return [_enum(Tag.OBJECT_TYPE, ObjectType.SYMMETRIC_KEY), _text(Tag.UNIQUE_IDENTIFIER, uid)]
 
@@ -562,15 +579,18 @@ class Session:
             usage=self._usage(mask, key_type),
             exportable=self.access.may("export", private_uid),
         )
-        der = keyblocks.public_in(self.keys.public_key(private_uid), KeyFormatType.X_509)
-        public_mask = uf.get("mask") or _mask_of(key_type, info.usage, False) & _PUBLIC_BITS
-        public.extra.update({"der": der.hex(), "format": KeyFormatType.X_509, "mask": public_mask})
-        private.extra["spki"] = _spki_digest(der)
-        private.attributes["Link"] = [_link(LinkType.PUBLIC_KEY_LINK, public_uid)]
-        public.attributes["Link"] = [_link(LinkType.PRIVATE_KEY_LINK, private_uid)]
-        with self.audited("kmip_register", public_uid, object_type="public_key"):
-            self._keep(public, key_type)
-        self._keep(private, key_type)
+        with self._or_undo(private_uid, public_uid):
+            der = keyblocks.public_in(self.keys.public_key(private_uid), KeyFormatType.X_509)
+            public_mask = uf.get("mask") or _mask_of(key_type, info.usage, False) & _PUBLIC_BITS
+            public.extra.update(
+                {"der": der.hex(), "format": KeyFormatType.X_509, "mask": public_mask}
+            )
+            private.extra["spki"] = _spki_digest(der)
+            private.attributes["Link"] = [_link(LinkType.PUBLIC_KEY_LINK, public_uid)]
+            public.attributes["Link"] = [_link(LinkType.PRIVATE_KEY_LINK, private_uid)]
+            with self.audited("kmip_register", public_uid, object_type="public_key"):
+                self._keep(public, key_type)
+            self._keep(private, key_type)
         self._placeholder = private_uid
         return [
             _text(Tag.PRIVATE_KEY_UNIQUE_IDENTIFIER, private_uid),
@@ -649,7 +669,8 @@ class Session:
             exportable=self.access.may("export", uid),
             format="raw",
         )
-        self._keep(obj, key_type)
+        with self._or_undo(uid):
+            self._keep(obj, key_type)
         return uid
 
     def _register_private(self, key: Item, attributes: list[Item]) -> str:
@@ -687,11 +708,12 @@ class Session:
             exportable=self.access.may("export", uid),
             format=how,
         )
-        obj.extra.update({"format": fmt, "flavour": flavour})
-        obj.extra["spki"] = _spki_digest(
-            keyblocks.public_in(self.keys.public_key(uid), KeyFormatType.X_509)
-        )
-        self._keep(obj, key_type)
+        with self._or_undo(uid):
+            obj.extra.update({"format": fmt, "flavour": flavour})
+            obj.extra["spki"] = _spki_digest(
+                keyblocks.public_in(self.keys.public_key(uid), KeyFormatType.X_509)
+            )
+            self._keep(obj, key_type)
         return uid
 
     def _register_public(self, key: Item, attributes: list[Item]) -> str:
@@ -794,8 +816,9 @@ class Session:
             exportable=self.access.may("export", obj.uid),
             format="raw",
         )
-        obj.extra.update(extra, mask=facts.get("mask") or 0)
-        self._keep(obj)
+        with self._or_undo(obj.uid):
+            obj.extra.update(extra, mask=facts.get("mask") or 0)
+            self._keep(obj)
         return obj.uid
 
     def _register_secret_data(self, secret: Item, attributes: list[Item]) -> str:
@@ -872,8 +895,9 @@ class Session:
             usage=sorted(info.usage),
             exportable=info.exportable and self.access.may("export", new.uid),
         )
-        self._replace(payload, old, new)
-        self._keep(new, info.type)
+        with self._or_undo(new.uid):
+            self._replace(payload, old, new)
+            self._keep(new, info.type)
         with self.audited("kmip_rekey", old.uid, replacement=new.uid):
             self.store.put(self.access.tenant, old)
         return new
