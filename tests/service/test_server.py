@@ -941,6 +941,18 @@ def test_service_config_errors_name_the_key(tmp_path: Path) -> None:
 _ = ec
 
 
+def test_a_secret_over_the_wire(service: Service, tokens: Tenancy) -> None:
+    """A `secret` (opaque data, no usage) imported and exported raw through the service; its
+    bytes stay out of the audit log."""
+    secret = b"wire secret \x00\xff" * 64
+    with remote(service, tokens.acme_app) as app:
+        info = app.import_key("wire-secret", "secret", bytearray(secret), exportable=True)
+        assert info.type.value == "secret" and info.usage == frozenset()
+        assert app.export_key("wire-secret", "raw") == secret
+    assert secret.hex().encode() not in audit_path(service).read_bytes()
+    assert secret not in audit_path(service).read_bytes()
+
+
 def test_lifecycle_import_derive_and_mac_over_the_wire(
     service: Service, tokens: Tenancy, tmp_path: Path
 ) -> None:
