@@ -765,7 +765,7 @@ def pkcs11_seeds(
     """A vault token with a P-256 and an RSA key, a way to open a logged-in client connection
     to it, and real requests:
     info, slots, token, mechanisms, find (with a nested template), get attributes, sign,
-    verify, random."""
+    verify, a raw CKM_RSA_PKCS sign, random."""
     import struct
 
     from strongroom.pkcs11server import Connection, Settings, TokenSpec, ck, wire
@@ -821,6 +821,9 @@ def pkcs11_seeds(
             wire.request("C_Sign", u(1), ay(b"\x01" * 32), struct.pack(">I", 64)),
             wire.request("C_VerifyInit", u(1), mech(ck.CKM_SHA256_RSA_PKCS), u(4)),
             wire.request("C_Verify", u(1), ay(b"m"), ay(b"\x00" * 256)),
+            wire.request("C_SignInit", u(1), mech(ck.CKM_RSA_PKCS), u(3)),
+            wire.request("C_Sign", u(1), ay(bytes.fromhex("3021300906052b0e03021a05000414")
+                                             + b"\x02" * 20), struct.pack(">I", 256)),
             wire.request("C_GenerateRandom", u(1), struct.pack(">I", 16)),
             wire.request("C_Logout", u(1)),
         ]  # fmt: skip

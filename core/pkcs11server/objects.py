@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from .. import algorithms
 from ..api import KeyAPI
 from ..types import KeyInfo, KeyType, Usage
 from . import ck
@@ -58,6 +59,9 @@ class Obj:
     attrs: dict[int, Any] = field(repr=False)
     private: bool = False
     """CKA_PRIVATE: visible only after C_Login."""
+    oaep: tuple[str, ...] = ()
+    """The RSA-OAEP variants (algorithms.RSA_ENCRYPT_ALGORITHMS) the key decrypts: SHA-1
+    only when the keystore recorded that its backend decrypts no other (SoftHSM2)."""
 
     def matches(self, template: dict[int, Any]) -> bool:
         """Whether every attribute of a C_FindObjectsInit template has this value."""
@@ -193,13 +197,26 @@ def key_objects(api: KeyAPI, info: KeyInfo) -> list[Obj]:
         ck.CKA_TRUSTED: False,
         ck.CKA_PUBLIC_KEY_INFO: spki,
     }
+    oaep = _oaep_variants(info)
     objects = [
-        Obj(ck.CKO_PRIVATE_KEY, name, private, private=True),
-        Obj(ck.CKO_PUBLIC_KEY, name, pub),
+        Obj(ck.CKO_PRIVATE_KEY, name, private, private=True, oaep=oaep),
+        Obj(ck.CKO_PUBLIC_KEY, name, pub, oaep=oaep),
     ]
     for cert in certs:
         objects.append(Obj(ck.CKO_CERTIFICATE, name, _certificate_attrs(name, cert)))
     return objects
+
+
+def _oaep_variants(info: KeyInfo) -> tuple[str, ...]:
+    """What an RSA key decrypts: the keystore records the variant its backend decrypts,
+    preferred first, when the key is made (algorithms.RSA_ENCRYPT_ATTRIBUTE); a backend
+    that prefers SHA-1 has no SHA-256. Without the record, both (a failure is then the
+    backend's, at C_Decrypt)."""
+    if not info.type.is_rsa:
+        return ()
+    if info.attributes.get(algorithms.RSA_ENCRYPT_ATTRIBUTE) == "oaep-sha1":
+        return ("oaep-sha1",)
+    return algorithms.RSA_ENCRYPT_ALGORITHMS
 
 
 def _certificates(api: KeyAPI, name: str) -> list[x509.Certificate]:

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
+from ..algorithms import RSA_PKCS1V15_RAW
 from ..api import KeyAPI
 from ..errors import (
     BackendUnavailable,
@@ -120,8 +121,12 @@ MECHANISMS: dict[int, tuple[int, int, int]] = {
     ck.CKM_EDDSA: (255, 255, ck.CKF_SIGN | ck.CKF_VERIFY),
     ck.CKM_SHA256_HMAC: (256, 256, ck.CKF_SIGN | ck.CKF_VERIFY),
 }  # fmt: skip
-# DigestInfo prefixes (RFC 8017, 9.2 note 1): CKM_RSA_PKCS signs DigestInfo || hash.
-SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+
+OAEP_VARIANTS = {
+    (ck.CKM_SHA256, ck.CKG_MGF1_SHA256): "oaep-sha256",
+    (ck.CKM_SHA_1, ck.CKG_MGF1_SHA1): "oaep-sha1",
+}
+"""CKM_RSA_PKCS_OAEP's (hash, MGF) pairs served, as the keystore's algorithm names."""
 
 
 def _ck_error(e: Exception) -> int:
@@ -467,10 +472,8 @@ class Connection:
             p = mech.params
             if not isinstance(p, dict) or p.get("label"):
                 raise CkError(ck.CKR_MECHANISM_PARAM_INVALID)
-            if (p["hash"], p["mgf"]) not in (
-                (ck.CKM_SHA256, ck.CKG_MGF1_SHA256),
-                (ck.CKM_SHA_1, ck.CKG_MGF1_SHA1),
-            ):
+            variant = OAEP_VARIANTS.get((p["hash"], p["mgf"]))
+            if variant is None or variant not in obj.oaep:
                 raise CkError(ck.CKR_MECHANISM_PARAM_INVALID)
         elif mech.params not in (None, b""):
             raise CkError(ck.CKR_MECHANISM_PARAM_INVALID)
@@ -538,10 +541,9 @@ class Connection:
             der = self.ks.sign(name, digest, prehashed=True)
             r, s = decode_dss_signature(der)
             return r.to_bytes(size, "big") + s.to_bytes(size, "big")
-        if m == ck.CKM_RSA_PKCS:
-            if not data.startswith(SHA256_DIGEST_INFO) or len(data) != 51:
-                raise CkError(ck.CKR_DATA_INVALID)  # only SHA-256 DigestInfo is signed
-            return self.ks.sign(name, data[19:], "pkcs1v15", prehashed=True)
+        if m == ck.CKM_RSA_PKCS:  # the client's DigestInfo, padded as given
+            self._check_block(op, data)
+            return self.ks.sign(name, data, RSA_PKCS1V15_RAW, prehashed=True)
         if m == ck.CKM_SHA256_RSA_PKCS:
             return self.ks.sign(name, data, "pkcs1v15")
         if m == ck.CKM_RSA_PKCS_PSS:
@@ -555,6 +557,13 @@ class Connection:
         if m == ck.CKM_SHA256_HMAC:
             return self.ks.mac(name, data)
         raise CkError(ck.CKR_MECHANISM_INVALID)  # pragma: no cover - checked at init
+
+    @staticmethod
+    def _check_block(op: Operation, data: bytes) -> None:
+        """CKM_RSA_PKCS takes 1 to k - 11 bytes (PKCS #11 2.40, 2.1.6)."""
+        room = int(op.key.attrs[ck.CKA_MODULUS_BITS]) // 8 - 11
+        if not 1 <= len(data) <= room:
+            raise CkError(ck.CKR_DATA_LEN_RANGE)
 
     @staticmethod
     def _ec_digest(op: Operation, data: bytes) -> tuple[bytes, int]:
@@ -604,9 +613,8 @@ class Connection:
             s = int.from_bytes(signature[size:], "big")
             self.ks.verify(name, digest, encode_dss_signature(r, s), prehashed=True)
         elif m == ck.CKM_RSA_PKCS:
-            if not data.startswith(SHA256_DIGEST_INFO) or len(data) != 51:
-                raise CkError(ck.CKR_DATA_INVALID)
-            self.ks.verify(name, data[19:], signature, "pkcs1v15", prehashed=True)
+            self._check_block(op, data)
+            self.ks.verify(name, data, signature, RSA_PKCS1V15_RAW, prehashed=True)
         elif m == ck.CKM_SHA256_RSA_PKCS:
             self.ks.verify(name, data, signature, "pkcs1v15")
         elif m == ck.CKM_RSA_PKCS_PSS:
@@ -631,7 +639,7 @@ class Connection:
 
     def _decrypt(self, op: Operation) -> bytes:
         params = op.mechanism.params
-        algorithm = "oaep-sha256" if params["hash"] == ck.CKM_SHA256 else "oaep-sha1"
+        algorithm = OAEP_VARIANTS[(params["hash"], params["mgf"])]
         try:
             return self.ks.decrypt(op.key.key, bytes(op.data), algorithm=algorithm)
         except (InvalidArgument, ValueError):
