@@ -96,6 +96,8 @@ PKCS11_SERVER_KEYS = {
     "pin": "the PIN C_Login checks: env:NAME or file:PATH (required)",
     "socket": "the server's socket path (default: a new private directory in "
     "$XDG_RUNTIME_DIR or the temp dir)",
+    "backend": "the backend C_GenerateKey and C_GenerateKeyPair put keys in (default: the "
+    "keystore's order)",
 }
 KMIP_KEYS = {
     "backend": "the backend KMIP Create and Register put keys in (default: the keystore's order)",
@@ -199,6 +201,8 @@ class Pkcs11ServerConfig:
     pin: str | None = None
     """A secret reference (env:NAME or file:PATH), never the PIN itself."""
     socket: Path | None = None
+    backend: str | None = None
+    """Where C_GenerateKey/C_GenerateKeyPair make keys; None: the keystore's order."""
 
 
 @dataclass
@@ -398,6 +402,13 @@ def parse(raw: Mapping[str, Any], path: str | None, text: str) -> Config:
             raise cfg.error(
                 f"names backend {name!r}, which has no [backends.{name}] table", "keystore", "order"
             )
+    p11_backend = cfg.pkcs11_server.backend
+    if p11_backend is not None and p11_backend not in cfg.backends:
+        raise cfg.error(
+            f"names backend {p11_backend!r}, which has no [backends.{p11_backend}] table",
+            "pkcs11_server",
+            "backend",
+        )
     kmip_backend = cfg.kmip.backend
     if kmip_backend is not None and kmip_backend not in cfg.backends:
         raise cfg.error(
@@ -725,6 +736,10 @@ def _parse_pkcs11_server(cfg: Config, table: Any) -> None:
                 "pin",
             ) from None
         out.pin = pin
+    if "backend" in table:
+        if not isinstance(table["backend"], str) or not table["backend"]:
+            raise cfg.error("must be the name of a configured backend", "pkcs11_server", "backend")
+        out.backend = table["backend"]
     if "socket" in table:
         if not isinstance(table["socket"], str) or not table["socket"]:
             raise cfg.error("must be a path", "pkcs11_server", "socket")

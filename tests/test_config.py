@@ -637,3 +637,14 @@ def test_a_tpm_rollback_counter_cannot_guard_a_shared_store(tmp_path: Path) -> N
     e = config_error(path)
     assert_names(e, path, 10, "backends.vault.rollback_counter")
     assert "one machine" in str(e)
+
+
+def test_pkcs11_server_backend_is_checked(tmp_path: Path) -> None:
+    base = ["[keystore]", data_dir(tmp_path), *vault_table(), "[pkcs11_server]", 'keys = ["a-*"]']
+    e = config_error(write(tmp_path, *base, 'backend = "hsm"'))
+    assert e.key == "pkcs11_server.backend" and "[backends.hsm]" in str(e)
+    e = config_error(write(tmp_path, *base, "backend = 1"))
+    assert e.key == "pkcs11_server.backend"
+    ok = config_mod.load(write(tmp_path, *base, 'backend = "vault"'))
+    assert ok.pkcs11_server.backend == "vault"
+    assert config_mod.load(write(tmp_path, *base)).pkcs11_server.backend is None

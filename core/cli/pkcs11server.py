@@ -42,7 +42,9 @@ def pkcs11_server(state: State, socket_path: str | None, foreground: bool) -> No
     if not pin:
         raise InvalidArgument("the PKCS#11 PIN is empty")
     settings = Settings(
-        tuple(TokenSpec(label, tuple(p)) for label, p in cfg.tokens.items()), pin=pin
+        tuple(TokenSpec(label, tuple(p)) for label, p in cfg.tokens.items()),
+        pin=pin,
+        backend=cfg.backend,
     )
     # Bound before the fork, so that the address printed is already being listened on; the
     # keystore is opened after it, in the serving process (a PKCS#11 or TPM session does

@@ -32,6 +32,9 @@ EC_PARAMS = {
     KeyType.SECP256K1: bytes.fromhex("06052b8104000a"),
     KeyType.ED25519: bytes.fromhex("06032b6570"),
 }
+GCM_BACKENDS = frozenset({"vault", "pkcs11"})
+"""Backend types whose AES-256 ciphertext is AES-GCM, nonce(12) ‖ ct ‖ tag(16), so that
+CKM_AES_GCM decrypts it with the nonce as the IV (a TPM's is CFB with an HMAC)."""
 SECRET_TYPES = {KeyType.AES_256: (ck.CKK_AES, 32), KeyType.HMAC_SHA256: (ck.CKK_SHA256_HMAC, 32)}
 
 
@@ -62,6 +65,8 @@ class Obj:
     oaep: tuple[str, ...] = ()
     """The RSA-OAEP variants (algorithms.RSA_ENCRYPT_ALGORITHMS) the key decrypts: SHA-1
     only when the keystore recorded that its backend decrypts no other (SoftHSM2)."""
+    gcm: bool = False
+    """An AES key whose ciphertexts are AES-GCM (GCM_BACKENDS): CKM_AES_GCM decrypts."""
 
     def matches(self, template: dict[int, Any]) -> bool:
         """Whether every attribute of a C_FindObjectsInit template has this value."""
@@ -77,9 +82,9 @@ class Obj:
         return True
 
 
-def key_objects(api: KeyAPI, info: KeyInfo) -> list[Obj]:
+def key_objects(api: KeyAPI, info: KeyInfo, gcm: bool = False) -> list[Obj]:
     """The objects key `info` gives; [] for a key no PKCS#11 object stands for (a seed, a
-    FIDO credential, an X25519 key)."""
+    FIDO credential, an X25519 key). `gcm`: its backend's AES is AES-GCM."""
     name = info.name
     t = info.type
     base = {
@@ -116,8 +121,9 @@ def key_objects(api: KeyAPI, info: KeyInfo) -> list[Obj]:
             ck.CKA_VALUE_LEN: size,
             ck.CKA_VALUE: SENSITIVE,
             ck.CKA_WRAP_WITH_TRUSTED: False,
+            ck.CKA_DESTROYABLE: True,
         }
-        return [Obj(ck.CKO_SECRET_KEY, name, secret, private=True)]
+        return [Obj(ck.CKO_SECRET_KEY, name, secret, private=True, gcm=gcm)]
     if not (t.is_ecdsa or t.is_rsa or t is KeyType.ED25519):
         return []
     public = api.public_key(name)
@@ -178,6 +184,7 @@ def key_objects(api: KeyAPI, info: KeyInfo) -> list[Obj]:
         ck.CKA_EXPONENT_1: SENSITIVE,
         ck.CKA_EXPONENT_2: SENSITIVE,
         ck.CKA_COEFFICIENT: SENSITIVE,
+        ck.CKA_DESTROYABLE: True,  # C_DestroyObject deletes the key
     }
     if not t.is_rsa:
         for kind in (ck.CKA_PRIVATE_EXPONENT, ck.CKA_PRIME_1, ck.CKA_PRIME_2):

@@ -27,15 +27,17 @@ from ..algorithms import RSA_PKCS1V15_RAW
 from ..api import KeyAPI
 from ..errors import (
     BackendUnavailable,
+    IntegrityError,
     InvalidArgument,
+    KeyExists,
     KeyNotFound,
     PolicyViolation,
     StrongroomError,
     UnsupportedOperation,
 )
-from ..types import KeyInfo
+from ..types import KeyInfo, KeyType, Usage
 from . import ck, wire
-from .objects import SENSITIVE, Obj, key_objects
+from .objects import EC_PARAMS, GCM_BACKENDS, SENSITIVE, Obj, key_objects
 
 log = logging.getLogger("strongroom.pkcs11server")
 
@@ -65,6 +67,8 @@ class Settings:
     tokens: tuple[TokenSpec, ...]
     pin: str = field(repr=False, default="")
     """The PIN C_Login checks (compared in constant time; never logged)."""
+    backend: str | None = None
+    """Where C_GenerateKey and C_GenerateKeyPair make keys (None: the keystore's order)."""
 
 
 @dataclass
@@ -117,10 +121,31 @@ MECHANISMS: dict[int, tuple[int, int, int]] = {
         for m in SIGN_MECHANISMS
     },
     **{m: (2048, 4096, ck.CKF_SIGN | ck.CKF_VERIFY) for m in RSA_SIGN},
-    ck.CKM_RSA_PKCS_OAEP: (2048, 4096, ck.CKF_DECRYPT),
+    ck.CKM_RSA_PKCS_OAEP: (2048, 4096, ck.CKF_ENCRYPT | ck.CKF_DECRYPT),
     ck.CKM_EDDSA: (255, 255, ck.CKF_SIGN | ck.CKF_VERIFY),
     ck.CKM_SHA256_HMAC: (256, 256, ck.CKF_SIGN | ck.CKF_VERIFY),
+    ck.CKM_AES_GCM: (32, 32, ck.CKF_DECRYPT),
+    ck.CKM_EC_KEY_PAIR_GEN: (256, 384, ck.CKF_GENERATE_KEY_PAIR | ck.CKF_EC_F_P
+                             | ck.CKF_EC_NAMEDCURVE | ck.CKF_EC_UNCOMPRESS),
+    ck.CKM_RSA_PKCS_KEY_PAIR_GEN: (2048, 4096, ck.CKF_GENERATE_KEY_PAIR),
+    ck.CKM_EC_EDWARDS_KEY_PAIR_GEN: (255, 255, ck.CKF_GENERATE_KEY_PAIR),
+    ck.CKM_AES_KEY_GEN: (32, 32, ck.CKF_GENERATE),
+    ck.CKM_GENERIC_SECRET_KEY_GEN: (256, 256, ck.CKF_GENERATE),
 }  # fmt: skip
+GCM_IV = 12
+GCM_TAG_BITS = 128
+"""What CKM_AES_GCM decrypts: the keystore's AES-256 ciphertext is nonce(12) ‖ ct ‖ tag(16)
+in the backends that use GCM (the vault, pkcs11), so a 96-bit IV and a 128-bit tag."""
+KEY_PAIR_GEN = {
+    ck.CKM_EC_KEY_PAIR_GEN,
+    ck.CKM_RSA_PKCS_KEY_PAIR_GEN,
+    ck.CKM_EC_EDWARDS_KEY_PAIR_GEN,
+}
+KEY_GEN = {ck.CKM_AES_KEY_GEN, ck.CKM_GENERIC_SECRET_KEY_GEN}
+RSA_BITS = {2048: KeyType.RSA_2048, 3072: KeyType.RSA_3072, 4096: KeyType.RSA_4096}
+CURVES = {params: t for t, params in EC_PARAMS.items() if t is not KeyType.ED25519}
+ED25519_NAMES = (EC_PARAMS[KeyType.ED25519], b"\x13\x0cedwards25519", b"\x13\x07Ed25519")
+"""CKA_EC_PARAMS of an Ed25519 key: the OID, or the printableString PKCS #11 3.0 names."""
 
 OAEP_VARIANTS = {
     (ck.CKM_SHA256, ck.CKG_MGF1_SHA256): "oaep-sha256",
@@ -128,11 +153,20 @@ OAEP_VARIANTS = {
 }
 """CKM_RSA_PKCS_OAEP's (hash, MGF) pairs served, as the keystore's algorithm names."""
 
+MECHANISM_FLAGS = {
+    "sign": ck.CKF_SIGN,
+    "verify": ck.CKF_VERIFY,
+    "encrypt": ck.CKF_ENCRYPT,
+    "decrypt": ck.CKF_DECRYPT,
+}
+
 
 def _ck_error(e: Exception) -> int:
     """The CK_RV for a keystore error (never its message: that stays in the log)."""
     if isinstance(e, KeyNotFound):
         return ck.CKR_KEY_HANDLE_INVALID
+    if isinstance(e, IntegrityError):
+        return ck.CKR_ENCRYPTED_DATA_INVALID
     if isinstance(e, PolicyViolation):
         return ck.CKR_KEY_FUNCTION_NOT_PERMITTED
     if isinstance(e, UnsupportedOperation):
@@ -159,6 +193,7 @@ class Connection:
         self.objects: dict[int, Obj] = {}
         self._handles: dict[tuple[int, str, int, int], int] = {}
         self._next_handle = 1
+        self._backend_types: dict[str, str] | None = None
         self._calls: dict[str, Callable[..., tuple[Any, ...]]] = {
             name: getattr(self, name) for name, _, _ in wire.CALLS if hasattr(self, name)
         }
@@ -355,7 +390,7 @@ class Connection:
         user = slot in self.logged_in
         for info in self._keys(slot):
             try:
-                objects = key_objects(self.ks, info)
+                objects = key_objects(self.ks, info, self._gcm(info))
             except StrongroomError as e:  # one unreachable backend hides its keys only
                 log.info("key %s left out: %s", info.name, type(e).__name__)
                 continue
@@ -367,6 +402,13 @@ class Connection:
                 if user or not obj.private:
                     out.append(handle)
         return out
+
+    def _gcm(self, info: KeyInfo) -> bool:
+        """Whether the key's backend makes AES-256 ciphertexts as AES-GCM (GCM_BACKENDS),
+        by its type in `KeyAPI.backends()` (asked once per client)."""
+        if self._backend_types is None:
+            self._backend_types = {b.name: b.type for b in self.ks.backends()}
+        return self._backend_types.get(info.backend or "") in GCM_BACKENDS
 
     def _handle(self, slot: int, obj: Obj, index: int) -> int:
         ident = (slot, obj.key, obj.klass, index)
@@ -445,9 +487,16 @@ class Connection:
         if mech.type not in MECHANISMS:
             raise CkError(ck.CKR_MECHANISM_INVALID)
         obj = self._object(session, key)
-        flag = {"sign": ck.CKA_SIGN, "verify": ck.CKA_VERIFY, "decrypt": ck.CKA_DECRYPT}[kind]
+        flag = {
+            "sign": ck.CKA_SIGN,
+            "verify": ck.CKA_VERIFY,
+            "encrypt": ck.CKA_ENCRYPT,
+            "decrypt": ck.CKA_DECRYPT,
+        }[kind]
         if not obj.attrs.get(flag):
             raise CkError(ck.CKR_KEY_FUNCTION_NOT_PERMITTED)
+        if not MECHANISMS[mech.type][2] & MECHANISM_FLAGS[kind]:
+            raise CkError(ck.CKR_MECHANISM_INVALID)  # e.g. CKM_AES_GCM to encrypt
         self._check_mechanism(obj, mech)
         session.ops[kind] = Operation(kind, obj, mech)
         return ()
@@ -461,9 +510,17 @@ class Connection:
             or (m == ck.CKM_RSA_PKCS_OAEP and key_type == ck.CKK_RSA)
             or (m == ck.CKM_EDDSA and key_type == ck.CKK_EC_EDWARDS)
             or (m == ck.CKM_SHA256_HMAC and key_type == ck.CKK_SHA256_HMAC)
+            or (m == ck.CKM_AES_GCM and key_type == ck.CKK_AES)
         )
         if not ok:
             raise CkError(ck.CKR_KEY_TYPE_INCONSISTENT)
+        if m == ck.CKM_AES_GCM:
+            p = mech.params
+            if not obj.gcm:  # a TPM's AES-256 is CFB + HMAC, not GCM
+                raise CkError(ck.CKR_MECHANISM_INVALID)
+            if len(p["iv"]) != GCM_IV or p["tag_bits"] != GCM_TAG_BITS:
+                raise CkError(ck.CKR_MECHANISM_PARAM_INVALID)
+            return
         if m in (ck.CKM_RSA_PKCS_PSS, ck.CKM_SHA256_RSA_PKCS_PSS):
             p = mech.params
             if p != {"hash": ck.CKM_SHA256, "mgf": ck.CKG_MGF1_SHA256, "salt": 32}:
@@ -627,7 +684,36 @@ class Connection:
             if not hmac.compare_digest(self.ks.mac(name, data), signature):
                 raise CkError(ck.CKR_SIGNATURE_INVALID)
 
-    # -- decrypt ----------------------------------------------------------------------------------
+    # -- encrypt and decrypt ----------------------------------------------------------------------
+    # Multi-part calls gather the input and answer at Final (RSA is one block anyway, and
+    # GCM releases no plaintext before the tag is checked); an Update returns no output.
+    def C_EncryptInit(self, handle: int, mech: wire.Mechanism, key: int) -> Reply:
+        return self._begin("encrypt", handle, mech, key)
+
+    def C_Encrypt(self, handle: int, data: wire.ByteArray, room: int) -> Reply:
+        session, op = self._op(handle, "encrypt")
+        if op.result is None:
+            op.data = bytearray(self._data(data))
+        return (self._finish(session, op, room, self._encrypt),)
+
+    def C_EncryptUpdate(self, handle: int, data: wire.ByteArray, room: int) -> Reply:
+        _, op = self._op(handle, "encrypt")
+        self._append(op, self._data(data))
+        return (wire.Out(b"", 0),)
+
+    def C_EncryptFinal(self, handle: int, room: int) -> Reply:
+        session, op = self._op(handle, "encrypt")
+        return (self._finish(session, op, room, self._encrypt),)
+
+    def _encrypt(self, op: Operation) -> bytes:
+        """RSA-OAEP to the public key (the keystore encrypts on the host)."""
+        params = op.mechanism.params
+        algorithm = OAEP_VARIANTS[(params["hash"], params["mgf"])]
+        digest = 32 if algorithm == "oaep-sha256" else 20
+        if len(op.data) > int(op.key.attrs[ck.CKA_MODULUS_BITS]) // 8 - 2 * digest - 2:
+            raise CkError(ck.CKR_DATA_LEN_RANGE)
+        return self.ks.encrypt(op.key.key, bytes(op.data), algorithm=algorithm)
+
     def C_DecryptInit(self, handle: int, mech: wire.Mechanism, key: int) -> Reply:
         return self._begin("decrypt", handle, mech, key)
 
@@ -637,12 +723,24 @@ class Connection:
             op.data = bytearray(self._data(data))
         return (self._finish(session, op, room, self._decrypt),)
 
+    def C_DecryptUpdate(self, handle: int, data: wire.ByteArray, room: int) -> Reply:
+        _, op = self._op(handle, "decrypt")
+        self._append(op, self._data(data))
+        return (wire.Out(b"", 0),)
+
+    def C_DecryptFinal(self, handle: int, room: int) -> Reply:
+        session, op = self._op(handle, "decrypt")
+        return (self._finish(session, op, room, self._decrypt),)
+
     def _decrypt(self, op: Operation) -> bytes:
         params = op.mechanism.params
-        algorithm = OAEP_VARIANTS[(params["hash"], params["mgf"])]
         try:
+            if op.mechanism.type == ck.CKM_AES_GCM:  # the client's IV, then ct ‖ tag
+                ciphertext = params["iv"] + bytes(op.data)
+                return self.ks.decrypt(op.key.key, ciphertext, params["aad"])
+            algorithm = OAEP_VARIANTS[(params["hash"], params["mgf"])]
             return self.ks.decrypt(op.key.key, bytes(op.data), algorithm=algorithm)
-        except (InvalidArgument, ValueError):
+        except (InvalidArgument, IntegrityError, ValueError):
             raise CkError(ck.CKR_ENCRYPTED_DATA_INVALID) from None
 
     # -- random -----------------------------------------------------------------------------------
@@ -655,3 +753,191 @@ class Connection:
     def C_SeedRandom(self, handle: int, seed: wire.ByteArray) -> Reply:
         self._session(handle)
         raise CkError(ck.CKR_RANDOM_SEED_NOT_SUPPORTED)
+
+    # -- making and destroying keys ---------------------------------------------------------------
+    def _writer(self, handle: int) -> Session:
+        """A session that may change the token: read-write, its user logged in."""
+        session = self._session(handle)
+        if session.slot not in self.logged_in:
+            raise CkError(ck.CKR_USER_NOT_LOGGED_IN)
+        if not session.rw:
+            raise CkError(ck.CKR_SESSION_READ_ONLY)
+        return session
+
+    def C_GenerateKeyPair(
+        self,
+        handle: int,
+        mech: wire.Mechanism,
+        public: tuple[wire.Attribute, ...],
+        private: tuple[wire.Attribute, ...],
+    ) -> Reply:
+        session = self._writer(handle)
+        if mech.type not in KEY_PAIR_GEN:
+            raise CkError(ck.CKR_MECHANISM_INVALID)
+        if mech.params not in (None, b""):
+            raise CkError(ck.CKR_MECHANISM_PARAM_INVALID)
+        pub, priv = _template(public), _template(private)
+        both = {**pub, **priv}
+        _check_class(pub, ck.CKO_PUBLIC_KEY)
+        _check_class(priv, ck.CKO_PRIVATE_KEY)
+        if mech.type == ck.CKM_RSA_PKCS_KEY_PAIR_GEN:
+            key_type, ck_type = self._rsa_type(both), ck.CKK_RSA
+        elif mech.type == ck.CKM_EC_KEY_PAIR_GEN:
+            params = both.get(ck.CKA_EC_PARAMS)
+            if params is None:
+                raise CkError(ck.CKR_TEMPLATE_INCOMPLETE)
+            if params not in CURVES:
+                raise CkError(ck.CKR_CURVE_NOT_SUPPORTED)
+            key_type, ck_type = CURVES[params], ck.CKK_EC
+        else:
+            params = both.get(ck.CKA_EC_PARAMS)
+            if params is not None and params not in ED25519_NAMES:
+                raise CkError(ck.CKR_CURVE_NOT_SUPPORTED)
+            key_type, ck_type = KeyType.ED25519, ck.CKK_EC_EDWARDS
+        for template in (pub, priv):
+            if template.get(ck.CKA_KEY_TYPE, ck_type) != ck_type:
+                raise CkError(ck.CKR_TEMPLATE_INCONSISTENT)
+        flags = {
+            ck.CKA_SIGN: Usage.SIGN,
+            ck.CKA_DECRYPT: Usage.DECRYPT,
+            ck.CKA_UNWRAP: Usage.UNWRAP,
+            ck.CKA_DERIVE: Usage.AGREE,
+        }
+        usage = {u for a, u in flags.items() if priv.get(a)}
+        public_flags = {
+            ck.CKA_VERIFY: Usage.VERIFY,
+            ck.CKA_ENCRYPT: Usage.ENCRYPT,
+            ck.CKA_WRAP: Usage.WRAP,
+        }
+        usage |= {u for a, u in public_flags.items() if pub.get(a)}
+        name = self._make(session, key_type, both, priv, usage)
+        return (
+            self._new_handle(session.slot, name, ck.CKO_PUBLIC_KEY),
+            self._new_handle(session.slot, name, ck.CKO_PRIVATE_KEY),
+        )
+
+    def C_GenerateKey(
+        self, handle: int, mech: wire.Mechanism, template: tuple[wire.Attribute, ...]
+    ) -> Reply:
+        session = self._writer(handle)
+        if mech.type not in KEY_GEN:
+            raise CkError(ck.CKR_MECHANISM_INVALID)
+        if mech.params not in (None, b""):
+            raise CkError(ck.CKR_MECHANISM_PARAM_INVALID)
+        attrs = _template(template)
+        _check_class(attrs, ck.CKO_SECRET_KEY)
+        if attrs.get(ck.CKA_VALUE_LEN, 32) != 32:
+            raise CkError(ck.CKR_KEY_SIZE_RANGE)
+        if mech.type == ck.CKM_AES_KEY_GEN:
+            key_type, ck_types = KeyType.AES_256, (ck.CKK_AES, ck.CKK_AES)
+        else:
+            key_type, ck_types = KeyType.HMAC_SHA256, (ck.CKK_SHA256_HMAC, ck.CKK_GENERIC_SECRET)
+        if attrs.get(ck.CKA_KEY_TYPE, ck_types[0]) not in ck_types:
+            raise CkError(ck.CKR_TEMPLATE_INCONSISTENT)
+        flags = {
+            ck.CKA_ENCRYPT: Usage.ENCRYPT,
+            ck.CKA_DECRYPT: Usage.DECRYPT,
+            ck.CKA_WRAP: Usage.WRAP,
+            ck.CKA_UNWRAP: Usage.UNWRAP,
+            ck.CKA_DERIVE: Usage.DERIVE,
+        }
+        if key_type is KeyType.HMAC_SHA256:  # an HMAC key signs and verifies by its type
+            flags = {ck.CKA_SIGN: Usage.SIGN, ck.CKA_VERIFY: Usage.VERIFY}
+        usage = {u for a, u in flags.items() if attrs.get(a)}
+        name = self._make(session, key_type, attrs, attrs, usage)
+        return (self._new_handle(session.slot, name, ck.CKO_SECRET_KEY),)
+
+    @staticmethod
+    def _rsa_type(attrs: dict[int, Any]) -> KeyType:
+        bits = attrs.get(ck.CKA_MODULUS_BITS)
+        if bits is None:
+            raise CkError(ck.CKR_TEMPLATE_INCOMPLETE)
+        if bits not in RSA_BITS:
+            raise CkError(ck.CKR_KEY_SIZE_RANGE)
+        exponent = attrs.get(ck.CKA_PUBLIC_EXPONENT)
+        if exponent is not None and int.from_bytes(exponent, "big") != 65537:
+            raise CkError(ck.CKR_ATTRIBUTE_VALUE_INVALID)  # the keystore makes e = 65537
+        return RSA_BITS[bits]
+
+    def _make(
+        self,
+        session: Session,
+        key_type: KeyType,
+        attrs: dict[int, Any],
+        secret: dict[int, Any],
+        usage: set[Usage],
+    ) -> str:
+        """Generate the key the templates describe into the configured backend; its name.
+
+        The name is CKA_LABEL (else CKA_ID as UTF-8), and must match the token's patterns;
+        a CKA_ID other than the name's bytes is refused (IDs are derived from names). The
+        keystore only makes token objects that stay sensitive."""
+        label, ident = attrs.get(ck.CKA_LABEL), attrs.get(ck.CKA_ID)
+        raw = label if label else ident
+        if not raw:
+            raise CkError(ck.CKR_TEMPLATE_INCOMPLETE)
+        try:
+            name: str = bytes(raw).decode()
+        except UnicodeDecodeError:
+            raise CkError(ck.CKR_ATTRIBUTE_VALUE_INVALID) from None
+        if ident and ident != raw:
+            raise CkError(ck.CKR_ATTRIBUTE_VALUE_INVALID)
+        patterns = self._token(session.slot).patterns
+        if not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            raise CkError(ck.CKR_TEMPLATE_INCONSISTENT)  # the token would not show it
+        if attrs.get(ck.CKA_TOKEN) is False:
+            raise CkError(ck.CKR_ATTRIBUTE_VALUE_INVALID)  # no session objects
+        if secret.get(ck.CKA_SENSITIVE) is False:
+            raise CkError(ck.CKR_ATTRIBUTE_VALUE_INVALID)
+        exportable = bool(secret.get(ck.CKA_EXTRACTABLE, False))
+        try:
+            self.ks.generate(
+                name,
+                key_type,
+                backend=self.settings.backend,
+                usage=usage or None,
+                exportable=exportable,
+            )
+        except KeyExists:
+            raise CkError(ck.CKR_ATTRIBUTE_VALUE_INVALID) from None
+        except InvalidArgument as e:
+            log.info("C_Generate* refused: %s", e)
+            raise CkError(ck.CKR_TEMPLATE_INCONSISTENT) from None
+        return name
+
+    def _new_handle(self, slot: int, name: str, klass: int) -> int:
+        """The handle of a key's object, just made (its objects are read again)."""
+        self._visible(slot)
+        handle = self._handles.get((slot, name, klass, 0))
+        if handle is None:  # pragma: no cover - the keystore has just made it
+            raise CkError(ck.CKR_FUNCTION_FAILED)
+        return handle
+
+    def C_DestroyObject(self, handle: int, obj_handle: int) -> Reply:
+        """Destroy a private or secret key object: the key itself (`KeyAPI.delete`, with
+        its public key object). A public key or certificate object alone cannot go."""
+        session = self._writer(handle)
+        obj = self._object(session, obj_handle)
+        if not obj.attrs.get(ck.CKA_DESTROYABLE):
+            raise CkError(ck.CKR_ACTION_PROHIBITED)
+        self.ks.delete(obj.key)
+        for ident, h in list(self._handles.items()):
+            if ident[1] == obj.key:
+                del self._handles[ident]
+                self.objects.pop(h, None)
+        return ()
+
+
+def _template(attributes: tuple[wire.Attribute, ...]) -> dict[int, Any]:
+    """A template's attributes by type; one without a value is refused."""
+    out: dict[int, Any] = {}
+    for a in attributes:
+        if not a.valid or a.value is None:
+            raise CkError(ck.CKR_ATTRIBUTE_VALUE_INVALID)
+        out[a.type] = a.value
+    return out
+
+
+def _check_class(attrs: dict[int, Any], klass: int) -> None:
+    if attrs.get(ck.CKA_CLASS, klass) != klass:
+        raise CkError(ck.CKR_TEMPLATE_INCONSISTENT)

@@ -178,6 +178,9 @@ ATTRIBUTE_SIZE = 24
 # Mechanisms whose parameters have an encoding of their own (the rest: a byte array).
 _PSS = frozenset({ck.CKM_RSA_PKCS_PSS, ck.CKM_SHA256_RSA_PKCS_PSS, 0x0E, 0x44, 0x45, 0x46, 0x47})
 _OAEP = frozenset({ck.CKM_RSA_PKCS_OAEP})
+_GCM = frozenset({ck.CKM_AES_GCM})
+"""CK_GCM_PARAMS as p11-kit 0.25 and later encode it (pIv, ulIvBits, pAAD, ulTagBits);
+0.24's client refuses the mechanism before it reaches a server."""
 
 
 # -- values ------------------------------------------------------------------------------------
@@ -213,7 +216,7 @@ class AttributeQuery:
 
 @dataclass(frozen=True)
 class Mechanism:
-    """A CK_MECHANISM. `params` is a dict for the structured parameters (PSS, OAEP), the
+    """A CK_MECHANISM. `params` is a dict for the structured parameters (PSS, OAEP, GCM), the
     raw bytes for the rest, None for none; `type` None for the NULL mechanism (which
     cancels an operation)."""
 
@@ -323,6 +326,10 @@ def _mechanism(r: Reader) -> Mechanism:
         params: dict[str, Any] = {"hash": r.uint64(), "mgf": r.uint64(), "source": r.uint64()}
         params["label"] = r.byte_array() or b""
         return Mechanism(kind, params)
+    if kind in _GCM:
+        iv, iv_bits = r.byte_array() or b"", r.uint64()
+        aad, tag_bits = r.byte_array() or b"", r.uint64()
+        return Mechanism(kind, {"iv": iv, "iv_bits": iv_bits, "aad": aad, "tag_bits": tag_bits})
     return Mechanism(kind, r.byte_array())
 
 

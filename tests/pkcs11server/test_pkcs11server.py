@@ -320,3 +320,18 @@ def test_a_huge_byte_array_length_is_refused_without_reading() -> None:
     body = wire.request("C_SignUpdate", u(1), b"\x01" + struct.pack(">I", 0x7FFFFFF0))
     with pytest.raises(Pkcs11MessageError, match="past the end"):
         wire.decode(body)
+
+
+def test_pkcs11_tool_makes_and_deletes_a_key_pair(server: Pkcs11Server, ks: Keystore) -> None:
+    """--keypairgen is C_GenerateKeyPair into the keystore; --delete-object of the private
+    key is C_DestroyObject, which deletes the key (its public object goes with it)."""
+    login = ("--login", "--pin", PIN)
+    made = tool(server, *login, "--keypairgen", "--key-type", "EC:prime256v1",
+                "--label", "p11-made")  # fmt: skip
+    assert "label:      p11-made" in made
+    assert ks.info("p11-made").type.value == "ecdsa-p256"
+    listed = tool(server, *login, "--list-objects")
+    assert listed.count("label:      p11-made") == 2  # a private and a public object
+    tool(server, *login, "--delete-object", "--type", "privkey", "--label", "p11-made")
+    assert "p11-made" not in tool(server, *login, "--list-objects")
+    assert all(info.name != "p11-made" for info in ks.keys())
