@@ -1,7 +1,9 @@
 """`strongroom pkcs11-server` over keys in three stores: the vault, SoftHSM2 (the pkcs11
 backend) and swtpm (the tpm backend), one token each, used by programs nobody here wrote:
 OpenSC's `pkcs11-tool --test` (its own self-test) and CKM_RSA_PKCS signatures over a
-DigestInfo the client built, checked by openssl.
+DigestInfo the client built, checked by openssl; OpenSSL through libp11's pkcs11 engine
+(`pkeyutl -sign`, `req -new`), checked by plain openssl; and `ssh -I p11-kit-client.so`
+into an sshd the module starts itself (tests/emulators/sshagent_support.py).
 
 One keystore and one server, in a thread, serve the module.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pwd
 import subprocess
 import tempfile
 import threading
@@ -20,6 +23,7 @@ import pytest
 from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE
 from pkcs11_support import PIN_ENV as HSM_PIN_ENV
 from pkcs11_support import SoftHsm, softhsm  # noqa: F401  (the session's token)
+from sshagent_support import Sshd, start_sshd
 from tpm_support import PIN_ENV as TPM_PIN_ENV
 from tpm_support import SRK_HANDLE, TEST_PIN, Swtpm, swtpm  # noqa: F401  (the session's TPM)
 
@@ -186,3 +190,125 @@ def test_the_keystore_refuses_a_raw_block_it_cannot_honour(ks: Keystore, backend
     if backend == "tpm":
         with pytest.raises(UnsupportedOperation):
             ks.sign(rsa_key, b"\x01" * 36, raw, prehashed=True)
+
+
+# -- OpenSSL through libp11's pkcs11 engine (Debian libengine-pkcs11-openssl) ------------------
+def engine_env(server: Pkcs11Server) -> dict[str, str]:
+    return {
+        **os.environ,
+        "P11_KIT_SERVER_ADDRESS": server.address,
+        "PKCS11_MODULE_PATH": str(CLIENT_MODULE),
+    }
+
+
+def uri(backend: str, key_type: str) -> str:
+    return f"pkcs11:token={backend};object=p11b-{backend}-{key_type};type=private;pin-value={PIN}"
+
+
+def openssl(env: dict[str, str] | None, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["openssl", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("key_type", ["ecdsa-p256", "rsa-2048"])
+def test_openssl_engine_signs_and_plain_openssl_verifies(
+    server: Pkcs11Server, ks: Keystore, backend: str, key_type: str, tmp_path: Path
+) -> None:
+    """`openssl pkeyutl -engine pkcs11 -keyform engine -sign` over a SHA-256 digest (for RSA
+    the engine builds the DigestInfo and signs it with CKM_RSA_PKCS), checked by
+    `openssl pkeyutl -verify` with the public key alone, no engine."""
+    name = f"p11b-{backend}-{key_type}"
+    (tmp_path / "pub.pem").write_bytes(algorithms.encode_public(ks.public_key(name), "pem"))
+    (tmp_path / "digest").write_bytes(hashlib.sha256(b"signed by the engine").digest())
+    env = engine_env(server)
+    signed = openssl(env, "pkeyutl", "-engine", "pkcs11", "-keyform", "engine", "-sign",
+                     "-inkey", uri(backend, key_type), "-pkeyopt", "digest:sha256",
+                     "-in", "digest", "-out", "sig", cwd=tmp_path)  # fmt: skip
+    assert signed.returncode == 0, signed.stderr
+    verified = openssl(None, "pkeyutl", "-verify", "-pubin", "-inkey", "pub.pem",
+                       "-pkeyopt", "digest:sha256", "-in", "digest", "-sigfile", "sig",
+                       cwd=tmp_path)  # fmt: skip
+    assert verified.returncode == 0 and "Signature Verified Successfully" in verified.stdout, (
+        verified.stdout + verified.stderr
+    )
+    (tmp_path / "digest").write_bytes(hashlib.sha256(b"another document").digest())
+    forged = openssl(None, "pkeyutl", "-verify", "-pubin", "-inkey", "pub.pem",
+                     "-pkeyopt", "digest:sha256", "-in", "digest", "-sigfile", "sig",
+                     cwd=tmp_path)  # fmt: skip
+    assert forged.returncode != 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("key_type", ["ecdsa-p256", "rsa-2048"])
+def test_openssl_req_makes_a_csr_that_verifies(
+    server: Pkcs11Server, ks: Keystore, backend: str, key_type: str, tmp_path: Path
+) -> None:
+    env = engine_env(server)
+    made = openssl(env, "req", "-engine", "pkcs11", "-keyform", "engine", "-new",
+                   "-key", uri(backend, key_type), "-subj", f"/CN={backend} {key_type}",
+                   "-sha256", "-out", "csr.pem", cwd=tmp_path)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    checked = openssl(None, "req", "-verify", "-noout", "-in", "csr.pem", cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert "verify OK" in checked.stdout + checked.stderr
+    # the CSR holds the keystore key's public key
+    shown = openssl(None, "req", "-pubkey", "-noout", "-in", "csr.pem", cwd=tmp_path).stdout
+    name = f"p11b-{backend}-{key_type}"
+    assert shown.encode() == algorithms.encode_public(ks.public_key(name), "pem")
+
+
+# -- OpenSSH: ssh -I p11-kit-client.so into an sshd the module starts --------------------------
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory, ks: Keystore) -> Iterator[Sshd]:
+    """An sshd (tests/emulators/sshagent_support.py) that accepts every key of the module."""
+    authorized = b"".join(
+        algorithms.encode_public(ks.public_key(f"p11b-{b}-{t}"), "openssh") + b"\n"
+        for b in BACKENDS
+        for t in ("ecdsa-p256", "rsa-2048")
+    )
+    server = start_sshd(tmp_path_factory.mktemp("sshd-p11"), authorized.decode())
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("key_type", ["ecdsa-p256", "rsa-2048"])
+def test_ssh_logs_in_through_the_module(
+    server: Pkcs11Server, ks: Keystore, sshd: Sshd, backend: str, key_type: str, tmp_path: Path
+) -> None:
+    """`ssh -I p11-kit-client.so`, offered only this key (IdentityFile with its public key,
+    IdentitiesOnly), logs in; ssh reads the PIN through SSH_ASKPASS."""
+    name = f"p11b-{backend}-{key_type}"
+    pub = tmp_path / f"{name}.pub"
+    pub.write_bytes(algorithms.encode_public(ks.public_key(name), "openssh") + b"\n")
+    askpass = tmp_path / "askpass"
+    askpass.write_text(f"#!/bin/sh\necho '{PIN}'\n")
+    askpass.chmod(0o700)
+    env = {
+        **os.environ,
+        "P11_KIT_SERVER_ADDRESS": server.address,
+        "SSH_ASKPASS": str(askpass),
+        "SSH_ASKPASS_REQUIRE": "force",
+        "DISPLAY": ":0",
+    }
+    env.pop("SSH_AUTH_SOCK", None)
+    user = os.environ.get("USER") or pwd.getpwuid(os.getuid()).pw_name
+    done = subprocess.run(
+        ["ssh", "-F", "/dev/null", "-p", str(sshd.port), "-I", str(CLIENT_MODULE),
+         "-o", f"IdentityFile={pub}", "-o", "IdentitiesOnly=yes",
+         "-o", "PasswordAuthentication=no", "-o", "KbdInteractiveAuthentication=no",
+         "-o", f"UserKnownHostsFile={sshd.directory / 'known_hosts'}",
+         "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=30",
+         f"{user}@127.0.0.1", "echo", "logged-in"],
+        env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr + sshd.log.read_text()[-2000:]
+    assert done.stdout == "logged-in\n"
+    fingerprint = subprocess.run(
+        ["ssh-keygen", "-l", "-f", str(pub)], capture_output=True, text=True, check=True,
+        timeout=30,
+    ).stdout.split()[1]  # fmt: skip
+    assert f"Accepted publickey for {user}" in sshd.log.read_text()
+    assert fingerprint in sshd.log.read_text()
