@@ -42,6 +42,8 @@ MAX_ITEMS = 4096
 HANDSHAKE = b"PRIVATE-GNOME-KEYRING-PKCS11-PROTOCOL-V-1"
 """What C_Initialize carries as its first argument, to tell a p11-kit client."""
 HEADER = struct.Struct(">III")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
 NULL_LENGTH = 0xFFFFFFFF
 """A byte array's length that means a NULL pointer."""
 
@@ -251,14 +253,26 @@ class Reader:
         return out
 
     def byte(self) -> int:
-        return self.take(1)[0]
+        pos = self._pos
+        if pos >= len(self._buf):
+            raise Pkcs11MessageError("the message is truncated")
+        self._pos = pos + 1
+        return self._buf[pos]
 
     def uint32(self) -> int:
-        value: int = struct.unpack(">I", self.take(4))[0]
+        pos = self._pos
+        if pos + 4 > len(self._buf):
+            raise Pkcs11MessageError("the message is truncated")
+        self._pos = pos + 4
+        value: int = _U32.unpack_from(self._buf, pos)[0]
         return value
 
     def uint64(self) -> int:
-        value: int = struct.unpack(">Q", self.take(8))[0]
+        pos = self._pos
+        if pos + 8 > len(self._buf):
+            raise Pkcs11MessageError("the message is truncated")
+        self._pos = pos + 8
+        value: int = _U64.unpack_from(self._buf, pos)[0]
         return value
 
     def byte_array(self) -> bytes | None:
@@ -386,12 +400,8 @@ def decode(body: bytes, version: int = 0) -> Call:
 
 
 # -- replies -------------------------------------------------------------------------------------
-def _u32(value: int) -> bytes:
-    return struct.pack(">I", value)
-
-
-def _u64(value: int) -> bytes:
-    return struct.pack(">Q", value)
+_u32 = _U32.pack
+_u64 = _U64.pack
 
 
 def byte_array(value: bytes | None) -> bytes:
