@@ -11,16 +11,22 @@ One keystore and one server, in a thread, serve the module.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pwd
 import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
+from cryptography.hazmat.primitives.hashes import SHA256
 from pkcs11_support import PIN_ENV as HSM_PIN_ENV
 from pkcs11_support import SoftHsm, softhsm  # noqa: F401  (the session's token)
 from sshagent_support import Sshd, start_sshd
@@ -312,3 +318,45 @@ def test_ssh_logs_in_through_the_module(
     ).stdout.split()[1]  # fmt: skip
     assert f"Accepted publickey for {user}" in sshd.log.read_text()
     assert fingerprint in sshd.log.read_text()
+
+
+# -- C_GenerateKeyPair into the configured backend, C_DestroyObject there ----------------------
+@pytest.mark.parametrize("backend", ["hsm", "tpm"])
+def test_generate_into_the_configured_backend(ks: Keystore, backend: str) -> None:
+    """With `[pkcs11_server] backend`, python-pkcs11's C_GenerateKeyPair makes the key in
+    that backend (a SoftHSM2 token, a TPM), it signs there, and C_DestroyObject deletes it."""
+    socket_dir = Path(tempfile.mkdtemp(prefix="sr-p11g-"))
+    os.rmdir(socket_dir)
+    tokens = tuple(TokenSpec(b, (f"p11b-{b}-*",)) for b in BACKENDS)
+    srv = Pkcs11Server(ks, Settings(tokens, pin=PIN, backend=backend), socket_dir / "p11.sock")
+    thread = threading.Thread(target=srv.serve_forever, name="test-p11g", daemon=True)
+    thread.start()
+    name = f"p11b-{backend}-made"
+    client = Path(__file__).with_name("p11_client.py")
+
+    def run(*args: str) -> dict[str, Any]:
+        done = subprocess.run(
+            [sys.executable, str(client), args[0], backend, PIN, *args[1:]],
+            env={**os.environ, "P11_KIT_SERVER_ADDRESS": srv.address},
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        result: dict[str, Any] = json.loads(done.stdout)
+        return result
+
+    try:
+        made = run("generate", name, "ec")
+        assert ks.info(name).backend == backend
+        public = ks.public_key(name)
+        assert isinstance(public, ec.EllipticCurvePublicKey)
+        signature = bytes.fromhex(made["signature"])
+        r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+        public.verify(encode_dss_signature(r, s), b"\x07" * 32, ec.ECDSA(Prehashed(SHA256())))
+        assert run("destroy", name, "private") == {"left": 0}
+        assert all(info.name != name for info in ks.keys())
+    finally:
+        if any(info.name == name for info in ks.keys()):
+            ks.delete(name)  # the token and the TPM outlive this module
+        srv.shutdown()
+        thread.join(timeout=30)
+        srv.close()
