@@ -405,9 +405,14 @@ class Connection:
 
     def _gcm(self, info: KeyInfo) -> bool:
         """Whether the key's backend makes AES-256 ciphertexts as AES-GCM (GCM_BACKENDS),
-        by its type in `KeyAPI.backends()` (asked once per client)."""
+        by its type in `KeyAPI.backends()` (asked once per client; if it cannot be asked,
+        no key decrypts CKM_AES_GCM, and every key is still offered)."""
         if self._backend_types is None:
-            self._backend_types = {b.name: b.type for b in self.ks.backends()}
+            try:
+                self._backend_types = {b.name: b.type for b in self.ks.backends()}
+            except StrongroomError as e:
+                log.info("the backends' types are unknown: %s", type(e).__name__)
+                self._backend_types = {}
         return self._backend_types.get(info.backend or "") in GCM_BACKENDS
 
     def _handle(self, slot: int, obj: Obj, index: int) -> int:
