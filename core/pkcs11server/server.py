@@ -37,7 +37,8 @@ class Pkcs11Server(UnixSocketServer):
     ) -> None:
         self.ks = ks
         """Set before `serve_forever` when the socket is bound first (the CLI binds it
-        before it forks, and opens the keystore in the serving process)."""
+        before it forks, and opens the keystore in the serving process). None against the
+        service when C_Login's PIN is a tenant's token and the server has none of its own."""
         self.settings = settings
         self._lock = threading.Lock()
         """Serialises keystore calls: a Keystore in process is not for concurrent use by
@@ -54,7 +55,7 @@ class Pkcs11Server(UnixSocketServer):
         if uid not in (os.getuid(), 0):
             log.warning("refused a client of uid %d (pid %d)", uid, pid)
             return
-        if self.ks is None or self.settings is None:
+        if self.settings is None or (self.ks is None and self.settings.login is None):
             return
         buf = bytearray()  # what the client sent that is not answered yet
         if not _fill(conn, buf, 1):
@@ -63,6 +64,15 @@ class Pkcs11Server(UnixSocketServer):
         del buf[:1]
         conn.sendall(bytes([version]))
         client = Connection(self.ks, self.settings, version)
+        try:
+            self._serve_frames(conn, pid, buf, client)
+        finally:
+            with self._lock:
+                client.close()  # its logins' clients of the service
+
+    def _serve_frames(
+        self, conn: socket.socket, pid: int, buf: bytearray, client: Connection
+    ) -> None:
         size = wire.HEADER.size
         while not self.stopping:
             if not _fill(conn, buf, size):

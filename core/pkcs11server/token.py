@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 from ..algorithms import RSA_PKCS1V15_RAW
 from ..api import KeyAPI
 from ..errors import (
+    AuthenticationFailed,
     BackendUnavailable,
     IntegrityError,
     InvalidArgument,
@@ -69,6 +70,10 @@ class Settings:
     """The PIN C_Login checks (compared in constant time; never logged)."""
     backend: str | None = None
     """Where C_GenerateKey and C_GenerateKeyPair make keys (None: the keystore's order)."""
+    login: Callable[[str], KeyAPI] | None = field(default=None, repr=False)
+    """Against `strongroom serve`: C_Login's PIN is a tenant's API token, and this opens a
+    client of the service with it, whose token's policy then decides what the client may
+    do. Set, `pin` is not used."""
 
 
 @dataclass
@@ -78,6 +83,8 @@ class Operation:
     kind: str
     key: Obj
     mechanism: wire.Mechanism
+    api: KeyAPI
+    """The key API the operation runs on (a logged-in tenant's, against the service)."""
     data: bytearray = field(default_factory=bytearray, repr=False)
     result: bytes | None = field(default=None, repr=False)
     """A result computed for a length query, returned by the next call."""
@@ -182,8 +189,11 @@ class Connection:
     """One client's module state: initialised or not, logged in or not, its sessions,
     object handles and operations. Not shared between clients, so not locked."""
 
-    def __init__(self, ks: KeyAPI, settings: Settings, version: int = 0) -> None:
+    def __init__(self, ks: KeyAPI | None, settings: Settings, version: int = 0) -> None:
         self.ks = ks
+        """The key API for what is visible before C_Login (None: nothing is)."""
+        self._logins: dict[int, KeyAPI] = {}
+        """Per slot: the client of the service that C_Login opened with a tenant's token."""
         self.settings = settings
         self.version = version
         self.initialized = False
@@ -193,7 +203,7 @@ class Connection:
         self.objects: dict[int, Obj] = {}
         self._handles: dict[tuple[int, str, int, int], int] = {}
         self._next_handle = 1
-        self._backend_types: dict[str, str] | None = None
+        self._backend_types: dict[int, dict[str, str]] = {}
         self._calls: dict[str, Callable[..., tuple[Any, ...]]] = {
             name: getattr(self, name) for name, _, _ in wire.CALLS if hasattr(self, name)
         }
@@ -234,8 +244,30 @@ class Connection:
     def C_Finalize(self) -> Reply:
         self.initialized = False
         self.sessions.clear()
-        self.logged_in.clear()
+        self.close()
         return ()
+
+    def close(self) -> None:
+        """End every login (a client that goes away without C_Finalize too)."""
+        for slot in list(self.logged_in):
+            self._end_login(slot)
+
+    def _end_login(self, slot: int) -> None:
+        self.logged_in.discard(slot)
+        self._backend_types.pop(slot, None)
+        api = self._logins.pop(slot, None)
+        if api is not None:
+            try:
+                api.close()
+            except StrongroomError as e:  # pragma: no cover - closing a client
+                log.info("closing a login's client: %s", type(e).__name__)
+
+    def _api(self, slot: int) -> KeyAPI:
+        """The key API for the slot: its login's, else the server's own."""
+        api = self._logins.get(slot, self.ks)
+        if api is None:
+            raise CkError(ck.CKR_USER_NOT_LOGGED_IN)
+        return api
 
     def C_GetInfo(self) -> Reply:
         return (
@@ -331,14 +363,14 @@ class Connection:
         session = self._session(handle)
         del self.sessions[handle]
         if not any(s.slot == session.slot for s in self.sessions.values()):
-            self.logged_in.discard(session.slot)  # the last session closes the login too
+            self._end_login(session.slot)  # the last session closes the login too
         return ()
 
     def C_CloseAllSessions(self, slot: int) -> Reply:
         self._token(slot)
         for handle in [h for h, s in self.sessions.items() if s.slot == slot]:
             del self.sessions[handle]
-        self.logged_in.discard(slot)
+        self._end_login(slot)
         return ()
 
     def C_GetSessionInfo(self, handle: int) -> Reply:
@@ -361,36 +393,68 @@ class Connection:
         if session.slot in self.logged_in:
             raise CkError(ck.CKR_USER_ALREADY_LOGGED_IN)
         given = pin.data or b""
-        if not self.settings.pin or not hmac.compare_digest(given, self.settings.pin.encode()):
+        if self.settings.login is not None:
+            self._logins[session.slot] = self._tenant_login(session.slot, given)
+        elif not self.settings.pin or not hmac.compare_digest(given, self.settings.pin.encode()):
             log.warning("a wrong PIN for token %s", self._token(session.slot).label)
             raise CkError(ck.CKR_PIN_INCORRECT)
         self.logged_in.add(session.slot)
         return ()
 
+    def _tenant_login(self, slot: int, token: bytes) -> KeyAPI:
+        """A client of the service with the API token given as the PIN, once the service
+        has accepted it (a wrong token is CKR_PIN_INCORRECT; the token is never logged)."""
+        assert self.settings.login is not None
+        try:
+            text = token.decode()
+        except UnicodeDecodeError:
+            raise CkError(ck.CKR_PIN_INCORRECT) from None
+        if not text or len(text) > MAX_PIN:
+            raise CkError(ck.CKR_PIN_INCORRECT)
+        try:
+            api = self.settings.login(text)
+        except StrongroomError as e:
+            log.info("C_Login: no client of the service: %s", type(e).__name__)
+            raise CkError(ck.CKR_DEVICE_ERROR) from None
+        try:
+            api.keys()  # the service checks the token
+        except AuthenticationFailed:
+            api.close()
+            log.warning("a wrong API token for token %s", self._token(slot).label)
+            raise CkError(ck.CKR_PIN_INCORRECT) from None
+        except StrongroomError as e:
+            api.close()
+            log.info("C_Login: the service answered %s", type(e).__name__)
+            raise CkError(ck.CKR_DEVICE_ERROR) from None
+        return api
+
     def C_Logout(self, handle: int) -> Reply:
         session = self._session(handle)
         if session.slot not in self.logged_in:
             raise CkError(ck.CKR_USER_NOT_LOGGED_IN)
-        self.logged_in.discard(session.slot)
+        self._end_login(session.slot)
         return ()
 
     # -- objects ----------------------------------------------------------------------------------
-    def _keys(self, slot: int) -> list[KeyInfo]:
+    def _keys(self, slot: int) -> tuple[KeyAPI | None, list[KeyInfo]]:
         patterns = self._token(slot).patterns
-        return [
-            info
-            for info in self.ks.keys()
-            if any(fnmatch.fnmatchcase(info.name, p) for p in patterns)
+        api = self._logins.get(slot, self.ks)
+        if api is None:  # against the service without a token of its own: nothing yet
+            return None, []
+        return api, [
+            info for info in api.keys() if any(fnmatch.fnmatchcase(info.name, p) for p in patterns)
         ]
 
     def _visible(self, slot: int) -> list[int]:
         """Refresh the slot's objects from the keystore; the handles of those this client
         may see now (private objects only after login)."""
-        out = []
+        out: list[int] = []
         user = slot in self.logged_in
-        for info in self._keys(slot):
+        api, infos = self._keys(slot)
+        for info in infos:
+            assert api is not None
             try:
-                objects = key_objects(self.ks, info, self._gcm(info))
+                objects = key_objects(api, info, self._gcm(slot, api, info))
             except StrongroomError as e:  # one unreachable backend hides its keys only
                 log.info("key %s left out: %s", info.name, type(e).__name__)
                 continue
@@ -403,17 +467,19 @@ class Connection:
                     out.append(handle)
         return out
 
-    def _gcm(self, info: KeyInfo) -> bool:
+    def _gcm(self, slot: int, api: KeyAPI, info: KeyInfo) -> bool:
         """Whether the key's backend makes AES-256 ciphertexts as AES-GCM (GCM_BACKENDS),
-        by its type in `KeyAPI.backends()` (asked once per client; if it cannot be asked,
-        no key decrypts CKM_AES_GCM, and every key is still offered)."""
-        if self._backend_types is None:
+        by its type in `KeyAPI.backends()` (asked once per slot and login; if it cannot be
+        asked, no key decrypts CKM_AES_GCM, and every key is still offered)."""
+        types = self._backend_types.get(slot)
+        if types is None:
             try:
-                self._backend_types = {b.name: b.type for b in self.ks.backends()}
+                types = {b.name: b.type for b in api.backends()}
             except StrongroomError as e:
                 log.info("the backends' types are unknown: %s", type(e).__name__)
-                self._backend_types = {}
-        return self._backend_types.get(info.backend or "") in GCM_BACKENDS
+                types = {}
+            self._backend_types[slot] = types
+        return types.get(info.backend or "") in GCM_BACKENDS
 
     def _handle(self, slot: int, obj: Obj, index: int) -> int:
         ident = (slot, obj.key, obj.klass, index)
@@ -503,7 +569,7 @@ class Connection:
         if not MECHANISMS[mech.type][2] & MECHANISM_FLAGS[kind]:
             raise CkError(ck.CKR_MECHANISM_INVALID)  # e.g. CKM_AES_GCM to encrypt
         self._check_mechanism(obj, mech)
-        session.ops[kind] = Operation(kind, obj, mech)
+        session.ops[kind] = Operation(kind, obj, mech, self._api(session.slot))
         return ()
 
     def _check_mechanism(self, obj: Obj, mech: wire.Mechanism) -> None:
@@ -600,24 +666,24 @@ class Connection:
         data = bytes(op.data)
         if m in SIGN_MECHANISMS:
             digest, size = self._ec_digest(op, data)
-            der = self.ks.sign(name, digest, prehashed=True)
+            der = op.api.sign(name, digest, prehashed=True)
             r, s = decode_dss_signature(der)
             return r.to_bytes(size, "big") + s.to_bytes(size, "big")
         if m == ck.CKM_RSA_PKCS:  # the client's DigestInfo, padded as given
             self._check_block(op, data)
-            return self.ks.sign(name, data, RSA_PKCS1V15_RAW, prehashed=True)
+            return op.api.sign(name, data, RSA_PKCS1V15_RAW, prehashed=True)
         if m == ck.CKM_SHA256_RSA_PKCS:
-            return self.ks.sign(name, data, "pkcs1v15")
+            return op.api.sign(name, data, "pkcs1v15")
         if m == ck.CKM_RSA_PKCS_PSS:
             if len(data) != 32:
                 raise CkError(ck.CKR_DATA_LEN_RANGE)
-            return self.ks.sign(name, data, "pss", prehashed=True)
+            return op.api.sign(name, data, "pss", prehashed=True)
         if m == ck.CKM_SHA256_RSA_PKCS_PSS:
-            return self.ks.sign(name, data, "pss")
+            return op.api.sign(name, data, "pss")
         if m == ck.CKM_EDDSA:
-            return self.ks.sign(name, data)
+            return op.api.sign(name, data)
         if m == ck.CKM_SHA256_HMAC:
-            return self.ks.mac(name, data)
+            return op.api.mac(name, data)
         raise CkError(ck.CKR_MECHANISM_INVALID)  # pragma: no cover - checked at init
 
     @staticmethod
@@ -673,20 +739,20 @@ class Connection:
                 raise CkError(ck.CKR_SIGNATURE_LEN_RANGE)
             r = int.from_bytes(signature[:size], "big")
             s = int.from_bytes(signature[size:], "big")
-            self.ks.verify(name, digest, encode_dss_signature(r, s), prehashed=True)
+            op.api.verify(name, digest, encode_dss_signature(r, s), prehashed=True)
         elif m == ck.CKM_RSA_PKCS:
             self._check_block(op, data)
-            self.ks.verify(name, data, signature, RSA_PKCS1V15_RAW, prehashed=True)
+            op.api.verify(name, data, signature, RSA_PKCS1V15_RAW, prehashed=True)
         elif m == ck.CKM_SHA256_RSA_PKCS:
-            self.ks.verify(name, data, signature, "pkcs1v15")
+            op.api.verify(name, data, signature, "pkcs1v15")
         elif m == ck.CKM_RSA_PKCS_PSS:
-            self.ks.verify(name, data, signature, "pss", prehashed=True)
+            op.api.verify(name, data, signature, "pss", prehashed=True)
         elif m == ck.CKM_SHA256_RSA_PKCS_PSS:
-            self.ks.verify(name, data, signature, "pss")
+            op.api.verify(name, data, signature, "pss")
         elif m == ck.CKM_EDDSA:
-            self.ks.verify(name, data, signature)
+            op.api.verify(name, data, signature)
         elif m == ck.CKM_SHA256_HMAC:
-            if not hmac.compare_digest(self.ks.mac(name, data), signature):
+            if not hmac.compare_digest(op.api.mac(name, data), signature):
                 raise CkError(ck.CKR_SIGNATURE_INVALID)
 
     # -- encrypt and decrypt ----------------------------------------------------------------------
@@ -717,7 +783,7 @@ class Connection:
         digest = 32 if algorithm == "oaep-sha256" else 20
         if len(op.data) > int(op.key.attrs[ck.CKA_MODULUS_BITS]) // 8 - 2 * digest - 2:
             raise CkError(ck.CKR_DATA_LEN_RANGE)
-        return self.ks.encrypt(op.key.key, bytes(op.data), algorithm=algorithm)
+        return op.api.encrypt(op.key.key, bytes(op.data), algorithm=algorithm)
 
     def C_DecryptInit(self, handle: int, mech: wire.Mechanism, key: int) -> Reply:
         return self._begin("decrypt", handle, mech, key)
@@ -742,9 +808,9 @@ class Connection:
         try:
             if op.mechanism.type == ck.CKM_AES_GCM:  # the client's IV, then ct ‖ tag
                 ciphertext = params["iv"] + bytes(op.data)
-                return self.ks.decrypt(op.key.key, ciphertext, params["aad"])
+                return op.api.decrypt(op.key.key, ciphertext, params["aad"])
             algorithm = OAEP_VARIANTS[(params["hash"], params["mgf"])]
-            return self.ks.decrypt(op.key.key, bytes(op.data), algorithm=algorithm)
+            return op.api.decrypt(op.key.key, bytes(op.data), algorithm=algorithm)
         except (InvalidArgument, IntegrityError, ValueError):
             raise CkError(ck.CKR_ENCRYPTED_DATA_INVALID) from None
 
@@ -753,7 +819,8 @@ class Connection:
         self._session(handle)
         if room > MAX_RANDOM:
             raise CkError(ck.CKR_DATA_LEN_RANGE)
-        return (wire.Out(self.ks.random(room) if room else b"", room),)
+        api = self._api(self._session(handle).slot)
+        return (wire.Out(api.random(room) if room else b"", room),)
 
     def C_SeedRandom(self, handle: int, seed: wire.ByteArray) -> Reply:
         self._session(handle)
@@ -896,7 +963,7 @@ class Connection:
             raise CkError(ck.CKR_ATTRIBUTE_VALUE_INVALID)
         exportable = bool(secret.get(ck.CKA_EXTRACTABLE, False))
         try:
-            self.ks.generate(
+            self._api(session.slot).generate(
                 name,
                 key_type,
                 backend=self.settings.backend,
@@ -925,7 +992,7 @@ class Connection:
         obj = self._object(session, obj_handle)
         if not obj.attrs.get(ck.CKA_DESTROYABLE):
             raise CkError(ck.CKR_ACTION_PROHIBITED)
-        self.ks.delete(obj.key)
+        self._api(session.slot).delete(obj.key)
         for ident, h in list(self._handles.items()):
             if ident[1] == obj.key:
                 del self._handles[ident]

@@ -48,6 +48,53 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service,
         svc.stop()
 
 
+def start_server(
+    svc: Service, tmp_path: Path, token: str | None, *, pin: bool
+) -> tuple[subprocess.Popen[str], str]:
+    """`strongroom --server UNIX pkcs11-server -D` with the server's own API token `token`
+    (or none), and [pkcs11_server] pin set (or not: then C_Login takes an API token);
+    the process and its address, once it is listening."""
+    config = tmp_path / "p11.toml"
+    config.write_text(
+        f'[keystore]\ndata_dir = "{tmp_path / "data"}"\n\n'
+        '[pkcs11_server]\nlabel = "acme"\nkeys = ["signing-*"]\n'
+        + ('pin = "env:SR_TEST_P11_PIN"\n' if pin else "")
+    )
+    sock = Path(tempfile.mkdtemp(prefix="sr-p11-svc-")) / "p11.sock"
+    env = {**service_env(), "SR_TEST_P11_PIN": PIN}
+    if token is not None:
+        env["STRONGROOM_TOKEN"] = token
+    server = subprocess.Popen(
+        [str(STRONGROOM_BIN), "--config", str(config), "--server", svc.unix,
+         "pkcs11-server", "-D", "--socket", str(sock)],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    first: list[str] = []
+    ready = threading.Event()
+
+    def read_first_line() -> None:
+        assert server.stdout is not None
+        first.append(server.stdout.readline())
+        ready.set()
+
+    threading.Thread(target=read_first_line, daemon=True).start()
+    if not ready.wait(60):  # a bound on a hang
+        server.kill()
+        pytest.fail("the server did not start")
+    address = f"unix:path={sock}"
+    assert first[0] == f"P11_KIT_SERVER_ADDRESS={address}; export P11_KIT_SERVER_ADDRESS;\n"
+    return server, address
+
+
+def sign_records(svc: Service) -> list[dict[str, object]]:
+    records = [
+        json.loads(line)
+        for line in (svc.config.parent / "data" / "audit.jsonl").read_text().splitlines()
+    ]
+    return [r for r in records if r.get("op") == "sign" and r.get("key") == "acme/signing-p256"]
+
+
 def test_the_server_serves_a_tenants_keys_through_the_service(
     service: tuple[Service, Tenancy], tmp_path: Path
 ) -> None:
@@ -58,32 +105,8 @@ def test_the_server_serves_a_tenants_keys_through_the_service(
         (tmp_path / "pub.pem").write_bytes(
             algorithms.encode_public(app.public_key("signing-p256"), "pem")
         )
-    config = tmp_path / "p11.toml"
-    config.write_text(
-        f'[keystore]\ndata_dir = "{tmp_path / "data"}"\n\n'
-        '[pkcs11_server]\nlabel = "acme"\nkeys = ["signing-*"]\npin = "env:SR_TEST_P11_PIN"\n'
-    )
-    sock = Path(tempfile.mkdtemp(prefix="sr-p11-svc-")) / "p11.sock"
-    env = {**service_env(), "STRONGROOM_TOKEN": tenancy.acme_signer, "SR_TEST_P11_PIN": PIN}
-    server = subprocess.Popen(
-        [str(STRONGROOM_BIN), "--config", str(config), "--server", svc.unix,
-         "pkcs11-server", "-D", "--socket", str(sock)],
-        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
+    server, address = start_server(svc, tmp_path, tenancy.acme_signer, pin=True)
     try:
-        first: list[str] = []
-        ready = threading.Event()
-
-        def read_first_line() -> None:
-            assert server.stdout is not None
-            first.append(server.stdout.readline())
-            ready.set()
-
-        threading.Thread(target=read_first_line, daemon=True).start()
-        assert ready.wait(60), "the server did not start"  # a bound on a hang
-        address = f"unix:path={sock}"
-        assert first[0] == f"P11_KIT_SERVER_ADDRESS={address}; export P11_KIT_SERVER_ADDRESS;\n"
         client_env = {**os.environ, "P11_KIT_SERVER_ADDRESS": address}
 
         def tool(*args: str) -> str:
@@ -122,11 +145,59 @@ def test_the_server_serves_a_tenants_keys_through_the_service(
     finally:
         server.terminate()
         server.wait(timeout=30)
-    records = [
-        json.loads(line)
-        for line in (svc.config.parent / "data" / "audit.jsonl").read_text().splitlines()
-    ]
-    signs = [r for r in records if r.get("op") == "sign" and r.get("key") == "acme/signing-p256"]
+    signs = sign_records(svc)
     assert signs and signs[-1]["result"] == "ok", signs[-1:]
     assert signs[-1]["actor"] == "acme:signer"  # the tenant's identity acted
     assert signs[-1]["prehashed"] is True  # CKM_ECDSA signs the client's digest
+
+
+def test_the_pin_is_a_tenants_api_token(service: tuple[Service, Tenancy], tmp_path: Path) -> None:
+    """Without [pkcs11_server] pin and without a token of its own, the server shows nothing
+    before C_Login; C_Login's PIN is an API token, a client of the service is opened with
+    it, and that token's tenant and policy decide what the application sees and does."""
+    svc, tenancy = service
+    with strongroom.connect(svc.unix, token=tenancy.acme_app) as app:
+        if all(info.name != "signing-p256" for info in app.keys()):
+            app.generate("signing-p256", "ecdsa-p256")
+        (tmp_path / "pub.pem").write_bytes(
+            algorithms.encode_public(app.public_key("signing-p256"), "pem")
+        )
+    server, address = start_server(svc, tmp_path, None, pin=False)
+    client_env = {**os.environ, "P11_KIT_SERVER_ADDRESS": address}
+
+    def tool(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            ["pkcs11-tool", "--module", str(CLIENT_MODULE), *args],
+            env=client_env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        if ok:
+            assert done.returncode == 0, done.stderr
+        return done
+
+    try:
+        assert "signing-p256" not in tool("--list-objects").stdout  # nothing before login
+        listed = tool("--login", "--pin", tenancy.acme_signer, "--list-objects").stdout
+        assert "label:      signing-p256" in listed and "Private Key Object" in listed
+        wrong = tool("--login", "--pin", "not-a-token", "--list-objects", ok=False)
+        assert wrong.returncode != 0 and "CKR_PIN_INCORRECT" in wrong.stderr
+        # another tenant's token sees its own namespace: no acme key
+        other = tool("--login", "--pin", tenancy.globex_app, "--list-objects").stdout
+        assert "signing-p256" not in other
+        (tmp_path / "digest").write_bytes(b"\x05" * 32)
+        tool("--login", "--pin", tenancy.acme_signer, "--sign", "-m", "ECDSA",
+             "--id", b"signing-p256".hex(), "-i", "digest", "-o", "sig",
+             "--signature-format", "openssl")  # fmt: skip
+        verified = subprocess.run(
+            ["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", "pub.pem", "-in", "digest",
+             "-sigfile", "sig"],
+            cwd=tmp_path, capture_output=True, text=True,
+        )  # fmt: skip
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert server.stderr is not None
+    log = server.stderr.read()
+    assert tenancy.acme_signer not in log and tenancy.globex_app not in log
+    signs = sign_records(svc)
+    assert signs[-1]["actor"] == "acme:signer" and signs[-1]["result"] == "ok"
