@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from ..algorithms import RSA_PKCS1V15_RAW
+from ..algorithms import DIGEST_INFO_PREFIXES, RSA_PKCS1V15_RAW
 from ..api import KeyAPI
 from ..errors import (
     AuthenticationFailed,
@@ -117,9 +117,15 @@ SIGN_MECHANISMS = {
 RSA_SIGN = (
     ck.CKM_RSA_PKCS,
     ck.CKM_SHA256_RSA_PKCS,
+    ck.CKM_SHA384_RSA_PKCS,
+    ck.CKM_SHA512_RSA_PKCS,
     ck.CKM_RSA_PKCS_PSS,
     ck.CKM_SHA256_RSA_PKCS_PSS,
 )
+RSA_HASHED = {ck.CKM_SHA384_RSA_PKCS: "sha384", ck.CKM_SHA512_RSA_PKCS: "sha512"}
+"""PKCS#1 v1.5 in a hash the keystore's own algorithms do not name (or name only for a
+whole message): the server hashes and builds the DigestInfo, the keystore signs that
+block (pkcs1v15-raw), as for a client's CKM_RSA_PKCS."""
 # (min key size, max key size, flags) of each mechanism served (C_GetMechanismInfo).
 MECHANISMS: dict[int, tuple[int, int, int]] = {
     **{
@@ -674,6 +680,8 @@ class Connection:
             return op.api.sign(name, data, RSA_PKCS1V15_RAW, prehashed=True)
         if m == ck.CKM_SHA256_RSA_PKCS:
             return op.api.sign(name, data, "pkcs1v15")
+        if m in RSA_HASHED:
+            return op.api.sign(name, _digest_info(m, data), RSA_PKCS1V15_RAW, prehashed=True)
         if m == ck.CKM_RSA_PKCS_PSS:
             if len(data) != 32:
                 raise CkError(ck.CKR_DATA_LEN_RANGE)
@@ -745,6 +753,9 @@ class Connection:
             op.api.verify(name, data, signature, RSA_PKCS1V15_RAW, prehashed=True)
         elif m == ck.CKM_SHA256_RSA_PKCS:
             op.api.verify(name, data, signature, "pkcs1v15")
+        elif m in RSA_HASHED:
+            block = _digest_info(m, data)
+            op.api.verify(name, block, signature, RSA_PKCS1V15_RAW, prehashed=True)
         elif m == ck.CKM_RSA_PKCS_PSS:
             op.api.verify(name, data, signature, "pss", prehashed=True)
         elif m == ck.CKM_SHA256_RSA_PKCS_PSS:
@@ -998,6 +1009,12 @@ class Connection:
                 del self._handles[ident]
                 self.objects.pop(h, None)
         return ()
+
+
+def _digest_info(mechanism: int, data: bytes) -> bytes:
+    """The DigestInfo of `data` in the hash of an RSA_HASHED mechanism."""
+    name = RSA_HASHED[mechanism]
+    return DIGEST_INFO_PREFIXES[name] + hashlib.new(name, data).digest()
 
 
 def _template(attributes: tuple[wire.Attribute, ...]) -> dict[int, Any]:

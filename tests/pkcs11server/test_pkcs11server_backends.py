@@ -149,6 +149,31 @@ def test_rsa_pkcs_signs_the_clients_digest_info(
     assert verified.returncode == 0 and "Verified OK" in verified.stdout, verified.stderr
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hash_name", ["sha384", "sha512"])
+def test_sha384_and_sha512_rsa_pkcs(
+    server: Pkcs11Server, backend: str, hash_name: str, tmp_path: Path
+) -> None:
+    """CKM_SHA384_RSA_PKCS / CKM_SHA512_RSA_PKCS over the message: the server hashes and
+    builds the DigestInfo; openssl checks the signature, the server's C_Verify agrees."""
+    key_id = f"p11b-{backend}-rsa-2048".encode().hex()
+    (tmp_path / "msg").write_bytes(b"hashed by the server\n" * 50)
+    mechanism = f"{hash_name.upper()}-RSA-PKCS"
+    login = ("--token-label", backend, "--login", "--pin", PIN, "--id", key_id)
+    tool(server, "--token-label", backend, "--read-object", "--type", "pubkey", "--id", key_id,
+         "-o", "pub.der", cwd=tmp_path)  # fmt: skip
+    tool(server, *login, "--sign", "-m", mechanism, "-i", "msg", "-o", "sig", cwd=tmp_path)
+    verified = subprocess.run(
+        ["openssl", "dgst", f"-{hash_name}", "-verify", "pub.der", "-keyform", "DER",
+         "-signature", "sig", "msg"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert verified.returncode == 0 and "Verified OK" in verified.stdout, verified.stderr
+    checked = tool(server, *login, "--verify", "-m", mechanism, "-i", "msg",
+                   "--signature-file", "sig", cwd=tmp_path)  # fmt: skip
+    assert "Signature is valid" in checked.stdout
+
+
 def test_a_block_that_is_no_digest_info(server: Pkcs11Server, tmp_path: Path) -> None:
     """The vault and SoftHSM2 pad any block of up to k - 11 bytes; a TPM pads only the
     DigestInfo it builds itself, so for it CKM_RSA_PKCS over another block is
