@@ -8,6 +8,7 @@ One vault keystore (a P-256 and an RSA key) and one server, in a thread, serve t
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE
 
 import strongroom
+from strongroom import algorithms
 from strongroom.errors import Pkcs11MessageError
 from strongroom.keystore import Keystore
 from strongroom.pkcs11server import Pkcs11Server, Settings, TokenSpec, ck, wire
@@ -335,3 +337,36 @@ def test_pkcs11_tool_makes_and_deletes_a_key_pair(server: Pkcs11Server, ks: Keys
     tool(server, *login, "--delete-object", "--type", "privkey", "--label", "p11-made")
     assert "p11-made" not in tool(server, *login, "--list-objects")
     assert all(info.name != "p11-made" for info in ks.keys())
+
+
+@pytest.mark.skipif(shutil.which("modutil") is None, reason="NSS's tools (libnss3-tools)")
+@pytest.mark.parametrize("name", ["p11-p256", "p11-rsa"])
+def test_nss_lists_the_keys_and_makes_a_csr(
+    server: Pkcs11Server, ks: Keystore, tmp_path: Path, name: str
+) -> None:
+    """NSS (what Firefox and Thunderbird use): `modutil -add` the module into a database,
+    `certutil -K` lists the token's keys, and `certutil -R -k ID` makes a CSR with one,
+    which `openssl req -verify` accepts and which holds the keystore key's public key."""
+    env = {**os.environ, "P11_KIT_SERVER_ADDRESS": server.address}
+    db = f"sql:{tmp_path}"
+    (tmp_path / "pin").write_text(PIN + "\n")
+
+    def run(*args: str) -> str:
+        done = subprocess.run(
+            args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout + done.stderr
+
+    run("certutil", "-N", "-d", db, "--empty-password")
+    run("modutil", "-dbdir", db, "-add", "strongroom", "-libfile", str(CLIENT_MODULE), "-force")
+    assert "Token Name: strongroom" in run("modutil", "-dbdir", db, "-list", "strongroom")
+    listed = run("certutil", "-K", "-d", db, "-h", "strongroom", "-f", "pin")
+    assert '"p11-p256"' in listed and '"p11-rsa"' in listed
+    (tmp_path / "noise").write_bytes(os.urandom(64))
+    run("certutil", "-R", "-d", db, "-h", "strongroom", "-f", "pin", "-k", name.encode().hex(),
+        "-s", f"CN={name}", "-o", "csr.der", "-z", "noise")  # fmt: skip
+    checked = run("openssl", "req", "-inform", "DER", "-in", "csr.der", "-verify", "-noout")
+    assert "verify OK" in checked
+    shown = run("openssl", "req", "-inform", "DER", "-in", "csr.der", "-pubkey", "-noout")
+    assert algorithms.encode_public(ks.public_key(name), "pem").decode() in shown
