@@ -219,6 +219,9 @@ class Connection:
         """One request body → its reply body (an ERROR reply for a CK_RV other than OK)."""
         try:
             call = wire.decode(body, self.version)
+        except wire.UnknownMechanism as e:  # the frame was read whole: the stream is in step
+            served = e.call in self._calls
+            return wire.error(ck.CKR_MECHANISM_INVALID if served else ck.CKR_FUNCTION_NOT_SUPPORTED)
         except StrongroomError as e:
             log.info("a malformed request: %s", e)
             return wire.error(ck.CKR_DEVICE_ERROR)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 import strongroom
 from strongroom import algorithms
@@ -228,11 +229,73 @@ def initialize(client: Raw) -> None:
     assert rv_of(client.call(init)) == ck.CKR_OK
 
 
-def test_the_version_handshake_offers_at_most_version_1(server: Pkcs11Server) -> None:
-    for asked, got in ((0, 0), (1, 1), (2, 1)):
+def test_the_version_handshake_offers_at_most_version_2(server: Pkcs11Server) -> None:
+    for asked, got in ((0, 0), (1, 1), (2, 2), (3, 2)):
         client = Raw(server, asked)
         assert client.version == got
         client.close()
+
+
+def _login(client: Raw) -> int:
+    """C_Initialize, a session on slot 0, C_Login; the handle of the P-256 private key."""
+    initialize(client)
+    opened = client.call(wire.request("C_OpenSession", u(0), u(ck.CKF_SERIAL_SESSION)))
+    session = struct.unpack(">Q", opened[-8:])[0]
+    pin = b"\x01" + wire.byte_array(PIN.encode())
+    assert rv_of(client.call(wire.request("C_Login", u(session), u(ck.CKU_USER), pin))) == 0
+    label = struct.pack(">IBI", ck.CKA_LABEL, 1, 8) + wire.byte_array(b"p11-p256")
+    klass = struct.pack(">IBI", ck.CKA_CLASS, 1, 8) + u(ck.CKO_PRIVATE_KEY)
+    template = struct.pack(">I", 2) + label + klass
+    client.call(wire.request("C_FindObjectsInit", u(session), template))
+    found = client.call(wire.request("C_FindObjects", u(session), struct.pack(">I", 4)))
+    client.call(wire.request("C_FindObjectsFinal", u(session)))
+    assert session == 1
+    return int(struct.unpack(">Q", found[-8:])[0])
+
+
+def test_version_2_encodes_mechanisms_its_own_way(server: Pkcs11Server, ks: Keystore) -> None:
+    """p11-kit 0.25.6 and later: nothing after the type of a parameterless mechanism, a
+    presence byte before the parameters of the others; version 1 keeps the byte array. A
+    mechanism whose version 2 encoding the server does not know is CKR_MECHANISM_INVALID,
+    and the connection serves on."""
+    digest = bytes(range(32))
+    room = struct.pack(">I", 64)
+    for version, ecdsa in ((2, b""), (1, wire.byte_array(None))):
+        client = Raw(server, version)
+        try:
+            assert client.version == version
+            key = _login(client)
+            mech = struct.pack(">I", ck.CKM_ECDSA) + ecdsa
+            assert rv_of(client.call(wire.request("C_SignInit", u(1), mech, u(key)))) == 0
+            reply = client.call(wire.request("C_Sign", u(1), b"\x01" + wire.byte_array(digest),
+                                             room))  # fmt: skip
+            assert rv_of(reply) == 0
+            signature = reply[-64:]
+            r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+            ks.verify("p11-p256", digest, encode_dss_signature(r, s), prehashed=True)
+        finally:
+            client.close()
+    client = Raw(server, 2)
+    try:
+        key = _login(client)
+        # PSS with the presence byte (and its parameters); a PSS key type mismatch here
+        pss = struct.pack(">I", ck.CKM_RSA_PKCS_PSS) + b"\x01" + u(ck.CKM_SHA256) + u(
+            ck.CKG_MGF1_SHA256) + u(32)  # fmt: skip
+        reply = client.call(wire.request("C_SignInit", u(1), pss, u(key)))
+        assert rv_of(reply) == ck.CKR_KEY_TYPE_INCONSISTENT  # decoded: an EC key, not RSA
+        # a mechanism the server cannot read in version 2
+        odd = struct.pack(">I", 0x1234) + b"\x01\x02\x03"
+        reply = client.call(wire.request("C_SignInit", u(1), odd, u(key)))
+        assert rv_of(reply) == ck.CKR_MECHANISM_INVALID
+        reply = client.call(wire.request("C_DeriveKey2", u(1), odd, u(key), struct.pack(">I", 0)))
+        assert rv_of(reply) == ck.CKR_FUNCTION_NOT_SUPPORTED
+        assert rv_of(client.call(wire.request("C_GetInfo"))) == ck.CKR_OK
+    finally:
+        client.close()
+    # C_DeriveKey2 is no call of version 1
+    body = wire.request("C_DeriveKey2", u(1), struct.pack(">I", 0x1234), u(1), struct.pack(">I", 0))
+    with pytest.raises(Pkcs11MessageError, match="unknown call"):
+        wire.decode(body, 1)
 
 
 def test_sessions_and_handles_of_one_client_are_invisible_to_another(
