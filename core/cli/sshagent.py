@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
 
 from .. import config as config_mod
 from ..errors import InvalidArgument
-from ..sshagent import Agent, AgentServer, AgentSettings, KeyPolicy, host_fingerprint
+from ..sshagent import Agent, AgentServer, AgentSettings, KeyPolicy
+from ..sshagent.knownhosts import allowed_host_fingerprints
 from ._daemon import detach_or_serve, serve_until_signal
 from ._io import StrongroomCommand
 from ._state import State, pass_state
@@ -49,7 +51,7 @@ def ssh_agent(
         add_backend=cfg.add_backend,
         confirm=tuple(cfg.confirm),
         askpass=os.environ.get("SSH_ASKPASS") or None,
-        policies=tuple(_policy(p) for p in cfg.policies),
+        policies=tuple(_policy(p, cfg.known_hosts) for p in cfg.policies),
     )
     if not settings.patterns and not settings.allow_add:
         raise InvalidArgument(
@@ -67,17 +69,15 @@ def ssh_agent(
     )
 
 
-def _policy(p: config_mod.SshAgentPolicy) -> KeyPolicy:
-    """A `[ssh_agent.policy."PATTERN"]` table as the agent keeps it (hosts as fingerprints)."""
+def _policy(p: config_mod.SshAgentPolicy, known_hosts: Sequence[str] | None = None) -> KeyPolicy:
+    """A `[ssh_agent.policy."PATTERN"]` table as the agent keeps it: hosts as fingerprints,
+    host names looked up in the known_hosts files (`[ssh_agent] known_hosts`) now."""
     hosts = None
     if p.allowed_hosts is not None:
         try:
-            hosts = frozenset(host_fingerprint(h) for h in p.allowed_hosts)
-        except ValueError:
-            raise InvalidArgument(
-                f'[ssh_agent.policy."{p.pattern}"] allowed_hosts: a host key is not an '
-                "Ed25519, ECDSA or RSA public key"
-            ) from None
+            hosts = allowed_host_fingerprints(p.allowed_hosts, known_hosts)
+        except ValueError as e:
+            raise InvalidArgument(f'[ssh_agent.policy."{p.pattern}"] allowed_hosts: {e}') from None
     uids = frozenset(p.allowed_uids) if p.allowed_uids is not None else None
     return KeyPolicy(p.pattern, p.confirm, hosts, uids)
 

@@ -206,4 +206,7 @@ def host_fingerprint(entry: str) -> str:
                 return keys.fingerprint(blob)
         except (binascii.Error, AgentMessageError):
             pass
-    raise ValueError("a host is a SHA256:... fingerprint or an OpenSSH public key line")
+        raise ValueError(f"{fields[0]} ...: not an Ed25519, ECDSA or RSA public key line")
+    raise ValueError(
+        f"{entry!r}: a host is a host name, a SHA256:... fingerprint or a public key line"
+    )

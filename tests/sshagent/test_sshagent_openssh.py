@@ -265,6 +265,36 @@ def test_allowed_hosts_in_config_let_a_key_log_in_to_those_hosts_only(
             assert second_sshd.ssh(free.path, pubs["ssh-vault"], "true").returncode == 0
 
 
+def test_allowed_hosts_by_name_through_a_hashed_known_hosts(
+    ks: Keystore, sshd: Sshd, second_sshd: Sshd, pubs: dict[str, Path], tmp_path: Path
+) -> None:
+    """`allowed_hosts = ["[127.0.0.1]:PORT"]`: the name is looked up in a known_hosts file
+    that lists both sshds, hashed by `ssh-keygen -H` (Debian's HashKnownHosts default); the
+    key logs in to the named host only."""
+    from strongroom import config as config_mod
+    from strongroom.cli.sshagent import _policy
+
+    known = tmp_path / "known_hosts"
+    known.write_text(
+        (sshd.directory / "known_hosts").read_text()
+        + (second_sshd.directory / "known_hosts").read_text()
+    )
+    subprocess.run(
+        ["ssh-keygen", "-H", "-f", str(known)], check=True, capture_output=True, timeout=30
+    )
+    assert "127.0.0.1" not in known.read_text()
+    table = config_mod.SshAgentPolicy("ssh-vault", allowed_hosts=(f"[127.0.0.1]:{sshd.port}",))
+    policy = _policy(table, [str(known)])
+    assert policy.allowed_hosts == {host_fingerprint(sshd.host_key_pub)}
+    settings = AgentSettings(patterns=("ssh-vault",), policies=(policy,))
+    with running_agent(ks, settings) as agent:
+        out = sshd.ssh(agent.path, pubs["ssh-vault"], "echo", "logged-in")
+        assert out.returncode == 0, out.stderr + sshd.log.read_text()
+        refused = second_sshd.ssh(agent.path, pubs["ssh-vault"], "echo", "logged-in")
+        assert refused.returncode != 0
+        assert "logged-in" not in refused.stdout
+
+
 @pytest.mark.parametrize(
     ("key_type", "ssh_type"),
     [
