@@ -70,6 +70,25 @@ class AddedKey:
 
 
 @dataclass(frozen=True)
+class _Rules:
+    """What the configuration says of one key name: confirmation (`[ssh_agent] confirm`, a
+    policy's `confirm`), and the `allowed_uids` and `allowed_hosts` of every policy whose
+    pattern matches it (each list must allow a use)."""
+
+    confirm: bool
+    uids: tuple[frozenset[int], ...]
+    hosts: tuple[frozenset[str], ...]
+
+    @property
+    def restricted(self) -> bool:
+        """Whether any of it applies (else only the default uid rule does)."""
+        return self.confirm or bool(self.uids) or bool(self.hosts)
+
+
+_MAX_RULES = 65536
+
+
+@dataclass(frozen=True)
 class Binding:
     """One verified session-bind@openssh.com: the host key and the session it signed."""
 
@@ -138,6 +157,10 @@ class Agent:
         self._lock_mac: bytes | None = None
         self._lock_key = os.urandom(32)
         self._failed_unlocks = 0
+        self._own_uids = (os.getuid(), 0)
+        self._rules: dict[str, _Rules] = {}
+        """What the configuration says of each key name, worked out once (the settings
+        never change): the signing path does no pattern matching."""
 
     # -- the keys offered ------------------------------------------------------------------------
     def _wanted(self, name: str) -> bool:
@@ -147,6 +170,8 @@ class Agent:
 
     def _expire(self) -> None:
         """Forget added keys whose lifetime is over (checked whenever keys are looked up)."""
+        if not self._added:  # the common case, and the signing hot path: nothing to expire
+            return
         now = time.monotonic()
         with self._lock:
             for name in [n for n, a in self._added.items() if a.expires and a.expires <= now]:
@@ -250,10 +275,17 @@ class Agent:
         if identity is None:
             return wire.FAILURE_FRAME
         ssh_name, algorithm = keys.sign_algorithm(identity, request.flags)
-        login = policy.login_request(request.data)
-        self._permit(identity, peer, login)
-        if self._needs_confirmation(identity.name):
-            self._confirm(identity, peer, login)
+        rules = self._rules_of(identity.name)
+        if identity.name in self._added or rules.restricted or peer.bindings:
+            login = policy.login_request(request.data)
+            self._permit(identity, peer, login)
+            if self._needs_confirmation(identity.name):
+                self._confirm(identity, peer, login)
+        elif peer.uid not in self._own_uids:
+            # The common case, decided as `_permit` would: a configured key that no policy
+            # restricts or confirms, on a connection bound to no session (so there is no
+            # login to check against one), used by the agent's own user or root.
+            raise PolicyViolation(f"this key may not be used by uid {peer.uid}")
         # The audit record names peer and host: in process as its actor; through the
         # service beside the token's identity (a RemoteKeystore sends the requester note).
         token = current_principal.set(peer.actor)
@@ -312,23 +344,36 @@ class Agent:
         return wire.SUCCESS_FRAME
 
     # -- who may sign, and where ------------------------------------------------------------------
-    def _policies(self, name: str) -> list[policy.KeyPolicy]:
-        return [p for p in self.settings.policies if fnmatch.fnmatchcase(name, p.pattern)]
+    def _rules_of(self, name: str) -> _Rules:
+        """The configuration's rules for a key name (every matching policy, and
+        `[ssh_agent] confirm`), from the cache."""
+        rules = self._rules.get(name)
+        if rules is None:
+            policies = [p for p in self.settings.policies if fnmatch.fnmatchcase(name, p.pattern)]
+            rules = _Rules(
+                confirm=any(fnmatch.fnmatchcase(name, c) for c in self.settings.confirm)
+                or any(p.confirm for p in policies),
+                uids=tuple(p.allowed_uids for p in policies if p.allowed_uids is not None),
+                hosts=tuple(p.allowed_hosts for p in policies if p.allowed_hosts is not None),
+            )
+            if len(self._rules) >= _MAX_RULES:  # names come from the keystore; bound anyway
+                self._rules.clear()
+            self._rules[name] = rules
+        return rules
 
     def _uid_allowed(self, name: str, uid: int) -> bool:
         """The peer uids of every policy that lists some, else the agent's own and root."""
-        listed = [p.allowed_uids for p in self._policies(name) if p.allowed_uids is not None]
+        listed = self._rules_of(name).uids
         if not listed:
-            return uid in (os.getuid(), 0)
+            return uid in self._own_uids
         return all(uid in uids for uids in listed)
 
     def _restrictions(
         self, name: str
-    ) -> tuple[tuple[policy.Destination, ...], list[frozenset[str]]]:
+    ) -> tuple[tuple[policy.Destination, ...], tuple[frozenset[str], ...]]:
         """The key's destination constraints (ssh-add -h) and its policies' allowed_hosts."""
         added = self._added.get(name)
-        hosts = [p.allowed_hosts for p in self._policies(name) if p.allowed_hosts is not None]
-        return (added.destinations if added else ()), hosts
+        return (added.destinations if added else ()), self._rules_of(name).hosts
 
     @staticmethod
     def _hosts_allow(allowed: frozenset[str], peer: Peer) -> bool:
@@ -383,11 +428,7 @@ class Agent:
     # -- confirmation -----------------------------------------------------------------------------
     def _needs_confirmation(self, name: str) -> bool:
         added = self._added.get(name)
-        return (
-            (added is not None and added.confirm)
-            or any(fnmatch.fnmatchcase(name, p) for p in self.settings.confirm)
-            or any(p.confirm for p in self._policies(name))
-        )
+        return (added is not None and added.confirm) or self._rules_of(name).confirm
 
     def _confirm(self, identity: keys.Identity, peer: Peer, login: policy.Login | None) -> None:
         """Ask the user through the askpass program; refuse unless it says yes (exit 0)."""

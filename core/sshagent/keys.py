@@ -132,9 +132,33 @@ def ssh_signature(key_type: KeyType, ssh_name: str, signature: bytes) -> bytes:
     """The keystore's signature in SSH's encoding: `string name || string blob`, where an
     ECDSA blob is `mpint r || mpint s` (the keystore gives DER)."""
     if key_type.is_ecdsa:
-        r, s = decode_dss_signature(signature)
-        signature = wire.mpint(r) + wire.mpint(s)
+        signature = _dss_mpints(signature)
     return wire.string(ssh_name) + wire.string(signature)
+
+
+def _dss_mpints(der: bytes) -> bytes:
+    """An ECDSA signature's DER `SEQUENCE { INTEGER r, INTEGER s }` as SSH's `mpint r ||
+    mpint s`. A DER INTEGER of a positive number is the mpint's content byte for byte
+    (big-endian, minimal, a 0 before a high bit), so the common short form is re-framed
+    without decoding the numbers; anything else (long lengths, a non-minimal or negative
+    integer, trailing bytes) goes through the full decoder, which rejects what is not DER."""
+    n = len(der)
+    if 8 <= n < 130 and der[0] == 0x30 and der[1] == n - 2 and der[2] == 0x02:
+        r_len = der[3]
+        s_at = 4 + r_len
+        if s_at + 2 <= n and der[s_at] == 0x02 and s_at + 2 + der[s_at + 1] == n:
+            r, s = der[4:s_at], der[s_at + 2 :]
+            if _minimal_positive(r) and _minimal_positive(s):
+                return wire.string(r) + wire.string(s)
+    r_int, s_int = decode_dss_signature(der)
+    return wire.mpint(r_int) + wire.mpint(s_int)
+
+
+def _minimal_positive(value: bytes) -> bool:
+    """A DER INTEGER's content that is positive and minimal (so also a valid mpint)."""
+    if not value or value[0] & 0x80:
+        return False
+    return not (value[0] == 0 and (len(value) == 1 or not value[1] & 0x80))
 
 
 def sk_signature(identity: Identity, assertion: bytes) -> bytes:

@@ -41,6 +41,13 @@ def login_request(data: bytes) -> Login | None:
     sign's SSHSIG blob, a git commit). Only an exact userauth request counts: session id,
     SSH_MSG_USERAUTH_REQUEST, user, "ssh-connection", a public-key method with a signature,
     algorithm, key (and host key for publickey-hostbound), nothing after."""
+    # Most signatures that are not logins fail the first test: a non-empty session id
+    # followed by SSH_MSG_USERAUTH_REQUEST. Checked on the bytes, without an exception.
+    if len(data) < 5:
+        return None
+    head = int.from_bytes(data[:4], "big")
+    if head == 0 or len(data) <= 4 + head or data[4 + head] != USERAUTH_REQUEST:
+        return None
     try:
         r = wire.Reader(data)
         session_id = r.string()
