@@ -10,7 +10,9 @@ import click
 
 from .. import config as config_mod
 from ..errors import InvalidArgument
+from ..secrets import Prompter, terminal_prompter, tty_available
 from ..sshagent import Agent, AgentServer, AgentSettings, KeyPolicy
+from ..sshagent.agent import askpass_prompter
 from ..sshagent.knownhosts import allowed_host_fingerprints
 from ._daemon import detach_or_serve, serve_until_signal
 from ._io import StrongroomCommand
@@ -57,6 +59,7 @@ def ssh_agent(
         raise InvalidArgument(
             "no keys to offer: pass --keys PATTERN or set [ssh_agent] keys (or allow_add)"
         )
+    state.prompter = _prompter(settings.askpass)
     # Bound before the fork, so that the path printed is already being listened on; the
     # keystore is opened after it, in the agent's process (a PKCS#11 or TPM session does
     # not survive a fork).
@@ -80,6 +83,24 @@ def _policy(p: config_mod.SshAgentPolicy, known_hosts: Sequence[str] | None = No
             raise InvalidArgument(f'[ssh_agent.policy."{p.pattern}"] allowed_hosts: {e}') from None
     uids = frozenset(p.allowed_uids) if p.allowed_uids is not None else None
     return KeyPolicy(p.pattern, p.confirm, hosts, uids)
+
+
+def _prompter(askpass: str | None) -> Prompter | None:
+    """How the agent's keystore asks for a `prompt` secret (a PIN, the vault passphrase):
+    through $SSH_ASKPASS when there is no terminal (a detached agent has none) or
+    SSH_ASKPASS_REQUIRE=force, else on the terminal; SSH_ASKPASS_REQUIRE=never keeps the
+    terminal only, as with OpenSSH's tools."""
+    require = os.environ.get("SSH_ASKPASS_REQUIRE", "")
+    if not askpass or require == "never":
+        return None
+    ask = askpass_prompter(askpass)
+
+    def prompter(prompt: str, confirm: bool) -> str:
+        if require == "force" or not tty_available():
+            return ask(prompt, confirm)
+        return terminal_prompter(prompt, confirm)
+
+    return prompter
 
 
 def _environment(path: Path, pid: int) -> str:

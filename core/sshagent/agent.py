@@ -15,12 +15,18 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..api import KeyAPI, requester
 from ..audit import current_principal
-from ..errors import AgentMessageError, KeyExists, PolicyViolation, StrongroomError
+from ..errors import (
+    AgentMessageError,
+    AuthenticationFailed,
+    KeyExists,
+    PolicyViolation,
+    StrongroomError,
+)
 from . import keys, policy, wire
 
 log = logging.getLogger("strongroom.sshagent")
@@ -537,6 +543,42 @@ class Agent:
             raise PolicyViolation("too many sessions bound to one connection")
         peer.bindings.append(Binding(host_key, session_id, forwarding))
         peer._actor = None  # the destination changed
+
+
+def askpass_prompter(askpass: str) -> Callable[[str, bool], str]:
+    """A keystore prompter (`strongroom.open(prompter=...)`) that asks through an askpass
+    program the way OpenSSH's tools do for a passphrase: the prompt as its argument, no
+    SSH_ASKPASS_PROMPT, the answer on its standard output (one trailing newline removed),
+    exit status 0. Cancelled, failed or unanswered (120 s): AuthenticationFailed. The
+    answer is asked once per call; what the keystore does with a wrong one is the
+    backend's (a refused hardware PIN is never sent again)."""
+
+    def ask_once(prompt: str) -> str:
+        env = {k: v for k, v in os.environ.items() if k != "SSH_ASKPASS_PROMPT"}
+        try:
+            answer = subprocess.run(
+                [askpass, prompt],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=ASKPASS_TIMEOUT,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            raise AuthenticationFailed(f"{prompt.rstrip(': ')}: askpass did not answer") from None
+        if answer.returncode != 0:
+            raise AuthenticationFailed(f"{prompt.rstrip(': ')}: cancelled at the askpass prompt")
+        raw = answer.stdout
+        raw = raw[:-1] if raw.endswith(b"\n") else raw
+        return raw.removesuffix(b"\r").decode("utf-8", "replace")
+
+    def ask(prompt: str, confirm: bool) -> str:
+        value = ask_once(prompt)
+        if confirm and ask_once("Again: " + prompt) != value:
+            raise AuthenticationFailed(f"{prompt.rstrip(': ')}: the two entries differ")
+        return value
+
+    return ask
 
 
 def _close_notice(notice: subprocess.Popen[bytes]) -> None:
