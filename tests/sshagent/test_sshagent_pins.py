@@ -10,6 +10,7 @@ whose log counts every C_Login the token really received; signatures come from O
 
 from __future__ import annotations
 
+import glob
 import os
 import subprocess
 from collections.abc import Iterator
@@ -19,7 +20,8 @@ import pytest
 from conftest import STRONGROOM_BIN, VAULT_PASS_ENV, VAULT_PASSPHRASE
 from pkcs11_support import SoftHsm, cli, make_token, write_config
 
-SPY = "/usr/lib/x86_64-linux-gnu/pkcs11/pkcs11-spy.so"
+SPY = next(iter(sorted(glob.glob("/usr/lib/*/pkcs11/pkcs11-spy.so"))), "pkcs11-spy.so")
+"""OpenSC's logging PKCS#11 module (Debian's opensc-pkcs11, any architecture)."""
 
 ASKPASS = """#!/bin/sh
 printf '%s|%s\\n' "${SSH_ASKPASS_PROMPT:-}" "$1" >> "$(dirname "$0")/asked"
