@@ -13,7 +13,7 @@ from ..errors import InvalidArgument
 from ..secrets import Prompter, terminal_prompter, tty_available
 from ..sshagent import Agent, AgentServer, AgentSettings, KeyPolicy
 from ..sshagent.agent import askpass_prompter
-from ..sshagent.knownhosts import allowed_host_fingerprints
+from ..sshagent.knownhosts import resolve_allowed_hosts
 from ._daemon import detach_or_serve, serve_until_signal
 from ._io import StrongroomCommand
 from ._state import State, pass_state
@@ -76,13 +76,14 @@ def _policy(p: config_mod.SshAgentPolicy, known_hosts: Sequence[str] | None = No
     """A `[ssh_agent.policy."PATTERN"]` table as the agent keeps it: hosts as fingerprints,
     host names looked up in the known_hosts files (`[ssh_agent] known_hosts`) now."""
     hosts = None
+    cas: frozenset[tuple[str, bytes]] = frozenset()
     if p.allowed_hosts is not None:
         try:
-            hosts = allowed_host_fingerprints(p.allowed_hosts, known_hosts)
+            hosts, cas = resolve_allowed_hosts(p.allowed_hosts, known_hosts)
         except ValueError as e:
             raise InvalidArgument(f'[ssh_agent.policy."{p.pattern}"] allowed_hosts: {e}') from None
     uids = frozenset(p.allowed_uids) if p.allowed_uids is not None else None
-    return KeyPolicy(p.pattern, p.confirm, hosts, uids)
+    return KeyPolicy(p.pattern, p.confirm, hosts, uids, cas)
 
 
 def _prompter(askpass: str | None) -> Prompter | None:

@@ -83,7 +83,8 @@ class _Rules:
 
     confirm: bool
     uids: tuple[frozenset[int], ...]
-    hosts: tuple[frozenset[str], ...]
+    hosts: tuple[policy.KeyPolicy, ...]
+    """The policies that name `allowed_hosts`."""
 
     @property
     def restricted(self) -> bool:
@@ -143,7 +144,7 @@ class Peer:
         """The fingerprint of the host the connection last authenticated to, if bound."""
         for binding in reversed(self.bindings):
             if not binding.forwarding:
-                return keys.fingerprint(binding.host_key)
+                return keys.host_key_fingerprint(binding.host_key)
         return None
 
 
@@ -360,7 +361,7 @@ class Agent:
                 confirm=any(fnmatch.fnmatchcase(name, c) for c in self.settings.confirm)
                 or any(p.confirm for p in policies),
                 uids=tuple(p.allowed_uids for p in policies if p.allowed_uids is not None),
-                hosts=tuple(p.allowed_hosts for p in policies if p.allowed_hosts is not None),
+                hosts=tuple(p for p in policies if p.allowed_hosts is not None),
             )
             if len(self._rules) >= _MAX_RULES:  # names come from the keystore; bound anyway
                 self._rules.clear()
@@ -376,14 +377,14 @@ class Agent:
 
     def _restrictions(
         self, name: str
-    ) -> tuple[tuple[policy.Destination, ...], tuple[frozenset[str], ...]]:
+    ) -> tuple[tuple[policy.Destination, ...], tuple[policy.KeyPolicy, ...]]:
         """The key's destination constraints (ssh-add -h) and its policies' allowed_hosts."""
         added = self._added.get(name)
         return (added.destinations if added else ()), self._rules_of(name).hosts
 
     @staticmethod
-    def _hosts_allow(allowed: frozenset[str], peer: Peer) -> bool:
-        return all(keys.fingerprint(host_key) in allowed for host_key, _ in peer.hops())
+    def _hosts_allow(allowed: policy.KeyPolicy, peer: Peer) -> bool:
+        return all(allowed.allows_host(host_key) for host_key, _ in peer.hops())
 
     def _listed(self, identity: keys.Identity, peer: Peer) -> bool:
         """Whether REQUEST_IDENTITIES shows the key to this connection. Like OpenSSH's
@@ -530,7 +531,7 @@ class Agent:
     def _session_bind(self, contents: bytes, peer: Peer) -> None:
         try:
             bind = wire.session_bind(contents)
-            keys.verify_host_signature(bind.host_key, bind.session_id, bind.signature)
+            keys.verify_session_signature(bind.host_key, bind.session_id, bind.signature)
         except AgentMessageError:
             peer.bind_failed = True
             raise

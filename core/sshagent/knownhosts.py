@@ -9,9 +9,9 @@ patterns keytype base64 [comment]`, where the patterns are a comma-separated lis
 names or wildcards (`*`, `?`, `!` negation), `[host]:port` for a port other than 22, or one
 hashed name `|1|salt|hmac` (HashKnownHosts: HMAC-SHA1 of the name under the salt).
 
-`@revoked` keys are never taken. `@cert-authority` keys sign host certificates, which this
-agent does not verify yet: a name known only through a CA is an error, never a silent
-"any host".
+`@revoked` keys are never taken. `@cert-authority` keys become (host, CA) rules: a host
+certificate that CA signed, valid now, naming the host among its principals, is allowed as
+that host, as ssh itself accepts it.
 """
 
 from __future__ import annotations
@@ -148,37 +148,48 @@ def read_lines(files: Sequence[str | Path]) -> list[str]:
     return out
 
 
-def host_fingerprints(name: str, lines: Sequence[str], files: Sequence[str | Path]) -> set[str]:
-    """The fingerprints of the host keys known_hosts lists for `name`. ValueError, naming
-    the files, when it lists none (or only a CA: host certificates are not verified)."""
+def host_name(name: str) -> str:
+    """The host a known_hosts name stands for, as a certificate's principals name it:
+    `[host]:port` without its brackets and port."""
+    if name.startswith("[") and "]:" in name:
+        return name[1 : name.index("]:")]
+    return name
+
+
+def host_rules(
+    name: str, lines: Sequence[str], files: Sequence[str | Path]
+) -> tuple[set[str], set[tuple[str, bytes]]]:
+    """What known_hosts says `name` may present: the fingerprints of its host keys, and
+    (host, CA key) pairs from its `@cert-authority` lines (a host certificate that CA
+    signed for that host). ValueError, naming the files, when it says nothing of it."""
     known = lookup(name, lines)
-    if not known.keys:
+    if not known.keys and not known.ca_keys:
         where = ", ".join(str(f) for f in files) or "no known_hosts file"
-        if known.ca_keys:
-            raise ValueError(
-                f"host {name} is known only through a @cert-authority key ({where}); "
-                "host certificates are not supported: list its host key"
-            )
         raise ValueError(f"no host key for {name} in {where} (ssh-keyscan, or ssh once)")
-    return {keys.fingerprint(blob) for blob in known.keys}
+    host = host_name(name.lower())
+    return {keys.fingerprint(b) for b in known.keys}, {(host, ca) for ca in known.ca_keys}
 
 
-def allowed_host_fingerprints(
+def resolve_allowed_hosts(
     entries: Iterable[str], files: Sequence[str | Path] | None = None
-) -> frozenset[str]:
-    """An `allowed_hosts` list as the fingerprints the agent compares: host names through
-    the known_hosts `files` (None: ssh's defaults, read once, only if a name is listed),
-    fingerprints and key lines as `policy.host_fingerprint` reads them. ValueError with a
-    one-line reason for an entry that names no key."""
+) -> tuple[frozenset[str], frozenset[tuple[str, bytes]]]:
+    """An `allowed_hosts` list as what the agent compares: host key fingerprints, and
+    (host, CA key) pairs for host certificates. Host names go through the known_hosts
+    `files` (None: ssh's defaults, read once, only if a name is listed); fingerprints and
+    key lines as `policy.host_fingerprint` reads them. ValueError with a one-line reason
+    for an entry that names no key."""
     files = DEFAULT_FILES if files is None else tuple(files)
     lines: list[str] | None = None
-    out: set[str] = set()
+    fingerprints: set[str] = set()
+    cas: set[tuple[str, bytes]] = set()
     for entry in entries:
         entry = entry.strip()
         if is_host_name(entry):
             if lines is None:
                 lines = read_lines(files)
-            out |= host_fingerprints(entry, lines, files)
+            found, signers = host_rules(entry, lines, files)
+            fingerprints |= found
+            cas |= signers
         else:
-            out.add(host_fingerprint(entry))
-    return frozenset(out)
+            fingerprints.add(host_fingerprint(entry))
+    return frozenset(fingerprints), frozenset(cas)

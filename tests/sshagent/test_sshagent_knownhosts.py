@@ -19,10 +19,10 @@ from strongroom.errors import InvalidArgument
 from strongroom.sshagent import keys
 from strongroom.sshagent.knownhosts import (
     DEFAULT_FILES,
-    allowed_host_fingerprints,
     is_host_name,
     lookup,
     names_match,
+    resolve_allowed_hosts,
 )
 
 NAMES = [
@@ -116,18 +116,19 @@ def test_names_resolve_to_fingerprints_or_fail_with_a_reason(files: dict[str, Pa
     fingerprint = keys.fingerprint(key_a)
     line = "ssh-ed25519 " + base64.b64encode(key_a).decode()
     # Names, fingerprints and key lines mix; the file is read only for names.
-    assert allowed_host_fingerprints(["host-a", fingerprint, line], [path]) == {fingerprint}
-    assert allowed_host_fingerprints([fingerprint], [path / "missing"]) == {fingerprint}
+    assert resolve_allowed_hosts(["host-a", fingerprint, line], [path]) == ({fingerprint}, set())
+    assert resolve_allowed_hosts([fingerprint], [path / "missing"]) == ({fingerprint}, set())
     with pytest.raises(ValueError, match=r"no host key for nowhere in .*known_hosts_hashed"):
-        allowed_host_fingerprints(["nowhere"], [path])
+        resolve_allowed_hosts(["nowhere"], [path])
     with pytest.raises(ValueError, match="no host key for revoked-host"):
-        allowed_host_fingerprints(["revoked-host"], [path])
-    with pytest.raises(ValueError, match="@cert-authority"):
-        allowed_host_fingerprints(["foo.ca.test"], [path])
+        resolve_allowed_hosts(["revoked-host"], [path])
     with pytest.raises(ValueError, match="no known_hosts file"):
-        allowed_host_fingerprints(["host-a"], [])
+        resolve_allowed_hosts(["host-a"], [])
+    # A name known through @cert-authority: (host, CA) pairs, no fingerprint.
+    [ca] = lookup("foo.ca.test", path.read_text().splitlines()).ca_keys
+    assert resolve_allowed_hosts(["FOO.ca.test"], [path]) == (set(), {("foo.ca.test", ca)})
     # A missing file is skipped; the others still count.
-    both = allowed_host_fingerprints(["host-a", "x.example.com"], [path / "missing", path])
+    both, _ = resolve_allowed_hosts(["host-a", "x.example.com"], [path / "missing", path])
     assert len(both) == 2 and fingerprint in both
     assert "~/.ssh/known_hosts" in DEFAULT_FILES
 
