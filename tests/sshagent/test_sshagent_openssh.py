@@ -383,11 +383,15 @@ exec sleep 60
 
 
 def test_a_fido_signature_shows_a_presence_notice_until_it_is_made(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """With SSH_ASKPASS, the agent shows "Confirm user presence" (SSH_ASKPASS_PROMPT=none)
     while the security key waits; the person touches once it is shown (the authenticator's
-    presence hook waits for it), and the notice is closed when the signature is made."""
+    presence hook waits for it), and the notice is closed when the signature is made. The
+    keystore opened as the command opens it (the CLI's presence callback) also prints
+    "touch your security key" on stderr, which `-D` shows."""
+    from strongroom.cli._state import tell_user
+
     monkeypatch.setenv(FIDO_VAULT_PASS_ENV, FIDO_VAULT_PASS)
     monkeypatch.setenv(FIDO_PIN_ENV, "2468")
     askpass = tmp_path / "askpass"
@@ -408,17 +412,19 @@ def test_a_fido_signature_shows_a_presence_notice_until_it_is_made(
     config = write_fido_config(tmp_path / "ks", fido_extra='rp_id = "ssh:"')
     settings = AgentSettings(patterns=("ssh-sk",), askpass=str(askpass))
     with (
-        open_with_authenticator(authenticator, config) as fido_ks,
+        open_with_authenticator(authenticator, config, presence=tell_user) as fido_ks,
         running_agent(fido_ks, settings) as agent,
     ):
         fido_ks.generate("ssh-sk", "fido-eddsa", backend="fido")
         [identity] = agent.agent.identities()
+        capsys.readouterr()  # what making the credential printed
         client = RawClient(agent.path)
         try:
             reply = client.request(b"\x0d" + s(identity.blob) + s(b"data") + b"\0\0\0\0")
         finally:
             client.close()
     assert reply[:1] == b"\x0e"
+    assert "touch your security key" in capsys.readouterr().err
     assert touched == [True]
     pid, kind, prompt = notice.read_text().split("|", 2)
     assert kind == "none" and prompt.startswith("Confirm user presence for key ssh-sk")
