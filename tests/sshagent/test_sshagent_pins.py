@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
+import select
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,7 +86,9 @@ class SpiedAgent:
             start_new_session=True,  # no controlling terminal, as once detached
         )
         assert self.process.stdout is not None
-        self.first_line = self.process.stdout.readline()
+        # The first line once it serves, or b"" once it exits; 60 s bounds a hang.
+        ready, _, _ = select.select([self.process.stdout], [], [], 60)
+        self.first_line = self.process.stdout.readline() if ready else b"(no answer)"
 
     def sign(self, pub: Path) -> subprocess.CompletedProcess[bytes]:
         message = self.directory / "message"
