@@ -632,8 +632,8 @@ def test_the_service_still_answers_after_the_head_fuzz(running_service: tuple[An
 def ssh_agent_seeds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, list[bytes]]]:
     """A vault agent offering one key of each SSH type, and real messages to it: list, sign
     (each type, RSA with its flag; a login request), add (Ed25519, P-256, RSA; with a
-    lifetime; restricted to a destination), remove, lock, unlock, query, and a session-bind
-    signed by a real host key."""
+    lifetime; restricted to a destination), remove, lock, unlock, query, and session-binds
+    signed by a real host key and by a host certificate's key."""
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
     from sshagent_support import hop, restrict_destination, userauth_request
 
@@ -671,6 +671,27 @@ def ssh_agent_seeds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
         sid = b"\x07" * 32
         bind = wire.string(host_blob) + wire.string(sid)
         bind += wire.string(wire.string("ssh-ed25519") + wire.string(host.sign(sid))) + b"\0"
+        # A host certificate (draft-miller-ssh-cert) for a second host, signed by a CA.
+        ca, certified = ed25519.Ed25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()
+        signed = (
+            wire.string("ssh-ed25519-cert-v01@openssh.com")
+            + wire.string(b"\1" * 32)  # nonce
+            + wire.string(certified.public_key().public_bytes_raw())
+            + wire.uint32(0)
+            + wire.uint32(1)  # serial
+            + wire.uint32(2)  # a host certificate
+            + wire.string("host-id")
+            + wire.string(wire.string("host"))  # principals
+            + wire.uint32(0) * 2  # valid after
+            + wire.uint32(0xFFFFFFFF) * 2  # valid before: forever
+            + wire.string(b"") * 3  # critical options, extensions, reserved
+            + wire.string(keys.key_blob(ca.public_key()))
+        )
+        cert = signed + wire.string(wire.string("ssh-ed25519") + wire.string(ca.sign(signed)))
+        sid2 = b"\x08" * 32
+        cert_bind = wire.string(cert) + wire.string(sid2)
+        cert_bind += wire.string(wire.string("ssh-ed25519") + wire.string(certified.sign(sid2)))
+        cert_bind += b"\0"
         seeds = [
             bytes([wire.REQUEST_IDENTITIES]),
             *(
@@ -696,6 +717,7 @@ def ssh_agent_seeds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
             bytes([wire.UNLOCK]) + wire.string(b"pw"),
             bytes([wire.EXTENSION]) + wire.string("query"),
             bytes([wire.EXTENSION]) + wire.string("session-bind@openssh.com") + bind,
+            bytes([wire.EXTENSION]) + wire.string("session-bind@openssh.com") + cert_bind,
         ]
         yield agent, seeds
 
@@ -727,7 +749,7 @@ def test_ssh_agent_messages(ssh_agent_seeds: tuple[Any, list[bytes]], data: st.D
             keys.added_key(request)
         elif isinstance(request, wire.Extension) and request.name == "session-bind@openssh.com":
             bind = wire.session_bind(request.contents)
-            keys.verify_host_signature(bind.host_key, bind.session_id, bind.signature)
+            keys.verify_session_signature(bind.host_key, bind.session_id, bind.signature)
     except AgentMessageError:
         pass
 
