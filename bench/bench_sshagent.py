@@ -8,8 +8,12 @@ timed; median per round, median of rounds) so machine noise hits both alike:
 1. vault Ed25519: target at most 2x;
 2. SoftHSM2 ECDSA P-256 (a throwaway token, softhsm-config/init-token.sh): target 1.2x.
 
-The agent's share is the socket round trip, the message codec, the key lookup by blob and,
-for ECDSA, re-encoding the DER signature as SSH's mpint pair.
+The agent's share is the socket round trip, the message codec, the key lookup by blob, the
+policy check and, for ECDSA, re-encoding the DER signature as SSH's mpint pair. Two more
+figures split it: the agent's own work (`Agent.handle` against `Keystore.sign` in this
+process, interleaved, so no socket), and a round trip that does no work (an unknown message
+type, answered SSH_AGENT_FAILURE) right after the previous one and after a busy gap like
+the in-process signature that separates two agent calls above.
 """
 
 from __future__ import annotations
@@ -133,6 +137,58 @@ def bench(ks: object, client: Client, name: str, rounds: int, n: int) -> dict[st
     return {"agent_us": agent_us, "keystore_us": ks_us, "ratio": agent_us / ks_us}
 
 
+def own_work(ks: object, name: str, rounds: int, n: int) -> float:
+    """Median over rounds of median(Agent.handle) - median(Keystore.sign), in us: what the
+    agent adds to a signature besides the socket."""
+    from strongroom.keystore import Keystore
+    from strongroom.sshagent import Agent, AgentSettings, Peer
+    from strongroom.sshagent.keys import key_blob
+
+    assert isinstance(ks, Keystore)
+    agent = Agent(ks, AgentSettings(patterns=("bench-*",)))
+    peer = Peer(os.getpid(), os.getuid())
+    blob = key_blob(ks.public_key(name))
+    message = os.urandom(64)
+    body = b"\x0d" + struct.pack(">I", len(blob)) + blob
+    body += struct.pack(">I", len(message)) + message + b"\0\0\0\0"
+    for _ in range(200):
+        agent.handle(body, peer)
+        ks.sign(name, message)
+    clock = time.perf_counter_ns
+    differences = []
+    for _ in range(rounds):
+        a, b = [], []
+        for _ in range(n):
+            t0 = clock()
+            agent.handle(body, peer)
+            t1 = clock()
+            ks.sign(name, message)
+            t2 = clock()
+            a.append(t1 - t0)
+            b.append(t2 - t1)
+        differences.append((statistics.median(a) - statistics.median(b)) / 1000)
+    return statistics.median(differences)
+
+
+def null_round_trip(client: Client, gap_us: int, n: int) -> float:
+    """Median us of a round trip that does no work (an unknown message type), each after
+    `gap_us` of busy waiting in this process (0: back to back)."""
+    clock = time.perf_counter_ns
+    frame = struct.pack(">IB", 1, 0xFE)
+    times = []
+    for _ in range(n):
+        if gap_us:
+            until = clock() + gap_us * 1000
+            while clock() < until:
+                pass
+        t0 = clock()
+        client.sock.sendall(frame)
+        head = client._exact(4)
+        client._exact(struct.unpack(">I", head)[0])
+        times.append(clock() - t0)
+    return statistics.median(times) / 1000
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--module", default="/usr/lib/softhsm/libsofthsm2.so")
@@ -157,6 +213,8 @@ def main() -> int:
             with strongroom.open(cfg) as ks:
                 for name in targets:
                     results[name] = bench(ks, client, name, args.rounds, args.n)
+                    results[name]["own_us"] = own_work(ks, name, args.rounds, args.n)
+                gaps = {gap: null_round_trip(client, gap, args.n) for gap in (0, 300)}
         finally:
             agent.terminate()
             agent.wait(timeout=30)
@@ -172,6 +230,10 @@ def main() -> int:
         print(f"    ssh-agent socket   {r['agent_us']:8.1f} us/op")
         print(f"    Keystore.sign      {r['keystore_us']:8.1f} us/op")
         print(f"    ratio              {r['ratio']:8.3f}x  (target <= {targets[name]}x: {verdict})")
+        print(f"    agent's own work   {r['own_us']:8.1f} us/op  (Agent.handle - Keystore.sign)")
+    print("  a round trip that does no work")
+    for gap, us in gaps.items():
+        print(f"    after {gap:4d} us busy   {us:8.1f} us")
     return 0 if ok else 1
 
 

@@ -83,8 +83,10 @@ def rsa_import(data: Buffer, out: Buffer, /) -> tuple[int, bytes, bytes]:
     """PKCS#8/PKCS#1 DER, checked, as PKCS#8 into `out`: (length, n, e)."""
 
 def rsa_generate(bits: int, out: Buffer, /) -> tuple[int, bytes, bytes]: ...
-def rsa_sign(material: Buffer, digest: Buffer, pss: bool, /) -> bytes:
-    """PKCS#1 v1.5 over a SHA-256 or SHA-512 digest (by its length), or PSS over SHA-256."""
+def rsa_sign(material: Buffer, digest: Buffer, mode: int, /) -> bytes:
+    """Mode 0: PKCS#1 v1.5 over a SHA-256 or SHA-512 digest (by its length); 1: PSS over
+    SHA-256; 2: PKCS#1 v1.5 padding (block type 1) of `digest` as given, a DigestInfo the
+    caller built (at most the key's size - 11 bytes)."""
 
 def rsa_decrypt(material: Buffer, ciphertext: Buffer, sha1: bool, /) -> bytes:
     """RSA-OAEP with MGF1 on SHA-256 (or SHA-1); ValueError if it fails."""

@@ -9,9 +9,10 @@ These are the encodings `openssl pkeyutl`/`openssl dgst` verify.
 
 from __future__ import annotations
 
+import hmac
 from typing import Any, Protocol, runtime_checkable
 
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, x25519
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
@@ -23,10 +24,37 @@ from .types import KeyType
 RSA_PKCS1V15_SHA512 = "pkcs1v15-sha512"
 """RSA PKCS#1 v1.5 over SHA-512 (RFC 8017; SSH's rsa-sha2-512, RFC 8332). The other RSA
 signature algorithms hash with SHA-256."""
+RSA_PKCS1V15_RAW = "pkcs1v15-raw"
+"""RSA PKCS#1 v1.5 over a block the caller built, as given: `data` is the DigestInfo (RFC
+8017 9.2, step 2) of a digest in any hash, at most the key's size - 11 bytes, and the
+signature is its block type 1 padding to the power d. Nothing is hashed, so it is
+`prehashed` only. It is PKCS#11's CKM_RSA_PKCS sign (what pkcs11-tool --test and TLS
+stacks ask of a token); a backend that cannot pad a block it did not build answers
+UnsupportedOperation. Not an algorithm of the CLI: a person has a message, not a block."""
 RSA_SIGN_ALGORITHMS = ("pkcs1v15", "pss", RSA_PKCS1V15_SHA512)
 RSA_SIGN_ALGORITHMS_HELP = (
     "RSA only: pkcs1v15 (PKCS#1 v1.5 with SHA-256, the default), pss (SHA-256) or pkcs1v15-sha512."
 )
+DIGEST_INFO_PREFIXES = {
+    "sha1": bytes.fromhex("3021300906052b0e03021a05000414"),
+    "sha224": bytes.fromhex("302d300d06096086480165030402040500041c"),
+    "sha256": bytes.fromhex("3031300d060960864801650304020105000420"),
+    "sha384": bytes.fromhex("3041300d060960864801650304020205000430"),
+    "sha512": bytes.fromhex("3051300d060960864801650304020305000440"),
+}
+"""The DER of a DigestInfo up to its digest, by hash (RFC 8017, 9.2 note 1)."""
+
+
+def parse_digest_info(block: bytes) -> tuple[str, bytes] | None:
+    """(hashlib name, digest) of a DigestInfo in one of DIGEST_INFO_PREFIXES' hashes, or
+    None: for a backend that builds the DigestInfo itself (a TPM) and so can sign a
+    `pkcs1v15-raw` block only when it is one of those."""
+    for name, prefix in DIGEST_INFO_PREFIXES.items():
+        if block.startswith(prefix) and len(block) == len(prefix) + prefix[-1]:
+            return name, block[len(prefix) :]
+    return None
+
+
 CURVES: dict[KeyType, ec.EllipticCurve] = {
     KeyType.ECDSA_P256: ec.SECP256R1(),
     KeyType.ECDSA_P384: ec.SECP384R1(),
@@ -66,6 +94,14 @@ def check_prehashed(
             f"{key_type.value} keys sign the whole message, not a digest; "
             "only ECDSA and RSA keys take prehashed input"
         )
+    if algorithm == RSA_PKCS1V15_RAW:
+        room = rsa_bits(key_type) // 8 - 11
+        if not 1 <= len(digest) <= room:
+            raise InvalidArgument(
+                f"a {RSA_PKCS1V15_RAW} block for a {key_type.value} key is 1 to {room} bytes, "
+                f"not {len(digest)}"
+            )
+        return
     size = digest_for(key_type, algorithm).digest_size
     if len(digest) != size:
         raise InvalidArgument(
@@ -153,11 +189,27 @@ def oaep(algorithm: str | None = None) -> padding.OAEP:
     return padding.OAEP(mgf=padding.MGF1(digest()), algorithm=digest(), label=None)
 
 
-def check_sign_algorithm(key_type: KeyType, algorithm: str | None) -> None:
-    """Only RSA keys take a signature algorithm; refuse it elsewhere rather than ignore it."""
+def rsa_bits(key_type: KeyType) -> int:
+    """The modulus size of an RSA key type (rsa-2048: 2048)."""
+    return int(key_type.value.split("-")[1])
+
+
+def check_sign_algorithm(
+    key_type: KeyType, algorithm: str | None, *, prehashed: bool | None = None
+) -> None:
+    """Only RSA keys take a signature algorithm; refuse it elsewhere rather than ignore it.
+    `pkcs1v15-raw` signs a block the caller built, so it is refused unless `prehashed` is
+    True (None: the caller checks that itself)."""
     if algorithm is None:
         return
     if key_type.is_rsa:
+        if algorithm == RSA_PKCS1V15_RAW:
+            if prehashed is False:
+                raise InvalidArgument(
+                    f"{RSA_PKCS1V15_RAW} signs a DigestInfo the caller built: "
+                    "pass it as prehashed input"
+                )
+            return
         rsa_padding(algorithm)
         return
     raise InvalidArgument(f"{key_type.value} keys take no signature algorithm (got {algorithm!r})")
@@ -174,9 +226,19 @@ def verify_signature(
 ) -> None:
     """Return None or raise cryptography's InvalidSignature. With `prehashed`, `data` is the
     message's digest (`check_prehashed`)."""
-    check_sign_algorithm(key_type, algorithm)
+    check_sign_algorithm(key_type, algorithm, prehashed=prehashed)
     if prehashed:
         check_prehashed(key_type, data, algorithm)
+    if algorithm == RSA_PKCS1V15_RAW:
+        if not isinstance(public, rsa.RSAPublicKey):  # pragma: no cover - checked above
+            raise InvalidArgument(f"{key_type.value} keys do not make RSA signatures")
+        try:
+            block = public.recover_data_from_signature(signature, padding.PKCS1v15(), None)
+        except (InvalidSignature, ValueError):
+            raise InvalidSignature() from None
+        if not hmac.compare_digest(block, data):
+            raise InvalidSignature()
+        return
     digest = digest_for(key_type, algorithm)
     hashed: Any = Prehashed(digest) if prehashed else digest
     if isinstance(public, ed25519.Ed25519PublicKey):

@@ -81,11 +81,13 @@ SSH_AGENT_KEYS = {
     "through $SSH_ASKPASS first",
     "policy": 'per-key policy: [ssh_agent.policy."PATTERN"] tables of confirm, allowed_hosts '
     "and allowed_uids",
+    "known_hosts": "the known_hosts files host names in allowed_hosts are looked up in "
+    "(default: ssh's, ~/.ssh/known_hosts and /etc/ssh/ssh_known_hosts)",
 }
 SSH_AGENT_POLICY_KEYS = {
     "confirm": "confirm each signature through $SSH_ASKPASS (true or false)",
-    "allowed_hosts": "host keys (SHA256:... fingerprints or OpenSSH public key lines) the "
-    "keys may log in to; then they sign SSH logins only",
+    "allowed_hosts": "the hosts the keys may log in to (then they sign SSH logins only): host "
+    "names as known_hosts has them, SHA256:... fingerprints or OpenSSH public key lines",
     "allowed_uids": "the peer uids that may use the keys (default: the agent's own and root)",
 }
 PKCS11_SERVER_KEYS = {
@@ -96,6 +98,8 @@ PKCS11_SERVER_KEYS = {
     "pin": "the PIN C_Login checks: env:NAME or file:PATH (required)",
     "socket": "the server's socket path (default: a new private directory in "
     "$XDG_RUNTIME_DIR or the temp dir)",
+    "backend": "the backend C_GenerateKey and C_GenerateKeyPair put keys in (default: the "
+    "keystore's order)",
 }
 KMIP_KEYS = {
     "backend": "the backend KMIP Create and Register put keys in (default: the keystore's order)",
@@ -178,6 +182,8 @@ class SshAgentConfig:
     add_backend: str | None = None
     socket: Path | None = None
     policies: list[SshAgentPolicy] = field(default_factory=list)
+    known_hosts: list[str] | None = None
+    """Where host names in `allowed_hosts` are looked up; None: ssh's default files."""
 
 
 @dataclass(frozen=True)
@@ -199,6 +205,8 @@ class Pkcs11ServerConfig:
     pin: str | None = None
     """A secret reference (env:NAME or file:PATH), never the PIN itself."""
     socket: Path | None = None
+    backend: str | None = None
+    """Where C_GenerateKey/C_GenerateKeyPair make keys; None: the keystore's order."""
 
 
 @dataclass
@@ -398,6 +406,13 @@ def parse(raw: Mapping[str, Any], path: str | None, text: str) -> Config:
             raise cfg.error(
                 f"names backend {name!r}, which has no [backends.{name}] table", "keystore", "order"
             )
+    p11_backend = cfg.pkcs11_server.backend
+    if p11_backend is not None and p11_backend not in cfg.backends:
+        raise cfg.error(
+            f"names backend {p11_backend!r}, which has no [backends.{p11_backend}] table",
+            "pkcs11_server",
+            "backend",
+        )
     kmip_backend = cfg.kmip.backend
     if kmip_backend is not None and kmip_backend not in cfg.backends:
         raise cfg.error(
@@ -602,6 +617,12 @@ def _parse_ssh_agent(cfg: Config, table: Any) -> None:
             if not isinstance(value, str) or not value:
                 raise cfg.error("must be a path", "ssh_agent", key)
             out.socket = Path(value).expanduser()
+        elif key == "known_hosts":
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise cfg.error(
+                    'must be a list of paths, e.g. ["~/.ssh/known_hosts"]', "ssh_agent", key
+                )
+            out.known_hosts = list(value)
         elif key == "policy":
             if not isinstance(value, dict):
                 raise cfg.error(
@@ -614,15 +635,19 @@ def _parse_ssh_agent(cfg: Config, table: Any) -> None:
 
 _HOST_FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
 _HOST_KEY_LINE = re.compile(r"([a-z0-9@.-]+) ([A-Za-z0-9+/]+={0,2})(?: .*)?")
+_HOST_NAME = re.compile(r"[A-Za-z0-9_.:%-]+|\[[A-Za-z0-9_.:%-]+\]:[0-9]{1,5}")
 
 
 def _host_entry_ok(entry: object) -> bool:
-    """A SHA256 fingerprint, or `TYPE BASE64 [comment]` whose blob names TYPE (the agent
-    checks the key itself when it starts)."""
+    """A host name (`name` or `[name]:port`, looked up in known_hosts when the agent
+    starts), a SHA256 fingerprint, or `TYPE BASE64 [comment]` whose blob names TYPE (the
+    agent checks the key itself when it starts)."""
     if not isinstance(entry, str):
         return False
     entry = entry.strip()
     if _HOST_FINGERPRINT.fullmatch(entry):
+        return True
+    if not entry.startswith("SHA256:") and _HOST_NAME.fullmatch(entry):
         return True
     m = _HOST_KEY_LINE.fullmatch(entry)
     if m is None:
@@ -653,8 +678,9 @@ def _parse_agent_policy(cfg: Config, pattern: str, table: Any) -> SshAgentPolicy
         elif key == "allowed_hosts":
             if not isinstance(value, list) or not all(_host_entry_ok(v) for v in value):
                 raise cfg.error(
-                    "must be a list of host keys: SHA256:... fingerprints (ssh-keygen -l) "
-                    'or public key lines ("ssh-ed25519 AAAA...")',
+                    "must be a list of hosts: host names as known_hosts has them "
+                    '("bastion.example.com", "[10.0.0.5]:2222"), SHA256:... fingerprints '
+                    '(ssh-keygen -l) or public key lines ("ssh-ed25519 AAAA...")',
                     where,
                     key,
                 )
@@ -725,6 +751,10 @@ def _parse_pkcs11_server(cfg: Config, table: Any) -> None:
                 "pin",
             ) from None
         out.pin = pin
+    if "backend" in table:
+        if not isinstance(table["backend"], str) or not table["backend"]:
+            raise cfg.error("must be the name of a configured backend", "pkcs11_server", "backend")
+        out.backend = table["backend"]
     if "socket" in table:
         if not isinstance(table["socket"], str) or not table["socket"]:
             raise cfg.error("must be a path", "pkcs11_server", "socket")

@@ -684,7 +684,9 @@ class Keystore(KeyLifecycle, KeySeeds, KeyCertificates):
         With `envelope=True` the signature carries the key version (docs/lifecycle.md), so
         `verify(..., envelope=True)` checks it with that version after a rotation. With
         `prehashed=True`, `data` is the message's SHA-256 digest (SHA-384 for P-384) and the
-        signature is the one the whole message would get: ECDSA and RSA keys only.
+        signature is the one the whole message would get: ECDSA and RSA keys only. An RSA
+        key's `algorithm="pkcs1v15-raw"` (prehashed only) signs `data` as the DigestInfo
+        the caller built, in any hash (`algorithms.RSA_PKCS1V15_RAW`).
         """
         # The busiest operation: audited inline rather than through _Audited (same record).
         facts: dict[str, Any] = {}
@@ -694,7 +696,7 @@ class Keystore(KeyLifecycle, KeySeeds, KeyCertificates):
             detail["prehashed"] = True
         try:
             info, b = self._key(name, Operation.SIGN, facts)
-            algorithms.check_sign_algorithm(info.type, algorithm)
+            algorithms.check_sign_algorithm(info.type, algorithm, prehashed=prehashed)
             if prehashed:
                 algorithms.check_prehashed(info.type, data, algorithm)
                 sig = b.sign_digest(info, bytes(data), algorithm)
@@ -734,7 +736,7 @@ class Keystore(KeyLifecycle, KeySeeds, KeyCertificates):
                     lifecycle.SIGNATURE_MAGIC, signature, "signature"
                 )
             info, b = self._key(name, Operation.VERIFY, facts, version)
-            algorithms.check_sign_algorithm(info.type, algorithm)
+            algorithms.check_sign_algorithm(info.type, algorithm, prehashed=prehashed)
             if prehashed:
                 algorithms.check_prehashed(info.type, data, algorithm)
                 b.verify_digest(info, bytes(data), bytes(signature), algorithm)

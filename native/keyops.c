@@ -936,15 +936,21 @@ static RSA *rsa_stored_key(const Py_buffer *material)
 static PyObject *rsa_sign_impl(PyObject *args)
 {
     Py_buffer material, digest;
-    int pss, ok = 0;
+    int mode, ok = 0;
     PyObject *result = NULL;
     RSA *rsa = NULL;
     unsigned char *em = NULL;
-    if (!PyArg_ParseTuple(args, "y*y*p:rsa_sign", &material, &digest, &pss))
+    if (!PyArg_ParseTuple(args, "y*y*i:rsa_sign", &material, &digest, &mode))
         return NULL;
-    /* PKCS#1 v1.5 over SHA-256 or SHA-512 (told apart by the digest's length); PSS over
-       SHA-256 only */
-    if (digest.len != 32 && !(digest.len == 64 && !pss)) {
+    /* mode 0: PKCS#1 v1.5 over SHA-256 or SHA-512 (told apart by the digest's length);
+       1: PSS over SHA-256 only; 2: PKCS#1 v1.5 padding (block type 1) of the caller's
+       block as given, at most RSA_size - 11 bytes (PKCS#11's CKM_RSA_PKCS) */
+    int pss = mode == 1, raw = mode == 2;
+    if (mode < 0 || mode > 2) {
+        PyErr_SetString(PyExc_ValueError, "rsa_sign: mode is 0, 1 or 2");
+        goto done;
+    }
+    if (!raw && digest.len != 32 && !(digest.len == 64 && !pss)) {
         PyErr_SetString(PyExc_ValueError,
                         "RSA signatures here take a SHA-256 digest (or SHA-512 for PKCS#1 v1.5)");
         goto done;
@@ -953,6 +959,10 @@ static PyObject *rsa_sign_impl(PyObject *args)
     if (rsa == NULL)
         goto done;
     int size = RSA_size(rsa);
+    if (raw && (digest.len < 1 || digest.len > size - 11)) {
+        PyErr_SetString(PyExc_ValueError, "a PKCS#1 v1.5 block is 1 to the key's size - 11 bytes");
+        goto done;
+    }
     result = PyBytes_FromStringAndSize(NULL, size);
     em = OPENSSL_malloc((size_t)size);
     if (result == NULL || em == NULL) {
@@ -963,7 +973,9 @@ static PyObject *rsa_sign_impl(PyObject *args)
     }
     unsigned char *sig = (unsigned char *)PyBytes_AS_STRING(result);
     Py_BEGIN_ALLOW_THREADS
-    if (pss) {
+    if (raw) {
+        ok = RSA_private_encrypt((int)digest.len, digest.buf, sig, rsa, RSA_PKCS1_PADDING) == size;
+    } else if (pss) {
         /* EMSA-PSS with MGF1-SHA256 and a salt as long as the digest */
         ok = RSA_padding_add_PKCS1_PSS_mgf1(rsa, em, digest.buf, EVP_sha256(), EVP_sha256(),
                                             RSA_PSS_SALTLEN_DIGEST) == 1 &&
@@ -1268,8 +1280,9 @@ static PyMethodDef keyops_methods[] = {
     {"rsa_generate", m_rsa_generate, METH_VARARGS,
      "rsa_generate(bits, out) -> (length, n, e): e = 65537, PKCS#8 into out"},
     {"rsa_sign", m_rsa_sign, METH_VARARGS,
-     "rsa_sign(material, digest, pss) -> signature (PKCS#1 v1.5 over a SHA-256 or SHA-512 "
-     "digest, or PSS over a SHA-256 digest)"},
+     "rsa_sign(material, digest, mode) -> signature (0: PKCS#1 v1.5 over a SHA-256 or "
+     "SHA-512 digest, 1: PSS over a SHA-256 digest, 2: PKCS#1 v1.5 padding of the block as "
+     "given)"},
     {"rsa_decrypt", m_rsa_decrypt, METH_VARARGS,
      "rsa_decrypt(material, ciphertext, sha1) -> plaintext (OAEP, MGF1 with the same hash)"},
     {"pkcs8_25519", m_pkcs8_25519, METH_VARARGS,

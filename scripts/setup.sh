@@ -82,9 +82,11 @@ wanted+=(softhsm2 opensc swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config)
 # OpenSSH's client and server: the ssh-agent tests run ssh-add, ssh-keygen, ssh and their own
 # sshd against `strongroom ssh-agent`; git signs commits through it (gpg.format=ssh).
 wanted+=(openssh-client openssh-server git)
-# p11-kit's client module (p11-kit-client.so) and the OpenSSL pkcs11 engine: the
-# pkcs11-server tests load the module under pkcs11-tool and ssh-keygen.
-wanted+=(p11-kit-modules libengine-pkcs11-openssl)
+# p11-kit's client module (p11-kit-client.so), the OpenSSL pkcs11 engine and NSS's tools: the
+# pkcs11-server tests load the module under pkcs11-tool, ssh-keygen, ssh, python-pkcs11,
+# openssl's engine and NSS's modutil/certutil; tpm2-pkcs11 is what
+# bench/bench_pkcs11server.py --tpm compares with.
+wanted+=(p11-kit-modules libengine-pkcs11-openssl libnss3-tools libtpm2-pkcs11-1)
 # pcscd + vpcd (a virtual reader) for the FIDO-over-PC/SC tests; swig builds pyscard.
 wanted+=(pcscd libpcsclite-dev vsmartcard-vpcd swig)
 # PostgreSQL: the server the store tests start a private cluster of (initdb, pg_ctl). The

@@ -457,15 +457,18 @@ def test_ssh_agent_table(tmp_path: Path) -> None:
         "allow_add = true",
         'add_backend = "vault"',
         'socket = "~/agent.sock"',
+        'known_hosts = ["~/hosts", "/etc/ssh/ssh_known_hosts"]',
         *vault_table(),
     )
     agent = config_mod.load(path).ssh_agent
+    assert agent.known_hosts == ["~/hosts", "/etc/ssh/ssh_known_hosts"]
     assert agent.keys == ["ssh-*", "git"]
     assert agent.confirm == ["ssh-hsm"]
     assert agent.allow_add is True
     assert agent.add_backend == "vault"
     assert agent.socket == Path("~/agent.sock").expanduser()
-    assert config_mod.load(write(tmp_path, *vault_table())).ssh_agent.keys == []
+    default = config_mod.load(write(tmp_path, *vault_table())).ssh_agent
+    assert default.keys == [] and default.known_hosts is None
 
 
 HOST_FP = "SHA256:" + "A" * 43
@@ -479,7 +482,8 @@ def test_ssh_agent_policy_tables(tmp_path: Path) -> None:
         *vault_table(),
         '[ssh_agent.policy."ssh-prod-*"]',
         "confirm = true",
-        f'allowed_hosts = ["{HOST_FP}", "ssh-ed25519 {HOST_KEY_B64} host comment"]',
+        f'allowed_hosts = ["{HOST_FP}", "ssh-ed25519 {HOST_KEY_B64} host comment", '
+        '"bastion.example.com", "[10.0.0.5]:2222", "::1"]',
         "allowed_uids = [1000, 1001]",
         '[ssh_agent.policy."git"]',
         "allowed_uids = []",
@@ -489,7 +493,13 @@ def test_ssh_agent_policy_tables(tmp_path: Path) -> None:
         config_mod.SshAgentPolicy(
             "ssh-prod-*",
             confirm=True,
-            allowed_hosts=(HOST_FP, f"ssh-ed25519 {HOST_KEY_B64} host comment"),
+            allowed_hosts=(
+                HOST_FP,
+                f"ssh-ed25519 {HOST_KEY_B64} host comment",
+                "bastion.example.com",
+                "[10.0.0.5]:2222",
+                "::1",
+            ),
             allowed_uids=(1000, 1001),
         ),
         config_mod.SshAgentPolicy("git", allowed_uids=()),
@@ -500,10 +510,11 @@ def test_ssh_agent_policy_tables(tmp_path: Path) -> None:
     ("line", "key", "message"),
     [
         ("confirm = 1", "confirm", "must be true or false"),
-        ('allowed_hosts = ["github.com"]', "allowed_hosts", "must be a list of host keys"),
-        ('allowed_hosts = ["SHA256:short"]', "allowed_hosts", "must be a list of host keys"),
+        ('allowed_hosts = ["user@github.com"]', "allowed_hosts", "must be a list of hosts"),
+        ('allowed_hosts = ["[github.com]"]', "allowed_hosts", "must be a list of hosts"),
+        ('allowed_hosts = ["SHA256:short"]', "allowed_hosts", "must be a list of hosts"),
         # a key line whose blob names another key type
-        (f'allowed_hosts = ["ssh-rsa {HOST_KEY_B64}"]', "allowed_hosts", "list of host keys"),
+        (f'allowed_hosts = ["ssh-rsa {HOST_KEY_B64}"]', "allowed_hosts", "list of hosts"),
         ('allowed_uids = ["root"]', "allowed_uids", "must be a list of user ids"),
         ("allowed_uids = [-1]", "allowed_uids", "must be a list of user ids"),
         ("allowed_users = []", "allowed_users", "unknown key"),
@@ -527,6 +538,7 @@ def test_ssh_agent_policy_errors_name_the_line(
         ('allow_add = "yes"', "allow_add", "must be true or false"),
         ('add_backend = "hsm"', "add_backend", "has no [backends.hsm] table"),
         ("socket = 1", "socket", "must be a path"),
+        ('known_hosts = "~/.ssh/known_hosts"', "known_hosts", "must be a list of paths"),
         ("keyz = []", "keyz", "unknown key"),
     ],
 )
@@ -637,3 +649,14 @@ def test_a_tpm_rollback_counter_cannot_guard_a_shared_store(tmp_path: Path) -> N
     e = config_error(path)
     assert_names(e, path, 10, "backends.vault.rollback_counter")
     assert "one machine" in str(e)
+
+
+def test_pkcs11_server_backend_is_checked(tmp_path: Path) -> None:
+    base = ["[keystore]", data_dir(tmp_path), *vault_table(), "[pkcs11_server]", 'keys = ["a-*"]']
+    e = config_error(write(tmp_path, *base, 'backend = "hsm"'))
+    assert e.key == "pkcs11_server.backend" and "[backends.hsm]" in str(e)
+    e = config_error(write(tmp_path, *base, "backend = 1"))
+    assert e.key == "pkcs11_server.backend"
+    ok = config_mod.load(write(tmp_path, *base, 'backend = "vault"'))
+    assert ok.pkcs11_server.backend == "vault"
+    assert config_mod.load(write(tmp_path, *base)).pkcs11_server.backend is None

@@ -632,8 +632,8 @@ def test_the_service_still_answers_after_the_head_fuzz(running_service: tuple[An
 def ssh_agent_seeds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, list[bytes]]]:
     """A vault agent offering one key of each SSH type, and real messages to it: list, sign
     (each type, RSA with its flag; a login request), add (Ed25519, P-256, RSA; with a
-    lifetime; restricted to a destination), remove, lock, unlock, query, and a session-bind
-    signed by a real host key."""
+    lifetime; restricted to a destination), remove, lock, unlock, query, and session-binds
+    signed by a real host key and by a host certificate's key."""
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
     from sshagent_support import hop, restrict_destination, userauth_request
 
@@ -671,6 +671,27 @@ def ssh_agent_seeds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
         sid = b"\x07" * 32
         bind = wire.string(host_blob) + wire.string(sid)
         bind += wire.string(wire.string("ssh-ed25519") + wire.string(host.sign(sid))) + b"\0"
+        # A host certificate (draft-miller-ssh-cert) for a second host, signed by a CA.
+        ca, certified = ed25519.Ed25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()
+        signed = (
+            wire.string("ssh-ed25519-cert-v01@openssh.com")
+            + wire.string(b"\1" * 32)  # nonce
+            + wire.string(certified.public_key().public_bytes_raw())
+            + wire.uint32(0)
+            + wire.uint32(1)  # serial
+            + wire.uint32(2)  # a host certificate
+            + wire.string("host-id")
+            + wire.string(wire.string("host"))  # principals
+            + wire.uint32(0) * 2  # valid after
+            + wire.uint32(0xFFFFFFFF) * 2  # valid before: forever
+            + wire.string(b"") * 3  # critical options, extensions, reserved
+            + wire.string(keys.key_blob(ca.public_key()))
+        )
+        cert = signed + wire.string(wire.string("ssh-ed25519") + wire.string(ca.sign(signed)))
+        sid2 = b"\x08" * 32
+        cert_bind = wire.string(cert) + wire.string(sid2)
+        cert_bind += wire.string(wire.string("ssh-ed25519") + wire.string(certified.sign(sid2)))
+        cert_bind += b"\0"
         seeds = [
             bytes([wire.REQUEST_IDENTITIES]),
             *(
@@ -696,6 +717,7 @@ def ssh_agent_seeds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
             bytes([wire.UNLOCK]) + wire.string(b"pw"),
             bytes([wire.EXTENSION]) + wire.string("query"),
             bytes([wire.EXTENSION]) + wire.string("session-bind@openssh.com") + bind,
+            bytes([wire.EXTENSION]) + wire.string("session-bind@openssh.com") + cert_bind,
         ]
         yield agent, seeds
 
@@ -727,7 +749,7 @@ def test_ssh_agent_messages(ssh_agent_seeds: tuple[Any, list[bytes]], data: st.D
             keys.added_key(request)
         elif isinstance(request, wire.Extension) and request.name == "session-bind@openssh.com":
             bind = wire.session_bind(request.contents)
-            keys.verify_host_signature(bind.host_key, bind.session_id, bind.signature)
+            keys.verify_session_signature(bind.host_key, bind.session_id, bind.signature)
     except AgentMessageError:
         pass
 
@@ -765,7 +787,8 @@ def pkcs11_seeds(
     """A vault token with a P-256 and an RSA key, a way to open a logged-in client connection
     to it, and real requests:
     info, slots, token, mechanisms, find (with a nested template), get attributes, sign,
-    verify, random."""
+    verify, a raw CKM_RSA_PKCS sign, AES-GCM decrypt in parts, encrypt, generate key (pair)
+    and destroy (refused: the session is read-only), random."""
     import struct
 
     from strongroom.pkcs11server import Connection, Settings, TokenSpec, ck, wire
@@ -782,10 +805,20 @@ def pkcs11_seeds(
     def mech(kind: int) -> bytes:
         return struct.pack(">I", kind) + wire.byte_array(None)
 
+    def gcm(iv: bytes, aad: bytes) -> bytes:  # CK_GCM_PARAMS as p11-kit 0.25 encodes it
+        return (struct.pack(">I", ck.CKM_AES_GCM) + wire.byte_array(iv) + u(96)
+                + wire.byte_array(aad) + u(128))  # fmt: skip
+
+    def oaep() -> bytes:
+        return struct.pack(">I", ck.CKM_RSA_PKCS_OAEP) + u(ck.CKM_SHA256) + u(
+            ck.CKG_MGF1_SHA256) + u(ck.CKZ_DATA_SPECIFIED) + wire.byte_array(b"")  # fmt: skip
+
     with seed_keystore(tmp_path_factory, "fuzz-pkcs11") as (ks, _data):
         ks.vault_control().initialize()
         ks.generate("p", "ecdsa-p256")
-        ks.generate("r", "rsa-2048")
+        ks.generate("r", "rsa-2048", usage="sign,verify,encrypt,decrypt")
+        ks.generate("s-aes", "aes-256")  # handle 5, after p's and r's objects
+        sealed = ks.encrypt("s-aes", b"m", b"h")
 
         def connection() -> Any:
             """A client connection initialised, with session 1 open and logged in."""
@@ -821,6 +854,24 @@ def pkcs11_seeds(
             wire.request("C_Sign", u(1), ay(b"\x01" * 32), struct.pack(">I", 64)),
             wire.request("C_VerifyInit", u(1), mech(ck.CKM_SHA256_RSA_PKCS), u(4)),
             wire.request("C_Verify", u(1), ay(b"m"), ay(b"\x00" * 256)),
+            wire.request("C_SignInit", u(1), mech(ck.CKM_RSA_PKCS), u(3)),
+            wire.request("C_Sign", u(1), ay(bytes.fromhex("3021300906052b0e03021a05000414")
+                                             + b"\x02" * 20), struct.pack(">I", 256)),
+            wire.request("C_DecryptInit", u(1), gcm(sealed[:12], b"h"), u(5)),
+            wire.request("C_DecryptUpdate", u(1), ay(sealed[12:15]), struct.pack(">I", 64)),
+            wire.request("C_DecryptUpdate", u(1), ay(sealed[15:]), struct.pack(">I", 64)),
+            wire.request("C_DecryptFinal", u(1), struct.pack(">I", 64)),
+            wire.request("C_EncryptInit", u(1), oaep(), u(4)),
+            wire.request("C_Encrypt", u(1), ay(b"to r"), struct.pack(">I", 256)),
+            # the session is read-only: these two are refused, after their templates decode
+            wire.request("C_GenerateKey", u(1), mech(ck.CKM_AES_KEY_GEN), struct.pack(">I", 2)
+                         + attr_ulong(ck.CKA_VALUE_LEN, 32)
+                         + struct.pack(">IBI", ck.CKA_LABEL, 1, 3) + wire.byte_array(b"new")),
+            wire.request("C_GenerateKeyPair", u(1), mech(ck.CKM_EC_KEY_PAIR_GEN),
+                         struct.pack(">I", 1) + struct.pack(">IBI", ck.CKA_EC_PARAMS, 1, 10)
+                         + wire.byte_array(bytes.fromhex("06082a8648ce3d030107")),
+                         struct.pack(">I", 1) + struct.pack(">IBI", ck.CKA_SIGN, 1, 1) + b"\x01"),
+            wire.request("C_DestroyObject", u(1), u(5)),
             wire.request("C_GenerateRandom", u(1), struct.pack(">I", 16)),
             wire.request("C_Logout", u(1)),
         ]  # fmt: skip
@@ -846,8 +897,9 @@ def test_pkcs11_requests(
 
     conn, seeds = pkcs11_fuzzed, pkcs11_seeds[1]
     body = data.draw(st.one_of(mutated(data.draw(st.sampled_from(seeds))), st.binary(max_size=64)))
-    with contextlib.suppress(Pkcs11MessageError):
-        wire.decode(body, 1)
+    for version in (1, 2):  # the decoder alone, in both mechanism encodings
+        with contextlib.suppress(Pkcs11MessageError):
+            wire.decode(body, version)
     reply = conn.handle(body)
     call_id = int.from_bytes(reply[:4], "big")
     assert call_id < len(wire.CALLS)
@@ -856,17 +908,25 @@ def test_pkcs11_requests(
         conn.initialized = True
         conn.sessions[1] = Session(0, rw=False)
     conn.logged_in.add(0)
+    for session in conn.sessions.values():  # a mutated C_OpenSession may ask for read-write:
+        session.rw = False  # no fuzzed request makes or destroys keys the seeds use
 
 
 def test_every_pkcs11_seed_is_served(pkcs11_seeds: tuple[Callable[[], Any], list[bytes]]) -> None:
-    """The positive control: unmutated, each seed but the bad-signature verify succeeds, on
-    a fresh connection (the fuzzed one may be left mid-operation by a mutated request)."""
+    """The positive control: unmutated, each seed but the bad-signature verify and the calls
+    that need a read-write session succeeds, on a fresh connection (the fuzzed one may be
+    left mid-operation by a mutated request)."""
+    from strongroom.pkcs11server import wire
+
     connection, seeds = pkcs11_seeds
     conn = connection()
     for body in seeds:
         reply = conn.handle(body)
         failed = reply[:4] == b"\x00\x00\x00\x00"
-        assert failed == (body is seeds[12]), body[:4]
+        name = wire.CALLS[int.from_bytes(body[:4], "big")][0]
+        refused = body is seeds[12] or name in ("C_GenerateKey", "C_GenerateKeyPair",
+                                                 "C_DestroyObject")  # fmt: skip
+        assert failed == refused, name
 
 
 # -- the KMIP TTLV decoder ---------------------------------------------------------------------

@@ -416,11 +416,13 @@ class PivBackend(PivAccess, PivCertificates, PivSealer, Backend):
 
     def sign_digest(self, info: KeyInfo, digest: bytes, algorithm: str | None) -> bytes:
         """GENERAL AUTHENTICATE over the caller's SHA-256 (SHA-384 for P-384, SHA-512 for
-        pkcs1v15-sha512) digest, padded on the host for RSA."""
+        pkcs1v15-sha512) digest, or its DigestInfo (pkcs1v15-raw), padded on the host for
+        RSA."""
         alg = self._check(info.type, Operation.SIGN)
         if info.type is KeyType.RSA_2048:
             algorithm = algorithm or "pkcs1v15"
-            if algorithm not in sr_algorithms.RSA_SIGN_ALGORITHMS:
+            raw = algorithm == sr_algorithms.RSA_PKCS1V15_RAW
+            if not raw and algorithm not in sr_algorithms.RSA_SIGN_ALGORITHMS:
                 sr_algorithms.rsa_padding(algorithm)  # raises the usual InvalidArgument
         elif algorithm is not None:
             sr_algorithms.check_sign_algorithm(info.type, algorithm)
@@ -430,11 +432,12 @@ class PivBackend(PivAccess, PivCertificates, PivSealer, Backend):
             if info.type is KeyType.RSA_2048:
                 public = cert.public_key()
                 assert isinstance(public, rsa.RSAPublicKey)
-                block = (
-                    encoding.pss_block(digest, public.key_size)
-                    if algorithm == "pss"
-                    else encoding.pkcs1v15_block(digest, public.key_size // 8)
-                )
+                if algorithm == "pss":
+                    block = encoding.pss_block(digest, public.key_size)
+                elif algorithm == sr_algorithms.RSA_PKCS1V15_RAW:  # the caller's DigestInfo
+                    block = encoding.pkcs1v15_pad(digest, public.key_size // 8)
+                else:
+                    block = encoding.pkcs1v15_block(digest, public.key_size // 8)
             else:
                 block = digest
             return self._private_op(card, slot, alg, block)

@@ -36,7 +36,11 @@ def pkcs1v15_block(digest: bytes, size: int) -> bytes:
     prefix = _DIGEST_INFOS.get(len(digest))
     if prefix is None:
         raise ValueError("PKCS#1 v1.5 here takes a SHA-256, SHA-384 or SHA-512 digest")
-    t = prefix + digest
+    return pkcs1v15_pad(prefix + digest, size)
+
+
+def pkcs1v15_pad(t: bytes, size: int) -> bytes:
+    """EMSA-PKCS1-v1_5's block type 1 padding of `t` (a DigestInfo), `size` bytes long."""
     if size < len(t) + 11:
         raise ValueError("the RSA key is too small for this digest")
     return b"\x00\x01" + b"\xff" * (size - len(t) - 3) + b"\x00" + t

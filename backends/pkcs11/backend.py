@@ -352,7 +352,8 @@ class Pkcs11Backend(
 
     def sign_digest(self, info: KeyInfo, digest: bytes, algorithm: str | None) -> bytes:
         """PKCS#11: C_SignInit/C_Sign with CKM_ECDSA over a SHA-256/384 digest (DER out),
-        CKM_RSA_PKCS over a SHA-256 (pkcs1v15) or SHA-512 (pkcs1v15-sha512) DigestInfo, or
+        CKM_RSA_PKCS over a SHA-256 (pkcs1v15) or SHA-512 (pkcs1v15-sha512) DigestInfo or
+        the caller's own (pkcs1v15-raw), or
         CKM_RSA_PKCS_PSS (SHA-256, MGF1-SHA-256, salt 32) over a SHA-256 digest.
 
         RSA PKCS#1 v1.5 is the raw CKM_RSA_PKCS over a DigestInfo made here rather than
@@ -379,13 +380,16 @@ class Pkcs11Backend(
                         key.sign(digest, mechanism=Mechanism.RSA_PKCS_PSS, mechanism_param=param)
                     ),
                 )
-            algorithms.rsa_padding(algorithm)
-            prefix = (
-                keys.SHA512_DIGEST_INFO
-                if algorithm == algorithms.RSA_PKCS1V15_SHA512
-                else keys.SHA256_DIGEST_INFO
-            )
-            block = prefix + digest
+            if algorithm == algorithms.RSA_PKCS1V15_RAW:
+                block = digest  # the caller's DigestInfo, as given
+            else:
+                algorithms.rsa_padding(algorithm)
+                prefix = (
+                    keys.SHA512_DIGEST_INFO
+                    if algorithm == algorithms.RSA_PKCS1V15_SHA512
+                    else keys.SHA256_DIGEST_INFO
+                )
+                block = prefix + digest
             return self._with_key(
                 info,
                 ObjectClass.PRIVATE_KEY,

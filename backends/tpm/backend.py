@@ -298,6 +298,22 @@ class TpmBackend(TpmDiscovery, TpmSealer, Backend):
             self._schemes[(key_type, algorithm)] = found
         return found
 
+    def _raw_scheme(self, key_type: KeyType, block: bytes) -> tuple[bytes, Any]:
+        """(digest, RSASSA scheme) of a pkcs1v15-raw block that is a DigestInfo whose hash
+        this TPM has; UnsupportedOperation for any other block."""
+        parsed = algorithms.parse_digest_info(block)
+        facts = self._dev().facts
+        if parsed is None or parsed[0] == "sha224":
+            raise self.unsupported(
+                Operation.SIGN,
+                key_type,
+                "a TPM pads only a DigestInfo of SHA-1, SHA-256, SHA-384 or SHA-512 itself",
+            )
+        hash_name, digest = parsed
+        if facts is None or not facts.has_alg(hash_name.upper()):
+            raise self.unsupported(Operation.SIGN, key_type, f"this TPM has no {hash_name}")
+        return digest, device.sign_scheme("rsassa", hash_name)
+
     def _check(self, op: Operation, key_type: KeyType) -> None:
         if (key_type, op) not in self.capabilities():
             raise self.unsupported(op, key_type)
@@ -360,11 +376,16 @@ class TpmBackend(TpmDiscovery, TpmSealer, Backend):
         return self.sign_digest(info, hasher(data).digest(), algorithm)
 
     def sign_digest(self, info: KeyInfo, digest: bytes, algorithm: str | None) -> bytes:
-        """TPM2_Sign (ECDSA → DER, RSASSA or RSAPSS) of the caller's digest."""
+        """TPM2_Sign (ECDSA → DER, RSASSA or RSAPSS) of the caller's digest. A pkcs1v15-raw
+        block is signed when it is a DigestInfo of SHA-1/256/384/512 (RSASSA with that hash:
+        the same signature); the TPM pads no other block."""
         if not (info.type.is_ecdsa or info.type.is_rsa):
             raise self.unsupported(Operation.SIGN, info.type)
         key = self._key(info)
-        _, scheme = self._scheme(info.type, algorithm)
+        if algorithm == algorithms.RSA_PKCS1V15_RAW:
+            digest, scheme = self._raw_scheme(info.type, digest)
+        else:
+            _, scheme = self._scheme(info.type, algorithm)
         try:
             raw = self._dev().sign(self._ref(key), digest, scheme)
         except device.TSS2_Exception as e:

@@ -213,11 +213,14 @@ def sealed_template(policy: bytes, pin: bool) -> TPM2B_PUBLIC:
 
 def sign_scheme(algorithm: str, hash_alg: str) -> TPMT_SIG_SCHEME:
     """A TPMT_SIG_SCHEME for "ecdsa", "rsassa" or "rsapss" with "sha256", "sha384" or
-    "sha512"."""
+    "sha512" (and "sha1", for a DigestInfo a PKCS#11 client built)."""
     alg = {"ecdsa": TPM2_ALG.ECDSA, "rsassa": TPM2_ALG.RSASSA, "rsapss": TPM2_ALG.RSAPSS}[algorithm]
-    hashed = {"sha256": TPM2_ALG.SHA256, "sha384": TPM2_ALG.SHA384, "sha512": TPM2_ALG.SHA512}[
-        hash_alg
-    ]
+    hashed = {
+        "sha1": TPM2_ALG.SHA1,
+        "sha256": TPM2_ALG.SHA256,
+        "sha384": TPM2_ALG.SHA384,
+        "sha512": TPM2_ALG.SHA512,
+    }[hash_alg]
     return TPMT_SIG_SCHEME(
         scheme=alg, details=TPMU_SIG_SCHEME(any=TPMS_SCHEME_HASH(hashAlg=hashed))
     )

@@ -312,11 +312,17 @@ def sign_digest(
     key_type: KeyType, material: memoryview, digest: bytes, algorithm: str | None
 ) -> bytes:
     """ECDSA (DER signature) or RSA (pkcs1v15, pss or pkcs1v15-sha512) over a precomputed
-    digest: SHA-384 for P-384, SHA-512 for pkcs1v15-sha512, SHA-256 otherwise. The message
-    is not secret, so it is hashed in Python."""
+    digest: SHA-384 for P-384, SHA-512 for pkcs1v15-sha512, SHA-256 otherwise; or RSA
+    pkcs1v15-raw over the caller's DigestInfo. The message is not secret, so it is hashed
+    in Python."""
     if key_type not in _CURVE_INDEX and key_type not in _RSA_BITS:
         raise InvalidArgument(f"{key_type.value} keys do not sign a digest")
     name = algorithm or "pkcs1v15"
+    if key_type in _RSA_BITS and name == algorithms.RSA_PKCS1V15_RAW:
+        try:  # the caller's DigestInfo, padded as given (CKM_RSA_PKCS)
+            return _native.rsa_sign(material, digest, 2)
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from None
     if key_type in _RSA_BITS and name not in algorithms.RSA_SIGN_ALGORITHMS:
         algorithms.rsa_padding(name)  # raises the standard InvalidArgument
     expected = algorithms.digest_for(key_type, algorithm).digest_size
@@ -325,7 +331,7 @@ def sign_digest(
     if key_type in _CURVE_INDEX:
         return _native.ec_sign(_CURVE_INDEX[key_type], material, digest)
     # The native signer tells PKCS#1 v1.5's hash by the digest's length (32 or 64).
-    return _native.rsa_sign(material, digest, name == "pss")
+    return _native.rsa_sign(material, digest, 1 if name == "pss" else 0)
 
 
 def hmac_sha256(material: memoryview, data: bytes) -> bytes:

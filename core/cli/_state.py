@@ -13,6 +13,7 @@ from .. import config as config_mod
 from ..api import KeyAPI
 from ..errors import UnsupportedOperation
 from ..keystore import Keystore
+from ..secrets import Prompter
 
 if TYPE_CHECKING:
     from ..service.client import RemoteKeystore
@@ -33,6 +34,9 @@ class State:
         self._ks: KeyAPI | None = None
         self._local: Keystore | None = None
         self._remote: RemoteKeystore | None = None
+        self.prompter: Prompter | None = None
+        """How the in-process keystore asks for `prompt` secrets (None: the terminal); set
+        before the keystore is opened (`ssh-agent` asks through $SSH_ASKPASS)."""
 
     def remote(self) -> bool:
         """Whether commands go to a running service: --server, else `[server] url`."""
@@ -79,7 +83,9 @@ class State:
 
     def _open_local(self) -> Keystore:
         if self._local is None:
-            self._local = Keystore(config_mod.load(self.config), presence=tell_user)
+            self._local = Keystore(
+                config_mod.load(self.config), prompter=self.prompter, presence=tell_user
+            )
             self._ks = self._local
         return self._local
 

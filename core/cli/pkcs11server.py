@@ -3,11 +3,13 @@ p11-kit's client module (docs/pkcs11-server.md)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
 from .. import config as config_mod
+from ..api import KeyAPI
 from ..errors import ConfigError, InvalidArgument
 from ..pkcs11server import Pkcs11Server, Settings, TokenSpec
 from ..secrets import SecretSource
@@ -31,19 +33,25 @@ def pkcs11_server(state: State, socket_path: str | None, foreground: bool) -> No
 
     Prints P11_KIT_SERVER_ADDRESS for a shell to eval, like `p11-kit server`, then detaches
     (unless -D). Applications load p11-kit-client.so and see one slot per token of
-    [pkcs11_server]; C_Login takes [pkcs11_server] pin. Works in process and through --server.
+    [pkcs11_server]; C_Login takes [pkcs11_server] pin. Works in process and through --server;
+    there, without [pkcs11_server] pin, C_Login takes a tenant's API token.
     """
     cfg = config_mod.load(state.config).pkcs11_server
     if not cfg.tokens:
         raise ConfigError("no keys to offer: set [pkcs11_server] keys (or tokens)")
+    tokens = tuple(TokenSpec(label, tuple(p)) for label, p in cfg.tokens.items())
     if cfg.pin is None:
-        raise ConfigError("set [pkcs11_server] pin (env:NAME or file:PATH): C_Login checks it")
-    pin = SecretSource([cfg.pin], "the PKCS#11 PIN: ").get()
-    if not pin:
-        raise InvalidArgument("the PKCS#11 PIN is empty")
-    settings = Settings(
-        tuple(TokenSpec(label, tuple(p)) for label, p in cfg.tokens.items()), pin=pin
-    )
+        if not state.remote():
+            raise ConfigError(
+                "set [pkcs11_server] pin (env:NAME or file:PATH): C_Login checks it "
+                "(against a service, with --server, C_Login may take an API token instead)"
+            )
+        settings = Settings(tokens, backend=cfg.backend, login=_tenant_client(state))
+    else:
+        pin = SecretSource([cfg.pin], "the PKCS#11 PIN: ").get()
+        if not pin:
+            raise InvalidArgument("the PKCS#11 PIN is empty")
+        settings = Settings(tokens, pin=pin, backend=cfg.backend)
     # Bound before the fork, so that the address printed is already being listened on; the
     # keystore is opened after it, in the serving process (a PKCS#11 or TPM session does
     # not survive a fork).
@@ -56,6 +64,24 @@ def pkcs11_server(state: State, socket_path: str | None, foreground: bool) -> No
     )
 
 
+def _tenant_client(state: State) -> Callable[[str], KeyAPI]:
+    """What C_Login calls with the PIN against a service: a client of it with that token."""
+
+    def login(token: str) -> KeyAPI:
+        from ..service import connect
+
+        return connect(state.server, token=token, config=state.config)
+
+    return login
+
+
+def _has_credentials(state: State) -> bool:
+    """Whether the client of the service has a token or certificate of its own (then its
+    keys' public objects are visible before C_Login)."""
+    state.service()
+    return not state.sends_no_credentials
+
+
 def _environment(address: str) -> str:
     """What `p11-kit server` prints for a Bourne shell to eval."""
     return f"P11_KIT_SERVER_ADDRESS={address}; export P11_KIT_SERVER_ADDRESS;\n"
@@ -64,8 +90,11 @@ def _environment(address: str) -> str:
 def _serve(state: State, server: Pkcs11Server, ready_fd: int | None = None) -> None:
     """Open the keystore, then serve until SIGTERM, SIGINT or SIGHUP (cli/_daemon.py)."""
     try:
-        ks = state.keystore()
-        ks.keys()  # opens the keystore now: passphrase, PIN, token
+        ks: KeyAPI | None = None
+        assert server.settings is not None
+        if server.settings.login is None or _has_credentials(state):
+            ks = state.keystore()
+            ks.keys()  # opens the keystore now: passphrase, PIN, token
     except BaseException:
         server.close()
         raise

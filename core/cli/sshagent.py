@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
 
 from .. import config as config_mod
 from ..errors import InvalidArgument
-from ..sshagent import Agent, AgentServer, AgentSettings, KeyPolicy, host_fingerprint
+from ..secrets import Prompter, terminal_prompter, tty_available
+from ..sshagent import Agent, AgentServer, AgentSettings, KeyPolicy
+from ..sshagent.agent import askpass_prompter
+from ..sshagent.knownhosts import resolve_allowed_hosts
 from ._daemon import detach_or_serve, serve_until_signal
 from ._io import StrongroomCommand
 from ._state import State, pass_state
@@ -49,12 +53,13 @@ def ssh_agent(
         add_backend=cfg.add_backend,
         confirm=tuple(cfg.confirm),
         askpass=os.environ.get("SSH_ASKPASS") or None,
-        policies=tuple(_policy(p) for p in cfg.policies),
+        policies=tuple(_policy(p, cfg.known_hosts) for p in cfg.policies),
     )
     if not settings.patterns and not settings.allow_add:
         raise InvalidArgument(
             "no keys to offer: pass --keys PATTERN or set [ssh_agent] keys (or allow_add)"
         )
+    state.prompter = _prompter(settings.askpass)
     # Bound before the fork, so that the path printed is already being listened on; the
     # keystore is opened after it, in the agent's process (a PKCS#11 or TPM session does
     # not survive a fork).
@@ -67,19 +72,36 @@ def ssh_agent(
     )
 
 
-def _policy(p: config_mod.SshAgentPolicy) -> KeyPolicy:
-    """A `[ssh_agent.policy."PATTERN"]` table as the agent keeps it (hosts as fingerprints)."""
+def _policy(p: config_mod.SshAgentPolicy, known_hosts: Sequence[str] | None = None) -> KeyPolicy:
+    """A `[ssh_agent.policy."PATTERN"]` table as the agent keeps it: hosts as fingerprints,
+    host names looked up in the known_hosts files (`[ssh_agent] known_hosts`) now."""
     hosts = None
+    cas: frozenset[tuple[str, bytes]] = frozenset()
     if p.allowed_hosts is not None:
         try:
-            hosts = frozenset(host_fingerprint(h) for h in p.allowed_hosts)
-        except ValueError:
-            raise InvalidArgument(
-                f'[ssh_agent.policy."{p.pattern}"] allowed_hosts: a host key is not an '
-                "Ed25519, ECDSA or RSA public key"
-            ) from None
+            hosts, cas = resolve_allowed_hosts(p.allowed_hosts, known_hosts)
+        except ValueError as e:
+            raise InvalidArgument(f'[ssh_agent.policy."{p.pattern}"] allowed_hosts: {e}') from None
     uids = frozenset(p.allowed_uids) if p.allowed_uids is not None else None
-    return KeyPolicy(p.pattern, p.confirm, hosts, uids)
+    return KeyPolicy(p.pattern, p.confirm, hosts, uids, cas)
+
+
+def _prompter(askpass: str | None) -> Prompter | None:
+    """How the agent's keystore asks for a `prompt` secret (a PIN, the vault passphrase):
+    through $SSH_ASKPASS when there is no terminal (a detached agent has none) or
+    SSH_ASKPASS_REQUIRE=force, else on the terminal; SSH_ASKPASS_REQUIRE=never keeps the
+    terminal only, as with OpenSSH's tools."""
+    require = os.environ.get("SSH_ASKPASS_REQUIRE", "")
+    if not askpass or require == "never":
+        return None
+    ask = askpass_prompter(askpass)
+
+    def prompter(prompt: str, confirm: bool) -> str:
+        if require == "force" or not tty_available():
+            return ask(prompt, confirm)
+        return terminal_prompter(prompt, confirm)
+
+    return prompter
 
 
 def _environment(path: Path, pid: int) -> str:

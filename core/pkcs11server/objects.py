@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from .. import algorithms
 from ..api import KeyAPI
 from ..types import KeyInfo, KeyType, Usage
 from . import ck
@@ -31,6 +32,9 @@ EC_PARAMS = {
     KeyType.SECP256K1: bytes.fromhex("06052b8104000a"),
     KeyType.ED25519: bytes.fromhex("06032b6570"),
 }
+GCM_BACKENDS = frozenset({"vault", "pkcs11"})
+"""Backend types whose AES-256 ciphertext is AES-GCM, nonce(12) ‖ ct ‖ tag(16), so that
+CKM_AES_GCM decrypts it with the nonce as the IV (a TPM's is CFB with an HMAC)."""
 SECRET_TYPES = {KeyType.AES_256: (ck.CKK_AES, 32), KeyType.HMAC_SHA256: (ck.CKK_SHA256_HMAC, 32)}
 
 
@@ -58,6 +62,11 @@ class Obj:
     attrs: dict[int, Any] = field(repr=False)
     private: bool = False
     """CKA_PRIVATE: visible only after C_Login."""
+    oaep: tuple[str, ...] = ()
+    """The RSA-OAEP variants (algorithms.RSA_ENCRYPT_ALGORITHMS) the key decrypts: SHA-1
+    only when the keystore recorded that its backend decrypts no other (SoftHSM2)."""
+    gcm: bool = False
+    """An AES key whose ciphertexts are AES-GCM (GCM_BACKENDS): CKM_AES_GCM decrypts."""
 
     def matches(self, template: dict[int, Any]) -> bool:
         """Whether every attribute of a C_FindObjectsInit template has this value."""
@@ -73,9 +82,9 @@ class Obj:
         return True
 
 
-def key_objects(api: KeyAPI, info: KeyInfo) -> list[Obj]:
+def key_objects(api: KeyAPI, info: KeyInfo, gcm: bool = False) -> list[Obj]:
     """The objects key `info` gives; [] for a key no PKCS#11 object stands for (a seed, a
-    FIDO credential, an X25519 key)."""
+    FIDO credential, an X25519 key). `gcm`: its backend's AES is AES-GCM."""
     name = info.name
     t = info.type
     base = {
@@ -112,8 +121,9 @@ def key_objects(api: KeyAPI, info: KeyInfo) -> list[Obj]:
             ck.CKA_VALUE_LEN: size,
             ck.CKA_VALUE: SENSITIVE,
             ck.CKA_WRAP_WITH_TRUSTED: False,
+            ck.CKA_DESTROYABLE: True,
         }
-        return [Obj(ck.CKO_SECRET_KEY, name, secret, private=True)]
+        return [Obj(ck.CKO_SECRET_KEY, name, secret, private=True, gcm=gcm)]
     if not (t.is_ecdsa or t.is_rsa or t is KeyType.ED25519):
         return []
     public = api.public_key(name)
@@ -174,6 +184,7 @@ def key_objects(api: KeyAPI, info: KeyInfo) -> list[Obj]:
         ck.CKA_EXPONENT_1: SENSITIVE,
         ck.CKA_EXPONENT_2: SENSITIVE,
         ck.CKA_COEFFICIENT: SENSITIVE,
+        ck.CKA_DESTROYABLE: True,  # C_DestroyObject deletes the key
     }
     if not t.is_rsa:
         for kind in (ck.CKA_PRIVATE_EXPONENT, ck.CKA_PRIME_1, ck.CKA_PRIME_2):
@@ -193,13 +204,26 @@ def key_objects(api: KeyAPI, info: KeyInfo) -> list[Obj]:
         ck.CKA_TRUSTED: False,
         ck.CKA_PUBLIC_KEY_INFO: spki,
     }
+    oaep = _oaep_variants(info)
     objects = [
-        Obj(ck.CKO_PRIVATE_KEY, name, private, private=True),
-        Obj(ck.CKO_PUBLIC_KEY, name, pub),
+        Obj(ck.CKO_PRIVATE_KEY, name, private, private=True, oaep=oaep),
+        Obj(ck.CKO_PUBLIC_KEY, name, pub, oaep=oaep),
     ]
     for cert in certs:
         objects.append(Obj(ck.CKO_CERTIFICATE, name, _certificate_attrs(name, cert)))
     return objects
+
+
+def _oaep_variants(info: KeyInfo) -> tuple[str, ...]:
+    """What an RSA key decrypts: the keystore records the variant its backend decrypts,
+    preferred first, when the key is made (algorithms.RSA_ENCRYPT_ATTRIBUTE); a backend
+    that prefers SHA-1 has no SHA-256. Without the record, both (a failure is then the
+    backend's, at C_Decrypt)."""
+    if not info.type.is_rsa:
+        return ()
+    if info.attributes.get(algorithms.RSA_ENCRYPT_ATTRIBUTE) == "oaep-sha1":
+        return ("oaep-sha1",)
+    return algorithms.RSA_ENCRYPT_ALGORITHMS
 
 
 def _certificates(api: KeyAPI, name: str) -> list[x509.Certificate]:

@@ -37,7 +37,8 @@ class Pkcs11Server(UnixSocketServer):
     ) -> None:
         self.ks = ks
         """Set before `serve_forever` when the socket is bound first (the CLI binds it
-        before it forks, and opens the keystore in the serving process)."""
+        before it forks, and opens the keystore in the serving process). None against the
+        service when C_Login's PIN is a tenant's token and the server has none of its own."""
         self.settings = settings
         self._lock = threading.Lock()
         """Serialises keystore calls: a Keystore in process is not for concurrent use by
@@ -54,37 +55,49 @@ class Pkcs11Server(UnixSocketServer):
         if uid not in (os.getuid(), 0):
             log.warning("refused a client of uid %d (pid %d)", uid, pid)
             return
-        if self.ks is None or self.settings is None:
+        if self.settings is None or (self.ks is None and self.settings.login is None):
             return
-        asked = _exact(conn, 1)
-        if asked is None:
+        buf = bytearray()  # what the client sent that is not answered yet
+        if not _fill(conn, buf, 1):
             return
-        version = min(asked[0], wire.MAX_VERSION)
+        version = min(buf[0], wire.MAX_VERSION)
+        del buf[:1]
         conn.sendall(bytes([version]))
         client = Connection(self.ks, self.settings, version)
+        try:
+            self._serve_frames(conn, pid, buf, client)
+        finally:
+            with self._lock:
+                client.close()  # its logins' clients of the service
+
+    def _serve_frames(
+        self, conn: socket.socket, pid: int, buf: bytearray, client: Connection
+    ) -> None:
+        size = wire.HEADER.size
         while not self.stopping:
-            head = _exact(conn, wire.HEADER.size)
-            if head is None:
+            if not _fill(conn, buf, size):
                 return
-            code, olen, blen = wire.HEADER.unpack(head)
+            code, olen, blen = wire.HEADER.unpack_from(buf)
             if code == 0 or olen > wire.MAX_OPTIONS or blen > wire.MAX_BODY:
                 log.info("closed a client (pid %d): a bad frame header", pid)
                 return
-            options = _exact(conn, olen)
-            body = _exact(conn, blen)
-            if options is None or body is None:
+            end = size + olen + blen
+            if not _fill(conn, buf, end):
                 return
+            options = bytes(buf[size : size + olen])
+            body = bytes(buf[size + olen : end])
+            del buf[:end]
             with self._lock:
                 answer = client.handle(body)
             conn.sendall(wire.frame(code, answer, options))
 
 
-def _exact(conn: socket.socket, n: int) -> bytes | None:
-    """Exactly n bytes, or None at end of stream."""
-    out = bytearray()
-    while len(out) < n:
-        chunk = conn.recv(min(n - len(out), 1 << 20))
+def _fill(conn: socket.socket, buf: bytearray, n: int) -> bool:
+    """Read until `buf` holds at least n bytes (one recv of what is there, usually a whole
+    frame); False at end of stream. n is bounded by the frame limits checked above."""
+    while len(buf) < n:
+        chunk = conn.recv(max(65536, min(n - len(buf), 1 << 20)))
         if not chunk:
-            return None
-        out += chunk
-    return bytes(out)
+            return False
+        buf += chunk
+    return True

@@ -26,10 +26,12 @@ from typing import Any
 from ..errors import Pkcs11MessageError
 from . import ck
 
-MAX_VERSION = 1
-"""The highest protocol version served. Version 1 only adds the PKCS #11 3.0 calls (which
-this server answers CKR_FUNCTION_NOT_SUPPORTED); version 2 changes how mechanism
-parameters are encoded, and a client that asks for it is offered 1 (docs/pkcs11-server.md)."""
+MAX_VERSION = 2
+"""The highest protocol version served. Version 1 adds the PKCS #11 3.0 calls and
+C_InitToken2 (which this server answers CKR_FUNCTION_NOT_SUPPORTED). Version 2 (p11-kit
+0.25.6 and later) adds C_DeriveKey2 (not served either) and encodes a mechanism
+differently: nothing after the type of a mechanism p11-kit counts as parameterless, and a
+presence byte before the parameters of the others (docs/pkcs11-server.md)."""
 MAX_BODY = 4 << 20
 """The largest message body read (4 MiB: a single-part signature over a large document
 fits; more goes through the multi-part calls); a larger frame closes the connection."""
@@ -42,6 +44,8 @@ MAX_ITEMS = 4096
 HANDSHAKE = b"PRIVATE-GNOME-KEYRING-PKCS11-PROTOCOL-V-1"
 """What C_Initialize carries as its first argument, to tell a p11-kit client."""
 HEADER = struct.Struct(">III")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
 NULL_LENGTH = 0xFFFFFFFF
 """A byte array's length that means a NULL pointer."""
 
@@ -139,10 +143,15 @@ CALLS: tuple[tuple[str, str, str], ...] = (
     ("C_VerifyMessageBegin", "uay", ""),
     ("C_VerifyMessageNext", "uayayay", ""),
     ("C_MessageVerifyFinal", "u", ""),
+    ("C_InitToken2", "uays", ""),
+    # Version 2
+    ("C_DeriveKey2", "uMuaA", "uPu"),
 )
 CALL_IDS = {name: i for i, (name, _, _) in enumerate(CALLS)}
 V0_CALLS = CALL_IDS["C_WaitForSlotEvent"] + 1
-"""Call ids below this are version 0's; the rest came with version 1."""
+"""Call ids below this are version 0's; the rest came with version 1, but for:"""
+V2_CALLS = CALL_IDS["C_DeriveKey2"]
+"""Call ids from this one on came with version 2."""
 
 # Attribute value encodings, by attribute type (what is not listed is a byte array).
 _BOOL_ATTRS = frozenset(
@@ -178,6 +187,22 @@ ATTRIBUTE_SIZE = 24
 # Mechanisms whose parameters have an encoding of their own (the rest: a byte array).
 _PSS = frozenset({ck.CKM_RSA_PKCS_PSS, ck.CKM_SHA256_RSA_PKCS_PSS, 0x0E, 0x44, 0x45, 0x46, 0x47})
 _OAEP = frozenset({ck.CKM_RSA_PKCS_OAEP})
+_GCM = frozenset({ck.CKM_AES_GCM})
+V2_NO_PARAMETERS = frozenset(
+    {
+        ck.CKM_RSA_PKCS_KEY_PAIR_GEN, ck.CKM_RSA_PKCS, ck.CKM_SHA256_RSA_PKCS,
+        ck.CKM_SHA384_RSA_PKCS, ck.CKM_SHA512_RSA_PKCS, ck.CKM_EC_KEY_PAIR_GEN, ck.CKM_ECDSA,
+        ck.CKM_ECDSA_SHA1, ck.CKM_ECDSA_SHA224, ck.CKM_ECDSA_SHA256, ck.CKM_ECDSA_SHA384,
+        ck.CKM_ECDSA_SHA512, ck.CKM_SHA256_HMAC, ck.CKM_AES_KEY_GEN,
+        ck.CKM_GENERIC_SECRET_KEY_GEN,
+    }
+)  # fmt: skip
+"""Of the mechanisms this server serves, those p11-kit sends with no parameters, which in
+version 2 means that nothing follows their type. (p11-kit's own list is longer; a
+mechanism on neither this list nor the parameterised ones here cannot be decoded in
+version 2 without it, and is answered CKR_MECHANISM_INVALID.)"""
+"""CK_GCM_PARAMS as p11-kit 0.25 and later encode it (pIv, ulIvBits, pAAD, ulTagBits);
+0.24's client refuses the mechanism before it reaches a server."""
 
 
 # -- values ------------------------------------------------------------------------------------
@@ -213,7 +238,7 @@ class AttributeQuery:
 
 @dataclass(frozen=True)
 class Mechanism:
-    """A CK_MECHANISM. `params` is a dict for the structured parameters (PSS, OAEP), the
+    """A CK_MECHANISM. `params` is a dict for the structured parameters (PSS, OAEP, GCM), the
     raw bytes for the rest, None for none; `type` None for the NULL mechanism (which
     cancels an operation)."""
 
@@ -248,14 +273,26 @@ class Reader:
         return out
 
     def byte(self) -> int:
-        return self.take(1)[0]
+        pos = self._pos
+        if pos >= len(self._buf):
+            raise Pkcs11MessageError("the message is truncated")
+        self._pos = pos + 1
+        return self._buf[pos]
 
     def uint32(self) -> int:
-        value: int = struct.unpack(">I", self.take(4))[0]
+        pos = self._pos
+        if pos + 4 > len(self._buf):
+            raise Pkcs11MessageError("the message is truncated")
+        self._pos = pos + 4
+        value: int = _U32.unpack_from(self._buf, pos)[0]
         return value
 
     def uint64(self) -> int:
-        value: int = struct.unpack(">Q", self.take(8))[0]
+        pos = self._pos
+        if pos + 8 > len(self._buf):
+            raise Pkcs11MessageError("the message is truncated")
+        self._pos = pos + 8
+        value: int = _U64.unpack_from(self._buf, pos)[0]
         return value
 
     def byte_array(self) -> bytes | None:
@@ -313,20 +350,39 @@ def _attribute_queries(r: Reader, depth: int) -> tuple[AttributeQuery, ...]:
     return tuple(out)
 
 
-def _mechanism(r: Reader) -> Mechanism:
+class UnknownMechanism(Pkcs11MessageError):
+    """A version 2 mechanism whose encoding this server does not know: its parameters
+    cannot be skipped, so the rest of the message cannot be read (CKR_MECHANISM_INVALID)."""
+
+    call: str = ""
+    """The name of the call that carried it (decode sets it)."""
+
+
+def _mechanism(r: Reader, version: int) -> Mechanism:
     kind = r.uint32()
     if kind == NULL_LENGTH:
         return Mechanism(None)
+    if version >= 2:
+        if kind in V2_NO_PARAMETERS:
+            return Mechanism(kind)
+        if kind not in _PSS | _OAEP | _GCM:
+            raise UnknownMechanism(f"mechanism 0x{kind:x} in version 2")
+        if not r.byte():  # no parameters
+            return Mechanism(kind)
     if kind in _PSS:
         return Mechanism(kind, {"hash": r.uint64(), "mgf": r.uint64(), "salt": r.uint64()})
     if kind in _OAEP:
         params: dict[str, Any] = {"hash": r.uint64(), "mgf": r.uint64(), "source": r.uint64()}
         params["label"] = r.byte_array() or b""
         return Mechanism(kind, params)
+    if kind in _GCM:
+        iv, iv_bits = r.byte_array() or b"", r.uint64()
+        aad, tag_bits = r.byte_array() or b"", r.uint64()
+        return Mechanism(kind, {"iv": iv, "iv_bits": iv_bits, "aad": aad, "tag_bits": tag_bits})
     return Mechanism(kind, r.byte_array())
 
 
-def _value(r: Reader, code: str) -> Any:
+def _value(r: Reader, code: str, version: int) -> Any:
     if code == "u":
         return r.uint64()
     if code == "y":
@@ -346,7 +402,7 @@ def _value(r: Reader, code: str) -> Any:
     if code == "fA":
         return _attribute_queries(r, 0)
     if code == "M":
-        return _mechanism(r)
+        return _mechanism(r, version)
     raise Pkcs11MessageError(f"no request carries a {code!r} value")  # pragma: no cover
 
 
@@ -364,27 +420,33 @@ _REQUEST_PARTS = [parts(req) for _, req, _ in CALLS]
 
 
 def decode(body: bytes, version: int = 0) -> Call:
-    """One request body → its call. Raises Pkcs11MessageError."""
+    """One request body → its call. Raises Pkcs11MessageError (UnknownMechanism, with the
+    call's name, for a version 2 mechanism it cannot read)."""
     r = Reader(body)
     call_id = r.uint32()
-    if call_id == 0 or call_id >= len(CALLS) or (version == 0 and call_id >= V0_CALLS):
+    if (
+        call_id == 0
+        or call_id >= len(CALLS)
+        or (version == 0 and call_id >= V0_CALLS)
+        or (version < 2 and call_id >= V2_CALLS)
+    ):
         raise Pkcs11MessageError(f"unknown call id {call_id}")
     name, request, _ = CALLS[call_id]
     signature = r.byte_array()
     if signature is None or signature != request.encode():
         raise Pkcs11MessageError(f"{name} does not carry its signature")
-    args = tuple(_value(r, code) for code in _REQUEST_PARTS[call_id])
+    try:
+        args = tuple(_value(r, code, version) for code in _REQUEST_PARTS[call_id])
+    except UnknownMechanism as e:
+        e.call = name
+        raise
     r.end()
     return Call(call_id, name, args)
 
 
 # -- replies -------------------------------------------------------------------------------------
-def _u32(value: int) -> bytes:
-    return struct.pack(">I", value)
-
-
-def _u64(value: int) -> bytes:
-    return struct.pack(">Q", value)
+_u32 = _U32.pack
+_u64 = _U64.pack
 
 
 def byte_array(value: bytes | None) -> bytes:

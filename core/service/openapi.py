@@ -95,7 +95,7 @@ def _schemas(backends: list[str] | None, key_types: list[str] | None) -> dict[st
         USAGE: {"type": "array", "nullable": True, "items": {"type": "string", "enum": usages}},
         SIGN_ALG: {
             "type": "string",
-            "enum": ["pkcs1v15", "pss", "pkcs1v15-sha512", None],
+            "enum": ["pkcs1v15", "pss", "pkcs1v15-sha512", "pkcs1v15-raw", None],
             "nullable": True,
         },
         ENC_ALG: {

@@ -2,6 +2,7 @@
 
 A face over `KeyAPI`, like the service: wire.py is the protocol's encoding, keys.py maps
 keystore keys to SSH keys and signatures, policy.py says who may use a key and where,
+knownhosts.py turns host names into host keys,
 agent.py answers requests, server.py is the socket. The command is in `strongroom.cli.sshagent`.
 """
 

@@ -15,12 +15,18 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..api import KeyAPI, requester
 from ..audit import current_principal
-from ..errors import AgentMessageError, KeyExists, PolicyViolation, StrongroomError
+from ..errors import (
+    AgentMessageError,
+    AuthenticationFailed,
+    KeyExists,
+    PolicyViolation,
+    StrongroomError,
+)
 from . import keys, policy, wire
 
 log = logging.getLogger("strongroom.sshagent")
@@ -67,6 +73,26 @@ class AddedKey:
     """time.monotonic() after which the agent forgets the key (the lifetime constraint)."""
     destinations: tuple[policy.Destination, ...] = ()
     """Where the key may be used (`ssh-add -h`); empty: anywhere."""
+
+
+@dataclass(frozen=True)
+class _Rules:
+    """What the configuration says of one key name: confirmation (`[ssh_agent] confirm`, a
+    policy's `confirm`), and the `allowed_uids` and `allowed_hosts` of every policy whose
+    pattern matches it (each list must allow a use)."""
+
+    confirm: bool
+    uids: tuple[frozenset[int], ...]
+    hosts: tuple[policy.KeyPolicy, ...]
+    """The policies that name `allowed_hosts`."""
+
+    @property
+    def restricted(self) -> bool:
+        """Whether any of it applies (else only the default uid rule does)."""
+        return self.confirm or bool(self.uids) or bool(self.hosts)
+
+
+_MAX_RULES = 65536
 
 
 @dataclass(frozen=True)
@@ -118,7 +144,7 @@ class Peer:
         """The fingerprint of the host the connection last authenticated to, if bound."""
         for binding in reversed(self.bindings):
             if not binding.forwarding:
-                return keys.fingerprint(binding.host_key)
+                return keys.host_key_fingerprint(binding.host_key)
         return None
 
 
@@ -138,6 +164,10 @@ class Agent:
         self._lock_mac: bytes | None = None
         self._lock_key = os.urandom(32)
         self._failed_unlocks = 0
+        self._own_uids = (os.getuid(), 0)
+        self._rules: dict[str, _Rules] = {}
+        """What the configuration says of each key name, worked out once (the settings
+        never change): the signing path does no pattern matching."""
 
     # -- the keys offered ------------------------------------------------------------------------
     def _wanted(self, name: str) -> bool:
@@ -147,6 +177,8 @@ class Agent:
 
     def _expire(self) -> None:
         """Forget added keys whose lifetime is over (checked whenever keys are looked up)."""
+        if not self._added:  # the common case, and the signing hot path: nothing to expire
+            return
         now = time.monotonic()
         with self._lock:
             for name in [n for n, a in self._added.items() if a.expires and a.expires <= now]:
@@ -250,10 +282,17 @@ class Agent:
         if identity is None:
             return wire.FAILURE_FRAME
         ssh_name, algorithm = keys.sign_algorithm(identity, request.flags)
-        login = policy.login_request(request.data)
-        self._permit(identity, peer, login)
-        if self._needs_confirmation(identity.name):
-            self._confirm(identity, peer, login)
+        rules = self._rules_of(identity.name)
+        if identity.name in self._added or rules.restricted or peer.bindings:
+            login = policy.login_request(request.data)
+            self._permit(identity, peer, login)
+            if self._needs_confirmation(identity.name):
+                self._confirm(identity, peer, login)
+        elif peer.uid not in self._own_uids:
+            # The common case, decided as `_permit` would: a configured key that no policy
+            # restricts or confirms, on a connection bound to no session (so there is no
+            # login to check against one), used by the agent's own user or root.
+            raise PolicyViolation(f"this key may not be used by uid {peer.uid}")
         # The audit record names peer and host: in process as its actor; through the
         # service beside the token's identity (a RemoteKeystore sends the requester note).
         token = current_principal.set(peer.actor)
@@ -312,27 +351,40 @@ class Agent:
         return wire.SUCCESS_FRAME
 
     # -- who may sign, and where ------------------------------------------------------------------
-    def _policies(self, name: str) -> list[policy.KeyPolicy]:
-        return [p for p in self.settings.policies if fnmatch.fnmatchcase(name, p.pattern)]
+    def _rules_of(self, name: str) -> _Rules:
+        """The configuration's rules for a key name (every matching policy, and
+        `[ssh_agent] confirm`), from the cache."""
+        rules = self._rules.get(name)
+        if rules is None:
+            policies = [p for p in self.settings.policies if fnmatch.fnmatchcase(name, p.pattern)]
+            rules = _Rules(
+                confirm=any(fnmatch.fnmatchcase(name, c) for c in self.settings.confirm)
+                or any(p.confirm for p in policies),
+                uids=tuple(p.allowed_uids for p in policies if p.allowed_uids is not None),
+                hosts=tuple(p for p in policies if p.allowed_hosts is not None),
+            )
+            if len(self._rules) >= _MAX_RULES:  # names come from the keystore; bound anyway
+                self._rules.clear()
+            self._rules[name] = rules
+        return rules
 
     def _uid_allowed(self, name: str, uid: int) -> bool:
         """The peer uids of every policy that lists some, else the agent's own and root."""
-        listed = [p.allowed_uids for p in self._policies(name) if p.allowed_uids is not None]
+        listed = self._rules_of(name).uids
         if not listed:
-            return uid in (os.getuid(), 0)
+            return uid in self._own_uids
         return all(uid in uids for uids in listed)
 
     def _restrictions(
         self, name: str
-    ) -> tuple[tuple[policy.Destination, ...], list[frozenset[str]]]:
+    ) -> tuple[tuple[policy.Destination, ...], tuple[policy.KeyPolicy, ...]]:
         """The key's destination constraints (ssh-add -h) and its policies' allowed_hosts."""
         added = self._added.get(name)
-        hosts = [p.allowed_hosts for p in self._policies(name) if p.allowed_hosts is not None]
-        return (added.destinations if added else ()), hosts
+        return (added.destinations if added else ()), self._rules_of(name).hosts
 
     @staticmethod
-    def _hosts_allow(allowed: frozenset[str], peer: Peer) -> bool:
-        return all(keys.fingerprint(host_key) in allowed for host_key, _ in peer.hops())
+    def _hosts_allow(allowed: policy.KeyPolicy, peer: Peer) -> bool:
+        return all(allowed.allows_host(host_key) for host_key, _ in peer.hops())
 
     def _listed(self, identity: keys.Identity, peer: Peer) -> bool:
         """Whether REQUEST_IDENTITIES shows the key to this connection. Like OpenSSH's
@@ -383,11 +435,7 @@ class Agent:
     # -- confirmation -----------------------------------------------------------------------------
     def _needs_confirmation(self, name: str) -> bool:
         added = self._added.get(name)
-        return (
-            (added is not None and added.confirm)
-            or any(fnmatch.fnmatchcase(name, p) for p in self.settings.confirm)
-            or any(p.confirm for p in self._policies(name))
-        )
+        return (added is not None and added.confirm) or self._rules_of(name).confirm
 
     def _confirm(self, identity: keys.Identity, peer: Peer, login: policy.Login | None) -> None:
         """Ask the user through the askpass program; refuse unless it says yes (exit 0)."""
@@ -483,7 +531,7 @@ class Agent:
     def _session_bind(self, contents: bytes, peer: Peer) -> None:
         try:
             bind = wire.session_bind(contents)
-            keys.verify_host_signature(bind.host_key, bind.session_id, bind.signature)
+            keys.verify_session_signature(bind.host_key, bind.session_id, bind.signature)
         except AgentMessageError:
             peer.bind_failed = True
             raise
@@ -496,6 +544,42 @@ class Agent:
             raise PolicyViolation("too many sessions bound to one connection")
         peer.bindings.append(Binding(host_key, session_id, forwarding))
         peer._actor = None  # the destination changed
+
+
+def askpass_prompter(askpass: str) -> Callable[[str, bool], str]:
+    """A keystore prompter (`strongroom.open(prompter=...)`) that asks through an askpass
+    program the way OpenSSH's tools do for a passphrase: the prompt as its argument, no
+    SSH_ASKPASS_PROMPT, the answer on its standard output (one trailing newline removed),
+    exit status 0. Cancelled, failed or unanswered (120 s): AuthenticationFailed. The
+    answer is asked once per call; what the keystore does with a wrong one is the
+    backend's (a refused hardware PIN is never sent again)."""
+
+    def ask_once(prompt: str) -> str:
+        env = {k: v for k, v in os.environ.items() if k != "SSH_ASKPASS_PROMPT"}
+        try:
+            answer = subprocess.run(
+                [askpass, prompt],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=ASKPASS_TIMEOUT,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            raise AuthenticationFailed(f"{prompt.rstrip(': ')}: askpass did not answer") from None
+        if answer.returncode != 0:
+            raise AuthenticationFailed(f"{prompt.rstrip(': ')}: cancelled at the askpass prompt")
+        raw = answer.stdout
+        raw = raw[:-1] if raw.endswith(b"\n") else raw
+        return raw.removesuffix(b"\r").decode("utf-8", "replace")
+
+    def ask(prompt: str, confirm: bool) -> str:
+        value = ask_once(prompt)
+        if confirm and ask_once("Again: " + prompt) != value:
+            raise AuthenticationFailed(f"{prompt.rstrip(': ')}: the two entries differ")
+        return value
+
+    return ask
 
 
 def _close_notice(notice: subprocess.Popen[bytes]) -> None:

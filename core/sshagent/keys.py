@@ -9,7 +9,9 @@ re-encodes it the way SSH wants it (RFC 8709 Ed25519, RFC 5656 ECDSA, RFC 8332 R
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
+import re
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -132,9 +134,33 @@ def ssh_signature(key_type: KeyType, ssh_name: str, signature: bytes) -> bytes:
     """The keystore's signature in SSH's encoding: `string name || string blob`, where an
     ECDSA blob is `mpint r || mpint s` (the keystore gives DER)."""
     if key_type.is_ecdsa:
-        r, s = decode_dss_signature(signature)
-        signature = wire.mpint(r) + wire.mpint(s)
+        signature = _dss_mpints(signature)
     return wire.string(ssh_name) + wire.string(signature)
+
+
+def _dss_mpints(der: bytes) -> bytes:
+    """An ECDSA signature's DER `SEQUENCE { INTEGER r, INTEGER s }` as SSH's `mpint r ||
+    mpint s`. A DER INTEGER of a positive number is the mpint's content byte for byte
+    (big-endian, minimal, a 0 before a high bit), so the common short form is re-framed
+    without decoding the numbers; anything else (long lengths, a non-minimal or negative
+    integer, trailing bytes) goes through the full decoder, which rejects what is not DER."""
+    n = len(der)
+    if 8 <= n < 130 and der[0] == 0x30 and der[1] == n - 2 and der[2] == 0x02:
+        r_len = der[3]
+        s_at = 4 + r_len
+        if s_at + 2 <= n and der[s_at] == 0x02 and s_at + 2 + der[s_at + 1] == n:
+            r, s = der[4:s_at], der[s_at + 2 :]
+            if _minimal_positive(r) and _minimal_positive(s):
+                return wire.string(r) + wire.string(s)
+    r_int, s_int = decode_dss_signature(der)
+    return wire.mpint(r_int) + wire.mpint(s_int)
+
+
+def _minimal_positive(value: bytes) -> bool:
+    """A DER INTEGER's content that is positive and minimal (so also a valid mpint)."""
+    if not value or value[0] & 0x80:
+        return False
+    return not (value[0] == 0 and (len(value) == 1 or not value[1] & 0x80))
 
 
 def sk_signature(identity: Identity, assertion: bytes) -> bytes:
@@ -273,6 +299,117 @@ def verify_host_signature(blob: bytes, data: bytes, signature: bytes) -> None:
         raise AgentMessageError(
             "the host key's signature over the session does not verify"
         ) from None
+
+
+# -- host certificates (OpenSSH's certificate keys, draft-miller-ssh-cert) ------------------------
+CERT_SUFFIX = "-cert-v01@openssh.com"
+HOST_CERT = 2
+"""A certificate's type field: 1 user, 2 host."""
+_CERT_PLAIN_FIELDS = {
+    "ssh-ed25519": "s",  # pk
+    "ecdsa-sha2-nistp256": "ss",  # curve, public point
+    "ecdsa-sha2-nistp384": "ss",
+    "ecdsa-sha2-nistp521": "ss",
+    "ssh-rsa": "ss",  # e, n (as mpints; kept as their raw strings)
+}
+
+
+@dataclass(frozen=True)
+class HostCertificate:
+    """A certificate a host key blob carries, its CA signature verified."""
+
+    key: bytes
+    """The plain public key blob inside: the key that signs for the host."""
+    cert_type: int
+    principals: tuple[str, ...]
+    valid_after: int
+    valid_before: int
+    critical_options: bytes
+    ca: bytes
+    """The CA's public key blob (the certificate's signature key)."""
+
+    def valid_for(self, hostname: str, now: float) -> bool:
+        """OpenSSH's host check: a host certificate, within its validity, with no critical
+        option, naming `hostname` among its principals (which are wildcard patterns)."""
+        return (
+            self.cert_type == HOST_CERT
+            and self.valid_after <= now < self.valid_before
+            and not self.critical_options
+            and any(match_pattern(hostname.lower(), p.lower()) for p in self.principals)
+        )
+
+
+def match_pattern(value: str, pattern: str) -> bool:
+    """OpenSSH's match_pattern: `*` and `?` wildcards, nothing else special."""
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.fullmatch(regex, value, re.DOTALL) is not None
+
+
+def is_certificate(blob: bytes) -> bool:
+    """Whether a key blob is an OpenSSH certificate (`...-cert-v01@openssh.com`)."""
+    try:
+        return wire.Reader(blob).name().endswith(CERT_SUFFIX)
+    except AgentMessageError:
+        return False
+
+
+@functools.lru_cache(maxsize=64)
+def host_certificate(blob: bytes) -> HostCertificate:
+    """Decode a certificate blob and verify its CA's signature over it. AgentMessageError
+    for anything else: another key type, a malformed field, a CA key this agent does not
+    read, an ssh-rsa (SHA-1) CA signature, or a signature that does not verify."""
+    r = wire.Reader(blob)
+    name = r.name()
+    plain = name.removesuffix(CERT_SUFFIX)
+    layout = _CERT_PLAIN_FIELDS.get(plain)
+    if layout is None or plain == name:
+        raise AgentMessageError("the host key is not a certificate this agent reads")
+    r.string()  # nonce
+    fields = [r.string() for _ in layout]
+    key = wire.string(plain) + b"".join(wire.string(f) for f in fields)
+    r.uint32()  # serial, high half
+    r.uint32()  # serial, low half
+    cert_type = r.uint32()
+    r.string()  # key id
+    packed = wire.Reader(r.string())
+    principals: list[str] = []
+    while packed.remaining():
+        principals.append(packed.string().decode("utf-8", "replace"))
+    valid_after = (r.uint32() << 32) | r.uint32()
+    valid_before = (r.uint32() << 32) | r.uint32()
+    critical = r.string()
+    r.string()  # extensions
+    r.string()  # reserved
+    ca = r.string()
+    signed = blob[: len(blob) - r.remaining()]
+    signature = r.string()
+    r.end()
+    load_blob(key)  # the plain key is one this agent reads
+    if is_certificate(ca):
+        raise AgentMessageError("a certificate's CA key is itself a certificate")
+    verify_host_signature(ca, signed, signature)
+    return HostCertificate(
+        key, cert_type, tuple(principals), valid_after, valid_before, critical, ca
+    )
+
+
+def plain_host_key(blob: bytes) -> bytes:
+    """The key that signs for a host: the blob itself, or a certificate's inner key."""
+    return host_certificate(blob).key if is_certificate(blob) else blob
+
+
+def host_key_fingerprint(blob: bytes) -> str:
+    """A host key's fingerprint as OpenSSH prints it: a certificate's is its inner key's."""
+    try:
+        return fingerprint(plain_host_key(blob))
+    except AgentMessageError:
+        return fingerprint(blob)
+
+
+def verify_session_signature(host_key: bytes, session_id: bytes, signature: bytes) -> None:
+    """session-bind's check: the host key (plain, or a certificate whose CA signature
+    verifies) signed the session identifier. AgentMessageError otherwise."""
+    verify_host_signature(plain_host_key(host_key), session_id, signature)
 
 
 # -- keys added by a client (ADD_IDENTITY) --------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,6 +42,13 @@ def login_request(data: bytes) -> Login | None:
     sign's SSHSIG blob, a git commit). Only an exact userauth request counts: session id,
     SSH_MSG_USERAUTH_REQUEST, user, "ssh-connection", a public-key method with a signature,
     algorithm, key (and host key for publickey-hostbound), nothing after."""
+    # Most signatures that are not logins fail the first test: a non-empty session id
+    # followed by SSH_MSG_USERAUTH_REQUEST. Checked on the bytes, without an exception.
+    if len(data) < 5:
+        return None
+    head = int.from_bytes(data[:4], "big")
+    if head == 0 or len(data) <= 4 + head or data[4 + head] != USERAUTH_REQUEST:
+        return None
     try:
         r = wire.Reader(data)
         session_id = r.string()
@@ -65,14 +73,27 @@ def login_request(data: bytes) -> Login | None:
 # -- destination constraints (ssh-add -h) -------------------------------------------------------
 @dataclass(frozen=True)
 class Hop:
-    """One end of a destination constraint: a user pattern (`to` only), a host name (a label:
-    matching is by key) and its host keys. CA keys are counted but kept out of `keys`: they
-    match host certificates, which session-bind here never carries."""
+    """One end of a destination constraint: a user pattern (`to` only), a host name, its
+    host keys and its CA keys. A plain host key matches one of `keys`; a host certificate
+    matches when a CA of `ca_keys` signed it and it is valid now for `hostname`, as OpenSSH's
+    agent decides."""
 
     user: str | None
     hostname: str | None
     keys: frozenset[bytes]
     any_keys: bool
+    ca_keys: frozenset[bytes] = frozenset()
+
+    def matches(self, host_key: bytes) -> bool:
+        if not keys.is_certificate(host_key):
+            return host_key in self.keys
+        if not self.ca_keys or self.hostname is None:
+            return False
+        try:
+            cert = keys.host_certificate(host_key)
+        except AgentMessageError:
+            return False
+        return cert.ca in self.ca_keys and cert.valid_for(self.hostname, time.time())
 
 
 @dataclass(frozen=True)
@@ -112,25 +133,20 @@ def _hop(data: bytes) -> Hop:
     user, hostname = r.string(), r.string()
     r.string()  # reserved
     found: set[bytes] = set()
+    cas: set[bytes] = set()
     count = 0
     while r.remaining():
         blob, is_ca = r.string(), r.boolean()
         count += 1
-        if not is_ca:
-            keys.load_blob(blob)  # a key this agent reads, else AgentMessageError
-            found.add(blob)
+        keys.load_blob(blob)  # a key this agent reads, else AgentMessageError
+        (cas if is_ca else found).add(blob)
     return Hop(
         user.decode("utf-8", "replace") or None,
         hostname.decode("utf-8", "replace") or None,
         frozenset(found),
         count > 0,
+        frozenset(cas),
     )
-
-
-def _user_matches(user: str, pattern: str) -> bool:
-    """OpenSSH's match_pattern: `*` and `?` wildcards, nothing else special."""
-    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
-    return re.fullmatch(regex, user, re.DOTALL) is not None
 
 
 def _hop_allowed(
@@ -143,12 +159,12 @@ def _hop_allowed(
         if source is None:
             if d.source.hostname is not None or d.source.any_keys:
                 continue  # the first hop must come from this machine
-        elif source not in d.source.keys:
+        elif not d.source.matches(source):
             continue
-        if target is not None and target not in d.target.keys:
+        if target is not None and not d.target.matches(target):
             continue
         if d.target.user is not None and user is not None:
-            if not _user_matches(user, d.target.user):
+            if not keys.match_pattern(user, d.target.user):
                 continue
         return True
     return False
@@ -182,9 +198,29 @@ class KeyPolicy:
     pattern: str
     confirm: bool = False
     allowed_hosts: frozenset[str] | None = None
-    """Host key fingerprints (SHA256:...) every host of a connection must have, or None."""
+    """Host key fingerprints (SHA256:...) every host of a connection must have (plain, or
+    inside a host certificate), or None: any host."""
     allowed_uids: frozenset[int] | None = None
     """The peer uids that may use the keys, or None: the agent's own uid and root."""
+    allowed_host_cas: frozenset[tuple[str, bytes]] = frozenset()
+    """With `allowed_hosts`: (host name, CA key blob) pairs from known_hosts
+    `@cert-authority` lines; a host certificate that CA signed, valid now for that name,
+    is allowed too."""
+
+    def allows_host(self, host_key: bytes) -> bool:
+        """Whether a host key (a session-bind's) is one `allowed_hosts` lets through."""
+        if keys.host_key_fingerprint(host_key) in (self.allowed_hosts or ()):
+            return True
+        if not self.allowed_host_cas or not keys.is_certificate(host_key):
+            return False
+        try:
+            cert = keys.host_certificate(host_key)
+        except AgentMessageError:
+            return False
+        now = time.time()
+        return any(
+            cert.ca == ca and cert.valid_for(name, now) for name, ca in self.allowed_host_cas
+        )
 
 
 _FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
@@ -206,4 +242,7 @@ def host_fingerprint(entry: str) -> str:
                 return keys.fingerprint(blob)
         except (binascii.Error, AgentMessageError):
             pass
-    raise ValueError("a host is a SHA256:... fingerprint or an OpenSSH public key line")
+        raise ValueError(f"{fields[0]} ...: not an Ed25519, ECDSA or RSA public key line")
+    raise ValueError(
+        f"{entry!r}: a host is a host name, a SHA256:... fingerprint or a public key line"
+    )

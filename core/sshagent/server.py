@@ -69,4 +69,9 @@ class AgentServer(UnixSocketServer):
             chunk = conn.recv(max(65536, need - len(buf)))
             if not chunk:
                 return
+            if not buf and len(chunk) > 4:  # the usual case: one whole message per read
+                (length,) = _U32.unpack_from(chunk)
+                if len(chunk) == 4 + length and length <= wire.MAX_MESSAGE:
+                    conn.sendall(agent.handle(chunk[4:], peer))
+                    continue
             buf += chunk

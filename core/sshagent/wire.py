@@ -226,6 +226,8 @@ PRIVATE_FIELDS = {
 
 def decode(body: bytes) -> Request:
     """One message body (type byte and contents) → its request. Raises AgentMessageError."""
+    if body[:1] == b"\x0d":  # SIGN_REQUEST, the hot path: sliced without a Reader
+        return _sign_request(body)
     r = Reader(body)
     msg_type = r.byte()
     if msg_type == REQUEST_IDENTITIES:
@@ -252,6 +254,24 @@ def decode(body: bytes) -> Request:
         name = r.name()
         return Extension(name, r.rest())
     return Unsupported(msg_type)
+
+
+def _sign_request(body: bytes) -> SignRequest:
+    """SIGN_REQUEST: `byte 13 || string key_blob || string data || uint32 flags`, exactly."""
+    n = len(body)
+    if n < 13:
+        raise AgentMessageError("the message is truncated")
+    data_at = 5 + _U32.unpack_from(body, 1)[0]
+    if data_at + 4 > n:
+        raise AgentMessageError("the message is truncated")
+    flags_at = data_at + 4 + _U32.unpack_from(body, data_at)[0]
+    if flags_at + 4 != n:
+        raise AgentMessageError(
+            "the message is truncated" if flags_at + 4 > n else "the message has trailing bytes"
+        )
+    return SignRequest(
+        body[5:data_at], body[data_at + 4 : flags_at], _U32.unpack_from(body, flags_at)[0]
+    )
 
 
 @dataclass(frozen=True)

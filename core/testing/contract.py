@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, x25519
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.x509.oid import NameOID
 
 from strongroom import algorithms
@@ -242,6 +243,32 @@ class BackendContract:
                 keystore.sign(name, digest, algorithm="pkcs1v15-sha512", prehashed=True)
             from_512 = keystore.sign(name, sha512, algorithm="pkcs1v15-sha512", prehashed=True)
             keystore.verify(name, data, from_512, algorithm="pkcs1v15-sha512")
+            self.check_raw_block(keystore, name, data)
+
+    def check_raw_block(self, keystore: KeyAPI, name: str, data: bytes) -> None:
+        """pkcs1v15-raw (PKCS#11's CKM_RSA_PKCS): a DigestInfo the caller built, in a hash
+        the other algorithms do not name (SHA-1), is signed as that hash's PKCS#1 v1.5
+        signature; another block is signed as given or refused (UnsupportedOperation), never
+        signed as something else; and the algorithm is prehashed only."""
+        raw = algorithms.RSA_PKCS1V15_RAW
+        sha1 = hashlib.sha1(data).digest()  # noqa: S324 - a hash a PKCS#11 client may choose
+        block = algorithms.DIGEST_INFO_PREFIXES["sha1"] + sha1
+        signature = keystore.sign(name, block, algorithm=raw, prehashed=True)
+        public = keystore.public_key(name)
+        assert isinstance(public, rsa.RSAPublicKey)
+        sha1_hash = Prehashed(hashes.SHA1())  # noqa: S303 - checking, not choosing, SHA-1
+        public.verify(signature, sha1, padding.PKCS1v15(), sha1_hash)
+        keystore.verify(name, block, signature, algorithm=raw, prehashed=True)
+        with pytest.raises(InvalidSignature):
+            keystore.verify(name, block[:-1] + b"\0", signature, algorithm=raw, prehashed=True)
+        with pytest.raises(InvalidArgument):
+            keystore.sign(name, block, algorithm=raw)  # not prehashed: refused, not hashed
+        other = bytes(range(1, 37))  # no DigestInfo
+        try:
+            signed = keystore.sign(name, other, algorithm=raw, prehashed=True)
+        except UnsupportedOperation:
+            return
+        assert public.recover_data_from_signature(signed, padding.PKCS1v15(), None) == other
 
     def test_encrypt_and_decrypt(self, keystore: KeyAPI, backend_name: str) -> None:
         types = self.types_for(keystore, backend_name, Operation.GENERATE, Operation.DECRYPT)

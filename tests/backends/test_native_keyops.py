@@ -135,6 +135,30 @@ def test_sign_digest(rsa_key: rsa.RSAPrivateKey) -> None:
         keyops.sign_digest(KeyType.ED25519, pkcs8, digest, None)
 
 
+def test_sign_a_raw_block(rsa_key: rsa.RSAPrivateKey) -> None:
+    """pkcs1v15-raw pads the caller's block as given: over a DigestInfo it is the signature
+    cryptography makes of that digest; any other block of up to k - 11 bytes is what the
+    public key recovers; a longer or empty one is refused."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+    from strongroom.algorithms import DIGEST_INFO_PREFIXES, RSA_PKCS1V15_RAW
+
+    pkcs8 = memoryview(rsa_key.private_bytes(_DER, _PKCS8, _NOENC))
+    digest = hashlib.sha1(b"raw").digest()
+    block = DIGEST_INFO_PREFIXES["sha1"] + digest
+    sig = keyops.sign_digest(KeyType.RSA_2048, pkcs8, block, RSA_PKCS1V15_RAW)
+    assert sig == rsa_key.sign(digest, padding.PKCS1v15(), Prehashed(hashes.SHA1()))
+    public = rsa_key.public_key()
+    for other in (b"\x01" * 36, b"\x00" * 245):
+        sig = keyops.sign_digest(KeyType.RSA_2048, pkcs8, other, RSA_PKCS1V15_RAW)
+        assert public.recover_data_from_signature(sig, padding.PKCS1v15(), None) == other
+    for bad in (b"", b"\x00" * 246):
+        with pytest.raises(InvalidArgument):
+            keyops.sign_digest(KeyType.RSA_2048, pkcs8, bad, RSA_PKCS1V15_RAW)
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 @pytest.mark.parametrize("case", ["ecdsa-p256", "ecdsa-p384", "secp256k1", "pkcs1v15", "pss"])
 def test_openssl_verifies(case: str, tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> None:

@@ -580,6 +580,25 @@ def test_rsa_oaep_decryption_of_what_openssl_encrypted(ks: Keystore, tmp_path: P
         ks.decrypt("box", ct[:-1])
 
 
+def test_rsa_signs_a_digest_info_the_caller_built(ks: Keystore) -> None:
+    """pkcs1v15-raw (PKCS#11's CKM_RSA_PKCS): the card's raw RSA over the caller's block,
+    padded on the host; SHA-1 is a hash the keystore's own algorithms do not offer."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+    from strongroom.algorithms import DIGEST_INFO_PREFIXES, RSA_PKCS1V15_RAW
+
+    ks.generate("raw", "rsa-2048", backend="piv")
+    public = ks.public_key("raw")
+    assert isinstance(public, rsa.RSAPublicKey)
+    digest = hashlib.sha1(b"a DigestInfo").digest()
+    block = DIGEST_INFO_PREFIXES["sha1"] + digest
+    sig = ks.sign("raw", block, RSA_PKCS1V15_RAW, prehashed=True)
+    public.verify(sig, digest, padding.PKCS1v15(), Prehashed(hashes.SHA1()))
+    ks.verify("raw", block, sig, RSA_PKCS1V15_RAW, prehashed=True)
+
+
 # -- config and installation ---------------------------------------------------------------------
 def test_bad_settings_are_config_errors(tmp_path: Path, env: None) -> None:
     from strongroom.errors import ConfigError

@@ -224,9 +224,14 @@ def _current_user() -> str:
     return pwd.getpwuid(os.getuid()).pw_name
 
 
-def start_sshd(directory: Path, authorized_keys: str) -> Sshd:
+def start_sshd(
+    directory: Path, authorized_keys: str, host_ca: Path | None = None, principals: str = ""
+) -> Sshd:
     """Start sshd in the foreground (-D -e) with its own host key and config in
-    `directory`, as the current user, and wait until it accepts connections."""
+    `directory`, as the current user, and wait until it accepts connections. With
+    `host_ca` (a CA private key file), the host key is certified by it for `principals`
+    (comma-separated, default 127.0.0.1) and sshd presents the certificate; the
+    known_hosts file then trusts the CA (`@cert-authority`), not the key."""
     if not os.path.exists(SSHD) or shutil.which("ssh") is None:
         pytest.fail("OpenSSH's sshd or ssh is missing; run scripts/setup.sh (openssh-server)")
     if os.getuid() == 0:
@@ -243,12 +248,29 @@ def start_sshd(directory: Path, authorized_keys: str) -> Sshd:
     keys_file = directory / "authorized_keys"
     keys_file.write_text(authorized_keys)
     port = free_port()
-    (directory / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
+    certificate = ""
+    if host_ca is None:
+        known = f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n"
+    else:
+        subprocess.run(
+            [
+                *("ssh-keygen", "-q", "-s", str(host_ca), "-h", "-I", "test-host"),
+                *("-n", principals or "127.0.0.1", "-V", "-5m:+1d", str(host_key) + ".pub"),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        certificate = f"HostCertificate {host_key}-cert.pub\n"
+        ca_pub = " ".join(Path(str(host_ca) + ".pub").read_text().split()[:2])
+        known = f"@cert-authority [127.0.0.1]:{port} {ca_pub}\n"
+    (directory / "known_hosts").write_text(known)
     config = directory / "sshd_config"
     config.write_text(
         f"Port {port}\n"
         "ListenAddress 127.0.0.1\n"
         f"HostKey {host_key}\n"
+        f"{certificate}"
         f"PidFile {directory / 'sshd.pid'}\n"
         f"AuthorizedKeysFile {keys_file}\n"
         "StrictModes no\n"

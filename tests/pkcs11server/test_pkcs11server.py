@@ -8,6 +8,7 @@ One vault keystore (a P-256 and an RSA key) and one server, in a thread, serve t
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -18,8 +19,10 @@ from pathlib import Path
 
 import pytest
 from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 import strongroom
+from strongroom import algorithms
 from strongroom.errors import Pkcs11MessageError
 from strongroom.keystore import Keystore
 from strongroom.pkcs11server import Pkcs11Server, Settings, TokenSpec, ck, wire
@@ -226,11 +229,73 @@ def initialize(client: Raw) -> None:
     assert rv_of(client.call(init)) == ck.CKR_OK
 
 
-def test_the_version_handshake_offers_at_most_version_1(server: Pkcs11Server) -> None:
-    for asked, got in ((0, 0), (1, 1), (2, 1)):
+def test_the_version_handshake_offers_at_most_version_2(server: Pkcs11Server) -> None:
+    for asked, got in ((0, 0), (1, 1), (2, 2), (3, 2)):
         client = Raw(server, asked)
         assert client.version == got
         client.close()
+
+
+def _login(client: Raw) -> int:
+    """C_Initialize, a session on slot 0, C_Login; the handle of the P-256 private key."""
+    initialize(client)
+    opened = client.call(wire.request("C_OpenSession", u(0), u(ck.CKF_SERIAL_SESSION)))
+    session = struct.unpack(">Q", opened[-8:])[0]
+    pin = b"\x01" + wire.byte_array(PIN.encode())
+    assert rv_of(client.call(wire.request("C_Login", u(session), u(ck.CKU_USER), pin))) == 0
+    label = struct.pack(">IBI", ck.CKA_LABEL, 1, 8) + wire.byte_array(b"p11-p256")
+    klass = struct.pack(">IBI", ck.CKA_CLASS, 1, 8) + u(ck.CKO_PRIVATE_KEY)
+    template = struct.pack(">I", 2) + label + klass
+    client.call(wire.request("C_FindObjectsInit", u(session), template))
+    found = client.call(wire.request("C_FindObjects", u(session), struct.pack(">I", 4)))
+    client.call(wire.request("C_FindObjectsFinal", u(session)))
+    assert session == 1
+    return int(struct.unpack(">Q", found[-8:])[0])
+
+
+def test_version_2_encodes_mechanisms_its_own_way(server: Pkcs11Server, ks: Keystore) -> None:
+    """p11-kit 0.25.6 and later: nothing after the type of a parameterless mechanism, a
+    presence byte before the parameters of the others; version 1 keeps the byte array. A
+    mechanism whose version 2 encoding the server does not know is CKR_MECHANISM_INVALID,
+    and the connection serves on."""
+    digest = bytes(range(32))
+    room = struct.pack(">I", 64)
+    for version, ecdsa in ((2, b""), (1, wire.byte_array(None))):
+        client = Raw(server, version)
+        try:
+            assert client.version == version
+            key = _login(client)
+            mech = struct.pack(">I", ck.CKM_ECDSA) + ecdsa
+            assert rv_of(client.call(wire.request("C_SignInit", u(1), mech, u(key)))) == 0
+            reply = client.call(wire.request("C_Sign", u(1), b"\x01" + wire.byte_array(digest),
+                                             room))  # fmt: skip
+            assert rv_of(reply) == 0
+            signature = reply[-64:]
+            r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+            ks.verify("p11-p256", digest, encode_dss_signature(r, s), prehashed=True)
+        finally:
+            client.close()
+    client = Raw(server, 2)
+    try:
+        key = _login(client)
+        # PSS with the presence byte (and its parameters); a PSS key type mismatch here
+        pss = struct.pack(">I", ck.CKM_RSA_PKCS_PSS) + b"\x01" + u(ck.CKM_SHA256) + u(
+            ck.CKG_MGF1_SHA256) + u(32)  # fmt: skip
+        reply = client.call(wire.request("C_SignInit", u(1), pss, u(key)))
+        assert rv_of(reply) == ck.CKR_KEY_TYPE_INCONSISTENT  # decoded: an EC key, not RSA
+        # a mechanism the server cannot read in version 2
+        odd = struct.pack(">I", 0x1234) + b"\x01\x02\x03"
+        reply = client.call(wire.request("C_SignInit", u(1), odd, u(key)))
+        assert rv_of(reply) == ck.CKR_MECHANISM_INVALID
+        reply = client.call(wire.request("C_DeriveKey2", u(1), odd, u(key), struct.pack(">I", 0)))
+        assert rv_of(reply) == ck.CKR_FUNCTION_NOT_SUPPORTED
+        assert rv_of(client.call(wire.request("C_GetInfo"))) == ck.CKR_OK
+    finally:
+        client.close()
+    # C_DeriveKey2 is no call of version 1
+    body = wire.request("C_DeriveKey2", u(1), struct.pack(">I", 0x1234), u(1), struct.pack(">I", 0))
+    with pytest.raises(Pkcs11MessageError, match="unknown call"):
+        wire.decode(body, 1)
 
 
 def test_sessions_and_handles_of_one_client_are_invisible_to_another(
@@ -320,3 +385,51 @@ def test_a_huge_byte_array_length_is_refused_without_reading() -> None:
     body = wire.request("C_SignUpdate", u(1), b"\x01" + struct.pack(">I", 0x7FFFFFF0))
     with pytest.raises(Pkcs11MessageError, match="past the end"):
         wire.decode(body)
+
+
+def test_pkcs11_tool_makes_and_deletes_a_key_pair(server: Pkcs11Server, ks: Keystore) -> None:
+    """--keypairgen is C_GenerateKeyPair into the keystore; --delete-object of the private
+    key is C_DestroyObject, which deletes the key (its public object goes with it)."""
+    login = ("--login", "--pin", PIN)
+    made = tool(server, *login, "--keypairgen", "--key-type", "EC:prime256v1",
+                "--label", "p11-made")  # fmt: skip
+    assert "label:      p11-made" in made
+    assert ks.info("p11-made").type.value == "ecdsa-p256"
+    listed = tool(server, *login, "--list-objects")
+    assert listed.count("label:      p11-made") == 2  # a private and a public object
+    tool(server, *login, "--delete-object", "--type", "privkey", "--label", "p11-made")
+    assert "p11-made" not in tool(server, *login, "--list-objects")
+    assert all(info.name != "p11-made" for info in ks.keys())
+
+
+@pytest.mark.skipif(shutil.which("modutil") is None, reason="NSS's tools (libnss3-tools)")
+@pytest.mark.parametrize("name", ["p11-p256", "p11-rsa"])
+def test_nss_lists_the_keys_and_makes_a_csr(
+    server: Pkcs11Server, ks: Keystore, tmp_path: Path, name: str
+) -> None:
+    """NSS (what Firefox and Thunderbird use): `modutil -add` the module into a database,
+    `certutil -K` lists the token's keys, and `certutil -R -k ID` makes a CSR with one,
+    which `openssl req -verify` accepts and which holds the keystore key's public key."""
+    env = {**os.environ, "P11_KIT_SERVER_ADDRESS": server.address}
+    db = f"sql:{tmp_path}"
+    (tmp_path / "pin").write_text(PIN + "\n")
+
+    def run(*args: str) -> str:
+        done = subprocess.run(
+            args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout + done.stderr
+
+    run("certutil", "-N", "-d", db, "--empty-password")
+    run("modutil", "-dbdir", db, "-add", "strongroom", "-libfile", str(CLIENT_MODULE), "-force")
+    assert "Token Name: strongroom" in run("modutil", "-dbdir", db, "-list", "strongroom")
+    listed = run("certutil", "-K", "-d", db, "-h", "strongroom", "-f", "pin")
+    assert '"p11-p256"' in listed and '"p11-rsa"' in listed
+    (tmp_path / "noise").write_bytes(os.urandom(64))
+    run("certutil", "-R", "-d", db, "-h", "strongroom", "-f", "pin", "-k", name.encode().hex(),
+        "-s", f"CN={name}", "-o", "csr.der", "-z", "noise")  # fmt: skip
+    checked = run("openssl", "req", "-inform", "DER", "-in", "csr.der", "-verify", "-noout")
+    assert "verify OK" in checked
+    shown = run("openssl", "req", "-inform", "DER", "-in", "csr.der", "-pubkey", "-noout")
+    assert algorithms.encode_public(ks.public_key(name), "pem").decode() in shown

@@ -493,6 +493,8 @@ def test_the_command_detaches_and_prints_the_environment(tmp_path: Path) -> None
     assert lines[0] == f"SSH_AUTH_SOCK={sock}; export SSH_AUTH_SOCK;"
     pid = int(lines[1].split("=")[1].split(";")[0])
     try:
+        assert sock.stat().st_mode & 0o777 == 0o600
+        assert sock.parent.stat().st_mode & 0o777 == 0o700  # made by the agent
         listed = subprocess.run(
             ["ssh-add", "-L"],
             env={**os.environ, "SSH_AUTH_SOCK": str(sock)},
@@ -503,6 +505,32 @@ def test_the_command_detaches_and_prints_the_environment(tmp_path: Path) -> None
         )
         public = run_cli(config, "key", "public", "ssh-one", "--format", "openssh", env=env)
         assert listed.stdout == public.stdout.decode().rstrip("\n") + " ssh-one\n"
+    finally:
+        os.kill(pid, 15)
+    _wait_gone(sock.parent)
+
+
+def test_the_default_socket_is_private_in_a_directory_of_its_own(tmp_path: Path) -> None:
+    """Without -a or [ssh_agent] socket: `agent.PID` in a new 0700 directory under
+    $XDG_RUNTIME_DIR, the socket 0600; both gone once the agent is stopped."""
+    config = write_vault_config(tmp_path)
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o755)  # the directory the agent makes must be private by itself
+    env = {VAULT_PASS_ENV: VAULT_PASSPHRASE, "XDG_RUNTIME_DIR": str(runtime)}
+    assert run_cli(config, "init", env=env).returncode == 0
+    assert (
+        run_cli(config, "key", "generate", "ssh-one", "--type", "ed25519", env=env).returncode == 0
+    )
+    out = run_cli(config, "ssh-agent", "--keys", "ssh-*", env=env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.decode().splitlines()
+    sock = Path(lines[0].removeprefix("SSH_AUTH_SOCK=").split(";")[0])
+    pid = int(lines[1].split("=")[1].split(";")[0])
+    try:
+        assert sock.parent.parent == runtime
+        assert sock.name.startswith("agent.")  # the pid of the process that bound it
+        assert sock.stat().st_mode & 0o777 == 0o600
+        assert sock.parent.stat().st_mode & 0o777 == 0o700
     finally:
         os.kill(pid, 15)
     _wait_gone(sock.parent)

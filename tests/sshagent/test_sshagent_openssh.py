@@ -265,6 +265,36 @@ def test_allowed_hosts_in_config_let_a_key_log_in_to_those_hosts_only(
             assert second_sshd.ssh(free.path, pubs["ssh-vault"], "true").returncode == 0
 
 
+def test_allowed_hosts_by_name_through_a_hashed_known_hosts(
+    ks: Keystore, sshd: Sshd, second_sshd: Sshd, pubs: dict[str, Path], tmp_path: Path
+) -> None:
+    """`allowed_hosts = ["[127.0.0.1]:PORT"]`: the name is looked up in a known_hosts file
+    that lists both sshds, hashed by `ssh-keygen -H` (Debian's HashKnownHosts default); the
+    key logs in to the named host only."""
+    from strongroom import config as config_mod
+    from strongroom.cli.sshagent import _policy
+
+    known = tmp_path / "known_hosts"
+    known.write_text(
+        (sshd.directory / "known_hosts").read_text()
+        + (second_sshd.directory / "known_hosts").read_text()
+    )
+    subprocess.run(
+        ["ssh-keygen", "-H", "-f", str(known)], check=True, capture_output=True, timeout=30
+    )
+    assert "127.0.0.1" not in known.read_text()
+    table = config_mod.SshAgentPolicy("ssh-vault", allowed_hosts=(f"[127.0.0.1]:{sshd.port}",))
+    policy = _policy(table, [str(known)])
+    assert policy.allowed_hosts == {host_fingerprint(sshd.host_key_pub)}
+    settings = AgentSettings(patterns=("ssh-vault",), policies=(policy,))
+    with running_agent(ks, settings) as agent:
+        out = sshd.ssh(agent.path, pubs["ssh-vault"], "echo", "logged-in")
+        assert out.returncode == 0, out.stderr + sshd.log.read_text()
+        refused = second_sshd.ssh(agent.path, pubs["ssh-vault"], "echo", "logged-in")
+        assert refused.returncode != 0
+        assert "logged-in" not in refused.stdout
+
+
 @pytest.mark.parametrize(
     ("key_type", "ssh_type"),
     [
@@ -353,11 +383,15 @@ exec sleep 60
 
 
 def test_a_fido_signature_shows_a_presence_notice_until_it_is_made(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """With SSH_ASKPASS, the agent shows "Confirm user presence" (SSH_ASKPASS_PROMPT=none)
     while the security key waits; the person touches once it is shown (the authenticator's
-    presence hook waits for it), and the notice is closed when the signature is made."""
+    presence hook waits for it), and the notice is closed when the signature is made. The
+    keystore opened as the command opens it (the CLI's presence callback) also prints
+    "touch your security key" on stderr, which `-D` shows."""
+    from strongroom.cli._state import tell_user
+
     monkeypatch.setenv(FIDO_VAULT_PASS_ENV, FIDO_VAULT_PASS)
     monkeypatch.setenv(FIDO_PIN_ENV, "2468")
     askpass = tmp_path / "askpass"
@@ -378,17 +412,19 @@ def test_a_fido_signature_shows_a_presence_notice_until_it_is_made(
     config = write_fido_config(tmp_path / "ks", fido_extra='rp_id = "ssh:"')
     settings = AgentSettings(patterns=("ssh-sk",), askpass=str(askpass))
     with (
-        open_with_authenticator(authenticator, config) as fido_ks,
+        open_with_authenticator(authenticator, config, presence=tell_user) as fido_ks,
         running_agent(fido_ks, settings) as agent,
     ):
         fido_ks.generate("ssh-sk", "fido-eddsa", backend="fido")
         [identity] = agent.agent.identities()
+        capsys.readouterr()  # what making the credential printed
         client = RawClient(agent.path)
         try:
             reply = client.request(b"\x0d" + s(identity.blob) + s(b"data") + b"\0\0\0\0")
         finally:
             client.close()
     assert reply[:1] == b"\x0e"
+    assert "touch your security key" in capsys.readouterr().err
     assert touched == [True]
     pid, kind, prompt = notice.read_text().split("|", 2)
     assert kind == "none" and prompt.startswith("Confirm user presence for key ssh-sk")
