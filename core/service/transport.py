@@ -28,7 +28,7 @@ from ..keystore import Keystore
 from ..kmip.server import KmipServer, KmipSettings, kmip_tls_context
 from ..kmip.store import ObjectStore
 from .app import App, log
-from .tenants import TenantStore
+from .tenants import TenantStore, open_tenants
 
 # -- serving -----------------------------------------------------------------------------------
 MAX_HEAD_BYTES = 16 * 1024
@@ -305,7 +305,11 @@ def serve(
     if settings.listen is not None and (settings.tls_cert is None or settings.tls_key is None):
         raise InvalidArgument("TCP needs TLS: set [server] tls_cert and tls_key")
     ks = Keystore(config, actor="strongroom-serve")
-    tenants = TenantStore(config.data_dir / "tenants.sqlite")
+    try:
+        tenants = open_tenants(config)
+    except BaseException:
+        ks.close()
+        raise
     kmip = _kmip_server(config, settings, ks, tenants) if settings.kmip_listen else None
     if not http:
         assert kmip is not None

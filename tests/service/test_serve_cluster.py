@@ -1,8 +1,8 @@
 """Two `strongroom serve` nodes on one PostgreSQL store (docs/cluster.md): a key created,
 rotated or deleted through one node is what the other serves on its next request.
 
-Each node keeps its own tenants store in its data dir (tenants, tokens and policies are not
-shared yet), so each gets the same tenant and a token of its own."""
+Tenants, tokens and policies live in the database too: a token issued through one node's
+config works on the other, and a token revoked there stops working on every node."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, write_vault_config
 from server_support import ALL_KEY_PERMISSIONS, Service, start_service
 
 import strongroom
-from strongroom.errors import KeyNotFound
-from strongroom.service.tenants import TenantStore
+from strongroom.errors import AuthenticationFailed, KeyNotFound
+from strongroom.service.tenants import open_tenants
 
 DATA = b"two nodes, one store"
 
@@ -31,8 +31,7 @@ def node_config(directory: Path, url: str) -> Path:
 
 
 def tenant_token(cfg: Path) -> str:
-    (cfg.parent / "data").mkdir(mode=0o700, exist_ok=True)
-    store = TenantStore(cfg.parent / "data" / "tenants.sqlite")
+    store = open_tenants(strongroom.config.load(cfg))
     try:
         store.create_tenant("acme")
         token = store.issue_token("acme", "app")
@@ -50,13 +49,13 @@ def test_two_serve_nodes_on_one_database_serve_the_same_keys(
     configs = [node_config(tmp_path / name, url) for name in ("a", "b")]
     with strongroom.open(configs[0]) as ks:
         ks.vault_control().initialize()  # one vault, in the database, for both nodes
-    tokens = [tenant_token(cfg) for cfg in configs]
+    token = tenant_token(configs[0])  # made through node a's config: both nodes know it
     nodes: list[Service] = []
     try:
         nodes = [start_service(cfg) for cfg in configs]
         with (
-            strongroom.connect(nodes[0].unix, token=tokens[0]) as a,
-            strongroom.connect(nodes[1].unix, token=tokens[1]) as b,
+            strongroom.connect(nodes[0].unix, token=token) as a,
+            strongroom.connect(nodes[1].unix, token=token) as b,
         ):
             a.generate("k", "ed25519")
             a.verify("k", DATA, b.sign("k", DATA))  # made on a, served by b
@@ -66,6 +65,16 @@ def test_two_serve_nodes_on_one_database_serve_the_same_keys(
             a.delete("k")
             with pytest.raises(KeyNotFound):
                 b.sign("k", DATA)
+            # revoked through node b's config (the CLI on b's host): a refuses it at once
+            tenants = open_tenants(strongroom.config.load(configs[1]))
+            try:
+                tenants.revoke("acme", "app")
+            finally:
+                tenants.close()
+            with pytest.raises(AuthenticationFailed):
+                a.keys()
+            with pytest.raises(AuthenticationFailed):
+                b.keys()
     finally:
         for node in nodes:
             node.stop()
