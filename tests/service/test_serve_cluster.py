@@ -50,6 +50,11 @@ def test_two_serve_nodes_on_one_database_serve_the_same_keys(
     with strongroom.open(configs[0]) as ks:
         ks.vault_control().initialize()  # one vault, in the database, for both nodes
     token = tenant_token(configs[0])  # made through node a's config: both nodes know it
+    tenants = open_tenants(strongroom.config.load(configs[1]))
+    try:
+        admin = tenants.issue_token(None, "root", admin=True)
+    finally:
+        tenants.close()
     nodes: list[Service] = []
     try:
         nodes = [start_service(cfg) for cfg in configs]
@@ -75,6 +80,22 @@ def test_two_serve_nodes_on_one_database_serve_the_same_keys(
                 a.keys()
             with pytest.raises(AuthenticationFailed):
                 b.keys()
+        # one audit chain in the database, written by both nodes, verified through either
+        for n in nodes:
+            with httpx.Client(
+                transport=httpx.HTTPTransport(uds=str(n.socket)),
+                base_url="http://strongroom",
+                headers={"authorization": f"Bearer {admin}"},
+                timeout=60,
+            ) as c:
+                report = c.get("/v1/audit/verify").json()
+                assert report["ok"] and "audit_chain in" in report["path"], report
+                records = c.get("/v1/audit/records", params={"since": 0, "limit": 10_000})
+                ops = [(r["op"], r["result"]) for r in records.json()["records"]]
+                assert ("rotate", "ok") in ops and ("delete", "ok") in ops
+                assert len(ops) == report["records"]
+                newest = c.get("/v1/audit/records", params={"last": 1}).json()["records"]
+                assert [r["seq"] for r in newest] == [report["last_seq"]]
     finally:
         for node in nodes:
             node.stop()
