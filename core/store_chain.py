@@ -7,12 +7,13 @@ it (`{"seq":N,...,"prev":"<hash of record N-1>"}`), so the chain is the audit fi
 one line a row. This module knows nothing of the lines' contents. It only appends them in
 order, one at a time across every node:
 
-`append(build)` opens a transaction, takes an advisory lock of its own (the chain's, not
-the store's write lock, so a record never waits behind a key change and the two never
-deadlock: a key change that records an event takes the write lock, then the chain's; an
-append never takes the write lock), reads the tail row (its seq and the SHA-256 of its
-line), asks `build(seq, hash)` for the next line, inserts it and commits. A record is
-reported written only once PostgreSQL has committed it.
+`append_body(body)` is one statement (the common case): it reads the tail row, builds the
+next line on it (seq + 1, the SHA-256 of the tail's line as `prev`) and inserts it; two nodes
+racing for one seq are told apart by the primary key, and the loser runs again on the new
+tail. `append(build)` (a checkpoint, which signs the tail) reads the tail in a transaction,
+asks `build(seq, hash)` for the line and inserts it, again retried if it lost the race. A
+record is reported written only once PostgreSQL has committed it. No lock is held across
+nodes, so an append never waits behind a key change.
 
 The chain uses a connection of its own, never the catalog's: an event recorded during a
 key change (a write-ahead `started`) must stay when that change rolls back.
@@ -24,7 +25,7 @@ import hashlib
 import threading
 from collections.abc import Callable
 
-from .errors import CatalogError
+from .errors import CatalogError, StorageError
 from .store import Store
 
 SCHEMA_VERSION = 1
@@ -35,6 +36,25 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS audit_chain (seq BIGINT PRIMARY KEY, line TEXT NOT NULL)",
 )
+
+
+# One statement per record: the tail's seq and hash (SHA-256 of its line, computed by the
+# server) and the new line built on them, inserted at once. Two nodes appending at the same
+# moment build the same seq; the primary key lets one in and the other, once the first has
+# committed, fails and runs the statement again on the new tail. PostgreSQL only (sha256,
+# encode, convert_to): the embedded store keeps the audit log in its file.
+_APPEND = (
+    "WITH t AS (SELECT seq, line FROM audit_chain ORDER BY seq DESC LIMIT 1) "
+    "INSERT INTO audit_chain (seq, line) "
+    "SELECT n.seq, '{\"seq\":' || n.seq || ',' || CAST(? AS TEXT) || ',\"prev\":\"' "
+    "|| n.prev || '\"}' FROM (SELECT COALESCE((SELECT seq FROM t), 0) + 1 AS seq, "
+    "COALESCE((SELECT encode(sha256(convert_to(line, 'UTF8')), 'hex') FROM t), "
+    "repeat('0', 64)) AS prev) AS n "
+    "RETURNING seq, line"
+)
+RACES = 1000
+"""Appends lost to other nodes in a row before giving up (each loss means another record
+was written: the chain moves)."""
 
 
 class ChainTable:
@@ -71,22 +91,45 @@ class ChainTable:
             raise
         db.commit()
 
-    def append(self, build: Callable[[int, str], str]) -> tuple[int, str]:
-        """Append the line `build(tail_seq, tail_hash)` as record tail_seq + 1, in one
-        transaction under the chain's lock; return (its seq, its hash). `build` runs with the
-        lock held and may raise (nothing is written then)."""
+    def append_body(self, body: str) -> tuple[int, str]:
+        """Append the record whose fields between `seq` and `prev` are `body` (JSON members,
+        no braces) as the next record: one statement, which reads the tail and inserts the
+        line built on it (`{"seq":N,<body>,"prev":"<hash of N-1>"}`, exactly as `append`'s
+        `build` would). Return (its seq, its hash)."""
         db = self._store
         with self._lock, db.errors("write"):
-            try:
-                db.begin(CHAIN_LOCK)
-                seq, prev = self._tail()
-                line = build(seq, prev)
-                db.execute("INSERT INTO audit_chain VALUES (?, ?)", (seq + 1, line))
-                db.commit()
-            except BaseException:
-                db.rollback()
-                raise
-        return seq + 1, line_hash(line)
+            for _ in range(RACES):
+                try:
+                    row = db.execute(_APPEND, (body,)).fetchone()
+                except db.integrity_errors:  # another node took that seq: on the new tail
+                    continue
+                assert row is not None
+                return int(str(row[0])), line_hash(str(row[1]))
+        raise StorageError(f"cannot write the audit chain in {self.location}: always raced")
+
+    def append(self, build: Callable[[int, str], str]) -> tuple[int, str]:
+        """Append the line `build(tail_seq, tail_hash)` as record tail_seq + 1, in one
+        transaction; return (its seq, its hash). For a record whose text depends on the
+        tail (a checkpoint signs it): `build` runs between reading the tail and inserting,
+        and may raise (nothing is written then); it runs again if another node appended
+        in between."""
+        db = self._store
+        with self._lock, db.errors("write"):
+            for _ in range(RACES):
+                try:
+                    db.begin(CHAIN_LOCK)  # such appenders take turns among themselves
+                    seq, prev = self._tail()
+                    line = build(seq, prev)
+                    db.execute("INSERT INTO audit_chain VALUES (?, ?)", (seq + 1, line))
+                    db.commit()
+                except db.integrity_errors:  # an `append_body` took seq + 1 meanwhile
+                    db.rollback()
+                    continue
+                except BaseException:
+                    db.rollback()
+                    raise
+                return seq + 1, line_hash(line)
+        raise StorageError(f"cannot write the audit chain in {self.location}: always raced")
 
     def _tail(self) -> tuple[int, str]:
         row = self._store.execute(

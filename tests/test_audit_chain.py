@@ -185,8 +185,9 @@ def test_a_node_that_finds_the_chain_cut_records_it(cluster: tuple[str, Path, Pa
         sql(url, "DELETE FROM audit_chain WHERE seq > ?", top - 2)  # the last two, unseen
         ks.sign("k", b"after")
     rows = [json.loads(r[0]) for r in sql(url, "SELECT line FROM audit_chain ORDER BY seq")]
-    note = rows[-2]
-    assert note["op"] == "audit_log_shrank" and note["seq"] == top - 1
+    note = rows[-1]  # right after the first record that landed on the cut tail
+    assert rows[-2]["op"] == "sign" and rows[-2]["seq"] == top - 1
+    assert note["op"] == "audit_log_shrank" and note["seq"] == top
     assert (note["expected_seq"], note["found_seq"]) == (top, top - 2)
     done = run_cli(a, "--json", "audit", "verify")
     assert done.returncode == CORRUPT

@@ -58,6 +58,11 @@ class ChainLog(Protocol):
         the tail; return its (seq, hash)."""
         ...
 
+    def append_body(self, body: str) -> tuple[int, str]:
+        """Append `{"seq":N,<body>,"prev":"<tail hash>"}` as the next record in one go (the
+        tail read and the insert atomic); return its (seq, hash)."""
+        ...
+
     def tail(self) -> tuple[int, str]: ...
 
     def lines(self, since: int = 0, limit: int | None = None) -> list[bytes]:

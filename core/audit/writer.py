@@ -296,42 +296,37 @@ class Audit:
 
     # -- the chain -----------------------------------------------------------------------------
     def _append_chain(self, body: str, checkpoint: bool = False) -> dict[str, Any] | None:
-        """Append one record to the chain in the database (`chain.append`: one transaction
-        under the chain's lock, across every node); the chain fields are filled in here. A
-        chain whose tail is older than the newest record this process saw was cut: that is
-        recorded first, as the file writer does."""
+        """Append one record to the chain in the database (core/store_chain.py: atomic
+        across every node); the chain fields are filled in there. A record that lands right
+        after a tail older than the newest record this process wrote finds the chain cut:
+        that is recorded next, as the file writer does."""
         chain = self.chain
         assert chain is not None
         signed: dict[str, Any] | None = None
-        cut: list[int] = []
 
         def build(seq: int, prev: str) -> str:
             nonlocal signed
-            if seq < self._seq and not cut:
-                cut.append(seq)
-                return (
-                    f'{{"seq":{seq + 1},"time":{time.time():.6f},"actor":{self._actor_json},'
-                    f'"op":"{SHRANK_OP}","key":null,"backend":null,"result":"detected",'
-                    f'"expected_seq":{self._seq},"found_seq":{seq},"prev":"{prev}"}}'
-                )
-            record = body
-            if checkpoint:
-                assert self.signer is not None
-                cp = self.signer.sign(checkpoint_message(seq, prev))
-                record = _checkpoint_body(cp, seq, self.actor)
-                signed = {"seq": seq + 1, "covers": seq, "chain": prev}
-            return f'{{"seq":{seq + 1},{record},"prev":"{prev}"}}'
+            assert self.signer is not None
+            cp = self.signer.sign(checkpoint_message(seq, prev))
+            signed = {"seq": seq + 1, "covers": seq, "chain": prev}
+            return f'{{"seq":{seq + 1},{_checkpoint_body(cp, seq, self.actor)},"prev":"{prev}"}}'
 
         with self._lock:
             try:
-                self._seq, self._hash = chain.append(build)
-                if cut:  # that was the record of the cut: now the record itself
-                    self._seq, self._hash = chain.append(build)
+                seq, digest = chain.append(build) if checkpoint else chain.append_body(body)
+                if seq - 1 < self._seq:  # the tail we wrote on is older than our own last
+                    found, expected = seq - 1, self._seq
+                    seq, digest = chain.append_body(
+                        f'"time":{time.time():.6f},"actor":{self._actor_json},'
+                        f'"op":"{SHRANK_OP}","key":null,"backend":null,"result":"detected",'
+                        f'"expected_seq":{expected},"found_seq":{found}'
+                    )
             except StorageError as e:
                 # The store that holds the chain is unreachable: a StorageError as for any
                 # use of it (a service answers 503 with Retry-After); the operation is
                 # refused all the same, before it acts or before its result is returned.
                 raise StorageError(f"cannot write the audit chain: {e}") from None
+            self._seq, self._hash = seq, digest
             if checkpoint:
                 self._since_checkpoint = 0
                 self._checkpoint_due = self.checkpoint_every or 1 << 62
