@@ -6,6 +6,7 @@ into the database when a node gets `[store] url`."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import write_vault_config
+from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, run_cli, write_vault_config
 
 import strongroom
 from strongroom.errors import (
@@ -288,3 +289,37 @@ def test_postgres_gone_is_a_storage_error_then_it_recovers(pg_cluster: Any) -> N
         assert store.policies() == []  # the failed grant left nothing
     finally:
         store.close()
+
+
+def test_the_tenant_commands_on_a_node_host_change_the_database_and_audit_it(
+    pg_cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(VAULT_PASS_ENV, VAULT_PASSPHRASE)
+    url = pg_cluster.new_database()
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one = write_vault_config(tmp_path / "one", store_url=url)
+    two = write_vault_config(tmp_path / "two", store_url=url)
+    with strongroom.open(one) as ks:
+        ks.vault_control().initialize()
+    assert run_cli(one, "tenant", "create", "acme").returncode == 0
+    issued = run_cli(one, "--json", "tenant", "token", "issue", "acme", "app", "--grant", "sign")
+    assert issued.returncode == 0, issued.stderr
+    token = json.loads(issued.stdout)["token"]
+    listed = run_cli(two, "--json", "policy", "list")  # through the other node's config
+    assert json.loads(listed.stdout) == [
+        {"tenant": "acme", "identity": "app", "keys": "*", "permissions": ["sign"]}
+    ]
+    assert run_cli(two, "tenant", "token", "revoke", "acme", "app").returncode == 0
+    store = open_tenants(strongroom.config.load(one))
+    try:
+        with pytest.raises(AuthenticationFailed):
+            store.authenticate_token(token)
+    finally:
+        store.close()
+    assert not (tmp_path / "one" / "data" / "tenants.sqlite").exists()
+    with psycopg.connect(url, autocommit=True) as pg:
+        lines = [r[0] for r in pg.execute("SELECT line FROM audit_chain ORDER BY seq")]
+    ops = [(json.loads(line)["op"], json.loads(line)["result"]) for line in lines]
+    for op in ("tenant_create", "token_issue", "token_revoke"):
+        assert (op, "ok") in ops, (op, ops)
