@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 import strongroom
 from strongroom.audit import chain_records, verify_chain
 from strongroom.audit.log import GENESIS, line_hash
-from strongroom.errors import StorageError
+from strongroom.errors import AuditUnavailable, StorageError
 from strongroom.store_chain import open_chain
 
 CORRUPT = 9
@@ -237,3 +237,12 @@ def test_postgres_down_refuses_the_operation_then_it_recovers(
         assert verify_chain(chain).ok
     finally:
         chain.close()
+
+
+def test_a_closed_chain_refuses_instead_of_reconnecting(cluster: tuple[str, Path, Path]) -> None:
+    _, a, _ = cluster
+    with strongroom.open(a) as ks:
+        ks.generate("k", "ed25519")
+        ks.audit.close()  # nothing may run unrecorded, as with a closed file
+        with pytest.raises(AuditUnavailable, match="closed"):
+            ks.sign("k", b"unrecorded")

@@ -94,6 +94,7 @@ class Audit:
         HMAC key is (beside it). The writer closes the chain when it is closed."""
         self.mode = mode
         self.chain = chain if mode == "file" else None
+        self._chain_closed = False
         self.path = path
         self.actor = actor or default_actor()
         self._actor_json = json.dumps(self.actor)
@@ -302,6 +303,8 @@ class Audit:
         that is recorded next, as the file writer does."""
         chain = self.chain
         assert chain is not None
+        if self._chain_closed:  # the store would reconnect: refuse, as a closed file does
+            raise AuditUnavailable(f"the audit chain in {chain.location} is closed")
         signed: dict[str, Any] | None = None
 
         def build(seq: int, prev: str) -> str:
@@ -455,7 +458,8 @@ class Audit:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
-            if self.chain is not None:
+            if self.chain is not None and not self._chain_closed:
+                self._chain_closed = True
                 self.chain.close()
 
     @property
