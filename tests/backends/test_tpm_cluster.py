@@ -11,11 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
+import psycopg
 import pytest
 from conftest import CliResult, run_cli
+from server_support import start_service
 from tpm_support import PIN_ENV, TEST_PIN, VAULT_PASS, VAULT_PASS_ENV, Swtpm, write_config
 
 import strongroom
+from strongroom.service.tenants import Permission, open_tenants
 
 ENV = {PIN_ENV: TEST_PIN, VAULT_PASS_ENV: VAULT_PASS}
 NODES = 3
@@ -103,3 +107,51 @@ def test_each_node_opens_the_shared_vault_with_its_own_tpm_slot(
     for tpm in tpms:
         assert tpm.transient_handles() == []
         assert tpm.lockout_counter() == 0
+
+
+def test_a_node_that_cannot_open_the_vault_serves_nothing_from_it_and_says_why(
+    pg_cluster: Any, tmp_path: Path, tpms: list[Swtpm], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+    url = pg_cluster.new_database()
+    enrolled = node(tmp_path / "n0", tpms[0].tcti, url, ("tpm", "passphrase"))
+    with strongroom.open(enrolled) as ks:
+        ks.vault_control().initialize()
+    assert cli(enrolled, "vault", "enroll", "tpm").returncode == 0
+    lonely = node(tmp_path / "n1", tpms[1].tcti, url, ("tpm",))  # its TPM has no slot
+    with lonely.open("a", encoding="utf-8") as f:
+        f.write(f'\n[server]\nsocket = "{tmp_path / "n1" / "serve.sock"}"\nrate_limit = 0\n')
+    tenants = open_tenants(strongroom.config.load(lonely))
+    try:
+        tenants.create_tenant("acme")
+        token = tenants.issue_token("acme", "app")
+        tenants.grant("acme", "app", "*", [Permission.GENERATE, Permission.READ])
+        admin = tenants.issue_token(None, "root", admin=True)
+    finally:
+        tenants.close()
+    monkeypatch.delenv(VAULT_PASS_ENV)  # this node has its TPM only
+    service = start_service(lonely)
+    try:
+        with httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(service.socket)),
+            base_url="http://strongroom",
+            timeout=60,
+        ) as c:
+            made = c.post(
+                "/v1/keys",
+                json={"name": "k", "type": "ed25519"},
+                headers={"authorization": f"Bearer {token}"},
+            )
+            assert made.status_code == 400, made.text  # nothing from the vault
+            assert made.json()["error"]["type"] == "IntegrityError"
+            status = c.get("/v1/vault", headers={"authorization": f"Bearer {admin}"})
+            body = status.json()
+            assert status.status_code == 200 and body["unlocked"] is False, body
+            [failed] = body["unlock_failures"]
+            assert failed["method"] == "tpm" and "another TPM" in failed["reason"], failed
+    finally:
+        service.stop()
+    assert service.process.returncode == 0
+    with psycopg.connect(url, autocommit=True) as pg:
+        assert pg.execute("SELECT count(*) FROM keys").fetchone() == (0,)
