@@ -61,6 +61,8 @@ SERVER_KEYS = {
     "TCP, a user id on the Unix socket (default 256)",
     "audit_checkpoint_seconds": "sign an audit checkpoint this often when records are "
     "pending (default 60; 0: only every audit_checkpoint_every records and at shutdown)",
+    "lease_seconds": "with [store] url: the singleton jobs' lease in the database; another "
+    "node takes the jobs over this long after the holder stops renewing (default 15)",
     "shutdown_timeout": "seconds in-flight requests get to finish at shutdown (default 30)",
     "url": "where clients (the CLI, strongroom.connect) reach the service: unix:PATH or "
     "https://HOST:PORT",
@@ -151,6 +153,7 @@ class ServerConfig:
     rate_burst: int = 2_000
     shutdown_timeout: float = 30.0
     audit_checkpoint_seconds: float = 60.0
+    lease_seconds: float = 15.0
     head_timeout: float = 10.0
     body_timeout: float = 30.0
     keepalive_timeout: float = 5.0
@@ -561,6 +564,8 @@ def _parse_server(cfg: Config, table: Any) -> None:
             out.max_connections_per_peer = number(key, value, 1, 10_000_000)
         elif key == "audit_checkpoint_seconds":
             out.audit_checkpoint_seconds = float(number(key, value, 0, 86400, integer=False))
+        elif key == "lease_seconds":
+            out.lease_seconds = float(number(key, value, 1, 3600, integer=False))
         elif key == "url":
             if not isinstance(value, str) or not (
                 value.startswith("unix:") or value.startswith("https://")

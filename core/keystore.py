@@ -62,6 +62,7 @@ from .keystore_signer import _KeystoreSigner
 from .keystore_vault import _AuditedVault, _failed_slots, _unlocked, _vault_control, vault_restore
 from .secrets import Prompter, terminal_prompter
 from .store import open_store
+from .store_chain import open_chain
 from .types import OPERATION_USAGE, KeyInfo, KeyType, KeyVersion, Operation, Usage
 from .vaultstore import StoreVaultRecords
 
@@ -124,14 +125,21 @@ class Keystore(KeyLifecycle, KeySeeds, KeyCertificates):
             self.catalog.close()
             raise
         harden_process(config.core_dumps)
+        chain = None
         try:
+            if config.store_url is not None and config.audit == "file":
+                # A shared store: one chain in the database for every node (docs/audit.md).
+                chain = open_chain(config.store_url)
             self.audit = Audit(
                 config.audit,
                 config.data_dir / "audit.jsonl",
                 actor,
                 checkpoint_every=config.audit_checkpoint_every,
+                chain=chain,
             )
         except BaseException:  # no log, no keystore: nothing may run unrecorded
+            if chain is not None:
+                chain.close()
             self.catalog.close()
             raise
         if config.audit == "file":

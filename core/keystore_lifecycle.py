@@ -101,8 +101,12 @@ class KeyLifecycle:
                         with contextlib.suppress(Exception):
                             b.delete(replace(new, handle=handle))
                     raise
+                # Read inside the transaction (vault keys): the version this rotation made.
+                # Read after it, another node's rotation may have committed in between and
+                # the caller would be told of a version it did not make.
+                made = self.catalog.get(self.namespace, name)
             facts["version"] = new_version
-            return self.catalog.get(self.namespace, name)
+            return made
 
     def versions(self, name: str) -> list[KeyVersion]:
         """Every version of a key that still exists, oldest first; the last is primary."""

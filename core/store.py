@@ -80,8 +80,11 @@ class Store(Protocol):
         """Run one statement (`?` placeholders) in the transaction in progress, or on its own."""
         ...
 
-    def begin(self) -> None:
-        """Start the outermost write transaction; other writers wait until it ends."""
+    def begin(self, lock: int | None = None) -> None:
+        """Start the outermost write transaction; other writers wait until it ends. `lock`
+        names another lock than the store's write lock, for a table whose writers queue
+        apart from the rest (the audit chain, core/store_chain.py; PostgreSQL only: SQLite
+        has one write lock a file)."""
         ...
 
     def commit(self) -> None: ...

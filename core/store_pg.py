@@ -115,7 +115,7 @@ class PostgresStore:
             self._changes += cur.rowcount
         return cur
 
-    def begin(self) -> None:
+    def begin(self, lock: int | None = None) -> None:
         self._ready()
         try:
             self._conn.execute("BEGIN")
@@ -125,7 +125,9 @@ class PostgresStore:
             self._ready()
             self._conn.execute("BEGIN")
         self._in_transaction = True
-        self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+        self._conn.execute(
+            "SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK if lock is None else lock,)
+        )
 
     def commit(self) -> None:
         try:

@@ -18,8 +18,10 @@ class SqliteStore:
     for_update = ""
     integrity_errors: tuple[type[BaseException], ...] = (sqlite3.IntegrityError,)
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, what: str = "catalog", stamp: bool = True) -> None:
+        """`what` names the database in messages; `stamp`: keep the change stamp file."""
         self._path = path
+        self._what = what
         with self.errors("open"):
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -29,7 +31,9 @@ class SqliteStore:
             self._db.execute("PRAGMA synchronous=FULL")
             # Writers wait up to 10 s for the write lock instead of failing at once.
             self._db.execute("PRAGMA busy_timeout=10000")
-            self.stamp: _ChangeStamp | None = _ChangeStamp(path.with_name(path.name + ".stamp"))
+            self.stamp: _ChangeStamp | None = (
+                _ChangeStamp(path.with_name(path.name + ".stamp")) if stamp else None
+            )
 
     @property
     def location(self) -> str:
@@ -46,21 +50,21 @@ class SqliteStore:
         try:
             yield
         except sqlite3.OperationalError as e:
-            raise StorageError(f"cannot {doing} the catalog {self._path}: {e}") from None
+            raise StorageError(f"cannot {doing} the {self._what} {self._path}: {e}") from None
         except sqlite3.DatabaseError as e:
             if doing != "open":
                 raise
-            raise CatalogError(f"cannot open the catalog {self._path}: {e}") from None
+            raise CatalogError(f"cannot open the {self._what} {self._path}: {e}") from None
         except OSError as e:
             raise StorageError(
-                f"cannot {doing} the catalog {self._path}: {e.strerror or e}"
+                f"cannot {doing} the {self._what} {self._path}: {e.strerror or e}"
             ) from None
 
     def execute(self, sql: str, args: Sequence[object] = ()) -> sqlite3.Cursor:
         return self._db.execute(sql, tuple(args))
 
-    def begin(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
+    def begin(self, lock: int | None = None) -> None:
+        self._db.execute("BEGIN IMMEDIATE")  # the file's one write lock, whatever `lock`
 
     def commit(self) -> None:
         self._db.execute("COMMIT")

@@ -73,9 +73,20 @@ AUDIT = frozenset(
     }
 )
 """The audit/ package: the writer, the log format and the checkpoint signer Protocol."""
-STORE = frozenset({"strongroom.store", "strongroom.store_sqlite", "strongroom.store_pg"})
+STORE = frozenset(
+    {
+        "strongroom.store",
+        "strongroom.store_sqlite",
+        "strongroom.store_pg",
+        "strongroom.store_chain",
+        "strongroom.store_lease",
+    }
+)
 """The transactional store under the catalog (core/store.py): the Protocol and its SQLite and
-PostgreSQL implementations, where every difference between the two databases lives."""
+PostgreSQL implementations, where every difference between the two databases lives, and the
+hash-chained table the audit chain of a shared store is appended to (store_chain.py: it
+knows rows and hashes, not the audit package, which reaches it through `audit.ChainLog`), and
+the leases of singleton jobs on the database's clock (store_lease.py)."""
 ENGINE = (
     AUDIT
     | STORE

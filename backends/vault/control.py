@@ -204,6 +204,8 @@ class VaultControlMixin(KeySlots):
             )
             if self.rollback_counter is not None:
                 out["rollback_counter"] = state.tpm
+        elif self._unlock_failures:  # the last unlock failed: which slots, and why
+            out["unlock_failures"] = [dict(f) for f in self._unlock_failures]
         return out
 
     def verify_store(self) -> dict[str, Any]:

@@ -142,6 +142,9 @@ class KeySlots:
             self._report_failed_slots(failed, method)
             return master, method
         if failures:
+            # Kept for `vault_status` of the still locked vault: a node that cannot open
+            # the vault says which slots failed and why (docs/cluster.md).
+            self._unlock_failures = failed
             raise failures[-1]
         enrolled = sorted({str(s.get("method")) for s in slots if isinstance(s, dict)})
         raise AuthenticationFailed(

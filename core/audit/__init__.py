@@ -7,21 +7,33 @@ cryptography: the Keystore hands the writer a `CheckpointSigner` instead of bein
 
 from __future__ import annotations
 
-from .log import Problem, VerifyReport, last_seq, read_records, verify_log
+from .log import (
+    ChainLog,
+    Problem,
+    VerifyReport,
+    chain_records,
+    last_seq,
+    read_records,
+    verify_chain,
+    verify_log,
+)
 from .signer import CheckpointSignature, CheckpointSigner
 from .writer import Audit, AuditEvent, current_principal, current_requester, default_actor
 
 __all__ = [
     "Audit",
     "AuditEvent",
+    "ChainLog",
     "CheckpointSignature",
     "CheckpointSigner",
     "Problem",
+    "chain_records",
     "VerifyReport",
     "current_principal",
     "current_requester",
     "default_actor",
     "last_seq",
     "read_records",
+    "verify_chain",
     "verify_log",
 ]

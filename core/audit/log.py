@@ -17,10 +17,10 @@ import base64
 import hashlib
 import hmac
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -44,6 +44,32 @@ DEFAULT_SIGNING_KEY = "checkpoints"
 CHECKPOINT_CONTEXT = b"strongroom-audit-checkpoint-v1\n"
 INPUT_PREFIX = "hmac-sha256:"
 KEY_BYTES = 32
+
+
+class ChainLog(Protocol):
+    """The log kept in the store's database instead of a file, one line a row, appended
+    one at a time across every node (`strongroom.store_chain.ChainTable`; docs/audit.md,
+    "In the database"). Database trouble raises StorageError."""
+
+    location: str
+
+    def append(self, build: Callable[[int, str], str]) -> tuple[int, str]:
+        """Append `build(tail_seq, tail_hash)` as the next record, atomically with reading
+        the tail; return its (seq, hash)."""
+        ...
+
+    def append_body(self, body: str) -> tuple[int, str]:
+        """Append `{"seq":N,<body>,"prev":"<tail hash>"}` as the next record in one go (the
+        tail read and the insert atomic); return its (seq, hash)."""
+        ...
+
+    def tail(self) -> tuple[int, str]: ...
+
+    def lines(self, since: int = 0, limit: int | None = None) -> list[bytes]:
+        """The records' lines after seq `since`, in seq order."""
+        ...
+
+    def close(self) -> None: ...
 
 
 # -- hashing -----------------------------------------------------------------------------------
@@ -271,7 +297,38 @@ def verify_log(
         data = p.read_bytes()
     except OSError as e:
         raise InvalidArgument(f"cannot read the audit log {p}: {e.strerror}") from None
-    report = VerifyReport(str(p))
+    return verify_data(data, str(p), public_key, anchor)
+
+
+def verify_chain(
+    chain: ChainLog,
+    public_key: PublicKeyTypes | None = None,
+    anchor: tuple[int, str] | None = None,
+) -> VerifyReport:
+    """`verify_log` for the chain in the database: every row, in seq order, checked as the
+    lines of a file are. A row deleted is a missing seq, a row edited breaks the chain."""
+    data = b"".join(line + b"\n" for line in chain.lines())
+    return verify_data(data, f"audit_chain in {chain.location}", public_key, anchor)
+
+
+def chain_records(chain: ChainLog, since_seq: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+    """`read_records` for the chain in the database."""
+    if not isinstance(limit, int) or limit < 1 or limit > 10_000:
+        raise InvalidArgument("limit must be 1 to 10000")
+    if not isinstance(since_seq, int) or since_seq < 0:
+        raise InvalidArgument("since_seq must be 0 or more")
+    out = [parse_record(line) for line in chain.lines(since_seq, limit)]
+    return [r for r in out if r is not None]
+
+
+def verify_data(
+    data: bytes,
+    name: str,
+    public_key: PublicKeyTypes | None = None,
+    anchor: tuple[int, str] | None = None,
+) -> VerifyReport:
+    """`verify_log` of the log's bytes; `name` says where they came from."""
+    report = VerifyReport(name)
     want_fp = fingerprint(public_key) if public_key is not None else None
     report.signer = want_fp
     hashes: dict[int, tuple[str, int]] = {}  # seq -> (hash, line) of good records

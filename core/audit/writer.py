@@ -37,13 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from .. import _native
-from ..errors import AuditUnavailable
+from ..errors import AuditUnavailable, StorageError
 from .log import (
     CHECKPOINT_OP,
     GENESIS,
     INPUT_PREFIX,
     KEY_CREATED_OP,
     SHRANK_OP,
+    ChainLog,
     checkpoint_message,
     find_tail,
     input_hmac,
@@ -86,8 +87,14 @@ class Audit:
         actor: str | None = None,
         *,
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+        chain: ChainLog | None = None,
     ) -> None:
+        """`chain`: with mode `file`, the records go to this chain in the store's database
+        (shared by every node) instead of the file at `path`; `path` still says where the
+        HMAC key is (beside it). The writer closes the chain when it is closed."""
         self.mode = mode
+        self.chain = chain if mode == "file" else None
+        self._chain_closed = False
         self.path = path
         self.actor = actor or default_actor()
         self._actor_json = json.dumps(self.actor)
@@ -115,7 +122,11 @@ class Audit:
         if mode in ("file", "log") and path is not None:
             self._key, made_key = open_key(key_path_for(path), create=True)
             self._mac = _Hmac(self._key)
-        if mode == "file" and path is not None:
+        if self.chain is not None:
+            # A node's own HMAC key: a new node joining a chain others wrote is no sign of a
+            # lost key, so no KEY_CREATED record here (docs/audit.md, "In the database").
+            _OPEN.add(self)
+        elif mode == "file" and path is not None:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             try:
                 self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -192,6 +203,29 @@ class Audit:
                 logger.info("%s", json.dumps(event, sort_keys=True))
         if self.mode != "file":
             return
+        if self.chain is not None and self._fd is None:
+            if mac is None and payload is not None and self._mac is not None:
+                mac = self._mac.hex(payload)
+            fixed = self._fixed.get((principal, operation, key, backend, result))
+            if fixed is None:
+                fixed = self._fixed_json(principal, operation, key, backend, result)
+            body = f'"time":{_time():.6f},{fixed}'
+            if mac is not None:
+                body += f',"input":"{INPUT_PREFIX}{mac}"'
+            for name, value in detail.items():
+                body += f",{_encode_str(name)}:{_encode_value(value)}"
+            try:
+                self._append_chain(body)
+            except StorageError:
+                if result != StorageError.__name__:
+                    raise
+                # The operation failed because the store is unreachable, and the chain lives
+                # in that store: it returns nothing, so its own StorageError stands.
+                logger.warning("could not record a failed %s: the store is unreachable", operation)
+                return
+            if self._since_checkpoint >= self._checkpoint_due and not self._checkpointing:
+                self._auto_checkpoint()
+            return
         # Built by hand: this runs on every operation and json.dumps of a dict is slow. The
         # fields after the time repeat from call to call, so their JSON is cached.
         fixed = self._fixed.get((principal, operation, key, backend, result))
@@ -262,8 +296,51 @@ class Audit:
         return fixed
 
     # -- the chain -----------------------------------------------------------------------------
+    def _append_chain(self, body: str, checkpoint: bool = False) -> dict[str, Any] | None:
+        """Append one record to the chain in the database (core/store_chain.py: atomic
+        across every node); the chain fields are filled in there. A record that lands right
+        after a tail older than the newest record this process wrote finds the chain cut:
+        that is recorded next, as the file writer does."""
+        chain = self.chain
+        assert chain is not None
+        if self._chain_closed:  # the store would reconnect: refuse, as a closed file does
+            raise AuditUnavailable(f"the audit chain in {chain.location} is closed")
+        signed: dict[str, Any] | None = None
+
+        def build(seq: int, prev: str) -> str:
+            nonlocal signed
+            assert self.signer is not None
+            cp = self.signer.sign(checkpoint_message(seq, prev))
+            signed = {"seq": seq + 1, "covers": seq, "chain": prev}
+            return f'{{"seq":{seq + 1},{_checkpoint_body(cp, seq, self.actor)},"prev":"{prev}"}}'
+
+        with self._lock:
+            try:
+                seq, digest = chain.append(build) if checkpoint else chain.append_body(body)
+                if seq - 1 < self._seq:  # the tail we wrote on is older than our own last
+                    found, expected = seq - 1, self._seq
+                    seq, digest = chain.append_body(
+                        f'"time":{time.time():.6f},"actor":{self._actor_json},'
+                        f'"op":"{SHRANK_OP}","key":null,"backend":null,"result":"detected",'
+                        f'"expected_seq":{expected},"found_seq":{found}'
+                    )
+            except StorageError as e:
+                # The store that holds the chain is unreachable: a StorageError as for any
+                # use of it (a service answers 503 with Retry-After); the operation is
+                # refused all the same, before it acts or before its result is returned.
+                raise StorageError(f"cannot write the audit chain: {e}") from None
+            self._seq, self._hash = seq, digest
+            if checkpoint:
+                self._since_checkpoint = 0
+                self._checkpoint_due = self.checkpoint_every or 1 << 62
+            else:
+                self._since_checkpoint += 1
+            return signed
+
     def _append(self, body: str, checkpoint: bool = False) -> dict[str, Any] | None:
         """Write one record under the file lock; the chain fields are filled in here."""
+        if self.chain is not None:
+            return self._append_chain(body, checkpoint)
         with self._lock:
             fd = self._fd
             if fd is None:
@@ -381,6 +458,9 @@ class Audit:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+            if self.chain is not None and not self._chain_closed:
+                self._chain_closed = True
+                self.chain.close()
 
     @property
     def pending(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
@@ -22,6 +23,9 @@ from ._io import (
 )
 from ._state import State, pass_state
 
+if TYPE_CHECKING:
+    from ..audit import ChainLog
+
 
 @click.group(cls=StrongroomSubGroup)
 def audit() -> None:
@@ -29,7 +33,10 @@ def audit() -> None:
 
 
 _log_option = click.option(
-    "--file", "file", metavar="FILE", help="The log (default: audit.jsonl in data_dir)."
+    "--file",
+    "file",
+    metavar="FILE",
+    help="The log (default: audit.jsonl in data_dir, or the chain in [store] url's database).",
 )
 
 
@@ -37,6 +44,19 @@ def _audit_path(state: State, file: str | None) -> Path:
     if file is not None:
         return Path(file)
     return config_mod.load(state.config).data_dir / "audit.jsonl"
+
+
+def _chain(state: State, file: str | None) -> ChainLog | None:
+    """The chain in the shared store (docs/audit.md, "In the database") when the config
+    names one and no --file was given; else None (the file)."""
+    if file is not None:
+        return None
+    cfg = config_mod.load(state.config)
+    if cfg.store_url is None or cfg.audit != "file":
+        return None
+    from ..store_chain import open_chain
+
+    return open_chain(cfg.store_url)
 
 
 def _load_public(path: str) -> PublicKeyTypes:
@@ -74,12 +94,18 @@ def _anchor(text: str | None) -> tuple[int, str] | None:
 @pass_state
 def audit_verify(state: State, file: str | None, public: str | None, anchor: str | None) -> None:
     """Check the hash chain and checkpoint signatures; exit 9 naming the first bad record."""
-    from ..audit import verify_log
+    from ..audit import verify_chain, verify_log
 
-    path = _audit_path(state, file)
     expected = _anchor(anchor)
     key = _load_public(public) if public else state.local("audit verify").audit_public_key()
-    report = verify_log(path, key, expected)
+    chain = _chain(state, file)
+    if chain is not None:
+        try:
+            report = verify_chain(chain, key, expected)
+        finally:
+            chain.close()
+    else:
+        report = verify_log(_audit_path(state, file), key, expected)
     for warning in report.warnings:
         if not state.json:
             click.echo(f"strongroom: warning: {warning}", err=True)
@@ -109,9 +135,16 @@ def audit_verify(state: State, file: str | None, public: str | None, anchor: str
 @pass_state
 def audit_list(state: State, file: str | None, since: int, limit: int) -> None:
     """Print records (JSON lines), oldest first; this does not verify them."""
-    from ..audit import read_records
+    from ..audit import chain_records, read_records
 
-    records = read_records(_audit_path(state, file), since, limit)
+    chain = _chain(state, file)
+    if chain is not None:
+        try:
+            records = chain_records(chain, since, limit)
+        finally:
+            chain.close()
+    else:
+        records = read_records(_audit_path(state, file), since, limit)
     state.emit(records, lambda: "\n".join(json.dumps(r, sort_keys=True) for r in records))
 
 

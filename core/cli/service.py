@@ -69,11 +69,9 @@ def _tenants(state: State) -> Any:
     """The tenants store: local (file access to the data dir is admin), or the service's."""
     if state.remote():
         return state.service()
-    from ..service.tenants import TenantStore
+    from ..service.tenants import open_tenants
 
-    cfg = config_mod.load(state.config)
-    cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return TenantStore(cfg.data_dir / "tenants.sqlite")
+    return open_tenants(config_mod.load(state.config))
 
 
 def _audit_change(state: State, operation: str, **detail: Any) -> Any:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from ..audit import last_seq, read_records, verify_log
+from ..audit import chain_records, last_seq, read_records, verify_chain, verify_log
 from ..keystore import Keystore
 from .codec import HttpError, Request, int_query, jsonable, opt_str, policy_body
 from .tenants import TenantStore, parse_permissions
@@ -46,22 +46,33 @@ class AdminHandlers:
     # -- audit ---------------------------------------------------------------------------------
     async def audit_records(self, req: Request) -> Any:
         path = self.ks.config.data_dir / "audit.jsonl"
+        chain = self.ks.audit.chain  # the chain in the shared store, if there is one
         limit = int_query(req.query, "limit", 100, 1, 10_000)
         if "last" in req.query:  # the newest N records
             if "since" in req.query:
                 raise HttpError(400, "InvalidArgument", "give since or last, not both")
             last = int_query(req.query, "last", 100, 1, 10_000)
-            newest = await asyncio.to_thread(last_seq, path)
+            if chain is not None:
+                newest = (await asyncio.to_thread(chain.tail))[0]
+            else:
+                newest = await asyncio.to_thread(last_seq, path)
             since, limit = max(0, newest - last), last
         else:
             since = int_query(req.query, "since", 0, 0, 1 << 62)
-        records = await asyncio.to_thread(read_records, path, since, limit)
+        if chain is not None:
+            records = await asyncio.to_thread(chain_records, chain, since, limit)
+        else:
+            records = await asyncio.to_thread(read_records, path, since, limit)
         return {"records": records}
 
     async def audit_verify(self, req: Request) -> Any:
         path = self.ks.config.data_dir / "audit.jsonl"
+        chain = self.ks.audit.chain
         public = await asyncio.to_thread(self.ks.audit_public_key)
-        report = await asyncio.to_thread(verify_log, path, public)
+        if chain is not None:
+            report = await asyncio.to_thread(verify_chain, chain, public)
+        else:
+            report = await asyncio.to_thread(verify_log, path, public)
         return report.to_dict()
 
     async def audit_checkpoint(self, req: Request) -> Any:

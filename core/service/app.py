@@ -292,7 +292,7 @@ class App(KeyHandlers, AdminHandlers):
         token = current_principal.set(actor)
         try:
             self.ks.audit.record(op, key, e.kind, None, None, status=e.status, client=peer, **extra)
-        except AuditUnavailable as failure:  # the request is refused anyway
+        except (AuditUnavailable, StorageError) as failure:  # the request is refused anyway
             log.warning("could not record a refused request: %s", failure)
         finally:
             current_principal.reset(token)
@@ -308,7 +308,7 @@ class App(KeyHandlers, AdminHandlers):
                 self.ks.audit.record(
                     "refused_since", None, kind, None, None, client=peer, suppressed=count
                 )
-            except AuditUnavailable as failure:
+            except (AuditUnavailable, StorageError) as failure:
                 log.warning("could not record refused requests: %s", failure)
                 return
             finally:

@@ -9,24 +9,27 @@ Tokens are `srt_<id>_<secret>`: the id finds the row, and only SHA-256(secret) i
 stored (the secret is 32 random bytes, so a slow hash would add nothing). A token is
 shown once, when it is issued. A client certificate is pinned by the SHA-256 of its DER.
 
-The store is SQLite (`tenants.sqlite` in the data dir), with a schema version, like the
-catalog. See docs/server.md.
+The store is the keystore's database when `[store] url` names one (PostgreSQL: every
+node sees every change at its next request), else SQLite (`tenants.sqlite` in the data
+dir); either way with a versioned schema, like the catalog. See docs/server.md and
+docs/cluster.md.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import fnmatch
 import hashlib
 import hmac
 import re
 import secrets
-import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import (
     AuthenticationFailed,
@@ -35,9 +38,14 @@ from ..errors import (
 )
 from ..errors import NotPermitted as NotPermitted  # in errors.py; importable here as before
 from ..errors import TenantNotFound as TenantNotFound
+from ..store import Store, open_store
+from ..store_sqlite import SqliteStore
 from .wire import Permission as Permission  # defined with the wire format
 
-SCHEMA_VERSION = 1
+if TYPE_CHECKING:
+    from ..config import Config
+
+SCHEMA_VERSION = 2
 TOKEN_PREFIX = "srt_"  # noqa: S105 - a prefix, not a secret
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _PATTERN = re.compile(r"[A-Za-z0-9_.*?\[\]!-]{1,128}")
@@ -119,9 +127,13 @@ class Policy:
         }
 
 
+# Schema 1: the tables of `tenants.sqlite` as it was first written. A new store is created
+# as schema 1 and then migrated, so the upgrade path of an existing one is the one every new
+# store takes too. The DDL is written once for SQLite and PostgreSQL (core/store.py): on
+# PostgreSQL these tables share the database with the catalog (`meta` is the same table).
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS tenants (name TEXT PRIMARY KEY, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS tenants (name TEXT PRIMARY KEY, created DOUBLE PRECISION NOT NULL);
 CREATE TABLE IF NOT EXISTS identities (
     id TEXT PRIMARY KEY,
     tenant TEXT,
@@ -129,8 +141,8 @@ CREATE TABLE IF NOT EXISTS identities (
     admin INTEGER NOT NULL,
     token_hash TEXT,
     cert_sha256 TEXT UNIQUE,
-    created REAL NOT NULL,
-    revoked REAL
+    created DOUBLE PRECISION NOT NULL,
+    revoked DOUBLE PRECISION
 );
 CREATE TABLE IF NOT EXISTS policies (
     tenant TEXT NOT NULL,
@@ -138,8 +150,19 @@ CREATE TABLE IF NOT EXISTS policies (
     keys TEXT NOT NULL,
     permissions TEXT NOT NULL,
     PRIMARY KEY (tenant, identity, keys)
-);
+)
 """
+
+# Schema 2: the change stamp. Every change writes a fresh random `tenants_stamp` in its own
+# transaction; a reader (each node's cache of tokens and policies) compares it at the start
+# of each request, so a change made on any node is seen on every node's next request. (The
+# version stays under the key `schema`, so a Strongroom that knows only schema 1, and
+# would change rows without the stamp, refuses the store.)
+_MIGRATE_1_TO_2 = ("INSERT INTO meta VALUES ('tenants_stamp', '0') ON CONFLICT (key) DO NOTHING",)
+
+LEGACY_FILE = "tenants.sqlite"
+"""The embedded tenants store in the data dir; with `[store] url` set, an existing one is
+moved into the database on first open and renamed `tenants.sqlite.moved`."""
 
 
 def _hash_secret(secret: str) -> str:
@@ -151,46 +174,145 @@ def cert_fingerprint(der: bytes) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
-class TenantStore:
-    """The tenants database. Thread-safe; lookups of tokens are cached until a change."""
+def _perms(text: str) -> frozenset[Permission]:
+    return frozenset(Permission(p) for p in text.split(","))
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+
+def _perms_text(perms: Iterable[Permission]) -> str:
+    return ",".join(sorted(p.value for p in perms))
+
+
+def open_tenants(config: Config) -> TenantStore:
+    """The tenants store of a config: in the database `[store] url` names (shared by every
+    node), else `tenants.sqlite` in the data dir. A `tenants.sqlite` left in the data dir of
+    a node that now has a database is moved into it (`TenantStore.import_file`)."""
+    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    legacy = config.data_dir / LEGACY_FILE
+    if config.store_url is None:
+        return TenantStore(legacy)
+    store = TenantStore(open_store(config.store_url, config.data_dir))
+    try:
+        if legacy.exists():
+            store.import_file(legacy)
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+class TenantStore:
+    """The tenants, identities and policies. Thread-safe.
+
+    `store` is the database (core/store.py): a path opens an SQLite file there (the
+    embedded default, `tenants.sqlite`); a PostgreSQL store is the one every node shares.
+    Token and policy lookups are cached while the database's change stamp is unchanged;
+    the stamp is read once per request (`authenticate_token`, `authenticate_certificate`),
+    so no cached answer outlives a change committed by any node before the request."""
+
+    def __init__(self, store: Store | Path) -> None:
+        if isinstance(store, Path):
+            self.path: Path | None = store
+            store = SqliteStore(store, what="tenants store", stamp=False)
+        else:
+            self.path = store.path
+        self._store: Store = store
+        self.location = store.location
+        self._lock = threading.RLock()
         try:
-            path.chmod(0o600)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA busy_timeout=5000")
-            self._db.executescript(_SCHEMA)
-            row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if row is None:
-                self._db.execute(
-                    "INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
-                )
-            elif int(row[0]) > SCHEMA_VERSION:
-                raise InvalidArgument(
-                    f"{path} has tenants schema {row[0]}; this Strongroom reads up to "
-                    f"{SCHEMA_VERSION}: upgrade Strongroom"
-                )
+            if self.path is not None:
+                self.path.chmod(0o600)
+            with store.errors("open"):
+                self._migrate()
         except BaseException:
-            self._db.close()
+            store.close()
             raise
-        self._stamp: tuple[int, int] = (-1, -1)
+        self._stamp = ""
         self._policies: dict[tuple[str, str], list[Policy]] = {}
         self._tokens: dict[str, tuple[Identity, str] | None] = {}
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            self._store.close()
 
-    # -- cache ---------------------------------------------------------------------------------
+    def _migrate(self) -> None:
+        db = self._store
+        db.begin()  # two nodes opening a new database at once create it once
+        try:
+            for stmt in _SCHEMA.strip().split(";"):
+                if stmt.strip():
+                    db.execute(stmt)
+            row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:  # a new store: schema 1, then the same steps as an old one
+                db.execute("INSERT INTO meta VALUES ('schema', '1')")
+                found = 1
+            else:
+                found = int(str(row[0]))
+            if found > SCHEMA_VERSION:
+                raise InvalidArgument(
+                    f"{self.location} has tenants schema {found}; this Strongroom reads up "
+                    f"to {SCHEMA_VERSION}: upgrade Strongroom"
+                )
+            for version, steps in ((1, _MIGRATE_1_TO_2),):
+                if found == version:
+                    for stmt in steps:
+                        db.execute(stmt)
+                    found = version + 1
+                    db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(found),))
+        except BaseException:
+            db.rollback()
+            raise
+        db.commit()
+
+    @property
+    def schema_version(self) -> int:
+        row = self._read_one("SELECT value FROM meta WHERE key='schema'", ())
+        assert row is not None  # made by _migrate
+        return int(str(row[0]))
+
+    # -- database access -------------------------------------------------------------------------
+    def _read_one(self, sql: str, args: tuple[object, ...]) -> tuple[object, ...] | None:
+        with self._lock, self._store.errors("read"):
+            row = self._store.execute(sql, args).fetchone()
+            return None if row is None else tuple(row)
+
+    def _read_all(self, sql: str, args: tuple[object, ...]) -> list[tuple[object, ...]]:
+        with self._lock, self._store.errors("read"):
+            return [tuple(r) for r in self._store.execute(sql, args).fetchall()]
+
+    @contextlib.contextmanager
+    def _change(self) -> Iterator[Store]:
+        """One write transaction that ends by changing the stamp: every writer of the
+        database (every node) queues behind it (`Store.begin`), and every reader's cache
+        drops at its next request."""
+        with self._lock:
+            db = self._store
+            with db.errors("write"):
+                try:
+                    db.begin()
+                except BaseException:
+                    db.rollback()
+                    raise
+            try:
+                with db.errors("write"):
+                    yield db
+                    db.execute(
+                        "UPDATE meta SET value=? WHERE key='tenants_stamp'",
+                        (secrets.token_hex(8),),
+                    )
+                    db.commit()
+            except BaseException:
+                db.rollback()
+                raise
+            finally:
+                self._policies.clear()
+                self._tokens.clear()
+
     def _fresh(self) -> None:
-        """Drop cached lookups when another process (the CLI) changed the store."""
-        stamp = self._db.execute("PRAGMA data_version").fetchone()[0]
-        total = self._db.total_changes
-        if (stamp, total) != self._stamp:
-            self._stamp = (stamp, total)
+        """Drop cached lookups when any process or node changed the store (one query)."""
+        row = self._read_one("SELECT value FROM meta WHERE key='tenants_stamp'", ())
+        stamp = "" if row is None else str(row[0])
+        if stamp != self._stamp:
+            self._stamp = stamp
             self._policies.clear()
             self._tokens.clear()
 
@@ -199,84 +321,86 @@ class TenantStore:
         check_name("tenant", name)
         if name.startswith("_") or name == "default":
             raise InvalidArgument(f"the namespace {name!r} is reserved")
-        with self._lock:
-            try:
-                self._db.execute("INSERT INTO tenants VALUES (?, ?)", (name, time.time()))
-            except sqlite3.IntegrityError:
-                raise KeyExists(name, "tenants") from None
+        with self._change() as db:
+            if db.execute("SELECT 1 FROM tenants WHERE name=?", (name,)).fetchone():
+                raise KeyExists(name, "tenants")
+            db.execute("INSERT INTO tenants VALUES (?, ?)", (name, time.time()))
 
     def tenants(self) -> list[dict[str, object]]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT t.name, t.created, "
-                "(SELECT COUNT(*) FROM identities i WHERE i.tenant=t.name AND revoked IS NULL) "
-                "FROM tenants t ORDER BY t.name"
-            ).fetchall()
-        return [{"name": n, "created": c, "identities": k} for n, c, k in rows]
+        rows = self._read_all(
+            "SELECT t.name, t.created, "
+            "(SELECT COUNT(*) FROM identities i WHERE i.tenant=t.name AND revoked IS NULL) "
+            "FROM tenants t ORDER BY t.name",
+            (),
+        )
+        return [{"name": n, "created": c, "identities": int(str(k))} for n, c, k in rows]
 
     def tenant_exists(self, name: str) -> bool:
-        with self._lock:
-            return bool(self._db.execute("SELECT 1 FROM tenants WHERE name=?", (name,)).fetchone())
+        return self._read_one("SELECT 1 FROM tenants WHERE name=?", (name,)) is not None
 
     # -- identities ----------------------------------------------------------------------------
     def issue_token(self, tenant: str | None, name: str, *, admin: bool = False) -> str:
         """Make an identity with a new API token; return the token (shown once)."""
-        ident_id = self._new_identity(tenant, name, admin, cert=None)
         secret = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
-        with self._lock:
-            self._db.execute(
-                "UPDATE identities SET token_hash=? WHERE id=?", (_hash_secret(secret), ident_id)
-            )
+        ident_id = self._new_identity(tenant, name, admin, None, _hash_secret(secret))
         return f"{TOKEN_PREFIX}{ident_id}_{secret}"
 
     def add_certificate(
         self, tenant: str | None, name: str, der: bytes, *, admin: bool = False
     ) -> str:
         """Make an identity proved by the client certificate `der`; return its id."""
-        return self._new_identity(tenant, name, admin, cert=cert_fingerprint(der))
+        return self._new_identity(tenant, name, admin, cert_fingerprint(der), None)
 
-    def _new_identity(self, tenant: str | None, name: str, admin: bool, cert: str | None) -> str:
+    def _new_identity(
+        self, tenant: str | None, name: str, admin: bool, cert: str | None, token: str | None
+    ) -> str:
         check_name("identity", name)
         if tenant is None and not admin:
             raise InvalidArgument("an identity outside every tenant must be an admin")
         if tenant is not None and admin:
             raise InvalidArgument("an admin belongs to no tenant")
         ident_id = secrets.token_hex(8)
-        with self._lock:
+        with self._change() as db:
             if (
                 tenant is not None
-                and not self._db.execute("SELECT 1 FROM tenants WHERE name=?", (tenant,)).fetchone()
+                and not db.execute("SELECT 1 FROM tenants WHERE name=?", (tenant,)).fetchone()
             ):
                 raise TenantNotFound(f"no tenant named {tenant!r}")
-            live = self._db.execute(
-                "SELECT 1 FROM identities WHERE tenant IS ? AND name=? AND revoked IS NULL",
-                (tenant, name),
+            # `COALESCE(tenant, '')`: an admin's tenant is NULL, and no tenant is named ''.
+            live = db.execute(
+                "SELECT 1 FROM identities WHERE COALESCE(tenant, '')=? AND name=? "
+                "AND revoked IS NULL",
+                (tenant or "", name),
             ).fetchone()
             if live:
                 raise KeyExists(name, f"identities of {tenant or 'admin'}")
-            try:
-                self._db.execute(
-                    "INSERT INTO identities VALUES (?, ?, ?, ?, NULL, ?, ?, NULL)",
-                    (ident_id, tenant, name, int(admin), cert, time.time()),
-                )
-            except sqlite3.IntegrityError:
-                raise KeyExists("that certificate", "identities") from None
+            if (
+                cert is not None
+                and db.execute("SELECT 1 FROM identities WHERE cert_sha256=?", (cert,)).fetchone()
+            ):
+                raise KeyExists("that certificate", "identities")
+            db.execute(
+                "INSERT INTO identities VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
+                (ident_id, tenant, name, int(admin), token, cert, time.time()),
+            )
         return ident_id
 
     def identities(self, tenant: str | None = None) -> list[dict[str, object]]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT id, tenant, name, admin, token_hash IS NOT NULL, cert_sha256, created, "
-                "revoked FROM identities WHERE (? IS NULL OR tenant=?) ORDER BY tenant, name",
-                (tenant, tenant),
-            ).fetchall()
+        sql = (
+            "SELECT id, tenant, name, admin, token_hash, cert_sha256, created, revoked "
+            "FROM identities"
+        )
+        args: tuple[object, ...] = ()
+        if tenant is not None:
+            sql, args = sql + " WHERE tenant=?", (tenant,)
+        rows = self._read_all(sql + " ORDER BY tenant, name", args)
         return [
             {
                 "id": r[0],
                 "tenant": r[1],
                 "name": r[2],
                 "admin": bool(r[3]),
-                "kind": "token" if r[4] else "certificate",
+                "kind": "token" if r[4] is not None else "certificate",
                 "certificate_sha256": r[5],
                 "created": r[6],
                 "revoked": r[7],
@@ -285,12 +409,13 @@ class TenantStore:
         ]
 
     def revoke(self, tenant: str | None, name: str) -> None:
-        """Revoke an identity's token or certificate; its policies stay for a new one."""
-        with self._lock:
-            cur = self._db.execute(
+        """Revoke an identity's token or certificate; its policies stay for a new one.
+        Every node refuses it from its next request on."""
+        with self._change() as db:
+            cur = db.execute(
                 "UPDATE identities SET revoked=?, cert_sha256=NULL "
-                "WHERE tenant IS ? AND name=? AND revoked IS NULL",
-                (time.time(), tenant, name),
+                "WHERE COALESCE(tenant, '')=? AND name=? AND revoked IS NULL",
+                (time.time(), tenant or "", name),
             )
             if cur.rowcount == 0:
                 raise TenantNotFound(f"no live identity {name!r} in {tenant or 'admin'}")
@@ -307,15 +432,23 @@ class TenantStore:
             self._fresh()
             cached = self._tokens.get(ident_id, ...)
             if cached is ...:
-                row = self._db.execute(
+                row = self._read_one(
                     "SELECT tenant, name, admin, token_hash FROM identities "
                     "WHERE id=? AND revoked IS NULL AND token_hash IS NOT NULL",
                     (ident_id,),
-                ).fetchone()
+                )
                 cached = (
                     None
                     if row is None
-                    else (Identity(ident_id, row[0], row[1], bool(row[2])), row[3])
+                    else (
+                        Identity(
+                            ident_id,
+                            None if row[0] is None else str(row[0]),
+                            str(row[1]),
+                            bool(row[2]),
+                        ),
+                        str(row[3]),
+                    )
                 )
                 self._tokens[ident_id] = cached
         # compare even when there is no row, so that timing says nothing about the id
@@ -325,25 +458,27 @@ class TenantStore:
         return cached[0]
 
     def certificate_enrolled(self, der: bytes) -> bool:
-        with self._lock:
-            return bool(
-                self._db.execute(
-                    "SELECT 1 FROM identities WHERE cert_sha256=? AND revoked IS NULL",
-                    (cert_fingerprint(der),),
-                ).fetchone()
+        return (
+            self._read_one(
+                "SELECT 1 FROM identities WHERE cert_sha256=? AND revoked IS NULL",
+                (cert_fingerprint(der),),
             )
+            is not None
+        )
 
     def authenticate_certificate(self, der: bytes) -> Identity:
         with self._lock:
             self._fresh()
-            row = self._db.execute(
+            row = self._read_one(
                 "SELECT id, tenant, name, admin FROM identities "
                 "WHERE cert_sha256=? AND revoked IS NULL",
                 (cert_fingerprint(der),),
-            ).fetchone()
+            )
         if row is None:
             raise AuthenticationFailed("the client certificate is not enrolled")
-        return Identity(row[0], row[1], row[2], bool(row[3]))
+        return Identity(
+            str(row[0]), None if row[1] is None else str(row[1]), str(row[2]), bool(row[3])
+        )
 
     # -- policies ------------------------------------------------------------------------------
     def grant(
@@ -356,18 +491,19 @@ class TenantStore:
         perms = frozenset(permissions)
         if Permission.ADMIN in perms:
             raise InvalidArgument("admin is a role given to an identity, not a key permission")
-        with self._lock:
-            if not self._db.execute("SELECT 1 FROM tenants WHERE name=?", (tenant,)).fetchone():
+        with self._change() as db:
+            if not db.execute("SELECT 1 FROM tenants WHERE name=?", (tenant,)).fetchone():
                 raise TenantNotFound(f"no tenant named {tenant!r}")
-            row = self._db.execute(
+            row = db.execute(
                 "SELECT permissions FROM policies WHERE tenant=? AND identity=? AND keys=?",
                 (tenant, identity, keys),
             ).fetchone()
             if row:
-                perms |= frozenset(Permission(p) for p in row[0].split(","))
-            self._db.execute(
-                "INSERT OR REPLACE INTO policies VALUES (?, ?, ?, ?)",
-                (tenant, identity, keys, ",".join(sorted(p.value for p in perms))),
+                perms |= _perms(str(row[0]))
+            db.execute(
+                "INSERT INTO policies VALUES (?, ?, ?, ?) ON CONFLICT (tenant, identity, keys) "
+                "DO UPDATE SET permissions=excluded.permissions",
+                (tenant, identity, keys, _perms_text(perms)),
             )
         return Policy(tenant, identity, keys, perms)
 
@@ -375,60 +511,47 @@ class TenantStore:
         self, tenant: str, identity: str, keys: str, permissions: Iterable[Permission] | None
     ) -> None:
         """Take permissions back (all of them when `permissions` is None)."""
-        with self._lock:
-            row = self._db.execute(
+        with self._change() as db:
+            row = db.execute(
                 "SELECT permissions FROM policies WHERE tenant=? AND identity=? AND keys=?",
                 (tenant, identity, keys),
             ).fetchone()
             if row is None:
                 raise TenantNotFound(f"no policy for {identity!r} on {keys!r} in {tenant!r}")
-            left = (
-                frozenset()
-                if permissions is None
-                else frozenset(Permission(p) for p in row[0].split(",")) - set(permissions)
-            )
+            left = frozenset() if permissions is None else _perms(str(row[0])) - set(permissions)
             if left:
-                self._db.execute(
+                db.execute(
                     "UPDATE policies SET permissions=? WHERE tenant=? AND identity=? AND keys=?",
-                    (",".join(sorted(p.value for p in left)), tenant, identity, keys),
+                    (_perms_text(left), tenant, identity, keys),
                 )
             else:
-                self._db.execute(
+                db.execute(
                     "DELETE FROM policies WHERE tenant=? AND identity=? AND keys=?",
                     (tenant, identity, keys),
                 )
 
     def policies(self, tenant: str | None = None) -> list[Policy]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT tenant, identity, keys, permissions FROM policies "
-                "WHERE (? IS NULL OR tenant=?) ORDER BY tenant, identity, keys",
-                (tenant, tenant),
-            ).fetchall()
-        return [
-            Policy(t, i, k, frozenset(Permission(p) for p in perms.split(",")))
-            for t, i, k, perms in rows
-        ]
+        sql = "SELECT tenant, identity, keys, permissions FROM policies"
+        args: tuple[object, ...] = ()
+        if tenant is not None:
+            sql, args = sql + " WHERE tenant=?", (tenant,)
+        rows = self._read_all(sql + " ORDER BY tenant, identity, keys", args)
+        return [Policy(str(t), str(i), str(k), _perms(str(p))) for t, i, k, p in rows]
 
     def _policies_for(self, identity: Identity) -> list[Policy]:
         """The identity's policies, cached: `authenticate_token` at the start of each request
-        has checked the cache against the database already (one query per request)."""
+        has checked the cache against the database's stamp already (one query a request)."""
         assert identity.tenant is not None
         with self._lock:
             found = self._policies.get((identity.tenant, identity.name))
             if found is None:
-                rows = self._db.execute(
+                rows = self._read_all(
                     "SELECT keys, permissions FROM policies "
                     "WHERE tenant=? AND identity IN (?, '*')",
                     (identity.tenant, identity.name),
-                ).fetchall()
+                )
                 found = [
-                    Policy(
-                        identity.tenant,
-                        identity.name,
-                        k,
-                        frozenset(Permission(p) for p in perms.split(",")),
-                    )
+                    Policy(identity.tenant, identity.name, str(k), _perms(str(perms)))
                     for k, perms in rows
                 ]
                 self._policies[(identity.tenant, identity.name)] = found
@@ -452,6 +575,63 @@ class TenantStore:
             return False
         return any(permission in p.permissions for p in self._policies_for(identity))
 
+    # -- moving an embedded store into the database ----------------------------------------------
+    def import_file(self, path: Path) -> dict[str, int]:
+        """Copy the tenants, identities and policies of the embedded store at `path` into
+        this one, in one transaction, then rename the file `<name>.moved` (kept, not
+        deleted). Rows already here stay: a tenant of the same name is one tenant, an
+        identity of the same id is not copied again, and a policy of the same tenant,
+        identity and key pattern gets the union of both permission sets. So the data dirs
+        of several nodes may each be moved in, in any order; tokens issued by any of them
+        keep working on every node. Returns how many rows of each kind were copied."""
+        old = TenantStore(path)  # migrates the file first: the rows read have one shape
+        try:
+            tenants = old._read_all("SELECT name, created FROM tenants", ())
+            identities = old._read_all(
+                "SELECT id, tenant, name, admin, token_hash, cert_sha256, created, revoked "
+                "FROM identities",
+                (),
+            )
+            policies = old._read_all("SELECT tenant, identity, keys, permissions FROM policies", ())
+        finally:
+            old.close()
+        counts = {"tenants": 0, "identities": 0, "policies": 0}
+        with self._change() as db:
+            for row in tenants:
+                cur = db.execute(
+                    "INSERT INTO tenants VALUES (?, ?) ON CONFLICT (name) DO NOTHING", row
+                )
+                counts["tenants"] += max(cur.rowcount, 0)
+            for row in identities:
+                if db.execute("SELECT 1 FROM identities WHERE id=?", (row[0],)).fetchone():
+                    continue
+                cert = row[5]
+                if (
+                    cert is not None
+                    and db.execute(
+                        "SELECT 1 FROM identities WHERE cert_sha256=?", (cert,)
+                    ).fetchone()
+                ):
+                    raise KeyExists(f"the certificate of identity {row[2]!r}", "identities")
+                db.execute("INSERT INTO identities VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+                counts["identities"] += 1
+            for t, i, k, p in policies:
+                here = db.execute(
+                    "SELECT permissions FROM policies WHERE tenant=? AND identity=? AND keys=?",
+                    (t, i, k),
+                ).fetchone()
+                perms = _perms(str(p)) | (_perms(str(here[0])) if here else frozenset())
+                db.execute(
+                    "INSERT INTO policies VALUES (?, ?, ?, ?) ON CONFLICT (tenant, identity, "
+                    "keys) DO UPDATE SET permissions=excluded.permissions",
+                    (t, i, k, _perms_text(perms)),
+                )
+                counts["policies"] += 1
+        path.rename(path.with_name(path.name + ".moved"))
+        for suffix in ("-wal", "-shm"):  # SQLite's side files, empty once it closed
+            path.with_name(path.name + suffix).unlink(missing_ok=True)
+        return counts
+
 
 __all__ = [
     "KEY_PERMISSIONS",
@@ -462,6 +642,7 @@ __all__ = [
     "TenantNotFound",
     "TenantStore",
     "cert_fingerprint",
+    "open_tenants",
     "check_name",
     "check_pattern",
     "parse_permissions",

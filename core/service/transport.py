@@ -18,17 +18,20 @@ import ssl
 import stat
 import struct
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
+from ..audit.log import CHECKPOINT_OP, parse_record
 from ..config import Config, ServerConfig
 from ..errors import BackendUnavailable, InvalidArgument, StrongroomError
 from ..keystore import Keystore
 from ..kmip.server import KmipServer, KmipSettings, kmip_tls_context
 from ..kmip.store import ObjectStore
+from ..store_lease import Lease, open_lease
 from .app import App, log
-from .tenants import TenantStore
+from .tenants import TenantStore, open_tenants
 
 # -- serving -----------------------------------------------------------------------------------
 MAX_HEAD_BYTES = 16 * 1024
@@ -305,13 +308,24 @@ def serve(
     if settings.listen is not None and (settings.tls_cert is None or settings.tls_key is None):
         raise InvalidArgument("TCP needs TLS: set [server] tls_cert and tls_key")
     ks = Keystore(config, actor="strongroom-serve")
-    tenants = TenantStore(config.data_dir / "tenants.sqlite")
+    try:
+        tenants = open_tenants(config)
+    except BaseException:
+        ks.close()
+        raise
     kmip = _kmip_server(config, settings, ks, tenants) if settings.kmip_listen else None
     if not http:
         assert kmip is not None
         _serve_kmip_alone(kmip, ks, tenants, ready)
         return
     app = App(ks, tenants, settings)
+    lease = None
+    if config.store_url is not None:  # several nodes: the singleton jobs under a lease
+        try:
+            lease = open_lease(config.store_url, "jobs", settings.lease_seconds)
+        except BaseException:
+            app.close()
+            raise
     if kmip is not None:
         host, port = kmip.address
         threading.Thread(target=kmip.serve_forever, name="kmip", daemon=True).start()
@@ -329,8 +343,10 @@ def serve(
         loop_factory = uvloop.new_event_loop
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(_serve(app, settings, ready, kmip))
+            runner.run(_serve(app, settings, ready, kmip, lease))
     finally:
+        if lease is not None:  # closed already unless the service failed to start
+            lease.close()
         if kmip is not None:  # closed already unless the service failed to start
             kmip.close(0)
             kmip.store.close()
@@ -423,6 +439,7 @@ async def _serve(
     settings: ServerConfig,
     ready: Callable[[list[str]], None] | None,
     kmip: KmipServer | None = None,
+    lease: Lease | None = None,
 ) -> None:
     import uvicorn
 
@@ -484,7 +501,9 @@ async def _serve(
                     if t.done() and t.exception():
                         raise t.exception()  # type: ignore[misc]
             await asyncio.sleep(0.01)
-        if settings.audit_checkpoint_seconds > 0:
+        if lease is not None:  # a shared store: the jobs of one node at a time
+            tasks.append(asyncio.create_task(_singleton_jobs(app, lease, settings)))
+        elif settings.audit_checkpoint_seconds > 0:
             tasks.append(asyncio.create_task(_checkpoints(app, settings.audit_checkpoint_seconds)))
         if ready is not None:
             ready(where)
@@ -494,7 +513,7 @@ async def _serve(
             server.should_exit = True
         if kmip is not None:  # before the keystore closes (app.close, below)
             await asyncio.to_thread(kmip.close, settings.shutdown_timeout)
-        for task in tasks[len(servers) :]:  # the checkpoint timer
+        for task in tasks[len(servers) :]:  # the checkpoint timer, or the singleton jobs
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     finally:
@@ -504,6 +523,70 @@ async def _serve(
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(settings.socket)
         app.close()
+
+
+async def _singleton_jobs(app: App, lease: Lease, settings: ServerConfig) -> None:
+    """On a shared store (docs/cluster.md, "Singleton jobs"): every third of the lease time,
+    take or renew the lease `jobs` in the database; while this node holds it, it carries
+    out the scheduled deletions that are due and signs an audit checkpoint every
+    `audit_checkpoint_seconds` when the chain's last record is not one. A node that stops
+    renewing (killed, frozen, cut off from the database) loses the lease when it runs out
+    on the database's clock, and the next node to ask takes the jobs over. Taking and
+    losing the lease are audit records (`lease_acquired`, `lease_lost`)."""
+    holding = False
+    last_checkpoint = time.monotonic()
+
+    def note(op: str) -> None:
+        try:
+            app.ks.audit.record(op, None, "ok", None, None, lease=lease.name, holder=lease.holder)
+        except StrongroomError as e:
+            log.warning("could not record %s: %s: %s", op, type(e).__name__, e)
+
+    def jobs() -> None:
+        nonlocal last_checkpoint
+        try:
+            app.ks.purge_due()
+        except StrongroomError as e:  # the next round tries again
+            log.warning("scheduled deletions failed: %s: %s", type(e).__name__, e)
+        every = settings.audit_checkpoint_seconds
+        if every > 0 and time.monotonic() - last_checkpoint >= every:
+            last_checkpoint = time.monotonic()
+            try:
+                if not _chain_ends_signed(app.ks):
+                    app.ks.audit_checkpoint()
+            except StrongroomError as e:
+                log.warning("periodic audit checkpoint failed: %s: %s", type(e).__name__, e)
+
+    try:
+        while True:
+            try:
+                held = await asyncio.to_thread(lease.acquire)
+            except StrongroomError as e:  # the database away: we hold nothing we can prove
+                log.warning("cannot renew the jobs lease: %s: %s", type(e).__name__, e)
+                held = False
+            if held != holding:
+                holding = held
+                log.info("%s the singleton jobs lease", "took" if held else "lost")
+                await asyncio.to_thread(note, "lease_acquired" if held else "lease_lost")
+            if held:
+                await asyncio.to_thread(jobs)
+            await asyncio.sleep(lease.seconds / 3)
+    finally:
+        if holding:  # a clean shutdown hands the jobs over at once
+            with contextlib.suppress(StrongroomError):
+                lease.release()
+        lease.close()
+
+
+def _chain_ends_signed(ks: Keystore) -> bool:
+    """Whether the audit chain's last record is a checkpoint (nothing left to sign)."""
+    chain = ks.audit.chain
+    if chain is None:
+        return ks.audit.pending == 0
+    seq, _ = chain.tail()
+    last = chain.lines(max(0, seq - 1), 1)
+    rec = parse_record(last[0]) if last else None
+    return rec is None or rec.get("op") == CHECKPOINT_OP
 
 
 async def _checkpoints(app: App, every: float) -> None:
