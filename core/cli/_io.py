@@ -7,6 +7,7 @@ import codecs
 import contextlib
 import io
 import os
+import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -123,7 +124,11 @@ def write_output(path: str | None, data: bytes) -> None:
         out.flush()
         return
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    if os.fstat(fd).st_mode & 0o077:  # an existing file keeps its mode; a key must not
+    mode = os.fstat(fd).st_mode
+    # An existing regular file keeps its mode, and a key must not: make it the owner's. A
+    # device, FIFO or terminal (`--out /dev/null`, `--out /dev/stdout`) is not ours to
+    # change: as root, fchmod would make /dev/null root's alone for the whole machine.
+    if stat.S_ISREG(mode) and mode & 0o077:
         os.fchmod(fd, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
@@ -131,16 +136,33 @@ def write_output(path: str | None, data: bytes) -> None:
 
 class Output:
     """A file written beside its destination and renamed into place only on success, so a
-    failure never leaves partial plaintext and never clobbers an existing file. stdout is
-    written as it comes."""
+    failure never leaves partial plaintext and never clobbers an existing file. stdout, and
+    a destination that is not a regular file (a device, FIFO or terminal), are written as
+    the data comes."""
 
     def __init__(self, path: str | None) -> None:
         self.path = path
         self._tmp: str | None = None
+        self._opened: BinaryIO | None = None  # a special file we opened, closed at the end
         if path in (None, "-"):
             self.stream: BinaryIO = sys.stdout.buffer
             return
         target = Path(str(path))
+        try:
+            special = not stat.S_ISREG(os.stat(target).st_mode)
+        except FileNotFoundError:
+            special = False
+        except OSError as e:
+            raise InvalidArgument(f"cannot write {path}: {e.strerror}") from None
+        if special:
+            # A device, FIFO or terminal is written in place: a file renamed over it would
+            # replace the node itself (as root, /dev/null would become a regular file).
+            try:
+                self._opened = open(target, "wb", buffering=1 << 20)
+            except OSError as e:
+                raise InvalidArgument(f"cannot write {path}: {e.strerror}") from None
+            self.stream = self._opened
+            return
         directory = target.parent if str(target.parent) else Path(".")
         import tempfile
 
@@ -159,6 +181,10 @@ class Output:
             self._tmp = None
 
     def abort(self) -> None:
+        if self._opened is not None:
+            with contextlib.suppress(OSError):
+                self._opened.close()
+            self._opened = None
         if self._tmp is not None:
             self.stream.close()
             with contextlib.suppress(OSError):

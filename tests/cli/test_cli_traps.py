@@ -10,7 +10,9 @@ import os
 import re
 import resource
 import select
+import stat
 import subprocess
+import threading
 import tty
 from pathlib import Path
 
@@ -370,6 +372,75 @@ def test_decrypted_text_shows_on_a_terminal_but_binary_does_not(vault: Path) -> 
         r, shown = run_onto_terminal(vault, *decrypt, "--out", "-", input=binary_ct)
         assert_ok(r)
         assert shown == b"\x00\x01\xff\x1b[2J"
+
+
+# -- output to a device or a FIFO --------------------------------------------------------------
+
+
+def _special_files(tmp_path: Path) -> list[Path]:
+    """A FIFO, and when we may make one (root), a null device of our own: --out targets that
+    are not regular files. /dev/null itself is not used, so that a regression cannot change
+    the machine's."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o644)
+    found = [fifo]
+    if os.geteuid() == 0:
+        null = tmp_path / "null"
+        try:
+            os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        except PermissionError:  # a container without CAP_MKNOD
+            return found
+        os.chmod(null, 0o666)
+        found.append(null)
+    return found
+
+
+def _run_into(vault: Path, target: Path, *args: str, input: bytes) -> tuple[CliResult, bytes]:
+    """Run the CLI with `--out target`; a FIFO's reader collects what it wrote."""
+    if not stat.S_ISFIFO(os.stat(target).st_mode):
+        return run_cli(vault, *args, "--out", str(target), input=input), b""
+    got: list[bytes] = []
+
+    def read() -> None:
+        with open(target, "rb") as f:  # blocks until a writer opens it
+            got.append(f.read())
+
+    reader = threading.Thread(target=read, daemon=True)  # never holds up pytest's exit
+    reader.start()
+    r = run_cli(vault, *args, "--out", str(target), input=input)
+    if reader.is_alive():  # the CLI never opened the FIFO: release the reader
+        os.close(os.open(target, os.O_WRONLY | os.O_NONBLOCK))
+    reader.join(timeout=30)
+    assert not reader.is_alive()
+    return r, b"".join(got)
+
+
+@pytest.mark.parametrize("command", ["key sign", "encrypt"])
+def test_out_to_a_device_or_fifo_writes_in_place_and_keeps_the_node(
+    vault: Path, tmp_path: Path, command: str
+) -> None:
+    """`--out /dev/null` as root once made /dev/null mode 0600 for the whole machine (the
+    write path fchmod-ed whatever it opened), and the streaming path would have renamed a
+    regular file over the device node. A special file is written in place, untouched."""
+    args = ("key", "sign", "signer") if command == "key sign" else ("encrypt", "--key", "aes")
+    for target in _special_files(tmp_path):
+        before = os.stat(target)
+        listing = sorted(os.listdir(tmp_path))
+        r, written = _run_into(vault, target, *args, input=DATA)
+        assert_ok(r)
+        after = os.stat(target)
+        assert stat.S_IFMT(after.st_mode) == stat.S_IFMT(before.st_mode), target
+        assert stat.S_IMODE(after.st_mode) == stat.S_IMODE(before.st_mode), target
+        assert (after.st_ino, after.st_rdev) == (before.st_ino, before.st_rdev), target
+        assert sorted(os.listdir(tmp_path)) == listing  # no temporary file left beside it
+        if stat.S_ISFIFO(after.st_mode):  # what went through the FIFO is the real output
+            if command == "key sign":
+                sig = tmp_path / "sig"
+                sig.write_bytes(written)
+                assert_ok(run_cli(vault, "key", "verify", "signer", "--signature", str(sig),
+                                  input=DATA))  # fmt: skip
+            else:
+                assert assert_ok(run_cli(vault, "decrypt", input=written)).stdout == DATA
 
 
 # -- docs -------------------------------------------------------------------------------------

@@ -59,7 +59,9 @@ def _as_owner(root: Path) -> tuple[list[str], int, int]:
         user = pwd.getpwnam("nobody")
     prefix = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups"]
     if os.stat("/dev/null").st_mode & 0o006 != 0o006:
-        # Some containers make /dev/null root's alone; initdb's shell redirects into it.
+        # /dev/null may be root's alone: some containers ship it so, and until cli/_io.py
+        # stopped fchmod-ing special files, `strongroom ... --out /dev/null` run as root
+        # (tests/test_hostile.py) made it so. initdb's shell redirects into it.
         # Then the programs (and the server pg_ctl forks) run in a private mount namespace
         # with a world-writable null device of their own over it; the socket, in `root`,
         # is reachable from outside as before.
