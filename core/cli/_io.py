@@ -134,6 +134,31 @@ def write_output(path: str | None, data: bytes) -> None:
         f.write(data)
 
 
+class _WriteAll(io.RawIOBase):
+    """An unbuffered writer that writes all it is given (a raw write to a pipe may be short)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def write(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.write(self._fd, view[done:])
+        return done
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
 class Output:
     """A file written beside its destination and renamed into place only on success, so a
     failure never leaves partial plaintext and never clobbers an existing file. stdout, and
@@ -156,11 +181,14 @@ class Output:
             raise InvalidArgument(f"cannot write {path}: {e.strerror}") from None
         if special:
             # A device, FIFO or terminal is written in place: a file renamed over it would
-            # replace the node itself (as root, /dev/null would become a regular file).
+            # replace the node itself (as root, /dev/null would become a regular file). Like
+            # stdout it gets the data as it comes; unbuffered, so that a failure releases
+            # nothing more when the file is closed.
             try:
-                self._opened = open(target, "wb", buffering=1 << 20)
+                fd = os.open(target, os.O_WRONLY)
             except OSError as e:
                 raise InvalidArgument(f"cannot write {path}: {e.strerror}") from None
+            self._opened = cast(BinaryIO, _WriteAll(fd))
             self.stream = self._opened
             return
         directory = target.parent if str(target.parent) else Path(".")

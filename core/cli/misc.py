@@ -306,8 +306,9 @@ def encrypt_cmd(
 def decrypt_cmd(state: State, inp: str | None, out: str | None) -> None:
     """Decrypt an envelope from `strongroom encrypt`; its header names the key and version.
 
-    With --out, the file appears only if every chunk authenticates. On stdout, chunks are
-    written as they authenticate, and a failure exits non-zero after them."""
+    With --out FILE, the file appears only if every chunk authenticates. On stdout, or to a
+    device or FIFO, chunks are written as they authenticate, and a failure exits non-zero
+    after them."""
     ks = state.local("decrypt")
     with open_in(inp) as src, open_out(out) as dst, _progress(src, "decrypting") as bar:
         sink = dst.stream

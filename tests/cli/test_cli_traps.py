@@ -443,6 +443,26 @@ def test_out_to_a_device_or_fifo_writes_in_place_and_keeps_the_node(
                 assert assert_ok(run_cli(vault, "decrypt", input=written)).stdout == DATA
 
 
+def test_decrypt_to_a_fifo_releases_what_stdout_would_and_nothing_more(
+    vault: Path, tmp_path: Path
+) -> None:
+    """A device or FIFO is written as stdout is: chunks as they authenticate. A failure
+    (here the last chunk cut short) releases nothing beyond what stdout would have shown."""
+    plain = os.urandom(5000)
+    envelope = assert_ok(
+        run_cli(vault, "encrypt", "--key", "aes", "--chunk-size", "1024", input=plain)
+    ).stdout
+    cut = envelope[:-7]
+    on_stdout = run_cli(vault, "decrypt", input=cut)
+    assert on_stdout.returncode != OK
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    r, written = _run_into(vault, fifo, "decrypt", input=cut)
+    assert r.returncode == on_stdout.returncode
+    assert written == on_stdout.stdout
+    assert plain.startswith(written) and len(written) < len(plain)
+
+
 # -- docs -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("page", sorted(p.name for p in DOCS.glob("*.md")))
 def test_code_fences_in_docs_are_balanced(page: str) -> None:
