@@ -240,16 +240,9 @@ def run_cli(
     real_process: bool = False,
 ) -> CliResult:
     """Run `strongroom ARGS` with STRONGROOM_CONFIG=config; env entries of None are removed.
-
-    It runs in a child of the fork server, which behaves as a fresh `strongroom` process
-    (tests/cli_forkserver.py); a real process when `real_process`, for the commands that
-    serve or detach (`DETACHING_COMMANDS`), and when the environment, resource limits or
-    ids differ from the server's in something a process reads only when it starts."""
+    A child of the fork server or a real process: see `run_strongroom`."""
     full = dict(os.environ)
     full.setdefault(VAULT_PASS_ENV, VAULT_PASSPHRASE)
-    # Cache bytecode outside the repository: each run then skips recompiling core/ (~15%).
-    full.pop("PYTHONDONTWRITEBYTECODE", None)
-    full.setdefault("PYTHONPYCACHEPREFIX", str(PYCACHE))
     if config is not None:
         full["STRONGROOM_CONFIG"] = str(config)
     for k, v in (env or {}).items():
@@ -257,21 +250,40 @@ def run_cli(
             full.pop(k, None)
         else:
             full[k] = v
+    proc = run_strongroom(
+        args, input=input, env=full, cwd=cwd, timeout=timeout, real_process=real_process
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr.decode("utf-8", "replace"))
+
+
+def run_strongroom(
+    args: Sequence[str],
+    *,
+    input: bytes = b"",
+    env: Mapping[str, str],
+    cwd: Path | None = None,
+    timeout: float | None = 60,
+    real_process: bool = False,
+) -> subprocess.CompletedProcess[bytes]:
+    """`subprocess.run([strongroom, *args], input=input, capture_output=True, env=env, ...)`.
+
+    It runs in a child of the fork server, which behaves as a fresh `strongroom` process
+    (tests/cli_forkserver.py); in a real process when `real_process`, for the commands that
+    serve or detach (`DETACHING_COMMANDS`), and when the environment, resource limits or
+    ids differ from the server's in something a process reads only when it starts."""
+    full = dict(env)
+    # Cache bytecode outside the repository: each run then skips recompiling core/ (~15%).
+    full.pop("PYTHONDONTWRITEBYTECODE", None)
+    full.setdefault("PYTHONPYCACHEPREFIX", str(PYCACHE))
+    argv = [str(STRONGROOM_BIN), *args]
     if not real_process and _command_of(args) not in DETACHING_COMMANDS:
         server = fork_server()
         if server.eligible(full):
             done = server.run(args, input=input, env=full, cwd=cwd, timeout=timeout)
-            return CliResult(done.returncode, done.stdout, done.stderr.decode("utf-8", "replace"))
-    proc = subprocess.run(
-        [str(STRONGROOM_BIN), *args],
-        input=input,
-        capture_output=True,
-        env=full,
-        cwd=cwd,
-        timeout=timeout,
-        check=False,
+            return subprocess.CompletedProcess(argv, done.returncode, done.stdout, done.stderr)
+    return subprocess.run(
+        argv, input=input, capture_output=True, env=full, cwd=cwd, timeout=timeout, check=False
     )
-    return CliResult(proc.returncode, proc.stdout, proc.stderr.decode("utf-8", "replace"))
 
 
 CliRunner = Callable[..., CliResult]
