@@ -4,16 +4,20 @@ p11-kit's client module (docs/pkcs11-server.md)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from .. import config as config_mod
 from ..errors import ConfigError, InvalidArgument
-from ..pkcs11server import Pkcs11Server, Settings, TokenSpec
 from ..secrets import SecretSource
 from ._daemon import detach_or_serve, serve_until_signal
 from ._io import StrongroomCommand
 from ._state import State, pass_state
+
+# strongroom.pkcs11server is imported by the command, not by every start of the CLI.
+if TYPE_CHECKING:
+    from ..pkcs11server import Pkcs11Server
 
 
 @click.command("pkcs11-server", cls=StrongroomCommand)
@@ -33,6 +37,8 @@ def pkcs11_server(state: State, socket_path: str | None, foreground: bool) -> No
     (unless -D). Applications load p11-kit-client.so and see one slot per token of
     [pkcs11_server]; C_Login takes [pkcs11_server] pin. Works in process and through --server.
     """
+    from ..pkcs11server import Pkcs11Server, Settings, TokenSpec
+
     cfg = config_mod.load(state.config).pkcs11_server
     if not cfg.tokens:
         raise ConfigError("no keys to offer: set [pkcs11_server] keys (or tokens)")

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from .. import config as config_mod
 from ..errors import InvalidArgument
-from ..sshagent import Agent, AgentServer, AgentSettings, KeyPolicy, host_fingerprint
 from ._daemon import detach_or_serve, serve_until_signal
 from ._io import StrongroomCommand
 from ._state import State, pass_state
+
+# strongroom.sshagent is imported by the command that uses it, not by every start of the
+# CLI (it is a fifth of the CLI's import time).
+if TYPE_CHECKING:
+    from ..sshagent import AgentServer, AgentSettings, KeyPolicy
 
 
 @click.command("ssh-agent", cls=StrongroomCommand)
@@ -42,6 +47,8 @@ def ssh_agent(
     (unless -D). Offers the Ed25519, ECDSA P-256/P-384 and RSA signing keys that --keys or
     [ssh_agent] keys name, from any backend, in process or through --server.
     """
+    from ..sshagent import AgentServer, AgentSettings
+
     cfg = config_mod.load(state.config).ssh_agent
     settings = AgentSettings(
         patterns=tuple(p for p in patterns if p) or tuple(cfg.keys),
@@ -69,6 +76,8 @@ def ssh_agent(
 
 def _policy(p: config_mod.SshAgentPolicy) -> KeyPolicy:
     """A `[ssh_agent.policy."PATTERN"]` table as the agent keeps it (hosts as fingerprints)."""
+    from ..sshagent import KeyPolicy, host_fingerprint
+
     hosts = None
     if p.allowed_hosts is not None:
         try:
@@ -95,6 +104,8 @@ def _serve(
     state: State, server: AgentServer, settings: AgentSettings, ready_fd: int | None = None
 ) -> None:
     """Open the keystore, then serve until SIGTERM, SIGINT or SIGHUP (cli/_daemon.py)."""
+    from ..sshagent import Agent
+
     try:
         agent = Agent(state.keystore(), settings)
         agent.identities(strict=True)  # opens the keystore now: passphrase, PIN, token
