@@ -15,7 +15,8 @@ What makes the child the same as a process the kernel started from the script:
 - the child gets, as a subprocess would: stdin, stdout and stderr as pipes (new
   `sys.std*` objects made the way the interpreter makes them at startup), no other file
   descriptor, the caller's environment (os.environ replaced whole, so C code's getenv sees
-  it too), working directory and umask, `sys.argv` and `sys.path[0]` of the script;
+  it too), working directory, umask and resource limits, `sys.argv` and `sys.path[0]` of
+  the script;
 - it runs the script's code as `__main__` and then leaves the way the interpreter leaves a
   script: SystemExit's code, an uncaught exception's traceback and exit 1, an uncaught
   KeyboardInterrupt's death by SIGINT, non-daemon threads joined, atexit handlers run,
@@ -23,9 +24,9 @@ What makes the child the same as a process the kernel started from the script:
 - what a process reads once at startup or import time cannot be handed to a forked child,
   so a call whose environment differs from the server's in any such variable
   (`startup_sensitive`: locale, PYTHON*, loader, OpenSSL, STRONGROOM_NO_SECRETMEM, and
-  every variable the import of strongroom.cli read, recorded by the server), or whose
-  resource limits or ids differ from the server's, is not eligible: the caller runs a
-  real process instead.
+  every variable the import of strongroom.cli read, recorded by the server), or made with
+  other ids than the server's, or with a hard resource limit above the server's (a child
+  can lower a limit, not raise it), is not eligible: the caller runs a real process.
 
 Fresh-process state the child does share with its siblings: the hash seed of str and
 bytes, and the guarded-memory canary of strongroom._native (as every forked child does).
@@ -71,12 +72,18 @@ _HEADER = struct.Struct("!I")
 _STATUS = struct.Struct("!q")
 
 
-def _process_facts() -> dict[str, Any]:
-    """What a child inherits from its parent that the server cannot change per call."""
-    return {
-        "rlimits": {r: resource.getrlimit(r) for r in RLIMITS},
-        "ids": (os.getresuid(), os.getresgid(), sorted(os.getgroups())),
-    }
+def _rlimits() -> dict[int, tuple[int, int]]:
+    return {r: resource.getrlimit(r) for r in RLIMITS}
+
+
+def _ids() -> tuple[Any, ...]:
+    return (os.getresuid(), os.getresgid(), sorted(os.getgroups()))
+
+
+def _at_most(a: int, b: int) -> bool:
+    """a <= b for resource limits, where RLIM_INFINITY is the largest."""
+    inf = resource.RLIM_INFINITY
+    return b == inf or (a != inf and a <= b)
 
 
 def startup_sensitive(name: str, read_at_import: frozenset[str]) -> bool:
@@ -133,7 +140,8 @@ class ForkServer:
         finally:
             listener.close()
         self.read_at_import: frozenset[str] = frozenset(hello["read_at_import"])
-        self.facts: dict[str, Any] = hello["facts"]
+        self.rlimits: dict[int, tuple[int, int]] = hello["rlimits"]
+        self.ids: tuple[Any, ...] = hello["ids"]
 
     def _read_hello(self) -> dict[str, Any]:
         self._control.settimeout(120)
@@ -160,7 +168,11 @@ class ForkServer:
             if startup_sensitive(n, self.read_at_import)
         ):
             return False
-        return _process_facts() == self.facts
+        if _ids() != self.ids:
+            return False
+        # The child sets the caller's limits (pytest may have lowered some: opening a
+        # keystore sets RLIMIT_CORE to 0); it can lower a hard limit but not raise one.
+        return all(_at_most(hard, self.rlimits[r][1]) for r, (_, hard) in _rlimits().items())
 
     def run(
         self,
@@ -180,6 +192,7 @@ class ForkServer:
             "env": dict(env),
             "cwd": os.fspath(cwd) if cwd is not None else os.getcwd(),
             "umask": umask,
+            "rlimits": _rlimits(),
         }
         payload = pickle.dumps(request)
         stdin_r, stdin_w = os.pipe()
@@ -317,6 +330,7 @@ class _Request:
     env: dict[str, str]
     cwd: str
     umask: int
+    rlimits: dict[int, tuple[int, int]]
     fds: list[int]
 
 
@@ -374,7 +388,7 @@ def _recv_request(conn: socket.socket) -> _Request:
             raise RuntimeError("short request")
         payload += chunk
     r = pickle.loads(payload)
-    return _Request(r["args"], r["env"], r["cwd"], r["umask"], fds)
+    return _Request(r["args"], r["env"], r["cwd"], r["umask"], r["rlimits"], fds)
 
 
 def _handle(conn: socket.socket) -> _Request:
@@ -463,6 +477,9 @@ def _become(request: _Request, script: str, keep_fds: set[int]) -> None:
                 pass
     os.chdir(request.cwd)
     os.umask(request.umask)
+    for limit, values in request.rlimits.items():
+        if resource.getrlimit(limit) != values:
+            resource.setrlimit(limit, values)
     os.environ.clear()
     os.environ.update(request.env)
     sys.argv = [script, *request.args]
@@ -495,7 +512,9 @@ def _server_main(script: str, control_fd: int, listener_fd: int) -> tuple[_Reque
     read_at_import = _import_the_cli()
     opened = _open_fds() - before
     _check_clean()
-    hello = pickle.dumps({"read_at_import": sorted(read_at_import), "facts": _process_facts()})
+    hello = pickle.dumps(
+        {"read_at_import": sorted(read_at_import), "rlimits": _rlimits(), "ids": _ids()}
+    )
     control.sendall(_HEADER.pack(len(hello)) + hello)
     return _serve(control, listener), opened
 

@@ -204,6 +204,35 @@ def test_secretmem_off_is_honoured_through_run_cli(tmp_path: Path) -> None:
     assert "guarded pages leave the kernel's direct map" in on.stdout.decode(), on
 
 
+def test_the_callers_resource_limits_are_the_childs(probe: Path, server: ForkServer) -> None:
+    """Opening a keystore in pytest sets its RLIMIT_CORE to 0 (hard too): a process it starts
+    inherits that, and so must a forked child; a hard limit above the server's cannot be
+    given to a child, so such a call is not eligible."""
+    import resource
+
+    before = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lower = (min(before[0], 200), before[1])  # the soft limit: pytest can raise it back
+    args = ["report", str(os.getpid())]
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, lower)
+        assert server.eligible(FORK_SERVER_ENV)
+        forked = server.run(args, input=b"", env=FORK_SERVER_ENV, cwd=None, timeout=60)
+        real = subprocess.run(
+            [str(probe), *args], input=b"", env=FORK_SERVER_ENV, capture_output=True
+        )
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, before)
+    got, want = json.loads(forked.stdout), json.loads(real.stdout)
+    assert got["rlimits"]["RLIMIT_NOFILE"] == want["rlimits"]["RLIMIT_NOFILE"] == list(lower)
+    assert got == want
+    # a server whose hard limit is below the caller's cannot give the caller's to a child
+    import copy
+
+    low = copy.copy(server)
+    low.rlimits = {**server.rlimits, resource.RLIMIT_NOFILE: (100, 100)}
+    assert server.eligible(FORK_SERVER_ENV) and not low.eligible(FORK_SERVER_ENV)
+
+
 def test_the_command_word() -> None:
     assert _command_of(["--config", "serve", "key", "list"]) == "key"
     assert _command_of(["--json", "--server", "unix:/x", "ssh-agent", "-D"]) == "ssh-agent"
