@@ -62,9 +62,12 @@ from typing import Any
 STARTUP_NAMES = frozenset({"LANG", "LANGUAGE", "TZ", "GLIBC_TUNABLES", "STRONGROOM_NO_SECRETMEM"})
 """Variables a process reads while it starts (locale, time zone, loader) or while strongroom's
 native module loads (STRONGROOM_NO_SECRETMEM, read with getenv in C)."""
-STARTUP_PREFIXES = ("PYTHON", "LC_", "LD_", "MALLOC_", "OPENSSL_", "SSL_CERT_", "TSS2_")
-"""The interpreter's own variables, the locale's, the dynamic loader's and malloc's, OpenSSL's
-(read when it initialises) and the TPM stack's (a backend sets TSS2_LOG when imported)."""
+STARTUP_PREFIXES = ("PYTHON", "LC_", "LD_", "MALLOC_", "OPENSSL_", "SSL_CERT_")
+"""The interpreter's own variables, the locale's, the dynamic loader's and malloc's, and
+OpenSSL's (read when it initialises). Not the device libraries' (TSS2_*, SOFTHSM2_CONF...):
+the server loads none of them (`_check_clean`), so they read the child's environment."""
+DEVICE_MODULES = ("strongroom.backends", "tpm2_pytss", "pkcs11", "smartcard", "fido2")
+"""What the server must not have imported: the backends and the libraries they load."""
 
 RLIMITS = tuple(
     getattr(resource, name)
@@ -164,18 +167,27 @@ class ForkServer:
 
     def eligible(self, env: Mapping[str, str]) -> bool:
         """Whether a child of the server can stand for a process started with `env` now."""
+        return self.refusal(env) is None
+
+    def refusal(self, env: Mapping[str, str]) -> str | None:
+        """Why a child of the server cannot stand for a process started with `env` now,
+        or None when it can."""
         names = set(env) | set(self.env)
-        if any(
-            env.get(n) != self.env.get(n)
+        differ = sorted(
+            n
             for n in names
-            if startup_sensitive(n, self.read_at_import)
-        ):
-            return False
+            if startup_sensitive(n, self.read_at_import) and env.get(n) != self.env.get(n)
+        )
+        if differ:
+            return f"read at startup: {', '.join(differ)}"
         if _ids() != self.ids:
-            return False
+            return "other ids"
         # The child sets the caller's limits (pytest may have lowered some: opening a
         # keystore sets RLIMIT_CORE to 0); it can lower a hard limit but not raise one.
-        return all(_at_most(hard, self.rlimits[r][1]) for r, (_, hard) in _rlimits().items())
+        for r, (_, hard) in _rlimits().items():
+            if not _at_most(hard, self.rlimits[r][1]):
+                return f"a hard resource limit above the server's ({r})"
+        return None
 
     def run(
         self,
@@ -374,9 +386,10 @@ def _check_clean() -> None:
         raise RuntimeError(f"threads before fork: {threading.enumerate()}")
     if _native.locked_bytes() or len(memory_process._live):
         raise RuntimeError("guarded memory allocated by the import of strongroom.cli")
-    backends = [m for m in sys.modules if m.startswith("strongroom.backends")]
-    if backends:
-        raise RuntimeError(f"the import of strongroom.cli imported backends: {backends}")
+    devices = [m for m in sys.modules if m.split(".")[0] in DEVICE_MODULES[1:]]
+    devices += [m for m in sys.modules if m.startswith(DEVICE_MODULES[0])]
+    if devices:
+        raise RuntimeError(f"the import of strongroom.cli imported {devices}")
 
 
 def _recv_request(conn: socket.socket) -> _Request:

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import tomllib
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -219,6 +220,19 @@ FORK_SERVER_ENV.setdefault("PYTHONPYCACHEPREFIX", str(PYCACHE))
 passes it (taken at import, so a test's monkeypatching does not leak into it)."""
 
 
+CLI_CALLS: Counter[str] = Counter()
+"""How run_strongroom ran the CLI this session, and why not in a fork: the terminal summary
+shows it, so a variable that starts to differ from the server's shows up as a slow suite's
+cause."""
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if CLI_CALLS:
+        terminalreporter.write_sep("-", "strongroom CLI calls (run_cli, run_strongroom)")
+        for how, count in sorted(CLI_CALLS.items(), key=lambda kv: -kv[1]):
+            terminalreporter.write_line(f"{count:5d} {how}")
+
+
 def fork_server() -> ForkServer:
     """The session's CLI fork server (tests/cli_forkserver.py), started on first use and
     stopped when pytest exits (it also exits by itself when pytest dies)."""
@@ -276,11 +290,19 @@ def run_strongroom(
     full.pop("PYTHONDONTWRITEBYTECODE", None)
     full.setdefault("PYTHONPYCACHEPREFIX", str(PYCACHE))
     argv = [str(STRONGROOM_BIN), *args]
-    if not real_process and _command_of(args) not in DETACHING_COMMANDS:
+    if real_process:
+        why = "real_process=True"
+    elif _command_of(args) in DETACHING_COMMANDS:
+        why = f"{_command_of(args)} serves or detaches"
+    else:
         server = fork_server()
-        if server.eligible(full):
+        refusal = server.refusal(full)
+        if refusal is None:
+            CLI_CALLS["in a child of the fork server"] += 1
             done = server.run(args, input=input, env=full, cwd=cwd, timeout=timeout)
             return subprocess.CompletedProcess(argv, done.returncode, done.stdout, done.stderr)
+        why = refusal
+    CLI_CALLS[f"in a real process ({why})"] += 1
     return subprocess.run(
         argv, input=input, capture_output=True, env=full, cwd=cwd, timeout=timeout, check=False
     )

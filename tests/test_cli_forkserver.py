@@ -190,6 +190,18 @@ def test_a_variable_read_at_startup_makes_a_real_process(name: str) -> None:
     assert fork_server().eligible({**FORK_SERVER_ENV, "STRONGROOM_CONFIG": "/nonexistent"})
 
 
+def test_the_suites_own_environment_is_eligible() -> None:
+    """Support modules put variables into pytest's environment when imported (tpm_support:
+    TSS2_LOG; pkcs11_support: SOFTHSM2_CONF), after the server's environment was taken: the
+    device libraries read them in the child, so they must not send calls to a real process."""
+    import tpm_support  # noqa: F401  (sets TSS2_LOG)
+
+    env = {**os.environ, "TSS2_LOG": "all+none", "SOFTHSM2_CONF": "/nonexistent"}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env.setdefault("PYTHONPYCACHEPREFIX", FORK_SERVER_ENV["PYTHONPYCACHEPREFIX"])
+    assert fork_server().refusal(env) is None
+
+
 def test_secretmem_off_is_honoured_through_run_cli(tmp_path: Path) -> None:
     """STRONGROOM_NO_SECRETMEM is read by the native module as it loads, so run_cli gives
     that call a real process, and `doctor` reports memfd_secret off; without it, on."""
