@@ -11,9 +11,11 @@ Vault fixtures (used by test_cli, test_snapshot, test_crash, test_config):
   or detach, for a call that sets a variable read at startup (locale, PYTHON*,
   STRONGROOM_NO_SECRETMEM...), and with `real_process=True`.
 
-Both are plain functions too (`write_vault_config`, `run_cli`), for module-scoped setups.
-Tests that watch the process itself (signals, /proc, a terminal, memory scans) start the
-console script with subprocess themselves (`STRONGROOM_BIN`).
+Both are plain functions too (`write_vault_config`, `run_cli`), for module-scoped setups;
+`run_strongroom` is `subprocess.run(capture_output=True)` of the console script with a
+whole environment, through the fork server too. The terminal summary counts the calls run
+each way. Tests that watch the process itself (signals, /proc, a terminal, limits set
+before exec) start the console script with subprocess themselves (`STRONGROOM_BIN`).
 
 The suite is hermetic: importing this file removes every `STRONGROOM_*` variable of the
 developer's shell and points the user config and data dirs at a throwaway directory (see
