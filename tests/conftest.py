@@ -5,9 +5,17 @@ Vault fixtures (used by test_cli, test_snapshot, test_crash, test_config):
 - `vault_config(tmp_path, monkeypatch)`: a config TOML for a software vault in
   tmp_path, with cheap Argon2id settings and the passphrase taken from
   `$SR_TEST_VAULT_PASS` (set by the fixture). `$STRONGROOM_CONFIG` points at it.
-- `cli`: run the real `strongroom` console script in a subprocess.
+- `cli`: run the `strongroom` console script: in a child of the session's fork server
+  (tests/cli_forkserver.py), which is the process the kernel would start without the
+  0.3 s of interpreter start and imports; in a real subprocess for the commands that serve
+  or detach, for a call that sets a variable read at startup (locale, PYTHON*,
+  STRONGROOM_NO_SECRETMEM...), and with `real_process=True`.
 
-Both are plain functions too (`write_vault_config`, `run_cli`), for module-scoped setups.
+Both are plain functions too (`write_vault_config`, `run_cli`), for module-scoped setups;
+`run_strongroom` is `subprocess.run(capture_output=True)` of the console script with a
+whole environment, through the fork server too. The terminal summary counts the calls run
+each way. Tests that watch the process itself (signals, /proc, a terminal, limits set
+before exec) start the console script with subprocess themselves (`STRONGROOM_BIN`).
 
 The suite is hermetic: importing this file removes every `STRONGROOM_*` variable of the
 developer's shell and points the user config and data dirs at a throwaway directory (see
@@ -23,12 +31,15 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import tomllib
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+from cli_forkserver import ForkServer
 
 VAULT_PASS_ENV = "SR_TEST_VAULT_PASS"
 VAULT_PASSPHRASE = "correct horse battery staple 7f3a"
@@ -187,6 +198,54 @@ class CliResult(NamedTuple):
     stderr: str
 
 
+DETACHING_COMMANDS = frozenset({"serve", "ssh-agent", "pkcs11-server"})
+"""Commands that run a server or detach one: `run_cli` always gives them a real process."""
+
+
+def _command_of(args: Sequence[str]) -> str | None:
+    """The command word of `strongroom ARGS`: the first argument that is neither an option
+    nor the value of a global option that takes one."""
+    it = iter(args)
+    for arg in it:
+        if arg in ("--config", "--server"):
+            next(it, None)
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+_fork_server: ForkServer | None = None
+_fork_server_lock = threading.Lock()
+FORK_SERVER_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+FORK_SERVER_ENV.setdefault("PYTHONPYCACHEPREFIX", str(PYCACHE))
+"""The environment the fork server starts with: the scrubbed one of the suite, as run_cli
+passes it (taken at import, so a test's monkeypatching does not leak into it)."""
+
+
+CLI_CALLS: Counter[str] = Counter()
+"""How run_strongroom ran the CLI this session, and why not in a fork: the terminal summary
+shows it, so a variable that starts to differ from the server's shows up as a slow suite's
+cause."""
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if CLI_CALLS:
+        terminalreporter.write_sep("-", "strongroom CLI calls (run_cli, run_strongroom)")
+        for how, count in sorted(CLI_CALLS.items(), key=lambda kv: -kv[1]):
+            terminalreporter.write_line(f"{count:5d} {how}")
+
+
+def fork_server() -> ForkServer:
+    """The session's CLI fork server (tests/cli_forkserver.py), started on first use and
+    stopped when pytest exits (it also exits by itself when pytest dies)."""
+    global _fork_server
+    with _fork_server_lock:
+        if _fork_server is None:
+            _fork_server = ForkServer(STRONGROOM_BIN, FORK_SERVER_ENV)
+            atexit.register(_fork_server.close)
+        return _fork_server
+
+
 def run_cli(
     config: Path | None,
     *args: str,
@@ -194,13 +253,12 @@ def run_cli(
     env: Mapping[str, str | None] | None = None,
     cwd: Path | None = None,
     timeout: float = 60,
+    real_process: bool = False,
 ) -> CliResult:
-    """Run `strongroom ARGS` with STRONGROOM_CONFIG=config; env entries of None are removed."""
+    """Run `strongroom ARGS` with STRONGROOM_CONFIG=config; env entries of None are removed.
+    A child of the fork server or a real process: see `run_strongroom`."""
     full = dict(os.environ)
     full.setdefault(VAULT_PASS_ENV, VAULT_PASSPHRASE)
-    # Cache bytecode outside the repository: each run then skips recompiling core/ (~15%).
-    full.pop("PYTHONDONTWRITEBYTECODE", None)
-    full.setdefault("PYTHONPYCACHEPREFIX", str(PYCACHE))
     if config is not None:
         full["STRONGROOM_CONFIG"] = str(config)
     for k, v in (env or {}).items():
@@ -208,16 +266,48 @@ def run_cli(
             full.pop(k, None)
         else:
             full[k] = v
-    proc = subprocess.run(
-        [str(STRONGROOM_BIN), *args],
-        input=input,
-        capture_output=True,
-        env=full,
-        cwd=cwd,
-        timeout=timeout,
-        check=False,
+    proc = run_strongroom(
+        args, input=input, env=full, cwd=cwd, timeout=timeout, real_process=real_process
     )
     return CliResult(proc.returncode, proc.stdout, proc.stderr.decode("utf-8", "replace"))
+
+
+def run_strongroom(
+    args: Sequence[str],
+    *,
+    input: bytes = b"",
+    env: Mapping[str, str],
+    cwd: Path | None = None,
+    timeout: float | None = 60,
+    real_process: bool = False,
+) -> subprocess.CompletedProcess[bytes]:
+    """`subprocess.run([strongroom, *args], input=input, capture_output=True, env=env, ...)`.
+
+    It runs in a child of the fork server, which behaves as a fresh `strongroom` process
+    (tests/cli_forkserver.py); in a real process when `real_process`, for the commands that
+    serve or detach (`DETACHING_COMMANDS`), and when the environment, resource limits or
+    ids differ from the server's in something a process reads only when it starts."""
+    full = dict(env)
+    # Cache bytecode outside the repository: each run then skips recompiling core/ (~15%).
+    full.pop("PYTHONDONTWRITEBYTECODE", None)
+    full.setdefault("PYTHONPYCACHEPREFIX", str(PYCACHE))
+    argv = [str(STRONGROOM_BIN), *args]
+    if real_process:
+        why = "real_process=True"
+    elif _command_of(args) in DETACHING_COMMANDS:
+        why = f"{_command_of(args)} serves or detaches"
+    else:
+        server = fork_server()
+        refusal = server.refusal(full)
+        if refusal is None:
+            CLI_CALLS["in a child of the fork server"] += 1
+            done = server.run(args, input=input, env=full, cwd=cwd, timeout=timeout)
+            return subprocess.CompletedProcess(argv, done.returncode, done.stdout, done.stderr)
+        why = refusal
+    CLI_CALLS[f"in a real process ({why})"] += 1
+    return subprocess.run(
+        argv, input=input, capture_output=True, env=full, cwd=cwd, timeout=timeout, check=False
+    )
 
 
 CliRunner = Callable[..., CliResult]

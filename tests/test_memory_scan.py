@@ -221,10 +221,37 @@ def _received_secrets(name: str, key_type: str, data: bytes) -> dict[str, bytes]
     return {name: data}  # raw: the scalar, seed or symmetric key itself
 
 
+_WORD = 8
+"""A needle of at least 2 * _WORD - 1 bytes covers one whole aligned 8-byte word wherever it
+lies, and that word is one of the needle's own 8-byte substrings."""
+
+
+def _words(needle: bytes) -> set[int]:
+    """Every 8-byte substring of `needle`, as the native-order word memory holds it."""
+    return {
+        int.from_bytes(needle[i : i + _WORD], sys.byteorder) for i in range(len(needle) - _WORD + 1)
+    }
+
+
 def _scan(pid: int, needles: dict[str, bytes]) -> tuple[dict[str, int], int, int]:
-    """Count each needle (and its byte-reversed form) in every readable mapping of `pid`."""
+    """Count each needle (and its byte-reversed form) in every readable mapping of `pid`.
+
+    The counts are those of `data.count(needle)` over every mapping. To get them without 186
+    passes over 200 MB, one pass first collects the mapping's aligned words that are
+    substrings of some needle: a needle (of 15 bytes or more) whose words are not among them
+    does not occur in that mapping, and only the others are counted. Shorter needles are
+    always counted."""
     counts = dict.fromkeys(needles, 0)
     read_bytes = unreadable = 0
+    owners: dict[int, set[str]] = {}
+    always = set()
+    for name, needle in needles.items():
+        if len(needle) < 2 * _WORD - 1:
+            always.add(name)
+            continue
+        for word in _words(needle) | _words(needle[::-1]):
+            owners.setdefault(word, set()).add(name)
+    words = frozenset(owners)
     maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
     with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
         for line in maps:
@@ -240,7 +267,14 @@ def _scan(pid: int, needles: dict[str, bytes]) -> tuple[dict[str, int], int, int
                 unreadable += end - start  # memfd_secret, or a vanished mapping
                 continue
             read_bytes += len(data)
-            for name, needle in needles.items():
+            assert start % _WORD == 0 and len(data) % _WORD == 0  # mappings are whole pages
+            with memoryview(data) as view, view.cast("Q") as as_words:
+                found = words.intersection(as_words)
+            candidates = set(always)
+            for word in found:
+                candidates |= owners[word]
+            for name in candidates:
+                needle = needles[name]
                 counts[name] += data.count(needle) + data.count(needle[::-1])
     return counts, read_bytes, unreadable
 

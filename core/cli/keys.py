@@ -12,7 +12,6 @@ import sys
 import click
 
 from .. import algorithms
-from ..sshagent import keys as sshagent_keys
 from ..types import KeyType
 from ._io import (
     FC,
@@ -135,6 +134,8 @@ def key_public(state: State, name: str, fmt: str, out: str | None, version: int 
         refuse_binary_on_terminal(out, f"a {fmt} public key")
     ks = state.keystore()
     if fmt == "openssh":  # FIDO keys of an ssh: application as ssh-agent offers them (sk-)
+        from ..sshagent import keys as sshagent_keys  # only here: not on every start
+
         data = sshagent_keys.openssh_public_line(ks, name, version) + b"\n"
     else:
         data = algorithms.encode_public(ks.public_key(name, version), fmt)

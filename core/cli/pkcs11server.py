@@ -5,17 +5,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from .. import config as config_mod
 from ..api import KeyAPI
 from ..errors import ConfigError, InvalidArgument
-from ..pkcs11server import Pkcs11Server, Settings, TokenSpec
 from ..secrets import SecretSource
 from ._daemon import detach_or_serve, serve_until_signal
 from ._io import StrongroomCommand
 from ._state import State, pass_state
+
+# strongroom.pkcs11server is imported by the command, not by every start of the CLI.
+if TYPE_CHECKING:
+    from ..pkcs11server import Pkcs11Server
 
 
 @click.command("pkcs11-server", cls=StrongroomCommand)
@@ -36,6 +40,8 @@ def pkcs11_server(state: State, socket_path: str | None, foreground: bool) -> No
     [pkcs11_server]; C_Login takes [pkcs11_server] pin. Works in process and through --server;
     there, without [pkcs11_server] pin, C_Login takes a tenant's API token.
     """
+    from ..pkcs11server import Pkcs11Server, Settings, TokenSpec
+
     cfg = config_mod.load(state.config).pkcs11_server
     if not cfg.tokens:
         raise ConfigError("no keys to offer: set [pkcs11_server] keys (or tokens)")

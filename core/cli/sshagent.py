@@ -5,18 +5,21 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from .. import config as config_mod
 from ..errors import InvalidArgument
 from ..secrets import Prompter, terminal_prompter, tty_available
-from ..sshagent import Agent, AgentServer, AgentSettings, KeyPolicy
-from ..sshagent.agent import askpass_prompter
-from ..sshagent.knownhosts import resolve_allowed_hosts
 from ._daemon import detach_or_serve, serve_until_signal
 from ._io import StrongroomCommand
 from ._state import State, pass_state
+
+# strongroom.sshagent is imported by the command that uses it, not by every start of the
+# CLI (it is a fifth of the CLI's import time).
+if TYPE_CHECKING:
+    from ..sshagent import AgentServer, AgentSettings, KeyPolicy
 
 
 @click.command("ssh-agent", cls=StrongroomCommand)
@@ -46,6 +49,8 @@ def ssh_agent(
     (unless -D). Offers the Ed25519, ECDSA P-256/P-384 and RSA signing keys that --keys or
     [ssh_agent] keys name, from any backend, in process or through --server.
     """
+    from ..sshagent import AgentServer, AgentSettings
+
     cfg = config_mod.load(state.config).ssh_agent
     settings = AgentSettings(
         patterns=tuple(p for p in patterns if p) or tuple(cfg.keys),
@@ -75,6 +80,9 @@ def ssh_agent(
 def _policy(p: config_mod.SshAgentPolicy, known_hosts: Sequence[str] | None = None) -> KeyPolicy:
     """A `[ssh_agent.policy."PATTERN"]` table as the agent keeps it: hosts as fingerprints,
     host names looked up in the known_hosts files (`[ssh_agent] known_hosts`) now."""
+    from ..sshagent import KeyPolicy
+    from ..sshagent.knownhosts import resolve_allowed_hosts
+
     hosts = None
     cas: frozenset[tuple[str, bytes]] = frozenset()
     if p.allowed_hosts is not None:
@@ -94,6 +102,8 @@ def _prompter(askpass: str | None) -> Prompter | None:
     require = os.environ.get("SSH_ASKPASS_REQUIRE", "")
     if not askpass or require == "never":
         return None
+    from ..sshagent.agent import askpass_prompter
+
     ask = askpass_prompter(askpass)
 
     def prompter(prompt: str, confirm: bool) -> str:
@@ -118,6 +128,8 @@ def _serve(
 ) -> None:
     """Open the keystore, then serve until SIGTERM, SIGINT or SIGHUP (cli/_daemon.py)."""
     try:
+        from ..sshagent import Agent
+
         agent = Agent(state.keystore(), settings)
         agent.identities(strict=True)  # opens the keystore now: passphrase, PIN, token
     except BaseException:

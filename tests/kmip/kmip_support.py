@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import STRONGROOM_BIN
+from conftest import STRONGROOM_BIN, run_strongroom
 from server_support import Pki, service_env, write_service_config
 
 from strongroom.kmip import ttlv
@@ -98,13 +98,9 @@ class KmipService:
 
 
 def cli(config: Path, *args: str) -> None:
-    subprocess.run(
-        [str(STRONGROOM_BIN), "--config", str(config), *args],
-        check=True,
-        env=service_env(),
-        capture_output=True,
-        text=True,
-    )
+    run_strongroom(
+        ["--config", str(config), *args], env=service_env(), timeout=None
+    ).check_returncode()
 
 
 def start_kmip(

@@ -32,6 +32,7 @@ from conftest import (
     VAULT_PASS_ENV,
     VAULT_PASSPHRASE,
     openssl_verify,
+    run_strongroom,
     write_vault_config,
 )
 from cryptography.hazmat.primitives import serialization
@@ -590,8 +591,8 @@ def run(
     env = service_env()
     if token is not None:
         env["STRONGROOM_TOKEN"] = token
-    cmd = [str(STRONGROOM_BIN)] + (["--config", str(config)] if config else []) + args
-    return subprocess.run(cmd, input=data, capture_output=True, env=env, timeout=120)
+    cmd = (["--config", str(config)] if config else []) + args
+    return run_strongroom(cmd, input=data, env=env, timeout=120)
 
 
 def test_cli_uses_the_service(service: Service, tokens: Tenancy, tmp_path: Path) -> None:
