@@ -52,13 +52,15 @@ def ssh_agent(
     from ..sshagent import AgentServer, AgentSettings
 
     cfg = config_mod.load(state.config).ssh_agent
+    policies = tuple(_policy(p, cfg.known_hosts) for p in cfg.policies)
     settings = AgentSettings(
         patterns=tuple(p for p in patterns if p) or tuple(cfg.keys),
         allow_add=cfg.allow_add,
         add_backend=cfg.add_backend,
         confirm=tuple(cfg.confirm),
         askpass=os.environ.get("SSH_ASKPASS") or None,
-        policies=tuple(_policy(p, cfg.known_hosts) for p in cfg.policies),
+        policies=policies,
+        revoked_host_keys=frozenset(k for p in policies for k in p.revoked_host_keys),
     )
     if not settings.patterns and not settings.allow_add:
         raise InvalidArgument(
@@ -85,13 +87,14 @@ def _policy(p: config_mod.SshAgentPolicy, known_hosts: Sequence[str] | None = No
 
     hosts = None
     cas: frozenset[tuple[str, bytes]] = frozenset()
+    revoked: frozenset[bytes] = frozenset()
     if p.allowed_hosts is not None:
         try:
-            hosts, cas = resolve_allowed_hosts(p.allowed_hosts, known_hosts)
+            hosts, cas, revoked = resolve_allowed_hosts(p.allowed_hosts, known_hosts)
         except ValueError as e:
             raise InvalidArgument(f'[ssh_agent.policy."{p.pattern}"] allowed_hosts: {e}') from None
     uids = frozenset(p.allowed_uids) if p.allowed_uids is not None else None
-    return KeyPolicy(p.pattern, p.confirm, hosts, uids, cas)
+    return KeyPolicy(p.pattern, p.confirm, hosts, uids, cas, revoked)
 
 
 def _prompter(askpass: str | None) -> Prompter | None:

@@ -54,6 +54,10 @@ class AgentSettings:
     policies: tuple[policy.KeyPolicy, ...] = ()
     """Per-key policy (`[ssh_agent.policy."PATTERN"]`): every policy whose pattern matches a
     key's name applies to it."""
+    revoked_host_keys: frozenset[bytes] = frozenset()
+    """Host key blobs the known_hosts files read at start mark `@revoked`: a destination
+    constraint (ssh-add -h) never matches them, bare, as a host certificate's key or as
+    its CA."""
 
     def other_uids(self) -> frozenset[int]:
         """Uids besides the agent's own and root that some key's policy lets connect."""
@@ -325,7 +329,9 @@ class Agent:
                     # A constraint the agent cannot keep: accepting the key while ignoring
                     # it would grant more than was asked.
                     raise PolicyViolation("this key constraint is not supported")
-                destinations = policy.destination_constraints(extension.string())
+                destinations = policy.destination_constraints(
+                    extension.string(), self.settings.revoked_host_keys
+                )
         added = AddedKey(confirm, expires, destinations)
         key_type, der, blob = keys.added_key(request)
         name = keys.added_key_name(blob)

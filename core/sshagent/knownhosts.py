@@ -9,9 +9,11 @@ patterns keytype base64 [comment]`, where the patterns are a comma-separated lis
 names or wildcards (`*`, `?`, `!` negation), `[host]:port` for a port other than 22, or one
 hashed name `|1|salt|hmac` (HashKnownHosts: HMAC-SHA1 of the name under the salt).
 
-`@revoked` keys are never taken. `@cert-authority` keys become (host, CA) rules: a host
-certificate that CA signed, valid now, naming the host among its principals, is allowed as
-that host, as ssh itself accepts it.
+`@revoked` keys are never taken, whatever names they are listed for: they are subtracted
+from the keys and CAs found, and kept, so that the agent also refuses a host certificate
+whose key or signing CA is revoked, as ssh does. `@cert-authority` keys become (host, CA)
+rules: a host certificate that CA signed, valid now, naming the host among its principals,
+is allowed as that host, as ssh itself accepts it.
 """
 
 from __future__ import annotations
@@ -54,7 +56,9 @@ class HostKeys:
     keys: frozenset[bytes]
     """Host key blobs listed for the name, less the revoked ones."""
     ca_keys: frozenset[bytes]
-    """`@cert-authority` key blobs whose patterns match the name."""
+    """`@cert-authority` key blobs whose patterns match the name, less the revoked ones."""
+    revoked: frozenset[bytes] = frozenset()
+    """Every `@revoked` key blob of the lines, whatever names it is listed for."""
 
 
 def _pattern_matches(name: str, pattern: str) -> bool:
@@ -130,7 +134,7 @@ def lookup(name: str, lines: Iterable[str]) -> HostKeys:
             revoked.add(blob)  # a revoked key is refused whatever names it is listed for
         elif names_match(name, fields[0]):
             (cas if marker == "@cert-authority" else found).add(blob)
-    return HostKeys(frozenset(found - revoked), frozenset(cas - revoked))
+    return HostKeys(frozenset(found - revoked), frozenset(cas - revoked), frozenset(revoked))
 
 
 def read_lines(files: Sequence[str | Path]) -> list[str]:
@@ -156,12 +160,18 @@ def host_name(name: str) -> str:
     return name
 
 
+def revoked_keys(lines: Iterable[str]) -> frozenset[bytes]:
+    """The key blobs of known_hosts `lines` marked `@revoked`, whatever names they list."""
+    return lookup("", lines).revoked
+
+
 def host_rules(
     name: str, lines: Sequence[str], files: Sequence[str | Path]
 ) -> tuple[set[str], set[tuple[str, bytes]]]:
     """What known_hosts says `name` may present: the fingerprints of its host keys, and
     (host, CA key) pairs from its `@cert-authority` lines (a host certificate that CA
-    signed for that host). ValueError, naming the files, when it says nothing of it."""
+    signed for that host), revoked keys left out. ValueError, naming the files, when it
+    says nothing of it."""
     known = lookup(name, lines)
     if not known.keys and not known.ca_keys:
         where = ", ".join(str(f) for f in files) or "no known_hosts file"
@@ -172,12 +182,13 @@ def host_rules(
 
 def resolve_allowed_hosts(
     entries: Iterable[str], files: Sequence[str | Path] | None = None
-) -> tuple[frozenset[str], frozenset[tuple[str, bytes]]]:
-    """An `allowed_hosts` list as what the agent compares: host key fingerprints, and
-    (host, CA key) pairs for host certificates. Host names go through the known_hosts
-    `files` (None: ssh's defaults, read once, only if a name is listed); fingerprints and
-    key lines as `policy.host_fingerprint` reads them. ValueError with a one-line reason
-    for an entry that names no key."""
+) -> tuple[frozenset[str], frozenset[tuple[str, bytes]], frozenset[bytes]]:
+    """An `allowed_hosts` list as what the agent compares: host key fingerprints, (host,
+    CA key) pairs for host certificates, and the `@revoked` key blobs of the known_hosts
+    files (a host certificate whose key or CA is one of them is refused). Host names go
+    through the known_hosts `files` (None: ssh's defaults, read once, only if a name is
+    listed; else no revoked key); fingerprints and key lines as `policy.host_fingerprint`
+    reads them. ValueError with a one-line reason for an entry that names no key."""
     files = DEFAULT_FILES if files is None else tuple(files)
     lines: list[str] | None = None
     fingerprints: set[str] = set()
@@ -192,4 +203,5 @@ def resolve_allowed_hosts(
             cas |= signers
         else:
             fingerprints.add(host_fingerprint(entry))
-    return frozenset(fingerprints), frozenset(cas)
+    revoked = revoked_keys(lines) if lines is not None else frozenset()
+    return frozenset(fingerprints), frozenset(cas), revoked

@@ -76,22 +76,28 @@ class Hop:
     """One end of a destination constraint: a user pattern (`to` only), a host name, its
     host keys and its CA keys. A plain host key matches one of `keys`; a host certificate
     matches when a CA of `ca_keys` signed it and it is valid now for `hostname`, as OpenSSH's
-    agent decides."""
+    agent decides; neither matches when its key, or the certificate's CA, is `revoked`."""
 
     user: str | None
     hostname: str | None
     keys: frozenset[bytes]
     any_keys: bool
     ca_keys: frozenset[bytes] = frozenset()
+    revoked: frozenset[bytes] = frozenset()
+    """Key blobs the agent's known_hosts files mark `@revoked` (not part of the constraint
+    ssh-add sends: ssh-add leaves revoked keys out, but a certificate of a revoked key, or
+    signed by a revoked CA, would still match a listed CA)."""
 
     def matches(self, host_key: bytes) -> bool:
         if not keys.is_certificate(host_key):
-            return host_key in self.keys
+            return host_key in self.keys and host_key not in self.revoked
         if not self.ca_keys or self.hostname is None:
             return False
         try:
             cert = keys.host_certificate(host_key)
         except AgentMessageError:
+            return False
+        if cert.key in self.revoked or cert.ca in self.revoked:
             return False
         return cert.ca in self.ca_keys and cert.valid_for(self.hostname, time.time())
 
@@ -104,16 +110,18 @@ class Destination:
     target: Hop
 
 
-def destination_constraints(data: bytes) -> tuple[Destination, ...]:
+def destination_constraints(
+    data: bytes, revoked: frozenset[bytes] = frozenset()
+) -> tuple[Destination, ...]:
     """Decode restrict-destination-v00@openssh.com's data (a run of constraints, each
-    `string from_hop || string to_hop || string reserved`). AgentMessageError if malformed:
-    a `from` user, a `from` host without keys (or keys without a host), a `to` hop without
-    a host or keys, or no constraint at all."""
+    `string from_hop || string to_hop || string reserved`); each hop refuses the `revoked`
+    key blobs. AgentMessageError if malformed: a `from` user, a `from` host without keys
+    (or keys without a host), a `to` hop without a host or keys, or no constraint at all."""
     r = wire.Reader(data)
     out: list[Destination] = []
     while r.remaining():
         c = wire.Reader(r.string())
-        source, target = _hop(c.string()), _hop(c.string())
+        source, target = _hop(c.string(), revoked), _hop(c.string(), revoked)
         c.string()  # reserved
         c.end()
         if source.user is not None:
@@ -128,7 +136,7 @@ def destination_constraints(data: bytes) -> tuple[Destination, ...]:
     return tuple(out)
 
 
-def _hop(data: bytes) -> Hop:
+def _hop(data: bytes, revoked: frozenset[bytes]) -> Hop:
     r = wire.Reader(data)
     user, hostname = r.string(), r.string()
     r.string()  # reserved
@@ -146,6 +154,7 @@ def _hop(data: bytes) -> Hop:
         frozenset(found),
         count > 0,
         frozenset(cas),
+        revoked,
     )
 
 
@@ -206,16 +215,25 @@ class KeyPolicy:
     """With `allowed_hosts`: (host name, CA key blob) pairs from known_hosts
     `@cert-authority` lines; a host certificate that CA signed, valid now for that name,
     is allowed too."""
+    revoked_host_keys: frozenset[bytes] = frozenset()
+    """Key blobs the known_hosts files mark `@revoked`, whatever names they are listed
+    for: never allowed, bare, as a host certificate's key or as its signing CA."""
 
     def allows_host(self, host_key: bytes) -> bool:
         """Whether a host key (a session-bind's) is one `allowed_hosts` lets through."""
+        cert: keys.HostCertificate | None = None
+        if keys.is_certificate(host_key):
+            try:
+                cert = keys.host_certificate(host_key)
+            except AgentMessageError:
+                return False
+            if cert.key in self.revoked_host_keys or cert.ca in self.revoked_host_keys:
+                return False
+        elif host_key in self.revoked_host_keys:
+            return False
         if keys.host_key_fingerprint(host_key) in (self.allowed_hosts or ()):
             return True
-        if not self.allowed_host_cas or not keys.is_certificate(host_key):
-            return False
-        try:
-            cert = keys.host_certificate(host_key)
-        except AgentMessageError:
+        if not self.allowed_host_cas or cert is None:
             return False
         now = time.time()
         return any(

@@ -23,6 +23,7 @@ from strongroom import config as config_mod
 from strongroom.errors import AgentMessageError
 from strongroom.keystore import Keystore
 from strongroom.sshagent import AgentSettings, KeyPolicy, keys, policy
+from strongroom.sshagent.knownhosts import resolve_allowed_hosts
 
 
 def keygen(path: Path, key_type: str = "ed25519") -> Path:
@@ -127,6 +128,49 @@ def test_allowed_hosts_and_hops_match_certificates_by_their_ca(tmp_path: Path) -
     assert hop.matches(cert) and hop.matches(blob_of(pub))
     assert not policy.Hop(None, "db", frozenset(), True, frozenset({ca_blob})).matches(cert)
     assert not policy.Hop(None, "bastion", frozenset({blob_of(pub)}), True).matches(cert)
+
+
+def test_a_certificate_of_a_revoked_key_or_by_a_revoked_ca_is_refused(tmp_path: Path) -> None:
+    """known_hosts `@revoked` keys, whatever names they are listed for, are refused as a
+    host certificate's key and as its CA, as ssh refuses them; by `allowed_hosts` (through
+    resolve_allowed_hosts) and by ssh-add -h hops alike."""
+    ca, other_ca = keygen(tmp_path / "ca"), keygen(tmp_path / "other-ca")
+    pub = keygen(tmp_path / "host").with_suffix(".pub")
+    cert = certify(ca, pub, "-h", "-n", "bastion")
+    other_cert = certify(other_ca, pub, "-h", "-n", "bastion")
+    ca_line = " ".join(ca.with_suffix(".pub").read_text().split()[:2])
+    host_line = " ".join(pub.read_text().split()[:2])
+    ca_blob, host_blob = blob_of(ca.with_suffix(".pub")), blob_of(pub)
+    known = tmp_path / "known_hosts"
+
+    # The CA is trusted for bastion, the host's own key is revoked (for any name).
+    known.write_text(f"@cert-authority bastion {ca_line}\n@revoked other-name {host_line}\n")
+    hosts, cas, revoked = resolve_allowed_hosts(["bastion"], [known])
+    assert cas == {("bastion", ca_blob)} and revoked == {host_blob}
+    assert not KeyPolicy("k", False, hosts, None, cas, revoked).allows_host(cert)
+    assert KeyPolicy("k", False, hosts, None, cas).allows_host(cert)  # the same, unrevoked
+
+    # The host's key is listed, the CA that signed its certificate is revoked: the bare
+    # key passes, the certificate does not; one by another CA still does.
+    known.write_text(f"bastion {host_line}\n@revoked * {ca_line}\n")
+    hosts, cas, revoked = resolve_allowed_hosts(["bastion"], [known])
+    assert hosts == {keys.fingerprint(host_blob)} and revoked == {ca_blob}
+    rule = KeyPolicy("k", False, hosts, None, cas, revoked)
+    assert rule.allows_host(host_blob) and rule.allows_host(other_cert)
+    assert not rule.allows_host(cert)
+    assert KeyPolicy("k", False, hosts, None, cas).allows_host(cert)
+
+    # ssh-add -h hops: the agent's revoked keys are refused the same way.
+    def hop(revoked: frozenset[bytes]) -> policy.Hop:
+        return policy.Hop(
+            None, "bastion", frozenset({host_blob}), True, frozenset({ca_blob}), revoked
+        )
+
+    assert hop(frozenset()).matches(cert) and hop(frozenset()).matches(host_blob)
+    assert not hop(frozenset({host_blob})).matches(cert)
+    assert not hop(frozenset({host_blob})).matches(host_blob)
+    assert not hop(frozenset({ca_blob})).matches(cert)
+    assert hop(frozenset({ca_blob})).matches(host_blob)
 
 
 # -- real logins ----------------------------------------------------------------------------------
@@ -244,3 +288,55 @@ def test_ssh_add_h_with_a_cert_authority_restricts_to_the_certified_host(
     finally:
         for h, text in zip((certified, other), kept, strict=True):
             h.authorized_keys.write_text(text)
+
+
+def test_a_host_whose_certified_key_the_agent_finds_revoked_is_refused(
+    ks: Keystore, pub: Path, hosts: tuple[Sshd, Sshd], tmp_path: Path
+) -> None:
+    """The agent's known_hosts trusts the CA for the host and revokes the host's own key;
+    ssh's known_hosts (the sshd's, without the revocation) lets ssh connect, so it is the
+    agent that refuses: over a forwarded agent, ssh on another machine may not know of
+    the revocation. The same with ssh-add -h, whose constraint carries the CA only."""
+    from strongroom.cli.sshagent import _policy
+
+    certified, _other = hosts
+    host_blob = base64.b64decode(certified.host_key_pub.split()[1])
+    known = tmp_path / "known_hosts"
+    revoked_line = " ".join(certified.host_key_pub.split()[:2])
+    known.write_text(
+        (certified.directory / "known_hosts").read_text() + f"@revoked * {revoked_line}\n"
+    )
+    table = config_mod.SshAgentPolicy(
+        "ssh-cert-login", allowed_hosts=(f"[127.0.0.1]:{certified.port}",)
+    )
+    rule = _policy(table, [str(known)])
+    assert rule.revoked_host_keys == {host_blob} and len(rule.allowed_host_cas) == 1
+    with running_agent(ks, AgentSettings(patterns=("ssh-*",), policies=(rule,))) as agent:
+        refused = certified.ssh(agent.path, pub, "echo", "logged-in")
+        assert refused.returncode != 0 and "logged-in" not in refused.stdout
+
+    key = keygen(tmp_path / "id_added")
+    added_pub = key.with_suffix(".pub")
+    ca_line = (certified.directory / "known_hosts").read_text().split(None, 2)[2]
+    ssh_add_known = tmp_path / "known_hosts_ssh_add"
+    ssh_add_known.write_text(f"@cert-authority host-a {ca_line}")
+    kept = certified.authorized_keys.read_text()
+    certified.authorized_keys.write_text(kept + added_pub.read_text())
+    try:
+        for revoked, allowed in ((frozenset({host_blob}), False), (frozenset(), True)):
+            settings = AgentSettings(allow_add=True, revoked_host_keys=revoked)
+            with running_agent(ks, settings) as adder:
+                added = subprocess.run(
+                    ["ssh-add", "-H", str(ssh_add_known), "-h", "host-a", str(key)],
+                    env=adder.env(),
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    check=False,
+                )
+                assert added.returncode == 0, added.stderr
+                out = certified.ssh(adder.path, added_pub, "echo", "logged-in")
+                assert (out.returncode == 0) == allowed, out.stderr
+                assert ("logged-in" in out.stdout) == allowed
+    finally:
+        certified.authorized_keys.write_text(kept)

@@ -108,6 +108,7 @@ def test_lookup_finds_what_ssh_keygen_finds(files: dict[str, Path], kind: str, n
     plain, cas, revoked = _oracle(name.lower(), path)
     assert known.keys == plain - revoked
     assert known.ca_keys == cas - revoked
+    assert revoked <= known.revoked  # kept, whatever names they are listed for
 
 
 def test_names_resolve_to_fingerprints_or_fail_with_a_reason(files: dict[str, Path]) -> None:
@@ -115,9 +116,15 @@ def test_names_resolve_to_fingerprints_or_fail_with_a_reason(files: dict[str, Pa
     [key_a] = lookup("host-a", path.read_text().splitlines()).keys
     fingerprint = keys.fingerprint(key_a)
     line = "ssh-ed25519 " + base64.b64encode(key_a).decode()
-    # Names, fingerprints and key lines mix; the file is read only for names.
-    assert resolve_allowed_hosts(["host-a", fingerprint, line], [path]) == ({fingerprint}, set())
-    assert resolve_allowed_hosts([fingerprint], [path / "missing"]) == ({fingerprint}, set())
+    [revoked] = lookup("anything", path.read_text().splitlines()).revoked
+    # Names, fingerprints and key lines mix; the file is read only for names, and its
+    # @revoked keys come along.
+    assert resolve_allowed_hosts(["host-a", fingerprint, line], [path]) == (
+        {fingerprint},
+        set(),
+        {revoked},
+    )
+    assert resolve_allowed_hosts([fingerprint], [path]) == ({fingerprint}, set(), set())
     with pytest.raises(ValueError, match=r"no host key for nowhere in .*known_hosts_hashed"):
         resolve_allowed_hosts(["nowhere"], [path])
     with pytest.raises(ValueError, match="no host key for revoked-host"):
@@ -126,9 +133,13 @@ def test_names_resolve_to_fingerprints_or_fail_with_a_reason(files: dict[str, Pa
         resolve_allowed_hosts(["host-a"], [])
     # A name known through @cert-authority: (host, CA) pairs, no fingerprint.
     [ca] = lookup("foo.ca.test", path.read_text().splitlines()).ca_keys
-    assert resolve_allowed_hosts(["FOO.ca.test"], [path]) == (set(), {("foo.ca.test", ca)})
+    assert resolve_allowed_hosts(["FOO.ca.test"], [path]) == (
+        set(),
+        {("foo.ca.test", ca)},
+        {revoked},
+    )
     # A missing file is skipped; the others still count.
-    both, _ = resolve_allowed_hosts(["host-a", "x.example.com"], [path / "missing", path])
+    both, _, _ = resolve_allowed_hosts(["host-a", "x.example.com"], [path / "missing", path])
     assert len(both) == 2 and fingerprint in both
     assert "~/.ssh/known_hosts" in DEFAULT_FILES
 
