@@ -31,7 +31,7 @@ from ..kmip.server import KmipServer, KmipSettings, kmip_tls_context
 from ..kmip.store import ObjectStore
 from ..store_lease import Lease, open_lease
 from .app import App, log
-from .tenants import TenantStore, open_tenants
+from .tenants import ImportAudit, TenantStore, open_tenants
 
 # -- serving -----------------------------------------------------------------------------------
 MAX_HEAD_BYTES = 16 * 1024
@@ -309,7 +309,7 @@ def serve(
         raise InvalidArgument("TCP needs TLS: set [server] tls_cert and tls_key")
     ks = Keystore(config, actor="strongroom-serve")
     try:
-        tenants = open_tenants(config)
+        tenants = open_tenants(config, _import_audit(ks))
     except BaseException:
         ks.close()
         raise
@@ -576,6 +576,15 @@ async def _singleton_jobs(app: App, lease: Lease, settings: ServerConfig) -> Non
             with contextlib.suppress(StrongroomError):
                 lease.release()
         lease.close()
+
+
+def _import_audit(ks: Keystore) -> ImportAudit:
+    """The audit records of moving this node's `tenants.sqlite` into the database."""
+
+    def record(operation: str, /, **facts: object) -> None:
+        ks.audit.record(operation, None, "ok", None, None, **facts)
+
+    return record
 
 
 def _chain_ends_signed(ks: Keystore) -> bool:
