@@ -110,6 +110,11 @@ _COLUMNS = (
 )
 
 
+# A check run first in a write transaction of the store, on the same connection, that may
+# lock rows until the transaction ends and raises to refuse it (core/store_lease.py).
+Fence = Callable[[Store], None]
+
+
 class Catalog:
     """Thread-safe access to the catalog; cached reads are invalidated by any writer.
 
@@ -187,6 +192,17 @@ class Catalog:
                 self._end(committed=False)
                 raise
             self._end(committed=True)
+
+    @contextlib.contextmanager
+    def fenced(self, fence: Fence) -> Iterator[None]:
+        """An outermost `transaction()` whose first statement is `fence(store)`: a check on
+        the same connection that may lock rows until the end and raises to refuse the whole
+        scope (a lease still held, core/store_lease.py)."""
+        with self.transaction():
+            if self._depth != 1:
+                raise RuntimeError("a fenced transaction cannot be nested")
+            fence(self._store)
+            yield
 
     # -- raw access for the store's other tables (core/vaultstore.py) --------------------------
     @property

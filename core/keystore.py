@@ -37,7 +37,7 @@ from .backend import (
     VaultControl,
     no_presence_prompt,
 )
-from .catalog import Catalog, now
+from .catalog import Catalog, Fence, now
 from .config import VAULT_TYPE, Config, check_namespace
 from .discovery import ENTRY_POINT_GROUP as ENTRY_POINT_GROUP  # still importable from here
 from .discovery import backend_classes, build_backends, harden_process, verify_attestation
@@ -911,21 +911,28 @@ class Keystore(KeyLifecycle, KeySeeds, KeyCertificates):
             facts["backend"] = info.backend
             self._destroy(info)
 
-    def _destroy(self, info: KeyInfo) -> None:
+    def _destroy(self, info: KeyInfo, fence: Fence | None = None) -> None:
         """Destroy every version's backend key (adopted ones are only forgotten), then rows.
-        When every version is in a transactional backend, all of it is one transaction."""
+        When every version is in a transactional backend, all of it is one transaction.
+        `fence` (core/store_lease.py) starts that transaction; for device keys, only the
+        transaction that marks the key, before any device key is destroyed."""
         versions = self.catalog.versions(info.namespace, info.name)
+
+        def scope() -> contextlib.AbstractContextManager[None]:
+            return self.catalog.transaction() if fence is None else self.catalog.fenced(fence)
+
         if all(
             v.attributes.get(ADOPTED) == "true" or self._transactional(v.backend) for v in versions
         ):
-            with self.catalog.transaction():
+            with scope():
                 self._destroy_versions(info, versions)
         else:
             # A device key cannot be destroyed in the catalog's transaction. Mark the key due
             # for deletion first: if the process dies between destroying its device keys and
             # removing its rows, the key is refused from then on (any use, or a rotation,
             # finishes the deletion and answers "no key named"), never served half-deleted.
-            self.catalog.set_state(info.namespace, info.name, delete_after=now())
+            with scope():
+                self.catalog.set_state(info.namespace, info.name, delete_after=now())
             self._destroy_versions(info, versions)
 
     def _destroy_versions(self, info: KeyInfo, versions: list[KeyVersion]) -> None:

@@ -10,13 +10,14 @@ destroys the new backend key when the catalog refuses it.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from . import algorithms, lifecycle
 from .backend import Backend, NewKey
-from .catalog import Catalog, now
+from .catalog import Catalog, Fence, now
 from .config import Config
 from .errors import InvalidArgument, KeyNotFound
 from .types import KeyInfo, KeyType, KeyVersion, Operation
@@ -51,7 +52,7 @@ class KeyLifecycle:
         @staticmethod
         def _rsa_encrypt_algorithm(b: Backend, info: KeyInfo, algorithm: str | None) -> str: ...
         def delete(self, name: str) -> None: ...
-        def _destroy(self, info: KeyInfo) -> None: ...
+        def _destroy(self, info: KeyInfo, fence: Fence | None = None) -> None: ...
         def _creating(self, backend: Backend) -> contextlib.AbstractContextManager[None]: ...
 
     def rotate(self, name: str, backend: str | None = None) -> KeyInfo:
@@ -206,19 +207,27 @@ class KeyLifecycle:
                 raise KeyNotFound(name, self.namespace)
             return self.catalog.set_state(self.namespace, name, delete_after=None)
 
-    def purge_due(self) -> list[KeyInfo]:
-        """Carry out every scheduled deletion that is due (all namespaces); return those keys."""
+    def purge_due(
+        self, fence: Fence | None = None, stop: Callable[[], bool] | None = None
+    ) -> list[KeyInfo]:
+        """Carry out every scheduled deletion that is due (all namespaces); return those keys.
+
+        For a singleton job (core/store_lease.py): `fence(store)` starts each deletion's
+        transaction and raises to refuse it (the error ends the run), and `stop()`, asked
+        before each deletion, ends the run early when it says so."""
         done = []
         for info in self.catalog.due_for_deletion(now()):
-            self._destroy_due(info)
+            if stop is not None and stop():
+                break
+            self._destroy_due(info, fence)
             done.append(info)
         return done
 
-    def _destroy_due(self, info: KeyInfo) -> None:
+    def _destroy_due(self, info: KeyInfo, fence: Fence | None = None) -> None:
         """Carry out a scheduled deletion that is due, as its own audit event."""
         with self._audited("delete", info.name, scheduled="yes") as facts:
             facts["backend"] = info.backend
-            self._destroy(info)
+            self._destroy(info, fence)
 
     def rewrap(
         self, name: str, ciphertext: bytes, aad: bytes = b"", algorithm: str | None = None

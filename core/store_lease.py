@@ -1,14 +1,25 @@
-"""Leases held in the store's database, on the database's clock: at most one node runs a
-singleton job at a time (docs/cluster.md, "Singleton jobs"), and when it dies another
-takes over once its lease has run out. The pattern of OpenBao's HA lock table.
+"""Leases held in the store's database, on the database's clock: one node at a time runs a
+singleton job (docs/cluster.md, "Singleton jobs"), and when it dies another takes over
+once its lease has run out. The pattern of OpenBao's HA lock table.
 
 A lease is a row `(name, holder, acquired, expires)`. `acquire()` is one statement: insert
 the row, or take it over when it is ours (a renewal) or has expired, setting `expires` to
 the database's `clock_timestamp()` plus the lease time; it holds the lease when the row
-comes back as ours. Only the database's clock is read, so the nodes' clocks may disagree:
-two holders cannot overlap by more than the time one statement takes. A holder that stops
-renewing (killed, frozen, cut off) loses the lease when it expires; a holder that is
-merely slow learns it at its next `acquire()`, and must stop its jobs then.
+comes back as ours, and returns its expiry (`Grant`). Only the database's clock is read, so
+the nodes' clocks may disagree.
+
+Holding the lease when `acquire()` returned is not enough to keep two nodes from working
+at once: a holder that is slow (a long job) or frozen and resumed (SIGSTOP, a paused VM)
+goes on working while its lease runs out and another node takes it. So a holder must
+(1) stop starting work once past a safe part of the lease time (`Grant.deadline`, on this
+process's monotonic clock, measured from before the statement was sent), and (2) fence
+each write of its job: `fence(store)`, called in the write's own transaction on the same
+database, locks the lease row (`FOR SHARE`) only if it is still this holder's and not
+expired on the database's clock, else raises `LeaseLost`, and the transaction rolls back.
+While that transaction is open, no other node can take the row over (its `acquire()`
+waits for the lock, then sees the renewed or unexpired row), so a fenced write commits
+only while its node holds the lease. A write outside the database (a key destroyed in a
+device) can be fenced only at its start.
 
 PostgreSQL only (`clock_timestamp`, `RETURNING`): on the embedded SQLite store, one machine
 has no other node to hand jobs to.
@@ -19,8 +30,10 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass
 
+from .errors import StrongroomError
 from .store import Store
 
 SCHEMA = (
@@ -39,6 +52,26 @@ class LeaseState:
     holder: str
     acquired: float  # the database's clock, seconds since the epoch
     expires: float
+
+
+class LeaseLost(StrongroomError):
+    """This node no longer holds the lease its job runs under (expired or taken over by
+    another node): the job's write was not made."""
+
+
+@dataclass(frozen=True)
+class Grant:
+    """The lease held: `expires` on the database's clock (seconds since the epoch), and
+    `deadline`, the same instant on this process's `time.monotonic()` clock, early by the
+    statement's round trip (measured from before it was sent)."""
+
+    expires: float
+    deadline: float
+
+    def stop_at(self, fraction: float) -> float:
+        """The monotonic time by which the holder has used `fraction` of what was left."""
+        left = self.deadline - time.monotonic()
+        return time.monotonic() + max(0.0, left) * fraction
 
 
 def holder_id() -> str:
@@ -68,10 +101,11 @@ class Lease:
             store.close()
             raise
 
-    def acquire(self) -> bool:
-        """Take the lease, or renew it if it is ours; whether we hold it now (until the
-        database's clock passes `seconds` from now)."""
+    def acquire(self) -> Grant | None:
+        """Take the lease, or renew it if it is ours: a `Grant` (its expiry, `seconds` from
+        now on the database's clock) when we hold it now, else None."""
         with self._lock, self._store.errors("write"):
+            sent = time.monotonic()
             row = self._store.execute(
                 "INSERT INTO leases AS l (name, holder, acquired, expires) "
                 "VALUES (?, ?, clock_timestamp(), clock_timestamp() + make_interval(secs => ?)) "
@@ -81,10 +115,27 @@ class Lease:
                 "  ELSE excluded.acquired END,"
                 " expires = excluded.expires "
                 "WHERE l.holder = excluded.holder OR l.expires < clock_timestamp() "
-                "RETURNING holder",
+                "RETURNING holder, extract(epoch FROM expires),"
+                " extract(epoch FROM clock_timestamp())",
                 (self.name, self.holder, self.seconds),
             ).fetchone()
-        return row is not None and row[0] == self.holder
+        if row is None or row[0] != self.holder:
+            return None
+        expires, db_now = float(str(row[1])), float(str(row[2]))
+        return Grant(expires, sent + max(0.0, expires - db_now))
+
+    def fence(self, store: Store) -> None:
+        """Inside a write transaction of `store` (on this lease's database): lock the lease
+        row for the rest of the transaction if it is still ours and unexpired on the
+        database's clock, else raise LeaseLost (the caller's transaction then rolls back)."""
+        with store.errors("write"):
+            row = store.execute(
+                "SELECT 1 FROM leases WHERE name = ? AND holder = ? "
+                "AND expires > clock_timestamp() FOR SHARE",
+                (self.name, self.holder),
+            ).fetchone()
+        if row is None:
+            raise LeaseLost(f"this node no longer holds the lease {self.name!r}")
 
     def release(self) -> None:
         """Give the lease up at once (a clean shutdown), if it is ours."""

@@ -71,7 +71,10 @@ def _tenants(state: State) -> Any:
         return state.service()
     from ..service.tenants import open_tenants
 
-    return open_tenants(config_mod.load(state.config))
+    def audit(operation: str, /, **facts: object) -> None:  # a tenants.sqlite moved in
+        state.local_keystore().audit.record(operation, None, "ok", None, None, **facts)
+
+    return open_tenants(config_mod.load(state.config), audit)
 
 
 def _audit_change(state: State, operation: str, **detail: Any) -> Any:

@@ -22,6 +22,7 @@ import contextlib
 import fnmatch
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 import threading
@@ -29,7 +30,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import (
     AuthenticationFailed,
@@ -182,10 +183,20 @@ def _perms_text(perms: Iterable[Permission]) -> str:
     return ",".join(sorted(p.value for p in perms))
 
 
-def open_tenants(config: Config) -> TenantStore:
+log = logging.getLogger("strongroom.tenants")
+
+
+class ImportAudit(Protocol):
+    """Records one event of moving a `tenants.sqlite` into the database (non-secret facts)."""
+
+    def __call__(self, operation: str, /, **facts: object) -> None: ...
+
+
+def open_tenants(config: Config, audit: ImportAudit | None = None) -> TenantStore:
     """The tenants store of a config: in the database `[store] url` names (shared by every
-    node), else `tenants.sqlite` in the data dir. A `tenants.sqlite` left in the data dir of
-    a node that now has a database is moved into it (`TenantStore.import_file`)."""
+        node), else `tenants.sqlite` in the data dir. A `tenants.sqlite` left in the data dir of
+        a node that now has a database is moved into it (`TenantStore.import_file`; `audit`
+    records each row it copies and each conflict)."""
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     legacy = config.data_dir / LEGACY_FILE
     if config.store_url is None:
@@ -193,7 +204,7 @@ def open_tenants(config: Config) -> TenantStore:
     store = TenantStore(open_store(config.store_url, config.data_dir))
     try:
         if legacy.exists():
-            store.import_file(legacy)
+            store.import_file(legacy, audit)
     except BaseException:
         store.close()
         raise
@@ -576,14 +587,23 @@ class TenantStore:
         return any(permission in p.permissions for p in self._policies_for(identity))
 
     # -- moving an embedded store into the database ----------------------------------------------
-    def import_file(self, path: Path) -> dict[str, int]:
+    def import_file(self, path: Path, audit: ImportAudit | None = None) -> dict[str, int]:
         """Copy the tenants, identities and policies of the embedded store at `path` into
         this one, in one transaction, then rename the file `<name>.moved` (kept, not
-        deleted). Rows already here stay: a tenant of the same name is one tenant, an
-        identity of the same id is not copied again, and a policy of the same tenant,
-        identity and key pattern gets the union of both permission sets. So the data dirs
-        of several nodes may each be moved in, in any order; tokens issued by any of them
-        keep working on every node. Returns how many rows of each kind were copied."""
+        deleted). A tenant of the same name is one tenant. An identity of the same id is
+        the same identity (a data dir copied to another node): it is not copied again, but
+        a revocation wins, the earliest `revoked` date of the two staying. A policy of the
+        same tenant, identity and key pattern with other permissions is a conflict: the
+        database's row stays (never a union, which could give back a permission taken away
+        on one node), and the conflict is logged and reported. So the data dirs of several
+        nodes may each be moved in, in any order; tokens issued by any of them keep working
+        on every node, and none revoked on any of them comes back.
+
+        `audit(operation, **facts)`, if given, gets one `tenant_import` record for each row
+        copied or changed and one `tenant_import_conflict` for each conflict, after the
+        commit and before the rename (so a failed record leaves the file to be moved again,
+        which copies nothing twice). Returns how many rows of each kind were copied, and
+        `revoked` (identities revoked by the file) and `conflicts`."""
         old = TenantStore(path)  # migrates the file first: the rows read have one shape
         try:
             tenants = old._read_all("SELECT name, created FROM tenants", ())
@@ -595,15 +615,44 @@ class TenantStore:
             policies = old._read_all("SELECT tenant, identity, keys, permissions FROM policies", ())
         finally:
             old.close()
-        counts = {"tenants": 0, "identities": 0, "policies": 0}
+        counts = {"tenants": 0, "identities": 0, "policies": 0, "revoked": 0, "conflicts": 0}
+        events: list[tuple[str, dict[str, object]]] = []
+
+        def conflict(kind: str, **facts: object) -> None:
+            counts["conflicts"] += 1
+            events.append(("tenant_import_conflict", {"kind": kind, "file": str(path), **facts}))
+
         with self._change() as db:
             for row in tenants:
                 cur = db.execute(
                     "INSERT INTO tenants VALUES (?, ?) ON CONFLICT (name) DO NOTHING", row
                 )
-                counts["tenants"] += max(cur.rowcount, 0)
+                if cur.rowcount > 0:
+                    counts["tenants"] += 1
+                    events.append(("tenant_import", {"kind": "tenant", "tenant": row[0]}))
             for row in identities:
-                if db.execute("SELECT 1 FROM identities WHERE id=?", (row[0],)).fetchone():
+                here = db.execute(
+                    "SELECT tenant, name, admin, token_hash, cert_sha256, revoked "
+                    "FROM identities WHERE id=?",
+                    (row[0],),
+                ).fetchone()
+                facts: dict[str, object] = {
+                    "kind": "identity",
+                    "id": row[0],
+                    "tenant": row[1],
+                    "identity": row[2],
+                }
+                if here is not None:
+                    if tuple(here[:4]) != tuple(row[1:5]):  # the same id, another identity
+                        conflict("identity", id=row[0], tenant=here[0], identity=here[1])
+                    revoked = [float(str(r)) for r in (here[5], row[7]) if r is not None]
+                    if revoked and (here[5] is None or min(revoked) < float(str(here[5]))):
+                        db.execute(
+                            "UPDATE identities SET revoked=?, cert_sha256=NULL WHERE id=?",
+                            (min(revoked), row[0]),
+                        )
+                        counts["revoked"] += 1
+                        events.append(("tenant_import", {**facts, "revoked": min(revoked)}))
                     continue
                 cert = row[5]
                 if (
@@ -615,18 +664,43 @@ class TenantStore:
                     raise KeyExists(f"the certificate of identity {row[2]!r}", "identities")
                 db.execute("INSERT INTO identities VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
                 counts["identities"] += 1
+                events.append(("tenant_import", facts))
             for t, i, k, p in policies:
                 here = db.execute(
                     "SELECT permissions FROM policies WHERE tenant=? AND identity=? AND keys=?",
                     (t, i, k),
                 ).fetchone()
-                perms = _perms(str(p)) | (_perms(str(here[0])) if here else frozenset())
-                db.execute(
-                    "INSERT INTO policies VALUES (?, ?, ?, ?) ON CONFLICT (tenant, identity, "
-                    "keys) DO UPDATE SET permissions=excluded.permissions",
-                    (t, i, k, _perms_text(perms)),
-                )
+                perms = _perms_text(_perms(str(p)))
+                if here is not None:
+                    kept = _perms_text(_perms(str(here[0])))
+                    if kept != perms:
+                        conflict("policy", tenant=t, identity=i, keys=k, kept=kept, dropped=perms)
+                    continue
+                db.execute("INSERT INTO policies VALUES (?, ?, ?, ?)", (t, i, k, perms))
                 counts["policies"] += 1
+                events.append(
+                    (
+                        "tenant_import",
+                        {
+                            "kind": "policy",
+                            "tenant": t,
+                            "identity": i,
+                            "keys": k,
+                            "permissions": perms,
+                        },
+                    )
+                )
+        for op, facts in events:
+            if op == "tenant_import_conflict":
+                log.warning(
+                    "moving %s into the database: conflicting %s, the database's row kept: %s",
+                    path,
+                    facts["kind"],
+                    ", ".join(f"{k}={v}" for k, v in facts.items() if k not in ("kind", "file")),
+                )
+        if audit is not None:
+            for op, facts in events:
+                audit(op, **facts)
         path.rename(path.with_name(path.name + ".moved"))
         for suffix in ("-wal", "-shm"):  # SQLite's side files, empty once it closed
             path.with_name(path.name + suffix).unlink(missing_ok=True)

@@ -29,9 +29,9 @@ from ..errors import BackendUnavailable, InvalidArgument, StrongroomError
 from ..keystore import Keystore
 from ..kmip.server import KmipServer, KmipSettings, kmip_tls_context
 from ..kmip.store import ObjectStore
-from ..store_lease import Lease, open_lease
+from ..store_lease import Grant, Lease, LeaseLost, open_lease
 from .app import App, log
-from .tenants import TenantStore, open_tenants
+from .tenants import ImportAudit, TenantStore, open_tenants
 
 # -- serving -----------------------------------------------------------------------------------
 MAX_HEAD_BYTES = 16 * 1024
@@ -309,7 +309,7 @@ def serve(
         raise InvalidArgument("TCP needs TLS: set [server] tls_cert and tls_key")
     ks = Keystore(config, actor="strongroom-serve")
     try:
-        tenants = open_tenants(config)
+        tenants = open_tenants(config, _import_audit(ks))
     except BaseException:
         ks.close()
         raise
@@ -525,14 +525,23 @@ async def _serve(
         app.close()
 
 
+# The part of what is left of the lease that a round of jobs may use before it stops
+# starting work: the rest is margin for the last job's own time and a late renewal.
+JOBS_LEASE_FRACTION = 0.5
+
+
 async def _singleton_jobs(app: App, lease: Lease, settings: ServerConfig) -> None:
     """On a shared store (docs/cluster.md, "Singleton jobs"): every third of the lease time,
     take or renew the lease `jobs` in the database; while this node holds it, it carries
     out the scheduled deletions that are due and signs an audit checkpoint every
-    `audit_checkpoint_seconds` when the chain's last record is not one. A node that stops
-    renewing (killed, frozen, cut off from the database) loses the lease when it runs out
-    on the database's clock, and the next node to ask takes the jobs over. Taking and
-    losing the lease are audit records (`lease_acquired`, `lease_lost`)."""
+    `audit_checkpoint_seconds` when the chain's last record is not one. A round of jobs
+    starts no new work once past half of the lease time left when it was renewed
+    (`JOBS_LEASE_FRACTION`), and each deletion's transaction is fenced on the lease row
+    (`Lease.fence`): a holder that was slow or frozen past its expiry, or whose lease
+    another node took, makes no deletion. A node that stops renewing (killed, frozen, cut
+    off from the database) loses the lease when it runs out on the database's clock, and
+    the next node to ask takes the jobs over. Taking and losing the lease are audit
+    records (`lease_acquired`, `lease_lost`)."""
     holding = False
     last_checkpoint = time.monotonic()
 
@@ -542,14 +551,22 @@ async def _singleton_jobs(app: App, lease: Lease, settings: ServerConfig) -> Non
         except StrongroomError as e:
             log.warning("could not record %s: %s: %s", op, type(e).__name__, e)
 
-    def jobs() -> None:
+    def jobs(grant: Grant) -> None:
         nonlocal last_checkpoint
+        stop_at = grant.stop_at(JOBS_LEASE_FRACTION)
+
+        def stop() -> bool:
+            return time.monotonic() >= stop_at
+
         try:
-            app.ks.purge_due()
+            app.ks.purge_due(fence=lease.fence, stop=stop)
+        except LeaseLost as e:  # the next acquire() says whether we still hold it
+            log.warning("scheduled deletions stopped: %s", e)
+            return
         except StrongroomError as e:  # the next round tries again
             log.warning("scheduled deletions failed: %s: %s", type(e).__name__, e)
         every = settings.audit_checkpoint_seconds
-        if every > 0 and time.monotonic() - last_checkpoint >= every:
+        if every > 0 and time.monotonic() - last_checkpoint >= every and not stop():
             last_checkpoint = time.monotonic()
             try:
                 if not _chain_ends_signed(app.ks):
@@ -559,23 +576,34 @@ async def _singleton_jobs(app: App, lease: Lease, settings: ServerConfig) -> Non
 
     try:
         while True:
+            grant: Grant | None
             try:
-                held = await asyncio.to_thread(lease.acquire)
+                grant = await asyncio.to_thread(lease.acquire)
             except StrongroomError as e:  # the database away: we hold nothing we can prove
                 log.warning("cannot renew the jobs lease: %s: %s", type(e).__name__, e)
-                held = False
+                grant = None
+            held = grant is not None
             if held != holding:
                 holding = held
                 log.info("%s the singleton jobs lease", "took" if held else "lost")
                 await asyncio.to_thread(note, "lease_acquired" if held else "lease_lost")
-            if held:
-                await asyncio.to_thread(jobs)
+            if grant is not None:
+                await asyncio.to_thread(jobs, grant)
             await asyncio.sleep(lease.seconds / 3)
     finally:
         if holding:  # a clean shutdown hands the jobs over at once
             with contextlib.suppress(StrongroomError):
                 lease.release()
         lease.close()
+
+
+def _import_audit(ks: Keystore) -> ImportAudit:
+    """The audit records of moving this node's `tenants.sqlite` into the database."""
+
+    def record(operation: str, /, **facts: object) -> None:
+        ks.audit.record(operation, None, "ok", None, None, **facts)
+
+    return record
 
 
 def _chain_ends_signed(ks: Keystore) -> bool:

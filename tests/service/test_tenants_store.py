@@ -235,11 +235,9 @@ def test_the_tenants_of_node_data_dirs_move_into_the_database(
             assert (two.data_dir / "tenants.sqlite.moved").exists()
             for node in (first, second):
                 who = node.authenticate_token(V1_TOKEN)
-                assert node.permissions_on(who, "app-1") == {
-                    Permission.READ,
-                    Permission.SIGN,
-                    Permission.VERIFY,
-                }
+                # node two's policy on the same pattern is a conflict: the database's row
+                # (node one's) stays, no union
+                assert node.permissions_on(who, "app-1") == {Permission.READ, Permission.SIGN}
                 assert node.authenticate_token(token_two).name == "svc"
             assert [t["name"] for t in second.tenants()] == ["acme"]
             assert {i["name"]: i["revoked"] for i in first.identities("acme")} == {
@@ -258,6 +256,89 @@ def test_the_tenants_of_node_data_dirs_move_into_the_database(
     with psycopg.connect(url, autocommit=True) as pg:
         rows = pg.execute("SELECT value FROM meta WHERE key IN ('schema', 'schema_version')")
         assert sorted(str(r[0]) for r in rows.fetchall()) == [str(SCHEMA_VERSION)]
+
+
+def test_moving_a_file_in_never_brings_back_a_revoked_token_or_permission(
+    pg_cluster: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two nodes' copies of one tenants.sqlite (a cloned data dir): on node two, `app`'s
+    token was revoked and its permissions cut to read. Whatever order they move in, the
+    token stays revoked and no permission comes back; the policy conflict is reported."""
+    for order in ("revoked_last", "revoked_first"):
+        url = pg_cluster.new_database()
+        (tmp_path / order).mkdir()
+        one = pg_config(tmp_path / order, "one", url)
+        two = pg_config(tmp_path / order, "two", url)
+        for cfg in (one, two):
+            cfg.data_dir.mkdir(mode=0o700)
+            make_v1(cfg.data_dir / "tenants.sqlite")
+        local = TenantStore(two.data_dir / "tenants.sqlite")
+        local.revoke("acme", "app")
+        local.revoke_policy("acme", "app", "app-*", [Permission.SIGN])
+        local.close()
+        nodes = (one, two) if order == "revoked_last" else (two, one)
+        events: list[tuple[str, dict[str, object]]] = []
+
+        def audit(operation: str, /, **facts: object) -> None:
+            events.append((operation, facts))
+
+        caplog.clear()
+        first = open_tenants(nodes[0], audit)
+        try:
+            copied = len(events)
+            second = open_tenants(nodes[1], audit)
+            try:
+                for node in (first, second):
+                    with pytest.raises(AuthenticationFailed):
+                        node.authenticate_token(V1_TOKEN)
+                # the first file: one tenant, three identities, one policy, each audited
+                assert copied == 5
+                assert {op for op, _ in events[:copied]} == {"tenant_import"}
+                revoked = {i["name"]: i["revoked"] for i in first.identities("acme")}
+                assert revoked["gone"] == 1700000003.0 and revoked["app"] is not None
+                policies = {(p.identity, p.keys): p.permissions for p in second.policies()}
+                later = events[copied:]
+                conflicts = [f for op, f in later if op == "tenant_import_conflict"]
+                if order == "revoked_last":
+                    # the database's row (read,sign) stays; the file's read is reported
+                    assert policies == {("app", "app-*"): {Permission.READ, Permission.SIGN}}
+                    assert [(c["kind"], c["kept"], c["dropped"]) for c in conflicts] == [
+                        ("policy", "read,sign", "read")
+                    ]
+                    assert any("conflicting policy" in r.getMessage() for r in caplog.records)
+                    # the revocation is the one row the second file changed
+                    assert [f["id"] for op, f in later if op == "tenant_import"] == [
+                        "00112233445566aa"
+                    ]
+                else:
+                    assert policies == {("app", "app-*"): {Permission.READ}}
+                    assert [c["kind"] for c in conflicts] == ["policy"]
+                    assert [op for op, _ in later] == ["tenant_import_conflict"]
+                for _, facts in events:  # no token hash in the audit
+                    assert not any("hash" in k for k in facts)
+            finally:
+                second.close()
+        finally:
+            first.close()
+
+
+def test_the_earliest_revocation_stays(pg_cluster: Any, tmp_path: Path) -> None:
+    url = pg_cluster.new_database()
+    one = pg_config(tmp_path, "one", url)
+    two = pg_config(tmp_path, "two", url)
+    for cfg, when in ((one, 1700000009.0), (two, 1700000005.0)):
+        cfg.data_dir.mkdir(mode=0o700)
+        make_v1(cfg.data_dir / "tenants.sqlite")
+        db = sqlite3.connect(cfg.data_dir / "tenants.sqlite")
+        db.execute("UPDATE identities SET revoked=? WHERE name='gone'", (when,))
+        db.commit()
+        db.close()
+    open_tenants(one).close()
+    store = open_tenants(two)
+    try:
+        assert {i["name"]: i["revoked"] for i in store.identities("acme")}["gone"] == 1700000005.0
+    finally:
+        store.close()
 
 
 def test_the_embedded_default_stays_a_file_in_the_data_dir(tmp_path: Path) -> None:
