@@ -262,6 +262,21 @@ class Connection:
             self._end_login(slot)
 
     def _end_login(self, slot: int) -> None:
+        """Log the slot's user out: what the login showed goes with it. Its sessions'
+        operations and searches end, and the handles of its private objects become
+        invalid (PKCS #11 C_Logout); after a tenant's login (C_Login with an API token)
+        every object handle of the slot does, as all it showed was that tenant's. A
+        handle is never reused, so a later login cannot reach an object through it."""
+        tenant = slot in self._logins
+        for session in self.sessions.values():
+            if session.slot == slot:
+                session.ops.clear()
+                session.find = None
+        for ident, handle in list(self._handles.items()):
+            obj = self.objects.get(handle)
+            if ident[0] == slot and (tenant or obj is None or obj.private):
+                del self._handles[ident]
+                self.objects.pop(handle, None)
         self.logged_in.discard(slot)
         self._backend_types.pop(slot, None)
         api = self._logins.pop(slot, None)

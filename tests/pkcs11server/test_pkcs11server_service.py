@@ -201,3 +201,60 @@ def test_the_pin_is_a_tenants_api_token(service: tuple[Service, Tenancy], tmp_pa
     assert tenancy.acme_signer not in log and tenancy.globex_app not in log
     signs = sign_records(svc)
     assert signs[-1]["actor"] == "acme:signer" and signs[-1]["result"] == "ok"
+
+
+def test_a_logout_ends_the_tenants_object_handles(service: tuple[Service, Tenancy]) -> None:
+    """Tenant A logs in and finds its objects, logs out, and tenant B logs in on the same
+    connection: A's handles are CKR_OBJECT_HANDLE_INVALID to B, private and public alike,
+    and B's own search does not return them."""
+    import struct
+
+    from strongroom.pkcs11server import Connection, Settings, TokenSpec, ck, wire
+
+    svc, tenancy = service
+    with strongroom.connect(svc.unix, token=tenancy.acme_app) as app:
+        if all(info.name != "signing-p256" for info in app.keys()):
+            app.generate("signing-p256", "ecdsa-p256")
+    with strongroom.connect(svc.unix, token=tenancy.globex_app) as globex:
+        assert not [i for i in globex.keys() if i.name.startswith("signing-")]
+
+    def u(v: int) -> bytes:
+        return struct.pack(">Q", v)
+
+    def ay(data: bytes) -> bytes:
+        return b"\x01" + wire.byte_array(data)
+
+    def rv(reply: bytes) -> int:
+        return 0 if reply[:4] != b"\0\0\0\0" else int(struct.unpack(">Q", reply[-8:])[0])
+
+    def found(conn: Connection) -> tuple[int, ...]:
+        assert rv(conn.handle(wire.request("C_FindObjectsInit", u(1), struct.pack(">I", 0)))) == 0
+        reply = conn.handle(wire.request("C_FindObjects", u(1), struct.pack(">I", 16)))
+        conn.handle(wire.request("C_FindObjectsFinal", u(1)))
+        count = struct.unpack(">I", reply[11:15])[0]
+        return struct.unpack(f">{count}Q", reply[15:])
+
+    settings = Settings(
+        (TokenSpec("acme", ("signing-*",)),),
+        login=lambda token: strongroom.connect(svc.unix, token=token),
+    )
+    conn = Connection(None, settings, 2)
+    try:
+        for body in (
+            wire.request("C_Initialize", ay(wire.HANDSHAKE), b"\x00", ay(b"")),
+            wire.request("C_OpenSession", u(0), u(ck.CKF_SERIAL_SESSION)),
+            wire.request("C_Login", u(1), u(ck.CKU_USER), ay(tenancy.acme_signer.encode())),
+        ):
+            assert rv(conn.handle(body)) == 0
+        handles = found(conn)
+        assert len(handles) == 2  # signing-p256's private and public objects
+        assert rv(conn.handle(wire.request("C_Logout", u(1)))) == 0
+        login = wire.request("C_Login", u(1), u(ck.CKU_USER), ay(tenancy.globex_app.encode()))
+        assert rv(conn.handle(login)) == 0
+        query = struct.pack(">I", 1) + struct.pack(">II", ck.CKA_LABEL, 64)
+        for handle in handles:
+            reply = conn.handle(wire.request("C_GetAttributeValue", u(1), u(handle), query))
+            assert rv(reply) == ck.CKR_OBJECT_HANDLE_INVALID
+        assert not set(found(conn)) & set(handles)
+    finally:
+        conn.close()
