@@ -239,6 +239,10 @@ class Connection:
         except StrongroomError as e:
             log.info("%s failed: %s", call.name, type(e).__name__)
             return wire.error(_ck_error(e))
+        except Exception as e:  # a bug must not end the client's connection
+            # The type only: a message may carry a key's or a request's bytes.
+            log.error("%s failed unexpectedly: %s", call.name, type(e).__name__)
+            return wire.error(ck.CKR_FUNCTION_FAILED)
         return wire.reply(call.call_id, *values)
 
     # -- general ----------------------------------------------------------------------------------
@@ -613,7 +617,7 @@ class Connection:
             p = mech.params
             if not obj.gcm:  # a TPM's AES-256 is CFB + HMAC, not GCM
                 raise CkError(ck.CKR_MECHANISM_INVALID)
-            if len(p["iv"]) != GCM_IV or p["tag_bits"] != GCM_TAG_BITS:
+            if not isinstance(p, dict) or len(p["iv"]) != GCM_IV or p["tag_bits"] != GCM_TAG_BITS:
                 raise CkError(ck.CKR_MECHANISM_PARAM_INVALID)
             return
         if m in (ck.CKM_RSA_PKCS_PSS, ck.CKM_SHA256_RSA_PKCS_PSS):

@@ -298,6 +298,71 @@ def test_version_2_encodes_mechanisms_its_own_way(server: Pkcs11Server, ks: Keys
         wire.decode(body, 1)
 
 
+def _find(client: Raw, session: int, label: bytes, klass: int) -> int:
+    """The handle of the one object of class `klass` labelled `label`."""
+    attrs = struct.pack(">IBI", ck.CKA_LABEL, 1, len(label)) + wire.byte_array(label)
+    attrs += struct.pack(">IBI", ck.CKA_CLASS, 1, 8) + u(klass)
+    client.call(wire.request("C_FindObjectsInit", u(session), struct.pack(">I", 2) + attrs))
+    found = client.call(wire.request("C_FindObjects", u(session), struct.pack(">I", 4)))
+    client.call(wire.request("C_FindObjectsFinal", u(session)))
+    assert struct.unpack(">I", found[11:15])[0] == 1
+    return int(struct.unpack(">Q", found[-8:])[0])
+
+
+def test_version_2_gcm_without_parameters_is_refused_and_the_connection_serves_on(
+    server: Pkcs11Server, ks: Keystore
+) -> None:
+    """Version 2 lets a client send CKM_AES_GCM with the presence byte 0 (no CK_GCM_PARAMS):
+    CKR_MECHANISM_PARAM_INVALID, and the connection serves on; with its parameters the same
+    key decrypts."""
+    ks.generate("p11-gcm", "aes-256")
+    sealed = ks.encrypt("p11-gcm", b"sealed", b"aad")
+    client = Raw(server, 2)
+    try:
+        _login(client)
+        key = _find(client, 1, b"p11-gcm", ck.CKO_SECRET_KEY)
+        bare = struct.pack(">I", ck.CKM_AES_GCM) + b"\x00"
+        reply = client.call(wire.request("C_DecryptInit", u(1), bare, u(key)))
+        assert rv_of(reply) == ck.CKR_MECHANISM_PARAM_INVALID
+        assert rv_of(client.call(wire.request("C_GetInfo"))) == ck.CKR_OK
+        gcm = struct.pack(">I", ck.CKM_AES_GCM) + b"\x01" + wire.byte_array(sealed[:12])
+        gcm += u(96) + wire.byte_array(b"aad") + u(128)
+        assert rv_of(client.call(wire.request("C_DecryptInit", u(1), gcm, u(key)))) == 0
+        reply = client.call(wire.request("C_Decrypt", u(1), b"\x01" + wire.byte_array(
+            sealed[12:]), struct.pack(">I", 64)))  # fmt: skip
+        assert rv_of(reply) == 0 and reply.endswith(b"sealed")
+    finally:
+        client.close()
+        ks.delete("p11-gcm")
+
+
+def test_an_unexpected_error_is_function_failed_and_the_connection_serves_on(
+    server: Pkcs11Server,
+    ks: Keystore,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A call that fails with an exception the server does not expect (a bug) answers
+    CKR_FUNCTION_FAILED; its message, which may hold secret bytes, stays out of the log."""
+
+    def broken() -> None:
+        raise RuntimeError("secret-4c1f")
+
+    monkeypatch.setattr(ks, "keys", broken)
+    client = Raw(server)
+    try:
+        initialize(client)
+        opened = client.call(wire.request("C_OpenSession", u(0), u(ck.CKF_SERIAL_SESSION)))
+        session = struct.unpack(">Q", opened[-8:])[0]
+        reply = client.call(wire.request("C_FindObjectsInit", u(session), struct.pack(">I", 0)))
+        assert rv_of(reply) == ck.CKR_FUNCTION_FAILED
+        assert rv_of(client.call(wire.request("C_GetInfo"))) == ck.CKR_OK
+    finally:
+        client.close()
+    assert "C_FindObjectsInit failed unexpectedly: RuntimeError" in caplog.text
+    assert "secret-4c1f" not in caplog.text
+
+
 def test_sessions_and_handles_of_one_client_are_invisible_to_another(
     server: Pkcs11Server,
 ) -> None:
