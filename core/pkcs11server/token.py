@@ -74,6 +74,9 @@ class Settings:
     """Against `strongroom serve`: C_Login's PIN is a tenant's API token, and this opens a
     client of the service with it, whose token's policy then decides what the client may
     do. Set, `pin` is not used."""
+    allow_destroy: bool = False
+    """Whether C_DestroyObject deletes a key (`KeyAPI.schedule_deletion`: after the
+    keystore's deletion_wait, at once without one); False: CKR_ACTION_PROHIBITED."""
 
 
 @dataclass
@@ -469,8 +472,11 @@ class Connection:
         api = self._logins.get(slot, self.ks)
         if api is None:  # against the service without a token of its own: nothing yet
             return None, []
-        return api, [
-            info for info in api.keys() if any(fnmatch.fnmatchcase(info.name, p) for p in patterns)
+        return api, [  # a key scheduled for deletion does no work: it is not shown
+            info
+            for info in api.keys()
+            if info.delete_after is None
+            and any(fnmatch.fnmatchcase(info.name, p) for p in patterns)
         ]
 
     def _visible(self, slot: int) -> list[int]:
@@ -1019,13 +1025,16 @@ class Connection:
         return handle
 
     def C_DestroyObject(self, handle: int, obj_handle: int) -> Reply:
-        """Destroy a private or secret key object: the key itself (`KeyAPI.delete`, with
-        its public key object). A public key or certificate object alone cannot go."""
+        """Destroy a private or secret key object: the key itself, every version, with its
+        public key object. Only with `Settings.allow_destroy`, and then as `key delete`
+        does: `KeyAPI.schedule_deletion`, so after the keystore's deletion_wait (in the
+        meantime the key does no work, leaves the token and `key delete --cancel` brings
+        it back), at once without one. A public key or certificate object alone cannot go."""
         session = self._writer(handle)
         obj = self._object(session, obj_handle)
-        if not obj.attrs.get(ck.CKA_DESTROYABLE):
+        if not self.settings.allow_destroy or not obj.attrs.get(ck.CKA_DESTROYABLE):
             raise CkError(ck.CKR_ACTION_PROHIBITED)
-        self._api(session.slot).delete(obj.key)
+        self._api(session.slot).schedule_deletion(obj.key)
         for ident, h in list(self._handles.items()):
             if ident[1] == obj.key:
                 del self._handles[ident]
