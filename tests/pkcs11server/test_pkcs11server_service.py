@@ -26,6 +26,7 @@ from server_support import (
 
 import strongroom
 from strongroom import algorithms
+from strongroom.errors import KeyNotFound
 
 CLIENT_MODULE = Path("/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so")
 PIN = "5151-test"
@@ -49,7 +50,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service,
 
 
 def start_server(
-    svc: Service, tmp_path: Path, token: str | None, *, pin: bool
+    svc: Service, tmp_path: Path, token: str | None, *, pin: bool, allow_destroy: bool = False
 ) -> tuple[subprocess.Popen[str], str]:
     """`strongroom --server UNIX pkcs11-server -D` with the server's own API token `token`
     (or none), and [pkcs11_server] pin set (or not: then C_Login takes an API token);
@@ -59,6 +60,7 @@ def start_server(
         f'[keystore]\ndata_dir = "{tmp_path / "data"}"\n\n'
         '[pkcs11_server]\nlabel = "acme"\nkeys = ["signing-*"]\n'
         + ('pin = "env:SR_TEST_P11_PIN"\n' if pin else "")
+        + ("allow_destroy = true\n" if allow_destroy else "")
     )
     sock = Path(tempfile.mkdtemp(prefix="sr-p11-svc-")) / "p11.sock"
     env = {**service_env(), "SR_TEST_P11_PIN": PIN}
@@ -258,3 +260,34 @@ def test_a_logout_ends_the_tenants_object_handles(service: tuple[Service, Tenanc
         assert not set(found(conn)) & set(handles)
     finally:
         conn.close()
+
+
+def test_allow_destroy_reaches_the_command(
+    service: tuple[Service, Tenancy], tmp_path: Path
+) -> None:
+    """`[pkcs11_server] allow_destroy` through `strongroom pkcs11-server`: without it
+    --delete-object is refused and the key stays; with it the tenant's key is deleted
+    through the service (which has no deletion_wait: at once)."""
+    svc, tenancy = service
+    with strongroom.connect(svc.unix, token=tenancy.acme_app) as app:
+        app.generate("signing-doomed", "ecdsa-p256")
+    client_env = {**os.environ, "P11_KIT_SERVER_ADDRESS": ""}
+    delete = ["pkcs11-tool", "--module", str(CLIENT_MODULE), "--login", "--pin",
+              tenancy.acme_app, "--delete-object", "--type", "privkey", "--label",
+              "signing-doomed"]  # fmt: skip
+    for allow in (False, True):
+        server, address = start_server(svc, tmp_path, None, pin=False, allow_destroy=allow)
+        try:
+            client_env["P11_KIT_SERVER_ADDRESS"] = address
+            done = subprocess.run(delete, env=client_env, capture_output=True, text=True,
+                                  timeout=120)  # fmt: skip
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        assert (done.returncode == 0) == allow, done.stderr
+        with strongroom.connect(svc.unix, token=tenancy.acme_app) as app:
+            if allow:
+                with pytest.raises(KeyNotFound):
+                    app.info("signing-doomed")
+            else:
+                assert app.info("signing-doomed").delete_after is None
