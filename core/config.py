@@ -102,6 +102,8 @@ PKCS11_SERVER_KEYS = {
     "$XDG_RUNTIME_DIR or the temp dir)",
     "backend": "the backend C_GenerateKey and C_GenerateKeyPair put keys in (default: the "
     "keystore's order)",
+    "allow_destroy": "let C_DestroyObject delete a key, after [keystore] deletion_wait "
+    "(default false: CKR_ACTION_PROHIBITED)",
 }
 KMIP_KEYS = {
     "backend": "the backend KMIP Create and Register put keys in (default: the keystore's order)",
@@ -210,6 +212,8 @@ class Pkcs11ServerConfig:
     socket: Path | None = None
     backend: str | None = None
     """Where C_GenerateKey/C_GenerateKeyPair make keys; None: the keystore's order."""
+    allow_destroy: bool = False
+    """Whether C_DestroyObject deletes keys (after deletion_wait); False: refused."""
 
 
 @dataclass
@@ -760,6 +764,10 @@ def _parse_pkcs11_server(cfg: Config, table: Any) -> None:
         if not isinstance(table["backend"], str) or not table["backend"]:
             raise cfg.error("must be the name of a configured backend", "pkcs11_server", "backend")
         out.backend = table["backend"]
+    if "allow_destroy" in table:
+        if not isinstance(table["allow_destroy"], bool):
+            raise cfg.error("must be true or false", "pkcs11_server", "allow_destroy")
+        out.allow_destroy = table["allow_destroy"]
     if "socket" in table:
         if not isinstance(table["socket"], str) or not table["socket"]:
             raise cfg.error("must be a path", "pkcs11_server", "socket")

@@ -660,3 +660,12 @@ def test_pkcs11_server_backend_is_checked(tmp_path: Path) -> None:
     ok = config_mod.load(write(tmp_path, *base, 'backend = "vault"'))
     assert ok.pkcs11_server.backend == "vault"
     assert config_mod.load(write(tmp_path, *base)).pkcs11_server.backend is None
+
+
+def test_pkcs11_server_allow_destroy_is_a_boolean_off_by_default(tmp_path: Path) -> None:
+    base = ["[keystore]", data_dir(tmp_path), *vault_table(), "[pkcs11_server]", 'keys = ["a-*"]']
+    assert config_mod.load(write(tmp_path, *base)).pkcs11_server.allow_destroy is False
+    ok = config_mod.load(write(tmp_path, *base, "allow_destroy = true"))
+    assert ok.pkcs11_server.allow_destroy is True
+    e = config_error(write(tmp_path, *base, 'allow_destroy = "yes"'))
+    assert e.key == "pkcs11_server.allow_destroy" and "true or false" in str(e)

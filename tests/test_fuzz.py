@@ -783,9 +783,10 @@ def test_every_ssh_agent_seed_is_served(ssh_agent_seeds: tuple[Any, list[bytes]]
 @pytest.fixture(scope="module")
 def pkcs11_seeds(
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[Callable[[], Any], list[bytes]]]:
+) -> Iterator[tuple[Callable[..., Any], dict[int, list[bytes]]]]:
     """A vault token with a P-256 and an RSA key, a way to open a logged-in client connection
-    to it, and real requests:
+    of a protocol version to it, and real requests (by version: each mechanism encoded as
+    that version does):
     info, slots, token, mechanisms, find (with a nested template), get attributes, sign,
     verify, a raw CKM_RSA_PKCS sign, AES-GCM decrypt in parts, encrypt, generate key (pair)
     and destroy (refused: the session is read-only), random."""
@@ -802,16 +803,21 @@ def pkcs11_seeds(
     def attr_ulong(kind: int, v: int) -> bytes:
         return struct.pack(">IBI", kind, 1, 8) + u(v)
 
-    def mech(kind: int) -> bytes:
-        return struct.pack(">I", kind) + wire.byte_array(None)
+    version = 0  # the mechanism encoding the seeds below are built in (2: p11-kit 0.25.6)
+
+    def mech(kind: int) -> bytes:  # each one used here is parameterless in version 2
+        return struct.pack(">I", kind) + (b"" if version >= 2 else wire.byte_array(None))
+
+    def params(kind: int, encoded: bytes) -> bytes:  # version 2: a presence byte first
+        return struct.pack(">I", kind) + (b"\x01" if version >= 2 else b"") + encoded
 
     def gcm(iv: bytes, aad: bytes) -> bytes:  # CK_GCM_PARAMS as p11-kit 0.25 encodes it
-        return (struct.pack(">I", ck.CKM_AES_GCM) + wire.byte_array(iv) + u(96)
-                + wire.byte_array(aad) + u(128))  # fmt: skip
+        return params(ck.CKM_AES_GCM, wire.byte_array(iv) + u(96) + wire.byte_array(aad)
+                      + u(128))  # fmt: skip
 
     def oaep() -> bytes:
-        return struct.pack(">I", ck.CKM_RSA_PKCS_OAEP) + u(ck.CKM_SHA256) + u(
-            ck.CKG_MGF1_SHA256) + u(ck.CKZ_DATA_SPECIFIED) + wire.byte_array(b"")  # fmt: skip
+        return params(ck.CKM_RSA_PKCS_OAEP, u(ck.CKM_SHA256) + u(ck.CKG_MGF1_SHA256)
+                      + u(ck.CKZ_DATA_SPECIFIED) + wire.byte_array(b""))  # fmt: skip
 
     with seed_keystore(tmp_path_factory, "fuzz-pkcs11") as (ks, _data):
         ks.vault_control().initialize()
@@ -820,110 +826,131 @@ def pkcs11_seeds(
         ks.generate("s-aes", "aes-256")  # handle 5, after p's and r's objects
         sealed = ks.encrypt("s-aes", b"m", b"h")
 
-        def connection() -> Any:
-            """A client connection initialised, with session 1 open and logged in."""
-            conn = Connection(ks, Settings((TokenSpec("t", ("*",)),), pin="1234"))
+        def connection(version: int = 0) -> Any:
+            """A client connection of `version` initialised, with session 1 open and logged
+            in."""
+            conn = Connection(ks, Settings((TokenSpec("t", ("*",)),), pin="1234"), version)
             for body in (
                 wire.request("C_Initialize", ay(wire.HANDSHAKE), b"\x00", ay(b"")),
                 wire.request("C_OpenSession", u(0), u(ck.CKF_SERIAL_SESSION)),
                 wire.request("C_Login", u(1), u(ck.CKU_USER), ay(b"1234")),
+                wire.request("C_FindObjectsInit", u(1), struct.pack(">I", 0)),  # handles 1-5
+                wire.request("C_FindObjectsFinal", u(1)),
             ):
                 assert conn.handle(body)[:4] != b"\x00\x00\x00\x00"
             return conn
 
         nested = struct.pack(">IBI", ck.CKA_WRAP_TEMPLATE, 1, 24) + struct.pack(">I", 1)
         nested += attr_ulong(ck.CKA_CLASS, ck.CKO_PRIVATE_KEY)
-        seeds = [
-            wire.request("C_GetInfo"),
-            wire.request("C_GetSlotList", b"\x01", struct.pack(">I", 8)),
-            wire.request("C_GetTokenInfo", u(0)),
-            wire.request("C_GetMechanismList", u(0), struct.pack(">I", 0)),
-            wire.request("C_GetMechanismInfo", u(0), u(ck.CKM_ECDSA)),
-            wire.request(
-                "C_FindObjectsInit", u(1), struct.pack(">I", 2)
-                + attr_ulong(ck.CKA_CLASS, ck.CKO_PRIVATE_KEY) + nested
-            ),
-            wire.request("C_FindObjects", u(1), struct.pack(">I", 10)),
-            wire.request("C_FindObjectsFinal", u(1)),
-            wire.request(
-                "C_GetAttributeValue", u(1), u(1),
-                struct.pack(">I", 3) + struct.pack(">II", ck.CKA_EC_POINT, 0)
-                + struct.pack(">II", ck.CKA_LABEL, 64) + struct.pack(">II", ck.CKA_VALUE, 64),
-            ),
-            wire.request("C_SignInit", u(1), mech(ck.CKM_ECDSA), u(1)),
-            wire.request("C_Sign", u(1), ay(b"\x01" * 32), struct.pack(">I", 64)),
-            wire.request("C_VerifyInit", u(1), mech(ck.CKM_SHA256_RSA_PKCS), u(4)),
-            wire.request("C_Verify", u(1), ay(b"m"), ay(b"\x00" * 256)),
-            wire.request("C_SignInit", u(1), mech(ck.CKM_RSA_PKCS), u(3)),
-            wire.request("C_Sign", u(1), ay(bytes.fromhex("3021300906052b0e03021a05000414")
-                                             + b"\x02" * 20), struct.pack(">I", 256)),
-            wire.request("C_DecryptInit", u(1), gcm(sealed[:12], b"h"), u(5)),
-            wire.request("C_DecryptUpdate", u(1), ay(sealed[12:15]), struct.pack(">I", 64)),
-            wire.request("C_DecryptUpdate", u(1), ay(sealed[15:]), struct.pack(">I", 64)),
-            wire.request("C_DecryptFinal", u(1), struct.pack(">I", 64)),
-            wire.request("C_EncryptInit", u(1), oaep(), u(4)),
-            wire.request("C_Encrypt", u(1), ay(b"to r"), struct.pack(">I", 256)),
-            # the session is read-only: these two are refused, after their templates decode
-            wire.request("C_GenerateKey", u(1), mech(ck.CKM_AES_KEY_GEN), struct.pack(">I", 2)
-                         + attr_ulong(ck.CKA_VALUE_LEN, 32)
-                         + struct.pack(">IBI", ck.CKA_LABEL, 1, 3) + wire.byte_array(b"new")),
-            wire.request("C_GenerateKeyPair", u(1), mech(ck.CKM_EC_KEY_PAIR_GEN),
-                         struct.pack(">I", 1) + struct.pack(">IBI", ck.CKA_EC_PARAMS, 1, 10)
-                         + wire.byte_array(bytes.fromhex("06082a8648ce3d030107")),
-                         struct.pack(">I", 1) + struct.pack(">IBI", ck.CKA_SIGN, 1, 1) + b"\x01"),
-            wire.request("C_DestroyObject", u(1), u(5)),
-            wire.request("C_GenerateRandom", u(1), struct.pack(">I", 16)),
-            wire.request("C_Logout", u(1)),
-        ]  # fmt: skip
+
+        def requests() -> list[bytes]:
+            return [
+                wire.request("C_GetInfo"),
+                wire.request("C_GetSlotList", b"\x01", struct.pack(">I", 8)),
+                wire.request("C_GetTokenInfo", u(0)),
+                wire.request("C_GetMechanismList", u(0), struct.pack(">I", 0)),
+                wire.request("C_GetMechanismInfo", u(0), u(ck.CKM_ECDSA)),
+                wire.request(
+                    "C_FindObjectsInit", u(1), struct.pack(">I", 2)
+                    + attr_ulong(ck.CKA_CLASS, ck.CKO_PRIVATE_KEY) + nested
+                ),
+                wire.request("C_FindObjects", u(1), struct.pack(">I", 10)),
+                wire.request("C_FindObjectsFinal", u(1)),
+                wire.request(
+                    "C_GetAttributeValue", u(1), u(1),
+                    struct.pack(">I", 3) + struct.pack(">II", ck.CKA_EC_POINT, 0)
+                    + struct.pack(">II", ck.CKA_LABEL, 64) + struct.pack(">II", ck.CKA_VALUE, 64),
+                ),
+                wire.request("C_SignInit", u(1), mech(ck.CKM_ECDSA), u(1)),
+                wire.request("C_Sign", u(1), ay(b"\x01" * 32), struct.pack(">I", 64)),
+                wire.request("C_VerifyInit", u(1), mech(ck.CKM_SHA256_RSA_PKCS), u(4)),
+                wire.request("C_Verify", u(1), ay(b"m"), ay(b"\x00" * 256)),
+                wire.request("C_SignInit", u(1), mech(ck.CKM_RSA_PKCS), u(3)),
+                wire.request("C_Sign", u(1), ay(bytes.fromhex("3021300906052b0e03021a05000414")
+                                                 + b"\x02" * 20), struct.pack(">I", 256)),
+                wire.request("C_DecryptInit", u(1), gcm(sealed[:12], b"h"), u(5)),
+                wire.request("C_DecryptUpdate", u(1), ay(sealed[12:15]), struct.pack(">I", 64)),
+                wire.request("C_DecryptUpdate", u(1), ay(sealed[15:]), struct.pack(">I", 64)),
+                wire.request("C_DecryptFinal", u(1), struct.pack(">I", 64)),
+                wire.request("C_EncryptInit", u(1), oaep(), u(4)),
+                wire.request("C_Encrypt", u(1), ay(b"to r"), struct.pack(">I", 256)),
+                # the session is read-only: these two are refused, after their templates decode
+                wire.request("C_GenerateKey", u(1), mech(ck.CKM_AES_KEY_GEN), struct.pack(">I", 2)
+                             + attr_ulong(ck.CKA_VALUE_LEN, 32)
+                             + struct.pack(">IBI", ck.CKA_LABEL, 1, 3) + wire.byte_array(b"new")),
+                wire.request("C_GenerateKeyPair", u(1), mech(ck.CKM_EC_KEY_PAIR_GEN),
+                             struct.pack(">I", 1) + struct.pack(">IBI", ck.CKA_EC_PARAMS, 1, 10)
+                             + wire.byte_array(bytes.fromhex("06082a8648ce3d030107")),
+                             struct.pack(">I", 1) + struct.pack(">IBI", ck.CKA_SIGN, 1, 1)
+                             + b"\x01"),
+                wire.request("C_DestroyObject", u(1), u(5)),
+                wire.request("C_GenerateRandom", u(1), struct.pack(">I", 16)),
+                wire.request("C_Logout", u(1)),
+            ]  # fmt: skip
+
+        seeds = {0: requests()}
+        version = 2
+        seeds[2] = requests()
+        # CKM_AES_GCM with the presence byte 0, no CK_GCM_PARAMS: CKR_MECHANISM_PARAM_INVALID
+        bare_gcm = struct.pack(">IB", ck.CKM_AES_GCM, 0)
+        seeds[2].insert(-1, wire.request("C_DecryptInit", u(1), bare_gcm, u(5)))
         yield connection, seeds
 
 
+Pkcs11Seeds = tuple[Callable[..., Any], dict[int, list[bytes]]]
+
+
 @pytest.fixture(scope="module")
-def pkcs11_fuzzed(pkcs11_seeds: tuple[Callable[[], Any], list[bytes]]) -> Any:
-    """The one connection the fuzzed requests share (its state drifts as they run)."""
-    return pkcs11_seeds[0]()
+def pkcs11_fuzzed(pkcs11_seeds: Pkcs11Seeds) -> dict[int, Any]:
+    """The connection of each protocol version the fuzzed requests share (its state drifts
+    as they run; a new one replaces it once it is logged out or finalised)."""
+    return {}
 
 
 @FUZZ
+@pytest.mark.parametrize("version", [0, 2])
 @given(data=st.data())
 def test_pkcs11_requests(
-    pkcs11_seeds: tuple[Callable[[], Any], list[bytes]], pkcs11_fuzzed: Any, data: st.DataObject
+    pkcs11_seeds: Pkcs11Seeds, pkcs11_fuzzed: dict[int, Any], version: int, data: st.DataObject
 ) -> None:
     """The decoder raises only Pkcs11MessageError; the server answers every request body with
-    one well-formed reply (its call's, or ERROR with a CK_RV) and never raises."""
+    one well-formed reply (its call's, or ERROR with a CK_RV) and never raises, in version
+    0's mechanism encoding and in version 2's (a presence byte before parameters)."""
     from strongroom.errors import Pkcs11MessageError
     from strongroom.pkcs11server import wire
-    from strongroom.pkcs11server.token import Session
 
-    conn, seeds = pkcs11_fuzzed, pkcs11_seeds[1]
+    connection, seeds = pkcs11_seeds[0], pkcs11_seeds[1][version]
+    conn = pkcs11_fuzzed.get(version)
+    if conn is None or not conn.initialized or 1 not in conn.sessions or not conn.logged_in:
+        conn = pkcs11_fuzzed[version] = connection(version)  # logged in, handles 1-5 found
     body = data.draw(st.one_of(mutated(data.draw(st.sampled_from(seeds))), st.binary(max_size=64)))
-    for version in (1, 2):  # the decoder alone, in both mechanism encodings
+    for v in (1, 2):  # the decoder alone, in both mechanism encodings
         with contextlib.suppress(Pkcs11MessageError):
-            wire.decode(body, version)
+            wire.decode(body, v)
     reply = conn.handle(body)
     call_id = int.from_bytes(reply[:4], "big")
     assert call_id < len(wire.CALLS)
     assert reply[4:8] == len(wire.CALLS[call_id][2]).to_bytes(4, "big")
-    if not conn.initialized or 1 not in conn.sessions:  # a mutated C_Finalize or close: reopen
-        conn.initialized = True
-        conn.sessions[1] = Session(0, rw=False)
-    conn.logged_in.add(0)
     for session in conn.sessions.values():  # a mutated C_OpenSession may ask for read-write:
         session.rw = False  # no fuzzed request makes or destroys keys the seeds use
 
 
-def test_every_pkcs11_seed_is_served(pkcs11_seeds: tuple[Callable[[], Any], list[bytes]]) -> None:
-    """The positive control: unmutated, each seed but the bad-signature verify and the calls
-    that need a read-write session succeeds, on a fresh connection (the fuzzed one may be
-    left mid-operation by a mutated request)."""
-    from strongroom.pkcs11server import wire
+@pytest.mark.parametrize("version", [0, 2])
+def test_every_pkcs11_seed_is_served(pkcs11_seeds: Pkcs11Seeds, version: int) -> None:
+    """The positive control: unmutated, each seed but the bad-signature verify, the calls
+    that need a read-write session and (version 2) CKM_AES_GCM without parameters succeeds,
+    on a fresh connection (the fuzzed one may be left mid-operation by a mutated request)."""
+    from strongroom.pkcs11server import ck, wire
 
-    connection, seeds = pkcs11_seeds
-    conn = connection()
+    connection, seeds = pkcs11_seeds[0], pkcs11_seeds[1][version]
+    conn = connection(version)
     for body in seeds:
         reply = conn.handle(body)
         failed = reply[:4] == b"\x00\x00\x00\x00"
         name = wire.CALLS[int.from_bytes(body[:4], "big")][0]
+        if version == 2 and body is seeds[-2]:  # the parameterless CKM_AES_GCM
+            assert reply == wire.error(ck.CKR_MECHANISM_PARAM_INVALID)
+            continue
         refused = body is seeds[12] or name in ("C_GenerateKey", "C_GenerateKeyPair",
                                                  "C_DestroyObject")  # fmt: skip
         assert failed == refused, name

@@ -52,12 +52,17 @@ def pkcs11_server(state: State, socket_path: str | None, foreground: bool) -> No
                 "set [pkcs11_server] pin (env:NAME or file:PATH): C_Login checks it "
                 "(against a service, with --server, C_Login may take an API token instead)"
             )
-        settings = Settings(tokens, backend=cfg.backend, login=_tenant_client(state))
+        settings = Settings(
+            tokens,
+            backend=cfg.backend,
+            login=_tenant_client(state),
+            allow_destroy=cfg.allow_destroy,
+        )
     else:
         pin = SecretSource([cfg.pin], "the PKCS#11 PIN: ").get()
         if not pin:
             raise InvalidArgument("the PKCS#11 PIN is empty")
-        settings = Settings(tokens, pin=pin, backend=cfg.backend)
+        settings = Settings(tokens, pin=pin, backend=cfg.backend, allow_destroy=cfg.allow_destroy)
     # Bound before the fork, so that the address printed is already being listened on; the
     # keystore is opened after it, in the serving process (a PKCS#11 or TPM session does
     # not survive a fork).

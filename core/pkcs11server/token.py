@@ -74,6 +74,9 @@ class Settings:
     """Against `strongroom serve`: C_Login's PIN is a tenant's API token, and this opens a
     client of the service with it, whose token's policy then decides what the client may
     do. Set, `pin` is not used."""
+    allow_destroy: bool = False
+    """Whether C_DestroyObject deletes a key (`KeyAPI.schedule_deletion`: after the
+    keystore's deletion_wait, at once without one); False: CKR_ACTION_PROHIBITED."""
 
 
 @dataclass
@@ -239,6 +242,10 @@ class Connection:
         except StrongroomError as e:
             log.info("%s failed: %s", call.name, type(e).__name__)
             return wire.error(_ck_error(e))
+        except Exception as e:  # a bug must not end the client's connection
+            # The type only: a message may carry a key's or a request's bytes.
+            log.error("%s failed unexpectedly: %s", call.name, type(e).__name__)
+            return wire.error(ck.CKR_FUNCTION_FAILED)
         return wire.reply(call.call_id, *values)
 
     # -- general ----------------------------------------------------------------------------------
@@ -262,6 +269,21 @@ class Connection:
             self._end_login(slot)
 
     def _end_login(self, slot: int) -> None:
+        """Log the slot's user out: what the login showed goes with it. Its sessions'
+        operations and searches end, and the handles of its private objects become
+        invalid (PKCS #11 C_Logout); after a tenant's login (C_Login with an API token)
+        every object handle of the slot does, as all it showed was that tenant's. A
+        handle is never reused, so a later login cannot reach an object through it."""
+        tenant = slot in self._logins
+        for session in self.sessions.values():
+            if session.slot == slot:
+                session.ops.clear()
+                session.find = None
+        for ident, handle in list(self._handles.items()):
+            obj = self.objects.get(handle)
+            if ident[0] == slot and (tenant or obj is None or obj.private):
+                del self._handles[ident]
+                self.objects.pop(handle, None)
         self.logged_in.discard(slot)
         self._backend_types.pop(slot, None)
         api = self._logins.pop(slot, None)
@@ -450,8 +472,11 @@ class Connection:
         api = self._logins.get(slot, self.ks)
         if api is None:  # against the service without a token of its own: nothing yet
             return None, []
-        return api, [
-            info for info in api.keys() if any(fnmatch.fnmatchcase(info.name, p) for p in patterns)
+        return api, [  # a key scheduled for deletion does no work: it is not shown
+            info
+            for info in api.keys()
+            if info.delete_after is None
+            and any(fnmatch.fnmatchcase(info.name, p) for p in patterns)
         ]
 
     def _visible(self, slot: int) -> list[int]:
@@ -598,7 +623,7 @@ class Connection:
             p = mech.params
             if not obj.gcm:  # a TPM's AES-256 is CFB + HMAC, not GCM
                 raise CkError(ck.CKR_MECHANISM_INVALID)
-            if len(p["iv"]) != GCM_IV or p["tag_bits"] != GCM_TAG_BITS:
+            if not isinstance(p, dict) or len(p["iv"]) != GCM_IV or p["tag_bits"] != GCM_TAG_BITS:
                 raise CkError(ck.CKR_MECHANISM_PARAM_INVALID)
             return
         if m in (ck.CKM_RSA_PKCS_PSS, ck.CKM_SHA256_RSA_PKCS_PSS):
@@ -1000,13 +1025,16 @@ class Connection:
         return handle
 
     def C_DestroyObject(self, handle: int, obj_handle: int) -> Reply:
-        """Destroy a private or secret key object: the key itself (`KeyAPI.delete`, with
-        its public key object). A public key or certificate object alone cannot go."""
+        """Destroy a private or secret key object: the key itself, every version, with its
+        public key object. Only with `Settings.allow_destroy`, and then as `key delete`
+        does: `KeyAPI.schedule_deletion`, so after the keystore's deletion_wait (in the
+        meantime the key does no work, leaves the token and `key delete --cancel` brings
+        it back), at once without one. A public key or certificate object alone cannot go."""
         session = self._writer(handle)
         obj = self._object(session, obj_handle)
-        if not obj.attrs.get(ck.CKA_DESTROYABLE):
+        if not self.settings.allow_destroy or not obj.attrs.get(ck.CKA_DESTROYABLE):
             raise CkError(ck.CKR_ACTION_PROHIBITED)
-        self._api(session.slot).delete(obj.key)
+        self._api(session.slot).schedule_deletion(obj.key)
         for ident, h in list(self._handles.items()):
             if ident[1] == obj.key:
                 del self._handles[ident]

@@ -7,6 +7,7 @@ One vault keystore (a P-256 and an RSA key) and one server, in a thread, serve t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -55,18 +56,28 @@ def ks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keystore]:
         yield keystore
 
 
-@pytest.fixture(scope="module")
-def server(ks: Keystore) -> Iterator[Pkcs11Server]:
+@contextlib.contextmanager
+def serving(ks: Keystore, *, allow_destroy: bool = False) -> Iterator[Pkcs11Server]:
+    """A server of the keys p11-* of `ks`, in a thread."""
     socket_dir = Path(tempfile.mkdtemp(prefix="sr-p11-"))
     os.rmdir(socket_dir)  # the server makes it (0700) and removes it again
-    settings = Settings((TokenSpec("strongroom", ("p11-*",)),), pin=PIN)
-    srv = Pkcs11Server(ks, settings, socket_dir / "p11.sock")
+    tokens = (TokenSpec("strongroom", ("p11-*",)),)
+    srv = Pkcs11Server(ks, Settings(tokens, pin=PIN, allow_destroy=allow_destroy),
+                       socket_dir / "p11.sock")  # fmt: skip
     thread = threading.Thread(target=srv.serve_forever, name="test-p11", daemon=True)
     thread.start()
-    yield srv
-    srv.shutdown()
-    thread.join(timeout=30)
-    srv.close()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        thread.join(timeout=30)
+        srv.close()
+
+
+@pytest.fixture(scope="module")
+def server(ks: Keystore) -> Iterator[Pkcs11Server]:
+    with serving(ks) as srv:
+        yield srv
 
 
 def tool(server: Pkcs11Server, *args: str, cwd: Path | None = None) -> str:
@@ -298,6 +309,71 @@ def test_version_2_encodes_mechanisms_its_own_way(server: Pkcs11Server, ks: Keys
         wire.decode(body, 1)
 
 
+def _find(client: Raw, session: int, label: bytes, klass: int) -> int:
+    """The handle of the one object of class `klass` labelled `label`."""
+    attrs = struct.pack(">IBI", ck.CKA_LABEL, 1, len(label)) + wire.byte_array(label)
+    attrs += struct.pack(">IBI", ck.CKA_CLASS, 1, 8) + u(klass)
+    client.call(wire.request("C_FindObjectsInit", u(session), struct.pack(">I", 2) + attrs))
+    found = client.call(wire.request("C_FindObjects", u(session), struct.pack(">I", 4)))
+    client.call(wire.request("C_FindObjectsFinal", u(session)))
+    assert struct.unpack(">I", found[11:15])[0] == 1
+    return int(struct.unpack(">Q", found[-8:])[0])
+
+
+def test_version_2_gcm_without_parameters_is_refused_and_the_connection_serves_on(
+    server: Pkcs11Server, ks: Keystore
+) -> None:
+    """Version 2 lets a client send CKM_AES_GCM with the presence byte 0 (no CK_GCM_PARAMS):
+    CKR_MECHANISM_PARAM_INVALID, and the connection serves on; with its parameters the same
+    key decrypts."""
+    ks.generate("p11-gcm", "aes-256")
+    sealed = ks.encrypt("p11-gcm", b"sealed", b"aad")
+    client = Raw(server, 2)
+    try:
+        _login(client)
+        key = _find(client, 1, b"p11-gcm", ck.CKO_SECRET_KEY)
+        bare = struct.pack(">I", ck.CKM_AES_GCM) + b"\x00"
+        reply = client.call(wire.request("C_DecryptInit", u(1), bare, u(key)))
+        assert rv_of(reply) == ck.CKR_MECHANISM_PARAM_INVALID
+        assert rv_of(client.call(wire.request("C_GetInfo"))) == ck.CKR_OK
+        gcm = struct.pack(">I", ck.CKM_AES_GCM) + b"\x01" + wire.byte_array(sealed[:12])
+        gcm += u(96) + wire.byte_array(b"aad") + u(128)
+        assert rv_of(client.call(wire.request("C_DecryptInit", u(1), gcm, u(key)))) == 0
+        reply = client.call(wire.request("C_Decrypt", u(1), b"\x01" + wire.byte_array(
+            sealed[12:]), struct.pack(">I", 64)))  # fmt: skip
+        assert rv_of(reply) == 0 and reply.endswith(b"sealed")
+    finally:
+        client.close()
+        ks.delete("p11-gcm")
+
+
+def test_an_unexpected_error_is_function_failed_and_the_connection_serves_on(
+    server: Pkcs11Server,
+    ks: Keystore,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A call that fails with an exception the server does not expect (a bug) answers
+    CKR_FUNCTION_FAILED; its message, which may hold secret bytes, stays out of the log."""
+
+    def broken() -> None:
+        raise RuntimeError("secret-4c1f")
+
+    monkeypatch.setattr(ks, "keys", broken)
+    client = Raw(server)
+    try:
+        initialize(client)
+        opened = client.call(wire.request("C_OpenSession", u(0), u(ck.CKF_SERIAL_SESSION)))
+        session = struct.unpack(">Q", opened[-8:])[0]
+        reply = client.call(wire.request("C_FindObjectsInit", u(session), struct.pack(">I", 0)))
+        assert rv_of(reply) == ck.CKR_FUNCTION_FAILED
+        assert rv_of(client.call(wire.request("C_GetInfo"))) == ck.CKR_OK
+    finally:
+        client.close()
+    assert "C_FindObjectsInit failed unexpectedly: RuntimeError" in caplog.text
+    assert "secret-4c1f" not in caplog.text
+
+
 def test_sessions_and_handles_of_one_client_are_invisible_to_another(
     server: Pkcs11Server,
 ) -> None:
@@ -389,17 +465,54 @@ def test_a_huge_byte_array_length_is_refused_without_reading() -> None:
 
 def test_pkcs11_tool_makes_and_deletes_a_key_pair(server: Pkcs11Server, ks: Keystore) -> None:
     """--keypairgen is C_GenerateKeyPair into the keystore; --delete-object of the private
-    key is C_DestroyObject, which deletes the key (its public object goes with it)."""
+    key is C_DestroyObject: refused (CKR_ACTION_PROHIBITED) by default, and with
+    allow_destroy it deletes the key (no deletion_wait here: at once; its public object
+    goes with it)."""
     login = ("--login", "--pin", PIN)
     made = tool(server, *login, "--keypairgen", "--key-type", "EC:prime256v1",
                 "--label", "p11-made")  # fmt: skip
     assert "label:      p11-made" in made
     assert ks.info("p11-made").type.value == "ecdsa-p256"
+    ks.rotate("p11-made")
     listed = tool(server, *login, "--list-objects")
     assert listed.count("label:      p11-made") == 2  # a private and a public object
-    tool(server, *login, "--delete-object", "--type", "privkey", "--label", "p11-made")
-    assert "p11-made" not in tool(server, *login, "--list-objects")
+    delete = ("--delete-object", "--type", "privkey", "--label", "p11-made")
+    refused = subprocess.run(
+        ["pkcs11-tool", "--module", str(CLIENT_MODULE), *login, *delete],
+        env={**os.environ, "P11_KIT_SERVER_ADDRESS": server.address},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "C_DestroyObject() failed" in refused.stderr
+    assert f"(0x{ck.CKR_ACTION_PROHIBITED:x})" in refused.stderr  # OpenSC has no name for it
+    assert [v.version for v in ks.versions("p11-made")] == [1, 2]
+    with serving(ks, allow_destroy=True) as destroying:
+        tool(destroying, *login, *delete)
+        assert "p11-made" not in tool(destroying, *login, "--list-objects")
     assert all(info.name != "p11-made" for info in ks.keys())
+
+
+def test_destroy_waits_the_keystores_deletion_wait(tmp_path: Path) -> None:
+    """With [keystore] deletion_wait, C_DestroyObject schedules the deletion as `key delete`
+    does: the key and its versions stay, it leaves the token, and it can be brought back."""
+    config = tmp_path / "strongroom.toml"
+    config.write_text(
+        f'[keystore]\ndata_dir = "{tmp_path / "data"}"\norder = ["vault"]\n'
+        'deletion_wait = "7d"\n\n[backends.vault]\ntype = "vault"\n'
+        f'passphrase = "env:{VAULT_PASS_ENV}"\nkdf_memory_kib = 8192\nkdf_iterations = 1\n'
+    )
+    login = ("--login", "--pin", PIN)
+    with strongroom.open(config) as waiting:
+        waiting.vault_control().initialize()
+        waiting.generate("p11-kept", "ecdsa-p256")
+        waiting.rotate("p11-kept")
+        with serving(waiting, allow_destroy=True) as srv:
+            tool(srv, *login, "--delete-object", "--type", "privkey", "--label", "p11-kept")
+            assert "p11-kept" not in tool(srv, *login, "--list-objects")
+            info = waiting.info("p11-kept")
+            assert info.delete_after is not None
+            assert [v.version for v in waiting.versions("p11-kept")] == [1, 2]
+            waiting.cancel_deletion("p11-kept")
+            assert tool(srv, *login, "--list-objects").count("label:      p11-kept") == 2
 
 
 @pytest.mark.skipif(shutil.which("modutil") is None, reason="NSS's tools (libnss3-tools)")

@@ -353,7 +353,8 @@ def test_generate_into_the_configured_backend(ks: Keystore, backend: str) -> Non
     socket_dir = Path(tempfile.mkdtemp(prefix="sr-p11g-"))
     os.rmdir(socket_dir)
     tokens = tuple(TokenSpec(b, (f"p11b-{b}-*",)) for b in BACKENDS)
-    srv = Pkcs11Server(ks, Settings(tokens, pin=PIN, backend=backend), socket_dir / "p11.sock")
+    settings = Settings(tokens, pin=PIN, backend=backend, allow_destroy=True)
+    srv = Pkcs11Server(ks, settings, socket_dir / "p11.sock")
     thread = threading.Thread(target=srv.serve_forever, name="test-p11g", daemon=True)
     thread.start()
     name = f"p11b-{backend}-made"

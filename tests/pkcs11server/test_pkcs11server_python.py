@@ -64,7 +64,9 @@ def ks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keystore]:
 def server(ks: Keystore) -> Iterator[Pkcs11Server]:
     socket_dir = Path(tempfile.mkdtemp(prefix="sr-p11py-"))
     os.rmdir(socket_dir)  # the server makes it (0700) and removes it again
-    settings = Settings((TokenSpec(TOKEN, ("py-*",)),), pin=PIN, backend="vault")
+    settings = Settings(
+        (TokenSpec(TOKEN, ("py-*",)),), pin=PIN, backend="vault", allow_destroy=True
+    )
     srv = Pkcs11Server(ks, settings, socket_dir / "p11.sock")
     thread = threading.Thread(target=srv.serve_forever, name="test-p11py", daemon=True)
     thread.start()

@@ -26,6 +26,7 @@ from server_support import (
 
 import strongroom
 from strongroom import algorithms
+from strongroom.errors import KeyNotFound
 
 CLIENT_MODULE = Path("/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so")
 PIN = "5151-test"
@@ -49,7 +50,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service,
 
 
 def start_server(
-    svc: Service, tmp_path: Path, token: str | None, *, pin: bool
+    svc: Service, tmp_path: Path, token: str | None, *, pin: bool, allow_destroy: bool = False
 ) -> tuple[subprocess.Popen[str], str]:
     """`strongroom --server UNIX pkcs11-server -D` with the server's own API token `token`
     (or none), and [pkcs11_server] pin set (or not: then C_Login takes an API token);
@@ -59,6 +60,7 @@ def start_server(
         f'[keystore]\ndata_dir = "{tmp_path / "data"}"\n\n'
         '[pkcs11_server]\nlabel = "acme"\nkeys = ["signing-*"]\n'
         + ('pin = "env:SR_TEST_P11_PIN"\n' if pin else "")
+        + ("allow_destroy = true\n" if allow_destroy else "")
     )
     sock = Path(tempfile.mkdtemp(prefix="sr-p11-svc-")) / "p11.sock"
     env = {**service_env(), "SR_TEST_P11_PIN": PIN}
@@ -201,3 +203,91 @@ def test_the_pin_is_a_tenants_api_token(service: tuple[Service, Tenancy], tmp_pa
     assert tenancy.acme_signer not in log and tenancy.globex_app not in log
     signs = sign_records(svc)
     assert signs[-1]["actor"] == "acme:signer" and signs[-1]["result"] == "ok"
+
+
+def test_a_logout_ends_the_tenants_object_handles(service: tuple[Service, Tenancy]) -> None:
+    """Tenant A logs in and finds its objects, logs out, and tenant B logs in on the same
+    connection: A's handles are CKR_OBJECT_HANDLE_INVALID to B, private and public alike,
+    and B's own search does not return them."""
+    import struct
+
+    from strongroom.pkcs11server import Connection, Settings, TokenSpec, ck, wire
+
+    svc, tenancy = service
+    with strongroom.connect(svc.unix, token=tenancy.acme_app) as app:
+        if all(info.name != "signing-p256" for info in app.keys()):
+            app.generate("signing-p256", "ecdsa-p256")
+    with strongroom.connect(svc.unix, token=tenancy.globex_app) as globex:
+        assert not [i for i in globex.keys() if i.name.startswith("signing-")]
+
+    def u(v: int) -> bytes:
+        return struct.pack(">Q", v)
+
+    def ay(data: bytes) -> bytes:
+        return b"\x01" + wire.byte_array(data)
+
+    def rv(reply: bytes) -> int:
+        return 0 if reply[:4] != b"\0\0\0\0" else int(struct.unpack(">Q", reply[-8:])[0])
+
+    def found(conn: Connection) -> tuple[int, ...]:
+        assert rv(conn.handle(wire.request("C_FindObjectsInit", u(1), struct.pack(">I", 0)))) == 0
+        reply = conn.handle(wire.request("C_FindObjects", u(1), struct.pack(">I", 16)))
+        conn.handle(wire.request("C_FindObjectsFinal", u(1)))
+        count = struct.unpack(">I", reply[11:15])[0]
+        return struct.unpack(f">{count}Q", reply[15:])
+
+    settings = Settings(
+        (TokenSpec("acme", ("signing-*",)),),
+        login=lambda token: strongroom.connect(svc.unix, token=token),
+    )
+    conn = Connection(None, settings, 2)
+    try:
+        for body in (
+            wire.request("C_Initialize", ay(wire.HANDSHAKE), b"\x00", ay(b"")),
+            wire.request("C_OpenSession", u(0), u(ck.CKF_SERIAL_SESSION)),
+            wire.request("C_Login", u(1), u(ck.CKU_USER), ay(tenancy.acme_signer.encode())),
+        ):
+            assert rv(conn.handle(body)) == 0
+        handles = found(conn)
+        assert len(handles) == 2  # signing-p256's private and public objects
+        assert rv(conn.handle(wire.request("C_Logout", u(1)))) == 0
+        login = wire.request("C_Login", u(1), u(ck.CKU_USER), ay(tenancy.globex_app.encode()))
+        assert rv(conn.handle(login)) == 0
+        query = struct.pack(">I", 1) + struct.pack(">II", ck.CKA_LABEL, 64)
+        for handle in handles:
+            reply = conn.handle(wire.request("C_GetAttributeValue", u(1), u(handle), query))
+            assert rv(reply) == ck.CKR_OBJECT_HANDLE_INVALID
+        assert not set(found(conn)) & set(handles)
+    finally:
+        conn.close()
+
+
+def test_allow_destroy_reaches_the_command(
+    service: tuple[Service, Tenancy], tmp_path: Path
+) -> None:
+    """`[pkcs11_server] allow_destroy` through `strongroom pkcs11-server`: without it
+    --delete-object is refused and the key stays; with it the tenant's key is deleted
+    through the service (which has no deletion_wait: at once)."""
+    svc, tenancy = service
+    with strongroom.connect(svc.unix, token=tenancy.acme_app) as app:
+        app.generate("signing-doomed", "ecdsa-p256")
+    client_env = {**os.environ, "P11_KIT_SERVER_ADDRESS": ""}
+    delete = ["pkcs11-tool", "--module", str(CLIENT_MODULE), "--login", "--pin",
+              tenancy.acme_app, "--delete-object", "--type", "privkey", "--label",
+              "signing-doomed"]  # fmt: skip
+    for allow in (False, True):
+        server, address = start_server(svc, tmp_path, None, pin=False, allow_destroy=allow)
+        try:
+            client_env["P11_KIT_SERVER_ADDRESS"] = address
+            done = subprocess.run(delete, env=client_env, capture_output=True, text=True,
+                                  timeout=120)  # fmt: skip
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        assert (done.returncode == 0) == allow, done.stderr
+        with strongroom.connect(svc.unix, token=tenancy.acme_app) as app:
+            if allow:
+                with pytest.raises(KeyNotFound):
+                    app.info("signing-doomed")
+            else:
+                assert app.info("signing-doomed").delete_after is None
