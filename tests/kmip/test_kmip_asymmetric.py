@@ -151,6 +151,23 @@ def activate(kmip: KmipService, pki: Pki, *uids: str) -> None:
         ok(one(kmip, pki, Operation.ACTIVATE, [uid_item(uid)]))
 
 
+def register_certificate(kmip: KmipService, pki: Pki, der: bytes) -> Item:
+    """Register an X.509 certificate (its DER); the batch item, success or not."""
+    return one(
+        kmip,
+        pki,
+        Operation.REGISTER,
+        [
+            Item(Tag.OBJECT_TYPE, ENUM, ObjectType.CERTIFICATE),
+            structure(
+                Tag.CERTIFICATE,
+                Item(Tag.CERTIFICATE_TYPE, ENUM, CertificateType.X_509),
+                Item(Tag.CERTIFICATE_VALUE, BYTES, der),
+            ),
+        ],
+    )
+
+
 def register_key(
     kmip: KmipService,
     pki: Pki,
@@ -394,36 +411,10 @@ def test_public_keys_and_certificates_are_read_not_exported(kmip: KmipService, p
         )
     ).text_of(Tag.UNIQUE_IDENTIFIER)
     der = self_signed(key)
-    cert_uid = ok(
-        one(
-            kmip,
-            pki,
-            Operation.REGISTER,
-            [
-                Item(Tag.OBJECT_TYPE, ENUM, ObjectType.CERTIFICATE),
-                structure(
-                    Tag.CERTIFICATE,
-                    Item(Tag.CERTIFICATE_TYPE, ENUM, CertificateType.X_509),
-                    Item(Tag.CERTIFICATE_VALUE, BYTES, der),
-                ),
-            ],
-        )
-    ).text_of(Tag.UNIQUE_IDENTIFIER)
+    cert_uid = ok(register_certificate(kmip, pki, der)).text_of(Tag.UNIQUE_IDENTIFIER)
     assert public_uid and cert_uid
     private_uid, _ = create_pair(kmip, pki, CryptographicAlgorithm.EC, 256)
-    bad_cert = one(
-        kmip,
-        pki,
-        Operation.REGISTER,
-        [
-            Item(Tag.OBJECT_TYPE, ENUM, ObjectType.CERTIFICATE),
-            structure(
-                Tag.CERTIFICATE,
-                Item(Tag.CERTIFICATE_TYPE, ENUM, CertificateType.X_509),
-                Item(Tag.CERTIFICATE_VALUE, BYTES, der[:-5]),
-            ),
-        ],
-    )
+    bad_cert = register_certificate(kmip, pki, der[:-5])
     assert reason(bad_cert) == ResultReason.INVALID_FIELD
     cli(kmip.config, "tenant", "cert", "acme", "reader", "--cert", str(pki.stranger_cert))
     cli(kmip.config, "policy", "grant", "acme", "reader", "--keys", "*", "--permissions", "read")
@@ -706,21 +697,7 @@ def test_a_certificate_is_kept_with_its_private_key(kmip: KmipService, pki: Pki)
     )
 
     def register(value: bytes) -> str:
-        uid = ok(
-            one(
-                kmip,
-                pki,
-                Operation.REGISTER,
-                [
-                    Item(Tag.OBJECT_TYPE, ENUM, ObjectType.CERTIFICATE),
-                    structure(
-                        Tag.CERTIFICATE,
-                        Item(Tag.CERTIFICATE_TYPE, ENUM, CertificateType.X_509),
-                        Item(Tag.CERTIFICATE_VALUE, BYTES, value),
-                    ),
-                ],
-            )
-        ).text_of(Tag.UNIQUE_IDENTIFIER)
+        uid = ok(register_certificate(kmip, pki, value)).text_of(Tag.UNIQUE_IDENTIFIER)
         assert uid
         return uid
 
