@@ -7,6 +7,7 @@ prints where it listens).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -257,3 +259,32 @@ def init_service_data(config: Path, pki: Pki) -> Tenancy:
     finally:
         store.close()
     return Tenancy(admin, acme_app, acme_signer, globex_app)
+
+
+@contextlib.contextmanager
+def tenants_service(root: Path) -> Iterator[tuple[Service, Tenancy]]:
+    """A `strongroom serve` in `root` (its PKI, config and data there) with the tenants of
+    init_service_data; stopped on leaving."""
+    pki = make_pki(root / "pki")
+    config = write_service_config(root, pki)
+    tenancy = init_service_data(config, pki)
+    svc = start_service(config)
+    try:
+        yield svc, tenancy
+    finally:
+        svc.stop()
+
+
+def first_line(process: subprocess.Popen[str], timeout: float = 60) -> str | None:
+    """The first line `process` writes on its stdout (a pipe), or None when none has come
+    within `timeout` seconds (a bound on a hang; the process is left running)."""
+    first: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        assert process.stdout is not None
+        first.append(process.stdout.readline())
+        ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    return first[0] if ready.wait(timeout) else None
