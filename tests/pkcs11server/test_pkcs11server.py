@@ -12,14 +12,13 @@ import shutil
 import socket
 import struct
 import subprocess
-import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE
+from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, write_vault_config
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from pkcs11server_support import serving
 
 import strongroom
 from strongroom import algorithms
@@ -41,12 +40,7 @@ pytestmark = pytest.mark.skipif(
 def ks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keystore]:
     directory = tmp_path_factory.mktemp("pkcs11server")
     os.environ[VAULT_PASS_ENV] = VAULT_PASSPHRASE
-    config = directory / "strongroom.toml"
-    config.write_text(
-        f'[keystore]\ndata_dir = "{directory / "data"}"\norder = ["vault"]\n\n'
-        '[backends.vault]\ntype = "vault"\n'
-        f'passphrase = "env:{VAULT_PASS_ENV}"\nkdf_memory_kib = 8192\nkdf_iterations = 1\n'
-    )
+    config = write_vault_config(directory)  # the vault alone: first and last in the order
     with strongroom.open(config) as keystore:
         keystore.vault_control().initialize()
         keystore.generate("p11-p256", "ecdsa-p256")
@@ -57,16 +51,9 @@ def ks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keystore]:
 
 @pytest.fixture(scope="module")
 def server(ks: Keystore) -> Iterator[Pkcs11Server]:
-    socket_dir = Path(tempfile.mkdtemp(prefix="sr-p11-"))
-    os.rmdir(socket_dir)  # the server makes it (0700) and removes it again
     settings = Settings((TokenSpec("strongroom", ("p11-*",)),), pin=PIN)
-    srv = Pkcs11Server(ks, settings, socket_dir / "p11.sock")
-    thread = threading.Thread(target=srv.serve_forever, name="test-p11", daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    thread.join(timeout=30)
-    srv.close()
+    with serving(ks, settings, "p11") as srv:
+        yield srv
 
 
 def tool(server: Pkcs11Server, *args: str, cwd: Path | None = None) -> str:
