@@ -128,9 +128,12 @@ def make_pki(directory: Path) -> Pki:
     return Pki(**paths)
 
 
-def write_service_config(directory: Path, pki: Pki, server_extra: str = "") -> Path:
-    """A vault config with a [server] table: Unix socket and TLS on 127.0.0.1 port 0."""
-    cfg = write_vault_config(directory)
+def write_service_config(
+    directory: Path, pki: Pki, server_extra: str = "", store_url: str | None = None
+) -> Path:
+    """A vault config with a [server] table: Unix socket and TLS on 127.0.0.1 port 0; with
+    `store_url`, its store is that PostgreSQL database."""
+    cfg = write_vault_config(directory, store_url=store_url)
     with cfg.open("a", encoding="utf-8") as f:
         f.write(
             "\n[server]\n"
