@@ -25,6 +25,7 @@ from kmip_support import (
     exchange,
     ok,
     pykmip,
+    registered_key,
     request,
     results,
     start_kmip,
@@ -191,16 +192,7 @@ def register_key(
         [
             Item(Tag.OBJECT_TYPE, ENUM, object_type),
             *template,
-            structure(
-                tag,
-                structure(
-                    Tag.KEY_BLOCK,
-                    Item(Tag.KEY_FORMAT_TYPE, ENUM, fmt),
-                    structure(Tag.KEY_VALUE, Item(Tag.KEY_MATERIAL, BYTES, material)),
-                    Item(Tag.CRYPTOGRAPHIC_ALGORITHM, ENUM, algorithm),
-                    Item(Tag.CRYPTOGRAPHIC_LENGTH, INT, length),
-                ),
-            ),
+            registered_key(tag, fmt, material, algorithm, length),
         ],
     )
 
