@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 from conftest import STRONGROOM_BIN, VAULT_PASS_ENV, VAULT_PASSPHRASE, write_vault_config
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -213,6 +214,16 @@ def start_service(config: Path, timeout: float = 30) -> Service:
         proc.wait()
         raise RuntimeError("strongroom serve did not start:\n" + "".join(lines))
     return Service(config, proc, Path(found["unix"][len("unix:") :]), found.get("https", ""), lines)
+
+
+def unix_client(service: Service, token: str, timeout: float = 60) -> httpx.Client:
+    """A plain HTTP client on the service's Unix socket, sending `token` as its bearer."""
+    return httpx.Client(
+        transport=httpx.HTTPTransport(uds=str(service.socket)),
+        base_url="http://strongroom",
+        headers={"authorization": f"Bearer {token}"},
+        timeout=timeout,
+    )
 
 
 def wait_gone(path: Path, timeout: float = 10) -> bool:
