@@ -28,7 +28,7 @@ from pkcs11_support import (
     softhsm,  # noqa: F401  (the session's token)
     write_three_backends_config,
 )
-from sshagent_support import RawClient, RunningAgent, Sshd, running_agent, s, start_sshd
+from sshagent_support import RawClient, RunningAgent, Sshd, running_agent, s, ssh_add, start_sshd
 from tpm_support import Swtpm, swtpm  # noqa: F401  (the session's TPM)
 
 import strongroom
@@ -216,14 +216,7 @@ def test_a_destination_restricted_key_logs_in_to_its_host_only(
     sshd.authorized_keys.write_text(kept + pub.read_text())
     try:
         with running_agent(ks, AgentSettings(allow_add=True)) as adder:
-            added = subprocess.run(
-                ["ssh-add", "-H", str(known), "-h", "host-a", str(key)],
-                env=adder.env(),
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )
+            added = ssh_add(adder, "-H", str(known), "-h", "host-a", str(key))
             assert added.returncode == 0, added.stderr
             key.unlink()  # only the agent can sign with it now
             [constraint] = [a.destinations for a in adder.agent._added.values()]
