@@ -106,6 +106,17 @@ def test_pkcs11_tool_self_test_passes(server: Pkcs11Server, ks: Keystore, backen
     assert "RSA-PKCS: OK" in out, out  # raw CKM_RSA_PKCS over its SHA-1 DigestInfo
 
 
+def assert_openssl_verifies(directory: Path, hash_name: str) -> None:
+    """openssl checks `sig` over `msg` with `pub.der` (all in `directory`), hashing with
+    `hash_name`."""
+    verified = subprocess.run(
+        ["openssl", "dgst", f"-{hash_name}", "-verify", "pub.der", "-keyform", "DER",
+         "-signature", "sig", "msg"],
+        cwd=directory, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert verified.returncode == 0 and "Verified OK" in verified.stdout, verified.stderr
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("hash_name", ["sha1", "sha384"])
 def test_rsa_pkcs_signs_the_clients_digest_info(
@@ -122,12 +133,7 @@ def test_rsa_pkcs_signs_the_clients_digest_info(
          "-o", "pub.der", cwd=tmp_path)  # fmt: skip
     tool(server, "--token-label", backend, "--login", "--pin", PIN, "--sign", "-m", "RSA-PKCS",
          "--id", key_id, "-i", "block", "-o", "sig", cwd=tmp_path)  # fmt: skip
-    verified = subprocess.run(
-        ["openssl", "dgst", f"-{hash_name}", "-verify", "pub.der", "-keyform", "DER",
-         "-signature", "sig", "msg"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert verified.returncode == 0 and "Verified OK" in verified.stdout, verified.stderr
+    assert_openssl_verifies(tmp_path, hash_name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -144,12 +150,7 @@ def test_sha384_and_sha512_rsa_pkcs(
     tool(server, "--token-label", backend, "--read-object", "--type", "pubkey", "--id", key_id,
          "-o", "pub.der", cwd=tmp_path)  # fmt: skip
     tool(server, *login, "--sign", "-m", mechanism, "-i", "msg", "-o", "sig", cwd=tmp_path)
-    verified = subprocess.run(
-        ["openssl", "dgst", f"-{hash_name}", "-verify", "pub.der", "-keyform", "DER",
-         "-signature", "sig", "msg"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert verified.returncode == 0 and "Verified OK" in verified.stdout, verified.stderr
+    assert_openssl_verifies(tmp_path, hash_name)
     checked = tool(server, *login, "--verify", "-m", mechanism, "-i", "msg",
                    "--signature-file", "sig", cwd=tmp_path)  # fmt: skip
     assert "Signature is valid" in checked.stdout
