@@ -19,27 +19,13 @@ import argparse
 import hashlib
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-PIN = "bench-pin-1234"
-
-
-def make_token(tmp: Path) -> None:
-    """A fresh SoftHSM2 token labelled `bench`; sets SOFTHSM2_CONF for this process."""
-    out = subprocess.run(
-        ["bash", str(ROOT / "softhsm-config" / "init-token.sh"), str(tmp / "hsm"), "bench"],
-        env={**os.environ, "SOFTHSM_PIN": PIN},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    os.environ["SOFTHSM2_CONF"] = out.stdout.strip().split("=", 1)[1]
+from bench_support import PIN, make_token
 
 
 def make_keystore(tmp: Path, module: str, audit: str) -> object:

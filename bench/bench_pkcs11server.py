@@ -30,25 +30,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-PIN = "bench-pin-1234"
+from bench_support import PIN, ROOT, make_token
+
 STRONGROOM = Path(sys.executable).parent / "strongroom"
 CLIENT_MODULE = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
 TPM2_PKCS11 = "/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so"
 TARGETS = {"SoftHSM2": 2.0, "TPM": 1.0}
-
-
-def make_token(tmp: Path) -> None:
-    """A fresh SoftHSM2 token labelled `bench`; sets SOFTHSM2_CONF for this process (and
-    so for the server it starts)."""
-    out = subprocess.run(
-        ["bash", str(ROOT / "softhsm-config" / "init-token.sh"), str(tmp / "hsm"), "bench"],
-        env={**os.environ, "SOFTHSM_PIN": PIN},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    os.environ["SOFTHSM2_CONF"] = out.stdout.strip().split("=", 1)[1]
 
 
 def start_swtpm(state: Path) -> str:

@@ -29,21 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-PIN = "bench-pin-1234"
+from bench_support import PIN, make_token
+
 STRONGROOM = Path(sys.executable).parent / "strongroom"
-
-
-def make_token(tmp: Path) -> None:
-    """A fresh SoftHSM2 token labelled `bench`; sets SOFTHSM2_CONF for this process."""
-    out = subprocess.run(
-        ["bash", str(ROOT / "softhsm-config" / "init-token.sh"), str(tmp / "hsm"), "bench"],
-        env={**os.environ, "SOFTHSM_PIN": PIN},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    os.environ["SOFTHSM2_CONF"] = out.stdout.strip().split("=", 1)[1]
 
 
 def write_config(tmp: Path, module: str, audit: str) -> Path:

@@ -408,39 +408,18 @@ def parse(raw: Mapping[str, Any], path: str | None, text: str) -> Config:
             f"backends.{vaults[0]}",
             "rollback_counter",
         )
-    for name in cfg.order:
-        if name not in cfg.backends:
+    named: list[tuple[str | None, str, str]] = [(name, "keystore", "order") for name in cfg.order]
+    named += [
+        (cfg.pkcs11_server.backend, "pkcs11_server", "backend"),
+        (cfg.kmip.backend, "kmip", "backend"),
+        (cfg.ssh_agent.add_backend, "ssh_agent", "add_backend"),
+        (cfg.audit_signing_backend, "keystore", "audit_signing_backend"),
+    ]
+    for backend, table, key in named:
+        if backend is not None and backend not in cfg.backends:
             raise cfg.error(
-                f"names backend {name!r}, which has no [backends.{name}] table", "keystore", "order"
+                f"names backend {backend!r}, which has no [backends.{backend}] table", table, key
             )
-    p11_backend = cfg.pkcs11_server.backend
-    if p11_backend is not None and p11_backend not in cfg.backends:
-        raise cfg.error(
-            f"names backend {p11_backend!r}, which has no [backends.{p11_backend}] table",
-            "pkcs11_server",
-            "backend",
-        )
-    kmip_backend = cfg.kmip.backend
-    if kmip_backend is not None and kmip_backend not in cfg.backends:
-        raise cfg.error(
-            f"names backend {kmip_backend!r}, which has no [backends.{kmip_backend}] table",
-            "kmip",
-            "backend",
-        )
-    agent_backend = cfg.ssh_agent.add_backend
-    if agent_backend is not None and agent_backend not in cfg.backends:
-        raise cfg.error(
-            f"names backend {agent_backend!r}, which has no [backends.{agent_backend}] table",
-            "ssh_agent",
-            "add_backend",
-        )
-    if cfg.audit_signing_backend is not None and cfg.audit_signing_backend not in cfg.backends:
-        raise cfg.error(
-            f"names backend {cfg.audit_signing_backend!r}, which has no "
-            f"[backends.{cfg.audit_signing_backend}] table",
-            "keystore",
-            "audit_signing_backend",
-        )
     if len(set(cfg.order)) != len(cfg.order):
         raise cfg.error("names a backend twice", "keystore", "order")
     vault = vaults[0]

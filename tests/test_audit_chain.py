@@ -15,6 +15,7 @@ import psycopg
 import pytest
 from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, run_cli, write_vault_config
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from pg_support import verify_store_chain
 
 import strongroom
 from strongroom.audit import chain_records, verify_chain
@@ -115,11 +116,7 @@ def test_concurrent_appends_from_two_nodes_keep_one_linear_chain(
             t.join()
         assert not errors
         public = ka.audit_public_key()
-    chain = open_chain(url)
-    try:
-        report = verify_chain(chain, public)
-    finally:
-        chain.close()
+    report = verify_store_chain(url, public)
     assert report.ok, report.first_bad
     signs = [json.loads(r[0]) for r in sql(url, "SELECT line FROM audit_chain")]
     assert sum(1 for r in signs if r["op"] == "sign") == 2 * per_node
@@ -206,11 +203,7 @@ def test_periodic_checkpoints_on_the_chain(
         for _ in range(12):
             ks.sign("k", b"x")
         public = ks.audit_public_key()
-    chain = open_chain(url)
-    try:
-        report = verify_chain(chain, public)
-    finally:
-        chain.close()
+    report = verify_store_chain(url, public)
     assert report.ok and report.checkpoints >= 2 and report.checkpoints_verified >= 2
 
 
@@ -232,11 +225,7 @@ def test_postgres_down_refuses_the_operation_then_it_recovers(
             pg_cluster.start()
         ks.sign("k", b"back")
         assert [i.name for i in ks.keys()] == ["k"]
-    chain = open_chain(url)
-    try:
-        assert verify_chain(chain).ok
-    finally:
-        chain.close()
+    assert verify_store_chain(url).ok
 
 
 def test_a_closed_chain_refuses_instead_of_reconnecting(cluster: tuple[str, Path, Path]) -> None:

@@ -295,6 +295,15 @@ class Audit:
         self._fixed[(principal, operation, key, backend, result)] = fixed
         return fixed
 
+    def _count_written(self, checkpoint: bool) -> None:
+        """Once a record is written: after a checkpoint the count starts again (the next
+        one due after checkpoint_every records), else one more record since the last."""
+        if checkpoint:
+            self._since_checkpoint = 0
+            self._checkpoint_due = self.checkpoint_every or 1 << 62
+        else:
+            self._since_checkpoint += 1
+
     # -- the chain -----------------------------------------------------------------------------
     def _append_chain(self, body: str, checkpoint: bool = False) -> dict[str, Any] | None:
         """Append one record to the chain in the database (core/store_chain.py: atomic
@@ -330,11 +339,7 @@ class Audit:
                 # refused all the same, before it acts or before its result is returned.
                 raise StorageError(f"cannot write the audit chain: {e}") from None
             self._seq, self._hash = seq, digest
-            if checkpoint:
-                self._since_checkpoint = 0
-                self._checkpoint_due = self.checkpoint_every or 1 << 62
-            else:
-                self._since_checkpoint += 1
+            self._count_written(checkpoint)
             return signed
 
     def _append(self, body: str, checkpoint: bool = False) -> dict[str, Any] | None:
@@ -377,11 +382,7 @@ class Audit:
                     body = _checkpoint_body(cp, self._seq, self.actor)
                     signed = {"seq": self._seq + 1, "covers": self._seq, "chain": self._hash}
                 self._write(fd, size, body)
-                if checkpoint:
-                    self._since_checkpoint = 0
-                    self._checkpoint_due = self.checkpoint_every or 1 << 62
-                else:
-                    self._since_checkpoint += 1
+                self._count_written(checkpoint)
                 return signed
             finally:
                 try:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
@@ -25,6 +26,8 @@ from ._state import State, pass_state
 
 if TYPE_CHECKING:
     from ..audit import ChainLog
+
+T = TypeVar("T")
 
 
 @click.group(cls=StrongroomSubGroup)
@@ -57,6 +60,23 @@ def _chain(state: State, file: str | None) -> ChainLog | None:
     from ..store_chain import open_chain
 
     return open_chain(cfg.store_url)
+
+
+def _read_log(
+    state: State,
+    file: str | None,
+    from_chain: Callable[[ChainLog], T],
+    from_file: Callable[[Path], T],
+) -> T:
+    """Read the log where it is: the shared store's chain (closed afterwards) when
+    `_chain` finds one, else the file."""
+    chain = _chain(state, file)
+    if chain is None:
+        return from_file(_audit_path(state, file))
+    try:
+        return from_chain(chain)
+    finally:
+        chain.close()
 
 
 def _load_public(path: str) -> PublicKeyTypes:
@@ -98,14 +118,12 @@ def audit_verify(state: State, file: str | None, public: str | None, anchor: str
 
     expected = _anchor(anchor)
     key = _load_public(public) if public else state.local("audit verify").audit_public_key()
-    chain = _chain(state, file)
-    if chain is not None:
-        try:
-            report = verify_chain(chain, key, expected)
-        finally:
-            chain.close()
-    else:
-        report = verify_log(_audit_path(state, file), key, expected)
+    report = _read_log(
+        state,
+        file,
+        lambda chain: verify_chain(chain, key, expected),
+        lambda path: verify_log(path, key, expected),
+    )
     for warning in report.warnings:
         if not state.json:
             click.echo(f"strongroom: warning: {warning}", err=True)
@@ -137,14 +155,12 @@ def audit_list(state: State, file: str | None, since: int, limit: int) -> None:
     """Print records (JSON lines), oldest first; this does not verify them."""
     from ..audit import chain_records, read_records
 
-    chain = _chain(state, file)
-    if chain is not None:
-        try:
-            records = chain_records(chain, since, limit)
-        finally:
-            chain.close()
-    else:
-        records = read_records(_audit_path(state, file), since, limit)
+    records = _read_log(
+        state,
+        file,
+        lambda chain: chain_records(chain, since, limit),
+        lambda path: read_records(path, since, limit),
+    )
     state.emit(records, lambda: "\n".join(json.dumps(r, sort_keys=True) for r in records))
 
 

@@ -641,24 +641,20 @@ class Session:
             raise KmipMessageError("Key Material is a byte string")
         return item.value
 
-    def _register_symmetric(self, key: Item, attributes: list[Item]) -> str:
-        block, fmt, value, material_item = self._key_block(
-            key, (KeyFormatType.RAW, KeyFormatType.TRANSPARENT_SYMMETRIC_KEY)
-        )
-        if fmt == KeyFormatType.TRANSPARENT_SYMMETRIC_KEY:
-            material = _transparent(material_item)
-        else:
-            material = self._material(material_item)
-        uid, obj, facts = self._new_object(
-            ObjectType.SYMMETRIC_KEY, attributes + list(value.all(Tag.ATTRIBUTE))
-        )
+    def _new_key_object(
+        self, object_type: int, block: Item, value: Item, attributes: list[Item]
+    ) -> tuple[str, KmipObject, dict[str, object]]:
+        """A new object for a registered key: the request's attributes and those in the
+        Key Value; the Key Block's algorithm and length where the attributes do not say."""
+        uid, obj, facts = self._new_object(object_type, attributes + list(value.all(Tag.ATTRIBUTE)))
         facts.setdefault("algorithm", block.int_of(Tag.CRYPTOGRAPHIC_ALGORITHM))
         facts.setdefault("length", block.int_of(Tag.CRYPTOGRAPHIC_LENGTH))
-        key_type = self._symmetric_type(facts)
-        if len(material) != 32:
-            raise KmipFailure(
-                ResultReason.INVALID_FIELD, f"a {key_type.value} key is 32 bytes of material"
-            )
+        return uid, obj, facts
+
+    def _import_key(
+        self, uid: str, key_type: KeyType, material: bytes, facts: dict[str, object], how: str
+    ) -> None:
+        """Import a registered key into the keystore under `uid`, once the client may."""
         self._check("generate", uid)
         self.keys.import_key(
             uid,
@@ -667,8 +663,24 @@ class Session:
             backend=self.backend,
             usage=self._usage(facts.get("mask"), key_type),
             exportable=self.access.may("export", uid),
-            format="raw",
+            format=how,
         )
+
+    def _register_symmetric(self, key: Item, attributes: list[Item]) -> str:
+        block, fmt, value, material_item = self._key_block(
+            key, (KeyFormatType.RAW, KeyFormatType.TRANSPARENT_SYMMETRIC_KEY)
+        )
+        if fmt == KeyFormatType.TRANSPARENT_SYMMETRIC_KEY:
+            material = _transparent(material_item)
+        else:
+            material = self._material(material_item)
+        uid, obj, facts = self._new_key_object(ObjectType.SYMMETRIC_KEY, block, value, attributes)
+        key_type = self._symmetric_type(facts)
+        if len(material) != 32:
+            raise KmipFailure(
+                ResultReason.INVALID_FIELD, f"a {key_type.value} key is 32 bytes of material"
+            )
+        self._import_key(uid, key_type, material, facts, "raw")
         with self._or_undo(uid):
             self._keep(obj, key_type)
         return uid
@@ -684,11 +696,7 @@ class Session:
             ),
         )
         material = self._material(material_item)
-        uid, obj, facts = self._new_object(
-            ObjectType.PRIVATE_KEY, attributes + list(value.all(Tag.ATTRIBUTE))
-        )
-        facts.setdefault("algorithm", block.int_of(Tag.CRYPTOGRAPHIC_ALGORITHM))
-        facts.setdefault("length", block.int_of(Tag.CRYPTOGRAPHIC_LENGTH))
+        uid, obj, facts = self._new_key_object(ObjectType.PRIVATE_KEY, block, value, attributes)
         key_type = key_type_of(facts.get("algorithm"), facts.get("length"), facts.get("curve"))
         if key_type not in ASYMMETRIC:
             raise KmipFailure(
@@ -698,16 +706,7 @@ class Session:
             flavour, how = "raw", "raw"  # the 32-byte seed
         else:
             flavour, how = keyblocks.der_flavour(material), "der"
-        self._check("generate", uid)
-        self.keys.import_key(
-            uid,
-            key_type,
-            material,
-            backend=self.backend,
-            usage=self._usage(facts.get("mask"), key_type),
-            exportable=self.access.may("export", uid),
-            format=how,
-        )
+        self._import_key(uid, key_type, material, facts, how)
         with self._or_undo(uid):
             obj.extra.update({"format": fmt, "flavour": flavour})
             obj.extra["spki"] = _spki_digest(

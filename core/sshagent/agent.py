@@ -460,18 +460,9 @@ class Agent:
                 else "For a signature that is not an SSH login (a file, a git commit, ...)\n"
             )
         )
-        env = {**os.environ, "SSH_ASKPASS_PROMPT": "confirm"}
-        try:
-            answer = subprocess.run(
-                [askpass, prompt],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=ASKPASS_TIMEOUT,
-                check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            raise PolicyViolation("the confirmation could not be asked") from None
+        answer = _run_askpass(askpass, prompt, {**os.environ, "SSH_ASKPASS_PROMPT": "confirm"})
+        if answer is None:
+            raise PolicyViolation("the confirmation could not be asked")
         if answer.returncode != 0:
             raise PolicyViolation("the user did not confirm the signature")
 
@@ -552,6 +543,25 @@ class Agent:
         peer._actor = None  # the destination changed
 
 
+def _run_askpass(
+    askpass: str, prompt: str, env: dict[str, str]
+) -> subprocess.CompletedProcess[bytes] | None:
+    """Run the askpass program with the prompt as its argument and no input; its exit
+    status and output are the caller's to read. None when it cannot be started or does
+    not answer within ASKPASS_TIMEOUT."""
+    try:
+        return subprocess.run(
+            [askpass, prompt],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=ASKPASS_TIMEOUT,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
 def askpass_prompter(askpass: str) -> Callable[[str, bool], str]:
     """A keystore prompter (`strongroom.open(prompter=...)`) that asks through an askpass
     program the way OpenSSH's tools do for a passphrase: the prompt as its argument, no
@@ -562,17 +572,9 @@ def askpass_prompter(askpass: str) -> Callable[[str, bool], str]:
 
     def ask_once(prompt: str) -> str:
         env = {k: v for k, v in os.environ.items() if k != "SSH_ASKPASS_PROMPT"}
-        try:
-            answer = subprocess.run(
-                [askpass, prompt],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=ASKPASS_TIMEOUT,
-                check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            raise AuthenticationFailed(f"{prompt.rstrip(': ')}: askpass did not answer") from None
+        answer = _run_askpass(askpass, prompt, env)
+        if answer is None:
+            raise AuthenticationFailed(f"{prompt.rstrip(': ')}: askpass did not answer")
         if answer.returncode != 0:
             raise AuthenticationFailed(f"{prompt.rstrip(': ')}: cancelled at the askpass prompt")
         raw = answer.stdout

@@ -24,8 +24,14 @@ import stat
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+
+    from strongroom.audit import VerifyReport
 
 ROLE = "strongroom"
 
@@ -156,3 +162,15 @@ def start_cluster() -> PgCluster:
             raise RuntimeError(f"PostgreSQL did not start; its log ends:\n{log}") from None
         raise
     return cluster
+
+
+def verify_store_chain(url: str, public_key: PublicKeyTypes | None = None) -> VerifyReport:
+    """verify_chain over the audit chain in the database at `url` (opened and closed here)."""
+    from strongroom.audit import verify_chain
+    from strongroom.store_chain import open_chain
+
+    chain = open_chain(url)
+    try:
+        return verify_chain(chain, public_key)
+    finally:
+        chain.close()

@@ -120,6 +120,29 @@ pin = "{pin_ref}"
     return path
 
 
+def write_three_backends_config(directory: Path, hsm: SoftHsm, tcti: str) -> Path:
+    """A config with backends `vault` (first in order, cheap KDF), `hsm` (the SoftHSM
+    token) and `tpm` (the swtpm at `tcti`, SRK persistent); data in directory/data. Puts
+    the three secrets in the environment as the config names them."""
+    from tpm_support import PIN_ENV as TPM_PIN_ENV
+    from tpm_support import SRK_HANDLE, TEST_PIN
+
+    os.environ[VAULT_PASS_ENV] = VAULT_PASSPHRASE
+    os.environ[PIN_ENV] = hsm.pin
+    os.environ[TPM_PIN_ENV] = TEST_PIN
+    config = directory / "strongroom.toml"
+    config.write_text(
+        f'[keystore]\ndata_dir = "{directory / "data"}"\norder = ["vault"]\n\n'
+        '[backends.vault]\ntype = "vault"\n'
+        f'passphrase = "env:{VAULT_PASS_ENV}"\nkdf_memory_kib = 8192\nkdf_iterations = 1\n\n'
+        f'[backends.hsm]\ntype = "pkcs11"\nmodule = "{hsm.module}"\n'
+        f'token = "{hsm.label}"\npin = "env:{PIN_ENV}"\n\n'
+        f'[backends.tpm]\ntype = "tpm"\ntcti = "{tcti}"\n'
+        f'persistent_handle = "0x{SRK_HANDLE:08x}"\npin = "env:{TPM_PIN_ENV}"\n'
+    )
+    return config
+
+
 def cli(
     config: Path,
     hsm: SoftHsm,

@@ -7,6 +7,7 @@ prints where it listens).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
@@ -15,9 +16,11 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 from conftest import STRONGROOM_BIN, VAULT_PASS_ENV, VAULT_PASSPHRASE, write_vault_config
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -126,9 +129,12 @@ def make_pki(directory: Path) -> Pki:
     return Pki(**paths)
 
 
-def write_service_config(directory: Path, pki: Pki, server_extra: str = "") -> Path:
-    """A vault config with a [server] table: Unix socket and TLS on 127.0.0.1 port 0."""
-    cfg = write_vault_config(directory)
+def write_service_config(
+    directory: Path, pki: Pki, server_extra: str = "", store_url: str | None = None
+) -> Path:
+    """A vault config with a [server] table: Unix socket and TLS on 127.0.0.1 port 0; with
+    `store_url`, its store is that PostgreSQL database."""
+    cfg = write_vault_config(directory, store_url=store_url)
     with cfg.open("a", encoding="utf-8") as f:
         f.write(
             "\n[server]\n"
@@ -210,6 +216,16 @@ def start_service(config: Path, timeout: float = 30) -> Service:
     return Service(config, proc, Path(found["unix"][len("unix:") :]), found.get("https", ""), lines)
 
 
+def unix_client(service: Service, token: str, timeout: float = 60) -> httpx.Client:
+    """A plain HTTP client on the service's Unix socket, sending `token` as its bearer."""
+    return httpx.Client(
+        transport=httpx.HTTPTransport(uds=str(service.socket)),
+        base_url="http://strongroom",
+        headers={"authorization": f"Bearer {token}"},
+        timeout=timeout,
+    )
+
+
 def wait_gone(path: Path, timeout: float = 10) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -257,3 +273,32 @@ def init_service_data(config: Path, pki: Pki) -> Tenancy:
     finally:
         store.close()
     return Tenancy(admin, acme_app, acme_signer, globex_app)
+
+
+@contextlib.contextmanager
+def tenants_service(root: Path) -> Iterator[tuple[Service, Tenancy]]:
+    """A `strongroom serve` in `root` (its PKI, config and data there) with the tenants of
+    init_service_data; stopped on leaving."""
+    pki = make_pki(root / "pki")
+    config = write_service_config(root, pki)
+    tenancy = init_service_data(config, pki)
+    svc = start_service(config)
+    try:
+        yield svc, tenancy
+    finally:
+        svc.stop()
+
+
+def first_line(process: subprocess.Popen[str], timeout: float = 60) -> str | None:
+    """The first line `process` writes on its stdout (a pipe), or None when none has come
+    within `timeout` seconds (a bound on a hang; the process is left running)."""
+    first: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        assert process.stdout is not None
+        first.append(process.stdout.readline())
+        ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    return first[0] if ready.wait(timeout) else None

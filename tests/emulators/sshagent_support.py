@@ -298,3 +298,16 @@ def start_sshd(
         process.kill()
         pytest.fail("sshd did not start listening")
     return Sshd(directory, port, process, log, f"{host_pub[0]} {host_pub[1]}", keys_file)
+
+
+def ssh_add(agent: RunningAgent, *args: str, input: str = "") -> subprocess.CompletedProcess[str]:
+    """`ssh-add ARGS` against this agent (its output captured, its status not checked)."""
+    return subprocess.run(
+        ["ssh-add", *args],
+        env=agent.env(),
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )

@@ -214,6 +214,21 @@ def attr(name: str, value: Item) -> Item:
     )
 
 
+def registered_key(tag: int, fmt: int, material: bytes, algorithm: int, length: int) -> Item:
+    """A key object (`tag`: Private Key, Public Key...) for Register: its Key Block with
+    the material as a byte string, the algorithm and the length."""
+    return structure(
+        tag,
+        structure(
+            Tag.KEY_BLOCK,
+            Item(Tag.KEY_FORMAT_TYPE, Type.ENUMERATION, fmt),
+            structure(Tag.KEY_VALUE, Item(Tag.KEY_MATERIAL, Type.BYTE_STRING, material)),
+            Item(Tag.CRYPTOGRAPHIC_ALGORITHM, Type.ENUMERATION, algorithm),
+            Item(Tag.CRYPTOGRAPHIC_LENGTH, Type.INTEGER, length),
+        ),
+    )
+
+
 def results(response: Item) -> list[Item]:
     return list(response.all(Tag.BATCH_ITEM))
 

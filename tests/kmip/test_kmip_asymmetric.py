@@ -25,6 +25,7 @@ from kmip_support import (
     exchange,
     ok,
     pykmip,
+    registered_key,
     request,
     results,
     start_kmip,
@@ -151,6 +152,23 @@ def activate(kmip: KmipService, pki: Pki, *uids: str) -> None:
         ok(one(kmip, pki, Operation.ACTIVATE, [uid_item(uid)]))
 
 
+def register_certificate(kmip: KmipService, pki: Pki, der: bytes) -> Item:
+    """Register an X.509 certificate (its DER); the batch item, success or not."""
+    return one(
+        kmip,
+        pki,
+        Operation.REGISTER,
+        [
+            Item(Tag.OBJECT_TYPE, ENUM, ObjectType.CERTIFICATE),
+            structure(
+                Tag.CERTIFICATE,
+                Item(Tag.CERTIFICATE_TYPE, ENUM, CertificateType.X_509),
+                Item(Tag.CERTIFICATE_VALUE, BYTES, der),
+            ),
+        ],
+    )
+
+
 def register_key(
     kmip: KmipService,
     pki: Pki,
@@ -174,16 +192,7 @@ def register_key(
         [
             Item(Tag.OBJECT_TYPE, ENUM, object_type),
             *template,
-            structure(
-                tag,
-                structure(
-                    Tag.KEY_BLOCK,
-                    Item(Tag.KEY_FORMAT_TYPE, ENUM, fmt),
-                    structure(Tag.KEY_VALUE, Item(Tag.KEY_MATERIAL, BYTES, material)),
-                    Item(Tag.CRYPTOGRAPHIC_ALGORITHM, ENUM, algorithm),
-                    Item(Tag.CRYPTOGRAPHIC_LENGTH, INT, length),
-                ),
-            ),
+            registered_key(tag, fmt, material, algorithm, length),
         ],
     )
 
@@ -394,36 +403,10 @@ def test_public_keys_and_certificates_are_read_not_exported(kmip: KmipService, p
         )
     ).text_of(Tag.UNIQUE_IDENTIFIER)
     der = self_signed(key)
-    cert_uid = ok(
-        one(
-            kmip,
-            pki,
-            Operation.REGISTER,
-            [
-                Item(Tag.OBJECT_TYPE, ENUM, ObjectType.CERTIFICATE),
-                structure(
-                    Tag.CERTIFICATE,
-                    Item(Tag.CERTIFICATE_TYPE, ENUM, CertificateType.X_509),
-                    Item(Tag.CERTIFICATE_VALUE, BYTES, der),
-                ),
-            ],
-        )
-    ).text_of(Tag.UNIQUE_IDENTIFIER)
+    cert_uid = ok(register_certificate(kmip, pki, der)).text_of(Tag.UNIQUE_IDENTIFIER)
     assert public_uid and cert_uid
     private_uid, _ = create_pair(kmip, pki, CryptographicAlgorithm.EC, 256)
-    bad_cert = one(
-        kmip,
-        pki,
-        Operation.REGISTER,
-        [
-            Item(Tag.OBJECT_TYPE, ENUM, ObjectType.CERTIFICATE),
-            structure(
-                Tag.CERTIFICATE,
-                Item(Tag.CERTIFICATE_TYPE, ENUM, CertificateType.X_509),
-                Item(Tag.CERTIFICATE_VALUE, BYTES, der[:-5]),
-            ),
-        ],
-    )
+    bad_cert = register_certificate(kmip, pki, der[:-5])
     assert reason(bad_cert) == ResultReason.INVALID_FIELD
     cli(kmip.config, "tenant", "cert", "acme", "reader", "--cert", str(pki.stranger_cert))
     cli(kmip.config, "policy", "grant", "acme", "reader", "--keys", "*", "--permissions", "read")
@@ -706,21 +689,7 @@ def test_a_certificate_is_kept_with_its_private_key(kmip: KmipService, pki: Pki)
     )
 
     def register(value: bytes) -> str:
-        uid = ok(
-            one(
-                kmip,
-                pki,
-                Operation.REGISTER,
-                [
-                    Item(Tag.OBJECT_TYPE, ENUM, ObjectType.CERTIFICATE),
-                    structure(
-                        Tag.CERTIFICATE,
-                        Item(Tag.CERTIFICATE_TYPE, ENUM, CertificateType.X_509),
-                        Item(Tag.CERTIFICATE_VALUE, BYTES, value),
-                    ),
-                ],
-            )
-        ).text_of(Tag.UNIQUE_IDENTIFIER)
+        uid = ok(register_certificate(kmip, pki, value)).text_of(Tag.UNIQUE_IDENTIFIER)
         assert uid
         return uid
 

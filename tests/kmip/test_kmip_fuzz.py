@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kmip_support import CREATE_AES, attr, request
+from kmip_support import CREATE_AES, attr, registered_key, request
 
 import strongroom
 from strongroom.kmip import ttlv
@@ -55,19 +55,6 @@ def _uid(uid: str = UID) -> Item:
     return Item(Tag.UNIQUE_IDENTIFIER, TEXT, uid)
 
 
-def _block(tag: int, fmt: int, material: bytes, algorithm: int, length: int) -> Item:
-    return structure(
-        tag,
-        structure(
-            Tag.KEY_BLOCK,
-            Item(Tag.KEY_FORMAT_TYPE, ENUM, fmt),
-            structure(Tag.KEY_VALUE, Item(Tag.KEY_MATERIAL, BYTES, material)),
-            Item(Tag.CRYPTOGRAPHIC_ALGORITHM, ENUM, algorithm),
-            Item(Tag.CRYPTOGRAPHIC_LENGTH, INT, length),
-        ),
-    )
-
-
 def _pair() -> list[Item]:
     return [
         structure(
@@ -88,7 +75,7 @@ SEEDS: list[tuple[Operation, list[Item]]] = [
         Operation.REGISTER,
         [
             Item(Tag.OBJECT_TYPE, ENUM, ObjectType.PRIVATE_KEY),
-            _block(
+            registered_key(
                 Tag.PRIVATE_KEY, KeyFormatType.PKCS_8, _PKCS8, CryptographicAlgorithm.ECDSA, 256
             ),
         ],
@@ -97,7 +84,9 @@ SEEDS: list[tuple[Operation, list[Item]]] = [
         Operation.REGISTER,
         [
             Item(Tag.OBJECT_TYPE, ENUM, ObjectType.PUBLIC_KEY),
-            _block(Tag.PUBLIC_KEY, KeyFormatType.X_509, _SPKI, CryptographicAlgorithm.ECDSA, 256),
+            registered_key(
+                Tag.PUBLIC_KEY, KeyFormatType.X_509, _SPKI, CryptographicAlgorithm.ECDSA, 256
+            ),
         ],
     ),
     (

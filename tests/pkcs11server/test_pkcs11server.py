@@ -13,14 +13,13 @@ import shutil
 import socket
 import struct
 import subprocess
-import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE
+from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, write_vault_config
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from pkcs11server_support import serving
 
 import strongroom
 from strongroom import algorithms
@@ -42,12 +41,7 @@ pytestmark = pytest.mark.skipif(
 def ks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keystore]:
     directory = tmp_path_factory.mktemp("pkcs11server")
     os.environ[VAULT_PASS_ENV] = VAULT_PASSPHRASE
-    config = directory / "strongroom.toml"
-    config.write_text(
-        f'[keystore]\ndata_dir = "{directory / "data"}"\norder = ["vault"]\n\n'
-        '[backends.vault]\ntype = "vault"\n'
-        f'passphrase = "env:{VAULT_PASS_ENV}"\nkdf_memory_kib = 8192\nkdf_iterations = 1\n'
-    )
+    config = write_vault_config(directory)  # the vault alone: first and last in the order
     with strongroom.open(config) as keystore:
         keystore.vault_control().initialize()
         keystore.generate("p11-p256", "ecdsa-p256")
@@ -56,27 +50,19 @@ def ks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keystore]:
         yield keystore
 
 
-@contextlib.contextmanager
-def serving(ks: Keystore, *, allow_destroy: bool = False) -> Iterator[Pkcs11Server]:
+def serving_p11(
+    ks: Keystore, *, allow_destroy: bool = False
+) -> contextlib.AbstractContextManager[Pkcs11Server]:
     """A server of the keys p11-* of `ks`, in a thread."""
-    socket_dir = Path(tempfile.mkdtemp(prefix="sr-p11-"))
-    os.rmdir(socket_dir)  # the server makes it (0700) and removes it again
-    tokens = (TokenSpec("strongroom", ("p11-*",)),)
-    srv = Pkcs11Server(ks, Settings(tokens, pin=PIN, allow_destroy=allow_destroy),
-                       socket_dir / "p11.sock")  # fmt: skip
-    thread = threading.Thread(target=srv.serve_forever, name="test-p11", daemon=True)
-    thread.start()
-    try:
-        yield srv
-    finally:
-        srv.shutdown()
-        thread.join(timeout=30)
-        srv.close()
+    settings = Settings(
+        (TokenSpec("strongroom", ("p11-*",)),), pin=PIN, allow_destroy=allow_destroy
+    )
+    return serving(ks, settings, "p11")
 
 
 @pytest.fixture(scope="module")
 def server(ks: Keystore) -> Iterator[Pkcs11Server]:
-    with serving(ks) as srv:
+    with serving_p11(ks) as srv:
         yield srv
 
 
@@ -485,7 +471,7 @@ def test_pkcs11_tool_makes_and_deletes_a_key_pair(server: Pkcs11Server, ks: Keys
     assert refused.returncode != 0 and "C_DestroyObject() failed" in refused.stderr
     assert f"(0x{ck.CKR_ACTION_PROHIBITED:x})" in refused.stderr  # OpenSC has no name for it
     assert [v.version for v in ks.versions("p11-made")] == [1, 2]
-    with serving(ks, allow_destroy=True) as destroying:
+    with serving_p11(ks, allow_destroy=True) as destroying:
         tool(destroying, *login, *delete)
         assert "p11-made" not in tool(destroying, *login, "--list-objects")
     assert all(info.name != "p11-made" for info in ks.keys())
@@ -505,7 +491,7 @@ def test_destroy_waits_the_keystores_deletion_wait(tmp_path: Path) -> None:
         waiting.vault_control().initialize()
         waiting.generate("p11-kept", "ecdsa-p256")
         waiting.rotate("p11-kept")
-        with serving(waiting, allow_destroy=True) as srv:
+        with serving_p11(waiting, allow_destroy=True) as srv:
             tool(srv, *login, "--delete-object", "--type", "privkey", "--label", "p11-kept")
             assert "p11-kept" not in tool(srv, *login, "--list-objects")
             info = waiting.info("p11-kept")

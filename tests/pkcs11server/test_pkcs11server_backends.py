@@ -16,22 +16,22 @@ import os
 import pwd
 import subprocess
 import sys
-import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 from cryptography.hazmat.primitives.hashes import SHA256
-from pkcs11_support import PIN_ENV as HSM_PIN_ENV
-from pkcs11_support import SoftHsm, softhsm  # noqa: F401  (the session's token)
+from pkcs11_support import (
+    SoftHsm,
+    softhsm,  # noqa: F401  (the session's token)
+    write_three_backends_config,
+)
+from pkcs11server_support import serving
 from sshagent_support import Sshd, start_sshd
-from tpm_support import PIN_ENV as TPM_PIN_ENV
-from tpm_support import SRK_HANDLE, TEST_PIN, Swtpm, swtpm  # noqa: F401  (the session's TPM)
+from tpm_support import Swtpm, swtpm  # noqa: F401  (the session's TPM)
 
 import strongroom
 from strongroom import algorithms
@@ -57,19 +57,7 @@ def ks(
     swtpm: Swtpm,  # noqa: F811
 ) -> Iterator[Keystore]:
     directory = tmp_path_factory.mktemp("pkcs11server-backends")
-    os.environ[VAULT_PASS_ENV] = VAULT_PASSPHRASE
-    os.environ[HSM_PIN_ENV] = softhsm.pin
-    os.environ[TPM_PIN_ENV] = TEST_PIN
-    config = directory / "strongroom.toml"
-    config.write_text(
-        f'[keystore]\ndata_dir = "{directory / "data"}"\norder = ["vault"]\n\n'
-        '[backends.vault]\ntype = "vault"\n'
-        f'passphrase = "env:{VAULT_PASS_ENV}"\nkdf_memory_kib = 8192\nkdf_iterations = 1\n\n'
-        f'[backends.hsm]\ntype = "pkcs11"\nmodule = "{softhsm.module}"\n'
-        f'token = "{softhsm.label}"\npin = "env:{HSM_PIN_ENV}"\n\n'
-        f'[backends.tpm]\ntype = "tpm"\ntcti = "{swtpm.tcti}"\n'
-        f'persistent_handle = "0x{SRK_HANDLE:08x}"\npin = "env:{TPM_PIN_ENV}"\n'
-    )
+    config = write_three_backends_config(directory, softhsm, swtpm.tcti)
     made: list[str] = []
     with strongroom.open(config) as keystore:
         keystore.vault_control().initialize()
@@ -88,16 +76,9 @@ def ks(
 
 @pytest.fixture(scope="module")
 def server(ks: Keystore) -> Iterator[Pkcs11Server]:
-    socket_dir = Path(tempfile.mkdtemp(prefix="sr-p11b-"))
-    os.rmdir(socket_dir)  # the server makes it (0700) and removes it again
     tokens = tuple(TokenSpec(b, (f"p11b-{b}-*",)) for b in BACKENDS)
-    srv = Pkcs11Server(ks, Settings(tokens, pin=PIN), socket_dir / "p11.sock")
-    thread = threading.Thread(target=srv.serve_forever, name="test-p11b", daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    thread.join(timeout=30)
-    srv.close()
+    with serving(ks, Settings(tokens, pin=PIN), "p11b") as srv:
+        yield srv
 
 
 def tool(
@@ -125,6 +106,17 @@ def test_pkcs11_tool_self_test_passes(server: Pkcs11Server, ks: Keystore, backen
     assert "RSA-PKCS: OK" in out, out  # raw CKM_RSA_PKCS over its SHA-1 DigestInfo
 
 
+def assert_openssl_verifies(directory: Path, hash_name: str) -> None:
+    """openssl checks `sig` over `msg` with `pub.der` (all in `directory`), hashing with
+    `hash_name`."""
+    verified = subprocess.run(
+        ["openssl", "dgst", f"-{hash_name}", "-verify", "pub.der", "-keyform", "DER",
+         "-signature", "sig", "msg"],
+        cwd=directory, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert verified.returncode == 0 and "Verified OK" in verified.stdout, verified.stderr
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("hash_name", ["sha1", "sha384"])
 def test_rsa_pkcs_signs_the_clients_digest_info(
@@ -141,12 +133,7 @@ def test_rsa_pkcs_signs_the_clients_digest_info(
          "-o", "pub.der", cwd=tmp_path)  # fmt: skip
     tool(server, "--token-label", backend, "--login", "--pin", PIN, "--sign", "-m", "RSA-PKCS",
          "--id", key_id, "-i", "block", "-o", "sig", cwd=tmp_path)  # fmt: skip
-    verified = subprocess.run(
-        ["openssl", "dgst", f"-{hash_name}", "-verify", "pub.der", "-keyform", "DER",
-         "-signature", "sig", "msg"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert verified.returncode == 0 and "Verified OK" in verified.stdout, verified.stderr
+    assert_openssl_verifies(tmp_path, hash_name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -163,12 +150,7 @@ def test_sha384_and_sha512_rsa_pkcs(
     tool(server, "--token-label", backend, "--read-object", "--type", "pubkey", "--id", key_id,
          "-o", "pub.der", cwd=tmp_path)  # fmt: skip
     tool(server, *login, "--sign", "-m", mechanism, "-i", "msg", "-o", "sig", cwd=tmp_path)
-    verified = subprocess.run(
-        ["openssl", "dgst", f"-{hash_name}", "-verify", "pub.der", "-keyform", "DER",
-         "-signature", "sig", "msg"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert verified.returncode == 0 and "Verified OK" in verified.stdout, verified.stderr
+    assert_openssl_verifies(tmp_path, hash_name)
     checked = tool(server, *login, "--verify", "-m", mechanism, "-i", "msg",
                    "--signature-file", "sig", cwd=tmp_path)  # fmt: skip
     assert "Signature is valid" in checked.stdout
@@ -350,39 +332,32 @@ def test_ssh_logs_in_through_the_module(
 def test_generate_into_the_configured_backend(ks: Keystore, backend: str) -> None:
     """With `[pkcs11_server] backend`, python-pkcs11's C_GenerateKeyPair makes the key in
     that backend (a SoftHSM2 token, a TPM), it signs there, and C_DestroyObject deletes it."""
-    socket_dir = Path(tempfile.mkdtemp(prefix="sr-p11g-"))
-    os.rmdir(socket_dir)
     tokens = tuple(TokenSpec(b, (f"p11b-{b}-*",)) for b in BACKENDS)
     settings = Settings(tokens, pin=PIN, backend=backend, allow_destroy=True)
-    srv = Pkcs11Server(ks, settings, socket_dir / "p11.sock")
-    thread = threading.Thread(target=srv.serve_forever, name="test-p11g", daemon=True)
-    thread.start()
-    name = f"p11b-{backend}-made"
-    client = Path(__file__).with_name("p11_client.py")
+    with serving(ks, settings, "p11g") as srv:
+        name = f"p11b-{backend}-made"
+        client = Path(__file__).with_name("p11_client.py")
 
-    def run(*args: str) -> dict[str, Any]:
-        done = subprocess.run(
-            [sys.executable, str(client), args[0], backend, PIN, *args[1:]],
-            env={**os.environ, "P11_KIT_SERVER_ADDRESS": srv.address},
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr
-        result: dict[str, Any] = json.loads(done.stdout)
-        return result
+        def run(*args: str) -> dict[str, Any]:
+            done = subprocess.run(
+                [sys.executable, str(client), args[0], backend, PIN, *args[1:]],
+                env={**os.environ, "P11_KIT_SERVER_ADDRESS": srv.address},
+                capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            result: dict[str, Any] = json.loads(done.stdout)
+            return result
 
-    try:
-        made = run("generate", name, "ec")
-        assert ks.info(name).backend == backend
-        public = ks.public_key(name)
-        assert isinstance(public, ec.EllipticCurvePublicKey)
-        signature = bytes.fromhex(made["signature"])
-        r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
-        public.verify(encode_dss_signature(r, s), b"\x07" * 32, ec.ECDSA(Prehashed(SHA256())))
-        assert run("destroy", name, "private") == {"left": 0}
-        assert all(info.name != name for info in ks.keys())
-    finally:
-        if any(info.name == name for info in ks.keys()):
-            ks.delete(name)  # the token and the TPM outlive this module
-        srv.shutdown()
-        thread.join(timeout=30)
-        srv.close()
+        try:
+            made = run("generate", name, "ec")
+            assert ks.info(name).backend == backend
+            public = ks.public_key(name)
+            assert isinstance(public, ec.EllipticCurvePublicKey)
+            signature = bytes.fromhex(made["signature"])
+            r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+            public.verify(encode_dss_signature(r, s), b"\x07" * 32, ec.ECDSA(Prehashed(SHA256())))
+            assert run("destroy", name, "private") == {"left": 0}
+            assert all(info.name != name for info in ks.keys())
+        finally:
+            if any(info.name == name for info in ks.keys()):
+                ks.delete(name)  # the token and the TPM outlive this module

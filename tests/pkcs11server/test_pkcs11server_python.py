@@ -13,17 +13,16 @@ import os
 import struct
 import subprocess
 import sys
-import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE
+from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, write_vault_config
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
+from pkcs11server_support import serving
 
 import strongroom
 from strongroom.errors import KeyNotFound
@@ -46,12 +45,7 @@ pytestmark = pytest.mark.skipif(
 def ks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keystore]:
     directory = tmp_path_factory.mktemp("pkcs11server-python")
     os.environ[VAULT_PASS_ENV] = VAULT_PASSPHRASE
-    config = directory / "strongroom.toml"
-    config.write_text(
-        f'[keystore]\ndata_dir = "{directory / "data"}"\norder = ["vault"]\n\n'
-        '[backends.vault]\ntype = "vault"\n'
-        f'passphrase = "env:{VAULT_PASS_ENV}"\nkdf_memory_kib = 8192\nkdf_iterations = 1\n'
-    )
+    config = write_vault_config(directory)  # the vault alone: first and last in the order
     with strongroom.open(config) as keystore:
         keystore.vault_control().initialize()
         keystore.generate("py-rsa", "rsa-2048", usage="sign,verify,encrypt,decrypt")
@@ -62,18 +56,11 @@ def ks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keystore]:
 
 @pytest.fixture(scope="module")
 def server(ks: Keystore) -> Iterator[Pkcs11Server]:
-    socket_dir = Path(tempfile.mkdtemp(prefix="sr-p11py-"))
-    os.rmdir(socket_dir)  # the server makes it (0700) and removes it again
     settings = Settings(
         (TokenSpec(TOKEN, ("py-*",)),), pin=PIN, backend="vault", allow_destroy=True
     )
-    srv = Pkcs11Server(ks, settings, socket_dir / "p11.sock")
-    thread = threading.Thread(target=srv.serve_forever, name="test-p11py", daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    thread.join(timeout=30)
-    srv.close()
+    with serving(ks, settings, "p11py") as srv:
+        yield srv
 
 
 def client(server: Pkcs11Server, scenario: str, *args: str) -> dict[str, Any]:

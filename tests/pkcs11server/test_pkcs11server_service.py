@@ -8,21 +8,12 @@ import json
 import os
 import subprocess
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import STRONGROOM_BIN
-from server_support import (
-    Service,
-    Tenancy,
-    init_service_data,
-    make_pki,
-    service_env,
-    start_service,
-    write_service_config,
-)
+from server_support import Service, Tenancy, first_line, service_env, tenants_service
 
 import strongroom
 from strongroom import algorithms
@@ -38,15 +29,8 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Tenancy]]:
-    root = tmp_path_factory.mktemp("pkcs11server-service")
-    pki = make_pki(root / "pki")
-    config = write_service_config(root, pki)
-    tenancy = init_service_data(config, pki)
-    svc = start_service(config)
-    try:
-        yield svc, tenancy
-    finally:
-        svc.stop()
+    with tenants_service(tmp_path_factory.mktemp("pkcs11server-service")) as running:
+        yield running
 
 
 def start_server(
@@ -72,20 +56,12 @@ def start_server(
         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
-    first: list[str] = []
-    ready = threading.Event()
-
-    def read_first_line() -> None:
-        assert server.stdout is not None
-        first.append(server.stdout.readline())
-        ready.set()
-
-    threading.Thread(target=read_first_line, daemon=True).start()
-    if not ready.wait(60):  # a bound on a hang
+    line = first_line(server)
+    if line is None:
         server.kill()
         pytest.fail("the server did not start")
     address = f"unix:path={sock}"
-    assert first[0] == f"P11_KIT_SERVER_ADDRESS={address}; export P11_KIT_SERVER_ADDRESS;\n"
+    assert line == f"P11_KIT_SERVER_ADDRESS={address}; export P11_KIT_SERVER_ADDRESS;\n"
     return server, address
 
 

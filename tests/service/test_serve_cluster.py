@@ -14,17 +14,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psycopg
 import pytest
 from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, write_vault_config
-from server_support import ALL_KEY_PERMISSIONS, Service, start_service
+from pg_support import verify_store_chain
+from server_support import ALL_KEY_PERMISSIONS, Service, start_service, unix_client
 
 import strongroom
-from strongroom.audit import verify_chain
 from strongroom.errors import AuthenticationFailed, KeyNotFound
 from strongroom.service.tenants import open_tenants
-from strongroom.store_chain import open_chain
 
 DATA = b"two nodes, one store"
 
@@ -123,12 +121,7 @@ def test_two_serve_nodes_on_one_database_serve_the_same_keys(
                 b.keys()
         # one audit chain in the database, written by both nodes, verified through either
         for n in nodes:
-            with httpx.Client(
-                transport=httpx.HTTPTransport(uds=str(n.socket)),
-                base_url="http://strongroom",
-                headers={"authorization": f"Bearer {admin}"},
-                timeout=60,
-            ) as c:
+            with unix_client(n, admin) as c:
                 report = c.get("/v1/audit/verify").json()
                 assert report["ok"] and "audit_chain in" in report["path"], report
                 records = c.get("/v1/audit/records", params={"since": 0, "limit": 10_000})
@@ -153,12 +146,7 @@ def test_a_node_answers_503_with_retry_after_while_postgres_is_down_then_recover
     token = tenant_token(cfg)
     node = start_service(cfg)
     try:
-        with httpx.Client(
-            transport=httpx.HTTPTransport(uds=str(node.socket)),
-            base_url="http://strongroom",
-            headers={"authorization": f"Bearer {token}"},
-            timeout=60,
-        ) as c:
+        with unix_client(node, token) as c:
             sign = {"data": base64.b64encode(DATA).decode()}
             assert c.post("/v1/keys", json={"name": "k", "type": "ed25519"}).status_code == 201
             assert c.post("/v1/keys/k/sign", json=sign).status_code == 200
@@ -244,9 +232,5 @@ def test_singleton_jobs_move_to_another_node_when_the_holder_is_killed(
     assert any(r["op"] == "checkpoint" for r in records[b_took:])  # b signs them now
     with strongroom.open(configs[1]) as ks:
         public = ks.audit_public_key()
-    chain = open_chain(url)
-    try:
-        report = verify_chain(chain, public)
-    finally:
-        chain.close()
+    report = verify_store_chain(url, public)
     assert report.ok, report.first_bad

@@ -16,10 +16,17 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, write_vault_config
+from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from server_support import ALL_KEY_PERMISSIONS, Pki, Service, make_pki, start_service
+from server_support import (
+    ALL_KEY_PERMISSIONS,
+    Pki,
+    Service,
+    make_pki,
+    start_service,
+    write_service_config,
+)
 
 import strongroom
 from strongroom.errors import (
@@ -37,19 +44,7 @@ ROUNDS = 24  # per client thread
 
 def node_config(directory: Path, url: str, pki: Pki) -> Path:
     directory.mkdir()
-    cfg = write_vault_config(directory, store_url=url)
-    with cfg.open("a", encoding="utf-8") as f:
-        f.write(
-            "\n[server]\n"
-            f'socket = "{directory / "serve.sock"}"\n'
-            'listen = "127.0.0.1:0"\n'
-            f'tls_cert = "{pki.server_cert}"\n'
-            f'tls_key = "{pki.server_key}"\n'
-            f'tls_client_ca = "{pki.ca}"\n'
-            "rate_limit = 0\n"
-            "lease_seconds = 2\n"
-        )
-    return cfg
+    return write_service_config(directory, pki, "lease_seconds = 2\n", store_url=url)
 
 
 @dataclass
@@ -60,6 +55,23 @@ class Acked:
     rotations: dict[str, list[int]] = field(default_factory=dict)  # key -> versions returned
     signatures: list[tuple[str, bytes, bytes]] = field(default_factory=list)
     policy_checks: int = 0
+
+
+def one_round(c: Any, i: int, r: int, acked: list[Acked], rng: random.Random) -> None:
+    """Client thread i's round r: make key w{i}-{r}, sign with a key any thread made (one
+    another node made a moment ago: read-after-write) or `shared`, rotate `shared` or the
+    new key; each acknowledged result noted in acked[i]."""
+    mine = acked[i]
+    name = f"w{i}-{r}"
+    c.generate(name, "ed25519")
+    mine.created.append(name)
+    others = [n for a in acked for n in list(a.created)] + ["shared"]
+    target = rng.choice(others)
+    data = f"{i}:{r}:{target}".encode()
+    mine.signatures.append((target, data, c.sign(target, data)))
+    what = rng.choice(["shared", name])
+    version = c.rotate(what).version
+    mine.rotations.setdefault(what, []).append(version)
 
 
 def make_cluster(url: str, tmp_path: Path) -> tuple[Pki, list[Path], dict[str, str]]:
@@ -104,21 +116,10 @@ def test_three_nodes_under_a_mixed_load_agree_on_everything_acknowledged(
 
         def load(i: int) -> None:
             rng = random.Random(i)
-            mine = acked[i]
             try:
                 with connect(i, app) as c:
                     for r in range(ROUNDS):
-                        name = f"w{i}-{r}"
-                        c.generate(name, "ed25519")
-                        mine.created.append(name)
-                        # a key another node made a moment ago (read-after-write)
-                        others = [n for a in acked for n in list(a.created)] + ["shared"]
-                        target = rng.choice(others)
-                        data = f"{i}:{r}:{target}".encode()
-                        mine.signatures.append((target, data, c.sign(target, data)))
-                        what = rng.choice(["shared", name])
-                        version = c.rotate(what).version
-                        mine.rotations.setdefault(what, []).append(version)
+                        one_round(c, i, r, acked, rng)
             except BaseException as e:  # reported by the main thread
                 failures.append(e)
 
@@ -260,16 +261,7 @@ def test_a_node_killed_and_postgres_restarted_mid_load_lose_nothing_acknowledged
                         at = (at + 1) % NODES
                     try:
                         with connect(at, app) as c:
-                            name = f"w{i}-{attempt}"
-                            c.generate(name, "ed25519")
-                            mine.created.append(name)
-                            others = [n for a in acked for n in list(a.created)] + ["shared"]
-                            target = rng.choice(others)
-                            data = f"{i}:{attempt}:{target}".encode()
-                            mine.signatures.append((target, data, c.sign(target, data)))
-                            what = rng.choice(["shared", name])
-                            version = c.rotate(what).version
-                            mine.rotations.setdefault(what, []).append(version)
+                            one_round(c, i, attempt, acked, rng)
                         progress.release()
                     except (BackendUnavailable, StorageError, AuditUnavailable):
                         refused[i] += 1  # not acknowledged: a connection error or a 503

@@ -45,6 +45,7 @@ from server_support import (
     make_pki,
     service_env,
     start_service,
+    unix_client,
     wait_gone,
     write_service_config,
 )
@@ -175,12 +176,7 @@ def test_client_certificate_identifies_the_caller(service: Service, pki: Pki) ->
 
 # -- tenants ------------------------------------------------------------------------------------
 def raw_client(service: Service, token: str) -> httpx.Client:
-    return httpx.Client(
-        transport=httpx.HTTPTransport(uds=str(service.socket)),
-        base_url="http://strongroom",
-        headers={"authorization": f"Bearer {token}"},
-        timeout=30,
-    )
+    return unix_client(service, token, timeout=30)
 
 
 def test_tenants_cannot_use_list_or_detect_each_others_keys(

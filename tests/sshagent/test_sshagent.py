@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from nobody_support import NOBODY, skip_unless_root_with_setpriv
-from sshagent_support import RawClient, RunningAgent, parse_strings, running_agent, s
+from sshagent_support import RawClient, RunningAgent, parse_strings, running_agent, s, ssh_add
 
 import strongroom
 from strongroom import algorithms
@@ -67,18 +67,6 @@ def agent(ks: Keystore) -> Iterator[RunningAgent]:
 def openssh_line(ks: Keystore, name: str) -> str:
     """What `strongroom key public NAME --format openssh` prints (same function)."""
     return algorithms.encode_public(ks.public_key(name), "openssh").decode()
-
-
-def ssh_add(agent: RunningAgent, *args: str, input: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["ssh-add", *args],
-        env=agent.env(),
-        input=input,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 # -- OpenSSH's tools as clients ------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, write_vault_config
-from sshagent_support import RawClient, Sshd, running_agent, s, start_sshd
+from sshagent_support import RawClient, Sshd, running_agent, s, ssh_add, start_sshd
 
 import strongroom
 from strongroom import algorithms
@@ -261,14 +261,7 @@ def test_ssh_add_h_with_a_cert_authority_restricts_to_the_certified_host(
         h.authorized_keys.write_text(text + added_pub.read_text())
     try:
         with running_agent(ks, AgentSettings(allow_add=True)) as adder:
-            added = subprocess.run(
-                ["ssh-add", "-H", str(known), "-h", "host-a", str(key)],
-                env=adder.env(),
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )
+            added = ssh_add(adder, "-H", str(known), "-h", "host-a", str(key))
             assert added.returncode == 0, added.stderr
             key.unlink()
             [constraint] = [a.destinations for a in adder.agent._added.values()]

@@ -8,14 +8,12 @@ One keystore (vault + HSM + TPM), one agent and one sshd serve the whole module.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE
 from fido_authenticator import (
     FIDO_PIN_ENV,
     FIDO_VAULT_PASS,
@@ -25,11 +23,13 @@ from fido_authenticator import (
     open_with_authenticator,
     write_fido_config,
 )
-from pkcs11_support import PIN_ENV as HSM_PIN_ENV
-from pkcs11_support import SoftHsm, softhsm  # noqa: F401  (the session's token)
-from sshagent_support import RawClient, RunningAgent, Sshd, running_agent, s, start_sshd
-from tpm_support import PIN_ENV as TPM_PIN_ENV
-from tpm_support import SRK_HANDLE, TEST_PIN, Swtpm, swtpm  # noqa: F401  (the session's TPM)
+from pkcs11_support import (
+    SoftHsm,
+    softhsm,  # noqa: F401  (the session's token)
+    write_three_backends_config,
+)
+from sshagent_support import RawClient, RunningAgent, Sshd, running_agent, s, ssh_add, start_sshd
+from tpm_support import Swtpm, swtpm  # noqa: F401  (the session's TPM)
 
 import strongroom
 from strongroom import algorithms
@@ -53,19 +53,7 @@ def ks(
     swtpm: Swtpm,  # noqa: F811
 ) -> Iterator[Keystore]:
     directory = tmp_path_factory.mktemp("sshagent-openssh")
-    os.environ[VAULT_PASS_ENV] = VAULT_PASSPHRASE
-    os.environ[HSM_PIN_ENV] = softhsm.pin
-    os.environ[TPM_PIN_ENV] = TEST_PIN
-    config = directory / "strongroom.toml"
-    config.write_text(
-        f'[keystore]\ndata_dir = "{directory / "data"}"\norder = ["vault"]\n\n'
-        '[backends.vault]\ntype = "vault"\n'
-        f'passphrase = "env:{VAULT_PASS_ENV}"\nkdf_memory_kib = 8192\nkdf_iterations = 1\n\n'
-        f'[backends.hsm]\ntype = "pkcs11"\nmodule = "{softhsm.module}"\n'
-        f'token = "{softhsm.label}"\npin = "env:{HSM_PIN_ENV}"\n\n'
-        f'[backends.tpm]\ntype = "tpm"\ntcti = "{swtpm.tcti}"\n'
-        f'persistent_handle = "0x{SRK_HANDLE:08x}"\npin = "env:{TPM_PIN_ENV}"\n'
-    )
+    config = write_three_backends_config(directory, softhsm, swtpm.tcti)
     with strongroom.open(config) as keystore:
         keystore.vault_control().initialize()
         for name, (backend, key_type) in KEYS.items():
@@ -228,14 +216,7 @@ def test_a_destination_restricted_key_logs_in_to_its_host_only(
     sshd.authorized_keys.write_text(kept + pub.read_text())
     try:
         with running_agent(ks, AgentSettings(allow_add=True)) as adder:
-            added = subprocess.run(
-                ["ssh-add", "-H", str(known), "-h", "host-a", str(key)],
-                env=adder.env(),
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )
+            added = ssh_add(adder, "-H", str(known), "-h", "host-a", str(key))
             assert added.returncode == 0, added.stderr
             key.unlink()  # only the agent can sign with it now
             [constraint] = [a.destinations for a in adder.agent._added.values()]

@@ -8,22 +8,13 @@ import os
 import signal
 import subprocess
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import STRONGROOM_BIN
-from server_support import (
-    Service,
-    Tenancy,
-    init_service_data,
-    make_pki,
-    service_env,
-    start_service,
-    write_service_config,
-)
+from server_support import Service, Tenancy, first_line, service_env, tenants_service
 
 import strongroom
 from strongroom import algorithms
@@ -32,15 +23,8 @@ from strongroom.api import requester
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Tenancy]]:
-    root = tmp_path_factory.mktemp("sshagent-service")
-    pki = make_pki(root / "pki")
-    config = write_service_config(root, pki)
-    tenancy = init_service_data(config, pki)
-    svc = start_service(config)
-    try:
-        yield svc, tenancy
-    finally:
-        svc.stop()
+    with tenants_service(tmp_path_factory.mktemp("sshagent-service")) as running:
+        yield running
 
 
 def test_the_agent_serves_a_tenants_keys_through_the_service(
@@ -69,17 +53,9 @@ def test_the_agent_serves_a_tenants_keys_through_the_service(
         text=True,
     )
     try:
-        first: list[str] = []
-        ready = threading.Event()
-
-        def read_first_line() -> None:
-            assert agent.stdout is not None
-            first.append(agent.stdout.readline())
-            ready.set()
-
-        threading.Thread(target=read_first_line, daemon=True).start()
-        assert ready.wait(60), "the agent did not start"  # a bound on a hang
-        assert first[0] == f"SSH_AUTH_SOCK={sock}; export SSH_AUTH_SOCK;\n"
+        line = first_line(agent)
+        assert line is not None, "the agent did not start"
+        assert line == f"SSH_AUTH_SOCK={sock}; export SSH_AUTH_SOCK;\n"
         client_env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
         listed = subprocess.run(
             ["ssh-add", "-L"], env=client_env, capture_output=True, text=True, timeout=60
