@@ -55,7 +55,7 @@ def bin_dir() -> Path:
     return Path(initdb).parent
 
 
-def _as_owner(root: Path) -> tuple[list[str], int, int]:
+def _as_owner() -> tuple[list[str], int, int]:
     """The command prefix that runs the server's programs, and the uid and gid they run as."""
     if os.geteuid() != 0:
         return [], os.getuid(), os.getgid()
@@ -64,21 +64,28 @@ def _as_owner(root: Path) -> tuple[list[str], int, int]:
     except KeyError:
         user = pwd.getpwnam("nobody")
     prefix = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups"]
-    if os.stat("/dev/null").st_mode & 0o006 != 0o006:
-        # /dev/null may be root's alone: some containers ship it so, and until cli/_io.py
-        # stopped fchmod-ing special files, `strongroom ... --out /dev/null` run as root
-        # (tests/test_hostile.py) made it so. initdb's shell redirects into it.
-        # Then the programs (and the server pg_ctl forks) run in a private mount namespace
-        # with a world-writable null device of their own over it; the socket, in `root`,
-        # is reachable from outside as before.
-        null = root / "null"
+    return prefix, user.pw_uid, user.pw_gid
+
+
+def _null_prefix(root: Path) -> list[str]:
+    """When /dev/null is root's alone, the prefix that gives the programs a null device of
+    their own. initdb's and pg_ctl's shells redirect into /dev/null, which they run too
+    unprivileged to open then. Some containers ship it so; and until cli/_io.py stopped
+    fchmod-ing special files, `strongroom ... --out /dev/null` run as root (tests/
+    test_hostile.py) made it so mid-run, which broke a later pg_ctl restart: so this is
+    decided at every command, not once per cluster. The programs (and the server pg_ctl
+    forks) then run in a private mount namespace with a world-writable null device bound
+    over /dev/null; the socket, in `root`, is reachable from outside as before."""
+    if os.geteuid() != 0 or os.stat("/dev/null").st_mode & 0o006 == 0o006:
+        return []
+    null = root / "null"
+    if not null.exists():
         os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
         os.chmod(null, 0o666)
-        prefix = [
-            "unshare", "--mount", "--propagation", "private",
-            "sh", "-c", 'mount --bind "$0" /dev/null && exec "$@"', str(null), *prefix,
-        ]  # fmt: skip
-    return prefix, user.pw_uid, user.pw_gid
+    return [
+        "unshare", "--mount", "--propagation", "private",
+        "sh", "-c", 'mount --bind "$0" /dev/null && exec "$@"', str(null),
+    ]  # fmt: skip
 
 
 class PgCluster:
@@ -90,7 +97,7 @@ class PgCluster:
         self.data = self.root / "data"
         self.log = self.root / "server.log"
         self._bin = bin_dir()
-        self._prefix, uid, gid = _as_owner(self.root)
+        self._prefix, uid, gid = _as_owner()
         os.chown(self.root, uid, gid)
         os.chmod(self.root, 0o700)  # the socket's directory: its owner (and root) only
         self._names = itertools.count(1)
@@ -98,7 +105,7 @@ class PgCluster:
 
     def _run(self, *args: str) -> None:
         result = subprocess.run(
-            [*self._prefix, str(self._bin / args[0]), *args[1:]],
+            [*_null_prefix(self.root), *self._prefix, str(self._bin / args[0]), *args[1:]],
             capture_output=True,
             text=True,
             check=False,
