@@ -332,3 +332,21 @@ print("done")
 """,
     )
     assert out.split() == ["KmipOperationFailure", "done"]
+
+
+def test_an_open_connection_sees_revoked_policies_and_identities(tmp_path: Path, pki: Pki) -> None:
+    """Permissions and the identity are checked again before every message: a policy
+    revoked (by the CLI, another process on the same data) while a connection is open
+    denies the next request on it; a revoked identity's connection is closed."""
+    svc = start_kmip(tmp_path, pki, "read,generate")
+    try:
+        with tls(svc, pki) as conn:
+            ok(results(exchange(conn, request((Operation.CREATE, CREATE_AES))))[0])
+            cli(svc.config, "policy", "revoke", "acme", "kmip", "--keys", "*")
+            denied = results(exchange(conn, request((Operation.CREATE, CREATE_AES))))[0]
+            assert denied.int_of(Tag.RESULT_REASON) == ResultReason.PERMISSION_DENIED
+            cli(svc.config, "tenant", "token", "revoke", "acme", "kmip")
+            conn.sendall(request((Operation.DISCOVER_VERSIONS, [])))
+            assert conn.recv(1) == b""
+    finally:
+        assert svc.stop() == 0
