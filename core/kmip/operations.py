@@ -1266,8 +1266,12 @@ class Session:
         if obj.state == State.ACTIVE:
             raise KmipFailure(ResultReason.ILLEGAL_OPERATION, "revoke an Active object first")
         if obj.object_type in KEYSTORE_OBJECTS:
+            # `[keystore] deletion_wait` holds here as for `key delete`: with a wait the key
+            # does no work at once and `key delete --cancel` may bring it back (as a keystore
+            # key: the KMIP object is Destroyed now either way); with none it goes at once.
             try:
-                self.keys.delete(uid)
+                if self.keys.info(uid).delete_after is None:
+                    self.keys.schedule_deletion(uid)
             except KeyNotFound:
                 pass  # deleted outside KMIP: the object goes as well
             self.store.delete(self.access.tenant, uid)
