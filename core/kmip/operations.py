@@ -761,20 +761,30 @@ class Session:
         uid, obj, facts = self._new_object(ObjectType.CERTIFICATE, attributes)
         self._check("generate", uid)
         obj.extra.update({"der": der.hex(), "mask": facts.get("mask") or 0})
-        public = self._attach(certificate, der, uid)
+        public, holder = self._attach(certificate, uid)
         if public is not None:
             obj.attributes["Link"] = [_link(LinkType.PUBLIC_KEY_LINK, public.uid)]
         with self.audited("kmip_register", uid, object_type="certificate"):
             self._keep(obj)
+            if holder is not None:  # only once the object is kept
+                try:
+                    self.keys.set_certificate(holder, der)
+                except BaseException:
+                    self.store.delete(self.access.tenant, uid)
+                    raise
             if public is not None:
                 self.store.put(self.access.tenant, public)
         return uid
 
-    def _attach(self, certificate: x509.Certificate, der: bytes, uid: str) -> KmipObject | None:
-        """Keep a certificate with the private key it certifies, if this tenant holds that
-        key as a KMIP object the identity may manage (KeyAPI's `set_certificate`, audited as
-        `certificate_set`: `strongroom key cert show` and a PKCS#11 token then have it).
-        Returns that key's public key object, given a Certificate Link to `uid`."""
+    def _attach(
+        self, certificate: x509.Certificate, uid: str
+    ) -> tuple[KmipObject | None, str | None]:
+        """The public key object of the private key `certificate` certifies, if this tenant
+        holds that key as a KMIP object the identity may manage (given a Certificate Link to
+        `uid`), and that private key's name when the certificate is to be kept with it
+        (KeyAPI's `set_certificate`, audited as `certificate_set`: `strongroom key cert show`
+        and a PKCS#11 token then have it). A key that has a certificate with another leaf
+        keeps it: registering a certificate never replaces a key's chain."""
         digest = _spki_digest(keyblocks.public_in(certificate.public_key(), KeyFormatType.X_509))
         for obj in self.store.all(self.access.tenant):
             if (
@@ -783,7 +793,8 @@ class Session:
                 or not self.access.may("manage", obj.uid)
             ):
                 continue
-            self.keys.set_certificate(obj.uid, der)
+            kept = self.keys.certificate(obj.uid)
+            holder = obj.uid if not kept or kept[0] == certificate else None
             for raw in obj.attributes.get("Link", []):
                 link = ttlv.decode(bytes.fromhex(raw))
                 if link.int_of(Tag.LINK_TYPE) == LinkType.PUBLIC_KEY_LINK:
@@ -794,9 +805,9 @@ class Session:
                         public.attributes.setdefault("Link", []).append(
                             _link(LinkType.CERTIFICATE_LINK, uid)
                         )
-                        return public
-            return None
-        return None
+                        return public, holder
+            return None, holder
+        return None, None
 
     def _keep_secret(
         self, obj: KmipObject, material: bytes, facts: dict[str, object], **extra: object
