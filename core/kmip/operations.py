@@ -380,6 +380,19 @@ class Session:
         if obj is None:
             raise KmipFailure(ResultReason.ITEM_NOT_FOUND, "no such object")
         self._placeholder = uid
+        return self._due(obj)
+
+    def _due(self, obj: KmipObject) -> KmipObject:
+        """A Pre-Active object whose Activation Date has come is Active from then on: made
+        so (and stored) when it is loaded, as KMIP's state model asks."""
+        if obj.state == State.PRE_ACTIVE:
+            when = obj.date("Activation Date")
+            if when is not None and when <= _now():
+                with self.audited("kmip_activate", obj.uid, by="activation_date"):
+                    self.store.move_state(
+                        self.access.tenant, obj.uid, State.PRE_ACTIVE, State.ACTIVE
+                    )
+                obj.state = State.ACTIVE
         return obj
 
     def _attributes_of(self, payload: Item, tag: int = Tag.TEMPLATE_ATTRIBUTE) -> list[Item]:
@@ -1220,6 +1233,7 @@ class Session:
         for obj in reversed(self.store.all(self.access.tenant)):  # newest first, as KMIP asks
             if not self.access.may("read", obj.uid):
                 continue
+            obj = self._due(obj)
             if all(_matches(obj, name, value) for name, value in wanted):
                 found.append(obj.uid)
         found = found[offset:]

@@ -96,6 +96,16 @@ class ObjectStore:
                 ),
             )
 
+    def move_state(self, tenant: str, uid: str, was: int, now: int) -> bool:
+        """Set the object's state to `now` if it is `was` still (one statement: an object
+        destroyed meanwhile stays gone); whether it moved."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE objects SET state=? WHERE tenant=? AND uid=? AND state=?",
+                (now, tenant, uid, was),
+            )
+            return cur.rowcount == 1
+
     def delete(self, tenant: str, uid: str) -> None:
         with self._lock:
             self._db.execute("DELETE FROM objects WHERE tenant=? AND uid=?", (tenant, uid))
