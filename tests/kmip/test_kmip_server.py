@@ -341,14 +341,22 @@ def test_an_open_connection_sees_revoked_policies_and_identities(tmp_path: Path,
     denies the next request on it; a revoked identity's connection is closed."""
     svc = start_kmip(tmp_path, pki, "read,generate")
     try:
-        with tls(svc, pki) as conn:
+        with tls(svc, pki) as conn, tls(svc, pki) as other:
             ok(results(exchange(conn, request((Operation.CREATE, CREATE_AES))))[0])
+            ok(results(exchange(other, request((Operation.DISCOVER_VERSIONS, []))))[0])
             cli(svc.config, "policy", "revoke", "acme", "kmip", "--keys", "*")
             denied = results(exchange(conn, request((Operation.CREATE, CREATE_AES))))[0]
             assert denied.int_of(Tag.RESULT_REASON) == ResultReason.PERMISSION_DENIED
             cli(svc.config, "tenant", "token", "revoke", "acme", "kmip")
             conn.sendall(request((Operation.DISCOVER_VERSIONS, [])))
             assert conn.recv(1) == b""
+            # the same certificate enrolled again, as another identity: the connection
+            # opened as the old one is closed, a new one is the new identity
+            cli(svc.config, "tenant", "cert", "acme", "again", "--cert", str(pki.client_cert))
+            other.sendall(request((Operation.DISCOVER_VERSIONS, [])))
+            assert other.recv(1) == b""
+        with tls(svc, pki) as conn:
+            ok(results(exchange(conn, request((Operation.DISCOVER_VERSIONS, []))))[0])
     finally:
         assert svc.stop() == 0
 
