@@ -138,7 +138,8 @@ PKCS11SERVER = "strongroom.pkcs11server"
 the keystore, so it serves a RemoteKeystore the same way."""
 KMIP = "strongroom.kmip"
 """The KMIP server, a face over KeyAPI: the contract, `audit` (the actor of its records),
-the service's tenants (certificate to identity, policies) and itself; never the keystore."""
+the service's tenants (certificate to identity, policies), the store's Protocol and its
+SQLite file (the table of KMIP objects) and itself; never the keystore."""
 OLD_SERVICE_PATHS = frozenset({"strongroom.server", "strongroom.client", "strongroom.tenants"})
 """Modules kept at the service's old import paths for the names docs give: they only
 re-export strongroom.service (R5: faces, like the package's `__init__`)."""
@@ -381,6 +382,8 @@ def may_import(importer: str, imported: str) -> bool:
         return (
             imported in CONTRACT | AUDIT
             or imported in {"strongroom.service.tenants", "strongroom.service.wire"}
+            # its object table, in the store the tenants use (docs/decisions.md)
+            or imported in {"strongroom.store", "strongroom.store_sqlite"}
             or imported == KMIP
             or imported.startswith(KMIP + ".")
         )

@@ -272,6 +272,13 @@ def sign_algorithm(
             if dsa not in _RSA_BY_DSA:
                 raise refuse()
             algorithm = _RSA_BY_DSA[DigitalSignatureAlgorithm(dsa)]
+            # a Padding Method beside it must say the same: PSS with SHA256WithRSAEncryption
+            # (PKCS#1 v1.5) is a contradiction, refused rather than signed one way silently
+            if padding not in (
+                None,
+                PaddingMethod.PSS if algorithm == "pss" else PaddingMethod.PKCS1V15,
+            ):
+                raise refuse()
             if hashing not in (
                 None,
                 HashingAlgorithm.SHA_256

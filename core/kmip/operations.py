@@ -380,6 +380,19 @@ class Session:
         if obj is None:
             raise KmipFailure(ResultReason.ITEM_NOT_FOUND, "no such object")
         self._placeholder = uid
+        return self._due(obj)
+
+    def _due(self, obj: KmipObject) -> KmipObject:
+        """A Pre-Active object whose Activation Date has come is Active from then on: made
+        so (and stored) when it is loaded, as KMIP's state model asks."""
+        if obj.state == State.PRE_ACTIVE:
+            when = obj.date("Activation Date")
+            if when is not None and when <= _now():
+                with self.audited("kmip_activate", obj.uid, by="activation_date"):
+                    self.store.move_state(
+                        self.access.tenant, obj.uid, State.PRE_ACTIVE, State.ACTIVE
+                    )
+                obj.state = State.ACTIVE
         return obj
 
     def _attributes_of(self, payload: Item, tag: int = Tag.TEMPLATE_ATTRIBUTE) -> list[Item]:
@@ -760,20 +773,30 @@ class Session:
         uid, obj, facts = self._new_object(ObjectType.CERTIFICATE, attributes)
         self._check("generate", uid)
         obj.extra.update({"der": der.hex(), "mask": facts.get("mask") or 0})
-        public = self._attach(certificate, der, uid)
+        public, holder = self._attach(certificate, uid)
         if public is not None:
             obj.attributes["Link"] = [_link(LinkType.PUBLIC_KEY_LINK, public.uid)]
         with self.audited("kmip_register", uid, object_type="certificate"):
             self._keep(obj)
+            if holder is not None:  # only once the object is kept
+                try:
+                    self.keys.set_certificate(holder, der)
+                except BaseException:
+                    self.store.delete(self.access.tenant, uid)
+                    raise
             if public is not None:
                 self.store.put(self.access.tenant, public)
         return uid
 
-    def _attach(self, certificate: x509.Certificate, der: bytes, uid: str) -> KmipObject | None:
-        """Keep a certificate with the private key it certifies, if this tenant holds that
-        key as a KMIP object the identity may manage (KeyAPI's `set_certificate`, audited as
-        `certificate_set`: `strongroom key cert show` and a PKCS#11 token then have it).
-        Returns that key's public key object, given a Certificate Link to `uid`."""
+    def _attach(
+        self, certificate: x509.Certificate, uid: str
+    ) -> tuple[KmipObject | None, str | None]:
+        """The public key object of the private key `certificate` certifies, if this tenant
+        holds that key as a KMIP object the identity may manage (given a Certificate Link to
+        `uid`), and that private key's name when the certificate is to be kept with it
+        (KeyAPI's `set_certificate`, audited as `certificate_set`: `strongroom key cert show`
+        and a PKCS#11 token then have it). A key that has a certificate with another leaf
+        keeps it: registering a certificate never replaces a key's chain."""
         digest = _spki_digest(keyblocks.public_in(certificate.public_key(), KeyFormatType.X_509))
         for obj in self.store.all(self.access.tenant):
             if (
@@ -782,7 +805,8 @@ class Session:
                 or not self.access.may("manage", obj.uid)
             ):
                 continue
-            self.keys.set_certificate(obj.uid, der)
+            kept = self.keys.certificate(obj.uid)
+            holder = obj.uid if not kept or kept[0] == certificate else None
             for raw in obj.attributes.get("Link", []):
                 link = ttlv.decode(bytes.fromhex(raw))
                 if link.int_of(Tag.LINK_TYPE) == LinkType.PUBLIC_KEY_LINK:
@@ -793,9 +817,9 @@ class Session:
                         public.attributes.setdefault("Link", []).append(
                             _link(LinkType.CERTIFICATE_LINK, uid)
                         )
-                        return public
-            return None
-        return None
+                        return public, holder
+            return None, holder
+        return None, None
 
     def _keep_secret(
         self, obj: KmipObject, material: bytes, facts: dict[str, object], **extra: object
@@ -1208,6 +1232,7 @@ class Session:
         for obj in reversed(self.store.all(self.access.tenant)):  # newest first, as KMIP asks
             if not self.access.may("read", obj.uid):
                 continue
+            obj = self._due(obj)
             if all(_matches(obj, name, value) for name, value in wanted):
                 found.append(obj.uid)
         found = found[offset:]
@@ -1265,8 +1290,12 @@ class Session:
         if obj.state == State.ACTIVE:
             raise KmipFailure(ResultReason.ILLEGAL_OPERATION, "revoke an Active object first")
         if obj.object_type in KEYSTORE_OBJECTS:
+            # `[keystore] deletion_wait` holds here as for `key delete`: with a wait the key
+            # does no work at once and `key delete --cancel` may bring it back (as a keystore
+            # key: the KMIP object is Destroyed now either way); with none it goes at once.
             try:
-                self.keys.delete(uid)
+                if self.keys.info(uid).delete_after is None:
+                    self.keys.schedule_deletion(uid)
             except KeyNotFound:
                 pass  # deleted outside KMIP: the object goes as well
             self.store.delete(self.access.tenant, uid)

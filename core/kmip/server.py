@@ -1,7 +1,9 @@
 """The KMIP listener: TCP with TLS 1.2+ and mutual TLS, one thread per connection.
 
 The client's certificate names its identity (`tenant cert`, as the HTTP service does); a
-certificate that is not enrolled, or an admin's, is refused at the first message. Each
+certificate that is not enrolled, or an admin's, is refused at the first message; the
+certificate is checked again before every message, so an identity revoked (or its policies
+changed) while a connection is open is refused from its next message on. Each
 message is framed by its 8-byte header; one over `limits.max_bytes` closes the connection,
 a bad message inside a frame gets a KMIP error response. A connection idle longer than
 `idle_timeout` closes; past `max_connections` a new one is closed at accept. Nothing a
@@ -129,14 +131,20 @@ class KmipServer:
         try:
             raw.settimeout(self.settings.idle_timeout)
             with self.tls.wrap_socket(raw, server_side=True) as conn:
-                session = self._session(conn)
-                if session is None:
+                der = conn.getpeercert(binary_form=True)
+                if der is None:
                     return
+                opened = self._session(der)
+                if opened is None:
+                    return
+                session, identity = opened
                 token = current_principal.set(session.access.principal)
                 try:
                     while not self._stopping.is_set():
                         message = self._read(conn)
                         if message is None:
+                            return
+                        if not self._still(der, identity):
                             return
                         conn.sendall(session.handle(message, self.settings.limits))
                 finally:
@@ -150,10 +158,22 @@ class KmipServer:
                 self._open.pop(raw, None)
             self._slots.release()
 
-    def _session(self, conn: ssl.SSLSocket) -> Session | None:
-        der = conn.getpeercert(binary_form=True)
-        if der is None:
-            return None
+    def _still(self, der: bytes, identity: Identity) -> bool:
+        """Whether the certificate still names `identity`, checked before each message: one
+        change-stamp query, and the tenant store drops its cached identities and policies
+        when any process or node changed them, so a revoked identity or permission is
+        refused from the next message on, on an open connection as on a new one."""
+        try:
+            now = self.tenants.authenticate_certificate(der)
+        except AuthenticationFailed:
+            log.warning("closed a KMIP connection: its certificate was revoked")
+            return False
+        if now != identity:
+            log.warning("closed a KMIP connection: its certificate names another identity now")
+            return False
+        return True
+
+    def _session(self, der: bytes) -> tuple[Session, Identity] | None:
         try:
             identity = self.tenants.authenticate_certificate(der)
         except AuthenticationFailed:
@@ -169,9 +189,10 @@ class KmipServer:
             self._may(identity),
             lambda permission: self.tenants.may(identity, Permission(permission)),
         )
-        return Session(
+        session = Session(
             self.view(tenant), self.store, access, self.settings.backend, self.audited(tenant)
         )
+        return session, identity
 
     def _may(self, identity: Identity) -> Callable[[str, str], bool]:
         def may(permission: str, uid: str) -> bool:

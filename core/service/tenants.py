@@ -240,6 +240,7 @@ class TenantStore:
         self._stamp = ""
         self._policies: dict[tuple[str, str], list[Policy]] = {}
         self._tokens: dict[str, tuple[Identity, str] | None] = {}
+        self._certs: dict[str, Identity | None] = {}
 
     def close(self) -> None:
         with self._lock:
@@ -317,6 +318,7 @@ class TenantStore:
             finally:
                 self._policies.clear()
                 self._tokens.clear()
+                self._certs.clear()
 
     def _fresh(self) -> None:
         """Drop cached lookups when any process or node changed the store (one query)."""
@@ -326,6 +328,7 @@ class TenantStore:
             self._stamp = stamp
             self._policies.clear()
             self._tokens.clear()
+            self._certs.clear()
 
     # -- tenants -------------------------------------------------------------------------------
     def create_tenant(self, name: str) -> None:
@@ -478,18 +481,32 @@ class TenantStore:
         )
 
     def authenticate_certificate(self, der: bytes) -> Identity:
+        """The identity of an enrolled client certificate, cached while the change stamp
+        stays (one query when nothing changed: KMIP calls this before every message)."""
+        fingerprint = cert_fingerprint(der)
         with self._lock:
             self._fresh()
-            row = self._read_one(
-                "SELECT id, tenant, name, admin FROM identities "
-                "WHERE cert_sha256=? AND revoked IS NULL",
-                (cert_fingerprint(der),),
-            )
-        if row is None:
+            found = self._certs.get(fingerprint, ...)
+            if found is ...:
+                row = self._read_one(
+                    "SELECT id, tenant, name, admin FROM identities "
+                    "WHERE cert_sha256=? AND revoked IS NULL",
+                    (fingerprint,),
+                )
+                found = (
+                    None
+                    if row is None
+                    else Identity(
+                        str(row[0]),
+                        None if row[1] is None else str(row[1]),
+                        str(row[2]),
+                        bool(row[3]),
+                    )
+                )
+                self._certs[fingerprint] = found
+        if found is None:
             raise AuthenticationFailed("the client certificate is not enrolled")
-        return Identity(
-            str(row[0]), None if row[1] is None else str(row[1]), str(row[2]), bool(row[3])
-        )
+        return found
 
     # -- policies ------------------------------------------------------------------------------
     def grant(

@@ -29,6 +29,7 @@ from ..errors import BackendUnavailable, InvalidArgument, StrongroomError
 from ..keystore import Keystore
 from ..kmip.server import KmipServer, KmipSettings, kmip_tls_context
 from ..kmip.store import ObjectStore
+from ..store import open_store
 from ..store_lease import Grant, Lease, LeaseLost, open_lease
 from .app import App, log
 from .tenants import ImportAudit, TenantStore, open_tenants
@@ -352,6 +353,25 @@ def serve(
             kmip.store.close()
 
 
+def open_objects(config: Config) -> ObjectStore:
+    """The KMIP object store of a config: in the database `[store] url` names (shared by
+    every node, so an object made on one node is known on every other, and is in the
+    database's backups), else `kmip.sqlite` in the data dir. A `kmip.sqlite` left in the
+    data dir of a node that now has a database is moved into it (`ObjectStore.import_file`),
+    as `open_tenants` does with `tenants.sqlite`."""
+    legacy = config.data_dir / "kmip.sqlite"
+    if config.store_url is None:
+        return ObjectStore(legacy)
+    store = ObjectStore(open_store(config.store_url, config.data_dir))
+    try:
+        if legacy.exists():
+            store.import_file(legacy)
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
 def _kmip_server(
     config: Config, settings: ServerConfig, ks: Keystore, tenants: TenantStore
 ) -> KmipServer:
@@ -377,7 +397,7 @@ def _kmip_server(
             return views[tenant]
 
     kmip = config.kmip
-    store = ObjectStore(config.data_dir / "kmip.sqlite")
+    store = open_objects(config)
     return KmipServer(
         KmipSettings(settings.kmip_listen, kmip.backend, kmip.max_connections, kmip.idle_timeout),
         tls,

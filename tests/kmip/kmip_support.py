@@ -104,12 +104,21 @@ def cli(config: Path, *args: str) -> None:
 
 
 def start_kmip(
-    root: Path, pki: Pki, permissions: str, extra: str = "", args: tuple[str, ...] = ()
+    root: Path,
+    pki: Pki,
+    permissions: str,
+    extra: str = "",
+    args: tuple[str, ...] = (),
+    keystore_extra: str = "",
 ) -> KmipService:
     """`strongroom serve` with `[server] kmip_listen = "127.0.0.1:0"` (beside the HTTP service
     unless `args` say otherwise); the client certificate is the identity acme:kmip with
-    `permissions` on every key."""
+    `permissions` on every key. `keystore_extra` goes into the `[keystore]` table."""
     config = write_service_config(root, pki, 'kmip_listen = "127.0.0.1:0"\n')
+    if keystore_extra:
+        config.write_text(
+            config.read_text().replace("[keystore]\n", "[keystore]\n" + keystore_extra, 1)
+        )
     if extra:
         with config.open("a") as f:
             f.write(extra)

@@ -722,3 +722,23 @@ def test_a_certificate_is_kept_with_its_private_key(kmip: KmipService, pki: Pki)
     )
     lone = register(self_signed(ec.generate_private_key(ec.SECP256R1())))
     assert "Link" not in attributes(kmip, pki, lone)
+    # another certificate over the same key is an object of its own: the key's chain stays
+    other = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "other.example")]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")]))
+        .public_key(server_public)
+        .serial_number(10)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=1))
+        .sign(ca, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+    register(other)
+    shown = subprocess.run(
+        [str(STRONGROOM_BIN), "--config", str(tenant_view), "key", "cert", "show", private],
+        env=service_env(),
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert x509.load_pem_x509_certificate(shown).public_bytes(serialization.Encoding.DER) == der

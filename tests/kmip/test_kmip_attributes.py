@@ -5,7 +5,9 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from kmip_support import (
@@ -358,3 +360,35 @@ print("done")
 """,
     )
     assert out.strip() == "done"
+
+
+def test_a_future_activation_date_makes_the_object_active_when_it_comes(
+    kmip: KmipService, pki: Pki
+) -> None:
+    """An object made with an Activation Date ahead is Pre-Active (Encrypt refused) until
+    that date; once it has passed, the object is Active when next loaded (GetAttributes,
+    Locate by State, Encrypt), and stays so (stored)."""
+    soon = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=4)
+    template = [
+        CREATE_AES[0],
+        structure(
+            Tag.TEMPLATE_ATTRIBUTE,
+            *CREATE_AES[1].all(Tag.ATTRIBUTE),
+            attr("Activation Date", Item(0, Type.DATE_TIME, soon)),
+        ),
+    ]
+    data = Item(Tag.DATA, Type.BYTE_STRING, b"not yet")
+    with tls(kmip, pki) as conn:
+        created, early = results(
+            exchange(conn, request((Operation.CREATE, template), (Operation.ENCRYPT, [data])))
+        )
+    uid = ok(created).text_of(Tag.UNIQUE_IDENTIFIER)
+    assert uid
+    assert reason(early) == ResultReason.ILLEGAL_OPERATION
+    while datetime.now(UTC) <= soon:  # the server's clock is this machine's
+        time.sleep(0.25)
+    (state,) = attributes(kmip, pki, uid)["State"]
+    assert state.value == State.ACTIVE
+    located = ok(one(kmip, pki, Operation.LOCATE, [attr("State", Item(0, ENUM, State.ACTIVE))]))
+    assert uid in [i.value for i in located.all(Tag.UNIQUE_IDENTIFIER)]
+    ok(one(kmip, pki, Operation.ENCRYPT, [uid_item(uid), data]))

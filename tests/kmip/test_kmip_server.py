@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import STRONGROOM_BIN
 from kmip_support import (
     CREATE_AES,
     KmipService,
@@ -25,7 +26,7 @@ from kmip_support import (
     start_kmip,
     tls,
 )
-from server_support import Pki, make_pki
+from server_support import Pki, make_pki, service_env
 
 from strongroom.kmip import ttlv
 from strongroom.kmip.tags import (
@@ -332,3 +333,58 @@ print("done")
 """,
     )
     assert out.split() == ["KmipOperationFailure", "done"]
+
+
+def test_an_open_connection_sees_revoked_policies_and_identities(tmp_path: Path, pki: Pki) -> None:
+    """Permissions and the identity are checked again before every message: a policy
+    revoked (by the CLI, another process on the same data) while a connection is open
+    denies the next request on it; a revoked identity's connection is closed."""
+    svc = start_kmip(tmp_path, pki, "read,generate")
+    try:
+        with tls(svc, pki) as conn, tls(svc, pki) as other:
+            ok(results(exchange(conn, request((Operation.CREATE, CREATE_AES))))[0])
+            ok(results(exchange(other, request((Operation.DISCOVER_VERSIONS, []))))[0])
+            cli(svc.config, "policy", "revoke", "acme", "kmip", "--keys", "*")
+            denied = results(exchange(conn, request((Operation.CREATE, CREATE_AES))))[0]
+            assert denied.int_of(Tag.RESULT_REASON) == ResultReason.PERMISSION_DENIED
+            cli(svc.config, "tenant", "token", "revoke", "acme", "kmip")
+            conn.sendall(request((Operation.DISCOVER_VERSIONS, [])))
+            assert conn.recv(1) == b""
+            # the same certificate enrolled again, as another identity: the connection
+            # opened as the old one is closed, a new one is the new identity
+            cli(svc.config, "tenant", "cert", "acme", "again", "--cert", str(pki.client_cert))
+            other.sendall(request((Operation.DISCOVER_VERSIONS, [])))
+            assert other.recv(1) == b""
+        with tls(svc, pki) as conn:
+            ok(results(exchange(conn, request((Operation.DISCOVER_VERSIONS, []))))[0])
+    finally:
+        assert svc.stop() == 0
+
+
+def test_destroy_honours_the_deletion_wait(tmp_path: Path, pki: Pki) -> None:
+    """With `[keystore] deletion_wait`, Destroy schedules the keystore key's deletion (it does
+    no work, `key delete --cancel` could restore it) while the KMIP object is gone at once."""
+    svc = start_kmip(tmp_path, pki, "read,generate,delete", keystore_extra='deletion_wait = "7d"\n')
+    try:
+        with tls(svc, pki) as conn:
+            created = ok(results(exchange(conn, request((Operation.CREATE, CREATE_AES))))[0])
+            uid = created.text_of(Tag.UNIQUE_IDENTIFIER)
+            assert uid
+            uid_item = Item(Tag.UNIQUE_IDENTIFIER, Type.TEXT_STRING, uid)
+            ok(results(exchange(conn, request((Operation.DESTROY, [uid_item]))))[0])
+            gone = results(exchange(conn, request((Operation.GET_ATTRIBUTES, [uid_item]))))[0]
+            assert gone.int_of(Tag.RESULT_REASON) == ResultReason.ITEM_NOT_FOUND
+        tenant_view = tmp_path / "acme.toml"
+        tenant_view.write_text(
+            svc.config.read_text().replace("[keystore]\n", '[keystore]\nnamespace = "acme"\n', 1)
+        )
+        shown = subprocess.run(
+            [str(STRONGROOM_BIN), "--config", str(tenant_view), "--json", "key", "show", uid],
+            env=service_env(),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert json.loads(shown)["delete_after"]
+    finally:
+        assert svc.stop() == 0

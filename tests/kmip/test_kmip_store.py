@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, write_vault_config
-from kmip_support import CREATE_AES, attr, request
+from kmip_support import CREATE_AES, attr, cli, exchange, request, results, run_kmip, tls
+from server_support import Pki, make_pki
 
 import strongroom
 from strongroom.kmip import ttlv
@@ -24,6 +26,13 @@ from strongroom.kmip.tags import (
     Tag,
 )
 from strongroom.kmip.ttlv import Item, Type, structure
+from strongroom.store import open_store
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("kmip-store-pki"))
+
 
 PAIR = [
     structure(
@@ -83,3 +92,84 @@ def test_a_failed_object_write_leaves_no_key_behind(
         assert item.int_of(Tag.RESULT_STATUS) == ResultStatus.OPERATION_FAILED
         assert view.keys() == [] and store.all("acme") == []
         store.close()
+
+
+def test_objects_live_in_the_shared_store(pg_cluster: Any, tmp_path: Path, pki: Pki) -> None:
+    """With `[store] url`, KMIP objects are rows of the database every node uses: an object
+    made through node A is found, read and destroyed through node B, and a node's
+    `kmip.sqlite` from before is moved into the database when it starts."""
+    url = pg_cluster.new_database()
+    nodes = []
+    for name in ("a", "b"):
+        directory = tmp_path / name
+        directory.mkdir()
+        cfg = write_vault_config(directory, store_url=url)
+        with cfg.open("a", encoding="utf-8") as f:
+            f.write(
+                "\n[server]\n"
+                f'socket = "{directory / "serve.sock"}"\n'
+                'listen = "127.0.0.1:0"\n'
+                f'tls_cert = "{pki.server_cert}"\n'
+                f'tls_key = "{pki.server_key}"\n'
+                f'tls_client_ca = "{pki.ca}"\n'
+                'kmip_listen = "127.0.0.1:0"\n'
+            )
+        nodes.append(cfg)
+    (tmp_path / "b" / "data").mkdir()
+    old = ObjectStore(tmp_path / "b" / "data" / "kmip.sqlite")  # node B's file from before
+    old.put("acme", KmipObject("kmip-before", ObjectType.PUBLIC_KEY, extra={"der": "3000"}))
+    old.close()
+    cli(nodes[0], "tenant", "create", "acme")
+    cli(nodes[0], "tenant", "cert", "acme", "kmip", "--cert", str(pki.client_cert))
+    cli(
+        nodes[0],
+        "policy",
+        "grant",
+        "acme",
+        "kmip",
+        "--keys",
+        "*",
+        "--permissions",
+        "read,generate,delete",
+    )
+    a, b = run_kmip(nodes[0]), run_kmip(nodes[1])
+    try:
+        with tls(a, pki) as conn:
+            created = results(exchange(conn, request((Operation.CREATE, CREATE_AES))))[0]
+        assert created.int_of(Tag.RESULT_STATUS) == ResultStatus.SUCCESS
+        uid = created.need(Tag.RESPONSE_PAYLOAD).text_of(Tag.UNIQUE_IDENTIFIER)
+        assert uid
+        with tls(b, pki) as conn:
+            for known in (uid, "kmip-before"):
+                got = results(
+                    exchange(
+                        conn,
+                        request(
+                            (
+                                Operation.GET_ATTRIBUTES,
+                                [Item(Tag.UNIQUE_IDENTIFIER, Type.TEXT_STRING, known)],
+                            )
+                        ),
+                    )
+                )[0]
+                assert got.int_of(Tag.RESULT_STATUS) == ResultStatus.SUCCESS, known
+            gone = results(
+                exchange(
+                    conn,
+                    request(
+                        (Operation.DESTROY, [Item(Tag.UNIQUE_IDENTIFIER, Type.TEXT_STRING, uid)])
+                    ),
+                )
+            )[0]
+            assert gone.int_of(Tag.RESULT_STATUS) == ResultStatus.SUCCESS
+        assert not (tmp_path / "b" / "data" / "kmip.sqlite").exists()
+        assert (tmp_path / "b" / "data" / "kmip.sqlite.moved").exists()
+        assert not (tmp_path / "a" / "data" / "kmip.sqlite").exists()
+    finally:
+        assert a.stop() == 0
+        assert b.stop() == 0
+    shared = ObjectStore(open_store(url, tmp_path / "c"))
+    try:
+        assert [o.uid for o in shared.all("acme")] == ["kmip-before"]
+    finally:
+        shared.close()
