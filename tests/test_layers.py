@@ -102,21 +102,37 @@ ENGINE = (
         "strongroom.keystore_vault",
         "strongroom.keystore_certs",
         "strongroom.keystore_repair",
+        "strongroom.keystore_operations",
+        "strongroom.keystore_placement",
+        "strongroom.keystore_audited",
     }
 )
 """R3. The faces (service/, cli/, the package's `__init__`, the shipped contract suite and
 the aliases at the service's old paths) are every other core module."""
 KEYSTORE_MIXINS = frozenset(
-    {"strongroom.keystore_lifecycle", "strongroom.keystore_seeds", "strongroom.keystore_certs"}
+    {
+        "strongroom.keystore_lifecycle",
+        "strongroom.keystore_seeds",
+        "strongroom.keystore_certs",
+        "strongroom.keystore_operations",
+        "strongroom.keystore_placement",
+    }
 )
 """Mixins of `Keystore` in modules of their own (docs/decisions.md, "Modules split along
 their banners"): they may use the catalog and config types the keystore holds."""
 KEYSTORE_PARTS = frozenset(
-    {"strongroom.keystore_signer", "strongroom.keystore_vault", "strongroom.keystore_repair"}
+    {
+        "strongroom.keystore_signer",
+        "strongroom.keystore_vault",
+        "strongroom.keystore_repair",
+        "strongroom.keystore_audited",
+    }
 )
 """Code that takes a keystore through a Protocol of what it uses (the audit checkpoint
-signer, the audited vault commands and vault restore): besides the catalog, the signer
-uses the audit package's signature type and key fingerprint. Never the keystore itself."""
+signer, the audited vault commands and vault restore), and the keystore's audited-operation
+context manager (keystore_audited.py, on the audit log alone): besides the catalog, the
+signer uses the audit package's signature type and key fingerprint. Never the keystore
+itself."""
 RECIPES = frozenset({"strongroom.envelope", "strongroom.pkey"})
 """R4: recipes typed against KeyAPI, importing only the contract: envelope encryption of
 streams, and keys as `cryptography` private keys. The keystore and the service's client
