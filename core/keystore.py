@@ -1,9 +1,12 @@
 """The Keystore: resolves names through the catalog, checks usage, routes, audits.
 
-Key versions and lifecycle (keystore_lifecycle.py) and the seed procedures
-(keystore_seeds.py) are mixins of `Keystore` in modules of their own. The audited vault
-commands and `vault_restore` (keystore_vault.py) and the audit checkpoint signer
-(keystore_signer.py) take a keystore through a Protocol of what they use.
+Key versions and lifecycle (keystore_lifecycle.py), the seed procedures
+(keystore_seeds.py), certificates (keystore_certs.py), the key API's operations other than
+`sign` (keystore_operations.py) and the choice of a new key's backend
+(keystore_placement.py) are mixins of `Keystore` in modules of their own; `_Audited` is in
+keystore_audited.py. The audited vault commands and `vault_restore` (keystore_vault.py) and
+the audit checkpoint signer (keystore_signer.py) take a keystore through a Protocol of what
+they use.
 """
 
 from __future__ import annotations
