@@ -1,9 +1,12 @@
 """The Keystore: resolves names through the catalog, checks usage, routes, audits.
 
-Key versions and lifecycle (keystore_lifecycle.py) and the seed procedures
-(keystore_seeds.py) are mixins of `Keystore` in modules of their own. The audited vault
-commands and `vault_restore` (keystore_vault.py) and the audit checkpoint signer
-(keystore_signer.py) take a keystore through a Protocol of what they use.
+Key versions and lifecycle (keystore_lifecycle.py), the seed procedures
+(keystore_seeds.py), certificates (keystore_certs.py), the key API's operations other than
+`sign` (keystore_operations.py) and the choice of a new key's backend
+(keystore_placement.py) are mixins of `Keystore` in modules of their own; `_Audited` is in
+keystore_audited.py. The audited vault commands and `vault_restore` (keystore_vault.py) and
+the audit checkpoint signer (keystore_signer.py) take a keystore through a Protocol of what
+they use.
 """
 
 from __future__ import annotations
@@ -11,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
-import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -25,7 +26,6 @@ from . import algorithms, lifecycle, pkey
 from .api import BackendStatus
 from .audit import Audit, CheckpointSigner
 from .backend import (
-    Attester,
     Backend,
     Capability,
     DeviceFactory,
@@ -54,8 +54,11 @@ from .errors import (
     UnsupportedOperation,
     VersionRetired,
 )
+from .keystore_audited import _Audited, _AuditedAhead
 from .keystore_certs import KeyCertificates
 from .keystore_lifecycle import ADOPTED, KeyLifecycle
+from .keystore_operations import KeyOperations
+from .keystore_placement import KeyPlacement
 from .keystore_repair import Orphan, device_creation_lock, find_orphans, remove_orphans
 from .keystore_seeds import KeySeeds
 from .keystore_signer import _KeystoreSigner
@@ -66,12 +69,10 @@ from .store_chain import open_chain
 from .types import OPERATION_USAGE, KeyInfo, KeyType, KeyVersion, Operation, Usage
 from .vaultstore import StoreVaultRecords
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+/-]{0,127}")
-_IMPORT_FORMATS = ("auto", "raw", "der", "pem")
 logger = logging.getLogger("strongroom")
 
 
-class Keystore(KeyLifecycle, KeySeeds, KeyCertificates):
+class Keystore(KeyLifecycle, KeySeeds, KeyCertificates, KeyPlacement, KeyOperations):
     """One key API over every configured backend. Use `strongroom.open()` to make one."""
 
     def __init__(
@@ -339,79 +340,6 @@ class Keystore(KeyLifecycle, KeySeeds, KeyCertificates):
                 )
         raise VersionRetired(f"version {version} of key {info.name!r} has been deleted")
 
-    def _new_info(
-        self,
-        name: str,
-        key_type: KeyType | str,
-        usage: Any,
-        exportable: bool,
-        backend: str,
-    ) -> KeyInfo:
-        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-            raise InvalidArgument(
-                "key names are 1-128 characters: letters, digits and . _ @ : + / -, "
-                "starting with a letter or digit"
-            )
-        ktype = KeyType.parse(key_type)
-        usages = Usage.parse_set(usage)
-        if usages is None:
-            usages = ktype.default_usage
-        if not usages and ktype is not KeyType.SECRET:  # a secret has none: it is only kept
-            raise InvalidArgument("a key needs at least one usage")
-        bad = usages - ktype.allowed_usage
-        if bad:
-            allowed = ", ".join(sorted(u.value for u in ktype.allowed_usage))
-            raise InvalidArgument(
-                f"{ktype.value} keys cannot have usage {', '.join(sorted(u.value for u in bad))}; "
-                f"allowed: {allowed}"
-            )
-        return KeyInfo(
-            name=name,
-            type=ktype,
-            backend=backend,
-            usage=usages,
-            exportable=bool(exportable),
-            namespace=self.namespace,
-            created=now(),
-        )
-
-    def _choose_backend(
-        self, key_type: KeyType, op: Operation, backend: str | None, key: str | None = None
-    ) -> Backend:
-        """The named backend, or the first in `order` that can do `op` with `key_type`.
-
-        A backend that cannot hold the type is passed over (Ed25519 on a TPM goes to the
-        vault; the result names where the key went). One that is unavailable is never passed
-        over silently: it stops the search with BackendUnavailable, unless its config marks it
-        `optional`, when it is skipped with a warning and an audit record.
-        """
-        if backend is not None:
-            b = self.backend(backend)
-            if not b.supports(key_type, op):
-                raise b.unsupported(op, key_type)
-            return self._ready(b)
-        for name in self.config.order:
-            found = self._backends.get(name)
-            reason = self._unusable[name][1] if found is None else found.availability()
-            if found is not None and reason is None:
-                if not found.supports(key_type, op):
-                    continue  # the type goes to a store that can hold it: not a downgrade
-                try:
-                    return self._ready(found)
-                except BackendUnavailable as e:  # found at open (the token, the SRK, ...)
-                    reason = e.reason
-            assert reason is not None  # every path that gets here has one
-            if not self.config.backends[name].optional:
-                raise BackendUnavailable(
-                    name,
-                    f"{reason} (no later backend in `order` is tried instead: name one "
-                    f"explicitly, or set optional = true in [backends.{name}])",
-                )
-            self._skip_optional(name, reason, op, key_type, key)
-        raise UnsupportedOperation(
-            ", ".join(self.config.order), op.value, key_type.value, "no configured backend can"
-        )
-
     def _skip_optional(
         self, name: str, reason: str, op: Operation, key_type: KeyType, key: str | None
     ) -> None:
@@ -434,46 +362,6 @@ class Keystore(KeyLifecycle, KeySeeds, KeyCertificates):
             type=key_type.value,
             reason=reason,
         )
-
-    def _rsa_encrypt_attributes(self, b: Backend, info: KeyInfo) -> dict[str, str]:
-        """The OAEP variant an RSA key that may encrypt or decrypt will use, for its catalog
-        attributes; refuse the key if its backend can decrypt with none.
-
-        Chosen once, when the key is made, so encrypt and decrypt agree however the token is
-        probed later: SoftHSM2 decrypts OAEP with SHA-1 only, and a ciphertext made with
-        SHA-256 to such a key could never be decrypted.
-        """
-        if not info.type.is_rsa or not info.usage & {Usage.ENCRYPT, Usage.DECRYPT}:
-            return {}
-        variants = algorithms.rsa_decrypt_algorithms(b)
-        if not variants or not b.supports(info.type, Operation.DECRYPT):
-            why = str(b.unsupported(Operation.DECRYPT, info.type))
-            raise UnsupportedOperation(
-                b.name,
-                "generate",
-                info.type.value,
-                f"a key with the encrypt or decrypt usage must be one it can decrypt with ({why})",
-            )
-        return {algorithms.RSA_ENCRYPT_ATTRIBUTE: variants[0]}
-
-    @staticmethod
-    def _rsa_encrypt_algorithm(b: Backend, info: KeyInfo, algorithm: str | None) -> str:
-        """The OAEP variant to encrypt to `info` with: `algorithm`, else the key's own; refused
-        (UnsupportedOperation) when its backend could not decrypt the result."""
-        chosen = algorithms.check_rsa_encrypt_algorithm(
-            algorithm or info.attributes.get(algorithms.RSA_ENCRYPT_ATTRIBUTE)
-        )
-        variants = algorithms.rsa_decrypt_algorithms(b)
-        if chosen not in variants:
-            raise UnsupportedOperation(
-                b.name,
-                "encrypt",
-                info.type.value,
-                f"it could not decrypt RSA-OAEP {chosen}: it decrypts only "
-                f"{', '.join(variants) or 'none'}; use --algorithm (algorithm=) "
-                f"{variants[0] if variants else 'with a key in another backend'}",
-            )
-        return chosen
 
     def _create(self, info: KeyInfo, backend: Backend, make: Any) -> KeyInfo:
         """The backend key and its catalog row. A transactional backend (the vault) writes
@@ -532,49 +420,6 @@ class Keystore(KeyLifecycle, KeySeeds, KeyCertificates):
         return created
 
     # -- the key API ---------------------------------------------------------------------------
-    def generate(
-        self,
-        name: str,
-        key_type: KeyType | str,
-        backend: str | None = None,
-        usage: Any = None,
-        exportable: bool = False,
-    ) -> KeyInfo:
-        """Create a key in `backend`, or the first backend in `order` that can."""
-        with self._audited("generate", name, type=str(key_type)) as facts:
-            ktype = KeyType.parse(key_type)
-            b = self._choose_backend(ktype, Operation.GENERATE, backend, name)
-            facts["backend"] = b.name
-            info = self._new_info(name, ktype, usage, exportable, b.name)
-            info = replace(info, attributes=self._rsa_encrypt_attributes(b, info))
-            return self._create(info, b, b.generate)
-
-    def import_key(
-        self,
-        name: str,
-        key_type: KeyType | str,
-        material: bytes | bytearray | memoryview,
-        backend: str | None = None,
-        usage: Any = None,
-        exportable: bool = False,
-        format: str = "auto",
-    ) -> KeyInfo:
-        """Store existing key material (raw, DER or PEM). The caller should wipe its copy."""
-        with self._audited("import", name, type=str(key_type)) as facts:
-            if format not in _IMPORT_FORMATS:
-                raise InvalidArgument(
-                    f"unknown import format {format!r}; use {', '.join(_IMPORT_FORMATS)}"
-                )
-            if not isinstance(material, bytes | bytearray | memoryview):
-                raise InvalidArgument("key material must be bytes-like")
-            ktype = KeyType.parse(key_type)
-            b = self._choose_backend(ktype, Operation.IMPORT, backend, name)
-            facts["backend"] = b.name
-            info = self._new_info(name, ktype, usage, exportable, b.name)
-            info = replace(info, attributes=self._rsa_encrypt_attributes(b, info))
-            view = memoryview(material).cast("B")
-            return self._create(info, b, lambda new: b.import_key(new, view, format))
-
     def adopt(
         self,
         name: str,
@@ -627,32 +472,6 @@ class Keystore(KeyLifecycle, KeySeeds, KeyCertificates):
             self.catalog.add(info)
             return info
 
-    def export_key(self, name: str, format: str = "pem") -> bytes:
-        """The private key material of an exportable key (pem, der or raw)."""
-        with self._audited("export", name, format=format) as facts:
-            info, b = self._key(name, Operation.EXPORT, facts)
-            if not info.exportable:
-                raise PolicyViolation(f"key {name!r} was not created exportable")
-            return b.export_key(info, format)
-
-    def info(self, name: str) -> KeyInfo:
-        """The catalog entry for `name`."""
-        return self.catalog.get(self.namespace, name)
-
-    def keys(self) -> list[KeyInfo]:
-        """Every key in this namespace."""
-        return self.catalog.list(self.namespace)
-
-    def public_key(self, name: str, version: int | None = None) -> PublicKeyTypes:
-        """The public key as a `cryptography` object (of `version`, default the primary)."""
-        with self._audited("public_key", name) as facts:
-            info, b = self._key(name, None, facts, version)
-            if not info.type.is_asymmetric:
-                raise InvalidArgument(
-                    f"key {name!r} is a {info.type.value} key and has no public key"
-                )
-            return b.public_key(info)
-
     def private_key(self, name: str) -> pkey.PrivateKey:
         """The key as the matching `cryptography` private key type (ec, rsa or ed25519).
 
@@ -660,23 +479,6 @@ class Keystore(KeyLifecycle, KeySeeds, KeyCertificates):
         like any call; its private bytes cannot be read (docs/x509.md).
         """
         return pkey.private_key(self, name)
-
-    def attest(self, name: str, nonce: bytes | None = None) -> dict[str, Any]:
-        """A statement from the key's backend that the key lives in its hardware.
-
-        `nonce` (1-64 bytes, random when None) comes from the relying party; the statement
-        carries `backend_type`, which `verify_attestation` uses to find the verifier.
-        """
-        with self._audited("attest", name) as facts:
-            info, b = self._key(name, None, facts)
-            if not isinstance(b, Attester):
-                raise UnsupportedOperation(
-                    b.name, "attest", info.type.value, "this backend cannot attest its keys"
-                )
-            nonce = os.urandom(32) if nonce is None else bytes(nonce)
-            if not 1 <= len(nonce) <= 64:
-                raise InvalidArgument("an attestation nonce is 1 to 64 bytes")
-            return {**b.attest(info, nonce), "backend_type": b.type_name}
 
     def sign(
         self,
@@ -717,186 +519,6 @@ class Keystore(KeyLifecycle, KeySeeds, KeyCertificates):
             raise
         self.audit.record("sign", key, "ok", facts["backend"], data, **detail)
         return sig
-
-    def verify(
-        self,
-        name: str,
-        data: bytes,
-        signature: bytes,
-        algorithm: str | None = None,
-        *,
-        version: int | None = None,
-        envelope: bool = False,
-        prehashed: bool = False,
-    ) -> None:
-        """Return None, or raise cryptography's InvalidSignature.
-
-        A bare signature is checked with `version` (default: the primary version); an
-        enveloped one (`envelope=True`) with the version it names. With `prehashed=True`,
-        `data` is the message's digest, as for `sign`.
-        """
-        detail: dict[str, Any] = {"size": len(data)}
-        if prehashed:
-            detail["prehashed"] = True
-        with self._audited("verify", name, data, **detail) as facts:
-            if envelope:
-                version, signature = lifecycle.unpack(
-                    lifecycle.SIGNATURE_MAGIC, signature, "signature"
-                )
-            info, b = self._key(name, Operation.VERIFY, facts, version)
-            algorithms.check_sign_algorithm(info.type, algorithm, prehashed=prehashed)
-            if prehashed:
-                algorithms.check_prehashed(info.type, data, algorithm)
-                b.verify_digest(info, bytes(data), bytes(signature), algorithm)
-            else:
-                b.verify(info, bytes(data), bytes(signature), algorithm)
-
-    def encrypt(
-        self,
-        name: str,
-        plaintext: bytes,
-        aad: bytes = b"",
-        algorithm: str | None = None,
-        *,
-        envelope: bool = False,
-    ) -> bytes:
-        """AEAD-encrypt with a symmetric key, or RSA-OAEP to an RSA key's public half.
-
-        Uses the primary version. With `envelope=True` the result carries that version
-        (docs/lifecycle.md), so it still decrypts after the key is rotated.
-        """
-        with self._audited("encrypt", name, plaintext, size=len(plaintext)) as facts:
-            if algorithm == algorithms.AES_KEY_WRAP:  # a key wrap: needs the `wrap` usage
-                info, b = self._key(name, Operation.WRAP, facts)
-                if aad:
-                    raise InvalidArgument("AES key wrap takes no associated data")
-                ct = b.encrypt(info, bytes(plaintext), b"", algorithm)
-            else:
-                info, b = self._key(name, Operation.ENCRYPT, facts)
-                if info.type.is_rsa:
-                    if aad:
-                        raise InvalidArgument("RSA-OAEP takes no associated data")
-                    oaep = self._rsa_encrypt_algorithm(b, info, algorithm)
-                    ct = algorithms.rsa_encrypt(b.public_key(info), bytes(plaintext), oaep)
-                else:
-                    ct = b.encrypt(info, bytes(plaintext), bytes(aad), algorithm)
-            if envelope:
-                return lifecycle.pack(lifecycle.CIPHERTEXT_MAGIC, info.version, ct)
-            return ct
-
-    def decrypt(
-        self,
-        name: str,
-        ciphertext: bytes,
-        aad: bytes = b"",
-        algorithm: str | None = None,
-        *,
-        version: int | None = None,
-        envelope: bool = False,
-    ) -> bytes:
-        """Decrypt what `encrypt` made; IntegrityError if it was altered or the key is wrong.
-
-        A bare ciphertext is decrypted with `version` (default: the primary version); an
-        enveloped one (`envelope=True`) with the version it names. Versions below the key's
-        min_decryption_version raise VersionRetired.
-        """
-        with self._audited("decrypt", name, ciphertext, size=len(ciphertext)) as facts:
-            if envelope:
-                version, ciphertext = lifecycle.unpack(
-                    lifecycle.CIPHERTEXT_MAGIC, ciphertext, "ciphertext"
-                )
-            if algorithm == algorithms.AES_KEY_WRAP:  # an unwrap: needs the `unwrap` usage
-                info, b = self._key(name, Operation.UNWRAP, facts, version)
-                if aad:
-                    raise InvalidArgument("AES key wrap takes no associated data")
-            else:
-                info, b = self._key(name, Operation.DECRYPT, facts, version)
-            if info.type.is_rsa:
-                if aad:
-                    raise InvalidArgument("RSA-OAEP takes no associated data")
-                algorithm = algorithm or info.attributes.get(algorithms.RSA_ENCRYPT_ATTRIBUTE)
-            return b.decrypt(info, bytes(ciphertext), bytes(aad), algorithm)
-
-    def agree(
-        self,
-        name: str,
-        peer: bytes | PublicKeyTypes,
-        new_name: str,
-        key_type: KeyType | str = KeyType.AES_256,
-        usage: Any = None,
-        salt: bytes = b"",
-        info: bytes = b"",
-        exportable: bool = False,
-    ) -> KeyInfo:
-        """ECDH/X25519 with `peer`, then HKDF-SHA256 into a new key; the secret stays inside."""
-        with self._audited("agree", name, new_key=new_name) as facts:
-            src, b = self._key(name, Operation.AGREE, facts)
-            public = algorithms.load_peer_public(src.type, peer)
-            new = self._new_info(new_name, key_type, usage, exportable, b.name)
-            return self._create(new, b, lambda n: b.agree(src, public, n, bytes(salt), bytes(info)))
-
-    def exchange(self, name: str, peer: bytes | PublicKeyTypes) -> bytes:
-        """The raw ECDH/X25519 shared secret with `peer` (usage agree), for callers that
-        derive their own keys, as cryptography's `exchange` does; `agree` keeps the secret
-        inside instead. The caller owns the returned bytes and should wipe them."""
-        with self._audited("exchange", name) as facts:
-            src, b = self._key(name, Operation.AGREE, facts)
-            return b.exchange(src, algorithms.load_peer_public(src.type, peer))
-
-    def derive(
-        self,
-        name: str,
-        new_name: str,
-        key_type: KeyType | str = KeyType.AES_256,
-        usage: Any = None,
-        salt: bytes = b"",
-        info: bytes = b"",
-        exportable: bool = False,
-    ) -> KeyInfo:
-        """HKDF-SHA256 from a key into a new key of the same backend."""
-        with self._audited("derive", name, new_key=new_name) as facts:
-            src, b = self._key(name, Operation.DERIVE, facts)
-            new = self._new_info(new_name, key_type, usage, exportable, b.name)
-            return self._create(new, b, lambda n: b.derive(src, n, bytes(salt), bytes(info)))
-
-    def mac(self, name: str, data: bytes) -> bytes:
-        """HMAC-SHA256 of `data` with an HMAC key (the same as `sign` on such a key)."""
-        if self.info(name).type is not KeyType.HMAC_SHA256:
-            raise InvalidArgument(f"key {name!r} is not an HMAC key")
-        return self.sign(name, data)
-
-    def wrap(self, wrapping_key: str, name: str) -> bytes:
-        """Wrap the exportable key `name` under `wrapping_key` (AES key wrap with padding)."""
-        with self._audited("wrap", wrapping_key, target=name) as facts:
-            wk, b = self._key(wrapping_key, Operation.WRAP, facts)
-            target = self.catalog.get(self.namespace, name)
-            if not target.exportable:
-                raise PolicyViolation(
-                    f"key {name!r} was not created exportable and cannot be wrapped"
-                )
-            if target.backend != wk.backend:
-                raise UnsupportedOperation(
-                    wk.backend,
-                    "wrap",
-                    target.type.value,
-                    f"key {name!r} is in backend {target.backend!r}",
-                )
-            return b.wrap(wk, target)
-
-    def unwrap(
-        self,
-        wrapping_key: str,
-        blob: bytes,
-        new_name: str,
-        key_type: KeyType | str,
-        usage: Any = None,
-        exportable: bool = False,
-    ) -> KeyInfo:
-        """Unwrap a blob made by `wrap` (or RFC 5649 elsewhere) into a new key."""
-        with self._audited("unwrap", wrapping_key, new_key=new_name) as facts:
-            wk, b = self._key(wrapping_key, Operation.UNWRAP, facts)
-            new = self._new_info(new_name, key_type, usage, exportable, b.name)
-            return self._create(new, b, lambda n: b.unwrap(wk, bytes(blob), n))
 
     def delete(self, name: str) -> None:
         """Destroy the backend key (every version of it) now, then remove the catalog rows.
@@ -1016,82 +638,6 @@ class Keystore(KeyLifecycle, KeySeeds, KeyCertificates):
                 self, self.config.audit_signing_key, self.config.audit_signing_backend
             )
         return signer.public_key(create)
-
-    def random(self, n: int, backend: str | None = None) -> bytes:
-        """`n` random bytes from a backend's generator (the vault's by default)."""
-        with self._audited("random", None, size=n) as facts:
-            if not isinstance(n, int) or n < 1 or n > 1 << 20:
-                raise InvalidArgument("random takes a byte count from 1 to 1048576")
-            b = self.backend(backend) if backend else self.vault
-            facts["backend"] = b.name
-            if b.random_needs_open:
-                self._ready(b)
-            elif (reason := b.availability()) is not None:
-                raise BackendUnavailable(b.name, reason)
-            return b.random(n)
-
-
-_WRITE_AHEAD = frozenset(
-    {
-        "generate",
-        "import",
-        "adopt",
-        "agree",
-        "derive",
-        "unwrap",
-        "delete",
-        "bip39_generate",
-        "bip39_recover",
-        "certificate_set",
-        "slip10_derive",
-        "repair_orphan",
-    }
-)
-"""The keystore's operations that change state: a `started` record is written before they
-act, so an unwritable log refuses them before a key is made or destroyed. (So are the
-vault's commands, `vault_*`.) Callers of `Keystore.audited` say so with `write_ahead`."""
-
-
-class _Audited:
-    """Records one audit event when the operation ends, with its result (a class: hot path).
-
-    If the record cannot be written, AuditUnavailable replaces the operation's result.
-    """
-
-    __slots__ = ("_audit", "_detail", "_facts", "_key", "_op", "_payload")
-
-    def __init__(
-        self, audit: Audit, op: str, key: str | None, detail: dict[str, Any], payload: Any = None
-    ) -> None:
-        self._audit, self._op, self._key, self._detail = audit, op, key, detail
-        self._payload = payload
-        self._facts: dict[str, Any] = {}
-
-    def add_detail(self, **detail: Any) -> None:
-        """Facts learned during the operation, for its result record (never secrets)."""
-        self._detail = {**self._detail, **detail}
-
-    def __enter__(self) -> dict[str, Any]:
-        if self._op in _WRITE_AHEAD or self._op.startswith("vault_"):
-            self._audit.record(self._op, self._key, "started", None, None, **self._detail)
-        return self._facts
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
-        result = "ok" if exc_type is None else exc_type.__name__
-        self._audit.record(
-            self._op, self._key, result, self._facts.get("backend"), self._payload, **self._detail
-        )
-
-
-class _AuditedAhead(_Audited):
-    """An `_Audited` that always writes its `started` record (`Keystore.audited(write_ahead=
-    True)`); a class of its own so that the per-operation path of `_Audited` is unchanged."""
-
-    __slots__ = ()
-
-    def __enter__(self) -> dict[str, Any]:
-        self._audit.record(self._op, self._key, "started", None, None, **self._detail)
-        return self._facts
 
 
 __all__ = [

@@ -12,8 +12,9 @@ The rules (ARCHITECTURE.md, "Dependency rules after"):
 - no import cycle among strongroom modules;
 - imports point down the layers (`may_import`): the contract (R1) imports only itself, the
   runtime (R2) itself and errors, the engine (R3) those two (the keystore also the rest of
-  the engine and the recipes, discovery also config, the audit/ package also itself, the
-  catalog and the store modules the store modules), the
+  the engine and the recipes, discovery also config, the audit/ package also itself, config
+  and the config_*.py modules split out of it each other, the catalog and the store modules
+  the store modules), the
   recipes (R4: envelope, pkey) the contract; the service/ package (R5, a face) anything
   below it, but its client only its wire format, the contract and the recipes, so that a
   client installs no server side; the SSH agent (sshagent/, a face) the contract, audit/
@@ -87,11 +88,16 @@ PostgreSQL implementations, where every difference between the two databases liv
 hash-chained table the audit chain of a shared store is appended to (store_chain.py: it
 knows rows and hashes, not the audit package, which reaches it through `audit.ChainLog`), and
 the leases of singleton jobs on the database's clock (store_lease.py)."""
+CONFIG = frozenset({"strongroom.config", "strongroom.config_schema", "strongroom.config_faces"})
+"""The configuration (core/config.py) and the modules split out of it (docs/decisions.md,
+"Modules split along their banners"): the tables' keys and dataclasses (config_schema.py)
+and the faces' tables (config_faces.py). They import each other, and no other engine module;
+`strongroom.config` exports their names."""
 ENGINE = (
     AUDIT
     | STORE
+    | CONFIG
     | {
-        "strongroom.config",
         "strongroom.catalog",
         "strongroom.vaultstore",
         "strongroom.discovery",
@@ -102,21 +108,37 @@ ENGINE = (
         "strongroom.keystore_vault",
         "strongroom.keystore_certs",
         "strongroom.keystore_repair",
+        "strongroom.keystore_operations",
+        "strongroom.keystore_placement",
+        "strongroom.keystore_audited",
     }
 )
 """R3. The faces (service/, cli/, the package's `__init__`, the shipped contract suite and
 the aliases at the service's old paths) are every other core module."""
 KEYSTORE_MIXINS = frozenset(
-    {"strongroom.keystore_lifecycle", "strongroom.keystore_seeds", "strongroom.keystore_certs"}
+    {
+        "strongroom.keystore_lifecycle",
+        "strongroom.keystore_seeds",
+        "strongroom.keystore_certs",
+        "strongroom.keystore_operations",
+        "strongroom.keystore_placement",
+    }
 )
 """Mixins of `Keystore` in modules of their own (docs/decisions.md, "Modules split along
 their banners"): they may use the catalog and config types the keystore holds."""
 KEYSTORE_PARTS = frozenset(
-    {"strongroom.keystore_signer", "strongroom.keystore_vault", "strongroom.keystore_repair"}
+    {
+        "strongroom.keystore_signer",
+        "strongroom.keystore_vault",
+        "strongroom.keystore_repair",
+        "strongroom.keystore_audited",
+    }
 )
 """Code that takes a keystore through a Protocol of what it uses (the audit checkpoint
-signer, the audited vault commands and vault restore): besides the catalog, the signer
-uses the audit package's signature type and key fingerprint. Never the keystore itself."""
+signer, the audited vault commands and vault restore), and the keystore's audited-operation
+context manager (keystore_audited.py, on the audit log alone): besides the catalog, the
+signer uses the audit package's signature type and key fingerprint. Never the keystore
+itself."""
 RECIPES = frozenset({"strongroom.envelope", "strongroom.pkey"})
 """R4: recipes typed against KeyAPI, importing only the contract: envelope encryption of
 streams, and keys as `cryptography` private keys. The keystore and the service's client
@@ -358,6 +380,8 @@ def may_import(importer: str, imported: str) -> bool:
         return imported in CONTRACT | RUNTIME | {"strongroom.catalog"}
     if importer == "strongroom.discovery":
         return imported in CONTRACT | RUNTIME | {"strongroom.config"}
+    if importer in CONFIG:  # config.py and its parts: each other, no other engine module
+        return imported in CONTRACT | RUNTIME | CONFIG
     if importer in ENGINE:
         return imported in CONTRACT | RUNTIME
     if importer in RECIPES:
@@ -561,6 +585,10 @@ def test_synthetic_forbidden_edges_are_caught() -> None:
     assert not may_import("strongroom.store_pg", "strongroom.catalog")
     assert not may_import("strongroom.store", "strongroom.config")
     assert not may_import("strongroom.catalog", "strongroom.config")
+    assert may_import("strongroom.config", "strongroom.config_faces")
+    assert may_import("strongroom.config_faces", "strongroom.config_schema")
+    assert not may_import("strongroom.config_schema", "strongroom.catalog")
+    assert not may_import("strongroom.keystore_lifecycle", "strongroom.config_schema")
     assert may_import("strongroom.keystore", "strongroom.discovery")
     assert may_import("strongroom.service.client", "strongroom.service.wire")
     assert not may_import("strongroom.service.client", "strongroom.service.tenants")
