@@ -271,10 +271,10 @@ class Case:
         if want.type == Type.DATE_TIME or want.name in ("ResultMessage", "TimeStamp"):
             return
         if want.placeholder is not None and not _NOW.match(want.placeholder):
-            if want.placeholder in self.bound and want.placeholder.startswith("$UNIQUE"):
+            if want.placeholder in self.bound:
                 assert got.value == self.bound[want.placeholder], f"{where}: {got.value!r}"
             else:
-                self.bound.setdefault(want.placeholder, got.value)
+                self.bound[want.placeholder] = got.value
             return
         if want.name in loose:
             return
