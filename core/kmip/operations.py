@@ -1288,7 +1288,8 @@ class Session:
         uid = self._uid(payload)
         obj = self._object(uid, "delete")
         if obj.state == State.ACTIVE:
-            raise KmipFailure(ResultReason.ILLEGAL_OPERATION, "revoke an Active object first")
+            # Permission Denied, as KMIP 1.4's profile test cases (SKLC-M-2, AKLC-M-2) expect.
+            raise KmipFailure(ResultReason.PERMISSION_DENIED, "revoke an Active object first")
         if obj.object_type in KEYSTORE_OBJECTS:
             # `[keystore] deletion_wait` holds here as for `key delete`: with a wait the key
             # does no work at once and `key delete --cancel` may bring it back (as a keystore

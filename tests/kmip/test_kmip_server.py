@@ -32,6 +32,7 @@ from strongroom.kmip import ttlv
 from strongroom.kmip.tags import (
     Operation,
     ResultReason,
+    RevocationReasonCode,
     Tag,
 )
 from strongroom.kmip.ttlv import Item, Type, structure
@@ -85,6 +86,29 @@ def kmip(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[KmipSer
 @pytest.fixture(scope="module")
 def pykmip_home() -> Path:
     return pykmip()
+
+
+def test_destroy_of_an_active_key_is_permission_denied(kmip: KmipService, pki: Pki) -> None:
+    """Destroy of an Active object fails with Permission Denied (KMIP 1.4's SKLC-M-2-14 and
+    AKLC-M-2-14) and leaves the key; after Revoke it is destroyed."""
+    with tls(kmip, pki) as conn:
+        created, _ = (
+            ok(i)
+            for i in results(
+                exchange(conn, request((Operation.CREATE, CREATE_AES), (Operation.ACTIVATE, [])))
+            )
+        )
+        uid = Item(Tag.UNIQUE_IDENTIFIER, Type.TEXT_STRING, created.text_of(Tag.UNIQUE_IDENTIFIER))
+        (refused,) = results(exchange(conn, request((Operation.DESTROY, [uid]))))
+        assert refused.int_of(Tag.RESULT_REASON) == ResultReason.PERMISSION_DENIED
+        revoke = structure(
+            Tag.REVOCATION_REASON,
+            Item(Tag.REVOCATION_REASON_CODE, Type.ENUMERATION, RevocationReasonCode.UNSPECIFIED),
+        )
+        (revoked,) = results(exchange(conn, request((Operation.REVOKE, [uid, revoke]))))
+        ok(revoked)
+        (destroyed,) = results(exchange(conn, request((Operation.DESTROY, [uid]))))
+        assert ok(destroyed).text_of(Tag.UNIQUE_IDENTIFIER) == uid.value
 
 
 def test_one_batch_creates_activates_and_encrypts_with_gcm(kmip: KmipService, pki: Pki) -> None:
