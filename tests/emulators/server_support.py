@@ -174,23 +174,30 @@ class Service:
             raise
 
 
-def service_env() -> dict[str, str]:
+def service_env(*, vault_passphrase: bool = True) -> dict[str, str]:
+    """The environment of a service process: this one's, with the vault passphrase (or,
+    without `vault_passphrase`, with none: a node that opens the vault through another
+    key slot), and no client settings."""
     env = dict(os.environ)
-    env[VAULT_PASS_ENV] = VAULT_PASSPHRASE
+    if vault_passphrase:
+        env[VAULT_PASS_ENV] = VAULT_PASSPHRASE
+    else:
+        env.pop(VAULT_PASS_ENV, None)
     env.pop("STRONGROOM_SERVER", None)
     env.pop("STRONGROOM_TOKEN", None)
     return env
 
 
-def start_service(config: Path, timeout: float = 30) -> Service:
-    """Start `strongroom --config CONFIG serve` and wait until it says where it listens."""
+def start_service(config: Path, timeout: float = 30, *, vault_passphrase: bool = True) -> Service:
+    """Start `strongroom --config CONFIG serve` and wait until it says where it listens;
+    `vault_passphrase` as for service_env."""
     proc = subprocess.Popen(
         [str(STRONGROOM_BIN), "--config", str(config), "serve"],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env=service_env(),
+        env=service_env(vault_passphrase=vault_passphrase),
     )
     assert proc.stderr is not None
     lines: list[str] = []

@@ -1,6 +1,9 @@
 """Three `strongroom serve` nodes on loopback (TLS on 127.0.0.1) against one PostgreSQL
-(docs/cluster.md), under a client load that mixes generate, sign, rotate and policy
-changes, each client thread on its own node; then every acknowledged operation is checked
+(docs/cluster.md), as issue 21 point 7 has them: each node has its own swtpm and opens the
+shared vault through that TPM's key slot (`vault enroll tpm`; no passphrase in the node's
+environment), and all three share one SoftHSM2 token as a backend. Under a client load
+that mixes generate, sign, rotate (of vault keys and of keys in the shared HSM) and policy
+changes, each client thread on its own node, every acknowledged operation is then checked
 on every node, a token revoked through one node is refused by the others, and the audit
 chain all three wrote verifies.
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import random
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -19,14 +23,11 @@ import pytest
 from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from server_support import (
-    ALL_KEY_PERMISSIONS,
-    Pki,
-    Service,
-    make_pki,
-    start_service,
-    write_service_config,
-)
+from pkcs11_support import PIN_ENV as HSM_PIN_ENV
+from pkcs11_support import SoftHsm, softhsm
+from server_support import ALL_KEY_PERMISSIONS, Pki, Service, make_pki, start_service
+from tpm_support import PIN_ENV as TPM_PIN_ENV
+from tpm_support import TEST_PIN, Swtpm
 
 import strongroom
 from strongroom.errors import (
@@ -38,13 +39,61 @@ from strongroom.errors import (
 )
 from strongroom.service.tenants import Permission, open_tenants
 
+__all__ = ["softhsm"]  # the session fixture, imported so pytest finds it
+
 NODES = 3
 ROUNDS = 24  # per client thread
 
 
-def node_config(directory: Path, url: str, pki: Pki) -> Path:
-    directory.mkdir()
-    return write_service_config(directory, pki, "lease_seconds = 2\n", store_url=url)
+def hsm_key(name: str) -> bool:
+    """Which of the load's keys live in the shared HSM: every other key thread 0 makes.
+
+    Every node signs with them, but only thread 0 (on node 0, which stays up in the fault
+    test) makes and rotates them: SoftHSM2's file store, written by several processes at
+    once, can hide one process's new objects from another that writes too (docs/cluster.md,
+    "SoftHSM2 as the shared HSM"); a network HSM has no such limit."""
+    return name.startswith("w0-") and int(name.rsplit("-", 1)[1]) % 2 == 1
+
+
+@pytest.fixture(scope="module")
+def tpms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Swtpm]]:
+    """A swtpm of its own for each node, shared by this module's tests (each test enrolls
+    them in its own database's vault). Stopped with TPM2_Shutdown: no lockout count."""
+    root = tmp_path_factory.mktemp("tpms")
+    started: list[Swtpm] = []
+    try:
+        for i in range(NODES):
+            tpm = Swtpm(root / f"tpm{i}")
+            tpm.start()
+            started.append(tpm)
+        yield started
+    finally:
+        for tpm in started:
+            tpm.stop()
+
+
+def node_config(
+    directory: Path, url: str, pki: Pki, tpm: Swtpm, hsm: SoftHsm, unlock: str, name: str
+) -> Path:
+    """A node's config: the shared store, its own TPM (`tpm`, the vault's key slot), the
+    shared HSM (`hsm`), the vault first in order; TLS on 127.0.0.1 port 0."""
+    directory.mkdir(exist_ok=True)
+    path = directory / name
+    path.write_text(
+        f'[keystore]\ndata_dir = "{directory / "data"}"\norder = ["vault"]\n\n'
+        f'[store]\nurl = "{url}"\n\n'
+        '[backends.vault]\ntype = "vault"\n'
+        f'passphrase = "env:{VAULT_PASS_ENV}"\nunlock = {unlock}\n'
+        "kdf_memory_kib = 8192\nkdf_iterations = 1\n\n"
+        f'[backends.tpm]\ntype = "tpm"\ntcti = "{tpm.tcti}"\npin = "env:{TPM_PIN_ENV}"\n\n'
+        f'[backends.hsm]\ntype = "pkcs11"\nmodule = "{hsm.module}"\n'
+        f'token = "{hsm.label}"\npin = "env:{HSM_PIN_ENV}"\n\n'
+        f'[server]\nsocket = "{directory / "serve.sock"}"\nlisten = "127.0.0.1:0"\n'
+        f'tls_cert = "{pki.server_cert}"\ntls_key = "{pki.server_key}"\n'
+        f'tls_client_ca = "{pki.ca}"\nrate_limit = 0\nlease_seconds = 2\n',
+        encoding="utf-8",
+    )
+    return path
 
 
 @dataclass
@@ -63,24 +112,54 @@ def one_round(c: Any, i: int, r: int, acked: list[Acked], rng: random.Random) ->
     new key; each acknowledged result noted in acked[i]."""
     mine = acked[i]
     name = f"w{i}-{r}"
-    c.generate(name, "ed25519")
+    c.generate(name, "ed25519", backend="hsm" if hsm_key(name) else None)
     mine.created.append(name)
     others = [n for a in acked for n in list(a.created)] + ["shared"]
     target = rng.choice(others)
     data = f"{i}:{r}:{target}".encode()
     mine.signatures.append((target, data, c.sign(target, data)))
-    what = rng.choice(["shared", name])
+    # an HSM key is rotated by its maker, at once; a vault key, or the shared one, at random
+    what = name if hsm_key(name) else rng.choice(["shared", name])
     version = c.rotate(what).version
     mine.rotations.setdefault(what, []).append(version)
 
 
-def make_cluster(url: str, tmp_path: Path) -> tuple[Pki, list[Path], dict[str, str]]:
-    """The node configs, a vault in the database, and the tokens (tenant acme: app with
-    every permission, flipper reads, victim reads and signs; root, an admin)."""
+def make_cluster(
+    url: str,
+    tmp_path: Path,
+    tpms: list[Swtpm],
+    hsm: SoftHsm,
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[Pki, list[Path], dict[str, str]]:
+    """The node configs, a vault in the database with a key slot for each node's TPM, and
+    the tokens (tenant acme: app with every permission, flipper reads, victim reads and
+    signs; root, an admin). The passphrase sets the vault up, then leaves the environment:
+    the nodes open the vault through their TPMs only."""
+    monkeypatch.setenv(TPM_PIN_ENV, TEST_PIN)
+    monkeypatch.setenv(HSM_PIN_ENV, hsm.pin)
+    monkeypatch.setenv(VAULT_PASS_ENV, VAULT_PASSPHRASE)
     pki = make_pki(tmp_path / "pki")
-    configs = [node_config(tmp_path / f"n{i}", url, pki) for i in range(NODES)]
-    with strongroom.open(configs[0]) as ks:
+    dirs = [tmp_path / f"n{i}" for i in range(NODES)]
+    setup = [
+        node_config(d, url, pki, tpm, hsm, '["passphrase"]', "setup.toml")
+        for d, tpm in zip(dirs, tpms, strict=True)
+    ]
+    configs = [
+        node_config(d, url, pki, tpm, hsm, '["tpm"]', "strongroom.toml")
+        for d, tpm in zip(dirs, tpms, strict=True)
+    ]
+    with strongroom.open(setup[0]) as ks:
         ks.vault_control().initialize()
+    for cfg in setup:  # `vault enroll tpm` on each node: a slot only its TPM opens
+        with strongroom.open(cfg) as ks:
+            vault = ks.vault_control()
+            assert vault.unlock() == "passphrase"
+            assert vault.enroll("tpm", {})["method"] == "tpm"
+    monkeypatch.delenv(VAULT_PASS_ENV)
+    with strongroom.open(configs[0]) as ks:
+        assert ks.vault_control().unlock() == "tpm"
+        status = ks.vault_control().vault_status()
+    assert sorted(s["method"] for s in status["slots"]) == ["passphrase", *["tpm"] * NODES]
     tenants = open_tenants(strongroom.config.load(configs[0]))
     try:
         tenants.create_tenant("acme")
@@ -94,16 +173,24 @@ def make_cluster(url: str, tmp_path: Path) -> tuple[Pki, list[Path], dict[str, s
     return pki, configs, tokens
 
 
+def start_node(config: Path) -> Service:
+    """`strongroom serve` with no vault passphrase in its environment: its TPM opens it."""
+    return start_service(config, vault_passphrase=False)
+
+
 def test_three_nodes_under_a_mixed_load_agree_on_everything_acknowledged(
-    pg_cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    pg_cluster: Any,
+    tmp_path: Path,
+    tpms: list[Swtpm],
+    softhsm: SoftHsm,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv(VAULT_PASS_ENV, VAULT_PASSPHRASE)
     url = pg_cluster.new_database()
-    pki, configs, tokens = make_cluster(url, tmp_path)
+    pki, configs, tokens = make_cluster(url, tmp_path, tpms, softhsm, monkeypatch)
     app, flipper, victim, admin = (tokens[k] for k in ("app", "flipper", "victim", "admin"))
     nodes: list[Service] = []
     try:
-        nodes = [start_service(cfg) for cfg in configs]
+        nodes = [start_node(cfg) for cfg in configs]
         assert all(n.https.startswith("https://127.0.0.1:") for n in nodes)
 
         def connect(i: int, token: str) -> Any:
@@ -111,6 +198,13 @@ def test_three_nodes_under_a_mixed_load_agree_on_everything_acknowledged(
 
         with connect(0, app) as c:
             c.generate("shared", "ed25519")  # every thread rotates and signs with it
+        for i in range(NODES):  # each opens the vault (on first use) through its TPM's slot
+            with connect(i, app) as c:
+                c.sign("shared", b"node %d" % i)
+            with connect(i, admin) as ad:
+                status = ad.vault_status()
+            assert status["unlocked"] and status["unlock_methods"] == ["tpm"], status
+            assert status["unlock_failures"] == [], status
         acked = [Acked() for _ in range(NODES)]
         failures: list[BaseException] = []
 
@@ -188,6 +282,7 @@ def test_three_nodes_under_a_mixed_load_agree_on_everything_acknowledged(
         for n in nodes:
             n.stop()
     assert all(n.process.returncode == 0 for n in nodes)
+    assert_tpms_clean(tpms)
 
 
 def check_acknowledged(c: Any, acked: list[Acked], *, exact: bool) -> None:
@@ -204,8 +299,13 @@ def check_acknowledged(c: Any, acked: list[Acked], *, exact: bool) -> None:
         assert len(created) == NODES * ROUNDS
         shared = sorted(rotations["shared"])
         assert shared == list(range(2, 2 + len(shared)))  # strictly increasing, none lost
-    names = {k.name for k in c.keys()}
-    assert set(created) | {"shared"} <= names
+    backends = {k.name: k.backend for k in c.keys()}
+    assert set(created) | {"shared"} <= set(backends)
+    in_hsm = [n for n in created if hsm_key(n)]
+    assert in_hsm and all(backends[n] == "hsm" for n in in_hsm)  # in the shared token
+    if exact:  # (with faults, a rotation's answer may have been lost)
+        assert all(n in rotations for n in in_hsm)  # each rotated there too
+    assert all(backends[n] == "vault" for n in set(created) - set(in_hsm))
     publics: dict[str, list[ed25519.Ed25519PublicKey]] = {}
     for name in [*created, "shared"]:
         got = [v.version for v in c.versions(name)]
@@ -224,19 +324,22 @@ def check_acknowledged(c: Any, acked: list[Acked], *, exact: bool) -> None:
 
 
 def test_a_node_killed_and_postgres_restarted_mid_load_lose_nothing_acknowledged(
-    pg_cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    pg_cluster: Any,
+    tmp_path: Path,
+    tpms: list[Swtpm],
+    softhsm: SoftHsm,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Issue 21's faults under the same load: one node SIGKILLed mid-load, then PostgreSQL
     restarted mid-load. A client sees a connection error or a 503 (not acknowledged) and
     goes on, on the next node if its own is dead; every acknowledged operation is then
     durable and visible on every node, the killed one restarted, and the audit verifies."""
-    monkeypatch.setenv(VAULT_PASS_ENV, VAULT_PASSPHRASE)
     url = pg_cluster.new_database()
-    pki, configs, tokens = make_cluster(url, tmp_path)
+    pki, configs, tokens = make_cluster(url, tmp_path, tpms, softhsm, monkeypatch)
     app, admin = tokens["app"], tokens["admin"]
     nodes: list[Service] = []
     try:
-        nodes = [start_service(cfg) for cfg in configs]
+        nodes = [start_node(cfg) for cfg in configs]
         dead: set[int] = set()
 
         def connect(i: int, token: str) -> Any:
@@ -287,7 +390,7 @@ def test_a_node_killed_and_postgres_restarted_mid_load_lose_nothing_acknowledged
         assert not failures, failures
         assert all(len(a.created) == ROUNDS for a in acked), [len(a.created) for a in acked]
 
-        nodes[1] = start_service(configs[1])  # the killed node, back: it sees it all too
+        nodes[1] = start_node(configs[1])  # the killed node, back: it sees it all too
         for i in range(NODES):
             with connect(i, app) as c:
                 check_acknowledged(c, acked, exact=False)
@@ -297,6 +400,15 @@ def test_a_node_killed_and_postgres_restarted_mid_load_lose_nothing_acknowledged
     finally:
         for n in nodes:
             n.stop()
+    assert_tpms_clean(tpms)
+
+
+def assert_tpms_clean(tpms: list[Swtpm]) -> None:
+    """No node left a transient object in its TPM (there are 3 slots) or a failed
+    authorisation on its dictionary-attack counter."""
+    for tpm in tpms:
+        assert tpm.transient_handles() == []
+        assert tpm.lockout_counter() == 0
 
 
 def _verifies_under_one(publics: list[ed25519.Ed25519PublicKey], data: bytes, sig: bytes) -> bool:
