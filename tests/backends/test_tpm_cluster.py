@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from conftest import CliResult, run_cli
 from server_support import start_service
-from tpm_support import PIN_ENV, TEST_PIN, VAULT_PASS, VAULT_PASS_ENV, Swtpm, write_config
+from tpm_support import PIN_ENV, TEST_PIN, VAULT_PASS, VAULT_PASS_ENV, Swtpm, swtpms, write_config
 
 import strongroom
 from strongroom.service.tenants import Permission, open_tenants
@@ -45,16 +45,8 @@ def node(directory: Path, tcti: str, url: str, unlock: tuple[str, ...]) -> Path:
 @pytest.fixture
 def tpms(tmp_path: Path) -> Iterator[list[Swtpm]]:
     """A TPM of its own for each node."""
-    started: list[Swtpm] = []
-    try:
-        for i in range(NODES):
-            tpm = Swtpm(tmp_path / f"tpm{i}")
-            tpm.start()
-            started.append(tpm)
+    with swtpms(tmp_path, NODES) as started:
         yield started
-    finally:
-        for tpm in started:
-            tpm.stop()
 
 
 def cli(

@@ -270,3 +270,19 @@ def swtpm() -> Iterator[Swtpm]:
         yield tpm
     finally:
         release_swtpm()
+
+
+@contextlib.contextmanager
+def swtpms(root: Path, count: int) -> Iterator[list[Swtpm]]:
+    """`count` running swtpm instances, one in each of root/tpm0, root/tpm1, ...: a TPM of
+    its own for each node of a cluster test. All are stopped on leaving."""
+    started: list[Swtpm] = []
+    try:
+        for i in range(count):
+            tpm = Swtpm(root / f"tpm{i}")
+            tpm.start()
+            started.append(tpm)
+        yield started
+    finally:
+        for tpm in started:
+            tpm.stop()

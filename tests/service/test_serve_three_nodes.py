@@ -27,7 +27,7 @@ from pkcs11_support import PIN_ENV as HSM_PIN_ENV
 from pkcs11_support import SoftHsm, softhsm
 from server_support import ALL_KEY_PERMISSIONS, Pki, Service, make_pki, start_service
 from tpm_support import PIN_ENV as TPM_PIN_ENV
-from tpm_support import TEST_PIN, Swtpm
+from tpm_support import TEST_PIN, Swtpm, swtpms
 
 import strongroom
 from strongroom.errors import (
@@ -59,17 +59,8 @@ def hsm_key(name: str) -> bool:
 def tpms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Swtpm]]:
     """A swtpm of its own for each node, shared by this module's tests (each test enrolls
     them in its own database's vault). Stopped with TPM2_Shutdown: no lockout count."""
-    root = tmp_path_factory.mktemp("tpms")
-    started: list[Swtpm] = []
-    try:
-        for i in range(NODES):
-            tpm = Swtpm(root / f"tpm{i}")
-            tpm.start()
-            started.append(tpm)
+    with swtpms(tmp_path_factory.mktemp("tpms"), NODES) as started:
         yield started
-    finally:
-        for tpm in started:
-            tpm.stop()
 
 
 def node_config(
