@@ -676,17 +676,22 @@ def test_a_certificate_is_kept_with_its_private_key(kmip: KmipService, pki: Pki)
     assert isinstance(server_public, ec.EllipticCurvePublicKey)
     ca = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(UTC)
-    der = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "db.example")]))
-        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")]))
-        .public_key(server_public)
-        .serial_number(9)
-        .not_valid_before(now)
-        .not_valid_after(now + timedelta(days=1))
-        .sign(ca, hashes.SHA256())
-        .public_bytes(serialization.Encoding.DER)
-    )
+
+    def issued(common_name: str, serial: int) -> bytes:
+        """A certificate from the test CA over the server-made public key."""
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")]))
+            .public_key(server_public)
+            .serial_number(serial)
+            .not_valid_before(now)
+            .not_valid_after(now + timedelta(days=1))
+            .sign(ca, hashes.SHA256())
+            .public_bytes(serialization.Encoding.DER)
+        )
+
+    der = issued("db.example", 9)
 
     def register(value: bytes) -> str:
         uid = ok(register_certificate(kmip, pki, value)).text_of(Tag.UNIQUE_IDENTIFIER)
@@ -723,17 +728,7 @@ def test_a_certificate_is_kept_with_its_private_key(kmip: KmipService, pki: Pki)
     lone = register(self_signed(ec.generate_private_key(ec.SECP256R1())))
     assert "Link" not in attributes(kmip, pki, lone)
     # another certificate over the same key is an object of its own: the key's chain stays
-    other = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "other.example")]))
-        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")]))
-        .public_key(server_public)
-        .serial_number(10)
-        .not_valid_before(now)
-        .not_valid_after(now + timedelta(days=1))
-        .sign(ca, hashes.SHA256())
-        .public_bytes(serialization.Encoding.DER)
-    )
+    other = issued("other.example", 10)
     register(other)
     shown = subprocess.run(
         [str(STRONGROOM_BIN), "--config", str(tenant_view), "key", "cert", "show", private],
