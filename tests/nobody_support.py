@@ -78,3 +78,15 @@ def run_as_nobody(
         text=True,
         timeout=300,
     )
+
+
+def run_stdlib_as_nobody(code: str) -> subprocess.CompletedProcess[str]:
+    """Run `code`, which needs only the standard library, as uid 65534 in the system
+    Python's isolated mode (no site, no environment, no current directory on the path)."""
+    return subprocess.run(
+        [*NOBODY, "/usr/bin/python3", "-I", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )

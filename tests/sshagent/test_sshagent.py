@@ -21,7 +21,7 @@ from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, run_cli, write_vault_conf
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from nobody_support import NOBODY, skip_unless_root_with_setpriv
+from nobody_support import run_stdlib_as_nobody, skip_unless_root_with_setpriv
 from sshagent_support import RawClient, RunningAgent, parse_strings, running_agent, s, ssh_add
 
 import strongroom
@@ -455,13 +455,7 @@ def test_another_uid_is_refused(ks: Keystore, tmp_path: Path) -> None:
             "    got = b''\n"
             "sys.stdout.write('closed' if got == b'' else 'answered')\n"
         )
-        out = subprocess.run(
-            [*NOBODY, "/usr/bin/python3", "-I", "-c", code],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        out = run_stdlib_as_nobody(code)
         assert out.stdout == "closed", out.stderr
         _still_serves(open_agent)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import VAULT_PASS_ENV, VAULT_PASSPHRASE, write_vault_config
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from nobody_support import NOBODY, skip_unless_root_with_setpriv
+from nobody_support import run_stdlib_as_nobody, skip_unless_root_with_setpriv
 from sshagent_support import (
     RawClient,
     RunningAgent,
@@ -269,13 +269,7 @@ def test_allowed_uids_let_another_user_use_only_its_keys(ks: Keystore) -> None:
             "        pos += 4 + size\n"
             "sys.stdout.write(','.join(names))\n"
         )
-        out = subprocess.run(
-            [*NOBODY, "/usr/bin/python3", "-I", "-c", code],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        out = run_stdlib_as_nobody(code)
         assert out.stdout == "ssh-shared", out.stderr
         client = RawClient(agent.path)
         try:
